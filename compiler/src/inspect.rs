@@ -1,0 +1,302 @@
+//! `pfxc inspect`: what a model is (family, exporter, dimensions) and what it contains.
+
+use std::collections::{BTreeMap, HashSet};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::canonicalize::canonicalize;
+use crate::ir::{Graph, Model};
+use crate::specialize::{specialize, Dims};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Gpt2Decoder,
+    BartEncoder,
+    BartDecoder,
+    Unknown,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Gpt2Decoder => "GPT-2 decoder",
+            Family::BartEncoder => "BART encoder",
+            Family::BartDecoder => "BART decoder",
+            Family::Unknown => "unknown",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IoInfo {
+    pub name: String,
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    pub family: Family,
+    pub with_past: bool,
+    /// Whether the branches of optimum's merged decoder (an If on use_cache_branch) are present.
+    pub merged_decoder: bool,
+    pub exporter: String,
+    pub producer: String,
+    pub opset: i64,
+    pub inputs: Vec<IoInfo>,
+    pub outputs: Vec<IoInfo>,
+    pub layers: Option<usize>,
+    pub heads: Option<usize>,
+    pub head_size: Option<usize>,
+    pub hidden: Option<usize>,
+    pub vocab: Option<usize>,
+    /// Rows of the learned position table (BART's carries an offset of 2).
+    pub position_rows: Option<usize>,
+    pub tied_embeddings: Option<bool>,
+    pub weight_count: usize,
+    pub weight_bytes: usize,
+    pub nodes: usize,
+    pub op_histogram: BTreeMap<String, usize>,
+}
+
+/// Guesses which exporter wrote the file, from traces each leaves.
+pub fn exporter_flavour(m: &Model) -> String {
+    let g = &m.graph;
+    let names = |pred: &dyn Fn(&str) -> bool| g.nodes.iter().filter(|n| pred(&n.name)).count();
+    let has_position_ids = g.inputs.iter().any(|v| v.name == "position_ids");
+    let slash_names = names(&|n| n.starts_with('/'));
+    let dynamo_names = names(&|n| n.starts_with("node_"));
+    if m.producer_name == "pytorch" && dynamo_names * 2 > g.nodes.len() {
+        "torch.onnx dynamo".into()
+    } else if m.producer_name == "pytorch" && slash_names * 2 > g.nodes.len() {
+        if has_position_ids || g.inputs.iter().any(|v| v.name == "encoder_attention_mask") {
+            "optimum (torch.onnx TorchScript)".into()
+        } else {
+            "torch.onnx TorchScript (legacy)".into()
+        }
+    } else if m.producer_name.is_empty() {
+        "unknown".into()
+    } else {
+        format!("{} {}", m.producer_name, m.producer_version)
+    }
+}
+
+pub fn detect_family(g: &Graph) -> Family {
+    let has_in = |n: &str| g.inputs.iter().any(|v| v.name == n);
+    let has_out = |n: &str| g.outputs.iter().any(|v| v.name == n);
+    if has_in("encoder_hidden_states") {
+        Family::BartDecoder
+    } else if has_in("input_ids") && has_out("last_hidden_state") && !has_out("logits") {
+        Family::BartEncoder
+    } else if has_in("input_ids") && has_out("logits") {
+        Family::Gpt2Decoder
+    } else {
+        Family::Unknown
+    }
+}
+
+/// Values derived from `input_ids` through index-preserving ops (to find the token-embedding Gather).
+fn token_index_values(g: &Graph) -> HashSet<String> {
+    let mut vals: HashSet<String> = ["input_ids".to_string()].into();
+    for n in &g.nodes {
+        if matches!(
+            n.op.as_str(),
+            "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "View"
+        ) && n.input(0).map(|i| vals.contains(i)).unwrap_or(false)
+        {
+            vals.insert(n.outputs[0].clone());
+        }
+    }
+    vals
+}
+
+pub fn inspect(model: &Model) -> Result<ModelInfo> {
+    let raw = model;
+    let mut canon = raw.clone();
+    canonicalize(&mut canon)?;
+    let g = &canon.graph;
+    let family = detect_family(g);
+    let with_past = g
+        .inputs
+        .iter()
+        .any(|v| v.name.starts_with("past_key_values"));
+    let merged_decoder = g.inputs.iter().any(|v| v.name == "use_cache_branch");
+
+    // Embeddings, from the canonical graph (before folding removes the position lookup).
+    let tok = token_index_values(g);
+    let mut vocab = None;
+    let mut hidden = None;
+    let mut wte_name = None;
+    let mut position_rows = None;
+    for n in &g.nodes {
+        if n.op != "Gather" {
+            continue;
+        }
+        let Some(w) = g.initializers.get(&n.inputs[0]) else {
+            continue;
+        };
+        if w.shape.len() != 2 {
+            continue;
+        }
+        if tok.contains(&n.inputs[1]) && vocab.is_none() {
+            vocab = Some(w.shape[0]);
+            hidden = Some(w.shape[1]);
+            wte_name = Some(n.inputs[0].clone());
+        } else if position_rows.is_none() {
+            position_rows = Some(w.shape[0]);
+        }
+    }
+
+    // Heads and layers from a small specialization: attention softmaxes are [B, H, Tq, Tk].
+    let mut spec = canon.clone();
+    let dims = Dims {
+        batch: 1,
+        seq: 2,
+        past: if with_past { Some(1) } else { None },
+        src_len: if family == Family::BartDecoder {
+            Some(3)
+        } else {
+            None
+        },
+    };
+    let mut heads = None;
+    let mut softmaxes = 0;
+    let mut tied = None;
+    if specialize(&mut spec, &dims).is_ok() {
+        for n in &spec.graph.nodes {
+            if n.op == "Softmax" {
+                if let Some(s) = spec.graph.shape_of(&n.inputs[0]) {
+                    if s.len() == 4 {
+                        heads = Some(s[1]);
+                        softmaxes += 1;
+                    }
+                }
+            }
+        }
+        if let (Some(wte), Some(v)) = (wte_name.as_ref().and_then(|w| g.initializers.get(w)), vocab)
+        {
+            // The LM head: a MatMul whose constant operand is the embedding matrix (transposed or not).
+            let wt = crate::eval::transpose(wte, &[1, 0]);
+            let mut found = false;
+            for n in &spec.graph.nodes {
+                if n.op != "MatMul" {
+                    continue;
+                }
+                if let Some(b) = spec.graph.initializers.get(&n.inputs[1]) {
+                    if b.shape.contains(&v) && b.shape.len() == 2 {
+                        found = true;
+                        tied = Some(b.data == wt.data || b.data == wte.data);
+                    }
+                }
+            }
+            if !found && family == Family::Gpt2Decoder {
+                tied = Some(false);
+            }
+        }
+    }
+    let per_layer = if family == Family::BartDecoder { 2 } else { 1 };
+    let layers = if with_past {
+        Some(
+            g.inputs
+                .iter()
+                .filter(|v| v.name.starts_with("past_key_values") && v.name.ends_with("key"))
+                .count()
+                / if family == Family::BartDecoder { 2 } else { 1 },
+        )
+        .filter(|&l| l > 0)
+    } else if softmaxes > 0 {
+        Some(softmaxes / per_layer)
+    } else {
+        None
+    };
+    let head_size = match (hidden, heads) {
+        (Some(d), Some(h)) if h > 0 => Some(d / h),
+        _ => None,
+    };
+    let io = |v: &crate::ir::ValueInfo| IoInfo {
+        name: v.name.clone(),
+        r#type: v.ty.describe(),
+    };
+    Ok(ModelInfo {
+        family,
+        with_past,
+        merged_decoder,
+        exporter: exporter_flavour(raw),
+        producer: format!("{} {}", raw.producer_name, raw.producer_version)
+            .trim()
+            .to_string(),
+        opset: raw.opset,
+        inputs: raw.graph.inputs.iter().map(io).collect(),
+        outputs: raw.graph.outputs.iter().map(io).collect(),
+        layers,
+        heads,
+        head_size,
+        hidden,
+        vocab,
+        position_rows,
+        tied_embeddings: tied,
+        weight_count: raw
+            .graph
+            .initializers
+            .values()
+            .filter(|t| t.len() > 1)
+            .count(),
+        weight_bytes: raw.graph.initializers.values().map(|t| t.byte_len()).sum(),
+        nodes: raw.graph.nodes.len(),
+        op_histogram: raw.graph.op_histogram(),
+    })
+}
+
+impl ModelInfo {
+    pub fn to_text(&self) -> String {
+        let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
+        let mut s = String::new();
+        s += &format!(
+            "family:      {}{}\n",
+            self.family,
+            if self.with_past { " (with past)" } else { "" }
+        );
+        if self.merged_decoder {
+            s += "layout:      optimum merged decoder (If on use_cache_branch)\n";
+        }
+        s += &format!(
+            "exporter:    {} (producer '{}', opset {})\n",
+            self.exporter, self.producer, self.opset
+        );
+        s += &format!(
+            "dimensions:  layers {}, heads {}, head size {}, hidden {}, vocabulary {}, position rows {}\n",
+            opt(self.layers),
+            opt(self.heads),
+            opt(self.head_size),
+            opt(self.hidden),
+            opt(self.vocab),
+            opt(self.position_rows)
+        );
+        s += &format!(
+            "tied embeddings: {}\n",
+            match self.tied_embeddings {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "?",
+            }
+        );
+        s += &format!(
+            "weights:     {} tensors, {} bytes\n",
+            self.weight_count, self.weight_bytes
+        );
+        s += "inputs:\n";
+        for v in &self.inputs {
+            s += &format!("  {}: {}\n", v.name, v.r#type);
+        }
+        s += "outputs:\n";
+        for v in &self.outputs {
+            s += &format!("  {}: {}\n", v.name, v.r#type);
+        }
+        s += &format!("nodes:       {}\n", self.nodes);
+        for (op, n) in &self.op_histogram {
+            s += &format!("  {op:<20} {n}\n");
+        }
+        s
+    }
+}

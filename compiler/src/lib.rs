@@ -1,0 +1,24 @@
+//! pfx compiler: reads exported GPT-2/BART ONNX graphs and rewrites them (canonical form, specialized shapes,
+//! and, on top, prefix-tuning training and inference graphs).
+
+pub mod canonicalize;
+pub mod eval;
+pub mod inspect;
+pub mod ir;
+pub mod onnx_io;
+pub mod shape;
+pub mod specialize;
+pub mod tensor;
+pub mod text;
+
+use std::path::Path;
+
+use anyhow::Result;
+
+/// Loads and canonicalizes a model: the common first step of every command.
+pub fn load_canonical(path: &Path) -> Result<ir::Model> {
+    let mut m = onnx_io::load(path)?;
+    canonicalize::canonicalize(&mut m)
+        .map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
+    Ok(m)
+}

@@ -1,0 +1,1 @@
+//! Root package: owns cross-crate tests, benches and examples.
