@@ -55,33 +55,17 @@ fn check_ops(model: &Model) -> Result<()> {
     for n in &model.graph.nodes {
         let ok = n.domain.is_empty() && known_op(&n.op);
         if !ok {
-            let dom = if n.domain.is_empty() {
-                "ai.onnx".to_string()
-            } else {
-                n.domain.clone()
-            };
+            let dom = if n.domain.is_empty() { "ai.onnx".to_string() } else { n.domain.clone() };
             let ver = if n.domain.is_empty() {
                 model.opset
             } else {
-                model
-                    .other_opsets
-                    .iter()
-                    .find(|(d, _)| d == &n.domain)
-                    .map(|x| x.1)
-                    .unwrap_or(0)
+                model.other_opsets.iter().find(|(d, _)| d == &n.domain).map(|x| x.1).unwrap_or(0)
             };
-            unknown.push(format!(
-                "op '{}' (domain '{dom}', opset {ver}) at node '{}'",
-                n.op, n.name
-            ));
+            unknown.push(format!("op '{}' (domain '{dom}', opset {ver}) at node '{}'", n.op, n.name));
         }
     }
     if !unknown.is_empty() {
-        let more = if unknown.len() > 5 {
-            format!(" and {} more", unknown.len() - 5)
-        } else {
-            String::new()
-        };
+        let more = if unknown.len() > 5 { format!(" and {} more", unknown.len() - 5) } else { String::new() };
         bail!(
             "unsupported op: {}{more}. pfx knows the ops GPT-2 and BART exports use; re-export without custom \
              ops (e.g. no optimum ORT-optimizer fusions) or report the op",
@@ -96,11 +80,8 @@ pub fn inline_functions(model: &mut Model) -> Result<bool> {
     if model.functions.is_empty() {
         return Ok(false);
     }
-    let funcs: HashMap<(String, String), crate::ir::Function> = model
-        .functions
-        .iter()
-        .map(|f| ((f.domain.clone(), f.name.clone()), f.clone()))
-        .collect();
+    let funcs: HashMap<(String, String), crate::ir::Function> =
+        model.functions.iter().map(|f| ((f.domain.clone(), f.name.clone()), f.clone())).collect();
     let mut changed = false;
     for _round in 0..64 {
         let g = &mut model.graph;
@@ -114,16 +95,10 @@ pub fn inline_functions(model: &mut Model) -> Result<bool> {
             any = true;
             let mut map: HashMap<String, String> = HashMap::new();
             for (i, formal) in f.inputs.iter().enumerate() {
-                map.insert(
-                    formal.clone(),
-                    node.inputs.get(i).cloned().unwrap_or_default(),
-                );
+                map.insert(formal.clone(), node.inputs.get(i).cloned().unwrap_or_default());
             }
             for (i, formal) in f.outputs.iter().enumerate() {
-                map.insert(
-                    formal.clone(),
-                    node.outputs.get(i).cloned().unwrap_or_default(),
-                );
+                map.insert(formal.clone(), node.outputs.get(i).cloned().unwrap_or_default());
             }
             let prefix = format!("{}/", node.name);
             for body in &f.nodes {
@@ -133,17 +108,13 @@ pub fn inline_functions(model: &mut Model) -> Result<bool> {
                     if v.is_empty() {
                         continue;
                     }
-                    *v = map
-                        .entry(v.clone())
-                        .or_insert_with(|| format!("{prefix}{v}"))
-                        .clone();
+                    *v = map.entry(v.clone()).or_insert_with(|| format!("{prefix}{v}")).clone();
                 }
                 let mut attrs = BTreeMap::new();
                 for (k, a) in b.attrs {
                     match a {
                         Attr::Ref(r) => {
-                            if let Some(v) = node.attrs.get(&r).or_else(|| f.attr_defaults.get(&r))
-                            {
+                            if let Some(v) = node.attrs.get(&r).or_else(|| f.attr_defaults.get(&r)) {
                                 attrs.insert(k, v.clone());
                             }
                         }
@@ -166,9 +137,7 @@ pub fn inline_functions(model: &mut Model) -> Result<bool> {
     let fdomains: Vec<String> = model.functions.iter().map(|f| f.domain.clone()).collect();
     model.functions.clear();
     let used: Vec<String> = model.graph.nodes.iter().map(|n| n.domain.clone()).collect();
-    model
-        .other_opsets
-        .retain(|(d, _)| used.contains(d) || !fdomains.contains(d));
+    model.other_opsets.retain(|(d, _)| used.contains(d) || !fdomains.contains(d));
     Ok(changed)
 }
 
@@ -191,11 +160,7 @@ pub fn constants_to_initializers(model: &mut Model) -> Result<bool> {
 }
 
 fn constant_value(n: &Node) -> Result<Tensor> {
-    let (k, a) = n
-        .attrs
-        .iter()
-        .next()
-        .ok_or_else(|| anyhow!("{} has no value", n.label()))?;
+    let (k, a) = n.attrs.iter().next().ok_or_else(|| anyhow!("{} has no value", n.label()))?;
     Ok(match (k.as_str(), a) {
         ("value", Attr::Tensor(t)) => t.clone(),
         ("value_float", Attr::Float(f)) => Tensor::scalar_f32(*f),
@@ -216,9 +181,7 @@ pub fn upgrade_opset_forms(model: &mut Model) -> Result<bool> {
         let attr_to_input = |op: &str| -> Option<(&'static str, usize)> {
             match op {
                 "ReduceSum" if opset < 13 => Some(("axes", 1)),
-                "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" if opset < 18 => {
-                    Some(("axes", 1))
-                }
+                "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" if opset < 18 => Some(("axes", 1)),
                 "Squeeze" | "Unsqueeze" if opset < 13 => Some(("axes", 1)),
                 "Split" if opset < 13 => Some(("split", 1)),
                 _ => None,
@@ -237,10 +200,7 @@ pub fn upgrade_opset_forms(model: &mut Model) -> Result<bool> {
         }
         if (op == "Softmax" || op == "LogSoftmax") && opset < 13 {
             g.nodes[i].domain = LEGACY_SOFTMAX_DOMAIN.to_string();
-            g.nodes[i]
-                .attrs
-                .entry("axis".into())
-                .or_insert(Attr::Int(1));
+            g.nodes[i].attrs.entry("axis".into()).or_insert(Attr::Int(1));
             changed = true;
         }
         if op == "Split" && g.nodes[i].attrs.contains_key("split") {
@@ -252,10 +212,7 @@ pub fn upgrade_opset_forms(model: &mut Model) -> Result<bool> {
                 changed = true;
             }
         }
-        if op == "Split"
-            && g.nodes[i].input(1).is_none()
-            && !g.nodes[i].attrs.contains_key("num_outputs")
-        {
+        if op == "Split" && g.nodes[i].input(1).is_none() && !g.nodes[i].attrs.contains_key("num_outputs") {
             let k = g.nodes[i].outputs.len() as i64;
             g.nodes[i].attrs.insert("num_outputs".into(), Attr::Int(k));
             changed = true;
@@ -292,12 +249,7 @@ pub fn gemm_to_matmul(model: &mut Model) -> Result<bool> {
                     let tt = crate::eval::transpose(w, &[1, 0]);
                     g.add_const(&format!("{src}.T"), tt)
                 }
-                None => g.op1(
-                    "Transpose",
-                    &[src],
-                    vec![("perm", Attr::Ints(vec![1, 0]))],
-                    &format!("{hint}.T{which}"),
-                ),
+                None => g.op1("Transpose", &[src], vec![("perm", Attr::Ints(vec![1, 0]))], &format!("{hint}.T{which}")),
             };
             if which == 0 {
                 a = t;
@@ -309,31 +261,13 @@ pub fn gemm_to_matmul(model: &mut Model) -> Result<bool> {
         let beta = n.float("beta").unwrap_or(1.0);
         let has_c = n.input(2).is_some();
         let out = n.outputs[0].clone();
-        let mm_out = if alpha == 1.0 && !has_c {
-            out.clone()
-        } else {
-            g.fresh(&format!("{hint}.mm"))
-        };
-        g.nodes.push(Node::new(
-            format!("{hint}.matmul"),
-            "MatMul",
-            vec![a, b],
-            vec![mm_out.clone()],
-        ));
+        let mm_out = if alpha == 1.0 && !has_c { out.clone() } else { g.fresh(&format!("{hint}.mm")) };
+        g.nodes.push(Node::new(format!("{hint}.matmul"), "MatMul", vec![a, b], vec![mm_out.clone()]));
         let mut acc = mm_out;
         if alpha != 1.0 {
             let k = g.add_const(&format!("{hint}.alpha"), Tensor::scalar_f32(alpha));
-            let o = if has_c {
-                g.fresh(&format!("{hint}.scaled"))
-            } else {
-                out.clone()
-            };
-            g.nodes.push(Node::new(
-                format!("{hint}.alpha_mul"),
-                "Mul",
-                vec![acc, k],
-                vec![o.clone()],
-            ));
+            let o = if has_c { g.fresh(&format!("{hint}.scaled")) } else { out.clone() };
+            g.nodes.push(Node::new(format!("{hint}.alpha_mul"), "Mul", vec![acc, k], vec![o.clone()]));
             acc = o;
         }
         if has_c {
@@ -341,20 +275,10 @@ pub fn gemm_to_matmul(model: &mut Model) -> Result<bool> {
             if beta != 1.0 {
                 let k = g.add_const(&format!("{hint}.beta"), Tensor::scalar_f32(beta));
                 let o = g.fresh(&format!("{hint}.c_scaled"));
-                g.nodes.push(Node::new(
-                    format!("{hint}.beta_mul"),
-                    "Mul",
-                    vec![c, k],
-                    vec![o.clone()],
-                ));
+                g.nodes.push(Node::new(format!("{hint}.beta_mul"), "Mul", vec![c, k], vec![o.clone()]));
                 c = o;
             }
-            g.nodes.push(Node::new(
-                format!("{hint}.add"),
-                "Add",
-                vec![acc, c],
-                vec![out],
-            ));
+            g.nodes.push(Node::new(format!("{hint}.add"), "Add", vec![acc, c], vec![out]));
         }
     }
     Ok(changed)
@@ -368,8 +292,7 @@ pub fn remove_identities(model: &mut Model) -> Result<bool> {
     while i < g.nodes.len() {
         let n = &g.nodes[i];
         let forwards = n.domain.is_empty()
-            && (n.op == "Identity"
-                || (n.op == "Dropout" && n.outputs.iter().skip(1).all(|o| o.is_empty())));
+            && (n.op == "Identity" || (n.op == "Dropout" && n.outputs.iter().skip(1).all(|o| o.is_empty())));
         if !forwards {
             i += 1;
             continue;

@@ -15,20 +15,13 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
         return Ok(None);
     }
     let inp = |i: usize| -> Result<&Tensor> {
-        inputs
-            .get(i)
-            .copied()
-            .flatten()
-            .ok_or_else(|| anyhow!("{}: input {i} is missing", node.label()))
+        inputs.get(i).copied().flatten().ok_or_else(|| anyhow!("{}: input {i} is missing", node.label()))
     };
     let out = match node.op.as_str() {
         "Identity" => inp(0)?.clone(),
         "Cast" => {
-            let to = node
-                .int("to")
-                .ok_or_else(|| anyhow!("{}: no 'to'", node.label()))?;
-            let to = DType::from_onnx(to as i32)
-                .ok_or_else(|| anyhow!("{}: bad 'to' {to}", node.label()))?;
+            let to = node.int("to").ok_or_else(|| anyhow!("{}: no 'to'", node.label()))?;
+            let to = DType::from_onnx(to as i32).ok_or_else(|| anyhow!("{}: bad 'to' {to}", node.label()))?;
             match inp(0)?.cast(to) {
                 Ok(t) => t,
                 Err(_) => return Ok(None),
@@ -71,10 +64,8 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             t.reshape(squeeze_shape(&t.shape, axes.as_deref())?)
         }
         "Concat" => {
-            let ts: Vec<&Tensor> = inputs
-                .iter()
-                .map(|t| t.ok_or_else(|| anyhow!("missing input")))
-                .collect::<Result<_>>()?;
+            let ts: Vec<&Tensor> =
+                inputs.iter().map(|t| t.ok_or_else(|| anyhow!("missing input"))).collect::<Result<_>>()?;
             let axis = norm_axis(node.int("axis").unwrap_or(0), ts[0].shape.len())?;
             concat(&ts, axis)?
         }
@@ -82,6 +73,36 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             let (data, idx) = (inp(0)?, inp(1)?);
             let axis = norm_axis(node.int("axis").unwrap_or(0), data.shape.len())?;
             gather(data, &ints(idx)?, &idx.shape, axis)?
+        }
+        "GatherND" => {
+            if node.int("batch_dims").unwrap_or(0) != 0 {
+                return Ok(None);
+            }
+            let (data, ix) = (inp(0)?, inp(1)?);
+            let k = *ix.shape.last().ok_or_else(|| anyhow!("{}: scalar indices", node.label()))?;
+            let iv = ints(ix)?;
+            let st = strides(&data.shape);
+            let inner: usize = data.shape[k..].iter().product();
+            let mut shape = ix.shape[..ix.shape.len() - 1].to_vec();
+            shape.extend_from_slice(&data.shape[k..]);
+            let mut offsets = Vec::new();
+            for tuple in iv.chunks(k.max(1)) {
+                let mut base = 0;
+                for (a, &i) in tuple.iter().enumerate().take(k) {
+                    let d = data.shape[a] as i64;
+                    let i = if i < 0 { i + d } else { i };
+                    if i < 0 || i >= d {
+                        bail!("{}: index {i} out of range for size {d}", node.label());
+                    }
+                    base += i as usize * st[a];
+                }
+                offsets.extend(base..base + inner);
+            }
+            take(data, shape, &offsets)
+        }
+        "IsNaN" => {
+            let v = f64s(inp(0)?)?;
+            Tensor::bool(inp(0)?.shape.clone(), v.iter().map(|x| x.is_nan()).collect())
         }
         "Slice" => {
             let t = inp(0)?;
@@ -114,19 +135,9 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
         "Tile" => {
             let t = inp(0)?;
             let reps = ints(inp(1)?)?;
-            let shape: Vec<usize> = t
-                .shape
-                .iter()
-                .zip(&reps)
-                .map(|(&d, &r)| d * r as usize)
-                .collect();
+            let shape: Vec<usize> = t.shape.iter().zip(&reps).map(|(&d, &r)| d * r as usize).collect();
             let src_st = strides(&t.shape);
-            let idx = map_indices(&shape, |ix| {
-                ix.iter()
-                    .enumerate()
-                    .map(|(a, &i)| (i % t.shape[a]) * src_st[a])
-                    .sum()
-            });
+            let idx = map_indices(&shape, |ix| ix.iter().enumerate().map(|(a, &i)| (i % t.shape[a]) * src_st[a]).sum());
             take(t, shape, &idx)
         }
         "ConstantOfShape" => {
@@ -157,11 +168,7 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
         "Where" => {
             let (c, a, b) = (inp(0)?, inp(1)?, inp(2)?);
             let shape = broadcast_shapes(&broadcast_shapes(&c.shape, &a.shape)?, &b.shape)?;
-            let (c, a, b) = (
-                broadcast_to(c, &shape),
-                broadcast_to(a, &shape),
-                broadcast_to(b, &shape),
-            );
+            let (c, a, b) = (broadcast_to(c, &shape), broadcast_to(a, &shape), broadcast_to(b, &shape));
             let cv = ints(&c)?;
             let idx: Vec<usize> = (0..cv.len()).collect();
             let av = take(&a, shape.clone(), &idx);
@@ -171,20 +178,14 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
                 Tensor::from_f64s(
                     a.dtype(),
                     shape,
-                    cv.iter()
-                        .enumerate()
-                        .map(|(i, &k)| if k != 0 { x[i] } else { y[i] })
-                        .collect(),
+                    cv.iter().enumerate().map(|(i, &k)| if k != 0 { x[i] } else { y[i] }).collect(),
                 )?
             } else {
                 let (x, y) = (ints(&av)?, ints(&b)?);
                 Tensor::from_i64s(
                     a.dtype(),
                     shape,
-                    cv.iter()
-                        .enumerate()
-                        .map(|(i, &k)| if k != 0 { x[i] } else { y[i] })
-                        .collect(),
+                    cv.iter().enumerate().map(|(i, &k)| if k != 0 { x[i] } else { y[i] }).collect(),
                 )?
             }
         }
@@ -203,11 +204,7 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
                 .enumerate()
                 .map(|(i, &x)| {
                     let (row, col) = (((i / cols) % rows) as i64, (i % cols) as i64);
-                    let keep = if upper {
-                        col - row >= k
-                    } else {
-                        col - row <= k
-                    };
+                    let keep = if upper { col - row >= k } else { col - row <= k };
                     if keep {
                         x
                     } else {
@@ -236,9 +233,7 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             let t = inp(0)?;
             let axes = match inputs.get(1).copied().flatten() {
                 Some(a) if !a.is_empty() => ints(a)?,
-                _ if node.int("noop_with_empty_axes").unwrap_or(0) != 0 => {
-                    return Ok(Some(vec![t.clone()]))
-                }
+                _ if node.int("noop_with_empty_axes").unwrap_or(0) != 0 => return Ok(Some(vec![t.clone()])),
                 _ => (0..t.shape.len() as i64).collect(),
             };
             reduce(&node.op, t, &axes, node.int("keepdims").unwrap_or(1) != 0)?
@@ -247,11 +242,10 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             let v = ints(inp(0)?)?;
             Tensor::bool(inp(0)?.shape.clone(), v.iter().map(|&x| x == 0).collect())
         }
-        "Neg" | "Abs" | "Sqrt" | "Exp" | "Log" | "Reciprocal" | "Floor" | "Ceil" | "Tanh"
-        | "Sigmoid" | "Relu" | "Sign" | "Erf" | "Sin" | "Cos" => {
+        "Neg" | "Abs" | "Sqrt" | "Exp" | "Log" | "Reciprocal" | "Floor" | "Ceil" | "Tanh" | "Sigmoid" | "Relu"
+        | "Sign" | "Erf" | "Sin" | "Cos" => {
             let t = inp(0)?;
-            if !t.dtype().is_float() && !matches!(node.op.as_str(), "Neg" | "Abs" | "Sign" | "Relu")
-            {
+            if !t.dtype().is_float() && !matches!(node.op.as_str(), "Neg" | "Abs" | "Sign" | "Relu") {
                 return Ok(None);
             }
             let v = f64s(t)?;
@@ -282,8 +276,8 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             };
             Tensor::from_f64s(t.dtype(), t.shape.clone(), v.into_iter().map(f).collect())?
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Max" | "Min" | "Equal" | "Less"
-        | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor" | "BitwiseAnd" => {
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Max" | "Min" | "Equal" | "Less" | "Greater"
+        | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor" | "BitwiseAnd" => {
             let mut acc = inp(0)?.clone();
             let n = inputs.len();
             if n < 2 && !matches!(node.op.as_str(), "Max" | "Min") {
@@ -327,13 +321,11 @@ fn shape_range(node: &Node, rank: usize) -> (usize, usize) {
 }
 
 pub fn ints(t: &Tensor) -> Result<Vec<i64>> {
-    t.as_i64s()
-        .ok_or_else(|| anyhow!("expected an integer tensor, found {}", t.dtype().short()))
+    t.as_i64s().ok_or_else(|| anyhow!("expected an integer tensor, found {}", t.dtype().short()))
 }
 
 fn f64s(t: &Tensor) -> Result<Vec<f64>> {
-    t.as_f64s()
-        .ok_or_else(|| anyhow!("cannot compute on {} tensors", t.dtype().short()))
+    t.as_f64s().ok_or_else(|| anyhow!("cannot compute on {} tensors", t.dtype().short()))
 }
 
 pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
@@ -358,11 +350,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
                 infer = Some(i);
                 out.push(1);
             }
-            0 if !allowzero => out.push(
-                *input
-                    .get(i)
-                    .ok_or_else(|| anyhow!("Reshape 0 beyond the input rank"))?,
-            ),
+            0 if !allowzero => out.push(*input.get(i).ok_or_else(|| anyhow!("Reshape 0 beyond the input rank"))?),
             d if d >= 0 => out.push(d as usize),
             d => bail!("Reshape target has a negative dimension {d}"),
         }
@@ -381,10 +369,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
 
 pub fn unsqueeze_shape(shape: &[usize], axes: &[i64]) -> Result<Vec<usize>> {
     let r = shape.len() + axes.len();
-    let mut ax: Vec<usize> = axes
-        .iter()
-        .map(|&a| norm_axis(a, r))
-        .collect::<Result<_>>()?;
+    let mut ax: Vec<usize> = axes.iter().map(|&a| norm_axis(a, r)).collect::<Result<_>>()?;
     ax.sort();
     let mut out = Vec::with_capacity(r);
     let mut src = shape.iter();
@@ -392,10 +377,7 @@ pub fn unsqueeze_shape(shape: &[usize], axes: &[i64]) -> Result<Vec<usize>> {
         if ax.contains(&i) {
             out.push(1);
         } else {
-            out.push(
-                *src.next()
-                    .ok_or_else(|| anyhow!("bad Unsqueeze axes {axes:?}"))?,
-            );
+            out.push(*src.next().ok_or_else(|| anyhow!("bad Unsqueeze axes {axes:?}"))?);
         }
     }
     Ok(out)
@@ -405,24 +387,13 @@ pub fn squeeze_shape(shape: &[usize], axes: Option<&[i64]>) -> Result<Vec<usize>
     match axes {
         None => Ok(shape.iter().copied().filter(|&d| d != 1).collect()),
         Some(axes) => {
-            let ax: Vec<usize> = axes
-                .iter()
-                .map(|&a| norm_axis(a, shape.len()))
-                .collect::<Result<_>>()?;
+            let ax: Vec<usize> = axes.iter().map(|&a| norm_axis(a, shape.len())).collect::<Result<_>>()?;
             for &a in &ax {
                 if shape[a] != 1 {
-                    bail!(
-                        "Squeeze of axis {a} whose size is {} in {shape:?}",
-                        shape[a]
-                    );
+                    bail!("Squeeze of axis {a} whose size is {} in {shape:?}", shape[a]);
                 }
             }
-            Ok(shape
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !ax.contains(i))
-                .map(|(_, &d)| d)
-                .collect())
+            Ok(shape.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect())
         }
     }
 }
@@ -431,16 +402,8 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -483,12 +446,7 @@ fn take(t: &Tensor, shape: Vec<usize>, idx: &[usize]) -> Tensor {
         Data::Bool(v) => Data::Bool(pick(v, idx)),
         Data::Raw(dt, b) => {
             let s = dt.size_of();
-            Data::Raw(
-                *dt,
-                idx.iter()
-                    .flat_map(|&i| b[i * s..(i + 1) * s].iter().copied())
-                    .collect(),
-            )
+            Data::Raw(*dt, idx.iter().flat_map(|&i| b[i * s..(i + 1) * s].iter().copied()).collect())
         }
     };
     Tensor::new(shape, data)
@@ -502,15 +460,7 @@ pub fn broadcast_to(t: &Tensor, shape: &[usize]) -> Tensor {
     let off = r - t.shape.len();
     let st = strides(&t.shape);
     let idx = map_indices(shape, |ix| {
-        (0..t.shape.len())
-            .map(|a| {
-                if t.shape[a] == 1 {
-                    0
-                } else {
-                    ix[a + off] * st[a]
-                }
-            })
-            .sum()
+        (0..t.shape.len()).map(|a| if t.shape[a] == 1 { 0 } else { ix[a + off] * st[a] }).sum()
     });
     take(t, shape.to_vec(), &idx)
 }
@@ -518,9 +468,7 @@ pub fn broadcast_to(t: &Tensor, shape: &[usize]) -> Tensor {
 pub fn transpose(t: &Tensor, perm: &[usize]) -> Tensor {
     let shape: Vec<usize> = perm.iter().map(|&p| t.shape[p]).collect();
     let st = strides(&t.shape);
-    let idx = map_indices(&shape, |ix| {
-        ix.iter().enumerate().map(|(a, &i)| i * st[perm[a]]).sum()
-    });
+    let idx = map_indices(&shape, |ix| ix.iter().enumerate().map(|(a, &i)| i * st[perm[a]]).sum());
     take(t, shape, &idx)
 }
 
@@ -593,16 +541,8 @@ pub fn slice_axis(dim: usize, start: i64, end: i64, step: i64) -> (i64, i64, usi
     let d = dim as i64;
     let norm = |v: i64| if v < 0 { v + d } else { v };
     let (s, e) = (norm(start), norm(end));
-    let (s, e) = if step > 0 {
-        (s.clamp(0, d), e.clamp(0, d))
-    } else {
-        (s.clamp(-1, d - 1), e.clamp(-1, d - 1))
-    };
-    let n = if step > 0 {
-        ((e - s) + step - 1).div_euclid(step)
-    } else {
-        ((s - e) + (-step) - 1).div_euclid(-step)
-    };
+    let (s, e) = if step > 0 { (s.clamp(0, d), e.clamp(0, d)) } else { (s.clamp(-1, d - 1), e.clamp(-1, d - 1)) };
+    let n = if step > 0 { ((e - s) + step - 1).div_euclid(step) } else { ((s - e) + (-step) - 1).div_euclid(-step) };
     (s, step, n.max(0) as usize)
 }
 
@@ -622,26 +562,14 @@ fn slice(t: &Tensor, starts: &[i64], ends: &[i64], axes: &[i64], steps: &[i64]) 
         shape[a] = n;
     }
     let src = strides(&t.shape);
-    let idx = map_indices(&shape, |ix| {
-        (0..r)
-            .map(|a| (begin[a] + ix[a] as i64 * step[a]) as usize * src[a])
-            .sum()
-    });
+    let idx = map_indices(&shape, |ix| (0..r).map(|a| (begin[a] + ix[a] as i64 * step[a]) as usize * src[a]).sum());
     Ok(take(t, shape, &idx))
 }
 
 fn reduce(op: &str, t: &Tensor, axes: &[i64], keepdims: bool) -> Result<Tensor> {
     let r = t.shape.len();
-    let ax: Vec<usize> = axes
-        .iter()
-        .map(|&a| norm_axis(a, r))
-        .collect::<Result<_>>()?;
-    let out_keep: Vec<usize> = t
-        .shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if ax.contains(&i) { 1 } else { d })
-        .collect();
+    let ax: Vec<usize> = axes.iter().map(|&a| norm_axis(a, r)).collect::<Result<_>>()?;
+    let out_keep: Vec<usize> = t.shape.iter().enumerate().map(|(i, &d)| if ax.contains(&i) { 1 } else { d }).collect();
     let n_out: usize = out_keep.iter().product();
     let init = match op {
         "ReduceProd" => 1.0,
@@ -675,12 +603,7 @@ fn reduce(op: &str, t: &Tensor, axes: &[i64], keepdims: bool) -> Result<Tensor> 
     let shape = if keepdims {
         out_keep
     } else {
-        t.shape
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !ax.contains(i))
-            .map(|(_, &d)| d)
-            .collect()
+        t.shape.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect()
     };
     Tensor::from_f64s(t.dtype(), shape, acc)
 }
@@ -688,10 +611,7 @@ fn reduce(op: &str, t: &Tensor, axes: &[i64], keepdims: bool) -> Result<Tensor> 
 fn binary(op: &str, a: &Tensor, b: &Tensor, fmod: bool) -> Result<Tensor> {
     let shape = broadcast_shapes(&a.shape, &b.shape)?;
     let (a, b) = (broadcast_to(a, &shape), broadcast_to(b, &shape));
-    let compare = matches!(
-        op,
-        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual"
-    );
+    let compare = matches!(op, "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual");
     let logical = matches!(op, "And" | "Or" | "Xor");
     let dt = a.dtype();
     if !dt.is_float() {

@@ -100,10 +100,8 @@ pub fn detect_family(g: &Graph) -> Family {
 fn token_index_values(g: &Graph) -> HashSet<String> {
     let mut vals: HashSet<String> = ["input_ids".to_string()].into();
     for n in &g.nodes {
-        if matches!(
-            n.op.as_str(),
-            "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "View"
-        ) && n.input(0).map(|i| vals.contains(i)).unwrap_or(false)
+        if matches!(n.op.as_str(), "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "View")
+            && n.input(0).map(|i| vals.contains(i)).unwrap_or(false)
         {
             vals.insert(n.outputs[0].clone());
         }
@@ -117,10 +115,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     canonicalize(&mut canon)?;
     let g = &canon.graph;
     let family = detect_family(g);
-    let with_past = g
-        .inputs
-        .iter()
-        .any(|v| v.name.starts_with("past_key_values"));
+    let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let merged_decoder = g.inputs.iter().any(|v| v.name == "use_cache_branch");
 
     // Embeddings, from the canonical graph (before folding removes the position lookup).
@@ -154,11 +149,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         batch: 1,
         seq: 2,
         past: if with_past { Some(1) } else { None },
-        src_len: if family == Family::BartDecoder {
-            Some(3)
-        } else {
-            None
-        },
+        src_len: if family == Family::BartDecoder { Some(3) } else { None },
     };
     let mut heads = None;
     let mut softmaxes = 0;
@@ -174,8 +165,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
                 }
             }
         }
-        if let (Some(wte), Some(v)) = (wte_name.as_ref().and_then(|w| g.initializers.get(w)), vocab)
-        {
+        if let (Some(wte), Some(v)) = (wte_name.as_ref().and_then(|w| g.initializers.get(w)), vocab) {
             // The LM head: a MatMul whose constant operand is the embedding matrix (transposed or not).
             let wt = crate::eval::transpose(wte, &[1, 0]);
             let mut found = false;
@@ -198,10 +188,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     let per_layer = if family == Family::BartDecoder { 2 } else { 1 };
     let layers = if with_past {
         Some(
-            g.inputs
-                .iter()
-                .filter(|v| v.name.starts_with("past_key_values") && v.name.ends_with("key"))
-                .count()
+            g.inputs.iter().filter(|v| v.name.starts_with("past_key_values") && v.name.ends_with("key")).count()
                 / if family == Family::BartDecoder { 2 } else { 1 },
         )
         .filter(|&l| l > 0)
@@ -214,18 +201,13 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         (Some(d), Some(h)) if h > 0 => Some(d / h),
         _ => None,
     };
-    let io = |v: &crate::ir::ValueInfo| IoInfo {
-        name: v.name.clone(),
-        r#type: v.ty.describe(),
-    };
+    let io = |v: &crate::ir::ValueInfo| IoInfo { name: v.name.clone(), r#type: v.ty.describe() };
     Ok(ModelInfo {
         family,
         with_past,
         merged_decoder,
         exporter: exporter_flavour(raw),
-        producer: format!("{} {}", raw.producer_name, raw.producer_version)
-            .trim()
-            .to_string(),
+        producer: format!("{} {}", raw.producer_name, raw.producer_version).trim().to_string(),
         opset: raw.opset,
         inputs: raw.graph.inputs.iter().map(io).collect(),
         outputs: raw.graph.outputs.iter().map(io).collect(),
@@ -236,12 +218,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         vocab,
         position_rows,
         tied_embeddings: tied,
-        weight_count: raw
-            .graph
-            .initializers
-            .values()
-            .filter(|t| t.len() > 1)
-            .count(),
+        weight_count: raw.graph.initializers.values().filter(|t| t.len() > 1).count(),
         weight_bytes: raw.graph.initializers.values().map(|t| t.byte_len()).sum(),
         nodes: raw.graph.nodes.len(),
         op_histogram: raw.graph.op_histogram(),
@@ -252,18 +229,11 @@ impl ModelInfo {
     pub fn to_text(&self) -> String {
         let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
         let mut s = String::new();
-        s += &format!(
-            "family:      {}{}\n",
-            self.family,
-            if self.with_past { " (with past)" } else { "" }
-        );
+        s += &format!("family:      {}{}\n", self.family, if self.with_past { " (with past)" } else { "" });
         if self.merged_decoder {
             s += "layout:      optimum merged decoder (If on use_cache_branch)\n";
         }
-        s += &format!(
-            "exporter:    {} (producer '{}', opset {})\n",
-            self.exporter, self.producer, self.opset
-        );
+        s += &format!("exporter:    {} (producer '{}', opset {})\n", self.exporter, self.producer, self.opset);
         s += &format!(
             "dimensions:  layers {}, heads {}, head size {}, hidden {}, vocabulary {}, position rows {}\n",
             opt(self.layers),
@@ -281,10 +251,7 @@ impl ModelInfo {
                 None => "?",
             }
         );
-        s += &format!(
-            "weights:     {} tensors, {} bytes\n",
-            self.weight_count, self.weight_bytes
-        );
+        s += &format!("weights:     {} tensors, {} bytes\n", self.weight_count, self.weight_bytes);
         s += "inputs:\n";
         for v in &self.inputs {
             s += &format!("  {}: {}\n", v.name, v.r#type);

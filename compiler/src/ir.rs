@@ -35,36 +35,18 @@ pub struct ValueType {
 
 impl ValueType {
     pub fn known(dtype: DType, shape: &[usize]) -> ValueType {
-        ValueType {
-            dtype,
-            shape: Some(shape.iter().map(|&d| Dim::Known(d)).collect()),
-        }
+        ValueType { dtype, shape: Some(shape.iter().map(|&d| Dim::Known(d)).collect()) }
     }
     /// The concrete shape when every dimension is known.
     pub fn concrete(&self) -> Option<Vec<usize>> {
-        self.shape
-            .as_ref()?
-            .iter()
-            .map(|d| {
-                if let Dim::Known(n) = d {
-                    Some(*n)
-                } else {
-                    None
-                }
-            })
-            .collect()
+        self.shape.as_ref()?.iter().map(|d| if let Dim::Known(n) = d { Some(*n) } else { None }).collect()
     }
     pub fn describe(&self) -> String {
         match &self.shape {
             None => format!("{}[?]", self.dtype.short()),
-            Some(dims) => format!(
-                "{}[{}]",
-                self.dtype.short(),
-                dims.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
+            Some(dims) => {
+                format!("{}[{}]", self.dtype.short(), dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","))
+            }
         }
     }
 }
@@ -102,20 +84,8 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(
-        name: impl Into<String>,
-        op: impl Into<String>,
-        inputs: Vec<String>,
-        outputs: Vec<String>,
-    ) -> Node {
-        Node {
-            name: name.into(),
-            op: op.into(),
-            domain: String::new(),
-            inputs,
-            outputs,
-            attrs: BTreeMap::new(),
-        }
+    pub fn new(name: impl Into<String>, op: impl Into<String>, inputs: Vec<String>, outputs: Vec<String>) -> Node {
+        Node { name: name.into(), op: op.into(), domain: String::new(), inputs, outputs, attrs: BTreeMap::new() }
     }
     pub fn with_attr(mut self, key: &str, a: Attr) -> Node {
         self.attrs.insert(key.to_string(), a);
@@ -147,18 +117,11 @@ impl Node {
     }
     /// The i-th input, or None when absent or omitted.
     pub fn input(&self, i: usize) -> Option<&str> {
-        self.inputs
-            .get(i)
-            .map(|s| s.as_str())
-            .filter(|s| !s.is_empty())
+        self.inputs.get(i).map(|s| s.as_str()).filter(|s| !s.is_empty())
     }
     /// "Op 'name'" for error messages.
     pub fn label(&self) -> String {
-        let dom = if self.domain.is_empty() {
-            String::new()
-        } else {
-            format!("{}::", self.domain)
-        };
+        let dom = if self.domain.is_empty() { String::new() } else { format!("{}::", self.domain) };
         format!("{dom}{} node '{}'", self.op, self.name)
     }
 }
@@ -227,8 +190,7 @@ impl Graph {
     /// Adds a constant and returns its name.
     pub fn add_const(&mut self, hint: &str, t: Tensor) -> String {
         let name = self.fresh(hint);
-        self.types
-            .insert(name.clone(), ValueType::known(t.dtype(), &t.shape));
+        self.types.insert(name.clone(), ValueType::known(t.dtype(), &t.shape));
         self.initializers.insert(name.clone(), t);
         name
     }
@@ -254,13 +216,7 @@ impl Graph {
     }
 
     /// Shorthand for a single-output node.
-    pub fn op1(
-        &mut self,
-        op: &str,
-        inputs: &[&str],
-        attrs: Vec<(&str, Attr)>,
-        hint: &str,
-    ) -> String {
+    pub fn op1(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, hint: &str) -> String {
         let ins = inputs.iter().map(|s| s.to_string()).collect();
         self.add_node(op, ins, 1, attrs, hint).pop().unwrap()
     }
@@ -319,8 +275,7 @@ impl Graph {
         }
         self.rename_uses(old, new);
         if self.is_output(old) {
-            let new_is_public =
-                self.is_input(new) || self.is_output(new) || self.initializers.contains_key(new);
+            let new_is_public = self.is_input(new) || self.is_output(new) || self.initializers.contains_key(new);
             let prod = self.producers().get(new).copied();
             match prod {
                 Some(p) if !new_is_public => {
@@ -345,12 +300,7 @@ impl Graph {
                             }
                         }
                     }
-                    self.nodes.push(Node::new(
-                        name,
-                        "Identity",
-                        vec![new.to_string()],
-                        vec![old.to_string()],
-                    ));
+                    self.nodes.push(Node::new(name, "Identity", vec![new.to_string()], vec![old.to_string()]));
                 }
             }
         }
@@ -398,11 +348,7 @@ impl Graph {
             }
             for a in n.attrs.values() {
                 if let Attr::Graph(g) = a {
-                    refs.extend(
-                        g.outer_references()
-                            .into_iter()
-                            .filter(|r| !defined.contains(r)),
-                    );
+                    refs.extend(g.outer_references().into_iter().filter(|r| !defined.contains(r)));
                 }
             }
             defined.extend(n.outputs.iter().cloned());
@@ -441,13 +387,8 @@ impl Graph {
             }
             if rest.len() == before {
                 let n = &rest[0];
-                let missing: Vec<&String> =
-                    n.inputs.iter().filter(|i| !defined.contains(*i)).collect();
-                bail!(
-                    "{} reads {:?}, which nothing defines (or the graph has a cycle)",
-                    n.label(),
-                    missing
-                );
+                let missing: Vec<&String> = n.inputs.iter().filter(|i| !defined.contains(*i)).collect();
+                bail!("{} reads {:?}, which nothing defines (or the graph has a cycle)", n.label(), missing);
             }
             pending = rest;
         }

@@ -18,7 +18,6 @@ use anyhow::Result;
 /// Loads and canonicalizes a model: the common first step of every command.
 pub fn load_canonical(path: &Path) -> Result<ir::Model> {
     let mut m = onnx_io::load(path)?;
-    canonicalize::canonicalize(&mut m)
-        .map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
+    canonicalize::canonicalize(&mut m).map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
     Ok(m)
 }

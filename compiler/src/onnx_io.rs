@@ -20,38 +20,18 @@ use crate::tensor::{DType, Data, Tensor};
 /// Loads an ONNX model; external data is resolved relative to the model's folder.
 pub fn load(path: &Path) -> Result<Model> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let dir = if dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        dir
-    };
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
     let proto = pb::ModelProto::parse_from_bytes(&bytes).map_err(|e| {
-        anyhow!(
-            "{} is not an ONNX model (or is truncated): protobuf decoding failed: {e}",
-            path.display()
-        )
+        anyhow!("{} is not an ONNX model (or is truncated): protobuf decoding failed: {e}", path.display())
     })?;
     let graph = proto.graph.as_ref().ok_or_else(|| {
-        anyhow!(
-            "{} is not an ONNX model: it decodes but holds no graph (truncated or another format?)",
-            path.display()
-        )
+        anyhow!("{} is not an ONNX model: it decodes but holds no graph (truncated or another format?)", path.display())
     })?;
     if proto.ir_version <= 0 || proto.opset_import.is_empty() {
-        bail!(
-            "{} is not an ONNX model: it has no IR version or no opset import",
-            path.display()
-        );
+        bail!("{} is not an ONNX model: it has no IR version or no opset import", path.display());
     }
-    let mut reader = ExternalReader {
-        model_path: path.to_path_buf(),
-        dir,
-        files: HashMap::new(),
-    };
+    let mut reader = ExternalReader { model_path: path.to_path_buf(), dir, files: HashMap::new() };
     let mut opset = 0;
     let mut other = Vec::new();
     for o in &proto.opset_import {
@@ -61,8 +41,7 @@ pub fn load(path: &Path) -> Result<Model> {
             other.push((o.domain.clone(), o.version));
         }
     }
-    let g = graph_from_proto(graph, &mut reader)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let g = graph_from_proto(graph, &mut reader).with_context(|| format!("reading {}", path.display()))?;
     let functions = proto
         .functions
         .iter()
@@ -77,11 +56,7 @@ pub fn load(path: &Path) -> Result<Model> {
         producer_name: proto.producer_name.clone(),
         producer_version: proto.producer_version.clone(),
         functions,
-        metadata: proto
-            .metadata_props
-            .iter()
-            .map(|p| (p.key.clone(), p.value.clone()))
-            .collect(),
+        metadata: proto.metadata_props.iter().map(|p| (p.key.clone(), p.value.clone())).collect(),
     })
 }
 
@@ -96,12 +71,7 @@ impl ExternalReader {
     fn resolve(&self, tensor: &str, location: &str) -> Result<PathBuf> {
         let rel = Path::new(location);
         let escapes = rel.is_absolute()
-            || rel.components().any(|c| {
-                matches!(
-                    c,
-                    Component::ParentDir | Component::RootDir | Component::Prefix(_)
-                )
-            });
+            || rel.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_)));
         if escapes {
             bail!(
                 "tensor '{tensor}' of {}: external data location '{location}' is outside the model's folder; \
@@ -120,13 +90,8 @@ impl ExternalReader {
             );
         }
         // Symlinks may still point out of the folder.
-        let canon_dir = self
-            .dir
-            .canonicalize()
-            .with_context(|| format!("resolving {}", self.dir.display()))?;
-        let canon = full
-            .canonicalize()
-            .with_context(|| format!("resolving {}", full.display()))?;
+        let canon_dir = self.dir.canonicalize().with_context(|| format!("resolving {}", self.dir.display()))?;
+        let canon = full.canonicalize().with_context(|| format!("resolving {}", full.display()))?;
         if !canon.starts_with(&canon_dir) {
             bail!(
                 "tensor '{tensor}' of {}: external data '{location}' resolves to {}, outside the model's folder {}; refused",
@@ -138,17 +103,10 @@ impl ExternalReader {
         Ok(canon)
     }
 
-    fn read(
-        &mut self,
-        tensor: &str,
-        location: &str,
-        offset: usize,
-        length: Option<usize>,
-    ) -> Result<Vec<u8>> {
+    fn read(&mut self, tensor: &str, location: &str, offset: usize, length: Option<usize>) -> Result<Vec<u8>> {
         let path = self.resolve(tensor, location)?;
         if !self.files.contains_key(&path) {
-            let bytes = fs::read(&path)
-                .with_context(|| format!("cannot read external data {}", path.display()))?;
+            let bytes = fs::read(&path).with_context(|| format!("cannot read external data {}", path.display()))?;
             self.files.insert(path.clone(), bytes);
         }
         let data = &self.files[&path];
@@ -190,24 +148,12 @@ fn tensor_from_proto(t: &pb::TensorProto, reader: &mut ExternalReader) -> Result
         for kv in &t.external_data {
             match kv.key.as_str() {
                 "location" => location = Some(kv.value.clone()),
-                "offset" => {
-                    offset = kv
-                        .value
-                        .parse()
-                        .with_context(|| format!("{what}: bad external offset"))?
-                }
-                "length" => {
-                    length = Some(
-                        kv.value
-                            .parse()
-                            .with_context(|| format!("{what}: bad external length"))?,
-                    )
-                }
+                "offset" => offset = kv.value.parse().with_context(|| format!("{what}: bad external offset"))?,
+                "length" => length = Some(kv.value.parse().with_context(|| format!("{what}: bad external length"))?),
                 _ => {}
             }
         }
-        let location =
-            location.ok_or_else(|| anyhow!("{what}: external data without a location"))?;
+        let location = location.ok_or_else(|| anyhow!("{what}: external data without a location"))?;
         let want = n * dtype.size_of();
         let bytes = reader.read(&t.name, &location, offset, Some(length.unwrap_or(want)))?;
         return Tensor::from_le_bytes(dtype, shape, &bytes).with_context(|| what.clone());
@@ -222,13 +168,9 @@ fn tensor_from_proto(t: &pb::TensorProto, reader: &mut ExternalReader) -> Result
         DType::I32 => Data::I32(t.int32_data.clone()),
         DType::Bool => Data::Bool(t.int32_data.iter().map(|&x| x != 0).collect()),
         DType::I8 | DType::U8 => Data::Raw(dtype, t.int32_data.iter().map(|&x| x as u8).collect()),
-        DType::I16 | DType::U16 | DType::F16 | DType::BF16 => Data::Raw(
-            dtype,
-            t.int32_data
-                .iter()
-                .flat_map(|&x| (x as u16).to_le_bytes())
-                .collect(),
-        ),
+        DType::I16 | DType::U16 | DType::F16 | DType::BF16 => {
+            Data::Raw(dtype, t.int32_data.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect())
+        }
         DType::U32 | DType::U64 => Data::Raw(
             dtype,
             t.uint64_data
@@ -253,10 +195,7 @@ fn tensor_from_proto(t: &pb::TensorProto, reader: &mut ExternalReader) -> Result
         Data::Raw(dt, b) => b.len() / dt.size_of(),
     };
     if have != n {
-        bail!(
-            "{what}: holds {have} values, its shape {:?} needs {n}",
-            t2.shape
-        );
+        bail!("{what}: holds {have} values, its shape {:?} needs {n}", t2.shape);
     }
     Ok(t2)
 }
@@ -273,9 +212,7 @@ fn value_type_from_proto(tp: &pb::TypeProto, what: &str) -> Result<ValueType> {
                         Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if *v >= 0 => {
                             Dim::Known(*v as usize)
                         }
-                        Some(pb::tensor_shape_proto::dimension::Value::DimParam(p))
-                            if !p.is_empty() =>
-                        {
+                        Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
                             Dim::Sym(p.clone())
                         }
                         _ => Dim::Sym(format!("?{i}")),
@@ -296,10 +233,7 @@ fn graph_from_proto(g: &pb::GraphProto, reader: &mut ExternalReader) -> Result<G
         graph.initializers.insert(t.name.clone(), tensor);
     }
     if !g.sparse_initializer.is_empty() {
-        bail!(
-            "graph '{}' has sparse initializers, which pfx does not read",
-            g.name
-        );
+        bail!("graph '{}' has sparse initializers, which pfx does not read", g.name);
     }
     for v in &g.input {
         // Old exports (IR < 4) also list initializers as inputs: they are constants, not inputs.
@@ -307,17 +241,11 @@ fn graph_from_proto(g: &pb::GraphProto, reader: &mut ExternalReader) -> Result<G
             continue;
         }
         let ty = value_type_from_proto(&v.type_, &format!("graph input '{}'", v.name))?;
-        graph.inputs.push(ValueInfo {
-            name: v.name.clone(),
-            ty,
-        });
+        graph.inputs.push(ValueInfo { name: v.name.clone(), ty });
     }
     for v in &g.output {
         let ty = value_type_from_proto(&v.type_, &format!("graph output '{}'", v.name))?;
-        graph.outputs.push(ValueInfo {
-            name: v.name.clone(),
-            ty,
-        });
+        graph.outputs.push(ValueInfo { name: v.name.clone(), ty });
     }
     for v in &g.value_info {
         if let Ok(ty) = value_type_from_proto(&v.type_, &v.name) {
@@ -331,21 +259,12 @@ fn graph_from_proto(g: &pb::GraphProto, reader: &mut ExternalReader) -> Result<G
 }
 
 fn node_from_proto(n: &pb::NodeProto, index: usize, reader: &mut ExternalReader) -> Result<Node> {
-    let name = if n.name.is_empty() {
-        format!("{}_{index}", n.op_type)
-    } else {
-        n.name.clone()
-    };
-    let domain = if n.domain == "ai.onnx" {
-        String::new()
-    } else {
-        n.domain.clone()
-    };
+    let name = if n.name.is_empty() { format!("{}_{index}", n.op_type) } else { n.name.clone() };
+    let domain = if n.domain == "ai.onnx" { String::new() } else { n.domain.clone() };
     let mut node = Node::new(name, n.op_type.clone(), n.input.clone(), n.output.clone());
     node.domain = domain;
     for a in &n.attribute {
-        let attr = attr_from_proto(a, reader)
-            .with_context(|| format!("attribute '{}' of {}", a.name, node.label()))?;
+        let attr = attr_from_proto(a, reader).with_context(|| format!("attribute '{}' of {}", a.name, node.label()))?;
         node.attrs.insert(a.name.clone(), attr);
     }
     Ok(node)
@@ -408,12 +327,7 @@ fn function_from_proto(f: &pb::FunctionProto, reader: &mut ExternalReader) -> Re
         outputs: f.output.clone(),
         attr_names,
         attr_defaults: defaults,
-        nodes: f
-            .node
-            .iter()
-            .enumerate()
-            .map(|(i, n)| node_from_proto(n, i, reader))
-            .collect::<Result<_>>()?,
+        nodes: f.node.iter().enumerate().map(|(i, n)| node_from_proto(n, i, reader)).collect::<Result<_>>()?,
     })
 }
 
@@ -433,8 +347,7 @@ pub struct WeightsFile {
 
 impl WeightsFile {
     pub fn create(path: &Path) -> Result<WeightsFile> {
-        let file =
-            fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
         let location = path
             .file_name()
             .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?
@@ -465,9 +378,7 @@ impl WeightsFile {
         self.file.write_all(&vec![0u8; pad as usize])?;
         self.offset += pad;
         let bytes = t.to_le_bytes();
-        self.file
-            .write_all(&bytes)
-            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.file.write_all(&bytes).with_context(|| format!("writing {}", self.path.display()))?;
         let pos = (self.offset, bytes.len() as u64);
         self.offset += bytes.len() as u64;
         self.written.insert(key, pos);
@@ -491,20 +402,16 @@ fn ir_version_for(opset: i64) -> i64 {
 pub fn save(model: &Model, path: &Path, weights: Option<&mut WeightsFile>) -> Result<()> {
     let mut w = weights;
     let proto = model_to_proto(model, &mut w)?;
-    let bytes = proto.write_to_bytes().map_err(|e| {
-        anyhow!(
-            "cannot serialise {}: {e} (models over 2 GiB need external weights)",
-            path.display()
-        )
-    })?;
+    let bytes = proto
+        .write_to_bytes()
+        .map_err(|e| anyhow!("cannot serialise {}: {e} (models over 2 GiB need external weights)", path.display()))?;
     write_atomically(path, &bytes)
 }
 
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp-write");
     fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -559,11 +466,7 @@ fn value_info_to_proto(name: &str, ty: &ValueType) -> pb::ValueInfoProto {
     v
 }
 
-fn tensor_to_proto(
-    name: &str,
-    t: &Tensor,
-    weights: &mut Option<&mut WeightsFile>,
-) -> Result<pb::TensorProto> {
+fn tensor_to_proto(name: &str, t: &Tensor, weights: &mut Option<&mut WeightsFile>) -> Result<pb::TensorProto> {
     let mut p = pb::TensorProto::new();
     p.name = name.to_string();
     p.data_type = t.dtype().onnx_code();
@@ -572,11 +475,7 @@ fn tensor_to_proto(
         Some(w) if t.byte_len() >= w.threshold => {
             let (off, len) = w.place(name, t)?;
             p.data_location = EnumOrUnknown::new(pb::tensor_proto::DataLocation::EXTERNAL);
-            for (k, v) in [
-                ("location", w.location.clone()),
-                ("offset", off.to_string()),
-                ("length", len.to_string()),
-            ] {
+            for (k, v) in [("location", w.location.clone()), ("offset", off.to_string()), ("length", len.to_string())] {
                 let mut e = pb::StringStringEntryProto::new();
                 e.key = k.into();
                 e.value = v;
@@ -588,25 +487,14 @@ fn tensor_to_proto(
     Ok(p)
 }
 
-fn graph_to_proto(
-    g: &Graph,
-    weights: &mut Option<&mut WeightsFile>,
-    main: bool,
-) -> Result<pb::GraphProto> {
+fn graph_to_proto(g: &Graph, weights: &mut Option<&mut WeightsFile>, main: bool) -> Result<pb::GraphProto> {
     let mut p = pb::GraphProto::new();
-    p.name = if g.name.is_empty() {
-        "pfx".into()
-    } else {
-        g.name.clone()
-    };
+    p.name = if g.name.is_empty() { "pfx".into() } else { g.name.clone() };
     for v in &g.inputs {
         p.input.push(value_info_to_proto(&v.name, &v.ty));
     }
     for v in &g.outputs {
-        let ty = g
-            .type_of(&v.name)
-            .filter(|t| t.shape.is_some())
-            .unwrap_or_else(|| v.ty.clone());
+        let ty = g.type_of(&v.name).filter(|t| t.shape.is_some()).unwrap_or_else(|| v.ty.clone());
         p.output.push(value_info_to_proto(&v.name, &ty));
     }
     for (name, t) in &g.initializers {
@@ -634,11 +522,7 @@ fn node_to_proto(n: &Node, weights: &mut Option<&mut WeightsFile>) -> Result<pb:
     Ok(p)
 }
 
-fn attr_to_proto(
-    name: &str,
-    a: &Attr,
-    weights: &mut Option<&mut WeightsFile>,
-) -> Result<pb::AttributeProto> {
+fn attr_to_proto(name: &str, a: &Attr, weights: &mut Option<&mut WeightsFile>) -> Result<pb::AttributeProto> {
     use pb::attribute_proto::AttributeType as T;
     let mut p = pb::AttributeProto::new();
     p.name = name.to_string();
@@ -684,21 +568,13 @@ fn attr_to_proto(
     Ok(p)
 }
 
-fn function_to_proto(
-    f: &Function,
-    weights: &mut Option<&mut WeightsFile>,
-) -> Result<pb::FunctionProto> {
+fn function_to_proto(f: &Function, weights: &mut Option<&mut WeightsFile>) -> Result<pb::FunctionProto> {
     let mut p = pb::FunctionProto::new();
     p.name = f.name.clone();
     p.domain = f.domain.clone();
     p.input = f.inputs.clone();
     p.output = f.outputs.clone();
-    p.attribute = f
-        .attr_names
-        .iter()
-        .filter(|n| !f.attr_defaults.contains_key(*n))
-        .cloned()
-        .collect();
+    p.attribute = f.attr_names.iter().filter(|n| !f.attr_defaults.contains_key(*n)).cloned().collect();
     for (k, a) in &f.attr_defaults {
         p.attribute_proto.push(attr_to_proto(k, a, weights)?);
     }

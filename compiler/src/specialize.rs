@@ -25,12 +25,7 @@ pub struct Dims {
 
 impl Dims {
     pub fn new(batch: usize, seq: usize) -> Dims {
-        Dims {
-            batch,
-            seq,
-            past: None,
-            src_len: None,
-        }
+        Dims { batch, seq, past: None, src_len: None }
     }
 }
 
@@ -58,10 +53,7 @@ pub fn specialize(model: &mut Model, dims: &Dims) -> Result<SpecializeReport> {
     }
     let nodes_before = model.graph.nodes.len();
     assign_input_shapes(&mut model.graph, dims)?;
-    let mut report = SpecializeReport {
-        nodes_before,
-        ..Default::default()
-    };
+    let mut report = SpecializeReport { nodes_before, ..Default::default() };
     // Fold and infer until nothing changes: forwarding can expose more folding.
     for _ in 0..8 {
         let folded = fold_and_infer(&mut model.graph)?;
@@ -87,20 +79,14 @@ pub fn specialize(model: &mut Model, dims: &Dims) -> Result<SpecializeReport> {
 
 /// The role of a graph input, by the names exporters use.
 fn dim_for(graph: &Graph, input: &str, axis: usize, dims: &Dims) -> Option<usize> {
-    let has_past = graph
-        .inputs
-        .iter()
-        .any(|v| v.name.starts_with("past_key_values"));
+    let has_past = graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let past = dims.past.unwrap_or(0);
     let src = dims.src_len.unwrap_or(dims.seq);
     let b = dims.batch;
     match input {
-        "input_ids" | "decoder_input_ids" | "position_ids" | "token_type_ids" | "labels"
-        | "cache_position" => Some(if axis == 0 && input != "cache_position" {
-            b
-        } else {
-            dims.seq
-        }),
+        "input_ids" | "decoder_input_ids" | "position_ids" | "token_type_ids" | "labels" | "cache_position" => {
+            Some(if axis == 0 && input != "cache_position" { b } else { dims.seq })
+        }
         "attention_mask" => Some(if axis == 0 {
             b
         } else if has_past {
@@ -124,10 +110,7 @@ fn dim_for(graph: &Graph, input: &str, axis: usize, dims: &Dims) -> Option<usize
 }
 
 fn assign_input_shapes(g: &mut Graph, dims: &Dims) -> Result<()> {
-    let has_past = g
-        .inputs
-        .iter()
-        .any(|v| v.name.starts_with("past_key_values"));
+    let has_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     if dims.past.is_some() && !has_past {
         bail!("--past was given, but the graph has no past_key_values inputs (it was exported without past)");
     }
@@ -137,10 +120,7 @@ fn assign_input_shapes(g: &mut Graph, dims: &Dims) -> Result<()> {
     let mut shapes: Vec<Option<Vec<usize>>> = Vec::new();
     for v in &inputs {
         let Some(ds) = &v.ty.shape else {
-            bail!(
-                "graph input '{}' has no declared rank; pfx cannot specialize it",
-                v.name
-            );
+            bail!("graph input '{}' has no declared rank; pfx cannot specialize it", v.name);
         };
         let mut out = Vec::new();
         let mut ok = true;
@@ -207,31 +187,16 @@ fn fold_and_infer(g: &mut Graph) -> Result<usize> {
         }
         if g.nodes[i].op == "If" {
             if let Some(cond) = g.initializers.get(&g.nodes[i].inputs[0]) {
-                let take_then = cond
-                    .as_i64s()
-                    .map(|v| v.first().copied().unwrap_or(0) != 0)
-                    .unwrap_or(false);
+                let take_then = cond.as_i64s().map(|v| v.first().copied().unwrap_or(0) != 0).unwrap_or(false);
                 inline_if(g, i, take_then)?;
                 continue;
             }
         }
         let node = g.nodes[i].clone();
-        let types: Vec<Option<ValueType>> = node
-            .inputs
-            .iter()
-            .map(|n| if n.is_empty() { None } else { g.type_of(n) })
-            .collect();
-        let consts: Vec<Option<&Tensor>> = node
-            .inputs
-            .iter()
-            .map(|n| {
-                if n.is_empty() {
-                    None
-                } else {
-                    g.initializers.get(n)
-                }
-            })
-            .collect();
+        let types: Vec<Option<ValueType>> =
+            node.inputs.iter().map(|n| if n.is_empty() { None } else { g.type_of(n) }).collect();
+        let consts: Vec<Option<&Tensor>> =
+            node.inputs.iter().map(|n| if n.is_empty() { None } else { g.initializers.get(n) }).collect();
         // Shape and Size need only the input's shape.
         if matches!(node.op.as_str(), "Shape" | "Size") {
             if let Some(s) = types[0].as_ref().and_then(|t| t.concrete()) {
@@ -243,22 +208,12 @@ fn fold_and_infer(g: &mut Graph) -> Result<usize> {
                 continue;
             }
         }
-        let out_types = infer(&node, &types, &consts)
-            .with_context(|| format!("specializing {}", node.label()))?;
-        let all_const = node
-            .inputs
-            .iter()
-            .zip(&consts)
-            .all(|(n, c)| n.is_empty() || c.is_some());
-        let small = out_types.iter().all(|t| {
-            t.concrete()
-                .map(|s| s.iter().product::<usize>() <= FOLD_LIMIT)
-                .unwrap_or(false)
-        });
+        let out_types = infer(&node, &types, &consts).with_context(|| format!("specializing {}", node.label()))?;
+        let all_const = node.inputs.iter().zip(&consts).all(|(n, c)| n.is_empty() || c.is_some());
+        let small =
+            out_types.iter().all(|t| t.concrete().map(|s| s.iter().product::<usize>() <= FOLD_LIMIT).unwrap_or(false));
         if all_const && small && !node.inputs.is_empty() {
-            if let Some(vals) =
-                eval_node(&node, &consts).with_context(|| format!("folding {}", node.label()))?
-            {
+            if let Some(vals) = eval_node(&node, &consts).with_context(|| format!("folding {}", node.label()))? {
                 for (name, v) in node.outputs.iter().zip(vals) {
                     if !name.is_empty() {
                         g.initializers.insert(name.clone(), v);
@@ -296,12 +251,9 @@ fn shape_only(node: &Node, t: &Tensor) -> Tensor {
 /// Flatten -> Softmax(-1) -> Reshape.
 fn rewrite_legacy_softmax(g: &mut Graph, i: usize) -> Result<()> {
     let n = g.nodes[i].clone();
-    let shape = g.shape_of(&n.inputs[0]).ok_or_else(|| {
-        anyhow!(
-            "{}: the input shape must be known to translate a pre-13 Softmax",
-            n.label()
-        )
-    })?;
+    let shape = g
+        .shape_of(&n.inputs[0])
+        .ok_or_else(|| anyhow!("{}: the input shape must be known to translate a pre-13 Softmax", n.label()))?;
     let r = shape.len() as i64;
     let axis = n.int("axis").unwrap_or(1);
     let axis = if axis < 0 { axis + r } else { axis };
@@ -314,31 +266,14 @@ fn rewrite_legacy_softmax(g: &mut Graph, i: usize) -> Result<()> {
     g.nodes.remove(i);
     let flat = g.fresh(&format!("{}.flat", n.name));
     let soft = g.fresh(&format!("{}.soft", n.name));
-    let shape_c = g.add_const(
-        &format!("{}.shape", n.name),
-        Tensor::vec_i64(&shape.iter().map(|&d| d as i64).collect::<Vec<_>>()),
-    );
+    let shape_c = g
+        .add_const(&format!("{}.shape", n.name), Tensor::vec_i64(&shape.iter().map(|&d| d as i64).collect::<Vec<_>>()));
     let nodes = vec![
-        Node::new(
-            format!("{}.flatten", n.name),
-            "Flatten",
-            vec![n.inputs[0].clone()],
-            vec![flat.clone()],
-        )
-        .with_attr("axis", Attr::Int(axis)),
-        Node::new(
-            format!("{}.softmax", n.name),
-            n.op.clone(),
-            vec![flat],
-            vec![soft.clone()],
-        )
-        .with_attr("axis", Attr::Int(-1)),
-        Node::new(
-            format!("{}.reshape", n.name),
-            "Reshape",
-            vec![soft, shape_c],
-            vec![n.outputs[0].clone()],
-        ),
+        Node::new(format!("{}.flatten", n.name), "Flatten", vec![n.inputs[0].clone()], vec![flat.clone()])
+            .with_attr("axis", Attr::Int(axis)),
+        Node::new(format!("{}.softmax", n.name), n.op.clone(), vec![flat], vec![soft.clone()])
+            .with_attr("axis", Attr::Int(-1)),
+        Node::new(format!("{}.reshape", n.name), "Reshape", vec![soft, shape_c], vec![n.outputs[0].clone()]),
     ];
     for (k, node) in nodes.into_iter().enumerate() {
         g.nodes.insert(i + k, node);
@@ -349,11 +284,7 @@ fn rewrite_legacy_softmax(g: &mut Graph, i: usize) -> Result<()> {
 /// An If whose condition folded to a constant becomes the taken branch.
 fn inline_if(g: &mut Graph, i: usize, take_then: bool) -> Result<()> {
     let n = g.nodes.remove(i);
-    let key = if take_then {
-        "then_branch"
-    } else {
-        "else_branch"
-    };
+    let key = if take_then { "then_branch" } else { "else_branch" };
     let Some(Attr::Graph(branch)) = n.attrs.get(key) else {
         bail!("{}: no {key}", n.label());
     };
@@ -381,31 +312,20 @@ fn forward_noops(g: &mut Graph) -> Result<usize> {
         let n = &g.nodes[i];
         let in_ty = n.input(0).and_then(|x| g.type_of(x));
         let out_ty = g.type_of(&n.outputs[0]);
-        let same =
-            matches!((&in_ty, &out_ty), (Some(a), Some(b)) if a == b && a.concrete().is_some());
+        let same = matches!((&in_ty, &out_ty), (Some(a), Some(b)) if a == b && a.concrete().is_some());
         let src: Option<String> = match n.op.as_str() {
-            "Reshape" | "Expand" | "Cast" | "CastLike" | "Identity" | "Squeeze" | "Unsqueeze"
-                if same =>
-            {
+            "Reshape" | "Expand" | "Cast" | "CastLike" | "Identity" | "Squeeze" | "Unsqueeze" if same => {
                 Some(n.inputs[0].clone())
             }
             "Concat" if n.inputs.len() == 1 && same => Some(n.inputs[0].clone()),
             "Slice" if same => Some(n.inputs[0].clone()),
             "Where" => match g.initializers.get(&n.inputs[0]).and_then(|c| c.as_i64s()) {
-                Some(c) if c.iter().all(|&x| x != 0) && g.type_of(&n.inputs[1]) == out_ty => {
-                    Some(n.inputs[1].clone())
-                }
-                Some(c) if c.iter().all(|&x| x == 0) && g.type_of(&n.inputs[2]) == out_ty => {
-                    Some(n.inputs[2].clone())
-                }
+                Some(c) if c.iter().all(|&x| x != 0) && g.type_of(&n.inputs[1]) == out_ty => Some(n.inputs[1].clone()),
+                Some(c) if c.iter().all(|&x| x == 0) && g.type_of(&n.inputs[2]) == out_ty => Some(n.inputs[2].clone()),
                 _ => None,
             },
             "Add" | "Sub" => {
-                let zero = g
-                    .initializers
-                    .get(&n.inputs[1])
-                    .map(|c| c.all_equal(0.0))
-                    .unwrap_or(false);
+                let zero = g.initializers.get(&n.inputs[1]).map(|c| c.all_equal(0.0)).unwrap_or(false);
                 if zero && same {
                     Some(n.inputs[0].clone())
                 } else {
@@ -413,11 +333,7 @@ fn forward_noops(g: &mut Graph) -> Result<usize> {
                 }
             }
             "Mul" | "Div" => {
-                let one = g
-                    .initializers
-                    .get(&n.inputs[1])
-                    .map(|c| c.all_equal(1.0))
-                    .unwrap_or(false);
+                let one = g.initializers.get(&n.inputs[1]).map(|c| c.all_equal(1.0)).unwrap_or(false);
                 if one && same {
                     Some(n.inputs[0].clone())
                 } else {

@@ -114,10 +114,7 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Data) -> Tensor {
-        Tensor {
-            shape,
-            data: Arc::new(data),
-        }
+        Tensor { shape, data: Arc::new(data) }
     }
     pub fn f32(shape: Vec<usize>, v: Vec<f32>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), v.len());
@@ -174,9 +171,7 @@ impl Tensor {
             );
         }
         fn chunks<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-            b.chunks_exact(N)
-                .map(|c| f(c.try_into().unwrap()))
-                .collect()
+            b.chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
         }
         let data = match dtype {
             DType::F32 => Data::F32(chunks(bytes, f32::from_le_bytes)),
@@ -266,27 +261,17 @@ impl Tensor {
 
     pub fn reshape(&self, shape: Vec<usize>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), self.len());
-        Tensor {
-            shape,
-            data: self.data.clone(),
-        }
+        Tensor { shape, data: self.data.clone() }
     }
 
     /// All elements equal to `x` (for recognising all-zero / all-one constants).
     pub fn all_equal(&self, x: f64) -> bool {
-        self.as_f64s()
-            .map(|v| v.iter().all(|&e| e == x))
-            .unwrap_or(false)
+        self.as_f64s().map(|v| v.iter().all(|&e| e == x)).unwrap_or(false)
     }
 
     /// A short readable summary: `f32[2,3]` plus the values when there are few.
     pub fn describe(&self) -> String {
-        let shape = self
-            .shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let shape = self.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
         let mut s = format!("{}[{}]", self.dtype().short(), shape);
         if self.len() <= 8 {
             match &*self.data {

@@ -14,11 +14,7 @@ pub fn model_text(m: &Model) -> String {
 
 pub fn graph_text(g: &Graph, indent: &str) -> String {
     let mut s = String::new();
-    let ty = |name: &str| {
-        g.type_of(name)
-            .map(|t| t.describe())
-            .unwrap_or_else(|| "?".into())
-    };
+    let ty = |name: &str| g.type_of(name).map(|t| t.describe()).unwrap_or_else(|| "?".into());
     let _ = writeln!(s, "{indent}inputs:");
     for v in &g.inputs {
         let _ = writeln!(s, "{indent}  {}: {}", v.name, v.ty.describe());
@@ -28,44 +24,17 @@ pub fn graph_text(g: &Graph, indent: &str) -> String {
         let _ = writeln!(s, "{indent}  {}: {}", v.name, ty(&v.name));
     }
     let bytes: usize = g.initializers.values().map(|t| t.byte_len()).sum();
-    let _ = writeln!(
-        s,
-        "{indent}initializers: {} ({} bytes)",
-        g.initializers.len(),
-        bytes
-    );
+    let _ = writeln!(s, "{indent}initializers: {} ({} bytes)", g.initializers.len(), bytes);
     for (k, t) in &g.initializers {
         let _ = writeln!(s, "{indent}  {k}: {}", t.describe());
     }
     let _ = writeln!(s, "{indent}nodes: {}", g.nodes.len());
     for n in &g.nodes {
-        let outs: Vec<String> = n
-            .outputs
-            .iter()
-            .map(|o| {
-                if o.is_empty() {
-                    "_".into()
-                } else {
-                    format!("{o}: {}", ty(o))
-                }
-            })
-            .collect();
-        let ins: Vec<&str> = n
-            .inputs
-            .iter()
-            .map(|i| if i.is_empty() { "_" } else { i.as_str() })
-            .collect();
-        let dom = if n.domain.is_empty() {
-            String::new()
-        } else {
-            format!("{}::", n.domain)
-        };
-        let mut line = format!(
-            "{indent}  {} = {dom}{}({})",
-            outs.join(", "),
-            n.op,
-            ins.join(", ")
-        );
+        let outs: Vec<String> =
+            n.outputs.iter().map(|o| if o.is_empty() { "_".into() } else { format!("{o}: {}", ty(o)) }).collect();
+        let ins: Vec<&str> = n.inputs.iter().map(|i| if i.is_empty() { "_" } else { i.as_str() }).collect();
+        let dom = if n.domain.is_empty() { String::new() } else { format!("{}::", n.domain) };
+        let mut line = format!("{indent}  {} = {dom}{}({})", outs.join(", "), n.op, ins.join(", "));
         let attrs: Vec<String> = n
             .attrs
             .iter()

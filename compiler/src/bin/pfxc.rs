@@ -10,11 +10,7 @@ use pfx_compiler::specialize::{specialize, Dims};
 use pfx_compiler::{inspect, load_canonical, text};
 
 #[derive(Parser)]
-#[command(
-    name = "pfxc",
-    version,
-    about = "Compiles exported GPT-2/BART ONNX graphs for prefix-tuning"
-)]
+#[command(name = "pfxc", version, about = "Compiles exported GPT-2/BART ONNX graphs for prefix-tuning")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,33 +53,17 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => {
             let m = onnx_io::load(&model)?;
-            let info =
-                inspect::inspect(&m).with_context(|| format!("inspecting {}", model.display()))?;
+            let info = inspect::inspect(&m).with_context(|| format!("inspecting {}", model.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 print!("{}", info.to_text());
             }
         }
-        Command::Specialize {
-            model,
-            batch,
-            seq,
-            past,
-            src_len,
-            output,
-            external_data,
-            text: show,
-        } => {
+        Command::Specialize { model, batch, seq, past, src_len, output, external_data, text: show } => {
             let mut m = load_canonical(&model)?;
-            let dims = Dims {
-                batch,
-                seq,
-                past,
-                src_len,
-            };
-            let report = specialize(&mut m, &dims)
-                .with_context(|| format!("specializing {}", model.display()))?;
+            let dims = Dims { batch, seq, past, src_len };
+            let report = specialize(&mut m, &dims).with_context(|| format!("specializing {}", model.display()))?;
             let bytes: usize = m.graph.initializers.values().map(|t| t.byte_len()).sum();
             if external_data || bytes > 512 << 20 {
                 let mut name = output.file_name().unwrap_or_default().to_os_string();
