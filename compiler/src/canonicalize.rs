@@ -159,7 +159,7 @@ pub fn constants_to_initializers(model: &mut Model) -> Result<bool> {
     Ok(changed)
 }
 
-fn constant_value(n: &Node) -> Result<Tensor> {
+pub fn constant_value(n: &Node) -> Result<Tensor> {
     let (k, a) = n.attrs.iter().next().ok_or_else(|| anyhow!("{} has no value", n.label()))?;
     Ok(match (k.as_str(), a) {
         ("value", Attr::Tensor(t)) => t.clone(),

@@ -70,7 +70,12 @@ pub fn exporter_flavour(m: &Model) -> String {
     if m.producer_name == "pytorch" && dynamo_names * 2 > g.nodes.len() {
         "torch.onnx dynamo".into()
     } else if m.producer_name == "pytorch" && slash_names * 2 > g.nodes.len() {
-        if has_position_ids || g.inputs.iter().any(|v| v.name == "encoder_attention_mask") {
+        // optimum names its dynamic axes batch_size / sequence_length / encoder_sequence_length.
+        let optimum_axes = g
+            .inputs
+            .iter()
+            .any(|v| v.ty.shape.iter().flatten().any(|d| matches!(d, crate::ir::Dim::Sym(s) if s == "batch_size")));
+        if has_position_ids || optimum_axes {
             "optimum (torch.onnx TorchScript)".into()
         } else {
             "torch.onnx TorchScript (legacy)".into()
@@ -85,7 +90,8 @@ pub fn exporter_flavour(m: &Model) -> String {
 pub fn detect_family(g: &Graph) -> Family {
     let has_in = |n: &str| g.inputs.iter().any(|v| v.name == n);
     let has_out = |n: &str| g.outputs.iter().any(|v| v.name == n);
-    if has_in("encoder_hidden_states") {
+    let encoder_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values") && v.name.contains(".encoder."));
+    if has_in("encoder_hidden_states") || encoder_past {
         Family::BartDecoder
     } else if has_in("input_ids") && has_out("last_hidden_state") && !has_out("logits") {
         Family::BartEncoder

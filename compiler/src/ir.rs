@@ -411,6 +411,20 @@ impl Graph {
         self.type_of(name)?.concrete()
     }
 
+    /// Number of nodes, those inside subgraphs (If branches) included.
+    pub fn node_count_deep(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| {
+                1 + n
+                    .attrs
+                    .values()
+                    .map(|a| if let Attr::Graph(g) = a { g.node_count_deep() } else { 0 })
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Histogram of op types (sorted by name).
     pub fn op_histogram(&self) -> BTreeMap<String, usize> {
         let mut h = BTreeMap::new();

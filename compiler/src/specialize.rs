@@ -52,6 +52,7 @@ pub fn specialize(model: &mut Model, dims: &Dims) -> Result<SpecializeReport> {
         bail!("--src-len must be at least 1 (got 0)");
     }
     let nodes_before = model.graph.nodes.len();
+    bind_cache_branch(&mut model.graph, dims);
     assign_input_shapes(&mut model.graph, dims)?;
     let mut report = SpecializeReport { nodes_before, ..Default::default() };
     // Fold and infer until nothing changes: forwarding can expose more folding.
@@ -66,6 +67,8 @@ pub fn specialize(model: &mut Model, dims: &Dims) -> Result<SpecializeReport> {
         }
     }
     fold_and_infer(&mut model.graph)?;
+    prune_unused_inputs(&mut model.graph);
+    materialize_constant_outputs(&mut model.graph);
     for o in model.graph.outputs.clone() {
         if let Some(t) = model.graph.type_of(&o.name) {
             if let Some(out) = model.graph.outputs.iter_mut().find(|v| v.name == o.name) {
@@ -75,6 +78,36 @@ pub fn specialize(model: &mut Model, dims: &Dims) -> Result<SpecializeReport> {
     }
     report.nodes_after = model.graph.nodes.len();
     Ok(report)
+}
+
+/// An output that folded to a constant is produced by an Identity from a renamed initializer: runtimes
+/// differ on whether they return initializers as outputs.
+fn materialize_constant_outputs(g: &mut Graph) {
+    for o in g.outputs.clone() {
+        if let Some(t) = g.initializers.remove(&o.name) {
+            let c = g.add_const(&format!("{}.const", o.name), t);
+            let node = g.fresh(&format!("{}.identity", o.name));
+            g.nodes.push(Node::new(node, "Identity", vec![c], vec![o.name.clone()]));
+        }
+    }
+}
+
+/// Inputs nothing reads any more (the past of an untaken cache branch, a mask folded away) leave the
+/// signature, so callers are not asked for data the graph ignores.
+fn prune_unused_inputs(g: &mut Graph) {
+    let used: std::collections::HashSet<String> = g.nodes.iter().flat_map(|n| n.inputs.iter().cloned()).collect();
+    let outputs: std::collections::HashSet<String> = g.outputs.iter().map(|v| v.name.clone()).collect();
+    g.inputs.retain(|v| used.contains(&v.name) || outputs.contains(&v.name));
+}
+
+/// optimum's merged decoder picks its branch with a `use_cache_branch` input: with a past length given the
+/// cached branch is taken, else the first-step branch. Binding it lets the If fold away.
+fn bind_cache_branch(g: &mut Graph, dims: &Dims) {
+    if let Some(pos) = g.inputs.iter().position(|v| v.name == "use_cache_branch") {
+        let v = g.inputs.remove(pos);
+        let take = dims.past.map(|p| p > 0).unwrap_or(false);
+        g.initializers.insert(v.name, Tensor::bool(vec![1], vec![take]));
+    }
 }
 
 /// The role of a graph input, by the names exporters use.
@@ -292,8 +325,15 @@ fn inline_if(g: &mut Graph, i: usize, take_then: bool) -> Result<()> {
     for (k, t) in branch.initializers {
         g.initializers.insert(k, t);
     }
-    for (k, node) in branch.nodes.into_iter().enumerate() {
+    let mut k = 0;
+    for node in branch.nodes {
+        // Branch bodies are not canonicalized with the main graph: their constants become initializers here.
+        if node.op == "Constant" && node.domain.is_empty() {
+            g.initializers.insert(node.outputs[0].clone(), crate::canonicalize::constant_value(&node)?);
+            continue;
+        }
         g.nodes.insert(i + k, node);
+        k += 1;
     }
     g.forget_names();
     for (out, bout) in n.outputs.iter().zip(&branch.outputs) {
