@@ -1,0 +1,25 @@
+//! pfx-runtime: runs ONNX graphs (pfx bundles) on tract or ONNX Runtime, with host tensors and
+//! safetensors I/O.
+//!
+//! ```no_run
+//! use pfx_runtime::{open, read_safetensors, BackendKind, OrtOptions};
+//! let mut backend = open("model.onnx", BackendKind::Tract, &OrtOptions::default())?;
+//! let outputs = backend.run(&read_safetensors("inputs.safetensors")?)?;
+//! # anyhow::Ok(())
+//! ```
+
+pub mod backend;
+pub mod ort_backend;
+pub mod tensor;
+pub mod tract_backend;
+
+pub use backend::{open, select_inputs, Backend, BackendKind, IoSpec};
+pub use ort_backend::{
+    describe as ort_describe, locate_ort_library, ort_runtime, OrtBackend, OrtDevice, OrtLibSource, OrtOptions,
+    OrtRuntime, ORT_INSTALL_HINT,
+};
+pub use tensor::{
+    read_safetensors, safetensors_from_bytes, safetensors_to_bytes, worst_norm_rel_error, write_safetensors, DType,
+    HostTensor, TensorData,
+};
+pub use tract_backend::TractBackend;

@@ -1,0 +1,199 @@
+//! tract backend: pure Rust, CPU. The model is parsed once; for every distinct input signature
+//! (dtypes + concrete shapes) the inputs' facts are fixed, the model is optimized and a plan is cached.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use crate::backend::{select_inputs, Backend, IoSpec};
+use crate::tensor::{DType, HostTensor, TensorData};
+
+type Plan = Arc<TypedRunnableModel>;
+type Signature = Vec<(DType, Vec<usize>)>;
+
+/// Runs one ONNX model on tract.
+pub struct TractBackend {
+    path: PathBuf,
+    model: InferenceModel,
+    inputs: Vec<IoSpec>,
+    outputs: Vec<IoSpec>,
+    plans: HashMap<Signature, Plan>,
+}
+
+impl std::fmt::Debug for TractBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractBackend")
+            .field("path", &self.path)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("cached_plans", &self.plans.len())
+            .finish()
+    }
+}
+
+fn dtype_of(dt: DatumType) -> Option<DType> {
+    Some(match dt {
+        DatumType::F32 => DType::F32,
+        DatumType::F64 => DType::F64,
+        DatumType::F16 => DType::F16,
+        DatumType::I64 => DType::I64,
+        DatumType::I32 => DType::I32,
+        DatumType::I8 => DType::I8,
+        DatumType::U8 => DType::U8,
+        DatumType::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+fn datum_of(dt: DType) -> DatumType {
+    match dt {
+        DType::F32 => DatumType::F32,
+        DType::F64 => DatumType::F64,
+        DType::F16 => DatumType::F16,
+        DType::I64 => DatumType::I64,
+        DType::I32 => DatumType::I32,
+        DType::I8 => DatumType::I8,
+        DType::U8 => DatumType::U8,
+        DType::Bool => DatumType::Bool,
+    }
+}
+
+fn spec_of(name: String, fact: &InferenceFact) -> IoSpec {
+    let dtype = fact.datum_type.concretize().and_then(dtype_of);
+    let shape = if fact.shape.is_open() {
+        None
+    } else {
+        Some(fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_usize().ok())).collect())
+    };
+    IoSpec { name, dtype, shape }
+}
+
+/// Converts a host tensor to a tract tensor (copies).
+pub fn to_tract(t: &HostTensor) -> Result<Tensor> {
+    let shape = t.shape();
+    Ok(match t.data() {
+        TensorData::F32(v) => Tensor::from_shape(shape, v)?,
+        TensorData::F64(v) => Tensor::from_shape(shape, v)?,
+        TensorData::F16(v) => {
+            let v: Vec<f16> = v.iter().map(|&b| f16::from_bits(b)).collect();
+            Tensor::from_shape(shape, &v)?
+        }
+        TensorData::I64(v) => Tensor::from_shape(shape, v)?,
+        TensorData::I32(v) => Tensor::from_shape(shape, v)?,
+        TensorData::I8(v) => Tensor::from_shape(shape, v)?,
+        TensorData::U8(v) => Tensor::from_shape(shape, v)?,
+        TensorData::Bool(v) => Tensor::from_shape(shape, v)?,
+    })
+}
+
+/// Converts a tract tensor to a host tensor (copies). Shape-valued (TDim) tensors become int64.
+pub fn from_tract(t: Tensor) -> Result<HostTensor> {
+    let t = if t.datum_type() == DatumType::TDim { t.cast_to_dt(DatumType::I64)?.into_owned() } else { t };
+    let dt = t.datum_type();
+    let t = t.into_plain_ram()?;
+    let shape = t.shape().to_vec();
+    let view = t.try_as_plain_ram()?;
+    let data = match dt {
+        DatumType::F32 => TensorData::F32(view.as_slice::<f32>()?.to_vec()),
+        DatumType::F64 => TensorData::F64(view.as_slice::<f64>()?.to_vec()),
+        DatumType::F16 => TensorData::F16(view.as_slice::<f16>()?.iter().map(|x| x.to_bits()).collect()),
+        DatumType::I64 => TensorData::I64(view.as_slice::<i64>()?.to_vec()),
+        DatumType::I32 => TensorData::I32(view.as_slice::<i32>()?.to_vec()),
+        DatumType::I8 => TensorData::I8(view.as_slice::<i8>()?.to_vec()),
+        DatumType::U8 => TensorData::U8(view.as_slice::<u8>()?.to_vec()),
+        DatumType::Bool => TensorData::Bool(view.as_slice::<bool>()?.to_vec()),
+        other => bail!("tract produced a {other:?} tensor, which HostTensor cannot hold"),
+    };
+    HostTensor::new(shape, data)
+}
+
+impl TractBackend {
+    /// Parses an ONNX model. External data is resolved relative to the model's folder.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            bail!("model file {} does not exist or is not a file", path.display());
+        }
+        // An absolute path, so that tract resolves external data next to the model whatever the cwd.
+        let abs = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        let model = tract_onnx::onnx()
+            .model_for_path(&abs)
+            .with_context(|| format!("tract could not load ONNX model {}", path.display()))?;
+        let inputs = model
+            .input_outlets()?
+            .iter()
+            .map(|o| Ok(spec_of(model.node(o.node).name.clone(), model.outlet_fact(*o)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = model
+            .output_outlets()?
+            .iter()
+            .map(|o| {
+                let name =
+                    model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone());
+                Ok(spec_of(name, model.outlet_fact(*o)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TractBackend { path: path.to_path_buf(), model, inputs, outputs, plans: HashMap::new() })
+    }
+
+    /// Number of optimized plans cached (one per distinct input signature seen).
+    pub fn cached_plans(&self) -> usize {
+        self.plans.len()
+    }
+
+    fn plan_for(&mut self, sig: &Signature) -> Result<Plan> {
+        if let Some(p) = self.plans.get(sig) {
+            return Ok(p.clone());
+        }
+        let mut model = self.model.clone();
+        for (ix, (dt, shape)) in sig.iter().enumerate() {
+            model.set_input_fact(ix, InferenceFact::dt_shape(datum_of(*dt), shape.as_slice()))?;
+        }
+        let describe = || {
+            let s: Vec<String> =
+                self.inputs.iter().zip(sig).map(|(i, (dt, sh))| format!("{}: {dt} {sh:?}", i.name)).collect();
+            format!("tract could not prepare {} for inputs {}", self.path.display(), s.join(", "))
+        };
+        let plan = model.into_optimized().and_then(|m| m.into_runnable()).with_context(describe)?;
+        self.plans.insert(sig.clone(), plan.clone());
+        Ok(plan)
+    }
+}
+
+impl Backend for TractBackend {
+    fn name(&self) -> String {
+        "tract".to_string()
+    }
+
+    fn inputs(&self) -> &[IoSpec] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[IoSpec] {
+        &self.outputs
+    }
+
+    fn run(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+        let picked = select_inputs(&self.inputs, inputs).with_context(|| format!("running {}", self.path.display()))?;
+        let sig: Signature = picked.iter().map(|t| (t.dtype(), t.shape().to_vec())).collect();
+        let plan = self.plan_for(&sig)?;
+        let values: TVec<TValue> = picked.iter().map(|t| Ok(to_tract(t)?.into_tvalue())).collect::<Result<_>>()?;
+        let outs = plan.run(values).with_context(|| format!("tract failed running {}", self.path.display()))?;
+        if outs.len() != self.outputs.len() {
+            bail!("tract returned {} outputs, the model declares {}", outs.len(), self.outputs.len());
+        }
+        self.outputs
+            .iter()
+            .zip(outs)
+            .map(|(spec, v)| {
+                let t = from_tract(v.into_tensor()).with_context(|| format!("output `{}`", spec.name))?;
+                Ok((spec.name.clone(), t))
+            })
+            .collect()
+    }
+}

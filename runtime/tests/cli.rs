@@ -1,0 +1,116 @@
+//! The pfxrun binary: outputs, files, and clean errors (non-zero exit, no panic) on bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use pfx_runtime::read_safetensors;
+
+fn pfxrun(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pfxrun")).args(args).output().expect("pfxrun starts")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Runs pfxrun expecting failure; returns stderr. Checks for a clean error, not a panic.
+fn fails(args: &[&str]) -> String {
+    let o = pfxrun(args);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "pfxrun {args:?} succeeded: {out}");
+    assert!(!err.contains("panicked"), "pfxrun {args:?} panicked: {err}");
+    err
+}
+
+fn backends() -> Vec<&'static str> {
+    let mut v = vec!["tract"];
+    if ort_wanted() {
+        v.push("ort");
+    }
+    v
+}
+
+#[test]
+fn run_prints_and_writes_outputs() {
+    let dir = scratch("cli_run");
+    let unit = unit_dir();
+    let inputs = unit.join("matmul_softmax.b5.inputs.safetensors");
+    let (_, expected) = case("matmul_softmax", "b5");
+    for backend in backends() {
+        let out = dir.join(format!("{backend}.safetensors"));
+        let o = pfxrun(&[
+            "run",
+            p(&model("matmul_softmax")),
+            "--inputs",
+            p(&inputs),
+            "--out",
+            p(&out),
+            "--backend",
+            backend,
+        ]);
+        let (stdout, stderr) = text(&o);
+        assert!(o.status.success(), "{backend}: {stderr}");
+        assert!(stdout.contains("probs: float32 [5, 3] ["), "{backend}: {stdout}");
+        assert!(stdout.contains("logits: float32 [5, 3] ["), "{backend}: {stdout}");
+        assert_close(&format!("pfxrun {backend}"), &read_safetensors(&out).unwrap(), &expected);
+    }
+}
+
+#[test]
+fn bad_input_is_a_clean_error() {
+    let dir = scratch("cli_errors");
+    let unit = unit_dir();
+    let mm = model("matmul_softmax");
+    let mm_in = unit.join("matmul_softmax.b2.inputs.safetensors");
+    let embed_in = unit.join("embed_external.b2s3.inputs.safetensors");
+    let garbage = dir.join("garbage.onnx");
+    std::fs::write(&garbage, b"not onnx").unwrap();
+    let bad_dtype = dir.join("bad_dtype.safetensors");
+    let mut t = std::collections::BTreeMap::new();
+    t.insert("x".to_string(), pfx_runtime::HostTensor::from_i64([1, 4], vec![1, 2, 3, 4]).unwrap());
+    pfx_runtime::write_safetensors(&bad_dtype, &t).unwrap();
+
+    for backend in backends() {
+        let b = ["--backend", backend];
+        let e = fails(&[&["run", "/no/such/model.onnx", "--inputs", p(&mm_in)][..], &b].concat());
+        assert!(e.contains("/no/such/model.onnx"), "{backend}: {e}");
+        let e = fails(&[&["run", p(&mm), "--inputs", "/no/such/in.safetensors"][..], &b].concat());
+        assert!(e.contains("/no/such/in.safetensors"), "{backend}: {e}");
+        let e = fails(&[&["run", p(&garbage), "--inputs", p(&mm_in)][..], &b].concat());
+        assert!(e.contains("garbage.onnx"), "{backend}: {e}");
+        let e = fails(&[&["run", p(&mm), "--inputs", p(&embed_in)][..], &b].concat());
+        assert!(e.contains("missing model input `x`"), "{backend}: {e}");
+        let e = fails(&[&["run", p(&mm), "--inputs", p(&bad_dtype)][..], &b].concat());
+        assert!(e.contains("must be float32"), "{backend}: {e}");
+        let e = fails(&[&["run", p(&mm), "--inputs", p(&garbage)][..], &b].concat());
+        assert!(e.contains("not a valid safetensors file"), "{backend}: {e}");
+    }
+    let e = fails(&["run", p(&mm), "--inputs", p(&mm_in), "--backend", "ort", "--device", "cuda:x"]);
+    assert!(e.contains("invalid device"), "{e}");
+    let e = fails(&["run", p(&mm), "--inputs", p(&mm_in), "--backend", "onnx"]);
+    assert!(e.contains("unknown backend"), "{e}");
+    let e = fails(&["run", p(&mm), "--inputs", p(&mm_in), "--device", "cuda"]);
+    assert!(e.contains("needs --backend ort"), "{e}");
+    let e = fails(&["run", p(&mm), "--inputs", p(&mm_in), "--backend", "ort", "--ort-lib", "/no/such/lib.so"]);
+    assert!(e.contains("/no/such/lib.so") && e.contains("does not exist"), "{e}");
+    let e = fails(&["ort-info", "--ort-lib", p(&garbage)]);
+    assert!(e.contains("garbage.onnx"), "{e}");
+}
+
+#[test]
+fn ort_info_reports_the_library() {
+    if !ort_wanted() {
+        return;
+    }
+    let o = pfxrun(&["ort-info"]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stdout.contains("ONNX Runtime 1.") && stdout.contains("CPUExecutionProvider"), "{stdout}");
+}
