@@ -1,12 +1,15 @@
 //! pfx compiler: reads exported GPT-2/BART ONNX graphs and rewrites them (canonical form, specialized shapes,
 //! and, on top, prefix-tuning training and inference graphs).
 
+pub mod autodiff;
 pub mod canonicalize;
+pub mod compile;
 pub mod eval;
 pub mod inspect;
 pub mod ir;
 pub mod onnx_io;
 pub mod shape;
+pub mod simplify;
 pub mod specialize;
 pub mod tensor;
 pub mod text;

@@ -210,7 +210,7 @@ fn assign_input_shapes(g: &mut Graph, dims: &Dims) -> Result<()> {
 }
 
 /// One pass in topological order: evaluate what is constant, infer the types of the rest.
-fn fold_and_infer(g: &mut Graph) -> Result<usize> {
+pub fn fold_and_infer(g: &mut Graph) -> Result<usize> {
     g.toposort()?;
     let mut folded = 0;
     let mut i = 0;
@@ -345,7 +345,7 @@ fn inline_if(g: &mut Graph, i: usize, take_then: bool) -> Result<()> {
 
 /// Removes nodes that do nothing once shapes are known (Reshape/Expand to the same shape, Cast to the same
 /// type, Where on a constant condition, one-input Concat). Returns how many went.
-fn forward_noops(g: &mut Graph) -> Result<usize> {
+pub fn forward_noops(g: &mut Graph) -> Result<usize> {
     let mut count = 0;
     let mut i = 0;
     while i < g.nodes.len() {

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_compiler::onnx_io::{self, WeightsFile};
 use pfx_compiler::specialize::{specialize, Dims};
 use pfx_compiler::{inspect, load_canonical, text};
@@ -24,6 +26,34 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Compiles a GPT-2 export into prefix-tuning graphs (train_step, grads, eval_step) and a manifest.
+    Compile {
+        model: PathBuf,
+        /// Prefix length P (virtual tokens).
+        #[arg(long)]
+        prefix_len: usize,
+        /// Width of the reparametrization MLP.
+        #[arg(long, default_value_t = 512, conflicts_with = "no_reparam")]
+        mid_dim: usize,
+        /// Train the prefix directly (no MLP).
+        #[arg(long)]
+        no_reparam: bool,
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        seq: usize,
+        /// AdamW's decoupled weight decay (HF Trainer's default: 0).
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f32,
+        /// Global gradient-norm clipping (0 turns it off).
+        #[arg(long, default_value_t = 1.0)]
+        max_grad_norm: f32,
+        /// Seed of the initial prefix.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Writes the graph specialized to concrete sizes (shape arithmetic and masks folded away).
     Specialize {
@@ -59,6 +89,47 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", info.to_text());
             }
+        }
+        Command::Compile {
+            model,
+            prefix_len,
+            mid_dim,
+            no_reparam,
+            batch,
+            seq,
+            weight_decay,
+            max_grad_norm,
+            seed,
+            output,
+        } => {
+            if batch == 0 || seq == 0 {
+                anyhow::bail!("--batch and --seq must be at least 1");
+            }
+            let opts = CompileOptions {
+                prefix_len,
+                mid_dim: if no_reparam { None } else { Some(mid_dim) },
+                batch,
+                seq,
+                optimizer: AdamW {
+                    weight_decay,
+                    max_grad_norm: if max_grad_norm > 0.0 { Some(max_grad_norm) } else { None },
+                    ..AdamW::default()
+                },
+                seed,
+            };
+            let t0 = std::time::Instant::now();
+            let m = compile(&model, &opts, &output).with_context(|| format!("compiling {}", model.display()))?;
+            eprintln!(
+                "compiled {} ({} layers, {} heads, prefix {} via {:?}) into {} in {:.2}s: {}",
+                model.display(),
+                m.layers,
+                m.heads,
+                m.prefix_len,
+                m.injection,
+                output.display(),
+                t0.elapsed().as_secs_f64(),
+                m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
+            );
         }
         Command::Specialize { model, batch, seq, past, src_len, output, external_data, text: show } => {
             let mut m = load_canonical(&model)?;

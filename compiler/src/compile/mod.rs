@@ -1,0 +1,319 @@
+//! `pfxc compile`: an exported GPT-2 becomes prefix-tuning graphs (gradients, a training step with AdamW, an
+//! evaluation step), the frozen weights written once into a shared file.
+
+pub mod init;
+pub mod loss;
+pub mod optimizer;
+pub mod prefix;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::autodiff::build_gradients;
+use crate::inspect::{detect_family, inspect, Family};
+use crate::ir::{Model, ValueInfo, ValueType};
+use crate::onnx_io::{self, WeightsFile};
+use crate::simplify::simplify;
+use crate::specialize::{specialize, Dims};
+use crate::tensor::DType;
+use optimizer::AdamW;
+use prefix::PrefixShape;
+
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub prefix_len: usize,
+    /// MLP width; None = `--no-reparam`.
+    pub mid_dim: Option<usize>,
+    pub batch: usize,
+    pub seq: usize,
+    pub optimizer: AdamW,
+    pub seed: u64,
+}
+
+/// How the prefix reached the attention layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Injection {
+    PastBinding,
+    AttentionSites,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GraphIo {
+    pub file: String,
+    pub inputs: Vec<IoRole>,
+    pub outputs: Vec<IoRole>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IoRole {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    /// batch | trainable | optimizer_state | hyperparameter | loss | gradient | metric | updated_trainable |
+    /// updated_optimizer_state
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub compiler_version: String,
+    pub family: String,
+    pub source_model: String,
+    pub source_exporter: String,
+    pub injection: Injection,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub prefix_len: usize,
+    pub reparam: bool,
+    pub mid_dim: Option<usize>,
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub optimizer: OptimizerSpec,
+    pub trainable: Vec<TensorSpec>,
+    /// role -> file
+    pub graphs: BTreeMap<String, String>,
+    pub io: BTreeMap<String, GraphIo>,
+    pub weights_file: String,
+    pub init: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OptimizerSpec {
+    pub kind: String,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub max_grad_norm: Option<f32>,
+}
+
+fn dtype_name(d: DType) -> String {
+    d.short().to_string()
+}
+
+/// The forward graph with the prefix injected, specialized, ending in `loss`. Inputs: the batch and the
+/// trainable tensors.
+pub fn build_loss_graph(
+    source: &Path,
+    opts: &CompileOptions,
+) -> Result<(Model, PrefixShape, Injection, crate::inspect::ModelInfo)> {
+    if opts.prefix_len == 0 {
+        bail!("--prefix-len must be at least 1");
+    }
+    if opts.mid_dim == Some(0) {
+        bail!("--mid-dim must be at least 1");
+    }
+    let raw = onnx_io::load(source)?;
+    let family = detect_family(&raw.graph);
+    if family != Family::Gpt2Decoder {
+        bail!(
+            "{} is a {family} graph, not a GPT-2 decoder: the GPT-2 path needs an export with input_ids in and \
+             logits out (BART exports go through the BART path)",
+            source.display()
+        );
+    }
+    let info = inspect(&raw).with_context(|| format!("inspecting {}", source.display()))?;
+    let (Some(layers), Some(heads), Some(head_dim), Some(hidden), Some(vocab)) =
+        (info.layers, info.heads, info.head_size, info.hidden, info.vocab)
+    else {
+        bail!("could not read the model's dimensions from {} (layers, heads, hidden, vocabulary)", source.display());
+    };
+    let _ = vocab;
+    if let Some(rows) = info.position_rows {
+        if opts.prefix_len + opts.seq > rows {
+            bail!(
+                "prefix length {} + sequence length {} = {} exceeds the model's {} positions \
+                 (real tokens are numbered after the prefix, as PEFT does); shorten --seq or --prefix-len",
+                opts.prefix_len,
+                opts.seq,
+                opts.prefix_len + opts.seq,
+                rows
+            );
+        }
+    }
+    let shape = PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden, mid: opts.mid_dim };
+    let mut model = raw;
+    crate::canonicalize::canonicalize(&mut model)?;
+    let g = &mut model.graph;
+    let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
+    let injection = if with_past { Injection::PastBinding } else { Injection::AttentionSites };
+    if !with_past {
+        let n = prefix::shift_positions(g, opts.prefix_len)?;
+        if n != 1 {
+            bail!("expected one position-embedding lookup in the export, found {n}");
+        }
+    }
+    let dims = Dims {
+        batch: opts.batch,
+        seq: opts.seq,
+        past: if with_past { Some(opts.prefix_len) } else { None },
+        src_len: None,
+    };
+    specialize(&mut model, &dims)?;
+    let g = &mut model.graph;
+    let kv = prefix::build_generator(g, &shape, "", opts.batch)?;
+    match injection {
+        Injection::PastBinding => prefix::bind_past(g, &kv, opts.prefix_len, opts.batch, opts.seq)?,
+        Injection::AttentionSites => {
+            prefix::inject_at_sites(g, &kv, opts.prefix_len)?;
+        }
+    }
+    // Re-infer every shape after the rewrites.
+    let keep: Vec<String> = g.inputs.iter().map(|v| v.name.clone()).collect();
+    g.types.retain(|k, _| keep.contains(k));
+    simplify(g)?;
+    let logits = "logits";
+    if !g.is_output(logits) {
+        bail!("the export has no 'logits' output");
+    }
+    let loss = loss::add_causal_lm_loss(g, logits, true)?;
+    g.outputs = vec![ValueInfo { name: loss.clone(), ty: ValueType::known(DType::F32, &[]) }];
+    // Batch inputs first, in a fixed order; trainables after.
+    let order = |n: &str| match n {
+        "input_ids" => 0,
+        "attention_mask" => 1,
+        "labels" => 2,
+        _ => 3,
+    };
+    g.inputs.sort_by_key(|v| order(&v.name));
+    simplify(g)?;
+    Ok((model, shape, injection, info))
+}
+
+/// Compiles the whole bundle into `out_dir`.
+pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
+    let (eval, shape, injection, info) = build_loss_graph(source, opts)?;
+    let trainables = shape.trainables("");
+    let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
+
+    let mut grads_model = eval.clone();
+    let gg = &mut grads_model.graph;
+    let grads = build_gradients(gg, "loss", &names)?;
+    for (name, gr) in &grads {
+        let out = format!("grad.{name}");
+        let id = gg.fresh(&format!("{out}.node"));
+        gg.nodes.push(crate::ir::Node::new(id, "Identity", vec![gr.clone()], vec![out.clone()]));
+        let s = gg.shape_of(name).unwrap_or_default();
+        gg.outputs.push(ValueInfo { name: out, ty: ValueType::known(DType::F32, &s) });
+    }
+    let mut train_model = grads_model.clone();
+    simplify(&mut grads_model.graph)?;
+
+    let tg = &mut train_model.graph;
+    tg.outputs.truncate(1);
+    let grad_values: BTreeMap<String, String> = names.iter().map(|n| (n.clone(), format!("grad.{n}"))).collect();
+    optimizer::add_adamw(tg, &grad_values, &opts.optimizer);
+    simplify(tg)?;
+
+    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
+    let mut io = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    for (role, m) in [("grads", &grads_model), ("train_step", &train_model), ("eval_step", &eval)] {
+        let file = format!("{role}.onnx");
+        onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
+        io.insert(role.to_string(), graph_io(m, &file, &names));
+        files.insert(role.to_string(), file);
+    }
+    let init = init::init_prefix(&shape, opts.seed);
+    init::write_safetensors(&out_dir.join("prefix.init.safetensors"), &init)?;
+    let manifest = Manifest {
+        format: "pfx-bundle/1".into(),
+        compiler_version: env!("CARGO_PKG_VERSION").into(),
+        family: "gpt2".into(),
+        source_model: source.display().to_string(),
+        source_exporter: info.exporter.clone(),
+        injection,
+        batch: opts.batch,
+        seq_len: opts.seq,
+        prefix_len: opts.prefix_len,
+        reparam: opts.mid_dim.is_some(),
+        mid_dim: opts.mid_dim,
+        layers: shape.layers,
+        heads: shape.heads,
+        head_dim: shape.head_dim,
+        hidden: shape.hidden,
+        vocab: info.vocab.unwrap_or(0),
+        optimizer: OptimizerSpec {
+            kind: "adamw".into(),
+            beta1: opts.optimizer.beta1,
+            beta2: opts.optimizer.beta2,
+            eps: opts.optimizer.eps,
+            weight_decay: opts.optimizer.weight_decay,
+            max_grad_norm: opts.optimizer.max_grad_norm,
+        },
+        trainable: trainables
+            .iter()
+            .map(|(n, s)| TensorSpec { name: n.clone(), shape: s.clone(), dtype: "f32".into() })
+            .collect(),
+        graphs: files,
+        io,
+        weights_file: "weights.bin".into(),
+        init: "prefix.init.safetensors".into(),
+    };
+    let json = serde_json::to_string_pretty(&manifest)?;
+    onnx_io::write_atomically(&out_dir.join("manifest.json"), json.as_bytes())?;
+    Ok(manifest)
+}
+
+fn role_of(name: &str, trainables: &[String]) -> &'static str {
+    if trainables.iter().any(|t| t == name) {
+        "trainable"
+    } else if name.starts_with("adam.") {
+        "optimizer_state"
+    } else if name.starts_with("new.adam.") {
+        "updated_optimizer_state"
+    } else if name.starts_with("new.") {
+        "updated_trainable"
+    } else if name.starts_with("grad.") {
+        "gradient"
+    } else if name == "loss" {
+        "loss"
+    } else if name == "grad_norm" {
+        "metric"
+    } else if name == "lr" || name == "step" {
+        "hyperparameter"
+    } else {
+        "batch"
+    }
+}
+
+fn graph_io(m: &Model, file: &str, trainables: &[String]) -> GraphIo {
+    let conv = |v: &ValueInfo| {
+        let ty = m.graph.type_of(&v.name).unwrap_or_else(|| v.ty.clone());
+        IoRole {
+            name: v.name.clone(),
+            shape: ty.concrete().unwrap_or_default(),
+            dtype: dtype_name(ty.dtype),
+            role: role_of(&v.name, trainables).into(),
+        }
+    };
+    GraphIo {
+        file: file.into(),
+        inputs: m.graph.inputs.iter().map(conv).collect(),
+        outputs: m.graph.outputs.iter().map(conv).collect(),
+    }
+}
+
+/// Reads a bundle's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let p: PathBuf = dir.join("manifest.json");
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (is this a pfx bundle?)", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid pfx manifest", p.display()))
+}

@@ -1,0 +1,98 @@
+//! AdamW with global-norm gradient clipping, as graph ops computing what `torch.nn.utils.clip_grad_norm_`
+//! followed by `torch.optim.AdamW.step()` compute.
+
+use std::collections::BTreeMap;
+
+use crate::ir::{Graph, ValueInfo, ValueType};
+use crate::tensor::{DType, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// None turns clipping off.
+    pub max_grad_norm: Option<f32>,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+    }
+}
+
+/// Adds inputs `lr` f32[], `step` i64[] (1-based), `adam.m.<name>`, `adam.v.<name>` and outputs `grad_norm`,
+/// `new.<name>`, `new.adam.m.<name>`, `new.adam.v.<name>`. `grads` maps each parameter to its gradient value.
+pub fn add_adamw(g: &mut Graph, grads: &BTreeMap<String, String>, opt: &AdamW) {
+    let f = |g: &mut Graph, x: f32| g.add_const("adam/c", Tensor::scalar_f32(x));
+    g.inputs.push(ValueInfo { name: "lr".into(), ty: ValueType::known(DType::F32, &[]) });
+    g.inputs.push(ValueInfo { name: "step".into(), ty: ValueType::known(DType::I64, &[]) });
+    // Global norm over all gradients (before clipping).
+    let mut total: Option<String> = None;
+    for gr in grads.values() {
+        let sq = g.op1("Mul", &[gr, gr], vec![], "adam/grad_sq");
+        let s = g.op1("ReduceSum", &[&sq], vec![("keepdims", crate::ir::Attr::Int(0))], "adam/grad_sq_sum");
+        total = Some(match total {
+            None => s,
+            Some(t) => g.op1("Add", &[&t, &s], vec![], "adam/grad_sq_total"),
+        });
+    }
+    let norm = g.op1("Sqrt", &[&total.unwrap()], vec![], "grad_norm.value");
+    let clip = match opt.max_grad_norm {
+        Some(c) => {
+            // clip_coef = min(max_norm / (norm + 1e-6), 1)
+            let (cn, tiny, one) = (f(g, c), f(g, 1e-6), f(g, 1.0));
+            let den = g.op1("Add", &[&norm, &tiny], vec![], "adam/norm_eps");
+            let coef = g.op1("Div", &[&cn, &den], vec![], "adam/clip_coef");
+            Some(g.op1("Min", &[&coef, &one], vec![], "adam/clip_coef_clamped"))
+        }
+        None => None,
+    };
+    let stepf =
+        g.op1("Cast", &["step"], vec![("to", crate::ir::Attr::Int(DType::F32.onnx_code() as i64))], "adam/step_f");
+    let (b1, b2) = (f(g, opt.beta1), f(g, opt.beta2));
+    let (omb1, omb2) = (f(g, 1.0 - opt.beta1), f(g, 1.0 - opt.beta2));
+    let one = f(g, 1.0);
+    let b1t = g.op1("Pow", &[&b1, &stepf], vec![], "adam/beta1_pow");
+    let b2t = g.op1("Pow", &[&b2, &stepf], vec![], "adam/beta2_pow");
+    let bc1 = g.op1("Sub", &[&one, &b1t], vec![], "adam/bias_correction1");
+    let bc2 = g.op1("Sub", &[&one, &b2t], vec![], "adam/bias_correction2");
+    let step_size = g.op1("Div", &["lr", &bc1], vec![], "adam/step_size");
+    let bc2s = g.op1("Sqrt", &[&bc2], vec![], "adam/bias_correction2_sqrt");
+    let eps = f(g, opt.eps);
+    let wd = f(g, opt.weight_decay);
+    let lrwd = g.op1("Mul", &["lr", &wd], vec![], "adam/lr_wd");
+    let decay = g.op1("Sub", &[&one, &lrwd], vec![], "adam/decay");
+    for (name, gr) in grads {
+        let shape = g.shape_of(name).unwrap_or_default();
+        let (m, v) = (format!("adam.m.{name}"), format!("adam.v.{name}"));
+        for s in [&m, &v] {
+            g.inputs.push(ValueInfo { name: s.clone(), ty: ValueType::known(DType::F32, &shape) });
+        }
+        let gc = match &clip {
+            Some(c) => g.op1("Mul", &[gr, c], vec![], &format!("adam/{name}/clipped")),
+            None => gr.clone(),
+        };
+        let p1 = g.op1("Mul", &[name, &decay], vec![], &format!("adam/{name}/decayed"));
+        let m1 = g.op1("Mul", &[&m, &b1], vec![], &format!("adam/{name}/m_b1"));
+        let m2 = g.op1("Mul", &[&gc, &omb1], vec![], &format!("adam/{name}/m_g"));
+        let new_m = g.op1("Add", &[&m1, &m2], vec![], &format!("new.adam.m.{name}"));
+        let v1 = g.op1("Mul", &[&v, &b2], vec![], &format!("adam/{name}/v_b2"));
+        let g2 = g.op1("Mul", &[&gc, &gc], vec![], &format!("adam/{name}/g_sq"));
+        let v2 = g.op1("Mul", &[&g2, &omb2], vec![], &format!("adam/{name}/v_g"));
+        let new_v = g.op1("Add", &[&v1, &v2], vec![], &format!("new.adam.v.{name}"));
+        let vs = g.op1("Sqrt", &[&new_v], vec![], &format!("adam/{name}/v_sqrt"));
+        let vh = g.op1("Div", &[&vs, &bc2s], vec![], &format!("adam/{name}/v_hat"));
+        let den = g.op1("Add", &[&vh, &eps], vec![], &format!("adam/{name}/denom"));
+        let upd = g.op1("Div", &[&new_m, &den], vec![], &format!("adam/{name}/ratio"));
+        let upd = g.op1("Mul", &[&upd, &step_size], vec![], &format!("adam/{name}/update"));
+        let new_p = g.op1("Sub", &[&p1, &upd], vec![], &format!("new.{name}"));
+        for (out, shape) in [(new_p, &shape), (new_m, &shape), (new_v, &shape)] {
+            g.outputs.push(ValueInfo { name: out, ty: ValueType::known(DType::F32, shape) });
+        }
+    }
+    g.outputs.insert(1, ValueInfo { name: "grad_norm".into(), ty: ValueType::known(DType::F32, &[]) });
+    let id = g.fresh("grad_norm.node");
+    g.nodes.push(crate::ir::Node::new(id, "Identity", vec![norm], vec!["grad_norm".into()]));
+}

@@ -1,0 +1,157 @@
+//! Issue 3's acceptance: compiled prefix-tuning graphs equal PyTorch + PEFT (references made by
+//! `graphs/peft/make_peft_references.py` on the same tiny GPT-2), on every GPT-2 export, with and without
+//! reparametrization, on tract and on ONNX Runtime: loss, gradients, and three AdamW steps (also with clipping
+//! that fires).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::{compile, CompileOptions, Manifest};
+use pfx_runtime::{open, Backend, BackendKind, HostTensor, OrtOptions};
+
+const FIXTURES: &[&str] = &["gpt2-dynamo", "gpt2-dynamo-past", "gpt2-legacy", "gpt2-optimum"];
+const LR: f32 = 0.01;
+const WD: f32 = 0.01;
+
+fn reference(mode: &str) -> BTreeMap<String, HostTensor> {
+    pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap()
+}
+
+fn compile_fixture(fixture: &str, mode: &str, max_norm: f32, tag: &str) -> (PathBuf, Manifest) {
+    let out = std::env::temp_dir().join(format!("pfx-peft-{}-{fixture}-{mode}-{tag}", std::process::id()));
+    let opts = CompileOptions {
+        prefix_len: 4,
+        mid_dim: if mode == "reparam" { Some(16) } else { None },
+        batch: 3,
+        seq: 7,
+        optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
+        seed: 0,
+    };
+    let model = common::graphs_dir().join(fixture).join("model.onnx");
+    let m = compile(&model, &opts, &out).unwrap_or_else(|e| panic!("compiling {fixture}: {e:#}"));
+    (out, m)
+}
+
+fn backends() -> Vec<BackendKind> {
+    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
+        vec![BackendKind::Tract]
+    } else {
+        vec![BackendKind::Tract, BackendKind::Ort]
+    }
+}
+
+fn run(b: &mut Box<dyn Backend>, inputs: &BTreeMap<String, HostTensor>, what: &str) -> BTreeMap<String, HostTensor> {
+    b.run(inputs).unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+fn scalar(t: &HostTensor) -> f64 {
+    t.to_f64_vec()[0]
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-30)
+}
+
+fn check_norm(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) -> f64 {
+    let e = got.norm_rel_error(want).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert!(e <= tol, "{what}: ‖a−b‖/‖b‖ = {e:e} > {tol:e}");
+    e
+}
+
+#[test]
+fn loss_and_gradients_equal_peft() {
+    for mode in ["reparam", "noreparam"] {
+        let r = reference(mode);
+        for fixture in FIXTURES {
+            let (dir, m) = compile_fixture(fixture, mode, 1.0, "grads");
+            let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
+            for kind in backends() {
+                let what = format!("{fixture} {mode} {kind}");
+                let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();
+                let out = run(&mut b, &r, &what);
+                let e = rel(scalar(&out["loss"]), scalar(&r["loss"]));
+                assert!(e <= 1e-5, "{what}: loss {} vs PEFT {} (rel {e:e})", scalar(&out["loss"]), scalar(&r["loss"]));
+                let mut worst = 0.0f64;
+                for n in &names {
+                    let g = format!("grad.{n}");
+                    worst = worst.max(check_norm(&format!("{what} {g}"), &out[&g], &r[&g], 1e-4));
+                }
+                // The eval graph gives the same loss.
+                let mut ev = open(dir.join("eval_step.onnx"), kind, &OrtOptions::default()).unwrap();
+                let el = scalar(&run(&mut ev, &r, &what)["loss"]);
+                assert!(rel(el, scalar(&r["loss"])) <= 1e-5, "{what}: eval loss {el}");
+                println!("{what:<36} loss rel err {e:.1e}, worst gradient rel err {worst:.1e}");
+            }
+        }
+    }
+}
+
+/// Runs `train_step` three times from the reference's initial values and compares with torch's AdamW.
+fn three_steps(
+    dir: &Path,
+    m: &Manifest,
+    r: &BTreeMap<String, HostTensor>,
+    prefix: &str,
+    kind: BackendKind,
+    what: &str,
+) {
+    let mut b = open(dir.join("train_step.onnx"), kind, &OrtOptions::default()).unwrap();
+    let mut state: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for k in ["input_ids", "attention_mask", "labels"] {
+        state.insert(k.into(), r[k].clone());
+    }
+    for t in &m.trainable {
+        state.insert(t.name.clone(), r[&t.name].clone());
+        let zeros = HostTensor::from_f32(t.shape.clone(), vec![0.0; t.shape.iter().product()]).unwrap();
+        state.insert(format!("adam.m.{}", t.name), zeros.clone());
+        state.insert(format!("adam.v.{}", t.name), zeros);
+    }
+    state.insert("lr".into(), HostTensor::scalar_f32(LR));
+    for step in 1..=3 {
+        state.insert("step".into(), HostTensor::scalar_i64(step));
+        let out = run(&mut b, &state, what);
+        let (l, wl) = (scalar(&out["loss"]), scalar(&r[&format!("{prefix}loss.{step}")]));
+        assert!(rel(l, wl) <= 1e-4, "{what} step {step}: loss {l} vs {wl}");
+        let (n, wn) = (scalar(&out["grad_norm"]), scalar(&r[&format!("{prefix}grad_norm.{step}")]));
+        assert!(rel(n, wn) <= 1e-4, "{what} step {step}: grad norm {n} vs {wn}");
+        for t in &m.trainable {
+            for (from, to) in [
+                (format!("new.{}", t.name), t.name.clone()),
+                (format!("new.adam.m.{}", t.name), format!("adam.m.{}", t.name)),
+                (format!("new.adam.v.{}", t.name), format!("adam.v.{}", t.name)),
+            ] {
+                state.insert(to, out[&from].clone());
+            }
+        }
+    }
+    for t in &m.trainable {
+        check_norm(
+            &format!("{what} final {}", t.name),
+            &state[&t.name],
+            &r[&format!("{prefix}final.{}", t.name)],
+            1e-4,
+        );
+        for s in ["m", "v"] {
+            let k = format!("adam.{s}.{}", t.name);
+            check_norm(&format!("{what} final {k}"), &state[&k], &r[&format!("{prefix}final.{k}")], 1e-4);
+        }
+    }
+}
+
+#[test]
+fn three_adamw_steps_follow_torch() {
+    for mode in ["reparam", "noreparam"] {
+        let r = reference(mode);
+        for fixture in FIXTURES {
+            for (max_norm, prefix) in [(1.0, "train."), (1e-3, "clip.")] {
+                let (dir, m) = compile_fixture(fixture, mode, max_norm, prefix.trim_end_matches('.'));
+                for kind in backends() {
+                    three_steps(&dir, &m, &r, prefix, kind, &format!("{fixture} {mode} {prefix} {kind}"));
+                }
+            }
+        }
+    }
+}
