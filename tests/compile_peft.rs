@@ -29,6 +29,7 @@ fn compile_fixture(fixture: &str, mode: &str, max_norm: f32, tag: &str) -> (Path
         seq: 7,
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
         seed: 0,
+        generation: None,
     };
     let model = common::graphs_dir().join(fixture).join("model.onnx");
     let m = compile(&model, &opts, &out).unwrap_or_else(|e| panic!("compiling {fixture}: {e:#}"));

@@ -58,19 +58,40 @@ impl RuleCtx<'_> {
         let hint = format!("grad/{}/{}", self.hint, op);
         self.g.op1(op, inputs, attrs, &hint)
     }
-    pub fn const_f(&mut self, x: f32) -> String {
+    /// The float type gradients of this node are computed in: that of its first output.
+    pub fn float_dtype(&self) -> DType {
+        let dt = self.dtype(&self.y(0));
+        if dt.is_float() {
+            dt
+        } else {
+            DType::F32
+        }
+    }
+    /// A scalar constant of the node's float type.
+    pub fn const_f(&mut self, x: f64) -> String {
         let name = format!("grad/{}/c", self.hint);
-        self.g.add_const(&name, Tensor::scalar_f32(x))
+        self.g.add_const(&name, float_tensor(self.float_dtype(), &[], x))
     }
     pub fn const_i(&mut self, v: &[i64]) -> String {
         let name = format!("grad/{}/i", self.hint);
         self.g.add_const(&name, Tensor::vec_i64(v))
     }
+    /// Zeros of the node's float type.
     pub fn zeros(&mut self, shape: &[usize]) -> String {
-        let n: usize = shape.iter().product();
         let name = format!("grad/{}/zeros", self.hint);
-        self.g.add_const(&name, Tensor::f32(shape.to_vec(), vec![0.0; n]))
+        self.g.add_const(&name, float_tensor(self.float_dtype(), shape, 0.0))
     }
+}
+
+/// A tensor of `shape` filled with `x`, of float type `dt` (f32 for types the folder does not compute on).
+fn float_tensor(dt: DType, shape: &[usize], x: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_f64s(dt, shape.to_vec(), vec![x; n]).unwrap_or_else(|_| Tensor::f32(shape.to_vec(), vec![x as f32; n]))
+}
+
+/// The element type of `v` when it is a float type, else f32.
+fn float_type_of(g: &Graph, v: &str) -> DType {
+    g.type_of(v).map(|t| t.dtype).filter(|d| d.is_float()).unwrap_or(DType::F32)
 }
 
 pub type Rule = fn(&mut RuleCtx) -> Result<Vec<Option<String>>>;
@@ -121,7 +142,8 @@ pub fn build_gradients(g: &mut Graph, loss: &str, wrt: &[String]) -> Result<BTre
     }
 
     let mut contrib: HashMap<String, Vec<String>> = HashMap::new();
-    let seed = g.add_const("grad/seed", Tensor::f32(g.shape_of(loss).unwrap_or_default(), vec![1.0]));
+    let one = float_tensor(float_type_of(g, loss), &g.shape_of(loss).unwrap_or_default(), 1.0);
+    let seed = g.add_const("grad/seed", one);
     contrib.insert(loss.to_string(), vec![seed]);
     for node in path.into_iter().rev() {
         let dy: Vec<Option<String>> = node.outputs.iter().map(|o| accumulate(g, &mut contrib, o)).collect();
@@ -144,9 +166,8 @@ pub fn build_gradients(g: &mut Graph, loss: &str, wrt: &[String]) -> Result<BTre
         let grad = match accumulate(g, &mut contrib, w) {
             Some(d) => d,
             None => {
-                let s = g.shape_of(w).unwrap_or_default();
-                let n = s.iter().product();
-                g.add_const(&format!("grad/{w}/zeros"), Tensor::f32(s, vec![0.0; n]))
+                let zeros = float_tensor(float_type_of(g, w), &g.shape_of(w).unwrap_or_default(), 0.0);
+                g.add_const(&format!("grad/{w}/zeros"), zeros)
             }
         };
         out.insert(w.clone(), grad);

@@ -6,7 +6,6 @@ use anyhow::{bail, Result};
 use super::{Rule, RuleCtx};
 use crate::eval::norm_axis;
 use crate::ir::Attr;
-use crate::tensor::DType;
 
 pub fn rule(op: &str) -> Option<Rule> {
     Some(match op {
@@ -154,8 +153,8 @@ fn pow(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
     let dy = c.dy(0)?;
     let x = c.x(0);
     // d x^p = p x^(p-1)
-    let pm1 = c.const_f((p - 1.0) as f32);
-    let pc = c.const_f(p as f32);
+    let pm1 = c.const_f(p - 1.0);
+    let pc = c.const_f(p);
     let xp = if p == 2.0 { x.clone() } else { c.op("Pow", &[&x, &pm1], vec![]) };
     let t = c.op("Mul", &[&xp, &pc], vec![]);
     Ok(vec![Some(c.op("Mul", &[&dy, &t], vec![])), None])
@@ -186,7 +185,7 @@ fn sigmoid(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
 
 fn erf(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
     let (dy, x) = (c.dy(0)?, c.x(0));
-    let k = c.const_f((2.0 / std::f64::consts::PI.sqrt()) as f32);
+    let k = c.const_f(2.0 / std::f64::consts::PI.sqrt());
     let x2 = c.op("Mul", &[&x, &x], vec![]);
     let nx2 = c.op("Neg", &[&x2], vec![]);
     let e = c.op("Exp", &[&nx2], vec![]);
@@ -234,7 +233,7 @@ fn matmul(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
             let mut s = c.shape(&y)?;
             let n = s.len();
             s[n - 1] = c.shape(&b)?[c.shape(&b)?.len() - 2];
-            c.g.types.insert(m.clone(), crate::ir::ValueType::known(DType::F32, &s));
+            c.g.types.insert(m.clone(), crate::ir::ValueType::known(c.dtype(&y), &s));
             unbroadcast(c, &m, &a)
         },
         |c| {
@@ -244,7 +243,7 @@ fn matmul(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
             let mut s = c.shape(&y)?;
             let n = s.len();
             s[n - 2] = c.shape(&a)?[c.shape(&a)?.len() - 1];
-            c.g.types.insert(m.clone(), crate::ir::ValueType::known(DType::F32, &s));
+            c.g.types.insert(m.clone(), crate::ir::ValueType::known(c.dtype(&y), &s));
             unbroadcast(c, &m, &b)
         },
     )
@@ -403,7 +402,7 @@ fn layer_norm(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
     let xc = c.op("Sub", &[&x, &mean], vec![]);
     let sq = c.op("Mul", &[&xc, &xc], vec![]);
     let var = c.op("ReduceMean", &[&sq, &axes], keep());
-    let e = c.const_f(eps);
+    let e = c.const_f(eps as f64);
     let ve = c.op("Add", &[&var, &e], vec![]);
     let sd = c.op("Sqrt", &[&ve], vec![]);
     let one = c.const_f(1.0);
@@ -458,7 +457,7 @@ fn reduce_mean(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
     let dy = c.dy(0)?;
     let xs = c.shape(&c.x(0))?;
     let n: usize = reduce_axes(c)?.iter().map(|&a| xs[a]).product();
-    let k = c.const_f(1.0 / n as f32);
+    let k = c.const_f(1.0 / n as f64);
     let scaled = c.op("Mul", &[&dy, &k], vec![]);
     let mut out = vec![Some(spread(c, &scaled)?)];
     out.resize(c.node.inputs.len(), None);

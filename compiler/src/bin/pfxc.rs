@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_compiler::onnx_io::{self, WeightsFile};
@@ -52,6 +53,15 @@ enum Command {
         /// Seed of the initial prefix.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Rows the generation graphs decode together (prompts × beams).
+        #[arg(long, default_value_t = 4)]
+        gen_rows: usize,
+        /// Prompt length of the generation graphs (default: --seq).
+        #[arg(long)]
+        prompt_len: Option<usize>,
+        /// Most tokens generated per prompt.
+        #[arg(long, default_value_t = 32)]
+        max_new: usize,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -100,6 +110,9 @@ fn run(cli: Cli) -> Result<()> {
             weight_decay,
             max_grad_norm,
             seed,
+            gen_rows,
+            prompt_len,
+            max_new,
             output,
         } => {
             if batch == 0 || seq == 0 {
@@ -116,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..AdamW::default()
                 },
                 seed,
+                generation: Some(GenShape { rows: gen_rows, prompt_len: prompt_len.unwrap_or(seq), max_new }),
             };
             let t0 = std::time::Instant::now();
             let m = compile(&model, &opts, &output).with_context(|| format!("compiling {}", model.display()))?;

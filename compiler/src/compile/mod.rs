@@ -1,6 +1,7 @@
 //! `pfxc compile`: an exported GPT-2 becomes prefix-tuning graphs (gradients, a training step with AdamW, an
 //! evaluation step), the frozen weights written once into a shared file.
 
+pub mod generate;
 pub mod init;
 pub mod loss;
 pub mod optimizer;
@@ -31,6 +32,8 @@ pub struct CompileOptions {
     pub seq: usize,
     pub optimizer: AdamW,
     pub seed: u64,
+    /// Generation graphs (prefill/decode) to emit; only exports with past inputs get them.
+    pub generation: Option<generate::GenShape>,
 }
 
 /// How the prefix reached the attention layers.
@@ -90,6 +93,8 @@ pub struct Manifest {
     pub io: BTreeMap<String, GraphIo>,
     pub weights_file: String,
     pub init: String,
+    /// Shapes of the generation graphs (absent when the export has no past inputs).
+    pub generation: Option<GenerationSpec>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -168,7 +173,9 @@ pub fn build_loss_graph(
     let g = &mut model.graph;
     let kv = prefix::build_generator(g, &shape, "", opts.batch)?;
     match injection {
-        Injection::PastBinding => prefix::bind_past(g, &kv, opts.prefix_len, opts.batch, opts.seq)?,
+        Injection::PastBinding => {
+            prefix::bind_past(g, &kv, opts.prefix_len, opts.batch, opts.seq, prefix::Positions::Training)?
+        }
         Injection::AttentionSites => {
             prefix::inject_at_sites(g, &kv, opts.prefix_len)?;
         }
@@ -195,11 +202,28 @@ pub fn build_loss_graph(
     Ok((model, shape, injection, info))
 }
 
-/// Compiles the whole bundle into `out_dir`.
-pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
+/// The compiled graphs, before writing.
+pub struct Compiled {
+    /// role -> graph: grads, train_step, eval_step, and prefill/decode when the export has past.
+    pub graphs: Vec<(String, Model)>,
+    pub shape: PrefixShape,
+    pub injection: Injection,
+    pub info: crate::inspect::ModelInfo,
+    pub generation: Option<GenerationSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerationSpec {
+    pub rows: usize,
+    pub prompt_len: usize,
+    pub max_new: usize,
+    /// Cache capacity C = P + prompt_len + max_new - 1.
+    pub capacity: usize,
+}
+
+pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> {
     let (eval, shape, injection, info) = build_loss_graph(source, opts)?;
-    let trainables = shape.trainables("");
-    let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
+    let names: Vec<String> = shape.trainables("").into_iter().map(|t| t.0).collect();
 
     let mut grads_model = eval.clone();
     let gg = &mut grads_model.graph;
@@ -220,25 +244,50 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
     optimizer::add_adamw(tg, &grad_values, &opts.optimizer);
     simplify(tg)?;
 
+    let mut graphs = vec![
+        ("grads".to_string(), grads_model),
+        ("train_step".to_string(), train_model),
+        ("eval_step".to_string(), eval),
+    ];
+    let mut generation = None;
+    if let (Some(gs), true) = (&opts.generation, injection == Injection::PastBinding) {
+        graphs.push(("prefill".into(), generate::build_prefill(source, &shape, gs, None)?));
+        graphs.push(("decode".into(), generate::build_decode(source, shape.len, gs)?));
+        generation = Some(GenerationSpec {
+            rows: gs.rows,
+            prompt_len: gs.prompt_len,
+            max_new: gs.max_new,
+            capacity: gs.capacity(shape.len),
+        });
+    }
+    Ok(Compiled { graphs, shape, injection, info, generation })
+}
+
+/// Compiles the whole bundle into `out_dir`.
+pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
+    let c = compile_models(source, opts)?;
+    let trainables = c.shape.trainables("");
+    let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
     let mut io = BTreeMap::new();
     let mut files = BTreeMap::new();
-    for (role, m) in [("grads", &grads_model), ("train_step", &train_model), ("eval_step", &eval)] {
+    for (role, m) in &c.graphs {
         let file = format!("{role}.onnx");
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
         io.insert(role.to_string(), graph_io(m, &file, &names));
         files.insert(role.to_string(), file);
     }
-    let init = init::init_prefix(&shape, opts.seed);
+    let init = init::init_prefix(&c.shape, opts.seed);
     init::write_safetensors(&out_dir.join("prefix.init.safetensors"), &init)?;
+    let (shape, info) = (&c.shape, &c.info);
     let manifest = Manifest {
         format: "pfx-bundle/1".into(),
         compiler_version: env!("CARGO_PKG_VERSION").into(),
         family: "gpt2".into(),
         source_model: source.display().to_string(),
         source_exporter: info.exporter.clone(),
-        injection,
+        injection: c.injection,
         batch: opts.batch,
         seq_len: opts.seq,
         prefix_len: opts.prefix_len,
@@ -265,6 +314,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         io,
         weights_file: "weights.bin".into(),
         init: "prefix.init.safetensors".into(),
+        generation: c.generation.clone(),
     };
     let json = serde_json::to_string_pretty(&manifest)?;
     onnx_io::write_atomically(&out_dir.join("manifest.json"), json.as_bytes())?;

@@ -89,14 +89,30 @@ pub fn build_generator(g: &mut Graph, shape: &PrefixShape, site: &str, batch: us
     Ok(out)
 }
 
+/// Where position ids come from once the prefix is bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Positions {
+    /// P + arange(T) in every row, as PEFT's forward numbers them (training and evaluation).
+    Training,
+    /// A `position_ids` input the caller fills (generation: from the mask, so left padding is harmless).
+    Input,
+}
+
 /// Layer index of a `past_key_values.{i}.key` style name.
 fn layer_of(name: &str) -> Option<usize> {
     name.split('.').nth(1)?.parse().ok()
 }
 
 /// Past binding, for exports with past inputs specialized with past length P: the prefix feeds every layer's
-/// past, the mask gets P leading ones, position ids (when an input) become P + arange(T), presents go.
-pub fn bind_past(g: &mut Graph, kv: &[(String, String)], p: usize, batch: usize, seq: usize) -> Result<()> {
+/// past, the mask gets P leading ones, position ids (when an input, for training) become P + arange(T).
+pub fn bind_past(
+    g: &mut Graph,
+    kv: &[(String, String)],
+    p: usize,
+    batch: usize,
+    seq: usize,
+    positions: Positions,
+) -> Result<()> {
     let past: Vec<String> =
         g.inputs.iter().filter(|v| v.name.starts_with("past_key_values")).map(|v| v.name.clone()).collect();
     if past.len() != 2 * kv.len() {
@@ -131,12 +147,12 @@ pub fn bind_past(g: &mut Graph, kv: &[(String, String)], p: usize, batch: usize,
     } else {
         bail!("the export with past has no attention_mask input; pfx needs it to mask the prefix correctly");
     }
-    if let Some(pos) = g.inputs.iter().position(|v| v.name == "position_ids") {
+    let pos = g.inputs.iter().position(|v| v.name == "position_ids").filter(|_| positions == Positions::Training);
+    if let Some(pos) = pos {
         let dt = g.inputs.remove(pos).ty.dtype;
         let ids: Vec<i64> = (0..batch).flat_map(|_| (0..seq as i64).map(|t| t + p as i64)).collect();
         g.initializers.insert("position_ids".into(), Tensor::i64(vec![batch, seq], ids).cast(dt)?);
     }
-    g.outputs.retain(|o| !o.name.starts_with("present"));
     g.toposort()?;
     Ok(())
 }
@@ -152,6 +168,35 @@ fn token_values(g: &Graph) -> HashSet<String> {
         }
     }
     vals
+}
+
+/// Makes the position-embedding lookup read a `position_ids` input ([batch, seq], int64) instead of the
+/// positions the export computes from the past length. Runs on the canonical graph. No-op when the export
+/// already takes `position_ids`.
+pub fn expose_positions(g: &mut Graph) -> Result<()> {
+    if g.is_input("position_ids") {
+        return Ok(());
+    }
+    let tok = token_values(g);
+    let sites: Vec<usize> = (0..g.nodes.len())
+        .filter(|&i| {
+            let n = &g.nodes[i];
+            n.op == "Gather"
+                && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
+                && !tok.contains(&n.inputs[1])
+        })
+        .collect();
+    if sites.len() != 1 {
+        bail!("expected one position-embedding lookup in the export, found {}", sites.len());
+    }
+    let i = sites[0];
+    let idx = g.nodes[i].inputs[1].clone();
+    let dims = vec![crate::ir::Dim::Sym("batch".into()), crate::ir::Dim::Sym("sequence".into())];
+    g.inputs.push(ValueInfo { name: "position_ids".into(), ty: ValueType { dtype: DType::I64, shape: Some(dims) } });
+    let cast = g.op1("CastLike", &["position_ids", &idx], vec![], "position_ids.cast");
+    g.nodes[i].inputs[1] = cast;
+    g.toposort()?;
+    Ok(())
 }
 
 /// For exports without past: PEFT numbers the real tokens from P, so the position-embedding lookup reads
