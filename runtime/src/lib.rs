@@ -9,9 +9,15 @@
 //! ```
 
 pub mod backend;
+pub mod bundle;
+pub mod data;
+pub mod generate;
 pub mod ort_backend;
+pub mod score;
 pub mod tensor;
+pub mod tokenize;
 pub mod tract_backend;
+pub mod train;
 
 pub use backend::{open, select_inputs, Backend, BackendKind, IoSpec};
 pub use ort_backend::{

@@ -1,0 +1,70 @@
+//! A compiled bundle on disk: its manifest, graphs and prefix files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+pub use pfx_compiler::compile::{GenerationSpec, Manifest};
+
+use crate::backend::{open, Backend, BackendKind};
+use crate::ort_backend::OrtOptions;
+use crate::tensor::{read_safetensors, HostTensor};
+
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Bundle {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Bundle> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest = pfx_compiler::compile::read_manifest(&dir)?;
+        Ok(Bundle { dir, manifest })
+    }
+
+    pub fn graph_path(&self, role: &str) -> Result<PathBuf> {
+        let file = self.manifest.graphs.get(role).ok_or_else(|| {
+            anyhow!(
+                "the bundle {} has no '{role}' graph (it has: {})",
+                self.dir.display(),
+                self.manifest.graphs.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        Ok(self.dir.join(file))
+    }
+
+    pub fn open_graph(&self, role: &str, kind: BackendKind, ort: &OrtOptions) -> Result<Box<dyn Backend>> {
+        let p = self.graph_path(role)?;
+        open(&p, kind, ort).with_context(|| format!("opening the {role} graph of {}", self.dir.display()))
+    }
+
+    pub fn trainable_names(&self) -> Vec<String> {
+        self.manifest.trainable.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// The bundle's initial prefix.
+    pub fn init_prefix(&self) -> Result<BTreeMap<String, HostTensor>> {
+        self.read_prefix(&self.dir.join(&self.manifest.init))
+    }
+
+    /// Reads a prefix file and checks it holds every trainable tensor with the right shape.
+    pub fn read_prefix(&self, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+        let all = read_safetensors(path)?;
+        let mut out = BTreeMap::new();
+        for t in &self.manifest.trainable {
+            let v = all.get(&t.name).ok_or_else(|| {
+                anyhow!(
+                    "{} has no tensor '{}' (this bundle's prefix: {}); was it trained for another bundle?",
+                    path.display(),
+                    t.name,
+                    self.trainable_names().join(", ")
+                )
+            })?;
+            if v.shape() != t.shape.as_slice() {
+                bail!("{}: '{}' has shape {:?}, this bundle needs {:?}", path.display(), t.name, v.shape(), t.shape);
+            }
+            out.insert(t.name.clone(), v.clone());
+        }
+        Ok(out)
+    }
+}

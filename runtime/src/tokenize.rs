@@ -1,0 +1,132 @@
+//! Tokenization: a thin wrapper over the Hugging Face `tokenizers` crate (0.23.x) reading a
+//! `tokenizer.json`.
+//!
+//! pfx only needs a few things from a tokenizer, and needs them without surprises:
+//! - [`Tokenizer::encode`] never adds special tokens (BOS/EOS are written into the text by
+//!   [`crate::data::TableToText`], where the format says they go), and never truncates or pads, even if the
+//!   file asks for it;
+//! - [`Tokenizer::decode`] skips special tokens and rejects ids outside the vocabulary instead of dropping
+//!   them silently;
+//! - GPT-2's `<|endoftext|>` is both BOS and EOS ([`Tokenizer::eos_id`], [`Tokenizer::bos_id`]).
+//!
+//! The crate is built with `default-features = false, features = ["fancy-regex"]`: fancy-regex (pure Rust)
+//! runs the GPT-2 pre-tokenizer regex, so neither Oniguruma (a C build) nor hf-hub (network) is linked.
+//!
+//! A GPT-2 tokenizer.json is committed at `graphs/tokenizers/gpt2/tokenizer.json`, built from the original
+//! `encoder.json` + `vocab.bpe` by `graphs/tokenizers/make_gpt2_tokenizer.py`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// GPT-2's only special token, used as BOS, EOS and padding by the table-to-text format.
+pub const GPT2_EOS: &str = "<|endoftext|>";
+
+/// How to get a tokenizer that has `<|endoftext|>`.
+const EOS_HINT: &str = "pfx formats table-to-text examples the GPT-2 way, with `<|endoftext|>` as BOS and EOS; \
+     use a GPT-2 tokenizer.json, e.g. graphs/tokenizers/gpt2/tokenizer.json \
+     (rebuilt by graphs/tokenizers/make_gpt2_tokenizer.py from encoder.json + vocab.bpe)";
+
+/// A `tokenizer.json` loaded for encoding and decoding. See the module docs for the guarantees.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Where it was loaded from, for error messages.
+    origin: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("origin", &self.origin).field("vocab_size", &self.vocab_size()).finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads a Hugging Face `tokenizer.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Loads a `tokenizer.json` already in memory; `origin` names it in error messages.
+    pub fn from_bytes(json: &[u8], origin: impl AsRef<Path>) -> Result<Self> {
+        let origin = origin.as_ref().to_path_buf();
+        let mut inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
+            anyhow!(
+                "{} is not a tokenizer.json that tokenizers 0.23 can read: {e} \
+                 (expected a Hugging Face `tokenizer.json`, not vocab.json/merges.txt/tokenizer_config.json)",
+                origin.display()
+            )
+        })?;
+        // Lengths are pfx's business (data::TableToText pads and truncates itself, with labels).
+        inner.with_truncation(None).map_err(|e| anyhow!("{}: cannot disable truncation: {e}", origin.display()))?;
+        inner.with_padding(None);
+        Ok(Self { inner, origin })
+    }
+
+    /// Where this tokenizer was loaded from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// Token ids of `text`, with no special tokens added. Special tokens written in the text (e.g.
+    /// `<|endoftext|>`) are recognized as single tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer {} cannot encode {:?}: {e}", self.origin.display(), preview(text)))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of `ids`, skipping special tokens. An id outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let size = self.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size || self.inner.id_to_token(id).is_none()) {
+            bail!("token id {bad} is not in the vocabulary of {} (size {size})", self.origin.display());
+        }
+        self.inner.decode(ids, true).map_err(|e| anyhow!("tokenizer {} cannot decode: {e}", self.origin.display()))
+    }
+
+    /// The id of one token (as written in the vocabulary, e.g. `"Ġthe"`, or an added token such as
+    /// `"<|endoftext|>"`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The token of one id, as written in the vocabulary.
+    pub fn id_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Number of ids, added tokens included (50257 for GPT-2).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The end-of-text id: GPT-2's `<|endoftext|>` (50256).
+    pub fn eos_id(&self) -> Result<u32> {
+        self.token_id(GPT2_EOS)
+            .ok_or_else(|| anyhow!("tokenizer {} has no `{GPT2_EOS}` token: {EOS_HINT}", self.origin.display()))
+    }
+
+    /// The beginning-of-text id: the same `<|endoftext|>` as [`Tokenizer::eos_id`] (GPT-2 has one special
+    /// token).
+    pub fn bos_id(&self) -> Result<u32> {
+        self.eos_id()
+    }
+
+    /// The wrapped `tokenizers` object, for anything not covered here.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+/// The start of a long text, for error messages.
+fn preview(text: &str) -> String {
+    const MAX: usize = 60;
+    match text.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}

@@ -1,0 +1,366 @@
+//! The training loop over a bundle's `train_step` graph: shuffled batches, HF's linear schedule with warmup,
+//! dev loss per epoch, metrics log, loss curve, atomic checkpoints, exact resume, Ctrl-C that saves.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendKind};
+use crate::bundle::Bundle;
+use crate::data::{batches, Encoded};
+use crate::ort_backend::OrtOptions;
+use crate::tensor::{safetensors_from_bytes, safetensors_to_bytes, HostTensor};
+
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub lr: f32,
+    pub warmup_steps: usize,
+    pub seed: u64,
+    /// Checkpoint every N optimizer steps (0: only at the end).
+    pub checkpoint_every: usize,
+    pub out_dir: PathBuf,
+    /// Stop after this many steps in this run (tests, quick looks).
+    pub max_steps: Option<usize>,
+    pub progress: bool,
+}
+
+/// Where training stands; saved in checkpoints.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Position {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub epoch: u64,
+    /// Batches of `epoch` done.
+    pub batch_in_epoch: u64,
+    pub seed: u64,
+    pub total_steps: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct StepLog {
+    step: u64,
+    epoch: u64,
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    tokens: usize,
+    elapsed_s: f64,
+}
+
+pub struct Trainer {
+    bundle: Bundle,
+    step_graph: Box<dyn Backend>,
+    eval_graph: Option<Box<dyn Backend>>,
+    /// Trainable tensors and Adam moments (`adam.m.*`, `adam.v.*`).
+    state: BTreeMap<String, HostTensor>,
+    pub pos: Position,
+    stop: Arc<AtomicBool>,
+}
+
+/// HF's `get_linear_schedule_with_warmup`: the factor applied at optimizer step `k` (0-based).
+pub fn linear_schedule(k: u64, warmup: u64, total: u64) -> f64 {
+    if k < warmup {
+        return k as f64 / warmup.max(1) as f64;
+    }
+    ((total.saturating_sub(k)) as f64 / (total.saturating_sub(warmup)).max(1) as f64).max(0.0)
+}
+
+impl Trainer {
+    pub fn new(
+        bundle: Bundle,
+        kind: BackendKind,
+        ort: &OrtOptions,
+        prefix: BTreeMap<String, HostTensor>,
+        with_eval: bool,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Trainer> {
+        let step_graph = bundle.open_graph("train_step", kind, ort)?;
+        let eval_graph = if with_eval { Some(bundle.open_graph("eval_step", kind, ort)?) } else { None };
+        let mut state = BTreeMap::new();
+        for t in &bundle.manifest.trainable {
+            let p = prefix.get(&t.name).with_context(|| format!("the prefix has no '{}'", t.name))?;
+            state.insert(t.name.clone(), p.clone());
+            let zeros = HostTensor::from_f32(t.shape.clone(), vec![0.0; t.shape.iter().product()])?;
+            state.insert(format!("adam.m.{}", t.name), zeros.clone());
+            state.insert(format!("adam.v.{}", t.name), zeros);
+        }
+        let pos = Position { step: 0, epoch: 0, batch_in_epoch: 0, seed: 0, total_steps: 0 };
+        Ok(Trainer { bundle, step_graph, eval_graph, state, pos, stop })
+    }
+
+    pub fn prefix(&self) -> BTreeMap<String, HostTensor> {
+        self.bundle.trainable_names().into_iter().map(|n| (n.clone(), self.state[&n].clone())).collect()
+    }
+
+    /// Mean dev loss (weighted by each batch's number of labels).
+    pub fn dev_loss(&mut self, dev: &[Encoded]) -> Result<Option<f64>> {
+        let prefix = self.prefix();
+        let b = self.bundle.manifest.batch;
+        let Some(eval) = self.eval_graph.as_mut() else { return Ok(None) };
+        let (mut total, mut count) = (0.0, 0usize);
+        for chunk in dev.chunks(b) {
+            let mut rows: Vec<Encoded> = chunk.to_vec();
+            while rows.len() < b {
+                let mut r = chunk[0].clone();
+                r.ignore_labels();
+                rows.push(r);
+            }
+            // eval_step shifts labels by one inside its loss: weight by what it counts.
+            let n_shifted: usize = rows.iter().map(|r| r.labels[1..].iter().filter(|&&l| l != -100).count()).sum();
+            if n_shifted == 0 {
+                continue;
+            }
+            let refs: Vec<&Encoded> = rows.iter().collect();
+            let mut inputs = prefix.clone();
+            inputs.extend(Self::batch_of(&self.bundle, &refs)?);
+            let out = eval.run(&inputs)?;
+            total += out["loss"].to_f64_vec()[0] * n_shifted as f64;
+            count += n_shifted;
+        }
+        Ok(if count > 0 { Some(total / count as f64) } else { None })
+    }
+
+    fn batch_of(bundle: &Bundle, rows: &[&Encoded]) -> Result<BTreeMap<String, HostTensor>> {
+        let (b, t) = (bundle.manifest.batch, bundle.manifest.seq_len);
+        let mut m = BTreeMap::new();
+        let cat = |f: &dyn Fn(&Encoded) -> &Vec<i64>| -> Vec<i64> {
+            rows.iter().flat_map(|r| f(r).iter().copied()).collect()
+        };
+        m.insert("input_ids".into(), HostTensor::from_i64(vec![b, t], cat(&|r| &r.input_ids))?);
+        m.insert("attention_mask".into(), HostTensor::from_i64(vec![b, t], cat(&|r| &r.attention_mask))?);
+        m.insert("labels".into(), HostTensor::from_i64(vec![b, t], cat(&|r| &r.labels))?);
+        Ok(m)
+    }
+
+    /// Trains; returns the per-step losses of this run. Stops early (after saving) on Ctrl-C.
+    pub fn train(&mut self, cfg: &TrainConfig, data: &[Encoded], dev: Option<&[Encoded]>) -> Result<Vec<f64>> {
+        if data.is_empty() {
+            bail!("no training rows");
+        }
+        let b = self.bundle.manifest.batch;
+        let per_epoch = data.len().div_ceil(b) as u64;
+        let total = per_epoch * cfg.epochs as u64;
+        self.pos.seed = cfg.seed;
+        self.pos.total_steps = total;
+        std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("cannot create {}", cfg.out_dir.display()))?;
+        let metrics_path = cfg.out_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+        let started = Instant::now();
+        let mut losses = Vec::new();
+        let mut tokens = 0usize;
+        let mut run_steps = 0usize;
+        let tty = std::io::stderr().is_terminal();
+        'epochs: while self.pos.epoch < cfg.epochs as u64 {
+            let order = batches(data.len(), b, cfg.seed, self.pos.epoch);
+            while (self.pos.batch_in_epoch as usize) < order.len() {
+                let batch = &order[self.pos.batch_in_epoch as usize];
+                let mut rows: Vec<Encoded> = batch.rows.iter().map(|&i| data[i].clone()).collect();
+                for (r, &real) in rows.iter_mut().zip(&batch.real) {
+                    if !real {
+                        r.ignore_labels();
+                    }
+                }
+                let refs: Vec<&Encoded> = rows.iter().collect();
+                let mut inputs = Self::batch_of(&self.bundle, &refs)?;
+                for (k, v) in &self.state {
+                    inputs.insert(k.clone(), v.clone());
+                }
+                let lr = cfg.lr as f64 * linear_schedule(self.pos.step, cfg.warmup_steps as u64, total);
+                inputs.insert("lr".into(), HostTensor::scalar_f32(lr as f32));
+                inputs.insert("step".into(), HostTensor::scalar_i64(self.pos.step as i64 + 1));
+                let out =
+                    self.step_graph.run(&inputs).with_context(|| format!("training step {}", self.pos.step + 1))?;
+                let loss = out["loss"].to_f64_vec()[0];
+                let grad_norm = out["grad_norm"].to_f64_vec()[0];
+                if !loss.is_finite() {
+                    bail!("the loss became {loss} at step {}; lower --lr", self.pos.step + 1);
+                }
+                for name in self.bundle.trainable_names() {
+                    for (from, to) in [
+                        (format!("new.{name}"), name.clone()),
+                        (format!("new.adam.m.{name}"), format!("adam.m.{name}")),
+                        (format!("new.adam.v.{name}"), format!("adam.v.{name}")),
+                    ] {
+                        let v = out.get(&from).with_context(|| format!("train_step has no output {from}"))?;
+                        self.state.insert(to, v.clone());
+                    }
+                }
+                self.pos.step += 1;
+                self.pos.batch_in_epoch += 1;
+                run_steps += 1;
+                tokens += rows.iter().map(|r| r.attention_mask.iter().filter(|&&m| m != 0).count()).sum::<usize>();
+                losses.push(loss);
+                let log = StepLog {
+                    step: self.pos.step,
+                    epoch: self.pos.epoch,
+                    loss,
+                    grad_norm,
+                    lr,
+                    tokens,
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                };
+                writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
+                if cfg.progress {
+                    progress(tty, &self.pos, total, loss, tokens, started);
+                }
+                let stop = self.stop.load(Ordering::SeqCst);
+                let limit = cfg.max_steps.map(|m| run_steps >= m).unwrap_or(false);
+                if (cfg.checkpoint_every > 0 && self.pos.step % cfg.checkpoint_every as u64 == 0) || stop || limit {
+                    self.save_checkpoint(&cfg.out_dir)?;
+                }
+                if stop {
+                    eprintln!("\ninterrupted: checkpoint saved at step {}; continue with --resume", self.pos.step);
+                    break 'epochs;
+                }
+                if limit {
+                    break 'epochs;
+                }
+            }
+            self.pos.epoch += 1;
+            self.pos.batch_in_epoch = 0;
+            if let Some(dev) = dev {
+                if let Some(dl) = self.dev_loss(dev)? {
+                    writeln!(
+                        metrics,
+                        "{}",
+                        serde_json::json!({"epoch": self.pos.epoch, "step": self.pos.step, "dev_loss": dl})
+                    )?;
+                    if cfg.progress {
+                        eprintln!("{}epoch {} dev loss {dl:.4}", if tty { "\n" } else { "" }, self.pos.epoch);
+                    }
+                }
+            }
+        }
+        if cfg.progress && tty {
+            eprintln!();
+        }
+        self.save_checkpoint(&cfg.out_dir)?;
+        write_loss_curve(&metrics_path, &cfg.out_dir.join("loss.svg"))?;
+        Ok(losses)
+    }
+
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("pfx_position".to_string(), serde_json::to_string(&self.pos)?);
+        let bytes = safetensors_to_bytes(&self.state, Some(meta))?;
+        write_atomic(&dir.join("checkpoint.safetensors"), &bytes)?;
+        let prefix_bytes = safetensors_to_bytes(&self.prefix(), None)?;
+        write_atomic(&dir.join("prefix.safetensors"), &prefix_bytes)
+    }
+
+    /// Restores state and position from `dir/checkpoint.safetensors`.
+    pub fn resume(&mut self, dir: &Path) -> Result<()> {
+        let p = dir.join("checkpoint.safetensors");
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {} to resume", p.display()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is damaged", p.display()))?;
+        let pos = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("pfx_position"))
+            .with_context(|| format!("{} holds no training position", p.display()))?;
+        self.pos = serde_json::from_str(pos)?;
+        let tensors = safetensors_from_bytes(&bytes, &p.display().to_string())?;
+        for k in self.state.clone().keys() {
+            let v = tensors
+                .get(k)
+                .with_context(|| format!("{} lacks '{k}' (another bundle's checkpoint?)", p.display()))?;
+            self.state.insert(k.clone(), v.clone());
+        }
+        Ok(())
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
+}
+
+fn progress(tty: bool, pos: &Position, total: u64, loss: f64, tokens: usize, started: Instant) {
+    let el = started.elapsed().as_secs_f64();
+    let done = pos.step as f64 / total.max(1) as f64;
+    let width = 24;
+    let filled = (done * width as f64) as usize;
+    let bar: String = "#".repeat(filled.min(width)) + &".".repeat(width - filled.min(width));
+    let tps = tokens as f64 / el.max(1e-9);
+    let eta = if done > 0.0 { el / done * (1.0 - done) } else { 0.0 };
+    let line = format!(
+        "epoch {} [{bar}] step {}/{} loss {loss:.4} {tps:.0} tok/s ETA {}:{:02}",
+        pos.epoch + 1,
+        pos.step,
+        total,
+        (eta as u64) / 60,
+        (eta as u64) % 60
+    );
+    if tty {
+        eprint!("\r{line}");
+    } else if pos.step % 10 == 0 || pos.step == total {
+        eprintln!("{line}");
+    }
+}
+
+/// A small SVG of the training loss (and dev loss points) from the metrics log.
+pub fn write_loss_curve(metrics: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics)?;
+    let mut train = Vec::new();
+    let mut dev = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        if let Some(l) = v["loss"].as_f64() {
+            train.push((step, l));
+        }
+        if let Some(l) = v["dev_loss"].as_f64() {
+            dev.push((step, l));
+        }
+    }
+    if train.is_empty() {
+        return Ok(());
+    }
+    let (w, h, m) = (640.0, 360.0, 40.0);
+    let xmax = train.iter().chain(&dev).map(|p| p.0).fold(1.0, f64::max);
+    let ymax = train.iter().chain(&dev).map(|p| p.1).fold(f64::MIN, f64::max);
+    let ymin = train.iter().chain(&dev).map(|p| p.1).fold(f64::MAX, f64::min).min(ymax - 1e-6);
+    let x = |s: f64| m + s / xmax * (w - 2.0 * m);
+    let y = |l: f64| h - m - (l - ymin) / (ymax - ymin) * (h - 2.0 * m);
+    let pts: Vec<String> = train.iter().map(|&(s, l)| format!("{:.1},{:.1}", x(s), y(l))).collect();
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{m}\" y=\"{}\">step (max {xmax})</text><text x=\"4\" y=\"{}\">{ymax:.3}</text><text x=\"4\" y=\"{}\">{ymin:.3}</text>\n\
+         <polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+        h - m,
+        w - m,
+        h - m,
+        h - m,
+        h - 8.0,
+        m,
+        h - m,
+        pts.join(" ")
+    );
+    for (s, l) in dev {
+        svg += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"darkorange\"/>\n", x(s), y(l));
+    }
+    svg += "<text x=\"460\" y=\"20\" fill=\"steelblue\">train loss</text><text x=\"540\" y=\"20\" fill=\"darkorange\">dev loss</text>\n</svg>\n";
+    write_atomic(out, svg.as_bytes())
+}

@@ -1,0 +1,101 @@
+//! Generation equals PEFT's (references by `graphs/peft-generate/make_generate_references.py`, which places
+//! the prefix in generate's cache and checks that the prefix changes the output): greedy and beam search on
+//! the tiny GPT-2 with-past exports, left-padded batches, on tract and ONNX Runtime; baked graphs too.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use pfx_compiler::compile::generate::GenShape;
+use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::{compile, CompileOptions};
+use pfx_runtime::bundle::Bundle;
+use pfx_runtime::generate::{GenConfig, Generator};
+use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
+
+fn backends() -> Vec<BackendKind> {
+    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
+        vec![BackendKind::Tract]
+    } else {
+        vec![BackendKind::Tract, BackendKind::Ort]
+    }
+}
+
+fn bundle(fixture: &str, mode: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("pfx-gen-{}-{fixture}-{mode}", std::process::id()));
+    let opts = CompileOptions {
+        prefix_len: 4,
+        mid_dim: if mode == "reparam" { Some(16) } else { None },
+        batch: 3,
+        seq: 7,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation: Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }),
+    };
+    compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
+    out
+}
+
+fn rows(t: &HostTensor, mask: Option<&HostTensor>) -> Vec<Vec<i64>> {
+    let s = t.shape();
+    let v = t.as_i64().unwrap();
+    (0..s[0])
+        .map(|i| {
+            (0..s[1])
+                .filter(|&j| mask.map(|m| m.as_i64().unwrap()[i * s[1] + j] != 0).unwrap_or(true))
+                .map(|j| v[i * s[1] + j])
+                .collect()
+        })
+        .collect()
+}
+
+fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>) -> Generator {
+    let m = &b.manifest;
+    let ort = OrtOptions::default();
+    Generator::new(
+        b.open_graph("prefill", kind, &ort).unwrap(),
+        b.open_graph("decode", kind, &ort).unwrap(),
+        m.generation.clone().unwrap(),
+        m.prefix_len,
+        m.layers,
+        m.heads,
+        m.head_dim,
+        prefix,
+    )
+}
+
+#[test]
+fn greedy_and_beam_equal_peft() {
+    for mode in ["reparam", "noreparam"] {
+        let r =
+            pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
+                .unwrap();
+        let start =
+            pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
+        let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+        for fixture in ["gpt2-dynamo-past", "gpt2-optimum"] {
+            let dir = bundle(fixture, mode);
+            let b = Bundle::open(&dir).unwrap();
+            let prefix: BTreeMap<String, HostTensor> =
+                b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
+            for kind in backends() {
+                let what = format!("{fixture} {mode} {kind}");
+                let mut g = generator(&b, kind, prefix.clone());
+                let cfg =
+                    GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
+                let greedy = g.greedy(&prompts, &cfg).unwrap();
+                assert_eq!(greedy, rows(&r["greedy"], None), "{what}: greedy tokens differ from PEFT");
+                assert_ne!(greedy, rows(&r["greedy_noprefix"], None), "{what}: the prefix must change the output");
+                // Each prompt alone gives what it gives in the left-padded batch.
+                for (i, p) in prompts.iter().enumerate() {
+                    assert_eq!(g.greedy(&[p.clone()], &cfg).unwrap()[0], greedy[i], "{what}: prompt {i} alone");
+                }
+                let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
+                let beam = g.beam_search(&prompts, &beam_cfg).unwrap();
+                assert_eq!(beam, rows(&r["beam"], None), "{what}: beam tokens differ from PEFT");
+                println!("{what}: greedy {greedy:?} beam {beam:?}");
+            }
+        }
+    }
+}
