@@ -99,3 +99,32 @@ fn greedy_and_beam_equal_peft() {
         }
     }
 }
+
+/// Baked graphs (prefix as constants, no trainable inputs) give the same tokens as the un-baked path.
+#[test]
+fn baked_graphs_generate_the_same_tokens() {
+    let mode = "reparam";
+    let r = pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
+        .unwrap();
+    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+    let dir = bundle("gpt2-dynamo-past", mode);
+    let baked = dir.with_extension("baked");
+    let prefix_file = common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"));
+    pfx_compiler::compile::bake::bake(&dir, &prefix_file, &baked).unwrap();
+    let b = Bundle::open(&baked).unwrap();
+    assert!(b.manifest.baked && b.manifest.trainable.is_empty());
+    let pre = pfx_compiler::onnx_io::load(&baked.join("prefill.onnx")).unwrap();
+    let names: Vec<&str> = pre.graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["input_ids", "attention_mask", "position_ids"], "baked prefill inputs");
+    assert!(
+        !pre.graph.nodes.iter().any(|n| n.op == "Tanh" && n.name.contains("prefix")),
+        "the MLP must be folded away"
+    );
+    for kind in backends() {
+        let mut g = generator(&b, kind, BTreeMap::new());
+        let cfg = GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
+        assert_eq!(g.greedy(&prompts, &cfg).unwrap(), rows(&r["greedy"], None), "baked greedy on {kind}");
+        let beam_cfg = GenConfig { beams: 3, ..cfg };
+        assert_eq!(g.beam_search(&prompts, &beam_cfg).unwrap(), rows(&r["beam"], None), "baked beam on {kind}");
+    }
+}

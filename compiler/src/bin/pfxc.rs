@@ -65,6 +65,16 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Writes standalone generation graphs with a trained prefix baked in as constants.
+    Bake {
+        /// A bundle made by `pfxc compile` (with generation graphs).
+        bundle: PathBuf,
+        /// The trained prefix (safetensors with the bundle's trainable names).
+        #[arg(long)]
+        prefix: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Writes the graph specialized to concrete sizes (shape arithmetic and masks folded away).
     Specialize {
         model: PathBuf,
@@ -144,6 +154,11 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64(),
                 m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
             );
+        }
+        Command::Bake { bundle, prefix, output } => {
+            pfx_compiler::compile::bake::bake(&bundle, &prefix, &output)
+                .with_context(|| format!("baking {} with {}", bundle.display(), prefix.display()))?;
+            eprintln!("baked {} into {} (prefill.onnx, decode.onnx)", prefix.display(), output.display());
         }
         Command::Specialize { model, batch, seq, past, src_len, output, external_data, text: show } => {
             let mut m = load_canonical(&model)?;

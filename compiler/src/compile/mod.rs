@@ -1,6 +1,7 @@
 //! `pfxc compile`: an exported GPT-2 becomes prefix-tuning graphs (gradients, a training step with AdamW, an
 //! evaluation step), the frozen weights written once into a shared file.
 
+pub mod bake;
 pub mod generate;
 pub mod init;
 pub mod loss;
@@ -95,6 +96,9 @@ pub struct Manifest {
     pub init: String,
     /// Shapes of the generation graphs (absent when the export has no past inputs).
     pub generation: Option<GenerationSpec>,
+    /// A baked bundle: generation graphs only, the prefix inside them as constants.
+    #[serde(default)]
+    pub baked: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -315,6 +319,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         weights_file: "weights.bin".into(),
         init: "prefix.init.safetensors".into(),
         generation: c.generation.clone(),
+        baked: false,
     };
     let json = serde_json::to_string_pretty(&manifest)?;
     onnx_io::write_atomically(&out_dir.join("manifest.json"), json.as_bytes())?;
