@@ -173,7 +173,7 @@ fn backends() -> Vec<BackendKind> {
     if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
         vec![BackendKind::Tract]
     } else {
-        vec![BackendKind::Tract, BackendKind::Ort]
+        vec![BackendKind::Ort, BackendKind::Tract]
     }
 }
 

@@ -5,11 +5,12 @@
 //!
 //! The format comes from the extension:
 //!
-//! | extension | format | one example per |
-//! |---|---|---|
-//! | `.txt`, `.e2e` | E2E, the reference code's line format `MR||text`, e.g. `name : Alimentum \| area : city centre||There is a place ...` | line |
-//! | `.jsonl` | one JSON object per line, `{"source": "...", "target": "..."}` (other fields ignored) | line |
-//! | `.json` | DART: a JSON list of `{"tripleset": [[s, p, o], ...], "annotations": [{"source": ..., "text": ...}, ...]}` | annotation |
+//! - `.txt`, `.e2e`: E2E, the reference code's line format `MR||text`, one example per line, e.g.
+//!   `name : Alimentum | area : city centre||There is a place in the city centre .`;
+//! - `.jsonl`: one JSON object per line, `{"source": "...", "target": "..."}` (other fields ignored);
+//! - `.json`: DART, a JSON list of entries
+//!   `{"tripleset": [[s, p, o], ...], "annotations": [{"source": ..., "text": ...}, ...]}`, one example per
+//!   annotation.
 //!
 //! DART sources are linearized as the reference code does for DART: `s : p : o` per triple, the predicate
 //! lower-cased, triples joined with `" | "` (`name : The Vaults | ...` style, like E2E's MRs). Its WebNLG
@@ -30,8 +31,9 @@
 //! ([`TableToText::encode_prompt`]). The source part `' ' + source + ' ' + BOS` and the target part
 //! `' ' + target + ' ' + EOS` are tokenized separately and their ids concatenated, so the boundary between
 //! unlabelled and labelled tokens is exact. This gives the same ids as tokenizing the whole text at once,
-//! because the special token always ends a pre-token. With GPT-2's tokenizer, the space before each
-//! `<|endoftext|>` is a token of its own (`Ġ`, 220), in training and in the prompt alike, as in the reference.
+//! because the special token always ends a pre-token. With GPT-2's tokenizer the special token does not absorb
+//! the spaces around it, so the space before each `<|endoftext|>` is a token of its own (`Ġ`, 220), in
+//! training and in the prompt alike (as Hugging Face's GPT-2 tokenizers give it).
 //!
 //! Labels are aligned with `input_ids` (the loss shifts them): [`IGNORE_INDEX`] (-100) on the source part,
 //! through the BOS, then the target ids and the final EOS. Rows have a fixed length T, right-padded with the

@@ -10,9 +10,11 @@
 
 pub mod backend;
 pub mod bundle;
+pub mod commands;
 pub mod data;
 pub mod generate;
 pub mod ort_backend;
+pub mod peft;
 pub mod score;
 pub mod tensor;
 pub mod tokenize;

@@ -29,6 +29,8 @@ pub struct TrainConfig {
     /// Stop after this many steps in this run (tests, quick looks).
     pub max_steps: Option<usize>,
     pub progress: bool,
+    /// Shuffle each epoch (seeded); false keeps the file order (reference comparisons).
+    pub shuffle: bool,
 }
 
 /// Where training stands; saved in checkpoints.
@@ -162,7 +164,11 @@ impl Trainer {
         let mut run_steps = 0usize;
         let tty = std::io::stderr().is_terminal();
         'epochs: while self.pos.epoch < cfg.epochs as u64 {
-            let order = batches(data.len(), b, cfg.seed, self.pos.epoch);
+            let order = if cfg.shuffle {
+                batches(data.len(), b, cfg.seed, self.pos.epoch)
+            } else {
+                sequential_batches(data.len(), b)
+            };
             while (self.pos.batch_in_epoch as usize) < order.len() {
                 let batch = &order[self.pos.batch_in_epoch as usize];
                 let mut rows: Vec<Encoded> = batch.rows.iter().map(|&i| data[i].clone()).collect();
@@ -280,6 +286,16 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Batches in file order; the last one filled by wrapping around (those rows are not real).
+fn sequential_batches(n: usize, b: usize) -> Vec<crate::data::Batch> {
+    (0..n.div_ceil(b))
+        .map(|k| crate::data::Batch {
+            rows: (k * b..(k + 1) * b).map(|i| i % n).collect(),
+            real: (k * b..(k + 1) * b).map(|i| i < n).collect(),
+        })
+        .collect()
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

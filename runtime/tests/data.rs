@@ -387,3 +387,25 @@ fn batches_are_deterministic_and_cover_each_example_once_per_epoch() {
 
 /// shuffled(10, 42, 0), also computed by a separate Python transcription of SplitMix64 + Fisher-Yates.
 const GOLDEN_ORDER: [usize; 10] = [7, 1, 6, 3, 0, 2, 5, 8, 4, 9];
+
+/// The full E2E dev and DART dev sets, where they are present (not in a fresh clone):
+/// `PFX_DATA_DIR=/work/shared/data cargo test -p pfx-runtime --test data -- --ignored`.
+#[test]
+#[ignore = "needs PFX_DATA_DIR with e2e/valid.txt and dart/dev.json"]
+fn full_e2e_and_dart_dev_sets_read_cleanly() {
+    let dir = PathBuf::from(std::env::var("PFX_DATA_DIR").expect("set PFX_DATA_DIR"));
+    let tok = gpt2();
+    let fmt = TableToText::new(&tok).unwrap();
+
+    let e2e = read_examples(dir.join("e2e/valid.txt")).unwrap();
+    assert_eq!((e2e.examples.len(), e2e.bad_lines.len(), e2e.group_by_source().len()), (4672, 0, 547));
+    let (_, report) = fmt.encode_dataset(&e2e, 128, Overlong::Skip).unwrap();
+    assert_eq!(report.skipped, 0, "{report}");
+    eprintln!("E2E valid: {report}");
+
+    let dart = read_examples(dir.join("dart/dev.json")).unwrap();
+    // Counts from a Python transcription of the reference linearization.
+    assert_eq!((dart.examples.len(), dart.bad_lines.len(), dart.group_by_source().len()), (6980, 0, 2721));
+    let (_, report) = fmt.encode_dataset(&dart, 1024, Overlong::Skip).unwrap();
+    eprintln!("DART dev: {report}");
+}

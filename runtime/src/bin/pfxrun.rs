@@ -5,6 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use pfx_runtime::commands::{self, Engine};
+use pfx_runtime::data::Overlong;
+use pfx_runtime::generate::GenConfig;
+use pfx_runtime::train::TrainConfig;
 use pfx_runtime::{open, read_safetensors, write_safetensors, BackendKind, OrtDevice, OrtOptions};
 
 #[derive(Parser)]
@@ -39,11 +43,146 @@ enum Command {
         #[arg(long, default_value_t = 6)]
         show: usize,
     },
+    /// Prefix-tune: run the bundle's train_step over a dataset (E2E `MR||text`, JSONL, DART).
+    Train {
+        /// A bundle written by `pfxc compile`.
+        bundle: PathBuf,
+        #[arg(long)]
+        train: PathBuf,
+        /// Dev set: its loss is reported after each epoch.
+        #[arg(long)]
+        dev: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 5e-3)]
+        lr: f32,
+        /// Linear warm-up steps (then linear decay to 0, as HF's Trainer).
+        #[arg(long, default_value_t = 0)]
+        warmup_steps: usize,
+        /// Shuffling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep the file order instead of shuffling.
+        #[arg(long)]
+        no_shuffle: bool,
+        /// Checkpoint every N steps (always at the end and on Ctrl-C).
+        #[arg(long, default_value_t = 100)]
+        checkpoint_every: usize,
+        /// Stop after N steps of this run (a checkpoint is written).
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Rows longer than the compiled length: truncate or skip.
+        #[arg(long, default_value = "truncate")]
+        overlong: String,
+        /// Start from this prefix (default: the bundle's initial one).
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// Continue the checkpoint in --output.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Folder for prefix.safetensors, checkpoint, metrics.jsonl and loss.svg.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Mean loss of a dataset under a prefix.
+    Eval {
+        bundle: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Generate text (greedy or beam search) with a prefix, or with a baked bundle.
+    Generate {
+        bundle: PathBuf,
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// One source (e.g. an E2E meaning representation).
+        #[arg(long, conflicts_with = "inputs")]
+        input: Option<String>,
+        /// Sources from a file: E2E/JSONL/DART (distinct sources) or one per line.
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        beams: usize,
+        #[arg(long, default_value_t = 1.0)]
+        length_penalty: f32,
+        #[arg(long)]
+        max_new: Option<usize>,
+        /// Write the generations here, one per line.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Write the references of each source here (for `pfxrun score`).
+        #[arg(long)]
+        refs_out: Option<PathBuf>,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Corpus BLEU, NIST, ROUGE-L, CIDEr and METEOR of hypotheses against grouped references.
+    Score {
+        #[arg(long)]
+        hyp: PathBuf,
+        #[arg(long)]
+        refs: PathBuf,
+    },
+    /// Write a prefix as a PEFT adapter folder (prompt_embeddings with the MLP applied).
+    ExportPeft {
+        bundle: PathBuf,
+        #[arg(long)]
+        prefix: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// base_model_name_or_path to record in adapter_config.json.
+        #[arg(long, default_value = "")]
+        base_model: String,
+    },
+    /// Read a PEFT prefix-tuning adapter folder as a prefix for a --no-reparam bundle.
+    ImportPeft {
+        bundle: PathBuf,
+        adapter: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Locate and load ONNX Runtime and print what was found.
     OrtInfo {
         #[arg(long)]
         ort_lib: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args, Clone)]
+struct EngineArgs {
+    /// `tract` (pure Rust, default) or `ort` (ONNX Runtime).
+    #[arg(long, default_value = "tract")]
+    backend: BackendKind,
+    /// ONNX Runtime device: cpu, cuda[:N], tensorrt[:N].
+    #[arg(long, default_value = "cpu")]
+    device: OrtDevice,
+    /// ONNX Runtime shared library (file or folder).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    fn engine(self) -> Result<Engine> {
+        if self.backend == BackendKind::Tract && self.device != OrtDevice::Cpu {
+            anyhow::bail!("--device {} needs --backend ort (tract runs on the CPU only)", self.device);
+        }
+        Ok(Engine {
+            backend: self.backend,
+            ort: OrtOptions { lib_path: self.ort_lib, device: self.device, ..Default::default() },
+        })
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -64,6 +203,89 @@ fn run(cli: Cli) -> Result<()> {
                 write_safetensors(&out, &outputs)?;
                 println!("wrote {} output(s) to {}", outputs.len(), out.display());
             }
+            Ok(())
+        }
+        Command::Train {
+            bundle,
+            train,
+            dev,
+            epochs,
+            lr,
+            warmup_steps,
+            seed,
+            no_shuffle,
+            checkpoint_every,
+            max_steps,
+            overlong,
+            prefix,
+            resume,
+            tokenizer,
+            output,
+            engine,
+        } => {
+            let overlong = match overlong.as_str() {
+                "truncate" => Overlong::Truncate,
+                "skip" => Overlong::Skip,
+                o => anyhow::bail!("--overlong must be truncate or skip, not {o}"),
+            };
+            if epochs == 0 {
+                anyhow::bail!("--epochs must be at least 1");
+            }
+            let cfg = TrainConfig {
+                epochs,
+                lr,
+                warmup_steps,
+                seed,
+                checkpoint_every,
+                out_dir: output,
+                max_steps,
+                progress: true,
+                shuffle: !no_shuffle,
+            };
+            let args = commands::TrainArgs { bundle, train, dev, tokenizer, prefix, overlong, cfg, resume };
+            commands::train(args, &engine.engine()?)
+        }
+        Command::Eval { bundle, data, prefix, tokenizer, engine } => {
+            let l = commands::eval(&bundle, &data, tokenizer.as_deref(), prefix.as_deref(), &engine.engine()?)?;
+            println!("loss {l:.6}");
+            Ok(())
+        }
+        Command::Generate {
+            bundle,
+            prefix,
+            input,
+            inputs,
+            beams,
+            length_penalty,
+            max_new,
+            output,
+            refs_out,
+            tokenizer,
+            engine,
+        } => {
+            let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
+            let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
+            let cfg = GenConfig { max_new: max_new.unwrap_or(spec_max), beams, length_penalty, ..GenConfig::default() };
+            let args = commands::GenerateArgs { bundle, prefix, tokenizer, input, inputs, cfg, output, refs_out };
+            commands::generate(args, &engine.engine()?)?;
+            Ok(())
+        }
+        Command::Score { hyp, refs } => {
+            print!("{}", pfx_runtime::score::score_files(&hyp, &refs)?);
+            Ok(())
+        }
+        Command::ExportPeft { bundle, prefix, output, base_model } => {
+            let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
+            let p = b.read_prefix(&prefix)?;
+            pfx_runtime::peft::export_adapter(&b.manifest, &p, &output, &base_model)?;
+            println!("wrote the PEFT adapter {}", output.display());
+            Ok(())
+        }
+        Command::ImportPeft { bundle, adapter, output } => {
+            let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
+            let p = pfx_runtime::peft::import_adapter(&b.manifest, &adapter)?;
+            write_safetensors(&output, &p)?;
+            println!("wrote the prefix {}", output.display());
             Ok(())
         }
         Command::OrtInfo { ort_lib } => {

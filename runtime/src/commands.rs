@@ -1,0 +1,242 @@
+//! What the `pfxrun` subcommands do (the binary only parses arguments).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use crate::backend::BackendKind;
+use crate::bundle::Bundle;
+use crate::data::{read_examples, Encoded, Overlong, TableToText};
+use crate::generate::{GenConfig, Generator};
+use crate::ort_backend::OrtOptions;
+use crate::tensor::HostTensor;
+use crate::tokenize::Tokenizer;
+use crate::train::{TrainConfig, Trainer};
+
+/// The engine a command runs on.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    pub backend: BackendKind,
+    pub ort: OrtOptions,
+}
+
+/// The tokenizer: `--tokenizer`, else the bundle's `tokenizer.json`.
+pub fn tokenizer_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<Tokenizer> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = bundle.dir.join("tokenizer.json");
+            if !p.exists() {
+                bail!(
+                    "the bundle {} has no tokenizer.json (pfxc compile copies the one next to the model); pass \
+                     --tokenizer FILE",
+                    bundle.dir.display()
+                );
+            }
+            p
+        }
+    };
+    Tokenizer::from_file(&path)
+}
+
+/// The prefix to use: `--prefix FILE`, else the bundle's initial one (none for baked bundles).
+pub fn prefix_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<BTreeMap<String, HostTensor>> {
+    if bundle.manifest.baked {
+        if explicit.is_some() {
+            bail!("{} is baked: its prefix is inside the graphs, --prefix does not apply", bundle.dir.display());
+        }
+        return Ok(BTreeMap::new());
+    }
+    match explicit {
+        Some(p) => bundle.read_prefix(p),
+        None => bundle.init_prefix(),
+    }
+}
+
+fn encode_file(fmt: &TableToText, path: &Path, seq: usize, overlong: Overlong, what: &str) -> Result<Vec<Encoded>> {
+    let data = read_examples(path)?;
+    if let Some(w) = data.bad_lines_summary() {
+        eprintln!("warning: {w}");
+    }
+    let (rows, report) = fmt.encode_dataset(&data, seq, overlong)?;
+    eprintln!("{what} {}: {report}", path.display());
+    Ok(rows)
+}
+
+pub struct TrainArgs {
+    pub bundle: PathBuf,
+    pub train: PathBuf,
+    pub dev: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub prefix: Option<PathBuf>,
+    pub overlong: Overlong,
+    pub cfg: TrainConfig,
+    pub resume: bool,
+}
+
+pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
+    let bundle = Bundle::open(&args.bundle)?;
+    if bundle.manifest.baked {
+        bail!("{} is baked (inference only); train with the bundle pfxc compile wrote", args.bundle.display());
+    }
+    let tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
+    let fmt = TableToText::new(&tok)?;
+    let seq = bundle.manifest.seq_len;
+    let rows = encode_file(&fmt, &args.train, seq, args.overlong, "train")?;
+    let dev = match &args.dev {
+        Some(p) => Some(encode_file(&fmt, p, seq, args.overlong, "dev")?),
+        None => None,
+    };
+    let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // Ctrl-C finishes the current step, saves a checkpoint and exits.
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let mut trainer = Trainer::new(bundle, engine.backend, &engine.ort, prefix, dev.is_some(), stop)?;
+    if args.resume {
+        trainer.resume(&args.cfg.out_dir)?;
+        eprintln!(
+            "resuming at step {} (epoch {}, batch {})",
+            trainer.pos.step,
+            trainer.pos.epoch + 1,
+            trainer.pos.batch_in_epoch
+        );
+    } else if args.cfg.out_dir.join("checkpoint.safetensors").exists() {
+        bail!(
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --output",
+            args.cfg.out_dir.display()
+        );
+    }
+    let losses = trainer.train(&args.cfg, &rows, dev.as_deref())?;
+    if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
+        eprintln!(
+            "trained {} steps: loss {first:.4} -> {last:.4}; prefix in {}",
+            losses.len(),
+            args.cfg.out_dir.join("prefix.safetensors").display()
+        );
+    }
+    Ok(())
+}
+
+/// Mean loss of a dataset under a prefix.
+pub fn eval(
+    bundle: &Path,
+    data: &Path,
+    tokenizer: Option<&Path>,
+    prefix: Option<&Path>,
+    engine: &Engine,
+) -> Result<f64> {
+    let b = Bundle::open(bundle)?;
+    let tok = tokenizer_for(&b, tokenizer)?;
+    let fmt = TableToText::new(&tok)?;
+    let rows = encode_file(&fmt, data, b.manifest.seq_len, Overlong::Truncate, "eval")?;
+    let prefix = prefix_for(&b, prefix)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut t = Trainer::new(b, engine.backend, &engine.ort, prefix, true, stop)?;
+    t.dev_loss(&rows)?.context("no labels to evaluate")
+}
+
+pub struct GenerateArgs {
+    pub bundle: PathBuf,
+    pub prefix: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    /// Sources: one `--input`, or a file (E2E / JSONL / DART: its distinct sources; other files: one per line).
+    pub input: Option<String>,
+    pub inputs: Option<PathBuf>,
+    pub cfg: GenConfig,
+    pub output: Option<PathBuf>,
+    /// Write the references of each distinct source (blank-line separated groups), for `pfxrun score`.
+    pub refs_out: Option<PathBuf>,
+}
+
+/// Distinct sources and their references from a file.
+pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if matches!(ext, "txt" | "e2e" | "jsonl" | "json") {
+        let data = read_examples(path)?;
+        let groups = data.group_by_source();
+        Ok((groups.iter().map(|g| g.0.clone()).collect(), groups.into_iter().map(|g| g.1).collect()))
+    } else {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let srcs: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect();
+        let n = srcs.len();
+        Ok((srcs, vec![Vec::new(); n]))
+    }
+}
+
+pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
+    let bundle = Bundle::open(&args.bundle)?;
+    let m = bundle.manifest.clone();
+    let spec = m.generation.clone().with_context(|| {
+        format!("{} has no generation graphs: compile an export with past inputs", args.bundle.display())
+    })?;
+    let tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
+    let fmt = TableToText::new(&tok)?;
+    let (sources, refs) = match (&args.input, &args.inputs) {
+        (Some(s), None) => (vec![s.clone()], vec![vec![]]),
+        (None, Some(p)) => sources_of(p)?,
+        _ => bail!("give either --input TEXT or --inputs FILE"),
+    };
+    if sources.is_empty() {
+        bail!("no inputs to generate from");
+    }
+    let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
+    let mut prompts = Vec::new();
+    for s in &sources {
+        let mut ids: Vec<i64> = fmt.encode_prompt(s)?.into_iter().map(|t| t as i64).collect();
+        if ids.len() > spec.prompt_len {
+            eprintln!("warning: prompt of {} tokens cut to the last {} (--prompt-len)", ids.len(), spec.prompt_len);
+            ids.drain(..ids.len() - spec.prompt_len);
+        }
+        prompts.push(ids);
+    }
+    let mut cfg = args.cfg.clone();
+    cfg.eos = Some(fmt.eos_id() as i64);
+    cfg.pad = fmt.pad_id() as i64;
+    let mut g = Generator::new(
+        bundle.open_graph("prefill", engine.backend, &engine.ort)?,
+        bundle.open_graph("decode", engine.backend, &engine.ort)?,
+        spec,
+        m.prefix_len,
+        m.layers,
+        m.heads,
+        m.head_dim,
+        prefix,
+    );
+    let started = std::time::Instant::now();
+    let mut out_tokens = Vec::new();
+    let chunk = if cfg.beams > 1 { 1 } else { g.rows() };
+    for (i, c) in prompts.chunks(chunk).enumerate() {
+        let toks = if cfg.beams > 1 { g.beam_search(c, &cfg)? } else { g.greedy(c, &cfg)? };
+        out_tokens.extend(toks);
+        if prompts.len() > chunk {
+            eprint!("\rgenerated {}/{}", ((i + 1) * chunk).min(prompts.len()), prompts.len());
+        }
+    }
+    if prompts.len() > chunk {
+        eprintln!(" in {:.1}s", started.elapsed().as_secs_f64());
+    }
+    let mut texts = Vec::new();
+    for t in &out_tokens {
+        let ids: Vec<u32> = t.iter().map(|&x| x as u32).collect();
+        texts.push(tok.decode(&ids)?.trim().to_string());
+    }
+    match &args.output {
+        Some(p) => {
+            std::fs::write(p, texts.join("\n") + "\n").with_context(|| format!("cannot write {}", p.display()))?
+        }
+        None => {
+            for (s, t) in sources.iter().zip(&texts) {
+                println!("{s}\n  -> {t}");
+            }
+        }
+    }
+    if let Some(p) = &args.refs_out {
+        let groups: Vec<String> = refs.iter().map(|g| g.join("\n")).collect();
+        std::fs::write(p, groups.join("\n\n") + "\n").with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(texts)
+}

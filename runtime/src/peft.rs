@@ -1,0 +1,96 @@
+//! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors` holding `prompt_embeddings`
+//! [P, 2·L·d], the prefix with the MLP already applied (what PEFT saves for prefix tuning). pfx writes them
+//! with `prefix_projection: false`, the form PEFT loads back as-is.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::bundle::Manifest;
+use crate::tensor::{read_safetensors, safetensors_to_bytes, HostTensor};
+
+/// [P, 2Ld]: the generator's output for a prefix (MLP applied when the bundle reparametrizes).
+pub fn prompt_embeddings(m: &Manifest, prefix: &BTreeMap<String, HostTensor>) -> Result<HostTensor> {
+    let get =
+        |n: &str| -> Result<&[f32]> { prefix.get(n).with_context(|| format!("the prefix has no '{n}'"))?.as_f32() };
+    let p = m.prefix_len;
+    let width = 2 * m.layers * m.hidden;
+    let emb = get("embedding.weight")?;
+    let Some(mid) = m.mid_dim.filter(|_| m.reparam) else {
+        return HostTensor::from_f32(vec![p, width], emb.to_vec());
+    };
+    let d = m.hidden;
+    let (w0, b0, w2, b2) =
+        (get("transform.0.weight")?, get("transform.0.bias")?, get("transform.2.weight")?, get("transform.2.bias")?);
+    let mut out = vec![0f32; p * width];
+    for i in 0..p {
+        let h: Vec<f64> = (0..mid)
+            .map(|j| {
+                let s: f64 = (0..d).map(|k| emb[i * d + k] as f64 * w0[j * d + k] as f64).sum();
+                (s + b0[j] as f64).tanh()
+            })
+            .collect();
+        for o in 0..width {
+            let s: f64 = (0..mid).map(|j| h[j] * w2[o * mid + j] as f64).sum();
+            out[i * width + o] = (s + b2[o] as f64) as f32;
+        }
+    }
+    HostTensor::from_f32(vec![p, width], out)
+}
+
+pub fn export_adapter(m: &Manifest, prefix: &BTreeMap<String, HostTensor>, dir: &Path, base_model: &str) -> Result<()> {
+    let emb = prompt_embeddings(m, prefix)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config = json!({
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": m.prefix_len,
+        "token_dim": m.hidden,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": m.heads,
+        "num_layers": m.layers,
+        "encoder_hidden_size": m.hidden,
+        "prefix_projection": false,
+        "inference_mode": true,
+        "base_model_name_or_path": base_model,
+        "revision": null,
+        "modules_to_save": null,
+    });
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?)?;
+    let tensors: BTreeMap<String, HostTensor> = [("prompt_embeddings".to_string(), emb)].into();
+    std::fs::write(dir.join("adapter_model.safetensors"), safetensors_to_bytes(&tensors, None)?)?;
+    Ok(())
+}
+
+/// Reads a PEFT prefix-tuning adapter as the `embedding.weight` of a `--no-reparam` bundle.
+pub fn import_adapter(m: &Manifest, dir: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    let cfg_path = dir.join("adapter_config.json");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", cfg_path.display()))?;
+    if cfg["peft_type"] != "PREFIX_TUNING" {
+        bail!("{} is a {} adapter, not PREFIX_TUNING", cfg_path.display(), cfg["peft_type"]);
+    }
+    if m.reparam {
+        bail!(
+            "a PEFT adapter holds the prefix with the MLP applied ([P, 2·L·d]); load it into a bundle compiled \
+             with --no-reparam"
+        );
+    }
+    let t = read_safetensors(dir.join("adapter_model.safetensors"))?;
+    let emb = t
+        .get("prompt_embeddings")
+        .with_context(|| format!("{}/adapter_model.safetensors has no prompt_embeddings", dir.display()))?;
+    let want = [m.prefix_len, 2 * m.layers * m.hidden];
+    if emb.shape() != want {
+        bail!(
+            "prompt_embeddings has shape {:?}; this bundle needs {:?} (prefix length, 2·layers·hidden)",
+            emb.shape(),
+            want
+        );
+    }
+    Ok([("embedding.weight".to_string(), emb.clone())].into())
+}
