@@ -156,3 +156,25 @@ fn three_adamw_steps_follow_torch() {
         }
     }
 }
+
+/// Readable snapshots of every compiled graph (reparam, P=4, M=16, B=3, T=7; generation graphs where the
+/// export has past inputs).
+#[test]
+fn compiled_graph_snapshots() {
+    for fixture in FIXTURES {
+        let opts = CompileOptions {
+            prefix_len: 4,
+            mid_dim: Some(16),
+            batch: 3,
+            seq: 7,
+            optimizer: AdamW { weight_decay: WD, ..AdamW::default() },
+            seed: 0,
+            generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 6, max_new: 4 }),
+        };
+        let model = common::graphs_dir().join(fixture).join("model.onnx");
+        let c = pfx_compiler::compile::compile_models(&model, &opts).unwrap();
+        for (role, m) in &c.graphs {
+            insta::assert_snapshot!(format!("compiled__{fixture}__{role}"), pfx_compiler::text::model_text(m));
+        }
+    }
+}

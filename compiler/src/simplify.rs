@@ -30,7 +30,7 @@ pub fn cse(g: &mut Graph) -> Result<usize> {
     let mut by_value: HashMap<String, String> = HashMap::new();
     let mut rename: Vec<(String, String)> = Vec::new();
     for (name, t) in &g.initializers {
-        if t.len() > 64 || g.is_output(name) {
+        if t.len() > 4096 || g.is_output(name) {
             continue;
         }
         let key = format!("{:?}|{:?}|{:?}", t.dtype(), t.shape, t.to_le_bytes());

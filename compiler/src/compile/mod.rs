@@ -282,6 +282,10 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         io.insert(role.to_string(), graph_io(m, &file, &names));
         files.insert(role.to_string(), file);
     }
+    // The tokenizer next to the model travels with the bundle (pfxrun finds it there).
+    if let Some(tok) = source.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()) {
+        std::fs::copy(&tok, out_dir.join("tokenizer.json")).with_context(|| format!("copying {}", tok.display()))?;
+    }
     let init = init::init_prefix(&c.shape, opts.seed);
     init::write_safetensors(&out_dir.join("prefix.init.safetensors"), &init)?;
     let (shape, info) = (&c.shape, &c.info);
