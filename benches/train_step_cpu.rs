@@ -1,0 +1,1 @@
+fn main() { eprintln!("placeholder: see benches/README.md"); }
