@@ -87,6 +87,9 @@ fn greedy_and_beam_equal_peft() {
                 let greedy = g.greedy(&prompts, &cfg).unwrap();
                 assert_eq!(greedy, rows(&r["greedy"], None), "{what}: greedy tokens differ from PEFT");
                 assert_ne!(greedy, rows(&r["greedy_noprefix"], None), "{what}: the prefix must change the output");
+                // With the prefix masked out and positions from 0, the bare model's tokens.
+                let bare = GenConfig { no_prefix: true, ..cfg.clone() };
+                assert_eq!(g.greedy(&prompts, &bare).unwrap(), rows(&r["greedy_noprefix"], None), "{what}: bare model");
                 // Each prompt alone gives what it gives in the left-padded batch.
                 for (i, p) in prompts.iter().enumerate() {
                     assert_eq!(g.greedy(&[p.clone()], &cfg).unwrap()[0], greedy[i], "{what}: prompt {i} alone");

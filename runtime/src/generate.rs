@@ -20,11 +20,13 @@ pub struct GenConfig {
     pub eos: Option<i64>,
     /// Token used for left padding and for idle rows.
     pub pad: i64,
+    /// Mask the prefix out and number positions from 0: the bare model, for comparison.
+    pub no_prefix: bool,
 }
 
 impl Default for GenConfig {
     fn default() -> Self {
-        GenConfig { max_new: 32, min_new: 0, beams: 1, length_penalty: 1.0, eos: None, pad: 0 }
+        GenConfig { max_new: 32, min_new: 0, beams: 1, length_penalty: 1.0, eos: None, pad: 0, no_prefix: false }
     }
 }
 
@@ -49,8 +51,10 @@ struct Rows {
     mask: Vec<i64>,
     /// Next free slot (the same for every row).
     slot: usize,
-    /// Real prompt tokens per row (positions continue from P + this).
+    /// Real prompt tokens per row (positions continue from `offset` + this).
     real: Vec<usize>,
+    /// Position of the first real token: P, or 0 for the bare model.
+    offset: usize,
 }
 
 impl Generator {
@@ -95,30 +99,38 @@ impl Generator {
     }
 
     /// Prefills R rows (left-padded prompts); returns the state and the last position's logits [R, V].
-    fn prefill(&mut self, prompts: &[Vec<i64>], pad: i64) -> Result<(Rows, Vec<Vec<f32>>)> {
+    fn prefill(&mut self, prompts: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
         let (r, tp, p) = (self.spec.rows, self.spec.prompt_len, self.prefix_len);
+        // Positions of real tokens start after the prefix (or at 0 for the bare model).
+        let offset = if no_prefix { 0 } else { p };
         let c = self.spec.capacity;
         let mut ids = vec![pad; r * tp];
         let mut mask = vec![0i64; r * tp];
-        let mut pos = vec![p as i64; r * tp];
+        let mut pos = vec![offset as i64; r * tp];
         let mut real = vec![0; r];
         for (row, prompt) in prompts.iter().enumerate() {
             let off = tp - prompt.len();
             for (j, &t) in prompt.iter().enumerate() {
                 ids[row * tp + off + j] = t;
                 mask[row * tp + off + j] = 1;
-                pos[row * tp + off + j] = (p + j) as i64;
+                pos[row * tp + off + j] = (offset + j) as i64;
             }
             real[row] = prompt.len();
         }
         let mut inputs = self.prefix.clone();
         inputs.insert("input_ids".into(), HostTensor::from_i64(vec![r, tp], ids)?);
-        inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, tp], mask.clone())?);
+        let prefix_flag = if no_prefix { 0 } else { 1 };
+        let mut full_mask = Vec::with_capacity(r * (p + tp));
+        for row in 0..r {
+            full_mask.extend(std::iter::repeat_n(prefix_flag, p));
+            full_mask.extend_from_slice(&mask[row * tp..(row + 1) * tp]);
+        }
+        inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, p + tp], full_mask)?);
         inputs.insert("position_ids".into(), HostTensor::from_i64(vec![r, tp], pos)?);
         let out = self.prefill.run(&inputs)?;
         let (h, d) = (self.heads, self.head_dim);
         let filled = p + tp;
-        let mut rows = Rows { k: vec![], v: vec![], mask: vec![0; r * c], slot: filled, real };
+        let mut rows = Rows { k: vec![], v: vec![], mask: vec![0; r * c], slot: filled, real, offset };
         for l in 0..self.layers {
             for (kind, dst) in [("key", 0), ("value", 1)] {
                 let t = out
@@ -139,7 +151,7 @@ impl Generator {
         }
         for row in 0..r {
             for s in 0..p {
-                rows.mask[row * c + s] = 1;
+                rows.mask[row * c + s] = prefix_flag;
             }
             for j in 0..tp {
                 rows.mask[row * c + p + j] = mask[row * tp + j];
@@ -150,13 +162,13 @@ impl Generator {
 
     /// Feeds one token per row; writes its keys/values into the next slot; returns logits [R, V].
     fn step(&mut self, rows: &mut Rows, tokens: &[i64], n_generated: usize) -> Result<Vec<Vec<f32>>> {
-        let (r, c, p) = (self.spec.rows, self.spec.capacity, self.prefix_len);
+        let (r, c) = (self.spec.rows, self.spec.capacity);
         if rows.slot >= c {
             bail!("the KV cache is full ({c} slots)");
         }
         let mut inputs = BTreeMap::new();
         inputs.insert("input_ids".into(), HostTensor::from_i64(vec![r, 1], tokens.to_vec())?);
-        let pos: Vec<i64> = rows.real.iter().map(|&n| (p + n + n_generated) as i64).collect();
+        let pos: Vec<i64> = rows.real.iter().map(|&n| (rows.offset + n + n_generated) as i64).collect();
         inputs.insert("position_ids".into(), HostTensor::from_i64(vec![r, 1], pos)?);
         let mut m = Vec::with_capacity(r * (c + 1));
         for row in 0..r {
@@ -201,7 +213,7 @@ impl Generator {
             while rows_prompts.len() < r {
                 rows_prompts.push(vec![cfg.pad]);
             }
-            let (mut state, mut logits) = self.prefill(&rows_prompts, cfg.pad)?;
+            let (mut state, mut logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
             let mut gen: Vec<Vec<i64>> = vec![Vec::new(); r];
             let mut done = vec![false; r];
             for n in 0..cfg.max_new {
@@ -242,7 +254,7 @@ impl Generator {
     fn beam_one(&mut self, prompt: &[i64], cfg: &GenConfig) -> Result<Vec<i64>> {
         let (r, k) = (self.spec.rows, cfg.beams);
         let rows_prompts: Vec<Vec<i64>> = (0..r).map(|_| prompt.to_vec()).collect();
-        let (mut state, mut logits) = self.prefill(&rows_prompts, cfg.pad)?;
+        let (mut state, mut logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
         // Live beams: (tokens, sum of log-probabilities); only beam 0 is live at the start.
         let mut beams: Vec<(Vec<i64>, f64)> = vec![(Vec::new(), 0.0)];
         let mut finished: Vec<(Vec<i64>, f64)> = Vec::new();

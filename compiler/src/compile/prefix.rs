@@ -132,8 +132,13 @@ pub fn bind_past(
         g.rename_uses(name, src);
     }
     g.inputs.retain(|v| !v.name.starts_with("past_key_values"));
-    // attention_mask: callers give [B, T]; the graph reads cat(ones(P), mask).
-    if let Some(pos) = g.inputs.iter().position(|v| v.name == "attention_mask") {
+    // attention_mask: for training callers give [B, T] and the graph reads cat(ones(P), mask); generation
+    // graphs take the whole [B, P+T] mask (a caller may mask the prefix out to run the bare model).
+    if positions == Positions::Input {
+        if !g.is_input("attention_mask") {
+            bail!("the export with past has no attention_mask input; pfx needs it to mask the prefix correctly");
+        }
+    } else if let Some(pos) = g.inputs.iter().position(|v| v.name == "attention_mask") {
         let dt = g.inputs[pos].ty.dtype;
         let full = g.fresh("attention_mask.with_prefix");
         g.rename_uses("attention_mask", &full);

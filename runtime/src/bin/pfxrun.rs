@@ -115,6 +115,9 @@ enum Command {
         beams: usize,
         #[arg(long, default_value_t = 1.0)]
         length_penalty: f32,
+        /// Mask the prefix out: the bare model, for comparison.
+        #[arg(long, conflicts_with = "prefix")]
+        no_prefix: bool,
         #[arg(long)]
         max_new: Option<usize>,
         /// Write the generations here, one per line.
@@ -257,6 +260,7 @@ fn run(cli: Cli) -> Result<()> {
             inputs,
             beams,
             length_penalty,
+            no_prefix,
             max_new,
             output,
             refs_out,
@@ -265,7 +269,13 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
-            let cfg = GenConfig { max_new: max_new.unwrap_or(spec_max), beams, length_penalty, ..GenConfig::default() };
+            let cfg = GenConfig {
+                max_new: max_new.unwrap_or(spec_max),
+                beams,
+                length_penalty,
+                no_prefix,
+                ..GenConfig::default()
+            };
             let args = commands::GenerateArgs { bundle, prefix, tokenizer, input, inputs, cfg, output, refs_out };
             commands::generate(args, &engine.engine()?)?;
             Ok(())

@@ -46,11 +46,11 @@ fn sim(h: &Vector, r: &Vector) -> [f64; MAX_ORDER] {
             val[g.len() - 1] += vh.min(vr) * vr;
         }
     }
-    for n in 0..MAX_ORDER {
-        if h.norm[n] != 0.0 && r.norm[n] != 0.0 {
-            val[n] /= h.norm[n] * r.norm[n];
+    for ((v, nh), nr) in val.iter_mut().zip(h.norm).zip(r.norm) {
+        if nh != 0.0 && nr != 0.0 {
+            *v /= nh * nr;
         }
-        val[n] *= penalty;
+        *v *= penalty;
     }
     val
 }

@@ -6,7 +6,7 @@
 //! Per (hypothesis, reference), tokens lowercased:
 //! 1. exact stage: walk the hypothesis from its last word to its first; each word takes the last
 //!    still-free reference position holding the same word;
-//! 2. stem stage: the same on the Porter stems ([`porter::stem`](super::porter::stem)) of the words
+//! 2. stem stage: the same on the Porter stems ([`super::porter::stem`]) of the words
 //!    left over;
 //! 3. `m` matches, sorted by hypothesis position; `ch` chunks = runs adjacent in both sentences;
 //!    `P = m/|hyp|`, `R = m/|ref|`, `Fmean = P R / (alpha P + (1 - alpha) R)`,

@@ -118,13 +118,14 @@ impl fmt::Display for ScoreReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let tok =
             format!("tokenize={}{}", self.options.tokenize.name(), if self.options.lowercase { ", lc" } else { "" });
-        writeln!(f, "{:<8} {:>8}  {}", "metric", "score", "scale")?;
+        writeln!(f, "{:<8} {:>8}  scale", "metric", "score")?;
         writeln!(f, "{:<8} {:>8.4}  0-100, corpus BLEU-4 as sacrebleu ({tok})", "BLEU", self.bleu)?;
         writeln!(f, "{:<8} {:>8.4}  raw, NIST-5 as mteval-v13a ({tok})", "NIST", self.nist)?;
         writeln!(f, "{:<8} {:>8.4}  0-100, exact+stem, no synonyms", "METEOR", self.meteor)?;
         writeln!(f, "{:<8} {:>8.4}  0-100, F1 as rouge-score", "ROUGE-L", self.rouge_l)?;
         writeln!(f, "{:<8} {:>8.4}  raw, CIDEr-D as coco-caption", "CIDEr", self.cider)?;
-        write!(f, "{} hypotheses; METEOR: {}", self.n_hyp, self.meteor_variant)
+        // ends with a newline: the CLI prints the table with `print!`
+        writeln!(f, "{} hypotheses; METEOR: {}", self.n_hyp, self.meteor_variant)
     }
 }
 

@@ -24,6 +24,7 @@
 //! order contributes 0.
 
 use super::tokenize::{ngram_counts, FastMap};
+use std::cmp::Ordering;
 
 pub const MAX_ORDER: usize = 5;
 
@@ -43,7 +44,7 @@ pub fn length_penalty(ratio: f64) -> f64 {
 }
 
 /// Information weights of every reference n-gram (n <= 5), mteval-v13a's `compute_ngram_info`.
-fn information<'a>(refs: &'a [Vec<Vec<String>>]) -> FastMap<&'a [String], f64> {
+fn information(refs: &[Vec<Vec<String>>]) -> FastMap<&[String], f64> {
     let mut counts: FastMap<&[String], usize> = FastMap::default();
     let mut words = 0usize;
     for r in refs.iter().flatten() {
@@ -133,13 +134,11 @@ pub fn corpus_nist_nltk(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> f64 
                     .sum();
                 let precision = if den == 0 { 0.0 } else { num / den as f64 };
                 let cand = (precision, num, den, r.len());
-                let better = match best {
-                    None => true,
-                    Some(b) => {
-                        (cand.0, cand.1).partial_cmp(&(b.0, b.1)).map_or(false, |o| o.is_gt())
-                            || ((cand.0, cand.1) == (b.0, b.1) && (cand.2, cand.3) > (b.2, b.3))
-                    }
-                };
+                let better = best.is_none_or(|b| match (cand.0, cand.1).partial_cmp(&(b.0, b.1)) {
+                    Some(Ordering::Greater) => true,
+                    Some(Ordering::Equal) => (cand.2, cand.3) > (b.2, b.3),
+                    _ => false,
+                });
                 if better {
                     best = Some(cand);
                 }

@@ -89,8 +89,8 @@ fn sub_pairs(s: &[char], hit: impl Fn(char, char) -> bool, repl: impl Fn(char, c
 
 /// sacrebleu's `13a` tokenizer (`Tokenizer13a`), returning the tokens. Steps, in sacrebleu's order:
 /// drop `<skipped>`, join `-\n` line breaks, newlines to spaces, unescape `&quot; &amp; &lt; &gt;`, then
-/// on ` {line} `: space out the punctuation class of [`is_13a_punct`]; split `.`/`,` from a preceding
-/// non-digit (`\1 \2 `); split `.`/`,` from a following non-digit (` \1 \2`); split `-` after a digit
+/// on ` {line} `: space out `{|}~[\]^_`, the backtick and `!"#$%&()*+:;<=>?@/`; split `.`/`,` from a
+/// preceding non-digit (`\1 \2 `); split `.`/`,` from a following non-digit (` \1 \2`); split `-` after a digit
 /// (`\1 \2 `); finally split on whitespace.
 pub fn tokenize_13a(line: &str) -> Vec<String> {
     let mut line = line.replace("<skipped>", "").replace("-\n", "").replace('\n', " ");
@@ -126,7 +126,7 @@ pub fn rouge_tokens(text: &str) -> Vec<String> {
 }
 
 /// Counts of every n-gram of order `min_n..=max_n` in `tokens`, keyed by the token slice.
-pub fn ngram_counts<'a>(tokens: &'a [String], min_n: usize, max_n: usize) -> FastMap<&'a [String], usize> {
+pub fn ngram_counts(tokens: &[String], min_n: usize, max_n: usize) -> FastMap<&[String], usize> {
     let mut counts = FastMap::default();
     for n in min_n..=max_n {
         for w in tokens.windows(n) {
