@@ -283,13 +283,9 @@ impl Built {
             let mut worst = 0.0f64;
             for x in &self.wrt {
                 let key = format!("grad.{x}");
-                // tract drops one of two graph outputs that are equal constants (Add's two gradients, both R):
-                // such an output is read from the saved graph instead.
-                let got = match (out.get(&key), self.folded.get(&key)) {
-                    (Some(t), _) => t,
-                    (None, Some(t)) if kind == BackendKind::Tract => t,
-                    _ => panic!("{what}: no output {key} (outputs: {:?})", out.keys().collect::<Vec<_>>()),
-                };
+                let got = out.get(&key).unwrap_or_else(|| {
+                    panic!("{what}: no output {key} (outputs: {:?})", out.keys().collect::<Vec<_>>())
+                });
                 let base = &self.values[x];
                 assert_eq!(got.shape(), base.shape(), "{what}: {key} has the wrong shape");
                 if !self.folded.contains_key(&key) {

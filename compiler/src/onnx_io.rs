@@ -60,6 +60,14 @@ pub fn load(path: &Path) -> Result<Model> {
     })
 }
 
+/// The declared output names of a model, in order (reads the protobuf only, not external data).
+pub fn output_names(path: &Path) -> Result<Vec<String>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let proto = pb::ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| anyhow!("{} is not an ONNX model (or is truncated): {e}", path.display()))?;
+    Ok(proto.graph.as_ref().map(|g| g.output.iter().map(|o| o.name.clone()).collect()).unwrap_or_default())
+}
+
 struct ExternalReader {
     model_path: PathBuf,
     dir: PathBuf,

@@ -129,12 +129,17 @@ impl TractBackend {
             .iter()
             .map(|o| Ok(spec_of(model.node(o.node).name.clone(), model.outlet_fact(*o)?)))
             .collect::<Result<Vec<_>>>()?;
+        // Output names as the file declares them: tract labels an outlet once, so two outputs that are the
+        // same value (e.g. two gradients that fold to one constant) would otherwise share a name.
+        let declared = pfx_compiler::onnx_io::output_names(&abs).unwrap_or_default();
         let outputs = model
             .output_outlets()?
             .iter()
-            .map(|o| {
-                let name =
-                    model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone());
+            .enumerate()
+            .map(|(i, o)| {
+                let name = declared.get(i).cloned().unwrap_or_else(|| {
+                    model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone())
+                });
                 Ok(spec_of(name, model.outlet_fact(*o)?))
             })
             .collect::<Result<Vec<_>>>()?;
