@@ -36,6 +36,30 @@ fn compile_fixture(fixture: &str, mode: &str, max_norm: f32, tag: &str) -> (Path
     (out, m)
 }
 
+/// Every graph of a bundle passes `onnx.checker.check_model(full_check=True)` (weights in the shared file).
+fn check_bundle(dir: &Path) {
+    if std::env::var("PFX_SKIP_PYTHON").map(|v| v == "1").unwrap_or(false) {
+        return;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().map(|e| e == "onnx").unwrap_or(false))
+        .collect();
+    files.sort();
+    let out = std::process::Command::new("python3")
+        .arg(common::graphs_dir().join("check_model.py"))
+        .args(&files)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "onnx.checker rejected a bundle graph (pip install onnx; PFX_SKIP_PYTHON=1 skips): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn backends() -> Vec<BackendKind> {
     if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
         vec![BackendKind::Tract]
@@ -69,6 +93,7 @@ fn loss_and_gradients_equal_peft() {
         for fixture in FIXTURES {
             let (dir, m) = compile_fixture(fixture, mode, 1.0, "grads");
             let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
+            check_bundle(&dir);
             for kind in backends() {
                 let what = format!("{fixture} {mode} {kind}");
                 let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();

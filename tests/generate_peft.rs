@@ -22,8 +22,9 @@ fn backends() -> Vec<BackendKind> {
     }
 }
 
-fn bundle(fixture: &str, mode: &str) -> PathBuf {
-    let out = std::env::temp_dir().join(format!("pfx-gen-{}-{fixture}-{mode}", std::process::id()));
+/// Each test compiles into its own folder (tests run in parallel threads of one process).
+fn bundle(fixture: &str, mode: &str, test: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("pfx-gen-{}-{test}-{fixture}-{mode}", std::process::id()));
     let opts = CompileOptions {
         prefix_len: 4,
         mid_dim: if mode == "reparam" { Some(16) } else { None },
@@ -75,7 +76,7 @@ fn greedy_and_beam_equal_peft() {
             pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
         let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
         for fixture in ["gpt2-dynamo-past", "gpt2-optimum"] {
-            let dir = bundle(fixture, mode);
+            let dir = bundle(fixture, mode, "tokens");
             let b = Bundle::open(&dir).unwrap();
             let prefix: BTreeMap<String, HostTensor> =
                 b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
@@ -110,7 +111,7 @@ fn baked_graphs_generate_the_same_tokens() {
     let r = pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
         .unwrap();
     let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
-    let dir = bundle("gpt2-dynamo-past", mode);
+    let dir = bundle("gpt2-dynamo-past", mode, "baked");
     let baked = dir.with_extension("baked");
     let prefix_file = common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"));
     pfx_compiler::compile::bake::bake(&dir, &prefix_file, &baked).unwrap();

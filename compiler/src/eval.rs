@@ -492,13 +492,13 @@ fn concat(ts: &[&Tensor], axis: usize) -> Result<Tensor> {
         }
         pieces.push((*t).clone());
     }
-    let bytes: Vec<u8> = order
-        .iter()
-        .flat_map(|&(k, start, len)| {
-            let s = dt.size_of();
-            pieces[k].to_le_bytes()[start * s..(start + len) * s].to_vec()
-        })
-        .collect();
+    // Each piece's bytes once (taking them per slice made this quadratic in the piece size).
+    let piece_bytes: Vec<Vec<u8>> = pieces.iter().map(|t| t.to_le_bytes()).collect();
+    let s = dt.size_of();
+    let mut bytes: Vec<u8> = Vec::with_capacity(shape.iter().product::<usize>() * s);
+    for &(k, start, len) in &order {
+        bytes.extend_from_slice(&piece_bytes[k][start * s..(start + len) * s]);
+    }
     Tensor::from_le_bytes(dt, shape, &bytes)
 }
 

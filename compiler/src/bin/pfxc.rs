@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
-use pfx_compiler::compile::{compile, CompileOptions};
+use pfx_compiler::compile::{bart, compile, CompileOptions};
 use pfx_compiler::onnx_io::{self, WeightsFile};
 use pfx_compiler::specialize::{specialize, Dims};
 use pfx_compiler::{inspect, load_canonical, text};
@@ -28,7 +28,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Compiles a GPT-2 export into prefix-tuning graphs (train_step, grads, eval_step) and a manifest.
+    /// Compiles a GPT-2 export (a .onnx file) or, with --bart-prefix, a BART export folder into prefix-tuning
+    /// graphs (train_step, grads, eval_step) and a manifest.
     Compile {
         model: PathBuf,
         /// Prefix length P (virtual tokens).
@@ -42,8 +43,21 @@ enum Command {
         no_reparam: bool,
         #[arg(long)]
         batch: usize,
+        /// Sequence length (GPT-2).
+        #[arg(long, required_unless_present_any = ["bart_prefix", "src_len", "tgt_len"])]
+        seq: Option<usize>,
+        /// BART export folder: which attentions get a prefix (paper: all three kinds; peft: PEFT 0.21's layout).
         #[arg(long)]
-        seq: usize,
+        bart_prefix: Option<String>,
+        /// BART source length.
+        #[arg(long)]
+        src_len: Option<usize>,
+        /// BART target length.
+        #[arg(long)]
+        tgt_len: Option<usize>,
+        /// BART loss label smoothing.
+        #[arg(long, default_value_t = 0.0)]
+        label_smoothing: f32,
         /// AdamW's decoupled weight decay (HF Trainer's default: 0).
         #[arg(long, default_value_t = 0.0)]
         weight_decay: f32,
@@ -117,6 +131,10 @@ fn run(cli: Cli) -> Result<()> {
             no_reparam,
             batch,
             seq,
+            bart_prefix,
+            src_len,
+            tgt_len,
+            label_smoothing,
             weight_decay,
             max_grad_norm,
             seed,
@@ -125,6 +143,47 @@ fn run(cli: Cli) -> Result<()> {
             max_new,
             output,
         } => {
+            let optimizer = AdamW {
+                weight_decay,
+                max_grad_norm: if max_grad_norm > 0.0 { Some(max_grad_norm) } else { None },
+                ..AdamW::default()
+            };
+            if model.is_dir() || bart_prefix.is_some() {
+                let mode: bart::BartPrefix = match &bart_prefix {
+                    Some(m) => m.parse()?,
+                    None => {
+                        anyhow::bail!("{} is a folder: BART exports need --bart-prefix paper|peft", model.display())
+                    }
+                };
+                let (Some(src_len), Some(tgt_len)) = (src_len, tgt_len) else {
+                    anyhow::bail!("BART needs --src-len and --tgt-len");
+                };
+                let opts = bart::BartOptions {
+                    mode,
+                    prefix_len,
+                    mid_dim: if no_reparam { None } else { Some(mid_dim) },
+                    batch,
+                    src_len,
+                    tgt_len,
+                    label_smoothing,
+                    optimizer,
+                    seed,
+                };
+                let t0 = std::time::Instant::now();
+                let m = bart::compile_bart(&model, &opts, &output)
+                    .with_context(|| format!("compiling {}", model.display()))?;
+                eprintln!(
+                    "compiled BART {} (prefix {}, {mode} layout, {} trainable tensors) into {} in {:.2}s: {}",
+                    model.display(),
+                    m.prefix_len,
+                    m.trainable.len(),
+                    output.display(),
+                    t0.elapsed().as_secs_f64(),
+                    m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
+                );
+                return Ok(());
+            }
+            let seq = seq.unwrap_or(0);
             if batch == 0 || seq == 0 {
                 anyhow::bail!("--batch and --seq must be at least 1");
             }
@@ -133,11 +192,7 @@ fn run(cli: Cli) -> Result<()> {
                 mid_dim: if no_reparam { None } else { Some(mid_dim) },
                 batch,
                 seq,
-                optimizer: AdamW {
-                    weight_decay,
-                    max_grad_norm: if max_grad_norm > 0.0 { Some(max_grad_norm) } else { None },
-                    ..AdamW::default()
-                },
+                optimizer,
                 seed,
                 generation: Some(GenShape { rows: gen_rows, prompt_len: prompt_len.unwrap_or(seq), max_new }),
             };

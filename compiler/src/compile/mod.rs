@@ -2,6 +2,7 @@
 //! evaluation step), the frozen weights written once into a shared file.
 
 pub mod bake;
+pub mod bart;
 pub mod generate;
 pub mod init;
 pub mod loss;

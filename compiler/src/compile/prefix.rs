@@ -273,7 +273,9 @@ fn leads_to_matmul(g: &Graph, prod: &HashMap<String, usize>, v: &str, depth: usi
         && n.inputs.iter().any(|x| leads_to_matmul(g, prod, x, depth - 1))
 }
 
-fn inject_one(g: &mut Graph, softmax: &str, kv: &(String, String), p: usize) -> Result<()> {
+/// Binds one attention site: `softmax` names the Softmax node, `kv` the prefix keys and values [B, H, P, D].
+/// (`inject_at_sites` calls it for every site in order; the BART path picks the sites itself.)
+pub fn inject_one(g: &mut Graph, softmax: &str, kv: &(String, String), p: usize) -> Result<()> {
     let prod = g.producers();
     let sm = &g.nodes[node_index(g, softmax)];
     let scores_shape = g.shape_of(&sm.inputs[0]).unwrap();

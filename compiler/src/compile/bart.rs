@@ -1,0 +1,929 @@
+//! BART: optimum's encoder and decoder exports linked into one prefix-tuning training graph.
+//!
+//! The pipeline, top to bottom (`build_bart_loss_graph`):
+//!
+//! 1. find the export's graphs (`encoder_model.onnx`, and `decoder_model.onnx` or the merged decoder, whose
+//!    no-cache branch is taken) and its `config.json` (pad and decoder-start tokens);
+//! 2. canonicalize both; in `peft` mode number the decoder's positions from P (PEFT's cache makes HF do so);
+//! 3. specialize the encoder to [B, S] and the decoder to [B, T] over a source of length S;
+//! 4. link: the decoder's names that clash with the encoder's are renamed, its `encoder_hidden_states` reads the
+//!    encoder's `last_hidden_state`, its `encoder_attention_mask` the source `attention_mask`, and its
+//!    `input_ids` are derived from `labels` as HF's `shift_tokens_right` does;
+//! 5. find the attention sites (encoder self-attention; decoder self-attention and cross-attention, told apart by
+//!    what their keys are computed from) and bind the prefix there (`prefix::inject_one`);
+//! 6. the loss: mean cross-entropy over labels != -100 without a shift, optionally label-smoothed.
+//!
+//! Then, as for GPT-2: gradients (`autodiff`), AdamW, and a bundle with a shared weights file.
+//!
+//! Two prefix designs (`BartPrefix`):
+//! - `Paper` (Li & Liang's reference code): three independent generators `enc.*`, `dec.*`, `cross.*`; layer l of a
+//!   site reads rows 2l (keys) and 2l+1 (values) of its generator; no position shift.
+//! - `Peft` (PEFT 0.21's `PeftModelForSeq2SeqLM`, checked by `graphs/bart-ref/make_bart_references.py`): one
+//!   generator of L = max(encoder, decoder layers) layers; PEFT duplicates its [2L, H, P, D] table and splits it
+//!   in fours, so decoder layer i reads rows (4i mod 2L, 4i+1 mod 2L) for its self-attention; the four-row
+//!   chunks' "cross" rows are discarded (PEFT empties the cross-attention cache), so the encoder and the
+//!   cross-attention see no prefix; the decoder's positions start at P.
+//!
+//! Not here yet: generation graphs. The plan: (1) `bart_encode.onnx` = the encoder with the `enc.*` prefix bound
+//! (as above, specialized to [R, S]) that also outputs, per decoder layer, the cross-attention keys/values
+//! [R, H, P+S, D] with the `cross.*` prefix in front (the decoder_model's `present.{i}.encoder.*` computation,
+//! concatenated) and the widened source mask [R, P+S]; (2) `bart_decode.onnx` from `decoder_with_past_model.onnx`
+//! specialized with past = capacity C (self cache) and encoder length P+S (cross cache fed once), its positions
+//! exposed as an input (paper: from 0; peft: from P) and a self-attention mask input added at the site (the with-past
+//! export has none, and a fixed-capacity cache needs one), returning only the new token's self keys/values; the
+//! self cache is seeded with the `dec.*` (paper) or PEFT-row prefix in its first P slots. The runtime loop (greedy /
+//! beam over that cache) belongs to `pfx-runtime`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::optimizer::{self, AdamW};
+use super::prefix::{self, PrefixShape};
+use super::{init, loss, GraphIo, Injection, IoRole, Manifest, OptimizerSpec, TensorSpec};
+use crate::autodiff::build_gradients;
+use crate::inspect::{detect_family, inspect, Family, ModelInfo};
+use crate::ir::{Attr, Graph, Model, Node, ValueInfo, ValueType};
+use crate::onnx_io::{self, WeightsFile};
+use crate::simplify::simplify;
+use crate::specialize::{specialize, Dims};
+use crate::tensor::{DType, Tensor};
+
+/// Which attentions get a prefix, laid out how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BartPrefix {
+    /// Every attention (encoder self, decoder self, cross), three generators.
+    Paper,
+    /// PEFT 0.21's layout: decoder self-attention only, one generator, positions shifted.
+    Peft,
+}
+
+impl std::str::FromStr for BartPrefix {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "paper" => Ok(BartPrefix::Paper),
+            "peft" => Ok(BartPrefix::Peft),
+            _ => bail!("--bart-prefix must be 'paper' or 'peft' (got '{s}')"),
+        }
+    }
+}
+
+impl std::fmt::Display for BartPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BartPrefix::Paper => "paper",
+            BartPrefix::Peft => "peft",
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BartOptions {
+    pub mode: BartPrefix,
+    pub prefix_len: usize,
+    /// MLP width; None = `--no-reparam`.
+    pub mid_dim: Option<usize>,
+    pub batch: usize,
+    /// Source length S (encoder).
+    pub src_len: usize,
+    /// Target length T (decoder, labels).
+    pub tgt_len: usize,
+    /// Label smoothing ε (0 = plain cross-entropy), as torch's `cross_entropy(label_smoothing=ε)`.
+    pub label_smoothing: f32,
+    pub optimizer: AdamW,
+    pub seed: u64,
+}
+
+/// The files of an optimum export and the few config values the graph needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BartExport {
+    pub dir: PathBuf,
+    pub encoder: PathBuf,
+    pub decoder: PathBuf,
+    /// The decoder is optimum's merged one (an If on `use_cache_branch`); its no-cache branch is used.
+    pub merged: bool,
+    pub pad_token_id: i64,
+    pub decoder_start_token_id: i64,
+}
+
+/// Sizes read off the two graphs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BartDims {
+    pub encoder_layers: usize,
+    pub encoder_heads: usize,
+    pub decoder_layers: usize,
+    pub decoder_heads: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    /// Positions each side can number (BART's table has 2 more rows: its offset).
+    pub encoder_positions: Option<usize>,
+    pub decoder_positions: Option<usize>,
+}
+
+/// One prefix generator: its name prefix (`enc.`, `dec.`, `cross.`, or none) and sizes.
+#[derive(Clone, Debug)]
+pub struct Generator {
+    pub site: String,
+    pub shape: PrefixShape,
+}
+
+impl Generator {
+    pub fn trainables(&self) -> Vec<(String, Vec<usize>)> {
+        self.shape.trainables(&self.site)
+    }
+}
+
+/// The linked forward graph ending in `loss`, and what was bound where.
+pub struct BartLoss {
+    pub model: Model,
+    pub export: BartExport,
+    pub dims: BartDims,
+    pub generators: Vec<Generator>,
+}
+
+impl BartLoss {
+    pub fn trainables(&self) -> Vec<(String, Vec<usize>)> {
+        self.generators.iter().flat_map(|g| g.trainables()).collect()
+    }
+}
+
+/// Finds the graphs of an optimum export folder (and refuses what is not one, saying why).
+pub fn find_export(dir: &Path) -> Result<BartExport> {
+    if dir.is_file() {
+        let what = match onnx_io::load(dir) {
+            Ok(m) => match detect_family(&m.graph) {
+                Family::Gpt2Decoder => "a GPT-2 (decoder-only) graph".to_string(),
+                Family::BartEncoder | Family::BartDecoder => {
+                    format!("one graph of a BART export ({})", detect_family(&m.graph))
+                }
+                f => format!("a {f} graph"),
+            },
+            Err(_) => "a file".to_string(),
+        };
+        bail!(
+            "{} is {what}; --bart-prefix needs the folder that `optimum-cli export onnx --task \
+             text2text-generation-with-past` writes (encoder_model.onnx and decoder_model.onnx); \
+             GPT-2 exports are compiled without --bart-prefix",
+            dir.display()
+        );
+    }
+    if !dir.is_dir() {
+        bail!("{} does not exist (expected a BART export folder)", dir.display());
+    }
+    let encoder = dir.join("encoder_model.onnx");
+    if !encoder.exists() {
+        bail!(
+            "{} has no encoder_model.onnx: --bart-prefix needs optimum's BART export folder \
+             (encoder_model.onnx and decoder_model.onnx or decoder_model_merged.onnx)",
+            dir.display()
+        );
+    }
+    let (decoder, merged) = if dir.join("decoder_model.onnx").exists() {
+        (dir.join("decoder_model.onnx"), false)
+    } else if dir.join("decoder_model_merged.onnx").exists() {
+        (dir.join("decoder_model_merged.onnx"), true)
+    } else {
+        let with_past = dir.join("decoder_with_past_model.onnx").exists();
+        bail!(
+            "{} has no decoder: training needs decoder_model.onnx (or optimum's decoder_model_merged.onnx){}",
+            dir.display(),
+            if with_past {
+                "; decoder_with_past_model.onnx alone cannot train (it reads cached cross-attention keys, not the \
+                 encoder's output)"
+            } else {
+                ""
+            }
+        );
+    };
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        format!(
+            "cannot read {} (optimum writes it next to the graphs; pfx reads pad_token_id and \
+             decoder_start_token_id from it)",
+            cfg_path.display()
+        )
+    })?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    let int = |k: &str| -> Result<i64> {
+        cfg.get(k)
+            .and_then(|v| v.as_i64())
+            .ok_or_else(|| anyhow!("{} has no integer '{k}' (needed to derive the decoder inputs)", cfg_path.display()))
+    };
+    Ok(BartExport {
+        dir: dir.to_path_buf(),
+        encoder,
+        decoder,
+        merged,
+        pad_token_id: int("pad_token_id")?,
+        decoder_start_token_id: int("decoder_start_token_id")?,
+    })
+}
+
+/// Replaces optimum's merged decoder (one If on `use_cache_branch`) by its no-cache branch.
+fn take_no_cache_branch(m: &mut Model) -> Result<()> {
+    let g = &mut m.graph;
+    let Some(i) =
+        g.nodes.iter().position(|n| n.op == "If" && n.inputs.first().map(|c| c == "use_cache_branch").unwrap_or(false))
+    else {
+        bail!("the merged decoder has no If on use_cache_branch");
+    };
+    let node = g.nodes.remove(i);
+    let Some(Attr::Graph(branch)) = node.attrs.get("else_branch") else {
+        bail!("{}: no else_branch", node.label());
+    };
+    let branch = (**branch).clone();
+    for (k, t) in branch.initializers {
+        g.initializers.insert(k, t);
+    }
+    for (k, t) in branch.types {
+        g.types.insert(k, t);
+    }
+    for (j, n) in branch.nodes.into_iter().enumerate() {
+        g.nodes.insert(i + j, n);
+    }
+    for (out, bout) in node.outputs.iter().zip(&branch.outputs) {
+        if out.is_empty() {
+            continue;
+        }
+        let name = format!("{out}.branch_output");
+        g.nodes.push(Node::new(name, "Identity", vec![bout.name.clone()], vec![out.clone()]));
+    }
+    g.inputs.retain(|v| v.name != "use_cache_branch");
+    g.forget_names();
+    g.toposort()?;
+    g.dce();
+    Ok(())
+}
+
+fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Model, ModelInfo)> {
+    let mut m = onnx_io::load(path)?;
+    let fam = detect_family(&m.graph);
+    if fam != want {
+        bail!("{} is a {fam} graph, expected the {want}", path.display());
+    }
+    if merged {
+        take_no_cache_branch(&mut m).with_context(|| format!("taking the no-cache branch of {}", path.display()))?;
+    }
+    let info = inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
+    crate::canonicalize::canonicalize(&mut m).map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
+    Ok((m, info))
+}
+
+/// The rank-4 attention softmaxes, in graph order, with the value their QK MatMul reads as keys.
+fn attention_softmaxes(g: &Graph) -> Vec<(String, String)> {
+    let prod = g.producers();
+    let mut out = Vec::new();
+    for n in &g.nodes {
+        if n.op != "Softmax" {
+            continue;
+        }
+        let Some(shape) = g.shape_of(&n.inputs[0]).filter(|s| s.len() == 4) else { continue };
+        // Breadth-first back through elementwise ops to the nearest MatMul of the scores' shape.
+        let mut frontier = vec![n.inputs[0].clone()];
+        let mut keys = None;
+        'search: for _ in 0..8 {
+            let mut next = Vec::new();
+            for v in &frontier {
+                let Some(&i) = prod.get(v) else { continue };
+                let p = &g.nodes[i];
+                if p.op == "MatMul" && g.shape_of(&p.outputs[0]).as_deref() == Some(&shape[..]) {
+                    keys = Some(p.inputs[1].clone());
+                    break 'search;
+                }
+                if matches!(p.op.as_str(), "Add" | "Sub" | "Mul" | "Div" | "Where" | "Cast" | "Max" | "Min") {
+                    next.extend(p.inputs.iter().filter(|x| !x.is_empty()).cloned());
+                }
+            }
+            frontier = next;
+        }
+        if let Some(k) = keys {
+            out.push((n.name.clone(), k));
+        }
+    }
+    out
+}
+
+/// Values computed (through any ops) from `root`.
+fn derived_from(g: &Graph, root: &str) -> HashSet<String> {
+    let mut set: HashSet<String> = [root.to_string()].into();
+    for n in &g.nodes {
+        if n.inputs.iter().any(|i| set.contains(i)) {
+            set.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
+        }
+    }
+    set
+}
+
+/// The decoder's attention sites: (self-attention softmaxes, cross-attention softmaxes), each in layer order.
+/// A cross-attention's keys are computed from the encoder's output and not from the decoder's tokens.
+/// `skip`: the encoder's sites (linked in front).
+fn decoder_sites(g: &Graph, tokens: &str, memory: &str, skip: &[String]) -> Result<(Vec<String>, Vec<String>)> {
+    let from_tokens = derived_from(g, tokens);
+    let from_memory = derived_from(g, memory);
+    let (mut selfs, mut crosses) = (Vec::new(), Vec::new());
+    for (sm, k) in attention_softmaxes(g) {
+        if skip.contains(&sm) {
+            continue;
+        }
+        match (from_tokens.contains(&k), from_memory.contains(&k)) {
+            (false, true) => crosses.push(sm),
+            (true, _) => selfs.push(sm),
+            (false, false) => bail!("cannot tell what the keys of attention '{sm}' are computed from"),
+        }
+    }
+    Ok((selfs, crosses))
+}
+
+/// Every name a graph defines or uses (inputs, outputs, initializers, node names and outputs).
+fn names_of(g: &Graph) -> HashSet<String> {
+    let mut s: HashSet<String> = g.inputs.iter().chain(&g.outputs).map(|v| v.name.clone()).collect();
+    s.extend(g.initializers.keys().cloned());
+    for n in &g.nodes {
+        s.insert(n.name.clone());
+        s.extend(n.outputs.iter().cloned());
+    }
+    s
+}
+
+/// Renames values and nodes of `g` by `map` (names not in it stay).
+fn rename_all(g: &mut Graph, map: &HashMap<String, String>) {
+    let r = |s: &mut String| {
+        if let Some(n) = map.get(s.as_str()) {
+            *s = n.clone();
+        }
+    };
+    for n in &mut g.nodes {
+        r(&mut n.name);
+        n.inputs.iter_mut().for_each(r);
+        n.outputs.iter_mut().for_each(r);
+    }
+    g.inputs.iter_mut().for_each(|v| r(&mut v.name));
+    g.outputs.iter_mut().for_each(|v| r(&mut v.name));
+    g.initializers =
+        std::mem::take(&mut g.initializers).into_iter().map(|(k, t)| (map.get(&k).cloned().unwrap_or(k), t)).collect();
+    g.types = std::mem::take(&mut g.types).into_iter().map(|(k, t)| (map.get(&k).cloned().unwrap_or(k), t)).collect();
+    g.forget_names();
+}
+
+/// Names the decoder's three linking inputs take in the linked graph.
+const DECODER_IDS: &str = "decoder_input_ids";
+
+/// Links the specialized encoder and decoder into one graph: inputs `input_ids`, `attention_mask` (the
+/// source) and `labels`; output `logits`. Returns the graph and the names of the encoder's output and of the
+/// decoder's token ids inside it.
+fn link(enc: Model, mut dec: Model, export: &BartExport, batch: usize, tgt: usize) -> Result<(Model, String)> {
+    let e = &enc.graph;
+    let memory = match e.outputs.iter().find(|o| o.name == "last_hidden_state").or(e.outputs.first()) {
+        Some(o) => o.name.clone(),
+        None => bail!("the encoder graph has no output"),
+    };
+    let d = &mut dec.graph;
+    if d.nodes.iter().any(|n| n.attrs.values().any(|a| matches!(a, Attr::Graph(_)))) {
+        bail!("the decoder still has subgraphs after specialization; pfx cannot link it");
+    }
+    // The decoder's inputs must match what feeds them.
+    let check = |d: &Graph, din: &str, ev: &str| -> Result<()> {
+        let (Some(a), Some(b)) = (d.type_of(din), e.type_of(ev)) else { return Ok(()) };
+        if a != b {
+            bail!(
+                "the decoder's '{din}' is {} but the encoder gives '{ev}' as {}: the encoder and decoder do not \
+                 fit together (mismatched hidden sizes?)",
+                a.describe(),
+                b.describe()
+            );
+        }
+        Ok(())
+    };
+    if !d.is_input("input_ids") {
+        bail!("the decoder graph has no input_ids input");
+    }
+    if !d.is_input("encoder_hidden_states") {
+        bail!("the decoder graph does not read encoder_hidden_states; pfx links the encoder's output there");
+    }
+    check(d, "encoder_hidden_states", &memory)?;
+    check(d, "encoder_attention_mask", "attention_mask")?;
+    // Keep only the logits; the presents are for generation.
+    if !d.is_output("logits") {
+        bail!("the decoder graph has no 'logits' output");
+    }
+    d.outputs.retain(|o| o.name == "logits");
+    d.dce();
+    // Rename what clashes; identical initializers are shared.
+    let taken = names_of(e);
+    let mut map: HashMap<String, String> = HashMap::new();
+    map.insert("input_ids".into(), DECODER_IDS.into());
+    map.insert("encoder_hidden_states".into(), memory.clone());
+    map.insert("encoder_attention_mask".into(), "attention_mask".into());
+    let mut used = taken.clone();
+    used.extend(names_of(d));
+    let mut fresh = |name: &str| {
+        let mut cand = format!("decoder/{name}");
+        let mut i = 1;
+        while used.contains(&cand) {
+            cand = format!("decoder/{name}_{i}");
+            i += 1;
+        }
+        used.insert(cand.clone());
+        cand
+    };
+    let mut values: Vec<String> = d.initializers.keys().cloned().collect();
+    for n in &d.nodes {
+        values.push(n.name.clone());
+        values.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
+    }
+    for v in values {
+        if map.contains_key(&v) || !taken.contains(&v) {
+            continue;
+        }
+        let same_constant = matches!((d.initializers.get(&v), e.initializers.get(&v)), (Some(a), Some(b)) if a == b);
+        if same_constant {
+            continue;
+        }
+        map.insert(v.clone(), fresh(&v));
+    }
+    if d.is_input(DECODER_IDS) || taken.contains(DECODER_IDS) {
+        bail!("the export already uses the name '{DECODER_IDS}'");
+    }
+    rename_all(d, &map);
+
+    let mut g = Graph::default();
+    g.name = "bart".into();
+    g.inputs = e.inputs.clone();
+    g.outputs = d.outputs.clone();
+    g.nodes = e.nodes.clone();
+    g.nodes.extend(d.nodes.iter().cloned());
+    g.initializers = e.initializers.clone();
+    for (k, t) in &d.initializers {
+        g.initializers.insert(k.clone(), t.clone());
+    }
+    g.types = e.types.clone();
+    g.types.extend(d.types.iter().map(|(k, v)| (k.clone(), v.clone())));
+    g.forget_names();
+    add_decoder_inputs(&mut g, export, batch, tgt)?;
+    g.toposort()?;
+    let model = Model {
+        graph: g,
+        opset: enc.opset.max(dec.opset),
+        other_opsets: enc.other_opsets.clone(),
+        ir_version: enc.ir_version.max(dec.ir_version),
+        producer_name: enc.producer_name.clone(),
+        producer_version: enc.producer_version.clone(),
+        functions: Vec::new(),
+        metadata: Vec::new(),
+    };
+    Ok((model, memory))
+}
+
+/// `decoder_input_ids` = HF's `shift_tokens_right(labels, pad, decoder_start)`: the start token first, then
+/// labels[:, :-1], with -100 replaced by pad. Adds the `labels` input i64[B, T].
+fn add_decoder_inputs(g: &mut Graph, export: &BartExport, batch: usize, tgt: usize) -> Result<()> {
+    g.inputs.push(ValueInfo { name: "labels".into(), ty: ValueType::known(DType::I64, &[batch, tgt]) });
+    let start =
+        g.add_const("decoder_inputs/start", Tensor::i64(vec![batch, 1], vec![export.decoder_start_token_id; batch]));
+    let shifted = if tgt > 1 {
+        let i = |g: &mut Graph, v: i64| g.add_const("decoder_inputs/i", Tensor::vec_i64(&[v]));
+        let (s0, e, ax) = (i(g, 0), i(g, tgt as i64 - 1), i(g, 1));
+        let head = g.op1("Slice", &["labels", &s0, &e, &ax], vec![], "decoder_inputs/labels_head");
+        g.op1("Concat", &[&start, &head], vec![("axis", Attr::Int(1))], "decoder_inputs/shifted")
+    } else {
+        start
+    };
+    let ignore = g.add_const("decoder_inputs/ignore_index", Tensor::scalar_i64(-100));
+    let pad = g.add_const("decoder_inputs/pad", Tensor::scalar_i64(export.pad_token_id));
+    let ignored = g.op1("Equal", &[&shifted, &ignore], vec![], "decoder_inputs/ignored");
+    let node = g.fresh("decoder_inputs/where");
+    g.nodes.push(Node::new(node, "Where", vec![ignored, pad, shifted], vec![DECODER_IDS.into()]));
+    Ok(())
+}
+
+/// Label smoothing on top of the plain loss: (1-ε)·nll + ε·mean over targets of (-mean over vocab log p).
+fn add_label_smoothing(g: &mut Graph, logits: &str, nll: &str, eps: f32) -> Result<String> {
+    let f = |g: &mut Graph, x: f32| g.add_const("smooth/c", Tensor::scalar_f32(x));
+    let last = g.add_const("smooth/axis", Tensor::vec_i64(&[-1]));
+    let lp = g.op1("LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))], "smooth/logp");
+    let mean_v = g.op1("ReduceMean", &[&lp, &last], vec![("keepdims", Attr::Int(0))], "smooth/mean_logp");
+    let ignore = g.add_const("smooth/ignore_index", Tensor::scalar_i64(-100));
+    let ignored = g.op1("Equal", &["labels", &ignore], vec![], "smooth/ignored");
+    let valid = g.op1("Not", &[&ignored], vec![], "smooth/valid");
+    let validf = g.op1("Cast", &[&valid], vec![("to", Attr::Int(DType::F32.onnx_code() as i64))], "smooth/valid_f");
+    let masked = g.op1("Mul", &[&mean_v, &validf], vec![], "smooth/masked");
+    let total = g.op1("ReduceSum", &[&masked], vec![("keepdims", Attr::Int(0))], "smooth/total");
+    let count = g.op1("ReduceSum", &[&validf], vec![("keepdims", Attr::Int(0))], "smooth/count");
+    let mean = g.op1("Div", &[&total, &count], vec![], "smooth/mean");
+    let (a, b) = (f(g, 1.0 - eps), f(g, -eps));
+    let x = g.op1("Mul", &[nll, &a], vec![], "smooth/nll_part");
+    let y = g.op1("Mul", &[&mean, &b], vec![], "smooth/uniform_part");
+    Ok(g.op1("Add", &[&x, &y], vec![], "smooth/loss"))
+}
+
+fn check_options(o: &BartOptions) -> Result<()> {
+    if o.prefix_len == 0 {
+        bail!("--prefix-len must be at least 1");
+    }
+    if o.mid_dim == Some(0) {
+        bail!("--mid-dim must be at least 1");
+    }
+    if o.batch == 0 || o.src_len == 0 || o.tgt_len == 0 {
+        bail!("--batch, --src-len and --tgt-len must be at least 1");
+    }
+    if !(0.0..1.0).contains(&o.label_smoothing) {
+        bail!("--label-smoothing must be in [0, 1) (got {})", o.label_smoothing);
+    }
+    Ok(())
+}
+
+/// The width the encoder produces must be the width the decoder's cross-attention reads (declared shapes).
+fn check_fit(enc: &Graph, dec: &Graph, export: &BartExport) -> Result<()> {
+    let last = |v: Option<&ValueInfo>| match v.and_then(|v| v.ty.shape.as_ref()).and_then(|s| s.last()) {
+        Some(crate::ir::Dim::Known(n)) => Some(*n),
+        _ => None,
+    };
+    let out = enc.outputs.iter().find(|o| o.name == "last_hidden_state").or(enc.outputs.first());
+    let inp = dec.inputs.iter().find(|v| v.name == "encoder_hidden_states");
+    if inp.is_none() {
+        bail!("{} has no encoder_hidden_states input; pfx links the encoder's output there", export.decoder.display());
+    }
+    if let (Some(a), Some(b)) = (last(out), last(inp)) {
+        if a != b {
+            bail!(
+                "mismatched hidden sizes: the encoder ({}) outputs width {a} but the decoder ({}) reads \
+                 encoder_hidden_states of width {b}; the two graphs are not one model's",
+                export.encoder.display(),
+                export.decoder.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn dims_of(enc: &ModelInfo, dec: &ModelInfo, export: &BartExport) -> Result<BartDims> {
+    let need = |v: Option<usize>, what: &str, p: &Path| {
+        v.ok_or_else(|| anyhow!("could not read the {what} from {}", p.display()))
+    };
+    let (el, eh, ehid) = (
+        need(enc.layers, "number of layers", &export.encoder)?,
+        need(enc.heads, "number of heads", &export.encoder)?,
+        need(enc.hidden, "hidden size", &export.encoder)?,
+    );
+    let (dl, dh, dhid) = (
+        need(dec.layers, "number of layers", &export.decoder)?,
+        need(dec.heads, "number of heads", &export.decoder)?,
+        need(dec.hidden, "hidden size", &export.decoder)?,
+    );
+    if ehid != dhid {
+        bail!(
+            "the encoder's hidden size is {ehid} but the decoder's is {dhid} ({} and {}): they do not belong to \
+             one model",
+            export.encoder.display(),
+            export.decoder.display()
+        );
+    }
+    Ok(BartDims {
+        encoder_layers: el,
+        encoder_heads: eh,
+        decoder_layers: dl,
+        decoder_heads: dh,
+        hidden: ehid,
+        vocab: dec.vocab.unwrap_or(0),
+        encoder_positions: enc.position_rows.map(|r| r.saturating_sub(2)),
+        decoder_positions: dec.position_rows.map(|r| r.saturating_sub(2)),
+    })
+}
+
+/// The forward graph: linked encoder and decoder with the prefix bound, ending in `loss`. Inputs: `input_ids`,
+/// `attention_mask`, `labels`, then the trainable tensors.
+pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss> {
+    check_options(opts)?;
+    let export = find_export(dir)?;
+    let (mut enc, enc_info) = load_part(&export.encoder, Family::BartEncoder, false)?;
+    let (mut dec, dec_info) = load_part(&export.decoder, Family::BartDecoder, export.merged)?;
+    check_fit(&enc.graph, &dec.graph, &export)?;
+    let dims = dims_of(&enc_info, &dec_info, &export)?;
+    let p = opts.prefix_len;
+    if let Some(n) = dims.encoder_positions {
+        if opts.src_len > n {
+            bail!("--src-len {} exceeds the encoder's {n} positions", opts.src_len);
+        }
+    }
+    if let Some(n) = dims.decoder_positions {
+        let (need, why) = match opts.mode {
+            BartPrefix::Peft => (
+                opts.tgt_len + p,
+                format!(" (prefix {p} + target {}: PEFT numbers the decoder's tokens after the prefix)", opts.tgt_len),
+            ),
+            BartPrefix::Paper => (opts.tgt_len, String::new()),
+        };
+        if need > n {
+            bail!("--tgt-len {} needs {need} decoder positions{why}, but the decoder has {n}", opts.tgt_len);
+        }
+    }
+    if opts.mode == BartPrefix::Peft {
+        let n = prefix::shift_positions(&mut dec.graph, p)?;
+        if n != 1 {
+            bail!("expected one position-embedding lookup in the decoder, found {n}");
+        }
+    }
+    specialize(&mut enc, &Dims { batch: opts.batch, seq: opts.src_len, past: None, src_len: None })
+        .with_context(|| format!("specializing {}", export.encoder.display()))?;
+    specialize(&mut dec, &Dims { batch: opts.batch, seq: opts.tgt_len, past: None, src_len: Some(opts.src_len) })
+        .with_context(|| format!("specializing {}", export.decoder.display()))?;
+    let enc_sites: Vec<String> = attention_softmaxes(&enc.graph).into_iter().map(|s| s.0).collect();
+    if enc_sites.len() != dims.encoder_layers {
+        bail!("found {} attentions in the encoder, but it has {} layers", enc_sites.len(), dims.encoder_layers);
+    }
+    let (mut model, memory) = link(enc, dec, &export, opts.batch, opts.tgt_len)?;
+    let g = &mut model.graph;
+    let (self_sites, cross_sites) = decoder_sites(g, DECODER_IDS, &memory, &enc_sites)?;
+    if self_sites.len() != dims.decoder_layers || cross_sites.len() != dims.decoder_layers {
+        bail!(
+            "found {} self-attentions and {} cross-attentions in the decoder, but it has {} layers",
+            self_sites.len(),
+            cross_sites.len(),
+            dims.decoder_layers
+        );
+    }
+    let head_dim = |h: usize| dims.hidden / h;
+    let shape = |layers: usize, heads: usize| PrefixShape {
+        len: p,
+        layers,
+        heads,
+        head_dim: head_dim(heads),
+        hidden: dims.hidden,
+        mid: opts.mid_dim,
+    };
+    let mut generators = Vec::new();
+    match opts.mode {
+        BartPrefix::Paper => {
+            let plan = [
+                ("enc.", shape(dims.encoder_layers, dims.encoder_heads), &enc_sites),
+                ("dec.", shape(dims.decoder_layers, dims.decoder_heads), &self_sites),
+                ("cross.", shape(dims.decoder_layers, dims.decoder_heads), &cross_sites),
+            ];
+            for (site, sh, sites) in plan {
+                let kv = prefix::build_generator(g, &sh, site, opts.batch)?;
+                for (l, sm) in sites.iter().enumerate() {
+                    prefix::inject_one(g, sm, &kv[l], p)
+                        .map_err(|e| e.context(format!("binding the {site}* prefix of layer {l} (Softmax '{sm}')")))?;
+                }
+                generators.push(Generator { site: site.into(), shape: sh });
+            }
+        }
+        BartPrefix::Peft => {
+            if dims.encoder_heads != dims.decoder_heads {
+                bail!(
+                    "PEFT's BART prefix has one head count for both stacks; this model has {} encoder and {} decoder \
+                     heads (use --bart-prefix paper)",
+                    dims.encoder_heads,
+                    dims.decoder_heads
+                );
+            }
+            let layers = dims.encoder_layers.max(dims.decoder_layers);
+            let sh = shape(layers, dims.decoder_heads);
+            let kv = prefix::build_generator(g, &sh, "", opts.batch)?;
+            for (i, sm) in self_sites.iter().enumerate() {
+                // PEFT: rows (4i mod 2L, 4i+1 mod 2L) = generator layer (2i mod L).
+                prefix::inject_one(g, sm, &kv[(2 * i) % layers], p)
+                    .map_err(|e| e.context(format!("binding the prefix of decoder layer {i} (Softmax '{sm}')")))?;
+            }
+            generators.push(Generator { site: String::new(), shape: sh });
+        }
+    }
+    g.toposort()?;
+    let keep: Vec<String> = g.inputs.iter().map(|v| v.name.clone()).collect();
+    g.types.retain(|k, _| keep.contains(k));
+    simplify(g)?;
+    // The loss adds the labels input itself.
+    g.inputs.retain(|v| v.name != "labels");
+    let nll = loss::add_causal_lm_loss(g, "logits", false)?;
+    let out = if opts.label_smoothing > 0.0 {
+        let nll_name = g.fresh("loss/nll");
+        for n in &mut g.nodes {
+            for o in &mut n.outputs {
+                if *o == nll {
+                    *o = nll_name.clone();
+                }
+            }
+        }
+        g.rename_uses(&nll, &nll_name);
+        let total = add_label_smoothing(g, "logits", &nll_name, opts.label_smoothing)?;
+        let id = g.fresh("loss.node");
+        g.nodes.push(Node::new(id, "Identity", vec![total], vec![nll.clone()]));
+        nll
+    } else {
+        nll
+    };
+    g.outputs = vec![ValueInfo { name: out, ty: ValueType::known(DType::F32, &[]) }];
+    let order = |n: &str| match n {
+        "input_ids" => 0,
+        "attention_mask" => 1,
+        "labels" => 2,
+        _ => 3,
+    };
+    g.inputs.sort_by_key(|v| order(&v.name));
+    simplify(g)?;
+    Ok(BartLoss { model, export, dims, generators })
+}
+
+/// The compiled graphs (grads, train_step, eval_step) before writing.
+pub struct CompiledBart {
+    pub graphs: Vec<(String, Model)>,
+    pub export: BartExport,
+    pub dims: BartDims,
+    pub generators: Vec<Generator>,
+}
+
+pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBart> {
+    let BartLoss { model: eval, export, dims, generators } = build_bart_loss_graph(dir, opts)?;
+    let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
+    let mut grads_model = eval.clone();
+    let gg = &mut grads_model.graph;
+    let grads = build_gradients(gg, "loss", &names)?;
+    for (name, gr) in &grads {
+        let out = format!("grad.{name}");
+        let id = gg.fresh(&format!("{out}.node"));
+        gg.nodes.push(Node::new(id, "Identity", vec![gr.clone()], vec![out.clone()]));
+        let s = gg.shape_of(name).unwrap_or_default();
+        gg.outputs.push(ValueInfo { name: out, ty: ValueType::known(DType::F32, &s) });
+    }
+    let mut train_model = grads_model.clone();
+    simplify(&mut grads_model.graph)?;
+    let tg = &mut train_model.graph;
+    tg.outputs.truncate(1);
+    let grad_values: BTreeMap<String, String> = names.iter().map(|n| (n.clone(), format!("grad.{n}"))).collect();
+    optimizer::add_adamw(tg, &grad_values, &opts.optimizer);
+    simplify(tg)?;
+    let graphs = vec![
+        ("grads".to_string(), grads_model),
+        ("train_step".to_string(), train_model),
+        ("eval_step".to_string(), eval),
+    ];
+    Ok(CompiledBart { graphs, export, dims, generators })
+}
+
+fn role_of(name: &str, trainables: &[String]) -> &'static str {
+    if trainables.iter().any(|t| t == name) {
+        "trainable"
+    } else if name.starts_with("adam.") {
+        "optimizer_state"
+    } else if name.starts_with("new.adam.") {
+        "updated_optimizer_state"
+    } else if name.starts_with("new.") {
+        "updated_trainable"
+    } else if name.starts_with("grad.") {
+        "gradient"
+    } else if name == "loss" {
+        "loss"
+    } else if name == "grad_norm" {
+        "metric"
+    } else if name == "lr" || name == "step" {
+        "hyperparameter"
+    } else {
+        "batch"
+    }
+}
+
+fn graph_io(m: &Model, file: &str, trainables: &[String]) -> GraphIo {
+    let conv = |v: &ValueInfo| {
+        let ty = m.graph.type_of(&v.name).unwrap_or_else(|| v.ty.clone());
+        IoRole {
+            name: v.name.clone(),
+            shape: ty.concrete().unwrap_or_default(),
+            dtype: ty.dtype.short().to_string(),
+            role: role_of(&v.name, trainables).into(),
+        }
+    };
+    GraphIo {
+        file: file.into(),
+        inputs: m.graph.inputs.iter().map(conv).collect(),
+        outputs: m.graph.outputs.iter().map(conv).collect(),
+    }
+}
+
+/// What a BART bundle's manifest.json carries beyond the common fields (under the key "bart").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BartSpec {
+    pub mode: BartPrefix,
+    pub src_len: usize,
+    pub tgt_len: usize,
+    pub label_smoothing: f32,
+    pub encoder_layers: usize,
+    pub encoder_heads: usize,
+    pub decoder_layers: usize,
+    pub decoder_heads: usize,
+    pub pad_token_id: i64,
+    pub decoder_start_token_id: i64,
+    pub encoder_graph: String,
+    pub decoder_graph: String,
+    /// Generators: name prefix ("enc.", "dec.", "cross.", or "" for PEFT's single one) and layers.
+    pub generators: Vec<(String, usize)>,
+}
+
+/// Reads the "bart" section of a bundle's manifest (None for GPT-2 bundles).
+pub fn read_bart_spec(bundle: &Path) -> Result<Option<BartSpec>> {
+    let p = bundle.join("manifest.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    match v.get("bart") {
+        Some(b) => Ok(Some(serde_json::from_value(b.clone())?)),
+        None => Ok(None),
+    }
+}
+
+/// Compiles a BART export folder into a bundle in `out_dir`: grads.onnx, train_step.onnx, eval_step.onnx,
+/// weights.bin, prefix.init.safetensors and manifest.json (family "bart", with a "bart" section).
+pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Manifest> {
+    let c = compile_bart_models(dir, opts)?;
+    let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
+    let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
+    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
+    let mut io = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    for (role, m) in &c.graphs {
+        let file = format!("{role}.onnx");
+        onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
+        io.insert(role.to_string(), graph_io(m, &file, &names));
+        files.insert(role.to_string(), file);
+    }
+    if let Some(tok) = Some(dir.join("tokenizer.json")).filter(|p| p.exists()) {
+        std::fs::copy(&tok, out_dir.join("tokenizer.json")).with_context(|| format!("copying {}", tok.display()))?;
+    }
+    // Each generator initialized as PEFT initializes its PrefixEncoder, from its own seed.
+    let mut values = BTreeMap::new();
+    for (k, gen) in c.generators.iter().enumerate() {
+        for (name, t) in init::init_prefix(&gen.shape, opts.seed.wrapping_add(k as u64)) {
+            values.insert(format!("{}{name}", gen.site), t);
+        }
+    }
+    init::write_safetensors(&out_dir.join("prefix.init.safetensors"), &values)?;
+    let first = &c.generators[0].shape;
+    let d = &c.dims;
+    let manifest = Manifest {
+        format: "pfx-bundle/1".into(),
+        compiler_version: env!("CARGO_PKG_VERSION").into(),
+        family: "bart".into(),
+        source_model: dir.display().to_string(),
+        source_exporter: "optimum".into(),
+        injection: Injection::AttentionSites,
+        batch: opts.batch,
+        seq_len: opts.tgt_len,
+        prefix_len: opts.prefix_len,
+        reparam: opts.mid_dim.is_some(),
+        mid_dim: opts.mid_dim,
+        layers: match opts.mode {
+            BartPrefix::Peft => first.layers,
+            BartPrefix::Paper => d.decoder_layers,
+        },
+        heads: d.decoder_heads,
+        head_dim: d.hidden / d.decoder_heads,
+        hidden: d.hidden,
+        vocab: d.vocab,
+        optimizer: OptimizerSpec {
+            kind: "adamw".into(),
+            beta1: opts.optimizer.beta1,
+            beta2: opts.optimizer.beta2,
+            eps: opts.optimizer.eps,
+            weight_decay: opts.optimizer.weight_decay,
+            max_grad_norm: opts.optimizer.max_grad_norm,
+        },
+        trainable: trainables
+            .iter()
+            .map(|(n, s)| TensorSpec { name: n.clone(), shape: s.clone(), dtype: "f32".into() })
+            .collect(),
+        graphs: files,
+        io,
+        weights_file: "weights.bin".into(),
+        init: "prefix.init.safetensors".into(),
+        generation: None,
+        baked: false,
+    };
+    let spec = BartSpec {
+        mode: opts.mode,
+        src_len: opts.src_len,
+        tgt_len: opts.tgt_len,
+        label_smoothing: opts.label_smoothing,
+        encoder_layers: d.encoder_layers,
+        encoder_heads: d.encoder_heads,
+        decoder_layers: d.decoder_layers,
+        decoder_heads: d.decoder_heads,
+        pad_token_id: c.export.pad_token_id,
+        decoder_start_token_id: c.export.decoder_start_token_id,
+        encoder_graph: file_name(&c.export.encoder),
+        decoder_graph: file_name(&c.export.decoder),
+        generators: c.generators.iter().map(|g| (g.site.clone(), g.shape.layers)).collect(),
+    };
+    let mut json = serde_json::to_value(&manifest)?;
+    json.as_object_mut().expect("a manifest is an object").insert("bart".into(), serde_json::to_value(&spec)?);
+    let text = serde_json::to_string_pretty(&json)?;
+    onnx_io::write_atomically(&out_dir.join("manifest.json"), text.as_bytes())?;
+    Ok(manifest)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
+}

@@ -1,0 +1,371 @@
+//! Issue 6: BART prefix-tuning graphs (encoder and decoder exports linked into one training graph) equal the
+//! references of `graphs/bart-ref/make_bart_references.py`: PEFT 0.21 itself for `--bart-prefix peft`, the
+//! reference code's attention written out in PyTorch for `--bart-prefix paper`. Both fixtures (deeper encoder,
+//! deeper decoder), both modes, with and without reparametrization, on tract and ONNX Runtime: loss, gradients,
+//! label smoothing, three AdamW steps (also with clipping that fires). Then the merged decoder, snapshots of the
+//! compiled graphs, and the error messages.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use pfx_compiler::compile::bart::{
+    build_bart_loss_graph, compile_bart, compile_bart_models, read_bart_spec, BartOptions, BartPrefix,
+};
+use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::Manifest;
+use pfx_runtime::{open, Backend, BackendKind, HostTensor, OrtOptions};
+
+const FIXTURES: &[&str] = &["bart-enc-deep", "bart-dec-deep"];
+const MODES: &[BartPrefix] = &[BartPrefix::Peft, BartPrefix::Paper];
+const PARAMS: &[&str] = &["reparam", "noreparam"];
+// The reference script's setup.
+const P: usize = 4;
+const M: usize = 16;
+const B: usize = 3;
+const S: usize = 7;
+const T: usize = 6;
+const LR: f32 = 0.01;
+const WD: f32 = 0.01;
+const LABEL_SMOOTHING: f32 = 0.1;
+
+fn reference(fixture: &str, mode: BartPrefix, param: &str) -> BTreeMap<String, HostTensor> {
+    let p = common::graphs_dir().join(format!("bart-ref/{fixture}-{mode}-{param}.safetensors"));
+    pfx_runtime::read_safetensors(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
+}
+
+fn options(mode: BartPrefix, param: &str, max_norm: f32, label_smoothing: f32) -> BartOptions {
+    BartOptions {
+        mode,
+        prefix_len: P,
+        mid_dim: if param == "reparam" { Some(M) } else { None },
+        batch: B,
+        src_len: S,
+        tgt_len: T,
+        label_smoothing,
+        optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
+        seed: 0,
+    }
+}
+
+fn out_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("pfx-bart-{}-{tag}", std::process::id()))
+}
+
+fn compile_case(dir: &Path, fixture: &str, opts: &BartOptions, tag: &str) -> (PathBuf, Manifest) {
+    let out = out_dir(&format!("{fixture}-{}-{tag}", opts.mode));
+    let m = compile_bart(dir, opts, &out).unwrap_or_else(|e| panic!("compiling {fixture} ({tag}): {e:#}"));
+    (out, m)
+}
+
+fn backends() -> Vec<BackendKind> {
+    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
+        vec![BackendKind::Tract]
+    } else {
+        vec![BackendKind::Tract, BackendKind::Ort]
+    }
+}
+
+/// Every graph of a bundle passes `onnx.checker.check_model(full_check=True)` (weights in the shared file).
+fn check_bundle(dir: &Path) {
+    if std::env::var("PFX_SKIP_PYTHON").map(|v| v == "1").unwrap_or(false) {
+        return;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().map(|e| e == "onnx").unwrap_or(false))
+        .collect();
+    files.sort();
+    let out = std::process::Command::new("python3")
+        .arg(common::graphs_dir().join("check_model.py"))
+        .args(&files)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "onnx.checker rejected a bundle graph (pip install onnx; PFX_SKIP_PYTHON=1 skips): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run(b: &mut Box<dyn Backend>, inputs: &BTreeMap<String, HostTensor>, what: &str) -> BTreeMap<String, HostTensor> {
+    b.run(inputs).unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+fn scalar(t: &HostTensor) -> f64 {
+    t.to_f64_vec()[0]
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-30)
+}
+
+fn check_norm(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) -> f64 {
+    let e = got.norm_rel_error(want).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert!(e <= tol, "{what}: ‖a−b‖/‖b‖ = {e:e} > {tol:e}");
+    e
+}
+
+/// Loss within 1e-5 and every gradient within 1e-4 of the reference (`prefix` selects `ls.` keys).
+fn check_grads(dir: &Path, m: &Manifest, r: &BTreeMap<String, HostTensor>, prefix: &str, what: &str) {
+    for kind in backends() {
+        let what = format!("{what} {kind}");
+        let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();
+        let out = run(&mut b, r, &what);
+        let want = scalar(&r[&format!("{prefix}loss")]);
+        let e = rel(scalar(&out["loss"]), want);
+        assert!(e <= 1e-5, "{what}: loss {} vs reference {want} (rel {e:e})", scalar(&out["loss"]));
+        let mut worst = 0.0f64;
+        for t in &m.trainable {
+            let g = format!("grad.{}", t.name);
+            worst = worst.max(check_norm(&format!("{what} {g}"), &out[&g], &r[&format!("{prefix}{g}")], 1e-4));
+        }
+        let mut ev = open(dir.join("eval_step.onnx"), kind, &OrtOptions::default()).unwrap();
+        let el = scalar(&run(&mut ev, r, &what)["loss"]);
+        assert!(rel(el, want) <= 1e-5, "{what}: eval loss {el} vs {want}");
+        println!("{what:<44} loss rel err {e:.1e}, worst gradient rel err {worst:.1e}");
+    }
+}
+
+#[test]
+fn loss_and_gradients_equal_references() {
+    for fixture in FIXTURES {
+        let export = common::graphs_dir().join(fixture);
+        for &mode in MODES {
+            for param in PARAMS {
+                let r = reference(fixture, mode, param);
+                let (dir, m) = compile_case(&export, fixture, &options(mode, param, 1.0, 0.0), param);
+                assert_eq!(m.family, "bart");
+                let names: Vec<&str> = m.trainable.iter().map(|t| t.name.as_str()).collect();
+                let want: Vec<String> = r.keys().filter_map(|k| k.strip_prefix("grad.")).map(String::from).collect();
+                let mut sorted = names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+                sorted.sort();
+                assert_eq!(sorted, want, "{fixture} {mode} {param}: trainable names");
+                for t in &m.trainable {
+                    assert_eq!(t.shape, r[&t.name].shape(), "{fixture} {mode} {param}: shape of {}", t.name);
+                }
+                check_bundle(&dir);
+                check_grads(&dir, &m, &r, "", &format!("{fixture} {mode} {param}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn label_smoothing_equals_torch() {
+    for fixture in FIXTURES {
+        let export = common::graphs_dir().join(fixture);
+        for &mode in MODES {
+            for param in PARAMS {
+                let r = reference(fixture, mode, param);
+                let opts = options(mode, param, 1.0, LABEL_SMOOTHING);
+                let (dir, m) = compile_case(&export, fixture, &opts, &format!("{param}-ls"));
+                check_grads(&dir, &m, &r, "ls.", &format!("{fixture} {mode} {param} ε=0.1"));
+            }
+        }
+    }
+}
+
+/// Runs `train_step` three times from the reference's initial values and compares with torch's AdamW.
+fn three_steps(
+    dir: &Path,
+    m: &Manifest,
+    r: &BTreeMap<String, HostTensor>,
+    prefix: &str,
+    kind: BackendKind,
+    what: &str,
+) {
+    let mut b = open(dir.join("train_step.onnx"), kind, &OrtOptions::default()).unwrap();
+    let mut state: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for k in ["input_ids", "attention_mask", "labels"] {
+        state.insert(k.into(), r[k].clone());
+    }
+    for t in &m.trainable {
+        state.insert(t.name.clone(), r[&t.name].clone());
+        let zeros = HostTensor::from_f32(t.shape.clone(), vec![0.0; t.shape.iter().product()]).unwrap();
+        state.insert(format!("adam.m.{}", t.name), zeros.clone());
+        state.insert(format!("adam.v.{}", t.name), zeros);
+    }
+    state.insert("lr".into(), HostTensor::scalar_f32(LR));
+    for step in 1..=3 {
+        state.insert("step".into(), HostTensor::scalar_i64(step));
+        let out = run(&mut b, &state, what);
+        let (l, wl) = (scalar(&out["loss"]), scalar(&r[&format!("{prefix}loss.{step}")]));
+        assert!(rel(l, wl) <= 1e-4, "{what} step {step}: loss {l} vs {wl}");
+        let (n, wn) = (scalar(&out["grad_norm"]), scalar(&r[&format!("{prefix}grad_norm.{step}")]));
+        assert!(rel(n, wn) <= 1e-4, "{what} step {step}: grad norm {n} vs {wn}");
+        for t in &m.trainable {
+            for (from, to) in [
+                (format!("new.{}", t.name), t.name.clone()),
+                (format!("new.adam.m.{}", t.name), format!("adam.m.{}", t.name)),
+                (format!("new.adam.v.{}", t.name), format!("adam.v.{}", t.name)),
+            ] {
+                state.insert(to, out[&from].clone());
+            }
+        }
+    }
+    for t in &m.trainable {
+        check_norm(
+            &format!("{what} final {}", t.name),
+            &state[&t.name],
+            &r[&format!("{prefix}final.{}", t.name)],
+            1e-4,
+        );
+        for s in ["m", "v"] {
+            let k = format!("adam.{s}.{}", t.name);
+            check_norm(&format!("{what} final {k}"), &state[&k], &r[&format!("{prefix}final.{k}")], 1e-4);
+        }
+    }
+}
+
+#[test]
+fn three_adamw_steps_follow_torch() {
+    for fixture in FIXTURES {
+        let export = common::graphs_dir().join(fixture);
+        for &mode in MODES {
+            for param in PARAMS {
+                let r = reference(fixture, mode, param);
+                for (max_norm, prefix) in [(1.0, "train."), (1e-3, "clip.")] {
+                    let opts = options(mode, param, max_norm, 0.0);
+                    let tag = format!("{param}-{}", prefix.trim_end_matches('.'));
+                    let (dir, m) = compile_case(&export, fixture, &opts, &tag);
+                    for kind in backends() {
+                        three_steps(&dir, &m, &r, prefix, kind, &format!("{fixture} {mode} {param} {prefix} {kind}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// optimum's merged decoder (an If on use_cache_branch) gives the same graphs' results as decoder_model.onnx.
+#[test]
+fn merged_decoder_is_accepted() {
+    let fixture = "bart-dec-deep";
+    let src = common::graphs_dir().join(fixture);
+    let dir = out_dir("merged-export");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["encoder_model.onnx", "decoder_model_merged.onnx", "config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    for &mode in MODES {
+        let r = reference(fixture, mode, "reparam");
+        let (out, m) = compile_case(&dir, fixture, &options(mode, "reparam", 1.0, 0.0), "merged");
+        let spec = read_bart_spec(&out).unwrap().expect("a BART bundle has a bart section");
+        assert_eq!(spec.decoder_graph, "decoder_model_merged.onnx");
+        assert_eq!(spec.mode, mode);
+        check_grads(&out, &m, &r, "", &format!("{fixture} (merged decoder) {mode}"));
+    }
+}
+
+/// The manifest's BART section and the initial prefix file.
+#[test]
+fn bundle_manifest() {
+    let export = common::graphs_dir().join("bart-dec-deep");
+    let (dir, m) = compile_case(&export, "bart-dec-deep", &options(BartPrefix::Paper, "reparam", 1.0, 0.0), "manifest");
+    let spec = read_bart_spec(&dir).unwrap().unwrap();
+    assert_eq!((spec.encoder_layers, spec.decoder_layers, spec.src_len, spec.tgt_len), (1, 2, S, T));
+    assert_eq!((spec.pad_token_id, spec.decoder_start_token_id), (1, 2));
+    assert_eq!(spec.generators, vec![("enc.".to_string(), 1), ("dec.".to_string(), 2), ("cross.".to_string(), 2)]);
+    assert_eq!(m.trainable.len(), 15);
+    let init = pfx_runtime::read_safetensors(dir.join("prefix.init.safetensors")).unwrap();
+    for t in &m.trainable {
+        assert_eq!(init[&t.name].shape(), &t.shape[..], "{}", t.name);
+    }
+    let read = pfx_compiler::compile::read_manifest(&dir).unwrap();
+    assert_eq!(read.family, "bart");
+    let io = &read.io["grads"];
+    let ins: Vec<&str> = io.inputs.iter().take(3).map(|i| i.name.as_str()).collect();
+    assert_eq!(ins, ["input_ids", "attention_mask", "labels"]);
+    assert_eq!(io.inputs[0].shape, vec![B, S]);
+    assert_eq!(io.inputs[2].shape, vec![B, T]);
+}
+
+/// Readable snapshots of the compiled graphs (linked forward = eval_step, grads, train_step), reparam.
+#[test]
+fn compiled_graph_snapshots() {
+    for fixture in FIXTURES {
+        let export = common::graphs_dir().join(fixture);
+        for &mode in MODES {
+            let c = compile_bart_models(&export, &options(mode, "reparam", 1.0, 0.0)).unwrap();
+            for (role, m) in &c.graphs {
+                insta::assert_snapshot!(
+                    format!("compiled__{fixture}__{mode}__{role}"),
+                    pfx_compiler::text::model_text(m)
+                );
+            }
+        }
+    }
+}
+
+fn compile_err(dir: &Path, opts: &BartOptions) -> String {
+    match compile_bart_models(dir, opts) {
+        Ok(_) => panic!("compiling {} should fail", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn errors_are_clear() {
+    let g = common::graphs_dir();
+    let opts = options(BartPrefix::Paper, "reparam", 1.0, 0.0);
+    // A GPT-2 graph given with --bart-prefix.
+    let e = compile_err(&g.join("gpt2-optimum/model.onnx"), &opts);
+    assert!(e.contains("GPT-2") && e.contains("encoder_model.onnx"), "{e}");
+    // A GPT-2 folder.
+    let e = compile_err(&g.join("gpt2-optimum"), &opts);
+    assert!(e.contains("no encoder_model.onnx"), "{e}");
+    // An export folder missing the decoder (with and without the with-past decoder).
+    let dir = out_dir("no-decoder");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["encoder_model.onnx", "config.json"] {
+        std::fs::copy(g.join("bart-enc-deep").join(f), dir.join(f)).unwrap();
+    }
+    let e = compile_err(&dir, &opts);
+    assert!(e.contains("has no decoder") && e.contains("decoder_model.onnx"), "{e}");
+    std::fs::copy(g.join("bart-enc-deep/decoder_with_past_model.onnx"), dir.join("decoder_with_past_model.onnx"))
+        .unwrap();
+    let e = compile_err(&dir, &opts);
+    assert!(e.contains("decoder_with_past_model.onnx alone cannot train"), "{e}");
+    // No config.json.
+    let dir = out_dir("no-config");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["encoder_model.onnx", "decoder_model.onnx"] {
+        std::fs::copy(g.join("bart-enc-deep").join(f), dir.join(f)).unwrap();
+    }
+    let e = compile_err(&dir, &opts);
+    assert!(e.contains("config.json") && e.contains("decoder_start_token_id"), "{e}");
+    // Mismatched encoder/decoder hidden sizes: a decoder whose encoder_hidden_states is declared 16 wide.
+    let dir = out_dir("mismatch");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["encoder_model.onnx", "config.json"] {
+        std::fs::copy(g.join("bart-enc-deep").join(f), dir.join(f)).unwrap();
+    }
+    let mut dec = pfx_compiler::onnx_io::load(&g.join("bart-dec-deep/decoder_model.onnx")).unwrap();
+    let v = dec.graph.inputs.iter_mut().find(|v| v.name == "encoder_hidden_states").unwrap();
+    if let Some(s) = v.ty.shape.as_mut() {
+        *s.last_mut().unwrap() = pfx_compiler::ir::Dim::Known(16);
+    }
+    pfx_compiler::onnx_io::save(&dec, &dir.join("decoder_model.onnx"), None).unwrap();
+    let e = compile_err(&dir, &opts);
+    assert!(e.contains("mismatched hidden sizes") && e.contains("width 32") && e.contains("width 16"), "{e}");
+    // S or T beyond the model's 64 positions.
+    let export = g.join("bart-enc-deep");
+    let e = compile_err(&export, &BartOptions { src_len: 65, ..opts.clone() });
+    assert!(e.contains("--src-len 65 exceeds the encoder's 64 positions"), "{e}");
+    let e = compile_err(&export, &BartOptions { tgt_len: 65, ..opts.clone() });
+    assert!(e.contains("--tgt-len 65") && e.contains("64"), "{e}");
+    // PEFT numbers the decoder's tokens after the prefix: T = 61 fits alone but not with P = 4.
+    let peft = BartOptions { mode: BartPrefix::Peft, tgt_len: 61, ..opts.clone() };
+    let e = compile_err(&export, &peft);
+    assert!(e.contains("needs 65 decoder positions") && e.contains("PEFT"), "{e}");
+    build_bart_loss_graph(&export, &BartOptions { tgt_len: 61, ..opts.clone() }).expect("T = 61 fits in paper mode");
+    // Bad options.
+    let e = compile_err(&export, &BartOptions { label_smoothing: 1.0, ..opts.clone() });
+    assert!(e.contains("--label-smoothing"), "{e}");
+    let e = compile_err(&export, &BartOptions { prefix_len: 0, ..opts.clone() });
+    assert!(e.contains("--prefix-len"), "{e}");
+}
