@@ -115,6 +115,19 @@ fn token_index_values(g: &Graph) -> HashSet<String> {
     vals
 }
 
+/// Whether `b` is the 2-D transpose of `a`, compared in place (no transposed copy of a vocabulary matrix).
+fn is_transpose_of(b: &crate::tensor::Tensor, a: &crate::tensor::Tensor) -> bool {
+    use crate::tensor::Data;
+    if a.shape.len() != 2 || b.shape != [a.shape[1], a.shape[0]] {
+        return false;
+    }
+    let (r, c) = (a.shape[0], a.shape[1]);
+    match (&*a.data, &*b.data) {
+        (Data::F32(x), Data::F32(y)) => (0..r).all(|i| (0..c).all(|j| x[i * c + j] == y[j * r + i])),
+        _ => false,
+    }
+}
+
 pub fn inspect(model: &Model) -> Result<ModelInfo> {
     let raw = model;
     let mut canon = raw.clone();
@@ -173,7 +186,6 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         }
         if let (Some(wte), Some(v)) = (wte_name.as_ref().and_then(|w| g.initializers.get(w)), vocab) {
             // The LM head: a MatMul whose constant operand is the embedding matrix (transposed or not).
-            let wt = crate::eval::transpose(wte, &[1, 0]);
             let mut found = false;
             for n in &spec.graph.nodes {
                 if n.op != "MatMul" {
@@ -182,7 +194,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
                 if let Some(b) = spec.graph.initializers.get(&n.inputs[1]) {
                     if b.shape.contains(&v) && b.shape.len() == 2 {
                         found = true;
-                        tied = Some(b.data == wt.data || b.data == wte.data);
+                        tied = Some(b.data == wte.data || is_transpose_of(b, wte));
                     }
                 }
             }

@@ -227,7 +227,23 @@ fn matmul(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
     both(
         c,
         |c| {
-            // dA = dY Bᵀ, summed over broadcast batch axes.
+            // dA = dY Bᵀ. With a 2-D B (a weight), a Gemm with transB reads B as it is: no transposed copy
+            // of a frozen weight is ever materialized.
+            let (bs, as_) = (c.shape(&b)?, c.shape(&a)?);
+            if bs.len() == 2 {
+                let dy2 = if as_.len() == 2 {
+                    dy.clone()
+                } else {
+                    let flat = c.const_i(&[-1, bs[1] as i64]);
+                    c.op("Reshape", &[&dy, &flat], vec![])
+                };
+                let g = c.op("Gemm", &[&dy2, &b], vec![("transB", Attr::Int(1))]);
+                if as_.len() == 2 {
+                    return Ok(g);
+                }
+                let back = c.const_i(&as_.iter().map(|&d| d as i64).collect::<Vec<_>>());
+                return Ok(c.op("Reshape", &[&g, &back], vec![]));
+            }
             let bt = t_last2(c, &b)?;
             let m = c.op("MatMul", &[&dy, &bt], vec![]);
             let mut s = c.shape(&y)?;
@@ -237,7 +253,10 @@ fn matmul(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
             unbroadcast(c, &m, &a)
         },
         |c| {
-            // dB = Aᵀ dY
+            // dB = Aᵀ dY (a Gemm with transA when both are 2-D).
+            if c.shape(&a)?.len() == 2 && c.shape(&dy).map(|s| s.len()).unwrap_or(c.shape(&y)?.len()) == 2 {
+                return Ok(c.op("Gemm", &[&a, &dy], vec![("transA", Attr::Int(1))]));
+            }
             let at = t_last2(c, &a)?;
             let m = c.op("MatMul", &[&at, &dy], vec![]);
             let mut s = c.shape(&y)?;
