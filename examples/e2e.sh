@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/e2e}
-EPOCHS=${EPOCHS:-1}
+EPOCHS=${EPOCHS:-2}
 LR=${LR:-5e-3}
 BACKEND=${BACKEND:-tract}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pfx/target}"

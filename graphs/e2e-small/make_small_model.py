@@ -14,8 +14,8 @@ Writes (relative to this file's folder):
     train_log.json          losses, perplexities and greedy samples (what README.md quotes)
 
 Steps: (1) train the tokenizer on the references and the MR strings of valid.txt; (2) pretrain the LM on the
-references only, `' ' + text + ' <|endoftext|>'` per line, lines shuffled each epoch and packed into blocks of
-n_positions tokens (so every position embedding is trained); (3) export with past and check ORT == PyTorch,
+references only, `' ' + text + ' <|endoftext|>'` per line, the references of one MR kept together (MR groups
+shuffled each epoch) and packed into blocks of n_positions tokens (so every position embedding is trained); (3) export with past and check ORT == PyTorch,
 including a greedy decode through the ONNX graph with its own KV cache. Everything is seeded and training runs with
 torch.use_deterministic_algorithms(True), so a rerun with the pinned versions retrains the same model.
 """
@@ -99,12 +99,34 @@ def make_model(eot_id):
     return GPT2LMHeadModel(config)
 
 
-def packed_blocks(token_lists, block, generator=None):
-    """Concatenate token lists (shuffled if a generator is given) and cut into full blocks of `block`."""
-    order = torch.randperm(len(token_lists), generator=generator).tolist() if generator else range(len(token_lists))
-    stream = [t for i in order for t in token_lists[i]]
+def packed_blocks(groups, block, generator=None):
+    """Concatenate the references and cut the stream into full blocks of `block` tokens.
+
+    `groups` holds, per MR, the token lists of its references. Groups are shuffled (when a generator is
+    given) but the references of one MR stay together, so a block reads like several descriptions of the same
+    restaurant: the LM learns to reuse what its context already said (names, food, area). It still never sees
+    an MR; prefix-tuning has to teach it to read one.
+    """
+    order = torch.randperm(len(groups), generator=generator).tolist() if generator else range(len(groups))
+    stream = []
+    for i in order:
+        refs = groups[i]
+        inner = torch.randperm(len(refs), generator=generator).tolist() if generator else range(len(refs))
+        for j in inner:
+            stream.extend(refs[j])
     n = len(stream) // block
     return torch.tensor(stream[: n * block], dtype=torch.int64).view(n, block)
+
+
+def group_refs(pairs, ids):
+    """Token lists grouped by MR, in first-seen order."""
+    groups, index = [], {}
+    for (mr, _), t in zip(pairs, ids):
+        if mr not in index:
+            index[mr] = len(groups)
+            groups.append([])
+        groups[index[mr]].append(t)
+    return groups
 
 
 @torch.no_grad()
@@ -139,7 +161,7 @@ def pretrain(model, train_ids, test_ids, log, epochs=EPOCHS):
         t = (step - WARMUP) / max(1, total_steps - WARMUP)
         return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    print(f"  {sum(map(len, train_ids))} train tokens, {steps_per_epoch} steps/epoch x {epochs} epochs "
+    print(f"  {sum(len(t) for grp in train_ids for t in grp)} train tokens, {steps_per_epoch} steps/epoch x {epochs} epochs "
           f"(batch {BATCH} x {block}); {test_blocks.shape[0]} held-out blocks")
     step, t0 = 0, time.time()
     for epoch in range(epochs):
@@ -351,9 +373,10 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     print(f"  {n_params} parameters ({n_params * 4 / 2**20:.2f} MiB float32)")
     log["parameters"] = n_params
-    pretrain(model, train_ids, test_ids, log, args.epochs)
+    train_groups, test_groups = group_refs(train_pairs, train_ids), group_refs(test_pairs, test_ids)
+    pretrain(model, train_groups, test_groups, log, args.epochs)
     block = model.config.n_positions
-    train_loss = mean_loss(model, packed_blocks(train_ids, block))
+    train_loss = mean_loss(model, packed_blocks(train_groups, block))
     test_loss = log["epochs"][-1]["test_loss"]  # evaluated after the last epoch
     log["final"] = {"train_loss": train_loss, "train_ppl": math.exp(train_loss),
                     "test_loss": test_loss, "test_ppl": math.exp(test_loss)}
