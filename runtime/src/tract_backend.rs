@@ -115,6 +115,7 @@ pub fn from_tract(t: Tensor) -> Result<HostTensor> {
 impl TractBackend {
     /// Parses an ONNX model. External data is resolved relative to the model's folder.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        init_threads();
         let path = path.as_ref();
         if !path.is_file() {
             bail!("model file {} does not exist or is not a file", path.display());
@@ -201,4 +202,18 @@ impl Backend for TractBackend {
             })
             .collect()
     }
+}
+
+/// tract computes matrix products on one thread unless told otherwise: use every core (or `PFX_THREADS`).
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = std::env::var("PFX_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        if n > 1 {
+            tract_linalg::multithread::set_default_executor(tract_linalg::multithread::Executor::multithread(n));
+        }
+    });
 }
