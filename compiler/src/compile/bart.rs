@@ -40,10 +40,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::optimizer::{self, AdamW};
+use super::optimizer::AdamW;
 use super::prefix::{self, PrefixShape};
-use super::{init, loss, GraphIo, Injection, IoRole, Manifest, OptimizerSpec, TensorSpec};
-use crate::autodiff::build_gradients;
+use super::{init, loss, Injection, Manifest, OptimizerSpec, TensorSpec};
 use crate::inspect::{detect_family, inspect, Family, ModelInfo};
 use crate::ir::{Attr, Graph, Model, Node, ValueInfo, ValueType};
 use crate::onnx_io::{self, WeightsFile};
@@ -740,68 +739,8 @@ pub struct CompiledBart {
 pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBart> {
     let BartLoss { model: eval, export, dims, generators } = build_bart_loss_graph(dir, opts)?;
     let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
-    let mut grads_model = eval.clone();
-    let gg = &mut grads_model.graph;
-    let grads = build_gradients(gg, "loss", &names)?;
-    for (name, gr) in &grads {
-        let out = format!("grad.{name}");
-        let id = gg.fresh(&format!("{out}.node"));
-        gg.nodes.push(Node::new(id, "Identity", vec![gr.clone()], vec![out.clone()]));
-        let s = gg.shape_of(name).unwrap_or_default();
-        gg.outputs.push(ValueInfo { name: out, ty: ValueType::known(DType::F32, &s) });
-    }
-    let mut train_model = grads_model.clone();
-    simplify(&mut grads_model.graph)?;
-    let tg = &mut train_model.graph;
-    tg.outputs.truncate(1);
-    let grad_values: BTreeMap<String, String> = names.iter().map(|n| (n.clone(), format!("grad.{n}"))).collect();
-    optimizer::add_adamw(tg, &grad_values, &opts.optimizer);
-    simplify(tg)?;
-    let graphs = vec![
-        ("grads".to_string(), grads_model),
-        ("train_step".to_string(), train_model),
-        ("eval_step".to_string(), eval),
-    ];
+    let graphs = super::training_graphs(eval, &names, &opts.optimizer)?;
     Ok(CompiledBart { graphs, export, dims, generators })
-}
-
-fn role_of(name: &str, trainables: &[String]) -> &'static str {
-    if trainables.iter().any(|t| t == name) {
-        "trainable"
-    } else if name.starts_with("adam.") {
-        "optimizer_state"
-    } else if name.starts_with("new.adam.") {
-        "updated_optimizer_state"
-    } else if name.starts_with("new.") {
-        "updated_trainable"
-    } else if name.starts_with("grad.") {
-        "gradient"
-    } else if name == "loss" {
-        "loss"
-    } else if name == "grad_norm" {
-        "metric"
-    } else if name == "lr" || name == "step" {
-        "hyperparameter"
-    } else {
-        "batch"
-    }
-}
-
-fn graph_io(m: &Model, file: &str, trainables: &[String]) -> GraphIo {
-    let conv = |v: &ValueInfo| {
-        let ty = m.graph.type_of(&v.name).unwrap_or_else(|| v.ty.clone());
-        IoRole {
-            name: v.name.clone(),
-            shape: ty.concrete().unwrap_or_default(),
-            dtype: ty.dtype.short().to_string(),
-            role: role_of(&v.name, trainables).into(),
-        }
-    };
-    GraphIo {
-        file: file.into(),
-        inputs: m.graph.inputs.iter().map(conv).collect(),
-        outputs: m.graph.outputs.iter().map(conv).collect(),
-    }
 }
 
 /// What a BART bundle's manifest.json carries beyond the common fields (under the key "bart").
@@ -847,7 +786,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     for (role, m) in &c.graphs {
         let file = format!("{role}.onnx");
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
-        io.insert(role.to_string(), graph_io(m, &file, &names));
+        io.insert(role.to_string(), super::graph_io(m, &file, &names));
         files.insert(role.to_string(), file);
     }
     if let Some(tok) = Some(dir.join("tokenizer.json")).filter(|p| p.exists()) {

@@ -230,30 +230,7 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
     let (eval, shape, injection, info) = build_loss_graph(source, opts)?;
     let names: Vec<String> = shape.trainables("").into_iter().map(|t| t.0).collect();
 
-    let mut grads_model = eval.clone();
-    let gg = &mut grads_model.graph;
-    let grads = build_gradients(gg, "loss", &names)?;
-    for (name, gr) in &grads {
-        let out = format!("grad.{name}");
-        let id = gg.fresh(&format!("{out}.node"));
-        gg.nodes.push(crate::ir::Node::new(id, "Identity", vec![gr.clone()], vec![out.clone()]));
-        let s = gg.shape_of(name).unwrap_or_default();
-        gg.outputs.push(ValueInfo { name: out, ty: ValueType::known(DType::F32, &s) });
-    }
-    let mut train_model = grads_model.clone();
-    simplify(&mut grads_model.graph)?;
-
-    let tg = &mut train_model.graph;
-    tg.outputs.truncate(1);
-    let grad_values: BTreeMap<String, String> = names.iter().map(|n| (n.clone(), format!("grad.{n}"))).collect();
-    optimizer::add_adamw(tg, &grad_values, &opts.optimizer);
-    simplify(tg)?;
-
-    let mut graphs = vec![
-        ("grads".to_string(), grads_model),
-        ("train_step".to_string(), train_model),
-        ("eval_step".to_string(), eval),
-    ];
+    let mut graphs = training_graphs(eval, &names, &opts.optimizer)?;
     let mut generation = None;
     if let (Some(gs), true) = (&opts.generation, injection == Injection::PastBinding) {
         graphs.push(("prefill".into(), generate::build_prefill(source, &shape, gs, None)?));
@@ -266,6 +243,33 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
         });
     }
     Ok(Compiled { graphs, shape, injection, info, generation })
+}
+
+/// From the loss graph: `grads` (loss and grad.<name>), `train_step` (AdamW on top) and `eval_step` (the loss
+/// graph itself), each simplified.
+pub(crate) fn training_graphs(eval: Model, names: &[String], opt: &AdamW) -> Result<Vec<(String, Model)>> {
+    let mut grads_model = eval.clone();
+    let gg = &mut grads_model.graph;
+    let grads = build_gradients(gg, "loss", names)?;
+    for (name, gr) in &grads {
+        let out = format!("grad.{name}");
+        let id = gg.fresh(&format!("{out}.node"));
+        gg.nodes.push(crate::ir::Node::new(id, "Identity", vec![gr.clone()], vec![out.clone()]));
+        let s = gg.shape_of(name).unwrap_or_default();
+        gg.outputs.push(ValueInfo { name: out, ty: ValueType::known(DType::F32, &s) });
+    }
+    let mut train_model = grads_model.clone();
+    simplify(&mut grads_model.graph)?;
+    let tg = &mut train_model.graph;
+    tg.outputs.truncate(1);
+    let grad_values: BTreeMap<String, String> = names.iter().map(|n| (n.clone(), format!("grad.{n}"))).collect();
+    optimizer::add_adamw(tg, &grad_values, opt);
+    simplify(tg)?;
+    Ok(vec![
+        ("grads".to_string(), grads_model),
+        ("train_step".to_string(), train_model),
+        ("eval_step".to_string(), eval),
+    ])
 }
 
 /// Compiles the whole bundle into `out_dir`.
@@ -353,7 +357,7 @@ fn role_of(name: &str, trainables: &[String]) -> &'static str {
     }
 }
 
-fn graph_io(m: &Model, file: &str, trainables: &[String]) -> GraphIo {
+pub(crate) fn graph_io(m: &Model, file: &str, trainables: &[String]) -> GraphIo {
     let conv = |v: &ValueInfo| {
         let ty = m.graph.type_of(&v.name).unwrap_or_else(|| v.ty.clone());
         IoRole {
