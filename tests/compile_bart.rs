@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{check_norm, rel, run, scalar, three_steps};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,7 @@ use pfx_compiler::compile::bart::{
 };
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::Manifest;
-use pfx_runtime::{open, Backend, BackendKind, HostTensor, OrtOptions};
+use pfx_runtime::{open, BackendKind, HostTensor, OrtOptions};
 
 const FIXTURES: &[&str] = &["bart-enc-deep", "bart-dec-deep"];
 const MODES: &[BartPrefix] = &[BartPrefix::Peft, BartPrefix::Paper];
@@ -91,24 +93,6 @@ fn check_bundle(dir: &Path) {
     );
 }
 
-fn run(b: &mut Box<dyn Backend>, inputs: &BTreeMap<String, HostTensor>, what: &str) -> BTreeMap<String, HostTensor> {
-    b.run(inputs).unwrap_or_else(|e| panic!("{what}: {e:#}"))
-}
-
-fn scalar(t: &HostTensor) -> f64 {
-    t.to_f64_vec()[0]
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-30)
-}
-
-fn check_norm(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) -> f64 {
-    let e = got.norm_rel_error(want).unwrap_or_else(|e| panic!("{what}: {e:#}"));
-    assert!(e <= tol, "{what}: ‖a−b‖/‖b‖ = {e:e} > {tol:e}");
-    e
-}
-
 /// Loss within 1e-5 and every gradient within 1e-4 of the reference (`prefix` selects `ls.` keys).
 fn check_grads(dir: &Path, m: &Manifest, r: &BTreeMap<String, HostTensor>, prefix: &str, what: &str) {
     for kind in backends() {
@@ -169,58 +153,6 @@ fn label_smoothing_equals_torch() {
     }
 }
 
-/// Runs `train_step` three times from the reference's initial values and compares with torch's AdamW.
-fn three_steps(
-    dir: &Path,
-    m: &Manifest,
-    r: &BTreeMap<String, HostTensor>,
-    prefix: &str,
-    kind: BackendKind,
-    what: &str,
-) {
-    let mut b = open(dir.join("train_step.onnx"), kind, &OrtOptions::default()).unwrap();
-    let mut state: BTreeMap<String, HostTensor> = BTreeMap::new();
-    for k in ["input_ids", "attention_mask", "labels"] {
-        state.insert(k.into(), r[k].clone());
-    }
-    for t in &m.trainable {
-        state.insert(t.name.clone(), r[&t.name].clone());
-        let zeros = HostTensor::from_f32(t.shape.clone(), vec![0.0; t.shape.iter().product()]).unwrap();
-        state.insert(format!("adam.m.{}", t.name), zeros.clone());
-        state.insert(format!("adam.v.{}", t.name), zeros);
-    }
-    state.insert("lr".into(), HostTensor::scalar_f32(LR));
-    for step in 1..=3 {
-        state.insert("step".into(), HostTensor::scalar_i64(step));
-        let out = run(&mut b, &state, what);
-        let (l, wl) = (scalar(&out["loss"]), scalar(&r[&format!("{prefix}loss.{step}")]));
-        assert!(rel(l, wl) <= 1e-4, "{what} step {step}: loss {l} vs {wl}");
-        let (n, wn) = (scalar(&out["grad_norm"]), scalar(&r[&format!("{prefix}grad_norm.{step}")]));
-        assert!(rel(n, wn) <= 1e-4, "{what} step {step}: grad norm {n} vs {wn}");
-        for t in &m.trainable {
-            for (from, to) in [
-                (format!("new.{}", t.name), t.name.clone()),
-                (format!("new.adam.m.{}", t.name), format!("adam.m.{}", t.name)),
-                (format!("new.adam.v.{}", t.name), format!("adam.v.{}", t.name)),
-            ] {
-                state.insert(to, out[&from].clone());
-            }
-        }
-    }
-    for t in &m.trainable {
-        check_norm(
-            &format!("{what} final {}", t.name),
-            &state[&t.name],
-            &r[&format!("{prefix}final.{}", t.name)],
-            1e-4,
-        );
-        for s in ["m", "v"] {
-            let k = format!("adam.{s}.{}", t.name);
-            check_norm(&format!("{what} final {k}"), &state[&k], &r[&format!("{prefix}final.{k}")], 1e-4);
-        }
-    }
-}
-
 #[test]
 fn three_adamw_steps_follow_torch() {
     for fixture in FIXTURES {
@@ -233,7 +165,15 @@ fn three_adamw_steps_follow_torch() {
                     let tag = format!("{param}-{}", prefix.trim_end_matches('.'));
                     let (dir, m) = compile_case(&export, fixture, &opts, &tag);
                     for kind in backends() {
-                        three_steps(&dir, &m, &r, prefix, kind, &format!("{fixture} {mode} {param} {prefix} {kind}"));
+                        three_steps(
+                            &dir,
+                            &m,
+                            &r,
+                            prefix,
+                            kind,
+                            LR,
+                            &format!("{fixture} {mode} {param} {prefix} {kind}"),
+                        );
                     }
                 }
             }

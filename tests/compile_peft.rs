@@ -5,12 +5,14 @@
 
 mod common;
 
+use common::{check_norm, rel, run, scalar, three_steps};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions, Manifest};
-use pfx_runtime::{open, Backend, BackendKind, HostTensor, OrtOptions};
+use pfx_runtime::{open, BackendKind, HostTensor, OrtOptions};
 
 const FIXTURES: &[&str] = &["gpt2-dynamo", "gpt2-dynamo-past", "gpt2-legacy", "gpt2-optimum"];
 const LR: f32 = 0.01;
@@ -68,24 +70,6 @@ fn backends() -> Vec<BackendKind> {
     }
 }
 
-fn run(b: &mut Box<dyn Backend>, inputs: &BTreeMap<String, HostTensor>, what: &str) -> BTreeMap<String, HostTensor> {
-    b.run(inputs).unwrap_or_else(|e| panic!("{what}: {e:#}"))
-}
-
-fn scalar(t: &HostTensor) -> f64 {
-    t.to_f64_vec()[0]
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-30)
-}
-
-fn check_norm(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) -> f64 {
-    let e = got.norm_rel_error(want).unwrap_or_else(|e| panic!("{what}: {e:#}"));
-    assert!(e <= tol, "{what}: ‖a−b‖/‖b‖ = {e:e} > {tol:e}");
-    e
-}
-
 #[test]
 fn loss_and_gradients_equal_peft() {
     for mode in ["reparam", "noreparam"] {
@@ -115,58 +99,6 @@ fn loss_and_gradients_equal_peft() {
     }
 }
 
-/// Runs `train_step` three times from the reference's initial values and compares with torch's AdamW.
-fn three_steps(
-    dir: &Path,
-    m: &Manifest,
-    r: &BTreeMap<String, HostTensor>,
-    prefix: &str,
-    kind: BackendKind,
-    what: &str,
-) {
-    let mut b = open(dir.join("train_step.onnx"), kind, &OrtOptions::default()).unwrap();
-    let mut state: BTreeMap<String, HostTensor> = BTreeMap::new();
-    for k in ["input_ids", "attention_mask", "labels"] {
-        state.insert(k.into(), r[k].clone());
-    }
-    for t in &m.trainable {
-        state.insert(t.name.clone(), r[&t.name].clone());
-        let zeros = HostTensor::from_f32(t.shape.clone(), vec![0.0; t.shape.iter().product()]).unwrap();
-        state.insert(format!("adam.m.{}", t.name), zeros.clone());
-        state.insert(format!("adam.v.{}", t.name), zeros);
-    }
-    state.insert("lr".into(), HostTensor::scalar_f32(LR));
-    for step in 1..=3 {
-        state.insert("step".into(), HostTensor::scalar_i64(step));
-        let out = run(&mut b, &state, what);
-        let (l, wl) = (scalar(&out["loss"]), scalar(&r[&format!("{prefix}loss.{step}")]));
-        assert!(rel(l, wl) <= 1e-4, "{what} step {step}: loss {l} vs {wl}");
-        let (n, wn) = (scalar(&out["grad_norm"]), scalar(&r[&format!("{prefix}grad_norm.{step}")]));
-        assert!(rel(n, wn) <= 1e-4, "{what} step {step}: grad norm {n} vs {wn}");
-        for t in &m.trainable {
-            for (from, to) in [
-                (format!("new.{}", t.name), t.name.clone()),
-                (format!("new.adam.m.{}", t.name), format!("adam.m.{}", t.name)),
-                (format!("new.adam.v.{}", t.name), format!("adam.v.{}", t.name)),
-            ] {
-                state.insert(to, out[&from].clone());
-            }
-        }
-    }
-    for t in &m.trainable {
-        check_norm(
-            &format!("{what} final {}", t.name),
-            &state[&t.name],
-            &r[&format!("{prefix}final.{}", t.name)],
-            1e-4,
-        );
-        for s in ["m", "v"] {
-            let k = format!("adam.{s}.{}", t.name);
-            check_norm(&format!("{what} final {k}"), &state[&k], &r[&format!("{prefix}final.{k}")], 1e-4);
-        }
-    }
-}
-
 #[test]
 fn three_adamw_steps_follow_torch() {
     for mode in ["reparam", "noreparam"] {
@@ -175,7 +107,7 @@ fn three_adamw_steps_follow_torch() {
             for (max_norm, prefix) in [(1.0, "train."), (1e-3, "clip.")] {
                 let (dir, m) = compile_fixture(fixture, mode, max_norm, prefix.trim_end_matches('.'));
                 for kind in backends() {
-                    three_steps(&dir, &m, &r, prefix, kind, &format!("{fixture} {mode} {prefix} {kind}"));
+                    three_steps(&dir, &m, &r, prefix, kind, LR, &format!("{fixture} {mode} {prefix} {kind}"));
                 }
             }
         }

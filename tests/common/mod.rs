@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use pfx_compiler::compile::Manifest;
 use pfx_compiler::specialize::Dims;
-use pfx_runtime::{read_safetensors, HostTensor};
+use pfx_runtime::{open, read_safetensors, Backend, BackendKind, HostTensor, OrtOptions};
 
 pub fn graphs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs")
@@ -99,4 +100,79 @@ pub fn compare(
         worst = worst.max(err);
     }
     worst
+}
+
+pub fn run(
+    b: &mut Box<dyn Backend>,
+    inputs: &BTreeMap<String, HostTensor>,
+    what: &str,
+) -> BTreeMap<String, HostTensor> {
+    b.run(inputs).unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+pub fn scalar(t: &HostTensor) -> f64 {
+    t.to_f64_vec()[0]
+}
+
+pub fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-30)
+}
+
+pub fn check_norm(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) -> f64 {
+    let e = got.norm_rel_error(want).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert!(e <= tol, "{what}: ‖a−b‖/‖b‖ = {e:e} > {tol:e}");
+    e
+}
+
+/// Runs `train_step` three times from the reference's initial values and compares with torch's AdamW.
+pub fn three_steps(
+    dir: &Path,
+    m: &Manifest,
+    r: &BTreeMap<String, HostTensor>,
+    prefix: &str,
+    kind: BackendKind,
+    lr: f32,
+    what: &str,
+) {
+    let mut b = open(dir.join("train_step.onnx"), kind, &OrtOptions::default()).unwrap();
+    let mut state: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for k in ["input_ids", "attention_mask", "labels"] {
+        state.insert(k.into(), r[k].clone());
+    }
+    for t in &m.trainable {
+        state.insert(t.name.clone(), r[&t.name].clone());
+        let zeros = HostTensor::from_f32(t.shape.clone(), vec![0.0; t.shape.iter().product()]).unwrap();
+        state.insert(format!("adam.m.{}", t.name), zeros.clone());
+        state.insert(format!("adam.v.{}", t.name), zeros);
+    }
+    state.insert("lr".into(), HostTensor::scalar_f32(lr));
+    for step in 1..=3 {
+        state.insert("step".into(), HostTensor::scalar_i64(step));
+        let out = run(&mut b, &state, what);
+        let (l, wl) = (scalar(&out["loss"]), scalar(&r[&format!("{prefix}loss.{step}")]));
+        assert!(rel(l, wl) <= 1e-4, "{what} step {step}: loss {l} vs {wl}");
+        let (n, wn) = (scalar(&out["grad_norm"]), scalar(&r[&format!("{prefix}grad_norm.{step}")]));
+        assert!(rel(n, wn) <= 1e-4, "{what} step {step}: grad norm {n} vs {wn}");
+        for t in &m.trainable {
+            for (from, to) in [
+                (format!("new.{}", t.name), t.name.clone()),
+                (format!("new.adam.m.{}", t.name), format!("adam.m.{}", t.name)),
+                (format!("new.adam.v.{}", t.name), format!("adam.v.{}", t.name)),
+            ] {
+                state.insert(to, out[&from].clone());
+            }
+        }
+    }
+    for t in &m.trainable {
+        check_norm(
+            &format!("{what} final {}", t.name),
+            &state[&t.name],
+            &r[&format!("{prefix}final.{}", t.name)],
+            1e-4,
+        );
+        for s in ["m", "v"] {
+            let k = format!("adam.{s}.{}", t.name);
+            check_norm(&format!("{what} final {k}"), &state[&k], &r[&format!("{prefix}final.{k}")], 1e-4);
+        }
+    }
 }

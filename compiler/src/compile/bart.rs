@@ -822,18 +822,8 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         head_dim: d.hidden / d.decoder_heads,
         hidden: d.hidden,
         vocab: d.vocab,
-        optimizer: OptimizerSpec {
-            kind: "adamw".into(),
-            beta1: opts.optimizer.beta1,
-            beta2: opts.optimizer.beta2,
-            eps: opts.optimizer.eps,
-            weight_decay: opts.optimizer.weight_decay,
-            max_grad_norm: opts.optimizer.max_grad_norm,
-        },
-        trainable: trainables
-            .iter()
-            .map(|(n, s)| TensorSpec { name: n.clone(), shape: s.clone(), dtype: "f32".into() })
-            .collect(),
+        optimizer: OptimizerSpec::from(&opts.optimizer),
+        trainable: TensorSpec::f32_list(&trainables),
         graphs: files,
         io,
         weights_file: "weights.bin".into(),

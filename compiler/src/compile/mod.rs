@@ -112,6 +112,26 @@ pub struct OptimizerSpec {
     pub max_grad_norm: Option<f32>,
 }
 
+impl From<&AdamW> for OptimizerSpec {
+    fn from(o: &AdamW) -> Self {
+        OptimizerSpec {
+            kind: "adamw".into(),
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            max_grad_norm: o.max_grad_norm,
+        }
+    }
+}
+
+impl TensorSpec {
+    /// Specs of f32 trainable tensors from (name, shape) pairs.
+    pub fn f32_list(trainables: &[(String, Vec<usize>)]) -> Vec<TensorSpec> {
+        trainables.iter().map(|(n, s)| TensorSpec { name: n.clone(), shape: s.clone(), dtype: "f32".into() }).collect()
+    }
+}
+
 fn dtype_name(d: DType) -> String {
     d.short().to_string()
 }
@@ -311,18 +331,8 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         head_dim: shape.head_dim,
         hidden: shape.hidden,
         vocab: info.vocab.unwrap_or(0),
-        optimizer: OptimizerSpec {
-            kind: "adamw".into(),
-            beta1: opts.optimizer.beta1,
-            beta2: opts.optimizer.beta2,
-            eps: opts.optimizer.eps,
-            weight_decay: opts.optimizer.weight_decay,
-            max_grad_norm: opts.optimizer.max_grad_norm,
-        },
-        trainable: trainables
-            .iter()
-            .map(|(n, s)| TensorSpec { name: n.clone(), shape: s.clone(), dtype: "f32".into() })
-            .collect(),
+        optimizer: OptimizerSpec::from(&opts.optimizer),
+        trainable: TensorSpec::f32_list(&trainables),
         graphs: files,
         io,
         weights_file: "weights.bin".into(),
