@@ -48,6 +48,7 @@ fn options(mode: BartPrefix, param: &str, max_norm: f32, label_smoothing: f32) -
         label_smoothing,
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
         seed: 0,
+        generation: None,
     }
 }
 

@@ -1,5 +1,5 @@
-//! Greedy and beam-search decoding over a bundle's prefill/decode graphs, with a fixed-capacity KV cache
-//! updated in place on the host.
+//! GPT-2 generation over a bundle's prefill/decode graphs, with a fixed-capacity KV cache updated in place on
+//! the host; the search itself (greedy, beam) is `crate::search`.
 
 use std::collections::BTreeMap;
 
@@ -7,28 +7,10 @@ use anyhow::{bail, Result};
 
 use crate::backend::Backend;
 use crate::bundle::GenerationSpec;
+use crate::search;
 use crate::tensor::HostTensor;
 
-#[derive(Clone, Debug)]
-pub struct GenConfig {
-    pub max_new: usize,
-    /// No end-of-sequence before this many new tokens (its logit is masked, as HF's min_new_tokens does).
-    pub min_new: usize,
-    pub beams: usize,
-    /// Beam scores are sum(log p) / len^length_penalty.
-    pub length_penalty: f32,
-    pub eos: Option<i64>,
-    /// Token used for left padding and for idle rows.
-    pub pad: i64,
-    /// Mask the prefix out and number positions from 0: the bare model, for comparison.
-    pub no_prefix: bool,
-}
-
-impl Default for GenConfig {
-    fn default() -> Self {
-        GenConfig { max_new: 32, min_new: 0, beams: 1, length_penalty: 1.0, eos: None, pad: 0, no_prefix: false }
-    }
-}
+pub use crate::search::{argmax, GenConfig};
 
 pub struct Generator {
     prefill: Box<dyn Backend>,
@@ -213,30 +195,9 @@ impl Generator {
             while rows_prompts.len() < r {
                 rows_prompts.push(vec![cfg.pad]);
             }
-            let (mut state, mut logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
-            let mut gen: Vec<Vec<i64>> = vec![Vec::new(); r];
-            let mut done = vec![false; r];
-            for n in 0..cfg.max_new {
-                let mut next = vec![cfg.pad; r];
-                for row in 0..r {
-                    let mut l = logits[row].clone();
-                    mask_eos(&mut l, cfg, n);
-                    let t = argmax(&l) as i64;
-                    if !done[row] {
-                        if Some(t) == cfg.eos {
-                            done[row] = true;
-                        } else {
-                            gen[row].push(t);
-                        }
-                    }
-                    next[row] = t;
-                }
-                if n + 1 == cfg.max_new || done.iter().take(chunk.len()).all(|&d| d) {
-                    break;
-                }
-                logits = self.step(&mut state, &next, n)?;
-            }
-            out.extend(gen.into_iter().take(chunk.len()));
+            let (rows, logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
+            let mut state = Running { gen: self, rows };
+            out.extend(search::greedy(&mut state, logits, chunk.len(), cfg)?);
         }
         Ok(out)
     }
@@ -246,119 +207,40 @@ impl Generator {
         self.check(prompts, cfg)?;
         let mut out = Vec::new();
         for prompt in prompts {
-            out.push(self.beam_one(prompt, cfg)?);
+            let rows_prompts: Vec<Vec<i64>> = (0..self.spec.rows).map(|_| prompt.to_vec()).collect();
+            let (rows, logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
+            let mut state = Running { gen: self, rows };
+            out.push(search::beam(&mut state, logits, cfg)?);
         }
         Ok(out)
     }
-
-    fn beam_one(&mut self, prompt: &[i64], cfg: &GenConfig) -> Result<Vec<i64>> {
-        let (r, k) = (self.spec.rows, cfg.beams);
-        let rows_prompts: Vec<Vec<i64>> = (0..r).map(|_| prompt.to_vec()).collect();
-        let (mut state, mut logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
-        // Live beams: (tokens, sum of log-probabilities); only beam 0 is live at the start.
-        let mut beams: Vec<(Vec<i64>, f64)> = vec![(Vec::new(), 0.0)];
-        let mut finished: Vec<(Vec<i64>, f64)> = Vec::new();
-        let score =
-            |toks: &[i64], s: f64, extra: usize| s / ((toks.len() + extra) as f64).powf(cfg.length_penalty as f64);
-        for n in 0..cfg.max_new {
-            // Candidates over every live beam and token.
-            let mut cands: Vec<(f64, usize, i64)> = Vec::new();
-            for (b, (_, s)) in beams.iter().enumerate() {
-                // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
-                let mut lp = log_softmax(&logits[b]);
-                mask_eos(&mut lp, cfg, n);
-                for (t, &x) in lp.iter().enumerate() {
-                    if x.is_finite() {
-                        cands.push((s + x as f64, b, t as i64));
-                    }
-                }
-            }
-            cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-            let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
-            for (rank, (s, b, t)) in cands.into_iter().take(2 * k).enumerate() {
-                if Some(t) == cfg.eos {
-                    // An ended hypothesis, kept only when it ranks among the best k (as HF does).
-                    if rank < k {
-                        finished.push((beams[b].0.clone(), score(&beams[b].0, s, 0)));
-                    }
-                    continue;
-                }
-                if next.len() < k {
-                    let mut toks = beams[b].0.clone();
-                    toks.push(t);
-                    next.push((toks, s, b));
-                }
-            }
-            if next.is_empty() || n + 1 == cfg.max_new {
-                for (toks, s, _) in next {
-                    let sc = score(&toks, s, 0);
-                    finished.push((toks, sc));
-                }
-                break;
-            }
-            // Reorder the cache rows to follow the surviving beams.
-            let parents: Vec<usize> = next.iter().map(|x| x.2).collect();
-            reorder(&mut state, &parents, r, self.spec.capacity, self.heads, self.head_dim);
-            let mut tokens = vec![cfg.pad; r];
-            for (i, (toks, _, _)) in next.iter().enumerate() {
-                tokens[i] = *toks.last().unwrap();
-            }
-            beams = next.into_iter().map(|(t, s, _)| (t, s)).collect();
-            logits = self.step(&mut state, &tokens, n)?;
-        }
-        finished.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
-        Ok(finished.into_iter().next().map(|f| f.0).unwrap_or_default())
-    }
 }
 
-/// Row i of the new state is row parents[i] of the old one (rows past the parents keep row 0).
-fn reorder(state: &mut Rows, parents: &[usize], r: usize, c: usize, h: usize, d: usize) {
-    let per_row = h * c * d;
-    let src_of = |i: usize| parents.get(i).copied().unwrap_or(parents[0]);
-    for cache in state.k.iter_mut().chain(state.v.iter_mut()) {
-        let old = cache.clone();
-        for i in 0..r {
-            let s = src_of(i);
-            cache[i * per_row..(i + 1) * per_row].copy_from_slice(&old[s * per_row..(s + 1) * per_row]);
-        }
-    }
-    let old = state.mask.clone();
-    let old_real = state.real.clone();
-    for i in 0..r {
-        let s = src_of(i);
-        state.mask[i * c..(i + 1) * c].copy_from_slice(&old[s * c..(s + 1) * c]);
-        state.real[i] = old_real[s];
-    }
+/// A prefilled batch the search drives.
+struct Running<'a> {
+    gen: &'a mut Generator,
+    rows: Rows,
 }
 
-fn mask_eos(logits: &mut [f32], cfg: &GenConfig, n_generated: usize) {
-    if let Some(e) = cfg.eos {
-        if n_generated < cfg.min_new && (e as usize) < logits.len() {
-            logits[e as usize] = f32::NEG_INFINITY;
+impl search::Decoding for Running<'_> {
+    fn step(&mut self, tokens: &[i64], n_generated: usize) -> Result<Vec<Vec<f32>>> {
+        self.gen.step(&mut self.rows, tokens, n_generated)
+    }
+
+    fn reorder(&mut self, parents: &[usize]) {
+        let (r, c) = (self.gen.spec.rows, self.gen.spec.capacity);
+        let per_row = self.gen.heads * c * self.gen.head_dim;
+        for cache in self.rows.k.iter_mut().chain(self.rows.v.iter_mut()) {
+            search::reorder_rows(cache, parents, r, per_row);
         }
+        search::reorder_rows(&mut self.rows.mask, parents, r, c);
+        search::reorder_rows(&mut self.rows.real, parents, r, 1);
     }
 }
 
 /// [R, 1, V] or [R, V] logits -> one vector per row.
-fn split_rows(t: &HostTensor) -> Result<Vec<Vec<f32>>> {
+pub(crate) fn split_rows(t: &HostTensor) -> Result<Vec<Vec<f32>>> {
     let s = t.shape();
     let v = *s.last().unwrap();
     Ok(t.as_f32()?.chunks(v).map(|c| c.to_vec()).collect())
-}
-
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-fn log_softmax(v: &[f32]) -> Vec<f32> {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = v.iter().map(|&x| ((x - m) as f64).exp()).sum();
-    let ls = s.ln() as f32;
-    v.iter().map(|&x| x - m - ls).collect()
 }

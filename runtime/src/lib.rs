@@ -16,6 +16,8 @@ pub mod generate;
 pub mod ort_backend;
 pub mod peft;
 pub mod score;
+pub mod search;
+pub mod seq2seq;
 pub mod tensor;
 pub mod tokenize;
 pub mod tract_backend;

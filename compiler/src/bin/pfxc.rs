@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
-use pfx_compiler::compile::{bart, compile, CompileOptions};
+use pfx_compiler::compile::{bart, bart_generate, compile, CompileOptions};
 use pfx_compiler::onnx_io::{self, WeightsFile};
 use pfx_compiler::specialize::{specialize, Dims};
 use pfx_compiler::{inspect, load_canonical, text};
@@ -70,10 +70,10 @@ enum Command {
         /// Rows the generation graphs decode together (prompts × beams).
         #[arg(long, default_value_t = 4)]
         gen_rows: usize,
-        /// Prompt length of the generation graphs (default: --seq).
+        /// Prompt length of the generation graphs (default: --seq; BART: the source length, default --src-len).
         #[arg(long)]
         prompt_len: Option<usize>,
-        /// Most tokens generated per prompt.
+        /// Most tokens generated per prompt (BART: 0 writes no generation graphs).
         #[arg(long, default_value_t = 32)]
         max_new: usize,
         #[arg(short, long)]
@@ -168,6 +168,10 @@ fn run(cli: Cli) -> Result<()> {
                     label_smoothing,
                     optimizer,
                     seed,
+                    // Generation needs the decoder with past; exports without it still train.
+                    generation: (max_new > 0 && bart::has_decoder_with_past(&model)).then(|| {
+                        bart_generate::BartGenShape { rows: gen_rows, src_len: prompt_len.unwrap_or(src_len), max_new }
+                    }),
                 };
                 let t0 = std::time::Instant::now();
                 let m = bart::compile_bart(&model, &opts, &output)

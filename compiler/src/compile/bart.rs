@@ -95,6 +95,8 @@ pub struct BartOptions {
     pub label_smoothing: f32,
     pub optimizer: AdamW,
     pub seed: u64,
+    /// Generation graphs (encode, decode) to emit.
+    pub generation: Option<super::bart_generate::BartGenShape>,
 }
 
 /// The files of an optimum export and the few config values the graph needs.
@@ -223,8 +225,13 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
     })
 }
 
-/// Replaces optimum's merged decoder (one If on `use_cache_branch`) by its no-cache branch.
-fn take_no_cache_branch(m: &mut Model) -> Result<()> {
+/// Whether an export folder has a decoder generation can decode with (with past, or merged).
+pub fn has_decoder_with_past(dir: &Path) -> bool {
+    dir.join("decoder_with_past_model.onnx").exists() || dir.join("decoder_model_merged.onnx").exists()
+}
+
+/// Replaces optimum's merged decoder (one If on `use_cache_branch`) by one of its branches.
+pub(super) fn take_branch(m: &mut Model, cache: bool) -> Result<()> {
     let g = &mut m.graph;
     let Some(i) =
         g.nodes.iter().position(|n| n.op == "If" && n.inputs.first().map(|c| c == "use_cache_branch").unwrap_or(false))
@@ -232,8 +239,10 @@ fn take_no_cache_branch(m: &mut Model) -> Result<()> {
         bail!("the merged decoder has no If on use_cache_branch");
     };
     let node = g.nodes.remove(i);
-    let Some(Attr::Graph(branch)) = node.attrs.get("else_branch") else {
-        bail!("{}: no else_branch", node.label());
+    // use_cache_branch true takes then_branch (the with-past decoder), false else_branch (no past).
+    let key = if cache { "then_branch" } else { "else_branch" };
+    let Some(Attr::Graph(branch)) = node.attrs.get(key) else {
+        bail!("{}: no {key}", node.label());
     };
     let branch = (**branch).clone();
     for (k, t) in branch.initializers {
@@ -259,14 +268,14 @@ fn take_no_cache_branch(m: &mut Model) -> Result<()> {
     Ok(())
 }
 
-fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Model, ModelInfo)> {
+pub(super) fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Model, ModelInfo)> {
     let mut m = onnx_io::load(path)?;
     let fam = detect_family(&m.graph);
     if fam != want {
         bail!("{} is a {fam} graph, expected the {want}", path.display());
     }
     if merged {
-        take_no_cache_branch(&mut m).with_context(|| format!("taking the no-cache branch of {}", path.display()))?;
+        take_branch(&mut m, false).with_context(|| format!("taking the no-cache branch of {}", path.display()))?;
     }
     let info = inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
     crate::canonicalize::canonicalize(&mut m).map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
@@ -274,7 +283,7 @@ fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Model, ModelInf
 }
 
 /// The rank-4 attention softmaxes, in graph order, with the value their QK MatMul reads as keys.
-fn attention_softmaxes(g: &Graph) -> Vec<(String, String)> {
+pub(super) fn attention_softmaxes(g: &Graph) -> Vec<(String, String)> {
     let prod = g.producers();
     let mut out = Vec::new();
     for n in &g.nodes {
@@ -308,7 +317,7 @@ fn attention_softmaxes(g: &Graph) -> Vec<(String, String)> {
 }
 
 /// Values computed (through any ops) from `root`.
-fn derived_from(g: &Graph, root: &str) -> HashSet<String> {
+pub(super) fn derived_from(g: &Graph, root: &str) -> HashSet<String> {
     let mut set: HashSet<String> = [root.to_string()].into();
     for n in &g.nodes {
         if n.inputs.iter().any(|i| set.contains(i)) {
@@ -375,7 +384,14 @@ const DECODER_IDS: &str = "decoder_input_ids";
 /// Links the specialized encoder and decoder into one graph: inputs `input_ids`, `attention_mask` (the
 /// source) and `labels`; output `logits`. Returns the graph and the names of the encoder's output and of the
 /// decoder's token ids inside it.
-fn link(enc: Model, mut dec: Model, export: &BartExport, batch: usize, tgt: usize) -> Result<(Model, String)> {
+pub(super) fn link(
+    enc: Model,
+    mut dec: Model,
+    export: &BartExport,
+    batch: usize,
+    tgt: usize,
+    keep_output: &dyn Fn(&str) -> bool,
+) -> Result<(Model, String)> {
     let e = &enc.graph;
     let memory = match e.outputs.iter().find(|o| o.name == "last_hidden_state").or(e.outputs.first()) {
         Some(o) => o.name.clone(),
@@ -406,11 +422,11 @@ fn link(enc: Model, mut dec: Model, export: &BartExport, batch: usize, tgt: usiz
     }
     check(d, "encoder_hidden_states", &memory)?;
     check(d, "encoder_attention_mask", "attention_mask")?;
-    // Keep only the logits; the presents are for generation.
-    if !d.is_output("logits") {
-        bail!("the decoder graph has no 'logits' output");
+    // Training keeps only the logits; generation's encode graph only the cross-attention keys/values.
+    d.outputs.retain(|o| keep_output(&o.name));
+    if d.outputs.is_empty() {
+        bail!("the decoder graph has none of the outputs pfx needs (logits, present.*.encoder.*)");
     }
-    d.outputs.retain(|o| o.name == "logits");
     d.dce();
     // Rename what clashes; identical initializers are shared.
     let taken = names_of(e);
@@ -520,7 +536,7 @@ fn add_label_smoothing(g: &mut Graph, logits: &str, nll: &str, eps: f32) -> Resu
     Ok(g.op1("Add", &[&x, &y], vec![], "smooth/loss"))
 }
 
-fn check_options(o: &BartOptions) -> Result<()> {
+pub(super) fn check_options(o: &BartOptions) -> Result<()> {
     if o.prefix_len == 0 {
         bail!("--prefix-len must be at least 1");
     }
@@ -537,7 +553,7 @@ fn check_options(o: &BartOptions) -> Result<()> {
 }
 
 /// The width the encoder produces must be the width the decoder's cross-attention reads (declared shapes).
-fn check_fit(enc: &Graph, dec: &Graph, export: &BartExport) -> Result<()> {
+pub(super) fn check_fit(enc: &Graph, dec: &Graph, export: &BartExport) -> Result<()> {
     let last = |v: Option<&ValueInfo>| match v.and_then(|v| v.ty.shape.as_ref()).and_then(|s| s.last()) {
         Some(crate::ir::Dim::Known(n)) => Some(*n),
         _ => None,
@@ -560,7 +576,7 @@ fn check_fit(enc: &Graph, dec: &Graph, export: &BartExport) -> Result<()> {
     Ok(())
 }
 
-fn dims_of(enc: &ModelInfo, dec: &ModelInfo, export: &BartExport) -> Result<BartDims> {
+pub(super) fn dims_of(enc: &ModelInfo, dec: &ModelInfo, export: &BartExport) -> Result<BartDims> {
     let need = |v: Option<usize>, what: &str, p: &Path| {
         v.ok_or_else(|| anyhow!("could not read the {what} from {}", p.display()))
     };
@@ -635,7 +651,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
     if enc_sites.len() != dims.encoder_layers {
         bail!("found {} attentions in the encoder, but it has {} layers", enc_sites.len(), dims.encoder_layers);
     }
-    let (mut model, memory) = link(enc, dec, &export, opts.batch, opts.tgt_len)?;
+    let (mut model, memory) = link(enc, dec, &export, opts.batch, opts.tgt_len, &|o| o == "logits")?;
     let g = &mut model.graph;
     let (self_sites, cross_sites) = decoder_sites(g, DECODER_IDS, &memory, &enc_sites)?;
     if self_sites.len() != dims.decoder_layers || cross_sites.len() != dims.decoder_layers {
@@ -739,7 +755,18 @@ pub struct CompiledBart {
 pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBart> {
     let BartLoss { model: eval, export, dims, generators } = build_bart_loss_graph(dir, opts)?;
     let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
-    let graphs = super::training_graphs(eval, &names, &opts.optimizer)?;
+    let mut graphs = super::training_graphs(eval, &names, &opts.optimizer)?;
+    if let Some(gs) = &opts.generation {
+        graphs.extend(super::bart_generate::build_generation_graphs(
+            dir,
+            opts.mode,
+            opts.prefix_len,
+            opts.mid_dim,
+            &dims,
+            gs,
+            None,
+        )?);
+    }
     Ok(CompiledBart { graphs, export, dims, generators })
 }
 
@@ -760,6 +787,9 @@ pub struct BartSpec {
     pub decoder_graph: String,
     /// Generators: name prefix ("enc.", "dec.", "cross.", or "" for PEFT's single one) and layers.
     pub generators: Vec<(String, usize)>,
+    /// Shapes and cache layout of the generation graphs (absent when compiled without them).
+    #[serde(default)]
+    pub generation: Option<super::bart_generate::BartGeneration>,
 }
 
 /// Reads the "bart" section of a bundle's manifest (None for GPT-2 bundles).
@@ -828,7 +858,12 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         io,
         weights_file: "weights.bin".into(),
         init: "prefix.init.safetensors".into(),
-        generation: None,
+        generation: opts.generation.as_ref().map(|gs| super::GenerationSpec {
+            rows: gs.rows,
+            prompt_len: gs.src_len,
+            max_new: gs.max_new,
+            capacity: gs.capacity(opts.prefix_len),
+        }),
         baked: false,
     };
     let spec = BartSpec {
@@ -845,6 +880,10 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         encoder_graph: file_name(&c.export.encoder),
         decoder_graph: file_name(&c.export.decoder),
         generators: c.generators.iter().map(|g| (g.site.clone(), g.shape.layers)).collect(),
+        generation: opts
+            .generation
+            .as_ref()
+            .map(|gs| super::bart_generate::generation_spec(opts.mode, opts.prefix_len, d, gs)),
     };
     let mut json = serde_json::to_value(&manifest)?;
     json.as_object_mut().expect("a manifest is an object").insert("bart".into(), serde_json::to_value(&spec)?);
@@ -853,6 +892,6 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     Ok(manifest)
 }
 
-fn file_name(p: &Path) -> String {
+pub(super) fn file_name(p: &Path) -> String {
     p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
 }

@@ -48,7 +48,7 @@ fn load_with_past(source: &Path) -> Result<Model> {
 }
 
 /// Keeps only the last position of `name` along `axis` (an output keeps its name).
-fn keep_last(model: &mut Model, name: &str, axis: usize) -> Result<()> {
+pub(super) fn keep_last(model: &mut Model, name: &str, axis: usize) -> Result<()> {
     let g = &mut model.graph;
     let s = g.shape_of(name).ok_or_else(|| anyhow::anyhow!("unknown shape of '{name}'"))?;
     let n = s[axis] as i64;
@@ -80,7 +80,7 @@ pub fn build_prefill(
     baked: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<Model> {
     let mut model = load_with_past(source)?;
-    prefix::expose_positions(&mut model.graph)?;
+    prefix::expose_positions(&mut model.graph, 0)?;
     let dims = Dims { batch: gs.rows, seq: gs.prompt_len, past: Some(shape.len), src_len: None };
     specialize(&mut model, &dims)?;
     let g = &mut model.graph;
@@ -105,7 +105,7 @@ pub fn build_prefill(
 /// The one-token decode graph over a cache of capacity C.
 pub fn build_decode(source: &Path, p: usize, gs: &GenShape) -> Result<Model> {
     let mut model = load_with_past(source)?;
-    prefix::expose_positions(&mut model.graph)?;
+    prefix::expose_positions(&mut model.graph, 0)?;
     let c = gs.capacity(p);
     let dims = Dims { batch: gs.rows, seq: 1, past: Some(c), src_len: None };
     specialize(&mut model, &dims)?;

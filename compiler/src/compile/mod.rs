@@ -3,6 +3,7 @@
 
 pub mod bake;
 pub mod bart;
+pub mod bart_generate;
 pub mod generate;
 pub mod init;
 pub mod loss;

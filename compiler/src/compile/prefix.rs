@@ -177,8 +177,9 @@ fn token_values(g: &Graph) -> HashSet<String> {
 
 /// Makes the position-embedding lookup read a `position_ids` input ([batch, seq], int64) instead of the
 /// positions the export computes from the past length. Runs on the canonical graph. No-op when the export
-/// already takes `position_ids`.
-pub fn expose_positions(g: &mut Graph) -> Result<()> {
+/// already takes `position_ids`. `offset` is added to the ids before the lookup (BART's table starts its
+/// positions at row 2; GPT-2's at 0).
+pub fn expose_positions(g: &mut Graph, offset: i64) -> Result<()> {
     if g.is_input("position_ids") {
         return Ok(());
     }
@@ -198,7 +199,12 @@ pub fn expose_positions(g: &mut Graph) -> Result<()> {
     let idx = g.nodes[i].inputs[1].clone();
     let dims = vec![crate::ir::Dim::Sym("batch".into()), crate::ir::Dim::Sym("sequence".into())];
     g.inputs.push(ValueInfo { name: "position_ids".into(), ty: ValueType { dtype: DType::I64, shape: Some(dims) } });
-    let cast = g.op1("CastLike", &["position_ids", &idx], vec![], "position_ids.cast");
+    let mut cast = g.op1("CastLike", &["position_ids", &idx], vec![], "position_ids.cast");
+    if offset != 0 {
+        let c = g.add_const("position_ids.offset", Tensor::scalar_i64(offset));
+        let c = g.op1("CastLike", &[&c, &idx], vec![], "position_ids.offset_cast");
+        cast = g.op1("Add", &[&cast, &c], vec![], "position_ids.table_rows");
+    }
     g.nodes[i].inputs[1] = cast;
     g.toposort()?;
     Ok(())

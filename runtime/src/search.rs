@@ -1,0 +1,160 @@
+//! Greedy and beam search over any model that decodes R rows one token at a time (GPT-2's prefill/decode
+//! graphs, BART's encode/decode graphs): the search only sees logits, and asks for cache rows to be reordered.
+
+use anyhow::Result;
+
+#[derive(Clone, Debug)]
+pub struct GenConfig {
+    pub max_new: usize,
+    /// No end-of-sequence before this many new tokens (its logit is masked, as HF's min_new_tokens does).
+    pub min_new: usize,
+    pub beams: usize,
+    /// Beam scores are sum(log p) / len^length_penalty.
+    pub length_penalty: f32,
+    pub eos: Option<i64>,
+    /// Token used for padding and for idle rows.
+    pub pad: i64,
+    /// Mask the prefix out and number positions from 0: the bare model, for comparison.
+    pub no_prefix: bool,
+}
+
+impl Default for GenConfig {
+    fn default() -> Self {
+        GenConfig { max_new: 32, min_new: 0, beams: 1, length_penalty: 1.0, eos: None, pad: 0, no_prefix: false }
+    }
+}
+
+/// R rows being decoded, their caches filled up to the tokens fed so far.
+pub trait Decoding {
+    /// Feeds one token per row (`n_generated` tokens were generated before it); returns each row's logits.
+    fn step(&mut self, tokens: &[i64], n_generated: usize) -> Result<Vec<Vec<f32>>>;
+    /// Row i of the new state is row `parents[i]` of the old one (rows beyond `parents` copy `parents[0]`).
+    fn reorder(&mut self, parents: &[usize]);
+}
+
+/// Greedy decoding of the first `live` rows, starting from the logits after the prompt. Returns each row's
+/// new tokens, stopping after eos (not included).
+pub fn greedy(
+    state: &mut dyn Decoding,
+    mut logits: Vec<Vec<f32>>,
+    live: usize,
+    cfg: &GenConfig,
+) -> Result<Vec<Vec<i64>>> {
+    let r = logits.len();
+    let mut gen: Vec<Vec<i64>> = vec![Vec::new(); r];
+    let mut done = vec![false; r];
+    for n in 0..cfg.max_new {
+        let mut next = vec![cfg.pad; r];
+        for row in 0..r {
+            let mut l = logits[row].clone();
+            mask_eos(&mut l, cfg, n);
+            let t = argmax(&l) as i64;
+            if !done[row] {
+                if Some(t) == cfg.eos {
+                    done[row] = true;
+                } else {
+                    gen[row].push(t);
+                }
+            }
+            next[row] = t;
+        }
+        if n + 1 == cfg.max_new || done.iter().take(live).all(|&d| d) {
+            break;
+        }
+        logits = state.step(&next, n)?;
+    }
+    gen.truncate(live);
+    Ok(gen)
+}
+
+/// Beam search over rows that all hold the same prompt; `cfg.beams` of them are live. Returns the best
+/// hypothesis's new tokens.
+pub fn beam(state: &mut dyn Decoding, mut logits: Vec<Vec<f32>>, cfg: &GenConfig) -> Result<Vec<i64>> {
+    let (r, k) = (logits.len(), cfg.beams);
+    // Live beams: (tokens, sum of log-probabilities); only beam 0 is live at the start.
+    let mut beams: Vec<(Vec<i64>, f64)> = vec![(Vec::new(), 0.0)];
+    let mut finished: Vec<(Vec<i64>, f64)> = Vec::new();
+    let score = |toks: &[i64], s: f64| s / (toks.len() as f64).powf(cfg.length_penalty as f64);
+    for n in 0..cfg.max_new {
+        // Candidates over every live beam and token.
+        let mut cands: Vec<(f64, usize, i64)> = Vec::new();
+        for (b, (_, s)) in beams.iter().enumerate() {
+            // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
+            let mut lp = log_softmax(&logits[b]);
+            mask_eos(&mut lp, cfg, n);
+            for (t, &x) in lp.iter().enumerate() {
+                if x.is_finite() {
+                    cands.push((s + x as f64, b, t as i64));
+                }
+            }
+        }
+        cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
+        for (rank, (s, b, t)) in cands.into_iter().take(2 * k).enumerate() {
+            if Some(t) == cfg.eos {
+                // An ended hypothesis, kept only when it ranks among the best k (as HF does).
+                if rank < k {
+                    finished.push((beams[b].0.clone(), score(&beams[b].0, s)));
+                }
+                continue;
+            }
+            if next.len() < k {
+                let mut toks = beams[b].0.clone();
+                toks.push(t);
+                next.push((toks, s, b));
+            }
+        }
+        if next.is_empty() || n + 1 == cfg.max_new {
+            for (toks, s, _) in next {
+                let sc = score(&toks, s);
+                finished.push((toks, sc));
+            }
+            break;
+        }
+        // Reorder the cache rows to follow the surviving beams.
+        let parents: Vec<usize> = next.iter().map(|x| x.2).collect();
+        state.reorder(&parents);
+        let mut tokens = vec![cfg.pad; r];
+        for (i, (toks, _, _)) in next.iter().enumerate() {
+            tokens[i] = *toks.last().unwrap();
+        }
+        beams = next.into_iter().map(|(t, s, _)| (t, s)).collect();
+        logits = state.step(&tokens, n)?;
+    }
+    finished.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+    Ok(finished.into_iter().next().map(|f| f.0).unwrap_or_default())
+}
+
+/// Copies row blocks of `per_row` elements: row i takes row `parents[i]` (or `parents[0]` past the end).
+pub fn reorder_rows<T: Copy>(data: &mut [T], parents: &[usize], rows: usize, per_row: usize) {
+    let old = data.to_vec();
+    for i in 0..rows {
+        let s = parents.get(i).copied().unwrap_or(parents[0]);
+        data[i * per_row..(i + 1) * per_row].copy_from_slice(&old[s * per_row..(s + 1) * per_row]);
+    }
+}
+
+fn mask_eos(logits: &mut [f32], cfg: &GenConfig, n_generated: usize) {
+    if let Some(e) = cfg.eos {
+        if n_generated < cfg.min_new && (e as usize) < logits.len() {
+            logits[e as usize] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = v.iter().map(|&x| ((x - m) as f64).exp()).sum();
+    let ls = s.ln() as f32;
+    v.iter().map(|&x| x - m - ls).collect()
+}

@@ -1,0 +1,260 @@
+//! BART generation over a bundle's encode/decode graphs: the source is encoded once (cross-attention keys and
+//! values with their prefix, the self-attention prefix), then one token per step through `decode`, its keys and
+//! values written into a fixed-capacity self cache in place. The search is `crate::search`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Result};
+pub use pfx_compiler::compile::bart_generate::BartGeneration;
+
+use crate::backend::Backend;
+use crate::generate::split_rows;
+use crate::search::{self, GenConfig};
+use crate::tensor::HostTensor;
+
+pub struct Seq2SeqGenerator {
+    encode: Box<dyn Backend>,
+    /// The encoder without any prefix (paper mode), for `--no-prefix`; peft mode's `encode` has none there.
+    encode_bare: Option<Box<dyn Backend>>,
+    decode: Box<dyn Backend>,
+    spec: BartGeneration,
+    /// Trainable tensors fed to `encode` (empty for baked graphs).
+    prefix: BTreeMap<String, HostTensor>,
+    decoder_start: i64,
+}
+
+/// R rows being decoded: the decode graph's inputs, kept between steps and updated in place.
+struct Rows {
+    inputs: BTreeMap<String, HostTensor>,
+    /// [R, C]: which self-cache slots hold the prefix or a fed token.
+    mask: Vec<i64>,
+    /// Next free self-cache slot.
+    slot: usize,
+    /// Position of the decoder start token.
+    first_position: usize,
+}
+
+impl Seq2SeqGenerator {
+    pub fn new(
+        encode: Box<dyn Backend>,
+        encode_bare: Option<Box<dyn Backend>>,
+        decode: Box<dyn Backend>,
+        spec: BartGeneration,
+        prefix: BTreeMap<String, HostTensor>,
+        decoder_start: i64,
+    ) -> Seq2SeqGenerator {
+        Seq2SeqGenerator { encode, encode_bare, decode, spec, prefix, decoder_start }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.spec.rows
+    }
+
+    pub fn src_len(&self) -> usize {
+        self.spec.src_len
+    }
+
+    fn check(&self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<()> {
+        for (i, s) in sources.iter().enumerate() {
+            if s.is_empty() {
+                bail!("source {i} is empty");
+            }
+            if s.len() > self.spec.src_len {
+                bail!(
+                    "source {i} has {} tokens; the bundle's generation graphs take at most {} (recompile with a \
+                     larger --prompt-len)",
+                    s.len(),
+                    self.spec.src_len
+                );
+            }
+        }
+        if cfg.max_new == 0 || cfg.max_new > self.spec.max_new {
+            bail!("--max-new must be between 1 and {} (the bundle's --max-new)", self.spec.max_new);
+        }
+        if cfg.beams == 0 || cfg.beams > self.spec.rows {
+            bail!("--beams must be between 1 and {} (the bundle's --gen-rows)", self.spec.rows);
+        }
+        Ok(())
+    }
+
+    /// Encodes R right-padded sources, seeds the caches and feeds the decoder start token; returns the state and
+    /// the first logits.
+    fn start(&mut self, sources: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
+        let sp = &self.spec;
+        let (r, s, c, p, pc) = (sp.rows, sp.src_len, sp.capacity, sp.self_prefix, sp.cross_prefix);
+        let (h, d) = (sp.heads, sp.head_dim);
+        let mut ids = vec![pad; r * s];
+        let mut src_mask = vec![0i64; r * s];
+        for (row, src) in sources.iter().enumerate() {
+            ids[row * s..row * s + src.len()].copy_from_slice(src);
+            src_mask[row * s..row * s + src.len()].fill(1);
+        }
+        let mut enc_in = BTreeMap::new();
+        enc_in.insert("input_ids".to_string(), HostTensor::from_i64(vec![r, s], ids)?);
+        enc_in.insert("attention_mask".to_string(), HostTensor::from_i64(vec![r, s], src_mask.clone())?);
+        let bare = no_prefix && self.encode_bare.is_some();
+        let out = match (&mut self.encode_bare, bare) {
+            (Some(e), true) => e.run(&enc_in)?,
+            _ => {
+                enc_in.extend(self.prefix.clone());
+                self.encode.run(&enc_in)?
+            }
+        };
+        let flag = if no_prefix { 0 } else { 1 };
+        let get = |name: &str| out.get(name).ok_or_else(|| anyhow!("the encode graph has no output {name}"));
+        let mut inputs = BTreeMap::new();
+        // Cross cache [R, H, P'+S, D]: the prefix slots stay zero (and masked) when the encoder ran bare.
+        let cross_len = pc + s;
+        for l in 0..sp.layers {
+            for kind in ["key", "value"] {
+                let t = get(&format!("cross.{l}.{kind}"))?;
+                let have = t.shape()[2];
+                let cross = if have == cross_len {
+                    t.clone()
+                } else if have == s {
+                    let src = t.as_f32()?;
+                    let mut buf = vec![0f32; r * h * cross_len * d];
+                    for rh in 0..r * h {
+                        buf[(rh * cross_len + pc) * d..(rh + 1) * cross_len * d]
+                            .copy_from_slice(&src[rh * s * d..(rh + 1) * s * d]);
+                    }
+                    HostTensor::from_f32(vec![r, h, cross_len, d], buf)?
+                } else {
+                    bail!("cross.{l}.{kind} has {have} slots; expected {cross_len} or {s}");
+                };
+                inputs.insert(format!("past_key_values.{l}.encoder.{kind}"), cross);
+            }
+        }
+        let mut cross_mask = Vec::with_capacity(r * cross_len);
+        for row in 0..r {
+            cross_mask.extend(std::iter::repeat_n(if bare { 0 } else { flag }, pc));
+            cross_mask.extend_from_slice(&src_mask[row * s..(row + 1) * s]);
+        }
+        inputs.insert("encoder_attention_mask".into(), HostTensor::from_i64(vec![r, cross_len], cross_mask)?);
+        // Self cache [R, H, C, D], the prefix in its first P slots.
+        for l in 0..sp.layers {
+            for kind in ["key", "value"] {
+                let mut buf = vec![0f32; r * h * c * d];
+                if let Some(t) = out.get(&format!("self_prefix.{l}.{kind}")) {
+                    let src = t.as_f32()?;
+                    for rh in 0..r * h {
+                        buf[rh * c * d..(rh * c + p) * d].copy_from_slice(&src[rh * p * d..(rh + 1) * p * d]);
+                    }
+                }
+                inputs.insert(
+                    format!("past_key_values.{l}.decoder.{kind}"),
+                    HostTensor::from_f32(vec![r, h, c, d], buf)?,
+                );
+            }
+        }
+        let mut mask = vec![0i64; r * c];
+        for row in 0..r {
+            mask[row * c..row * c + p].fill(flag);
+        }
+        let first_position = if no_prefix { 0 } else { sp.first_position };
+        let mut rows = Rows { inputs, mask, slot: p, first_position };
+        let start = vec![self.decoder_start; r];
+        let logits = self.step(&mut rows, &start, 0)?;
+        Ok((rows, logits))
+    }
+
+    /// Feeds one token per row (`fed` tokens were fed before it, the start token included).
+    fn step(&mut self, rows: &mut Rows, tokens: &[i64], fed: usize) -> Result<Vec<Vec<f32>>> {
+        let sp = &self.spec;
+        let (r, c, h, d) = (sp.rows, sp.capacity, sp.heads, sp.head_dim);
+        if rows.slot > c {
+            bail!("the KV cache is full ({c} slots)");
+        }
+        rows.inputs.insert("input_ids".into(), HostTensor::from_i64(vec![r, 1], tokens.to_vec())?);
+        let pos = vec![(rows.first_position + fed) as i64; r];
+        rows.inputs.insert("position_ids".into(), HostTensor::from_i64(vec![r, 1], pos)?);
+        let mut m = Vec::with_capacity(r * (c + 1));
+        for row in 0..r {
+            m.extend_from_slice(&rows.mask[row * c..(row + 1) * c]);
+            m.push(1);
+        }
+        rows.inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, c + 1], m)?);
+        let out = self.decode.run(&rows.inputs)?;
+        let s = rows.slot;
+        if s < c {
+            // The new token's keys/values go into the next slot (the last step's are never read again).
+            for l in 0..sp.layers {
+                for kind in ["key", "value"] {
+                    let name = format!("present.{l}.decoder.{kind}");
+                    let t = out.get(&name).ok_or_else(|| anyhow!("the decode graph has no output {name}"))?;
+                    let src = t.as_f32()?;
+                    let cache = rows.inputs.get_mut(&format!("past_key_values.{l}.decoder.{kind}")).unwrap();
+                    let dst = cache.as_f32_mut()?;
+                    for rh in 0..r * h {
+                        dst[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&src[rh * d..(rh + 1) * d]);
+                    }
+                }
+            }
+            for row in 0..r {
+                rows.mask[row * c + s] = 1;
+            }
+        }
+        rows.slot += 1;
+        split_rows(out.get("logits").ok_or_else(|| anyhow!("the decode graph has no logits output"))?)
+    }
+
+    /// Greedy decoding of any number of sources (R at a time). Returns each source's new tokens, stopping after
+    /// eos (not included).
+    pub fn greedy(&mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
+        self.check(sources, cfg)?;
+        let r = self.spec.rows;
+        let mut out = Vec::with_capacity(sources.len());
+        for chunk in sources.chunks(r) {
+            let mut rows_src: Vec<Vec<i64>> = chunk.to_vec();
+            while rows_src.len() < r {
+                rows_src.push(vec![cfg.pad]);
+            }
+            let (rows, logits) = self.start(&rows_src, cfg.pad, cfg.no_prefix)?;
+            let mut state = Running { gen: self, rows };
+            out.extend(search::greedy(&mut state, logits, chunk.len(), cfg)?);
+        }
+        Ok(out)
+    }
+
+    /// Beam search, one source at a time (its rows all hold it).
+    pub fn beam_search(&mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
+        self.check(sources, cfg)?;
+        let mut out = Vec::new();
+        for src in sources {
+            let rows_src: Vec<Vec<i64>> = (0..self.spec.rows).map(|_| src.clone()).collect();
+            let (rows, logits) = self.start(&rows_src, cfg.pad, cfg.no_prefix)?;
+            let mut state = Running { gen: self, rows };
+            out.push(search::beam(&mut state, logits, cfg)?);
+        }
+        Ok(out)
+    }
+}
+
+struct Running<'a> {
+    gen: &'a mut Seq2SeqGenerator,
+    rows: Rows,
+}
+
+impl search::Decoding for Running<'_> {
+    fn step(&mut self, tokens: &[i64], n_generated: usize) -> Result<Vec<Vec<f32>>> {
+        // The start token was fed first, so generated token n is the (n+1)-th fed.
+        self.gen.step(&mut self.rows, tokens, n_generated + 1)
+    }
+
+    fn reorder(&mut self, parents: &[usize]) {
+        // Every row holds the same source, so only the self cache and its mask follow the beams.
+        let sp = &self.gen.spec;
+        let (r, c) = (sp.rows, sp.capacity);
+        let per_row = sp.heads * c * sp.head_dim;
+        for l in 0..sp.layers {
+            for kind in ["key", "value"] {
+                if let Some(t) = self.rows.inputs.get_mut(&format!("past_key_values.{l}.decoder.{kind}")) {
+                    if let Ok(buf) = t.as_f32_mut() {
+                        search::reorder_rows(buf, parents, r, per_row);
+                    }
+                }
+            }
+        }
+        search::reorder_rows(&mut self.rows.mask, parents, r, c);
+    }
+}
