@@ -1,0 +1,404 @@
+#!/usr/bin/env python3
+"""Generation references for prefix-tuned BART (greedy and beam search), on the two tiny BART fixtures.
+
+Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
+
+    /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_generation_references.py
+
+Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/.
+Writes graphs/bart-ref/gen-<fixture>-<mode>.safetensors, mode in {peft, paper}, param `reparam` only.
+Keys, settings and findings: graphs/bart-ref/README.md, section "Generation references".
+
+The two prefix modes are those of make_bart_references.py (imported, not copied): `peft` = PEFT 0.21's
+PeftModelForSeq2SeqLM prefix (decoder self-attention only, decoder positions numbered from P), `paper` = the
+script's `prefixed_attention` on every attention (three generators, no position shift).
+
+PEFT's own `generate` is NOT used for the references (with transformers 5.x it does not give prefix-tuned
+greedy output; the script prints what it gives). Greedy decoding is a plain loop over the full forward (no KV cache,
+the encoder recomputed every step): PEFT's `forward` for `peft`, the patched model for `paper`. HF's `generate`
+runs on a model whose attention is patched (`peft`: the prefix written out on the decoder self-attention and the
+decoder positions hooked to start at P; `paper`: the same patched model), with `use_cache=False`; its greedy run
+must equal the loop, and it gives the beam-search references. Every greedy path is checked in float64 (same
+argmax, top-2 gap > MIN_GAP at every step); every beam run is repeated with a float64 model and against
+`simple_beam`, HF's beam search written out in float64 (same tokens and scores, every decision > MIN_BEAM_GAP).
+`--search` re-derives NOISE_SEEDS.
+
+CPU, float32, eval mode, eager attention, seeded: reruns give byte-identical files (no safetensors metadata).
+"""
+import copy
+import os
+import sys
+
+import numpy as np
+import peft
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import make_bart_references as R  # noqa: E402  (P, M, load_base, prefixed_attention, PeftRunner, PaperRunner, ...)
+
+# ---- fixed setup -------------------------------------------------------------------------------------------
+N = 8  # new tokens per row (the decoder start token not counted)
+NUM_BEAMS = 4
+S = 7  # source length
+SOURCE_LENGTHS = (7, 5, 3)  # real tokens per row (bos, words, eos), then right-padded with pad
+SOURCE_SEED = 20261242  # chosen so that the bare model's greedy paths are not on a knife edge either
+GEN_NOISE_STD = 5.0  # PEFT's init + GEN_NOISE_STD * randn on every trainable tensor: the prefix dominates
+# Seeds of that noise, one per (fixture, mode): the first seed from SEARCH_FROM on that passes every check of
+# run() (`--search` finds them): every row's greedy path differs from the bare model's and has >= 3 distinct
+# tokens in some row, no greedy step and no beam decision is on a knife edge (MIN_GAP, MIN_BEAM_GAP).
+SEARCH_FROM, SEARCH_COUNT = 20261300, 64
+NOISE_SEEDS = {
+    ("bart-enc-deep", "peft"): 20261303,
+    ("bart-enc-deep", "paper"): 20261300,
+    ("bart-dec-deep", "peft"): 20261302,
+    ("bart-dec-deep", "paper"): 20261301,
+}
+PARAM = "reparam"
+MIN_GAP = 1e-3  # float64 top-1 minus top-2 logit, every greedy step
+MIN_BEAM_GAP = 1e-4  # float64 score gap at every beam-search decision that could flip the result
+MODES = ("peft", "paper")
+
+
+def make_source(cfg):
+    """3 rows of lengths SOURCE_LENGTHS: bos, random words (ids >= 3), eos, right-padded with pad (as HF's
+    tokenizer pads BART sources); attention_mask 1 on the real tokens."""
+    g = torch.Generator().manual_seed(SOURCE_SEED)
+    ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
+    mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
+    for b, n in enumerate(SOURCE_LENGTHS):
+        ids[b, 0] = cfg.bos_token_id
+        ids[b, 1 : n - 1] = torch.randint(3, cfg.vocab_size, (n - 2,), generator=g)
+        ids[b, n - 1] = cfg.eos_token_id
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def greedy_loop(logits_fn, ids, mask, start):
+    """N steps of argmax, full recompute each step (decoder input = start + tokens so far), no eos stop.
+    Returns tokens [B, N] and the last-position logits of each step [B, N, V]."""
+    dec = torch.full((ids.shape[0], 1), start, dtype=torch.int64)
+    steps = []
+    with torch.no_grad():
+        for _ in range(N):
+            last = logits_fn(ids, mask, dec)[:, -1]
+            steps.append(last)
+            dec = torch.cat([dec, last.argmax(-1, keepdim=True)], dim=1)
+    return dec[:, 1:], torch.stack(steps, dim=1)
+
+
+def teacher_forced(model, ids, mask, start, tokens):
+    """One forward over the whole path: the logits of every step at once (causal mask = step by step)."""
+    dec = torch.cat([torch.full((ids.shape[0], 1), start, dtype=torch.int64), tokens[:, :-1]], dim=1)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+
+
+def top2_gap(logits):
+    v = logits.topk(2, dim=-1).values
+    return (v[..., 0] - v[..., 1]).min().item()
+
+
+def check_path(name, tokens, logits32, logits64, facts):
+    """float64 along the float32 path: same argmax at every step, not on a knife edge."""
+    assert torch.equal(logits64.argmax(-1), tokens), (name, logits64.argmax(-1), tokens)
+    gap = top2_gap(logits64)
+    assert gap > MIN_GAP, (name, gap)
+    d = (logits32.double() - logits64).abs().max().item()
+    assert d < 1e-4, (name, d)
+    facts[f"{name}: min top-2 gap (float64), max |f32 - f64|"] = f"{gap:.2e}, {d:.1e}"
+
+
+def set_generation_config(model, eos):
+    """Fix the settings that generate() would otherwise take from the fixture's generation_config.json: no
+    forced eos at max length (the fixture has forced_eos_token_id 2), eos on or off. Values passed as None to
+    generate() are filled from model.generation_config, so they are set there."""
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id = eos
+    gc.forced_eos_token_id = None
+    gc.forced_bos_token_id = None
+    gc.decoder_start_token_id = model.config.decoder_start_token_id
+    gc.pad_token_id = model.config.pad_token_id
+    model.generation_config = gc
+
+
+def hf_generate(model, ids, mask, num_beams, eos):
+    set_generation_config(model, eos)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
+            num_return_sequences=1, do_sample=False, length_penalty=1.0, early_stopping=False,
+            no_repeat_ngram_size=0, repetition_penalty=1.0, use_cache=False, return_dict_in_generate=True,
+            output_logits=True, output_scores=True,
+        )
+    start = model.config.decoder_start_token_id
+    assert torch.all(out.sequences[:, 0] == start), out.sequences
+    return out
+
+
+def beam_tokens(seq, eos, pad):
+    """HF's beam output without the start token, [B, N]: tokens up to and including the first eos, -1 after it
+    (HF fills with pad there) and -1 up to N."""
+    seq = seq[:, 1:]
+    out = torch.full((seq.shape[0], N), -1, dtype=torch.int64)
+    for b in range(seq.shape[0]):
+        for t in range(seq.shape[1]):
+            out[b, t] = seq[b, t]
+            if seq[b, t] == eos:
+                assert torch.all(seq[b, t + 1 :] == pad), seq[b]
+                break
+    return out
+
+
+def cut_at_eos(tokens, eos):
+    """[B, N] tokens with -1 after each row's first eos."""
+    out = tokens.clone()
+    for b in range(out.shape[0]):
+        hits = (out[b] == eos).nonzero()
+        if len(hits):
+            out[b, hits[0, 0] + 1 :] = -1
+    return out
+
+
+def simple_beam(model, ids, mask, start, eos):
+    """HF 5.x's beam search as used here (NUM_BEAMS beams, length_penalty 1, early_stopping False, no forced eos,
+    eos on or None), written out for one source row, in the model's dtype, full recompute every step. Returns
+    (tokens cut as beam_tokens does, score, margin): margin is the smallest score gap at a decision that could
+    flip the result (the K-th/(K+1)-th candidate, the K-th/(K+1)-th candidate that does not end in eos, the best
+    two finished hypotheses, the early-stop comparison)."""
+    K = NUM_BEAMS
+    running = [([start], 0.0)]  # HF: beams 1..K-1 start at -1e9, i.e. only beam 0's candidates count at step 1
+    finished = []  # (length-normalized score, tokens)
+    margin = float("inf")
+    for t in range(1, N + 1):
+        seqs = torch.tensor([s for s, _ in running])
+        with torch.no_grad():
+            logits = model(input_ids=ids.expand(len(running), -1), attention_mask=mask.expand(len(running), -1),
+                           decoder_input_ids=seqs).logits[:, -1]
+        V = logits.shape[-1]
+        cand = (torch.tensor([sc for _, sc in running], dtype=logits.dtype)[:, None]
+                + torch.log_softmax(logits, dim=-1)).flatten()
+        vals, idx = cand.sort(descending=True)
+        top = [(running[int(idx[r]) // V][0] + [int(idx[r]) % V], vals[r].item()) for r in range(2 * K)]
+        margin = min(margin, vals[K - 1].item() - vals[K].item())
+        final = lambda c: c[0][-1] == eos or t == N
+        for seq, sc in top[:K]:  # only the top K candidates may finish
+            if final((seq, sc)):
+                finished.append((sc / t, seq))
+        finished.sort(key=lambda f: -f[0])
+        finished = finished[:K]
+        if t == N:
+            break
+        live = [r for r in range(len(vals)) if int(idx[r] % V) != eos] if eos is not None else list(range(K + 1))
+        assert live[K - 1] < 2 * K, "fewer than K live candidates among the top 2K"
+        margin = min(margin, vals[live[K - 1]].item() - vals[live[K]].item())
+        running = [c for c in top if not final(c)][:K]
+        if len(finished) == K:  # HF's heuristic: stop once the best running beam, normalized now, cannot win
+            best_running = running[0][1] / t
+            margin = min(margin, abs(best_running - finished[-1][0]))
+            if best_running <= finished[-1][0]:
+                break
+    if len(finished) > 1:
+        margin = min(margin, finished[0][0] - finished[1][0])
+    score, seq = finished[0]
+    tokens = cut_at_eos(torch.tensor([seq[1:] + [-1] * (N + 1 - len(seq))]), eos)[0] if eos is not None \
+        else torch.tensor(seq[1:])
+    return tokens, score, margin
+
+
+def check_beam(name, model64, ids, mask, start, eos, hf_tokens, hf_scores, facts):
+    worst = float("inf")
+    for b in range(ids.shape[0]):
+        tok, score, margin = simple_beam(model64, ids[b : b + 1], mask[b : b + 1], start, eos)
+        assert torch.equal(tok, hf_tokens[b]), (name, b, tok, hf_tokens[b])
+        assert abs(score - hf_scores[b].item()) < 1e-5, (name, b, score, hf_scores[b].item())
+        worst = min(worst, margin)
+    assert worst > MIN_BEAM_GAP, (name, worst)
+    facts[f"{name}: written-out float64 beam search = HF's; smallest decision margin"] = f"{worst:.1e}"
+
+
+# ---- models with the prefix inside generate() ----------------------------------------------------------------
+
+
+def peft_written_out(fixture, runner, dtype, shift=True):
+    """PEFT's prefix without PEFT (as check_peft_semantics in make_bart_references.py): decoder layer i's
+    self-attention gets rows (4i mod 2L, 4i+1 mod 2L) of the table, encoder and cross-attention untouched,
+    decoder positions numbered from P."""
+    enc = copy.deepcopy(runner.model.prompt_encoder[runner.model.active_adapter]).to(dtype)
+    cfg = runner.base.config
+    L, H = runner.L, cfg.decoder_attention_heads
+    D = cfg.d_model // H
+    with torch.no_grad():
+        flat = enc(torch.arange(R.P).unsqueeze(0))[0]
+    table = flat.view(R.P, 2 * L, H, D).permute(1, 2, 0, 3)
+    model = R.load_base(fixture, dtype)
+    for i, lay in enumerate(model.model.decoder.layers):
+        rk, rv = (4 * i) % (2 * L), (4 * i + 1) % (2 * L)
+        lay.self_attn.forward = R.prefixed_attention(lay.self_attn, lambda rk=rk, rv=rv: (table[rk], table[rv]))
+    if shift:
+        R.shift_decoder_positions(model, R.P)
+    return model
+
+
+def make_runner(fixture, mode, seed, facts):
+    mid = R.PARAMS[PARAM]
+    runner = R.PeftRunner(fixture, mid, facts) if mode == "peft" else R.PaperRunner(fixture, mid)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in runner.named:
+            p.add_(torch.randn(p.shape, generator=g) * GEN_NOISE_STD)
+    return runner
+
+
+# ---- one reference file ------------------------------------------------------------------------------------
+
+
+def run(fixture, mode, seed, write=True):
+    facts = {}
+    runner = make_runner(fixture, mode, seed, facts)
+    cfg = runner.base.config if mode == "peft" else runner.model.config
+    start, pad, eos = cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id
+    ids, mask = make_source(cfg)
+    out = {"gen.input_ids": ids.numpy(), "gen.attention_mask": mask.numpy()}
+    for n, p in runner.named:
+        out[n] = R.np32(p)
+
+    # Bare model: HF generate (greedy, eos off) = the loop; float64 check.
+    bare = R.load_base(fixture)
+    bare_fn = lambda i, m, d: bare(input_ids=i, attention_mask=m, decoder_input_ids=d).logits
+    bare_tok, bare_logits = greedy_loop(bare_fn, ids, mask, start)
+    hb = hf_generate(bare, ids, mask, 1, None)
+    assert torch.equal(hb.sequences[:, 1:], bare_tok), (hb.sequences, bare_tok)
+    torch.testing.assert_close(torch.stack(hb.logits, 1), bare_logits, rtol=0, atol=1e-5)
+    check_path("bare greedy", bare_tok, bare_logits,
+               teacher_forced(R.load_base(fixture, torch.float64), ids, mask, start, bare_tok), facts)
+
+    # With the prefix: the loop over the reference forward.
+    if mode == "peft":
+        ref_fn = lambda i, m, d: runner.model(input_ids=i, attention_mask=m, decoder_input_ids=d).logits
+        gen32 = peft_written_out(fixture, runner, torch.float32)
+        gen64 = peft_written_out(fixture, runner, torch.float64)
+    else:
+        ref_fn = lambda i, m, d: runner.model(input_ids=i, attention_mask=m, decoder_input_ids=d).logits
+        gen32 = runner.model
+        r64 = R.PaperRunner(fixture, R.PARAMS[PARAM], torch.float64, copy.deepcopy(runner.gens))
+        gen64 = r64.model
+    tok, logits = greedy_loop(ref_fn, ids, mask, start)
+    differ = [bool((tok[b] != bare_tok[b]).any()) for b in range(tok.shape[0])]
+    assert all(differ), ("the prefix must change every row's greedy path", tok, bare_tok)
+    assert max(len(set(r)) for r in tok.tolist()) >= 3, tok
+    check_path("prefix greedy", tok, logits, teacher_forced(gen64, ids, mask, start, tok), facts)
+    tf32 = teacher_forced(gen32, ids, mask, start, tok)
+    d = (tf32 - logits).abs().max().item()
+    assert d < 1e-5, d
+    facts["max |step-by-step logits - one teacher-forced forward (patched model)|"] = f"{d:.1e}"
+    out["gen.greedy"] = tok.numpy()
+    out["gen.greedy_logits"] = R.np32(logits)
+    out["gen.bare_greedy"] = bare_tok.numpy()
+    out["gen.bare_greedy_logits"] = R.np32(bare_logits)
+
+    # What a test on these logits can catch.
+    ones = torch.ones_like(mask)
+    with torch.no_grad():
+        dec = torch.cat([torch.full((ids.shape[0], 1), start, dtype=torch.int64), tok[:, :-1]], dim=1)
+        nomask = gen32(input_ids=ids, attention_mask=ones, decoder_input_ids=dec).logits
+    facts["max |Δlogits| if the source mask is ignored"] = f"{(nomask - logits).abs().max().item():.3f}"
+    if mode == "peft":
+        noshift = teacher_forced(peft_written_out(fixture, runner, torch.float32, shift=False), ids, mask, start, tok)
+        facts["max |Δlogits| if decoder positions start at 0"] = f"{(noshift - logits).abs().max().item():.3f}"
+    facts["max |logits - bare logits| at step 0"] = f"{(logits[:, 0] - bare_logits[:, 0]).abs().max().item():.3f}"
+
+    # HF generate on the patched model: greedy = the loop.
+    hg = hf_generate(gen32, ids, mask, 1, None)
+    assert torch.equal(hg.sequences[:, 1:], tok), (hg.sequences, tok)
+    d = (torch.stack(hg.logits, 1) - logits).abs().max().item()
+    assert d < 1e-5, d
+    facts["HF generate greedy (patched, use_cache=False) vs loop: max |Δlogits|"] = f"{d:.1e}"
+    # ... also with eos on: it stops at the first eos and pads with pad.
+    he = hf_generate(gen32, ids, mask, 1, eos)
+    assert torch.equal(beam_tokens(he.sequences, eos, pad), cut_at_eos(tok, eos)), (he.sequences, tok)
+
+    # Beam search, eos on (HF stops hypotheses at eos), and eos off (exactly N tokens).
+    for key, beos in (("gen.beam", eos), ("gen.beam_noeos", None)):
+        hb = hf_generate(gen32, ids, mask, NUM_BEAMS, beos)
+        hb64 = hf_generate(gen64, ids, mask, NUM_BEAMS, beos)
+        assert torch.equal(hb.sequences, hb64.sequences), (key, hb.sequences, hb64.sequences)
+        ds = (hb.sequences_scores.double() - hb64.sequences_scores.double()).abs().max().item()
+        assert ds < 1e-4, ds
+        btok = beam_tokens(hb.sequences, eos, pad) if beos is not None else hb.sequences[:, 1:]
+        assert btok.shape == (ids.shape[0], N), btok.shape
+        facts[f"{key}: HF with a float64 model: same tokens, max |Δscore|"] = f"{ds:.1e}"
+        check_beam(key, gen64, ids, mask, start, beos, btok, hb.sequences_scores, facts)
+        out[key] = btok.numpy()
+        out[key + "_scores"] = R.np32(hb.sequences_scores)
+    # The bare model's beam search, eos on.
+    hb = hf_generate(bare, ids, mask, NUM_BEAMS, eos)
+    btok = beam_tokens(hb.sequences, eos, pad)
+    check_beam("gen.bare_beam", R.load_base(fixture, torch.float64), ids, mask, start, eos, btok,
+               hb.sequences_scores, facts)
+    out["gen.bare_beam"] = btok.numpy()
+    out["gen.bare_beam_scores"] = R.np32(hb.sequences_scores)
+
+    # PEFT's own generate, for the record (not a reference).
+    if mode == "peft":
+        set_generation_config(runner.base, None)
+        with torch.no_grad():
+            pg = runner.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, do_sample=False,
+                                       num_beams=1)
+        pg = pg[:, 1:]
+        facts["PeftModel.generate (greedy, eos off)"] = (
+            f"= prefix greedy: {torch.equal(pg, tok)}, = bare greedy: {torch.equal(pg, bare_tok)}; {pg.tolist()}")
+
+    for key, arr in out.items():
+        assert arr.dtype in (np.float32, np.int64), (key, arr.dtype)
+    path = os.path.join(HERE, f"gen-{fixture}-{mode}.safetensors")
+    if write:
+        save_file(out, path)  # no metadata: reruns are byte-identical
+    return path, out, facts
+
+
+def search():
+    """How NOISE_SEEDS were chosen: the first seed from SEARCH_FROM on that passes every check of run()."""
+    for fixture in R.FIXTURES:
+        for mode in MODES:
+            for seed in range(SEARCH_FROM, SEARCH_FROM + SEARCH_COUNT):
+                try:
+                    run(fixture, mode, seed, write=False)
+                except AssertionError as e:
+                    print(f"{fixture} {mode} {seed}: {str(e)[:100]!r}", flush=True)
+                    continue
+                print(f"{fixture} {mode}: {seed}", flush=True)
+                break
+
+
+def main():
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}")
+    if sys.argv[1:] == ["--search"]:
+        search()
+        return 0
+    for fixture in R.FIXTURES:
+        cfg = R.load_base(fixture).config
+        ids, mask = make_source(cfg)
+        print(f"\n#### {fixture}: decoder_start {cfg.decoder_start_token_id}, pad {cfg.pad_token_id}, "
+              f"eos {cfg.eos_token_id}")
+        print("gen.input_ids\n", ids.numpy())
+        print("gen.attention_mask\n", mask.numpy())
+        for mode in MODES:
+            path, out, facts = run(fixture, mode, NOISE_SEEDS[(fixture, mode)])
+            print(f"\n== {os.path.relpath(path, os.path.join(HERE, '..', '..'))}  {os.path.getsize(path)} bytes, "
+                  f"{len(out)} tensors")
+            for k in ("gen.greedy", "gen.bare_greedy", "gen.beam", "gen.beam_scores", "gen.beam_noeos",
+                      "gen.beam_noeos_scores", "gen.bare_beam", "gen.bare_beam_scores"):
+                print(f"  {k} {list(out[k].shape)}: {out[k].tolist()}")
+            for k, v in facts.items():
+                print(f"  {k}: {v}")
+            print("  trainable: " + ", ".join(f"{n} {list(out[n].shape)}" for n in out if not n.startswith("gen.")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
