@@ -355,7 +355,8 @@ def run(fixture, mode, seed, write=True):
         assert arr.dtype in (np.float32, np.int64), (key, arr.dtype)
     path = os.path.join(HERE, f"gen-{fixture}-{mode}.safetensors")
     if write:
-        save_file(out, path)  # no metadata: reruns are byte-identical
+        # safetensors writes an array's buffer as is: strided views (tokens = dec[:, 1:]) must be made contiguous.
+        save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, path)  # no metadata: reruns are byte-identical
     return path, out, facts
 
 

@@ -12,9 +12,12 @@ use crate::bundle::Bundle;
 use crate::data::{read_examples, Encoded, Overlong, TableToText};
 use crate::generate::{GenConfig, Generator};
 use crate::ort_backend::OrtOptions;
+use crate::seq2seq::Seq2SeqGenerator;
+use crate::seq2seq_data::SourceTarget;
 use crate::tensor::HostTensor;
 use crate::tokenize::Tokenizer;
 use crate::train::{TrainConfig, Trainer};
+use pfx_compiler::compile::bart::{read_bart_spec, BartSpec};
 
 /// The engine a command runs on.
 #[derive(Clone, Debug)]
@@ -56,12 +59,27 @@ pub fn prefix_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<BTreeMap<S
     }
 }
 
-fn encode_file(fmt: &TableToText, path: &Path, seq: usize, overlong: Overlong, what: &str) -> Result<Vec<Encoded>> {
+/// A bundle's BART section, if it is a BART bundle.
+fn bart_spec(bundle: &Bundle) -> Result<Option<BartSpec>> {
+    if bundle.manifest.family != "bart" {
+        return Ok(None);
+    }
+    read_bart_spec(&bundle.dir)?.map(Some).with_context(|| {
+        format!("{} says family bart but has no \"bart\" section in manifest.json", bundle.dir.display())
+    })
+}
+
+/// Rows of a data file in the bundle's format: GPT-2's table-to-text rows of T tokens, or BART's source [S] /
+/// labels [T] rows.
+fn encode_file(bundle: &Bundle, tok: &Tokenizer, path: &Path, overlong: Overlong, what: &str) -> Result<Vec<Encoded>> {
     let data = read_examples(path)?;
     if let Some(w) = data.bad_lines_summary() {
         eprintln!("warning: {w}");
     }
-    let (rows, report) = fmt.encode_dataset(&data, seq, overlong)?;
+    let (rows, report) = match bart_spec(bundle)? {
+        Some(b) => SourceTarget::new(tok, b.pad_token_id)?.encode_dataset(&data, b.src_len, b.tgt_len, overlong)?,
+        None => TableToText::new(tok)?.encode_dataset(&data, bundle.manifest.seq_len, overlong)?,
+    };
     eprintln!("{what} {}: {report}", path.display());
     Ok(rows)
 }
@@ -83,11 +101,9 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
         bail!("{} is baked (inference only); train with the bundle pfxc compile wrote", args.bundle.display());
     }
     let tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
-    let fmt = TableToText::new(&tok)?;
-    let seq = bundle.manifest.seq_len;
-    let rows = encode_file(&fmt, &args.train, seq, args.overlong, "train")?;
+    let rows = encode_file(&bundle, &tok, &args.train, args.overlong, "train")?;
     let dev = match &args.dev {
-        Some(p) => Some(encode_file(&fmt, p, seq, args.overlong, "dev")?),
+        Some(p) => Some(encode_file(&bundle, &tok, p, args.overlong, "dev")?),
         None => None,
     };
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
@@ -131,8 +147,7 @@ pub fn eval(
 ) -> Result<f64> {
     let b = Bundle::open(bundle)?;
     let tok = tokenizer_for(&b, tokenizer)?;
-    let fmt = TableToText::new(&tok)?;
-    let rows = encode_file(&fmt, data, b.manifest.seq_len, Overlong::Truncate, "eval")?;
+    let rows = encode_file(&b, &tok, data, Overlong::Truncate, "eval")?;
     let prefix = prefix_for(&b, prefix)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut t = Trainer::new(b, engine.backend, &engine.ort, prefix, true, stop)?;
@@ -170,11 +185,7 @@ pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
 pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let bundle = Bundle::open(&args.bundle)?;
     let m = bundle.manifest.clone();
-    let spec = m.generation.clone().with_context(|| {
-        format!("{} has no generation graphs: compile an export with past inputs", args.bundle.display())
-    })?;
     let tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
-    let fmt = TableToText::new(&tok)?;
     let (sources, refs) = match (&args.input, &args.inputs) {
         (Some(s), None) => (vec![s.clone()], vec![vec![]]),
         (None, Some(p)) => sources_of(p)?,
@@ -184,33 +195,75 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         bail!("no inputs to generate from");
     }
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
-    let mut prompts = Vec::new();
-    for s in &sources {
-        let mut ids: Vec<i64> = fmt.encode_prompt(s)?.into_iter().map(|t| t as i64).collect();
-        if ids.len() > spec.prompt_len {
-            eprintln!("warning: prompt of {} tokens cut to the last {} (--prompt-len)", ids.len(), spec.prompt_len);
-            ids.drain(..ids.len() - spec.prompt_len);
-        }
-        prompts.push(ids);
-    }
     let mut cfg = args.cfg.clone();
-    cfg.eos = Some(fmt.eos_id() as i64);
-    cfg.pad = fmt.pad_id() as i64;
-    let mut g = Generator::new(
-        bundle.open_graph("prefill", engine.backend, &engine.ort)?,
-        bundle.open_graph("decode", engine.backend, &engine.ort)?,
-        spec,
-        m.prefix_len,
-        m.layers,
-        m.heads,
-        m.head_dim,
-        prefix,
-    );
+    let no_generation = || {
+        anyhow::anyhow!(
+            "{} has no generation graphs: compile an export with past inputs (BART: with \
+             decoder_with_past_model.onnx, and --max-new above 0)",
+            args.bundle.display()
+        )
+    };
+    let mut model: Box<dyn FnMut(&[Vec<i64>], &GenConfig) -> Result<Vec<Vec<i64>>>>;
+    let (rows, prompts) = if let Some(b) = bart_spec(&bundle)? {
+        let spec = b.generation.clone().ok_or_else(no_generation)?;
+        let fmt = SourceTarget::new(&tok, b.pad_token_id)?;
+        cfg.eos = Some(fmt.eos_id());
+        cfg.pad = fmt.pad_id();
+        let mut prompts = Vec::new();
+        for s in &sources {
+            let (ids, cut) = fmt.encode_source(s, spec.src_len)?;
+            if cut {
+                eprintln!("warning: a source was cut to {} tokens (--prompt-len)", spec.src_len);
+            }
+            prompts.push(ids);
+        }
+        let bare = if m.graphs.contains_key("encode_bare") {
+            Some(bundle.open_graph("encode_bare", engine.backend, &engine.ort)?)
+        } else {
+            None
+        };
+        let mut g = Seq2SeqGenerator::new(
+            bundle.open_graph("encode", engine.backend, &engine.ort)?,
+            bare,
+            bundle.open_graph("decode", engine.backend, &engine.ort)?,
+            spec.clone(),
+            prefix,
+            b.decoder_start_token_id,
+        );
+        model = Box::new(move |p, c| if c.beams > 1 { g.beam_search(p, c) } else { g.greedy(p, c) });
+        (spec.rows, prompts)
+    } else {
+        let spec = m.generation.clone().ok_or_else(no_generation)?;
+        let fmt = TableToText::new(&tok)?;
+        cfg.eos = Some(fmt.eos_id() as i64);
+        cfg.pad = fmt.pad_id() as i64;
+        let mut prompts = Vec::new();
+        for s in &sources {
+            let mut ids: Vec<i64> = fmt.encode_prompt(s)?.into_iter().map(|t| t as i64).collect();
+            if ids.len() > spec.prompt_len {
+                eprintln!("warning: prompt of {} tokens cut to the last {} (--prompt-len)", ids.len(), spec.prompt_len);
+                ids.drain(..ids.len() - spec.prompt_len);
+            }
+            prompts.push(ids);
+        }
+        let mut g = Generator::new(
+            bundle.open_graph("prefill", engine.backend, &engine.ort)?,
+            bundle.open_graph("decode", engine.backend, &engine.ort)?,
+            spec.clone(),
+            m.prefix_len,
+            m.layers,
+            m.heads,
+            m.head_dim,
+            prefix,
+        );
+        model = Box::new(move |p, c| if c.beams > 1 { g.beam_search(p, c) } else { g.greedy(p, c) });
+        (spec.rows, prompts)
+    };
     let started = std::time::Instant::now();
     let mut out_tokens = Vec::new();
-    let chunk = if cfg.beams > 1 { 1 } else { g.rows() };
+    let chunk = if cfg.beams > 1 { 1 } else { rows };
     for (i, c) in prompts.chunks(chunk).enumerate() {
-        let toks = if cfg.beams > 1 { g.beam_search(c, &cfg)? } else { g.greedy(c, &cfg)? };
+        let toks = model(c, &cfg)?;
         out_tokens.extend(toks);
         if prompts.len() > chunk {
             eprint!("\rgenerated {}/{}", ((i + 1) * chunk).min(prompts.len()), prompts.len());

@@ -18,6 +18,7 @@ pub mod peft;
 pub mod score;
 pub mod search;
 pub mod seq2seq;
+pub mod seq2seq_data;
 pub mod tensor;
 pub mod tokenize;
 pub mod tract_backend;

@@ -68,47 +68,55 @@ pub fn greedy(
 }
 
 /// Beam search over rows that all hold the same prompt; `cfg.beams` of them are live. Returns the best
-/// hypothesis's new tokens.
+/// hypothesis's new tokens (eos not included). Follows Hugging Face's beam search with `early_stopping=False`:
+/// at step t (t tokens generated) the top-2K candidates are ranked; those among the top K that end in eos (all of
+/// the top K at the last step) finish with score sum(log p) / t^length_penalty (the eos counted); the best K
+/// candidates that do not end in eos live on; the search ends when K hypotheses are finished and the best live
+/// beam's score / t^length_penalty cannot beat the worst of them.
 pub fn beam(state: &mut dyn Decoding, mut logits: Vec<Vec<f32>>, cfg: &GenConfig) -> Result<Vec<i64>> {
     let (r, k) = (logits.len(), cfg.beams);
+    let norm = |s: f64, t: usize| s / (t as f64).powf(cfg.length_penalty as f64);
     // Live beams: (tokens, sum of log-probabilities); only beam 0 is live at the start.
     let mut beams: Vec<(Vec<i64>, f64)> = vec![(Vec::new(), 0.0)];
     let mut finished: Vec<(Vec<i64>, f64)> = Vec::new();
-    let score = |toks: &[i64], s: f64| s / (toks.len() as f64).powf(cfg.length_penalty as f64);
     for n in 0..cfg.max_new {
+        let t = n + 1;
+        let last = t == cfg.max_new;
         // Candidates over every live beam and token.
         let mut cands: Vec<(f64, usize, i64)> = Vec::new();
         for (b, (_, s)) in beams.iter().enumerate() {
             // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
             let mut lp = log_softmax(&logits[b]);
             mask_eos(&mut lp, cfg, n);
-            for (t, &x) in lp.iter().enumerate() {
+            for (tok, &x) in lp.iter().enumerate() {
                 if x.is_finite() {
-                    cands.push((s + x as f64, b, t as i64));
+                    cands.push((s + x as f64, b, tok as i64));
                 }
             }
         }
         cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        cands.truncate(2 * k);
         let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
-        for (rank, (s, b, t)) in cands.into_iter().take(2 * k).enumerate() {
-            if Some(t) == cfg.eos {
-                // An ended hypothesis, kept only when it ranks among the best k (as HF does).
-                if rank < k {
-                    finished.push((beams[b].0.clone(), score(&beams[b].0, s)));
-                }
-                continue;
-            }
-            if next.len() < k {
+        for (rank, &(s, b, tok)) in cands.iter().enumerate() {
+            let is_eos = Some(tok) == cfg.eos;
+            if rank < k && (is_eos || last) {
                 let mut toks = beams[b].0.clone();
-                toks.push(t);
+                if !is_eos {
+                    toks.push(tok);
+                }
+                finished.push((toks, norm(s, t)));
+            } else if !is_eos && next.len() < k && !last {
+                let mut toks = beams[b].0.clone();
+                toks.push(tok);
                 next.push((toks, s, b));
             }
         }
-        if next.is_empty() || n + 1 == cfg.max_new {
-            for (toks, s, _) in next {
-                let sc = score(&toks, s);
-                finished.push((toks, sc));
-            }
+        finished.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        finished.truncate(k);
+        if last || next.is_empty() {
+            break;
+        }
+        if finished.len() == k && norm(next[0].1, t) <= finished[k - 1].1 {
             break;
         }
         // Reorder the cache rows to follow the surviving beams.
@@ -121,7 +129,6 @@ pub fn beam(state: &mut dyn Decoding, mut logits: Vec<Vec<f32>>, cfg: &GenConfig
         beams = next.into_iter().map(|(t, s, _)| (t, s)).collect();
         logits = state.step(&tokens, n)?;
     }
-    finished.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     Ok(finished.into_iter().next().map(|f| f.0).unwrap_or_default())
 }
 

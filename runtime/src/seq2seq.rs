@@ -198,6 +198,40 @@ impl Seq2SeqGenerator {
         split_rows(out.get("logits").ok_or_else(|| anyhow!("the decode graph has no logits output"))?)
     }
 
+    /// The logits of every step when the decoder is fed the start token and then `tokens` (teacher forcing),
+    /// for up to R sources: [source][step][vocab], one step per token of `tokens` (whose rows have equal length).
+    pub fn forced_logits(
+        &mut self,
+        sources: &[Vec<i64>],
+        tokens: &[Vec<i64>],
+        cfg: &GenConfig,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let r = self.spec.rows;
+        if sources.len() > r || sources.len() != tokens.len() {
+            bail!("forced_logits takes up to {r} sources, one token row each");
+        }
+        let n = tokens.first().map(|t| t.len()).unwrap_or(0);
+        if n == 0 || n > self.spec.max_new || tokens.iter().any(|t| t.len() != n) {
+            bail!("token rows must have the same length, between 1 and {}", self.spec.max_new);
+        }
+        self.check(sources, &GenConfig { max_new: n, beams: 1, ..cfg.clone() })?;
+        let mut rows_src = sources.to_vec();
+        rows_src.resize(r, vec![cfg.pad]);
+        let (mut rows, logits) = self.start(&rows_src, cfg.pad, cfg.no_prefix)?;
+        let mut out: Vec<Vec<Vec<f32>>> = logits.into_iter().take(sources.len()).map(|l| vec![l]).collect();
+        for step in 0..n - 1 {
+            let mut feed = vec![cfg.pad; r];
+            for (i, t) in tokens.iter().enumerate() {
+                feed[i] = t[step];
+            }
+            let l = self.step(&mut rows, &feed, step + 1)?;
+            for (i, row) in out.iter_mut().enumerate() {
+                row.push(l[i].clone());
+            }
+        }
+        Ok(out)
+    }
+
     /// Greedy decoding of any number of sources (R at a time). Returns each source's new tokens, stopping after
     /// eos (not included).
     pub fn greedy(&mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {

@@ -114,8 +114,9 @@ impl Trainer {
                 r.ignore_labels();
                 rows.push(r);
             }
-            // eval_step shifts labels by one inside its loss: weight by what it counts.
-            let n_shifted: usize = rows.iter().map(|r| r.labels[1..].iter().filter(|&&l| l != -100).count()).sum();
+            // GPT-2's eval_step shifts labels by one inside its loss, BART's does not: weight by what it counts.
+            let skip = if self.bundle.manifest.family == "bart" { 0 } else { 1 };
+            let n_shifted: usize = rows.iter().map(|r| r.labels[skip..].iter().filter(|&&l| l != -100).count()).sum();
             if n_shifted == 0 {
                 continue;
             }
@@ -130,13 +131,15 @@ impl Trainer {
     }
 
     fn batch_of(bundle: &Bundle, rows: &[&Encoded]) -> Result<BTreeMap<String, HostTensor>> {
-        let (b, t) = (bundle.manifest.batch, bundle.manifest.seq_len);
+        // Source and labels may differ in length (BART's S and T).
+        let b = bundle.manifest.batch;
+        let (s, t) = (rows[0].input_ids.len(), rows[0].labels.len());
         let mut m = BTreeMap::new();
         let cat = |f: &dyn Fn(&Encoded) -> &Vec<i64>| -> Vec<i64> {
             rows.iter().flat_map(|r| f(r).iter().copied()).collect()
         };
-        m.insert("input_ids".into(), HostTensor::from_i64(vec![b, t], cat(&|r| &r.input_ids))?);
-        m.insert("attention_mask".into(), HostTensor::from_i64(vec![b, t], cat(&|r| &r.attention_mask))?);
+        m.insert("input_ids".into(), HostTensor::from_i64(vec![b, s], cat(&|r| &r.input_ids))?);
+        m.insert("attention_mask".into(), HostTensor::from_i64(vec![b, s], cat(&|r| &r.attention_mask))?);
         m.insert("labels".into(), HostTensor::from_i64(vec![b, t], cat(&|r| &r.labels))?);
         Ok(m)
     }

@@ -1,6 +1,7 @@
 //! `pfxc bake`: standalone inference graphs with a trained prefix as constants (no MLP, no trainable inputs),
-//! for any ONNX runtime. The bundle's prefill graph gets the prefix values as initializers, then folding
-//! evaluates the generator (MLP included) once, at compile time.
+//! for any ONNX runtime. The graph that takes the prefix (GPT-2's prefill, BART's encode) gets its values as
+//! initializers, then folding evaluates the generators (MLP included) once, at compile time; the other
+//! generation graphs are copied.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,53 +31,75 @@ pub fn read_f32_safetensors(path: &Path, names: &[String]) -> Result<BTreeMap<St
     Ok(out)
 }
 
+/// The generation graphs a bundle may hold; the first two of a family take the prefix as inputs.
+const GENERATION_ROLES: [&str; 4] = ["prefill", "encode", "decode", "encode_bare"];
+
 pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
     let mut manifest = read_manifest(bundle)?;
     if manifest.baked {
         bail!("{} is already baked", bundle.display());
     }
-    let (Some(prefill), Some(decode)) = (manifest.graphs.get("prefill"), manifest.graphs.get("decode")) else {
+    let roles: Vec<&str> = GENERATION_ROLES.into_iter().filter(|r| manifest.graphs.contains_key(*r)).collect();
+    if !roles.contains(&"decode") {
         bail!(
-            "{} has no generation graphs (prefill/decode): compile an export with past inputs to bake",
+            "{} has no generation graphs (prefill/decode, or BART's encode/decode): compile an export with past \
+             inputs to bake",
             bundle.display()
         );
-    };
+    }
     let names: Vec<String> = manifest.trainable.iter().map(|t| t.name.clone()).collect();
     let values = read_f32_safetensors(prefix, &names)?;
-    let mut pre = onnx_io::load(&bundle.join(prefill))?;
     for t in &manifest.trainable {
         let v = values.get(&t.name).ok_or_else(|| anyhow!("{} has no tensor '{}'", prefix.display(), t.name))?;
         if v.shape != t.shape {
             bail!("{}: '{}' has shape {:?}, the bundle needs {:?}", prefix.display(), t.name, v.shape, t.shape);
         }
-        pre.graph.inputs.retain(|i| i.name != t.name);
-        pre.graph.initializers.insert(t.name.clone(), v.clone());
     }
-    simplify(&mut pre.graph)?;
-    let left: Vec<&str> = pre
-        .graph
-        .nodes
-        .iter()
-        .filter(|n| n.op == "Tanh" && n.name.contains("prefix"))
-        .map(|n| n.name.as_str())
-        .collect();
-    if !left.is_empty() {
-        bail!("the prefix generator did not fold to constants ({left:?})");
-    }
-    let dec = onnx_io::load(&bundle.join(decode))?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = WeightsFile::create(&out.join("weights.bin"))?;
-    onnx_io::save(&pre, &out.join("prefill.onnx"), Some(&mut w))?;
-    onnx_io::save(&dec, &out.join("decode.onnx"), Some(&mut w))?;
+    let mut graphs = BTreeMap::new();
+    for role in &roles {
+        let mut m = onnx_io::load(&bundle.join(&manifest.graphs[*role]))?;
+        let takes_prefix = m.graph.inputs.iter().any(|i| names.contains(&i.name));
+        if takes_prefix {
+            for name in &names {
+                if m.graph.is_input(name) {
+                    m.graph.inputs.retain(|i| &i.name != name);
+                    m.graph.initializers.insert(name.clone(), values[name].clone());
+                }
+            }
+            simplify(&mut m.graph)?;
+            let left: Vec<&str> = m
+                .graph
+                .nodes
+                .iter()
+                .filter(|n| n.op == "Tanh" && n.name.contains("prefix"))
+                .map(|n| n.name.as_str())
+                .collect();
+            if !left.is_empty() {
+                bail!("the prefix generator of the {role} graph did not fold to constants ({left:?})");
+            }
+        }
+        let file = format!("{role}.onnx");
+        onnx_io::save(&m, &out.join(&file), Some(&mut w))?;
+        graphs.insert(role.to_string(), file);
+    }
     manifest.baked = true;
     manifest.trainable.clear();
-    manifest.graphs =
-        [("prefill".to_string(), "prefill.onnx".to_string()), ("decode".to_string(), "decode.onnx".to_string())].into();
-    manifest.io.retain(|k, _| k == "prefill" || k == "decode");
-    if let Some(io) = manifest.io.get_mut("prefill") {
+    manifest.graphs = graphs;
+    manifest.io.retain(|k, _| roles.contains(&k.as_str()));
+    for io in manifest.io.values_mut() {
         io.inputs.retain(|i| i.role != "trainable");
     }
-    let json = serde_json::to_string_pretty(&manifest)?;
-    onnx_io::write_atomically(&out.join("manifest.json"), json.as_bytes())?;
+    // Family sections (BART's "bart") travel unchanged.
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json"))?)?;
+    let mut json = serde_json::to_value(&manifest)?;
+    if let (Some(obj), Some(src)) = (json.as_object_mut(), raw.as_object()) {
+        for (k, v) in src {
+            obj.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    let text = serde_json::to_string_pretty(&json)?;
+    onnx_io::write_atomically(&out.join("manifest.json"), text.as_bytes())?;
     Ok(manifest)
 }

@@ -1,0 +1,117 @@
+//! Source/target rows for encoder-decoder bundles (BART), in Hugging Face's fine-tuning convention: the source
+//! is `<s> source </s>` right-padded to S, the labels are `<s> target </s>` padded with -100 to T (the
+//! decoder's inputs are derived from them inside the graph, shifted right behind the decoder start token).
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::data::{Dataset, EncodeReport, Encoded, Example, Overlong, IGNORE_INDEX};
+use crate::tokenize::Tokenizer;
+
+pub struct SourceTarget<'t> {
+    tok: &'t Tokenizer,
+    bos: u32,
+    eos: u32,
+    pad: i64,
+}
+
+impl<'t> SourceTarget<'t> {
+    /// `pad` comes from the bundle (the export's config); `<s>` and `</s>` from the tokenizer.
+    pub fn new(tok: &'t Tokenizer, pad: i64) -> Result<Self> {
+        let id = |t: &str| {
+            tok.token_id(t).ok_or_else(|| {
+                anyhow!(
+                    "tokenizer {} has no `{t}` token; BART's tokenizer.json has <s> and </s>",
+                    tok.origin().display()
+                )
+            })
+        };
+        Ok(SourceTarget { tok, bos: id("<s>")?, eos: id("</s>")?, pad })
+    }
+
+    pub fn eos_id(&self) -> i64 {
+        self.eos as i64
+    }
+
+    pub fn pad_id(&self) -> i64 {
+        self.pad
+    }
+
+    /// `<s> text </s>` without the tokenizer's own post-processing (so any tokenizer.json gives the same ids).
+    fn wrap(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = vec![self.bos];
+        ids.extend(self.tok.encode(text.trim())?);
+        ids.push(self.eos);
+        Ok(ids)
+    }
+
+    /// The source ids, cut to `max_len` (keeping the final `</s>`) when longer. Returns whether it was cut.
+    pub fn encode_source(&self, source: &str, max_len: usize) -> Result<(Vec<i64>, bool)> {
+        let mut ids: Vec<i64> = self.wrap(source)?.into_iter().map(|t| t as i64).collect();
+        let cut = ids.len() > max_len;
+        if cut {
+            ids.truncate(max_len.max(1) - 1);
+            ids.push(self.eos as i64);
+        }
+        Ok((ids, cut))
+    }
+
+    /// One row: source [S] with its mask, labels [T]. `None` when too long under `Skip`.
+    pub fn encode_example(
+        &self,
+        ex: &Example,
+        s: usize,
+        t: usize,
+        overlong: Overlong,
+    ) -> Result<Option<(Encoded, bool)>> {
+        let (src, src_cut) = self.encode_source(&ex.source, s)?;
+        let tgt = self.wrap(&ex.target)?;
+        let cut = src_cut || tgt.len() > t;
+        if cut && overlong == Overlong::Skip {
+            return Ok(None);
+        }
+        let mut input_ids = src.clone();
+        input_ids.resize(s, self.pad);
+        let mut attention_mask = vec![1i64; src.len()];
+        attention_mask.resize(s, 0);
+        let mut labels: Vec<i64> = tgt.iter().take(t).map(|&x| x as i64).collect();
+        labels.resize(t, IGNORE_INDEX);
+        Ok(Some((Encoded { input_ids, attention_mask, labels }, cut)))
+    }
+
+    /// Rows for every example that fits. Errors if none does.
+    pub fn encode_dataset(
+        &self,
+        data: &Dataset,
+        s: usize,
+        t: usize,
+        overlong: Overlong,
+    ) -> Result<(Vec<Encoded>, EncodeReport)> {
+        let mut rows = Vec::new();
+        let mut report = EncodeReport { bad_lines: data.bad_lines.len(), ..EncodeReport::default() };
+        for ex in &data.examples {
+            let longest = self.wrap(&ex.source)?.len().max(self.wrap(&ex.target)?.len());
+            report.longest = report.longest.max(longest);
+            match self.encode_example(ex, s, t, overlong)? {
+                Some((row, cut)) => {
+                    rows.push(row);
+                    report.kept += 1;
+                    report.truncated += cut as usize;
+                }
+                None => {
+                    report.skipped += 1;
+                    if report.skipped_origins.len() < 3 {
+                        report.skipped_origins.push(ex.origin.clone());
+                    }
+                }
+            }
+        }
+        if rows.is_empty() && !data.examples.is_empty() {
+            bail!(
+                "no example fits in source {s} / target {t} tokens (the longest side has {}): compile with larger \
+                 --src-len/--tgt-len, or truncate",
+                report.longest
+            );
+        }
+        Ok((rows, report))
+    }
+}
