@@ -87,6 +87,87 @@ fn peft_adapters_import_with_peft_loss() {
     assert!(format!("{err:#}").contains("--no-reparam"), "{err:#}");
 }
 
+/// BART: PEFT's SEQ_2_SEQ_LM adapters (graphs/bart-ref/make_bart_adapter.py) import into a `--bart-prefix peft
+/// --no-reparam` bundle and give PEFT's loss, and PEFT's logits through the generation graphs (teacher-forced on
+/// the decoder inputs PEFT derived from the labels); pfx exports them back as PEFT saves them; paper-layout
+/// bundles refuse adapters.
+#[test]
+fn bart_peft_adapters_give_peft_loss_and_logits() {
+    use pfx_compiler::compile::bart::{compile_bart, read_bart_spec, BartOptions, BartPrefix};
+    use pfx_compiler::compile::bart_generate::BartGenShape;
+    use pfx_runtime::generate::GenConfig;
+    use pfx_runtime::seq2seq::Seq2SeqGenerator;
+    for fixture in ["bart-enc-deep", "bart-dec-deep"] {
+        let compile_mode = |mode: BartPrefix| {
+            let out = std::env::temp_dir().join(format!("pfx-interop-{}-{fixture}-{mode}", std::process::id()));
+            let opts = BartOptions {
+                mode,
+                prefix_len: 4,
+                mid_dim: None,
+                batch: 3,
+                src_len: 7,
+                tgt_len: 6,
+                label_smoothing: 0.0,
+                optimizer: AdamW::default(),
+                seed: 0,
+                generation: Some(BartGenShape { rows: 3, src_len: 7, max_new: 6 }),
+            };
+            compile_bart(&common::graphs_dir().join(fixture), &opts, &out).unwrap();
+            out
+        };
+        let dir = compile_mode(BartPrefix::Peft);
+        let b = Bundle::open(&dir).unwrap();
+        let adapter = common::graphs_dir().join(format!("bart-ref/adapter-{fixture}"));
+        let prefix = pfx_runtime::peft::import_adapter(&b.manifest, &adapter).unwrap();
+        let r =
+            read_safetensors(common::graphs_dir().join(format!("bart-ref/adapter-{fixture}.reference.safetensors")))
+                .unwrap();
+        let l = eval_loss(&dir, &prefix, &r);
+        let want = r["loss"].to_f64_vec()[0];
+        assert!((l - want).abs() / want < 1e-5, "{fixture}: loss {l} vs PEFT {want}");
+        // Logits: decoder inputs = start token, then the labels with -100 as pad (HF's shift_tokens_right).
+        let spec = read_bart_spec(&dir).unwrap().unwrap();
+        let ort = OrtOptions::default();
+        let mut g = Seq2SeqGenerator::new(
+            b.open_graph("encode", BackendKind::Tract, &ort).unwrap(),
+            None,
+            b.open_graph("decode", BackendKind::Tract, &ort).unwrap(),
+            spec.generation.clone().unwrap(),
+            prefix.clone(),
+            spec.decoder_start_token_id,
+        );
+        let (ids, mask, labels) =
+            (r["input_ids"].as_i64().unwrap(), r["attention_mask"].as_i64().unwrap(), r["labels"].as_i64().unwrap());
+        let sources: Vec<Vec<i64>> =
+            (0..3).map(|i| (0..7).filter(|&j| mask[i * 7 + j] == 1).map(|j| ids[i * 7 + j]).collect()).collect();
+        let fed: Vec<Vec<i64>> = (0..3)
+            .map(|i| (0..6).map(|j| labels[i * 6 + j]).map(|t| if t == -100 { spec.pad_token_id } else { t }).collect())
+            .collect();
+        let cfg = GenConfig { pad: spec.pad_token_id, ..GenConfig::default() };
+        let got: Vec<f32> = g.forced_logits(&sources, &fed, &cfg).unwrap().into_iter().flatten().flatten().collect();
+        let want_logits = r["logits"].as_f32().unwrap();
+        assert_eq!(got.len(), want_logits.len());
+        let worst = got.iter().zip(want_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{fixture}: logits off PEFT's by {worst}");
+        // Exported back: the same table, PEFT's seq2seq config.
+        let out = dir.join("adapter");
+        pfx_runtime::peft::export_adapter(&b.manifest, &prefix, &out, &format!("graphs/{fixture}/hf")).unwrap();
+        let ours = read_safetensors(out.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(ours["prompt_embeddings"], r["prompt_embeddings"], "{fixture}: exported table");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(
+            (cfg["task_type"].as_str(), cfg["num_transformer_submodules"].as_i64()),
+            (Some("SEQ_2_SEQ_LM"), Some(2))
+        );
+        // The paper layout has no PEFT form.
+        let paper = Bundle::open(compile_mode(BartPrefix::Paper)).unwrap();
+        let err = pfx_runtime::peft::import_adapter(&paper.manifest, &adapter).unwrap_err();
+        assert!(format!("{err:#}").contains("--bart-prefix peft"), "{err:#}");
+        println!("{fixture}: PEFT adapter loss {l:.6} (PEFT {want:.6}), logits max |Δ| {worst:.1e}");
+    }
+}
+
 #[test]
 fn first_twenty_training_steps_follow_hf_and_peft() {
     let r = read_safetensors(common::graphs_dir().join("peft-train/reference.safetensors")).unwrap();

@@ -40,15 +40,29 @@ pub fn prompt_embeddings(m: &Manifest, prefix: &BTreeMap<String, HostTensor>) ->
     HostTensor::from_f32(vec![p, width], out)
 }
 
+/// BART bundles in the paper's layout (enc/dec/cross generators) have no PEFT counterpart.
+fn refuse_bart_paper(m: &Manifest) -> Result<()> {
+    if m.family == "bart" && m.trainable.iter().any(|t| t.name.starts_with("enc.")) {
+        bail!(
+            "this BART bundle uses the paper's prefixes (encoder, decoder and cross-attention), which PEFT cannot \
+             represent; PEFT adapters exist for bundles compiled with --bart-prefix peft"
+        );
+    }
+    Ok(())
+}
+
 pub fn export_adapter(m: &Manifest, prefix: &BTreeMap<String, HostTensor>, dir: &Path, base_model: &str) -> Result<()> {
+    refuse_bart_paper(m)?;
     let emb = prompt_embeddings(m, prefix)?;
+    // PEFT's seq2seq prefix model counts two transformer submodules (encoder and decoder).
+    let (task, submodules) = if m.family == "bart" { ("SEQ_2_SEQ_LM", 2) } else { ("CAUSAL_LM", 1) };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config = json!({
         "peft_type": "PREFIX_TUNING",
-        "task_type": "CAUSAL_LM",
+        "task_type": task,
         "num_virtual_tokens": m.prefix_len,
         "token_dim": m.hidden,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": submodules,
         "num_attention_heads": m.heads,
         "num_layers": m.layers,
         "encoder_hidden_size": m.hidden,
@@ -73,6 +87,11 @@ pub fn import_adapter(m: &Manifest, dir: &Path) -> Result<BTreeMap<String, HostT
     .with_context(|| format!("{} is not JSON", cfg_path.display()))?;
     if cfg["peft_type"] != "PREFIX_TUNING" {
         bail!("{} is a {} adapter, not PREFIX_TUNING", cfg_path.display(), cfg["peft_type"]);
+    }
+    refuse_bart_paper(m)?;
+    let want_task = if m.family == "bart" { "SEQ_2_SEQ_LM" } else { "CAUSAL_LM" };
+    if cfg["task_type"].as_str().is_some_and(|t| t != want_task) {
+        bail!("{} is a {} adapter; this bundle ({}) needs {want_task}", cfg_path.display(), cfg["task_type"], m.family);
     }
     if m.reparam {
         bail!(
