@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use pfx_compiler::compile::bart::{
     build_bart_loss_graph, compile_bart, compile_bart_models, read_bart_spec, BartOptions, BartPrefix,
 };
+use pfx_compiler::compile::bart_generate::BartGenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::Manifest;
 use pfx_runtime::{open, BackendKind, HostTensor, OrtOptions};
@@ -48,7 +49,8 @@ fn options(mode: BartPrefix, param: &str, max_norm: f32, label_smoothing: f32) -
         label_smoothing,
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
         seed: 0,
-        generation: None,
+        // Small generation graphs ride along: every bundle test checks them too (onnx.checker, snapshots).
+        generation: Some(BartGenShape { rows: 2, src_len: S, max_new: 4 }),
     }
 }
 
@@ -305,6 +307,15 @@ fn errors_are_clear() {
     assert!(e.contains("needs 65 decoder positions") && e.contains("PEFT"), "{e}");
     build_bart_loss_graph(&export, &BartOptions { tgt_len: 61, ..opts.clone() }).expect("T = 61 fits in paper mode");
     // Bad options.
+    // Generation beyond the decoder's positions (peft numbers the target after the prefix).
+    let long = Some(BartGenShape { rows: 2, src_len: S, max_new: 62 });
+    let e = compile_err(&export, &BartOptions { mode: BartPrefix::Peft, generation: long, ..opts.clone() });
+    assert!(e.contains("--max-new 62 needs 66 decoder positions"), "{e}");
+    let e = compile_err(
+        &export,
+        &BartOptions { generation: Some(BartGenShape { rows: 0, src_len: S, max_new: 4 }), ..opts.clone() },
+    );
+    assert!(e.contains("--gen-rows"), "{e}");
     let e = compile_err(&export, &BartOptions { label_smoothing: 1.0, ..opts.clone() });
     assert!(e.contains("--label-smoothing"), "{e}");
     let e = compile_err(&export, &BartOptions { prefix_len: 0, ..opts.clone() });
