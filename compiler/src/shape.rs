@@ -79,6 +79,7 @@ pub fn known_op(op: &str) -> bool {
                 | "ReduceMax"
                 | "ReduceMin"
                 | "ReduceMean"
+                | "ReduceLogSumExp"
                 | "Constant"
                 | "If"
                 | "Einsum"
@@ -287,7 +288,7 @@ pub fn infer(node: &Node, types: &[Option<ValueType>], consts: &[Option<&Tensor>
                 .take(node.outputs.len())
                 .collect())
         }
-        "ReduceSum" | "ReduceProd" | "ReduceMax" | "ReduceMin" | "ReduceMean" => {
+        "ReduceSum" | "ReduceProd" | "ReduceMax" | "ReduceMin" | "ReduceMean" | "ReduceLogSumExp" => {
             let s = shape(0)?;
             let axes: Vec<usize> = match node.input(1) {
                 Some(_) => ints(konst(1)?)?.iter().map(|&a| norm_axis(a, s.len())).collect::<Result<_>>()?,

@@ -99,6 +99,20 @@ pub type Rule = fn(&mut RuleCtx) -> Result<Vec<Option<String>>>;
 /// Adds the gradient of the scalar `loss` with respect to each of `wrt` (graph inputs or values) and returns
 /// wrt-name -> gradient value. Shapes must be concrete (run specialization / type inference first).
 pub fn build_gradients(g: &mut Graph, loss: &str, wrt: &[String]) -> Result<BTreeMap<String, String>> {
+    let one = float_tensor(float_type_of(g, loss), &g.shape_of(loss).unwrap_or_default(), 1.0);
+    let seed = g.add_const("grad/seed", one);
+    build_gradients_from(g, loss, &seed, wrt)
+}
+
+/// The same, starting from a value `root` whose gradient `droot` is already in the graph (a loss's gradient
+/// written in closed form): only the nodes between the trainable tensors and `root` are differentiated.
+pub fn build_gradients_from(
+    g: &mut Graph,
+    root: &str,
+    droot: &str,
+    wrt: &[String],
+) -> Result<BTreeMap<String, String>> {
+    let loss = root;
     g.toposort()?;
     // Values that depend on a trainable tensor.
     let mut tainted: HashSet<String> = wrt.iter().cloned().collect();
@@ -142,9 +156,7 @@ pub fn build_gradients(g: &mut Graph, loss: &str, wrt: &[String]) -> Result<BTre
     }
 
     let mut contrib: HashMap<String, Vec<String>> = HashMap::new();
-    let one = float_tensor(float_type_of(g, loss), &g.shape_of(loss).unwrap_or_default(), 1.0);
-    let seed = g.add_const("grad/seed", one);
-    contrib.insert(loss.to_string(), vec![seed]);
+    contrib.insert(loss.to_string(), vec![droot.to_string()]);
     for node in path.into_iter().rev() {
         let dy: Vec<Option<String>> = node.outputs.iter().map(|o| accumulate(g, &mut contrib, o)).collect();
         if dy.iter().all(|d| d.is_none()) {

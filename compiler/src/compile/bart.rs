@@ -516,24 +516,9 @@ fn add_decoder_inputs(g: &mut Graph, export: &BartExport, batch: usize, tgt: usi
     Ok(())
 }
 
-/// Label smoothing on top of the plain loss: (1-ε)·nll + ε·mean over targets of (-mean over vocab log p).
-fn add_label_smoothing(g: &mut Graph, logits: &str, nll: &str, eps: f32) -> Result<String> {
-    let f = |g: &mut Graph, x: f32| g.add_const("smooth/c", Tensor::scalar_f32(x));
-    let last = g.add_const("smooth/axis", Tensor::vec_i64(&[-1]));
-    let lp = g.op1("LogSoftmax", &[logits], vec![("axis", Attr::Int(-1))], "smooth/logp");
-    let mean_v = g.op1("ReduceMean", &[&lp, &last], vec![("keepdims", Attr::Int(0))], "smooth/mean_logp");
-    let ignore = g.add_const("smooth/ignore_index", Tensor::scalar_i64(-100));
-    let ignored = g.op1("Equal", &["labels", &ignore], vec![], "smooth/ignored");
-    let valid = g.op1("Not", &[&ignored], vec![], "smooth/valid");
-    let validf = g.op1("Cast", &[&valid], vec![("to", Attr::Int(DType::F32.onnx_code() as i64))], "smooth/valid_f");
-    let masked = g.op1("Mul", &[&mean_v, &validf], vec![], "smooth/masked");
-    let total = g.op1("ReduceSum", &[&masked], vec![("keepdims", Attr::Int(0))], "smooth/total");
-    let count = g.op1("ReduceSum", &[&validf], vec![("keepdims", Attr::Int(0))], "smooth/count");
-    let mean = g.op1("Div", &[&total, &count], vec![], "smooth/mean");
-    let (a, b) = (f(g, 1.0 - eps), f(g, -eps));
-    let x = g.op1("Mul", &[nll, &a], vec![], "smooth/nll_part");
-    let y = g.op1("Mul", &[&mean, &b], vec![], "smooth/uniform_part");
-    Ok(g.op1("Add", &[&x, &y], vec![], "smooth/loss"))
+/// BART's loss: labels are already the next tokens (no shift), optionally label-smoothed.
+fn bart_loss(opts: &BartOptions) -> loss::LossSpec {
+    loss::LossSpec { logits: "logits".into(), shift: false, smoothing: opts.label_smoothing }
 }
 
 pub(super) fn check_options(o: &BartOptions) -> Result<()> {
@@ -714,24 +699,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
     simplify(g)?;
     // The loss adds the labels input itself.
     g.inputs.retain(|v| v.name != "labels");
-    let nll = loss::add_causal_lm_loss(g, "logits", false)?;
-    let out = if opts.label_smoothing > 0.0 {
-        let nll_name = g.fresh("loss/nll");
-        for n in &mut g.nodes {
-            for o in &mut n.outputs {
-                if *o == nll {
-                    *o = nll_name.clone();
-                }
-            }
-        }
-        g.rename_uses(&nll, &nll_name);
-        let total = add_label_smoothing(g, "logits", &nll_name, opts.label_smoothing)?;
-        let id = g.fresh("loss.node");
-        g.nodes.push(Node::new(id, "Identity", vec![total], vec![nll.clone()]));
-        nll
-    } else {
-        nll
-    };
+    let out = loss::add_loss(g, &bart_loss(opts))?;
     g.outputs = vec![ValueInfo { name: out, ty: ValueType::known(DType::F32, &[]) }];
     let order = |n: &str| match n {
         "input_ids" => 0,
@@ -755,7 +723,7 @@ pub struct CompiledBart {
 pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBart> {
     let BartLoss { model: eval, export, dims, generators } = build_bart_loss_graph(dir, opts)?;
     let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
-    let mut graphs = super::training_graphs(eval, &names, &opts.optimizer)?;
+    let mut graphs = super::training_graphs(eval, &names, &opts.optimizer, &bart_loss(opts))?;
     if let Some(gs) = &opts.generation {
         graphs.extend(super::bart_generate::build_generation_graphs(
             dir,

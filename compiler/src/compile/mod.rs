@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::autodiff::build_gradients;
+use crate::autodiff::build_gradients_from;
 use crate::inspect::{detect_family, inspect, Family};
 use crate::ir::{Model, ValueInfo, ValueType};
 use crate::onnx_io::{self, WeightsFile};
@@ -214,7 +214,7 @@ pub fn build_loss_graph(
     if !g.is_output(logits) {
         bail!("the export has no 'logits' output");
     }
-    let loss = loss::add_causal_lm_loss(g, logits, true)?;
+    let loss = loss::add_loss(g, &gpt2_loss())?;
     g.outputs = vec![ValueInfo { name: loss.clone(), ty: ValueType::known(DType::F32, &[]) }];
     // Batch inputs first, in a fixed order; trainables after.
     let order = |n: &str| match n {
@@ -251,7 +251,7 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
     let (eval, shape, injection, info) = build_loss_graph(source, opts)?;
     let names: Vec<String> = shape.trainables("").into_iter().map(|t| t.0).collect();
 
-    let mut graphs = training_graphs(eval, &names, &opts.optimizer)?;
+    let mut graphs = training_graphs(eval, &names, &opts.optimizer, &gpt2_loss())?;
     let mut generation = None;
     if let (Some(gs), true) = (&opts.generation, injection == Injection::PastBinding) {
         graphs.push(("prefill".into(), generate::build_prefill(source, &shape, gs, None)?));
@@ -268,10 +268,25 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
 
 /// From the loss graph: `grads` (loss and grad.<name>), `train_step` (AdamW on top) and `eval_step` (the loss
 /// graph itself), each simplified.
-pub(crate) fn training_graphs(eval: Model, names: &[String], opt: &AdamW) -> Result<Vec<(String, Model)>> {
+/// GPT-2's loss: position t predicts token t+1.
+fn gpt2_loss() -> loss::LossSpec {
+    loss::LossSpec { logits: "logits".into(), shift: true, smoothing: 0.0 }
+}
+
+pub(crate) fn training_graphs(
+    eval: Model,
+    names: &[String],
+    opt: &AdamW,
+    loss_spec: &loss::LossSpec,
+) -> Result<Vec<(String, Model)>> {
     let mut grads_model = eval.clone();
     let gg = &mut grads_model.graph;
-    let grads = build_gradients(gg, "loss", names)?;
+    if gg.shape_of(&loss_spec.logits).is_none() {
+        bail!("the loss graph has no value '{}' of known shape to differentiate from", loss_spec.logits);
+    }
+    // The backward pass starts at the logits with the loss's closed-form gradient.
+    let dlogits = loss::add_logits_gradient(gg, loss_spec)?;
+    let grads = build_gradients_from(gg, &loss_spec.logits, &dlogits, names)?;
     for (name, gr) in &grads {
         let out = format!("grad.{name}");
         let id = gg.fresh(&format!("{out}.node"));
