@@ -84,6 +84,11 @@ pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
         onnx_io::save(&m, &out.join(&file), Some(&mut w))?;
         graphs.insert(role.to_string(), file);
     }
+    // The tokenizer travels with the graphs, so the baked bundle generates text on its own.
+    if bundle.join("tokenizer.json").exists() {
+        std::fs::copy(bundle.join("tokenizer.json"), out.join("tokenizer.json"))
+            .with_context(|| format!("copying {}", bundle.join("tokenizer.json").display()))?;
+    }
     manifest.baked = true;
     manifest.trainable.clear();
     manifest.graphs = graphs;
