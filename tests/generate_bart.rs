@@ -199,3 +199,39 @@ fn baked_graphs_generate_the_same_tokens() {
         }
     }
 }
+
+/// An export folder with only optimum's merged decoder (an If on `use_cache_branch`): training takes its no-cache
+/// branch, generation its cache branch; the tokens are the same.
+#[test]
+fn merged_decoder_generates_the_same_tokens() {
+    let fixture = "bart-enc-deep";
+    let src = common::graphs_dir().join(fixture);
+    let export = std::env::temp_dir().join(format!("pfx-bartgen-{}-merged-export", std::process::id()));
+    std::fs::create_dir_all(&export).unwrap();
+    for f in ["encoder_model.onnx", "decoder_model_merged.onnx", "config.json"] {
+        std::fs::copy(src.join(f), export.join(f)).unwrap();
+    }
+    for mode in MODES {
+        let r = reference(fixture, mode);
+        let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+        let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-merged-{mode}", std::process::id()));
+        let opts = BartOptions {
+            mode,
+            prefix_len: 4,
+            mid_dim: Some(16),
+            batch: 3,
+            src_len: 7,
+            tgt_len: 6,
+            label_smoothing: 0.0,
+            optimizer: AdamW::default(),
+            seed: 0,
+            generation: Some(BartGenShape { rows: 4, src_len: 7, max_new: N }),
+        };
+        compile_bart(&export, &opts, &out).unwrap();
+        let b = Bundle::open(&out).unwrap();
+        let prefix: BTreeMap<String, HostTensor> =
+            b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+        let mut g = generator(&b, BackendKind::Tract, prefix);
+        assert_eq!(g.greedy(&sources, &greedy_cfg()).unwrap(), rows(&r["gen.greedy"], None), "merged {mode}");
+    }
+}

@@ -255,7 +255,8 @@ pub(super) fn take_branch(m: &mut Model, cache: bool) -> Result<()> {
         g.nodes.insert(i + j, n);
     }
     for (out, bout) in node.outputs.iter().zip(&branch.outputs) {
-        if out.is_empty() {
+        // A branch output may already carry the If's output name (optimum's cache branch does).
+        if out.is_empty() || *out == bout.name {
             continue;
         }
         let name = format!("{out}.branch_output");
