@@ -379,7 +379,11 @@ impl Graph {
                         _ => true,
                     });
                 if ready {
-                    defined.extend(n.outputs.iter().cloned());
+                    for o in n.outputs.iter().filter(|o| !o.is_empty()) {
+                        if !defined.insert(o.clone()) {
+                            bail!("{} defines '{o}', which is already defined (an input, an initializer or another node's output)", n.label());
+                        }
+                    }
                     out.push(n);
                 } else {
                     rest.push(n);
