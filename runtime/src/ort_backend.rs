@@ -611,8 +611,9 @@ fn commit(rt: &OrtRuntime, model: &Path, options: &OrtOptions, forbid_cpu: bool)
     let logger: ort::logging::LoggerFunction = Arc::new(move |level, _category, _id, location, message| {
         if level == LogLevel::Verbose && location.contains("VerifyEachNodeIsAssignedToAnEp") {
             sink.lock().unwrap_or_else(|p| p.into_inner()).push(message.to_string());
-        } else if level >= LogLevel::Warning && !message.contains("not assigned to the preferred execution providers") {
-            // The placement warning is replaced by our own report; others are passed on as ORT would print them.
+        } else if level == LogLevel::Warning && !message.contains("not assigned to the preferred execution providers") {
+            // Passed on as ORT would print them, but for the placement warning (our own report replaces it);
+            // errors come back as statuses.
             eprintln!("onnxruntime: {message}");
         }
     });
@@ -1065,6 +1066,139 @@ mod tests {
             assert!(e.contains("invalid device"), "{bad}: {e}");
         }
         assert_eq!(OrtDevice::Cuda(2).to_string().parse::<OrtDevice>().unwrap(), OrtDevice::Cuda(2));
+    }
+
+    #[test]
+    fn placements_from_the_log() {
+        // As ONNX Runtime 1.2x-1.32 logs them from VerifyEachNodeIsAssignedToAnEp (one message per line).
+        let mixed = [
+            "Node placements",
+            " Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 40",
+            "  MatMul (/h.0/attn/MatMul)",
+            " Node(s) placed on [CPUExecutionProvider]. Number of nodes: 2",
+            "  Shape (/Shape)",
+            "  Gather (/Gather_3)",
+        ];
+        let p = Placements::parse(mixed);
+        assert_eq!(p.providers["CUDAExecutionProvider"].count, 40);
+        assert_eq!(p.on_cpu().unwrap().nodes, vec!["Shape (/Shape)", "Gather (/Gather_3)"]);
+        assert_eq!(p.describe_cpu(1).unwrap(), "2 node(s): Shape (/Shape), ... (1 more)");
+        let all =
+            Placements::parse(["Node placements", " All nodes placed on [CUDAExecutionProvider]. Number of nodes: 9"]);
+        assert_eq!(all.providers["CUDAExecutionProvider"].count, 9);
+        assert!(all.on_cpu().is_none() && all.describe_cpu(5).is_none());
+        assert_eq!(Placements::parse(["something else"]), Placements::default());
+    }
+
+    #[test]
+    fn tensorrt_profiles_from_static_shapes() {
+        let s = |n: &str, d: Option<Vec<usize>>| (n.to_string(), d);
+        let static_inputs = [s("input_ids", Some(vec![4, 48])), s("lr", Some(vec![])), s("adam.m.x", Some(vec![512]))];
+        assert_eq!(trt_profile(&static_inputs).unwrap(), "input_ids:4x48,adam.m.x:512");
+        assert_eq!(trt_profile(&[s("x", None), s("y", Some(vec![2]))]), None, "a dynamic input: no profile");
+        assert_eq!(trt_profile(&[s("a:b", Some(vec![2]))]), None, "a name the format cannot carry");
+        assert_eq!(trt_profile(&[s("lr", Some(vec![]))]), None, "scalars only");
+    }
+
+    #[test]
+    fn options_need_their_device() {
+        let cpu = OrtOptions::default();
+        cpu.check().unwrap();
+        let e = OrtOptions { cuda_graph: true, ..Default::default() }.check().unwrap_err().to_string();
+        assert!(e.contains("--cuda-graph needs a GPU device"), "{e}");
+        let e = OrtOptions { tf32: Some(false), ..Default::default() }.check().unwrap_err().to_string();
+        assert!(e.contains("--tf32") && e.contains("cuda"), "{e}");
+        let cuda = OrtOptions { device: OrtDevice::Cuda(0), trt_fp16: true, ..Default::default() };
+        let e = cuda.check().unwrap_err().to_string();
+        assert!(e.contains("--trt-fp16") && e.contains("tensorrt"), "{e}");
+        let trt = OrtOptions {
+            device: OrtDevice::TensorRt(1),
+            trt_fp16: true,
+            trt_cache: Some("/tmp/x".into()),
+            cuda_graph: true,
+            tf32: Some(true),
+            ..Default::default()
+        };
+        trt.check().unwrap();
+    }
+
+    fn ort_here() -> bool {
+        std::env::var("PFX_SKIP_ORT").as_deref() != Ok("1")
+    }
+
+    fn unit_model(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/unit").join(name)
+    }
+
+    /// On a GPU device ORT refuses CPU nodes; its refusal names none, ours lists them and the flag. The CPU
+    /// session here is refused the same way when fallback is forbidden, so the real message is checked.
+    #[test]
+    fn a_refused_cpu_fallback_lists_the_nodes_and_the_flag() {
+        if !ort_here() {
+            return;
+        }
+        let model = unit_model("matmul_softmax.onnx");
+        let e = format!("{:#}", open_session_with(&model, &OrtOptions::default(), true).err().unwrap());
+        assert!(e.contains("--allow-cpu-fallback") && e.contains("matmul_softmax.onnx"), "{e}");
+        // One provider took every node, so ORT counts them without listing them (a GPU's refusal lists them).
+        assert!(e.contains("cannot run 2 node(s)"), "{e}");
+        let opened = open_session_with(&model, &OrtOptions::default(), false).unwrap();
+        assert!(opened.placements.on_cpu().is_some_and(|n| n.count >= 2), "{:?}", opened.placements);
+    }
+
+    /// The fixed-buffer path that --cuda-graph uses (no state pairs), on the CPU: same outputs as a plain run;
+    /// a model without fixed shapes is refused by name.
+    #[test]
+    fn fixed_buffers_run_like_a_plain_session() {
+        if !ort_here() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("pfx-fixed-buffers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = pfx_compiler::compile::CompileOptions {
+            prefix_len: 2,
+            mid_dim: None,
+            batch: 2,
+            seq: 5,
+            optimizer: Default::default(),
+            seed: 1,
+            generation: None,
+        };
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        pfx_compiler::compile::compile(&root.join("graphs/gpt2-optimum/model.onnx"), &opts, &dir).unwrap();
+        let model = dir.join("grads.onnx");
+        let options = OrtOptions::default();
+        let mut plain = OrtBackend::open(&model, &options).unwrap();
+        let mut inputs = BTreeMap::new();
+        for spec in plain.inputs().to_vec() {
+            let shape: Vec<usize> = spec.shape.unwrap().into_iter().map(Option::unwrap).collect();
+            let n = shape.iter().product::<usize>();
+            let t = match spec.dtype.unwrap() {
+                DType::I64 if spec.name == "labels" => {
+                    HostTensor::from_i64(shape, (0..n as i64).map(|i| i % 90).collect())
+                }
+                DType::I64 if spec.name == "input_ids" => {
+                    HostTensor::from_i64(shape, (0..n as i64).map(|i| (i * 7) % 90).collect())
+                }
+                DType::I64 => HostTensor::from_i64(shape, vec![1; n]),
+                _ => HostTensor::from_f32(shape, (0..n).map(|i| ((i % 13) as f32 - 6.0) * 0.05).collect()),
+            };
+            inputs.insert(spec.name.clone(), t.unwrap());
+        }
+        let want = plain.run(&inputs).unwrap();
+        let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
+        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![]).unwrap();
+        for _ in 0..2 {
+            let got = bound.run(&mut session, &inputs).unwrap();
+            assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+            for (name, t) in &want {
+                assert_eq!(&got[name], t, "{name}");
+            }
+        }
+        let dynamic = unit_model("matmul_softmax.onnx");
+        let OpenedSession { session, inputs: specs, outputs, .. } = open_session(&dynamic, &options).unwrap();
+        let e = BoundRunner::new(&session, &dynamic, &options, &specs, &outputs, vec![]).err().unwrap().to_string();
+        assert!(e.contains("`x: float32 [?, 4]` has no fixed dtype and shape") && e.contains("--cuda-graph"), "{e}");
     }
 
     #[test]

@@ -174,17 +174,58 @@ struct EngineArgs {
     /// ONNX Runtime shared library (file or folder).
     #[arg(long)]
     ort_lib: Option<PathBuf>,
+    /// Capture the GPU work once as a CUDA graph and replay it (inputs and outputs in fixed device buffers).
+    #[arg(long)]
+    cuda_graph: bool,
+    /// TF32 matrix products on the CUDA provider: on or off (default: ONNX Runtime's).
+    #[arg(long, value_parser = parse_on_off, value_name = "on|off")]
+    tf32: Option<bool>,
+    /// TensorRT: build fp16 engines.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: keep built engines (and timing caches) in this folder and reuse them.
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+    /// On a GPU device, run the nodes its providers cannot run on the CPU instead of failing.
+    #[arg(long)]
+    allow_cpu_fallback: bool,
+}
+
+fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("expected `on` or `off`, not `{s}`")),
+    }
 }
 
 impl EngineArgs {
     fn engine(self) -> Result<Engine> {
-        if self.backend == BackendKind::Tract && self.device != OrtDevice::Cpu {
-            anyhow::bail!("--device {} needs --backend ort (tract runs on the CPU only)", self.device);
+        if self.backend == BackendKind::Tract {
+            let ort_only = [
+                (self.device != OrtDevice::Cpu, "--device"),
+                (self.cuda_graph, "--cuda-graph"),
+                (self.tf32.is_some(), "--tf32"),
+                (self.trt_fp16, "--trt-fp16"),
+                (self.trt_cache.is_some(), "--trt-cache"),
+                (self.allow_cpu_fallback, "--allow-cpu-fallback"),
+            ];
+            if let Some((_, flag)) = ort_only.iter().find(|(given, _)| *given) {
+                anyhow::bail!("{flag} needs --backend ort (tract runs on the CPU only)");
+            }
         }
-        Ok(Engine {
-            backend: self.backend,
-            ort: OrtOptions { lib_path: self.ort_lib, device: self.device, ..Default::default() },
-        })
+        let ort = OrtOptions {
+            lib_path: self.ort_lib,
+            device: self.device,
+            cuda_graph: self.cuda_graph,
+            tf32: self.tf32,
+            trt_fp16: self.trt_fp16,
+            trt_cache: self.trt_cache,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            ..Default::default()
+        };
+        ort.check()?;
+        Ok(Engine { backend: self.backend, ort })
     }
 }
 
