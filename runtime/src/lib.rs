@@ -12,6 +12,7 @@ pub mod backend;
 pub mod bundle;
 pub mod commands;
 pub mod data;
+pub mod devices;
 pub mod generate;
 pub mod ort_backend;
 pub mod peft;

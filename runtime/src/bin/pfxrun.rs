@@ -161,6 +161,11 @@ enum Command {
         #[arg(long)]
         ort_lib: Option<PathBuf>,
     },
+    /// List the CUDA devices (through the CUDA driver, when there is one) and what ONNX Runtime offers.
+    Devices {
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -308,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             engine,
         } => {
+            let engine = engine.engine()?;
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
             let cfg = GenConfig {
@@ -318,7 +324,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..GenConfig::default()
             };
             let args = commands::GenerateArgs { bundle, prefix, tokenizer, input, inputs, cfg, output, refs_out };
-            commands::generate(args, &engine.engine()?)?;
+            commands::generate(args, &engine)?;
             Ok(())
         }
         Command::Score { hyp, refs } => {
@@ -341,6 +347,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::OrtInfo { ort_lib } => {
             println!("{}", pfx_runtime::ort_describe(ort_lib.as_deref())?);
+            Ok(())
+        }
+        Command::Devices { ort_lib } => {
+            print!("{}", pfx_runtime::devices::describe(ort_lib.as_deref()));
             Ok(())
         }
     }
