@@ -88,8 +88,9 @@ impl Lcg {
 
 // ------------------------------------------------------------------------------------------- one engine
 
-/// Child process: opens the bundle's train_step on one backend and runs warm-up + timed steps, feeding each
-/// step's updated prefix and moments into the next (as training does). Prints one result line.
+/// Child process: opens the bundle's train_step on one backend as training does (the step keeps the prefix
+/// and moments: host tensors on tract, the session's own buffers on ORT) and runs warm-up + timed steps.
+/// Prints one result line.
 /// `role` is train_step; other graphs of the bundle (eval_step, grads) can be run by hand to see where memory
 /// goes: `train_step_cpu --engine ort --bundle DIR --graph eval_step`.
 fn run_engine(kind: BackendKind, dir: &Path, role: &str, warmup: usize, steps: usize, threads: usize) -> Result<()> {
@@ -98,7 +99,10 @@ fn run_engine(kind: BackendKind, dir: &Path, role: &str, warmup: usize, steps: u
     // PFX_BENCH_ORT_NOOPT=1: ONNX Runtime's graph optimizations off (to see what they cost in memory).
     let noopt = std::env::var("PFX_BENCH_ORT_NOOPT").map(|v| v == "1").unwrap_or(false);
     let ort = OrtOptions { intra_threads: Some(threads), disable_optimizations: noopt, ..OrtOptions::default() };
-    let mut g = b.open_graph(role, kind, &ort)?;
+    // train_step runs as `pfxrun train` runs it: state kept by the step (on ORT: in the session, IoBinding);
+    // other graphs run plainly.
+    let mut stateful = if role == "train_step" { Some(b.open_train_step(kind, &ort)?) } else { None };
+    let mut g = if stateful.is_none() { Some(b.open_graph(role, kind, &ort)?) } else { None };
     let open_s = t_open.elapsed().as_secs_f64();
     let rss_open = rss_mib("VmRSS:");
     let m = &b.manifest;
@@ -120,12 +124,25 @@ fn run_engine(kind: BackendKind, dir: &Path, role: &str, warmup: usize, steps: u
         };
         state.insert(i.name.clone(), t);
     }
+    if let Some(st) = stateful.as_mut() {
+        let init: BTreeMap<String, HostTensor> =
+            st.pairs().iter().map(|p| (p.input.clone(), state[&p.input].clone())).collect();
+        st.set_state(&init)?;
+        for p in st.pairs() {
+            state.remove(&p.input);
+        }
+    }
     let (mut times, mut cpu_times) = (Vec::new(), Vec::new());
     let (mut first_s, mut losses, mut rss_steps) = (0.0, Vec::new(), Vec::new());
     for s in 0..warmup + steps {
         state.insert("step".into(), HostTensor::scalar_i64(s as i64 + 1));
         let (t, c) = (Instant::now(), cpu_seconds());
-        let out = g.run(&state).with_context(|| format!("{kind} step {}", s + 1))?;
+        let out = match (stateful.as_mut(), g.as_mut()) {
+            (Some(st), _) => st.step(&state),
+            (None, Some(g)) => g.run(&state),
+            (None, None) => unreachable!("one of the two is opened"),
+        }
+        .with_context(|| format!("{kind} step {}", s + 1))?;
         let (dt, dc) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
         if s == 0 {
             first_s = dt;
