@@ -578,7 +578,8 @@ fn open_session_with(model: &Path, options: &OrtOptions, forbid_cpu: bool) -> Re
     };
     let text = format!("{err:#}");
     let refused_cpu = text.contains("fallback to CPU EP has been explicitly disabled");
-    let refused_graph = text.contains("CUDA Graph feature");
+    // Older releases say "CUDA Graph feature", 1.2x "graph capture feature".
+    let refused_graph = text.contains("graph capture feature") || text.contains("CUDA Graph feature");
     if !(refused_cpu || refused_graph) {
         return Err(err);
     }
@@ -586,8 +587,8 @@ fn open_session_with(model: &Path, options: &OrtOptions, forbid_cpu: bool) -> Re
     let mut relaxed = options.clone();
     relaxed.cuda_graph = false;
     let listed = commit(rt, model, &relaxed, false).ok().and_then(|s| s.placements.describe_cpu(12));
-    let what = listed.unwrap_or_else(|| "some nodes".to_string());
     if refused_cpu {
+        let what = listed.unwrap_or_else(|| "some nodes".to_string());
         bail!(
             "{} on {}: ONNX Runtime's {} cannot run {what}, and falling back to the CPU is off; pass \
              --allow-cpu-fallback to run them on the CPU (slower: data crosses between host and device), or use \
@@ -597,11 +598,12 @@ fn open_session_with(model: &Path, options: &OrtOptions, forbid_cpu: bool) -> Re
             options.device.provider_names().join(" / ")
         );
     }
+    let on_cpu = listed.map(|n| format!(" (on the CPU: {n})")).unwrap_or_default();
     bail!(
-        "{} on {}: --cuda-graph needs every node on the GPU, but ONNX Runtime puts {what} on the CPU; run \
-         without --cuda-graph",
+        "{} on {}: ONNX Runtime cannot capture this graph for --cuda-graph{on_cpu}: {}; run without --cuda-graph",
         model.display(),
-        options.device
+        options.device,
+        text.trim()
     )
 }
 
@@ -697,7 +699,7 @@ impl OrtBackend {
         let model = model.as_ref();
         let OpenedSession { session, inputs, outputs, placements } = open_session(model, options)?;
         let bound = if options.cuda_graph {
-            Some(BoundRunner::new(&session, model, options, &inputs, &outputs, vec![])?)
+            Some(BoundRunner::new(&session, model, options, &inputs, &outputs, vec![], false)?)
         } else {
             None
         };
@@ -768,7 +770,9 @@ fn download(src: &DynTensor) -> Result<HostTensor> {
 /// Runs a session through IoBinding with buffers ORT allocated on the session's device that stay at the same
 /// address from run to run (what CUDA graph replay needs). Host inputs are copied into their buffers and the
 /// outputs read back from theirs, except state: each [`StatePair`] has a buffer in each of two sets, and run k
-/// reads set k and writes set 1-k (ping-pong), so the state never leaves the device between runs.
+/// reads set k and writes set 1-k (ping-pong), so the state never leaves the device between runs. With
+/// `ping_pong` off, every run reads set 0 and writes set 1, which is then copied back into set 0 on the device:
+/// one binding, fixed addresses, for a provider that replays a single captured graph (TensorRT's).
 struct BoundRunner {
     path: PathBuf,
     pairs: Vec<StatePair>,
@@ -783,6 +787,7 @@ struct BoundRunner {
     run_options: [RunOptions; 2],
     /// The set holding the current state.
     current: usize,
+    ping_pong: bool,
     state_set: bool,
 }
 
@@ -794,6 +799,7 @@ impl BoundRunner {
         inputs: &[IoSpec],
         outputs: &[IoSpec],
         pairs: Vec<StatePair>,
+        ping_pong: bool,
     ) -> Result<BoundRunner> {
         let owned_allocator;
         let allocator: &Allocator = match options.device {
@@ -867,6 +873,7 @@ impl BoundRunner {
             bindings,
             run_options,
             current: 0,
+            ping_pong,
         })
     }
 
@@ -913,8 +920,13 @@ impl BoundRunner {
             .run_binding_with_options(&self.bindings[k], &self.run_options[k])
             .map_err(ort_err)
             .with_context(|| format!("ONNX Runtime failed running {}", self.path.display()))?;
-        if !self.pairs.is_empty() {
+        if self.ping_pong {
             self.current = 1 - k;
+        } else {
+            let [set0, set1] = &mut self.state;
+            for (i, (from, to)) in set1.iter().zip(set0.iter_mut()).enumerate() {
+                from.copy_into(to).map_err(ort_err).with_context(|| format!("keeping `{}`", self.pairs[i].input))?;
+            }
         }
         self.read
             .iter()
@@ -938,7 +950,10 @@ impl OrtStatefulStep {
         let model = model.as_ref();
         let OpenedSession { session, inputs, outputs, placements } = open_session(model, options)?;
         check_pairs(&model.display().to_string(), &inputs, &outputs, &pairs)?;
-        let runner = BoundRunner::new(&session, model, options, &inputs, &outputs, pairs)?;
+        // CUDA EP graphs are kept per `gpu_graph_id`, one for each buffer set; TensorRT's replay is taken to
+        // know a single graph, so there the state is copied back instead of swapped.
+        let ping_pong = !(options.cuda_graph && matches!(options.device, OrtDevice::TensorRt(_)));
+        let runner = BoundRunner::new(&session, model, options, &inputs, &outputs, pairs, ping_pong)?;
         Ok(OrtStatefulStep { device: options.device, session, inputs, placements, runner })
     }
 
@@ -1146,14 +1161,9 @@ mod tests {
         assert!(opened.placements.on_cpu().is_some_and(|n| n.count >= 2), "{:?}", opened.placements);
     }
 
-    /// The fixed-buffer path that --cuda-graph uses (no state pairs), on the CPU: same outputs as a plain run;
-    /// a model without fixed shapes is refused by name.
-    #[test]
-    fn fixed_buffers_run_like_a_plain_session() {
-        if !ort_here() {
-            return;
-        }
-        let dir = std::env::temp_dir().join(format!("pfx-fixed-buffers-{}", std::process::id()));
+    /// A compiled bundle of the random GPT-2 fixture, and inputs for one of its graphs (fixed values).
+    fn small_bundle(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pfx-ort-unit-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let opts = pfx_compiler::compile::CompileOptions {
             prefix_len: 2,
@@ -1166,28 +1176,42 @@ mod tests {
         };
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         pfx_compiler::compile::compile(&root.join("graphs/gpt2-optimum/model.onnx"), &opts, &dir).unwrap();
-        let model = dir.join("grads.onnx");
-        let options = OrtOptions::default();
-        let mut plain = OrtBackend::open(&model, &options).unwrap();
+        dir
+    }
+
+    fn inputs_for(specs: &[IoSpec]) -> BTreeMap<String, HostTensor> {
         let mut inputs = BTreeMap::new();
-        for spec in plain.inputs().to_vec() {
-            let shape: Vec<usize> = spec.shape.unwrap().into_iter().map(Option::unwrap).collect();
+        for spec in specs {
+            let shape: Vec<usize> = spec.shape.clone().unwrap().into_iter().map(Option::unwrap).collect();
             let n = shape.iter().product::<usize>();
-            let t = match spec.dtype.unwrap() {
-                DType::I64 if spec.name == "labels" => {
-                    HostTensor::from_i64(shape, (0..n as i64).map(|i| i % 90).collect())
-                }
-                DType::I64 if spec.name == "input_ids" => {
-                    HostTensor::from_i64(shape, (0..n as i64).map(|i| (i * 7) % 90).collect())
-                }
-                DType::I64 => HostTensor::from_i64(shape, vec![1; n]),
+            let ramp = |m: i64, k: i64| (0..n as i64).map(|i| (i * k) % m).collect::<Vec<_>>();
+            let t = match (spec.dtype.unwrap(), spec.name.as_str()) {
+                (DType::I64, "labels") => HostTensor::from_i64(shape, ramp(90, 1)),
+                (DType::I64, "input_ids") => HostTensor::from_i64(shape, ramp(90, 7)),
+                (DType::I64, _) => HostTensor::from_i64(shape, vec![1; n]),
+                (_, "lr") => Ok(HostTensor::scalar_f32(0.05)),
+                (_, name) if name.starts_with("adam.") => HostTensor::from_f32(shape, vec![0.0; n]),
                 _ => HostTensor::from_f32(shape, (0..n).map(|i| ((i % 13) as f32 - 6.0) * 0.05).collect()),
             };
             inputs.insert(spec.name.clone(), t.unwrap());
         }
+        inputs
+    }
+
+    /// The fixed-buffer path that --cuda-graph uses (no state pairs), on the CPU: same outputs as a plain run;
+    /// a model without fixed shapes is refused by name.
+    #[test]
+    fn fixed_buffers_run_like_a_plain_session() {
+        if !ort_here() {
+            return;
+        }
+        let model = small_bundle("fixed").join("grads.onnx");
+        let options = OrtOptions::default();
+        let mut plain = OrtBackend::open(&model, &options).unwrap();
+        let inputs = inputs_for(plain.inputs());
         let want = plain.run(&inputs).unwrap();
         let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
-        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![]).unwrap();
+        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], true).unwrap();
         for _ in 0..2 {
             let got = bound.run(&mut session, &inputs).unwrap();
             assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
@@ -1197,8 +1221,39 @@ mod tests {
         }
         let dynamic = unit_model("matmul_softmax.onnx");
         let OpenedSession { session, inputs: specs, outputs, .. } = open_session(&dynamic, &options).unwrap();
-        let e = BoundRunner::new(&session, &dynamic, &options, &specs, &outputs, vec![]).err().unwrap().to_string();
+        let e =
+            BoundRunner::new(&session, &dynamic, &options, &specs, &outputs, vec![], true).err().unwrap().to_string();
         assert!(e.contains("`x: float32 [?, 4]` has no fixed dtype and shape") && e.contains("--cuda-graph"), "{e}");
+    }
+
+    /// The copy-back mode (one binding, fixed addresses: TensorRT with --cuda-graph) trains exactly as the
+    /// ping-pong mode does.
+    #[test]
+    fn copied_back_state_matches_swapped_state() {
+        if !ort_here() {
+            return;
+        }
+        let dir = small_bundle("copyback");
+        let model = dir.join("train_step.onnx");
+        let manifest = pfx_compiler::compile::read_manifest(&dir).unwrap();
+        let pairs = crate::backend::state_pairs(&manifest.io["train_step"]).unwrap();
+        let options = OrtOptions::default();
+        let mut runs = Vec::new();
+        for ping_pong in [true, false] {
+            let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
+            let mut bound =
+                BoundRunner::new(&session, &model, &options, &specs, &outputs, pairs.clone(), ping_pong).unwrap();
+            let mut inputs = inputs_for(&specs);
+            bound.set_state(&specs, &inputs).unwrap();
+            let mut losses = Vec::new();
+            for step in 1..=3 {
+                inputs.insert("step".into(), HostTensor::scalar_i64(step));
+                losses.push(bound.run(&mut session, &inputs).unwrap()["loss"].to_f64_vec()[0]);
+            }
+            runs.push((losses, bound.state().unwrap()));
+        }
+        assert!(runs[0].0[2] != runs[0].0[0], "the loss moved: {:?}", runs[0].0);
+        assert_eq!(runs[0], runs[1]);
     }
 
     #[test]
