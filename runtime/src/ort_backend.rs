@@ -827,7 +827,7 @@ impl BoundRunner {
             .filter(|s| !is_state_input(&s.name))
             .map(|s| Ok((s.clone(), buffer(s)?)))
             .collect::<Result<Vec<_>>>()?;
-        let read = outputs
+        let mut read = outputs
             .iter()
             .filter(|s| !is_state_output(&s.name))
             .map(|s| Ok((s.name.clone(), buffer(s)?)))
@@ -844,18 +844,13 @@ impl BoundRunner {
         let mut state = [set()?, set()?];
         let mut bindings = [session.create_binding().map_err(ort_err)?, session.create_binding().map_err(ort_err)?];
         for (k, binding) in bindings.iter_mut().enumerate() {
-            let (from, to) = if k == 0 {
-                state.split_at_mut(1)
-            } else {
-                let (a, b) = state.split_at_mut(1);
-                (b, a)
-            };
+            let [set0, set1] = &mut state;
+            let (from, to) = if k == 0 { (set0, set1) } else { (set1, set0) };
             for (i, p) in pairs.iter().enumerate() {
-                binding.bind_input(&p.input, &from[0][i]).map_err(ort_err)?;
-                binding.bind_output(&p.output, &mut to[0][i]).map_err(ort_err)?;
+                binding.bind_input(&p.input, &from[i]).map_err(ort_err)?;
+                binding.bind_output(&p.output, &mut to[i]).map_err(ort_err)?;
             }
         }
-        let mut read = read;
         for binding in bindings.iter_mut() {
             for (name, buf) in read.iter_mut() {
                 binding.bind_output(name.as_str(), &mut *buf).map_err(ort_err)?;
