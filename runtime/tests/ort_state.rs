@@ -3,103 +3,23 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use common::ort_wanted;
-use pfx_compiler::compile::optimizer::AdamW;
-use pfx_compiler::compile::{compile, CompileOptions};
+use common::state::*;
 use pfx_runtime::backend::{state_pairs, HostStateStep, StatefulStep};
 use pfx_runtime::bundle::Bundle;
-use pfx_runtime::data::Encoded;
 use pfx_runtime::train::{TrainConfig, Trainer};
 use pfx_runtime::{BackendKind, HostTensor, OrtBackend, OrtOptions};
-
-const BATCH: usize = 3;
-const SEQ: usize = 7;
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pfx-ort-state-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A small bundle of the random GPT-2 fixture (with clipping, so grad_norm matters).
-fn bundle(dir: &Path) -> Bundle {
-    let opts = CompileOptions {
-        prefix_len: 4,
-        mid_dim: Some(16),
-        batch: BATCH,
-        seq: SEQ,
-        optimizer: AdamW { weight_decay: 0.01, max_grad_norm: Some(0.5), ..AdamW::default() },
-        seed: 5,
-        generation: None,
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    compile(&root.join("graphs/gpt2-optimum/model.onnx"), &opts, dir).unwrap();
-    Bundle::open(dir).unwrap()
-}
-
-/// Deterministic rows: ids spread over the vocabulary, the last two tokens of some rows padding.
-fn rows(n: usize, vocab: usize) -> Vec<Encoded> {
-    (0..n)
-        .map(|r| {
-            let real = if r % 2 == 0 { SEQ } else { SEQ - 2 };
-            let ids: Vec<i64> = (0..SEQ).map(|t| ((r * 31 + t * 17 + 5) % vocab) as i64).collect();
-            Encoded {
-                input_ids: ids.clone(),
-                attention_mask: (0..SEQ).map(|t| (t < real) as i64).collect(),
-                labels: (0..SEQ).map(|t| if t >= 2 && t < real { ids[t] } else { -100 }).collect(),
-            }
-        })
-        .collect()
-}
-
-fn step_inputs(rows: &[Encoded], lr: f32, step: i64) -> BTreeMap<String, HostTensor> {
-    let cat = |f: &dyn Fn(&Encoded) -> &Vec<i64>| rows.iter().flat_map(|r| f(r).iter().copied()).collect::<Vec<_>>();
-    let mut m = BTreeMap::new();
-    m.insert("input_ids".to_string(), HostTensor::from_i64(vec![BATCH, SEQ], cat(&|r| &r.input_ids)).unwrap());
-    m.insert(
-        "attention_mask".to_string(),
-        HostTensor::from_i64(vec![BATCH, SEQ], cat(&|r| &r.attention_mask)).unwrap(),
-    );
-    m.insert("labels".to_string(), HostTensor::from_i64(vec![BATCH, SEQ], cat(&|r| &r.labels)).unwrap());
-    m.insert("lr".to_string(), HostTensor::scalar_f32(lr));
-    m.insert("step".to_string(), HostTensor::scalar_i64(step));
-    m
-}
-
-fn initial_state(b: &Bundle) -> BTreeMap<String, HostTensor> {
-    let mut state = b.init_prefix().unwrap();
-    for t in &b.manifest.trainable {
-        let zeros = HostTensor::from_f32(t.shape.clone(), vec![0.0; t.shape.iter().product()]).unwrap();
-        state.insert(format!("adam.m.{}", t.name), zeros.clone());
-        state.insert(format!("adam.v.{}", t.name), zeros);
-    }
-    state
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
-}
-
-fn assert_states_close(what: &str, a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>, tol: f64) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: state names");
-    for (name, x) in a {
-        let e = x.norm_rel_error(&b[name]).unwrap();
-        assert!(e <= tol, "{what}: `{name}` differs by {e:e} (norm-relative)");
-    }
-}
 
 #[test]
 fn device_state_matches_the_host_path() {
     if !ort_wanted() {
         return;
     }
-    let dir = scratch("match");
+    let dir = fresh_dir("match");
     let b = bundle(&dir.join("bundle"));
     let pairs = state_pairs(&b.manifest.io["train_step"]).unwrap();
     assert_eq!(pairs.len(), 3 * b.manifest.trainable.len(), "one pair per parameter and per Adam moment");
@@ -144,7 +64,7 @@ fn device_state_errors_are_clear() {
     if !ort_wanted() {
         return;
     }
-    let dir = scratch("errors");
+    let dir = fresh_dir("errors");
     let b = bundle(&dir.join("bundle"));
     let mut step = b.open_train_step(BackendKind::Ort, &OrtOptions::default()).unwrap();
     let data = rows(BATCH, b.manifest.vocab);
@@ -199,7 +119,7 @@ fn checkpoint_and_resume_on_the_device_path() {
     if !ort_wanted() {
         return;
     }
-    let dir = scratch("resume");
+    let dir = fresh_dir("resume");
     let b = bundle(&dir.join("bundle"));
     let data = rows(4 * BATCH, b.manifest.vocab);
     let dev = rows(BATCH + 1, b.manifest.vocab);
