@@ -9,8 +9,8 @@
 //!
 //! Environment: PFX_BENCH_MODEL (default /tmp/pfx-bench/gpt2/model.onnx), PFX_PEFT_STEP (the peer script;
 //! the peer is skipped without it), PFX_PEFT_PYTHON (default /root/.cache/pfx/ref/bin/python, else python3),
-//! PFX_BENCH_ENGINES (default tract,ort,peft), PFX_BENCH_ROUNDS (default 2: every engine once per round,
-//! rounds interleaved), PFX_BENCH_WARMUP (2), PFX_BENCH_STEPS (5), PFX_BENCH_THREADS (2),
+//! PFX_BENCH_ENGINES (default tract,ort,peft; `ort-host` is ORT with the state through host tensors each step),
+//! PFX_BENCH_ROUNDS (default 2: every engine once per round, rounds interleaved), PFX_BENCH_WARMUP (2), PFX_BENCH_STEPS (5), PFX_BENCH_THREADS (2),
 //! PFX_BENCH_BUNDLE (reuse this compiled bundle, or compile into it if it has no manifest).
 //! The ONNX Runtime library is found as pfxrun finds it (ORT_DYLIB_PATH, else python3's onnxruntime).
 
@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
-use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
+use pfx_runtime::{state_pairs, BackendKind, HostStateStep, HostTensor, OrtOptions, StatefulStep};
 
 const DEFAULT_MODEL: &str = "/tmp/pfx-bench/gpt2/model.onnx";
 const DEFAULT_PYTHON: &str = "/root/.cache/pfx/ref/bin/python";
@@ -88,17 +88,38 @@ impl Lcg {
 
 // ------------------------------------------------------------------------------------------- one engine
 
-/// Child process: opens the bundle's train_step on one backend and runs warm-up + timed steps, feeding each
-/// step's updated prefix and moments into the next (as training does). Prints one result line.
+/// Child process: opens the bundle's train_step on one backend as training does (the step keeps the prefix
+/// and moments: host tensors on tract, the session's own buffers on ORT) and runs warm-up + timed steps.
+/// Prints one result line.
 /// `role` is train_step; other graphs of the bundle (eval_step, grads) can be run by hand to see where memory
 /// goes: `train_step_cpu --engine ort --bundle DIR --graph eval_step`.
-fn run_engine(kind: BackendKind, dir: &Path, role: &str, warmup: usize, steps: usize, threads: usize) -> Result<()> {
+/// `host_state` (engine `ort-host`): ONNX Runtime with the state going through host tensors every step, the
+/// path ORT training took before the state stayed in the session (for an A/B in the same run).
+fn run_engine(
+    kind: BackendKind,
+    host_state: bool,
+    dir: &Path,
+    role: &str,
+    warmup: usize,
+    steps: usize,
+    threads: usize,
+) -> Result<()> {
     let t_open = Instant::now();
     let b = Bundle::open(dir)?;
     // PFX_BENCH_ORT_NOOPT=1: ONNX Runtime's graph optimizations off (to see what they cost in memory).
     let noopt = std::env::var("PFX_BENCH_ORT_NOOPT").map(|v| v == "1").unwrap_or(false);
     let ort = OrtOptions { intra_threads: Some(threads), disable_optimizations: noopt, ..OrtOptions::default() };
-    let mut g = b.open_graph(role, kind, &ort)?;
+    // train_step runs as `pfxrun train` runs it: state kept by the step (on ORT: in the session, IoBinding);
+    // other graphs run plainly.
+    let mut stateful: Option<Box<dyn StatefulStep>> = match (role, host_state) {
+        ("train_step", false) => Some(b.open_train_step(kind, &ort)?),
+        ("train_step", true) => {
+            let pairs = state_pairs(&b.manifest.io["train_step"])?;
+            Some(Box::new(HostStateStep::new(b.open_graph(role, kind, &ort)?, pairs)?))
+        }
+        _ => None,
+    };
+    let mut g = if stateful.is_none() { Some(b.open_graph(role, kind, &ort)?) } else { None };
     let open_s = t_open.elapsed().as_secs_f64();
     let rss_open = rss_mib("VmRSS:");
     let m = &b.manifest;
@@ -120,12 +141,25 @@ fn run_engine(kind: BackendKind, dir: &Path, role: &str, warmup: usize, steps: u
         };
         state.insert(i.name.clone(), t);
     }
+    if let Some(st) = stateful.as_mut() {
+        let init: BTreeMap<String, HostTensor> =
+            st.pairs().iter().map(|p| (p.input.clone(), state[&p.input].clone())).collect();
+        st.set_state(&init)?;
+        for p in st.pairs() {
+            state.remove(&p.input);
+        }
+    }
     let (mut times, mut cpu_times) = (Vec::new(), Vec::new());
     let (mut first_s, mut losses, mut rss_steps) = (0.0, Vec::new(), Vec::new());
     for s in 0..warmup + steps {
         state.insert("step".into(), HostTensor::scalar_i64(s as i64 + 1));
         let (t, c) = (Instant::now(), cpu_seconds());
-        let out = g.run(&state).with_context(|| format!("{kind} step {}", s + 1))?;
+        let out = match (stateful.as_mut(), g.as_mut()) {
+            (Some(st), _) => st.step(&state),
+            (None, Some(g)) => g.run(&state),
+            (None, None) => unreachable!("one of the two is opened"),
+        }
+        .with_context(|| format!("{kind} step {}", s + 1))?;
         let (dt, dc) = (t.elapsed().as_secs_f64(), cpu_seconds() - c);
         if s == 0 {
             first_s = dt;
@@ -148,7 +182,7 @@ fn run_engine(kind: BackendKind, dir: &Path, role: &str, warmup: usize, steps: u
     }
     let rss = peak_rss_mib();
     let r = serde_json::json!({
-        "engine": format!("pfx-{kind}"),
+        "engine": if host_state { format!("pfx-{kind}-host") } else { format!("pfx-{kind}") },
         "open_s": open_s,
         "first_step_s": first_s,
         "step_s": times,
@@ -356,12 +390,12 @@ fn orchestrate() -> Result<()> {
     for round in 1..=rounds {
         for e in &engines {
             let res = match e.as_str() {
-                "tract" | "ort" => child_engine(e, &dir, warmup, steps, threads),
+                "tract" | "ort" | "ort-host" => child_engine(e, &dir, warmup, steps, threads),
                 "peft" => match (&peer, peer_size) {
                     (Some(p), Some(size)) if p.exists() => child_peft(p, size, warmup, steps, threads),
                     _ => continue,
                 },
-                other => bail!("unknown engine {other} in PFX_BENCH_ENGINES (tract, ort, peft)"),
+                other => bail!("unknown engine {other} in PFX_BENCH_ENGINES (tract, ort, ort-host, peft)"),
             };
             match res {
                 Ok(r) => {
@@ -396,7 +430,7 @@ fn orchestrate() -> Result<()> {
     println!(
         "|---------------|-----------------|----------|------------|--------------|------------------|--------------|"
     );
-    for name in ["pfx-tract", "pfx-ort", "pytorch-peft"] {
+    for name in ["pfx-tract", "pfx-ort", "pfx-ort-host", "pytorch-peft"] {
         let Some(r) = results.get(name) else { continue };
         let (med, cpu, rss) = stats(r);
         let (ratio, rss_ratio) = match peft {
@@ -434,7 +468,11 @@ fn main() -> Result<()> {
         let dir = PathBuf::from(get("--bundle").ok_or_else(|| anyhow!("--engine needs --bundle DIR"))?);
         let n = |f: &str, d: usize| get(f).and_then(|v| v.parse().ok()).unwrap_or(d);
         let role = get("--graph").unwrap_or_else(|| "train_step".into());
-        return run_engine(kind.parse()?, &dir, &role, n("--warmup", 2), n("--steps", 5), n("--threads", 2));
+        let (kind, host_state) = match kind.strip_suffix("-host") {
+            Some(k) => (k.parse()?, true),
+            None => (kind.parse()?, false),
+        };
+        return run_engine(kind, host_state, &dir, &role, n("--warmup", 2), n("--steps", 5), n("--threads", 2));
     }
     orchestrate()
 }

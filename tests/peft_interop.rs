@@ -204,7 +204,7 @@ fn first_twenty_training_steps_follow_hf_and_peft() {
     for (k, (a, b)) in losses.iter().zip(&want).enumerate() {
         assert!((a - b).abs() / b.abs() <= 1e-4, "step {}: loss {a} vs HF+PEFT {b}", k + 1);
     }
-    for (name, v) in t.prefix() {
+    for (name, v) in t.prefix().unwrap() {
         let e = v.norm_rel_error(&r[&format!("final.{name}")]).unwrap();
         assert!(e <= 1e-4, "final {name}: rel err {e:e}");
     }

@@ -68,6 +68,24 @@ pub fn output_names(path: &Path) -> Result<Vec<String>> {
     Ok(proto.graph.as_ref().map(|g| g.output.iter().map(|o| o.name.clone()).collect()).unwrap_or_default())
 }
 
+/// The declared graph inputs of a model, in order, with their types (reads the protobuf only, not external
+/// data). Initializers that are also listed as inputs are left out.
+pub fn declared_inputs(path: &Path) -> Result<Vec<ValueInfo>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let proto = pb::ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| anyhow!("{} is not an ONNX model (or is truncated): {e}", path.display()))?;
+    let Some(g) = proto.graph.as_ref() else { return Ok(vec![]) };
+    let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    g.input
+        .iter()
+        .filter(|v| !inits.contains(v.name.as_str()))
+        .map(|v| {
+            let what = format!("input '{}' of {}", v.name, path.display());
+            Ok(ValueInfo { name: v.name.clone(), ty: value_type_from_proto(&v.type_, &what)? })
+        })
+        .collect()
+}
+
 struct ExternalReader {
     model_path: PathBuf,
     dir: PathBuf,

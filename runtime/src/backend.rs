@@ -5,9 +5,10 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use pfx_compiler::compile::GraphIo;
 
-use crate::ort_backend::{OrtBackend, OrtOptions};
+use crate::ort_backend::{OrtBackend, OrtOptions, OrtStatefulStep};
 use crate::tensor::{DType, HostTensor};
 use crate::tract_backend::TractBackend;
 
@@ -105,6 +106,179 @@ pub trait Backend: std::fmt::Debug + Send {
     fn output_names(&self) -> Vec<String> {
         self.outputs().iter().map(|s| s.name.clone()).collect()
     }
+}
+
+/// One piece of training state: the graph input that reads it and the output that holds its next value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatePair {
+    pub input: String,
+    pub output: String,
+}
+
+/// Pairs each state input of a training-step graph (manifest roles `trainable`, `optimizer_state`) with the
+/// output that updates it: `new.<input>`, role `updated_trainable` / `updated_optimizer_state`.
+pub fn state_pairs(io: &GraphIo) -> Result<Vec<StatePair>> {
+    let mut pairs = Vec::new();
+    for input in io.inputs.iter().filter(|r| r.role == "trainable" || r.role == "optimizer_state") {
+        let want_role = if input.role == "trainable" { "updated_trainable" } else { "updated_optimizer_state" };
+        let output = format!("new.{}", input.name);
+        match io.outputs.iter().find(|o| o.name == output) {
+            Some(o) if o.role == want_role && o.shape == input.shape && o.dtype == input.dtype => {}
+            Some(o) => bail!(
+                "{}: output `{output}` ({} {:?}, role {}) does not match the state input `{}` ({} {:?}, role {})",
+                io.file,
+                o.dtype,
+                o.shape,
+                o.role,
+                input.name,
+                input.dtype,
+                input.shape,
+                input.role
+            ),
+            None => bail!("{}: the state input `{}` has no output `{output}` that updates it", io.file, input.name),
+        }
+        pairs.push(StatePair { input: input.name.clone(), output });
+    }
+    if pairs.is_empty() {
+        bail!("{}: no trainable or optimizer-state inputs in the manifest: not a training step", io.file);
+    }
+    Ok(pairs)
+}
+
+/// Runs a training-step graph whose state (trainable tensors and optimizer moments) carries over from one
+/// step to the next. Where the state lives between steps is the implementation's business (host memory,
+/// or the ONNX Runtime session's device); it reaches the host only through [`StatefulStep::state`].
+pub trait StatefulStep: Send {
+    /// Short description, e.g. `tract, state on the host` or `ort (cuda:0), state on the device`.
+    fn name(&self) -> String;
+    /// The state tensors and the outputs that update them.
+    fn pairs(&self) -> &[StatePair];
+    /// Replaces the whole state: every pair's input, with the dtype and shape the graph declares.
+    fn set_state(&mut self, state: &BTreeMap<String, HostTensor>) -> Result<()>;
+    /// A host copy of the state, by input name.
+    fn state(&self) -> Result<BTreeMap<String, HostTensor>>;
+    /// Runs one step on the per-step inputs (batch, hyperparameters; state entries given here are ignored);
+    /// the state advances. Returns the outputs that are not state (loss, metrics).
+    fn step(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>>;
+}
+
+/// The plain [`StatefulStep`]: the state lives in host memory and goes in and out of [`Backend::run`] each
+/// step (moved, not copied, on this side).
+pub struct HostStateStep {
+    graph: Box<dyn Backend>,
+    pairs: Vec<StatePair>,
+    state: BTreeMap<String, HostTensor>,
+}
+
+impl HostStateStep {
+    /// Checks that the graph has every pair's input and output.
+    pub fn new(graph: Box<dyn Backend>, pairs: Vec<StatePair>) -> Result<HostStateStep> {
+        check_pairs(&graph.name(), graph.inputs(), graph.outputs(), &pairs)?;
+        Ok(HostStateStep { graph, pairs, state: BTreeMap::new() })
+    }
+}
+
+/// Fails naming the pairs whose input or output the graph lacks.
+pub(crate) fn check_pairs(what: &str, inputs: &[IoSpec], outputs: &[IoSpec], pairs: &[StatePair]) -> Result<()> {
+    let names = |specs: &[IoSpec]| specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    let (ins, outs) = (names(inputs), names(outputs));
+    for p in pairs {
+        if !ins.contains(&p.input) {
+            bail!("{what}: the graph has no state input `{}` (inputs: {})", p.input, ins.join(", "));
+        }
+        if !outs.contains(&p.output) {
+            bail!("{what}: the graph has no state output `{}` (outputs: {})", p.output, outs.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a full state against the pairs and the graph's declarations; returns the specs in pair order.
+pub(crate) fn check_state<'a>(
+    specs: &'a [IoSpec],
+    pairs: &[StatePair],
+    state: &BTreeMap<String, HostTensor>,
+) -> Result<Vec<&'a IoSpec>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let t = state.get(&p.input).with_context(|| {
+                format!(
+                    "the state lacks `{}` (it has: {})",
+                    p.input,
+                    state.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            let spec = specs
+                .iter()
+                .find(|s| s.name == p.input)
+                .with_context(|| format!("the graph has no state input `{}`", p.input))?;
+            spec.check(t)?;
+            Ok(spec)
+        })
+        .collect()
+}
+
+impl StatefulStep for HostStateStep {
+    fn name(&self) -> String {
+        format!("{}, state on the host", self.graph.name())
+    }
+
+    fn pairs(&self) -> &[StatePair] {
+        &self.pairs
+    }
+
+    fn set_state(&mut self, state: &BTreeMap<String, HostTensor>) -> Result<()> {
+        check_state(self.graph.inputs(), &self.pairs, state)?;
+        self.state = self.pairs.iter().map(|p| (p.input.clone(), state[&p.input].clone())).collect();
+        Ok(())
+    }
+
+    fn state(&self) -> Result<BTreeMap<String, HostTensor>> {
+        if self.state.is_empty() {
+            bail!("{}: the state was never set", self.graph.name());
+        }
+        Ok(self.state.clone())
+    }
+
+    fn step(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+        if self.state.is_empty() {
+            bail!("{}: the state was never set", self.graph.name());
+        }
+        let mut feeds: BTreeMap<String, HostTensor> =
+            inputs.iter().filter(|(k, _)| !self.state.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        // Moved in and back out, so a failed step leaves the state as it was.
+        let state = std::mem::take(&mut self.state);
+        let names: Vec<String> = state.keys().cloned().collect();
+        feeds.extend(state);
+        let result = self.graph.run(&feeds);
+        for n in names {
+            let t = feeds.remove(&n).expect("moved in above");
+            self.state.insert(n, t);
+        }
+        let mut out = result?;
+        for p in &self.pairs {
+            let t =
+                out.remove(&p.output).with_context(|| format!("{}: no output `{}`", self.graph.name(), p.output))?;
+            self.state.insert(p.input.clone(), t);
+        }
+        Ok(out)
+    }
+}
+
+/// Opens a training-step graph as a [`StatefulStep`]: tract keeps the state on the host; ONNX Runtime keeps
+/// it on the session's device (IoBinding, ping-pong buffers).
+pub fn open_stateful_step(
+    model: impl AsRef<Path>,
+    kind: BackendKind,
+    ort: &OrtOptions,
+    pairs: Vec<StatePair>,
+) -> Result<Box<dyn StatefulStep>> {
+    let model = model.as_ref();
+    Ok(match kind {
+        BackendKind::Tract => Box::new(HostStateStep::new(Box::new(TractBackend::open(model)?), pairs)?),
+        BackendKind::Ort => Box::new(OrtStatefulStep::open(model, ort, pairs)?),
+    })
 }
 
 /// Which engine runs a graph.

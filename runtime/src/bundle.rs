@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 pub use pfx_compiler::compile::{GenerationSpec, Manifest};
 
-use crate::backend::{open, Backend, BackendKind};
+use crate::backend::{open, open_stateful_step, state_pairs, Backend, BackendKind, StatefulStep};
 use crate::ort_backend::OrtOptions;
 use crate::tensor::{read_safetensors, HostTensor};
 
@@ -36,6 +36,19 @@ impl Bundle {
     pub fn open_graph(&self, role: &str, kind: BackendKind, ort: &OrtOptions) -> Result<Box<dyn Backend>> {
         let p = self.graph_path(role)?;
         open(&p, kind, ort).with_context(|| format!("opening the {role} graph of {}", self.dir.display()))
+    }
+
+    /// The `train_step` graph as a [`StatefulStep`], its state pairs read from the manifest.
+    pub fn open_train_step(&self, kind: BackendKind, ort: &OrtOptions) -> Result<Box<dyn StatefulStep>> {
+        let p = self.graph_path("train_step")?;
+        let io = self
+            .manifest
+            .io
+            .get("train_step")
+            .with_context(|| format!("the manifest of {} has no I/O roles for train_step", self.dir.display()))?;
+        let pairs = state_pairs(io).with_context(|| format!("the train_step graph of {}", self.dir.display()))?;
+        open_stateful_step(&p, kind, ort, pairs)
+            .with_context(|| format!("opening the train_step graph of {}", self.dir.display()))
     }
 
     pub fn trainable_names(&self) -> Vec<String> {

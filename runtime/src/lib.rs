@@ -12,6 +12,7 @@ pub mod backend;
 pub mod bundle;
 pub mod commands;
 pub mod data;
+pub mod devices;
 pub mod generate;
 pub mod ort_backend;
 pub mod peft;
@@ -24,10 +25,13 @@ pub mod tokenize;
 pub mod tract_backend;
 pub mod train;
 
-pub use backend::{open, select_inputs, Backend, BackendKind, IoSpec};
+pub use backend::{
+    open, open_stateful_step, select_inputs, state_pairs, Backend, BackendKind, HostStateStep, IoSpec, StatePair,
+    StatefulStep,
+};
 pub use ort_backend::{
     describe as ort_describe, locate_ort_library, ort_runtime, OrtBackend, OrtDevice, OrtLibSource, OrtOptions,
-    OrtRuntime, ORT_INSTALL_HINT,
+    OrtRuntime, OrtStatefulStep, Placements, ORT_INSTALL_HINT,
 };
 pub use tensor::{
     read_safetensors, safetensors_from_bytes, safetensors_to_bytes, worst_norm_rel_error, write_safetensors, DType,

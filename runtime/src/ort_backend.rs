@@ -9,14 +9,16 @@ use std::ffi::{c_char, c_int, CStr};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ort::logging::LogLevel;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue, SessionInputs};
-use ort::value::{Tensor, TensorElementType, TensorRef, ValueRef, ValueType};
+use ort::session::{IoBinding, RunOptions, Session, SessionInputValue, SessionInputs};
+use ort::value::{DynTensor, Tensor, TensorElementType, TensorRef, ValueRef, ValueType};
 
-use crate::backend::{select_inputs, Backend, IoSpec};
+use crate::backend::{check_pairs, check_state, select_inputs, Backend, IoSpec, StatePair, StatefulStep};
 use crate::tensor::{DType, HostTensor, TensorData};
 
 /// What to tell a user who has no ONNX Runtime library.
@@ -93,6 +95,18 @@ pub struct OrtOptions {
     pub intra_threads: Option<usize>,
     /// Turn ONNX Runtime's graph optimizations off (they are all on by default).
     pub disable_optimizations: bool,
+    /// Capture the graph once and replay it (CUDA EP `enable_cuda_graph`, TensorRT `trt_cuda_graph_enable`);
+    /// inputs and outputs then live in fixed device buffers. GPU devices only.
+    pub cuda_graph: bool,
+    /// TF32 matrix products on the CUDA provider (`use_tf32`); `None` keeps ONNX Runtime's default.
+    pub tf32: Option<bool>,
+    /// TensorRT builds fp16 engines (`trt_fp16_enable`).
+    pub trt_fp16: bool,
+    /// Folder for TensorRT's engine and timing caches (built once, reused by later runs).
+    pub trt_cache: Option<PathBuf>,
+    /// On a GPU device, let the CPU provider run the nodes the GPU providers cannot (off: such a model is an
+    /// error that lists them).
+    pub allow_cpu_fallback: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,6 +368,19 @@ fn dtype_of(ty: TensorElementType) -> Option<DType> {
     })
 }
 
+fn element_type_of(dt: DType) -> TensorElementType {
+    match dt {
+        DType::F32 => TensorElementType::Float32,
+        DType::F64 => TensorElementType::Float64,
+        DType::F16 => TensorElementType::Float16,
+        DType::I64 => TensorElementType::Int64,
+        DType::I32 => TensorElementType::Int32,
+        DType::I8 => TensorElementType::Int8,
+        DType::U8 => TensorElementType::Uint8,
+        DType::Bool => TensorElementType::Bool,
+    }
+}
+
 fn spec_of(name: &str, ty: &ValueType) -> IoSpec {
     match ty {
         ValueType::Tensor { ty, shape, .. } => IoSpec {
@@ -369,6 +396,278 @@ fn ort_err<R>(e: ort::Error<R>) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+/// Where ONNX Runtime put a session's nodes, read from its "Node placements" log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placements {
+    /// Provider name -> its nodes.
+    pub providers: BTreeMap<String, PlacedNodes>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlacedNodes {
+    pub count: usize,
+    /// `OpType (node name)`, as ONNX Runtime lists them (it lists none when one provider takes everything).
+    pub nodes: Vec<String>,
+}
+
+impl Placements {
+    /// Reads the messages ONNX Runtime logs from `VerifyEachNodeIsAssignedToAnEp`: `All nodes placed on [EP].
+    /// Number of nodes: N`, or per provider `Node(s) placed on [EP]. Number of nodes: N` and one message per node.
+    pub fn parse<'a>(messages: impl IntoIterator<Item = &'a str>) -> Placements {
+        fn header(m: &str) -> Option<(String, usize)> {
+            let rest = m.split_once("placed on [")?.1;
+            let (provider, rest) = rest.split_once(']')?;
+            let count = rest.rsplit_once(':')?.1.trim().parse().ok()?;
+            Some((provider.to_string(), count))
+        }
+        let mut p = Placements::default();
+        let mut current: Option<String> = None;
+        for m in messages {
+            if let Some((provider, count)) = header(m) {
+                p.providers.insert(provider.clone(), PlacedNodes { count, nodes: vec![] });
+                current = if m.contains("All nodes") { None } else { Some(provider) };
+            } else if let Some(c) = &current {
+                let node = m.trim();
+                if !node.is_empty() {
+                    p.providers.get_mut(c).expect("inserted with its header").nodes.push(node.to_string());
+                }
+            }
+        }
+        p
+    }
+
+    /// Nodes placed on the CPU provider.
+    pub fn on_cpu(&self) -> Option<&PlacedNodes> {
+        self.providers.get("CPUExecutionProvider").filter(|n| n.count > 0)
+    }
+
+    /// `N node(s): A (a), B (b), ...` for the CPU's share, at most `max` listed.
+    pub fn describe_cpu(&self, max: usize) -> Option<String> {
+        let n = self.on_cpu()?;
+        let mut s = format!("{} node(s)", n.count);
+        if !n.nodes.is_empty() {
+            let shown: Vec<&str> = n.nodes.iter().take(max).map(String::as_str).collect();
+            s += &format!(": {}", shown.join(", "));
+            if n.nodes.len() > max {
+                s += &format!(", ... ({} more)", n.nodes.len() - max);
+            }
+        }
+        Some(s)
+    }
+}
+
+impl OrtOptions {
+    /// Options that need a device the chosen one is not are errors (named by their flags).
+    pub fn check(&self) -> Result<()> {
+        let gpu = self.device != OrtDevice::Cpu;
+        let trt = matches!(self.device, OrtDevice::TensorRt(_));
+        if self.cuda_graph && !gpu {
+            bail!("--cuda-graph needs a GPU device (--device cuda[:N] or tensorrt[:N]), not {}", self.device);
+        }
+        if self.tf32.is_some() && !gpu {
+            bail!(
+                "--tf32 sets the CUDA provider's TF32 mode: it needs --device cuda[:N] or tensorrt[:N], not {}",
+                self.device
+            );
+        }
+        if (self.trt_fp16 || self.trt_cache.is_some()) && !trt {
+            bail!(
+                "--trt-fp16 and --trt-cache are TensorRT options: they need --device tensorrt[:N], not {}",
+                self.device
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `name:AxB,...` for TensorRT's `trt_profile_{min,opt,max}_shapes`, from the declared input shapes; `None`
+/// when some input has a dynamic dim (TensorRT then profiles at run time) or a name the format cannot carry.
+/// Scalars are left out (a profile has nothing to say about them).
+fn trt_profile(inputs: &[(String, Option<Vec<usize>>)]) -> Option<String> {
+    let mut parts = Vec::new();
+    for (name, shape) in inputs {
+        let shape = shape.as_ref()?;
+        if name.contains([',', ':']) {
+            return None;
+        }
+        if !shape.is_empty() {
+            parts.push(format!("{name}:{}", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")));
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+fn cuda_provider(device_id: u32, options: &OrtOptions, cuda_graph: bool) -> ort::ep::ExecutionProviderDispatch {
+    let mut ep = ort::ep::CUDA::default().with_device_id(device_id as i32).with_cuda_graph(cuda_graph);
+    if let Some(tf32) = options.tf32 {
+        ep = ep.with_tf32(tf32);
+    }
+    ep.build().error_on_failure()
+}
+
+fn tensorrt_provider(model: &Path, device_id: u32, options: &OrtOptions) -> Result<ort::ep::ExecutionProviderDispatch> {
+    let mut ep = ort::ep::TensorRT::default()
+        .with_device_id(device_id as i32)
+        .with_fp16(options.trt_fp16)
+        .with_cuda_graph(options.cuda_graph);
+    if let Some(dir) = &options.trt_cache {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the TensorRT cache folder {} (--trt-cache)", dir.display()))?;
+        let dir = dir.display().to_string();
+        ep = ep
+            .with_engine_cache(true)
+            .with_engine_cache_path(&dir)
+            .with_timing_cache(true)
+            .with_timing_cache_path(&dir);
+    }
+    let declared = pfx_compiler::onnx_io::declared_inputs(model)?;
+    let shapes: Vec<(String, Option<Vec<usize>>)> =
+        declared.iter().map(|v| (v.name.clone(), v.ty.concrete())).collect();
+    if let Some(profile) = trt_profile(&shapes) {
+        ep = ep.with_profile_min_shapes(&profile).with_profile_opt_shapes(&profile).with_profile_max_shapes(&profile);
+    }
+    Ok(ep.build().error_on_failure())
+}
+
+/// A committed session and what ONNX Runtime said while making it.
+struct OpenedSession {
+    session: Session,
+    inputs: Vec<IoSpec>,
+    outputs: Vec<IoSpec>,
+    placements: Placements,
+}
+
+/// Opens `model` on `options.device`. On a GPU device the CPU provider may not take nodes unless
+/// `--allow-cpu-fallback`; the nodes it does take are reported.
+fn open_session(model: &Path, options: &OrtOptions) -> Result<OpenedSession> {
+    let forbid_cpu = options.device != OrtDevice::Cpu && !options.allow_cpu_fallback;
+    let opened = open_session_with(model, options, forbid_cpu)?;
+    if options.device != OrtDevice::Cpu {
+        if let Some(cpu) = opened.placements.describe_cpu(8) {
+            eprintln!(
+                "warning: ONNX Runtime runs {cpu} of {} on the CPU, not on {} (--allow-cpu-fallback)",
+                model.display(),
+                options.device
+            );
+        }
+    }
+    Ok(opened)
+}
+
+fn open_session_with(model: &Path, options: &OrtOptions, forbid_cpu: bool) -> Result<OpenedSession> {
+    if !model.is_file() {
+        bail!("model file {} does not exist or is not a file", model.display());
+    }
+    options.check()?;
+    let rt = ort_runtime(options.lib_path.as_deref())?;
+    for p in options.device.provider_names() {
+        if !rt.has_provider(p) {
+            bail!(
+                "device {} needs {p}, which ONNX Runtime {} at {} does not have (available: {}); \
+                 install `onnxruntime-gpu` (with matching CUDA/TensorRT libraries) or pass its library with --ort-lib",
+                options.device,
+                rt.version,
+                rt.lib_path.display(),
+                rt.providers.join(", ")
+            );
+        }
+    }
+    let err = match commit(rt, model, options, forbid_cpu) {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    let text = format!("{err:#}");
+    let refused_cpu = text.contains("fallback to CPU EP has been explicitly disabled");
+    // Older releases say "CUDA Graph feature", 1.2x "graph capture feature".
+    let refused_graph = text.contains("graph capture feature") || text.contains("CUDA Graph feature");
+    if !(refused_cpu || refused_graph) {
+        return Err(err);
+    }
+    // ORT's refusal names no node: open once more, CPU allowed and no graph capture, to list them.
+    let mut relaxed = options.clone();
+    relaxed.cuda_graph = false;
+    let listed = commit(rt, model, &relaxed, false).ok().and_then(|s| s.placements.describe_cpu(12));
+    if refused_cpu {
+        let what = listed.unwrap_or_else(|| "some nodes".to_string());
+        bail!(
+            "{} on {}: ONNX Runtime's {} cannot run {what}, and falling back to the CPU is off; pass \
+             --allow-cpu-fallback to run them on the CPU (slower: data crosses between host and device), or use \
+             --device cpu",
+            model.display(),
+            options.device,
+            options.device.provider_names().join(" / ")
+        );
+    }
+    let on_cpu = listed.map(|n| format!(" (on the CPU: {n})")).unwrap_or_default();
+    bail!(
+        "{} on {}: ONNX Runtime cannot capture this graph for --cuda-graph{on_cpu}: {}; run without --cuda-graph",
+        model.display(),
+        options.device,
+        text.trim()
+    )
+}
+
+fn commit(rt: &OrtRuntime, model: &Path, options: &OrtOptions, forbid_cpu: bool) -> Result<OpenedSession> {
+    let placement_log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = placement_log.clone();
+    let logger: ort::logging::LoggerFunction = Arc::new(move |level, _category, _id, location, message| {
+        if level == LogLevel::Verbose && location.contains("VerifyEachNodeIsAssignedToAnEp") {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(message.to_string());
+        } else if level == LogLevel::Warning && !message.contains("not assigned to the preferred execution providers") {
+            // Passed on as ORT would print them, but for the placement warning (our own report replaces it);
+            // errors come back as statuses.
+            eprintln!("onnxruntime: {message}");
+        }
+    });
+    let mut b = Session::builder(&rt.env)
+        .map_err(ort_err)?
+        .with_logger(logger)
+        .map_err(ort_err)?
+        // Verbose for the placement log while the session is made; runs log at Warning (see run_options).
+        .with_log_level(LogLevel::Verbose)
+        .map_err(ort_err)?;
+    if options.disable_optimizations {
+        b = b.with_optimization_level(GraphOptimizationLevel::Disable).map_err(ort_err)?;
+    }
+    if let Some(n) = options.intra_threads {
+        b = b.with_intra_threads(n).map_err(ort_err)?;
+    }
+    if forbid_cpu {
+        b = b.with_disable_cpu_fallback().map_err(ort_err)?;
+    }
+    let eps = match options.device {
+        OrtDevice::Cpu => vec![],
+        OrtDevice::Cuda(n) => vec![cuda_provider(n, options, options.cuda_graph)],
+        // TensorRT captures the graph itself when asked; only one provider may.
+        OrtDevice::TensorRt(n) => vec![tensorrt_provider(model, n, options)?, cuda_provider(n, options, false)],
+    };
+    if !eps.is_empty() {
+        b = b
+            .with_execution_providers(eps)
+            .map_err(ort_err)
+            .with_context(|| format!("registering the execution provider for {}", options.device))?;
+    }
+    let session = b
+        .commit_from_file(model)
+        .map_err(ort_err)
+        .with_context(|| format!("ONNX Runtime could not load model {}", model.display()))?;
+    let inputs = session.inputs().iter().map(|o| spec_of(o.name(), o.dtype())).collect();
+    let outputs = session.outputs().iter().map(|o| spec_of(o.name(), o.dtype())).collect();
+    let log = placement_log.lock().unwrap_or_else(|p| p.into_inner());
+    let placements = Placements::parse(log.iter().map(String::as_str));
+    Ok(OpenedSession { session, inputs, outputs, placements })
+}
+
+fn run_options(graph_id: Option<usize>) -> Result<RunOptions> {
+    let mut o = RunOptions::new().map_err(ort_err)?;
+    o.set_log_level(LogLevel::Warning).map_err(ort_err)?;
+    if let Some(id) = graph_id {
+        // ORT reserves annotation 0; each id captures (then replays) its own CUDA graph.
+        o.set("gpu_graph_id", id.to_string()).map_err(ort_err)?;
+    }
+    Ok(o)
+}
+
 /// Runs one ONNX model on ONNX Runtime.
 pub struct OrtBackend {
     path: PathBuf,
@@ -376,6 +675,10 @@ pub struct OrtBackend {
     session: Session,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
+    placements: Placements,
+    run_options: RunOptions,
+    /// With --cuda-graph: every input and output in a fixed device buffer (what graph replay needs).
+    bound: Option<BoundRunner>,
 }
 
 impl fmt::Debug for OrtBackend {
@@ -394,56 +697,285 @@ impl OrtBackend {
     /// whose provider is missing or fails to register is an error (no silent CPU fallback).
     pub fn open(model: impl AsRef<Path>, options: &OrtOptions) -> Result<Self> {
         let model = model.as_ref();
-        if !model.is_file() {
-            bail!("model file {} does not exist or is not a file", model.display());
-        }
-        let rt = ort_runtime(options.lib_path.as_deref())?;
-        for p in options.device.provider_names() {
-            if !rt.has_provider(p) {
-                bail!(
-                    "device {} needs {p}, which ONNX Runtime {} at {} does not have (available: {}); \
-                     install `onnxruntime-gpu` (with matching CUDA/TensorRT libraries) or pass its library with --ort-lib",
-                    options.device,
-                    rt.version,
-                    rt.lib_path.display(),
-                    rt.providers.join(", ")
-                );
-            }
-        }
-        let mut b = Session::builder(&rt.env).map_err(ort_err)?;
-        if options.disable_optimizations {
-            b = b.with_optimization_level(GraphOptimizationLevel::Disable).map_err(ort_err)?;
-        }
-        if let Some(n) = options.intra_threads {
-            b = b.with_intra_threads(n).map_err(ort_err)?;
-        }
-        let eps = match options.device {
-            OrtDevice::Cpu => vec![],
-            OrtDevice::Cuda(n) => {
-                vec![ort::ep::CUDA::default().with_device_id(n as i32).build().error_on_failure()]
-            }
-            OrtDevice::TensorRt(n) => vec![
-                ort::ep::TensorRT::default().with_device_id(n as i32).build().error_on_failure(),
-                ort::ep::CUDA::default().with_device_id(n as i32).build().error_on_failure(),
-            ],
+        let OpenedSession { session, inputs, outputs, placements } = open_session(model, options)?;
+        let bound = if options.cuda_graph {
+            Some(BoundRunner::new(&session, model, options, &inputs, &outputs, vec![], false)?)
+        } else {
+            None
         };
-        if !eps.is_empty() {
-            b = b
-                .with_execution_providers(eps)
-                .map_err(ort_err)
-                .with_context(|| format!("registering the execution provider for {}", options.device))?;
-        }
-        let session = b
-            .commit_from_file(model)
-            .map_err(ort_err)
-            .with_context(|| format!("ONNX Runtime could not load model {}", model.display()))?;
-        let inputs = session.inputs().iter().map(|o| spec_of(o.name(), o.dtype())).collect();
-        let outputs = session.outputs().iter().map(|o| spec_of(o.name(), o.dtype())).collect();
-        Ok(OrtBackend { path: model.to_path_buf(), device: options.device, session, inputs, outputs })
+        Ok(OrtBackend {
+            path: model.to_path_buf(),
+            device: options.device,
+            session,
+            inputs,
+            outputs,
+            placements,
+            run_options: run_options(None)?,
+            bound,
+        })
     }
 
     pub fn device(&self) -> OrtDevice {
         self.device
+    }
+
+    /// Where ONNX Runtime put the nodes.
+    pub fn placements(&self) -> &Placements {
+        &self.placements
+    }
+}
+
+/// Fixed shape of a declared input or output, or an error naming it (device buffers are made once).
+fn static_shape(spec: &IoSpec, model: &Path) -> Result<(TensorElementType, Vec<usize>)> {
+    let dims = spec.shape.as_ref().filter(|d| d.iter().all(Option::is_some));
+    match (spec.dtype, dims) {
+        (Some(dt), Some(dims)) => Ok((element_type_of(dt), dims.iter().map(|d| d.expect("checked")).collect())),
+        _ => bail!(
+            "{}: `{spec}` has no fixed dtype and shape, which keeping it in a device buffer needs (compiled bundles \
+             have them; run without --cuda-graph)",
+            model.display()
+        ),
+    }
+}
+
+/// An ORT-owned host tensor holding a copy of `t`.
+fn owned_value(t: &HostTensor) -> Result<DynTensor> {
+    let shape = t.shape().to_vec();
+    Ok(match t.data() {
+        TensorData::F32(v) => Tensor::from_array((shape, v.clone())).map_err(ort_err)?.upcast(),
+        TensorData::F64(v) => Tensor::from_array((shape, v.clone())).map_err(ort_err)?.upcast(),
+        TensorData::I64(v) => Tensor::from_array((shape, v.clone())).map_err(ort_err)?.upcast(),
+        TensorData::I32(v) => Tensor::from_array((shape, v.clone())).map_err(ort_err)?.upcast(),
+        TensorData::I8(v) => Tensor::from_array((shape, v.clone())).map_err(ort_err)?.upcast(),
+        TensorData::U8(v) => Tensor::from_array((shape, v.clone())).map_err(ort_err)?.upcast(),
+        TensorData::Bool(v) => Tensor::from_array((shape, v.clone())).map_err(ort_err)?.upcast(),
+        TensorData::F16(v) => {
+            let v: Vec<half::f16> = v.iter().map(|&b| half::f16::from_bits(b)).collect();
+            Tensor::from_array((shape, v)).map_err(ort_err)?.upcast()
+        }
+    })
+}
+
+/// Copies a host tensor into a buffer on any device (ORT's own copy: an Identity session per device pair).
+fn upload(t: &HostTensor, dst: &mut DynTensor) -> Result<()> {
+    owned_value(t)?.copy_into(dst).map_err(ort_err)
+}
+
+/// Copies a buffer on any device back to the host.
+fn download(src: &DynTensor) -> Result<HostTensor> {
+    let host = src.to(AllocationDevice::CPU, 0).map_err(ort_err)?;
+    from_ort(&host.view().into_dyn())
+}
+
+/// Runs a session through IoBinding with buffers ORT allocated on the session's device that stay at the same
+/// address from run to run (what CUDA graph replay needs). Host inputs are copied into their buffers and the
+/// outputs read back from theirs, except state: each [`StatePair`] has a buffer in each of two sets, and run k
+/// reads set k and writes set 1-k (ping-pong), so the state never leaves the device between runs. With
+/// `ping_pong` off, every run reads set 0 and writes set 1, which is then copied back into set 0 on the device:
+/// one binding, fixed addresses, for a provider that replays a single captured graph (TensorRT's).
+struct BoundRunner {
+    path: PathBuf,
+    pairs: Vec<StatePair>,
+    /// Inputs fed from the host each run, and their buffers.
+    fed: Vec<(IoSpec, DynTensor)>,
+    /// Outputs that are not state, and their buffers.
+    read: Vec<(String, DynTensor)>,
+    /// `state[k][i]`: pair i's tensor in set k.
+    state: [Vec<DynTensor>; 2],
+    /// `bindings[k]` reads `state[k]` and writes `state[1 - k]`.
+    bindings: [IoBinding; 2],
+    run_options: [RunOptions; 2],
+    /// The set holding the current state.
+    current: usize,
+    ping_pong: bool,
+    state_set: bool,
+}
+
+impl BoundRunner {
+    fn new(
+        session: &Session,
+        model: &Path,
+        options: &OrtOptions,
+        inputs: &[IoSpec],
+        outputs: &[IoSpec],
+        pairs: Vec<StatePair>,
+        ping_pong: bool,
+    ) -> Result<BoundRunner> {
+        let owned_allocator;
+        let allocator: &Allocator = match options.device {
+            OrtDevice::Cpu => session.allocator(),
+            OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
+                let info =
+                    MemoryInfo::new(AllocationDevice::CUDA, n as i32, AllocatorType::Device, MemoryType::Default)
+                        .map_err(ort_err)?;
+                owned_allocator = Allocator::new(session, info)
+                    .map_err(ort_err)
+                    .with_context(|| format!("getting ONNX Runtime's allocator for {}", options.device))?;
+                &owned_allocator
+            }
+        };
+        let buffer = |spec: &IoSpec| -> Result<DynTensor> {
+            let (ty, shape) = static_shape(spec, model)?;
+            DynTensor::new(allocator, ty, shape)
+                .map_err(ort_err)
+                .with_context(|| format!("allocating `{}` on {}", spec.name, options.device))
+        };
+        let is_state_input = |n: &str| pairs.iter().any(|p| p.input == n);
+        let is_state_output = |n: &str| pairs.iter().any(|p| p.output == n);
+        let fed = inputs
+            .iter()
+            .filter(|s| !is_state_input(&s.name))
+            .map(|s| Ok((s.clone(), buffer(s)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut read = outputs
+            .iter()
+            .filter(|s| !is_state_output(&s.name))
+            .map(|s| Ok((s.name.clone(), buffer(s)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let set = || -> Result<Vec<DynTensor>> {
+            pairs
+                .iter()
+                .map(|p| {
+                    let spec = inputs.iter().find(|s| s.name == p.input).expect("pairs checked against the inputs");
+                    buffer(spec)
+                })
+                .collect()
+        };
+        let mut state = [set()?, set()?];
+        let mut bindings = [session.create_binding().map_err(ort_err)?, session.create_binding().map_err(ort_err)?];
+        for (k, binding) in bindings.iter_mut().enumerate() {
+            let [set0, set1] = &mut state;
+            let (from, to) = if k == 0 { (set0, set1) } else { (set1, set0) };
+            for (i, p) in pairs.iter().enumerate() {
+                binding.bind_input(&p.input, &from[i]).map_err(ort_err)?;
+                binding.bind_output(&p.output, &mut to[i]).map_err(ort_err)?;
+            }
+        }
+        for binding in bindings.iter_mut() {
+            for (name, buf) in read.iter_mut() {
+                binding.bind_output(name.as_str(), &mut *buf).map_err(ort_err)?;
+            }
+        }
+        let graph_ids = if options.cuda_graph { [Some(1), Some(2)] } else { [None, None] };
+        let run_options = [run_options(graph_ids[0])?, run_options(graph_ids[1])?];
+        Ok(BoundRunner {
+            path: model.to_path_buf(),
+            state_set: pairs.is_empty(),
+            pairs,
+            fed,
+            read,
+            state,
+            bindings,
+            run_options,
+            current: 0,
+            ping_pong,
+        })
+    }
+
+    fn set_state(&mut self, specs: &[IoSpec], state: &BTreeMap<String, HostTensor>) -> Result<()> {
+        check_state(specs, &self.pairs, state)?;
+        for (i, p) in self.pairs.iter().enumerate() {
+            upload(&state[&p.input], &mut self.state[self.current][i])
+                .with_context(|| format!("copying `{}` to the device", p.input))?;
+        }
+        self.state_set = true;
+        Ok(())
+    }
+
+    fn state(&self) -> Result<BTreeMap<String, HostTensor>> {
+        if !self.state_set {
+            bail!("{}: the state was never set", self.path.display());
+        }
+        self.pairs
+            .iter()
+            .zip(&self.state[self.current])
+            .map(|(p, buf)| {
+                Ok((p.input.clone(), download(buf).with_context(|| format!("copying `{}` back", p.input))?))
+            })
+            .collect()
+    }
+
+    fn run(
+        &mut self,
+        session: &mut Session,
+        inputs: &BTreeMap<String, HostTensor>,
+    ) -> Result<BTreeMap<String, HostTensor>> {
+        if !self.state_set {
+            bail!("{}: the state was never set", self.path.display());
+        }
+        let specs: Vec<IoSpec> = self.fed.iter().map(|(s, _)| s.clone()).collect();
+        let picked = select_inputs(&specs, inputs).with_context(|| format!("running {}", self.path.display()))?;
+        let k = self.current;
+        for ((spec, buf), t) in self.fed.iter_mut().zip(picked) {
+            upload(t, buf).with_context(|| format!("copying input `{}` to the device", spec.name))?;
+            // Bound again each run: ORT copies at bind time when it wants the input on another device.
+            self.bindings[k].bind_input(spec.name.as_str(), &*buf).map_err(ort_err)?;
+        }
+        session
+            .run_binding_with_options(&self.bindings[k], &self.run_options[k])
+            .map_err(ort_err)
+            .with_context(|| format!("ONNX Runtime failed running {}", self.path.display()))?;
+        if self.ping_pong {
+            self.current = 1 - k;
+        } else {
+            let [set0, set1] = &mut self.state;
+            for (i, (from, to)) in set1.iter().zip(set0.iter_mut()).enumerate() {
+                from.copy_into(to).map_err(ort_err).with_context(|| format!("keeping `{}`", self.pairs[i].input))?;
+            }
+        }
+        self.read
+            .iter()
+            .map(|(name, buf)| Ok((name.clone(), download(buf).with_context(|| format!("output `{name}`"))?)))
+            .collect()
+    }
+}
+
+/// A training step on ONNX Runtime whose parameters and optimizer moments stay on the session's device
+/// between steps (see [`BoundRunner`]); per step only the batch goes in and the loss and metrics come out.
+pub struct OrtStatefulStep {
+    device: OrtDevice,
+    session: Session,
+    inputs: Vec<IoSpec>,
+    placements: Placements,
+    runner: BoundRunner,
+}
+
+impl OrtStatefulStep {
+    pub fn open(model: impl AsRef<Path>, options: &OrtOptions, pairs: Vec<StatePair>) -> Result<OrtStatefulStep> {
+        let model = model.as_ref();
+        let OpenedSession { session, inputs, outputs, placements } = open_session(model, options)?;
+        check_pairs(&model.display().to_string(), &inputs, &outputs, &pairs)?;
+        // CUDA EP graphs are kept per `gpu_graph_id`, one for each buffer set; TensorRT's replay is taken to
+        // know a single graph, so there the state is copied back instead of swapped.
+        let ping_pong = !(options.cuda_graph && matches!(options.device, OrtDevice::TensorRt(_)));
+        let runner = BoundRunner::new(&session, model, options, &inputs, &outputs, pairs, ping_pong)?;
+        Ok(OrtStatefulStep { device: options.device, session, inputs, placements, runner })
+    }
+
+    pub fn placements(&self) -> &Placements {
+        &self.placements
+    }
+}
+
+impl StatefulStep for OrtStatefulStep {
+    fn name(&self) -> String {
+        format!("ort ({}), state on the device", self.device)
+    }
+
+    fn pairs(&self) -> &[StatePair] {
+        &self.runner.pairs
+    }
+
+    fn set_state(&mut self, state: &BTreeMap<String, HostTensor>) -> Result<()> {
+        self.runner.set_state(&self.inputs, state)
+    }
+
+    fn state(&self) -> Result<BTreeMap<String, HostTensor>> {
+        self.runner.state()
+    }
+
+    fn step(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+        self.runner.run(&mut self.session, inputs)
     }
 }
 
@@ -503,6 +1035,9 @@ impl Backend for OrtBackend {
     }
 
     fn run(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+        if let Some(bound) = self.bound.as_mut() {
+            return bound.run(&mut self.session, inputs);
+        }
         let picked = select_inputs(&self.inputs, inputs).with_context(|| format!("running {}", self.path.display()))?;
         let feeds = self
             .inputs
@@ -513,7 +1048,7 @@ impl Backend for OrtBackend {
         let path = self.path.clone();
         let outs = self
             .session
-            .run(SessionInputs::from(feeds))
+            .run_with_options(SessionInputs::from(feeds), &self.run_options)
             .map_err(ort_err)
             .with_context(|| format!("ONNX Runtime failed running {}", path.display()))?;
         let mut result = BTreeMap::new();
@@ -541,6 +1076,179 @@ mod tests {
             assert!(e.contains("invalid device"), "{bad}: {e}");
         }
         assert_eq!(OrtDevice::Cuda(2).to_string().parse::<OrtDevice>().unwrap(), OrtDevice::Cuda(2));
+    }
+
+    #[test]
+    fn placements_from_the_log() {
+        // As ONNX Runtime 1.2x-1.32 logs them from VerifyEachNodeIsAssignedToAnEp (one message per line).
+        let mixed = [
+            "Node placements",
+            " Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 40",
+            "  MatMul (/h.0/attn/MatMul)",
+            " Node(s) placed on [CPUExecutionProvider]. Number of nodes: 2",
+            "  Shape (/Shape)",
+            "  Gather (/Gather_3)",
+        ];
+        let p = Placements::parse(mixed);
+        assert_eq!(p.providers["CUDAExecutionProvider"].count, 40);
+        assert_eq!(p.on_cpu().unwrap().nodes, vec!["Shape (/Shape)", "Gather (/Gather_3)"]);
+        assert_eq!(p.describe_cpu(1).unwrap(), "2 node(s): Shape (/Shape), ... (1 more)");
+        let all =
+            Placements::parse(["Node placements", " All nodes placed on [CUDAExecutionProvider]. Number of nodes: 9"]);
+        assert_eq!(all.providers["CUDAExecutionProvider"].count, 9);
+        assert!(all.on_cpu().is_none() && all.describe_cpu(5).is_none());
+        assert_eq!(Placements::parse(["something else"]), Placements::default());
+    }
+
+    #[test]
+    fn tensorrt_profiles_from_static_shapes() {
+        let s = |n: &str, d: Option<Vec<usize>>| (n.to_string(), d);
+        let static_inputs = [s("input_ids", Some(vec![4, 48])), s("lr", Some(vec![])), s("adam.m.x", Some(vec![512]))];
+        assert_eq!(trt_profile(&static_inputs).unwrap(), "input_ids:4x48,adam.m.x:512");
+        assert_eq!(trt_profile(&[s("x", None), s("y", Some(vec![2]))]), None, "a dynamic input: no profile");
+        assert_eq!(trt_profile(&[s("a:b", Some(vec![2]))]), None, "a name the format cannot carry");
+        assert_eq!(trt_profile(&[s("lr", Some(vec![]))]), None, "scalars only");
+    }
+
+    #[test]
+    fn options_need_their_device() {
+        let cpu = OrtOptions::default();
+        cpu.check().unwrap();
+        let e = OrtOptions { cuda_graph: true, ..Default::default() }.check().unwrap_err().to_string();
+        assert!(e.contains("--cuda-graph needs a GPU device"), "{e}");
+        let e = OrtOptions { tf32: Some(false), ..Default::default() }.check().unwrap_err().to_string();
+        assert!(e.contains("--tf32") && e.contains("cuda"), "{e}");
+        let cuda = OrtOptions { device: OrtDevice::Cuda(0), trt_fp16: true, ..Default::default() };
+        let e = cuda.check().unwrap_err().to_string();
+        assert!(e.contains("--trt-fp16") && e.contains("tensorrt"), "{e}");
+        let trt = OrtOptions {
+            device: OrtDevice::TensorRt(1),
+            trt_fp16: true,
+            trt_cache: Some("/tmp/x".into()),
+            cuda_graph: true,
+            tf32: Some(true),
+            ..Default::default()
+        };
+        trt.check().unwrap();
+    }
+
+    fn ort_here() -> bool {
+        std::env::var("PFX_SKIP_ORT").as_deref() != Ok("1")
+    }
+
+    fn unit_model(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/unit").join(name)
+    }
+
+    /// On a GPU device ORT refuses CPU nodes; its refusal names none, ours lists them and the flag. The CPU
+    /// session here is refused the same way when fallback is forbidden, so the real message is checked.
+    #[test]
+    fn a_refused_cpu_fallback_lists_the_nodes_and_the_flag() {
+        if !ort_here() {
+            return;
+        }
+        let model = unit_model("matmul_softmax.onnx");
+        let e = format!("{:#}", open_session_with(&model, &OrtOptions::default(), true).err().unwrap());
+        assert!(e.contains("--allow-cpu-fallback") && e.contains("matmul_softmax.onnx"), "{e}");
+        // One provider took every node, so ORT counts them without listing them (a GPU's refusal lists them).
+        assert!(e.contains("cannot run 2 node(s)"), "{e}");
+        let opened = open_session_with(&model, &OrtOptions::default(), false).unwrap();
+        assert!(opened.placements.on_cpu().is_some_and(|n| n.count >= 2), "{:?}", opened.placements);
+    }
+
+    /// A compiled bundle of the random GPT-2 fixture, and inputs for one of its graphs (fixed values).
+    fn small_bundle(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pfx-ort-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = pfx_compiler::compile::CompileOptions {
+            prefix_len: 2,
+            mid_dim: None,
+            batch: 2,
+            seq: 5,
+            optimizer: Default::default(),
+            seed: 1,
+            generation: None,
+        };
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        pfx_compiler::compile::compile(&root.join("graphs/gpt2-optimum/model.onnx"), &opts, &dir).unwrap();
+        dir
+    }
+
+    fn inputs_for(specs: &[IoSpec]) -> BTreeMap<String, HostTensor> {
+        let mut inputs = BTreeMap::new();
+        for spec in specs {
+            let shape: Vec<usize> = spec.shape.clone().unwrap().into_iter().map(Option::unwrap).collect();
+            let n = shape.iter().product::<usize>();
+            let ramp = |m: i64, k: i64| (0..n as i64).map(|i| (i * k) % m).collect::<Vec<_>>();
+            let t = match (spec.dtype.unwrap(), spec.name.as_str()) {
+                (DType::I64, "labels") => HostTensor::from_i64(shape, ramp(90, 1)),
+                (DType::I64, "input_ids") => HostTensor::from_i64(shape, ramp(90, 7)),
+                (DType::I64, _) => HostTensor::from_i64(shape, vec![1; n]),
+                (_, "lr") => Ok(HostTensor::scalar_f32(0.05)),
+                (_, name) if name.starts_with("adam.") => HostTensor::from_f32(shape, vec![0.0; n]),
+                _ => HostTensor::from_f32(shape, (0..n).map(|i| ((i % 13) as f32 - 6.0) * 0.05).collect()),
+            };
+            inputs.insert(spec.name.clone(), t.unwrap());
+        }
+        inputs
+    }
+
+    /// The fixed-buffer path that --cuda-graph uses (no state pairs), on the CPU: same outputs as a plain run;
+    /// a model without fixed shapes is refused by name.
+    #[test]
+    fn fixed_buffers_run_like_a_plain_session() {
+        if !ort_here() {
+            return;
+        }
+        let model = small_bundle("fixed").join("grads.onnx");
+        let options = OrtOptions::default();
+        let mut plain = OrtBackend::open(&model, &options).unwrap();
+        let inputs = inputs_for(plain.inputs());
+        let want = plain.run(&inputs).unwrap();
+        let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
+        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], true).unwrap();
+        for _ in 0..2 {
+            let got = bound.run(&mut session, &inputs).unwrap();
+            assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+            for (name, t) in &want {
+                assert_eq!(&got[name], t, "{name}");
+            }
+        }
+        let dynamic = unit_model("matmul_softmax.onnx");
+        let OpenedSession { session, inputs: specs, outputs, .. } = open_session(&dynamic, &options).unwrap();
+        let e =
+            BoundRunner::new(&session, &dynamic, &options, &specs, &outputs, vec![], true).err().unwrap().to_string();
+        assert!(e.contains("`x: float32 [?, 4]` has no fixed dtype and shape") && e.contains("--cuda-graph"), "{e}");
+    }
+
+    /// The copy-back mode (one binding, fixed addresses: TensorRT with --cuda-graph) trains exactly as the
+    /// ping-pong mode does.
+    #[test]
+    fn copied_back_state_matches_swapped_state() {
+        if !ort_here() {
+            return;
+        }
+        let dir = small_bundle("copyback");
+        let model = dir.join("train_step.onnx");
+        let manifest = pfx_compiler::compile::read_manifest(&dir).unwrap();
+        let pairs = crate::backend::state_pairs(&manifest.io["train_step"]).unwrap();
+        let options = OrtOptions::default();
+        let mut runs = Vec::new();
+        for ping_pong in [true, false] {
+            let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
+            let mut bound =
+                BoundRunner::new(&session, &model, &options, &specs, &outputs, pairs.clone(), ping_pong).unwrap();
+            let mut inputs = inputs_for(&specs);
+            bound.set_state(&specs, &inputs).unwrap();
+            let mut losses = Vec::new();
+            for step in 1..=3 {
+                inputs.insert("step".into(), HostTensor::scalar_i64(step));
+                losses.push(bound.run(&mut session, &inputs).unwrap()["loss"].to_f64_vec()[0]);
+            }
+            runs.push((losses, bound.state().unwrap()));
+        }
+        assert!(runs[0].0[2] != runs[0].0[0], "the loss moved: {:?}", runs[0].0);
+        assert_eq!(runs[0], runs[1]);
     }
 
     #[test]

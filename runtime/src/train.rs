@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{Backend, BackendKind, StatefulStep};
 use crate::bundle::Bundle;
 use crate::data::{batches, Encoded};
 use crate::ort_backend::OrtOptions;
@@ -58,10 +58,10 @@ struct StepLog {
 
 pub struct Trainer {
     bundle: Bundle,
-    step_graph: Box<dyn Backend>,
+    /// The train_step graph; it holds the trainable tensors and Adam moments (`adam.m.*`, `adam.v.*`) between
+    /// steps (on the device with ONNX Runtime).
+    step_graph: Box<dyn StatefulStep>,
     eval_graph: Option<Box<dyn Backend>>,
-    /// Trainable tensors and Adam moments (`adam.m.*`, `adam.v.*`).
-    state: BTreeMap<String, HostTensor>,
     pub pos: Position,
     stop: Arc<AtomicBool>,
 }
@@ -83,7 +83,7 @@ impl Trainer {
         with_eval: bool,
         stop: Arc<AtomicBool>,
     ) -> Result<Trainer> {
-        let step_graph = bundle.open_graph("train_step", kind, ort)?;
+        let mut step_graph = bundle.open_train_step(kind, ort)?;
         let eval_graph = if with_eval { Some(bundle.open_graph("eval_step", kind, ort)?) } else { None };
         let mut state = BTreeMap::new();
         for t in &bundle.manifest.trainable {
@@ -93,18 +93,24 @@ impl Trainer {
             state.insert(format!("adam.m.{}", t.name), zeros.clone());
             state.insert(format!("adam.v.{}", t.name), zeros);
         }
+        step_graph.set_state(&state)?;
         let pos = Position { step: 0, epoch: 0, batch_in_epoch: 0, seed: 0, total_steps: 0 };
-        Ok(Trainer { bundle, step_graph, eval_graph, state, pos, stop })
+        Ok(Trainer { bundle, step_graph, eval_graph, pos, stop })
     }
 
-    pub fn prefix(&self) -> BTreeMap<String, HostTensor> {
-        self.bundle.trainable_names().into_iter().map(|n| (n.clone(), self.state[&n].clone())).collect()
+    /// The trainable tensors (a host copy).
+    pub fn prefix(&self) -> Result<BTreeMap<String, HostTensor>> {
+        let mut state = self.step_graph.state()?;
+        Ok(self.bundle.trainable_names().into_iter().filter_map(|n| state.remove_entry(&n)).collect())
     }
 
     /// Mean dev loss (weighted by each batch's number of labels).
     pub fn dev_loss(&mut self, dev: &[Encoded]) -> Result<Option<f64>> {
-        let prefix = self.prefix();
         let b = self.bundle.manifest.batch;
+        if self.eval_graph.is_none() {
+            return Ok(None);
+        }
+        let prefix = self.prefix()?;
         let Some(eval) = self.eval_graph.as_mut() else { return Ok(None) };
         let (mut total, mut count) = (0.0, 0usize);
         for chunk in dev.chunks(b) {
@@ -182,28 +188,15 @@ impl Trainer {
                 }
                 let refs: Vec<&Encoded> = rows.iter().collect();
                 let mut inputs = Self::batch_of(&self.bundle, &refs)?;
-                for (k, v) in &self.state {
-                    inputs.insert(k.clone(), v.clone());
-                }
                 let lr = cfg.lr as f64 * linear_schedule(self.pos.step, cfg.warmup_steps as u64, total);
                 inputs.insert("lr".into(), HostTensor::scalar_f32(lr as f32));
                 inputs.insert("step".into(), HostTensor::scalar_i64(self.pos.step as i64 + 1));
                 let out =
-                    self.step_graph.run(&inputs).with_context(|| format!("training step {}", self.pos.step + 1))?;
+                    self.step_graph.step(&inputs).with_context(|| format!("training step {}", self.pos.step + 1))?;
                 let loss = out["loss"].to_f64_vec()[0];
                 let grad_norm = out["grad_norm"].to_f64_vec()[0];
                 if !loss.is_finite() {
                     bail!("the loss became {loss} at step {}; lower --lr", self.pos.step + 1);
-                }
-                for name in self.bundle.trainable_names() {
-                    for (from, to) in [
-                        (format!("new.{name}"), name.clone()),
-                        (format!("new.adam.m.{name}"), format!("adam.m.{name}")),
-                        (format!("new.adam.v.{name}"), format!("adam.v.{name}")),
-                    ] {
-                        let v = out.get(&from).with_context(|| format!("train_step has no output {from}"))?;
-                        self.state.insert(to, v.clone());
-                    }
                 }
                 self.pos.step += 1;
                 self.pos.batch_in_epoch += 1;
@@ -262,9 +255,17 @@ impl Trainer {
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let mut meta = std::collections::HashMap::new();
         meta.insert("pfx_position".to_string(), serde_json::to_string(&self.pos)?);
-        let bytes = safetensors_to_bytes(&self.state, Some(meta))?;
+        let state = self.step_graph.state()?;
+        let bytes = safetensors_to_bytes(&state, Some(meta))?;
         write_atomic(&dir.join("checkpoint.safetensors"), &bytes)?;
-        let prefix_bytes = safetensors_to_bytes(&self.prefix(), None)?;
+        let prefix = self
+            .bundle
+            .trainable_names()
+            .into_iter()
+            .filter_map(|n| state.get_key_value(&n))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let prefix_bytes = safetensors_to_bytes(&prefix, None)?;
         write_atomic(&dir.join("prefix.safetensors"), &prefix_bytes)
     }
 
@@ -280,14 +281,15 @@ impl Trainer {
             .and_then(|m| m.get("pfx_position"))
             .with_context(|| format!("{} holds no training position", p.display()))?;
         self.pos = serde_json::from_str(pos)?;
-        let tensors = safetensors_from_bytes(&bytes, &p.display().to_string())?;
-        for k in self.state.clone().keys() {
+        let mut tensors = safetensors_from_bytes(&bytes, &p.display().to_string())?;
+        let mut state = BTreeMap::new();
+        for pair in self.step_graph.pairs() {
             let v = tensors
-                .get(k)
-                .with_context(|| format!("{} lacks '{k}' (another bundle's checkpoint?)", p.display()))?;
-            self.state.insert(k.clone(), v.clone());
+                .remove(&pair.input)
+                .with_context(|| format!("{} lacks '{}' (another bundle's checkpoint?)", p.display(), pair.input))?;
+            state.insert(pair.input.clone(), v);
         }
-        Ok(())
+        self.step_graph.set_state(&state).with_context(|| format!("restoring the state from {}", p.display()))
     }
 }
 

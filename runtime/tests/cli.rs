@@ -114,3 +114,55 @@ fn ort_info_reports_the_library() {
     assert!(o.status.success(), "{stderr}");
     assert!(stdout.contains("ONNX Runtime 1.") && stdout.contains("CPUExecutionProvider"), "{stdout}");
 }
+
+/// `pfxrun devices` reports what the CUDA driver says (here, typically: none) and ONNX Runtime's providers,
+/// and exits 0 either way.
+#[test]
+fn devices_reports_cuda_and_onnx_runtime() {
+    let o = pfxrun(&["devices"]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success() && !stderr.contains("panicked"), "{stderr}");
+    let cuda_outcomes =
+        ["no CUDA driver found", "no CUDA device", "cuda:0 ", "the CUDA driver is installed but failed"];
+    assert!(cuda_outcomes.iter().any(|c| stdout.contains(c)), "{stdout}");
+    if ort_wanted() {
+        assert!(stdout.contains("ONNX Runtime 1.") && stdout.contains("--device cuda"), "{stdout}");
+    }
+}
+
+/// A libcuda without the driver API (cudarc panics on missing symbols): reported, exit 0, no panic.
+#[test]
+fn devices_survives_a_broken_cuda_driver() {
+    let dir = scratch("fake_cuda");
+    let lib = dir.join("libcuda.so.1");
+    let built = Command::new("cc").args(["-shared", "-x", "c", "/dev/null", "-o", p(&lib)]).status();
+    if !built.is_ok_and(|s| s.success()) {
+        eprintln!("no C compiler to build a stand-in libcuda; skipping");
+        return;
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_pfxrun"))
+        .arg("devices")
+        .env("LD_LIBRARY_PATH", &dir)
+        .env("PFX_PYTHON", "/nonexistent/python")
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stdout.contains("the CUDA driver is installed but failed"), "{stdout}");
+    assert!(stdout.contains("ONNX Runtime: not loaded") && stdout.contains("/nonexistent/python"), "{stdout}");
+}
+
+#[test]
+fn gpu_options_are_checked_before_anything_runs() {
+    let e = fails(&["train", "b", "--train", "t.txt", "-o", "o", "--cuda-graph"]);
+    assert!(e.contains("--cuda-graph needs --backend ort"), "{e}");
+    let e = fails(&["eval", "b", "--data", "d.txt", "--backend", "ort", "--tf32", "on"]);
+    assert!(e.contains("--tf32") && e.contains("not cpu"), "{e}");
+    let e = fails(&["generate", "b", "--input", "x", "--backend", "ort", "--device", "cuda:1", "--trt-fp16"]);
+    assert!(e.contains("--trt-fp16") && e.contains("--device tensorrt"), "{e}");
+    let e = fails(&["eval", "b", "--data", "d.txt", "--backend", "ort", "--tf32", "sometimes"]);
+    assert!(e.contains("expected `on` or `off`"), "{e}");
+    let e = fails(&["train", "b", "--train", "t.txt", "-o", "o", "--allow-cpu-fallback"]);
+    assert!(e.contains("--allow-cpu-fallback needs --backend ort"), "{e}");
+}

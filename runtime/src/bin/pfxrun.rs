@@ -161,6 +161,11 @@ enum Command {
         #[arg(long)]
         ort_lib: Option<PathBuf>,
     },
+    /// List the CUDA devices (through the CUDA driver, when there is one) and what ONNX Runtime offers.
+    Devices {
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -174,17 +179,58 @@ struct EngineArgs {
     /// ONNX Runtime shared library (file or folder).
     #[arg(long)]
     ort_lib: Option<PathBuf>,
+    /// Capture the GPU work once as a CUDA graph and replay it (inputs and outputs in fixed device buffers).
+    #[arg(long)]
+    cuda_graph: bool,
+    /// TF32 matrix products on the CUDA provider: on or off (default: ONNX Runtime's).
+    #[arg(long, value_parser = parse_on_off, value_name = "on|off")]
+    tf32: Option<bool>,
+    /// TensorRT: build fp16 engines.
+    #[arg(long)]
+    trt_fp16: bool,
+    /// TensorRT: keep built engines (and timing caches) in this folder and reuse them.
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+    /// On a GPU device, run the nodes its providers cannot run on the CPU instead of failing.
+    #[arg(long)]
+    allow_cpu_fallback: bool,
+}
+
+fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("expected `on` or `off`, not `{s}`")),
+    }
 }
 
 impl EngineArgs {
     fn engine(self) -> Result<Engine> {
-        if self.backend == BackendKind::Tract && self.device != OrtDevice::Cpu {
-            anyhow::bail!("--device {} needs --backend ort (tract runs on the CPU only)", self.device);
+        if self.backend == BackendKind::Tract {
+            let ort_only = [
+                (self.device != OrtDevice::Cpu, "--device"),
+                (self.cuda_graph, "--cuda-graph"),
+                (self.tf32.is_some(), "--tf32"),
+                (self.trt_fp16, "--trt-fp16"),
+                (self.trt_cache.is_some(), "--trt-cache"),
+                (self.allow_cpu_fallback, "--allow-cpu-fallback"),
+            ];
+            if let Some((_, flag)) = ort_only.iter().find(|(given, _)| *given) {
+                anyhow::bail!("{flag} needs --backend ort (tract runs on the CPU only)");
+            }
         }
-        Ok(Engine {
-            backend: self.backend,
-            ort: OrtOptions { lib_path: self.ort_lib, device: self.device, ..Default::default() },
-        })
+        let ort = OrtOptions {
+            lib_path: self.ort_lib,
+            device: self.device,
+            cuda_graph: self.cuda_graph,
+            tf32: self.tf32,
+            trt_fp16: self.trt_fp16,
+            trt_cache: self.trt_cache,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            ..Default::default()
+        };
+        ort.check()?;
+        Ok(Engine { backend: self.backend, ort })
     }
 }
 
@@ -267,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             engine,
         } => {
+            let engine = engine.engine()?;
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
             let cfg = GenConfig {
@@ -277,7 +324,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..GenConfig::default()
             };
             let args = commands::GenerateArgs { bundle, prefix, tokenizer, input, inputs, cfg, output, refs_out };
-            commands::generate(args, &engine.engine()?)?;
+            commands::generate(args, &engine)?;
             Ok(())
         }
         Command::Score { hyp, refs } => {
@@ -300,6 +347,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::OrtInfo { ort_lib } => {
             println!("{}", pfx_runtime::ort_describe(ort_lib.as_deref())?);
+            Ok(())
+        }
+        Command::Devices { ort_lib } => {
+            print!("{}", pfx_runtime::devices::describe(ort_lib.as_deref()));
             Ok(())
         }
     }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use pfx_runtime::{read_safetensors, HostTensor};
 
+pub mod state;
+
 /// The tiny test graphs made by graphs/unit/make_unit_graphs.py.
 pub fn unit_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("graphs").join("unit")

@@ -1,0 +1,92 @@
+//! ONNX Runtime on a GPU: the device-state training step on CUDA (plain, TF32 off; with a CUDA graph) and on
+//! TensorRT against the host path on ORT CPU. Needs a GPU and `onnxruntime-gpu` (its library found as pfxrun
+//! finds it, e.g. ORT_DYLIB_PATH); opt in with PFX_GPU_TESTS=1, elsewhere it passes after saying it skipped:
+//!
+//!     PFX_GPU_TESTS=1 cargo test -p pfx-runtime --test gpu_ort -- --nocapture --test-threads 1
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::state::*;
+use pfx_runtime::{
+    ort_runtime, state_pairs, BackendKind, HostStateStep, HostTensor, OrtBackend, OrtDevice, OrtOptions, StatefulStep,
+};
+
+fn wanted(device: OrtDevice) -> bool {
+    if std::env::var("PFX_GPU_TESTS").as_deref() != Ok("1") {
+        eprintln!("PFX_GPU_TESTS is not 1: skipping the GPU checks");
+        return false;
+    }
+    let rt = ort_runtime(None).expect("PFX_GPU_TESTS=1 needs onnxruntime-gpu");
+    let missing: Vec<_> = device.provider_names().iter().filter(|p| !rt.has_provider(p)).collect();
+    if !missing.is_empty() {
+        eprintln!("ONNX Runtime {} at {} lacks {missing:?}: skipping {device}", rt.version, rt.lib_path.display());
+        return false;
+    }
+    true
+}
+
+/// Four steps on `options` (device state) and on ORT CPU (host state): losses, grad norms and the final state
+/// within `tol` (norm-relative).
+fn compare_with_cpu(tag: &str, options: OrtOptions, tol: f64) {
+    let dir = fresh_dir(&format!("gpu-{tag}"));
+    let b = bundle(&dir.join("bundle"));
+    let pairs = state_pairs(&b.manifest.io["train_step"]).unwrap();
+    let mut gpu = b.open_train_step(BackendKind::Ort, &options).unwrap();
+    let cpu_graph = OrtBackend::open(b.graph_path("train_step").unwrap(), &OrtOptions::default()).unwrap();
+    let mut cpu = HostStateStep::new(Box::new(cpu_graph), pairs).unwrap();
+    let init = initial_state(&b);
+    gpu.set_state(&init).unwrap();
+    cpu.set_state(&init).unwrap();
+    let data = rows(4 * BATCH, b.manifest.vocab);
+    for (k, chunk) in data.chunks(BATCH).enumerate() {
+        let inputs = step_inputs(chunk, 2e-2, k as i64 + 1);
+        let (g, c) = (gpu.step(&inputs).unwrap(), cpu.step(&inputs).unwrap());
+        for name in ["loss", "grad_norm"] {
+            let (x, y) = (g[name].to_f64_vec()[0], c[name].to_f64_vec()[0]);
+            eprintln!("{tag} step {}: {name} {x} ({}) vs {y} (cpu)", k + 1, options.device);
+            assert!((x - y).abs() <= tol * y.abs(), "{tag} step {}: {name} {x} vs {y} on the CPU", k + 1);
+        }
+    }
+    let (g, c): (BTreeMap<String, HostTensor>, _) = (gpu.state().unwrap(), cpu.state().unwrap());
+    for (name, t) in &c {
+        let e = g[name].norm_rel_error(t).unwrap();
+        assert!(e <= tol, "{tag}: final `{name}` differs by {e:e}");
+    }
+}
+
+#[test]
+fn cuda_device_state_matches_the_cpu() {
+    if wanted(OrtDevice::Cuda(0)) {
+        compare_with_cpu(
+            "cuda",
+            OrtOptions { device: OrtDevice::Cuda(0), tf32: Some(false), ..Default::default() },
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn cuda_graph_replay_matches_the_cpu() {
+    if wanted(OrtDevice::Cuda(0)) {
+        let options =
+            OrtOptions { device: OrtDevice::Cuda(0), tf32: Some(false), cuda_graph: true, ..Default::default() };
+        compare_with_cpu("cuda-graph", options, 1e-4);
+    }
+}
+
+#[test]
+fn tensorrt_matches_the_cpu() {
+    if wanted(OrtDevice::TensorRt(0)) {
+        let cache = fresh_dir("trt-cache");
+        let options = OrtOptions {
+            device: OrtDevice::TensorRt(0),
+            trt_cache: Some(cache.clone()),
+            allow_cpu_fallback: true,
+            ..Default::default()
+        };
+        compare_with_cpu("tensorrt", options, 1e-3);
+        assert!(std::fs::read_dir(&cache).unwrap().next().is_some(), "no engine cached in {}", cache.display());
+    }
+}
