@@ -1,0 +1,132 @@
+//! A BART bundle through the pfxrun binary, on the small BART of `graphs/bart-e2e-small`: JSONL
+//! `{"source", "target"}` training data, train, eval, generate (greedy and beam, with and without the prefix),
+//! and a baked bundle generating what the bundle generates. Plus the source/target row format itself.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use pfx_compiler::compile::bart::{compile_bart, BartOptions, BartPrefix};
+use pfx_compiler::compile::bart_generate::BartGenShape;
+use pfx_compiler::compile::optimizer::AdamW;
+use pfx_runtime::data::{read_examples, Overlong};
+use pfx_runtime::seq2seq_data::SourceTarget;
+use pfx_runtime::tokenize::Tokenizer;
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/bart-e2e-small")
+}
+
+fn pfxrun(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pfxrun")).args(args).output().expect("pfxrun starts")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = pfxrun(args);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "pfxrun {args:?} failed: {err}");
+    format!("{out}{err}")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Eight E2E examples as JSONL (two MRs with several references each).
+fn write_jsonl(dir: &Path) -> PathBuf {
+    let train = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/e2e_train.txt");
+    let text = std::fs::read_to_string(train).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .take(8)
+        .map(|l| {
+            let (s, t) = l.split_once("||").unwrap();
+            serde_json::json!({"source": s.trim(), "target": t.trim()}).to_string()
+        })
+        .collect();
+    let path = dir.join("train.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[test]
+fn source_target_rows_follow_hf() {
+    let tok = Tokenizer::from_file(model_dir().join("tokenizer.json")).unwrap();
+    let fmt = SourceTarget::new(&tok, 1).unwrap();
+    let dir = scratch("bart_rows");
+    let data = read_examples(write_jsonl(&dir)).unwrap();
+    let ex = &data.examples[0];
+    let (rows, report) = fmt.encode_dataset(&data, 64, 72, Overlong::Truncate).unwrap();
+    assert_eq!(report.kept, 8);
+    let r = &rows[0];
+    // <s> source </s>, right-padded with pad (1) and masked.
+    let src: Vec<i64> =
+        [0].into_iter().chain(tok.encode(&ex.source).unwrap().into_iter().map(|t| t as i64)).chain([2]).collect();
+    assert_eq!(&r.input_ids[..src.len()], &src[..]);
+    assert!(r.input_ids[src.len()..].iter().all(|&t| t == 1));
+    assert_eq!(r.attention_mask.iter().sum::<i64>() as usize, src.len());
+    // Labels: <s> target </s>, then -100.
+    let tgt: Vec<i64> =
+        [0].into_iter().chain(tok.encode(&ex.target).unwrap().into_iter().map(|t| t as i64)).chain([2]).collect();
+    assert_eq!(&r.labels[..tgt.len()], &tgt[..]);
+    assert!(r.labels[tgt.len()..].iter().all(|&t| t == -100));
+    // A source cut to S keeps its final </s>; Skip drops what does not fit.
+    let (cut, was_cut) = fmt.encode_source(&ex.source, 5).unwrap();
+    assert!(was_cut && cut.len() == 5 && cut[0] == 0 && cut[4] == 2, "{cut:?}");
+    let (rows, report) = fmt.encode_dataset(&data, 64, 18, Overlong::Skip).unwrap();
+    assert!(!rows.is_empty() && rows.len() + report.skipped == 8 && report.skipped > 0, "{report}");
+    let err = fmt.encode_dataset(&data, 8, 72, Overlong::Skip).unwrap_err();
+    assert!(format!("{err:#}").contains("--src-len"), "{err:#}");
+}
+
+#[test]
+fn train_eval_generate_and_bake_a_bart_bundle() {
+    let dir = scratch("bart_cli");
+    let data = write_jsonl(&dir);
+    let bundle = dir.join("bundle");
+    let opts = BartOptions {
+        mode: BartPrefix::Paper,
+        prefix_len: 4,
+        mid_dim: Some(32),
+        batch: 4,
+        src_len: 64,
+        tgt_len: 72,
+        label_smoothing: 0.0,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation: Some(BartGenShape { rows: 4, src_len: 64, max_new: 12 }),
+    };
+    compile_bart(&model_dir(), &opts, &bundle).unwrap();
+    assert!(bundle.join("tokenizer.json").exists(), "the export's tokenizer travels with the bundle");
+    let run = dir.join("run");
+    let log = ok(&["train", p(&bundle), "--train", p(&data), "--epochs", "1", "--lr", "1e-2", "-o", p(&run)]);
+    assert!(log.contains("trained 2 steps"), "{log}");
+    let prefix = run.join("prefix.safetensors");
+    let log = ok(&["eval", p(&bundle), "--data", p(&data), "--prefix", p(&prefix)]);
+    assert!(log.contains("loss"), "{log}");
+    let hyp = dir.join("hyp.txt");
+    ok(&["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&hyp)]);
+    let lines = std::fs::read_to_string(&hyp).unwrap();
+    assert_eq!(lines.lines().count(), 2, "one line per distinct source: {lines}");
+    assert!(lines.lines().all(|l| !l.trim().is_empty()), "{lines}");
+    for extra in [&["--beams", "3"][..], &["--no-prefix"][..]] {
+        let out = dir.join("extra.txt");
+        let mut args = vec!["generate", p(&bundle), "--inputs", p(&data), "--output", p(&out)];
+        if extra[0] != "--no-prefix" {
+            args.extend(["--prefix", p(&prefix)]);
+        }
+        args.extend(extra);
+        ok(&args);
+        assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+    }
+    // Baked: the prefix inside the graphs, the same text.
+    let baked = dir.join("baked");
+    pfx_compiler::compile::bake::bake(&bundle, &prefix, &baked).unwrap();
+    assert!(!baked.join("grads.onnx").exists());
+    assert!(baked.join("tokenizer.json").exists(), "bake copies the tokenizer");
+    let hyp_baked = dir.join("hyp.baked.txt");
+    ok(&["generate", p(&baked), "--inputs", p(&data), "--output", p(&hyp_baked)]);
+    assert_eq!(std::fs::read_to_string(&hyp_baked).unwrap(), lines);
+}
