@@ -29,6 +29,7 @@ pub fn canonicalize(model: &mut Model) -> Result<()> {
     constants_to_initializers(model)?;
     upgrade_opset_forms(model)?;
     gemm_to_matmul(model)?;
+    small_powers_to_mul(model)?;
     remove_identities(model)?;
     model.graph.toposort()?;
     model.graph.dce();
@@ -279,6 +280,41 @@ pub fn gemm_to_matmul(model: &mut Model) -> Result<bool> {
                 c = o;
             }
             g.nodes.push(Node::new(format!("{hint}.add"), "Add", vec![acc, c], vec![out]));
+        }
+    }
+    Ok(changed)
+}
+
+/// `Pow(x, 2)` and `Pow(x, 3)` (GPT-2's gelu_new) become products: runtimes evaluate Pow with a general
+/// `powf` (tract: 7% of a GPT-2 train step), and the gradient of a product is products again.
+pub fn small_powers_to_mul(model: &mut Model) -> Result<bool> {
+    let g = &mut model.graph;
+    let mut changed = false;
+    let nodes = std::mem::take(&mut g.nodes);
+    for n in nodes {
+        let exponent = (n.op == "Pow" && n.domain.is_empty())
+            .then(|| g.initializers.get(&n.inputs[1]))
+            .flatten()
+            .filter(|t| t.len() == 1)
+            .and_then(|t| t.as_f64s())
+            .map(|v| v[0]);
+        let k = match exponent {
+            Some(e) if e == 2.0 => 2,
+            Some(e) if e == 3.0 => 3,
+            _ => {
+                g.nodes.push(n);
+                continue;
+            }
+        };
+        changed = true;
+        let x = n.inputs[0].clone();
+        let out = n.outputs[0].clone();
+        if k == 2 {
+            g.nodes.push(Node::new(format!("{}.square", n.name), "Mul", vec![x.clone(), x], vec![out]));
+        } else {
+            let sq = g.fresh(&format!("{}.square", n.name));
+            g.nodes.push(Node::new(format!("{}.square", n.name), "Mul", vec![x.clone(), x.clone()], vec![sq.clone()]));
+            g.nodes.push(Node::new(format!("{}.cube", n.name), "Mul", vec![sq, x], vec![out]));
         }
     }
     Ok(changed)

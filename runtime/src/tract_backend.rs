@@ -205,7 +205,7 @@ impl Backend for TractBackend {
 }
 
 /// tract computes matrix products on one thread unless told otherwise: use every core (or `PFX_THREADS`).
-fn init_threads() {
+pub fn init_threads() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let n = std::env::var("PFX_THREADS")

@@ -1,0 +1,91 @@
+//! Where tract spends a train step: wall time per op type (and the slowest nodes) of `train_step.onnx`, run
+//! with the same inputs as `train_step_cpu` (B=5, T=64, prefix 10, MLP 512 on the GPT-2-small export).
+//!
+//!     PFX_BENCH_BUNDLE=/tmp/pfx-bench-bundle2 cargo bench --bench tract_profile
+//!
+//! The bundle is one `train_step_cpu` compiled (`PFX_BENCH_BUNDLE` keeps it). Steps: `PFX_BENCH_STEPS` (3).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use pfx_runtime::bundle::Bundle;
+use pfx_runtime::tract_backend::to_tract;
+use pfx_runtime::HostTensor;
+use tract_onnx::prelude::*;
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return Ok(()); // `cargo test --benches` probes bench binaries this way
+    }
+    let Ok(dir) = std::env::var("PFX_BENCH_BUNDLE") else {
+        eprintln!("tract_profile: set PFX_BENCH_BUNDLE to a bundle compiled by train_step_cpu; skipping");
+        return Ok(());
+    };
+    let steps: usize = std::env::var("PFX_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let bundle = Bundle::open(&dir)?;
+    let m = &bundle.manifest;
+    let path = bundle.graph_path("train_step")?;
+    // Inputs as the trainer feeds them: random ids, labels = ids, the initial prefix, zero moments.
+    let mut given: BTreeMap<String, HostTensor> = BTreeMap::new();
+    let (b, t) = (m.batch, m.seq_len);
+    let ids: Vec<i64> = (0..b * t).map(|i| ((i * 7919) % m.vocab) as i64).collect();
+    given.insert("input_ids".into(), HostTensor::from_i64(vec![b, t], ids.clone())?);
+    given.insert("attention_mask".into(), HostTensor::from_i64(vec![b, t], vec![1; b * t])?);
+    given.insert("labels".into(), HostTensor::from_i64(vec![b, t], ids)?);
+    given.insert("lr".into(), HostTensor::scalar_f32(1e-3));
+    given.insert("step".into(), HostTensor::scalar_i64(1));
+    for (k, v) in bundle.init_prefix()? {
+        let zeros = vec![0f32; v.len()];
+        given.insert(format!("adam.m.{k}"), HostTensor::from_f32(v.shape().to_vec(), zeros.clone())?);
+        given.insert(format!("adam.v.{k}"), HostTensor::from_f32(v.shape().to_vec(), zeros)?);
+        given.insert(k, v);
+    }
+    let mut model = tract_onnx::onnx().model_for_path(&path)?;
+    let mut values: TVec<TValue> = tvec!();
+    for (ix, o) in model.input_outlets()?.to_vec().iter().enumerate() {
+        let name = model.node(o.node).name.clone();
+        let t = given.get(&name).ok_or_else(|| anyhow::anyhow!("no value for input {name}"))?;
+        let tt = to_tract(t)?;
+        model.set_input_fact(ix, InferenceFact::dt_shape(tt.datum_type(), tt.shape()))?;
+        values.push(tt.into_tvalue());
+    }
+    pfx_runtime::tract_backend::init_threads();
+    let plan = model.into_optimized()?.into_runnable()?;
+    let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut by_node: HashMap<String, f64> = HashMap::new();
+    let mut total = 0.0;
+    for step in 0..=steps {
+        let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
+        let t0 = Instant::now();
+        state.run_plan_with_eval(values.clone(), |ctx, st, node, input| {
+            let t = Instant::now();
+            let out = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
+            if step > 0 {
+                let dt = t.elapsed().as_secs_f64();
+                let e = by_op.entry(node.op().name().to_string()).or_default();
+                e.0 += dt;
+                e.1 += 1;
+                *by_node.entry(format!("{} ({})", node.name, node.op().name())).or_default() += dt;
+            }
+            out
+        })?;
+        if step > 0 {
+            total += t0.elapsed().as_secs_f64();
+        }
+    }
+    let n = steps as f64;
+    println!("tract train_step: {:.3} s/step over {steps} steps (after one warm-up)", total / n);
+    let mut ops: Vec<_> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
+    println!("{:<28} {:>9} {:>7} {:>7}", "op", "s/step", "share", "nodes");
+    for (op, (s, c)) in ops.iter().take(20) {
+        println!("{op:<28} {:>9.4} {:>6.1}% {:>7}", s / n, 100.0 * s / total, c / steps);
+    }
+    let mut nodes: Vec<_> = by_node.into_iter().collect();
+    nodes.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+    println!("slowest nodes:");
+    for (name, s) in nodes.iter().take(15) {
+        println!("  {:>8.4} s  {name}", s / n);
+    }
+    Ok(())
+}
