@@ -23,14 +23,29 @@ use anyhow::{anyhow, bail, Context, Result};
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
-use pfx_runtime::{state_pairs, BackendKind, HostStateStep, HostTensor, OrtOptions, StatefulStep};
+use pfx_runtime::{state_pairs, BackendKind, HostStateStep, HostTensor, OrtDevice, OrtOptions, StatefulStep};
 
 const DEFAULT_MODEL: &str = "/tmp/pfx-bench/gpt2/model.onnx";
 const DEFAULT_PYTHON: &str = "/root/.cache/pfx/ref/bin/python";
 const PREFIX: usize = 10;
 const MID: usize = 512;
-const BATCH: usize = 5;
-const SEQ: usize = 64;
+/// Batch and sequence length: B=5, T=64 (the CPU goal's shapes) unless PFX_BENCH_BATCH / PFX_BENCH_SEQ say.
+fn batch() -> usize {
+    env_usize("PFX_BENCH_BATCH", 5)
+}
+fn seq() -> usize {
+    env_usize("PFX_BENCH_SEQ", 64)
+}
+
+/// Where ONNX Runtime and the peer run: PFX_BENCH_DEVICE = cpu (default) | cuda[:N]; on CUDA, PFX_BENCH_TF32=on|off
+/// (ORT's TF32 and the peer's --precision), PFX_BENCH_CUDA_GRAPH=1 (ORT replays a CUDA graph) and
+/// PFX_BENCH_PEER_COMPILE=1 (the peer under torch.compile).
+fn device() -> Result<OrtDevice> {
+    std::env::var("PFX_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()).parse()
+}
+fn tf32() -> Option<bool> {
+    std::env::var("PFX_BENCH_TF32").ok().map(|v| v == "on" || v == "1")
+}
 const RESULT_TAG: &str = "PFX_BENCH_RESULT ";
 
 fn env_usize(key: &str, default: usize) -> usize {
@@ -108,7 +123,16 @@ fn run_engine(
     let b = Bundle::open(dir)?;
     // PFX_BENCH_ORT_NOOPT=1: ONNX Runtime's graph optimizations off (to see what they cost in memory).
     let noopt = std::env::var("PFX_BENCH_ORT_NOOPT").map(|v| v == "1").unwrap_or(false);
-    let ort = OrtOptions { intra_threads: Some(threads), disable_optimizations: noopt, ..OrtOptions::default() };
+    let device = device()?;
+    let ort = OrtOptions {
+        device,
+        // Threads matter on the CPU; on a GPU ORT's defaults stay.
+        intra_threads: (device == OrtDevice::Cpu).then_some(threads),
+        disable_optimizations: noopt,
+        tf32: if device == OrtDevice::Cpu { None } else { tf32() },
+        cuda_graph: device != OrtDevice::Cpu && std::env::var("PFX_BENCH_CUDA_GRAPH").as_deref() == Ok("1"),
+        ..OrtOptions::default()
+    };
     // train_step runs as `pfxrun train` runs it: state kept by the step (on ORT: in the session, IoBinding);
     // other graphs run plainly.
     let mut stateful: Option<Box<dyn StatefulStep>> = match (role, host_state) {
@@ -126,13 +150,14 @@ fn run_engine(
     let io = m.io.get(role).ok_or_else(|| anyhow!("the bundle has no {role} graph"))?;
     let vocab = m.vocab.max(2) as u64;
     let mut rng = Lcg(20261127);
-    let ids: Vec<i64> = (0..BATCH * SEQ).map(|_| rng.below(vocab) as i64).collect();
+    let (bsz, sl) = (batch(), seq());
+    let ids: Vec<i64> = (0..bsz * sl).map(|_| rng.below(vocab) as i64).collect();
     let init = b.init_prefix()?;
     let mut state: BTreeMap<String, HostTensor> = BTreeMap::new();
     for i in &io.inputs {
         let t = match (i.role.as_str(), i.name.as_str()) {
-            (_, "input_ids") | (_, "labels") => HostTensor::from_i64(vec![BATCH, SEQ], ids.clone())?,
-            (_, "attention_mask") => HostTensor::from_i64(vec![BATCH, SEQ], vec![1; BATCH * SEQ])?,
+            (_, "input_ids") | (_, "labels") => HostTensor::from_i64(vec![bsz, sl], ids.clone())?,
+            (_, "attention_mask") => HostTensor::from_i64(vec![bsz, sl], vec![1; bsz * sl])?,
             (_, "lr") => HostTensor::scalar_f32(5e-5),
             (_, "step") => HostTensor::scalar_i64(1),
             ("trainable", n) => init.get(n).cloned().ok_or_else(|| anyhow!("no initial value for {n}"))?,
@@ -264,15 +289,31 @@ fn child_peft(peer: &Path, size: &str, warmup: usize, steps: usize, threads: usi
             "python3".into()
         }
     });
-    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peft_step_threads.py");
-    let (b, s, p, mid) = (BATCH.to_string(), SEQ.to_string(), PREFIX.to_string(), MID.to_string());
+    // From the repository root when run there (a copy of the tree on another machine), else where it was built.
+    let wrapper = [
+        PathBuf::from("benches/peft_step_threads.py"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peft_step_threads.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .ok_or_else(|| anyhow!("benches/peft_step_threads.py not found (run from the repository root)"))?;
+    let (b, s, p, mid) = (batch().to_string(), seq().to_string(), PREFIX.to_string(), MID.to_string());
+    let on_gpu = device()? != OrtDevice::Cpu;
+    let mut extra: Vec<String> = vec!["--device".into(), if on_gpu { "cuda" } else { "cpu" }.into()];
+    if on_gpu {
+        extra.extend(["--precision".into(), if tf32() == Some(true) { "tf32" } else { "fp32" }.into()]);
+        if std::env::var("PFX_BENCH_PEER_COMPILE").as_deref() == Ok("1") {
+            extra.push("--compile".into());
+        }
+    }
     let (st, wu) = (steps.to_string(), warmup.to_string());
     let out = Command::new(&python)
         .arg(&wrapper)
         .args(["--threads", &threads.to_string()])
         .arg(peer)
         .args(["--size", size, "--batch", &b, "--seq", &s, "--prefix-len", &p, "--mid-dim", &mid])
-        .args(["--device", "cpu", "--steps", &st, "--warmup", &wu])
+        .args(&extra)
+        .args(["--steps", &st, "--warmup", &wu])
         .output()
         .with_context(|| format!("starting {python}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -347,8 +388,8 @@ fn orchestrate() -> Result<()> {
         let opts = CompileOptions {
             prefix_len: PREFIX,
             mid_dim: Some(MID),
-            batch: BATCH,
-            seq: SEQ,
+            batch: batch(),
+            seq: seq(),
             optimizer: AdamW::default(),
             seed: 0,
             generation: None,
@@ -358,7 +399,7 @@ fn orchestrate() -> Result<()> {
         println!("compiled {} into {} in {:.1} s", model.display(), dir.display(), t.elapsed().as_secs_f64());
     } else {
         let m = pfx_compiler::compile::read_manifest(&dir)?;
-        if (m.batch, m.seq_len, m.prefix_len, m.mid_dim) != (BATCH, SEQ, PREFIX, Some(MID)) {
+        if (m.batch, m.seq_len, m.prefix_len, m.mid_dim) != (batch(), seq(), PREFIX, Some(MID)) {
             bail!("{} was compiled for other shapes; remove it or unset PFX_BENCH_BUNDLE", dir.display());
         }
         println!("reusing the bundle {}", dir.display());
@@ -380,8 +421,11 @@ fn orchestrate() -> Result<()> {
         );
     }
     println!(
-        "train_step_cpu: B={BATCH} T={SEQ} prefix {PREFIX} MLP {MID}; {rounds} rounds x ({warmup} warm-up + {steps} \
+        "train_step_cpu: B={} T={} prefix {PREFIX} MLP {MID} on {}; {rounds} rounds x ({warmup} warm-up + {steps} \
          timed steps) per engine; {threads} threads (ORT intra-op, torch); {} CPUs",
+        batch(),
+        seq(),
+        device()?,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
 
@@ -439,7 +483,7 @@ fn orchestrate() -> Result<()> {
         };
         println!(
             "| {name:<13} | {med:>15.3} | {:>8.0} | {cpu:>10.2} | {rss:>12.0} | {ratio:>16} | {rss_ratio:>12} |",
-            (BATCH * SEQ) as f64 / med,
+            (batch() * seq()) as f64 / med,
         );
     }
     println!("(medians over all timed steps of all rounds; peak RSS: median over rounds of each process's VmHWM)");
