@@ -29,6 +29,10 @@ fn backends() -> Vec<BackendKind> {
 }
 
 fn bundle(fixture: &str, mode: BartPrefix, test: &str) -> PathBuf {
+    bundle_rows(fixture, mode, test, 4)
+}
+
+fn bundle_rows(fixture: &str, mode: BartPrefix, test: &str, rows: usize) -> PathBuf {
     let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-{test}-{fixture}-{mode}", std::process::id()));
     let opts = BartOptions {
         mode,
@@ -40,7 +44,7 @@ fn bundle(fixture: &str, mode: BartPrefix, test: &str) -> PathBuf {
         label_smoothing: 0.0,
         optimizer: AdamW::default(),
         seed: 0,
-        generation: Some(BartGenShape { rows: 4, src_len: 7, max_new: N }),
+        generation: Some(BartGenShape { rows, src_len: 7, max_new: N }),
     };
     compile_bart(&common::graphs_dir().join(fixture), &opts, &out).unwrap();
     out
@@ -233,5 +237,27 @@ fn merged_decoder_generates_the_same_tokens() {
             b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
         let mut g = generator(&b, BackendKind::Tract, prefix);
         assert_eq!(g.greedy(&sources, &greedy_cfg()).unwrap(), rows(&r["gen.greedy"], None), "merged {mode}");
+    }
+}
+
+/// With 8 rows and 4 beams two sources are searched together (rows 0-3 and 4-7): the same hypotheses as alone.
+#[test]
+fn beam_search_of_two_sources_at_once() {
+    for mode in MODES {
+        let fixture = "bart-dec-deep";
+        let r = reference(fixture, mode);
+        let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+        let b = Bundle::open(bundle_rows(fixture, mode, "beam2", 8)).unwrap();
+        let prefix: BTreeMap<String, HostTensor> =
+            b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+        let mut g = generator(&b, BackendKind::Tract, prefix);
+        let cfg = GenConfig { max_new: N, beams: 4, eos: Some(2), pad: 1, ..GenConfig::default() };
+        assert_eq!(g.beam_search(&sources, &cfg).unwrap(), without_eos(rows(&r["gen.beam"], None), 2), "{mode}");
+        let bare = GenConfig { no_prefix: true, ..cfg };
+        assert_eq!(
+            g.beam_search(&sources, &bare).unwrap(),
+            without_eos(rows(&r["gen.bare_beam"], None), 2),
+            "{mode} bare"
+        );
     }
 }

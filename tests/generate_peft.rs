@@ -24,6 +24,10 @@ fn backends() -> Vec<BackendKind> {
 
 /// Each test compiles into its own folder (tests run in parallel threads of one process).
 fn bundle(fixture: &str, mode: &str, test: &str) -> PathBuf {
+    bundle_rows(fixture, mode, test, 3)
+}
+
+fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
     let out = std::env::temp_dir().join(format!("pfx-gen-{}-{test}-{fixture}-{mode}", std::process::id()));
     let opts = CompileOptions {
         prefix_len: 4,
@@ -32,7 +36,7 @@ fn bundle(fixture: &str, mode: &str, test: &str) -> PathBuf {
         seq: 7,
         optimizer: AdamW::default(),
         seed: 0,
-        generation: Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }),
+        generation: Some(GenShape { rows, prompt_len: 6, max_new: 8 }),
     };
     compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
     out
@@ -131,4 +135,22 @@ fn baked_graphs_generate_the_same_tokens() {
         let beam_cfg = GenConfig { beams: 3, ..cfg };
         assert_eq!(g.beam_search(&prompts, &beam_cfg).unwrap(), rows(&r["beam"], None), "baked beam on {kind}");
     }
+}
+
+/// With 6 rows and 3 beams two prompts (of different lengths, left-padded) are searched together: the same
+/// hypotheses as HF gives each.
+#[test]
+fn beam_search_of_two_prompts_at_once() {
+    let mode = "reparam";
+    let r = pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
+        .unwrap();
+    let start =
+        pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
+    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+    let b = Bundle::open(bundle_rows("gpt2-optimum", mode, "beam2", 6)).unwrap();
+    let prefix: BTreeMap<String, HostTensor> =
+        b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
+    let mut g = generator(&b, BackendKind::Tract, prefix);
+    let cfg = GenConfig { max_new: 8, min_new: 8, beams: 3, eos: Some(95), pad: 95, ..GenConfig::default() };
+    assert_eq!(g.beam_search(&prompts, &cfg).unwrap(), rows(&r["beam"], None));
 }

@@ -261,7 +261,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     };
     let started = std::time::Instant::now();
     let mut out_tokens = Vec::new();
-    let chunk = if cfg.beams > 1 { 1 } else { rows };
+    let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
     for (i, c) in prompts.chunks(chunk).enumerate() {
         let toks = model(c, &cfg)?;
         out_tokens.extend(toks);

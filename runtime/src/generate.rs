@@ -202,15 +202,19 @@ impl Generator {
         Ok(out)
     }
 
-    /// Beam search for one prompt at a time (beams rows each). Returns the best hypothesis's new tokens.
+    /// Beam search, as many prompts at a time as the rows hold (`rows / beams`). Returns each prompt's best
+    /// hypothesis's new tokens.
     pub fn beam_search(&mut self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
         self.check(prompts, cfg)?;
+        let (r, k) = (self.spec.rows, cfg.beams);
         let mut out = Vec::new();
-        for prompt in prompts {
-            let rows_prompts: Vec<Vec<i64>> = (0..self.spec.rows).map(|_| prompt.to_vec()).collect();
+        for chunk in prompts.chunks(r / k) {
+            let mut rows_prompts: Vec<Vec<i64>> =
+                chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
+            rows_prompts.resize(r, chunk[0].clone());
             let (rows, logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
             let mut state = Running { gen: self, rows };
-            out.push(search::beam(&mut state, logits, cfg)?);
+            out.extend(search::beam_groups(&mut state, logits, chunk.len(), cfg)?);
         }
         Ok(out)
     }

@@ -68,68 +68,96 @@ pub fn greedy(
 }
 
 /// Beam search over rows that all hold the same prompt; `cfg.beams` of them are live. Returns the best
-/// hypothesis's new tokens (eos not included). Follows Hugging Face's beam search with `early_stopping=False`:
-/// at step t (t tokens generated) the top-2K candidates are ranked; those among the top K that end in eos (all of
-/// the top K at the last step) finish with score sum(log p) / t^length_penalty (the eos counted); the best K
-/// candidates that do not end in eos live on; the search ends when K hypotheses are finished and the best live
-/// beam's score / t^length_penalty cannot beat the worst of them.
-pub fn beam(state: &mut dyn Decoding, mut logits: Vec<Vec<f32>>, cfg: &GenConfig) -> Result<Vec<i64>> {
+/// hypothesis's new tokens (eos not included).
+pub fn beam(state: &mut dyn Decoding, logits: Vec<Vec<f32>>, cfg: &GenConfig) -> Result<Vec<i64>> {
+    Ok(beam_groups(state, logits, 1, cfg)?.pop().unwrap_or_default())
+}
+
+/// One prompt's search: its live beams and finished hypotheses.
+struct Group {
+    /// (tokens, sum of log-probabilities); only beam 0 is live at the start (its K rows are identical).
+    beams: Vec<(Vec<i64>, f64)>,
+    finished: Vec<(Vec<i64>, f64)>,
+    done: bool,
+}
+
+/// Beam search for `groups` prompts at once: rows [g·K, (g+1)·K) hold prompt g (K = `cfg.beams`), rows past
+/// groups·K are idle. Returns each prompt's best hypothesis (eos not included). Follows Hugging Face's beam search
+/// with `early_stopping=False`: at step t (t tokens generated) the top-2K candidates are ranked; those among the
+/// top K that end in eos (all of the top K at the last step) finish with score sum(log p) / t^length_penalty (the
+/// eos counted); the best K candidates that do not end in eos live on; a prompt is done when K hypotheses are
+/// finished and its best live beam's score / t^length_penalty cannot beat the worst of them.
+pub fn beam_groups(
+    state: &mut dyn Decoding,
+    mut logits: Vec<Vec<f32>>,
+    groups: usize,
+    cfg: &GenConfig,
+) -> Result<Vec<Vec<i64>>> {
     let (r, k) = (logits.len(), cfg.beams);
+    if groups * k > r {
+        anyhow::bail!("{groups} prompts × {k} beams need {} rows; the graphs decode {r}", groups * k);
+    }
     let norm = |s: f64, t: usize| s / (t as f64).powf(cfg.length_penalty as f64);
-    // Live beams: (tokens, sum of log-probabilities); only beam 0 is live at the start.
-    let mut beams: Vec<(Vec<i64>, f64)> = vec![(Vec::new(), 0.0)];
-    let mut finished: Vec<(Vec<i64>, f64)> = Vec::new();
+    let mut gs: Vec<Group> =
+        (0..groups).map(|_| Group { beams: vec![(Vec::new(), 0.0)], finished: Vec::new(), done: false }).collect();
     for n in 0..cfg.max_new {
         let t = n + 1;
         let last = t == cfg.max_new;
-        // Candidates over every live beam and token.
-        let mut cands: Vec<(f64, usize, i64)> = Vec::new();
-        for (b, (_, s)) in beams.iter().enumerate() {
-            // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
-            let mut lp = log_softmax(&logits[b]);
-            mask_eos(&mut lp, cfg, n);
-            for (tok, &x) in lp.iter().enumerate() {
-                if x.is_finite() {
-                    cands.push((s + x as f64, b, tok as i64));
+        // Rows keep their place unless a group's beams move; idle and finished rows are fed padding.
+        let mut parents: Vec<usize> = (0..r).collect();
+        let mut tokens = vec![cfg.pad; r];
+        for (gi, g) in gs.iter_mut().enumerate().filter(|(_, g)| !g.done) {
+            let base = gi * k;
+            // Candidates over every live beam and token.
+            let mut cands: Vec<(f64, usize, i64)> = Vec::new();
+            for (b, (_, s)) in g.beams.iter().enumerate() {
+                // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
+                let mut lp = log_softmax(&logits[base + b]);
+                mask_eos(&mut lp, cfg, n);
+                for (tok, &x) in lp.iter().enumerate() {
+                    if x.is_finite() {
+                        cands.push((s + x as f64, b, tok as i64));
+                    }
                 }
             }
-        }
-        cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        cands.truncate(2 * k);
-        let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
-        for (rank, &(s, b, tok)) in cands.iter().enumerate() {
-            let is_eos = Some(tok) == cfg.eos;
-            if rank < k && (is_eos || last) {
-                let mut toks = beams[b].0.clone();
-                if !is_eos {
+            cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+            cands.truncate(2 * k);
+            let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
+            for (rank, &(s, b, tok)) in cands.iter().enumerate() {
+                let is_eos = Some(tok) == cfg.eos;
+                if rank < k && (is_eos || last) {
+                    let mut toks = g.beams[b].0.clone();
+                    if !is_eos {
+                        toks.push(tok);
+                    }
+                    g.finished.push((toks, norm(s, t)));
+                } else if !is_eos && next.len() < k && !last {
+                    let mut toks = g.beams[b].0.clone();
                     toks.push(tok);
+                    next.push((toks, s, b));
                 }
-                finished.push((toks, norm(s, t)));
-            } else if !is_eos && next.len() < k && !last {
-                let mut toks = beams[b].0.clone();
-                toks.push(tok);
-                next.push((toks, s, b));
             }
+            g.finished.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+            g.finished.truncate(k);
+            let stop = last || next.is_empty() || (g.finished.len() == k && norm(next[0].1, t) <= g.finished[k - 1].1);
+            if stop {
+                g.done = true;
+                continue;
+            }
+            for (i, (toks, _, b)) in next.iter().enumerate() {
+                parents[base + i] = base + b;
+                tokens[base + i] = *toks.last().unwrap();
+            }
+            g.beams = next.into_iter().map(|(t, s, _)| (t, s)).collect();
         }
-        finished.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
-        finished.truncate(k);
-        if last || next.is_empty() {
-            break;
-        }
-        if finished.len() == k && norm(next[0].1, t) <= finished[k - 1].1 {
+        if gs.iter().all(|g| g.done) {
             break;
         }
         // Reorder the cache rows to follow the surviving beams.
-        let parents: Vec<usize> = next.iter().map(|x| x.2).collect();
         state.reorder(&parents);
-        let mut tokens = vec![cfg.pad; r];
-        for (i, (toks, _, _)) in next.iter().enumerate() {
-            tokens[i] = *toks.last().unwrap();
-        }
-        beams = next.into_iter().map(|(t, s, _)| (t, s)).collect();
         logits = state.step(&tokens, n)?;
     }
-    Ok(finished.into_iter().next().map(|f| f.0).unwrap_or_default())
+    Ok(gs.into_iter().map(|g| g.finished.into_iter().next().map(|f| f.0).unwrap_or_default()).collect())
 }
 
 /// Copies row blocks of `per_row` elements: row i takes row `parents[i]` (or `parents[0]` past the end).

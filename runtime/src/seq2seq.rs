@@ -250,15 +250,17 @@ impl Seq2SeqGenerator {
         Ok(out)
     }
 
-    /// Beam search, one source at a time (its rows all hold it).
+    /// Beam search, as many sources at a time as the rows hold (`rows / beams`).
     pub fn beam_search(&mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
         self.check(sources, cfg)?;
+        let (r, k) = (self.spec.rows, cfg.beams);
         let mut out = Vec::new();
-        for src in sources {
-            let rows_src: Vec<Vec<i64>> = (0..self.spec.rows).map(|_| src.clone()).collect();
+        for chunk in sources.chunks(r / k) {
+            let mut rows_src: Vec<Vec<i64>> = chunk.iter().flat_map(|s| std::iter::repeat_n(s.clone(), k)).collect();
+            rows_src.resize(r, chunk[0].clone());
             let (rows, logits) = self.start(&rows_src, cfg.pad, cfg.no_prefix)?;
             let mut state = Running { gen: self, rows };
-            out.push(search::beam(&mut state, logits, cfg)?);
+            out.extend(search::beam_groups(&mut state, logits, chunk.len(), cfg)?);
         }
         Ok(out)
     }
@@ -276,7 +278,8 @@ impl search::Decoding for Running<'_> {
     }
 
     fn reorder(&mut self, parents: &[usize]) {
-        // Every row holds the same source, so only the self cache and its mask follow the beams.
+        // Beams only move within a source's rows, whose cross caches are equal: only the self cache and its
+        // mask follow them.
         let sp = &self.gen.spec;
         let (r, c) = (sp.rows, sp.capacity);
         let per_row = sp.heads * c * sp.head_dim;

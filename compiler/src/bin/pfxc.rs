@@ -29,7 +29,7 @@ enum Command {
         json: bool,
     },
     /// Compiles a GPT-2 export (a .onnx file) or, with --bart-prefix, a BART export folder into prefix-tuning
-    /// graphs (train_step, grads, eval_step) and a manifest.
+    /// graphs (train_step, grads, eval_step, and generation graphs when the export has past inputs) and a manifest.
     Compile {
         model: PathBuf,
         /// Prefix length P (virtual tokens).
