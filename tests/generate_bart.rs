@@ -55,20 +55,7 @@ fn reference(fixture: &str, mode: BartPrefix) -> BTreeMap<String, HostTensor> {
         .unwrap()
 }
 
-/// Rows of an id matrix, keeping the columns where `mask` is 1 and dropping -1 padding.
-fn rows(t: &HostTensor, mask: Option<&HostTensor>) -> Vec<Vec<i64>> {
-    let s = t.shape();
-    let v = t.as_i64().unwrap();
-    (0..s[0])
-        .map(|i| {
-            (0..s[1])
-                .filter(|&j| mask.map(|m| m.as_i64().unwrap()[i * s[1] + j] != 0).unwrap_or(true))
-                .map(|j| v[i * s[1] + j])
-                .filter(|&x| x != -1)
-                .collect()
-        })
-        .collect()
-}
+use common::id_rows as rows;
 
 fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>) -> Seq2SeqGenerator {
     let spec = read_bart_spec(&b.dir).unwrap().unwrap();

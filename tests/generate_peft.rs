@@ -42,18 +42,7 @@ fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
     out
 }
 
-fn rows(t: &HostTensor, mask: Option<&HostTensor>) -> Vec<Vec<i64>> {
-    let s = t.shape();
-    let v = t.as_i64().unwrap();
-    (0..s[0])
-        .map(|i| {
-            (0..s[1])
-                .filter(|&j| mask.map(|m| m.as_i64().unwrap()[i * s[1] + j] != 0).unwrap_or(true))
-                .map(|j| v[i * s[1] + j])
-                .collect()
-        })
-        .collect()
-}
+use common::id_rows as rows;
 
 fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>) -> Generator {
     let m = &b.manifest;

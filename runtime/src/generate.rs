@@ -58,26 +58,8 @@ impl Generator {
     }
 
     fn check(&self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<()> {
-        for (i, p) in prompts.iter().enumerate() {
-            if p.is_empty() {
-                bail!("prompt {i} is empty");
-            }
-            if p.len() > self.spec.prompt_len {
-                bail!(
-                    "prompt {i} has {} tokens; the bundle's generation graphs take at most {} (recompile with a \
-                     larger --prompt-len)",
-                    p.len(),
-                    self.spec.prompt_len
-                );
-            }
-        }
-        if cfg.max_new == 0 || cfg.max_new > self.spec.max_new {
-            bail!("--max-new must be between 1 and {} (the bundle's --max-new)", self.spec.max_new);
-        }
-        if cfg.beams == 0 || cfg.beams > self.spec.rows {
-            bail!("--beams must be between 1 and {} (the bundle's --gen-rows)", self.spec.rows);
-        }
-        Ok(())
+        let sp = &self.spec;
+        search::check_request(prompts, "prompt", sp.prompt_len, sp.max_new, sp.rows, cfg)
     }
 
     /// Prefills R rows (left-padded prompts); returns the state and the last position's logits [R, V].

@@ -24,6 +24,37 @@ impl Default for GenConfig {
     }
 }
 
+/// The bundle's generation shapes against a request: inputs of 1..=`max_len` tokens (`what`: "prompt",
+/// "source"), `max_new` and `beams` within what the graphs were compiled for.
+pub fn check_request(
+    inputs: &[Vec<i64>],
+    what: &str,
+    max_len: usize,
+    max_new: usize,
+    rows: usize,
+    cfg: &GenConfig,
+) -> Result<()> {
+    for (i, p) in inputs.iter().enumerate() {
+        if p.is_empty() {
+            anyhow::bail!("{what} {i} is empty");
+        }
+        if p.len() > max_len {
+            anyhow::bail!(
+                "{what} {i} has {} tokens; the bundle's generation graphs take at most {max_len} (recompile with a \
+                 larger --prompt-len)",
+                p.len()
+            );
+        }
+    }
+    if cfg.max_new == 0 || cfg.max_new > max_new {
+        anyhow::bail!("--max-new must be between 1 and {max_new} (the bundle's --max-new)");
+    }
+    if cfg.beams == 0 || cfg.beams > rows {
+        anyhow::bail!("--beams must be between 1 and {rows} (the bundle's --gen-rows)");
+    }
+    Ok(())
+}
+
 /// R rows being decoded, their caches filled up to the tokens fed so far.
 pub trait Decoding {
     /// Feeds one token per row (`n_generated` tokens were generated before it); returns each row's logits.

@@ -55,26 +55,8 @@ impl Seq2SeqGenerator {
     }
 
     fn check(&self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<()> {
-        for (i, s) in sources.iter().enumerate() {
-            if s.is_empty() {
-                bail!("source {i} is empty");
-            }
-            if s.len() > self.spec.src_len {
-                bail!(
-                    "source {i} has {} tokens; the bundle's generation graphs take at most {} (recompile with a \
-                     larger --prompt-len)",
-                    s.len(),
-                    self.spec.src_len
-                );
-            }
-        }
-        if cfg.max_new == 0 || cfg.max_new > self.spec.max_new {
-            bail!("--max-new must be between 1 and {} (the bundle's --max-new)", self.spec.max_new);
-        }
-        if cfg.beams == 0 || cfg.beams > self.spec.rows {
-            bail!("--beams must be between 1 and {} (the bundle's --gen-rows)", self.spec.rows);
-        }
-        Ok(())
+        let sp = &self.spec;
+        search::check_request(sources, "source", sp.src_len, sp.max_new, sp.rows, cfg)
     }
 
     /// Encodes R right-padded sources, seeds the caches and feeds the decoder start token; returns the state and

@@ -176,3 +176,18 @@ pub fn three_steps(
         }
     }
 }
+
+/// Rows of an id matrix [N, T]: the columns where `mask` is 1 (all without a mask), -1 padding dropped.
+pub fn id_rows(t: &HostTensor, mask: Option<&HostTensor>) -> Vec<Vec<i64>> {
+    let s = t.shape();
+    let v = t.as_i64().unwrap();
+    (0..s[0])
+        .map(|i| {
+            (0..s[1])
+                .filter(|&j| mask.map(|m| m.as_i64().unwrap()[i * s[1] + j] != 0).unwrap_or(true))
+                .map(|j| v[i * s[1] + j])
+                .filter(|&x| x != -1)
+                .collect()
+        })
+        .collect()
+}
