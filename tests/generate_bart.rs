@@ -71,6 +71,24 @@ fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>
     )
 }
 
+/// A fixture's references, their sources, and the reference prefix under the bundle's trainable names.
+struct Case {
+    r: BTreeMap<String, HostTensor>,
+    sources: Vec<Vec<i64>>,
+}
+
+impl Case {
+    fn new(fixture: &str, mode: BartPrefix) -> Case {
+        let r = reference(fixture, mode);
+        let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+        Case { r, sources }
+    }
+
+    fn prefix_of(b: &Bundle, r: &BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
+        b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect()
+    }
+}
+
 /// Generates exactly N tokens (no end-of-sequence stop), as the references do.
 fn greedy_cfg() -> GenConfig {
     GenConfig { max_new: N, beams: 1, eos: None, pad: 1, ..GenConfig::default() }
@@ -80,12 +98,10 @@ fn greedy_cfg() -> GenConfig {
 fn greedy_equals_the_references() {
     for fixture in FIXTURES {
         for mode in MODES {
-            let r = reference(fixture, mode);
-            let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+            let Case { r, sources } = Case::new(fixture, mode);
             let dir = bundle(fixture, mode, "greedy");
             let b = Bundle::open(&dir).unwrap();
-            let prefix: BTreeMap<String, HostTensor> =
-                b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+            let prefix = Case::prefix_of(&b, &r);
             for kind in backends() {
                 let what = format!("{fixture} {mode} {kind}");
                 let mut g = generator(&b, kind, prefix.clone());
@@ -132,12 +148,10 @@ fn without_eos(mut v: Vec<Vec<i64>>, eos: i64) -> Vec<Vec<i64>> {
 fn beam_search_equals_hf() {
     for fixture in FIXTURES {
         for mode in MODES {
-            let r = reference(fixture, mode);
-            let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+            let Case { r, sources } = Case::new(fixture, mode);
             let dir = bundle(fixture, mode, "beam");
             let b = Bundle::open(&dir).unwrap();
-            let prefix: BTreeMap<String, HostTensor> =
-                b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+            let prefix = Case::prefix_of(&b, &r);
             for kind in backends() {
                 let what = format!("{fixture} {mode} {kind}");
                 let mut g = generator(&b, kind, prefix.clone());
@@ -168,13 +182,11 @@ fn beam_search_equals_hf() {
 fn baked_graphs_generate_the_same_tokens() {
     for mode in MODES {
         let fixture = "bart-dec-deep";
-        let r = reference(fixture, mode);
-        let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+        let Case { r, sources } = Case::new(fixture, mode);
         let dir = bundle(fixture, mode, "baked");
         let b = Bundle::open(&dir).unwrap();
         let prefix_file = dir.join("reference-prefix.safetensors");
-        let prefix: BTreeMap<String, HostTensor> =
-            b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+        let prefix = Case::prefix_of(&b, &r);
         pfx_runtime::write_safetensors(&prefix_file, &prefix).unwrap();
         let baked = dir.with_extension("baked");
         pfx_compiler::compile::bake::bake(&dir, &prefix_file, &baked).unwrap();
@@ -203,8 +215,7 @@ fn merged_decoder_generates_the_same_tokens() {
         std::fs::copy(src.join(f), export.join(f)).unwrap();
     }
     for mode in MODES {
-        let r = reference(fixture, mode);
-        let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+        let Case { r, sources } = Case::new(fixture, mode);
         let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-merged-{mode}", std::process::id()));
         let opts = BartOptions {
             mode,
@@ -220,8 +231,7 @@ fn merged_decoder_generates_the_same_tokens() {
         };
         compile_bart(&export, &opts, &out).unwrap();
         let b = Bundle::open(&out).unwrap();
-        let prefix: BTreeMap<String, HostTensor> =
-            b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+        let prefix = Case::prefix_of(&b, &r);
         let mut g = generator(&b, BackendKind::Tract, prefix);
         assert_eq!(g.greedy(&sources, &greedy_cfg()).unwrap(), rows(&r["gen.greedy"], None), "merged {mode}");
     }
@@ -232,11 +242,9 @@ fn merged_decoder_generates_the_same_tokens() {
 fn beam_search_of_two_sources_at_once() {
     for mode in MODES {
         let fixture = "bart-dec-deep";
-        let r = reference(fixture, mode);
-        let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
+        let Case { r, sources } = Case::new(fixture, mode);
         let b = Bundle::open(bundle_rows(fixture, mode, "beam2", 8)).unwrap();
-        let prefix: BTreeMap<String, HostTensor> =
-            b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+        let prefix = Case::prefix_of(&b, &r);
         let mut g = generator(&b, BackendKind::Tract, prefix);
         let cfg = GenConfig { max_new: N, beams: 4, eos: Some(2), pad: 1, ..GenConfig::default() };
         assert_eq!(g.beam_search(&sources, &cfg).unwrap(), without_eos(rows(&r["gen.beam"], None), 2), "{mode}");
