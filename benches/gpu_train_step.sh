@@ -6,6 +6,7 @@
 # Here, before the device calls:
 #   cargo build --release --bench train_step_cpu
 #   mkdir -p gpu-carry && cp "$(ls -t $CARGO_TARGET_DIR/release/deps/train_step_cpu-* | grep -v '\.d$' | head -1)" gpu-carry/train_step
+#   cp "$(ls -t $CARGO_TARGET_DIR/release/deps/generate_tokens-* | grep -v '\.d$' | head -1)" gpu-carry/generate_tokens
 #   bash /work/shared/tools/gpu/pack-ort-cuda.sh .gpu 4        # ORT's CUDA libraries in four parts
 # On the device (see ../shared/tools/gpu/README.md): one call per part copies it into /tmp/ortgpu, back to back;
 # the last call carries gpu-carry/ and runs
@@ -42,4 +43,11 @@ for size in gpt2-medium gpt2; do
       done
     done
   done
+  # Generation, ms per token (prompt 32, 64 new; greedy B=1, B=8, beam 5), with and without CUDA graphs.
+  for graph in 0 1; do
+    PFX_BENCH_MODEL="/tmp/pfx-bench/$size/model.onnx" PFX_BENCH_CUDA_GRAPH=$graph "${GEN_BIN:-gpu-carry/generate_tokens}" \
+      --bench 2>&1 | tee "$OUT/generate-$size-cudagraph$graph.txt"
+  done
 done
+# The peer for generation (HF generate with the PEFT prefix in its cache), same machine, same call.
+OUT="$OUT" python3 "$(dirname "$PEER")/peft_generate.py" | tee "$OUT/peft_generate.txt"

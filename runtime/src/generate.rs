@@ -24,11 +24,10 @@ pub struct Generator {
     prefix: BTreeMap<String, HostTensor>,
 }
 
-/// The running state of R rows: the cache and its mask.
+/// The running state of R rows: the decode graph's inputs (the caches `past_key_values.{l}.key|value`
+/// [R, H, C, D] among them, updated in place, never copied per step) and the cache mask.
 struct Rows {
-    /// Per layer: keys and values [R, H, C, D].
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    inputs: BTreeMap<String, HostTensor>,
     /// [R, C]: which cache slots hold a real token (or the prefix).
     mask: Vec<i64>,
     /// Next free slot (the same for every row).
@@ -94,9 +93,9 @@ impl Generator {
         let out = self.prefill.run(&inputs)?;
         let (h, d) = (self.heads, self.head_dim);
         let filled = p + tp;
-        let mut rows = Rows { k: vec![], v: vec![], mask: vec![0; r * c], slot: filled, real, offset };
+        let mut rows = Rows { inputs: BTreeMap::new(), mask: vec![0; r * c], slot: filled, real, offset };
         for l in 0..self.layers {
-            for (kind, dst) in [("key", 0), ("value", 1)] {
+            for kind in ["key", "value"] {
                 let t = out
                     .get(&format!("present.{l}.{kind}"))
                     .ok_or_else(|| anyhow::anyhow!("the prefill graph has no output present.{l}.{kind}"))?;
@@ -106,11 +105,8 @@ impl Generator {
                     cache[rh * c * d..rh * c * d + filled * d]
                         .copy_from_slice(&src[rh * filled * d..(rh + 1) * filled * d]);
                 }
-                if dst == 0 {
-                    rows.k.push(cache);
-                } else {
-                    rows.v.push(cache);
-                }
+                rows.inputs
+                    .insert(format!("past_key_values.{l}.{kind}"), HostTensor::from_f32(vec![r, h, c, d], cache)?);
             }
         }
         for row in 0..r {
@@ -130,7 +126,7 @@ impl Generator {
         if rows.slot >= c {
             bail!("the KV cache is full ({c} slots)");
         }
-        let mut inputs = BTreeMap::new();
+        let inputs = &mut rows.inputs;
         inputs.insert("input_ids".into(), HostTensor::from_i64(vec![r, 1], tokens.to_vec())?);
         let pos: Vec<i64> = rows.real.iter().map(|&n| (rows.offset + n + n_generated) as i64).collect();
         inputs.insert("position_ids".into(), HostTensor::from_i64(vec![r, 1], pos)?);
@@ -141,19 +137,12 @@ impl Generator {
         }
         inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, c + 1], m)?);
         let (h, d) = (self.heads, self.head_dim);
-        for l in 0..self.layers {
-            inputs
-                .insert(format!("past_key_values.{l}.key"), HostTensor::from_f32(vec![r, h, c, d], rows.k[l].clone())?);
-            inputs.insert(
-                format!("past_key_values.{l}.value"),
-                HostTensor::from_f32(vec![r, h, c, d], rows.v[l].clone())?,
-            );
-        }
-        let out = self.decode.run(&inputs)?;
+        let out = self.decode.run(&rows.inputs)?;
         let s = rows.slot;
         for l in 0..self.layers {
-            for (kind, cache) in [("key", &mut rows.k[l]), ("value", &mut rows.v[l])] {
+            for kind in ["key", "value"] {
                 let t = out[&format!("present.{l}.{kind}")].as_f32()?;
+                let cache = rows.inputs.get_mut(&format!("past_key_values.{l}.{kind}")).unwrap().as_f32_mut()?;
                 for rh in 0..r * h {
                     cache[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&t[rh * d..(rh + 1) * d]);
                 }
@@ -216,8 +205,12 @@ impl search::Decoding for Running<'_> {
     fn reorder(&mut self, parents: &[usize]) {
         let (r, c) = (self.gen.spec.rows, self.gen.spec.capacity);
         let per_row = self.gen.heads * c * self.gen.head_dim;
-        for cache in self.rows.k.iter_mut().chain(self.rows.v.iter_mut()) {
-            search::reorder_rows(cache, parents, r, per_row);
+        for (name, t) in self.rows.inputs.iter_mut() {
+            if name.starts_with("past_key_values.") {
+                if let Ok(cache) = t.as_f32_mut() {
+                    search::reorder_rows(cache, parents, r, per_row);
+                }
+            }
         }
         search::reorder_rows(&mut self.rows.mask, parents, r, c);
         search::reorder_rows(&mut self.rows.real, parents, r, 1);

@@ -151,8 +151,15 @@ pub fn beam_groups(
                     }
                 }
             }
-            cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-            cands.truncate(2 * k);
+            // Only the best 2K matter: select them, then order those (the same order a full sort gives).
+            let order = |a: &(f64, usize, i64), b: &(f64, usize, i64)| {
+                b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+            };
+            if cands.len() > 2 * k {
+                cands.select_nth_unstable_by(2 * k - 1, order);
+                cands.truncate(2 * k);
+            }
+            cands.sort_by(order);
             let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
             for (rank, &(s, b, tok)) in cands.iter().enumerate() {
                 let is_eos = Some(tok) == cfg.eos;

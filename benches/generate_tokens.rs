@@ -1,0 +1,91 @@
+//! Milliseconds per generated token: pfx's prefill + one-token decode over its fixed KV cache, GPT-2 export,
+//! prompt 32, 64 new tokens (no early stop), greedy B=1, greedy B=8 and beam 5, as the GPU table asks
+//! (the peer there is `../shared/tools/gpu/peft_generate.py`, CUDA only: run it in the same call).
+//!
+//!     PFX_BENCH_MODEL=/tmp/pfx-bench/gpt2/model.onnx cargo bench --bench generate_tokens
+//!
+//! Environment: PFX_BENCH_MODEL (a GPT-2 export with past inputs; default /tmp/pfx-bench/gpt2/model.onnx),
+//! PFX_BENCH_ENGINE (`ort`, default, or `tract`), PFX_BENCH_DEVICE (cpu | cuda[:N]), PFX_BENCH_CUDA_GRAPH=1,
+//! PFX_BENCH_RUNS (5: the median is reported), PFX_BENCH_CASES (default `1x1,8x1,1x5`: batch x beams).
+
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use pfx_compiler::compile::generate::GenShape;
+use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::{compile, CompileOptions};
+use pfx_runtime::bundle::Bundle;
+use pfx_runtime::generate::{GenConfig, Generator};
+use pfx_runtime::{BackendKind, OrtDevice, OrtOptions};
+
+const PROMPT: usize = 32;
+const NEW: usize = 64;
+
+fn env(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return Ok(());
+    }
+    let model = std::path::PathBuf::from(env("PFX_BENCH_MODEL", "/tmp/pfx-bench/gpt2/model.onnx"));
+    if !model.exists() {
+        println!("generate_tokens: {} not found (benches/make_gpt2_export.py makes it); skipping", model.display());
+        return Ok(());
+    }
+    let kind: BackendKind = env("PFX_BENCH_ENGINE", "ort").parse()?;
+    let device: OrtDevice = env("PFX_BENCH_DEVICE", "cpu").parse()?;
+    let ort = OrtOptions { device, cuda_graph: env("PFX_BENCH_CUDA_GRAPH", "0") == "1", ..OrtOptions::default() };
+    let runs: usize = env("PFX_BENCH_RUNS", "5").parse()?;
+    println!(
+        "generate_tokens: {} on {kind} {device}, prompt {PROMPT}, {NEW} new tokens, median of {runs}",
+        model.display()
+    );
+    println!("| batch | beams | s per call | ms per token |");
+    println!("|---|---|---|---|");
+    for case in env("PFX_BENCH_CASES", "1x1,8x1,1x5").split(',') {
+        let (b, k) = case.split_once('x').ok_or_else(|| anyhow!("PFX_BENCH_CASES: '{case}' is not BxK"))?;
+        let (b, k): (usize, usize) = (b.parse()?, k.parse()?);
+        let rows = b * k;
+        let dir = std::env::temp_dir().join(format!("pfx-bench-gen-{}-r{rows}", std::process::id()));
+        let opts = CompileOptions {
+            prefix_len: 10,
+            mid_dim: Some(512),
+            batch: 1,
+            seq: PROMPT,
+            optimizer: AdamW::default(),
+            seed: 0,
+            generation: Some(GenShape { rows, prompt_len: PROMPT, max_new: NEW }),
+        };
+        compile(&model, &opts, &dir).context("compiling the bench bundle")?;
+        let bundle = Bundle::open(&dir)?;
+        let m = bundle.manifest.clone();
+        let mut g = Generator::new(
+            bundle.open_graph("prefill", kind, &ort)?,
+            bundle.open_graph("decode", kind, &ort)?,
+            m.generation.clone().ok_or_else(|| anyhow!("the export has no past inputs"))?,
+            m.prefix_len,
+            m.layers,
+            m.heads,
+            m.head_dim,
+            bundle.init_prefix()?,
+        );
+        let prompts: Vec<Vec<i64>> =
+            (0..b).map(|i| (0..PROMPT).map(|j| ((i * 131 + j * 7919) % m.vocab) as i64).collect()).collect();
+        let cfg = GenConfig { max_new: NEW, min_new: NEW, beams: k, eos: None, pad: 0, ..GenConfig::default() };
+        let call = |g: &mut Generator| if k > 1 { g.beam_search(&prompts, &cfg) } else { g.greedy(&prompts, &cfg) };
+        call(&mut g)?; // warm-up (plans, allocations)
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            call(&mut g)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let med = times[times.len() / 2];
+        println!("| {b} | {k} | {med:.3} | {:.2} |", med / NEW as f64 * 1e3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
