@@ -1,7 +1,8 @@
 //! BART generation equals the references of `graphs/bart-ref/make_bart_generation_references.py` (PEFT's
 //! forward for `peft`, the script's prefixed attention for `paper`, both recomputing the whole target at every
 //! step, without a cache): greedy and beam tokens with the prefix, the bare model's with `no_prefix`, on both
-//! fixtures (deeper encoder, deeper decoder), on tract and ONNX Runtime; baked graphs too.
+//! fixtures (deeper encoder, deeper decoder), with and without the MLP, on tract and ONNX Runtime; baked graphs
+//! too.
 
 mod common;
 
@@ -28,16 +29,19 @@ fn backends() -> Vec<BackendKind> {
     }
 }
 
+/// With the MLP (M = 16) or without (`noreparam`), as the references were made.
+const PARAMS: [&str; 2] = ["reparam", "noreparam"];
+
 fn bundle(fixture: &str, mode: BartPrefix, test: &str) -> PathBuf {
-    bundle_rows(fixture, mode, test, 4)
+    bundle_rows(fixture, mode, test, 4, "reparam")
 }
 
-fn bundle_rows(fixture: &str, mode: BartPrefix, test: &str, rows: usize) -> PathBuf {
-    let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-{test}-{fixture}-{mode}", std::process::id()));
+fn bundle_rows(fixture: &str, mode: BartPrefix, test: &str, rows: usize, param: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-{test}-{fixture}-{mode}-{param}", std::process::id()));
     let opts = BartOptions {
         mode,
         prefix_len: 4,
-        mid_dim: Some(16),
+        mid_dim: (param == "reparam").then_some(16),
         batch: 3,
         src_len: 7,
         tgt_len: 6,
@@ -50,9 +54,12 @@ fn bundle_rows(fixture: &str, mode: BartPrefix, test: &str, rows: usize) -> Path
     out
 }
 
-fn reference(fixture: &str, mode: BartPrefix) -> BTreeMap<String, HostTensor> {
-    pfx_runtime::read_safetensors(common::graphs_dir().join(format!("bart-ref/gen-{fixture}-{mode}.safetensors")))
-        .unwrap()
+fn reference_param(fixture: &str, mode: BartPrefix, param: &str) -> BTreeMap<String, HostTensor> {
+    let suffix = if param == "reparam" { String::new() } else { format!("-{param}") };
+    pfx_runtime::read_safetensors(
+        common::graphs_dir().join(format!("bart-ref/gen-{fixture}-{mode}{suffix}.safetensors")),
+    )
+    .unwrap()
 }
 
 use common::id_rows as rows;
@@ -78,8 +85,8 @@ struct Case {
 }
 
 impl Case {
-    fn new(fixture: &str, mode: BartPrefix) -> Case {
-        let r = reference(fixture, mode);
+    fn new(fixture: &str, mode: BartPrefix, param: &str) -> Case {
+        let r = reference_param(fixture, mode, param);
         let sources = rows(&r["gen.input_ids"], Some(&r["gen.attention_mask"]));
         Case { r, sources }
     }
@@ -97,13 +104,13 @@ fn greedy_cfg() -> GenConfig {
 #[test]
 fn greedy_equals_the_references() {
     for fixture in FIXTURES {
-        for mode in MODES {
-            let Case { r, sources } = Case::new(fixture, mode);
-            let dir = bundle(fixture, mode, "greedy");
+        for (mode, param) in MODES.into_iter().flat_map(|m| PARAMS.map(|p| (m, p))) {
+            let Case { r, sources } = Case::new(fixture, mode, param);
+            let dir = bundle_rows(fixture, mode, "greedy", 4, param);
             let b = Bundle::open(&dir).unwrap();
             let prefix = Case::prefix_of(&b, &r);
             for kind in backends() {
-                let what = format!("{fixture} {mode} {kind}");
+                let what = format!("{fixture} {mode} {param} {kind}");
                 let mut g = generator(&b, kind, prefix.clone());
                 let cfg = greedy_cfg();
                 let greedy = g.greedy(&sources, &cfg).unwrap();
@@ -147,13 +154,13 @@ fn without_eos(mut v: Vec<Vec<i64>>, eos: i64) -> Vec<Vec<i64>> {
 #[test]
 fn beam_search_equals_hf() {
     for fixture in FIXTURES {
-        for mode in MODES {
-            let Case { r, sources } = Case::new(fixture, mode);
-            let dir = bundle(fixture, mode, "beam");
+        for (mode, param) in MODES.into_iter().flat_map(|m| PARAMS.map(|p| (m, p))) {
+            let Case { r, sources } = Case::new(fixture, mode, param);
+            let dir = bundle_rows(fixture, mode, "beam", 4, param);
             let b = Bundle::open(&dir).unwrap();
             let prefix = Case::prefix_of(&b, &r);
             for kind in backends() {
-                let what = format!("{fixture} {mode} {kind}");
+                let what = format!("{fixture} {mode} {param} {kind}");
                 let mut g = generator(&b, kind, prefix.clone());
                 // The references use 4 beams (the bundles decode 4 rows).
                 let cfg = GenConfig { max_new: N, beams: 4, eos: Some(2), pad: 1, ..GenConfig::default() };
@@ -182,7 +189,7 @@ fn beam_search_equals_hf() {
 fn baked_graphs_generate_the_same_tokens() {
     for mode in MODES {
         let fixture = "bart-dec-deep";
-        let Case { r, sources } = Case::new(fixture, mode);
+        let Case { r, sources } = Case::new(fixture, mode, "reparam");
         let dir = bundle(fixture, mode, "baked");
         let b = Bundle::open(&dir).unwrap();
         let prefix_file = dir.join("reference-prefix.safetensors");
@@ -215,7 +222,7 @@ fn merged_decoder_generates_the_same_tokens() {
         std::fs::copy(src.join(f), export.join(f)).unwrap();
     }
     for mode in MODES {
-        let Case { r, sources } = Case::new(fixture, mode);
+        let Case { r, sources } = Case::new(fixture, mode, "reparam");
         let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-merged-{mode}", std::process::id()));
         let opts = BartOptions {
             mode,
@@ -242,8 +249,8 @@ fn merged_decoder_generates_the_same_tokens() {
 fn beam_search_of_two_sources_at_once() {
     for mode in MODES {
         let fixture = "bart-dec-deep";
-        let Case { r, sources } = Case::new(fixture, mode);
-        let b = Bundle::open(bundle_rows(fixture, mode, "beam2", 8)).unwrap();
+        let Case { r, sources } = Case::new(fixture, mode, "reparam");
+        let b = Bundle::open(bundle_rows(fixture, mode, "beam2", 8, "reparam")).unwrap();
         let prefix = Case::prefix_of(&b, &r);
         let mut g = generator(&b, BackendKind::Tract, prefix);
         let cfg = GenConfig { max_new: N, beams: 4, eos: Some(2), pad: 1, ..GenConfig::default() };

@@ -45,7 +45,9 @@ NUM_BEAMS = 4
 S = 7  # source length
 SOURCE_LENGTHS = (7, 5, 3)  # real tokens per row (bos, words, eos), then right-padded with pad
 SOURCE_SEED = 20261242  # chosen so that the bare model's greedy paths are not on a knife edge either
-GEN_NOISE_STD = 5.0  # PEFT's init + GEN_NOISE_STD * randn on every trainable tensor: the prefix dominates
+# PEFT's init + GEN_NOISE_STD * randn on every trainable tensor, so that the prefix dominates (without the MLP the
+# table holds the keys/values themselves: bart-enc-deep's eos-only bare model needs a larger push).
+GEN_NOISE_STD = {"reparam": 5.0, "noreparam": 20.0}
 # Seeds of that noise, one per (fixture, mode): the first seed from SEARCH_FROM on that passes every check of
 # run() (`--search` finds them): every row's greedy path differs from the bare model's and has >= 3 distinct
 # tokens in some row, no greedy step and no beam decision is on a knife edge (MIN_GAP, MIN_BEAM_GAP).
@@ -56,7 +58,13 @@ NOISE_SEEDS = {
     ("bart-dec-deep", "peft"): 20261302,
     ("bart-dec-deep", "paper"): 20261301,
 }
-PARAM = "reparam"
+PARAMS = ("reparam", "noreparam")  # noreparam files carry a `-noreparam` suffix
+NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
+    ("bart-enc-deep", "peft"): 20261305,
+    ("bart-enc-deep", "paper"): 20261300,
+    ("bart-dec-deep", "peft"): 20261300,
+    ("bart-dec-deep", "paper"): 20261300,
+}
 MIN_GAP = 1e-3  # float64 top-1 minus top-2 logit, every greedy step
 MIN_BEAM_GAP = 1e-4  # float64 score gap at every beam-search decision that could flip the result
 MODES = ("peft", "paper")
@@ -242,22 +250,22 @@ def peft_written_out(fixture, runner, dtype, shift=True):
     return model
 
 
-def make_runner(fixture, mode, seed, facts):
-    mid = R.PARAMS[PARAM]
+def make_runner(fixture, mode, seed, facts, param):
+    mid = R.PARAMS[param]
     runner = R.PeftRunner(fixture, mid, facts) if mode == "peft" else R.PaperRunner(fixture, mid)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in runner.named:
-            p.add_(torch.randn(p.shape, generator=g) * GEN_NOISE_STD)
+            p.add_(torch.randn(p.shape, generator=g) * GEN_NOISE_STD[param])
     return runner
 
 
 # ---- one reference file ------------------------------------------------------------------------------------
 
 
-def run(fixture, mode, seed, write=True):
+def run(fixture, mode, seed, write=True, param="reparam"):
     facts = {}
-    runner = make_runner(fixture, mode, seed, facts)
+    runner = make_runner(fixture, mode, seed, facts, param)
     cfg = runner.base.config if mode == "peft" else runner.model.config
     start, pad, eos = cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id
     ids, mask = make_source(cfg)
@@ -283,7 +291,7 @@ def run(fixture, mode, seed, write=True):
     else:
         ref_fn = lambda i, m, d: runner.model(input_ids=i, attention_mask=m, decoder_input_ids=d).logits
         gen32 = runner.model
-        r64 = R.PaperRunner(fixture, R.PARAMS[PARAM], torch.float64, copy.deepcopy(runner.gens))
+        r64 = R.PaperRunner(fixture, R.PARAMS[param], torch.float64, copy.deepcopy(runner.gens))
         gen64 = r64.model
     tok, logits = greedy_loop(ref_fn, ids, mask, start)
     differ = [bool((tok[b] != bare_tok[b]).any()) for b in range(tok.shape[0])]
@@ -353,33 +361,35 @@ def run(fixture, mode, seed, write=True):
 
     for key, arr in out.items():
         assert arr.dtype in (np.float32, np.int64), (key, arr.dtype)
-    path = os.path.join(HERE, f"gen-{fixture}-{mode}.safetensors")
+    suffix = "" if param == "reparam" else f"-{param}"
+    path = os.path.join(HERE, f"gen-{fixture}-{mode}{suffix}.safetensors")
     if write:
         # safetensors writes an array's buffer as is: strided views (tokens = dec[:, 1:]) must be made contiguous.
         save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, path)  # no metadata: reruns are byte-identical
     return path, out, facts
 
 
-def search():
+def search(params=PARAMS):
     """How NOISE_SEEDS were chosen: the first seed from SEARCH_FROM on that passes every check of run()."""
-    for fixture in R.FIXTURES:
-        for mode in MODES:
-            for seed in range(SEARCH_FROM, SEARCH_FROM + SEARCH_COUNT):
-                try:
-                    run(fixture, mode, seed, write=False)
-                except AssertionError as e:
-                    print(f"{fixture} {mode} {seed}: {str(e)[:100]!r}", flush=True)
-                    continue
-                print(f"{fixture} {mode}: {seed}", flush=True)
-                break
+    for param in params:
+        for fixture in R.FIXTURES:
+            for mode in MODES:
+                for seed in range(SEARCH_FROM, SEARCH_FROM + SEARCH_COUNT):
+                    try:
+                        run(fixture, mode, seed, write=False, param=param)
+                    except AssertionError as e:
+                        print(f"{param} {fixture} {mode} {seed}: {str(e)[:100]!r}", flush=True)
+                        continue
+                    print(f"{param} {fixture} {mode}: {seed}", flush=True)
+                    break
 
 
 def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}")
-    if sys.argv[1:] == ["--search"]:
-        search()
+    if sys.argv[1:2] == ["--search"]:
+        search(tuple(sys.argv[2:]) or PARAMS)
         return 0
     for fixture in R.FIXTURES:
         cfg = R.load_base(fixture).config
@@ -388,8 +398,9 @@ def main():
               f"eos {cfg.eos_token_id}")
         print("gen.input_ids\n", ids.numpy())
         print("gen.attention_mask\n", mask.numpy())
-        for mode in MODES:
-            path, out, facts = run(fixture, mode, NOISE_SEEDS[(fixture, mode)])
+        for mode, param in [(m, p) for p in PARAMS for m in MODES]:
+            seeds = NOISE_SEEDS if param == "reparam" else NOISE_SEEDS_NOREPARAM
+            path, out, facts = run(fixture, mode, seeds[(fixture, mode)], param=param)
             print(f"\n== {os.path.relpath(path, os.path.join(HERE, '..', '..'))}  {os.path.getsize(path)} bytes, "
                   f"{len(out)} tensors")
             for k in ("gen.greedy", "gen.bare_greedy", "gen.beam", "gen.beam_scores", "gen.beam_noeos",
