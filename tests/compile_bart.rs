@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{backends, check_bundle};
+
 use common::{check_norm, rel, run, scalar, three_steps};
 
 use std::collections::BTreeMap;
@@ -18,7 +20,7 @@ use pfx_compiler::compile::bart::{
 use pfx_compiler::compile::bart_generate::BartGenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::Manifest;
-use pfx_runtime::{open, BackendKind, HostTensor, OrtOptions};
+use pfx_runtime::{open, HostTensor, OrtOptions};
 
 const FIXTURES: &[&str] = &["bart-enc-deep", "bart-dec-deep"];
 const MODES: &[BartPrefix] = &[BartPrefix::Peft, BartPrefix::Paper];
@@ -62,38 +64,6 @@ fn compile_case(dir: &Path, fixture: &str, opts: &BartOptions, tag: &str) -> (Pa
     let out = out_dir(&format!("{fixture}-{}-{tag}", opts.mode));
     let m = compile_bart(dir, opts, &out).unwrap_or_else(|e| panic!("compiling {fixture} ({tag}): {e:#}"));
     (out, m)
-}
-
-fn backends() -> Vec<BackendKind> {
-    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
-        vec![BackendKind::Tract]
-    } else {
-        vec![BackendKind::Tract, BackendKind::Ort]
-    }
-}
-
-/// Every graph of a bundle passes `onnx.checker.check_model(full_check=True)` (weights in the shared file).
-fn check_bundle(dir: &Path) {
-    if std::env::var("PFX_SKIP_PYTHON").map(|v| v == "1").unwrap_or(false) {
-        return;
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().map(|e| e == "onnx").unwrap_or(false))
-        .collect();
-    files.sort();
-    let out = std::process::Command::new("python3")
-        .arg(common::graphs_dir().join("check_model.py"))
-        .args(&files)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "onnx.checker rejected a bundle graph (pip install onnx; PFX_SKIP_PYTHON=1 skips): {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Loss within 1e-5 and every gradient within 1e-4 of the reference (`prefix` selects `ls.` keys).

@@ -5,14 +5,16 @@
 
 mod common;
 
+use common::{backends, check_bundle};
+
 use common::{check_norm, rel, run, scalar, three_steps};
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions, Manifest};
-use pfx_runtime::{open, BackendKind, HostTensor, OrtOptions};
+use pfx_runtime::{open, HostTensor, OrtOptions};
 
 const FIXTURES: &[&str] = &["gpt2-dynamo", "gpt2-dynamo-past", "gpt2-legacy", "gpt2-optimum"];
 const LR: f32 = 0.01;
@@ -36,38 +38,6 @@ fn compile_fixture(fixture: &str, mode: &str, max_norm: f32, tag: &str) -> (Path
     let model = common::graphs_dir().join(fixture).join("model.onnx");
     let m = compile(&model, &opts, &out).unwrap_or_else(|e| panic!("compiling {fixture}: {e:#}"));
     (out, m)
-}
-
-/// Every graph of a bundle passes `onnx.checker.check_model(full_check=True)` (weights in the shared file).
-fn check_bundle(dir: &Path) {
-    if std::env::var("PFX_SKIP_PYTHON").map(|v| v == "1").unwrap_or(false) {
-        return;
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().map(|e| e == "onnx").unwrap_or(false))
-        .collect();
-    files.sort();
-    let out = std::process::Command::new("python3")
-        .arg(common::graphs_dir().join("check_model.py"))
-        .args(&files)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "onnx.checker rejected a bundle graph (pip install onnx; PFX_SKIP_PYTHON=1 skips): {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn backends() -> Vec<BackendKind> {
-    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
-        vec![BackendKind::Tract]
-    } else {
-        vec![BackendKind::Tract, BackendKind::Ort]
-    }
 }
 
 #[test]

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::backends;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -20,14 +22,6 @@ use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
 const FIXTURES: [&str; 2] = ["bart-enc-deep", "bart-dec-deep"];
 const MODES: [BartPrefix; 2] = [BartPrefix::Paper, BartPrefix::Peft];
 const N: usize = 8;
-
-fn backends() -> Vec<BackendKind> {
-    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
-        vec![BackendKind::Tract]
-    } else {
-        vec![BackendKind::Tract, BackendKind::Ort]
-    }
-}
 
 /// With the MLP (M = 16) or without (`noreparam`), as the references were made.
 const PARAMS: [&str; 2] = ["reparam", "noreparam"];

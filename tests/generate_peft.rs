@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::backends;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -13,14 +15,6 @@ use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
 use pfx_runtime::generate::{GenConfig, Generator};
 use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
-
-fn backends() -> Vec<BackendKind> {
-    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
-        vec![BackendKind::Tract]
-    } else {
-        vec![BackendKind::Tract, BackendKind::Ort]
-    }
-}
 
 /// Each test compiles into its own folder (tests run in parallel threads of one process).
 fn bundle(fixture: &str, mode: &str, test: &str) -> PathBuf {

@@ -191,3 +191,37 @@ pub fn id_rows(t: &HostTensor, mask: Option<&HostTensor>) -> Vec<Vec<i64>> {
         })
         .collect()
 }
+
+/// tract, and ONNX Runtime unless PFX_SKIP_ORT=1.
+pub fn backends() -> Vec<BackendKind> {
+    if std::env::var("PFX_SKIP_ORT").map(|v| v == "1").unwrap_or(false) {
+        vec![BackendKind::Tract]
+    } else {
+        vec![BackendKind::Tract, BackendKind::Ort]
+    }
+}
+
+/// Every graph of a bundle passes `onnx.checker.check_model(full_check=True)` (weights in the shared file);
+/// PFX_SKIP_PYTHON=1 skips it.
+pub fn check_bundle(dir: &Path) {
+    if std::env::var("PFX_SKIP_PYTHON").map(|v| v == "1").unwrap_or(false) {
+        return;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().map(|e| e == "onnx").unwrap_or(false))
+        .collect();
+    files.sort();
+    let out = std::process::Command::new("python3")
+        .arg(graphs_dir().join("check_model.py"))
+        .args(&files)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "onnx.checker rejected a bundle graph (pip install onnx; PFX_SKIP_PYTHON=1 skips): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

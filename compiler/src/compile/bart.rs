@@ -700,15 +700,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
     simplify(g)?;
     // The loss adds the labels input itself.
     g.inputs.retain(|v| v.name != "labels");
-    let out = loss::add_loss(g, &bart_loss(opts))?;
-    g.outputs = vec![ValueInfo { name: out, ty: ValueType::known(DType::F32, &[]) }];
-    let order = |n: &str| match n {
-        "input_ids" => 0,
-        "attention_mask" => 1,
-        "labels" => 2,
-        _ => 3,
-    };
-    g.inputs.sort_by_key(|v| order(&v.name));
+    loss::finish_with_loss(g, &bart_loss(opts))?;
     simplify(g)?;
     Ok(BartLoss { model, export, dims, generators })
 }

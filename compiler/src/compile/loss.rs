@@ -89,6 +89,21 @@ pub fn add_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     Ok(g.op1("Div", &[&total, &count], vec![], "loss"))
 }
 
+/// Ends a forward graph in the loss: adds it (and `labels`), makes it the only output, and puts the batch inputs
+/// first in a fixed order (input_ids, attention_mask, labels), the trainable tensors after.
+pub fn finish_with_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
+    let loss = add_loss(g, spec)?;
+    g.outputs = vec![ValueInfo { name: loss.clone(), ty: ValueType::known(DType::F32, &[]) }];
+    let order = |n: &str| match n {
+        "input_ids" => 0,
+        "attention_mask" => 1,
+        "labels" => 2,
+        _ => 3,
+    };
+    g.inputs.sort_by_key(|v| order(&v.name));
+    Ok(loss)
+}
+
 /// d loss / d logits [B, T, V] in closed form: (softmax - (1-ε)·onehot - ε/V) · valid / count.
 pub fn add_logits_gradient(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     let (b, t, v) = logits_shape(g, &spec.logits)?;

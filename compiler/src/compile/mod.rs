@@ -214,16 +214,7 @@ pub fn build_loss_graph(
     if !g.is_output(logits) {
         bail!("the export has no 'logits' output");
     }
-    let loss = loss::add_loss(g, &gpt2_loss())?;
-    g.outputs = vec![ValueInfo { name: loss.clone(), ty: ValueType::known(DType::F32, &[]) }];
-    // Batch inputs first, in a fixed order; trainables after.
-    let order = |n: &str| match n {
-        "input_ids" => 0,
-        "attention_mask" => 1,
-        "labels" => 2,
-        _ => 3,
-    };
-    g.inputs.sort_by_key(|v| order(&v.name));
+    loss::finish_with_loss(g, &gpt2_loss())?;
     simplify(g)?;
     Ok((model, shape, injection, info))
 }
