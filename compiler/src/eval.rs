@@ -293,21 +293,48 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             if a.shape.len() != 2 || b.shape.len() != 2 || !a.dtype().is_float() {
                 return Ok(None);
             }
-            let (m, k, n) = (a.shape[0], a.shape[1], b.shape[1]);
-            let (x, y) = (f64s(a)?, f64s(b)?);
-            let mut out = vec![0.0; m * n];
-            for i in 0..m {
-                for p in 0..k {
-                    for j in 0..n {
-                        out[i * n + j] += x[i * k + p] * y[p * n + j];
-                    }
-                }
+            matmul_2d(a, b)?
+        }
+        // The lowering pass writes the prefix MLP as Gemms; bake folds them with the baked prefix.
+        "Gemm" => {
+            let (a, b) = (inp(0)?, inp(1)?);
+            if a.shape.len() != 2 || b.shape.len() != 2 || !a.dtype().is_float() {
+                return Ok(None);
             }
-            Tensor::from_f64s(a.dtype(), vec![m, n], out)?
+            let t = |x: &Tensor, key: &str| if node.int(key).unwrap_or(0) != 0 { transpose(x, &[1, 0]) } else { x.clone() };
+            let mut y = matmul_2d(&t(a, "transA"), &t(b, "transB"))?;
+            let alpha = node.float("alpha").unwrap_or(1.0) as f64;
+            if alpha != 1.0 {
+                y = binary("Mul", &y, &Tensor::from_f64s(y.dtype(), vec![], vec![alpha])?, false)?;
+            }
+            if let Some(c) = inputs.get(2).copied().flatten() {
+                let beta = node.float("beta").unwrap_or(1.0) as f64;
+                let c = binary("Mul", c, &Tensor::from_f64s(c.dtype(), vec![], vec![beta])?, false)?;
+                y = binary("Add", &y, &c, false)?;
+            }
+            y
         }
         _ => return Ok(None),
     };
     Ok(Some(vec![out]))
+}
+
+/// [m, k] x [k, n], accumulated in f64.
+fn matmul_2d(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k, n) = (a.shape[0], a.shape[1], b.shape[1]);
+    if b.shape[0] != k {
+        bail!("matrix product of {:?} and {:?}", a.shape, b.shape);
+    }
+    let (x, y) = (f64s(a)?, f64s(b)?);
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for p in 0..k {
+            for j in 0..n {
+                out[i * n + j] += x[i * k + p] * y[p * n + j];
+            }
+        }
+    }
+    Tensor::from_f64s(a.dtype(), vec![m, n], out)
 }
 
 fn shape_range(node: &Node, rank: usize) -> (usize, usize) {

@@ -84,6 +84,7 @@ pub fn known_op(op: &str) -> bool {
                 | "If"
                 | "Einsum"
                 | "ScatterND"
+                | "ScatterElements"
                 | "OneHot"
                 | "GatherND"
                 | "IsNaN"
@@ -310,7 +311,7 @@ pub fn infer(node: &Node, types: &[Option<ValueType>], consts: &[Option<&Tensor>
             o.insert(axis, depth);
             one(known(ty(2)?.dtype, o))
         }
-        "ScatterND" => one(ty(0)?.clone()),
+        "ScatterND" | "ScatterElements" => one(ty(0)?.clone()),
         _ => bail!("{label}: no shape inference for this op"),
     }
 }

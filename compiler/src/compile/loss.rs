@@ -4,8 +4,8 @@
 //! The loss is the mean over labels != -100 of logsumexp(logits) - logits[label], optionally label-smoothed as
 //! torch's `cross_entropy(label_smoothing=ε)`. Differentiating that op by op would materialize about ten
 //! [B, T, V] tensors (V = 50k for GPT-2: 64 MB each at B·T = 320); the closed form
-//! (softmax - (1-ε)·onehot - ε/V) · valid / count needs a softmax and two elementwise passes, so
-//! `training_graphs` seeds the backward pass at the logits with it.
+//! (softmax - (1-ε)·onehot - ε/V) · valid / count needs a softmax, one scaling pass and B·T scattered updates,
+//! so `training_graphs` seeds the backward pass at the logits with it.
 
 use anyhow::{bail, Result};
 
@@ -58,22 +58,23 @@ fn logits_shape(g: &Graph, logits: &str) -> Result<(usize, usize, usize)> {
 
 /// Adds `labels` i64[B, T] and the scalar loss; returns the loss value's name.
 pub fn add_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
-    let (b, t, v) = logits_shape(g, &spec.logits)?;
+    let (b, t, _) = logits_shape(g, &spec.logits)?;
     if spec.shift && t < 2 {
         bail!("a causal LM loss needs a sequence of at least 2 tokens (got {t})");
     }
     g.inputs.push(ValueInfo { name: "labels".into(), ty: ValueType::known(DType::I64, &[b, t]) });
     let (safe_u, validf) = targets(g, spec, b, t);
-    let last = g.add_const("loss/axis", Tensor::vec_i64(&[-1]));
     let lg = spec.logits.as_str();
-    // nll = logsumexp(logits) - logits[label], per position [B, T, 1].
-    let lse = g.op1("ReduceLogSumExp", &[lg, &last], vec![("keepdims", Attr::Int(1))], "loss/logsumexp");
-    let picked = g.op1("GatherElements", &[lg, &safe_u], vec![("axis", Attr::Int(-1))], "loss/picked");
-    let mut nll = g.op1("Sub", &[&lse, &picked], vec![], "loss/nll");
+    // nll = -log_softmax(logits)[label], per position [B, T, 1]. One LogSoftmax pass over the vocabulary
+    // (ONNX Runtime's ReduceLogSumExp is a scalar loop, ~10x slower than its Softmax kernels).
+    let logp = g.op1("LogSoftmax", &[lg], vec![("axis", Attr::Int(-1))], "loss/log_probs");
+    let picked = g.op1("GatherElements", &[&logp, &safe_u], vec![("axis", Attr::Int(-1))], "loss/picked");
+    let mut nll = g.op1("Neg", &[&picked], vec![], "loss/nll");
     if spec.smoothing > 0.0 {
-        // The uniform part: logsumexp - mean(logits) = -mean over the vocabulary of log p.
-        let mean = g.op1("ReduceMean", &[lg, &last], vec![("keepdims", Attr::Int(1))], "loss/mean_logit");
-        let uniform = g.op1("Sub", &[&lse, &mean], vec![], "loss/uniform");
+        // The uniform part: -mean over the vocabulary of log p.
+        let last = g.add_const("loss/axis", Tensor::vec_i64(&[-1]));
+        let mean = g.op1("ReduceMean", &[&logp, &last], vec![("keepdims", Attr::Int(1))], "loss/mean_log_prob");
+        let uniform = g.op1("Neg", &[&mean], vec![], "loss/uniform");
         let (a, e) = (
             g.add_const("loss/one_minus_eps", Tensor::scalar_f32(1.0 - spec.smoothing)),
             g.add_const("loss/eps", Tensor::scalar_f32(spec.smoothing)),
@@ -85,7 +86,6 @@ pub fn add_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     let masked = g.op1("Mul", &[&nll, &validf], vec![], "loss/masked");
     let total = g.op1("ReduceSum", &[&masked], vec![("keepdims", Attr::Int(0))], "loss/total");
     let count = g.op1("ReduceSum", &[&validf], vec![("keepdims", Attr::Int(0))], "loss/count");
-    let _ = v;
     Ok(g.op1("Div", &[&total, &count], vec![], "loss"))
 }
 
@@ -113,22 +113,24 @@ pub fn add_logits_gradient(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     let w = g.op1("Div", &[&validf, &count], vec![], "grad/loss/weight");
     let sm = g.op1("Softmax", &[lg], vec![("axis", Attr::Int(-1))], "grad/loss/softmax");
     let mut grad = g.op1("Mul", &[&sm, &w], vec![], "grad/loss/weighted");
-    // The label's column gets -(1-ε)·w: a one-hot mask, never a float one-hot tensor.
-    let vocab = g.add_const("loss/vocab", Tensor::i64(vec![v], (0..v as i64).collect()));
-    let hit = g.op1("Equal", &[&safe_u, &vocab], vec![], "grad/loss/label_column");
+    if spec.smoothing > 0.0 {
+        let c = g.add_const("grad/loss/eps_over_v", Tensor::scalar_f32(spec.smoothing / v as f32));
+        let u = g.op1("Mul", &[&w, &c], vec![], "grad/loss/uniform_weight");
+        grad = g.op1("Sub", &[&grad, &u], vec![], "grad/loss/logits_smoothed");
+    }
+    // The label's column gets -(1-ε)·w added in place: B·T updates, no pass over the vocabulary.
     let hit_w = if spec.smoothing > 0.0 {
         let a = g.add_const("loss/one_minus_eps", Tensor::scalar_f32(1.0 - spec.smoothing));
         g.op1("Mul", &[&w, &a], vec![], "grad/loss/label_weight")
     } else {
         w.clone()
     };
-    let zero = g.add_const("grad/loss/zero", Tensor::scalar_f32(0.0));
-    let label_part = g.op1("Where", &[&hit, &hit_w, &zero], vec![], "grad/loss/label_part");
-    grad = g.op1("Sub", &[&grad, &label_part], vec![], "grad/loss/logits");
-    if spec.smoothing > 0.0 {
-        let c = g.add_const("grad/loss/eps_over_v", Tensor::scalar_f32(spec.smoothing / v as f32));
-        let u = g.op1("Mul", &[&w, &c], vec![], "grad/loss/uniform_weight");
-        grad = g.op1("Sub", &[&grad, &u], vec![], "grad/loss/logits_smoothed");
-    }
+    let update = g.op1("Neg", &[&hit_w], vec![], "grad/loss/label_update");
+    grad = g.op1(
+        "ScatterElements",
+        &[&grad, &safe_u, &update],
+        vec![("axis", Attr::Int(-1)), ("reduction", Attr::Str("add".into()))],
+        "grad/loss/logits",
+    );
     Ok(grad)
 }

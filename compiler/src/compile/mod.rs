@@ -7,6 +7,7 @@ pub mod bart_generate;
 pub mod generate;
 pub mod init;
 pub mod loss;
+pub mod lower;
 pub mod optimizer;
 pub mod prefix;
 
@@ -292,6 +293,10 @@ pub(crate) fn training_graphs(
     let grad_values: BTreeMap<String, String> = names.iter().map(|n| (n.clone(), format!("grad.{n}"))).collect();
     optimizer::add_adamw(tg, &grad_values, opt);
     simplify(tg)?;
+    let mut eval = eval;
+    for g in [&mut grads_model.graph, &mut train_model.graph, &mut eval.graph] {
+        lower::lower_for_runtime(g)?;
+    }
     Ok(vec![
         ("grads".to_string(), grads_model),
         ("train_step".to_string(), train_model),

@@ -1,0 +1,163 @@
+//! Last rewrites of a finished graph, after autodiff: forms that run faster on ONNX Runtime and tract but that
+//! autodiff must not see.
+//!
+//! - A 2-D transpose feeding a matrix product becomes a `transA`/`transB` flag of a Gemm (the export's LM head
+//!   is `MatMul(h, Transpose(wte))`: without this, every step copies the 154 MB embedding into a transposed
+//!   tensor, or the runtime keeps a second, folded copy), and a transposed Gemm result is the Gemm of the
+//!   swapped operands (the prefix MLP's weight gradient comes out in its stored layout).
+//! - `Pow(x, 3)` (GPT-2's tanh GELU) becomes `x·x·x`: tract evaluates Pow with `powf`, element by element.
+//!   Rewritten before autodiff, the product would make the backward keep x² alive for every layer; here the
+//!   backward is already built from x alone.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+
+use crate::ir::{Attr, Graph, Node};
+use crate::tensor::Tensor;
+use crate::simplify::simplify;
+
+/// Applies every rewrite until none applies; returns how many were made.
+pub fn lower_for_runtime(g: &mut Graph) -> Result<usize> {
+    let mut total = 0;
+    loop {
+        g.toposort()?;
+        let n = transposes_into_gemm(g)? + cubes_as_products(g);
+        if n == 0 {
+            break;
+        }
+        total += n;
+        g.toposort()?;
+        simplify(g)?;
+    }
+    Ok(total)
+}
+
+/// The source of `v` when `v` is a 2-D `Transpose(src, perm=[1, 0])`.
+fn transposed_2d(g: &Graph, producers: &HashMap<String, usize>, v: &str) -> Option<String> {
+    let n = &g.nodes[*producers.get(v)?];
+    let two_d = g.shape_of(&n.inputs[0]).is_some_and(|s| s.len() == 2);
+    (n.op == "Transpose" && n.domain.is_empty() && n.ints("perm") == Some(&[1, 0]) && two_d)
+        .then(|| n.inputs[0].clone())
+}
+
+fn flag(n: &Node, key: &str) -> bool {
+    n.int(key).unwrap_or(0) != 0
+}
+
+fn transposes_into_gemm(g: &mut Graph) -> Result<usize> {
+    let producers = g.producers();
+    let consumers = g.consumers();
+    let mut changed = 0;
+    let mut extra: Vec<(usize, Vec<Node>)> = Vec::new();
+    for i in 0..g.nodes.len() {
+        let n = g.nodes[i].clone();
+        if !n.domain.is_empty() {
+            continue;
+        }
+        match n.op.as_str() {
+            // MatMul(X, Wᵀ) -> Gemm(X, W, transB) over X's rows (reshaped to 2-D and back when X has batch axes).
+            "MatMul" => {
+                let Some(w) = transposed_2d(g, &producers, &n.inputs[1]) else { continue };
+                let (Some(xs), Some(ys)) = (g.shape_of(&n.inputs[0]), g.shape_of(&n.outputs[0])) else { continue };
+                if xs.len() < 2 {
+                    continue;
+                }
+                let k = xs[xs.len() - 1] as i64;
+                if xs.len() == 2 {
+                    let mut gemm = Node::new(n.name.clone(), "Gemm", vec![n.inputs[0].clone(), w], n.outputs.clone());
+                    gemm.attrs.insert("transB".into(), Attr::Int(1));
+                    g.nodes[i] = gemm;
+                } else {
+                    let flat = g.add_const(&format!("{}/rows", n.name), Tensor::vec_i64(&[-1, k]));
+                    let back = g.add_const(
+                        &format!("{}/shape", n.name),
+                        Tensor::vec_i64(&ys.iter().map(|&d| d as i64).collect::<Vec<_>>()),
+                    );
+                    let x2 = g.fresh(&format!("{}/x2d", n.name));
+                    let y2 = g.fresh(&format!("{}/y2d", n.name));
+                    let reshape_in = Node::new(
+                        g.fresh(&format!("{}/x2d.node", n.name)),
+                        "Reshape",
+                        vec![n.inputs[0].clone(), flat],
+                        vec![x2.clone()],
+                    );
+                    let mut gemm = Node::new(g.fresh(&format!("{}/gemm.node", n.name)), "Gemm", vec![x2, w], vec![
+                        y2.clone(),
+                    ]);
+                    gemm.attrs.insert("transB".into(), Attr::Int(1));
+                    let reshape_out = Node::new(n.name.clone(), "Reshape", vec![y2, back], n.outputs.clone());
+                    g.nodes[i] = reshape_out;
+                    extra.push((i, vec![reshape_in, gemm]));
+                }
+                changed += 1;
+            }
+            // Gemm(Aᵀ?, Bᵀ?) with a transposed operand reads the operand as stored and flips its flag.
+            "Gemm" => {
+                let mut node = n.clone();
+                for (pos, key) in [(0, "transA"), (1, "transB")] {
+                    if let Some(src) = transposed_2d(g, &producers, &n.inputs[pos]) {
+                        node.inputs[pos] = src;
+                        node.attrs.insert(key.into(), Attr::Int(i64::from(!flag(&n, key))));
+                        changed += 1;
+                    }
+                }
+                g.nodes[i] = node;
+            }
+            // Transpose(Gemm(A, B)) = Gemm(B, A) with the flags swapped and flipped, when the Gemm has no bias
+            // and nothing else reads its result.
+            "Transpose" if n.ints("perm") == Some(&[1, 0]) => {
+                let Some(&p) = producers.get(&n.inputs[0]) else { continue };
+                let m = &g.nodes[p];
+                let plain = m.op == "Gemm"
+                    && m.domain.is_empty()
+                    && m.inputs.len() == 2
+                    && m.float("alpha").unwrap_or(1.0) == 1.0
+                    && consumers.get(&n.inputs[0]).map(Vec::len) == Some(1)
+                    && !g.is_output(&n.inputs[0]);
+                if !plain {
+                    continue;
+                }
+                let mut gemm =
+                    Node::new(n.name.clone(), "Gemm", vec![m.inputs[1].clone(), m.inputs[0].clone()], n.outputs.clone());
+                gemm.attrs.insert("transA".into(), Attr::Int(i64::from(!flag(m, "transB"))));
+                gemm.attrs.insert("transB".into(), Attr::Int(i64::from(!flag(m, "transA"))));
+                g.nodes[i] = gemm;
+                changed += 1;
+            }
+            _ => {}
+        }
+    }
+    // Insert the reshapes in front of the node they feed (from the back, so indices stay valid).
+    for (i, nodes) in extra.into_iter().rev() {
+        for (k, node) in nodes.into_iter().enumerate() {
+            g.nodes.insert(i + k, node);
+        }
+    }
+    Ok(changed)
+}
+
+fn cubes_as_products(g: &mut Graph) -> usize {
+    let mut changed = 0;
+    let mut i = 0;
+    while i < g.nodes.len() {
+        let n = &g.nodes[i];
+        let cube = n.op == "Pow"
+            && n.domain.is_empty()
+            && g.initializers.get(&n.inputs[1]).is_some_and(|t| t.len() == 1 && t.as_f64s().is_some_and(|v| v[0] == 3.0));
+        if !cube {
+            i += 1;
+            continue;
+        }
+        let (name, x, y) = (n.name.clone(), n.inputs[0].clone(), n.outputs[0].clone());
+        let sq = g.fresh(&format!("{name}/square"));
+        let first = Node::new(g.fresh(&format!("{name}/square.node")), "Mul", vec![x.clone(), x.clone()], vec![
+            sq.clone(),
+        ]);
+        g.nodes[i] = Node::new(name, "Mul", vec![sq, x], vec![y]);
+        g.nodes.insert(i, first);
+        changed += 1;
+        i += 2;
+    }
+    changed
+}

@@ -1,0 +1,157 @@
+//! The runtime lowering (`compiler/src/compile/lower.rs`) must not change what a graph computes: each pattern it
+//! rewrites is built on its own, run before and after lowering on tract and ONNX Runtime (unless
+//! `PFX_SKIP_ORT=1`), and the outputs compared; the lowered graph must no longer hold the pattern.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use pfx_compiler::compile::lower::lower_for_runtime;
+use pfx_compiler::ir::{Attr, Graph, Model, ValueInfo, ValueType};
+use pfx_compiler::onnx_io;
+use pfx_compiler::specialize::fold_and_infer;
+use pfx_compiler::tensor::{DType, Tensor};
+use pfx_runtime::{open, HostTensor, OrtOptions};
+
+mod common;
+
+fn values(shape: &[usize], seed: u64) -> HostTensor {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let n = shape.iter().product();
+    let v = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect();
+    HostTensor::from_f32(shape.to_vec(), v).unwrap()
+}
+
+struct Case {
+    g: Graph,
+    feeds: BTreeMap<String, HostTensor>,
+}
+
+impl Case {
+    fn new() -> Case {
+        Case { g: Graph::default(), feeds: BTreeMap::new() }
+    }
+    fn input(&mut self, name: &str, shape: &[usize]) -> String {
+        self.g.inputs.push(ValueInfo { name: name.into(), ty: ValueType::known(DType::F32, shape) });
+        self.feeds.insert(name.into(), values(shape, self.feeds.len() as u64 + 1));
+        name.into()
+    }
+    fn t(&mut self, x: &str) -> String {
+        self.g.op1("Transpose", &[x], vec![("perm", Attr::Ints(vec![1, 0]))], "t")
+    }
+    fn save(&self, g: &Graph, outs: &[&str], file: &str) -> PathBuf {
+        let mut g = g.clone();
+        g.outputs =
+            outs.iter().map(|o| ValueInfo { name: o.to_string(), ty: g.type_of(o).expect("typed output") }).collect();
+        let dir = std::env::temp_dir().join(format!("pfx-lower-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(file);
+        onnx_io::save(&Model { graph: g, opset: 18, ir_version: 8, ..Model::default() }, &path, None).unwrap();
+        path
+    }
+    /// Lowers, checks the lowered graph has none of `gone`, and compares outputs on every backend.
+    fn check(mut self, name: &str, outs: &[&str], gone: &[&str]) {
+        fold_and_infer(&mut self.g).unwrap();
+        self.g.outputs = outs
+            .iter()
+            .map(|o| ValueInfo { name: o.to_string(), ty: self.g.type_of(o).expect("typed output") })
+            .collect();
+        let before = self.save(&self.g, outs, &format!("{name}-before.onnx"));
+        let mut lowered = self.g.clone();
+        let n = lower_for_runtime(&mut lowered).unwrap();
+        assert!(n > 0, "{name}: nothing was lowered");
+        for op in gone {
+            assert!(
+                lowered.nodes.iter().all(|n| n.op != *op),
+                "{name}: the lowered graph still has a {op}: {:?}",
+                lowered.op_histogram()
+            );
+        }
+        let after = self.save(&lowered, outs, &format!("{name}-after.onnx"));
+        for kind in common::backends() {
+            let run = |p: &PathBuf| {
+                let mut b = open(p, kind, &OrtOptions::default()).unwrap_or_else(|e| panic!("{name} [{kind}]: {e:#}"));
+                b.run(&self.feeds).unwrap_or_else(|e| panic!("{name} [{kind}]: {e:#}"))
+            };
+            let (want, got) = (run(&before), run(&after));
+            for o in outs {
+                let (w, g) = (&want[*o], &got[*o]);
+                assert_eq!(w.shape(), g.shape(), "{name} [{kind}]: shape of {o}");
+                let (w, g) = (w.to_f64_vec(), g.to_f64_vec());
+                let err = w.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                let scale = w.iter().map(|a| a.abs()).fold(0.0, f64::max);
+                assert!(err <= 1e-6 * scale.max(1.0), "{name} [{kind}]: {o} differs by {err:e} (scale {scale})");
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_with_a_transposed_weight_becomes_gemm() {
+    let mut c = Case::new();
+    let x = c.input("x", &[2, 3, 4]);
+    let x2 = c.input("x2", &[3, 4]);
+    let w = c.input("w", &[5, 4]);
+    let wt = c.t(&w);
+    let y = c.g.op1("MatMul", &[&x, &wt], vec![], "y");
+    let y2 = c.g.op1("MatMul", &[&x2, &wt], vec![], "y2");
+    c.check("matmul", &[&y, &y2], &["Transpose", "MatMul"]);
+}
+
+#[test]
+fn gemm_reads_transposed_operands_as_stored() {
+    let mut c = Case::new();
+    let a = c.input("a", &[4, 3]);
+    let b = c.input("b", &[6, 4]);
+    let bias = c.input("bias", &[6]);
+    let (at, bt) = (c.t(&a), c.t(&b));
+    // transA on a transposed A reads A plainly; a transposed B with transB=0 becomes transB=1.
+    let y = c.g.op1("Gemm", &[&at, &bt, &bias], vec![("transB", Attr::Int(0))], "y");
+    let y2 = c.g.op1("Gemm", &[&at, &b], vec![("transB", Attr::Int(1)), ("alpha", Attr::Float(0.5))], "y2");
+    c.check("gemm", &[&y, &y2], &["Transpose"]);
+}
+
+#[test]
+fn transposed_gemm_swaps_its_operands() {
+    let mut c = Case::new();
+    let a = c.input("a", &[4, 3]);
+    let d = c.input("d", &[4, 6]);
+    // The prefix MLP's weight gradient: (aᵀ d)ᵀ.
+    let g = c.g.op1("Gemm", &[&a, &d], vec![("transA", Attr::Int(1))], "g");
+    let y = c.t(&g);
+    c.check("transposed-gemm", &[&y], &["Transpose"]);
+}
+
+#[test]
+fn cube_becomes_products() {
+    let mut c = Case::new();
+    let x = c.input("x", &[3, 7]);
+    let three = c.g.add_const("three", Tensor::scalar_f32(3.0));
+    let y = c.g.op1("Pow", &[&x, &three], vec![], "y");
+    c.check("cube", &[&y], &["Pow"]);
+}
+
+#[test]
+fn a_transpose_with_other_readers_is_kept_for_them() {
+    let mut c = Case::new();
+    let a = c.input("a", &[4, 3]);
+    let d = c.input("d", &[4, 6]);
+    let g = c.g.op1("Gemm", &[&a, &d], vec![("transA", Attr::Int(1))], "g");
+    let y = c.t(&g);
+    let z = c.g.op1("Tanh", &[&g], vec![], "z");
+    // The Gemm's result is read twice: the transposed copy stays (no second product).
+    let mut g2 = c.g.clone();
+    fold_and_infer(&mut g2).unwrap();
+    g2.outputs = vec![
+        ValueInfo { name: y.clone(), ty: g2.type_of(&y).unwrap() },
+        ValueInfo { name: z.clone(), ty: g2.type_of(&z).unwrap() },
+    ];
+    assert_eq!(lower_for_runtime(&mut g2).unwrap(), 0);
+    assert_eq!(g2.nodes.iter().filter(|n| n.op == "Gemm").count(), 1);
+}
