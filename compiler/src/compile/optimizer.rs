@@ -28,11 +28,13 @@ pub fn add_adamw(g: &mut Graph, grads: &BTreeMap<String, String>, opt: &AdamW) {
     let f = |g: &mut Graph, x: f32| g.add_const("adam/c", Tensor::scalar_f32(x));
     g.inputs.push(ValueInfo { name: "lr".into(), ty: ValueType::known(DType::F32, &[]) });
     g.inputs.push(ValueInfo { name: "step".into(), ty: ValueType::known(DType::I64, &[]) });
-    // Global norm over all gradients (before clipping).
+    // Global norm over all gradients (before clipping). The squares are kept: v's update reuses them.
     let mut total: Option<String> = None;
-    for gr in grads.values() {
+    let mut squares = BTreeMap::new();
+    for (name, gr) in grads {
         let sq = g.op1("Mul", &[gr, gr], vec![], "adam/grad_sq");
         let s = g.op1("ReduceSum", &[&sq], vec![("keepdims", crate::ir::Attr::Int(0))], "adam/grad_sq_sum");
+        squares.insert(name.clone(), sq);
         total = Some(match total {
             None => s,
             Some(t) => g.op1("Add", &[&t, &s], vec![], "adam/grad_sq_total"),
@@ -53,6 +55,15 @@ pub fn add_adamw(g: &mut Graph, grads: &BTreeMap<String, String>, opt: &AdamW) {
         g.op1("Cast", &["step"], vec![("to", crate::ir::Attr::Int(DType::F32.onnx_code() as i64))], "adam/step_f");
     let (b1, b2) = (f(g, opt.beta1), f(g, opt.beta2));
     let (omb1, omb2) = (f(g, 1.0 - opt.beta1), f(g, 1.0 - opt.beta2));
+    // The clip coefficient goes into the scalars: (c·g)·(1-β1) = g·(c·(1-β1)) and (c·g)² (1-β2) = g²·(c²·(1-β2)),
+    // so no clipped copy of a gradient is ever made.
+    let (m_scale, v_scale) = match &clip {
+        Some(c) => {
+            let c2 = g.op1("Mul", &[c, c], vec![], "adam/clip_coef_sq");
+            (g.op1("Mul", &[c, &omb1], vec![], "adam/m_scale"), g.op1("Mul", &[&c2, &omb2], vec![], "adam/v_scale"))
+        }
+        None => (omb1, omb2),
+    };
     let one = f(g, 1.0);
     let b1t = g.op1("Pow", &[&b1, &stepf], vec![], "adam/beta1_pow");
     let b2t = g.op1("Pow", &[&b2, &stepf], vec![], "adam/beta2_pow");
@@ -61,26 +72,27 @@ pub fn add_adamw(g: &mut Graph, grads: &BTreeMap<String, String>, opt: &AdamW) {
     let step_size = g.op1("Div", &["lr", &bc1], vec![], "adam/step_size");
     let bc2s = g.op1("Sqrt", &[&bc2], vec![], "adam/bias_correction2_sqrt");
     let eps = f(g, opt.eps);
-    let wd = f(g, opt.weight_decay);
-    let lrwd = g.op1("Mul", &["lr", &wd], vec![], "adam/lr_wd");
-    let decay = g.op1("Sub", &[&one, &lrwd], vec![], "adam/decay");
+    // Decoupled weight decay p·(1 - lr·wd); with wd = 0 (the default) the parameter is used as it is.
+    let decay = (opt.weight_decay != 0.0).then(|| {
+        let wd = f(g, opt.weight_decay);
+        let lrwd = g.op1("Mul", &["lr", &wd], vec![], "adam/lr_wd");
+        g.op1("Sub", &[&one, &lrwd], vec![], "adam/decay")
+    });
     for (name, gr) in grads {
         let shape = g.shape_of(name).unwrap_or_default();
         let (m, v) = (format!("adam.m.{name}"), format!("adam.v.{name}"));
         for s in [&m, &v] {
             g.inputs.push(ValueInfo { name: s.clone(), ty: ValueType::known(DType::F32, &shape) });
         }
-        let gc = match &clip {
-            Some(c) => g.op1("Mul", &[gr, c], vec![], &format!("adam/{name}/clipped")),
-            None => gr.clone(),
+        let p1 = match &decay {
+            Some(d) => g.op1("Mul", &[name, d], vec![], &format!("adam/{name}/decayed")),
+            None => name.clone(),
         };
-        let p1 = g.op1("Mul", &[name, &decay], vec![], &format!("adam/{name}/decayed"));
         let m1 = g.op1("Mul", &[&m, &b1], vec![], &format!("adam/{name}/m_b1"));
-        let m2 = g.op1("Mul", &[&gc, &omb1], vec![], &format!("adam/{name}/m_g"));
+        let m2 = g.op1("Mul", &[gr, &m_scale], vec![], &format!("adam/{name}/m_g"));
         let new_m = g.op1("Add", &[&m1, &m2], vec![], &format!("new.adam.m.{name}"));
         let v1 = g.op1("Mul", &[&v, &b2], vec![], &format!("adam/{name}/v_b2"));
-        let g2 = g.op1("Mul", &[&gc, &gc], vec![], &format!("adam/{name}/g_sq"));
-        let v2 = g.op1("Mul", &[&g2, &omb2], vec![], &format!("adam/{name}/v_g"));
+        let v2 = g.op1("Mul", &[&squares[name], &v_scale], vec![], &format!("adam/{name}/v_g"));
         let new_v = g.op1("Add", &[&v1, &v2], vec![], &format!("new.adam.v.{name}"));
         let vs = g.op1("Sqrt", &[&new_v], vec![], &format!("adam/{name}/v_sqrt"));
         let vh = g.op1("Div", &[&vs, &bc2s], vec![], &format!("adam/{name}/v_hat"));
