@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         values.push(tt.into_tvalue());
     }
     pfx_runtime::tract_backend::init_threads();
-    let plan = model.into_optimized()?.into_runnable()?;
+    let plan = pfx_runtime::tract_backend::optimize(model)?.into_runnable()?;
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut by_node: HashMap<String, f64> = HashMap::new();
     let mut total = 0.0;

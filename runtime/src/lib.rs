@@ -8,6 +8,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod alloc;
 pub mod backend;
 pub mod bundle;
 pub mod commands;
