@@ -301,7 +301,8 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             if a.shape.len() != 2 || b.shape.len() != 2 || !a.dtype().is_float() {
                 return Ok(None);
             }
-            let t = |x: &Tensor, key: &str| if node.int(key).unwrap_or(0) != 0 { transpose(x, &[1, 0]) } else { x.clone() };
+            let t =
+                |x: &Tensor, key: &str| if node.int(key).unwrap_or(0) != 0 { transpose(x, &[1, 0]) } else { x.clone() };
             let mut y = matmul_2d(&t(a, "transA"), &t(b, "transB"))?;
             let alpha = node.float("alpha").unwrap_or(1.0) as f64;
             if alpha != 1.0 {

@@ -197,13 +197,14 @@ pub fn optimize(model: InferenceModel) -> TractResult<TypedModel> {
 /// GPT-2 embedding on every step (~0.1 s of a 2 s step). Split, each product folds its own packed copy and the
 /// unpacked tensor is freed once nothing reads it.
 fn split_shared_weights(model: &mut TypedModel) -> TractResult<()> {
-    const LARGE: usize = 4 << 20;
+    // tract's CONST_FOLD_MEM_BUDGET: anything up to this size is folded whatever its readers.
+    const BUDGET: usize = 4 << 20;
     let shared: Vec<(usize, Arc<Tensor>)> = model
         .nodes
         .iter()
         .filter(|n| n.outputs.len() == 1 && n.outputs[0].successors.len() > 1)
         .filter_map(|n| n.op_as::<tract_onnx::tract_core::ops::konst::Const>().map(|c| (n.id, c.val().clone())))
-        .filter(|(_, v)| v.volume() * v.datum_type().size_of() >= LARGE)
+        .filter(|(_, v)| v.volume() * v.datum_type().size_of() > BUDGET)
         .collect();
     for (id, value) in shared {
         let readers: Vec<InletId> = model.nodes[id].outputs[0].successors.iter().skip(1).cloned().collect();

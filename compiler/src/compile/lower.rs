@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use anyhow::Result;
 
 use crate::ir::{Attr, Graph, Node};
-use crate::tensor::Tensor;
 use crate::simplify::simplify;
+use crate::tensor::Tensor;
 
 /// Applies every rewrite until none applies; returns how many were made.
 pub fn lower_for_runtime(g: &mut Graph) -> Result<usize> {
@@ -82,9 +82,8 @@ fn transposes_into_gemm(g: &mut Graph) -> Result<usize> {
                         vec![n.inputs[0].clone(), flat],
                         vec![x2.clone()],
                     );
-                    let mut gemm = Node::new(g.fresh(&format!("{}/gemm.node", n.name)), "Gemm", vec![x2, w], vec![
-                        y2.clone(),
-                    ]);
+                    let mut gemm =
+                        Node::new(g.fresh(&format!("{}/gemm.node", n.name)), "Gemm", vec![x2, w], vec![y2.clone()]);
                     gemm.attrs.insert("transB".into(), Attr::Int(1));
                     let reshape_out = Node::new(n.name.clone(), "Reshape", vec![y2, back], n.outputs.clone());
                     g.nodes[i] = reshape_out;
@@ -118,8 +117,12 @@ fn transposes_into_gemm(g: &mut Graph) -> Result<usize> {
                 if !plain {
                     continue;
                 }
-                let mut gemm =
-                    Node::new(n.name.clone(), "Gemm", vec![m.inputs[1].clone(), m.inputs[0].clone()], n.outputs.clone());
+                let mut gemm = Node::new(
+                    n.name.clone(),
+                    "Gemm",
+                    vec![m.inputs[1].clone(), m.inputs[0].clone()],
+                    n.outputs.clone(),
+                );
                 gemm.attrs.insert("transA".into(), Attr::Int(i64::from(!flag(m, "transB"))));
                 gemm.attrs.insert("transB".into(), Attr::Int(i64::from(!flag(m, "transA"))));
                 g.nodes[i] = gemm;
@@ -144,16 +147,17 @@ fn cubes_as_products(g: &mut Graph) -> usize {
         let n = &g.nodes[i];
         let cube = n.op == "Pow"
             && n.domain.is_empty()
-            && g.initializers.get(&n.inputs[1]).is_some_and(|t| t.len() == 1 && t.as_f64s().is_some_and(|v| v[0] == 3.0));
+            && g.initializers
+                .get(&n.inputs[1])
+                .is_some_and(|t| t.len() == 1 && t.as_f64s().is_some_and(|v| v[0] == 3.0));
         if !cube {
             i += 1;
             continue;
         }
         let (name, x, y) = (n.name.clone(), n.inputs[0].clone(), n.outputs[0].clone());
         let sq = g.fresh(&format!("{name}/square"));
-        let first = Node::new(g.fresh(&format!("{name}/square.node")), "Mul", vec![x.clone(), x.clone()], vec![
-            sq.clone(),
-        ]);
+        let first =
+            Node::new(g.fresh(&format!("{name}/square.node")), "Mul", vec![x.clone(), x.clone()], vec![sq.clone()]);
         g.nodes[i] = Node::new(name, "Mul", vec![sq, x], vec![y]);
         g.nodes.insert(i, first);
         changed += 1;
