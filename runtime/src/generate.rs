@@ -56,11 +56,6 @@ impl Generator {
         self.spec.rows
     }
 
-    fn check(&self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<()> {
-        let sp = &self.spec;
-        search::check_request(prompts, "prompt", sp.prompt_len, sp.max_new, sp.rows, cfg)
-    }
-
     /// Prefills R rows (left-padded prompts); returns the state and the last position's logits [R, V].
     fn prefill(&mut self, prompts: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
         let (r, tp, p) = (self.spec.rows, self.spec.prompt_len, self.prefix_len);
@@ -158,41 +153,36 @@ impl Generator {
     /// Greedy decoding of any number of prompts (processed R at a time). Returns the new tokens of each
     /// prompt, stopping after eos (not included).
     pub fn greedy(&mut self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
-        self.check(prompts, cfg)?;
-        let r = self.spec.rows;
-        let mut out = Vec::with_capacity(prompts.len());
-        for chunk in prompts.chunks(r) {
-            let mut rows_prompts: Vec<Vec<i64>> = chunk.to_vec();
-            while rows_prompts.len() < r {
-                rows_prompts.push(vec![cfg.pad]);
-            }
-            let (rows, logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
-            let mut state = Running { gen: self, rows };
-            out.extend(search::greedy(&mut state, logits, chunk.len(), cfg)?);
-        }
-        Ok(out)
+        search::greedy_all(self, prompts, cfg)
     }
 
     /// Beam search, as many prompts at a time as the rows hold (`rows / beams`). Returns each prompt's best
     /// hypothesis's new tokens.
     pub fn beam_search(&mut self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
-        self.check(prompts, cfg)?;
-        let (r, k) = (self.spec.rows, cfg.beams);
-        let mut out = Vec::new();
-        for chunk in prompts.chunks(r / k) {
-            let mut rows_prompts: Vec<Vec<i64>> =
-                chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
-            rows_prompts.resize(r, chunk[0].clone());
-            let (rows, logits) = self.prefill(&rows_prompts, cfg.pad, cfg.no_prefix)?;
-            let mut state = Running { gen: self, rows };
-            out.extend(search::beam_groups(&mut state, logits, chunk.len(), cfg)?);
-        }
-        Ok(out)
+        search::beam_all(self, prompts, cfg)
+    }
+}
+
+impl search::Start for Generator {
+    type Running<'a> = Running<'a>;
+
+    fn rows(&self) -> usize {
+        self.spec.rows
+    }
+
+    fn check(&self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<()> {
+        let sp = &self.spec;
+        search::check_request(prompts, "prompt", sp.prompt_len, sp.max_new, sp.rows, cfg)
+    }
+
+    fn start<'a>(&'a mut self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<(Running<'a>, Vec<Vec<f32>>)> {
+        let (rows, logits) = self.prefill(prompts, cfg.pad, cfg.no_prefix)?;
+        Ok((Running { gen: self, rows }, logits))
     }
 }
 
 /// A prefilled batch the search drives.
-struct Running<'a> {
+pub struct Running<'a> {
     gen: &'a mut Generator,
     rows: Rows,
 }

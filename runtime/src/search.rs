@@ -63,6 +63,49 @@ pub trait Decoding {
     fn reorder(&mut self, parents: &[usize]);
 }
 
+/// A model the searches drive R rows at a time, each row started from one input (a prompt, a source).
+pub trait Start {
+    type Running<'a>: Decoding
+    where
+        Self: 'a;
+    /// Rows decoded together (the generation graphs' batch).
+    fn rows(&self) -> usize;
+    /// Refuses a request the generation graphs cannot serve (`check_request`).
+    fn check(&self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<()>;
+    /// Starts `rows()` rows from as many inputs; returns the running state and each row's first logits.
+    fn start<'a>(&'a mut self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<(Self::Running<'a>, Vec<Vec<f32>>)>;
+}
+
+/// Greedy decoding of any number of inputs, R at a time (idle rows hold a pad token). Returns each input's new
+/// tokens, stopping after eos (not included).
+pub fn greedy_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
+    model.check(inputs, cfg)?;
+    let r = model.rows();
+    let mut out = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(r) {
+        let mut rows = chunk.to_vec();
+        rows.resize(r, vec![cfg.pad]);
+        let (mut state, logits) = model.start(&rows, cfg)?;
+        out.extend(greedy(&mut state, logits, chunk.len(), cfg)?);
+    }
+    Ok(out)
+}
+
+/// Beam search over any number of inputs, as many at a time as the rows hold (R / beams). Returns each input's
+/// best hypothesis's new tokens.
+pub fn beam_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
+    model.check(inputs, cfg)?;
+    let (r, k) = (model.rows(), cfg.beams);
+    let mut out = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(r / k) {
+        let mut rows: Vec<Vec<i64>> = chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
+        rows.resize(r, chunk[0].clone());
+        let (mut state, logits) = model.start(&rows, cfg)?;
+        out.extend(beam_groups(&mut state, logits, chunk.len(), cfg)?);
+    }
+    Ok(out)
+}
+
 /// Greedy decoding of the first `live` rows, starting from the logits after the prompt. Returns each row's
 /// new tokens, stopping after eos (not included).
 pub fn greedy(

@@ -54,14 +54,9 @@ impl Seq2SeqGenerator {
         self.spec.src_len
     }
 
-    fn check(&self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<()> {
-        let sp = &self.spec;
-        search::check_request(sources, "source", sp.src_len, sp.max_new, sp.rows, cfg)
-    }
-
     /// Encodes R right-padded sources, seeds the caches and feeds the decoder start token; returns the state and
     /// the first logits.
-    fn start(&mut self, sources: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
+    fn encode_and_start(&mut self, sources: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
         let sp = &self.spec;
         let (r, s, c, p, pc) = (sp.rows, sp.src_len, sp.capacity, sp.self_prefix, sp.cross_prefix);
         let (h, d) = (sp.heads, sp.head_dim);
@@ -196,10 +191,10 @@ impl Seq2SeqGenerator {
         if n == 0 || n > self.spec.max_new || tokens.iter().any(|t| t.len() != n) {
             bail!("token rows must have the same length, between 1 and {}", self.spec.max_new);
         }
-        self.check(sources, &GenConfig { max_new: n, beams: 1, ..cfg.clone() })?;
+        search::Start::check(self, sources, &GenConfig { max_new: n, beams: 1, ..cfg.clone() })?;
         let mut rows_src = sources.to_vec();
         rows_src.resize(r, vec![cfg.pad]);
-        let (mut rows, logits) = self.start(&rows_src, cfg.pad, cfg.no_prefix)?;
+        let (mut rows, logits) = self.encode_and_start(&rows_src, cfg.pad, cfg.no_prefix)?;
         let mut out: Vec<Vec<Vec<f32>>> = logits.into_iter().take(sources.len()).map(|l| vec![l]).collect();
         for step in 0..n - 1 {
             let mut feed = vec![cfg.pad; r];
@@ -217,38 +212,34 @@ impl Seq2SeqGenerator {
     /// Greedy decoding of any number of sources (R at a time). Returns each source's new tokens, stopping after
     /// eos (not included).
     pub fn greedy(&mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
-        self.check(sources, cfg)?;
-        let r = self.spec.rows;
-        let mut out = Vec::with_capacity(sources.len());
-        for chunk in sources.chunks(r) {
-            let mut rows_src: Vec<Vec<i64>> = chunk.to_vec();
-            while rows_src.len() < r {
-                rows_src.push(vec![cfg.pad]);
-            }
-            let (rows, logits) = self.start(&rows_src, cfg.pad, cfg.no_prefix)?;
-            let mut state = Running { gen: self, rows };
-            out.extend(search::greedy(&mut state, logits, chunk.len(), cfg)?);
-        }
-        Ok(out)
+        search::greedy_all(self, sources, cfg)
     }
 
     /// Beam search, as many sources at a time as the rows hold (`rows / beams`).
     pub fn beam_search(&mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
-        self.check(sources, cfg)?;
-        let (r, k) = (self.spec.rows, cfg.beams);
-        let mut out = Vec::new();
-        for chunk in sources.chunks(r / k) {
-            let mut rows_src: Vec<Vec<i64>> = chunk.iter().flat_map(|s| std::iter::repeat_n(s.clone(), k)).collect();
-            rows_src.resize(r, chunk[0].clone());
-            let (rows, logits) = self.start(&rows_src, cfg.pad, cfg.no_prefix)?;
-            let mut state = Running { gen: self, rows };
-            out.extend(search::beam_groups(&mut state, logits, chunk.len(), cfg)?);
-        }
-        Ok(out)
+        search::beam_all(self, sources, cfg)
     }
 }
 
-struct Running<'a> {
+impl search::Start for Seq2SeqGenerator {
+    type Running<'a> = Running<'a>;
+
+    fn rows(&self) -> usize {
+        self.spec.rows
+    }
+
+    fn check(&self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<()> {
+        let sp = &self.spec;
+        search::check_request(sources, "source", sp.src_len, sp.max_new, sp.rows, cfg)
+    }
+
+    fn start<'a>(&'a mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<(Running<'a>, Vec<Vec<f32>>)> {
+        let (rows, logits) = self.encode_and_start(sources, cfg.pad, cfg.no_prefix)?;
+        Ok((Running { gen: self, rows }, logits))
+    }
+}
+
+pub struct Running<'a> {
     gen: &'a mut Seq2SeqGenerator,
     rows: Rows,
 }
