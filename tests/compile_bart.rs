@@ -26,7 +26,6 @@ const FIXTURES: &[&str] = &["bart-enc-deep", "bart-dec-deep"];
 const MODES: &[BartPrefix] = &[BartPrefix::Peft, BartPrefix::Paper];
 const PARAMS: &[&str] = &["reparam", "noreparam"];
 // The reference script's setup.
-const P: usize = 4;
 const M: usize = 16;
 const B: usize = 3;
 const S: usize = 7;
@@ -41,18 +40,12 @@ fn reference(fixture: &str, mode: BartPrefix, param: &str) -> BTreeMap<String, H
 }
 
 fn options(mode: BartPrefix, param: &str, max_norm: f32, label_smoothing: f32) -> BartOptions {
+    // Small generation graphs ride along: every bundle test checks them too (onnx.checker, snapshots).
+    let generation = Some(BartGenShape { rows: 2, src_len: S, max_new: 4 });
     BartOptions {
-        mode,
-        prefix_len: P,
-        mid_dim: if param == "reparam" { Some(M) } else { None },
-        batch: B,
-        src_len: S,
-        tgt_len: T,
         label_smoothing,
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
-        seed: 0,
-        // Small generation graphs ride along: every bundle test checks them too (onnx.checker, snapshots).
-        generation: Some(BartGenShape { rows: 2, src_len: S, max_new: 4 }),
+        ..common::bart_options(mode, (param == "reparam").then_some(M), generation)
     }
 }
 

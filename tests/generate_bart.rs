@@ -11,9 +11,8 @@ use common::backends;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use pfx_compiler::compile::bart::{compile_bart, read_bart_spec, BartOptions, BartPrefix};
+use pfx_compiler::compile::bart::{compile_bart, read_bart_spec, BartPrefix};
 use pfx_compiler::compile::bart_generate::BartGenShape;
-use pfx_compiler::compile::optimizer::AdamW;
 use pfx_runtime::bundle::Bundle;
 use pfx_runtime::generate::GenConfig;
 use pfx_runtime::seq2seq::Seq2SeqGenerator;
@@ -32,18 +31,11 @@ fn bundle(fixture: &str, mode: BartPrefix, test: &str) -> PathBuf {
 
 fn bundle_rows(fixture: &str, mode: BartPrefix, test: &str, rows: usize, param: &str) -> PathBuf {
     let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-{test}-{fixture}-{mode}-{param}", std::process::id()));
-    let opts = BartOptions {
+    let opts = common::bart_options(
         mode,
-        prefix_len: 4,
-        mid_dim: (param == "reparam").then_some(16),
-        batch: 3,
-        src_len: 7,
-        tgt_len: 6,
-        label_smoothing: 0.0,
-        optimizer: AdamW::default(),
-        seed: 0,
-        generation: Some(BartGenShape { rows, src_len: 7, max_new: N }),
-    };
+        (param == "reparam").then_some(16),
+        Some(BartGenShape { rows, src_len: 7, max_new: N }),
+    );
     compile_bart(&common::graphs_dir().join(fixture), &opts, &out).unwrap();
     out
 }
@@ -218,18 +210,7 @@ fn merged_decoder_generates_the_same_tokens() {
     for mode in MODES {
         let Case { r, sources } = Case::new(fixture, mode, "reparam");
         let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-merged-{mode}", std::process::id()));
-        let opts = BartOptions {
-            mode,
-            prefix_len: 4,
-            mid_dim: Some(16),
-            batch: 3,
-            src_len: 7,
-            tgt_len: 6,
-            label_smoothing: 0.0,
-            optimizer: AdamW::default(),
-            seed: 0,
-            generation: Some(BartGenShape { rows: 4, src_len: 7, max_new: N }),
-        };
+        let opts = common::bart_options(mode, Some(16), Some(BartGenShape { rows: 4, src_len: 7, max_new: N }));
         compile_bart(&export, &opts, &out).unwrap();
         let b = Bundle::open(&out).unwrap();
         let prefix = Case::prefix_of(&b, &r);

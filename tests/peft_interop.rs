@@ -93,25 +93,14 @@ fn peft_adapters_import_with_peft_loss() {
 /// bundles refuse adapters.
 #[test]
 fn bart_peft_adapters_give_peft_loss_and_logits() {
-    use pfx_compiler::compile::bart::{compile_bart, read_bart_spec, BartOptions, BartPrefix};
+    use pfx_compiler::compile::bart::{compile_bart, read_bart_spec, BartPrefix};
     use pfx_compiler::compile::bart_generate::BartGenShape;
     use pfx_runtime::generate::GenConfig;
     use pfx_runtime::seq2seq::Seq2SeqGenerator;
     for fixture in ["bart-enc-deep", "bart-dec-deep"] {
         let compile_mode = |mode: BartPrefix| {
             let out = std::env::temp_dir().join(format!("pfx-interop-{}-{fixture}-{mode}", std::process::id()));
-            let opts = BartOptions {
-                mode,
-                prefix_len: 4,
-                mid_dim: None,
-                batch: 3,
-                src_len: 7,
-                tgt_len: 6,
-                label_smoothing: 0.0,
-                optimizer: AdamW::default(),
-                seed: 0,
-                generation: Some(BartGenShape { rows: 3, src_len: 7, max_new: 6 }),
-            };
+            let opts = common::bart_options(mode, None, Some(BartGenShape { rows: 3, src_len: 7, max_new: 6 }));
             compile_bart(&common::graphs_dir().join(fixture), &opts, &out).unwrap();
             out
         };

@@ -5,6 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use pfx_compiler::compile::bart::{BartOptions, BartPrefix};
+use pfx_compiler::compile::bart_generate::BartGenShape;
+use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::Manifest;
 use pfx_compiler::specialize::Dims;
 use pfx_runtime::{open, read_safetensors, Backend, BackendKind, HostTensor, OrtOptions};
@@ -224,4 +227,21 @@ pub fn check_bundle(dir: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// BART compile options at the shapes of the fixtures' references (`graphs/bart-ref/`): prefix 4, batch 3,
+/// source 7, target 6, no label smoothing, AdamW's defaults, seed 0.
+pub fn bart_options(mode: BartPrefix, mid_dim: Option<usize>, generation: Option<BartGenShape>) -> BartOptions {
+    BartOptions {
+        mode,
+        prefix_len: 4,
+        mid_dim,
+        batch: 3,
+        src_len: 7,
+        tgt_len: 6,
+        label_smoothing: 0.0,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation,
+    }
 }
