@@ -84,7 +84,8 @@ fn main() -> anyhow::Result<()> {
     let mut nodes: Vec<_> = by_node.into_iter().collect();
     nodes.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     println!("slowest nodes:");
-    for (name, s) in nodes.iter().take(15) {
+    let top: usize = std::env::var("PFX_BENCH_TOP").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    for (name, s) in nodes.iter().take(top) {
         println!("  {:>8.4} s  {name}", s / n);
     }
     Ok(())
