@@ -10,7 +10,7 @@
 use anyhow::{bail, Result};
 
 use crate::ir::{Attr, Graph, ValueInfo, ValueType};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Data, Tensor};
 
 /// What the loss reads and how: enough to build both the loss and its gradient.
 #[derive(Clone, Debug)]
@@ -24,9 +24,18 @@ pub struct LossSpec {
     pub smoothing: f32,
 }
 
-/// The per-position targets: (safe labels [B, T, 1] with ignored ones set to 0, valid mask as f32 [B, T, 1]).
-/// With `shift`, position t reads label t+1 and the last position is ignored (no slice of the logits needed).
-fn targets(g: &mut Graph, spec: &LossSpec, b: usize, t: usize) -> (String, String) {
+/// The per-position targets.
+struct Targets {
+    /// Labels [B, T] with ignored ones set to 0 (any valid index: their weight is 0).
+    safe: String,
+    /// The same, [B, T, 1].
+    safe_u: String,
+    /// 1.0 where the label counts, else 0.0, [B, T, 1].
+    valid: String,
+}
+
+/// With `spec.shift`, position t reads label t+1 and the last position is ignored (no slice of the logits needed).
+fn targets(g: &mut Graph, spec: &LossSpec, b: usize, t: usize) -> Targets {
     let i = |g: &mut Graph, v: &[i64]| g.add_const("loss/i", Tensor::vec_i64(v));
     let lab = if spec.shift {
         let (s1, e, a1) = (i(g, &[1]), i(g, &[t as i64]), i(g, &[1]));
@@ -44,8 +53,8 @@ fn targets(g: &mut Graph, spec: &LossSpec, b: usize, t: usize) -> (String, Strin
     let last = i(g, &[-1]);
     let safe_u = g.op1("Unsqueeze", &[&safe, &last], vec![], "loss/safe_labels_u");
     let validf = g.op1("Cast", &[&valid], vec![("to", Attr::Int(DType::F32.onnx_code() as i64))], "loss/valid_f");
-    let validf = g.op1("Unsqueeze", &[&validf, &last], vec![], "loss/valid_u");
-    (safe_u, validf)
+    let valid = g.op1("Unsqueeze", &[&validf, &last], vec![], "loss/valid_u");
+    Targets { safe, safe_u, valid }
 }
 
 fn logits_shape(g: &Graph, logits: &str) -> Result<(usize, usize, usize)> {
@@ -63,7 +72,7 @@ pub fn add_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
         bail!("a causal LM loss needs a sequence of at least 2 tokens (got {t})");
     }
     g.inputs.push(ValueInfo { name: "labels".into(), ty: ValueType::known(DType::I64, &[b, t]) });
-    let (safe_u, validf) = targets(g, spec, b, t);
+    let Targets { safe_u, valid: validf, .. } = targets(g, spec, b, t);
     let lg = spec.logits.as_str();
     // nll = -log_softmax(logits)[label], per position [B, T, 1]. One LogSoftmax pass over the vocabulary
     // (ONNX Runtime's ReduceLogSumExp is a scalar loop, ~10x slower than its Softmax kernels).
@@ -107,10 +116,9 @@ pub fn finish_with_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
 /// d loss / d logits [B, T, V] in closed form: (softmax - (1-ε)·onehot - ε/V) · valid / count.
 pub fn add_logits_gradient(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     let (b, t, v) = logits_shape(g, &spec.logits)?;
-    let (safe_u, validf) = targets(g, spec, b, t);
+    let Targets { safe_u, valid, .. } = targets(g, spec, b, t);
     let lg = spec.logits.as_str();
-    let count = g.op1("ReduceSum", &[&validf], vec![("keepdims", Attr::Int(0))], "loss/count");
-    let w = g.op1("Div", &[&validf, &count], vec![], "grad/loss/weight");
+    let w = position_weights(g, &valid);
     let sm = g.op1("Softmax", &[lg], vec![("axis", Attr::Int(-1))], "grad/loss/softmax");
     let mut grad = g.op1("Mul", &[&sm, &w], vec![], "grad/loss/weighted");
     if spec.smoothing > 0.0 {
@@ -133,4 +141,126 @@ pub fn add_logits_gradient(g: &mut Graph, spec: &LossSpec) -> Result<String> {
         "grad/loss/logits",
     );
     Ok(grad)
+}
+
+/// valid / count [B, T, 1]: each position's share of the mean.
+fn position_weights(g: &mut Graph, valid: &str) -> String {
+    let count = g.op1("ReduceSum", &[valid], vec![("keepdims", Attr::Int(0))], "loss/count");
+    g.op1("Div", &[valid, &count], vec![], "grad/loss/weight")
+}
+
+/// The frozen LM head weight under the logits, as the graph stores it.
+enum HeadWeight {
+    /// W [V, H]: the logits read `Transpose(W)` (a tied embedding).
+    Rows(String),
+    /// Wᵀ [H, V], an initializer.
+    Cols(String),
+}
+
+/// `logits = h · Wᵀ`, optionally plus a constant bias, with a frozen 2-D W and `h` [B, T, H] read by nothing else.
+fn find_lm_head(g: &Graph, logits: &str) -> Option<(String, HeadWeight)> {
+    let producers = g.producers();
+    let node = |v: &str| producers.get(v).map(|&i| &g.nodes[i]).filter(|n| n.domain.is_empty());
+    let mut top = node(logits)?;
+    if top.op == "Add" {
+        let (a, b) = (&top.inputs[0], &top.inputs[1]);
+        let mm = if g.initializers.contains_key(b) {
+            a
+        } else if g.initializers.contains_key(a) {
+            b
+        } else {
+            return None;
+        };
+        top = node(mm)?;
+    }
+    if top.op != "MatMul" {
+        return None;
+    }
+    let (h, wt) = (&top.inputs[0], &top.inputs[1]);
+    let weight = if g.initializers.contains_key(wt) {
+        HeadWeight::Cols(wt.clone())
+    } else {
+        let t = node(wt)?;
+        let plain = t.op == "Transpose" && t.ints("perm") == Some(&[1, 0]) && g.initializers.contains_key(&t.inputs[0]);
+        if !plain {
+            return None;
+        }
+        HeadWeight::Rows(t.inputs[0].clone())
+    };
+    let alone = g.consumers().get(h).map(Vec::len) == Some(1) && !g.is_output(h);
+    let rank3 = g.shape_of(h).is_some_and(|s| s.len() == 3);
+    (alone && rank3).then(|| (h.clone(), weight))
+}
+
+/// d loss / d h for the input h of the LM head, when `find_lm_head` recognizes it: with p = softmax(logits),
+/// dh = w ⊙ (p·W − (1−ε)·W[label] − (ε/V)·Σ_v W[v]), w = valid / count per position. The [B, T, V] gradient of
+/// the logits is never formed: the label's term is a row lookup of W instead of a scattered one-hot, and the
+/// per-position weight scales H values instead of V. Returns (h, dh), or None (then seed at the logits with
+/// `add_logits_gradient`).
+pub fn add_hidden_gradient(g: &mut Graph, spec: &LossSpec) -> Result<Option<(String, String)>> {
+    let (b, t, v) = logits_shape(g, &spec.logits)?;
+    let Some((h, weight)) = find_lm_head(g, &spec.logits) else { return Ok(None) };
+    let hd = g.shape_of(&h).map(|s| s[2]).unwrap_or(0);
+    let Targets { safe, valid, .. } = targets(g, spec, b, t);
+    let w = position_weights(g, &valid);
+    let i = |g: &mut Graph, v: &[i64]| g.add_const("grad/loss/shape", Tensor::vec_i64(v));
+    let p = g.op1("Softmax", &[&spec.logits], vec![("axis", Attr::Int(-1))], "grad/loss/softmax");
+    let flat = i(g, &[(b * t) as i64, v as i64]);
+    let p2 = g.op1("Reshape", &[&p, &flat], vec![], "grad/loss/softmax_rows");
+    let (pw, rows) = match &weight {
+        HeadWeight::Rows(wr) => (
+            g.op1("Gemm", &[&p2, wr], vec![], "grad/loss/expected_row"),
+            g.op1("Gather", &[wr, &safe], vec![("axis", Attr::Int(0))], "grad/loss/label_row"),
+        ),
+        HeadWeight::Cols(wc) => {
+            let pw = g.op1("Gemm", &[&p2, wc], vec![("transB", Attr::Int(1))], "grad/loss/expected_row");
+            let cols = g.op1("Gather", &[wc, &safe], vec![("axis", Attr::Int(1))], "grad/loss/label_cols");
+            let rows = g.op1("Transpose", &[&cols], vec![("perm", Attr::Ints(vec![1, 2, 0]))], "grad/loss/label_row");
+            (pw, rows)
+        }
+    };
+    let back = i(g, &[b as i64, t as i64, hd as i64]);
+    let pw = g.op1("Reshape", &[&pw, &back], vec![], "grad/loss/expected_row_3d");
+    let mut d = if spec.smoothing > 0.0 {
+        let a = g.add_const("loss/one_minus_eps", Tensor::scalar_f32(1.0 - spec.smoothing));
+        let rows = g.op1("Mul", &[&rows, &a], vec![], "grad/loss/label_row_weighted");
+        g.op1("Sub", &[&pw, &rows], vec![], "grad/loss/hidden_unweighted")
+    } else {
+        g.op1("Sub", &[&pw, &rows], vec![], "grad/loss/hidden_unweighted")
+    };
+    if spec.smoothing > 0.0 {
+        // The uniform part: (ε/V)·Σ_v W[v], a constant [H] computed here once.
+        let (name, by_rows) = match &weight {
+            HeadWeight::Rows(wr) => (wr, true),
+            HeadWeight::Cols(wc) => (wc, false),
+        };
+        let sums = vocab_sums(&g.initializers[name], by_rows)
+            .ok_or_else(|| anyhow::anyhow!("the LM head weight '{name}' is not f32"))?;
+        let scale = spec.smoothing as f64 / v as f64;
+        let u = g.add_const(
+            "grad/loss/uniform_row",
+            Tensor::f32(vec![hd], sums.iter().map(|&x| (x * scale) as f32).collect()),
+        );
+        d = g.op1("Sub", &[&d, &u], vec![], "grad/loss/hidden_smoothed");
+    }
+    let dh = g.op1("Mul", &[&d, &w], vec![], "grad/loss/hidden");
+    Ok(Some((h, dh)))
+}
+
+/// Σ over the vocabulary of the LM head weight, per hidden unit (f64 sums): W [V, H] summed over rows
+/// (`by_rows`), or Wᵀ [H, V] over columns.
+fn vocab_sums(t: &Tensor, by_rows: bool) -> Option<Vec<f64>> {
+    let Data::F32(x) = &*t.data else { return None };
+    let (r, c) = (t.shape[0], t.shape[1]);
+    Some(if by_rows {
+        let mut s = vec![0f64; c];
+        for row in x.chunks(c) {
+            for (acc, &e) in s.iter_mut().zip(row) {
+                *acc += e as f64;
+            }
+        }
+        s
+    } else {
+        (0..r).map(|i| x[i * c..(i + 1) * c].iter().map(|&e| e as f64).sum()).collect()
+    })
 }

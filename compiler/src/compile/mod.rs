@@ -276,9 +276,13 @@ pub(crate) fn training_graphs(
     if gg.shape_of(&loss_spec.logits).is_none() {
         bail!("the loss graph has no value '{}' of known shape to differentiate from", loss_spec.logits);
     }
-    // The backward pass starts at the logits with the loss's closed-form gradient.
-    let dlogits = loss::add_logits_gradient(gg, loss_spec)?;
-    let grads = build_gradients_from(gg, &loss_spec.logits, &dlogits, names)?;
+    // The backward pass starts in closed form: at the LM head's input when the logits come from a frozen
+    // linear head (no [B, T, V] gradient at all), else at the logits.
+    let (root, droot) = match loss::add_hidden_gradient(gg, loss_spec)? {
+        Some(seed) => seed,
+        None => (loss_spec.logits.clone(), loss::add_logits_gradient(gg, loss_spec)?),
+    };
+    let grads = build_gradients_from(gg, &root, &droot, names)?;
     for (name, gr) in &grads {
         let out = format!("grad.{name}");
         let id = gg.fresh(&format!("{out}.node"));
