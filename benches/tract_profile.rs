@@ -4,6 +4,8 @@
 //!     PFX_BENCH_BUNDLE=/tmp/pfx-bench-bundle2 cargo bench --bench tract_profile
 //!
 //! The bundle is one `train_step_cpu` compiled (`PFX_BENCH_BUNDLE` keeps it). Steps: `PFX_BENCH_STEPS` (3).
+//! `PFX_BENCH_GRAPH=decode` (or any other graph of the bundle) profiles that graph instead, on inputs made from
+//! its declared shapes (ids and positions 1, masks all ones, floats 0.01).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -24,21 +26,37 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = std::env::var("PFX_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let bundle = Bundle::open(&dir)?;
     let m = &bundle.manifest;
-    let path = bundle.graph_path("train_step")?;
-    // Inputs as the trainer feeds them: random ids, labels = ids, the initial prefix, zero moments.
+    let role = std::env::var("PFX_BENCH_GRAPH").unwrap_or_else(|_| "train_step".into());
+    let path = bundle.graph_path(&role)?;
     let mut given: BTreeMap<String, HostTensor> = BTreeMap::new();
-    let (b, t) = (m.batch, m.seq_len);
-    let ids: Vec<i64> = (0..b * t).map(|i| ((i * 7919) % m.vocab) as i64).collect();
-    given.insert("input_ids".into(), HostTensor::from_i64(vec![b, t], ids.clone())?);
-    given.insert("attention_mask".into(), HostTensor::from_i64(vec![b, t], vec![1; b * t])?);
-    given.insert("labels".into(), HostTensor::from_i64(vec![b, t], ids)?);
-    given.insert("lr".into(), HostTensor::scalar_f32(1e-3));
-    given.insert("step".into(), HostTensor::scalar_i64(1));
-    for (k, v) in bundle.init_prefix()? {
-        let zeros = vec![0f32; v.len()];
-        given.insert(format!("adam.m.{k}"), HostTensor::from_f32(v.shape().to_vec(), zeros.clone())?);
-        given.insert(format!("adam.v.{k}"), HostTensor::from_f32(v.shape().to_vec(), zeros)?);
-        given.insert(k, v);
+    if role == "train_step" {
+        // Inputs as the trainer feeds them: random ids, labels = ids, the initial prefix, zero moments.
+        let (b, t) = (m.batch, m.seq_len);
+        let ids: Vec<i64> = (0..b * t).map(|i| ((i * 7919) % m.vocab) as i64).collect();
+        given.insert("input_ids".into(), HostTensor::from_i64(vec![b, t], ids.clone())?);
+        given.insert("attention_mask".into(), HostTensor::from_i64(vec![b, t], vec![1; b * t])?);
+        given.insert("labels".into(), HostTensor::from_i64(vec![b, t], ids)?);
+        given.insert("lr".into(), HostTensor::scalar_f32(1e-3));
+        given.insert("step".into(), HostTensor::scalar_i64(1));
+        for (k, v) in bundle.init_prefix()? {
+            let zeros = vec![0f32; v.len()];
+            given.insert(format!("adam.m.{k}"), HostTensor::from_f32(v.shape().to_vec(), zeros.clone())?);
+            given.insert(format!("adam.v.{k}"), HostTensor::from_f32(v.shape().to_vec(), zeros)?);
+            given.insert(k, v);
+        }
+    } else {
+        let io = m.io.get(&role).ok_or_else(|| anyhow::anyhow!("the manifest has no graph '{role}'"))?;
+        for spec in &io.inputs {
+            let n: usize = spec.shape.iter().product();
+            let t = match spec.dtype.as_str() {
+                "i64" => HostTensor::from_i64(spec.shape.clone(), vec![1; n])?,
+                _ => HostTensor::from_f32(spec.shape.clone(), vec![0.01; n])?,
+            };
+            given.insert(spec.name.clone(), t);
+        }
+        for (k, v) in bundle.init_prefix()? {
+            given.entry(k).or_insert(v);
+        }
     }
     let mut model = tract_onnx::onnx().model_for_path(&path)?;
     let mut values: TVec<TValue> = tvec!();
@@ -74,7 +92,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let n = steps as f64;
-    println!("tract train_step: {:.3} s/step over {steps} steps (after one warm-up)", total / n);
+    println!("tract {role}: {:.3} s/step over {steps} steps (after one warm-up)", total / n);
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
     println!("{:<28} {:>9} {:>7} {:>7}", "op", "s/step", "share", "nodes");
