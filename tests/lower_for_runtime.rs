@@ -55,8 +55,9 @@ impl Case {
         onnx_io::save(&Model { graph: g, opset: 18, ir_version: 8, ..Model::default() }, &path, None).unwrap();
         path
     }
-    /// Lowers, checks the lowered graph has none of `gone`, and compares outputs on every backend.
-    fn check(mut self, name: &str, outs: &[&str], gone: &[&str]) {
+    /// Lowers, checks the lowered graph has none of `gone`, and compares outputs on every backend; returns the
+    /// lowered graph.
+    fn check(mut self, name: &str, outs: &[&str], gone: &[&str]) -> Graph {
         fold_and_infer(&mut self.g).unwrap();
         self.g.outputs = outs
             .iter()
@@ -89,6 +90,7 @@ impl Case {
                 assert!(err <= 1e-6 * scale.max(1.0), "{name} [{kind}]: {o} differs by {err:e} (scale {scale})");
             }
         }
+        lowered
     }
 }
 
@@ -154,4 +156,33 @@ fn a_transpose_with_other_readers_is_kept_for_them() {
     ];
     assert_eq!(lower_for_runtime(&mut g2).unwrap(), 0);
     assert_eq!(g2.nodes.iter().filter(|n| n.op == "Gemm").count(), 1);
+}
+
+/// torch's exported attention: keys transposed through Reshape → Transpose → Reshape, q and k each scaled by
+/// √scale, and (as in a training graph) the scaled q read again elsewhere.
+#[test]
+fn exported_key_transpose_and_scales_become_one_transpose_and_one_scale() {
+    let mut c = Case::new();
+    let q = c.input("q", &[2, 3, 1, 4]);
+    let k = c.input("k", &[2, 3, 5, 4]);
+    let s = c.g.add_const("sqrt_scale", Tensor::scalar_f32(0.5946));
+    let flat = c.g.add_const("flat", Tensor::vec_i64(&[6, 5, 4]));
+    let back = c.g.add_const("back", Tensor::vec_i64(&[2, 3, 4, 5]));
+    let k3 = c.g.op1("Reshape", &[&k, &flat], vec![], "k3");
+    let kt3 = c.g.op1("Transpose", &[&k3], vec![("perm", Attr::Ints(vec![0, 2, 1]))], "kt3");
+    let kt = c.g.op1("Reshape", &[&kt3, &back], vec![], "kt");
+    let ks = c.g.op1("Mul", &[&kt, &s], vec![], "ks");
+    let qs = c.g.op1("Mul", &[&q, &s], vec![], "qs");
+    let scores = c.g.op1("MatMul", &[&qs, &ks], vec![], "scores");
+    // Another reader of the scaled q keeps that Mul alive: the product gets q times both factors folded into one
+    // constant, not a second Mul on top of the first (such chains tripped ONNX Runtime's MatMulScaleFusion in the
+    // BART training graphs, `tests/compile_bart.rs`).
+    let other = c.g.op1("Tanh", &[&qs], vec![], "other");
+    let g = c.check("exported-attention", &[&scores, &other], &["Reshape"]);
+    let muls: Vec<_> = g.nodes.iter().filter(|n| n.op == "Mul").collect();
+    assert_eq!(muls.len(), 2, "{muls:?}");
+    assert!(muls.iter().all(|m| m.inputs[0] == "q"), "every scale applies to q itself: {muls:?}");
+    let mm = g.nodes.iter().find(|n| n.op == "MatMul").unwrap();
+    let kt = g.nodes.iter().find(|n| n.outputs[0] == mm.inputs[1]).unwrap();
+    assert_eq!((kt.op.as_str(), kt.inputs[0].as_str()), ("Transpose", "k"), "the keys reach the product unscaled");
 }

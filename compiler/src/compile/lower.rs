@@ -8,6 +8,10 @@
 //! - `Pow(x, 3)` (GPT-2's tanh GELU) becomes `x·x·x`: tract evaluates Pow with `powf`, element by element.
 //!   Rewritten before autodiff, the product would make the backward keep x² alive for every layer; here the
 //!   backward is already built from x alone.
+//! - The attention of torch's exporter transposes the keys as Reshape → Transpose([0, 2, 1]) → Reshape and scales
+//!   them (q and k each by √scale) before `q·kᵀ`. In a decode graph the keys are the whole cache, so every step
+//!   copied and scaled it: the chain becomes one 4-D Transpose that the runtimes fold into the product, and a
+//!   scalar factor on a product's operand moves to the smaller operand (the query).
 
 use std::collections::HashMap;
 
@@ -22,7 +26,7 @@ pub fn lower_for_runtime(g: &mut Graph) -> Result<usize> {
     let mut total = 0;
     loop {
         g.toposort()?;
-        let n = transposes_into_gemm(g)? + cubes_as_products(g);
+        let n = transposes_into_gemm(g)? + cubes_as_products(g) + plain_key_transposes(g) + scales_onto_smaller(g);
         if n == 0 {
             break;
         }
@@ -162,6 +166,117 @@ fn cubes_as_products(g: &mut Graph) -> usize {
         g.nodes.insert(i, first);
         changed += 1;
         i += 2;
+    }
+    changed
+}
+
+fn single_use(g: &Graph, consumers: &HashMap<String, Vec<usize>>, v: &str) -> bool {
+    consumers.get(v).map(Vec::len) == Some(1) && !g.is_output(v)
+}
+
+/// Reshape([a·b, c, d]) → Transpose([0, 2, 1]) → Reshape([a, b, d, c]) of x [a, b, c, d] is Transpose(x, [0, 1, 3, 2]).
+fn plain_key_transposes(g: &mut Graph) -> usize {
+    let producers = g.producers();
+    let consumers = g.consumers();
+    let mut changed = 0;
+    for i in 0..g.nodes.len() {
+        let outer = &g.nodes[i];
+        if outer.op != "Reshape" || !outer.domain.is_empty() {
+            continue;
+        }
+        let Some(t) = producers.get(&outer.inputs[0]).map(|&j| &g.nodes[j]) else { continue };
+        if t.op != "Transpose" || t.ints("perm") != Some(&[0, 2, 1]) || !single_use(g, &consumers, &outer.inputs[0]) {
+            continue;
+        }
+        let Some(inner) = producers.get(&t.inputs[0]).map(|&j| &g.nodes[j]) else { continue };
+        if inner.op != "Reshape" || !single_use(g, &consumers, &t.inputs[0]) {
+            continue;
+        }
+        let x = inner.inputs[0].clone();
+        let (Some(xs), Some(mid), Some(out)) =
+            (g.shape_of(&x), g.shape_of(&inner.outputs[0]), g.shape_of(&outer.outputs[0]))
+        else {
+            continue;
+        };
+        let fits = xs.len() == 4 && mid == [xs[0] * xs[1], xs[2], xs[3]] && out == [xs[0], xs[1], xs[3], xs[2]];
+        if !fits {
+            continue;
+        }
+        let (name, y) = (outer.name.clone(), outer.outputs[0].clone());
+        g.nodes[i] = Node::new(name, "Transpose", vec![x], vec![y]).with_attr("perm", Attr::Ints(vec![0, 1, 3, 2]));
+        changed += 1;
+    }
+    changed
+}
+
+/// MatMul(A, X·s) with a scalar constant s = MatMul(A·s, X) when A is the smaller operand (and the other way
+/// round): the scaling pass then runs over fewer elements, and X reaches the product as it is.
+fn scales_onto_smaller(g: &mut Graph) -> usize {
+    let producers = g.producers();
+    let consumers = g.consumers();
+    let mut changed = 0;
+    let mut extra: Vec<(usize, Node)> = Vec::new();
+    for i in 0..g.nodes.len() {
+        let n = &g.nodes[i];
+        if n.op != "MatMul" || !n.domain.is_empty() {
+            continue;
+        }
+        for (pos, other) in [(1usize, 0usize), (0, 1)] {
+            let scaled = &n.inputs[pos];
+            let Some(m) = producers.get(scaled).map(|&j| &g.nodes[j]) else { continue };
+            if m.op != "Mul" || !m.domain.is_empty() || !single_use(g, &consumers, scaled) {
+                continue;
+            }
+            let is_scalar = |v: &str| g.initializers.get(v).is_some_and(|t| t.len() == 1);
+            let (x, s) = if is_scalar(&m.inputs[1]) {
+                (m.inputs[0].clone(), m.inputs[1].clone())
+            } else if is_scalar(&m.inputs[0]) {
+                (m.inputs[1].clone(), m.inputs[0].clone())
+            } else {
+                continue;
+            };
+            let size = |v: &str| g.shape_of(v).map(|s| s.iter().product::<usize>());
+            let (Some(nx), Some(na)) = (size(&x), size(&n.inputs[other])) else { continue };
+            // The scaled value must keep its shape (a scalar factor cannot broadcast it).
+            if na >= nx || g.shape_of(scaled) != g.shape_of(&x) {
+                continue;
+            }
+            // When A is itself a scalar product (the exporter scales q too), fold the two factors into one
+            // constant: a chain of scalar Muls in front of a MatMul trips ONNX Runtime's MatMulScaleFusion (it
+            // removes the inner Mul although other nodes read it).
+            let (mut a, mut factor) = (n.inputs[other].clone(), s);
+            if let Some(q) = producers.get(&a).map(|&j| &g.nodes[j]).filter(|q| q.op == "Mul" && q.domain.is_empty()) {
+                let inner = if is_scalar(&q.inputs[1]) {
+                    Some((q.inputs[0].clone(), q.inputs[1].clone()))
+                } else if is_scalar(&q.inputs[0]) {
+                    Some((q.inputs[1].clone(), q.inputs[0].clone()))
+                } else {
+                    None
+                };
+                if let Some((base, c)) = inner {
+                    let (t1, t2) = (&g.initializers[&c], &g.initializers[&factor]);
+                    let both = t1.as_f64s().zip(t2.as_f64s()).filter(|_| t1.dtype() == t2.dtype());
+                    if let Some((x1, x2)) = both {
+                        let shape = if t1.shape.len() >= t2.shape.len() { t1.shape.clone() } else { t2.shape.clone() };
+                        let Ok(t) = Tensor::from_f64s(t1.dtype(), shape, vec![x1[0] * x2[0]]) else { continue };
+                        factor = g.add_const("lower/scale", t);
+                        a = base;
+                    }
+                }
+            }
+            let name = g.nodes[i].name.clone();
+            let a_scaled = g.fresh(&format!("{name}/scaled_operand"));
+            let node_name = g.fresh(&format!("{name}/scaled_operand.node"));
+            extra.push((i, Node::new(node_name, "Mul", vec![a, factor], vec![a_scaled.clone()])));
+            let n = &mut g.nodes[i];
+            n.inputs[other] = a_scaled;
+            n.inputs[pos] = x;
+            changed += 1;
+            break;
+        }
+    }
+    for (i, node) in extra.into_iter().rev() {
+        g.nodes.insert(i, node);
     }
     changed
 }
