@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use pfx_compiler::compile::lower::lower_for_runtime;
+use pfx_compiler::compile::lower::{lower_for_inference, lower_for_runtime};
 use pfx_compiler::ir::{Attr, Graph, Model, ValueInfo, ValueType};
 use pfx_compiler::onnx_io;
 use pfx_compiler::specialize::fold_and_infer;
@@ -57,7 +57,17 @@ impl Case {
     }
     /// Lowers, checks the lowered graph has none of `gone`, and compares outputs on every backend; returns the
     /// lowered graph.
-    fn check(mut self, name: &str, outs: &[&str], gone: &[&str]) -> Graph {
+    fn check(self, name: &str, outs: &[&str], gone: &[&str]) -> Graph {
+        self.check_with(lower_for_runtime, name, outs, gone)
+    }
+
+    fn check_with(
+        mut self,
+        lower: fn(&mut Graph) -> anyhow::Result<usize>,
+        name: &str,
+        outs: &[&str],
+        gone: &[&str],
+    ) -> Graph {
         fold_and_infer(&mut self.g).unwrap();
         self.g.outputs = outs
             .iter()
@@ -65,7 +75,7 @@ impl Case {
             .collect();
         let before = self.save(&self.g, outs, &format!("{name}-before.onnx"));
         let mut lowered = self.g.clone();
-        let n = lower_for_runtime(&mut lowered).unwrap();
+        let n = lower(&mut lowered).unwrap();
         assert!(n > 0, "{name}: nothing was lowered");
         for op in gone {
             assert!(
@@ -158,7 +168,7 @@ fn a_transpose_with_other_readers_is_kept_for_them() {
     assert_eq!(g2.nodes.iter().filter(|n| n.op == "Gemm").count(), 1);
 }
 
-/// torch's exported attention: keys transposed through Reshape → Transpose → Reshape, q and k each scaled by
+/// Inference graphs: torch's exported attention, keys transposed through Reshape → Transpose → Reshape, q and k each scaled by
 /// √scale, and (as in a training graph) the scaled q read again elsewhere.
 #[test]
 fn exported_key_transpose_and_scales_become_one_transpose_and_one_scale() {
@@ -178,11 +188,17 @@ fn exported_key_transpose_and_scales_become_one_transpose_and_one_scale() {
     // constant, not a second Mul on top of the first (such chains tripped ONNX Runtime's MatMulScaleFusion in the
     // BART training graphs, `tests/compile_bart.rs`).
     let other = c.g.op1("Tanh", &[&qs], vec![], "other");
-    let g = c.check("exported-attention", &[&scores, &other], &["Reshape"]);
+    let training = c.g.clone();
+    let g = c.check_with(lower_for_inference, "exported-attention", &[&scores, &other], &["Reshape"]);
     let muls: Vec<_> = g.nodes.iter().filter(|n| n.op == "Mul").collect();
     assert_eq!(muls.len(), 2, "{muls:?}");
     assert!(muls.iter().all(|m| m.inputs[0] == "q"), "every scale applies to q itself: {muls:?}");
     let mm = g.nodes.iter().find(|n| n.op == "MatMul").unwrap();
     let kt = g.nodes.iter().find(|n| n.outputs[0] == mm.inputs[1]).unwrap();
     assert_eq!((kt.op.as_str(), kt.inputs[0].as_str()), ("Transpose", "k"), "the keys reach the product unscaled");
+    // Graphs with a backward pass keep the exporter's attention as it is.
+    let mut training = training;
+    fold_and_infer(&mut training).unwrap();
+    training.outputs = vec![ValueInfo { name: scores.clone(), ty: training.type_of(&scores).unwrap() }];
+    assert_eq!(lower_for_runtime(&mut training).unwrap(), 0);
 }

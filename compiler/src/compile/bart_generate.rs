@@ -242,7 +242,7 @@ pub fn build_encode(
     let inputs: Vec<String> = g.inputs.iter().map(|v| v.name.clone()).collect();
     g.types.retain(|k, _| inputs.contains(k));
     simplify(g)?;
-    super::lower::lower_for_runtime(g)?;
+    super::lower::lower_for_inference(g)?;
     // Output declarations get their concrete shapes back from inference.
     for o in &mut g.outputs {
         if let Some(t) = g.types.get(&o.name) {
@@ -301,7 +301,7 @@ pub fn build_decode(dir: &Path, capacity: usize, cross_len: usize, rows: usize) 
         super::generate::keep_last(&mut model, name, 2)?;
     }
     simplify(&mut model.graph)?;
-    super::lower::lower_for_runtime(&mut model.graph)?;
+    super::lower::lower_for_inference(&mut model.graph)?;
     Ok(model)
 }
 

@@ -99,7 +99,7 @@ pub fn build_prefill(
     simplify(&mut model.graph)?;
     keep_last(&mut model, "logits", 1)?;
     simplify(&mut model.graph)?;
-    super::lower::lower_for_runtime(&mut model.graph)?;
+    super::lower::lower_for_inference(&mut model.graph)?;
     Ok(model)
 }
 
@@ -116,6 +116,6 @@ pub fn build_decode(source: &Path, p: usize, gs: &GenShape) -> Result<Model> {
         keep_last(&mut model, name, 2)?;
     }
     simplify(&mut model.graph)?;
-    super::lower::lower_for_runtime(&mut model.graph)?;
+    super::lower::lower_for_inference(&mut model.graph)?;
     Ok(model)
 }
