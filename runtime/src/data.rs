@@ -439,6 +439,25 @@ pub struct EncodeReport {
     pub skipped_origins: Vec<String>,
 }
 
+impl EncodeReport {
+    /// Counts one example's outcome (`Some((row, truncated))`, or `None` when skipped) and keeps its row.
+    pub fn record(&mut self, outcome: Option<(Encoded, bool)>, origin: &str, rows: &mut Vec<Encoded>) {
+        match outcome {
+            Some((row, truncated)) => {
+                rows.push(row);
+                self.kept += 1;
+                self.truncated += truncated as usize;
+            }
+            None => {
+                self.skipped += 1;
+                if self.skipped_origins.len() < QUOTED_BAD_LINES {
+                    self.skipped_origins.push(origin.to_string());
+                }
+            }
+        }
+    }
+}
+
 impl fmt::Display for EncodeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -571,19 +590,7 @@ impl<'t> TableToText<'t> {
         for example in examples {
             let (source, target) = self.encode_pair(example)?;
             report.longest = report.longest.max(source.len() + target.len());
-            match self.row(&source, &target, max_len, overlong) {
-                Some((row, truncated)) => {
-                    rows.push(row);
-                    report.kept += 1;
-                    report.truncated += truncated as usize;
-                }
-                None => {
-                    report.skipped += 1;
-                    if report.skipped_origins.len() < QUOTED_BAD_LINES {
-                        report.skipped_origins.push(example.origin.clone());
-                    }
-                }
-            }
+            report.record(self.row(&source, &target, max_len, overlong), &example.origin, &mut rows);
         }
         if rows.is_empty() && !examples.is_empty() {
             bail!(

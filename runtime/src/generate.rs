@@ -52,10 +52,6 @@ impl Generator {
         Generator { prefill, decode, spec, prefix_len, layers, heads, head_dim, prefix }
     }
 
-    pub fn rows(&self) -> usize {
-        self.spec.rows
-    }
-
     /// Prefills R rows (left-padded prompts); returns the state and the last position's logits [R, V].
     fn prefill(&mut self, prompts: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
         let (r, tp, p) = (self.spec.rows, self.spec.prompt_len, self.prefix_len);

@@ -46,14 +46,6 @@ impl Seq2SeqGenerator {
         Seq2SeqGenerator { encode, encode_bare, decode, spec, prefix, decoder_start }
     }
 
-    pub fn rows(&self) -> usize {
-        self.spec.rows
-    }
-
-    pub fn src_len(&self) -> usize {
-        self.spec.src_len
-    }
-
     /// Encodes R right-padded sources, seeds the caches and feeds the decoder start token; returns the state and
     /// the first logits.
     fn encode_and_start(&mut self, sources: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {

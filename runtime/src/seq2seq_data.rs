@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::data::{Dataset, EncodeReport, Encoded, Example, Overlong, IGNORE_INDEX};
+use crate::data::{Dataset, EncodeReport, Encoded, Overlong, IGNORE_INDEX};
 use crate::tokenize::Tokenizer;
 
 pub struct SourceTarget<'t> {
@@ -46,36 +46,34 @@ impl<'t> SourceTarget<'t> {
 
     /// The source ids, cut to `max_len` (keeping the final `</s>`) when longer. Returns whether it was cut.
     pub fn encode_source(&self, source: &str, max_len: usize) -> Result<(Vec<i64>, bool)> {
-        let mut ids: Vec<i64> = self.wrap(source)?.into_iter().map(|t| t as i64).collect();
+        Ok(self.cut_source(&self.wrap(source)?, max_len))
+    }
+
+    fn cut_source(&self, wrapped: &[u32], max_len: usize) -> (Vec<i64>, bool) {
+        let mut ids: Vec<i64> = wrapped.iter().map(|&t| t as i64).collect();
         let cut = ids.len() > max_len;
         if cut {
             ids.truncate(max_len.max(1) - 1);
             ids.push(self.eos as i64);
         }
-        Ok((ids, cut))
+        (ids, cut)
     }
 
-    /// One row: source [S] with its mask, labels [T]. `None` when too long under `Skip`.
-    pub fn encode_example(
-        &self,
-        ex: &Example,
-        s: usize,
-        t: usize,
-        overlong: Overlong,
-    ) -> Result<Option<(Encoded, bool)>> {
-        let (src, src_cut) = self.encode_source(&ex.source, s)?;
-        let tgt = self.wrap(&ex.target)?;
-        let cut = src_cut || tgt.len() > t;
+    /// One row of a wrapped source and target: source [S] with its mask, labels [T]; `None` when too long under
+    /// `Skip` (the second value says whether either side was cut).
+    fn row(&self, source: &[u32], target: &[u32], s: usize, t: usize, overlong: Overlong) -> Option<(Encoded, bool)> {
+        let (src, src_cut) = self.cut_source(source, s);
+        let cut = src_cut || target.len() > t;
         if cut && overlong == Overlong::Skip {
-            return Ok(None);
+            return None;
         }
         let mut input_ids = src.clone();
         input_ids.resize(s, self.pad);
         let mut attention_mask = vec![1i64; src.len()];
         attention_mask.resize(s, 0);
-        let mut labels: Vec<i64> = tgt.iter().take(t).map(|&x| x as i64).collect();
+        let mut labels: Vec<i64> = target.iter().take(t).map(|&x| x as i64).collect();
         labels.resize(t, IGNORE_INDEX);
-        Ok(Some((Encoded { input_ids, attention_mask, labels }, cut)))
+        Some((Encoded { input_ids, attention_mask, labels }, cut))
     }
 
     /// Rows for every example that fits. Errors if none does.
@@ -89,21 +87,10 @@ impl<'t> SourceTarget<'t> {
         let mut rows = Vec::new();
         let mut report = EncodeReport { bad_lines: data.bad_lines.len(), ..EncodeReport::default() };
         for ex in &data.examples {
-            let longest = self.wrap(&ex.source)?.len().max(self.wrap(&ex.target)?.len());
-            report.longest = report.longest.max(longest);
-            match self.encode_example(ex, s, t, overlong)? {
-                Some((row, cut)) => {
-                    rows.push(row);
-                    report.kept += 1;
-                    report.truncated += cut as usize;
-                }
-                None => {
-                    report.skipped += 1;
-                    if report.skipped_origins.len() < 3 {
-                        report.skipped_origins.push(ex.origin.clone());
-                    }
-                }
-            }
+            // Each side tokenized once: its length for the report, then the row.
+            let (source, target) = (self.wrap(&ex.source)?, self.wrap(&ex.target)?);
+            report.longest = report.longest.max(source.len().max(target.len()));
+            report.record(self.row(&source, &target, s, t, overlong), &ex.origin, &mut rows);
         }
         if rows.is_empty() && !data.examples.is_empty() {
             bail!(

@@ -221,13 +221,13 @@ pub fn add_hidden_gradient(g: &mut Graph, spec: &LossSpec) -> Result<Option<(Str
     };
     let back = i(g, &[b as i64, t as i64, hd as i64]);
     let pw = g.op1("Reshape", &[&pw, &back], vec![], "grad/loss/expected_row_3d");
-    let mut d = if spec.smoothing > 0.0 {
+    let rows = if spec.smoothing > 0.0 {
         let a = g.add_const("loss/one_minus_eps", Tensor::scalar_f32(1.0 - spec.smoothing));
-        let rows = g.op1("Mul", &[&rows, &a], vec![], "grad/loss/label_row_weighted");
-        g.op1("Sub", &[&pw, &rows], vec![], "grad/loss/hidden_unweighted")
+        g.op1("Mul", &[&rows, &a], vec![], "grad/loss/label_row_weighted")
     } else {
-        g.op1("Sub", &[&pw, &rows], vec![], "grad/loss/hidden_unweighted")
+        rows
     };
+    let mut d = g.op1("Sub", &[&pw, &rows], vec![], "grad/loss/hidden_unweighted");
     if spec.smoothing > 0.0 {
         // The uniform part: (ε/V)·Σ_v W[v], a constant [H] computed here once.
         let (name, by_rows) = match &weight {
