@@ -230,7 +230,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             prefix,
             b.decoder_start_token_id,
         );
-        model = Box::new(move |p, c| if c.beams > 1 { g.beam_search(p, c) } else { g.greedy(p, c) });
+        model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)
     } else {
         let spec = m.generation.clone().ok_or_else(no_generation)?;
@@ -256,7 +256,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             m.head_dim,
             prefix,
         );
-        model = Box::new(move |p, c| if c.beams > 1 { g.beam_search(p, c) } else { g.greedy(p, c) });
+        model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)
     };
     let started = std::time::Instant::now();

@@ -106,6 +106,15 @@ pub fn beam_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -
     Ok(out)
 }
 
+/// Beam search when `cfg.beams` > 1, else greedy decoding, over any number of inputs.
+pub fn search_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
+    if cfg.beams > 1 {
+        beam_all(model, inputs, cfg)
+    } else {
+        greedy_all(model, inputs, cfg)
+    }
+}
+
 /// Greedy decoding of the first `live` rows, starting from the logits after the prompt. Returns each row's
 /// new tokens, stopping after eos (not included).
 pub fn greedy(
