@@ -62,12 +62,7 @@ pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
         let mut m = onnx_io::load(&bundle.join(&manifest.graphs[*role]))?;
         let takes_prefix = m.graph.inputs.iter().any(|i| names.contains(&i.name));
         if takes_prefix {
-            for name in &names {
-                if m.graph.is_input(name) {
-                    m.graph.inputs.retain(|i| &i.name != name);
-                    m.graph.initializers.insert(name.clone(), values[name].clone());
-                }
-            }
+            inputs_to_constants(&mut m.graph, &names, &values)?;
             simplify(&mut m.graph)?;
             let left: Vec<&str> = m
                 .graph
@@ -107,4 +102,22 @@ pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
     let text = serde_json::to_string_pretty(&json)?;
     onnx_io::write_atomically(&out.join("manifest.json"), text.as_bytes())?;
     Ok(manifest)
+}
+
+/// The trainable inputs among `names` that `g` takes become constants with the given values (what baking does;
+/// also the generation graphs built already baked).
+pub(crate) fn inputs_to_constants(
+    g: &mut crate::ir::Graph,
+    names: &[String],
+    values: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    for name in names {
+        if !g.is_input(name) {
+            continue;
+        }
+        let t = values.get(name).ok_or_else(|| anyhow!("the prefix has no tensor '{name}'"))?;
+        g.inputs.retain(|v| &v.name != name);
+        g.initializers.insert(name.clone(), t.clone());
+    }
+    Ok(())
 }

@@ -103,19 +103,6 @@ fn with_past_decoder(export: &BartExport) -> Result<(PathBuf, bool)> {
     }
 }
 
-/// Trainable inputs of `g` replaced by the given values (a baked graph has no trainable input).
-fn bake_into(g: &mut Graph, names: &[String], values: &BTreeMap<String, Tensor>) -> Result<()> {
-    for name in names {
-        if !g.is_input(name) {
-            continue;
-        }
-        let t = values.get(name).ok_or_else(|| anyhow!("the prefix has no tensor '{name}'"))?;
-        g.inputs.retain(|v| &v.name != name);
-        g.initializers.insert(name.clone(), t.clone());
-    }
-    Ok(())
-}
-
 /// Inputs no node reads are dropped (the linked decoder's `labels`, unused in `encode`).
 fn drop_unused_inputs(g: &mut Graph) {
     let used: std::collections::HashSet<&String> = g.nodes.iter().flat_map(|n| n.inputs.iter()).collect();
@@ -237,7 +224,7 @@ pub fn build_encode(
     g.dce();
     drop_unused_inputs(g);
     if let Some(values) = baked {
-        bake_into(g, &trainable_names, values)?;
+        super::bake::inputs_to_constants(g, &trainable_names, values)?;
     }
     let inputs: Vec<String> = g.inputs.iter().map(|v| v.name.clone()).collect();
     g.types.retain(|k, _| inputs.contains(k));

@@ -87,11 +87,8 @@ pub fn build_prefill(
     let kv = prefix::build_generator(g, shape, "", gs.rows)?;
     prefix::bind_past(g, &kv, shape.len, gs.rows, gs.prompt_len, Positions::Input)?;
     if let Some(values) = baked {
-        for (name, _) in shape.trainables("") {
-            let t = values.get(&name).ok_or_else(|| anyhow::anyhow!("the prefix has no tensor '{name}'"))?;
-            g.inputs.retain(|v| v.name != name);
-            g.initializers.insert(name, t.clone());
-        }
+        let names: Vec<String> = shape.trainables("").into_iter().map(|t| t.0).collect();
+        super::bake::inputs_to_constants(g, &names, values)?;
     }
     // Presents carry prefix + prompt keys/values: the runtime seeds its cache with them.
     g.outputs.retain(|o| o.name == "logits" || o.name.starts_with("present"));
