@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         model.set_input_fact(ix, InferenceFact::dt_shape(tt.datum_type(), tt.shape()))?;
         values.push(tt.into_tvalue());
     }
-    pfx_runtime::tract_backend::init_threads();
+    pfx_runtime::tract_backend::init_process();
     let plan = pfx_runtime::tract_backend::optimize(model)?.into_runnable()?;
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut by_node: HashMap<String, f64> = HashMap::new();

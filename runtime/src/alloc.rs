@@ -5,7 +5,7 @@
 //! B·T = 320), so each step faults in and zeroes hundreds of MB of new pages: on tract that was ~18% of a GPT-2
 //! small step (`cargo bench --bench tract_profile`, 2.03 -> 1.67 s/step). With mmap off and the heap's trim
 //! threshold at its maximum, freed blocks are reused by the next step (at ~+80 MB of peak RSS). ONNX Runtime keeps
-//! its own arena and gains nothing, so only the tract backend asks for this (`tract_backend::init_threads`, when
+//! its own arena and gains nothing, so only the tract backend asks for this (`tract_backend::init_process`, when
 //! the first model is opened). `PFX_GLIBC_MMAP=1` keeps glibc's defaults. Linux with glibc only; elsewhere this
 //! does nothing.
 

@@ -126,7 +126,7 @@ fn parse(path: &Path) -> Result<InferenceModel> {
 impl TractBackend {
     /// Parses an ONNX model. External data is resolved relative to the model's folder.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        init_threads();
+        init_process();
         let path = path.as_ref();
         if !path.is_file() {
             bail!("model file {} does not exist or is not a file", path.display());
@@ -254,7 +254,7 @@ impl Backend for TractBackend {
 
 /// Process set-up for tract, once: matrix products on every core (or `PFX_THREADS`; tract uses one thread unless
 /// told otherwise), and large freed blocks kept for the next step (`crate::alloc`).
-pub fn init_threads() {
+pub fn init_process() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         crate::alloc::keep_freed_memory();
