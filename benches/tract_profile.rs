@@ -23,6 +23,8 @@ fn main() -> anyhow::Result<()> {
         eprintln!("tract_profile: set PFX_BENCH_BUNDLE to a bundle compiled by train_step_cpu; skipping");
         return Ok(());
     };
+    // As TractBackend::open does, before anything large is allocated.
+    pfx_runtime::tract_backend::init_process();
     let steps: usize = std::env::var("PFX_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let bundle = Bundle::open(&dir)?;
     let m = &bundle.manifest;
@@ -67,7 +69,6 @@ fn main() -> anyhow::Result<()> {
         model.set_input_fact(ix, InferenceFact::dt_shape(tt.datum_type(), tt.shape()))?;
         values.push(tt.into_tvalue());
     }
-    pfx_runtime::tract_backend::init_process();
     let plan = pfx_runtime::tract_backend::optimize(model)?.into_runnable()?;
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut by_node: HashMap<String, f64> = HashMap::new();
