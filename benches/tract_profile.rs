@@ -72,6 +72,8 @@ fn main() -> anyhow::Result<()> {
     let plan = pfx_runtime::tract_backend::optimize(model)?.into_runnable()?;
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut by_node: HashMap<String, f64> = HashMap::new();
+    // What each matrix product multiplies and with which kernel (tract's own `info()`), to print beside the times.
+    let mut products: HashMap<String, String> = HashMap::new();
     let mut total = 0.0;
     for step in 0..=steps {
         let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
@@ -84,7 +86,14 @@ fn main() -> anyhow::Result<()> {
                 let e = by_op.entry(node.op().name().to_string()).or_default();
                 e.0 += dt;
                 e.1 += 1;
-                *by_node.entry(format!("{} ({})", node.name, node.op().name())).or_default() += dt;
+                let key = format!("{} ({})", node.name, node.op().name());
+                if !products.contains_key(&key) {
+                    let info = node.op().info().unwrap_or_default();
+                    if let Some(mult) = info.iter().find(|l| l.starts_with("Mult:")) {
+                        products.insert(key.clone(), mult.clone());
+                    }
+                }
+                *by_node.entry(key).or_default() += dt;
             }
             out
         })?;
@@ -100,12 +109,30 @@ fn main() -> anyhow::Result<()> {
     for (op, (s, c)) in ops.iter().take(20) {
         println!("{op:<28} {:>9.4} {:>6.1}% {:>7}", s / n, 100.0 * s / total, c / steps);
     }
+    // Matrix products grouped by shape: where a kernel choice (PFX_TRACT_KERNEL) pays or costs.
+    let mut by_shape: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for (node, s) in &by_node {
+        if let Some(mult) = products.get(node) {
+            let e = by_shape.entry(mult.trim_start_matches("Mult: ").to_string()).or_default();
+            e.0 += s;
+            e.1 += 1;
+        }
+    }
+    let mut shapes: Vec<_> = by_shape.into_iter().collect();
+    shapes.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
+    println!("matrix products by shape:");
+    for (shape, (s, c)) in shapes.iter().take(12) {
+        println!("  {:>8.4} s  {c:>4}x  {shape}", s / n);
+    }
     let mut nodes: Vec<_> = by_node.into_iter().collect();
     nodes.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     println!("slowest nodes:");
     let top: usize = std::env::var("PFX_BENCH_TOP").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
     for (name, s) in nodes.iter().take(top) {
         println!("  {:>8.4} s  {name}", s / n);
+        if let Some(mult) = products.get(name) {
+            println!("              {mult}");
+        }
     }
     Ok(())
 }

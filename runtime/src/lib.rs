@@ -24,6 +24,7 @@ pub mod seq2seq_data;
 pub mod tensor;
 pub mod tokenize;
 pub mod tract_backend;
+pub mod tract_kernels;
 pub mod train;
 
 pub use backend::{
