@@ -258,6 +258,7 @@ pub fn init_process() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         crate::alloc::keep_freed_memory();
+        crate::tract_kernels::measured_rule_active();
         let n = std::env::var("PFX_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())

@@ -11,6 +11,20 @@
 //! `PFX_TRACT_KERNEL=<kernel name>` forces one kernel for every f32 product it can run (for measuring);
 //! `PFX_TRACT_KERNEL=tract` leaves every choice to tract.
 
+/// Whether the measured rule is in effect on this machine (an AMD x86_64 part with AVX-512, no
+/// `PFX_TRACT_KERNEL`). Called when tract is first set up, which also keeps this module linked in: its rung is
+/// registered by a static nothing else refers to. A `PFX_TRACT_KERNEL` that names no kernel this machine runs is
+/// reported here, once, with the names it could be.
+pub fn measured_rule_active() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::check_request();
+        x86::measured_rule_active()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use tract_linalg::isa::{Arch, Isa, IsaSet};
@@ -37,6 +51,35 @@ mod x86 {
         &vendor == b"AuthenticAMD"
     }
 
+    fn machine_has_rule() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| tract_linalg::isa::native().has(Isa::X86_64Avx512f) && is_amd())
+    }
+
+    pub(super) fn measured_rule_active() -> bool {
+        requested().is_none() && machine_has_rule()
+    }
+
+    pub(super) fn check_request() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let Some(name) = requested().filter(|n| *n != "tract") else { return };
+            let runnable = tract_linalg::MmmDispatch::native().runnable();
+            let f32_kernels: Vec<&str> = runnable
+                .iter()
+                .filter(|k| k.internal_type() == DatumType::F32 && k.nr() > 1)
+                .map(|k| k.name())
+                .collect();
+            if !f32_kernels.contains(&name) {
+                eprintln!(
+                    "warning: PFX_TRACT_KERNEL={name} is no f32 matrix kernel this machine runs; tract picks its own. \
+                     Kernels here: {} (or `tract`)",
+                    f32_kernels.join(", ")
+                );
+            }
+        });
+    }
+
     /// Products with a reduction this long stay on tract's pick (the LM head's input gradient, k = vocabulary).
     const LONG_REDUCTION: usize = 8192;
     /// Below this many columns (decode steps, the prefix MLP's rows) tract's small-n kernels stay.
@@ -55,8 +98,26 @@ mod x86 {
         match requested() {
             Some("tract") => None,
             Some(name) => Some(name),
-            None if isa.has(Isa::X86_64Avx512f) && is_amd() => amd_avx512_f32(query.m, query.k, query.n),
+            None if machine_has_rule() && isa.has(Isa::X86_64Avx512f) => amd_avx512_f32(query.m, query.k, query.n),
             None => None,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::amd_avx512_f32;
+
+        #[test]
+        fn the_layer_products_take_32x6_and_long_reductions_and_narrow_products_stay_with_tract() {
+            // A train step's layer products (k 768 or 3072, 320 token columns) and its LM head forward.
+            for (m, k) in [(3072, 768), (768, 3072), (768, 768), (50257, 768), (74, 64)] {
+                assert_eq!(amd_avx512_f32(Some(m), Some(k), Some(320)), Some("avx512_mmm_f32_32x6"), "{m}x{k}");
+            }
+            // The LM head's input gradient reduces over the vocabulary: 16x12 measured faster there.
+            assert_eq!(amd_avx512_f32(Some(768), Some(50257), Some(320)), None);
+            // Decode steps (8 rows) and unknown shapes.
+            assert_eq!(amd_avx512_f32(Some(768), Some(768), Some(8)), None);
+            assert_eq!(amd_avx512_f32(Some(768), Some(768), None), None);
         }
     }
 
