@@ -74,16 +74,25 @@ pub fn add_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     g.inputs.push(ValueInfo { name: "labels".into(), ty: ValueType::known(DType::I64, &[b, t]) });
     let Targets { safe_u, valid: validf, .. } = targets(g, spec, b, t);
     let lg = spec.logits.as_str();
-    // nll = -log_softmax(logits)[label], per position [B, T, 1]. One LogSoftmax pass over the vocabulary
-    // (ONNX Runtime's ReduceLogSumExp is a scalar loop, ~10x slower than its Softmax kernels).
-    let logp = g.op1("LogSoftmax", &[lg], vec![("axis", Attr::Int(-1))], "loss/log_probs");
-    let picked = g.op1("GatherElements", &[&logp, &safe_u], vec![("axis", Attr::Int(-1))], "loss/picked");
-    let mut nll = g.op1("Neg", &[&picked], vec![], "loss/nll");
+    // nll = -log p[label] per position [B, T, 1], with log p = x - max x - ln Σ exp(x - max x). The softmax p is
+    // the one the backward seed needs (the same node: CSE merges them), and its largest value is exp(0) / Σ, so
+    // ln Σ = -ln max p: one Ln of B·T values instead of a log over the whole [B, T, V] (a LogSoftmax: tract's
+    // `Ln` over 16 M values was 30 ms of a GPT-2 step), and max p >= 1/V never underflows.
+    let last = g.add_const("loss/axis", Tensor::vec_i64(&[-1]));
+    let keep = || vec![("keepdims", Attr::Int(1))];
+    let p = g.op1("Softmax", &[lg], vec![("axis", Attr::Int(-1))], "grad/loss/softmax");
+    let top = g.op1("ReduceMax", &[lg, &last], keep(), "loss/max_logit");
+    let p_top = g.op1("ReduceMax", &[&p, &last], keep(), "loss/max_prob");
+    let ln_p_top = g.op1("Log", &[&p_top], vec![], "loss/log_max_prob");
+    // -log p[label] = (max x - x[label]) - ln max p
+    let picked = g.op1("GatherElements", &[lg, &safe_u], vec![("axis", Attr::Int(-1))], "loss/picked_logit");
+    let below = g.op1("Sub", &[&top, &picked], vec![], "loss/below_max");
+    let mut nll = g.op1("Sub", &[&below, &ln_p_top], vec![], "loss/nll");
     if spec.smoothing > 0.0 {
-        // The uniform part: -mean over the vocabulary of log p.
-        let last = g.add_const("loss/axis", Tensor::vec_i64(&[-1]));
-        let mean = g.op1("ReduceMean", &[&logp, &last], vec![("keepdims", Attr::Int(1))], "loss/mean_log_prob");
-        let uniform = g.op1("Neg", &[&mean], vec![], "loss/uniform");
+        // The uniform part: -mean over the vocabulary of log p = (max x - mean x) - ln max p.
+        let mean = g.op1("ReduceMean", &[lg, &last], keep(), "loss/mean_logit");
+        let spread = g.op1("Sub", &[&top, &mean], vec![], "loss/mean_below_max");
+        let uniform = g.op1("Sub", &[&spread, &ln_p_top], vec![], "loss/uniform");
         let (a, e) = (
             g.add_const("loss/one_minus_eps", Tensor::scalar_f32(1.0 - spec.smoothing)),
             g.add_const("loss/eps", Tensor::scalar_f32(spec.smoothing)),
