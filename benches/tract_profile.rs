@@ -75,12 +75,21 @@ fn main() -> anyhow::Result<()> {
     // What each matrix product multiplies and with which kernel (tract's own `info()`), to print beside the times.
     let mut products: HashMap<String, String> = HashMap::new();
     let mut total = 0.0;
+    let mut faults = 0u64;
+    // PFX_BENCH_FAULTS=1: page faults per node too (reads /proc per node: slower steps).
+    let node_faults = std::env::var("PFX_BENCH_FAULTS").is_ok_and(|v| v == "1");
+    let mut faults_by_node: HashMap<String, u64> = HashMap::new();
     for step in 0..=steps {
+        let faults_before = minor_faults();
         let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
         let t0 = Instant::now();
         state.run_plan_with_eval(values.clone(), |ctx, st, node, input| {
+            let f0 = if node_faults { minor_faults() } else { 0 };
             let t = Instant::now();
             let out = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
+            if node_faults && step > 0 {
+                *faults_by_node.entry(node.name.clone()).or_default() += minor_faults() - f0;
+            }
             if step > 0 {
                 let dt = t.elapsed().as_secs_f64();
                 let e = by_op.entry(node.op().name().to_string()).or_default();
@@ -99,10 +108,15 @@ fn main() -> anyhow::Result<()> {
         })?;
         if step > 0 {
             total += t0.elapsed().as_secs_f64();
+            faults += minor_faults() - faults_before;
         }
     }
     let n = steps as f64;
-    println!("tract {role}: {:.3} s/step over {steps} steps (after one warm-up)", total / n);
+    println!(
+        "tract {role}: {:.3} s/step over {steps} steps (after one warm-up), {} minor page faults/step",
+        total / n,
+        faults / steps as u64
+    );
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
     println!("{:<28} {:>9} {:>7} {:>7}", "op", "s/step", "share", "nodes");
@@ -124,6 +138,14 @@ fn main() -> anyhow::Result<()> {
     for (shape, (s, c)) in shapes.iter().take(12) {
         println!("  {:>8.4} s  {c:>4}x  {shape}", s / n);
     }
+    if node_faults {
+        let mut f: Vec<_> = faults_by_node.into_iter().filter(|(_, c)| *c > 0).collect();
+        f.sort_by(|a, b| b.1.cmp(&a.1));
+        println!("page faults by node (per step):");
+        for (name, c) in f.iter().take(15) {
+            println!("  {:>8}  {name}", c / steps as u64);
+        }
+    }
     let mut nodes: Vec<_> = by_node.into_iter().collect();
     nodes.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
     println!("slowest nodes:");
@@ -135,4 +157,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Minor page faults of this process so far (field 10 of /proc/self/stat; 0 where there is none): memory the
+/// step touches for the first time, which the kernel zeroes.
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name (field 2) may hold spaces; count fields after its closing parenthesis.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(7)?.parse().ok()).unwrap_or(0)
 }
