@@ -1,53 +1,128 @@
 #!/usr/bin/env bash
-# The issue's GPU training race, for one call on the lent GPU machine (no Rust, no network there): pfx on ONNX
-# Runtime CUDA against PyTorch + PEFT (eager and torch.compile), gpt2-medium and gpt2, B=5 and B=32, T=128,
-# fp32 and TF32. Not run yet: no session so far was lent a GPU.
+# The issue's GPU race, for one call on the lent GPU machine (no Rust, no network there): pfx on ONNX Runtime
+# CUDA against PyTorch + PEFT (eager and torch.compile), gpt2-medium and gpt2, B=5 and B=32, T=128, TF32 and
+# fp32, then ms per generated token against HF generate. Not run on a GPU yet: no session so far was lent one.
+#
+# Cases run most important first (the goal cases: gpt2-medium B=5 and B=32 in TF32 against torch.compile, then
+# generation), and no new case starts after BUDGET_S seconds (default 360), so a call that a device's time limit
+# cuts short still brings back the cases that matter. Every case writes its own file under $OUT (the device call's
+# output folder) and appends its table to $OUT/summary.md.
 #
 # Here, before the device calls:
-#   cargo build --release --bench train_step_cpu
-#   mkdir -p gpu-carry && cp "$(ls -t $CARGO_TARGET_DIR/release/deps/train_step_cpu-* | grep -v '\.d$' | head -1)" gpu-carry/train_step
-#   cp "$(ls -t $CARGO_TARGET_DIR/release/deps/generate_tokens-* | grep -v '\.d$' | head -1)" gpu-carry/generate_tokens
-#   bash /work/shared/tools/gpu/pack-ort-cuda.sh .gpu 4        # ORT's CUDA libraries in four parts
-# On the device (see ../shared/tools/gpu/README.md): one call per part copies it into /tmp/ortgpu, back to back;
-# the last call carries gpu-carry/ and runs
-#   PEER=/path/to/peft_step.py bash benches/gpu_train_step.sh
-# (the repository copy on the device holds benches/make_gpt2_export.py and benches/peft_step_threads.py).
+#   cargo build --release --bench train_step_cpu --bench generate_tokens
+#   mkdir -p gpu-carry
+#   strip -o gpu-carry/train_step "$(ls -t $CARGO_TARGET_DIR/release/deps/train_step_cpu-* | grep -v '\.d$' | head -1)"
+#   strip -o gpu-carry/generate_tokens "$(ls -t $CARGO_TARGET_DIR/release/deps/generate_tokens-* | grep -v '\.d$' | head -1)"
+#   gzip -f gpu-carry/train_step gpu-carry/generate_tokens   # 2 x ~10 MB: a call carries 64 MiB in all
+#   cp /work/shared/tools/gpu/peft_step.py /work/shared/tools/gpu/peft_generate.py gpu-carry/   # the peers
+#   bash /work/shared/tools/gpu/pack-ort-cuda.sh .gpu 5        # ORT's CUDA libraries in five ~39 MB parts
+# On the device, back to back (it is taken back after ~30 s idle; see ../shared/tools/gpu/README.md), five calls:
+#   calls 1-4 (N = 0..3), carry [".gpu/ortgpu.part0N"]:  mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part0N /tmp/ortgpu/
+#   call 5, carry [".gpu/ortgpu.part04", "gpu-carry"], timeout_s 600:
+#     cp .gpu/ortgpu.part04 /tmp/ortgpu/ && (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) &&
+#     bash benches/gpu_train_step.sh
+# The results come back under $OUT (summary.md first). BUDGET_S (default 360) bounds when the last case starts.
+#
+# Dry run on this machine's CPU (checks the script, the binaries and the peer's arguments; numbers meaningless):
+#   DEVICE=cpu SIZES=tiny PEER=/work/shared/tools/gpu/peft_step.py PFX_PEFT_PYTHON=/root/.cache/pfx/ref/bin/python \
+#     PYTHON=/root/.cache/pfx/ref/bin/python OUT=/tmp/gpu-dry bash benches/gpu_train_step.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The binaries travel gzipped (stripped, 34 MB each; 10 MB compressed).
+for packed in gpu-carry/*.gz; do
+  if [ -e "$packed" ] && [ ! -e "${packed%.gz}" ]; then gunzip -k "$packed" && chmod +x "${packed%.gz}"; fi
+done
 BIN=${BIN:-gpu-carry/train_step}
-PEER=${PEER:?set PEER to peft_step.py}
-export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls /tmp/ortgpu/libonnxruntime.so.* | head -1)}
-export LD_LIBRARY_PATH=/tmp/ortgpu:/usr/local/cuda-13/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+GEN_BIN=${GEN_BIN:-gpu-carry/generate_tokens}
+PEER=${PEER:-gpu-carry/peft_step.py}
+[ -f "$PEER" ] || { echo "gpu_train_step: no peer at $PEER (copy peft_step.py into gpu-carry/ or set PEER)"; exit 2; }
+DEVICE=${DEVICE:-cuda}
+SIZES=${SIZES:-gpt2-medium gpt2}
+BUDGET_S=${BUDGET_S:-360}
+PYTHON=${PYTHON:-python3}
+if [ "$DEVICE" != cpu ]; then
+  export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls /tmp/ortgpu/libonnxruntime.so.* | head -1)}
+  export LD_LIBRARY_PATH=/tmp/ortgpu:/usr/local/cuda-13/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+fi
 export PFX_PEFT_STEP=$PEER PFX_PEFT_PYTHON=${PFX_PEFT_PYTHON:-python3}
-export PFX_BENCH_DEVICE=cuda PFX_BENCH_ENGINES=ort,peft PFX_BENCH_ROUNDS=${ROUNDS:-3} PFX_BENCH_SEQ=128
+# GPU timings are steady: one round of 10 steps per engine and case.
+export PFX_BENCH_DEVICE=$DEVICE PFX_BENCH_ROUNDS=${ROUNDS:-1} PFX_BENCH_SEQ=128
 export PFX_BENCH_WARMUP=3 PFX_BENCH_STEPS=10
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+SUMMARY="$OUT/summary.md"
+START=$SECONDS
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
 
-for size in gpt2-medium gpt2; do
-  # Exported there (~12 s for gpt2-medium): a 1.4 GB export cannot be carried.
-  [ -f "/tmp/pfx-bench/$size/model.onnx" ] || python3 benches/make_gpt2_export.py --size "$size" --no-check "/tmp/pfx-bench/$size"
-  for b in 5 32; do
-    bundle="/tmp/pfx-bench/bundle-$size-b$b"
-    for tf32 in off on; do
-      for peer_compile in 0 1; do
-        tag="$size-b$b-tf32$tf32-compile$peer_compile"
-        echo "== $tag"
-        PFX_BENCH_MODEL="/tmp/pfx-bench/$size/model.onnx" PFX_BENCH_BUNDLE="$bundle" PFX_BENCH_BATCH=$b \
-          PFX_BENCH_TF32=$tf32 PFX_BENCH_PEER_COMPILE=$peer_compile "$BIN" --bench 2>&1 | tee "$OUT/$tag.txt" | tail -6
-        # The same with ORT replaying a CUDA graph (pfx only).
-        PFX_BENCH_MODEL="/tmp/pfx-bench/$size/model.onnx" PFX_BENCH_BUNDLE="$bundle" PFX_BENCH_BATCH=$b \
-          PFX_BENCH_TF32=$tf32 PFX_BENCH_CUDA_GRAPH=1 PFX_BENCH_ENGINES=ort "$BIN" --bench 2>&1 \
-          | tee "$OUT/$tag-cudagraph.txt" | tail -3
-      done
-    done
+# True while a new case may start.
+in_budget() {
+  if [ $((SECONDS - START)) -ge "$BUDGET_S" ]; then
+    echo "== budget of ${BUDGET_S}s spent; the cases after this one were not run" | tee -a "$SUMMARY"
+    return 1
+  fi
+}
+
+export_model() { # size: exported there (~12 s for gpt2-medium), a 1.4 GB export cannot be carried
+  [ -f "/tmp/pfx-bench/$1/model.onnx" ] ||
+    "$PYTHON" benches/make_gpt2_export.py --size "$1" --no-check "/tmp/pfx-bench/$1" >"$OUT/export-$1.txt" 2>&1
+}
+
+# train SIZE BATCH TF32(on|off) PEER_COMPILE(0|1): pfx on ORT, pfx on ORT replaying a CUDA graph, and the peer.
+train() {
+  in_budget || return 1
+  local tag="$1-b$2-tf32$3-compile$4" bundle="/tmp/pfx-bench/bundle-$1-b$2"
+  echo "== $tag ($((SECONDS - START)) s)" | tee -a "$SUMMARY"
+  local env=(PFX_BENCH_MODEL="/tmp/pfx-bench/$1/model.onnx" PFX_BENCH_BUNDLE="$bundle" PFX_BENCH_BATCH="$2"
+    PFX_BENCH_TF32="$3" PFX_BENCH_PEER_COMPILE="$4")
+  env "${env[@]}" PFX_BENCH_ENGINES=ort,peft "$BIN" --bench >"$OUT/$tag.txt" 2>&1 || echo "(exit $?)" >>"$OUT/$tag.txt"
+  grep -E '^\|' "$OUT/$tag.txt" | tee -a "$SUMMARY" || tail -5 "$OUT/$tag.txt" | tee -a "$SUMMARY"
+  if [ "$DEVICE" != cpu ]; then
+    env "${env[@]}" PFX_BENCH_ENGINES=ort PFX_BENCH_CUDA_GRAPH=1 "$BIN" --bench >"$OUT/$tag-cudagraph.txt" 2>&1 ||
+      echo "(exit $?)" >>"$OUT/$tag-cudagraph.txt"
+    grep -E '^\| pfx' "$OUT/$tag-cudagraph.txt" | sed 's/^| pfx-ort /| pfx-ort + CUDA graph /' | tee -a "$SUMMARY" ||
+      tail -5 "$OUT/$tag-cudagraph.txt" | tee -a "$SUMMARY"
+  fi
+}
+
+# generate SIZE: ms per token (prompt 32, 64 new; greedy B=1, B=8, beam 5), with and without CUDA graphs.
+generate() {
+  local graphs="0"
+  [ "$DEVICE" != cpu ] && graphs="1 0"
+  for graph in $graphs; do
+    in_budget || return 1
+    echo "== generate $1 cuda-graph $graph ($((SECONDS - START)) s)" | tee -a "$SUMMARY"
+    PFX_BENCH_MODEL="/tmp/pfx-bench/$1/model.onnx" PFX_BENCH_CUDA_GRAPH=$graph PFX_BENCH_RUNS=3 "$GEN_BIN" --bench \
+      >"$OUT/generate-$1-cudagraph$graph.txt" 2>&1 || echo "(exit $?)" >>"$OUT/generate-$1-cudagraph$graph.txt"
+    grep -E '^\|' "$OUT/generate-$1-cudagraph$graph.txt" | tee -a "$SUMMARY" || true
   done
-  # Generation, ms per token (prompt 32, 64 new; greedy B=1, B=8, beam 5), with and without CUDA graphs.
-  for graph in 0 1; do
-    PFX_BENCH_MODEL="/tmp/pfx-bench/$size/model.onnx" PFX_BENCH_CUDA_GRAPH=$graph "${GEN_BIN:-gpu-carry/generate_tokens}" \
-      --bench 2>&1 | tee "$OUT/generate-$size-cudagraph$graph.txt"
+}
+
+peer_generate() { # HF generate with the PEFT prefix in its cache, same machine, same call
+  in_budget || return 1
+  echo "== peft_generate ($((SECONDS - START)) s)" | tee -a "$SUMMARY"
+  OUT="$OUT" "$PYTHON" "$(dirname "$PEER")/peft_generate.py" >"$OUT/peft_generate.txt" 2>&1 || true
+  tail -8 "$OUT/peft_generate.txt" | tee -a "$SUMMARY"
+}
+
+run_all() {
+  local first=${SIZES%% *}
+  export_model "$first"
+  # The goal cases first: the largest model, TF32, against torch.compile and eager.
+  train "$first" 5 on 1 || return 0
+  train "$first" 32 on 1 || return 0
+  generate "$first" || return 0
+  if [ "$DEVICE" != cpu ]; then peer_generate || return 0; fi
+  train "$first" 5 on 0 || return 0
+  train "$first" 32 on 0 || return 0
+  train "$first" 5 off 0 || return 0
+  for size in ${SIZES#"$first"}; do
+    export_model "$size"
+    train "$size" 5 on 1 || return 0
+    train "$size" 32 on 1 || return 0
+    generate "$size" || return 0
   done
-done
-# The peer for generation (HF generate with the PEFT prefix in its cache), same machine, same call.
-OUT="$OUT" python3 "$(dirname "$PEER")/peft_generate.py" | tee "$OUT/peft_generate.txt"
+}
+run_all
+echo "== done in $((SECONDS - START)) s" | tee -a "$SUMMARY"
