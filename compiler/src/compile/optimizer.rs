@@ -31,9 +31,13 @@ pub fn add_adamw(g: &mut Graph, grads: &BTreeMap<String, String>, opt: &AdamW) {
     // Global norm over all gradients (before clipping). The squares are kept: v's update reuses them.
     let mut total: Option<String> = None;
     let mut squares = BTreeMap::new();
+    let flat_shape = g.add_const("shape/flat", Tensor::vec_i64(&[-1]));
     for (name, gr) in grads {
         let sq = g.op1("Mul", &[gr, gr], vec![], "adam/grad_sq");
-        let s = g.op1("ReduceSum", &[&sq], vec![("keepdims", crate::ir::Attr::Int(0))], "adam/grad_sq_sum");
+        // Summed as one flat vector: tract reduces a 2-D tensor over all axes one axis at a time, the first
+        // strided (18 ms for the 9.4 M-element MLP weight of GPT-2's prefix, against a few for a flat sum).
+        let flat = g.op1("Reshape", &[&sq, &flat_shape], vec![], "adam/grad_sq_flat");
+        let s = g.op1("ReduceSum", &[&flat], vec![("keepdims", crate::ir::Attr::Int(0))], "adam/grad_sq_sum");
         squares.insert(name.clone(), sq);
         total = Some(match total {
             None => s,
