@@ -23,6 +23,7 @@ pub mod seq2seq;
 pub mod seq2seq_data;
 pub mod tensor;
 pub mod tokenize;
+pub mod tract_adamw;
 pub mod tract_backend;
 pub mod tract_kernels;
 pub mod train;

@@ -182,10 +182,19 @@ impl TractBackend {
     }
 }
 
-/// tract's optimized model, as `pfxrun` runs it: typed, large shared weights split per reader, optimized.
+/// tract's optimized model, as `pfxrun` runs it: typed, large shared weights split per reader, each AdamW
+/// update fused into one op (`tract_adamw`; `PFX_TRACT_ADAMW=graph` keeps the plain ops), optimized.
 pub fn optimize(model: InferenceModel) -> TractResult<TypedModel> {
+    optimize_with(model, std::env::var("PFX_TRACT_ADAMW").as_deref() != Ok("graph"))
+}
+
+/// [`optimize`], with the AdamW fusion chosen by the caller.
+pub fn optimize_with(model: InferenceModel, fuse_adamw: bool) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?;
     split_shared_weights(&mut typed)?;
+    if fuse_adamw {
+        crate::tract_adamw::fuse_adamw(&mut typed)?;
+    }
     typed.into_optimized()
 }
 
@@ -252,6 +261,13 @@ impl Backend for TractBackend {
     }
 }
 
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// Threads tract's work is split over (set by [`init_process`]; 1 before it).
+pub fn threads() -> usize {
+    THREADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Process set-up for tract, once: matrix products on every core (or `PFX_THREADS`; tract uses one thread unless
 /// told otherwise), and large freed blocks kept for the next step (`crate::alloc`).
 pub fn init_process() {
@@ -263,6 +279,7 @@ pub fn init_process() {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
         if n > 1 {
             tract_linalg::multithread::set_default_executor(tract_linalg::multithread::Executor::multithread(n));
         }
