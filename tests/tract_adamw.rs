@@ -14,7 +14,11 @@ use pfx_runtime::HostTensor;
 use tract_onnx::prelude::*;
 
 /// Runs `path` planned with or without the fusion; returns the outputs by name and the number of fused nodes.
-fn run(path: &std::path::Path, given: &BTreeMap<String, HostTensor>, fuse: bool) -> (BTreeMap<String, HostTensor>, usize) {
+fn run(
+    path: &std::path::Path,
+    given: &BTreeMap<String, HostTensor>,
+    fuse: bool,
+) -> (BTreeMap<String, HostTensor>, usize) {
     pfx_runtime::tract_backend::init_process();
     let mut model = tract_onnx::onnx().model_for_path(path).unwrap();
     let mut values: TVec<TValue> = tvec!();

@@ -3,8 +3,8 @@
 //! The bundle's `train_step` spells AdamW in standard ONNX (`compiler/src/compile/optimizer.rs`), which every
 //! engine runs; ONNX Runtime runs it as it is. On tract those are ~9 full passes per parameter, each writing a
 //! new tensor: ~50 ms of a GPT-2 step for the 9.4 M-element MLP weight of the prefix. Here the update of each
-//! parameter becomes one node that reads p, g, m, v once and writes the new p, m, v in one pass, split over the
-//! threads tract's products use.
+//! parameter becomes one node that reads p, g, m, v once and writes the new p, m, v in one pass (into their own
+//! buffers where the plan no longer needs them), split over the threads tract's products use.
 //!
 //! The pattern is found from the graph outputs `new.<p>`, `new.adam.m.<p>`, `new.adam.v.<p>` and checked op by op
 //! against what `add_adamw` emits; anything else (a graph written by another version of the compiler, weight
@@ -26,7 +26,8 @@ use tract_onnx::tract_core::internal::*;
 pub struct FusedAdamW;
 
 /// Inputs of [`FusedAdamW`] in order (for messages).
-const INPUTS: [&str; 11] = ["p", "g", "m", "v", "beta1", "m_scale", "beta2", "v_scale", "bias_correction2_sqrt", "eps", "step_size"];
+const INPUTS: [&str; 11] =
+    ["p", "g", "m", "v", "beta1", "m_scale", "beta2", "v_scale", "bias_correction2_sqrt", "eps", "step_size"];
 
 impl Op for FusedAdamW {
     fn name(&self) -> StaticName {
@@ -46,61 +47,61 @@ fn scalar(t: &TValue, what: &str) -> TractResult<f32> {
 impl EvalOp for FusedAdamW {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == INPUTS.len(), "PfxFusedAdamW takes {} inputs, got {}", INPUTS.len(), inputs.len());
         let mut k = [0f32; 7];
         for (i, slot) in k.iter_mut().enumerate() {
             *slot = scalar(&inputs[4 + i], INPUTS[4 + i])?;
         }
         let [b1, sm, b2, sv, c2, eps, step] = k;
-        let (pv, gv, mv, vv) =
-            (inputs[0].try_as_plain_ram()?, inputs[1].try_as_plain_ram()?, inputs[2].try_as_plain_ram()?, inputs[3].try_as_plain_ram()?);
-        let (p, g, m, v) = (pv.as_slice::<f32>()?, gv.as_slice::<f32>()?, mv.as_slice::<f32>()?, vv.as_slice::<f32>()?);
-        ensure!(
-            g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
-            "AdamW's p, g, m, v differ in size: {}, {}, {}, {}",
-            p.len(),
-            g.len(),
-            m.len(),
-            v.len()
-        );
-        let shape = inputs[0].shape().to_vec();
-        // SAFETY: every element of the three outputs is written below before they are read.
-        let (mut p2, mut m2, mut v2) = unsafe {
-            (Tensor::uninitialized::<f32>(&shape)?, Tensor::uninitialized::<f32>(&shape)?, Tensor::uninitialized::<f32>(&shape)?)
-        };
+        inputs.truncate(4);
+        // p, m and v are updated in their own buffers when nothing else holds them (the plan hands over a value
+        // at its last use), else in a copy: no new 3 × |p| allocation per step.
+        let mut v = inputs.pop().unwrap().into_tensor();
+        let mut m = inputs.pop().unwrap().into_tensor();
+        let g = inputs.pop().unwrap();
+        let mut p = inputs.pop().unwrap().into_tensor();
         {
-            let (mut p2v, mut m2v, mut v2v) =
-                (p2.try_as_plain_ram_mut()?, m2.try_as_plain_ram_mut()?, v2.try_as_plain_ram_mut()?);
-            let (po, mo, vo) = (p2v.as_slice_mut::<f32>()?, m2v.as_slice_mut::<f32>()?, v2v.as_slice_mut::<f32>()?);
-            let update = |i0: usize, po: &mut [f32], mo: &mut [f32], vo: &mut [f32]| {
-                for j in 0..po.len() {
-                    let i = i0 + j;
-                    let gi = g[i];
-                    let mi = m[i] * b1 + gi * sm;
-                    let vi = v[i] * b2 + (gi * gi) * sv;
+            let gv = g.try_as_plain_ram()?;
+            let g = gv.as_slice::<f32>()?;
+            let (mut pv, mut mv, mut vv) =
+                (p.try_as_plain_ram_mut()?, m.try_as_plain_ram_mut()?, v.try_as_plain_ram_mut()?);
+            let (p, m, v) = (pv.as_slice_mut::<f32>()?, mv.as_slice_mut::<f32>()?, vv.as_slice_mut::<f32>()?);
+            ensure!(
+                g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
+                "AdamW's p, g, m, v differ in size: {}, {}, {}, {}",
+                p.len(),
+                g.len(),
+                m.len(),
+                v.len()
+            );
+            let update = |i0: usize, p: &mut [f32], m: &mut [f32], v: &mut [f32]| {
+                for j in 0..p.len() {
+                    let gi = g[i0 + j];
+                    let mi = m[j] * b1 + gi * sm;
+                    let vi = v[j] * b2 + (gi * gi) * sv;
                     let den = vi.sqrt() / c2 + eps;
-                    po[j] = p[i] - (mi / den) * step;
-                    mo[j] = mi;
-                    vo[j] = vi;
+                    p[j] -= (mi / den) * step;
+                    m[j] = mi;
+                    v[j] = vi;
                 }
             };
             let threads = crate::tract_backend::threads().min(p.len() / MIN_PER_THREAD).max(1);
             if threads == 1 {
-                update(0, po, mo, vo);
+                update(0, p, m, v);
             } else {
                 let chunk = p.len().div_ceil(threads);
                 std::thread::scope(|s| {
-                    for (n, ((po, mo), vo)) in
-                        po.chunks_mut(chunk).zip(mo.chunks_mut(chunk)).zip(vo.chunks_mut(chunk)).enumerate()
+                    for (n, ((p, m), v)) in
+                        p.chunks_mut(chunk).zip(m.chunks_mut(chunk)).zip(v.chunks_mut(chunk)).enumerate()
                     {
                         let update = &update;
-                        s.spawn(move || update(n * chunk, po, mo, vo));
+                        s.spawn(move || update(n * chunk, p, m, v));
                     }
                 });
             }
         }
-        Ok(tvec!(p2.into_tvalue(), m2.into_tvalue(), v2.into_tvalue()))
+        Ok(tvec!(p.into_tvalue(), m.into_tvalue(), v.into_tvalue()))
     }
 }
 

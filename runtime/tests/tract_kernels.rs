@@ -50,7 +50,11 @@ fn planned_kernel(rows: usize, k: usize, m: usize) -> String {
         for j in 0..m {
             let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[i * m + j] as f64).sum();
             let err = (got[r * m + j] - want).abs();
-            assert!(err < 1e-3 * (1.0 + want.abs()), "[{rows}, {k}]·[{k}, {m}] at ({r}, {j}): {} vs {want}", got[r * m + j]);
+            assert!(
+                err < 1e-3 * (1.0 + want.abs()),
+                "[{rows}, {k}]·[{k}, {m}] at ({r}, {j}): {} vs {want}",
+                got[r * m + j]
+            );
         }
     }
     kernel
