@@ -269,7 +269,8 @@ pub fn threads() -> usize {
 }
 
 /// Process set-up for tract, once: matrix products on every core (or `PFX_THREADS`; tract uses one thread unless
-/// told otherwise), and large freed blocks kept for the next step (`crate::alloc`).
+/// told otherwise), large freed blocks kept for the next step (`crate::alloc`), and the measured kernel choice
+/// checked and linked in (`crate::tract_kernels`).
 pub fn init_process() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

@@ -24,6 +24,9 @@ impl Default for AdamW {
 
 /// Adds inputs `lr` f32[], `step` i64[] (1-based), `adam.m.<name>`, `adam.v.<name>` and outputs `grad_norm`,
 /// `new.<name>`, `new.adam.m.<name>`, `new.adam.v.<name>`. `grads` maps each parameter to its gradient value.
+/// The per-parameter update below is matched op by op by the tract backend, which runs it as one fused op
+/// (`runtime/src/tract_adamw.rs`): change both together (`tests/tract_adamw.rs` fails when the fusion stops
+/// applying).
 pub fn add_adamw(g: &mut Graph, grads: &BTreeMap<String, String>, opt: &AdamW) {
     let f = |g: &mut Graph, x: f32| g.add_const("adam/c", Tensor::scalar_f32(x));
     g.inputs.push(ValueInfo { name: "lr".into(), ty: ValueType::known(DType::F32, &[]) });
