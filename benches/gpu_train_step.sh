@@ -4,7 +4,7 @@
 # fp32, then ms per generated token against HF generate. Not run on a GPU yet: no session so far was lent one.
 #
 # Cases run most important first (the goal cases: gpt2-medium B=5 and B=32 in TF32 against torch.compile, then
-# generation), and no new case starts after BUDGET_S seconds (default 360), so a call that a device's time limit
+# generation), and no new case starts after BUDGET_S seconds (default 300, counted from the start, tests included), so a call that a device's time limit
 # cuts short still brings back the cases that matter. Every case writes its own file under $OUT (the device call's
 # output folder) and appends its table to $OUT/summary.md.
 #
@@ -13,32 +13,39 @@
 #   mkdir -p gpu-carry
 #   strip -o gpu-carry/train_step "$(ls -t $CARGO_TARGET_DIR/release/deps/train_step_cpu-* | grep -v '\.d$' | head -1)"
 #   strip -o gpu-carry/generate_tokens "$(ls -t $CARGO_TARGET_DIR/release/deps/generate_tokens-* | grep -v '\.d$' | head -1)"
-#   gzip -f gpu-carry/train_step gpu-carry/generate_tokens   # 2 x ~10 MB: a call carries 64 MiB in all
+#   cargo test --release -p pfx-runtime --test gpu_ort --no-run      # the GPU correctness tests, run first
+#   strip -o gpu-carry/gpu_ort "$(ls -t $CARGO_TARGET_DIR/release/deps/gpu_ort-* | grep -v '\.d$' | head -1)"
+#   gzip -f gpu-carry/train_step gpu-carry/generate_tokens gpu-carry/gpu_ort   # 3 x ~10 MB: a call carries 64 MiB
 #   cp /work/shared/tools/gpu/peft_step.py /work/shared/tools/gpu/peft_generate.py gpu-carry/   # the peers
-#   bash /work/shared/tools/gpu/pack-ort-cuda.sh .gpu 5        # ORT's CUDA libraries in five ~39 MB parts
-# On the device, back to back (it is taken back after ~30 s idle; see ../shared/tools/gpu/README.md), five calls:
-#   calls 1-4 (N = 0..3), carry [".gpu/ortgpu.part0N"]:  mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part0N /tmp/ortgpu/
-#   call 5, carry [".gpu/ortgpu.part04", "gpu-carry"], timeout_s 600:
-#     cp .gpu/ortgpu.part04 /tmp/ortgpu/ && (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) &&
+#   bash /work/shared/tools/gpu/pack-ort-cuda.sh .gpu 6        # ORT's CUDA libraries in six ~33 MB parts
+# On the device, back to back (it is taken back after ~30 s idle; see ../shared/tools/gpu/README.md), six calls:
+#   calls 1-5 (N = 0..4), carry [".gpu/ortgpu.part0N"]:  mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part0N /tmp/ortgpu/
+#   call 6, carry [".gpu/ortgpu.part05", "gpu-carry"], timeout_s 600:
+#     cp .gpu/ortgpu.part05 /tmp/ortgpu/ && (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) &&
 #     bash benches/gpu_train_step.sh
-# The results come back under $OUT (summary.md first). BUDGET_S (default 360) bounds when the last case starts.
+# The results come back under $OUT (summary.md first). BUDGET_S (default 300) bounds when the last case starts.
 #
 # Dry run on this machine's CPU (checks the script, the binaries and the peer's arguments; numbers meaningless):
 #   DEVICE=cpu SIZES=tiny PEER=/work/shared/tools/gpu/peft_step.py PFX_PEFT_PYTHON=/root/.cache/pfx/ref/bin/python \
 #     PYTHON=/root/.cache/pfx/ref/bin/python OUT=/tmp/gpu-dry bash benches/gpu_train_step.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The binaries travel gzipped (stripped, 34 MB each; 10 MB compressed).
+# The binaries travel gzipped (stripped, ~34 MB each; ~10 MB compressed) and are unpacked outside gpu-carry/, so
+# that a dry run here leaves the folder as small as it must be to be carried.
+BIN_DIR=${BIN_DIR:-/tmp/pfx-gpu-bin}
+mkdir -p "$BIN_DIR"
 for packed in gpu-carry/*.gz; do
-  if [ -e "$packed" ] && [ ! -e "${packed%.gz}" ]; then gunzip -k "$packed" && chmod +x "${packed%.gz}"; fi
+  if [ -e "$packed" ]; then
+    gunzip -c "$packed" >"$BIN_DIR/$(basename "${packed%.gz}")" && chmod +x "$BIN_DIR/$(basename "${packed%.gz}")"
+  fi
 done
-BIN=${BIN:-gpu-carry/train_step}
-GEN_BIN=${GEN_BIN:-gpu-carry/generate_tokens}
+BIN=${BIN:-$BIN_DIR/train_step}
+GEN_BIN=${GEN_BIN:-$BIN_DIR/generate_tokens}
 PEER=${PEER:-gpu-carry/peft_step.py}
 [ -f "$PEER" ] || { echo "gpu_train_step: no peer at $PEER (copy peft_step.py into gpu-carry/ or set PEER)"; exit 2; }
 DEVICE=${DEVICE:-cuda}
 SIZES=${SIZES:-gpt2-medium gpt2}
-BUDGET_S=${BUDGET_S:-360}
+BUDGET_S=${BUDGET_S:-300}
 PYTHON=${PYTHON:-python3}
 if [ "$DEVICE" != cpu ]; then
   export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls /tmp/ortgpu/libonnxruntime.so.* | head -1)}
@@ -106,8 +113,19 @@ peer_generate() { # HF generate with the PEFT prefix in its cache, same machine,
   tail -8 "$OUT/peft_generate.txt" | tee -a "$SUMMARY"
 }
 
+# The GPU correctness tests (`runtime/tests/gpu_ort.rs`: device state on CUDA, CUDA graphs, TensorRT where its
+# libraries exist, each against ORT CPU) before any timing: a failure there makes the timings moot.
+gpu_tests() {
+  [ "$DEVICE" != cpu ] && [ -x "$BIN_DIR/gpu_ort" ] || return 0
+  echo "== gpu_ort tests ($((SECONDS - START)) s)" | tee -a "$SUMMARY"
+  PFX_REPO_ROOT=$PWD PFX_GPU_TESTS=1 timeout 180 "$BIN_DIR/gpu_ort" --test-threads 1 --nocapture >"$OUT/gpu_ort.txt" 2>&1 ||
+    echo "(exit $?)" >>"$OUT/gpu_ort.txt"
+  grep -E "^test |test result|skipping|panicked|exit" "$OUT/gpu_ort.txt" | tee -a "$SUMMARY" || true
+}
+
 run_all() {
   local first=${SIZES%% *}
+  gpu_tests
   export_model "$first"
   # The goal cases first: the largest model, TF32, against torch.compile and eager.
   train "$first" 5 on 1 || return 0

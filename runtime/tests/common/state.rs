@@ -30,7 +30,10 @@ pub fn bundle(dir: &Path) -> Bundle {
         seed: 5,
         generation: None,
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // PFX_REPO_ROOT: where the fixtures are when the test binary runs away from its build tree (the GPU machine).
+    let root = std::env::var_os("PFX_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     compile(&root.join("graphs/gpt2-optimum/model.onnx"), &opts, dir).unwrap();
     Bundle::open(dir).unwrap()
 }
