@@ -3,9 +3,10 @@
 # CUDA against PyTorch + PEFT (eager and torch.compile), gpt2-medium and gpt2, B=5 and B=32, T=128, TF32 and
 # fp32, then ms per generated token against HF generate. Not run on a GPU yet: no session so far was lent one.
 #
-# Cases run most important first (the goal cases: gpt2-medium B=5 and B=32 in TF32 against torch.compile, then
-# generation), and no new case starts after BUDGET_S seconds (default 300, counted from the start, tests included), so a call that a device's time limit
-# cuts short still brings back the cases that matter. Every case writes its own file under $OUT (the device call's
+# First the GPU correctness tests (runtime/tests/gpu_ort.rs), then the cases, most important first (the goal cases:
+# gpt2-medium B=5 and B=32 in TF32 against torch.compile, then generation). No new case starts after BUDGET_S
+# seconds (default 300, counted from the start, tests included), so a call that a device's time limit cuts short
+# still brings back the cases that matter. Every case writes its own file under $OUT (the device call's
 # output folder) and appends its table to $OUT/summary.md.
 #
 # Here, before the device calls:
