@@ -145,8 +145,16 @@ fn match_update(model: &TypedModel, new_p: OutletId, new_m: OutletId, new_v: Out
     let v_again = inputs_of(model, root, "Sqrt", 1)?[0];
     let consistent = ga == g && gb == g && m_again == new_m && v_again == new_v;
     let scalars = [b1, sm, b2, sv, c2, eps, step];
-    let all_scalars = scalars.iter().all(|o| model.outlet_fact(*o).is_ok_and(|f| f.shape.volume().as_i64() == Some(1)));
-    (consistent && all_scalars).then(|| [p, g, m, v].into_iter().chain(scalars).collect())
+    let f32_scalar = |o: &OutletId| {
+        model.outlet_fact(*o).is_ok_and(|f| f.datum_type == f32::datum_type() && f.shape.volume().as_i64() == Some(1))
+    };
+    // p, g, m, v: f32 tensors of one shape (the op updates them element by element).
+    let shape = model.outlet_fact(p).ok()?.shape.clone();
+    let same_f32 =
+        |o: &OutletId| model.outlet_fact(*o).is_ok_and(|f| f.datum_type == f32::datum_type() && f.shape == shape);
+    let tensors_ok = [p, g, m, v].iter().all(same_f32);
+    (consistent && tensors_ok && scalars.iter().all(f32_scalar))
+        .then(|| [p, g, m, v].into_iter().chain(scalars).collect())
 }
 
 fn two(v: Vec<OutletId>) -> (OutletId, OutletId) {
