@@ -80,10 +80,13 @@ fn main() -> anyhow::Result<()> {
     let node_faults = std::env::var("PFX_BENCH_FAULTS").is_ok_and(|v| v == "1");
     let mut faults_by_node: HashMap<String, u64> = HashMap::new();
     for step in 0..=steps {
+        // Fresh copies each step, as pfxrun hands tract its inputs: values the plan holds alone can be updated in
+        // place (the fused AdamW does), which shared ones cannot.
+        let step_values: TVec<TValue> = values.iter().map(|v| (**v).clone().into_tvalue()).collect();
         let faults_before = minor_faults();
         let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
         let t0 = Instant::now();
-        state.run_plan_with_eval(values.clone(), |ctx, st, node, input| {
+        state.run_plan_with_eval(step_values, |ctx, st, node, input| {
             let f0 = if node_faults { minor_faults() } else { 0 };
             let t = Instant::now();
             let out = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
