@@ -261,13 +261,6 @@ impl Backend for TractBackend {
     }
 }
 
-static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-
-/// Threads tract's work is split over (set by [`init_process`]; 1 before it).
-pub fn threads() -> usize {
-    THREADS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Process set-up for tract, once: matrix products on every core (or `PFX_THREADS`; tract uses one thread unless
 /// told otherwise), large freed blocks kept for the next step (`crate::alloc`), and the measured kernel choice
 /// checked and linked in (`crate::tract_kernels`).
@@ -280,7 +273,6 @@ pub fn init_process() {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
         if n > 1 {
             tract_linalg::multithread::set_default_executor(tract_linalg::multithread::Executor::multithread(n));
         }
