@@ -1,11 +1,13 @@
-//! Token cross-entropy from plain ops (tract has no SoftmaxCrossEntropyLoss), and its gradient with respect to
-//! the logits written out in closed form.
+//! Token cross-entropy from plain ops (tract has no SoftmaxCrossEntropyLoss), and its gradient written out in
+//! closed form.
 //!
 //! The loss is the mean over labels != -100 of logsumexp(logits) - logits[label], optionally label-smoothed as
-//! torch's `cross_entropy(label_smoothing=ε)`. Differentiating that op by op would materialize about ten
-//! [B, T, V] tensors (V = 50k for GPT-2: 64 MB each at B·T = 320); the closed form
-//! (softmax - (1-ε)·onehot - ε/V) · valid / count needs a softmax, one scaling pass and B·T scattered updates,
-//! so `training_graphs` seeds the backward pass at the logits with it.
+//! torch's `cross_entropy(label_smoothing=ε)`, read off the softmax the gradient needs anyway. Differentiating it
+//! op by op would materialize about ten [B, T, V] tensors (V = 50k for GPT-2: 64 MB each at B·T = 320), so
+//! `training_graphs` seeds the backward pass in closed form: at the LM head's input when the logits come from a
+//! frozen linear head (`add_hidden_gradient`: no [B, T, V] gradient at all), else at the logits
+//! (`add_logits_gradient`: (softmax - (1-ε)·onehot - ε/V) · valid / count, one scaling pass and B·T scattered
+//! updates).
 
 use anyhow::{bail, Result};
 
@@ -80,7 +82,7 @@ pub fn add_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     // `Ln` over 16 M values was 30 ms of a GPT-2 step), and max p >= 1/V never underflows.
     let last = g.add_const("loss/axis", Tensor::vec_i64(&[-1]));
     let keep = || vec![("keepdims", Attr::Int(1))];
-    let p = g.op1("Softmax", &[lg], vec![("axis", Attr::Int(-1))], "grad/loss/softmax");
+    let p = g.op1("Softmax", &[lg], vec![("axis", Attr::Int(-1))], "loss/probs");
     let top = g.op1("ReduceMax", &[lg, &last], keep(), "loss/max_logit");
     let p_top = g.op1("ReduceMax", &[&p, &last], keep(), "loss/max_prob");
     let ln_p_top = g.op1("Log", &[&p_top], vec![], "loss/log_max_prob");
