@@ -73,8 +73,11 @@ in_budget() {
 }
 
 export_model() { # size: exported there (~12 s for gpt2-medium), a 1.4 GB export cannot be carried
-  [ -f "/tmp/pfx-bench/$1/model.onnx" ] ||
-    "$PYTHON" benches/make_gpt2_export.py --size "$1" --no-check "/tmp/pfx-bench/$1" >"$OUT/export-$1.txt" 2>&1
+  [ -f "/tmp/pfx-bench/$1/model.onnx" ] && return 0
+  "$PYTHON" benches/make_gpt2_export.py --size "$1" --no-check "/tmp/pfx-bench/$1" >"$OUT/export-$1.txt" 2>&1 && return 0
+  echo "== exporting $1 failed (export-$1.txt):" | tee -a "$SUMMARY"
+  tail -5 "$OUT/export-$1.txt" | tee -a "$SUMMARY"
+  return 1
 }
 
 # train SIZE BATCH TF32(on|off) PEER_COMPILE(0|1): pfx on ORT, pfx on ORT replaying a CUDA graph, and the peer.
@@ -127,7 +130,7 @@ gpu_tests() {
 run_all() {
   local first=${SIZES%% *}
   gpu_tests
-  export_model "$first"
+  export_model "$first" || return 0
   # The goal cases first: the largest model, TF32, against torch.compile and eager.
   train "$first" 5 on 1 || return 0
   train "$first" 32 on 1 || return 0
@@ -137,7 +140,7 @@ run_all() {
   train "$first" 32 on 0 || return 0
   train "$first" 5 off 0 || return 0
   for size in ${SIZES#"$first"}; do
-    export_model "$size"
+    export_model "$size" || return 0
     train "$size" 5 on 1 || return 0
     train "$size" 32 on 1 || return 0
     generate "$size" || return 0
