@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use pfx_runtime::bundle::Bundle;
-use pfx_runtime::tract_backend::to_tract;
 use pfx_runtime::HostTensor;
 use tract_onnx::prelude::*;
 
@@ -60,16 +59,9 @@ fn main() -> anyhow::Result<()> {
             given.entry(k).or_insert(v);
         }
     }
-    let mut model = tract_onnx::onnx().model_for_path(&path)?;
-    let mut values: TVec<TValue> = tvec!();
-    for (ix, o) in model.input_outlets()?.to_vec().iter().enumerate() {
-        let name = model.node(o.node).name.clone();
-        let t = given.get(&name).ok_or_else(|| anyhow::anyhow!("no value for input {name}"))?;
-        let tt = to_tract(t)?;
-        model.set_input_fact(ix, InferenceFact::dt_shape(tt.datum_type(), tt.shape()))?;
-        values.push(tt.into_tvalue());
-    }
-    let plan = pfx_runtime::tract_backend::optimize(model)?.into_runnable()?;
+    let rewrites = pfx_runtime::tract_backend::Rewrites::from_env();
+    let (model, values, _) = pfx_runtime::tract_backend::optimized_for_inputs(&path, &given, rewrites)?;
+    let plan = model.into_runnable()?;
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
     let mut by_node: HashMap<String, f64> = HashMap::new();
     // What each matrix product multiplies and with which kernel (tract's own `info()`), to print beside the times.

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions};
-use pfx_runtime::tract_backend::{from_tract, optimize_with, to_tract};
+use pfx_runtime::tract_backend::{from_tract, optimized_for_inputs, Rewrites};
 use pfx_runtime::HostTensor;
 use tract_onnx::prelude::*;
 
@@ -19,22 +19,8 @@ fn run(
     given: &BTreeMap<String, HostTensor>,
     fuse: bool,
 ) -> (BTreeMap<String, HostTensor>, usize) {
-    pfx_runtime::tract_backend::init_process();
-    let mut model = tract_onnx::onnx().model_for_path(path).unwrap();
-    let mut values: TVec<TValue> = tvec!();
-    for (ix, o) in model.input_outlets().unwrap().to_vec().iter().enumerate() {
-        let name = model.node(o.node).name.clone();
-        let t = to_tract(given.get(&name).unwrap_or_else(|| panic!("no value for input {name}"))).unwrap();
-        model.set_input_fact(ix, InferenceFact::dt_shape(t.datum_type(), t.shape())).unwrap();
-        values.push(t.into_tvalue());
-    }
-    let names: Vec<String> = model
-        .output_outlets()
-        .unwrap()
-        .iter()
-        .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
-        .collect();
-    let plan = optimize_with(model, fuse).unwrap();
+    let rewrites = Rewrites { fuse_adamw: fuse, ..Rewrites::ALL };
+    let (plan, values, names) = optimized_for_inputs(path, given, rewrites).unwrap();
     let fused = plan.nodes().iter().filter(|n| n.op().name() == "PfxFusedAdamW").count();
     let outs = plan.into_runnable().unwrap().run(values).unwrap();
     let outs = names.into_iter().zip(outs).map(|(n, v)| (n, from_tract(v.into_tensor()).unwrap())).collect();

@@ -25,6 +25,7 @@ pub mod tensor;
 pub mod tokenize;
 pub mod tract_adamw;
 pub mod tract_backend;
+pub mod tract_gemv;
 pub mod tract_kernels;
 pub mod train;
 

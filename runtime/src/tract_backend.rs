@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
@@ -182,20 +182,76 @@ impl TractBackend {
     }
 }
 
-/// tract's optimized model, as `pfxrun` runs it: typed, large shared weights split per reader, each AdamW
-/// update fused into one op (`tract_adamw`; `PFX_TRACT_ADAMW=graph` keeps the plain ops), optimized.
-pub fn optimize(model: InferenceModel) -> TractResult<TypedModel> {
-    optimize_with(model, std::env::var("PFX_TRACT_ADAMW").as_deref() != Ok("graph"))
+/// pfx's rewrites of tract's typed model, applied by [`optimize_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rewrites {
+    /// Each AdamW update as one op (`tract_adamw`); `PFX_TRACT_ADAMW=graph` turns it off.
+    pub fuse_adamw: bool,
+    /// Batched matrix-vector products (decode attention) without packing (`tract_gemv`); `PFX_TRACT_GEMV=tract`
+    /// turns it off.
+    pub batched_gemv: bool,
 }
 
-/// [`optimize`], with the AdamW fusion chosen by the caller.
-pub fn optimize_with(model: InferenceModel, fuse_adamw: bool) -> TractResult<TypedModel> {
+impl Rewrites {
+    pub const ALL: Rewrites = Rewrites { fuse_adamw: true, batched_gemv: true };
+    pub const NONE: Rewrites = Rewrites { fuse_adamw: false, batched_gemv: false };
+
+    /// All of them, less those the environment turns off.
+    pub fn from_env() -> Rewrites {
+        let var = |key: &str| std::env::var(key).ok();
+        Rewrites {
+            fuse_adamw: var("PFX_TRACT_ADAMW").as_deref() != Some("graph"),
+            batched_gemv: var("PFX_TRACT_GEMV").as_deref() != Some("tract"),
+        }
+    }
+}
+
+/// tract's optimized model, as `pfxrun` runs it: typed, large shared weights split per reader, pfx's rewrites
+/// (as the environment allows: [`Rewrites::from_env`]), optimized.
+pub fn optimize(model: InferenceModel) -> TractResult<TypedModel> {
+    optimize_with(model, Rewrites::from_env())
+}
+
+/// [`optimize`], with the rewrites chosen by the caller.
+pub fn optimize_with(model: InferenceModel, rewrites: Rewrites) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?;
     split_shared_weights(&mut typed)?;
-    if fuse_adamw {
+    if rewrites.fuse_adamw {
         crate::tract_adamw::fuse_adamw(&mut typed)?;
     }
-    typed.into_optimized()
+    // The products are matched once tract has folded transposes and split concatenations into them.
+    typed.declutter()?;
+    if rewrites.batched_gemv {
+        crate::tract_gemv::use_batched_gemv(&mut typed)?;
+    }
+    typed.optimize()?;
+    Ok(typed)
+}
+
+/// The ONNX model at `path` optimized for the given input values (by input name), with those values in the
+/// model's input order and its output names: what benches and tests need to run a graph as pfxrun plans it.
+pub fn optimized_for_inputs(
+    path: &Path,
+    given: &BTreeMap<String, HostTensor>,
+    rewrites: Rewrites,
+) -> Result<(TypedModel, TVec<TValue>, Vec<String>)> {
+    init_process();
+    let mut model = parse(path)?;
+    let mut values: TVec<TValue> = tvec!();
+    for (ix, o) in model.input_outlets()?.to_vec().iter().enumerate() {
+        let name = model.node(o.node).name.clone();
+        let t = to_tract(given.get(&name).ok_or_else(|| anyhow!("{}: no value for input {name}", path.display()))?)?;
+        model.set_input_fact(ix, InferenceFact::dt_shape(t.datum_type(), t.shape()))?;
+        values.push(t.into_tvalue());
+    }
+    let names = model
+        .output_outlets()?
+        .iter()
+        .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+        .collect();
+    let typed =
+        optimize_with(model, rewrites).with_context(|| format!("tract could not prepare {}", path.display()))?;
+    Ok((typed, values, names))
 }
 
 /// Gives every reader of a large constant its own `Const` node (sharing the same tensor).

@@ -1,0 +1,89 @@
+//! tract runs decode attention's batched matrix-vector products as pfx's own op (`pfx_runtime::tract_gemv`).
+//! On the compiled decode graphs of both GPT-2 exporters and of BART (self- and cross-attention over the cache),
+//! every layer's two attention products must be rewritten, and the graph's outputs (logits, the new keys and
+//! values) must be what tract's own plan of the same graph gives. (That generation still equals PEFT and HF is
+//! `generate_peft` and `generate_bart`, which run the rewritten plans.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use pfx_compiler::compile::bart::{compile_bart, BartPrefix};
+use pfx_compiler::compile::bart_generate::BartGenShape;
+use pfx_compiler::compile::generate::GenShape;
+use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::{compile, CompileOptions};
+use pfx_runtime::bundle::Bundle;
+use pfx_runtime::tract_backend::{from_tract, optimized_for_inputs, Rewrites};
+use pfx_runtime::HostTensor;
+use tract_onnx::prelude::*;
+
+/// Inputs of the bundle's decode graph: ids and positions in range, masks all ones, caches of varied values.
+fn decode_inputs(bundle: &Bundle) -> BTreeMap<String, HostTensor> {
+    let io = &bundle.manifest.io["decode"];
+    let mut given = BTreeMap::new();
+    for (i, spec) in io.inputs.iter().enumerate() {
+        let n: usize = spec.shape.iter().product();
+        let t = if spec.dtype == "i64" {
+            let v = if spec.name.contains("mask") { vec![1; n] } else { (0..n as i64).map(|j| 1 + j % 5).collect() };
+            HostTensor::from_i64(spec.shape.clone(), v)
+        } else {
+            HostTensor::from_f32(spec.shape.clone(), common::uniform_f32(n, 7 + i as u64))
+        };
+        given.insert(spec.name.clone(), t.unwrap());
+    }
+    given
+}
+
+/// Runs the graph with the given rewrites; returns its outputs by name and the number of rewritten products.
+fn run(path: &Path, given: &BTreeMap<String, HostTensor>, rewrites: Rewrites) -> (BTreeMap<String, HostTensor>, usize) {
+    let (plan, values, names) = optimized_for_inputs(path, given, rewrites).unwrap();
+    let rewritten = plan.nodes().iter().filter(|n| n.op().name() == "PfxBatchedGemv").count();
+    let outs = plan.into_runnable().unwrap().run(values).unwrap();
+    (names.into_iter().zip(outs).map(|(n, v)| (n, from_tract(v.into_tensor()).unwrap())).collect(), rewritten)
+}
+
+/// `attention_products` per layer: how many of the decode graph's products must be rewritten at least.
+fn check(dir: &Path, attention_products: usize) {
+    let bundle = Bundle::open(dir).unwrap();
+    let given = decode_inputs(&bundle);
+    let path = bundle.graph_path("decode").unwrap();
+    let (plain, none) = run(&path, &given, Rewrites { batched_gemv: false, ..Rewrites::ALL });
+    let (ours, count) = run(&path, &given, Rewrites::ALL);
+    assert_eq!(none, 0);
+    let want = attention_products * bundle.manifest.layers;
+    assert!(count >= want, "{}: {count} products rewritten, expected at least {want}", dir.display());
+    for (name, t) in &plain {
+        let e = ours[name].scaled_max_error(t).unwrap();
+        assert!(e <= 1e-5, "{} {name}: rewritten vs tract's plan, scaled max error {e:e}", dir.display());
+    }
+}
+
+#[test]
+fn gpt2_decode_attention_is_rewritten_and_agrees_with_tract() {
+    for fixture in ["gpt2-dynamo-past", "gpt2-optimum"] {
+        let out = std::env::temp_dir().join(format!("pfx-tract-gemv-{}-{fixture}", std::process::id()));
+        let opts = CompileOptions {
+            prefix_len: 4,
+            mid_dim: Some(16),
+            batch: 3,
+            seq: 7,
+            optimizer: AdamW::default(),
+            seed: 0,
+            generation: Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }),
+        };
+        compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
+        check(&out, 2); // q·Kᵀ and p·V
+    }
+}
+
+#[test]
+fn bart_decode_attention_is_rewritten_and_agrees_with_tract() {
+    for mode in [BartPrefix::Paper, BartPrefix::Peft] {
+        let out = std::env::temp_dir().join(format!("pfx-tract-gemv-{}-bart-{mode}", std::process::id()));
+        let opts = common::bart_options(mode, Some(16), Some(BartGenShape { rows: 4, src_len: 7, max_new: 8 }));
+        compile_bart(&common::graphs_dir().join("bart-dec-deep"), &opts, &out).unwrap();
+        check(&out, 4); // self- and cross-attention, q·Kᵀ and p·V each
+    }
+}
