@@ -27,6 +27,7 @@ pub mod tract_adamw;
 pub mod tract_backend;
 pub mod tract_gemv;
 pub mod tract_kernels;
+pub mod tract_skinny;
 pub mod train;
 
 pub use backend::{

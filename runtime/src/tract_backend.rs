@@ -190,11 +190,14 @@ pub struct Rewrites {
     /// Batched matrix-vector products (decode attention) without packing (`tract_gemv`); `PFX_TRACT_GEMV=tract`
     /// turns it off.
     pub batched_gemv: bool,
+    /// Weight products of at most 8 rows (decode) on packed-panel kernels (`tract_skinny`);
+    /// `PFX_TRACT_SKINNY=tract` turns it off.
+    pub skinny_products: bool,
 }
 
 impl Rewrites {
-    pub const ALL: Rewrites = Rewrites { fuse_adamw: true, batched_gemv: true };
-    pub const NONE: Rewrites = Rewrites { fuse_adamw: false, batched_gemv: false };
+    pub const ALL: Rewrites = Rewrites { fuse_adamw: true, batched_gemv: true, skinny_products: true };
+    pub const NONE: Rewrites = Rewrites { fuse_adamw: false, batched_gemv: false, skinny_products: false };
 
     /// All of them, less those the environment turns off.
     pub fn from_env() -> Rewrites {
@@ -202,6 +205,7 @@ impl Rewrites {
         Rewrites {
             fuse_adamw: var("PFX_TRACT_ADAMW").as_deref() != Some("graph"),
             batched_gemv: var("PFX_TRACT_GEMV").as_deref() != Some("tract"),
+            skinny_products: var("PFX_TRACT_SKINNY").as_deref() != Some("tract"),
         }
     }
 }
@@ -223,6 +227,9 @@ pub fn optimize_with(model: InferenceModel, rewrites: Rewrites) -> TractResult<T
     typed.declutter()?;
     if rewrites.batched_gemv {
         crate::tract_gemv::use_batched_gemv(&mut typed)?;
+    }
+    if rewrites.skinny_products {
+        crate::tract_skinny::use_skinny_products(&mut typed)?;
     }
     typed.optimize()?;
     Ok(typed)

@@ -1,8 +1,9 @@
-//! tract runs decode attention's batched matrix-vector products as pfx's own op (`pfx_runtime::tract_gemv`).
-//! On the compiled decode graphs of both GPT-2 exporters and of BART (self- and cross-attention over the cache),
-//! every layer's two attention products must be rewritten, and the graph's outputs (logits, the new keys and
-//! values) must be what tract's own plan of the same graph gives. (That generation still equals PEFT and HF is
-//! `generate_peft` and `generate_bart`, which run the rewritten plans.)
+//! tract runs a decode graph's products on pfx's own ops: attention's batched matrix-vector products
+//! (`pfx_runtime::tract_gemv`) and, on AVX-512 machines, the weight products of a few rows
+//! (`pfx_runtime::tract_skinny`). On the compiled decode graphs of both GPT-2 exporters and of BART (self- and
+//! cross-attention over the cache), every layer's products must be rewritten, and the graph's outputs (logits,
+//! the new keys and values) must be what tract's own plan of the same graph gives. (That generation still
+//! equals PEFT and HF is `generate_peft` and `generate_bart`, which run the rewritten plans.)
 
 mod common;
 
@@ -36,24 +37,35 @@ fn decode_inputs(bundle: &Bundle) -> BTreeMap<String, HostTensor> {
     given
 }
 
-/// Runs the graph with the given rewrites; returns its outputs by name and the number of rewritten products.
-fn run(path: &Path, given: &BTreeMap<String, HostTensor>, rewrites: Rewrites) -> (BTreeMap<String, HostTensor>, usize) {
+/// Runs the graph with the given rewrites; returns its outputs by name and how many nodes of each of pfx's
+/// product ops the plan has.
+fn run(
+    path: &Path,
+    given: &BTreeMap<String, HostTensor>,
+    rewrites: Rewrites,
+) -> (BTreeMap<String, HostTensor>, [usize; 2]) {
     let (plan, values, names) = optimized_for_inputs(path, given, rewrites).unwrap();
-    let rewritten = plan.nodes().iter().filter(|n| n.op().name() == "PfxBatchedGemv").count();
+    let count = |op: &str| plan.nodes().iter().filter(|n| n.op().name() == op).count();
+    let counts = [count("PfxBatchedGemv"), count("PfxSkinnyProduct")];
     let outs = plan.into_runnable().unwrap().run(values).unwrap();
-    (names.into_iter().zip(outs).map(|(n, v)| (n, from_tract(v.into_tensor()).unwrap())).collect(), rewritten)
+    (names.into_iter().zip(outs).map(|(n, v)| (n, from_tract(v.into_tensor()).unwrap())).collect(), counts)
 }
 
-/// `attention_products` per layer: how many of the decode graph's products must be rewritten at least.
-fn check(dir: &Path, attention_products: usize) {
+/// How many of the decode graph's products per layer must be rewritten at least: attention's, weights'.
+fn check(dir: &Path, attention_products: usize, weight_products: usize) {
     let bundle = Bundle::open(dir).unwrap();
     let given = decode_inputs(&bundle);
     let path = bundle.graph_path("decode").unwrap();
-    let (plain, none) = run(&path, &given, Rewrites { batched_gemv: false, ..Rewrites::ALL });
-    let (ours, count) = run(&path, &given, Rewrites::ALL);
-    assert_eq!(none, 0);
-    let want = attention_products * bundle.manifest.layers;
-    assert!(count >= want, "{}: {count} products rewritten, expected at least {want}", dir.display());
+    let tract_only = Rewrites { batched_gemv: false, skinny_products: false, ..Rewrites::ALL };
+    let (plain, none) = run(&path, &given, tract_only);
+    let (ours, [gemv, skinny]) = run(&path, &given, Rewrites::ALL);
+    assert_eq!(none, [0, 0]);
+    let layers = bundle.manifest.layers;
+    let want = attention_products * layers;
+    assert!(gemv >= want, "{}: {gemv} attention products rewritten, expected at least {want}", dir.display());
+    // The weight kernel exists for AVX-512F only; elsewhere tract keeps them all.
+    let want = if pfx_runtime::tract_skinny::kernel_available() { weight_products * layers + 1 } else { 0 };
+    assert!(skinny >= want, "{}: {skinny} weight products rewritten, expected at least {want}", dir.display());
     for (name, t) in &plain {
         let e = ours[name].scaled_max_error(t).unwrap();
         assert!(e <= 1e-5, "{} {name}: rewritten vs tract's plan, scaled max error {e:e}", dir.display());
@@ -61,7 +73,7 @@ fn check(dir: &Path, attention_products: usize) {
 }
 
 #[test]
-fn gpt2_decode_attention_is_rewritten_and_agrees_with_tract() {
+fn gpt2_decode_products_are_rewritten_and_agree_with_tract() {
     for fixture in ["gpt2-dynamo-past", "gpt2-optimum"] {
         let out = std::env::temp_dir().join(format!("pfx-tract-gemv-{}-{fixture}", std::process::id()));
         let opts = CompileOptions {
@@ -74,16 +86,16 @@ fn gpt2_decode_attention_is_rewritten_and_agrees_with_tract() {
             generation: Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }),
         };
         compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
-        check(&out, 2); // q·Kᵀ and p·V
+        check(&out, 2, 6); // q·Kᵀ and p·V; q, k, v, the attention's and the MLP's two (+ the LM head)
     }
 }
 
 #[test]
-fn bart_decode_attention_is_rewritten_and_agrees_with_tract() {
+fn bart_decode_products_are_rewritten_and_agree_with_tract() {
     for mode in [BartPrefix::Paper, BartPrefix::Peft] {
         let out = std::env::temp_dir().join(format!("pfx-tract-gemv-{}-bart-{mode}", std::process::id()));
         let opts = common::bart_options(mode, Some(16), Some(BartGenShape { rows: 4, src_len: 7, max_new: 8 }));
         compile_bart(&common::graphs_dir().join("bart-dec-deep"), &opts, &out).unwrap();
-        check(&out, 4); // self- and cross-attention, q·Kᵀ and p·V each
+        check(&out, 4, 6); // self- and cross-attention, q·Kᵀ and p·V each; at least as many weights as GPT-2
     }
 }
