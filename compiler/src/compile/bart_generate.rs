@@ -289,6 +289,8 @@ pub fn build_decode(dir: &Path, capacity: usize, cross_len: usize, rows: usize) 
     }
     simplify(&mut model.graph)?;
     super::lower::lower_for_inference(&mut model.graph)?;
+    super::generate::read_cache_in_parts(&mut model.graph)?;
+    simplify(&mut model.graph)?;
     Ok(model)
 }
 
