@@ -5,8 +5,10 @@
 //!     PFX_BENCH_MODEL=/tmp/pfx-bench/gpt2/model.onnx cargo bench --bench generate_tokens
 //!
 //! Environment: PFX_BENCH_MODEL (a GPT-2 export with past inputs; default /tmp/pfx-bench/gpt2/model.onnx),
-//! PFX_BENCH_ENGINE (`ort`, default, or `tract`), PFX_BENCH_DEVICE (cpu | cuda[:N]), PFX_BENCH_CUDA_GRAPH=1,
-//! PFX_BENCH_RUNS (5: the median is reported), PFX_BENCH_CASES (default `1x1,8x1,1x5`: batch x beams).
+//! PFX_BENCH_ENGINE (`ort`, default, `tract`, or a list such as `tract,ort`: the engines take turns run by run
+//! on the same bundle, and each row after the first gives its ratio to the first engine), PFX_BENCH_DEVICE
+//! (cpu | cuda[:N]), PFX_BENCH_CUDA_GRAPH=1, PFX_BENCH_RUNS (5: the median is reported), PFX_BENCH_CASES
+//! (default `1x1,8x1,1x5`: batch x beams).
 
 use std::time::Instant;
 
@@ -34,16 +36,19 @@ fn main() -> Result<()> {
         println!("generate_tokens: {} not found (benches/make_gpt2_export.py makes it); skipping", model.display());
         return Ok(());
     }
-    let kind: BackendKind = env("PFX_BENCH_ENGINE", "ort").parse()?;
+    let kinds: Vec<BackendKind> =
+        env("PFX_BENCH_ENGINE", "ort").split(',').map(|k| k.trim().parse()).collect::<Result<_>>()?;
+    let names: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
     let device: OrtDevice = env("PFX_BENCH_DEVICE", "cpu").parse()?;
     let ort = OrtOptions { device, cuda_graph: env("PFX_BENCH_CUDA_GRAPH", "0") == "1", ..OrtOptions::default() };
     let runs: usize = env("PFX_BENCH_RUNS", "5").parse()?;
     println!(
-        "generate_tokens: {} on {kind} {device}, prompt {PROMPT}, {NEW} new tokens, median of {runs}",
-        model.display()
+        "generate_tokens: {} on {} {device}, prompt {PROMPT}, {NEW} new tokens, median of {runs}",
+        model.display(),
+        names.join(" / ")
     );
-    println!("| batch | beams | s per call | ms per token |");
-    println!("|---|---|---|---|");
+    println!("| batch | beams | engine | s per call | ms per token | time vs {} |", names[0]);
+    println!("|---|---|---|---|---|---|");
     for case in env("PFX_BENCH_CASES", "1x1,8x1,1x5").split(',') {
         let (b, k) = case.split_once('x').ok_or_else(|| anyhow!("PFX_BENCH_CASES: '{case}' is not BxK"))?;
         let (b, k): (usize, usize) = (b.parse()?, k.parse()?);
@@ -61,30 +66,50 @@ fn main() -> Result<()> {
         compile(&model, &opts, &dir).context("compiling the bench bundle")?;
         let bundle = Bundle::open(&dir)?;
         let m = bundle.manifest.clone();
-        let mut g = Generator::new(
-            bundle.open_graph("prefill", kind, &ort)?,
-            bundle.open_graph("decode", kind, &ort)?,
-            m.generation.clone().ok_or_else(|| anyhow!("the export has no past inputs"))?,
-            m.prefix_len,
-            m.layers,
-            m.heads,
-            m.head_dim,
-            bundle.init_prefix()?,
-        );
+        let mut gens = Vec::new();
+        for &kind in &kinds {
+            gens.push(Generator::new(
+                bundle.open_graph("prefill", kind, &ort)?,
+                bundle.open_graph("decode", kind, &ort)?,
+                m.generation.clone().ok_or_else(|| anyhow!("the export has no past inputs"))?,
+                m.prefix_len,
+                m.layers,
+                m.heads,
+                m.head_dim,
+                bundle.init_prefix()?,
+            ));
+        }
         let prompts: Vec<Vec<i64>> =
             (0..b).map(|i| (0..PROMPT).map(|j| ((i * 131 + j * 7919) % m.vocab) as i64).collect()).collect();
         let cfg = GenConfig { max_new: NEW, min_new: NEW, beams: k, eos: None, pad: 0, ..GenConfig::default() };
         let call = |g: &mut Generator| if k > 1 { g.beam_search(&prompts, &cfg) } else { g.greedy(&prompts, &cfg) };
-        call(&mut g)?; // warm-up (plans, allocations)
-        let mut times = Vec::new();
-        for _ in 0..runs {
-            let t = Instant::now();
-            call(&mut g)?;
-            times.push(t.elapsed().as_secs_f64());
+        let mut outputs = Vec::new();
+        for g in gens.iter_mut() {
+            outputs.push(call(g)?); // warm-up (plans, allocations)
         }
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let med = times[times.len() / 2];
-        println!("| {b} | {k} | {med:.3} | {:.2} |", med / NEW as f64 * 1e3);
+        if outputs.iter().any(|o| o != &outputs[0]) {
+            println!("(batch {b}, beams {k}: the engines generated different tokens)");
+        }
+        // Engines take turns, so that a slow spell of the machine falls on all of them.
+        let mut times = vec![Vec::new(); gens.len()];
+        for _ in 0..runs {
+            for (g, t) in gens.iter_mut().zip(times.iter_mut()) {
+                let start = Instant::now();
+                call(g)?;
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
+        let medians: Vec<f64> = times
+            .iter_mut()
+            .map(|t| {
+                t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                t[t.len() / 2]
+            })
+            .collect();
+        for (name, med) in names.iter().zip(&medians) {
+            let ratio = med / medians[0];
+            println!("| {b} | {k} | {name} | {med:.3} | {:.2} | {ratio:.2}× |", med / NEW as f64 * 1e3);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
