@@ -5,6 +5,7 @@
 use pfx_compiler::ir::{Dim, Graph, Model, ValueInfo, ValueType};
 use pfx_compiler::onnx_io;
 use pfx_compiler::tensor::{DType, Tensor};
+use pfx_runtime::tract_backend::Rewrites;
 use tract_onnx::prelude::*;
 
 /// `x [rows, k] · W [k, m]` with W a constant, saved as ONNX; returns (path, W).
@@ -35,7 +36,9 @@ fn planned_kernel(rows: usize, k: usize, m: usize) -> String {
     let (path, w) = product_model(rows, k, m);
     let x: Vec<f32> = (0..rows * k).map(|i| ((i % 17) as f32 - 8.0) / 9.0).collect();
     let model = tract_onnx::onnx().model_for_path(&path).unwrap();
-    let plan = pfx_runtime::tract_backend::optimize(model).unwrap();
+    // tract's own products: the few-row rewrite (`tract_skinny`) would take the 8-row case away from them.
+    let rewrites = pfx_runtime::tract_backend::Rewrites { skinny_products: false, ..Rewrites::ALL };
+    let plan = pfx_runtime::tract_backend::optimize_with(model, rewrites).unwrap();
     let kernel = plan
         .nodes()
         .iter()
