@@ -261,6 +261,8 @@ fn plan(model: &TypedModel, node: &TypedNode) -> Option<(OutletId, SkinnyProduct
         || !in_order
         || !shapes_hold
         || rows == 0
+        || k == 0
+        || n == 0
         || rows > MAX_ROWS
     {
         return None;
