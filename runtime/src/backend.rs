@@ -100,6 +100,21 @@ pub trait Backend: std::fmt::Debug + Send {
     /// declared input that is missing is an error naming it. Returns every graph output by name.
     fn run(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>>;
 
+    /// Keeps `value` in the backend as the input `name`, for an input that is large and changes a little between
+    /// runs (a KV cache): `run` reads it from there when `inputs` has no entry of that name, without converting
+    /// it on every run, and [`Backend::update_kept`] changes it in place. Returns the value back where the backend
+    /// keeps nothing; the caller then passes it to `run` as usual.
+    fn keep_input(&mut self, name: &str, value: HostTensor) -> Result<Option<HostTensor>> {
+        let _ = name;
+        Ok(Some(value))
+    }
+
+    /// Runs `f` on the f32 data of an input kept by [`Backend::keep_input`]; false where there is none.
+    fn update_kept(&mut self, name: &str, f: &mut dyn FnMut(&mut [f32])) -> Result<bool> {
+        let _ = (name, f);
+        Ok(false)
+    }
+
     fn input_names(&self) -> Vec<String> {
         self.inputs().iter().map(|s| s.name.clone()).collect()
     }

@@ -24,8 +24,9 @@ pub struct Generator {
     prefix: BTreeMap<String, HostTensor>,
 }
 
-/// The running state of R rows: the decode graph's inputs (the caches `past_key_values.{l}.key|value`
-/// [R, H, C, D] among them, updated in place, never copied per step) and the cache mask.
+/// The running state of R rows: the decode graph's inputs and the cache mask. The caches
+/// `past_key_values.{l}.key|value` [R, H, C, D] are updated in place, never copied per step: kept by the decode
+/// backend where it can keep inputs (tract), else among these inputs ([`keep_cache`]).
 struct Rows {
     inputs: BTreeMap<String, HostTensor>,
     /// [R, C]: which cache slots hold a real token (or the prefix).
@@ -96,8 +97,8 @@ impl Generator {
                     cache[rh * c * d..rh * c * d + filled * d]
                         .copy_from_slice(&src[rh * filled * d..(rh + 1) * filled * d]);
                 }
-                rows.inputs
-                    .insert(format!("past_key_values.{l}.{kind}"), HostTensor::from_f32(vec![r, h, c, d], cache)?);
+                let cache = HostTensor::from_f32(vec![r, h, c, d], cache)?;
+                keep_cache(self.decode.as_mut(), &mut rows.inputs, format!("past_key_values.{l}.{kind}"), cache)?;
             }
         }
         for row in 0..r {
@@ -133,10 +134,12 @@ impl Generator {
         for l in 0..self.layers {
             for kind in ["key", "value"] {
                 let t = out[&format!("present.{l}.{kind}")].as_f32()?;
-                let cache = rows.inputs.get_mut(&format!("past_key_values.{l}.{kind}")).unwrap().as_f32_mut()?;
-                for rh in 0..r * h {
-                    cache[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&t[rh * d..(rh + 1) * d]);
-                }
+                let name = format!("past_key_values.{l}.{kind}");
+                update_cache(self.decode.as_mut(), &mut rows.inputs, &name, &mut |cache| {
+                    for rh in 0..r * h {
+                        cache[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&t[rh * d..(rh + 1) * d]);
+                    }
+                })?;
             }
         }
         for row in 0..r {
@@ -188,19 +191,51 @@ impl search::Decoding for Running<'_> {
         self.gen.step(&mut self.rows, tokens, n_generated)
     }
 
-    fn reorder(&mut self, parents: &[usize]) {
+    fn reorder(&mut self, parents: &[usize]) -> Result<()> {
         let (r, c) = (self.gen.spec.rows, self.gen.spec.capacity);
         let per_row = self.gen.heads * c * self.gen.head_dim;
-        for (name, t) in self.rows.inputs.iter_mut() {
-            if name.starts_with("past_key_values.") {
-                if let Ok(cache) = t.as_f32_mut() {
-                    search::reorder_rows(cache, parents, r, per_row);
-                }
+        for l in 0..self.gen.layers {
+            for kind in ["key", "value"] {
+                let name = format!("past_key_values.{l}.{kind}");
+                update_cache(self.gen.decode.as_mut(), &mut self.rows.inputs, &name, &mut |cache| {
+                    search::reorder_rows(cache, parents, r, per_row)
+                })?;
             }
         }
         search::reorder_rows(&mut self.rows.mask, parents, r, c);
         search::reorder_rows(&mut self.rows.real, parents, r, 1);
+        Ok(())
     }
+}
+
+/// Hands a KV cache to the decode backend to keep between steps (tract then reads it without converting it on
+/// every step), or keeps it among the decode inputs where the backend keeps nothing.
+pub(crate) fn keep_cache(
+    decode: &mut dyn Backend,
+    inputs: &mut BTreeMap<String, HostTensor>,
+    name: String,
+    cache: HostTensor,
+) -> Result<()> {
+    inputs.remove(&name);
+    if let Some(cache) = decode.keep_input(&name, cache)? {
+        inputs.insert(name, cache);
+    }
+    Ok(())
+}
+
+/// Runs `f` on a KV cache's data, wherever [`keep_cache`] put it.
+pub(crate) fn update_cache(
+    decode: &mut dyn Backend,
+    inputs: &mut BTreeMap<String, HostTensor>,
+    name: &str,
+    f: &mut dyn FnMut(&mut [f32]),
+) -> Result<()> {
+    match inputs.get_mut(name) {
+        Some(t) => f(t.as_f32_mut()?),
+        None if decode.update_kept(name, f)? => {}
+        None => bail!("the decode state has no KV cache `{name}`"),
+    }
+    Ok(())
 }
 
 /// [R, 1, V] or [R, V] logits -> one vector per row.

@@ -60,7 +60,7 @@ pub trait Decoding {
     /// Feeds one token per row (`n_generated` tokens were generated before it); returns each row's logits.
     fn step(&mut self, tokens: &[i64], n_generated: usize) -> Result<Vec<Vec<f32>>>;
     /// Row i of the new state is row `parents[i]` of the old one (rows beyond `parents` copy `parents[0]`).
-    fn reorder(&mut self, parents: &[usize]);
+    fn reorder(&mut self, parents: &[usize]) -> Result<()>;
 }
 
 /// A model the searches drive R rows at a time, each row started from one input (a prompt, a source).
@@ -244,7 +244,7 @@ pub fn beam_groups(
             break;
         }
         // Reorder the cache rows to follow the surviving beams.
-        state.reorder(&parents);
+        state.reorder(&parents)?;
         logits = state.step(&tokens, n)?;
     }
     Ok(gs.into_iter().map(|g| g.finished.into_iter().next().map(|f| f.0).unwrap_or_default()).collect())

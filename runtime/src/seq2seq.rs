@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 pub use pfx_compiler::compile::bart_generate::BartGeneration;
 
 use crate::backend::Backend;
-use crate::generate::split_rows;
+use crate::generate::{keep_cache, split_rows, update_cache};
 use crate::search::{self, GenConfig};
 use crate::tensor::HostTensor;
 
@@ -23,7 +23,8 @@ pub struct Seq2SeqGenerator {
     decoder_start: i64,
 }
 
-/// R rows being decoded: the decode graph's inputs, kept between steps and updated in place.
+/// R rows being decoded: the decode graph's inputs, kept between steps and updated in place (the caches in the
+/// decode backend where it keeps inputs: `generate::keep_cache`).
 struct Rows {
     inputs: BTreeMap<String, HostTensor>,
     /// [R, C]: which self-cache slots hold the prefix or a fed token.
@@ -91,7 +92,7 @@ impl Seq2SeqGenerator {
                 } else {
                     bail!("cross.{l}.{kind} has {have} slots; expected {cross_len} or {s}");
                 };
-                inputs.insert(format!("past_key_values.{l}.encoder.{kind}"), cross);
+                keep_cache(self.decode.as_mut(), &mut inputs, format!("past_key_values.{l}.encoder.{kind}"), cross)?;
             }
         }
         let mut cross_mask = Vec::with_capacity(r * cross_len);
@@ -110,10 +111,8 @@ impl Seq2SeqGenerator {
                         buf[rh * c * d..(rh * c + p) * d].copy_from_slice(&src[rh * p * d..(rh + 1) * p * d]);
                     }
                 }
-                inputs.insert(
-                    format!("past_key_values.{l}.decoder.{kind}"),
-                    HostTensor::from_f32(vec![r, h, c, d], buf)?,
-                );
+                let cache = HostTensor::from_f32(vec![r, h, c, d], buf)?;
+                keep_cache(self.decode.as_mut(), &mut inputs, format!("past_key_values.{l}.decoder.{kind}"), cache)?;
             }
         }
         let mut mask = vec![0i64; r * c];
@@ -152,11 +151,12 @@ impl Seq2SeqGenerator {
                     let name = format!("present.{l}.decoder.{kind}");
                     let t = out.get(&name).ok_or_else(|| anyhow!("the decode graph has no output {name}"))?;
                     let src = t.as_f32()?;
-                    let cache = rows.inputs.get_mut(&format!("past_key_values.{l}.decoder.{kind}")).unwrap();
-                    let dst = cache.as_f32_mut()?;
-                    for rh in 0..r * h {
-                        dst[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&src[rh * d..(rh + 1) * d]);
-                    }
+                    let cache = format!("past_key_values.{l}.decoder.{kind}");
+                    update_cache(self.decode.as_mut(), &mut rows.inputs, &cache, &mut |dst| {
+                        for rh in 0..r * h {
+                            dst[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&src[rh * d..(rh + 1) * d]);
+                        }
+                    })?;
                 }
             }
             for row in 0..r {
@@ -242,21 +242,21 @@ impl search::Decoding for Running<'_> {
         self.gen.step(&mut self.rows, tokens, n_generated + 1)
     }
 
-    fn reorder(&mut self, parents: &[usize]) {
+    fn reorder(&mut self, parents: &[usize]) -> Result<()> {
         // Beams only move within a source's rows, whose cross caches are equal: only the self cache and its
         // mask follow them.
         let sp = &self.gen.spec;
-        let (r, c) = (sp.rows, sp.capacity);
+        let (r, c, layers) = (sp.rows, sp.capacity, sp.layers);
         let per_row = sp.heads * c * sp.head_dim;
-        for l in 0..sp.layers {
+        for l in 0..layers {
             for kind in ["key", "value"] {
-                if let Some(t) = self.rows.inputs.get_mut(&format!("past_key_values.{l}.decoder.{kind}")) {
-                    if let Ok(buf) = t.as_f32_mut() {
-                        search::reorder_rows(buf, parents, r, per_row);
-                    }
-                }
+                let name = format!("past_key_values.{l}.decoder.{kind}");
+                update_cache(self.gen.decode.as_mut(), &mut self.rows.inputs, &name, &mut |buf| {
+                    search::reorder_rows(buf, parents, r, per_row)
+                })?;
             }
         }
         search::reorder_rows(&mut self.rows.mask, parents, r, c);
+        Ok(())
     }
 }

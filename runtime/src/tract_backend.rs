@@ -25,6 +25,8 @@ pub struct TractBackend {
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
     plans: HashMap<Signature, Plan>,
+    /// Inputs kept between runs (`Backend::keep_input`), as the tensors tract reads.
+    kept: HashMap<String, (DType, Arc<Tensor>)>,
 }
 
 impl std::fmt::Debug for TractBackend {
@@ -152,7 +154,14 @@ impl TractBackend {
                 Ok(spec_of(name, model.outlet_fact(*o)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(TractBackend { path: path.to_path_buf(), model: Some(model), inputs, outputs, plans: HashMap::new() })
+        Ok(TractBackend {
+            path: path.to_path_buf(),
+            model: Some(model),
+            inputs,
+            outputs,
+            plans: HashMap::new(),
+            kept: HashMap::new(),
+        })
     }
 
     /// Number of optimized plans cached (one per distinct input signature seen).
@@ -305,10 +314,27 @@ impl Backend for TractBackend {
     }
 
     fn run(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
-        let picked = select_inputs(&self.inputs, inputs).with_context(|| format!("running {}", self.path.display()))?;
-        let sig: Signature = picked.iter().map(|t| (t.dtype(), t.shape().to_vec())).collect();
+        // Inputs the caller must give: all but those kept here (a kept one given anyway is the caller's).
+        let needed: Vec<IoSpec> = self.inputs.iter().filter(|s| !self.kept.contains_key(&s.name)).cloned().collect();
+        select_inputs(&needed, inputs).with_context(|| format!("running {}", self.path.display()))?;
+        let mut sig: Signature = Vec::with_capacity(self.inputs.len());
+        let mut values: TVec<TValue> = tvec!();
+        for spec in &self.inputs {
+            match (inputs.get(&spec.name), self.kept.get(&spec.name)) {
+                (Some(t), _) => {
+                    spec.check(t)?;
+                    sig.push((t.dtype(), t.shape().to_vec()));
+                    values.push(to_tract(t)?.into_tvalue());
+                }
+                // A kept input goes in as a shared reference: no copy.
+                (None, Some((dtype, t))) => {
+                    sig.push((*dtype, t.shape().to_vec()));
+                    values.push(t.clone().into_tvalue());
+                }
+                (None, None) => unreachable!("select_inputs checked that `{}` is given", spec.name),
+            }
+        }
         let plan = self.plan_for(&sig)?;
-        let values: TVec<TValue> = picked.iter().map(|t| Ok(to_tract(t)?.into_tvalue())).collect::<Result<_>>()?;
         let outs = plan.run(values).with_context(|| format!("tract failed running {}", self.path.display()))?;
         if outs.len() != self.outputs.len() {
             bail!("tract returned {} outputs, the model declares {}", outs.len(), self.outputs.len());
@@ -321,6 +347,26 @@ impl Backend for TractBackend {
                 Ok((spec.name.clone(), t))
             })
             .collect()
+    }
+
+    fn keep_input(&mut self, name: &str, value: HostTensor) -> Result<Option<HostTensor>> {
+        let spec = self
+            .inputs
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow!("{} has no input `{name}` to keep", self.path.display()))?;
+        spec.check(&value)?;
+        self.kept.insert(name.to_string(), (value.dtype(), Arc::new(to_tract(&value)?)));
+        Ok(None)
+    }
+
+    fn update_kept(&mut self, name: &str, f: &mut dyn FnMut(&mut [f32])) -> Result<bool> {
+        let Some((_, t)) = self.kept.get_mut(name) else { return Ok(false) };
+        // Unshared once the last run is over (tract drops its inputs); otherwise this copies.
+        let t = Arc::make_mut(t);
+        let mut view = t.try_as_plain_ram_mut()?;
+        f(view.as_slice_mut::<f32>().with_context(|| format!("kept input `{name}` is not f32"))?);
+        Ok(true)
     }
 }
 

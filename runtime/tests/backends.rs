@@ -89,6 +89,41 @@ fn extra_inputs_are_ignored() {
     }
 }
 
+/// An input kept by the backend (tract keeps it; ONNX Runtime hands it back) runs like the same input given,
+/// follows in-place updates, and yields to a value the caller gives anyway.
+#[test]
+fn kept_inputs_run_like_given_ones() {
+    for kind in kinds() {
+        let mut b = open(model("matmul_softmax"), kind, &OrtOptions::default()).unwrap();
+        let (inputs, expected) = case("matmul_softmax", "b2");
+        let name = b.inputs().iter().find(|s| s.dtype == Some(pfx_runtime::DType::F32)).unwrap().name.clone();
+        let mut rest = inputs.clone();
+        let value = rest.remove(&name).unwrap();
+        match b.keep_input(&name, value.clone()).unwrap() {
+            Some(back) => {
+                assert_eq!(kind, BackendKind::Ort, "tract keeps inputs");
+                assert_eq!(back.to_f64_vec(), value.to_f64_vec());
+                assert!(!b.update_kept(&name, &mut |_| {}).unwrap());
+                continue;
+            }
+            None => assert_eq!(kind, BackendKind::Tract),
+        }
+        assert_close(&format!("{kind} with `{name}` kept"), &b.run(&rest).unwrap(), &expected);
+        // Doubled in place: as if the doubled value were given.
+        assert!(b.update_kept(&name, &mut |x| x.iter_mut().for_each(|v| *v *= 2.0)).unwrap());
+        let mut doubled = inputs.clone();
+        let twice: Vec<f32> = value.as_f32().unwrap().iter().map(|v| v * 2.0).collect();
+        doubled.insert(name.clone(), HostTensor::from_f32(value.shape().to_vec(), twice).unwrap());
+        let want = b.run(&doubled).unwrap();
+        assert!(want.iter().any(|(k, v)| v.to_f64_vec() != expected[k].to_f64_vec()), "doubling `{name}` shows");
+        assert_close(&format!("{kind} with `{name}` updated in place"), &b.run(&rest).unwrap(), &want);
+        // The caller's value wins over the kept one.
+        assert_close(&format!("{kind} with `{name}` given anyway"), &b.run(&inputs).unwrap(), &expected);
+        assert!(!b.update_kept("not_an_input", &mut |_| {}).unwrap());
+        assert!(b.keep_input("not_an_input", value).is_err());
+    }
+}
+
 #[test]
 fn missing_input_is_named() {
     for kind in kinds() {
