@@ -87,25 +87,17 @@ impl EvalOp for FusedAdamW {
                 }
             };
             // On the thread pool tract's products run on (`PFX_THREADS` threads), when there is enough to split.
-            let pool = match tract_linalg::multithread::current_tract_executor() {
-                tract_linalg::multithread::Executor::MultiThread(pool) => Some(pool),
-                _ => None,
-            };
-            let threads = pool.as_ref().map_or(1, |pool| pool.current_num_threads()).min(p.len() / MIN_PER_THREAD);
-            match pool {
-                Some(pool) if threads > 1 => {
-                    let chunk = p.len().div_ceil(threads);
-                    pool.scope(|s| {
-                        for (n, ((p, m), v)) in
-                            p.chunks_mut(chunk).zip(m.chunks_mut(chunk)).zip(v.chunks_mut(chunk)).enumerate()
-                        {
-                            let update = &update;
-                            s.spawn(move |_| update(n * chunk, p, m, v));
-                        }
-                    });
-                }
-                _ => update(0, p, m, v),
-            }
+            let threads = crate::tract_backend::product_threads().min(p.len() / MIN_PER_THREAD).max(1);
+            let chunk = p.len().div_ceil(threads).max(1);
+            let update = &update;
+            let jobs: Vec<Box<dyn FnOnce() + Send + '_>> = p
+                .chunks_mut(chunk)
+                .zip(m.chunks_mut(chunk))
+                .zip(v.chunks_mut(chunk))
+                .enumerate()
+                .map(|(n, ((p, m), v))| Box::new(move || update(n * chunk, p, m, v)) as Box<dyn FnOnce() + Send>)
+                .collect();
+            crate::tract_backend::run_on_product_pool(jobs);
         }
         Ok(tvec!(p.into_tvalue(), m.into_tvalue(), v.into_tvalue()))
     }

@@ -387,3 +387,25 @@ pub fn init_process() {
         }
     });
 }
+
+/// Threads of the pool tract's matrix products run on (`PFX_THREADS`; 1 where tract runs single-threaded): pfx's
+/// own ops split their work over the same threads.
+pub(crate) fn product_threads() -> usize {
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    }
+}
+
+/// Runs the jobs on the pool tract's matrix products run on, all at once, and returns when all are done; in turn
+/// on the calling thread where tract runs single-threaded or there is one job.
+pub(crate) fn run_on_product_pool<'a>(jobs: Vec<Box<dyn FnOnce() + Send + 'a>>) {
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) if jobs.len() > 1 => pool.scope(|s| {
+            for job in jobs {
+                s.spawn(move |_| job());
+            }
+        }),
+        _ => jobs.into_iter().for_each(|job| job()),
+    }
+}

@@ -92,23 +92,15 @@ impl BatchedGemv {
             }
         };
         let work = offsets.len() * n * self.k.0;
-        let pool = match tract_linalg::multithread::current_tract_executor() {
-            tract_linalg::multithread::Executor::MultiThread(pool) if work >= 2 * MIN_SPLIT => Some(pool),
-            _ => None,
-        };
-        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads()).min(work / MIN_SPLIT).min(offsets.len());
-        match pool {
-            Some(pool) if threads > 1 => {
-                let per = offsets.len().div_ceil(threads);
-                pool.scope(|s| {
-                    for (c, chunk) in items.chunks_mut(per * n).enumerate() {
-                        let run = &run;
-                        s.spawn(move |_| run(c * per, chunk));
-                    }
-                });
-            }
-            _ => run(0, &mut items),
-        }
+        let threads = crate::tract_backend::product_threads().min(work / MIN_SPLIT).min(offsets.len()).max(1);
+        let per = offsets.len().div_ceil(threads).max(1);
+        let run = &run;
+        let jobs: Vec<Box<dyn FnOnce() + Send + '_>> = items
+            .chunks_mut(per * n)
+            .enumerate()
+            .map(|(c, chunk)| Box::new(move || run(c * per, chunk)) as Box<dyn FnOnce() + Send>)
+            .collect();
+        crate::tract_backend::run_on_product_pool(jobs);
         let in_order = self.n.1[1] == 1 && offsets.iter().enumerate().all(|(i, o)| o[2] == i * n);
         if in_order {
             return items;
@@ -229,6 +221,9 @@ fn plan(model: &TypedModel, node: &TypedNode) -> Option<BatchedGemv> {
         let len = *lens.first()?;
         if lens.iter().any(|&l| l != len) {
             return None; // broadcasting
+        }
+        if len == 0 {
+            return None; // an empty tensor: nothing to gain
         }
         if len == 1 {
             continue;

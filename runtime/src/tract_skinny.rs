@@ -91,11 +91,7 @@ impl SkinnyProduct {
     fn compute(&self, x: &[f32]) -> Vec<f32> {
         let (rows, n) = (self.rows, self.n);
         let panels = n.div_ceil(PANEL);
-        let pool = match tract_linalg::multithread::current_tract_executor() {
-            tract_linalg::multithread::Executor::MultiThread(pool) => Some(pool),
-            _ => None,
-        };
-        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads()).min(panels);
+        let threads = crate::tract_backend::product_threads().min(panels).max(1);
         // Each thread's panels, as [rows, its columns] blocks, then laid out as [rows, n].
         let per = panels.div_ceil(threads);
         let mut blocks: Vec<Vec<f32>> = (0..panels.div_ceil(per)).map(|_| Vec::new()).collect();
@@ -105,19 +101,13 @@ impl SkinnyProduct {
             // SAFETY: the op is only planned where AVX-512F is present (`plan`), and every slice length holds.
             unsafe { panels_avx512(x, &self.packed, self.k, rows, first, count, block) };
         };
-        match pool {
-            Some(pool) if blocks.len() > 1 => pool.scope(|s| {
-                for (i, block) in blocks.iter_mut().enumerate() {
-                    let run = &run;
-                    s.spawn(move |_| run(i * per, block));
-                }
-            }),
-            _ => {
-                for (i, block) in blocks.iter_mut().enumerate() {
-                    run(i * per, block);
-                }
-            }
-        }
+        let run = &run;
+        let jobs: Vec<Box<dyn FnOnce() + Send + '_>> = blocks
+            .iter_mut()
+            .enumerate()
+            .map(|(i, block)| Box::new(move || run(i * per, block)) as Box<dyn FnOnce() + Send>)
+            .collect();
+        crate::tract_backend::run_on_product_pool(jobs);
         let mut y = vec![0f32; rows * n];
         for (i, block) in blocks.iter().enumerate() {
             let c0 = i * per * PANEL;
