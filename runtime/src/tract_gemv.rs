@@ -189,17 +189,17 @@ fn strides(shape: &[usize]) -> TVec<usize> {
     s
 }
 
+/// The node's op, where it is a plain f32 `EinSum` of two inputs and one output (what pfx's product ops replace).
+pub(crate) fn f32_product(node: &TypedNode) -> Option<&EinSum> {
+    let einsum = node.op_as::<EinSum>()?;
+    let plain = einsum.q_params.is_none() && einsum.operating_dt == f32::datum_type();
+    (plain && node.inputs.len() == 2 && node.outputs.len() == 1).then_some(einsum)
+}
+
 /// The [`BatchedGemv`] computing `node`, or None where it is not an f32 einsum of that shape over two
 /// non-constant operands.
 fn plan(model: &TypedModel, node: &TypedNode) -> Option<BatchedGemv> {
-    let einsum = node.op_as::<EinSum>()?;
-    if einsum.q_params.is_some()
-        || einsum.operating_dt != f32::datum_type()
-        || node.inputs.len() != 2
-        || node.outputs.len() != 1
-    {
-        return None;
-    }
+    let einsum = f32_product(node)?;
     let mut shapes: Vec<TVec<usize>> = Vec::with_capacity(3);
     for outlet in node.inputs.iter().copied().chain([OutletId::new(node.id, 0)]) {
         let fact = model.outlet_fact(outlet).ok()?;

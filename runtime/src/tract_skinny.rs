@@ -16,7 +16,6 @@ use std::hash::{Hash, Hasher};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::einsum::EinSum;
 
 /// Output columns per packed panel (two AVX-512 registers).
 const PANEL: usize = 32;
@@ -187,14 +186,7 @@ fn pack(w: &[f32], shape: &[usize], k_axis: usize) -> (usize, usize, Vec<f32>) {
 
 /// The [`SkinnyProduct`] computing `node` (and its activation input), or None where it is not such a product.
 fn plan(model: &TypedModel, node: &TypedNode) -> Option<(OutletId, SkinnyProduct)> {
-    let einsum = node.op_as::<EinSum>()?;
-    if einsum.q_params.is_some()
-        || einsum.operating_dt != f32::datum_type()
-        || node.inputs.len() != 2
-        || node.outputs.len() != 1
-    {
-        return None;
-    }
+    let einsum = crate::tract_gemv::f32_product(node)?;
     let facts: Vec<&TypedFact> = node.inputs.iter().map(|i| model.outlet_fact(*i).ok()).collect::<Option<_>>()?;
     let weight_slot = facts.iter().position(|f| f.konst.is_some())?;
     let x_slot = 1 - weight_slot;
@@ -283,6 +275,7 @@ pub fn use_skinny_products(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
 
     fn values(n: usize, k: f32) -> Vec<f32> {
         (0..n).map(|i| ((i as f32 * k).sin() * 1.7).round() / 4.0 + (i % 3) as f32 / 8.0).collect()
