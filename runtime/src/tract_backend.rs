@@ -206,7 +206,6 @@ pub struct Rewrites {
 
 impl Rewrites {
     pub const ALL: Rewrites = Rewrites { fuse_adamw: true, batched_gemv: true, skinny_products: true };
-    pub const NONE: Rewrites = Rewrites { fuse_adamw: false, batched_gemv: false, skinny_products: false };
 
     /// All of them, less those the environment turns off.
     pub fn from_env() -> Rewrites {

@@ -137,7 +137,7 @@ pub fn build_decode(source: &Path, p: usize, gs: &GenShape) -> Result<Model> {
 pub(super) fn read_cache_in_parts(g: &mut Graph) -> Result<usize> {
     use crate::ir::Attr;
     let producers = g.producers();
-    // (concat node, past, new, rank) of the cache concatenations.
+    // (past, new, rank) where `value` is a cache concatenation.
     let cache_concat = |g: &Graph, value: &str| -> Option<(String, String, usize)> {
         let n = &g.nodes[*producers.get(value)?];
         let rank = g.shape_of(value)?.len();
