@@ -117,12 +117,13 @@ pub fn from_tract(t: Tensor) -> Result<HostTensor> {
 }
 
 /// Parses an ONNX model with tract, from an absolute path so that external data resolves next to the model
-/// whatever the working directory.
-fn parse(path: &Path) -> Result<InferenceModel> {
+/// whatever the working directory; returns the model and that path.
+fn parse(path: &Path) -> Result<(InferenceModel, PathBuf)> {
     let abs = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-    tract_onnx::onnx()
+    let model = tract_onnx::onnx()
         .model_for_path(&abs)
-        .with_context(|| format!("tract could not load ONNX model {}", path.display()))
+        .with_context(|| format!("tract could not load ONNX model {}", path.display()))?;
+    Ok((model, abs))
 }
 
 impl TractBackend {
@@ -133,8 +134,7 @@ impl TractBackend {
         if !path.is_file() {
             bail!("model file {} does not exist or is not a file", path.display());
         }
-        let model = parse(path)?;
-        let abs = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        let (model, abs) = parse(path)?;
         let inputs = model
             .input_outlets()?
             .iter()
@@ -175,7 +175,7 @@ impl TractBackend {
         }
         let mut model = match self.model.take() {
             Some(m) => m,
-            None => parse(&self.path)?,
+            None => parse(&self.path)?.0,
         };
         for (ix, (dt, shape)) in sig.iter().enumerate() {
             model.set_input_fact(ix, InferenceFact::dt_shape(datum_of(*dt), shape.as_slice()))?;
@@ -251,7 +251,7 @@ pub fn optimized_for_inputs(
     rewrites: Rewrites,
 ) -> Result<(TypedModel, TVec<TValue>, Vec<String>)> {
     init_process();
-    let mut model = parse(path)?;
+    let (mut model, _) = parse(path)?;
     let mut values: TVec<TValue> = tvec!();
     for (ix, o) in model.input_outlets()?.to_vec().iter().enumerate() {
         let name = model.node(o.node).name.clone();
