@@ -6,11 +6,12 @@
 //! matrix into its kernel's panel layout, then runs a one-column kernel over it, so the cache is copied and read
 //! twice per step. At R = 8 that packing alone was 16 of the 63 ms of a GPT-2 decode step.
 //!
-//! Here every such `EinSum` (f32, no constant operand, at most one non-contracted axis besides the batch axes,
-//! at most one contracted axis; the scores of the new token against itself are batched dot products) becomes one [`BatchedGemv`] node that reads the matrix in place: a dot product
-//! per output element where the contracted axis is contiguous in both operands (q·Kᵀ), else a running sum of
-//! scaled matrix rows (p·V), split over the threads tract's products use. Weight products (a constant operand)
-//! and anything with more free axes keep tract's kernels, which reuse their packed weights.
+//! Here every such `EinSum` becomes one [`BatchedGemv`] node that reads the matrix in place: f32, no constant
+//! operand, at most one non-contracted axis besides the batch axes and at most one contracted axis (the new
+//! token's score against itself is a batched dot product). Each output is a dot product where the contracted
+//! axis is contiguous in both operands (q·Kᵀ), else a running sum of scaled matrix rows (p·V); large products are
+//! split over the threads tract's products use. Weight products (a constant operand) and anything with more free
+//! axes keep tract's kernels, which reuse their packed weights.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
