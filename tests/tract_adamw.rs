@@ -9,9 +9,8 @@ use std::collections::BTreeMap;
 
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions};
-use pfx_runtime::tract_backend::{from_tract, optimized_for_inputs, Rewrites};
+use pfx_runtime::tract_backend::Rewrites;
 use pfx_runtime::HostTensor;
-use tract_onnx::prelude::*;
 
 /// Runs `path` planned with or without the fusion; returns the outputs by name and the number of fused nodes.
 fn run(
@@ -19,12 +18,8 @@ fn run(
     given: &BTreeMap<String, HostTensor>,
     fuse: bool,
 ) -> (BTreeMap<String, HostTensor>, usize) {
-    let rewrites = Rewrites { fuse_adamw: fuse, ..Rewrites::ALL };
-    let (plan, values, names) = optimized_for_inputs(path, given, rewrites).unwrap();
-    let fused = plan.nodes().iter().filter(|n| n.op().name() == "PfxFusedAdamW").count();
-    let outs = plan.into_runnable().unwrap().run(values).unwrap();
-    let outs = names.into_iter().zip(outs).map(|(n, v)| (n, from_tract(v.into_tensor()).unwrap())).collect();
-    (outs, fused)
+    let (outs, ops) = common::run_tract_plan(path, given, Rewrites { fuse_adamw: fuse, ..Rewrites::ALL });
+    (outs, ops.iter().filter(|op| *op == "PfxFusedAdamW").count())
 }
 
 #[test]

@@ -16,9 +16,8 @@ use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
-use pfx_runtime::tract_backend::{from_tract, optimized_for_inputs, Rewrites};
+use pfx_runtime::tract_backend::Rewrites;
 use pfx_runtime::HostTensor;
-use tract_onnx::prelude::*;
 
 /// Inputs of the bundle's decode graph: ids and positions in range, masks all ones, caches of varied values.
 fn decode_inputs(bundle: &Bundle) -> BTreeMap<String, HostTensor> {
@@ -44,11 +43,9 @@ fn run(
     given: &BTreeMap<String, HostTensor>,
     rewrites: Rewrites,
 ) -> (BTreeMap<String, HostTensor>, [usize; 2]) {
-    let (plan, values, names) = optimized_for_inputs(path, given, rewrites).unwrap();
-    let count = |op: &str| plan.nodes().iter().filter(|n| n.op().name() == op).count();
-    let counts = [count("PfxBatchedGemv"), count("PfxSkinnyProduct")];
-    let outs = plan.into_runnable().unwrap().run(values).unwrap();
-    (names.into_iter().zip(outs).map(|(n, v)| (n, from_tract(v.into_tensor()).unwrap())).collect(), counts)
+    let (outs, ops) = common::run_tract_plan(path, given, rewrites);
+    let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+    (outs, [count("PfxBatchedGemv"), count("PfxSkinnyProduct")])
 }
 
 /// How many of the decode graph's products per layer must be rewritten at least: attention's, weights'.

@@ -128,7 +128,7 @@ impl Generator {
             m.push(1);
         }
         inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, c + 1], m)?);
-        let (h, d) = (self.heads, self.head_dim);
+        let d = self.head_dim;
         let out = self.decode.run(&rows.inputs)?;
         let s = rows.slot;
         for l in 0..self.layers {
@@ -136,9 +136,7 @@ impl Generator {
                 let t = out[&format!("present.{l}.{kind}")].as_f32()?;
                 let name = format!("past_key_values.{l}.{kind}");
                 update_cache(self.decode.as_mut(), &mut rows.inputs, &name, &mut |cache| {
-                    for rh in 0..r * h {
-                        cache[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&t[rh * d..(rh + 1) * d]);
-                    }
+                    write_slot(cache, t, c, s, d)
                 })?;
             }
         }
@@ -221,6 +219,13 @@ pub(crate) fn keep_cache(
         inputs.insert(name, cache);
     }
     Ok(())
+}
+
+/// Writes the new token's keys or values `new` [R·H, D] into slot `slot` of a cache [R·H, C, D].
+pub(crate) fn write_slot(cache: &mut [f32], new: &[f32], c: usize, slot: usize, d: usize) {
+    for (rh, row) in new.chunks_exact(d).take(cache.len() / (c * d)).enumerate() {
+        cache[(rh * c + slot) * d..(rh * c + slot + 1) * d].copy_from_slice(row);
+    }
 }
 
 /// Runs `f` on a KV cache's data, wherever [`keep_cache`] put it.

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 pub use pfx_compiler::compile::bart_generate::BartGeneration;
 
 use crate::backend::Backend;
-use crate::generate::{keep_cache, split_rows, update_cache};
+use crate::generate::{keep_cache, split_rows, update_cache, write_slot};
 use crate::search::{self, GenConfig};
 use crate::tensor::HostTensor;
 
@@ -129,7 +129,7 @@ impl Seq2SeqGenerator {
     /// Feeds one token per row (`fed` tokens were fed before it, the start token included).
     fn step(&mut self, rows: &mut Rows, tokens: &[i64], fed: usize) -> Result<Vec<Vec<f32>>> {
         let sp = &self.spec;
-        let (r, c, h, d) = (sp.rows, sp.capacity, sp.heads, sp.head_dim);
+        let (r, c, d) = (sp.rows, sp.capacity, sp.head_dim);
         if rows.slot > c {
             bail!("the KV cache is full ({c} slots)");
         }
@@ -153,9 +153,7 @@ impl Seq2SeqGenerator {
                     let src = t.as_f32()?;
                     let cache = format!("past_key_values.{l}.decoder.{kind}");
                     update_cache(self.decode.as_mut(), &mut rows.inputs, &cache, &mut |dst| {
-                        for rh in 0..r * h {
-                            dst[(rh * c + s) * d..(rh * c + s + 1) * d].copy_from_slice(&src[rh * d..(rh + 1) * d]);
-                        }
+                        write_slot(dst, src, c, s, d)
                     })?;
                 }
             }

@@ -258,3 +258,22 @@ pub fn uniform_f32(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Runs the ONNX graph at `path` on tract, planned as pfxrun plans it but with the given rewrites; returns its
+/// outputs by name and the op name of every node of the plan (to count pfx's own ops).
+pub fn run_tract_plan(
+    path: &Path,
+    given: &BTreeMap<String, HostTensor>,
+    rewrites: pfx_runtime::tract_backend::Rewrites,
+) -> (BTreeMap<String, HostTensor>, Vec<String>) {
+    use tract_onnx::prelude::*;
+    let (plan, values, names) = pfx_runtime::tract_backend::optimized_for_inputs(path, given, rewrites).unwrap();
+    let ops = plan.nodes().iter().map(|n| n.op().name().to_string()).collect();
+    let outs = plan.into_runnable().unwrap().run(values).unwrap();
+    let outs = names
+        .into_iter()
+        .zip(outs)
+        .map(|(n, v)| (n, pfx_runtime::tract_backend::from_tract(v.into_tensor()).unwrap()))
+        .collect();
+    (outs, ops)
+}

@@ -223,6 +223,18 @@ fn plain_key_transposes(g: &mut Graph) -> usize {
     changed
 }
 
+/// A Mul's (other operand, scalar constant factor), where one of its operands is a one-element initializer.
+fn scalar_factor(g: &Graph, mul: &Node) -> Option<(String, String)> {
+    let is_scalar = |v: &str| g.initializers.get(v).is_some_and(|t| t.len() == 1);
+    if is_scalar(&mul.inputs[1]) {
+        Some((mul.inputs[0].clone(), mul.inputs[1].clone()))
+    } else if is_scalar(&mul.inputs[0]) {
+        Some((mul.inputs[1].clone(), mul.inputs[0].clone()))
+    } else {
+        None
+    }
+}
+
 /// MatMul(A, X·s) with a scalar constant s = MatMul(A·s, X) when A is the smaller operand (and the other way
 /// round): the scaling pass then runs over fewer elements, and X reaches the product as it is.
 fn scales_onto_smaller(g: &mut Graph) -> usize {
@@ -241,14 +253,7 @@ fn scales_onto_smaller(g: &mut Graph) -> usize {
             if m.op != "Mul" || !m.domain.is_empty() || !single_use(g, &consumers, scaled) {
                 continue;
             }
-            let is_scalar = |v: &str| g.initializers.get(v).is_some_and(|t| t.len() == 1);
-            let (x, s) = if is_scalar(&m.inputs[1]) {
-                (m.inputs[0].clone(), m.inputs[1].clone())
-            } else if is_scalar(&m.inputs[0]) {
-                (m.inputs[1].clone(), m.inputs[0].clone())
-            } else {
-                continue;
-            };
+            let Some((x, s)) = scalar_factor(g, m) else { continue };
             let size = |v: &str| g.shape_of(v).map(|s| s.iter().product::<usize>());
             let (Some(nx), Some(na)) = (size(&x), size(&n.inputs[other])) else { continue };
             // The scaled value must keep its shape (a scalar factor cannot broadcast it).
@@ -260,14 +265,7 @@ fn scales_onto_smaller(g: &mut Graph) -> usize {
             // removes the inner Mul although other nodes read it).
             let (mut a, mut factor) = (n.inputs[other].clone(), s);
             if let Some(q) = producers.get(&a).map(|&j| &g.nodes[j]).filter(|q| q.op == "Mul" && q.domain.is_empty()) {
-                let inner = if is_scalar(&q.inputs[1]) {
-                    Some((q.inputs[0].clone(), q.inputs[1].clone()))
-                } else if is_scalar(&q.inputs[0]) {
-                    Some((q.inputs[1].clone(), q.inputs[0].clone()))
-                } else {
-                    None
-                };
-                if let Some((base, c)) = inner {
+                if let Some((base, c)) = scalar_factor(g, q) {
                     let (t1, t2) = (&g.initializers[&c], &g.initializers[&factor]);
                     let both = t1.as_f64s().zip(t2.as_f64s()).filter(|_| t1.dtype() == t2.dtype());
                     if let Some((x1, x2)) = both {
