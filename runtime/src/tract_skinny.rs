@@ -4,31 +4,92 @@
 //! once per step, so the step runs at the speed weights stream from memory. tract plans these as general
 //! products on its 16x8 kernel, which on this machine's Zen 4 streams GPT-2's weights at 12–17 GB/s; ONNX
 //! Runtime streams them at ~24 GB/s. Here each such product becomes a [`SkinnyProduct`] whose weight is packed
-//! once, at plan time, into panels of 32 output columns laid out k after k, and a kernel keeps all R × 32
-//! running sums in registers while it reads a panel front to back (measured 28–30 GB/s on a 3072 × 768 weight).
+//! once, at plan time, into panels of output columns laid out k after k, and a kernel keeps the running sums
+//! of every row in registers while it reads a panel front to back (measured 28–30 GB/s on a 3072 × 768 weight).
 //!
-//! Only where that kernel exists (x86-64 with AVX-512F, checked at run time) and only for f32 products of a
-//! constant 2-D weight with at most 8 rows whose contracted axis is innermost in the activations and whose
-//! output axis is innermost in the result; everything else keeps tract's kernels (prefill and training
-//! products have hundreds of rows and reuse each weight panel, where tract's kernels are the right ones).
+//! Two kernels ([`Kernel`]): AVX-512F, 32-column panels with all 8 rows in registers; AVX2 + FMA (x86-64
+//! CPUs without AVX-512), 16-column panels, whose 16 registers hold the sums of at most 6 rows, so 7 or 8
+//! rows take two passes over each panel, the second from cache. Only where one of them runs (checked at run
+//! time) and only for f32 products of a constant 2-D weight with at most 8 rows whose contracted axis is
+//! innermost in the activations and whose output axis is innermost in the result; everything else keeps
+//! tract's kernels (prefill and training products have hundreds of rows and reuse each weight panel, where
+//! tract's kernels are the right ones).
 
 use std::hash::{Hash, Hasher};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-/// Output columns per packed panel (two AVX-512 registers).
-const PANEL: usize = 32;
-/// Most activation rows the kernel keeps in registers (R × 2 accumulators of 32 registers).
+/// Most activation rows a product may have to be rewritten.
 pub const MAX_ROWS: usize = 8;
+
+/// Which kernel a [`SkinnyProduct`] runs; the weight's panels are packed for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// x86-64 AVX-512F: 32-column panels, 8 rows × 2 registers of sums.
+    Avx512,
+    /// x86-64 AVX2 + FMA: 16-column panels, ≤ 6 rows × 2 registers of sums per pass.
+    Avx2,
+}
+
+impl Kernel {
+    /// Output columns per packed panel (two vector registers).
+    pub fn panel(self) -> usize {
+        match self {
+            Kernel::Avx512 => 32,
+            Kernel::Avx2 => 16,
+        }
+    }
+
+    /// Whether this CPU runs the kernel.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Kernel::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// The fastest kernel this CPU runs, or the one `PFX_TRACT_SKINNY=avx512|avx2` names (for measuring);
+    /// None where none runs.
+    pub fn chosen() -> Option<Kernel> {
+        let forced = match std::env::var("PFX_TRACT_SKINNY").as_deref() {
+            Ok("avx512") => Some(Kernel::Avx512),
+            Ok("avx2") => Some(Kernel::Avx2),
+            _ => None,
+        };
+        match forced {
+            Some(k) if k.runs_here() => Some(k),
+            Some(k) => {
+                eprintln!("warning: PFX_TRACT_SKINNY asks for the {k:?} kernel, which this CPU does not run; ignored");
+                Kernel::best()
+            }
+            None => Kernel::best(),
+        }
+    }
+
+    fn best() -> Option<Kernel> {
+        [Kernel::Avx512, Kernel::Avx2].into_iter().find(|k| k.runs_here())
+    }
+}
 
 /// `y[r, n] = Σ_k x[r, k] · W[k, n]` for R ≤ 8 rows, W packed into 32-column panels.
 #[derive(Debug, Clone)]
 pub struct SkinnyProduct {
+    kernel: Kernel,
     rows: usize,
     k: usize,
     n: usize,
-    /// Panel p holds W[k, 32p..32p+32] for k = 0..K, one after the other (the last panel zero-padded).
+    /// With P the kernel's panel width, panel p holds W[k, Pp..Pp+P] for k = 0..K, one after the other (the
+    /// last panel zero-padded).
     packed: Arc<Vec<f32>>,
     input_shape: TVec<usize>,
     output_shape: TVec<usize>,
@@ -55,7 +116,14 @@ impl Op for SkinnyProduct {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("rows:{} k:{} n:{} (weight packed in {PANEL}-column panels)", self.rows, self.k, self.n)])
+        Ok(vec![format!(
+            "rows:{} k:{} n:{} ({:?} kernel, weight packed in {}-column panels)",
+            self.rows,
+            self.k,
+            self.n,
+            self.kernel,
+            self.kernel.panel()
+        )])
     }
 
     op_as_typed_op!();
@@ -88,17 +156,23 @@ impl TypedOp for SkinnyProduct {
 
 impl SkinnyProduct {
     fn compute(&self, x: &[f32]) -> Vec<f32> {
-        let (rows, n) = (self.rows, self.n);
-        let panels = n.div_ceil(PANEL);
+        let (rows, n, panel) = (self.rows, self.n, self.kernel.panel());
+        let panels = n.div_ceil(panel);
         let threads = crate::tract_backend::product_threads().min(panels).max(1);
         // Each thread's panels, as [rows, its columns] blocks, then laid out as [rows, n].
         let per = panels.div_ceil(threads);
         let mut blocks: Vec<Vec<f32>> = (0..panels.div_ceil(per)).map(|_| Vec::new()).collect();
         let run = |first: usize, block: &mut Vec<f32>| {
             let count = per.min(panels - first);
-            block.resize(rows * count * PANEL, 0.0);
-            // SAFETY: the op is only planned where AVX-512F is present (`plan`), and every slice length holds.
-            unsafe { panels_avx512(x, &self.packed, self.k, rows, first, count, block) };
+            block.resize(rows * count * panel, 0.0);
+            let range = first * self.k * panel..(first + count) * self.k * panel;
+            // SAFETY: the op is only planned with a kernel this CPU runs (`plan`), and every slice length holds.
+            unsafe {
+                match self.kernel {
+                    Kernel::Avx512 => panels_avx512(x, &self.packed[range], self.k, rows, count, block),
+                    Kernel::Avx2 => panels_avx2(x, &self.packed[range], self.k, rows, count, block),
+                }
+            }
         };
         let run = &run;
         let jobs: Vec<Box<dyn FnOnce() + Send + '_>> = blocks
@@ -109,7 +183,7 @@ impl SkinnyProduct {
         crate::tract_backend::run_on_product_pool(jobs);
         let mut y = vec![0f32; rows * n];
         for (i, block) in blocks.iter().enumerate() {
-            let c0 = i * per * PANEL;
+            let c0 = i * per * panel;
             let width = block.len() / rows;
             let take = width.min(n - c0);
             for r in 0..rows {
@@ -120,16 +194,17 @@ impl SkinnyProduct {
     }
 }
 
-/// Panels `first..first + count` of the product: `out` is [rows, count · 32].
+/// The `count` 32-column panels in `packed` times x ([rows, k]): `out` is [rows, count · 32].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn panels_avx512(x: &[f32], packed: &[f32], k: usize, rows: usize, first: usize, count: usize, out: &mut [f32]) {
+unsafe fn panels_avx512(x: &[f32], packed: &[f32], k: usize, rows: usize, count: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(rows <= MAX_ROWS && x.len() >= rows * k && packed.len() >= (first + count) * k * PANEL);
+    const PANEL: usize = 32;
+    assert!(rows <= MAX_ROWS && x.len() >= rows * k && packed.len() >= count * k * PANEL);
     assert!(out.len() >= rows * count * PANEL);
     let width = count * PANEL;
     for p in 0..count {
-        let panel = packed.as_ptr().add((first + p) * k * PANEL);
+        let panel = packed.as_ptr().add(p * k * PANEL);
         let mut lo = [_mm512_setzero_ps(); MAX_ROWS];
         let mut hi = [_mm512_setzero_ps(); MAX_ROWS];
         for kk in 0..k {
@@ -149,43 +224,98 @@ unsafe fn panels_avx512(x: &[f32], packed: &[f32], k: usize, rows: usize, first:
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn panels_avx512(_: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
-    unreachable!("SkinnyProduct is only planned on x86-64 with AVX-512F")
-}
-
-/// Whether this CPU has the kernel (x86-64 with AVX-512F): without it nothing is rewritten.
-pub fn kernel_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Packs W (given by its tensor and which of its two axes is contracted) into 32-column panels.
-fn pack(w: &[f32], shape: &[usize], k_axis: usize) -> (usize, usize, Vec<f32>) {
-    let (k, n) = if k_axis == 0 { (shape[0], shape[1]) } else { (shape[1], shape[0]) };
-    // W[kk, j] in the tensor's own layout.
-    let at = |kk: usize, j: usize| if k_axis == 0 { w[kk * n + j] } else { w[j * k + kk] };
-    let panels = n.div_ceil(PANEL);
-    let mut packed = vec![0f32; panels * k * PANEL];
-    for p in 0..panels {
-        for kk in 0..k {
-            let dst = &mut packed[(p * k + kk) * PANEL..(p * k + kk + 1) * PANEL];
-            for (c, d) in dst.iter_mut().enumerate().take(n.saturating_sub(p * PANEL).min(PANEL)) {
-                *d = at(kk, p * PANEL + c);
+/// The `count` 16-column panels in `packed` times x ([rows, k]): `out` is [rows, count · 16]. AVX2 has 16
+/// registers: the sums of up to 6 rows (12) and the two weight vectors fit, so 7 or 8 rows take two passes
+/// over each panel, the second from cache.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panels_avx2(x: &[f32], packed: &[f32], k: usize, rows: usize, count: usize, out: &mut [f32]) {
+    const PANEL: usize = 16;
+    assert!(rows <= MAX_ROWS && x.len() >= rows * k && packed.len() >= count * k * PANEL);
+    assert!(out.len() >= rows * count * PANEL);
+    let width = count * PANEL;
+    let groups: &[(usize, usize)] = match rows {
+        0..=6 => &[(0, rows)],
+        7 => &[(0, 4), (4, 3)],
+        _ => &[(0, 4), (4, 4)],
+    };
+    for p in 0..count {
+        let panel = packed.as_ptr().add(p * k * PANEL);
+        for &(r0, n) in groups {
+            let (x, o) = (x.as_ptr().add(r0 * k), out.as_mut_ptr().add(r0 * width + p * PANEL));
+            match n {
+                1 => avx2_rows::<1>(x, k, panel, o, width),
+                2 => avx2_rows::<2>(x, k, panel, o, width),
+                3 => avx2_rows::<3>(x, k, panel, o, width),
+                4 => avx2_rows::<4>(x, k, panel, o, width),
+                5 => avx2_rows::<5>(x, k, panel, o, width),
+                _ => avx2_rows::<6>(x, k, panel, o, width),
             }
         }
     }
-    (k, n, packed)
+}
+
+/// R rows of x (row r at `x + r·k`) times one 16-column panel, stored at `out` (row r at `out + r·width`). R
+/// is a constant so the sums stay in registers. The panel is prefetched 32 k ahead: without it the sums of
+/// 4–6 rows ran at ~20 GB/s against ~29 with it (1 row: no difference), as the out-of-order window covers
+/// fewer cache lines ahead than the AVX-512 kernel's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn avx2_rows<const R: usize>(x: *const f32, k: usize, panel: *const f32, out: *mut f32, width: usize) {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 32 * 16;
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    for kk in 0..k {
+        // A prefetch past the panel's end is harmless (it never faults).
+        _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add(kk * 16 + AHEAD) as *const i8);
+        let w0 = _mm256_loadu_ps(panel.add(kk * 16));
+        let w1 = _mm256_loadu_ps(panel.add(kk * 16 + 8));
+        for r in 0..R {
+            let a = _mm256_broadcast_ss(&*x.add(r * k + kk));
+            lo[r] = _mm256_fmadd_ps(a, w0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(a, w1, hi[r]);
+        }
+    }
+    for r in 0..R {
+        let o = out.add(r * width);
+        _mm256_storeu_ps(o, lo[r]);
+        _mm256_storeu_ps(o.add(8), hi[r]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn panels_avx512(_: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("SkinnyProduct is only planned with a kernel this CPU runs")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn panels_avx2(_: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("SkinnyProduct is only planned with a kernel this CPU runs")
+}
+
+/// Packs W (given by its tensor and which of its two axes is contracted) into panels of `panel` columns.
+fn pack(w: &[f32], shape: &[usize], k_axis: usize, panel: usize) -> Vec<f32> {
+    let (k, n) = if k_axis == 0 { (shape[0], shape[1]) } else { (shape[1], shape[0]) };
+    // W[kk, j] in the tensor's own layout.
+    let at = |kk: usize, j: usize| if k_axis == 0 { w[kk * n + j] } else { w[j * k + kk] };
+    let panels = n.div_ceil(panel);
+    // Decode streams every packed weight once per step: on 2 MB pages a B=8 step's products took ~10% less time.
+    let mut packed = crate::alloc::zeroed_on_huge_pages(panels * k * panel);
+    for p in 0..panels {
+        for kk in 0..k {
+            let dst = &mut packed[(p * k + kk) * panel..(p * k + kk + 1) * panel];
+            for (c, d) in dst.iter_mut().enumerate().take(n.saturating_sub(p * panel).min(panel)) {
+                *d = at(kk, p * panel + c);
+            }
+        }
+    }
+    packed
 }
 
 /// The [`SkinnyProduct`] computing `node` (and its activation input), or None where it is not such a product.
-fn plan(model: &TypedModel, node: &TypedNode) -> Option<(OutletId, SkinnyProduct)> {
+fn plan(model: &TypedModel, node: &TypedNode, kernel: Kernel) -> Option<(OutletId, SkinnyProduct)> {
     let einsum = crate::tract_gemv::f32_product(node)?;
     let facts: Vec<&TypedFact> = node.inputs.iter().map(|i| model.outlet_fact(*i).ok()).collect::<Option<_>>()?;
     let weight_slot = facts.iter().position(|f| f.konst.is_some())?;
@@ -251,19 +381,25 @@ fn plan(model: &TypedModel, node: &TypedNode) -> Option<(OutletId, SkinnyProduct
     }
     let view = weight.try_as_plain_ram().ok()?;
     let flat = if k_axis == 0 { [k, n] } else { [n, k] };
-    let (_, _, packed) = pack(view.as_slice::<f32>().ok()?, &flat, k_axis);
-    let op = SkinnyProduct { rows, k, n, packed: Arc::new(packed), input_shape: x_shape, output_shape: out_shape };
+    let packed = Arc::new(pack(view.as_slice::<f32>().ok()?, &flat, k_axis, kernel.panel()));
+    let op = SkinnyProduct { kernel, rows, k, n, packed, input_shape: x_shape, output_shape: out_shape };
     Some((node.inputs[x_slot], op))
 }
 
 /// Replaces every weight product of at most [`MAX_ROWS`] rows of a decluttered model by a [`SkinnyProduct`]
-/// (on CPUs with AVX-512F; elsewhere none); returns how many.
+/// on [`Kernel::chosen`] (where this CPU runs none: nothing); returns how many.
 pub fn use_skinny_products(model: &mut TypedModel) -> TractResult<usize> {
-    if !kernel_available() {
-        return Ok(0);
+    match Kernel::chosen() {
+        Some(kernel) => use_skinny_products_on(model, kernel),
+        None => Ok(0),
     }
+}
+
+/// [`use_skinny_products`] on the given kernel, which must run on this CPU.
+pub fn use_skinny_products_on(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
+    ensure!(kernel.runs_here(), "the {kernel:?} few-row kernel does not run on this CPU");
     let found: Vec<(usize, OutletId, SkinnyProduct)> =
-        model.nodes.iter().filter_map(|n| plan(model, n).map(|(x, op)| (n.id, x, op))).collect();
+        model.nodes.iter().filter_map(|n| plan(model, n, kernel).map(|(x, op)| (n.id, x, op))).collect();
     for (id, x, op) in &found {
         let node = model.node(*id);
         let patch = TypedModelPatch::replace_single_op(model, node, &[*x], op.clone())?;
@@ -281,9 +417,18 @@ mod tests {
         (0..n).map(|i| ((i as f32 * k).sin() * 1.7).round() / 4.0 + (i % 3) as f32 / 8.0).collect()
     }
 
+    /// Every kernel this CPU runs (the AVX-512 machines that build pfx test both).
+    fn kernels() -> Vec<Kernel> {
+        let found: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2].into_iter().filter(|k| k.runs_here()).collect();
+        if found.is_empty() {
+            eprintln!("no few-row kernel runs here: the rewrite is off, nothing to compare");
+        }
+        found
+    }
+
     /// `expr` over activations of shape `x` and a constant weight of shape `w`, planned by tract alone and with
-    /// the rewrite; returns (rewritten nodes, tract's result, ours).
-    fn both(expr: &str, x: &[usize], w: &[usize]) -> (usize, Vec<f32>, Vec<f32>) {
+    /// the rewrite on `kernel`; returns (rewritten nodes, tract's result, ours).
+    fn both(expr: &str, x: &[usize], w: &[usize], kernel: Kernel) -> (usize, Vec<f32>, Vec<f32>) {
         crate::tract_backend::init_process();
         let model = || {
             let mut m = TypedModel::default();
@@ -296,7 +441,7 @@ mod tests {
         let input: TValue = Tensor::from_shape(x, &values(x.iter().product(), 0.37)).unwrap().into();
         let run = |rewrite: bool| {
             let mut m = model();
-            let n = if rewrite { use_skinny_products(&mut m).unwrap() } else { 0 };
+            let n = if rewrite { use_skinny_products_on(&mut m, kernel).unwrap() } else { 0 };
             m.optimize().unwrap();
             let out = m.into_runnable().unwrap().run(tvec![input.clone()]).unwrap();
             (n, out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec())
@@ -306,26 +451,33 @@ mod tests {
     }
 
     /// The decode graph's weight products as tract declutters them (q/k/v, c_fc, c_proj with the heads folded
-    /// in, the tied LM head read as [n, k]), with column counts that leave a partial panel and split over threads.
+    /// in, the tied LM head read as [n, k]), with column counts that leave a partial panel and split over threads;
+    /// every row count (the AVX2 kernel's groups of rows) and a k over several of its 256-k blocks.
     #[test]
     fn rewritten_products_equal_tracts() {
-        if !kernel_available() {
-            eprintln!("no AVX-512F here: the rewrite is off, nothing to compare");
-            return;
-        }
-        for (expr, x, w) in [
+        let cases = [
             ("mak,kn->mbn", vec![8, 1, 48], vec![48, 96]),
             ("mak,kn->mn", vec![8, 1, 48], vec![48, 1000]),
             ("mk,kn->man", vec![5, 64], vec![64, 40]),
             ("mak,akn->mbn", vec![8, 3, 16], vec![3, 16, 40]),
             ("mak,nk->mbn", vec![1, 1, 24], vec![517, 24]),
             ("mk,kn->mn", vec![7, 33], vec![33, 31]),
-        ] {
-            let (n, want, got) = both(expr, &x, &w);
-            assert_eq!(n, 1, "{expr} {x:?} {w:?} is a weight product of few rows");
-            assert_eq!(got.len(), want.len());
-            for (i, (g, t)) in got.iter().zip(&want).enumerate() {
-                assert!((g - t).abs() <= 1e-5 * (1.0 + t.abs()), "{expr} at {i}: {g} vs tract's {t}");
+            ("mk,kn->mn", vec![8, 600], vec![600, 40]),
+            ("mk,nk->mn", vec![7, 520], vec![17, 520]),
+            ("mk,kn->mn", vec![6, 300], vec![300, 16]),
+            ("mk,kn->mn", vec![4, 257], vec![257, 8]),
+            ("mk,kn->mn", vec![3, 20], vec![20, 50]),
+            ("mk,kn->mn", vec![2, 20], vec![20, 50]),
+        ];
+        for kernel in kernels() {
+            for (expr, x, w) in &cases {
+                let (n, want, got) = both(expr, x, w, kernel);
+                assert_eq!(n, 1, "{kernel:?}: {expr} {x:?} {w:?} is a weight product of few rows");
+                assert_eq!(got.len(), want.len());
+                for (i, (g, t)) in got.iter().zip(&want).enumerate() {
+                    let close = (g - t).abs() <= 1e-5 * (1.0 + t.abs());
+                    assert!(close, "{kernel:?}: {expr} {x:?} {w:?} at {i}: {g} vs tract's {t}");
+                }
             }
         }
     }
@@ -333,11 +485,11 @@ mod tests {
     /// Products of more rows, or with the contracted axis not innermost, keep tract's kernels.
     #[test]
     fn other_products_are_left_to_tract() {
-        if !kernel_available() {
-            return;
+        for kernel in kernels() {
+            assert_eq!(both("mk,kn->mn", &[9, 16], &[16, 32], kernel).0, 0, "9 rows");
+            assert_eq!(both("km,kn->mn", &[16, 4], &[16, 32], kernel).0, 0, "contracted axis outermost in x");
+            assert_eq!(both("mk,kn->nm", &[4, 16], &[16, 32], kernel).0, 0, "columns not innermost in the output");
         }
-        assert_eq!(both("mk,kn->mn", &[9, 16], &[16, 32]).0, 0, "9 rows");
-        assert_eq!(both("km,kn->mn", &[16, 4], &[16, 32]).0, 0, "contracted axis outermost in x");
-        assert_eq!(both("mk,kn->nm", &[4, 16], &[16, 32]).0, 0, "columns not innermost in the output");
     }
 }
+
