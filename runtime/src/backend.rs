@@ -88,6 +88,54 @@ pub fn select_inputs<'a>(specs: &[IoSpec], given: &'a BTreeMap<String, HostTenso
         .collect()
 }
 
+/// A change to a kept f32 input (a KV cache): what generation does to its caches between steps, in a form a
+/// backend can apply on the host or in device memory.
+#[derive(Clone, Copy, Debug)]
+pub enum KeptEdit<'a> {
+    /// The input is [N, capacity, width] (N = rows × heads); `new` [N, width] goes into position `slot` of each
+    /// of the N blocks (the new token's keys or values).
+    WriteSlot { new: &'a [f32], capacity: usize, slot: usize, width: usize },
+    /// The input is `rows` blocks of `per_row` values; block i becomes block `parents[i]` (or `parents[0]` past
+    /// the end of `parents`): a beam search reorder.
+    Reorder { parents: &'a [usize], rows: usize, per_row: usize },
+}
+
+impl KeptEdit<'_> {
+    /// Applies the edit to data in host memory.
+    pub fn apply(&self, data: &mut [f32]) -> Result<()> {
+        self.check(data.len())?;
+        match *self {
+            KeptEdit::WriteSlot { new, capacity, slot, width } => {
+                crate::generate::write_slot(data, new, capacity, slot, width)
+            }
+            KeptEdit::Reorder { parents, rows, per_row } => crate::search::reorder_rows(data, parents, rows, per_row),
+        }
+        Ok(())
+    }
+
+    /// Checks that the edit stays inside an input of `len` values (a device copy would not check it).
+    pub fn check(&self, len: usize) -> Result<()> {
+        match *self {
+            KeptEdit::WriteSlot { new, capacity, slot, width } => {
+                let n = if width == 0 { 0 } else { new.len() / width };
+                if width == 0 || new.len() % width != 0 || slot >= capacity || n * capacity * width > len {
+                    bail!(
+                        "cannot write {} values as rows of {width} into slot {slot} of a [{n}, {capacity}, {width}] \
+                         cache of {len} values",
+                        new.len()
+                    );
+                }
+            }
+            KeptEdit::Reorder { parents, rows, per_row } => {
+                if parents.is_empty() || rows * per_row > len || parents.iter().any(|&p| p >= rows) {
+                    bail!("cannot reorder {rows} rows of {per_row} values by {parents:?} in {len} values");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Something that runs one ONNX graph.
 pub trait Backend: std::fmt::Debug + Send {
     /// Short description, e.g. `tract` or `ort (cpu)`.
@@ -102,16 +150,17 @@ pub trait Backend: std::fmt::Debug + Send {
 
     /// Keeps `value` in the backend as the input `name`, for an input that is large and changes a little between
     /// runs (a KV cache): `run` reads it from there when `inputs` has no entry of that name, without converting
-    /// it on every run, and [`Backend::update_kept`] changes it in place. Returns the value back where the backend
-    /// keeps nothing; the caller then passes it to `run` as usual.
+    /// or copying it on every run (on a GPU it stays in device memory), and [`Backend::edit_kept`] changes it in
+    /// place. Returns the value back where the backend keeps nothing; the caller then passes it to `run` as usual.
     fn keep_input(&mut self, name: &str, value: HostTensor) -> Result<Option<HostTensor>> {
         let _ = name;
         Ok(Some(value))
     }
 
-    /// Runs `f` on the f32 data of an input kept by [`Backend::keep_input`]; false where there is none.
-    fn update_kept(&mut self, name: &str, f: &mut dyn FnMut(&mut [f32])) -> Result<bool> {
-        let _ = (name, f);
+    /// Applies `edit` to the f32 input `name` kept by [`Backend::keep_input`], where it lies; false where there
+    /// is no such kept input.
+    fn edit_kept(&mut self, name: &str, edit: &KeptEdit) -> Result<bool> {
+        let _ = (name, edit);
         Ok(false)
     }
 

@@ -33,7 +33,7 @@ pub enum CudaReport {
 }
 
 /// Runs `f`, turning a panic into `None` without printing it (cudarc panics on missing libraries or symbols).
-fn without_panics<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
+pub(crate) fn without_panics<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(f).ok();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KeptEdit};
 use crate::bundle::GenerationSpec;
 use crate::search;
 use crate::tensor::HostTensor;
@@ -135,9 +135,8 @@ impl Generator {
             for kind in ["key", "value"] {
                 let t = out[&format!("present.{l}.{kind}")].as_f32()?;
                 let name = format!("past_key_values.{l}.{kind}");
-                update_cache(self.decode.as_mut(), &mut rows.inputs, &name, &mut |cache| {
-                    write_slot(cache, t, c, s, d)
-                })?;
+                let edit = KeptEdit::WriteSlot { new: t, capacity: c, slot: s, width: d };
+                update_cache(self.decode.as_mut(), &mut rows.inputs, &name, &edit)?;
             }
         }
         for row in 0..r {
@@ -191,13 +190,11 @@ impl search::Decoding for Running<'_> {
 
     fn reorder(&mut self, parents: &[usize]) -> Result<()> {
         let (r, c) = (self.gen.spec.rows, self.gen.spec.capacity);
-        let per_row = self.gen.heads * c * self.gen.head_dim;
+        let edit = KeptEdit::Reorder { parents, rows: r, per_row: self.gen.heads * c * self.gen.head_dim };
         for l in 0..self.gen.layers {
             for kind in ["key", "value"] {
                 let name = format!("past_key_values.{l}.{kind}");
-                update_cache(self.gen.decode.as_mut(), &mut self.rows.inputs, &name, &mut |cache| {
-                    search::reorder_rows(cache, parents, r, per_row)
-                })?;
+                update_cache(self.gen.decode.as_mut(), &mut self.rows.inputs, &name, &edit)?;
             }
         }
         search::reorder_rows(&mut self.rows.mask, parents, r, c);
@@ -228,16 +225,16 @@ pub(crate) fn write_slot(cache: &mut [f32], new: &[f32], c: usize, slot: usize, 
     }
 }
 
-/// Runs `f` on a KV cache's data, wherever [`keep_cache`] put it.
+/// Applies `edit` to a KV cache, wherever [`keep_cache`] put it.
 pub(crate) fn update_cache(
     decode: &mut dyn Backend,
     inputs: &mut BTreeMap<String, HostTensor>,
     name: &str,
-    f: &mut dyn FnMut(&mut [f32]),
+    edit: &KeptEdit,
 ) -> Result<()> {
     match inputs.get_mut(name) {
-        Some(t) => f(t.as_f32_mut()?),
-        None if decode.update_kept(name, f)? => {}
+        Some(t) => edit.apply(t.as_f32_mut()?)?,
+        None if decode.edit_kept(name, edit)? => {}
         None => bail!("the decode state has no KV cache `{name}`"),
     }
     Ok(())

@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod backend;
 pub mod bundle;
 pub mod commands;
+mod cuda_edit;
 pub mod data;
 pub mod devices;
 pub mod generate;
@@ -31,8 +32,8 @@ pub mod tract_skinny;
 pub mod train;
 
 pub use backend::{
-    open, open_stateful_step, select_inputs, state_pairs, Backend, BackendKind, HostStateStep, IoSpec, StatePair,
-    StatefulStep,
+    open, open_stateful_step, select_inputs, state_pairs, Backend, BackendKind, HostStateStep, IoSpec, KeptEdit,
+    StatePair, StatefulStep,
 };
 pub use ort_backend::{
     describe as ort_describe, locate_ort_library, ort_runtime, OrtBackend, OrtDevice, OrtLibSource, OrtOptions,

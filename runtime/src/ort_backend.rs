@@ -18,7 +18,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue, SessionInputs};
 use ort::value::{DynTensor, Tensor, TensorElementType, TensorRef, ValueRef, ValueType};
 
-use crate::backend::{check_pairs, check_state, select_inputs, Backend, IoSpec, StatePair, StatefulStep};
+use crate::backend::{check_pairs, check_state, select_inputs, Backend, IoSpec, KeptEdit, StatePair, StatefulStep};
 use crate::tensor::{DType, HostTensor, TensorData};
 
 /// What to tell a user who has no ONNX Runtime library.
@@ -684,6 +684,18 @@ pub struct OrtBackend {
     run_options: RunOptions,
     /// With --cuda-graph: every input and output in a fixed device buffer (what graph replay needs).
     bound: Option<BoundRunner>,
+    /// Inputs kept on the session's device (`Backend::keep_input`), once there are any.
+    kept: Option<KeptInputs>,
+}
+
+/// Inputs kept in buffers on the session's device between runs, and the binding that feeds them: a run binds
+/// each kept buffer as it is (no copy) and each given input from the host, and reads every output into host
+/// memory. On a GPU the caches then stay in device memory, and only the new rows cross ([`Backend::edit_kept`]).
+struct KeptInputs {
+    binding: IoBinding,
+    values: BTreeMap<String, DynTensor>,
+    /// On a GPU, a beam reorder's snapshot of one cache: as long as the longest kept input.
+    scratch: Option<DynTensor>,
 }
 
 impl fmt::Debug for OrtBackend {
@@ -717,6 +729,7 @@ impl OrtBackend {
             placements,
             run_options: run_options(None)?,
             bound,
+            kept: None,
         })
     }
 
@@ -740,6 +753,40 @@ fn static_shape(spec: &IoSpec, model: &Path) -> Result<(TensorElementType, Vec<u
              have them; run without --cuda-graph)",
             model.display()
         ),
+    }
+}
+
+/// ONNX Runtime's allocator for buffers on a session's device.
+enum DeviceAllocator<'s> {
+    Session(&'s Allocator),
+    Own(Allocator, OrtDevice),
+}
+
+impl<'s> DeviceAllocator<'s> {
+    fn new(session: &'s Session, device: OrtDevice) -> Result<DeviceAllocator<'s>> {
+        Ok(match device {
+            OrtDevice::Cpu => DeviceAllocator::Session(session.allocator()),
+            OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
+                let info =
+                    MemoryInfo::new(AllocationDevice::CUDA, n as i32, AllocatorType::Device, MemoryType::Default)
+                        .map_err(ort_err)?;
+                let allocator = Allocator::new(session, info)
+                    .map_err(ort_err)
+                    .with_context(|| format!("getting ONNX Runtime's allocator for {device}"))?;
+                DeviceAllocator::Own(allocator, device)
+            }
+        })
+    }
+
+    /// A new buffer (contents undefined) for the input or output `name`.
+    fn buffer(&self, name: &str, ty: TensorElementType, shape: Vec<usize>) -> Result<DynTensor> {
+        let (allocator, device) = match self {
+            DeviceAllocator::Session(a) => (*a, OrtDevice::Cpu),
+            DeviceAllocator::Own(a, d) => (a, *d),
+        };
+        DynTensor::new(allocator, ty, shape)
+            .map_err(ort_err)
+            .with_context(|| format!("allocating `{name}` on {device}"))
     }
 }
 
@@ -806,24 +853,10 @@ impl BoundRunner {
         pairs: Vec<StatePair>,
         ping_pong: bool,
     ) -> Result<BoundRunner> {
-        let owned_allocator;
-        let allocator: &Allocator = match options.device {
-            OrtDevice::Cpu => session.allocator(),
-            OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
-                let info =
-                    MemoryInfo::new(AllocationDevice::CUDA, n as i32, AllocatorType::Device, MemoryType::Default)
-                        .map_err(ort_err)?;
-                owned_allocator = Allocator::new(session, info)
-                    .map_err(ort_err)
-                    .with_context(|| format!("getting ONNX Runtime's allocator for {}", options.device))?;
-                &owned_allocator
-            }
-        };
+        let allocator = DeviceAllocator::new(session, options.device)?;
         let buffer = |spec: &IoSpec| -> Result<DynTensor> {
             let (ty, shape) = static_shape(spec, model)?;
-            DynTensor::new(allocator, ty, shape)
-                .map_err(ort_err)
-                .with_context(|| format!("allocating `{}` on {}", spec.name, options.device))
+            allocator.buffer(&spec.name, ty, shape)
         };
         let is_state_input = |n: &str| pairs.iter().any(|p| p.input == n);
         let is_state_output = |n: &str| pairs.iter().any(|p| p.output == n);
@@ -1043,6 +1076,9 @@ impl Backend for OrtBackend {
         if let Some(bound) = self.bound.as_mut() {
             return bound.run(&mut self.session, inputs);
         }
+        if self.kept.is_some() {
+            return self.run_with_kept(inputs);
+        }
         let picked = select_inputs(&self.inputs, inputs).with_context(|| format!("running {}", self.path.display()))?;
         let feeds = self
             .inputs
@@ -1060,6 +1096,104 @@ impl Backend for OrtBackend {
         for (name, value) in outs.iter() {
             let t = from_ort(&value).with_context(|| format!("output `{name}`"))?;
             result.insert(name.to_string(), t);
+        }
+        Ok(result)
+    }
+
+    /// Keeps an f32 input in a buffer on the session's device (not with --cuda-graph, whose runner has fixed
+    /// buffers for every input already: there, and for other dtypes, the value is handed back).
+    fn keep_input(&mut self, name: &str, value: HostTensor) -> Result<Option<HostTensor>> {
+        let spec = self
+            .inputs
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow!("{} has no input `{name}` to keep", self.path.display()))?;
+        if self.bound.is_some() || value.dtype() != DType::F32 {
+            return Ok(Some(value));
+        }
+        spec.check(&value)?;
+        if self.kept.is_none() {
+            let mut binding = self.session.create_binding().map_err(ort_err)?;
+            let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
+                .map_err(ort_err)?;
+            for out in &self.outputs {
+                binding.bind_output_to_device(out.name.as_str(), &host).map_err(ort_err)?;
+            }
+            self.kept = Some(KeptInputs { binding, values: BTreeMap::new(), scratch: None });
+        }
+        let kept = self.kept.as_mut().expect("made above");
+        let mut buf = match kept.values.remove(name) {
+            Some(b) if b.shape().iter().map(|&d| d as usize).eq(value.shape().iter().copied()) => b,
+            _ => DeviceAllocator::new(&self.session, self.device)?.buffer(
+                name,
+                TensorElementType::Float32,
+                value.shape().to_vec(),
+            )?,
+        };
+        upload(&value, &mut buf).with_context(|| format!("copying `{name}` to {}", self.device))?;
+        kept.values.insert(name.to_string(), buf);
+        Ok(None)
+    }
+
+    fn edit_kept(&mut self, name: &str, edit: &KeptEdit) -> Result<bool> {
+        let Some(kept) = self.kept.as_mut() else { return Ok(false) };
+        let Some(buf) = kept.values.get_mut(name) else { return Ok(false) };
+        let len: usize = buf.shape().iter().map(|&d| d as usize).product();
+        match self.device {
+            OrtDevice::Cpu => {
+                let (_, data) = buf.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
+                edit.apply(data).with_context(|| format!("editing kept input `{name}`"))?;
+            }
+            OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
+                let longest = kept.values.values().map(|v| v.shape().iter().map(|&d| d as usize).product()).max();
+                let longest: usize = longest.unwrap_or(len);
+                let scratch_len = |t: &DynTensor| t.shape().iter().map(|&d| d as usize).product::<usize>();
+                if kept.scratch.as_ref().is_none_or(|t| scratch_len(t) < longest) {
+                    let allocator = DeviceAllocator::new(&self.session, self.device)?;
+                    kept.scratch =
+                        Some(allocator.buffer("reorder scratch", TensorElementType::Float32, vec![longest])?);
+                }
+                let scratch = kept.scratch.as_ref().expect("made above");
+                let buf = &kept.values[name];
+                let cache = crate::cuda_edit::DeviceF32 { ptr: buf.data_ptr() as u64, len };
+                let scratch = crate::cuda_edit::DeviceF32 { ptr: scratch.data_ptr() as u64, len: scratch_len(scratch) };
+                crate::cuda_edit::apply(n, cache, scratch, edit)
+                    .with_context(|| format!("editing kept input `{name}`"))?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl OrtBackend {
+    /// A run through the kept inputs' binding: kept buffers bound as they are, given inputs from the host (a
+    /// given input wins over a kept one of the same name), every output read back into host memory.
+    fn run_with_kept(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+        let kept = self.kept.as_mut().expect("called with kept inputs");
+        let fed: Vec<IoSpec> = self
+            .inputs
+            .iter()
+            .filter(|s| inputs.contains_key(&s.name) || !kept.values.contains_key(&s.name))
+            .cloned()
+            .collect();
+        let picked = select_inputs(&fed, inputs).with_context(|| format!("running {}", self.path.display()))?;
+        for (spec, t) in fed.iter().zip(picked) {
+            let value = owned_value(t).with_context(|| format!("input `{}`", spec.name))?;
+            kept.binding.bind_input(spec.name.as_str(), &value).map_err(ort_err)?;
+        }
+        for spec in self.inputs.iter().filter(|s| !inputs.contains_key(&s.name)) {
+            if let Some(buf) = kept.values.get(&spec.name) {
+                kept.binding.bind_input(spec.name.as_str(), buf).map_err(ort_err)?;
+            }
+        }
+        let outs = self
+            .session
+            .run_binding_with_options(&kept.binding, &self.run_options)
+            .map_err(ort_err)
+            .with_context(|| format!("ONNX Runtime failed running {}", self.path.display()))?;
+        let mut result = BTreeMap::new();
+        for (name, value) in outs.iter() {
+            result.insert(name.to_string(), from_ort(&value).with_context(|| format!("output `{name}`"))?);
         }
         Ok(result)
     }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Result};
 pub use pfx_compiler::compile::bart_generate::BartGeneration;
 
-use crate::backend::Backend;
-use crate::generate::{keep_cache, split_rows, update_cache, write_slot};
+use crate::backend::{Backend, KeptEdit};
+use crate::generate::{keep_cache, split_rows, update_cache};
 use crate::search::{self, GenConfig};
 use crate::tensor::HostTensor;
 
@@ -152,9 +152,8 @@ impl Seq2SeqGenerator {
                     let t = out.get(&name).ok_or_else(|| anyhow!("the decode graph has no output {name}"))?;
                     let src = t.as_f32()?;
                     let cache = format!("past_key_values.{l}.decoder.{kind}");
-                    update_cache(self.decode.as_mut(), &mut rows.inputs, &cache, &mut |dst| {
-                        write_slot(dst, src, c, s, d)
-                    })?;
+                    let edit = KeptEdit::WriteSlot { new: src, capacity: c, slot: s, width: d };
+                    update_cache(self.decode.as_mut(), &mut rows.inputs, &cache, &edit)?;
                 }
             }
             for row in 0..r {
@@ -245,13 +244,11 @@ impl search::Decoding for Running<'_> {
         // mask follow them.
         let sp = &self.gen.spec;
         let (r, c, layers) = (sp.rows, sp.capacity, sp.layers);
-        let per_row = sp.heads * c * sp.head_dim;
+        let edit = KeptEdit::Reorder { parents, rows: r, per_row: sp.heads * c * sp.head_dim };
         for l in 0..layers {
             for kind in ["key", "value"] {
                 let name = format!("past_key_values.{l}.decoder.{kind}");
-                update_cache(self.gen.decode.as_mut(), &mut self.rows.inputs, &name, &mut |buf| {
-                    search::reorder_rows(buf, parents, r, per_row)
-                })?;
+                update_cache(self.gen.decode.as_mut(), &mut self.rows.inputs, &name, &edit)?;
             }
         }
         search::reorder_rows(&mut self.rows.mask, parents, r, c);

@@ -10,7 +10,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::backend::{select_inputs, Backend, IoSpec};
+use crate::backend::{select_inputs, Backend, IoSpec, KeptEdit};
 use crate::tensor::{DType, HostTensor, TensorData};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -361,12 +361,12 @@ impl Backend for TractBackend {
         Ok(None)
     }
 
-    fn update_kept(&mut self, name: &str, f: &mut dyn FnMut(&mut [f32])) -> Result<bool> {
+    fn edit_kept(&mut self, name: &str, edit: &KeptEdit) -> Result<bool> {
         let Some((_, t)) = self.kept.get_mut(name) else { return Ok(false) };
         // Unshared once the last run is over (tract drops its inputs); otherwise this copies.
         let t = Arc::make_mut(t);
         let mut view = t.try_as_plain_ram_mut()?;
-        f(view.as_slice_mut::<f32>().with_context(|| format!("kept input `{name}` is not f32"))?);
+        edit.apply(view.as_slice_mut::<f32>().with_context(|| format!("kept input `{name}` is not f32"))?)?;
         Ok(true)
     }
 }

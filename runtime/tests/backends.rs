@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use pfx_runtime::{open, Backend, BackendKind, HostTensor, OrtBackend, OrtOptions, TractBackend};
+use pfx_runtime::{open, Backend, BackendKind, HostTensor, KeptEdit, OrtBackend, OrtOptions, TractBackend};
 
 fn kinds() -> Vec<BackendKind> {
     let mut v = vec![BackendKind::Tract];
@@ -99,27 +99,36 @@ fn kept_inputs_run_like_given_ones() {
         let name = b.inputs().iter().find(|s| s.dtype == Some(pfx_runtime::DType::F32)).unwrap().name.clone();
         let mut rest = inputs.clone();
         let value = rest.remove(&name).unwrap();
-        match b.keep_input(&name, value.clone()).unwrap() {
-            Some(back) => {
-                assert_eq!(kind, BackendKind::Ort, "tract keeps inputs");
-                assert_eq!(back.to_f64_vec(), value.to_f64_vec());
-                assert!(!b.update_kept(&name, &mut |_| {}).unwrap());
-                continue;
-            }
-            None => assert_eq!(kind, BackendKind::Tract),
-        }
+        assert!(b.keep_input(&name, value.clone()).unwrap().is_none(), "{kind} keeps f32 inputs");
         assert_close(&format!("{kind} with `{name}` kept"), &b.run(&rest).unwrap(), &expected);
-        // Doubled in place: as if the doubled value were given.
-        assert!(b.update_kept(&name, &mut |x| x.iter_mut().for_each(|v| *v *= 2.0)).unwrap());
-        let mut doubled = inputs.clone();
-        let twice: Vec<f32> = value.as_f32().unwrap().iter().map(|v| v * 2.0).collect();
-        doubled.insert(name.clone(), HostTensor::from_f32(value.shape().to_vec(), twice).unwrap());
-        let want = b.run(&doubled).unwrap();
-        assert!(want.iter().any(|(k, v)| v.to_f64_vec() != expected[k].to_f64_vec()), "doubling `{name}` shows");
-        assert_close(&format!("{kind} with `{name}` updated in place"), &b.run(&rest).unwrap(), &want);
+        // Each edit in place runs as if the edited value were given.
+        let (rows, width) = (value.shape()[0], value.shape()[1]);
+        assert_eq!((rows, width), (2, 4), "the b2 case of matmul_softmax");
+        let new = [9.0f32, -7.5, 3.25, 0.5];
+        let parents = [1usize, 1];
+        let edits = [
+            KeptEdit::WriteSlot { new: &new, capacity: 2, slot: 1, width: 2 },
+            KeptEdit::Reorder { parents: &parents, rows, per_row: width },
+        ];
+        let mut want_x = value.as_f32().unwrap().to_vec();
+        for edit in &edits {
+            assert!(b.edit_kept(&name, edit).unwrap());
+            edit.apply(&mut want_x).unwrap();
+            let mut given = inputs.clone();
+            given.insert(name.clone(), HostTensor::from_f32(value.shape().to_vec(), want_x.clone()).unwrap());
+            let want = b.run(&given).unwrap();
+            assert!(want.iter().any(|(k, v)| v.to_f64_vec() != expected[k].to_f64_vec()), "{edit:?} shows");
+            assert_close(&format!("{kind} with `{name}` after {edit:?}"), &b.run(&rest).unwrap(), &want);
+        }
+        // The edits did what they say: row 0 became row 1, whose last two values are `new`'s second row.
+        assert_eq!(&want_x[..4], &[value.as_f32().unwrap()[4], value.as_f32().unwrap()[5], 3.25, 0.5]);
+        assert_eq!(&want_x[..4], &want_x[4..]);
         // The caller's value wins over the kept one.
         assert_close(&format!("{kind} with `{name}` given anyway"), &b.run(&inputs).unwrap(), &expected);
-        assert!(!b.update_kept("not_an_input", &mut |_| {}).unwrap());
+        let outside = KeptEdit::WriteSlot { new: &new, capacity: 2, slot: 2, width: 2 };
+        let e = format!("{:#}", b.edit_kept(&name, &outside).unwrap_err());
+        assert!(e.contains("slot 2"), "{kind}: {e}");
+        assert!(!b.edit_kept("not_an_input", &edits[0]).unwrap());
         assert!(b.keep_input("not_an_input", value).is_err());
     }
 }

@@ -1,0 +1,108 @@
+//! Edits of KV caches that ONNX Runtime keeps in CUDA memory (`ort_backend`, [`Backend::edit_kept`]): a
+//! decode step's new keys and values go from the host into their slot with one strided copy per cache, and a
+//! beam reorder copies rows on the device from a snapshot. Without this the whole cache would cross to the GPU
+//! before every step (62 MB at B=8 for GPT-2 small).
+//!
+//! The copies use the CUDA driver (cudarc, loaded at run time) in the device's primary context, the one ONNX
+//! Runtime's CUDA provider runs in, and wait for the device before returning, so the next run reads the
+//! edited cache whatever stream ONNX Runtime runs on. Every driver error (and a missing driver: cudarc panics
+//! then) is returned as an error.
+//!
+//! [`Backend::edit_kept`]: crate::backend::Backend::edit_kept
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{anyhow, Result};
+use cudarc::driver::{result as cu, sys};
+
+use crate::backend::KeptEdit;
+
+/// Device memory holding `len` f32 values, as a raw CUDA address.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DeviceF32 {
+    pub ptr: u64,
+    pub len: usize,
+}
+
+/// Applies `edit` to `cache` on CUDA device `ordinal`; `scratch` (at least as long as the cache) holds the
+/// snapshot a reorder copies from.
+pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: DeviceF32, edit: &KeptEdit) -> Result<()> {
+    edit.check(cache.len)?;
+    let run = move || -> Result<(), cu::DriverError> {
+        make_current(ordinal)?;
+        const F: usize = size_of::<f32>();
+        match *edit {
+            KeptEdit::WriteSlot { new, capacity, slot, width } => {
+                // new [n, width] on the host -> cache [n, capacity, width] at slot: one 2-D copy.
+                let copy = sys::CUDA_MEMCPY2D {
+                    srcXInBytes: 0,
+                    srcY: 0,
+                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+                    srcHost: new.as_ptr().cast(),
+                    srcDevice: 0,
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: width * F,
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    dstHost: std::ptr::null_mut(),
+                    dstDevice: cache.ptr + (slot * width * F) as u64,
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: capacity * width * F,
+                    WidthInBytes: width * F,
+                    Height: new.len() / width,
+                };
+                // SAFETY: `check` bounded the rows written by the cache's length; `new` outlives the call, which
+                // returns once the host memory has been read.
+                unsafe { sys::cuMemcpy2D_v2(&copy) }.result()?;
+            }
+            KeptEdit::Reorder { parents, rows, per_row } => {
+                let bytes = per_row * F;
+                // SAFETY: both buffers hold at least rows · per_row values (`check`, and the caller's scratch).
+                unsafe { cu::memcpy_dtod_sync(scratch.ptr, cache.ptr, rows * bytes)? };
+                for i in 0..rows {
+                    let from = parents.get(i).copied().unwrap_or(parents[0]);
+                    if from != i {
+                        let (dst, src) = (cache.ptr + (i * bytes) as u64, scratch.ptr + (from * bytes) as u64);
+                        // SAFETY: row blocks inside the buffers (`check` bounds every parent by `rows`).
+                        unsafe { cu::memcpy_dtod_sync(dst, src, bytes)? };
+                    }
+                }
+            }
+        }
+        // Device-to-device copies may return before they finish.
+        cu::ctx::synchronize()
+    };
+    if scratch.len < cache.len {
+        return Err(anyhow!(
+            "the reorder scratch buffer ({} values) is smaller than the cache ({})",
+            scratch.len,
+            cache.len
+        ));
+    }
+    match crate::devices::without_panics(std::panic::AssertUnwindSafe(run)) {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(anyhow!("CUDA failed editing a kept cache on device {ordinal}: {e}")),
+        None => Err(anyhow!("the CUDA driver library could not be loaded to edit a kept cache on device {ordinal}")),
+    }
+}
+
+/// Makes device `ordinal`'s primary context current on this thread, retaining it once per process.
+fn make_current(ordinal: u32) -> Result<(), cu::DriverError> {
+    static RETAINED: OnceLock<Mutex<HashMap<u32, usize>>> = OnceLock::new();
+    let mut retained = RETAINED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = match retained.get(&ordinal) {
+        Some(&ctx) => ctx as sys::CUcontext,
+        None => {
+            cu::init()?;
+            let dev = cu::device::get(ordinal as i32)?;
+            // SAFETY: `dev` comes from cuDeviceGet; the context is never released (it lives as long as ORT's).
+            let ctx = unsafe { cu::primary_ctx::retain(dev)? };
+            retained.insert(ordinal, ctx as usize);
+            ctx
+        }
+    };
+    // SAFETY: a context retained above.
+    unsafe { cu::ctx::set_current(ctx) }
+}
