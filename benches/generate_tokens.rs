@@ -68,16 +68,7 @@ fn main() -> Result<()> {
         let m = bundle.manifest.clone();
         let mut gens = Vec::new();
         for &kind in &kinds {
-            gens.push(Generator::new(
-                bundle.open_graph("prefill", kind, &ort)?,
-                bundle.open_graph("decode", kind, &ort)?,
-                m.generation.clone().ok_or_else(|| anyhow!("the export has no past inputs"))?,
-                m.prefix_len,
-                m.layers,
-                m.heads,
-                m.head_dim,
-                bundle.init_prefix()?,
-            ));
+            gens.push(Generator::open(&bundle, kind, &ort, bundle.init_prefix()?)?);
         }
         let prompts: Vec<Vec<i64>> =
             (0..b).map(|i| (0..PROMPT).map(|j| ((i * 131 + j * 7919) % m.vocab) as i64).collect()).collect();

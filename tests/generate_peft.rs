@@ -39,18 +39,7 @@ fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
 use common::id_rows as rows;
 
 fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>) -> Generator {
-    let m = &b.manifest;
-    let ort = OrtOptions::default();
-    Generator::new(
-        b.open_graph("prefill", kind, &ort).unwrap(),
-        b.open_graph("decode", kind, &ort).unwrap(),
-        m.generation.clone().unwrap(),
-        m.prefix_len,
-        m.layers,
-        m.heads,
-        m.head_dim,
-        prefix,
-    )
+    Generator::open(b, kind, &OrtOptions::default(), prefix).unwrap()
 }
 
 #[test]

@@ -246,16 +246,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             }
             prompts.push(ids);
         }
-        let mut g = Generator::new(
-            bundle.open_graph("prefill", engine.backend, &engine.ort)?,
-            bundle.open_graph("decode", engine.backend, &engine.ort)?,
-            spec.clone(),
-            m.prefix_len,
-            m.layers,
-            m.heads,
-            m.head_dim,
-            prefix,
-        );
+        let mut g = Generator::open(&bundle, engine.backend, &engine.ort, prefix)?;
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)
     };

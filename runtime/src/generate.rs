@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
-use crate::backend::{Backend, KeptEdit};
-use crate::bundle::GenerationSpec;
+use crate::backend::{Backend, BackendKind, KeptEdit};
+use crate::bundle::{Bundle, GenerationSpec};
+use crate::ort_backend::OrtOptions;
 use crate::search;
 use crate::tensor::HostTensor;
 
@@ -40,17 +41,32 @@ struct Rows {
 }
 
 impl Generator {
-    pub fn new(
-        prefill: Box<dyn Backend>,
-        decode: Box<dyn Backend>,
-        spec: GenerationSpec,
-        prefix_len: usize,
-        layers: usize,
-        heads: usize,
-        head_dim: usize,
+    /// The generator of a GPT-2 bundle's prefill and decode graphs on `kind` (ONNX Runtime with `ort`), the
+    /// prefix's trainable tensors fed to prefill (none for a baked bundle). An error where the bundle has no
+    /// generation graphs.
+    pub fn open(
+        bundle: &Bundle,
+        kind: BackendKind,
+        ort: &OrtOptions,
         prefix: BTreeMap<String, HostTensor>,
-    ) -> Generator {
-        Generator { prefill, decode, spec, prefix_len, layers, heads, head_dim, prefix }
+    ) -> Result<Generator> {
+        let m = &bundle.manifest;
+        let spec = m.generation.clone().ok_or_else(|| {
+            anyhow!(
+                "{} has no generation graphs: compile an export with past inputs, and --max-new above 0",
+                bundle.dir.display()
+            )
+        })?;
+        Ok(Generator {
+            prefill: bundle.open_graph("prefill", kind, ort)?,
+            decode: bundle.open_graph("decode", kind, ort)?,
+            spec,
+            prefix_len: m.prefix_len,
+            layers: m.layers,
+            heads: m.heads,
+            head_dim: m.head_dim,
+            prefix,
+        })
     }
 
     /// Prefills R rows (left-padded prompts); returns the state and the last position's logits [R, V].

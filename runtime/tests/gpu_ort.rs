@@ -1,5 +1,5 @@
 //! ONNX Runtime on a GPU: the device-state training step on CUDA (plain, TF32 off; with a CUDA graph) and on
-//! TensorRT against the host path on ORT CPU. Needs a GPU and `onnxruntime-gpu` (its library found as pfxrun
+//! TensorRT against the host path on ORT CPU; generation with the KV caches kept in CUDA memory against PEFT. Needs a GPU and `onnxruntime-gpu` (its library found as pfxrun
 //! finds it, e.g. ORT_DYLIB_PATH); opt in with PFX_GPU_TESTS=1, elsewhere it passes after saying it skipped:
 //!
 //!     PFX_GPU_TESTS=1 cargo test -p pfx-runtime --test gpu_ort -- --nocapture --test-threads 1
@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::state::*;
+use pfx_runtime::generate::{GenConfig, Generator};
 use pfx_runtime::{
     ort_runtime, state_pairs, BackendKind, HostStateStep, HostTensor, OrtBackend, OrtDevice, OrtOptions, StatefulStep,
 };
@@ -89,4 +90,37 @@ fn tensorrt_matches_the_cpu() {
         compare_with_cpu("tensorrt", options, 1e-3);
         assert!(std::fs::read_dir(&cache).unwrap().next().is_some(), "no engine cached in {}", cache.display());
     }
+}
+
+/// Greedy (new rows written into the caches on the device each step) and beam search (rows reordered on the
+/// device too) give PEFT's tokens (the references `tests/generate_peft.rs` checks tract and ORT CPU against).
+#[test]
+fn cuda_generation_equals_peft() {
+    if !wanted(OrtDevice::Cuda(0)) {
+        return;
+    }
+    let root = std::env::var_os("PFX_REPO_ROOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let read = |p: &str| pfx_runtime::read_safetensors(root.join("graphs").join(p)).unwrap();
+    let (refs, start) = (read("peft-generate/gpt2-reparam.safetensors"), read("peft/gpt2-reparam.safetensors"));
+    // [n, len] ids (-1 past the end) and an optional mask -> one token list per row.
+    let ids = |t: &HostTensor, mask: Option<&HostTensor>| -> Vec<Vec<i64>> {
+        let (n, len, v) = (t.shape()[0], t.shape()[1], t.as_i64().unwrap());
+        let keep = |i: usize| mask.is_none_or(|m| m.as_i64().unwrap()[i] != 0) && v[i] != -1;
+        (0..n).map(|r| (r * len..(r + 1) * len).filter(|&i| keep(i)).map(|i| v[i]).collect()).collect()
+    };
+    let prompts = ids(&refs["prompts"], Some(&refs["prompt_mask"]));
+    let dir = fresh_dir("gpu-generate");
+    let b = generation_bundle(&dir.join("bundle"));
+    let prefix: BTreeMap<String, HostTensor> =
+        b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
+    let options = OrtOptions { device: OrtDevice::Cuda(0), tf32: Some(false), ..Default::default() };
+    let mut g = Generator::open(&b, BackendKind::Ort, &options, prefix).unwrap();
+    let greedy = GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
+    let beam = GenConfig { beams: 3, ..greedy.clone() };
+    let (g_tokens, b_tokens) = (g.greedy(&prompts, &greedy).unwrap(), g.beam_search(&prompts, &beam).unwrap());
+    eprintln!("cuda generation: greedy {g_tokens:?}, beam {b_tokens:?}");
+    assert_eq!(g_tokens, ids(&refs["greedy"], None), "greedy tokens on CUDA differ from PEFT's");
+    assert_eq!(b_tokens, ids(&refs["beam"], None), "beam tokens on CUDA differ from PEFT's");
 }

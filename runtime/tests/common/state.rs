@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
@@ -21,6 +22,15 @@ pub fn fresh_dir(name: &str) -> PathBuf {
 
 /// A small bundle of the random GPT-2 fixture (with clipping, so grad_norm matters).
 pub fn bundle(dir: &Path) -> Bundle {
+    bundle_with(dir, None)
+}
+
+/// [`bundle`] with generation graphs for 3 rows, prompts of up to 6 tokens and 8 new ones.
+pub fn generation_bundle(dir: &Path) -> Bundle {
+    bundle_with(dir, Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }))
+}
+
+fn bundle_with(dir: &Path, generation: Option<GenShape>) -> Bundle {
     let opts = CompileOptions {
         prefix_len: 4,
         mid_dim: Some(16),
@@ -28,7 +38,7 @@ pub fn bundle(dir: &Path) -> Bundle {
         seq: SEQ,
         optimizer: AdamW { weight_decay: 0.01, max_grad_norm: Some(0.5), ..AdamW::default() },
         seed: 5,
-        generation: None,
+        generation,
     };
     // PFX_REPO_ROOT: where the fixtures are when the test binary runs away from its build tree (the GPU machine).
     let root = std::env::var_os("PFX_REPO_ROOT")
