@@ -117,7 +117,7 @@ impl KeptEdit<'_> {
     pub fn check(&self, len: usize) -> Result<()> {
         match *self {
             KeptEdit::WriteSlot { new, capacity, slot, width } => {
-                let n = if width == 0 { 0 } else { new.len() / width };
+                let n = new.len().checked_div(width).unwrap_or(0);
                 if width == 0 || new.len() % width != 0 || slot >= capacity || n * capacity * width > len {
                     bail!(
                         "cannot write {} values as rows of {width} into slot {slot} of a [{n}, {capacity}, {width}] \
