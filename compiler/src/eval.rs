@@ -223,7 +223,7 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             let st = strides(&t.shape);
             let mut v = f64s(t)?;
             for i in 0..v.len() {
-                if (i / st[axis]) % t.shape[axis] != 0 {
+                if !(i / st[axis]).is_multiple_of(t.shape[axis]) {
                     v[i] += v[i - st[axis]];
                 }
             }
@@ -385,7 +385,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             bail!("cannot reshape {input:?} to {target:?}");
         }
         out[i] = total / known;

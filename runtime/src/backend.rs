@@ -37,7 +37,7 @@ impl IoSpec {
             }
         }
         if let Some(dims) = &self.shape {
-            let ok = dims.len() == t.rank() && dims.iter().zip(t.shape()).all(|(d, &s)| d.map_or(true, |d| d == s));
+            let ok = dims.len() == t.rank() && dims.iter().zip(t.shape()).all(|(d, &s)| d.is_none_or(|d| d == s));
             if !ok {
                 bail!("input `{}` must have shape {} but shape {:?} was given", self.name, fmt_dims(dims), t.shape());
             }

@@ -172,7 +172,7 @@ fn python_ort_dir() -> Result<PathBuf> {
         .with_context(|| format!("could not run `{python}`"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string();
+        let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
         bail!("`{python} -c \"import onnxruntime\"` failed: {last}");
     }
     let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();

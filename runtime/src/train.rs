@@ -218,7 +218,10 @@ impl Trainer {
                 }
                 let stop = self.stop.load(Ordering::SeqCst);
                 let limit = cfg.max_steps.map(|m| run_steps >= m).unwrap_or(false);
-                if (cfg.checkpoint_every > 0 && self.pos.step % cfg.checkpoint_every as u64 == 0) || stop || limit {
+                if (cfg.checkpoint_every > 0 && self.pos.step.is_multiple_of(cfg.checkpoint_every as u64))
+                    || stop
+                    || limit
+                {
                     self.save_checkpoint(&cfg.out_dir)?;
                 }
                 if stop {
@@ -331,7 +334,7 @@ fn progress(tty: bool, pos: &Position, total: u64, loss: f64, tokens: usize, sta
     );
     if tty {
         eprint!("\r{line}");
-    } else if pos.step % 10 == 0 || pos.step == total {
+    } else if pos.step.is_multiple_of(10) || pos.step == total {
         eprintln!("{line}");
     }
 }

@@ -359,13 +359,7 @@ pub fn inject_one(g: &mut Graph, softmax: &str, kv: &(String, String), p: usize)
             let nb: usize = block.iter().product();
             let dt = g.type_of(x).unwrap().dtype;
             let fill = match (n.op.as_str(), j) {
-                ("Where", 0) => {
-                    if k == 1 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                }
+                ("Where", 0) if k == 1 => 1.0,
                 ("Mul" | "Div", _) => 1.0,
                 _ => 0.0,
             };
