@@ -841,6 +841,10 @@ struct BoundRunner {
     current: usize,
     ping_pong: bool,
     state_set: bool,
+    /// Fed inputs kept in their buffers (`Backend::keep_input`): not copied in by a run.
+    kept: std::collections::BTreeSet<String>,
+    /// A reorder's snapshot of a kept buffer on a GPU (`edit_buffer`).
+    scratch: Option<DynTensor>,
 }
 
 impl BoundRunner {
@@ -907,7 +911,29 @@ impl BoundRunner {
             run_options,
             current: 0,
             ping_pong,
+            kept: Default::default(),
+            scratch: None,
         })
+    }
+
+    /// Copies `value` into the fed input `name`'s buffer, which runs then read instead of a given value.
+    fn keep(&mut self, name: &str, value: &HostTensor) -> Result<()> {
+        let Some((_, buf)) = self.fed.iter_mut().find(|(s, _)| s.name == name) else {
+            bail!("{}: input `{name}` is state, which the runner keeps already", self.path.display());
+        };
+        upload(value, buf).with_context(|| format!("copying `{name}` to the device"))?;
+        self.kept.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Applies `edit` to the kept input `name`'s buffer; false where `name` is not kept.
+    fn edit(&mut self, session: &Session, device: OrtDevice, name: &str, edit: &KeptEdit) -> Result<bool> {
+        if !self.kept.contains(name) {
+            return Ok(false);
+        }
+        let (_, buf) = self.fed.iter_mut().find(|(s, _)| s.name == name).expect("kept inputs are fed inputs");
+        edit_buffer(session, device, buf, &mut self.scratch, edit).with_context(|| format!("editing `{name}`"))?;
+        Ok(true)
     }
 
     fn set_state(&mut self, specs: &[IoSpec], state: &BTreeMap<String, HostTensor>) -> Result<()> {
@@ -941,11 +967,23 @@ impl BoundRunner {
         if !self.state_set {
             bail!("{}: the state was never set", self.path.display());
         }
-        let specs: Vec<IoSpec> = self.fed.iter().map(|(s, _)| s.clone()).collect();
+        if let Some(name) = self.kept.iter().find(|n| inputs.contains_key(*n)) {
+            bail!(
+                "{}: input `{name}` is kept in its device buffer, which --cuda-graph replays at a fixed address; \
+                 keep the new value instead of giving it",
+                self.path.display()
+            );
+        }
+        let specs: Vec<IoSpec> =
+            self.fed.iter().filter(|(s, _)| !self.kept.contains(&s.name)).map(|(s, _)| s.clone()).collect();
         let picked = select_inputs(&specs, inputs).with_context(|| format!("running {}", self.path.display()))?;
+        let mut picked = picked.into_iter();
         let k = self.current;
-        for ((spec, buf), t) in self.fed.iter_mut().zip(picked) {
-            upload(t, buf).with_context(|| format!("copying input `{}` to the device", spec.name))?;
+        for (spec, buf) in self.fed.iter_mut() {
+            if !self.kept.contains(&spec.name) {
+                let t = picked.next().expect("one picked per fed input that is not kept");
+                upload(t, buf).with_context(|| format!("copying input `{}` to the device", spec.name))?;
+            }
             // Bound again each run: ORT copies at bind time when it wants the input on another device.
             self.bindings[k].bind_input(spec.name.as_str(), &*buf).map_err(ort_err)?;
         }
@@ -1100,18 +1138,22 @@ impl Backend for OrtBackend {
         Ok(result)
     }
 
-    /// Keeps an f32 input in a buffer on the session's device (not with --cuda-graph, whose runner has fixed
-    /// buffers for every input already: there, and for other dtypes, the value is handed back).
+    /// Keeps an f32 input in a buffer on the session's device: with --cuda-graph, the fixed buffer the runner
+    /// has for it already (no longer copied in each run); otherwise one of its own. Other dtypes are handed back.
     fn keep_input(&mut self, name: &str, value: HostTensor) -> Result<Option<HostTensor>> {
         let spec = self
             .inputs
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| anyhow!("{} has no input `{name}` to keep", self.path.display()))?;
-        if self.bound.is_some() || value.dtype() != DType::F32 {
+        if value.dtype() != DType::F32 {
             return Ok(Some(value));
         }
         spec.check(&value)?;
+        if let Some(bound) = self.bound.as_mut() {
+            bound.keep(name, &value)?;
+            return Ok(None);
+        }
         if self.kept.is_none() {
             let mut binding = self.session.create_binding().map_err(ort_err)?;
             let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)
@@ -1136,32 +1178,54 @@ impl Backend for OrtBackend {
     }
 
     fn edit_kept(&mut self, name: &str, edit: &KeptEdit) -> Result<bool> {
-        let Some(kept) = self.kept.as_mut() else { return Ok(false) };
-        let Some(buf) = kept.values.get_mut(name) else { return Ok(false) };
-        let len: usize = buf.shape().iter().map(|&d| d as usize).product();
-        match self.device {
-            OrtDevice::Cpu => {
-                let (_, data) = buf.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
-                edit.apply(data).with_context(|| format!("editing kept input `{name}`"))?;
-            }
-            OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
-                let longest = kept.values.values().map(|v| v.shape().iter().map(|&d| d as usize).product()).max();
-                let longest: usize = longest.unwrap_or(len);
-                let scratch_len = |t: &DynTensor| t.shape().iter().map(|&d| d as usize).product::<usize>();
-                if kept.scratch.as_ref().is_none_or(|t| scratch_len(t) < longest) {
-                    let allocator = DeviceAllocator::new(&self.session, self.device)?;
-                    kept.scratch =
-                        Some(allocator.buffer("reorder scratch", TensorElementType::Float32, vec![longest])?);
+        let done = if let Some(bound) = self.bound.as_mut() {
+            bound.edit(&self.session, self.device, name, edit)?
+        } else if let Some(kept) = self.kept.as_mut() {
+            match kept.values.get_mut(name) {
+                Some(buf) => {
+                    edit_buffer(&self.session, self.device, buf, &mut kept.scratch, edit)
+                        .with_context(|| format!("editing kept input `{name}`"))?;
+                    true
                 }
-                let scratch = kept.scratch.as_ref().expect("made above");
-                let buf = &kept.values[name];
-                let cache = crate::cuda_edit::DeviceF32 { ptr: buf.data_ptr() as u64, len };
-                let scratch = crate::cuda_edit::DeviceF32 { ptr: scratch.data_ptr() as u64, len: scratch_len(scratch) };
-                crate::cuda_edit::apply(n, cache, scratch, edit)
-                    .with_context(|| format!("editing kept input `{name}`"))?;
+                None => false,
             }
+        } else {
+            false
+        };
+        Ok(done)
+    }
+}
+
+/// Values in a tensor.
+fn element_count(t: &DynTensor) -> usize {
+    t.shape().iter().map(|&d| d as usize).product()
+}
+
+/// Applies `edit` to the f32 buffer `buf` where it lies: in host memory directly; in CUDA memory with driver
+/// copies (`cuda_edit`), a reorder's snapshot going to `scratch` (made or grown here as needed).
+fn edit_buffer(
+    session: &Session,
+    device: OrtDevice,
+    buf: &mut DynTensor,
+    scratch: &mut Option<DynTensor>,
+    edit: &KeptEdit,
+) -> Result<()> {
+    match device {
+        OrtDevice::Cpu => {
+            let (_, data) = buf.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
+            edit.apply(data)
         }
-        Ok(true)
+        OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
+            let len = element_count(buf);
+            if scratch.as_ref().is_none_or(|t| element_count(t) < len) {
+                let allocator = DeviceAllocator::new(session, device)?;
+                *scratch = Some(allocator.buffer("reorder scratch", TensorElementType::Float32, vec![len])?);
+            }
+            let scratch = scratch.as_ref().expect("made above");
+            let cache = crate::cuda_edit::DeviceF32 { ptr: buf.data_ptr() as u64, len };
+            let scratch = crate::cuda_edit::DeviceF32 { ptr: scratch.data_ptr() as u64, len: element_count(scratch) };
+            crate::cuda_edit::apply(n, cache, scratch, edit)
+        }
     }
 }
 
@@ -1358,6 +1422,49 @@ mod tests {
         let e =
             BoundRunner::new(&session, &dynamic, &options, &specs, &outputs, vec![], true).err().unwrap().to_string();
         assert!(e.contains("`x: float32 [?, 4]` has no fixed dtype and shape") && e.contains("--cuda-graph"), "{e}");
+    }
+
+    /// Inputs kept in the fixed buffers (--cuda-graph's runner), on the CPU: not copied in by a run, edited in
+    /// place (a run then gives what a plain run of the edited value gives), and not to be given as well.
+    #[test]
+    fn fixed_buffers_keep_inputs() {
+        if !ort_here() {
+            return;
+        }
+        let model = small_bundle("fixed-kept").join("grads.onnx");
+        let options = OrtOptions::default();
+        let mut plain = OrtBackend::open(&model, &options).unwrap();
+        let mut inputs = inputs_for(plain.inputs());
+        let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
+        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], true).unwrap();
+        let spec = specs.iter().find(|s| s.dtype == Some(DType::F32) && s.name != "lr").unwrap().clone();
+        let mut value = inputs.remove(&spec.name).unwrap();
+        let (rows, width) = (value.shape()[0], value.shape()[1..].iter().product::<usize>());
+        assert!(rows >= 2, "`{}` {:?} has rows to reorder", spec.name, value.shape());
+        bound.keep(&spec.name, &value).unwrap();
+        let new: Vec<f32> = (0..width).map(|i| i as f32 * 0.125 - 1.0).collect();
+        let parents: Vec<usize> = (0..rows).map(|r| (r + 1) % rows).collect();
+        let edits = [
+            KeptEdit::WriteSlot { new: &new, capacity: rows, slot: 1, width },
+            KeptEdit::Reorder { parents: &parents, rows, per_row: width },
+        ];
+        for edit in [None, Some(&edits[0]), Some(&edits[1])] {
+            if let Some(edit) = edit {
+                assert!(bound.edit(&session, OrtDevice::Cpu, &spec.name, edit).unwrap());
+                edit.apply(value.as_f32_mut().unwrap()).unwrap();
+            }
+            let mut given = inputs.clone();
+            given.insert(spec.name.clone(), value.clone());
+            let want = plain.run(&given).unwrap();
+            let got = bound.run(&mut session, &inputs).unwrap();
+            for (name, t) in &want {
+                assert_eq!(&got[name], t, "{name} after {edit:?}");
+            }
+        }
+        assert!(!bound.edit(&session, OrtDevice::Cpu, "input_ids", &edits[0]).unwrap(), "not kept");
+        inputs.insert(spec.name.clone(), value);
+        let e = bound.run(&mut session, &inputs).unwrap_err().to_string();
+        assert!(e.contains(&format!("input `{}` is kept in its device buffer", spec.name)), "{e}");
     }
 
     /// The copy-back mode (one binding, fixed addresses: TensorRT with --cuda-graph) trains exactly as the

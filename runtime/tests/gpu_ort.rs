@@ -93,12 +93,9 @@ fn tensorrt_matches_the_cpu() {
 }
 
 /// Greedy (new rows written into the caches on the device each step) and beam search (rows reordered on the
-/// device too) give PEFT's tokens (the references `tests/generate_peft.rs` checks tract and ORT CPU against).
-#[test]
-fn cuda_generation_equals_peft() {
-    if !wanted(OrtDevice::Cuda(0)) {
-        return;
-    }
+/// device too) on `options` give PEFT's tokens (the references `tests/generate_peft.rs` checks tract and ORT CPU
+/// against).
+fn generation_equals_peft(tag: &str, options: OrtOptions) {
     let root = std::env::var_os("PFX_REPO_ROOT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
@@ -111,16 +108,38 @@ fn cuda_generation_equals_peft() {
         (0..n).map(|r| (r * len..(r + 1) * len).filter(|&i| keep(i)).map(|i| v[i]).collect()).collect()
     };
     let prompts = ids(&refs["prompts"], Some(&refs["prompt_mask"]));
-    let dir = fresh_dir("gpu-generate");
+    let dir = fresh_dir(&format!("gpu-generate-{tag}"));
     let b = generation_bundle(&dir.join("bundle"));
     let prefix: BTreeMap<String, HostTensor> =
         b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
-    let options = OrtOptions { device: OrtDevice::Cuda(0), tf32: Some(false), ..Default::default() };
     let mut g = Generator::open(&b, BackendKind::Ort, &options, prefix).unwrap();
     let greedy = GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
     let beam = GenConfig { beams: 3, ..greedy.clone() };
-    let (g_tokens, b_tokens) = (g.greedy(&prompts, &greedy).unwrap(), g.beam_search(&prompts, &beam).unwrap());
-    eprintln!("cuda generation: greedy {g_tokens:?}, beam {b_tokens:?}");
-    assert_eq!(g_tokens, ids(&refs["greedy"], None), "greedy tokens on CUDA differ from PEFT's");
-    assert_eq!(b_tokens, ids(&refs["beam"], None), "beam tokens on CUDA differ from PEFT's");
+    for round in 0..2 {
+        // The second round starts from the first one's caches: each prefill must replace them.
+        let (g_tokens, b_tokens) = (g.greedy(&prompts, &greedy).unwrap(), g.beam_search(&prompts, &beam).unwrap());
+        eprintln!("{tag} generation, round {round}: greedy {g_tokens:?}, beam {b_tokens:?}");
+        assert_eq!(g_tokens, ids(&refs["greedy"], None), "{tag}: greedy tokens differ from PEFT's");
+        assert_eq!(b_tokens, ids(&refs["beam"], None), "{tag}: beam tokens differ from PEFT's");
+    }
+}
+
+#[test]
+fn cuda_generation_equals_peft() {
+    if wanted(OrtDevice::Cuda(0)) {
+        generation_equals_peft(
+            "cuda",
+            OrtOptions { device: OrtDevice::Cuda(0), tf32: Some(false), ..Default::default() },
+        );
+    }
+}
+
+/// The same with the decode graph captured once and replayed: the kept caches are the replay's fixed buffers.
+#[test]
+fn cuda_graph_generation_equals_peft() {
+    if wanted(OrtDevice::Cuda(0)) {
+        let options =
+            OrtOptions { device: OrtDevice::Cuda(0), tf32: Some(false), cuda_graph: true, ..Default::default() };
+        generation_equals_peft("cuda-graph", options);
+    }
 }
