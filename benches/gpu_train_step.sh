@@ -118,7 +118,8 @@ peer_generate() { # HF generate with the PEFT prefix in its cache, same machine,
 }
 
 # The GPU correctness tests (`runtime/tests/gpu_ort.rs`: device state on CUDA, CUDA graphs, TensorRT where its
-# libraries exist, each against ORT CPU) before any timing: a failure there makes the timings moot.
+# libraries exist, each against ORT CPU; generation with the caches kept on the device, with and without CUDA
+# graphs, against PEFT's tokens) before any timing: a failure there makes the timings moot.
 gpu_tests() {
   [ "$DEVICE" != cpu ] && [ -x "$BIN_DIR/gpu_ort" ] || return 0
   echo "== gpu_ort tests ($((SECONDS - START)) s)" | tee -a "$SUMMARY"
