@@ -136,6 +136,22 @@ impl KeptEdit<'_> {
     }
 }
 
+/// The declared input `name` of the model at `model`, checked against `value`, for [`Backend::keep_input`]; an
+/// error naming the model where it has no such input.
+pub(crate) fn spec_to_keep<'a>(
+    specs: &'a [IoSpec],
+    model: &Path,
+    name: &str,
+    value: &HostTensor,
+) -> Result<&'a IoSpec> {
+    let spec = specs
+        .iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("{} has no input `{name}` to keep", model.display()))?;
+    spec.check(value)?;
+    Ok(spec)
+}
+
 /// Something that runs one ONNX graph.
 pub trait Backend: std::fmt::Debug + Send {
     /// Short description, e.g. `tract` or `ort (cpu)`.

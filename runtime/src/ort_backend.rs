@@ -18,7 +18,9 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue, SessionInputs};
 use ort::value::{DynTensor, Tensor, TensorElementType, TensorRef, ValueRef, ValueType};
 
-use crate::backend::{check_pairs, check_state, select_inputs, Backend, IoSpec, KeptEdit, StatePair, StatefulStep};
+use crate::backend::{
+    check_pairs, check_state, select_inputs, spec_to_keep, Backend, IoSpec, KeptEdit, StatePair, StatefulStep,
+};
 use crate::tensor::{DType, HostTensor, TensorData};
 
 /// What to tell a user who has no ONNX Runtime library.
@@ -1141,15 +1143,10 @@ impl Backend for OrtBackend {
     /// Keeps an f32 input in a buffer on the session's device: with --cuda-graph, the fixed buffer the runner
     /// has for it already (no longer copied in each run); otherwise one of its own. Other dtypes are handed back.
     fn keep_input(&mut self, name: &str, value: HostTensor) -> Result<Option<HostTensor>> {
-        let spec = self
-            .inputs
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| anyhow!("{} has no input `{name}` to keep", self.path.display()))?;
+        spec_to_keep(&self.inputs, &self.path, name, &value)?;
         if value.dtype() != DType::F32 {
             return Ok(Some(value));
         }
-        spec.check(&value)?;
         if let Some(bound) = self.bound.as_mut() {
             bound.keep(name, &value)?;
             return Ok(None);

@@ -10,7 +10,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::backend::{select_inputs, Backend, IoSpec, KeptEdit};
+use crate::backend::{select_inputs, spec_to_keep, Backend, IoSpec, KeptEdit};
 use crate::tensor::{DType, HostTensor, TensorData};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -351,12 +351,7 @@ impl Backend for TractBackend {
     }
 
     fn keep_input(&mut self, name: &str, value: HostTensor) -> Result<Option<HostTensor>> {
-        let spec = self
-            .inputs
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| anyhow!("{} has no input `{name}` to keep", self.path.display()))?;
-        spec.check(&value)?;
+        spec_to_keep(&self.inputs, &self.path, name, &value)?;
         self.kept.insert(name.to_string(), (value.dtype(), Arc::new(to_tract(&value)?)));
         Ok(None)
     }
