@@ -103,57 +103,168 @@ pub fn build_prefill(
 }
 
 /// Moves each Slice along a leading axis above the position-wise ops that feed it, one op at a time: a product
-/// with a constant 2-D weight (`MatMul`) and `LayerNormalization` over the last axis compute each position on
-/// its own, so slicing their input gives the same values. The prefill keeps only the last position's logits:
-/// its LM head (hidden × vocabulary, about a third of GPT-2 small's prefill work for a 32-token prompt) and
-/// final layer norm then run on that position alone. Returns how many ops the slices moved above. Runs on a
-/// specialized graph (static shapes).
+/// with a constant 2-D weight (`MatMul`, or `Gemm` between the two `Reshape`s that flatten the leading axes
+/// into rows and back) and `LayerNormalization` over the last axis compute each position on its own, so
+/// slicing their input gives the same values. The prefill keeps only the last position's logits: its LM head
+/// (hidden × vocabulary, about a third of GPT-2 small's prefill work for a 32-token prompt) and final layer
+/// norm then run on that position alone. Returns how many ops the slices moved above. Runs on a specialized
+/// graph (static shapes).
 pub(super) fn slice_before_position_wise(g: &mut Graph) -> Result<usize> {
     let mut moved = 0;
     loop {
         let (producers, consumers) = (g.producers(), g.consumers());
+        let only_reader = |v: &str| !g.is_output(v) && consumers.get(v).map_or(0, Vec::len) == 1;
         let found = g.nodes.iter().enumerate().find_map(|(i, slice)| {
-            if slice.op != "Slice" || slice.inputs.len() < 4 || slice.inputs.len() > 5 {
+            let axis = leading_axis_slice(g, slice)?;
+            let &p = producers.get(&slice.inputs[0])?;
+            if !only_reader(&slice.inputs[0]) {
                 return None;
             }
-            let y = &slice.inputs[0];
-            let rank = g.shape_of(y)?.len() as i64;
-            let axes = g.initializers.get(&slice.inputs[3])?.as_i64s()?;
-            let steps_one = slice.inputs.get(4).is_none_or(|s| {
-                g.initializers.get(s).and_then(|t| t.as_i64s()).is_some_and(|v| v.iter().all(|&x| x == 1))
-            });
-            let axis = match axes[..] {
-                [a] if (-rank..rank).contains(&a) => a.rem_euclid(rank),
-                _ => return None,
-            };
-            let &p = producers.get(y)?;
             let op = &g.nodes[p];
-            if !steps_one || g.is_output(y) || consumers.get(y).map_or(0, Vec::len) != 1 || op.outputs.len() != 1 {
-                return None;
+            let rank = g.shape_of(&slice.inputs[0])?.len();
+            let same_rank = || op.inputs.first().and_then(|x| g.shape_of(x)).is_some_and(|s| s.len() == rank);
+            let position_wise = op.outputs.len() == 1
+                && match op.op.as_str() {
+                    "MatMul" => {
+                        constant(g, &producers, &op.inputs[1])
+                            && g.shape_of(&op.inputs[1]).is_some_and(|w| w.len() == 2)
+                    }
+                    "LayerNormalization" => op.int("axis").unwrap_or(-1).rem_euclid(rank as i64) == rank as i64 - 1,
+                    _ => false,
+                };
+            if position_wise && same_rank() {
+                return Some(Lift::Op { slice: i, op: p });
             }
-            let x_rank = g.shape_of(op.inputs.first()?)?.len() as i64;
-            let position_wise = match op.op.as_str() {
-                "MatMul" => g.initializers.get(&op.inputs[1]).is_some_and(|w| w.shape.len() == 2),
-                "LayerNormalization" => op.int("axis").unwrap_or(-1).rem_euclid(rank) == rank - 1,
-                _ => false,
-            };
-            (position_wise && x_rank == rank && axis < rank - 1).then_some((i, p))
+            rows_product(g, &producers, &only_reader, p, axis).map(|(gemm, flatten)| Lift::RowsProduct {
+                slice: i,
+                gemm,
+                flatten,
+            })
         });
-        let Some((i, p)) = found else { break };
-        // x → op → y → slice → out   becomes   x → slice → kept → op → out
-        let x = g.nodes[p].inputs[0].clone();
-        let (y, out) = (g.nodes[p].outputs[0].clone(), g.nodes[i].outputs[0].clone());
-        let kept = g.fresh(&format!("{x}.kept"));
-        g.nodes[i].inputs[0] = x;
-        g.nodes[i].outputs[0] = kept.clone();
-        g.nodes[p].inputs[0] = kept;
-        g.nodes[p].outputs[0] = out.clone();
-        g.types.remove(&y);
-        g.types.remove(&out);
+        match found {
+            None => break,
+            Some(Lift::Op { slice, op }) => {
+                // x → op → y → slice → out   becomes   x → slice → kept → op → out
+                let x = g.nodes[op].inputs[0].clone();
+                let (y, out) = (g.nodes[op].outputs[0].clone(), g.nodes[slice].outputs[0].clone());
+                let kept = g.fresh(&format!("{x}.kept"));
+                g.nodes[slice].inputs[0] = x;
+                g.nodes[slice].outputs[0] = kept.clone();
+                g.nodes[op].inputs[0] = kept;
+                g.nodes[op].outputs[0] = out.clone();
+                g.types.remove(&y);
+                g.types.remove(&out);
+                moved += 1;
+            }
+            Some(Lift::RowsProduct { slice, gemm, flatten }) => {
+                // x [d.., K] → Reshape [M, K] → Gemm → [M, N] → Reshape [d.., N] → slice → out   becomes
+                // x → slice → kept [d'.., K] → Reshape [M', K] → Gemm → [M', N] → Reshape [d'.., N] → out
+                let x = g.nodes[flatten].inputs[0].clone();
+                let out = g.nodes[slice].outputs[0].clone();
+                let (x_shape, out_shape) = (g.shape_of(&x).expect("checked"), g.shape_of(&out).expect("checked"));
+                let rows: usize = out_shape[..out_shape.len() - 1].iter().product();
+                let k = *x_shape.last().expect("checked");
+                let kept = g.fresh(&format!("{x}.kept"));
+                let mut cut = g.nodes[slice].clone();
+                cut.inputs[0] = x;
+                cut.outputs[0] = kept.clone();
+                let flat_shape = g.add_const(&format!("{kept}.rows"), Tensor::vec_i64(&[rows as i64, k as i64]));
+                let flat = g.op1("Reshape", &[&kept, &flat_shape], vec![], &format!("{kept}.flat"));
+                let mut product = g.nodes[gemm].clone();
+                product.name = g.fresh(&format!("{}.kept", product.name));
+                product.inputs[0] = flat;
+                product.outputs[0] = g.fresh(&format!("{}.kept", product.outputs[0]));
+                let dims: Vec<i64> = out_shape.iter().map(|&d| d as i64).collect();
+                let back_shape = g.add_const(&format!("{out}.shape"), Tensor::vec_i64(&dims));
+                let back = Node::new(
+                    g.fresh(&format!("{out}.unflatten")),
+                    "Reshape",
+                    vec![product.outputs[0].clone(), back_shape],
+                    vec![out.clone()],
+                );
+                g.nodes[slice] = cut;
+                g.nodes.push(product);
+                g.nodes.push(back);
+                g.types.remove(&out);
+                moved += 1;
+            }
+        }
         g.toposort()?;
-        moved += 1;
+        g.dce();
     }
     Ok(moved)
+}
+
+/// Whether `v` is a weight: a constant, or computed from constants only (e.g. a tied embedding transposed).
+fn constant(g: &Graph, producers: &std::collections::HashMap<String, usize>, v: &str) -> bool {
+    if g.initializers.contains_key(v) {
+        return true;
+    }
+    let Some(&p) = producers.get(v) else { return false };
+    let node = &g.nodes[p];
+    // Shallow on purpose: weight preparation is one or two ops deep.
+    node.inputs.iter().all(|i| i.is_empty() || g.initializers.contains_key(i))
+        && node.op != "RandomNormal"
+        && node.op != "RandomUniform"
+}
+
+/// A slice [`slice_before_position_wise`] can lift, and what it lifts it above.
+enum Lift {
+    /// One position-wise op.
+    Op { slice: usize, op: usize },
+    /// `Reshape` to rows, `Gemm`, `Reshape` back.
+    RowsProduct { slice: usize, gemm: usize, flatten: usize },
+}
+
+/// The axis of a Slice that cuts one axis other than the last, with steps of 1.
+fn leading_axis_slice(g: &Graph, slice: &Node) -> Option<usize> {
+    if slice.op != "Slice" || !(4..=5).contains(&slice.inputs.len()) {
+        return None;
+    }
+    let rank = g.shape_of(&slice.inputs[0])?.len() as i64;
+    let axes = g.initializers.get(&slice.inputs[3])?.as_i64s()?;
+    let steps_one = slice
+        .inputs
+        .get(4)
+        .is_none_or(|s| g.initializers.get(s).and_then(|t| t.as_i64s()).is_some_and(|v| v.iter().all(|&x| x == 1)));
+    match axes[..] {
+        [a] if steps_one && (-rank..rank - 1).contains(&a) && a != -1 => Some(a.rem_euclid(rank) as usize),
+        _ => None,
+    }
+}
+
+/// Where node `unflatten` is `Reshape(Gemm(Reshape(x [d.., K], [M, K]), W, C), [d.., N])` with W (and C) constant,
+/// no transposed x, and every intermediate read once: (the Gemm, the first Reshape).
+fn rows_product(
+    g: &Graph,
+    producers: &std::collections::HashMap<String, usize>,
+    only_reader: &dyn Fn(&str) -> bool,
+    unflatten: usize,
+    axis: usize,
+) -> Option<(usize, usize)> {
+    let back = &g.nodes[unflatten];
+    if back.op != "Reshape" || !only_reader(&back.inputs[0]) {
+        return None;
+    }
+    let &gemm = producers.get(&back.inputs[0])?;
+    let product = &g.nodes[gemm];
+    let weight = |i: usize| product.inputs.get(i).is_none_or(|v| v.is_empty() || constant(g, producers, v));
+    let has_weight = product.inputs.len() >= 2 && !product.inputs[1].is_empty();
+    if product.op != "Gemm" || product.int("transA").unwrap_or(0) != 0 || !has_weight || !weight(1) || !weight(2) {
+        return None;
+    }
+    if !only_reader(&product.inputs[0]) {
+        return None;
+    }
+    let &flatten = producers.get(&product.inputs[0])?;
+    if g.nodes[flatten].op != "Reshape" {
+        return None;
+    }
+    let (x, y) = (g.shape_of(&g.nodes[flatten].inputs[0])?, g.shape_of(&back.outputs[0])?);
+    let leading_equal = x.len() == y.len() && x[..x.len() - 1] == y[..y.len() - 1] && axis < x.len() - 1;
+    let rows: usize = x[..x.len() - 1].iter().product();
+    let flat_ok = g.shape_of(&product.inputs[0])? == [rows, *x.last()?];
+    (leading_equal && flat_ok).then_some((gemm, flatten))
 }
 
 /// The one-token decode graph over a cache of capacity C.
@@ -323,6 +434,57 @@ mod tests {
         simplify(&mut g).unwrap();
         let slice = g.nodes.iter().find(|n| n.op == "Slice").unwrap();
         (n, slice.inputs[0].clone())
+    }
+
+    /// The value `name` of `g` with input x.
+    fn evaluate(g: &Graph, x: &Tensor, name: &str) -> Tensor {
+        let mut values: BTreeMap<String, Tensor> = g.initializers.clone();
+        values.insert("x".into(), x.clone());
+        for node in &g.nodes {
+            let inputs: Vec<Option<&Tensor>> = node.inputs.iter().map(|i| values.get(i)).collect();
+            let outs = crate::eval::eval_node(node, &inputs).unwrap().unwrap();
+            for (o, t) in node.outputs.iter().zip(outs) {
+                values.insert(o.clone(), t);
+            }
+        }
+        values.remove(name).unwrap()
+    }
+
+    /// x [2, 3, 4] → Reshape [6, 4] → Gemm(w, c) [6, 5] → Reshape [2, 3, 5] → Slice(axis 1, 2..3).
+    #[test]
+    fn slices_move_above_a_product_of_flattened_rows() {
+        let mut g = Graph::default();
+        g.inputs.push(ValueInfo { name: "x".into(), ty: ValueType::known(DType::F32, &[2, 3, 4]) });
+        let rows = g.add_const("rows", Tensor::vec_i64(&[6, 4]));
+        let back = g.add_const("back", Tensor::vec_i64(&[2, 3, 5]));
+        let (w, c) = (
+            g.add_const("w", Tensor::f32(vec![4, 5], (0..20).map(|i| i as f32 * 0.1 - 1.0).collect())),
+            g.add_const("c", Tensor::f32(vec![5], vec![1.0; 5])),
+        );
+        let x2 = g.op1("Reshape", &["x", &rows], vec![], "x2");
+        let y2 = g.op1("Gemm", &[&x2, &w, &c], vec![], "y2");
+        let y = g.op1("Reshape", &[&y2, &back], vec![], "y");
+        let (start, end, axes) = (
+            g.add_const("s", Tensor::vec_i64(&[2])),
+            g.add_const("e", Tensor::vec_i64(&[3])),
+            g.add_const("a", Tensor::vec_i64(&[1])),
+        );
+        let out = g.op1("Slice", &[&y, &start, &end, &axes], vec![], "out");
+        g.outputs.push(ValueInfo { name: out.clone(), ty: ValueType::known(DType::F32, &[]) });
+        simplify(&mut g).unwrap();
+        let before = g.clone();
+        assert_eq!(slice_before_position_wise(&mut g).unwrap(), 1);
+        simplify(&mut g).unwrap();
+        let x = Tensor::f32(vec![2, 3, 4], (0..24).map(|i| (i as f32 * 0.37).sin()).collect());
+        assert_eq!(evaluate(&g, &x, &out), evaluate(&before, &x, &out), "same values");
+        let ops: Vec<(&str, Vec<usize>)> =
+            g.nodes.iter().map(|n| (n.op.as_str(), g.shape_of(&n.outputs[0]).unwrap())).collect();
+        assert_eq!(
+            ops,
+            [("Slice", vec![2, 1, 4]), ("Reshape", vec![2, 4]), ("Gemm", vec![2, 5]), ("Reshape", vec![2, 1, 5])]
+        );
+        assert_eq!(g.nodes[0].inputs[0], "x");
+        assert_eq!(g.nodes[3].outputs[0], out);
     }
 
     #[test]
