@@ -107,8 +107,9 @@ pub fn build_prefill(
 /// into rows and back) and `LayerNormalization` over the last axis compute each position on its own, so
 /// slicing their input gives the same values. The prefill keeps only the last position's logits: its LM head
 /// (hidden × vocabulary, about a third of GPT-2 small's prefill work for a 32-token prompt) and final layer
-/// norm then run on that position alone. Returns how many ops the slices moved above. Runs on a specialized
-/// graph (static shapes).
+/// norm then run on that position alone. ONNX Runtime had run them on every position (B=8 prefill: 351 → 262 ms
+/// of kernel time); tract's optimizer moved the slice itself. Returns how many ops the slices moved above. Runs
+/// on a specialized graph (static shapes).
 pub(super) fn slice_before_position_wise(g: &mut Graph) -> Result<usize> {
     let mut moved = 0;
     loop {
