@@ -696,7 +696,7 @@ pub struct OrtBackend {
 struct KeptInputs {
     binding: IoBinding,
     values: BTreeMap<String, DynTensor>,
-    /// On a GPU, a beam reorder's snapshot of one cache: as long as the longest kept input.
+    /// On a GPU, a beam reorder's snapshot of one cache (`edit_buffer` grows it as needed).
     scratch: Option<DynTensor>,
 }
 
