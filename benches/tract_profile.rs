@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<()> {
     }
     if node_faults {
         let mut f: Vec<_> = faults_by_node.into_iter().filter(|(_, c)| *c > 0).collect();
-        f.sort_by(|a, b| b.1.cmp(&a.1));
+        f.sort_by_key(|e| std::cmp::Reverse(e.1));
         println!("page faults by node (per step):");
         for (name, c) in f.iter().take(15) {
             println!("  {:>8}  {name}", c / steps as u64);

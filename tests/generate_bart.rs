@@ -119,7 +119,11 @@ fn greedy_equals_the_references() {
                 assert_eq!(g.greedy(&sources, &bare).unwrap(), rows(&r["gen.bare_greedy"], None), "{what}: bare model");
                 // Each source alone gives what it gives in the padded batch.
                 for (i, s) in sources.iter().enumerate() {
-                    assert_eq!(g.greedy(&[s.clone()], &cfg).unwrap()[0], greedy[i], "{what}: source {i} alone");
+                    assert_eq!(
+                        g.greedy(std::slice::from_ref(s), &cfg).unwrap()[0],
+                        greedy[i],
+                        "{what}: source {i} alone"
+                    );
                 }
                 println!("{what}: greedy {greedy:?}");
             }

@@ -69,7 +69,11 @@ fn greedy_and_beam_equal_peft() {
                 assert_eq!(g.greedy(&prompts, &bare).unwrap(), rows(&r["greedy_noprefix"], None), "{what}: bare model");
                 // Each prompt alone gives what it gives in the left-padded batch.
                 for (i, p) in prompts.iter().enumerate() {
-                    assert_eq!(g.greedy(&[p.clone()], &cfg).unwrap()[0], greedy[i], "{what}: prompt {i} alone");
+                    assert_eq!(
+                        g.greedy(std::slice::from_ref(p), &cfg).unwrap()[0],
+                        greedy[i],
+                        "{what}: prompt {i} alone"
+                    );
                 }
                 let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
                 let beam = g.beam_search(&prompts, &beam_cfg).unwrap();

@@ -182,6 +182,9 @@ pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
     }
 }
 
+/// A generator's search over prompts with a config: GPT-2 and BART behind one type.
+type SearchFn = dyn FnMut(&[Vec<i64>], &GenConfig) -> Result<Vec<Vec<i64>>>;
+
 pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let bundle = Bundle::open(&args.bundle)?;
     let m = bundle.manifest.clone();
@@ -203,7 +206,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             args.bundle.display()
         )
     };
-    let mut model: Box<dyn FnMut(&[Vec<i64>], &GenConfig) -> Result<Vec<Vec<i64>>>>;
+    let mut model: Box<SearchFn>;
     let (rows, prompts) = if let Some(b) = bart_spec(&bundle)? {
         let spec = b.generation.clone().ok_or_else(no_generation)?;
         let fmt = SourceTarget::new(&tok, b.pad_token_id)?;

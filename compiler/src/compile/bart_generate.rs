@@ -195,7 +195,8 @@ pub fn build_encode(
     }
     // The decoder self-attention prefix, which seeds the self cache.
     if with_prefix {
-        let (kv, pick): (Vec<(String, String)>, Box<dyn Fn(usize) -> usize>) = match mode {
+        type LayerPick = Box<dyn Fn(usize) -> usize>;
+        let (kv, pick): (Vec<(String, String)>, LayerPick) = match mode {
             BartPrefix::Paper => {
                 let sh = sizes.shape(d.decoder_layers, d.decoder_heads);
                 trainable_names.extend(sh.trainables("dec.").into_iter().map(|t| t.0));

@@ -311,8 +311,7 @@ pub fn inject_one(g: &mut Graph, softmax: &str, kv: &(String, String), p: usize)
     let kop = g.nodes[qk].inputs[1].clone();
     let mut core = kop.clone();
     let mut scalings: Vec<(String, String)> = Vec::new(); // (op, constant)
-    loop {
-        let Some(&i) = prod.get(&core) else { break };
+    while let Some(&i) = prod.get(&core) {
         let n = &g.nodes[i];
         if !matches!(n.op.as_str(), "Mul" | "Div") {
             break;
