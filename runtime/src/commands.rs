@@ -12,6 +12,7 @@ use crate::bundle::Bundle;
 use crate::data::{read_examples, Encoded, Overlong, TableToText};
 use crate::generate::{GenConfig, Generator};
 use crate::ort_backend::OrtOptions;
+use crate::partial_output::PartialOutput;
 use crate::seq2seq::Seq2SeqGenerator;
 use crate::seq2seq_data::SourceTarget;
 use crate::tensor::HostTensor;
@@ -162,7 +163,10 @@ pub struct GenerateArgs {
     pub input: Option<String>,
     pub inputs: Option<PathBuf>,
     pub cfg: GenConfig,
+    /// Written as batches finish, through `OUTPUT.partial` (`crate::partial_output`).
     pub output: Option<PathBuf>,
+    /// Continue the `OUTPUT.partial` an interrupted run left.
+    pub resume: bool,
     /// Write the references of each distinct source (blank-line separated groups), for `pfxrun score`.
     pub refs_out: Option<PathBuf>,
 }
@@ -180,6 +184,23 @@ pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
         let n = srcs.len();
         Ok((srcs, vec![Vec::new(); n]))
     }
+}
+
+/// What a generation run makes, for `--resume` to tell its own partial output from another run's: the sources,
+/// the search settings, the bundle and the prefix file (by path, size and modification time).
+fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig) -> String {
+    use std::hash::{Hash, Hasher};
+    let file = |p: &Path| {
+        let meta = std::fs::metadata(p).ok();
+        let stamp = meta.as_ref().and_then(|m| m.modified().ok());
+        (std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()), meta.map(|m| m.len()), stamp)
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sources.hash(&mut h);
+    format!("{cfg:?}").hash(&mut h);
+    file(&args.bundle.join("manifest.json")).hash(&mut h);
+    args.prefix.as_deref().map(file).hash(&mut h);
+    format!("sources {} | {:016x}", sources.len(), h.finish())
 }
 
 /// A generator's search over prompts with a config: GPT-2 and BART behind one type.
@@ -253,27 +274,53 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)
     };
+    if args.resume && args.output.is_none() {
+        bail!("--resume continues an --output file: give --output");
+    }
+    let key = work_key(&args, &sources, &cfg);
+    let mut partial = match &args.output {
+        Some(p) => Some(PartialOutput::open(p, &key, args.resume, prompts.len())?),
+        None => None,
+    };
+    let done = partial.as_ref().map_or(0, |p| p.lines().len());
+    if done > 0 {
+        eprintln!("resuming after {done} of {} generations", prompts.len());
+    }
     let started = std::time::Instant::now();
-    let mut out_tokens = Vec::new();
+    let mut texts: Vec<String> = partial.as_ref().map(|p| p.lines().to_vec()).unwrap_or_default();
     let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
-    for (i, c) in prompts.chunks(chunk).enumerate() {
-        let toks = model(c, &cfg)?;
-        out_tokens.extend(toks);
+    for c in prompts[done..].chunks(chunk) {
+        let toks = model(c, &cfg).with_context(|| match &partial {
+            Some(p) => format!(
+                "after {} of {} generations, which are in {} (rerun with --resume to continue)",
+                texts.len(),
+                prompts.len(),
+                p.partial_path().display()
+            ),
+            None => format!("after {} of {} generations", texts.len(), prompts.len()),
+        })?;
+        // One line per generation, whatever the model generated.
+        let new = toks
+            .iter()
+            .map(|t| {
+                let ids: Vec<u32> = t.iter().map(|&x| x as u32).collect();
+                Ok(tok.decode(&ids)?.trim().replace(['\n', '\r'], " "))
+            })
+            .collect::<Result<Vec<String>>>()?;
+        if let Some(p) = partial.as_mut() {
+            p.push(&new)?;
+        }
+        texts.extend(new);
         if prompts.len() > chunk {
-            eprint!("\rgenerated {}/{}", ((i + 1) * chunk).min(prompts.len()), prompts.len());
+            eprint!("\rgenerated {}/{}", texts.len(), prompts.len());
         }
     }
     if prompts.len() > chunk {
         eprintln!(" in {:.1}s", started.elapsed().as_secs_f64());
     }
-    let mut texts = Vec::new();
-    for t in &out_tokens {
-        let ids: Vec<u32> = t.iter().map(|&x| x as u32).collect();
-        texts.push(tok.decode(&ids)?.trim().to_string());
-    }
-    match &args.output {
+    match partial {
         Some(p) => {
-            std::fs::write(p, texts.join("\n") + "\n").with_context(|| format!("cannot write {}", p.display()))?
+            p.finish()?;
         }
         None => {
             for (s, t) in sources.iter().zip(&texts) {

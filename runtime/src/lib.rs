@@ -17,6 +17,7 @@ pub mod data;
 pub mod devices;
 pub mod generate;
 pub mod ort_backend;
+pub mod partial_output;
 pub mod peft;
 pub mod score;
 pub mod search;

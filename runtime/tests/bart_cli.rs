@@ -30,6 +30,14 @@ fn ok(args: &[&str]) -> String {
     format!("{out}{err}")
 }
 
+fn fails(args: &[&str]) -> String {
+    let o = pfxrun(args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "pfxrun {args:?} succeeded");
+    assert!(!err.contains("panicked"), "pfxrun {args:?} panicked: {err}");
+    err
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -111,6 +119,24 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     let lines = std::fs::read_to_string(&hyp).unwrap();
     assert_eq!(lines.lines().count(), 2, "one line per distinct source: {lines}");
     assert!(lines.lines().all(|l| !l.trim().is_empty()), "{lines}");
+    // An interrupted run leaves its lines in OUTPUT.partial, and --resume finishes them. A directory in the
+    // output's place makes the final rename fail, after every line went to again.txt.partial.
+    let again = dir.join("again.txt");
+    std::fs::create_dir_all(&again).unwrap();
+    let args = ["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&again)];
+    let e = fails(&args);
+    assert!(e.contains("cannot move"), "{e}");
+    std::fs::remove_dir(&again).unwrap();
+    let partial = dir.join("again.txt.partial");
+    assert_eq!(std::fs::read_to_string(&partial).unwrap(), lines);
+    // As if it had stopped after the first source.
+    std::fs::write(&partial, lines.lines().next().unwrap().to_string() + "\n").unwrap();
+    let e = fails(&[&args[..], &["--resume", "--beams", "3"]].concat());
+    assert!(e.contains("other inputs or settings"), "{e}");
+    let log = ok(&[&args[..], &["--resume"]].concat());
+    assert!(log.contains("resuming after 1 of 2 generations"), "{log}");
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), lines, "the resumed run's output");
+    assert!(!partial.exists());
     for extra in [&["--beams", "3"][..], &["--no-prefix"][..]] {
         let out = dir.join("extra.txt");
         let mut args = vec!["generate", p(&bundle), "--inputs", p(&data), "--output", p(&out)];

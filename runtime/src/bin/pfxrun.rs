@@ -120,9 +120,12 @@ enum Command {
         no_prefix: bool,
         #[arg(long)]
         max_new: Option<usize>,
-        /// Write the generations here, one per line.
+        /// Write the generations here, one per line (through OUTPUT.partial as batches finish).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Continue the OUTPUT.partial an interrupted run left (same sources and settings).
+        #[arg(long, requires = "output")]
+        resume: bool,
         /// Write the references of each source here (for `pfxrun score`).
         #[arg(long)]
         refs_out: Option<PathBuf>,
@@ -309,6 +312,7 @@ fn run(cli: Cli) -> Result<()> {
             no_prefix,
             max_new,
             output,
+            resume,
             refs_out,
             tokenizer,
             engine,
@@ -323,7 +327,8 @@ fn run(cli: Cli) -> Result<()> {
                 no_prefix,
                 ..GenConfig::default()
             };
-            let args = commands::GenerateArgs { bundle, prefix, tokenizer, input, inputs, cfg, output, refs_out };
+            let args =
+                commands::GenerateArgs { bundle, prefix, tokenizer, input, inputs, cfg, output, resume, refs_out };
             commands::generate(args, &engine)?;
             Ok(())
         }

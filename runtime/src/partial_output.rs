@@ -1,0 +1,159 @@
+//! Generations written as they are made, so that a crash or Ctrl-C loses at most the batch in flight.
+//!
+//! `pfxrun generate --output OUT` appends each finished batch's lines to `OUT.partial` (flushed), and renames it to
+//! `OUT` once every source is done. `OUT.partial.key` holds a fingerprint of what is being generated (sources,
+//! settings, bundle, prefix); `--resume` continues an `OUT.partial` whose fingerprint matches and refuses one
+//! written for other inputs or settings.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// An output file being written line by line through its `.partial` twin.
+pub struct PartialOutput {
+    out: PathBuf,
+    partial: PathBuf,
+    key_file: PathBuf,
+    file: File,
+    /// The lines already in the file (from an earlier run, when resumed, and from this one).
+    lines: Vec<String>,
+}
+
+impl PartialOutput {
+    /// Opens `out`'s partial file for `total` lines of work identified by `key`. With `resume`, the lines of a
+    /// matching earlier partial file count as done; without it, any partial file is started over.
+    pub fn open(out: &Path, key: &str, resume: bool, total: usize) -> Result<PartialOutput> {
+        let partial = with_suffix(out, ".partial");
+        let key_file = with_suffix(out, ".partial.key");
+        let mut lines = Vec::new();
+        if resume && partial.exists() {
+            let old_key = std::fs::read_to_string(&key_file).unwrap_or_default();
+            if old_key.trim() != key {
+                bail!(
+                    "{} was written for other inputs or settings (or its {} is missing): delete it, or run without \
+                     --resume to start over",
+                    partial.display(),
+                    key_file.display()
+                );
+            }
+            let text =
+                std::fs::read_to_string(&partial).with_context(|| format!("cannot read {}", partial.display()))?;
+            lines = text.lines().map(String::from).collect();
+            if lines.len() > total || (!text.is_empty() && !text.ends_with('\n')) {
+                bail!(
+                    "{} has {} line(s){} for {total} source(s): it is not this run's; delete it to start over",
+                    partial.display(),
+                    lines.len(),
+                    if text.ends_with('\n') || text.is_empty() { "" } else { " and an unfinished last line" }
+                );
+            }
+        }
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::write(&key_file, format!("{key}\n"))
+            .with_context(|| format!("cannot write {}", key_file.display()))?;
+        let file =
+            if lines.is_empty() { File::create(&partial) } else { OpenOptions::new().append(true).open(&partial) }
+                .with_context(|| format!("cannot write {}", partial.display()))?;
+        Ok(PartialOutput { out: out.to_path_buf(), partial, key_file, file, lines })
+    }
+
+    /// Lines already written (by an earlier run when resumed, and by this one).
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+
+    /// The partial file, for messages.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Appends lines (each must be a single line) and flushes them to disk.
+    pub fn push(&mut self, new: &[String]) -> Result<()> {
+        let mut text = String::new();
+        for line in new {
+            debug_assert!(!line.contains('\n'), "one line per generation");
+            text.push_str(line);
+            text.push('\n');
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .with_context(|| format!("cannot write {}", self.partial.display()))?;
+        self.lines.extend_from_slice(new);
+        Ok(())
+    }
+
+    /// Every line is in: the partial file becomes the output, and its key goes.
+    pub fn finish(self) -> Result<Vec<String>> {
+        drop(self.file);
+        std::fs::rename(&self.partial, &self.out)
+            .with_context(|| format!("cannot move {} to {}", self.partial.display(), self.out.display()))?;
+        let _ = std::fs::remove_file(&self.key_file);
+        Ok(self.lines)
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pfx-partial-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A run that stops after two lines leaves them in OUT.partial; a resumed run with the same key starts from
+    /// the third and ends with every line in OUT.
+    #[test]
+    fn a_resumed_run_continues_where_the_last_one_stopped() {
+        let d = dir("resume");
+        let out = d.join("hyp.txt");
+        let mut first = PartialOutput::open(&out, "k1", false, 3).unwrap();
+        first.push(&strings(&["one", "two"])).unwrap();
+        drop(first); // the crash
+        assert!(!out.exists());
+        assert_eq!(std::fs::read_to_string(d.join("hyp.txt.partial")).unwrap(), "one\ntwo\n");
+        let mut again = PartialOutput::open(&out, "k1", true, 3).unwrap();
+        assert_eq!(again.lines(), ["one", "two"]);
+        again.push(&strings(&["three"])).unwrap();
+        assert_eq!(again.finish().unwrap(), ["one", "two", "three"]);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\ntwo\nthree\n");
+        assert!(!d.join("hyp.txt.partial").exists() && !d.join("hyp.txt.partial.key").exists());
+    }
+
+    #[test]
+    fn a_partial_file_of_other_work_is_refused() {
+        let d = dir("refuse");
+        let out = d.join("hyp.txt");
+        let mut first = PartialOutput::open(&out, "k1", false, 2).unwrap();
+        first.push(&strings(&["one", "two"])).unwrap();
+        drop(first);
+        let e = PartialOutput::open(&out, "k2", true, 2).err().unwrap().to_string();
+        assert!(e.contains("other inputs or settings"), "{e}");
+        let e = PartialOutput::open(&out, "k1", true, 1).err().unwrap().to_string();
+        assert!(e.contains("has 2 line(s) for 1 source(s)"), "{e}");
+        std::fs::write(d.join("hyp.txt.partial"), "one\ntw").unwrap();
+        let e = PartialOutput::open(&out, "k1", true, 2).err().unwrap().to_string();
+        assert!(e.contains("unfinished last line"), "{e}");
+        // Without --resume the partial file is started over.
+        let fresh = PartialOutput::open(&out, "k2", false, 2).unwrap();
+        assert!(fresh.lines().is_empty());
+        assert_eq!(std::fs::read_to_string(d.join("hyp.txt.partial")).unwrap(), "");
+    }
+}
