@@ -106,3 +106,39 @@ fn make_current(ordinal: u32) -> Result<(), cu::DriverError> {
     // SAFETY: a context retained above.
     unsafe { cu::ctx::set_current(ctx) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nowhere(len: usize) -> DeviceF32 {
+        DeviceF32 { ptr: 0, len }
+    }
+
+    /// An edit outside the cache is refused before any copy (whether or not a GPU is there).
+    #[test]
+    fn edits_outside_the_cache_are_refused_first() {
+        let new = [1.0f32; 8];
+        let write = KeptEdit::WriteSlot { new: &new, capacity: 4, slot: 4, width: 2 };
+        let e = apply(0, nowhere(64), nowhere(64), &write).unwrap_err().to_string();
+        assert!(e.contains("slot 4"), "{e}");
+        let reorder = KeptEdit::Reorder { parents: &[0, 3], rows: 2, per_row: 8 };
+        let e = apply(0, nowhere(64), nowhere(64), &reorder).unwrap_err().to_string();
+        assert!(e.contains("cannot reorder"), "{e}");
+    }
+
+    /// Without a CUDA driver an edit is an error that says so, not a panic.
+    #[test]
+    fn no_driver_is_an_error() {
+        // SAFETY: only tries to open the library by its usual names.
+        let present = crate::devices::without_panics(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
+        if present {
+            eprintln!("a CUDA driver is here: this checks the machines without one");
+            return;
+        }
+        let new = [1.0f32; 8];
+        let write = KeptEdit::WriteSlot { new: &new, capacity: 4, slot: 1, width: 2 };
+        let e = apply(0, nowhere(64), nowhere(64), &write).unwrap_err().to_string();
+        assert!(e.contains("CUDA driver library could not be loaded") || e.contains("CUDA failed"), "{e}");
+    }
+}
