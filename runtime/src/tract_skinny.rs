@@ -64,7 +64,11 @@ impl Kernel {
         let forced = match std::env::var("PFX_TRACT_SKINNY").as_deref() {
             Ok("avx512") => Some(Kernel::Avx512),
             Ok("avx2") => Some(Kernel::Avx2),
-            _ => None,
+            Ok("" | "tract") | Err(_) => None,
+            Ok(other) => {
+                eprintln!("warning: PFX_TRACT_SKINNY={other} is none of tract, avx512, avx2; ignored");
+                None
+            }
         };
         match forced {
             Some(k) if k.runs_here() => Some(k),
@@ -81,7 +85,7 @@ impl Kernel {
     }
 }
 
-/// `y[r, n] = Σ_k x[r, k] · W[k, n]` for R ≤ 8 rows, W packed into 32-column panels.
+/// `y[r, n] = Σ_k x[r, k] · W[k, n]` for R ≤ 8 rows, W packed into the kernel's panels.
 #[derive(Debug, Clone)]
 pub struct SkinnyProduct {
     kernel: Kernel,
