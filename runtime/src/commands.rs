@@ -278,16 +278,19 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         bail!("--resume continues an --output file: give --output");
     }
     let key = work_key(&args, &sources, &cfg);
-    let mut partial = match &args.output {
-        Some(p) => Some(PartialOutput::open(p, &key, args.resume, prompts.len())?),
-        None => None,
+    // The generations so far: those an interrupted run left, when resumed.
+    let (mut partial, mut texts) = match &args.output {
+        Some(p) => {
+            let (partial, done) = PartialOutput::open(p, &key, args.resume, prompts.len())?;
+            (Some(partial), done)
+        }
+        None => (None, Vec::new()),
     };
-    let done = partial.as_ref().map_or(0, |p| p.lines().len());
+    let done = texts.len();
     if done > 0 {
         eprintln!("resuming after {done} of {} generations", prompts.len());
     }
     let started = std::time::Instant::now();
-    let mut texts: Vec<String> = partial.as_ref().map(|p| p.lines().to_vec()).unwrap_or_default();
     let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
     for c in prompts[done..].chunks(chunk) {
         let toks = model(c, &cfg).with_context(|| match &partial {

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{result as cu, sys};
 
 use crate::backend::KeptEdit;
@@ -25,10 +25,19 @@ pub(crate) struct DeviceF32 {
     pub len: usize,
 }
 
-/// Applies `edit` to `cache` on CUDA device `ordinal`; `scratch` (at least as long as the cache) holds the
-/// snapshot a reorder copies from.
-pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: DeviceF32, edit: &KeptEdit) -> Result<()> {
+/// Applies `edit` to `cache` on CUDA device `ordinal`. A reorder needs `scratch` (at least as long as the cache)
+/// for the snapshot it copies rows from; writing a slot needs none.
+pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: Option<DeviceF32>, edit: &KeptEdit) -> Result<()> {
     edit.check(cache.len)?;
+    let scratch = match (edit, scratch) {
+        (KeptEdit::WriteSlot { .. }, _) => DeviceF32 { ptr: 0, len: 0 },
+        (KeptEdit::Reorder { .. }, Some(s)) if s.len >= cache.len => s,
+        (KeptEdit::Reorder { .. }, s) => bail!(
+            "a reorder of a cache of {} values needs a scratch buffer as long, got {}",
+            cache.len,
+            s.map_or(0, |s| s.len)
+        ),
+    };
     let run = move || -> Result<(), cu::DriverError> {
         make_current(ordinal)?;
         const F: usize = size_of::<f32>();
@@ -74,13 +83,6 @@ pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: DeviceF32, edit: &K
         // Device-to-device copies may return before they finish.
         cu::ctx::synchronize()
     };
-    if scratch.len < cache.len {
-        return Err(anyhow!(
-            "the reorder scratch buffer ({} values) is smaller than the cache ({})",
-            scratch.len,
-            cache.len
-        ));
-    }
     match crate::devices::without_panics(std::panic::AssertUnwindSafe(run)) {
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(anyhow!("CUDA failed editing a kept cache on device {ordinal}: {e}")),
@@ -120,11 +122,14 @@ mod tests {
     fn edits_outside_the_cache_are_refused_first() {
         let new = [1.0f32; 8];
         let write = KeptEdit::WriteSlot { new: &new, capacity: 4, slot: 4, width: 2 };
-        let e = apply(0, nowhere(64), nowhere(64), &write).unwrap_err().to_string();
+        let e = apply(0, nowhere(64), None, &write).unwrap_err().to_string();
         assert!(e.contains("slot 4"), "{e}");
         let reorder = KeptEdit::Reorder { parents: &[0, 3], rows: 2, per_row: 8 };
-        let e = apply(0, nowhere(64), nowhere(64), &reorder).unwrap_err().to_string();
+        let e = apply(0, nowhere(64), Some(nowhere(64)), &reorder).unwrap_err().to_string();
         assert!(e.contains("cannot reorder"), "{e}");
+        let fits = KeptEdit::Reorder { parents: &[1, 0], rows: 2, per_row: 8 };
+        let e = apply(0, nowhere(64), Some(nowhere(32)), &fits).unwrap_err().to_string();
+        assert!(e.contains("needs a scratch buffer as long"), "{e}");
     }
 
     /// Without a CUDA driver an edit is an error that says so, not a panic.
@@ -138,7 +143,7 @@ mod tests {
         }
         let new = [1.0f32; 8];
         let write = KeptEdit::WriteSlot { new: &new, capacity: 4, slot: 1, width: 2 };
-        let e = apply(0, nowhere(64), nowhere(64), &write).unwrap_err().to_string();
+        let e = apply(0, nowhere(64), None, &write).unwrap_err().to_string();
         assert!(e.contains("CUDA driver library could not be loaded") || e.contains("CUDA failed"), "{e}");
     }
 }

@@ -1199,7 +1199,7 @@ fn element_count(t: &DynTensor) -> usize {
 }
 
 /// Applies `edit` to the f32 buffer `buf` where it lies: in host memory directly; in CUDA memory with driver
-/// copies (`cuda_edit`), a reorder's snapshot going to `scratch` (made or grown here as needed).
+/// copies (`cuda_edit`), a reorder's snapshot going to `scratch` (made or grown here when a reorder needs it).
 fn edit_buffer(
     session: &Session,
     device: OrtDevice,
@@ -1213,15 +1213,16 @@ fn edit_buffer(
             edit.apply(data)
         }
         OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
+            let device_f32 =
+                |t: &DynTensor| crate::cuda_edit::DeviceF32 { ptr: t.data_ptr() as u64, len: element_count(t) };
             let len = element_count(buf);
-            if scratch.as_ref().is_none_or(|t| element_count(t) < len) {
+            let reorder = matches!(edit, KeptEdit::Reorder { .. });
+            if reorder && scratch.as_ref().is_none_or(|t| element_count(t) < len) {
                 let allocator = DeviceAllocator::new(session, device)?;
                 *scratch = Some(allocator.buffer("reorder scratch", TensorElementType::Float32, vec![len])?);
             }
-            let scratch = scratch.as_ref().expect("made above");
-            let cache = crate::cuda_edit::DeviceF32 { ptr: buf.data_ptr() as u64, len };
-            let scratch = crate::cuda_edit::DeviceF32 { ptr: scratch.data_ptr() as u64, len: element_count(scratch) };
-            crate::cuda_edit::apply(n, cache, scratch, edit)
+            let snapshot = if reorder { scratch.as_ref().map(device_f32) } else { None };
+            crate::cuda_edit::apply(n, device_f32(buf), snapshot, edit)
         }
     }
 }

@@ -17,14 +17,13 @@ pub struct PartialOutput {
     partial: PathBuf,
     key_file: PathBuf,
     file: File,
-    /// The lines already in the file (from an earlier run, when resumed, and from this one).
-    lines: Vec<String>,
 }
 
 impl PartialOutput {
-    /// Opens `out`'s partial file for `total` lines of work identified by `key`. With `resume`, the lines of a
-    /// matching earlier partial file count as done; without it, any partial file is started over.
-    pub fn open(out: &Path, key: &str, resume: bool, total: usize) -> Result<PartialOutput> {
+    /// Opens `out`'s partial file for `total` lines of work identified by `key`, and returns the lines already
+    /// done: with `resume`, those of a matching earlier partial file; without it, none (any partial file is
+    /// started over).
+    pub fn open(out: &Path, key: &str, resume: bool, total: usize) -> Result<(PartialOutput, Vec<String>)> {
         let partial = with_suffix(out, ".partial");
         let key_file = with_suffix(out, ".partial.key");
         let mut lines = Vec::new();
@@ -58,12 +57,7 @@ impl PartialOutput {
         let file =
             if lines.is_empty() { File::create(&partial) } else { OpenOptions::new().append(true).open(&partial) }
                 .with_context(|| format!("cannot write {}", partial.display()))?;
-        Ok(PartialOutput { out: out.to_path_buf(), partial, key_file, file, lines })
-    }
-
-    /// Lines already written (by an earlier run when resumed, and by this one).
-    pub fn lines(&self) -> &[String] {
-        &self.lines
+        Ok((PartialOutput { out: out.to_path_buf(), partial, key_file, file }, lines))
     }
 
     /// The partial file, for messages.
@@ -82,18 +76,16 @@ impl PartialOutput {
         self.file
             .write_all(text.as_bytes())
             .and_then(|_| self.file.sync_data())
-            .with_context(|| format!("cannot write {}", self.partial.display()))?;
-        self.lines.extend_from_slice(new);
-        Ok(())
+            .with_context(|| format!("cannot write {}", self.partial.display()))
     }
 
     /// Every line is in: the partial file becomes the output, and its key goes.
-    pub fn finish(self) -> Result<Vec<String>> {
+    pub fn finish(self) -> Result<()> {
         drop(self.file);
         std::fs::rename(&self.partial, &self.out)
             .with_context(|| format!("cannot move {} to {}", self.partial.display(), self.out.display()))?;
         let _ = std::fs::remove_file(&self.key_file);
-        Ok(self.lines)
+        Ok(())
     }
 }
 
@@ -124,15 +116,16 @@ mod tests {
     fn a_resumed_run_continues_where_the_last_one_stopped() {
         let d = dir("resume");
         let out = d.join("hyp.txt");
-        let mut first = PartialOutput::open(&out, "k1", false, 3).unwrap();
+        let (mut first, done) = PartialOutput::open(&out, "k1", false, 3).unwrap();
+        assert!(done.is_empty());
         first.push(&strings(&["one", "two"])).unwrap();
         drop(first); // the crash
         assert!(!out.exists());
         assert_eq!(std::fs::read_to_string(d.join("hyp.txt.partial")).unwrap(), "one\ntwo\n");
-        let mut again = PartialOutput::open(&out, "k1", true, 3).unwrap();
-        assert_eq!(again.lines(), ["one", "two"]);
+        let (mut again, done) = PartialOutput::open(&out, "k1", true, 3).unwrap();
+        assert_eq!(done, ["one", "two"]);
         again.push(&strings(&["three"])).unwrap();
-        assert_eq!(again.finish().unwrap(), ["one", "two", "three"]);
+        again.finish().unwrap();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\ntwo\nthree\n");
         assert!(!d.join("hyp.txt.partial").exists() && !d.join("hyp.txt.partial.key").exists());
     }
@@ -141,7 +134,7 @@ mod tests {
     fn a_partial_file_of_other_work_is_refused() {
         let d = dir("refuse");
         let out = d.join("hyp.txt");
-        let mut first = PartialOutput::open(&out, "k1", false, 2).unwrap();
+        let (mut first, _) = PartialOutput::open(&out, "k1", false, 2).unwrap();
         first.push(&strings(&["one", "two"])).unwrap();
         drop(first);
         let e = PartialOutput::open(&out, "k2", true, 2).err().unwrap().to_string();
@@ -152,8 +145,8 @@ mod tests {
         let e = PartialOutput::open(&out, "k1", true, 2).err().unwrap().to_string();
         assert!(e.contains("unfinished last line"), "{e}");
         // Without --resume the partial file is started over.
-        let fresh = PartialOutput::open(&out, "k2", false, 2).unwrap();
-        assert!(fresh.lines().is_empty());
+        let (_fresh, done) = PartialOutput::open(&out, "k2", false, 2).unwrap();
+        assert!(done.is_empty());
         assert_eq!(std::fs::read_to_string(d.join("hyp.txt.partial")).unwrap(), "");
     }
 }
