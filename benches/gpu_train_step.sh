@@ -18,6 +18,10 @@
 #   strip -o gpu-carry/gpu_ort "$(ls -t $CARGO_TARGET_DIR/release/deps/gpu_ort-* | grep -v '\.d$' | head -1)"
 #   gzip -f gpu-carry/train_step gpu-carry/generate_tokens gpu-carry/gpu_ort   # 3 x ~10 MB: a call carries 64 MiB
 #   cp /work/shared/tools/gpu/peft_step.py /work/shared/tools/gpu/peft_generate.py gpu-carry/   # the peers
+#   for s in gpt2-medium gpt2; do       # the graphs compiled here, without their weights (~0.3 MB each)
+#     /root/.cache/pfx/ref/bin/python benches/make_gpt2_export.py --size $s --no-check /tmp/pfx-bench/$s
+#     /root/.cache/pfx/ref/bin/python benches/gpt2_skeleton.py strip /tmp/pfx-bench/$s gpu-carry/$s.skeleton.onnx
+#   done
 #   bash /work/shared/tools/gpu/pack-ort-cuda.sh .gpu 6        # ORT's CUDA libraries in six ~33 MB parts
 # On the device, back to back (it is taken back after ~30 s idle; see ../shared/tools/gpu/README.md), six calls:
 #   calls 1-5 (N = 0..4), carry [".gpu/ortgpu.part0N"]:  mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part0N /tmp/ortgpu/
@@ -72,8 +76,14 @@ in_budget() {
   fi
 }
 
-export_model() { # size: exported there (~12 s for gpt2-medium), a 1.4 GB export cannot be carried
+export_model() { # size: the skeleton made here, given random weights there (benches/gpt2_skeleton.py), or else
+  # exported there (~12 s for gpt2-medium; its torch and transformers may export a graph never compiled here)
   [ -f "/tmp/pfx-bench/$1/model.onnx" ] && return 0
+  if [ -f "gpu-carry/$1.skeleton.onnx" ]; then
+    "$PYTHON" benches/gpt2_skeleton.py fill "gpu-carry/$1.skeleton.onnx" "/tmp/pfx-bench/$1" >"$OUT/export-$1.txt" 2>&1 &&
+      return 0
+    echo "== filling the $1 skeleton failed (export-$1.txt); exporting there instead" | tee -a "$SUMMARY"
+  fi
   "$PYTHON" benches/make_gpt2_export.py --size "$1" --no-check "/tmp/pfx-bench/$1" >"$OUT/export-$1.txt" 2>&1 && return 0
   echo "== exporting $1 failed (export-$1.txt):" | tee -a "$SUMMARY"
   tail -5 "$OUT/export-$1.txt" | tee -a "$SUMMARY"
