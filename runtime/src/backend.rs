@@ -117,14 +117,7 @@ impl KeptEdit<'_> {
     pub fn check(&self, len: usize) -> Result<()> {
         match *self {
             KeptEdit::WriteSlot { new, capacity, slot, width } => {
-                let n = new.len().checked_div(width).unwrap_or(0);
-                if width == 0 || new.len() % width != 0 || slot >= capacity || n * capacity * width > len {
-                    bail!(
-                        "cannot write {} values as rows of {width} into slot {slot} of a [{n}, {capacity}, {width}] \
-                         cache of {len} values",
-                        new.len()
-                    );
-                }
+                check_slot_write(new.len(), capacity, slot, width, len)?
             }
             KeptEdit::Reorder { parents, rows, per_row } => {
                 if parents.is_empty() || rows * per_row > len || parents.iter().any(|&p| p >= rows) {
@@ -134,6 +127,51 @@ impl KeptEdit<'_> {
         }
         Ok(())
     }
+}
+
+/// Outputs of a decode step that go into kept inputs rather than back to the caller ([`Backend::run_writing`]):
+/// each `(output, kept input)` pair writes the new token's keys or values [N, width] into slot `slot` of the
+/// cache [N, capacity, width], as [`KeptEdit::WriteSlot`] does.
+#[derive(Clone, Debug)]
+pub struct SlotWrites {
+    pub pairs: Vec<(String, String)>,
+    pub capacity: usize,
+    pub slot: usize,
+    pub width: usize,
+}
+
+impl SlotWrites {
+    /// The edit that writes `new` (one pair's output) into its cache.
+    pub fn edit<'a>(&self, new: &'a [f32]) -> KeptEdit<'a> {
+        KeptEdit::WriteSlot { new, capacity: self.capacity, slot: self.slot, width: self.width }
+    }
+}
+
+/// What [`Backend::run_writing`] does where the outputs come back to the host: each pair's output is applied to
+/// its kept input with [`Backend::edit_kept`] and dropped from `out`; an output whose input `backend` does not
+/// keep stays in `out` for the caller to write.
+pub(crate) fn write_on_host(
+    backend: &mut (impl Backend + ?Sized),
+    mut out: BTreeMap<String, HostTensor>,
+    writes: &SlotWrites,
+) -> Result<BTreeMap<String, HostTensor>> {
+    for (output, kept) in &writes.pairs {
+        let t = out.get(output).with_context(|| format!("{} has no output `{output}`", backend.name()))?;
+        if backend.edit_kept(kept, &writes.edit(t.as_f32()?))? {
+            out.remove(output);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that `new` values written as rows of `width` into slot `slot` of a [N, capacity, width] cache stay
+/// inside its `len` values.
+pub(crate) fn check_slot_write(new: usize, capacity: usize, slot: usize, width: usize, len: usize) -> Result<()> {
+    let n = new.checked_div(width).unwrap_or(0);
+    if width == 0 || !new.is_multiple_of(width) || slot >= capacity || n * capacity * width > len {
+        bail!("cannot write {new} values as rows of {width} into slot {slot} of a [{n}, {capacity}, {width}] cache of {len} values");
+    }
+    Ok(())
 }
 
 /// The declared input `name` of the model at `model`, checked against `value`, for [`Backend::keep_input`]; an
@@ -178,6 +216,18 @@ pub trait Backend: std::fmt::Debug + Send {
     fn edit_kept(&mut self, name: &str, edit: &KeptEdit) -> Result<bool> {
         let _ = (name, edit);
         Ok(false)
+    }
+
+    /// Runs the graph, then writes each output of `writes` into its kept input where that lies (on a GPU, without
+    /// the output leaving the device). Returns the other outputs, and those whose input this backend does not
+    /// keep (the caller writes them); an output the graph does not have is an error.
+    fn run_writing(
+        &mut self,
+        inputs: &BTreeMap<String, HostTensor>,
+        writes: &SlotWrites,
+    ) -> Result<BTreeMap<String, HostTensor>> {
+        let out = self.run(inputs)?;
+        write_on_host(self, out, writes)
     }
 
     fn input_names(&self) -> Vec<String> {

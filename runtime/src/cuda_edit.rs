@@ -38,33 +38,13 @@ pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: Option<DeviceF32>, 
             s.map_or(0, |s| s.len)
         ),
     };
-    let run = move || -> Result<(), cu::DriverError> {
-        make_current(ordinal)?;
-        const F: usize = size_of::<f32>();
+    on_device(ordinal, "editing a kept cache", move || {
         match *edit {
             KeptEdit::WriteSlot { new, capacity, slot, width } => {
-                // new [n, width] on the host -> cache [n, capacity, width] at slot: one 2-D copy.
-                let copy = sys::CUDA_MEMCPY2D {
-                    srcXInBytes: 0,
-                    srcY: 0,
-                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
-                    srcHost: new.as_ptr().cast(),
-                    srcDevice: 0,
-                    srcArray: std::ptr::null_mut(),
-                    srcPitch: width * F,
-                    dstXInBytes: 0,
-                    dstY: 0,
-                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                    dstHost: std::ptr::null_mut(),
-                    dstDevice: cache.ptr + (slot * width * F) as u64,
-                    dstArray: std::ptr::null_mut(),
-                    dstPitch: capacity * width * F,
-                    WidthInBytes: width * F,
-                    Height: new.len() / width,
-                };
+                let rows = Rows { count: new.len() / width, width, capacity, slot };
                 // SAFETY: `check` bounded the rows written by the cache's length; `new` outlives the call, which
                 // returns once the host memory has been read.
-                unsafe { sys::cuMemcpy2D_v2(&copy) }.result()?;
+                unsafe { copy_rows_into_slot(Source::Host(new.as_ptr()), cache, rows)? };
             }
             KeptEdit::Reorder { parents, rows, per_row } => {
                 let bytes = per_row * F;
@@ -82,11 +62,114 @@ pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: Option<DeviceF32>, 
         }
         // Device-to-device copies may return before they finish.
         cu::ctx::synchronize()
+    })
+}
+
+/// Writes each `(new, cache)` pair's rows `new` [N, width], already in device memory (a decode step's output),
+/// into slot `slot` of `cache` [N, capacity, width]: one 2-D copy per pair on the device, and one wait for them
+/// all. The new keys and values never visit the host.
+pub(crate) fn write_slots(
+    ordinal: u32,
+    pairs: &[(DeviceF32, DeviceF32)],
+    capacity: usize,
+    slot: usize,
+    width: usize,
+) -> Result<()> {
+    for (new, cache) in pairs {
+        crate::backend::check_slot_write(new.len, capacity, slot, width, cache.len)?;
+    }
+    on_device(ordinal, "writing new keys and values into the kept caches", || {
+        for &(new, cache) in pairs {
+            let rows = Rows { count: new.len / width, width, capacity, slot };
+            // SAFETY: both ranges checked above against the buffers' lengths.
+            unsafe { copy_rows_into_slot(Source::Device(new.ptr), cache, rows)? };
+        }
+        cu::ctx::synchronize()
+    })
+}
+
+/// Copies host bytes into device memory at each `(address, bytes)`, and waits until they have all landed (the
+/// next ONNX Runtime run may be on a stream that does not wait for these copies).
+pub(crate) fn upload(ordinal: u32, copies: &[(u64, &[u8])]) -> Result<()> {
+    on_device(ordinal, "copying inputs to the device", || {
+        for &(dst, bytes) in copies {
+            // SAFETY: the caller's buffer at `dst` holds at least `bytes.len()` bytes.
+            unsafe { cu::memcpy_htod_sync(dst, bytes)? };
+        }
+        cu::ctx::synchronize()
+    })
+}
+
+/// Copies `out.len()` bytes at device address `src` into `out`.
+pub(crate) fn download(ordinal: u32, src: u64, out: &mut [u8]) -> Result<()> {
+    on_device(ordinal, "copying an output from the device", || {
+        // SAFETY: the caller's buffer at `src` holds at least `out.len()` bytes; device-to-host copies into
+        // pageable memory return once done.
+        unsafe { cu::memcpy_dtoh_sync(out, src) }
+    })
+}
+
+const F: usize = size_of::<f32>();
+
+/// Where the rows of a slot write come from.
+#[derive(Clone, Copy)]
+enum Source {
+    Host(*const f32),
+    Device(u64),
+}
+
+/// `count` rows of `width` values, one per block of `capacity` rows in the cache, going into row `slot`.
+#[derive(Clone, Copy)]
+struct Rows {
+    count: usize,
+    width: usize,
+    capacity: usize,
+    slot: usize,
+}
+
+/// One 2-D copy: source rows (packed) -> `cache` at `slot` of each block.
+///
+/// # Safety
+/// The source holds `rows.count · rows.width` values and `cache` at least `rows.count · rows.capacity ·
+/// rows.width`, with `rows.slot < rows.capacity`.
+unsafe fn copy_rows_into_slot(src: Source, cache: DeviceF32, rows: Rows) -> Result<(), cu::DriverError> {
+    let (src_type, src_host, src_device) = match src {
+        Source::Host(p) => (sys::CUmemorytype::CU_MEMORYTYPE_HOST, p.cast(), 0),
+        Source::Device(p) => (sys::CUmemorytype::CU_MEMORYTYPE_DEVICE, std::ptr::null(), p),
+    };
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: src_type,
+        srcHost: src_host,
+        srcDevice: src_device,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: rows.width * F,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: cache.ptr + (rows.slot * rows.width * F) as u64,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: rows.capacity * rows.width * F,
+        WidthInBytes: rows.width * F,
+        Height: rows.count,
+    };
+    // SAFETY: the caller's bounds.
+    unsafe { sys::cuMemcpy2D_v2(&copy) }.result()
+}
+
+/// Runs `work` with device `ordinal`'s primary context current; a driver error, or a missing driver (cudarc
+/// panics then), becomes an error saying what was being done.
+fn on_device(ordinal: u32, what: &str, work: impl FnOnce() -> Result<(), cu::DriverError>) -> Result<()> {
+    let run = move || -> Result<(), cu::DriverError> {
+        make_current(ordinal)?;
+        work()
     };
     match crate::devices::without_panics(std::panic::AssertUnwindSafe(run)) {
         Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(anyhow!("CUDA failed editing a kept cache on device {ordinal}: {e}")),
-        None => Err(anyhow!("the CUDA driver library could not be loaded to edit a kept cache on device {ordinal}")),
+        Some(Err(e)) => Err(anyhow!("CUDA failed {what} on device {ordinal}: {e}")),
+        None => Err(anyhow!("the CUDA driver library could not be loaded for {what} on device {ordinal}")),
     }
 }
 
@@ -130,6 +213,9 @@ mod tests {
         let fits = KeptEdit::Reorder { parents: &[1, 0], rows: 2, per_row: 8 };
         let e = apply(0, nowhere(64), Some(nowhere(32)), &fits).unwrap_err().to_string();
         assert!(e.contains("needs a scratch buffer as long"), "{e}");
+        // Device-to-device slot writes: each pair is checked before any copy.
+        let e = write_slots(0, &[(nowhere(8), nowhere(64)), (nowhere(8), nowhere(15))], 4, 1, 2).unwrap_err();
+        assert!(e.to_string().contains("cache of 15 values"), "{e}");
     }
 
     /// Without a CUDA driver an edit is an error that says so, not a panic.
@@ -144,6 +230,10 @@ mod tests {
         let new = [1.0f32; 8];
         let write = KeptEdit::WriteSlot { new: &new, capacity: 4, slot: 1, width: 2 };
         let e = apply(0, nowhere(64), None, &write).unwrap_err().to_string();
+        assert!(e.contains("CUDA driver library could not be loaded") || e.contains("CUDA failed"), "{e}");
+        let e = write_slots(0, &[(nowhere(8), nowhere(64))], 4, 1, 2).unwrap_err().to_string();
+        assert!(e.contains("CUDA driver library could not be loaded") || e.contains("CUDA failed"), "{e}");
+        let e = upload(0, &[(0, &[0u8; 4][..])]).unwrap_err().to_string();
         assert!(e.contains("CUDA driver library could not be loaded") || e.contains("CUDA failed"), "{e}");
     }
 }

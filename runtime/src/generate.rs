@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::backend::{Backend, BackendKind, KeptEdit};
+use crate::backend::{Backend, BackendKind, KeptEdit, SlotWrites};
 use crate::bundle::{Bundle, GenerationSpec};
 use crate::ort_backend::OrtOptions;
 use crate::search;
@@ -144,17 +144,14 @@ impl Generator {
             m.push(1);
         }
         inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, c + 1], m)?);
-        let d = self.head_dim;
-        let out = self.decode.run(&rows.inputs)?;
         let s = rows.slot;
-        for l in 0..self.layers {
-            for kind in ["key", "value"] {
-                let t = out[&format!("present.{l}.{kind}")].as_f32()?;
-                let name = format!("past_key_values.{l}.{kind}");
-                let edit = KeptEdit::WriteSlot { new: t, capacity: c, slot: s, width: d };
-                update_cache(self.decode.as_mut(), &mut rows.inputs, &name, &edit)?;
-            }
-        }
+        let pairs = (0..self.layers)
+            .flat_map(|l| {
+                ["key", "value"].map(|kind| (format!("present.{l}.{kind}"), format!("past_key_values.{l}.{kind}")))
+            })
+            .collect();
+        let writes = SlotWrites { pairs, capacity: c, slot: s, width: self.head_dim };
+        let out = run_writing_caches(self.decode.as_mut(), &mut rows.inputs, &writes)?;
         for row in 0..r {
             rows.mask[row * c + s] = 1;
         }
@@ -239,6 +236,23 @@ pub(crate) fn write_slot(cache: &mut [f32], new: &[f32], c: usize, slot: usize, 
     for (rh, row) in new.chunks_exact(d).take(cache.len() / (c * d)).enumerate() {
         cache[(rh * c + slot) * d..(rh * c + slot + 1) * d].copy_from_slice(row);
     }
+}
+
+/// Runs a decode step whose new keys and values (`writes`) go into their caches: by the backend where it keeps
+/// them (on a GPU without leaving the device), else here into the caches among `inputs`. Returns the other
+/// outputs.
+pub(crate) fn run_writing_caches(
+    decode: &mut dyn Backend,
+    inputs: &mut BTreeMap<String, HostTensor>,
+    writes: &SlotWrites,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let mut out = decode.run_writing(inputs, writes)?;
+    for (output, cache) in &writes.pairs {
+        if let Some(t) = out.remove(output) {
+            update_cache(decode, inputs, cache, &writes.edit(t.as_f32()?))?;
+        }
+    }
+    Ok(out)
 }
 
 /// Applies `edit` to a KV cache, wherever [`keep_cache`] put it.

@@ -16,10 +16,11 @@ use ort::logging::LogLevel;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue, SessionInputs};
-use ort::value::{DynTensor, Tensor, TensorElementType, TensorRef, ValueRef, ValueType};
+use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorElementType, TensorRef, ValueRef, ValueType};
 
 use crate::backend::{
-    check_pairs, check_state, select_inputs, spec_to_keep, Backend, IoSpec, KeptEdit, StatePair, StatefulStep,
+    check_pairs, check_state, select_inputs, spec_to_keep, write_on_host, Backend, IoSpec, KeptEdit, SlotWrites,
+    StatePair, StatefulStep,
 };
 use crate::tensor::{DType, HostTensor, TensorData};
 
@@ -54,6 +55,14 @@ impl OrtDevice {
             OrtDevice::Cpu => &["CPUExecutionProvider"],
             OrtDevice::Cuda(_) => &["CUDAExecutionProvider"],
             OrtDevice::TensorRt(_) => &["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+        }
+    }
+
+    /// The CUDA device whose memory the session's buffers are in; `None` on the CPU.
+    pub(crate) fn cuda_ordinal(self) -> Option<u32> {
+        match self {
+            OrtDevice::Cpu => None,
+            OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => Some(n),
         }
     }
 }
@@ -696,6 +705,9 @@ pub struct OrtBackend {
 struct KeptInputs {
     binding: IoBinding,
     values: BTreeMap<String, DynTensor>,
+    /// On a GPU, the outputs bound to device memory because a run writes them into kept inputs there
+    /// ([`Backend::run_writing`]); every other output is bound to host memory.
+    on_device: std::collections::BTreeSet<String>,
     /// On a GPU, a beam reorder's snapshot of one cache (`edit_buffer` grows it as needed).
     scratch: Option<DynTensor>,
 }
@@ -847,6 +859,9 @@ struct BoundRunner {
     kept: std::collections::BTreeSet<String>,
     /// A reorder's snapshot of a kept buffer on a GPU (`edit_buffer`).
     scratch: Option<DynTensor>,
+    /// The session's device: on a GPU, inputs and outputs cross with the CUDA driver's copies (`cuda_edit`),
+    /// not ONNX Runtime's (which runs a one-node session per copy).
+    device: OrtDevice,
 }
 
 impl BoundRunner {
@@ -915,6 +930,7 @@ impl BoundRunner {
             ping_pong,
             kept: Default::default(),
             scratch: None,
+            device: options.device,
         })
     }
 
@@ -961,10 +977,13 @@ impl BoundRunner {
             .collect()
     }
 
+    /// One run: the given inputs copied into their buffers, the state swapped, then `writes`' outputs written
+    /// into their kept inputs where they lie; returns the other outputs, read back to the host.
     fn run(
         &mut self,
         session: &mut Session,
         inputs: &BTreeMap<String, HostTensor>,
+        writes: Option<&SlotWrites>,
     ) -> Result<BTreeMap<String, HostTensor>> {
         if !self.state_set {
             bail!("{}: the state was never set", self.path.display());
@@ -979,15 +998,11 @@ impl BoundRunner {
         let specs: Vec<IoSpec> =
             self.fed.iter().filter(|(s, _)| !self.kept.contains(&s.name)).map(|(s, _)| s.clone()).collect();
         let picked = select_inputs(&specs, inputs).with_context(|| format!("running {}", self.path.display()))?;
-        let mut picked = picked.into_iter();
+        self.feed(picked)?;
         let k = self.current;
-        for (spec, buf) in self.fed.iter_mut() {
-            if !self.kept.contains(&spec.name) {
-                let t = picked.next().expect("one picked per fed input that is not kept");
-                upload(t, buf).with_context(|| format!("copying input `{}` to the device", spec.name))?;
-            }
+        for (spec, buf) in self.fed.iter() {
             // Bound again each run: ORT copies at bind time when it wants the input on another device.
-            self.bindings[k].bind_input(spec.name.as_str(), &*buf).map_err(ort_err)?;
+            self.bindings[k].bind_input(spec.name.as_str(), buf).map_err(ort_err)?;
         }
         session
             .run_binding_with_options(&self.bindings[k], &self.run_options[k])
@@ -1001,11 +1016,140 @@ impl BoundRunner {
                 from.copy_into(to).map_err(ort_err).with_context(|| format!("keeping `{}`", self.pairs[i].input))?;
             }
         }
+        let written = match writes {
+            Some(w) => self.write_slots(w)?,
+            None => Default::default(),
+        };
         self.read
             .iter()
-            .map(|(name, buf)| Ok((name.clone(), download(buf).with_context(|| format!("output `{name}`"))?)))
+            .filter(|(name, _)| !written.contains(name))
+            .map(|(name, buf)| Ok((name.clone(), self.fetch(buf).with_context(|| format!("output `{name}`"))?)))
             .collect()
     }
+
+    /// Copies `picked` (one per fed input that is not kept, in order) into their buffers.
+    fn feed(&mut self, picked: Vec<&HostTensor>) -> Result<()> {
+        let fed = self.fed.iter_mut().filter(|(s, _)| !self.kept.contains(&s.name));
+        let Some(ordinal) = self.device.cuda_ordinal() else {
+            for ((spec, buf), t) in fed.zip(picked) {
+                upload(t, buf).with_context(|| format!("copying input `{}` to the device", spec.name))?;
+            }
+            return Ok(());
+        };
+        let mut copies = Vec::with_capacity(picked.len());
+        for ((spec, buf), t) in fed.zip(picked) {
+            let bytes = host_bytes(t);
+            if bytes.len() != element_count(buf) * t.dtype().size_of() {
+                bail!("{}: input `{}` does not fit its device buffer", self.path.display(), spec.name);
+            }
+            if !bytes.is_empty() {
+                copies.push((buf.data_ptr() as u64, bytes));
+            }
+        }
+        crate::cuda_edit::upload(ordinal, &copies).with_context(|| format!("running {}", self.path.display()))
+    }
+
+    /// An output buffer's contents on the host.
+    fn fetch(&self, buf: &DynTensor) -> Result<HostTensor> {
+        let Some(ordinal) = self.device.cuda_ordinal() else { return download(buf) };
+        let shape: Vec<usize> = buf.shape().iter().map(|&d| d as usize).collect();
+        let (n, ptr) = (element_count(buf), buf.data_ptr() as u64);
+        if n == 0 {
+            return download(buf);
+        }
+        let ty = match buf.dtype() {
+            ValueType::Tensor { ty, .. } => *ty,
+            other => bail!("a device buffer holds a {other:?}, not a tensor"),
+        };
+        match ty {
+            TensorElementType::Float32 => {
+                let mut v = vec![0f32; n];
+                crate::cuda_edit::download(ordinal, ptr, as_bytes_mut(&mut v))?;
+                HostTensor::from_f32(shape, v)
+            }
+            TensorElementType::Int64 => {
+                let mut v = vec![0i64; n];
+                crate::cuda_edit::download(ordinal, ptr, as_bytes_mut(&mut v))?;
+                HostTensor::from_i64(shape, v)
+            }
+            _ => download(buf),
+        }
+    }
+
+    /// Writes each of `writes`' outputs whose input is kept into that input's buffer (on a GPU, a copy on the
+    /// device); returns the outputs so written.
+    fn write_slots(&mut self, writes: &SlotWrites) -> Result<std::collections::BTreeSet<String>> {
+        let mut written = std::collections::BTreeSet::new();
+        let mut on_device = Vec::new();
+        for (output, kept) in &writes.pairs {
+            let Some(src) = self.read.iter().position(|(n, _)| n == output) else {
+                bail!("{} has no output `{output}`", self.path.display());
+            };
+            if !self.kept.contains(kept) {
+                continue;
+            }
+            let dst = self.fed.iter().position(|(s, _)| &s.name == kept).expect("kept inputs are fed inputs");
+            if self.device.cuda_ordinal().is_some() {
+                on_device.push((device_f32(&self.read[src].1), device_f32(&self.fed[dst].1)));
+            } else {
+                let (_, new) = self.read[src].1.try_extract_tensor::<f32>().map_err(ort_err)?;
+                let (_, cache) = self.fed[dst].1.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
+                writes.edit(new).apply(cache).with_context(|| format!("writing `{output}` into `{kept}`"))?;
+            }
+            written.insert(output.clone());
+        }
+        if let (Some(ordinal), false) = (self.device.cuda_ordinal(), on_device.is_empty()) {
+            crate::cuda_edit::write_slots(ordinal, &on_device, writes.capacity, writes.slot, writes.width)
+                .with_context(|| format!("running {}", self.path.display()))?;
+        }
+        Ok(written)
+    }
+}
+
+/// A tensor in device memory, as the driver's copies take it.
+fn device_f32(t: &DynTensor) -> crate::cuda_edit::DeviceF32 {
+    crate::cuda_edit::DeviceF32 { ptr: t.data_ptr() as u64, len: element_count(t) }
+}
+
+/// The bytes of a host tensor's values.
+fn host_bytes(t: &HostTensor) -> &[u8] {
+    match t.data() {
+        TensorData::F32(v) => as_bytes(v),
+        TensorData::F64(v) => as_bytes(v),
+        TensorData::F16(v) => as_bytes(v),
+        TensorData::I64(v) => as_bytes(v),
+        TensorData::I32(v) => as_bytes(v),
+        TensorData::I8(v) => as_bytes(v),
+        TensorData::U8(v) => as_bytes(v),
+        TensorData::Bool(v) => as_bytes(v),
+    }
+}
+
+/// Marks the element types whose values are plain bytes (no padding, every byte pattern written by a device
+/// copy of the same type valid).
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for f64 {}
+impl Plain for u16 {}
+impl Plain for i64 {}
+impl Plain for i32 {}
+impl Plain for i8 {}
+impl Plain for u8 {}
+impl Plain for bool {}
+
+fn as_bytes<T: Plain>(v: &[T]) -> &[u8] {
+    // SAFETY: `Plain` types have no padding; the bytes live as long as `v`.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+/// `Plain` types whose every byte pattern is a value (not bool), so that a copy may write their bytes.
+trait AnyBits: Plain {}
+impl AnyBits for f32 {}
+impl AnyBits for i64 {}
+
+fn as_bytes_mut<T: AnyBits>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as `as_bytes`, and any bytes written are valid values of `T`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
 }
 
 /// A training step on ONNX Runtime whose parameters and optimizer moments stay on the session's device
@@ -1053,7 +1197,7 @@ impl StatefulStep for OrtStatefulStep {
     }
 
     fn step(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
-        self.runner.run(&mut self.session, inputs)
+        self.runner.run(&mut self.session, inputs, None)
     }
 }
 
@@ -1114,10 +1258,10 @@ impl Backend for OrtBackend {
 
     fn run(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
         if let Some(bound) = self.bound.as_mut() {
-            return bound.run(&mut self.session, inputs);
+            return bound.run(&mut self.session, inputs, None);
         }
         if self.kept.is_some() {
-            return self.run_with_kept(inputs);
+            return self.run_with_kept(inputs, None);
         }
         let picked = select_inputs(&self.inputs, inputs).with_context(|| format!("running {}", self.path.display()))?;
         let feeds = self
@@ -1158,7 +1302,8 @@ impl Backend for OrtBackend {
             for out in &self.outputs {
                 binding.bind_output_to_device(out.name.as_str(), &host).map_err(ort_err)?;
             }
-            self.kept = Some(KeptInputs { binding, values: BTreeMap::new(), scratch: None });
+            self.kept =
+                Some(KeptInputs { binding, values: BTreeMap::new(), on_device: Default::default(), scratch: None });
         }
         let kept = self.kept.as_mut().expect("made above");
         let mut buf = match kept.values.remove(name) {
@@ -1172,6 +1317,21 @@ impl Backend for OrtBackend {
         upload(&value, &mut buf).with_context(|| format!("copying `{name}` to {}", self.device))?;
         kept.values.insert(name.to_string(), buf);
         Ok(None)
+    }
+
+    fn run_writing(
+        &mut self,
+        inputs: &BTreeMap<String, HostTensor>,
+        writes: &SlotWrites,
+    ) -> Result<BTreeMap<String, HostTensor>> {
+        if let Some(bound) = self.bound.as_mut() {
+            return bound.run(&mut self.session, inputs, Some(writes));
+        }
+        if self.kept.is_some() {
+            return self.run_with_kept(inputs, Some(writes));
+        }
+        let out = self.run(inputs)?;
+        write_on_host(self, out, writes)
     }
 
     fn edit_kept(&mut self, name: &str, edit: &KeptEdit) -> Result<bool> {
@@ -1213,8 +1373,6 @@ fn edit_buffer(
             edit.apply(data)
         }
         OrtDevice::Cuda(n) | OrtDevice::TensorRt(n) => {
-            let device_f32 =
-                |t: &DynTensor| crate::cuda_edit::DeviceF32 { ptr: t.data_ptr() as u64, len: element_count(t) };
             let len = element_count(buf);
             let reorder = matches!(edit, KeptEdit::Reorder { .. });
             if reorder && scratch.as_ref().is_none_or(|t| element_count(t) < len) {
@@ -1229,9 +1387,31 @@ fn edit_buffer(
 
 impl OrtBackend {
     /// A run through the kept inputs' binding: kept buffers bound as they are, given inputs from the host (a
-    /// given input wins over a kept one of the same name), every output read back into host memory.
-    fn run_with_kept(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+    /// given input wins over a kept one of the same name). Then `writes`' outputs go into their kept inputs where
+    /// those lie (on a GPU they are bound to device memory for that, and copied there), and the other outputs
+    /// come back to the host.
+    fn run_with_kept(
+        &mut self,
+        inputs: &BTreeMap<String, HostTensor>,
+        writes: Option<&SlotWrites>,
+    ) -> Result<BTreeMap<String, HostTensor>> {
         let kept = self.kept.as_mut().expect("called with kept inputs");
+        let ordinal = self.device.cuda_ordinal();
+        let written: Vec<(&str, &str)> = writes
+            .map(|w| w.pairs.iter().filter(|(_, k)| kept.values.contains_key(k)).map(|(o, k)| (o.as_str(), k.as_str())))
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some(n) = ordinal {
+            for &(output, _) in &written {
+                if kept.on_device.insert(output.to_string()) {
+                    let info =
+                        MemoryInfo::new(AllocationDevice::CUDA, n as i32, AllocatorType::Device, MemoryType::Default)
+                            .map_err(ort_err)?;
+                    kept.binding.bind_output_to_device(output, &info).map_err(ort_err)?;
+                }
+            }
+        }
         let fed: Vec<IoSpec> = self
             .inputs
             .iter()
@@ -1253,9 +1433,40 @@ impl OrtBackend {
             .run_binding_with_options(&kept.binding, &self.run_options)
             .map_err(ort_err)
             .with_context(|| format!("ONNX Runtime failed running {}", self.path.display()))?;
+        let (capacity, slot, width) = writes.map_or((0, 0, 0), |w| (w.capacity, w.slot, w.width));
+        let mut on_device = Vec::new();
+        for &(output, name) in &written {
+            let new = outs.get(output).with_context(|| format!("{} has no output `{output}`", self.path.display()))?;
+            let cache = kept.values.get_mut(name).expect("written pairs have kept inputs");
+            if ordinal.is_some() {
+                let new = new.view().downcast::<DynTensorValueType>().map_err(ort_err)?;
+                let len = new.shape().iter().map(|&d| d as usize).product();
+                on_device.push((crate::cuda_edit::DeviceF32 { ptr: new.data_ptr() as u64, len }, device_f32(cache)));
+            } else {
+                let (_, new) = new.try_extract_tensor::<f32>().map_err(ort_err)?;
+                let (_, cache) = cache.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
+                let edit = KeptEdit::WriteSlot { new, capacity, slot, width };
+                edit.apply(cache).with_context(|| format!("writing `{output}` into `{name}`"))?;
+            }
+        }
+        if let (Some(n), false) = (ordinal, on_device.is_empty()) {
+            crate::cuda_edit::write_slots(n, &on_device, capacity, slot, width)
+                .with_context(|| format!("running {}", self.path.display()))?;
+        }
         let mut result = BTreeMap::new();
         for (name, value) in outs.iter() {
-            result.insert(name.to_string(), from_ort(&value).with_context(|| format!("output `{name}`"))?);
+            if written.iter().any(|&(o, _)| o == name) {
+                continue;
+            }
+            let tensor = outs.get(name).expect("an output listed").view().downcast::<DynTensorValueType>();
+            let tensor = tensor.map_err(ort_err)?;
+            let t = if tensor.memory_info().allocation_device() == AllocationDevice::CPU {
+                from_ort(&value)
+            } else {
+                // An output bound to the device for an earlier run's writes (`on_device`).
+                tensor.to(AllocationDevice::CPU, 0).map_err(ort_err).and_then(|h| from_ort(&h.view().into_dyn()))
+            };
+            result.insert(name.to_string(), t.with_context(|| format!("output `{name}`"))?);
         }
         Ok(result)
     }
@@ -1409,7 +1620,7 @@ mod tests {
         let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
         let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], true).unwrap();
         for _ in 0..2 {
-            let got = bound.run(&mut session, &inputs).unwrap();
+            let got = bound.run(&mut session, &inputs, None).unwrap();
             assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
             for (name, t) in &want {
                 assert_eq!(&got[name], t, "{name}");
@@ -1454,15 +1665,94 @@ mod tests {
             let mut given = inputs.clone();
             given.insert(spec.name.clone(), value.clone());
             let want = plain.run(&given).unwrap();
-            let got = bound.run(&mut session, &inputs).unwrap();
+            let got = bound.run(&mut session, &inputs, None).unwrap();
             for (name, t) in &want {
                 assert_eq!(&got[name], t, "{name} after {edit:?}");
             }
         }
         assert!(!bound.edit(&session, OrtDevice::Cpu, "input_ids", &edits[0]).unwrap(), "not kept");
         inputs.insert(spec.name.clone(), value);
-        let e = bound.run(&mut session, &inputs).unwrap_err().to_string();
+        let e = bound.run(&mut session, &inputs, None).unwrap_err().to_string();
         assert!(e.contains(&format!("input `{}` is kept in its device buffer", spec.name)), "{e}");
+    }
+
+    /// A decode step whose new keys and values go into kept caches ([`Backend::run_writing`]) leaves, on each
+    /// ONNX Runtime path on the CPU (kept inputs; --cuda-graph's fixed buffers), the caches that writing the
+    /// returned outputs by hand gives, and returns the other outputs unchanged; a backend keeping nothing returns
+    /// them all. An output the graph lacks is an error naming it.
+    #[test]
+    fn decode_outputs_go_into_kept_caches() {
+        if !ort_here() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("pfx-ort-unit-slots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = pfx_compiler::compile::CompileOptions {
+            prefix_len: 2,
+            mid_dim: None,
+            batch: 2,
+            seq: 5,
+            optimizer: Default::default(),
+            seed: 1,
+            generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 3, max_new: 4 }),
+        };
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        pfx_compiler::compile::compile(&root.join("graphs/gpt2-dynamo-past/model.onnx"), &opts, &dir).unwrap();
+        let model = dir.join("decode.onnx");
+        let options = OrtOptions::default();
+        let mut plain = OrtBackend::open(&model, &options).unwrap();
+        let inputs = inputs_for(plain.inputs());
+        let caches: Vec<IoSpec> =
+            plain.inputs().iter().filter(|s| s.name.starts_with("past_key_values.")).cloned().collect();
+        assert!(caches.len() >= 4, "{caches:?}");
+        let shape: Vec<usize> = caches[0].shape.clone().unwrap().into_iter().map(Option::unwrap).collect();
+        let pairs: Vec<(String, String)> =
+            caches.iter().map(|s| (s.name.replace("past_key_values.", "present."), s.name.clone())).collect();
+        let writes = SlotWrites { pairs: pairs.clone(), capacity: shape[2], slot: shape[2] - 2, width: shape[3] };
+        let out = plain.run(&inputs).unwrap();
+        let mut want_caches = BTreeMap::new();
+        for (output, cache) in &pairs {
+            let mut v = inputs[cache].clone();
+            writes.edit(out[output].as_f32().unwrap()).apply(v.as_f32_mut().unwrap()).unwrap();
+            assert_ne!(v, inputs[cache], "{output} changes {cache}");
+            want_caches.insert(cache.clone(), v);
+        }
+        let mut want_rest = out.clone();
+        want_rest.retain(|k, _| !k.starts_with("present."));
+        let mut rest = inputs.clone();
+        rest.retain(|k, _| !k.starts_with("past_key_values."));
+        assert_eq!(plain.run_writing(&inputs, &writes).unwrap(), out, "keeping nothing, every output comes back");
+
+        let mut kept = OrtBackend::open(&model, &options).unwrap();
+        for (_, cache) in &pairs {
+            assert!(kept.keep_input(cache, inputs[cache].clone()).unwrap().is_none());
+        }
+        assert_eq!(kept.run_writing(&rest, &writes).unwrap(), want_rest, "kept inputs");
+        for (cache, want) in &want_caches {
+            let (_, got) = kept.kept.as_ref().unwrap().values[cache].try_extract_tensor::<f32>().unwrap();
+            assert_eq!(got, want.as_f32().unwrap(), "kept inputs: {cache}");
+        }
+
+        let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
+        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], false).unwrap();
+        for (_, cache) in &pairs {
+            bound.keep(cache, &inputs[cache]).unwrap();
+        }
+        assert_eq!(bound.run(&mut session, &rest, Some(&writes)).unwrap(), want_rest, "fixed buffers");
+        for (cache, want) in &want_caches {
+            let (_, buf) = bound.fed.iter().find(|(s, _)| &s.name == cache).unwrap();
+            assert_eq!(buf.try_extract_tensor::<f32>().unwrap().1, want.as_f32().unwrap(), "fixed buffers: {cache}");
+        }
+
+        let mut absent = writes.clone();
+        absent.pairs.push(("present.99.key".into(), pairs[0].1.clone()));
+        let e = format!("{:#}", kept.run_writing(&rest, &absent).unwrap_err());
+        assert!(e.contains("no output `present.99.key`"), "{e}");
+        let e = format!("{:#}", bound.run(&mut session, &rest, Some(&absent)).unwrap_err());
+        assert!(e.contains("no output `present.99.key`"), "{e}");
+        let e = format!("{:#}", plain.run_writing(&inputs, &absent).unwrap_err());
+        assert!(e.contains("no output `present.99.key`"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The copy-back mode (one binding, fixed addresses: TensorRT with --cuda-graph) trains exactly as the
@@ -1487,7 +1777,7 @@ mod tests {
             let mut losses = Vec::new();
             for step in 1..=3 {
                 inputs.insert("step".into(), HostTensor::scalar_i64(step));
-                losses.push(bound.run(&mut session, &inputs).unwrap()["loss"].to_f64_vec()[0]);
+                losses.push(bound.run(&mut session, &inputs, None).unwrap()["loss"].to_f64_vec()[0]);
             }
             runs.push((losses, bound.state().unwrap()));
         }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Result};
 pub use pfx_compiler::compile::bart_generate::BartGeneration;
 
-use crate::backend::{Backend, KeptEdit};
-use crate::generate::{keep_cache, split_rows, update_cache};
+use crate::backend::{Backend, KeptEdit, SlotWrites};
+use crate::generate::{keep_cache, run_writing_caches, split_rows, update_cache};
 use crate::search::{self, GenConfig};
 use crate::tensor::HostTensor;
 
@@ -142,24 +142,25 @@ impl Seq2SeqGenerator {
             m.push(1);
         }
         rows.inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, c + 1], m)?);
-        let out = self.decode.run(&rows.inputs)?;
         let s = rows.slot;
-        if s < c {
+        let out = if s < c {
             // The new token's keys/values go into the next slot (the last step's are never read again).
-            for l in 0..sp.layers {
-                for kind in ["key", "value"] {
-                    let name = format!("present.{l}.decoder.{kind}");
-                    let t = out.get(&name).ok_or_else(|| anyhow!("the decode graph has no output {name}"))?;
-                    let src = t.as_f32()?;
-                    let cache = format!("past_key_values.{l}.decoder.{kind}");
-                    let edit = KeptEdit::WriteSlot { new: src, capacity: c, slot: s, width: d };
-                    update_cache(self.decode.as_mut(), &mut rows.inputs, &cache, &edit)?;
-                }
-            }
+            let pairs = (0..sp.layers)
+                .flat_map(|l| {
+                    ["key", "value"].map(|kind| {
+                        (format!("present.{l}.decoder.{kind}"), format!("past_key_values.{l}.decoder.{kind}"))
+                    })
+                })
+                .collect();
+            let writes = SlotWrites { pairs, capacity: c, slot: s, width: d };
+            let out = run_writing_caches(self.decode.as_mut(), &mut rows.inputs, &writes)?;
             for row in 0..r {
                 rows.mask[row * c + s] = 1;
             }
-        }
+            out
+        } else {
+            self.decode.run(&rows.inputs)?
+        };
         rows.slot += 1;
         split_rows(out.get("logits").ok_or_else(|| anyhow!("the decode graph has no logits output"))?)
     }
