@@ -1,14 +1,16 @@
-//! Edits of KV caches that ONNX Runtime keeps in CUDA memory (`ort_backend`, [`Backend::edit_kept`]): a
-//! decode step's new keys and values go from the host into their slot with one strided copy per cache, and a
-//! beam reorder copies rows on the device from a snapshot. Without this the whole cache would cross to the GPU
+//! Edits of KV caches that ONNX Runtime keeps in CUDA memory (`ort_backend`, [`Backend::edit_kept`],
+//! [`Backend::run_writing`]): a decode step's new keys and values go into their slot with one strided copy per
+//! cache (from the step's outputs on the device, or from the host), and a beam reorder copies rows on the device
+//! from a snapshot. Without this the whole cache would cross to the GPU
 //! before every step (62 MB at B=8 for GPT-2 small).
 //!
 //! The copies use the CUDA driver (cudarc, loaded at run time) in the device's primary context, the one ONNX
-//! Runtime's CUDA provider runs in, and wait for the device before returning, so the next run reads the
-//! edited cache whatever stream ONNX Runtime runs on. Every driver error (and a missing driver: cudarc panics
+//! Runtime's CUDA provider runs in, and are waited for before ONNX Runtime's next run (which may be on a stream
+//! that does not wait for them). Every driver error (and a missing driver: cudarc panics
 //! then) is returned as an error.
 //!
 //! [`Backend::edit_kept`]: crate::backend::Backend::edit_kept
+//! [`Backend::run_writing`]: crate::backend::Backend::run_writing
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -26,7 +28,9 @@ pub(crate) struct DeviceF32 {
 }
 
 /// Applies `edit` to `cache` on CUDA device `ordinal`. A reorder needs `scratch` (at least as long as the cache)
-/// for the snapshot it copies rows from; writing a slot needs none.
+/// for the snapshot it copies rows from; writing a slot needs none. The copies are queued in order on the
+/// context's default stream: call [`synchronize`] before ONNX Runtime reads the cache (one wait for all the
+/// caches a step edits).
 pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: Option<DeviceF32>, edit: &KeptEdit) -> Result<()> {
     edit.check(cache.len)?;
     let scratch = match (edit, scratch) {
@@ -60,9 +64,13 @@ pub(crate) fn apply(ordinal: u32, cache: DeviceF32, scratch: Option<DeviceF32>, 
                 }
             }
         }
-        // Device-to-device copies may return before they finish.
-        cu::ctx::synchronize()
+        Ok(())
     })
+}
+
+/// Waits until every copy queued on device `ordinal` (by [`apply`]) has finished.
+pub(crate) fn synchronize(ordinal: u32) -> Result<()> {
+    on_device(ordinal, "waiting for the cache edits", cu::ctx::synchronize)
 }
 
 /// Writes each `(new, cache)` pair's rows `new` [N, width], already in device memory (a decode step's output),

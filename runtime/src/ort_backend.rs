@@ -697,6 +697,9 @@ pub struct OrtBackend {
     bound: Option<BoundRunner>,
     /// Inputs kept on the session's device (`Backend::keep_input`), once there are any.
     kept: Option<KeptInputs>,
+    /// On a GPU, edits of kept inputs queued and not yet waited for: the next run waits for them first (one wait
+    /// for every cache a step edits).
+    edits_in_flight: bool,
 }
 
 /// Inputs kept in buffers on the session's device between runs, and the binding that feeds them: a run binds
@@ -744,6 +747,7 @@ impl OrtBackend {
             run_options: run_options(None)?,
             bound,
             kept: None,
+            edits_in_flight: false,
         })
     }
 
@@ -1257,6 +1261,7 @@ impl Backend for OrtBackend {
     }
 
     fn run(&mut self, inputs: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+        self.wait_for_edits()?;
         if let Some(bound) = self.bound.as_mut() {
             return bound.run(&mut self.session, inputs, None);
         }
@@ -1324,6 +1329,7 @@ impl Backend for OrtBackend {
         inputs: &BTreeMap<String, HostTensor>,
         writes: &SlotWrites,
     ) -> Result<BTreeMap<String, HostTensor>> {
+        self.wait_for_edits()?;
         if let Some(bound) = self.bound.as_mut() {
             return bound.run(&mut self.session, inputs, Some(writes));
         }
@@ -1349,6 +1355,7 @@ impl Backend for OrtBackend {
         } else {
             false
         };
+        self.edits_in_flight |= done && self.device.cuda_ordinal().is_some();
         Ok(done)
     }
 }
@@ -1359,7 +1366,8 @@ fn element_count(t: &DynTensor) -> usize {
 }
 
 /// Applies `edit` to the f32 buffer `buf` where it lies: in host memory directly; in CUDA memory with driver
-/// copies (`cuda_edit`), a reorder's snapshot going to `scratch` (made or grown here when a reorder needs it).
+/// copies (`cuda_edit`), a reorder's snapshot going to `scratch` (made or grown here when a reorder needs it),
+/// queued: `OrtBackend` waits for them before its next run.
 fn edit_buffer(
     session: &Session,
     device: OrtDevice,
@@ -1386,6 +1394,15 @@ fn edit_buffer(
 }
 
 impl OrtBackend {
+    /// Waits for the queued edits of kept inputs on the GPU, if any.
+    fn wait_for_edits(&mut self) -> Result<()> {
+        if let (true, Some(n)) = (self.edits_in_flight, self.device.cuda_ordinal()) {
+            crate::cuda_edit::synchronize(n)?;
+        }
+        self.edits_in_flight = false;
+        Ok(())
+    }
+
     /// A run through the kept inputs' binding: kept buffers bound as they are, given inputs from the host (a
     /// given input wins over a kept one of the same name). Then `writes`' outputs go into their kept inputs where
     /// those lie (on a GPU they are bound to device memory for that, and copied there), and the other outputs
