@@ -205,3 +205,24 @@ fn inspect_every_fixture() {
         assert!(v["family"].is_string());
     }
 }
+
+/// A GPT-2 export folder compiles as the model.onnx in it (the same graphs as naming the file); a folder with
+/// neither that nor a BART export's files is an error that says what to pass.
+#[test]
+fn a_gpt2_export_folder_stands_for_its_model() {
+    let d = tmp("folder");
+    let args = ["--prefix-len", "2", "--mid-dim", "8", "--batch", "2", "--seq", "6"];
+    let (by_file, by_folder) = (d.join("file"), d.join("folder"));
+    let file = graphs().join("gpt2-legacy/model.onnx");
+    for (model, out) in [(file.clone(), &by_file), (graphs().join("gpt2-legacy"), &by_folder)] {
+        let o = pfxc(&[&["compile", s(&model), "-o", s(out)][..], &args].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for g in ["train_step.onnx", "eval_step.onnx", "grads.onnx"] {
+        assert_eq!(std::fs::read(by_file.join(g)).unwrap(), std::fs::read(by_folder.join(g)).unwrap(), "{g}");
+    }
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = pfxc(&[&["compile", s(&empty), "-o", s(&d.join("x"))][..], &args].concat());
+    fails_with(&o, &["empty", "without a model.onnx", "--bart-prefix"]);
+}

@@ -28,7 +28,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Compiles a GPT-2 export (a .onnx file) or, with --bart-prefix, a BART export folder into prefix-tuning
+    /// Compiles a GPT-2 export (a .onnx file, or a folder holding model.onnx) or, with --bart-prefix, a BART export
+    /// folder into prefix-tuning
     /// graphs (train_step, grads, eval_step, and generation graphs when the export has past inputs) and a manifest.
     Compile {
         model: PathBuf,
@@ -148,12 +149,22 @@ fn run(cli: Cli) -> Result<()> {
                 max_grad_norm: if max_grad_norm > 0.0 { Some(max_grad_norm) } else { None },
                 ..AdamW::default()
             };
+            // A GPT-2 export folder (optimum's, or one with a tokenizer next to the model) stands for its
+            // model.onnx; a BART folder (encoder and decoder files) needs its prefix layout.
+            let model = match (model.is_dir(), &bart_prefix) {
+                (true, None) if model.join("model.onnx").is_file() && !model.join("encoder_model.onnx").exists() => {
+                    model.join("model.onnx")
+                }
+                _ => model,
+            };
             if model.is_dir() || bart_prefix.is_some() {
                 let mode: bart::BartPrefix = match &bart_prefix {
                     Some(m) => m.parse()?,
-                    None => {
-                        anyhow::bail!("{} is a folder: BART exports need --bart-prefix paper|peft", model.display())
-                    }
+                    None => anyhow::bail!(
+                        "{} is a folder without a model.onnx: pass a GPT-2 export's .onnx file, or --bart-prefix \
+                         paper|peft for a BART export folder (encoder_model.onnx, decoder_model*.onnx)",
+                        model.display()
+                    ),
                 };
                 let (Some(src_len), Some(tgt_len)) = (src_len, tgt_len) else {
                     anyhow::bail!("BART needs --src-len and --tgt-len");
