@@ -8,6 +8,7 @@ pub mod eval;
 pub mod inspect;
 pub mod ir;
 pub mod onnx_io;
+pub mod progress;
 pub mod shape;
 pub mod simplify;
 pub mod specialize;

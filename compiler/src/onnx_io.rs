@@ -367,6 +367,10 @@ pub struct WeightsFile {
     location: String,
     offset: u64,
     written: HashMap<(String, usize), (u64, u64)>,
+    /// What was written, by byte length and a hash of a sample of the bytes: a tensor with the same bytes as one
+    /// already there (the weights of the prefill and decode graphs, read from the export again) is not
+    /// written twice. A candidate's bytes are compared whole before its place is reused.
+    by_content: HashMap<(usize, u64), Vec<((u64, u64), std::sync::Arc<crate::tensor::Data>)>>,
     /// Tensors smaller than this stay inline in the model.
     pub threshold: usize,
 }
@@ -385,6 +389,7 @@ impl WeightsFile {
             location,
             offset: 0,
             written: HashMap::new(),
+            by_content: HashMap::new(),
             threshold: 1024,
         })
     }
@@ -393,23 +398,47 @@ impl WeightsFile {
         &self.path
     }
 
-    /// Writes the tensor (once per name and storage) and returns its offset and length.
+    /// Writes the tensor (once per name and storage, and once per content) and returns its offset and length.
     fn place(&mut self, name: &str, t: &Tensor) -> Result<(u64, u64)> {
         let key = (name.to_string(), std::sync::Arc::as_ptr(&t.data) as usize);
         if let Some(&pos) = self.written.get(&key) {
+            return Ok(pos);
+        }
+        let bytes = t.to_le_bytes();
+        let sample = (bytes.len(), sample_hash(&bytes));
+        let same = self.by_content.get(&sample).and_then(|seen| {
+            seen.iter().find(|(_, data)| Tensor { shape: vec![], data: data.clone() }.to_le_bytes() == bytes)
+        });
+        if let Some(&(pos, _)) = same {
+            self.written.insert(key, pos);
             return Ok(pos);
         }
         // Align each tensor to 64 bytes, so runtimes can map them directly.
         let pad = (64 - self.offset % 64) % 64;
         self.file.write_all(&vec![0u8; pad as usize])?;
         self.offset += pad;
-        let bytes = t.to_le_bytes();
         self.file.write_all(&bytes).with_context(|| format!("writing {}", self.path.display()))?;
         let pos = (self.offset, bytes.len() as u64);
         self.offset += bytes.len() as u64;
         self.written.insert(key, pos);
+        self.by_content.entry(sample).or_default().push((pos, t.data.clone()));
         Ok(pos)
     }
+}
+
+/// A hash of 64 slices of 64 bytes spread over `bytes` (and of its two ends): cheap on a 150 MB embedding,
+/// and tells different weights apart; [`WeightsFile::place`] compares the whole bytes on a match.
+fn sample_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let n = bytes.len();
+    bytes[..n.min(4096)].hash(&mut h);
+    bytes[n.saturating_sub(4096)..].hash(&mut h);
+    for i in 0..64 {
+        let at = n / 64 * i;
+        bytes[at..(at + 64).min(n)].hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Smallest IR version that an opset needs (what onnx.checker expects).
@@ -608,4 +637,45 @@ fn function_to_proto(f: &Function, weights: &mut Option<&mut WeightsFile>) -> Re
         p.node.push(node_to_proto(n, weights)?);
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Equal bytes are written once, whatever the name or storage; bytes that differ anywhere (also where the
+    /// sample hash does not look, and -0.0 against 0.0, equal as floats) each get their own place, and every
+    /// place holds its tensor's bytes.
+    #[test]
+    fn weights_are_written_once_per_content() {
+        let dir = std::env::temp_dir().join(format!("pfx-weights-dedup-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weights.bin");
+        let mut w = WeightsFile::create(&path).unwrap();
+        let n = 64 * 1024;
+        let base: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+        // Byte 4·(n/2 + 100) lies between two sampled slices (every 4096 bytes here) and away from the ends.
+        let mut off_sample = base.clone();
+        off_sample[n / 2 + 100] += 1.0;
+        let mut negative_zero = vec![0.0f32; n];
+        negative_zero[n / 2 + 100] = -0.0;
+        let tensors = [
+            ("a", Tensor::f32(vec![n], base.clone())),
+            ("b", Tensor::f32(vec![n], base)),
+            ("c", Tensor::f32(vec![n], off_sample)),
+            ("z", Tensor::f32(vec![n], vec![0.0; n])),
+            ("nz", Tensor::f32(vec![n], negative_zero)),
+        ];
+        let at: Vec<(u64, u64)> = tensors.iter().map(|(name, t)| w.place(name, t).unwrap()).collect();
+        assert_eq!(at[1], at[0], "the same bytes in another tensor: written once");
+        assert_eq!(sample_hash(&tensors[2].1.to_le_bytes()), sample_hash(&tensors[0].1.to_le_bytes()));
+        assert_ne!(at[2], at[0], "a difference the sample misses still gets its own place");
+        assert_ne!(at[4], at[3], "-0.0 is not 0.0 in bytes");
+        let file = fs::read(&path).unwrap();
+        assert_eq!(file.len() as u64, at[4].0 + at[4].1, "four tensors written");
+        for ((name, t), (offset, len)) in tensors.iter().zip(&at) {
+            assert_eq!(&file[*offset as usize..(offset + len) as usize], &t.to_le_bytes()[..], "{name}");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

@@ -262,6 +262,11 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Stage lines where someone watches (or PFX_PROGRESS=1 asks for them in a log).
+    use std::io::IsTerminal;
+    pfx_compiler::progress::enable(
+        std::io::stderr().is_terminal() || std::env::var("PFX_PROGRESS").is_ok_and(|v| v == "1"),
+    );
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -714,7 +714,9 @@ pub struct CompiledBart {
 }
 
 pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBart> {
+    crate::progress::stage(format_args!("reading and specializing {}", dir.display()));
     let BartLoss { model: eval, export, dims, generators } = build_bart_loss_graph(dir, opts)?;
+    crate::progress::stage("building the gradients, the AdamW step and the generation graphs");
     let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
     let mut graphs = super::training_graphs(eval, &names, &opts.optimizer, &bart_loss(opts))?;
     if let Some(gs) = &opts.generation {
@@ -776,6 +778,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     let mut files = BTreeMap::new();
     for (role, m) in &c.graphs {
         let file = format!("{role}.onnx");
+        crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
         io.insert(role.to_string(), super::graph_io(m, &file, &names));
         files.insert(role.to_string(), file);

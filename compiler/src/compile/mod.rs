@@ -240,13 +240,17 @@ pub struct GenerationSpec {
 }
 
 pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> {
+    crate::progress::stage(format_args!("reading and specializing {}", source.display()));
     let (eval, shape, injection, info) = build_loss_graph(source, opts)?;
     let names: Vec<String> = shape.trainables("").into_iter().map(|t| t.0).collect();
 
+    crate::progress::stage("building the gradients and the AdamW step");
     let mut graphs = training_graphs(eval, &names, &opts.optimizer, &gpt2_loss())?;
     let mut generation = None;
     if let (Some(gs), true) = (&opts.generation, injection == Injection::PastBinding) {
+        crate::progress::stage("building the prefill graph");
         graphs.push(("prefill".into(), generate::build_prefill(source, &shape, gs, None)?));
+        crate::progress::stage("building the decode graph");
         graphs.push(("decode".into(), generate::build_decode(source, shape.len, gs)?));
         generation = Some(GenerationSpec {
             rows: gs.rows,
@@ -319,6 +323,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
     let mut files = BTreeMap::new();
     for (role, m) in &c.graphs {
         let file = format!("{role}.onnx");
+        crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
         io.insert(role.to_string(), graph_io(m, &file, &names));
         files.insert(role.to_string(), file);
