@@ -360,6 +360,9 @@ fn function_from_proto(f: &pb::FunctionProto, reader: &mut ExternalReader) -> Re
 // ------------------------------------------------------------------------------------------------ writing
 
 /// A shared external-data file: several graphs can write their weights into it, each tensor once.
+/// A tensor's place in the weights file (offset, length) and the values written there.
+type Placed = ((u64, u64), std::sync::Arc<crate::tensor::Data>);
+
 pub struct WeightsFile {
     path: PathBuf,
     file: fs::File,
@@ -370,7 +373,7 @@ pub struct WeightsFile {
     /// What was written, by byte length and a hash of a sample of the bytes: a tensor with the same bytes as one
     /// already there (the weights of the prefill and decode graphs, read from the export again) is not
     /// written twice. A candidate's bytes are compared whole before its place is reused.
-    by_content: HashMap<(usize, u64), Vec<((u64, u64), std::sync::Arc<crate::tensor::Data>)>>,
+    by_content: HashMap<(usize, u64), Vec<Placed>>,
     /// Tensors smaller than this stay inline in the model.
     pub threshold: usize,
 }
