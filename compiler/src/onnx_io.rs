@@ -359,10 +359,10 @@ fn function_from_proto(f: &pb::FunctionProto, reader: &mut ExternalReader) -> Re
 
 // ------------------------------------------------------------------------------------------------ writing
 
-/// A shared external-data file: several graphs can write their weights into it, each tensor once.
 /// A tensor's place in the weights file (offset, length) and the values written there.
 type Placed = ((u64, u64), std::sync::Arc<crate::tensor::Data>);
 
+/// A shared external-data file: several graphs can write their weights into it, each tensor once.
 pub struct WeightsFile {
     path: PathBuf,
     file: fs::File,
