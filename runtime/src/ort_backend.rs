@@ -1587,6 +1587,15 @@ mod tests {
 
     /// A compiled bundle of the random GPT-2 fixture, and inputs for one of its graphs (fixed values).
     fn small_bundle(tag: &str) -> PathBuf {
+        small_bundle_of(tag, "gpt2-optimum", None)
+    }
+
+    /// A compiled bundle of the GPT-2 fixture `fixture`, with generation graphs of `generation`'s shape.
+    fn small_bundle_of(
+        tag: &str,
+        fixture: &str,
+        generation: Option<pfx_compiler::compile::generate::GenShape>,
+    ) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("pfx-ort-unit-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let opts = pfx_compiler::compile::CompileOptions {
@@ -1596,10 +1605,10 @@ mod tests {
             seq: 5,
             optimizer: Default::default(),
             seed: 1,
-            generation: None,
+            generation,
         };
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        pfx_compiler::compile::compile(&root.join("graphs/gpt2-optimum/model.onnx"), &opts, &dir).unwrap();
+        pfx_compiler::compile::compile(&root.join("graphs").join(fixture).join("model.onnx"), &opts, &dir).unwrap();
         dir
     }
 
@@ -1702,19 +1711,8 @@ mod tests {
         if !ort_here() {
             return;
         }
-        let dir = std::env::temp_dir().join(format!("pfx-ort-unit-slots-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let opts = pfx_compiler::compile::CompileOptions {
-            prefix_len: 2,
-            mid_dim: None,
-            batch: 2,
-            seq: 5,
-            optimizer: Default::default(),
-            seed: 1,
-            generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 3, max_new: 4 }),
-        };
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        pfx_compiler::compile::compile(&root.join("graphs/gpt2-dynamo-past/model.onnx"), &opts, &dir).unwrap();
+        let shape = pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 3, max_new: 4 };
+        let dir = small_bundle_of("slots", "gpt2-dynamo-past", Some(shape));
         let model = dir.join("decode.onnx");
         let options = OrtOptions::default();
         let mut plain = OrtBackend::open(&model, &options).unwrap();
