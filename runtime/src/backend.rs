@@ -169,7 +169,10 @@ pub(crate) fn write_on_host(
 pub(crate) fn check_slot_write(new: usize, capacity: usize, slot: usize, width: usize, len: usize) -> Result<()> {
     let n = new.checked_div(width).unwrap_or(0);
     if width == 0 || !new.is_multiple_of(width) || slot >= capacity || n * capacity * width > len {
-        bail!("cannot write {new} values as rows of {width} into slot {slot} of a [{n}, {capacity}, {width}] cache of {len} values");
+        bail!(
+            "cannot write {new} values as rows of {width} into slot {slot} of a [{n}, {capacity}, {width}] cache \
+             of {len} values"
+        );
     }
     Ok(())
 }
