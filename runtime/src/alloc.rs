@@ -23,6 +23,17 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Gives the pages of freed blocks back to the OS once (glibc's `malloc_trim`). For after loading a model:
+/// parsing holds a copy of the weights that optimization replaces, and with [`keep_freed_memory`] the heap would
+/// keep those pages for good.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages (glibc takes its own lock); no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// `len` zeros in memory the kernel is asked to back with transparent huge pages (2 MB) where it can (Linux;
 /// elsewhere, or where THP is off, plain memory). For large arrays read front to back again and again, like
 /// the packed weights of one-token decoding: 4 KB pages cost a TLB miss every 4 KB, and a B=8 GPT-2 decode

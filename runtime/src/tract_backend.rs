@@ -186,6 +186,8 @@ impl TractBackend {
             format!("tract could not prepare {} for inputs {}", self.path.display(), s.join(", "))
         };
         let plan = optimize(model).and_then(|m| m.into_runnable()).with_context(describe)?;
+        // The parsed model's weights are freed by now; their pages go back (they would stay in the heap).
+        crate::alloc::return_freed_memory();
         self.plans.insert(sig.clone(), plan.clone());
         Ok(plan)
     }
