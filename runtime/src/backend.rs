@@ -132,15 +132,15 @@ impl KeptEdit<'_> {
 /// Outputs of a decode step that go into kept inputs rather than back to the caller ([`Backend::run_writing`]):
 /// each `(output, kept input)` pair writes the new token's keys or values [N, width] into slot `slot` of the
 /// cache [N, capacity, width], as [`KeptEdit::WriteSlot`] does.
-#[derive(Clone, Debug)]
-pub struct SlotWrites {
-    pub pairs: Vec<(String, String)>,
+#[derive(Clone, Copy, Debug)]
+pub struct SlotWrites<'a> {
+    pub pairs: &'a [(String, String)],
     pub capacity: usize,
     pub slot: usize,
     pub width: usize,
 }
 
-impl SlotWrites {
+impl SlotWrites<'_> {
     /// The edit that writes `new` (one pair's output) into its cache.
     pub fn edit<'a>(&self, new: &'a [f32]) -> KeptEdit<'a> {
         KeptEdit::WriteSlot { new, capacity: self.capacity, slot: self.slot, width: self.width }
@@ -155,7 +155,7 @@ pub(crate) fn write_on_host(
     mut out: BTreeMap<String, HostTensor>,
     writes: &SlotWrites,
 ) -> Result<BTreeMap<String, HostTensor>> {
-    for (output, kept) in &writes.pairs {
+    for (output, kept) in writes.pairs {
         let t = out.get(output).with_context(|| format!("{} has no output `{output}`", backend.name()))?;
         if backend.edit_kept(kept, &writes.edit(t.as_f32()?))? {
             out.remove(output);

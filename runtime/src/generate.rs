@@ -23,6 +23,8 @@ pub struct Generator {
     head_dim: usize,
     /// Trainable tensors fed to prefill (empty for baked graphs, whose prefix is constant).
     prefix: BTreeMap<String, HostTensor>,
+    /// (decode output, cache input) for every layer's new keys and values: what each step writes.
+    cache_writes: Vec<(String, String)>,
 }
 
 /// The running state of R rows: the decode graph's inputs and the cache mask. The caches
@@ -66,6 +68,9 @@ impl Generator {
             heads: m.heads,
             head_dim: m.head_dim,
             prefix,
+            cache_writes: cache_pairs(m.layers, |l, kind| {
+                (format!("present.{l}.{kind}"), format!("past_key_values.{l}.{kind}"))
+            }),
         })
     }
 
@@ -145,12 +150,7 @@ impl Generator {
         }
         inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, c + 1], m)?);
         let s = rows.slot;
-        let pairs = (0..self.layers)
-            .flat_map(|l| {
-                ["key", "value"].map(|kind| (format!("present.{l}.{kind}"), format!("past_key_values.{l}.{kind}")))
-            })
-            .collect();
-        let writes = SlotWrites { pairs, capacity: c, slot: s, width: self.head_dim };
+        let writes = SlotWrites { pairs: &self.cache_writes, capacity: c, slot: s, width: self.head_dim };
         let out = run_writing_caches(self.decode.as_mut(), &mut rows.inputs, &writes)?;
         for row in 0..r {
             rows.mask[row * c + s] = 1;
@@ -247,12 +247,17 @@ pub(crate) fn run_writing_caches(
     writes: &SlotWrites,
 ) -> Result<BTreeMap<String, HostTensor>> {
     let mut out = decode.run_writing(inputs, writes)?;
-    for (output, cache) in &writes.pairs {
+    for (output, cache) in writes.pairs {
         if let Some(t) = out.remove(output) {
             update_cache(decode, inputs, cache, &writes.edit(t.as_f32()?))?;
         }
     }
     Ok(out)
+}
+
+/// `name(layer, kind)` for every layer and kind (key, value), in the order the graphs list them.
+pub(crate) fn cache_pairs<T>(layers: usize, name: impl Fn(usize, &str) -> T) -> Vec<T> {
+    (0..layers).flat_map(|l| ["key", "value"].map(|kind| name(l, kind))).collect()
 }
 
 /// Applies `edit` to a KV cache, wherever [`keep_cache`] put it.

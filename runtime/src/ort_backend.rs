@@ -1084,8 +1084,8 @@ impl BoundRunner {
     /// device); returns the outputs so written.
     fn write_slots(&mut self, writes: &SlotWrites) -> Result<std::collections::BTreeSet<String>> {
         let mut written = std::collections::BTreeSet::new();
-        let mut on_device = Vec::new();
-        for (output, kept) in &writes.pairs {
+        let mut writer = SlotWriter::new(writes, self.device);
+        for (output, kept) in writes.pairs {
             let Some(src) = self.read.iter().position(|(n, _)| n == output) else {
                 bail!("{} has no output `{output}`", self.path.display());
             };
@@ -1093,20 +1093,48 @@ impl BoundRunner {
                 continue;
             }
             let dst = self.fed.iter().position(|(s, _)| &s.name == kept).expect("kept inputs are fed inputs");
-            if self.device.cuda_ordinal().is_some() {
-                on_device.push((device_f32(&self.read[src].1), device_f32(&self.fed[dst].1)));
-            } else {
-                let (_, new) = self.read[src].1.try_extract_tensor::<f32>().map_err(ort_err)?;
-                let (_, cache) = self.fed[dst].1.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
-                writes.edit(new).apply(cache).with_context(|| format!("writing `{output}` into `{kept}`"))?;
-            }
+            writer
+                .write(&self.read[src].1, &mut self.fed[dst].1)
+                .with_context(|| format!("writing `{output}` into `{kept}`"))?;
             written.insert(output.clone());
         }
-        if let (Some(ordinal), false) = (self.device.cuda_ordinal(), on_device.is_empty()) {
-            crate::cuda_edit::write_slots(ordinal, &on_device, writes.capacity, writes.slot, writes.width)
-                .with_context(|| format!("running {}", self.path.display()))?;
-        }
+        writer.finish().with_context(|| format!("running {}", self.path.display()))?;
         Ok(written)
+    }
+}
+
+/// One run's slot writes into kept caches, where those lie: done at once in host memory; on a GPU gathered, then
+/// made as one batch of device copies and one wait (`finish`).
+struct SlotWriter<'w> {
+    writes: &'w SlotWrites<'w>,
+    ordinal: Option<u32>,
+    on_device: Vec<(crate::cuda_edit::DeviceF32, crate::cuda_edit::DeviceF32)>,
+}
+
+impl<'w> SlotWriter<'w> {
+    fn new(writes: &'w SlotWrites<'w>, device: OrtDevice) -> SlotWriter<'w> {
+        SlotWriter { writes, ordinal: device.cuda_ordinal(), on_device: Vec::new() }
+    }
+
+    /// Writes the output `new` into slot `writes.slot` of `cache` (on a GPU: at `finish`).
+    fn write(&mut self, new: &DynTensor, cache: &mut DynTensor) -> Result<()> {
+        if self.ordinal.is_some() {
+            self.on_device.push((device_f32(new), device_f32(cache)));
+            return Ok(());
+        }
+        let (_, new) = new.try_extract_tensor::<f32>().map_err(ort_err)?;
+        let (_, cache) = cache.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
+        self.writes.edit(new).apply(cache)
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.ordinal {
+            Some(n) if !self.on_device.is_empty() => {
+                let w = self.writes;
+                crate::cuda_edit::write_slots(n, &self.on_device, w.capacity, w.slot, w.width)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1450,25 +1478,16 @@ impl OrtBackend {
             .run_binding_with_options(&kept.binding, &self.run_options)
             .map_err(ort_err)
             .with_context(|| format!("ONNX Runtime failed running {}", self.path.display()))?;
-        let (capacity, slot, width) = writes.map_or((0, 0, 0), |w| (w.capacity, w.slot, w.width));
-        let mut on_device = Vec::new();
-        for &(output, name) in &written {
-            let new = outs.get(output).with_context(|| format!("{} has no output `{output}`", self.path.display()))?;
-            let cache = kept.values.get_mut(name).expect("written pairs have kept inputs");
-            if ordinal.is_some() {
+        if let Some(writes) = writes {
+            let mut writer = SlotWriter::new(writes, self.device);
+            for &(output, name) in &written {
+                let new =
+                    outs.get(output).with_context(|| format!("{} has no output `{output}`", self.path.display()))?;
                 let new = new.view().downcast::<DynTensorValueType>().map_err(ort_err)?;
-                let len = new.shape().iter().map(|&d| d as usize).product();
-                on_device.push((crate::cuda_edit::DeviceF32 { ptr: new.data_ptr() as u64, len }, device_f32(cache)));
-            } else {
-                let (_, new) = new.try_extract_tensor::<f32>().map_err(ort_err)?;
-                let (_, cache) = cache.try_extract_tensor_mut::<f32>().map_err(ort_err)?;
-                let edit = KeptEdit::WriteSlot { new, capacity, slot, width };
-                edit.apply(cache).with_context(|| format!("writing `{output}` into `{name}`"))?;
+                let cache = kept.values.get_mut(name).expect("written pairs have kept inputs");
+                writer.write(&new, cache).with_context(|| format!("writing `{output}` into `{name}`"))?;
             }
-        }
-        if let (Some(n), false) = (ordinal, on_device.is_empty()) {
-            crate::cuda_edit::write_slots(n, &on_device, capacity, slot, width)
-                .with_context(|| format!("running {}", self.path.display()))?;
+            writer.finish().with_context(|| format!("running {}", self.path.display()))?;
         }
         let mut result = BTreeMap::new();
         for (name, value) in outs.iter() {
@@ -1612,6 +1631,13 @@ mod tests {
         dir
     }
 
+    /// A session of `model` and --cuda-graph's runner over it (fixed buffers, no state), with its inputs.
+    fn fixed_buffers(model: &Path, options: &OrtOptions) -> (Session, Vec<IoSpec>, BoundRunner) {
+        let OpenedSession { session, inputs, outputs, .. } = open_session(model, options).unwrap();
+        let bound = BoundRunner::new(&session, model, options, &inputs, &outputs, vec![], true).unwrap();
+        (session, inputs, bound)
+    }
+
     fn inputs_for(specs: &[IoSpec]) -> BTreeMap<String, HostTensor> {
         let mut inputs = BTreeMap::new();
         for spec in specs {
@@ -1643,8 +1669,7 @@ mod tests {
         let mut plain = OrtBackend::open(&model, &options).unwrap();
         let inputs = inputs_for(plain.inputs());
         let want = plain.run(&inputs).unwrap();
-        let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
-        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], true).unwrap();
+        let (mut session, _, mut bound) = fixed_buffers(&model, &options);
         for _ in 0..2 {
             let got = bound.run(&mut session, &inputs, None).unwrap();
             assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
@@ -1670,8 +1695,7 @@ mod tests {
         let options = OrtOptions::default();
         let mut plain = OrtBackend::open(&model, &options).unwrap();
         let mut inputs = inputs_for(plain.inputs());
-        let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
-        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], true).unwrap();
+        let (mut session, specs, mut bound) = fixed_buffers(&model, &options);
         let spec = specs.iter().find(|s| s.dtype == Some(DType::F32) && s.name != "lr").unwrap().clone();
         let mut value = inputs.remove(&spec.name).unwrap();
         let (rows, width) = (value.shape()[0], value.shape()[1..].iter().product::<usize>());
@@ -1723,7 +1747,7 @@ mod tests {
         let shape: Vec<usize> = caches[0].shape.clone().unwrap().into_iter().map(Option::unwrap).collect();
         let pairs: Vec<(String, String)> =
             caches.iter().map(|s| (s.name.replace("past_key_values.", "present."), s.name.clone())).collect();
-        let writes = SlotWrites { pairs: pairs.clone(), capacity: shape[2], slot: shape[2] - 2, width: shape[3] };
+        let writes = SlotWrites { pairs: &pairs, capacity: shape[2], slot: shape[2] - 2, width: shape[3] };
         let out = plain.run(&inputs).unwrap();
         let mut want_caches = BTreeMap::new();
         for (output, cache) in &pairs {
@@ -1748,8 +1772,7 @@ mod tests {
             assert_eq!(got, want.as_f32().unwrap(), "kept inputs: {cache}");
         }
 
-        let OpenedSession { mut session, inputs: specs, outputs, .. } = open_session(&model, &options).unwrap();
-        let mut bound = BoundRunner::new(&session, &model, &options, &specs, &outputs, vec![], false).unwrap();
+        let (mut session, _, mut bound) = fixed_buffers(&model, &options);
         for (_, cache) in &pairs {
             bound.keep(cache, &inputs[cache]).unwrap();
         }
@@ -1759,8 +1782,9 @@ mod tests {
             assert_eq!(buf.try_extract_tensor::<f32>().unwrap().1, want.as_f32().unwrap(), "fixed buffers: {cache}");
         }
 
-        let mut absent = writes.clone();
-        absent.pairs.push(("present.99.key".into(), pairs[0].1.clone()));
+        let mut with_absent = pairs.clone();
+        with_absent.push(("present.99.key".into(), pairs[0].1.clone()));
+        let absent = SlotWrites { pairs: &with_absent, ..writes };
         let e = format!("{:#}", kept.run_writing(&rest, &absent).unwrap_err());
         assert!(e.contains("no output `present.99.key`"), "{e}");
         let e = format!("{:#}", bound.run(&mut session, &rest, Some(&absent)).unwrap_err());

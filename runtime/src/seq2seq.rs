@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 pub use pfx_compiler::compile::bart_generate::BartGeneration;
 
 use crate::backend::{Backend, KeptEdit, SlotWrites};
-use crate::generate::{keep_cache, run_writing_caches, split_rows, update_cache};
+use crate::generate::{cache_pairs, keep_cache, run_writing_caches, split_rows, update_cache};
 use crate::search::{self, GenConfig};
 use crate::tensor::HostTensor;
 
@@ -21,6 +21,8 @@ pub struct Seq2SeqGenerator {
     /// Trainable tensors fed to `encode` (empty for baked graphs).
     prefix: BTreeMap<String, HostTensor>,
     decoder_start: i64,
+    /// (decode output, self-cache input) for every layer's new keys and values: what each step writes.
+    cache_writes: Vec<(String, String)>,
 }
 
 /// R rows being decoded: the decode graph's inputs, kept between steps and updated in place (the caches in the
@@ -44,7 +46,10 @@ impl Seq2SeqGenerator {
         prefix: BTreeMap<String, HostTensor>,
         decoder_start: i64,
     ) -> Seq2SeqGenerator {
-        Seq2SeqGenerator { encode, encode_bare, decode, spec, prefix, decoder_start }
+        let cache_writes = cache_pairs(spec.layers, |l, kind| {
+            (format!("present.{l}.decoder.{kind}"), format!("past_key_values.{l}.decoder.{kind}"))
+        });
+        Seq2SeqGenerator { encode, encode_bare, decode, spec, prefix, decoder_start, cache_writes }
     }
 
     /// Encodes R right-padded sources, seeds the caches and feeds the decoder start token; returns the state and
@@ -145,14 +150,7 @@ impl Seq2SeqGenerator {
         let s = rows.slot;
         let out = if s < c {
             // The new token's keys/values go into the next slot (the last step's are never read again).
-            let pairs = (0..sp.layers)
-                .flat_map(|l| {
-                    ["key", "value"].map(|kind| {
-                        (format!("present.{l}.decoder.{kind}"), format!("past_key_values.{l}.decoder.{kind}"))
-                    })
-                })
-                .collect();
-            let writes = SlotWrites { pairs, capacity: c, slot: s, width: d };
+            let writes = SlotWrites { pairs: &self.cache_writes, capacity: c, slot: s, width: d };
             let out = run_writing_caches(self.decode.as_mut(), &mut rows.inputs, &writes)?;
             for row in 0..r {
                 rows.mask[row * c + s] = 1;

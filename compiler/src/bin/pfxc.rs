@@ -29,8 +29,8 @@ enum Command {
         json: bool,
     },
     /// Compiles a GPT-2 export (a .onnx file, or a folder holding model.onnx) or, with --bart-prefix, a BART export
-    /// folder into prefix-tuning
-    /// graphs (train_step, grads, eval_step, and generation graphs when the export has past inputs) and a manifest.
+    /// folder into prefix-tuning graphs (train_step, grads, eval_step, and generation graphs when the export has
+    /// past inputs) and a manifest.
     Compile {
         model: PathBuf,
         /// Prefix length P (virtual tokens).
