@@ -35,6 +35,7 @@ fn options() -> CompileOptions {
         optimizer: AdamW::default(),
         seed: 0,
         generation: None,
+        weights: Default::default(),
     }
 }
 

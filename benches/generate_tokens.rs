@@ -62,6 +62,7 @@ fn main() -> Result<()> {
             optimizer: AdamW::default(),
             seed: 0,
             generation: Some(GenShape { rows, prompt_len: PROMPT, max_new: NEW }),
+            weights: Default::default(),
         };
         compile(&model, &opts, &dir).context("compiling the bench bundle")?;
         let bundle = Bundle::open(&dir)?;

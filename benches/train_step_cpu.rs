@@ -393,6 +393,7 @@ fn orchestrate() -> Result<()> {
             optimizer: AdamW::default(),
             seed: 0,
             generation: None,
+            weights: Default::default(),
         };
         let t = Instant::now();
         compile(&model, &opts, &dir).context("compiling the bench bundle")?;

@@ -34,6 +34,7 @@ fn compile_fixture(fixture: &str, mode: &str, max_norm: f32, tag: &str) -> (Path
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
         seed: 0,
         generation: None,
+        weights: Default::default(),
     };
     let model = common::graphs_dir().join(fixture).join("model.onnx");
     let m = compile(&model, &opts, &out).unwrap_or_else(|e| panic!("compiling {fixture}: {e:#}"));
@@ -97,6 +98,7 @@ fn compiled_graph_snapshots() {
             optimizer: AdamW { weight_decay: WD, ..AdamW::default() },
             seed: 0,
             generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 6, max_new: 4 }),
+            weights: Default::default(),
         };
         let model = common::graphs_dir().join(fixture).join("model.onnx");
         let c = pfx_compiler::compile::compile_models(&model, &opts).unwrap();

@@ -31,6 +31,7 @@ fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
         optimizer: AdamW::default(),
         seed: 0,
         generation: Some(GenShape { rows, prompt_len: 6, max_new: 8 }),
+        weights: Default::default(),
     };
     compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
     out

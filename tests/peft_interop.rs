@@ -28,6 +28,7 @@ fn bundle(mode: &str, tag: &str, opt: AdamW) -> PathBuf {
         optimizer: opt,
         seed: 0,
         generation: None,
+        weights: Default::default(),
     };
     compile(&common::graphs_dir().join("gpt2-optimum/model.onnx"), &opts, &out).unwrap();
     out

@@ -33,6 +33,7 @@ fn the_fused_update_replaces_every_parameters_plain_ops_and_agrees_with_them() {
         optimizer: AdamW { weight_decay: 0.01, max_grad_norm: Some(1e-3), ..AdamW::default() },
         seed: 0,
         generation: None,
+        weights: Default::default(),
     };
     let m = compile(&common::graphs_dir().join("gpt2-dynamo/model.onnx"), &opts, &out).unwrap();
     let r = pfx_runtime::read_safetensors(common::graphs_dir().join("peft/gpt2-reparam.safetensors")).unwrap();

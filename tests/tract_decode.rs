@@ -81,6 +81,7 @@ fn gpt2_decode_products_are_rewritten_and_agree_with_tract() {
             optimizer: AdamW::default(),
             seed: 0,
             generation: Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }),
+            weights: Default::default(),
         };
         compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
         check(&out, 2, 6); // q·Kᵀ and p·V; q, k, v, the attention's and the MLP's two (+ the LM head)

@@ -245,7 +245,11 @@ pub fn fold_and_infer(g: &mut Graph) -> Result<usize> {
         let all_const = node.inputs.iter().zip(&consts).all(|(n, c)| n.is_empty() || c.is_some());
         let small =
             out_types.iter().all(|t| t.concrete().map(|s| s.iter().product::<usize>() <= FOLD_LIMIT).unwrap_or(false));
-        if all_const && small && !node.inputs.is_empty() {
+        // A Cast from a half-precision constant is how a weight is stored small (`--weights f16`): folding it
+        // would store it in f32 again.
+        let stored_half = node.op == "Cast"
+            && consts.first().copied().flatten().is_some_and(|t| matches!(t.dtype(), DType::F16 | DType::BF16));
+        if all_const && small && !node.inputs.is_empty() && !stored_half {
             if let Some(vals) = eval_node(&node, &consts).with_context(|| format!("folding {}", node.label()))? {
                 for (name, v) in node.outputs.iter().zip(vals) {
                     if !name.is_empty() {

@@ -38,20 +38,20 @@ pub fn return_freed_memory() {
 /// elsewhere, or where THP is off, plain memory). For large arrays read front to back again and again, like
 /// the packed weights of one-token decoding: 4 KB pages cost a TLB miss every 4 KB, and a B=8 GPT-2 decode
 /// step's weight products took 26–28 ms on them against 22–24 ms on huge pages (`tract_profile`, 3 runs each).
-pub fn zeroed_on_huge_pages(len: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(len);
+pub fn zeroed_on_huge_pages<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
         // The advice must come before the pages are first written; only whole 2 MB pages inside the block count.
         const HUGE: usize = 2 << 20;
         let start = v.as_ptr() as usize;
-        let (first, end) = (start.next_multiple_of(HUGE), (start + len * size_of::<f32>()) / HUGE * HUGE);
+        let (first, end) = (start.next_multiple_of(HUGE), (start + len * size_of::<T>()) / HUGE * HUGE);
         if end > first {
             // SAFETY: the range lies inside `v`'s allocation, and the advice changes no memory contents (a
             // failure, e.g. THP compiled out, leaves plain pages).
             unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
         }
     }
-    v.resize(len, 0.0);
+    v.resize(len, T::default());
     v
 }

@@ -1625,6 +1625,7 @@ mod tests {
             optimizer: Default::default(),
             seed: 1,
             generation,
+            weights: Default::default(),
         };
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         pfx_compiler::compile::compile(&root.join("graphs").join(fixture).join("model.onnx"), &opts, &dir).unwrap();

@@ -105,6 +105,7 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
         optimizer: AdamW::default(),
         seed: 0,
         generation: Some(BartGenShape { rows: 4, src_len: 64, max_new: 12 }),
+        weights: Default::default(),
     };
     compile_bart(&model_dir(), &opts, &bundle).unwrap();
     assert!(bundle.join("tokenizer.json").exists(), "the export's tokenizer travels with the bundle");

@@ -50,6 +50,7 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         optimizer: AdamW::default(),
         seed: 3,
         generation: None,
+        weights: Default::default(),
     };
     compile(&root().join("graphs/e2e-small/model.onnx"), &opts, &bundle).unwrap();
     // 40 examples: 10 steps per epoch, 20 in all.

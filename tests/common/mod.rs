@@ -243,6 +243,7 @@ pub fn bart_options(mode: BartPrefix, mid_dim: Option<usize>, generation: Option
         optimizer: AdamW::default(),
         seed: 0,
         generation,
+        weights: Default::default(),
     }
 }
 

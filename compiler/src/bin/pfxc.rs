@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{bart, bart_generate, compile, CompileOptions};
 use pfx_compiler::onnx_io::{self, WeightsFile};
 use pfx_compiler::specialize::{specialize, Dims};
@@ -77,6 +78,10 @@ enum Command {
         /// Most tokens generated per prompt (BART: 0 writes no generation graphs).
         #[arg(long, default_value_t = 32)]
         max_new: usize,
+        /// Element type of the frozen weight matrices in weights.bin: f32 (as exported) or f16 (half the size;
+        /// the graphs compute in f32 on the weights rounded to f16, and tract's decoding reads them as f16).
+        #[arg(long, default_value = "f32")]
+        weights: WeightStorage,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -142,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
             gen_rows,
             prompt_len,
             max_new,
+            weights,
             output,
         } => {
             let optimizer = AdamW {
@@ -183,6 +189,7 @@ fn run(cli: Cli) -> Result<()> {
                     generation: (max_new > 0 && bart::has_decoder_with_past(&model)).then(|| {
                         bart_generate::BartGenShape { rows: gen_rows, src_len: prompt_len.unwrap_or(src_len), max_new }
                     }),
+                    weights,
                 };
                 let t0 = std::time::Instant::now();
                 let m = bart::compile_bart(&model, &opts, &output)
@@ -210,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                 optimizer,
                 seed,
                 generation: Some(GenShape { rows: gen_rows, prompt_len: prompt_len.unwrap_or(seq), max_new }),
+                weights,
             };
             let t0 = std::time::Instant::now();
             let m = compile(&model, &opts, &output).with_context(|| format!("compiling {}", model.display()))?;

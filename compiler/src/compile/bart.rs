@@ -97,6 +97,8 @@ pub struct BartOptions {
     pub seed: u64,
     /// Generation graphs (encode, decode) to emit.
     pub generation: Option<super::bart_generate::BartGenShape>,
+    /// Element type of the frozen weights in `weights.bin`.
+    pub weights: super::storage::WeightStorage,
 }
 
 /// The files of an optimum export and the few config values the graph needs.
@@ -769,14 +771,15 @@ pub fn read_bart_spec(bundle: &Path) -> Result<Option<BartSpec>> {
 /// Compiles a BART export folder into a bundle in `out_dir`: grads.onnx, train_step.onnx, eval_step.onnx,
 /// weights.bin, prefix.init.safetensors and manifest.json (family "bart", with a "bart" section).
 pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Manifest> {
-    let c = compile_bart_models(dir, opts)?;
+    let mut c = compile_bart_models(dir, opts)?;
     let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
     let mut io = BTreeMap::new();
     let mut files = BTreeMap::new();
-    for (role, m) in &c.graphs {
+    for (role, m) in &mut c.graphs {
+        super::storage::store_weights(&mut m.graph, opts.weights)?;
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
@@ -829,6 +832,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
             capacity: gs.capacity(opts.prefix_len),
         }),
         baked: false,
+        weights_dtype: opts.weights,
     };
     let spec = BartSpec {
         mode: opts.mode,

@@ -10,6 +10,7 @@ pub mod loss;
 pub mod lower;
 pub mod optimizer;
 pub mod prefix;
+pub mod storage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::specialize::{specialize, Dims};
 use crate::tensor::DType;
 use optimizer::AdamW;
 use prefix::PrefixShape;
+use storage::WeightStorage;
 
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
@@ -38,6 +40,8 @@ pub struct CompileOptions {
     pub seed: u64,
     /// Generation graphs (prefill/decode) to emit; only exports with past inputs get them.
     pub generation: Option<generate::GenShape>,
+    /// Element type of the frozen weights in `weights.bin`.
+    pub weights: WeightStorage,
 }
 
 /// How the prefix reached the attention layers.
@@ -102,6 +106,9 @@ pub struct Manifest {
     /// A baked bundle: generation graphs only, the prefix inside them as constants.
     #[serde(default)]
     pub baked: bool,
+    /// Element type of the large frozen weights in `weights.bin` (f16: stored rounded, cast to f32 in-graph).
+    #[serde(default)]
+    pub weights_dtype: WeightStorage,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -314,14 +321,15 @@ pub(crate) fn training_graphs(
 
 /// Compiles the whole bundle into `out_dir`.
 pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
-    let c = compile_models(source, opts)?;
+    let mut c = compile_models(source, opts)?;
     let trainables = c.shape.trainables("");
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
     let mut io = BTreeMap::new();
     let mut files = BTreeMap::new();
-    for (role, m) in &c.graphs {
+    for (role, m) in &mut c.graphs {
+        storage::store_weights(&mut m.graph, opts.weights)?;
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
@@ -360,6 +368,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         init: "prefix.init.safetensors".into(),
         generation: c.generation.clone(),
         baked: false,
+        weights_dtype: opts.weights,
     };
     let json = serde_json::to_string_pretty(&manifest)?;
     onnx_io::write_atomically(&out_dir.join("manifest.json"), json.as_bytes())?;

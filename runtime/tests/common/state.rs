@@ -39,6 +39,7 @@ fn bundle_with(dir: &Path, generation: Option<GenShape>) -> Bundle {
         optimizer: AdamW { weight_decay: 0.01, max_grad_norm: Some(0.5), ..AdamW::default() },
         seed: 5,
         generation,
+        weights: Default::default(),
     };
     // PFX_REPO_ROOT: where the fixtures are when the test binary runs away from its build tree (the GPU machine).
     let root = std::env::var_os("PFX_REPO_ROOT")

@@ -1,0 +1,143 @@
+//! How a bundle stores its frozen weights: f32 as exported, or f16 (half the file, and half the bytes a
+//! decode step streams on runtimes that read half-precision weights).
+//!
+//! In f16 each large f32 weight matrix becomes an f16 initializer followed by a `Cast` to f32, so every graph
+//! still computes in f32, on the weights rounded to f16. The training, evaluation and generation graphs of a
+//! bundle share those rounded weights, so a prefix trained on one is trained for the model the others run.
+
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::ir::{Attr, Graph, Node};
+use crate::tensor::{DType, Data, Tensor};
+
+/// The element type of the frozen weights in a bundle's `weights.bin`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightStorage {
+    #[default]
+    F32,
+    F16,
+}
+
+impl FromStr for WeightStorage {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" | "float32" => Ok(WeightStorage::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(WeightStorage::F16),
+            other => bail!("--weights {other}: expected f32 or f16"),
+        }
+    }
+}
+
+/// Smallest weight stored in f16: below this the tensor is a bias, a LayerNorm scale or a folded mask, whose
+/// bytes do not matter and whose values may not survive the rounding (masks hold -3.4e38).
+pub const MIN_F16_ELEMENTS: usize = 4096;
+
+/// Largest finite f16.
+const F16_MAX: f32 = 65504.0;
+
+/// Applies `storage` to the graph's initializers; returns how many were converted.
+pub fn store_weights(g: &mut Graph, storage: WeightStorage) -> Result<usize> {
+    match storage {
+        WeightStorage::F32 => Ok(0),
+        WeightStorage::F16 => store_weights_in_f16(g),
+    }
+}
+
+/// Every f32 initializer of rank ≥ 2 with at least [`MIN_F16_ELEMENTS`] values, all finite and inside f16's
+/// range, becomes `<name>.f16` (f16) and a `Cast` back to `<name>`, so the graph's nodes read it unchanged.
+/// Anything else stays f32.
+pub fn store_weights_in_f16(g: &mut Graph) -> Result<usize> {
+    let chosen: Vec<String> = g
+        .initializers
+        .iter()
+        .filter(|(name, t)| {
+            let Data::F32(v) = &*t.data else { return false };
+            t.shape.len() >= 2
+                && v.len() >= MIN_F16_ELEMENTS
+                && !g.is_input(name)
+                && v.iter().all(|x| x.is_finite() && x.abs() <= F16_MAX)
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    let mut casts = Vec::with_capacity(chosen.len());
+    for name in &chosen {
+        let t = g.initializers.remove(name).expect("chosen from the initializers");
+        let Data::F32(v) = &*t.data else { unreachable!("chosen as f32") };
+        let bytes: Vec<u8> = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+        let stored = g.fresh(&format!("{name}.f16"));
+        g.initializers.insert(stored.clone(), Tensor::from_le_bytes(DType::F16, t.shape.clone(), &bytes)?);
+        let node_name = g.fresh(&format!("{name}.to_f32"));
+        casts.push(
+            Node::new(node_name, "Cast", vec![stored], vec![name.clone()])
+                .with_attr("to", Attr::Int(DType::F32.onnx_code() as i64)),
+        );
+    }
+    // Casts read initializers only, so they may run first.
+    g.nodes.splice(0..0, casts);
+    Ok(chosen.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{ValueInfo, ValueType};
+
+    fn graph() -> Graph {
+        let mut g = Graph::default();
+        let w: Vec<f32> = (0..64 * 64).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        g.initializers.insert("w".into(), Tensor::f32(vec![64, 64], w));
+        g.initializers.insert("bias".into(), Tensor::f32(vec![64], vec![0.5; 64]));
+        let mut mask = vec![0f32; 64 * 64];
+        mask[5] = f32::MIN;
+        g.initializers.insert("mask".into(), Tensor::f32(vec![64, 64], mask));
+        g.inputs.push(ValueInfo { name: "x".into(), ty: ValueType::known(DType::F32, &[1, 64]) });
+        g.nodes.push(Node::new("mm", "MatMul", vec!["x".into(), "w".into()], vec!["y".into()]));
+        g
+    }
+
+    #[test]
+    fn large_weights_become_f16_behind_a_cast() {
+        let mut g = graph();
+        let original = g.initializers["w"].as_f64s().unwrap();
+        assert_eq!(store_weights(&mut g, WeightStorage::F16).unwrap(), 1, "only w is a large finite matrix");
+        assert!(!g.initializers.contains_key("w"));
+        assert_eq!(g.initializers["bias"].dtype(), DType::F32, "small tensors stay f32");
+        assert_eq!(g.initializers["mask"].dtype(), DType::F32, "values outside f16's range stay f32");
+        let cast = &g.nodes[0];
+        assert_eq!((cast.op.as_str(), cast.outputs[0].as_str()), ("Cast", "w"));
+        assert_eq!(cast.int("to"), Some(1));
+        let stored = &g.initializers[&cast.inputs[0]];
+        assert_eq!((stored.dtype(), stored.shape.clone()), (DType::F16, vec![64, 64]));
+        // Each stored value is the nearest f16: within half an f16 step (2^-11 relative) of the original.
+        let bytes = stored.to_le_bytes();
+        for (i, c) in bytes.chunks_exact(2).enumerate() {
+            let v = half::f16::from_le_bytes([c[0], c[1]]).to_f32() as f64;
+            assert!(
+                (v - original[i]).abs() <= original[i].abs() * 2f64.powi(-11) + 1e-7,
+                "{i}: {v} vs {}",
+                original[i]
+            );
+        }
+        assert_eq!(g.nodes[1].inputs[1], "w", "the product still reads w");
+    }
+
+    #[test]
+    fn f32_storage_changes_nothing() {
+        let mut g = graph();
+        assert_eq!(store_weights(&mut g, WeightStorage::F32).unwrap(), 0);
+        assert_eq!(g.initializers["w"].dtype(), DType::F32);
+        assert_eq!(g.nodes.len(), 1);
+    }
+
+    #[test]
+    fn storage_names_parse() {
+        assert_eq!("f16".parse::<WeightStorage>().unwrap(), WeightStorage::F16);
+        assert_eq!("f32".parse::<WeightStorage>().unwrap(), WeightStorage::F32);
+        assert!("int8".parse::<WeightStorage>().unwrap_err().to_string().contains("expected f32 or f16"));
+    }
+}
