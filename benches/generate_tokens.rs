@@ -8,13 +8,15 @@
 //! PFX_BENCH_ENGINE (`ort`, default, `tract`, or a list such as `tract,ort`: the engines take turns run by run
 //! on the same bundle, and each row after the first gives its ratio to the first engine), PFX_BENCH_DEVICE
 //! (cpu | cuda[:N]), PFX_BENCH_CUDA_GRAPH=1, PFX_BENCH_RUNS (5: the median is reported), PFX_BENCH_CASES
-//! (default `1x1,8x1,1x5`: batch x beams).
+//! (default `1x1,8x1,1x5`: batch x beams), PFX_BENCH_WEIGHTS (`f32`, default, `f16`, or `f32,f16`: a bundle
+//! per weight storage, every engine on each, all taking turns).
 
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
 use pfx_runtime::generate::{GenConfig, Generator};
@@ -38,7 +40,15 @@ fn main() -> Result<()> {
     }
     let kinds: Vec<BackendKind> =
         env("PFX_BENCH_ENGINE", "ort").split(',').map(|k| k.trim().parse()).collect::<Result<_>>()?;
-    let names: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+    let storages: Vec<WeightStorage> =
+        env("PFX_BENCH_WEIGHTS", "f32").split(',').map(|w| w.trim().parse()).collect::<Result<_>>()?;
+    // Every (weights, engine) pair, named "engine" or, with several storages, "engine/f16".
+    let variants: Vec<(WeightStorage, BackendKind)> =
+        storages.iter().flat_map(|&w| kinds.iter().map(move |&k| (w, k))).collect();
+    let names: Vec<String> = variants
+        .iter()
+        .map(|(w, k)| if storages.len() > 1 { format!("{k}/{}", w.name()) } else { k.to_string() })
+        .collect();
     let device: OrtDevice = env("PFX_BENCH_DEVICE", "cpu").parse()?;
     let ort = OrtOptions { device, cuda_graph: env("PFX_BENCH_CUDA_GRAPH", "0") == "1", ..OrtOptions::default() };
     let runs: usize = env("PFX_BENCH_RUNS", "5").parse()?;
@@ -53,23 +63,28 @@ fn main() -> Result<()> {
         let (b, k) = case.split_once('x').ok_or_else(|| anyhow!("PFX_BENCH_CASES: '{case}' is not BxK"))?;
         let (b, k): (usize, usize) = (b.parse()?, k.parse()?);
         let rows = b * k;
-        let dir = std::env::temp_dir().join(format!("pfx-bench-gen-{}-r{rows}", std::process::id()));
-        let opts = CompileOptions {
-            prefix_len: 10,
-            mid_dim: Some(512),
-            batch: 1,
-            seq: PROMPT,
-            optimizer: AdamW::default(),
-            seed: 0,
-            generation: Some(GenShape { rows, prompt_len: PROMPT, max_new: NEW }),
-            weights: Default::default(),
-        };
-        compile(&model, &opts, &dir).context("compiling the bench bundle")?;
-        let bundle = Bundle::open(&dir)?;
-        let m = bundle.manifest.clone();
+        let mut bundles = Vec::new();
+        for &storage in &storages {
+            let dir =
+                std::env::temp_dir().join(format!("pfx-bench-gen-{}-r{rows}-{}", std::process::id(), storage.name()));
+            let opts = CompileOptions {
+                prefix_len: 10,
+                mid_dim: Some(512),
+                batch: 1,
+                seq: PROMPT,
+                optimizer: AdamW::default(),
+                seed: 0,
+                generation: Some(GenShape { rows, prompt_len: PROMPT, max_new: NEW }),
+                weights: storage,
+            };
+            compile(&model, &opts, &dir).context("compiling the bench bundle")?;
+            bundles.push((storage, dir.clone(), Bundle::open(&dir)?));
+        }
+        let m = bundles[0].2.manifest.clone();
         let mut gens = Vec::new();
-        for &kind in &kinds {
-            gens.push(Generator::open(&bundle, kind, &ort, bundle.init_prefix()?)?);
+        for &(storage, kind) in &variants {
+            let bundle = &bundles.iter().find(|b| b.0 == storage).expect("a bundle per storage").2;
+            gens.push(Generator::open(bundle, kind, &ort, bundle.init_prefix()?)?);
         }
         let prompts: Vec<Vec<i64>> =
             (0..b).map(|i| (0..PROMPT).map(|j| ((i * 131 + j * 7919) % m.vocab) as i64).collect()).collect();
@@ -80,7 +95,8 @@ fn main() -> Result<()> {
             outputs.push(call(g)?); // warm-up (plans, allocations)
         }
         if outputs.iter().any(|o| o != &outputs[0]) {
-            println!("(batch {b}, beams {k}: the engines generated different tokens)");
+            // Expected between weight storages (rounded weights), not between engines on one bundle.
+            println!("(batch {b}, beams {k}: the variants generated different tokens)");
         }
         // Engines take turns, so that a slow spell of the machine falls on all of them.
         let mut times = vec![Vec::new(); gens.len()];
@@ -102,7 +118,10 @@ fn main() -> Result<()> {
             let ratio = med / medians[0];
             println!("| {b} | {k} | {name} | {med:.3} | {:.2} | {ratio:.2}× |", med / NEW as f64 * 1e3);
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(gens);
+        for (_, dir, _) in &bundles {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
     Ok(())
 }

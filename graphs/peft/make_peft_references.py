@@ -3,10 +3,13 @@
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
-    /root/.cache/pfx/ref/bin/python graphs/peft/make_peft_references.py
+    /root/.cache/pfx/ref/bin/python graphs/peft/make_peft_references.py [--weights f16]
 
 Reads  graphs/gpt2-tiny/hf/ (written by graphs/make_fixtures.py).
-Writes graphs/peft/gpt2-reparam.safetensors and graphs/peft/gpt2-noreparam.safetensors.
+Writes graphs/peft/gpt2-reparam.safetensors and graphs/peft/gpt2-noreparam.safetensors; with --weights f16,
+gpt2-reparam-f16.safetensors and gpt2-noreparam-f16.safetensors: the same computation on the model whose
+weight matrices (every parameter of rank >= 2) are rounded to float16 and used in float32, which is what
+`pfxc compile --weights f16` compiles.
 What each file holds is described in graphs/peft/README.md.
 
 Everything runs on the CPU in float32, in eval mode (dropout off), seeded: reruns give the same values.
@@ -42,6 +45,9 @@ WD = 0.01
 STEPS = 3
 TRAIN_RUNS = (("train", 1.0), ("clip", 1e-3))  # (key prefix, MAX_NORM)
 ATTN = "eager"  # attention implementation used for the references (sdpa is checked to agree)
+WEIGHTS = "f16" if sys.argv[1:] == ["--weights", "f16"] else "f32"
+if sys.argv[1:] not in ([], ["--weights", "f16"]):
+    sys.exit("usage: make_peft_references.py [--weights f16]")
 
 MODES = {
     "reparam": dict(prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN),
@@ -63,6 +69,11 @@ def make_batch():
 
 def load_base(attn=ATTN):
     model = GPT2LMHeadModel.from_pretrained(HF_DIR, attn_implementation=attn, dtype=torch.float32)
+    if WEIGHTS == "f16":
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.copy_(p.half().float())
     model.eval()
     return model
 
@@ -331,7 +342,7 @@ def run_mode(mode, input_ids, attention_mask, labels):
     summary["max |clip.final - train.final|"] = max(
         float(np.abs(out[f"clip.final.{n}"] - out[f"train.final.{n}"]).max()) for n in init)
 
-    path = os.path.join(HERE, f"gpt2-{mode}.safetensors")
+    path = os.path.join(HERE, f"gpt2-{mode}.safetensors" if WEIGHTS == "f32" else f"gpt2-{mode}-f16.safetensors")
     for key, arr in out.items():
         assert arr.dtype in (np.float32, np.int64), (key, arr.dtype)
     # No metadata: safetensors writes its metadata map in random order, which would make reruns differ

@@ -220,7 +220,8 @@ impl Rewrites {
     }
 }
 
-/// tract's optimized model, as `pfxrun` runs it: typed, large shared weights split per reader, pfx's rewrites
+/// tract's optimized model, as `pfxrun` runs it: typed, weights stored in f16 widened once, large shared
+/// weights split per reader, pfx's rewrites
 /// (as the environment allows: [`Rewrites::from_env`]), optimized.
 pub fn optimize(model: InferenceModel) -> TractResult<TypedModel> {
     optimize_with(model, Rewrites::from_env())
@@ -229,6 +230,7 @@ pub fn optimize(model: InferenceModel) -> TractResult<TypedModel> {
 /// [`optimize`], with the rewrites chosen by the caller.
 pub fn optimize_with(model: InferenceModel, rewrites: Rewrites) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?;
+    widen_stored_weights(&mut typed)?;
     split_shared_weights(&mut typed)?;
     if rewrites.fuse_adamw {
         crate::tract_adamw::fuse_adamw(&mut typed)?;
@@ -269,6 +271,33 @@ pub fn optimized_for_inputs(
     let typed =
         optimize_with(model, rewrites).with_context(|| format!("tract could not prepare {}", path.display()))?;
     Ok((typed, values, names))
+}
+
+/// Each `Cast` of a float constant to another float type (a weight stored in f16 by `pfxc compile --weights f16`)
+/// becomes the widened constant. tract keeps such a Cast in the plan and would widen every weight on every run;
+/// once it is a constant, the products pack it as they pack any weight (and the few-row products pack it back
+/// in f16, as every value is one).
+fn widen_stored_weights(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
+    let casts: Vec<(usize, Arc<Tensor>, DatumType)> = model
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let to = n.op_as::<Cast>()?.to;
+            let input = model.node(n.inputs.first()?.node);
+            let value = input.op_as::<Const>()?.val().clone();
+            (value.datum_type().is_float() && to.is_float()).then_some((n.id, value, to))
+        })
+        .collect();
+    for (id, value, to) in casts {
+        let node = model.node(id);
+        let wide = value.cast_to_dt(to)?.into_owned();
+        let mut patch = TypedModelPatch::default();
+        let konst = patch.add_const(format!("{}.value", node.name), wide)?;
+        patch.shunt_outside(model, OutletId::new(id, 0), konst)?;
+        patch.apply(model)?;
+    }
+    Ok(())
 }
 
 /// Gives every reader of a large constant its own `Const` node (sharing the same tensor).
