@@ -1,7 +1,8 @@
 //! Issue 3's acceptance: compiled prefix-tuning graphs equal PyTorch + PEFT (references made by
 //! `graphs/peft/make_peft_references.py` on the same tiny GPT-2), on every GPT-2 export, with and without
 //! reparametrization, on tract and on ONNX Runtime: loss, gradients, and three AdamW steps (also with clipping
-//! that fires).
+//! that fires). With `--weights f16`, the loss and gradients equal PEFT's on the same model with its weight
+//! matrices rounded to f16.
 
 mod common;
 
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{compile, CompileOptions, Manifest};
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
@@ -24,7 +26,22 @@ fn reference(mode: &str) -> BTreeMap<String, HostTensor> {
     pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap()
 }
 
+/// PEFT's values on the tiny GPT-2 with every weight matrix rounded to f16 (`--weights f16` in the script).
+fn reference_f16(mode: &str) -> BTreeMap<String, HostTensor> {
+    pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}-f16.safetensors"))).unwrap()
+}
+
 fn compile_fixture(fixture: &str, mode: &str, max_norm: f32, tag: &str) -> (PathBuf, Manifest) {
+    compile_fixture_with(fixture, mode, max_norm, tag, WeightStorage::F32)
+}
+
+fn compile_fixture_with(
+    fixture: &str,
+    mode: &str,
+    max_norm: f32,
+    tag: &str,
+    weights: WeightStorage,
+) -> (PathBuf, Manifest) {
     let out = std::env::temp_dir().join(format!("pfx-peft-{}-{fixture}-{mode}-{tag}", std::process::id()));
     let opts = CompileOptions {
         prefix_len: 4,
@@ -34,7 +51,7 @@ fn compile_fixture(fixture: &str, mode: &str, max_norm: f32, tag: &str) -> (Path
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
         seed: 0,
         generation: None,
-        weights: Default::default(),
+        weights,
     };
     let model = common::graphs_dir().join(fixture).join("model.onnx");
     let m = compile(&model, &opts, &out).unwrap_or_else(|e| panic!("compiling {fixture}: {e:#}"));
@@ -65,6 +82,43 @@ fn loss_and_gradients_equal_peft() {
                 let el = scalar(&run(&mut ev, &r, &what)["loss"]);
                 assert!(rel(el, scalar(&r["loss"])) <= 1e-5, "{what}: eval loss {el}");
                 println!("{what:<36} loss rel err {e:.1e}, worst gradient rel err {worst:.1e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_weights_give_peft_loss_and_gradients_on_the_rounded_model() {
+    for mode in ["reparam", "noreparam"] {
+        let (r16, r32) = (reference_f16(mode), reference(mode));
+        for fixture in FIXTURES {
+            let (dir, m) = compile_fixture_with(fixture, mode, 1.0, "f16", WeightStorage::F16);
+            assert_eq!(m.weights_dtype, WeightStorage::F16);
+            check_bundle(&dir);
+            let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
+            for kind in backends() {
+                let what = format!("{fixture} {mode} f16 {kind}");
+                let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();
+                let out = run(&mut b, &r16, &what);
+                let e = rel(scalar(&out["loss"]), scalar(&r16["loss"]));
+                assert!(
+                    e <= 1e-6,
+                    "{what}: loss {} vs PEFT {} (rel {e:e})",
+                    scalar(&out["loss"]),
+                    scalar(&r16["loss"])
+                );
+                let mut worst = 0.0f64;
+                for n in &names {
+                    let g = format!("grad.{n}");
+                    worst = worst.max(check_norm(&format!("{what} {g}"), &out[&g], &r16[&g], 2e-5));
+                    // The rounding is visible: the f32 model's gradients are farther off than the tolerance.
+                    let off = out[&g].norm_rel_error(&r32[&g]).unwrap();
+                    assert!(
+                        off > 1e-4,
+                        "{what} {g}: as close to the f32 model's gradient ({off:e}) as to the f16 one's"
+                    );
+                }
+                println!("{what:<40} loss rel err {e:.1e}, worst gradient rel err {worst:.1e}");
             }
         }
     }

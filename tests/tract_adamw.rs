@@ -18,7 +18,7 @@ fn run(
     given: &BTreeMap<String, HostTensor>,
     fuse: bool,
 ) -> (BTreeMap<String, HostTensor>, usize) {
-    let (outs, ops) = common::run_tract_plan(path, given, Rewrites { fuse_adamw: fuse, ..Rewrites::ALL });
+    let (outs, ops, _) = common::run_tract_plan(path, given, Rewrites { fuse_adamw: fuse, ..Rewrites::ALL });
     (outs, ops.iter().filter(|op| *op == "PfxFusedAdamW").count())
 }
 

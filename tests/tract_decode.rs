@@ -3,7 +3,8 @@
 //! (`pfx_runtime::tract_skinny`). On the compiled decode graphs of both GPT-2 exporters and of BART (self- and
 //! cross-attention over the cache), every layer's products must be rewritten, and the graph's outputs (logits,
 //! the new keys and values) must be what tract's own plan of the same graph gives. (That generation still
-//! equals PEFT and HF is `generate_peft` and `generate_bart`, which run the rewritten plans.)
+//! equals PEFT and HF is `generate_peft` and `generate_bart`, which run the rewritten plans.) A bundle compiled
+//! with `--weights f16` must get the same rewrites, its weights packed in f16 panels.
 
 mod common;
 
@@ -14,6 +15,7 @@ use pfx_compiler::compile::bart::{compile_bart, BartPrefix};
 use pfx_compiler::compile::bart_generate::BartGenShape;
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
 use pfx_runtime::tract_backend::Rewrites;
@@ -36,16 +38,17 @@ fn decode_inputs(bundle: &Bundle) -> BTreeMap<String, HostTensor> {
     given
 }
 
-/// Runs the graph with the given rewrites; returns its outputs by name and how many nodes of each of pfx's
-/// product ops the plan has.
+/// Runs the graph with the given rewrites; returns its outputs by name, how many nodes of each of pfx's
+/// product ops the plan has, and the infos of its few-row weight products.
 fn run(
     path: &Path,
     given: &BTreeMap<String, HostTensor>,
     rewrites: Rewrites,
-) -> (BTreeMap<String, HostTensor>, [usize; 2]) {
-    let (outs, ops) = common::run_tract_plan(path, given, rewrites);
+) -> (BTreeMap<String, HostTensor>, [usize; 2], Vec<String>) {
+    let (outs, ops, infos) = common::run_tract_plan(path, given, rewrites);
     let count = |op: &str| ops.iter().filter(|o| *o == op).count();
-    (outs, [count("PfxBatchedGemv"), count("PfxSkinnyProduct")])
+    let skinny = ops.iter().zip(infos).filter(|(o, _)| *o == "PfxSkinnyProduct").map(|(_, i)| i).collect();
+    (outs, [count("PfxBatchedGemv"), count("PfxSkinnyProduct")], skinny)
 }
 
 /// How many of the decode graph's products per layer must be rewritten at least: attention's, weights'.
@@ -54,8 +57,8 @@ fn check(dir: &Path, attention_products: usize, weight_products: usize) {
     let given = decode_inputs(&bundle);
     let path = bundle.graph_path("decode").unwrap();
     let tract_only = Rewrites { batched_gemv: false, skinny_products: false, ..Rewrites::ALL };
-    let (plain, none) = run(&path, &given, tract_only);
-    let (ours, [gemv, skinny]) = run(&path, &given, Rewrites::ALL);
+    let (plain, none, _) = run(&path, &given, tract_only);
+    let (ours, [gemv, skinny], infos) = run(&path, &given, Rewrites::ALL);
     assert_eq!(none, [0, 0]);
     let layers = bundle.manifest.layers;
     let want = attention_products * layers;
@@ -63,6 +66,11 @@ fn check(dir: &Path, attention_products: usize, weight_products: usize) {
     // The weight kernel exists for AVX-512F only; elsewhere tract keeps them all.
     let want = if pfx_runtime::tract_skinny::Kernel::chosen().is_some() { weight_products * layers + 1 } else { 0 };
     assert!(skinny >= want, "{}: {skinny} weight products rewritten, expected at least {want}", dir.display());
+    // Weights stored in f16 are packed in f16 panels (every value is one); f32 weights, in f32.
+    let panels = format!("{} panels", bundle.manifest.weights_dtype.name());
+    for info in &infos {
+        assert!(info.contains(&panels), "{}: a weight product packed as {info}, expected {panels}", dir.display());
+    }
     for (name, t) in &plain {
         let e = ours[name].scaled_max_error(t).unwrap();
         assert!(e <= 1e-5, "{} {name}: rewritten vs tract's plan, scaled max error {e:e}", dir.display());
@@ -71,8 +79,14 @@ fn check(dir: &Path, attention_products: usize, weight_products: usize) {
 
 #[test]
 fn gpt2_decode_products_are_rewritten_and_agree_with_tract() {
-    for fixture in ["gpt2-dynamo-past", "gpt2-optimum"] {
-        let out = std::env::temp_dir().join(format!("pfx-tract-gemv-{}-{fixture}", std::process::id()));
+    let cases = [
+        ("gpt2-dynamo-past", WeightStorage::F32),
+        ("gpt2-optimum", WeightStorage::F32),
+        ("gpt2-dynamo-past", WeightStorage::F16),
+    ];
+    for (fixture, weights) in cases {
+        let out =
+            std::env::temp_dir().join(format!("pfx-tract-gemv-{}-{fixture}-{}", std::process::id(), weights.name()));
         let opts = CompileOptions {
             prefix_len: 4,
             mid_dim: Some(16),
@@ -81,7 +95,7 @@ fn gpt2_decode_products_are_rewritten_and_agree_with_tract() {
             optimizer: AdamW::default(),
             seed: 0,
             generation: Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }),
-            weights: Default::default(),
+            weights,
         };
         compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
         check(&out, 2, 6); // q·Kᵀ and p·V; q, k, v, the attention's and the MLP's two (+ the LM head)

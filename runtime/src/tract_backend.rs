@@ -443,3 +443,42 @@ pub(crate) fn run_on_product_pool<'a>(jobs: Vec<Box<dyn FnOnce() + Send + 'a>>) 
         _ => jobs.into_iter().for_each(|job| job()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::cast::Cast;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+
+    /// A weight stored in f16 whose f32 form is over tract's 4 MiB folding budget stays a Cast in tract's plan
+    /// (it would widen the weight on every run); widened first, the plan holds the f32 constant.
+    #[test]
+    fn large_f16_weights_are_widened_once_before_planning() {
+        let (k, n) = (1100, 1024); // 4.5 MB in f32
+        let values: Vec<half::f16> = (0..k * n).map(|i| half::f16::from_f32(((i % 97) as f32 - 48.0) / 64.0)).collect();
+        let build = |widen: bool| {
+            let mut m = TypedModel::default();
+            let x = m.add_source("x", f32::fact([1, k])).unwrap();
+            let w = m.add_const("w", Tensor::from_shape(&[k, n], &values).unwrap()).unwrap();
+            let w = m.wire_node("w.to_f32", Cast::new(f32::datum_type()), &[w]).unwrap()[0];
+            let expr = "mk,kn->mn".parse().unwrap();
+            let y = m.wire_node("product", EinSum::new(expr, f32::datum_type()), &[x, w]).unwrap();
+            m.select_output_outlets(&y).unwrap();
+            if widen {
+                widen_stored_weights(&mut m).unwrap();
+            }
+            m.into_optimized().unwrap()
+        };
+        let casts = |m: &TypedModel| m.nodes.iter().filter(|n| n.op_is::<Cast>()).count();
+        assert_eq!(casts(&build(false)), 1, "tract alone keeps the Cast (else this test shows nothing)");
+        let widened = build(true);
+        assert_eq!(casts(&widened), 0);
+        let x: Vec<f32> = (0..k).map(|i| (i % 7) as f32 / 8.0).collect();
+        let out = widened.into_runnable().unwrap().run(tvec![Tensor::from_shape(&[1, k], &x).unwrap().into()]).unwrap();
+        let got = out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        for j in [0, 1, n / 2, n - 1] {
+            let want: f64 = (0..k).map(|i| x[i] as f64 * values[i * n + j].to_f64()).sum();
+            assert!((got[j] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "column {j}: {} vs {want}", got[j]);
+        }
+    }
+}

@@ -261,20 +261,21 @@ pub fn uniform_f32(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Runs the ONNX graph at `path` on tract, planned as pfxrun plans it but with the given rewrites; returns its
-/// outputs by name and the op name of every node of the plan (to count pfx's own ops).
+/// outputs by name, the op name of every node of the plan (to count pfx's own ops) and each node's op info.
 pub fn run_tract_plan(
     path: &Path,
     given: &BTreeMap<String, HostTensor>,
     rewrites: pfx_runtime::tract_backend::Rewrites,
-) -> (BTreeMap<String, HostTensor>, Vec<String>) {
+) -> (BTreeMap<String, HostTensor>, Vec<String>, Vec<String>) {
     use tract_onnx::prelude::*;
     let (plan, values, names) = pfx_runtime::tract_backend::optimized_for_inputs(path, given, rewrites).unwrap();
     let ops = plan.nodes().iter().map(|n| n.op().name().to_string()).collect();
+    let infos = plan.nodes().iter().map(|n| n.op().info().unwrap_or_default().join("; ")).collect();
     let outs = plan.into_runnable().unwrap().run(values).unwrap();
     let outs = names
         .into_iter()
         .zip(outs)
         .map(|(n, v)| (n, pfx_runtime::tract_backend::from_tract(v.into_tensor()).unwrap()))
         .collect();
-    (outs, ops)
+    (outs, ops, infos)
 }

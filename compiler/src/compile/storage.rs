@@ -1,9 +1,11 @@
 //! How a bundle stores its frozen weights: f32 as exported, or f16 (half the file, and half the bytes a
 //! decode step streams on runtimes that read half-precision weights).
 //!
-//! In f16 each large f32 weight matrix becomes an f16 initializer followed by a `Cast` to f32, so every graph
-//! still computes in f32, on the weights rounded to f16. The training, evaluation and generation graphs of a
-//! bundle share those rounded weights, so a prefix trained on one is trained for the model the others run.
+//! In f16 every f32 constant of rank ≥ 2 (the weight matrices, and what the compiler folded out of them, such
+//! as a slice of the position table) is rounded to the nearest f16, and the large ones are stored as f16
+//! initializers followed by a `Cast` to f32. Every graph still computes in f32, on the rounded weights: the
+//! training, evaluation and generation graphs of a bundle compute with the same model, the one PyTorch gets
+//! from `p.half().float()` on each parameter of rank ≥ 2.
 
 use std::str::FromStr;
 
@@ -22,6 +24,15 @@ pub enum WeightStorage {
     F16,
 }
 
+impl WeightStorage {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightStorage::F32 => "f32",
+            WeightStorage::F16 => "f16",
+        }
+    }
+}
+
 impl FromStr for WeightStorage {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -33,8 +44,7 @@ impl FromStr for WeightStorage {
     }
 }
 
-/// Smallest weight stored in f16: below this the tensor is a bias, a LayerNorm scale or a folded mask, whose
-/// bytes do not matter and whose values may not survive the rounding (masks hold -3.4e38).
+/// Smallest rounded constant stored as f16 behind a Cast: below this its bytes do not pay for the extra node.
 pub const MIN_F16_ELEMENTS: usize = 4096;
 
 /// Largest finite f16.
@@ -48,27 +58,32 @@ pub fn store_weights(g: &mut Graph, storage: WeightStorage) -> Result<usize> {
     }
 }
 
-/// Every f32 initializer of rank ≥ 2 with at least [`MIN_F16_ELEMENTS`] values, all finite and inside f16's
-/// range, becomes `<name>.f16` (f16) and a `Cast` back to `<name>`, so the graph's nodes read it unchanged.
-/// Anything else stays f32.
+/// Every f32 initializer of rank ≥ 2 whose values are all finite and inside f16's range is rounded to f16
+/// (biases, LayerNorm parameters and scalars stay as they are; so do masks holding -3.4e38). Those with at
+/// least [`MIN_F16_ELEMENTS`] values become `<name>.f16` (f16) and a `Cast` back to `<name>`, so the graph's
+/// nodes read them unchanged; the others keep their f32 type with the rounded values. Returns how many were
+/// stored in f16.
 pub fn store_weights_in_f16(g: &mut Graph) -> Result<usize> {
     let chosen: Vec<String> = g
         .initializers
         .iter()
         .filter(|(name, t)| {
             let Data::F32(v) = &*t.data else { return false };
-            t.shape.len() >= 2
-                && v.len() >= MIN_F16_ELEMENTS
-                && !g.is_input(name)
-                && v.iter().all(|x| x.is_finite() && x.abs() <= F16_MAX)
+            t.shape.len() >= 2 && !g.is_input(name) && v.iter().all(|x| x.is_finite() && x.abs() <= F16_MAX)
         })
         .map(|(name, _)| name.clone())
         .collect();
-    let mut casts = Vec::with_capacity(chosen.len());
+    let mut casts = Vec::new();
     for name in &chosen {
         let t = g.initializers.remove(name).expect("chosen from the initializers");
         let Data::F32(v) = &*t.data else { unreachable!("chosen as f32") };
-        let bytes: Vec<u8> = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+        let halves: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        if v.len() < MIN_F16_ELEMENTS {
+            g.initializers
+                .insert(name.clone(), Tensor::f32(t.shape.clone(), halves.iter().map(|h| h.to_f32()).collect()));
+            continue;
+        }
+        let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
         let stored = g.fresh(&format!("{name}.f16"));
         g.initializers.insert(stored.clone(), Tensor::from_le_bytes(DType::F16, t.shape.clone(), &bytes)?);
         let node_name = g.fresh(&format!("{name}.to_f32"));
@@ -77,9 +92,10 @@ pub fn store_weights_in_f16(g: &mut Graph) -> Result<usize> {
                 .with_attr("to", Attr::Int(DType::F32.onnx_code() as i64)),
         );
     }
+    let stored = casts.len();
     // Casts read initializers only, so they may run first.
     g.nodes.splice(0..0, casts);
-    Ok(chosen.len())
+    Ok(stored)
 }
 
 #[cfg(test)]
@@ -91,7 +107,8 @@ mod tests {
         let mut g = Graph::default();
         let w: Vec<f32> = (0..64 * 64).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         g.initializers.insert("w".into(), Tensor::f32(vec![64, 64], w));
-        g.initializers.insert("bias".into(), Tensor::f32(vec![64], vec![0.5; 64]));
+        g.initializers.insert("bias".into(), Tensor::f32(vec![64], vec![0.1; 64]));
+        g.initializers.insert("small".into(), Tensor::f32(vec![2, 2], vec![0.1, 1.0, -3.0, 1e-9]));
         let mut mask = vec![0f32; 64 * 64];
         mask[5] = f32::MIN;
         g.initializers.insert("mask".into(), Tensor::f32(vec![64, 64], mask));
@@ -106,7 +123,11 @@ mod tests {
         let original = g.initializers["w"].as_f64s().unwrap();
         assert_eq!(store_weights(&mut g, WeightStorage::F16).unwrap(), 1, "only w is a large finite matrix");
         assert!(!g.initializers.contains_key("w"));
-        assert_eq!(g.initializers["bias"].dtype(), DType::F32, "small tensors stay f32");
+        assert_eq!(g.initializers["bias"], Tensor::f32(vec![64], vec![0.1; 64]), "vectors stay as they are");
+        let small = &g.initializers["small"];
+        let want = [half::f16::from_f32(0.1).to_f32(), 1.0, -3.0, 0.0];
+        assert_eq!(*small, Tensor::f32(vec![2, 2], want.to_vec()), "small matrices: f32, values rounded to f16");
+        assert_ne!(want[0], 0.1);
         assert_eq!(g.initializers["mask"].dtype(), DType::F32, "values outside f16's range stay f32");
         let cast = &g.nodes[0];
         assert_eq!((cast.op.as_str(), cast.outputs[0].as_str()), ("Cast", "w"));
