@@ -3,13 +3,14 @@
 # compile the shipped small GPT-2, prefix-tune it on E2E MR -> text, generate for unseen test MRs, and score
 # the result next to the same model without a prefix.
 #
-#   bash examples/e2e.sh            # OUT=out/e2e by default; EPOCHS, LR, BACKEND may be overridden
+#   bash examples/e2e.sh            # OUT=out/e2e by default; EPOCHS, LR, BACKEND, WEIGHTS (f32|f16) may be overridden
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/e2e}
 EPOCHS=${EPOCHS:-2}
 LR=${LR:-5e-3}
 BACKEND=${BACKEND:-tract}
+WEIGHTS=${WEIGHTS:-f32}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pfx/target}"
 
 cargo build --release --quiet -p pfx-compiler -p pfx-runtime
@@ -19,7 +20,7 @@ start=$(date +%s)
 
 echo "== compile"
 "$BIN/pfxc" compile graphs/e2e-small/model.onnx --prefix-len 10 --mid-dim 512 \
-  --batch 8 --seq 96 --prompt-len 48 --max-new 72 --gen-rows 8 -o "$OUT/bundle"
+  --batch 8 --seq 96 --prompt-len 48 --max-new 72 --gen-rows 8 --weights "$WEIGHTS" -o "$OUT/bundle"
 
 echo "== prefix-tune on examples/data/e2e_train.txt ($EPOCHS epochs, lr $LR, $BACKEND)"
 rm -rf "$OUT/run"

@@ -291,13 +291,27 @@ fn widen_stored_weights(model: &mut TypedModel) -> TractResult<()> {
         .collect();
     for (id, value, to) in casts {
         let node = model.node(id);
-        let wide = value.cast_to_dt(to)?.into_owned();
+        let wide = widen(&value, to)?;
         let mut patch = TypedModelPatch::default();
         let konst = patch.add_const(format!("{}.value", node.name), wide)?;
         patch.shunt_outside(model, OutletId::new(id, 0), konst)?;
         patch.apply(model)?;
     }
     Ok(())
+}
+
+/// `value` as `to`: f16 to f32 in blocks (on F16C where the CPU has it; tract converts value by value).
+fn widen(value: &Tensor, to: DatumType) -> TractResult<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    if value.datum_type() != f16::datum_type() || to != f32::datum_type() {
+        return Ok(value.cast_to_dt(to)?.into_owned());
+    }
+    let view = value.try_as_plain_ram()?;
+    let halves = view.as_slice::<f16>()?;
+    let mut wide = vec![0f32; halves.len()];
+    halves.convert_to_f32_slice(&mut wide);
+    // Moved into the tensor, not copied: the LM head's weight alone is 154 MB.
+    Ok(tract_ndarray::ArrayD::from_shape_vec(value.shape(), wide)?.into_tensor())
 }
 
 /// Gives every reader of a large constant its own `Const` node (sharing the same tensor).
