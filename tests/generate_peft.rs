@@ -1,6 +1,7 @@
 //! Generation equals PEFT's (references by `graphs/peft-generate/make_generate_references.py`, which places
 //! the prefix in generate's cache and checks that the prefix changes the output): greedy and beam search on
-//! the tiny GPT-2 with-past exports, left-padded batches, on tract and ONNX Runtime; baked graphs too.
+//! the tiny GPT-2 with-past exports, left-padded batches, on tract and ONNX Runtime; baked graphs too; and
+//! bundles with f16 weights against HF on the rounded model.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
 use pfx_runtime::generate::{GenConfig, Generator};
@@ -22,6 +24,10 @@ fn bundle(fixture: &str, mode: &str, test: &str) -> PathBuf {
 }
 
 fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
+    bundle_with(fixture, mode, test, rows, WeightStorage::F32)
+}
+
+fn bundle_with(fixture: &str, mode: &str, test: &str, rows: usize, weights: WeightStorage) -> PathBuf {
     let out = std::env::temp_dir().join(format!("pfx-gen-{}-{test}-{fixture}-{mode}", std::process::id()));
     let opts = CompileOptions {
         prefix_len: 4,
@@ -31,7 +37,7 @@ fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
         optimizer: AdamW::default(),
         seed: 0,
         generation: Some(GenShape { rows, prompt_len: 6, max_new: 8 }),
-        weights: Default::default(),
+        weights,
     };
     compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
     out
@@ -111,6 +117,40 @@ fn baked_graphs_generate_the_same_tokens() {
         assert_eq!(g.greedy(&prompts, &cfg).unwrap(), rows(&r["greedy"], None), "baked greedy on {kind}");
         let beam_cfg = GenConfig { beams: 3, ..cfg };
         assert_eq!(g.beam_search(&prompts, &beam_cfg).unwrap(), rows(&r["beam"], None), "baked beam on {kind}");
+    }
+}
+
+/// A bundle with f16 weights, and its baked form, generate HF's tokens on the model whose weight matrices are
+/// rounded to f16 (`make_generate_references.py --weights f16`): tract's decode products on f16 panels, the
+/// Casts in baked graphs. (On this tiny model the rounding flips no token, so these are also the f32 model's
+/// tokens: that the rounding is the reference's is what `compile_peft`'s f16 gradients show.)
+#[test]
+fn f16_weights_generate_hfs_tokens_baked_or_not() {
+    let mode = "reparam";
+    let refs = common::graphs_dir().join(format!("peft-generate/gpt2-{mode}-f16.safetensors"));
+    let r = pfx_runtime::read_safetensors(refs).unwrap();
+    let prefix_file = common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"));
+    let start = pfx_runtime::read_safetensors(&prefix_file).unwrap();
+    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+    let dir = bundle_with("gpt2-dynamo-past", mode, "f16", 3, WeightStorage::F16);
+    let baked = dir.with_extension("baked");
+    pfx_compiler::compile::bake::bake(&dir, &prefix_file, &baked).unwrap();
+    let stored_f16 = |file: &str| {
+        let m = pfx_compiler::onnx_io::load(&baked.join(file)).unwrap();
+        m.graph.initializers.values().filter(|t| t.dtype() == pfx_compiler::tensor::DType::F16).count()
+    };
+    assert!(stored_f16("decode.onnx") > 0, "the baked decode graph keeps its weights in f16");
+    let cfg = GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
+    let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
+    for (what, path) in [("f16", &dir), ("f16 baked", &baked)] {
+        let b = Bundle::open(path).unwrap();
+        let prefix: BTreeMap<String, HostTensor> =
+            b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
+        for kind in backends() {
+            let mut g = generator(&b, kind, prefix.clone());
+            assert_eq!(g.greedy(&prompts, &cfg).unwrap(), rows(&r["greedy"], None), "{what} greedy on {kind}");
+            assert_eq!(g.beam_search(&prompts, &beam_cfg).unwrap(), rows(&r["beam"], None), "{what} beam on {kind}");
+        }
     }
 }
 

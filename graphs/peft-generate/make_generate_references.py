@@ -3,10 +3,12 @@
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
-    /root/.cache/pfx/ref/bin/python graphs/peft-generate/make_generate_references.py
+    /root/.cache/pfx/ref/bin/python graphs/peft-generate/make_generate_references.py [--weights f16]
 
 Reads  graphs/gpt2-tiny/hf/ and the prefix parameters in graphs/peft/gpt2-<mode>.safetensors.
-Writes graphs/peft-generate/gpt2-reparam.safetensors and graphs/peft-generate/gpt2-noreparam.safetensors.
+Writes graphs/peft-generate/gpt2-reparam.safetensors and graphs/peft-generate/gpt2-noreparam.safetensors; with
+--weights f16, gpt2-<mode>-f16.safetensors: the same on the model whose parameters of rank >= 2 are rounded to
+float16 and used in float32 (what `pfxc compile --weights f16` compiles), from the same prefix parameters.
 What each file holds, and what the script found, is in graphs/peft-generate/README.md.
 
 Trap: with peft 0.21 + transformers 5.2x, `PeftModel.generate` silently drops the prefix (generate passes its own
@@ -38,6 +40,9 @@ from transformers import DynamicCache, GPT2LMHeadModel
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
 HF_DIR = os.path.join(HERE, "..", "gpt2-tiny", "hf")
+WEIGHTS = "f16" if sys.argv[1:] == ["--weights", "f16"] else "f32"
+if sys.argv[1:] not in ([], ["--weights", "f16"]):
+    sys.exit("usage: make_generate_references.py [--weights f16]")
 PEFT_DIR = os.path.join(HERE, "..", "peft")
 
 # ---- fixed setup -------------------------------------------------------------------------------------------
@@ -84,6 +89,11 @@ def make_prompts():
 
 def load_base(attn=ATTN):
     model = GPT2LMHeadModel.from_pretrained(HF_DIR, attn_implementation=attn, dtype=torch.float32)
+    if WEIGHTS == "f16":
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.copy_(p.half().float())
     model.eval()
     return model
 
@@ -403,7 +413,7 @@ def run_mode(mode, prompts, prompt_mask):
         out[f"prefix.{l}.value"] = np.array(v.numpy(), dtype=np.float32, order="C", copy=True)
     for key, arr in out.items():
         assert arr.dtype in (np.float32, np.int64), (key, arr.dtype)
-    path = os.path.join(HERE, f"gpt2-{mode}.safetensors")
+    path = os.path.join(HERE, f"gpt2-{mode}.safetensors" if WEIGHTS == "f32" else f"gpt2-{mode}-f16.safetensors")
     save_file(out, path)  # no metadata (its order is random): reruns are byte-identical
     return path, out, facts
 
