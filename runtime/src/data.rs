@@ -108,6 +108,8 @@ impl Format {
             Some("txt" | "e2e") => Ok(Format::E2e),
             Some("jsonl") => Ok(Format::Jsonl),
             Some("json") => Ok(Format::Dart),
+            // A missing file is the error to report, whatever its name.
+            _ if !path.exists() => bail!("cannot read dataset {}: no such file", path.display()),
             _ => bail!(
                 "cannot tell the format of {} from its extension: use .txt or .e2e for E2E `MR||text` lines, \
                  .jsonl for {{\"source\": ..., \"target\": ...}} lines, .json for DART",
@@ -678,4 +680,23 @@ pub fn batches(n_examples: usize, batch: usize, seed: u64, epoch: u64) -> Vec<Ba
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_dataset_is_reported_as_missing_an_unknown_extension_as_such() {
+        let e = Format::from_path(Path::new("/nonexistent/train")).unwrap_err().to_string();
+        assert!(e.contains("no such file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("pfx-data-format-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let odd = dir.join("train.csv");
+        std::fs::write(&odd, "a,b\n").unwrap();
+        let e = Format::from_path(&odd).unwrap_err().to_string();
+        assert!(e.contains("cannot tell the format") && e.contains(".jsonl"), "{e}");
+        assert_eq!(Format::from_path(Path::new("/nonexistent/train.txt")).unwrap(), Format::E2e);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -41,9 +41,18 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads a Hugging Face `tokenizer.json`.
+    /// Loads a Hugging Face `tokenizer.json` (or the one in the given folder).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        let given = path.as_ref();
+        let inside = given.join("tokenizer.json");
+        let path = if given.is_dir() { inside.as_path() } else { given };
+        if given.is_dir() && !path.is_file() {
+            bail!(
+                "{} is a folder without a tokenizer.json: pass a Hugging Face tokenizer.json (GPT-2's vocab.json + \
+                 merges.txt become one with `tokenizers`' `Tokenizer.save`)",
+                given.display()
+            );
+        }
         let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
         Self::from_bytes(&bytes, path)
     }
@@ -128,5 +137,23 @@ fn preview(text: &str) -> String {
     match text.char_indices().nth(MAX) {
         Some((i, _)) => format!("{}…", &text[..i]),
         None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_stands_for_its_tokenizer_json() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small/tokenizer.json");
+        let dir = std::env::temp_dir().join(format!("pfx-tokenizer-folder-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = Tokenizer::from_file(&dir).unwrap_err().to_string();
+        assert!(e.contains("folder without a tokenizer.json"), "{e}");
+        std::fs::copy(&shipped, dir.join("tokenizer.json")).unwrap();
+        let t = Tokenizer::from_file(&dir).unwrap();
+        assert_eq!(t.vocab_size(), Tokenizer::from_file(&shipped).unwrap().vocab_size());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -234,9 +234,10 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Bake { bundle, prefix, output } => {
-            pfx_compiler::compile::bake::bake(&bundle, &prefix, &output)
+            let m = pfx_compiler::compile::bake::bake(&bundle, &prefix, &output)
                 .with_context(|| format!("baking {} with {}", bundle.display(), prefix.display()))?;
-            eprintln!("baked {} into {} (prefill.onnx, decode.onnx)", prefix.display(), output.display());
+            let files: Vec<String> = m.graphs.values().cloned().collect();
+            eprintln!("baked {} into {} ({})", prefix.display(), output.display(), files.join(", "));
         }
         Command::Specialize { model, batch, seq, past, src_len, output, external_data, text: show } => {
             let mut m = load_canonical(&model)?;

@@ -47,6 +47,7 @@ enum Command {
     Train {
         /// A bundle written by `pfxc compile`.
         bundle: PathBuf,
+        /// Training data: E2E `MR||text` lines (.txt, .e2e), JSONL {"source", "target"} lines (.jsonl), DART (.json).
         #[arg(long)]
         train: PathBuf,
         /// Dev set: its loss is reported after each epoch.
@@ -80,6 +81,7 @@ enum Command {
         /// Continue the checkpoint in --output.
         #[arg(long)]
         resume: bool,
+        /// A Hugging Face tokenizer.json, or a folder holding one (default: the bundle's own).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// Folder for prefix.safetensors, checkpoint, metrics.jsonl and loss.svg.
@@ -95,6 +97,7 @@ enum Command {
         data: PathBuf,
         #[arg(long)]
         prefix: Option<PathBuf>,
+        /// A Hugging Face tokenizer.json, or a folder holding one (default: the bundle's own).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         #[command(flatten)]
@@ -129,6 +132,7 @@ enum Command {
         /// Write the references of each source here (for `pfxrun score`).
         #[arg(long)]
         refs_out: Option<PathBuf>,
+        /// A Hugging Face tokenizer.json, or a folder holding one (default: the bundle's own).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         #[command(flatten)]
