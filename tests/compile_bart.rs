@@ -19,6 +19,7 @@ use pfx_compiler::compile::bart::{
 };
 use pfx_compiler::compile::bart_generate::BartGenShape;
 use pfx_compiler::compile::optimizer::AdamW;
+use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::Manifest;
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
@@ -77,6 +78,45 @@ fn check_grads(dir: &Path, m: &Manifest, r: &BTreeMap<String, HostTensor>, prefi
         let el = scalar(&run(&mut ev, r, &what)["loss"]);
         assert!(rel(el, want) <= 1e-5, "{what}: eval loss {el} vs {want}");
         println!("{what:<44} loss rel err {e:.1e}, worst gradient rel err {worst:.1e}");
+    }
+}
+
+/// `--weights f16`: loss and gradients equal the references on the model with its rank ≥ 2 tensors rounded to
+/// f16 (`make_bart_references.py --weights f16`), in both layouts, and are farther from the f32 model's.
+#[test]
+fn f16_weights_give_the_references_of_the_rounded_model() {
+    for fixture in FIXTURES {
+        let export = common::graphs_dir().join(fixture);
+        for &mode in MODES {
+            let what = format!("{fixture} {mode} f16");
+            let r16 = reference(fixture, mode, "reparam-f16");
+            let r32 = reference(fixture, mode, "reparam");
+            let opts = BartOptions { weights: WeightStorage::F16, ..options(mode, "reparam", 1.0, 0.0) };
+            let (dir, m) = compile_case(&export, fixture, &opts, "f16");
+            assert_eq!(m.weights_dtype, WeightStorage::F16);
+            check_bundle(&dir);
+            for kind in backends() {
+                let what = format!("{what} {kind}");
+                let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();
+                let out = run(&mut b, &r16, &what);
+                let e = rel(scalar(&out["loss"]), scalar(&r16["loss"]));
+                assert!(e <= 1e-6, "{what}: loss {} vs {} (rel {e:e})", scalar(&out["loss"]), scalar(&r16["loss"]));
+                let mut worst = 0.0f64;
+                for t in &m.trainable {
+                    let g = format!("grad.{}", t.name);
+                    worst = worst.max(check_norm(&format!("{what} {g}"), &out[&g], &r16[&g], 2e-5));
+                }
+                // Across all gradients (some are tiny and barely moved), the f32 model's are farther off.
+                let off = m
+                    .trainable
+                    .iter()
+                    .map(|t| format!("grad.{}", t.name))
+                    .map(|g| out[&g].norm_rel_error(&r32[&g]).unwrap())
+                    .fold(0.0f64, f64::max);
+                assert!(off > 10.0 * worst, "{what}: f32 model's gradients {off:e} away, the f16 one's {worst:e}");
+                println!("{what:<40} loss rel err {e:.1e}, worst gradient rel err {worst:.1e} (f32 model: {off:.1e})");
+            }
+        }
     }
 }
 

@@ -154,6 +154,49 @@ fn f16_weights_generate_hfs_tokens_baked_or_not() {
     }
 }
 
+/// `pfxc bake --weights f16` of an f32 bundle rounds the frozen weights as `compile --weights f16` does (so
+/// it generates the f16 references) and leaves the prefix in f32; the other way round is refused.
+#[test]
+fn baking_an_f32_bundle_into_f16_weights() {
+    let mode = "reparam";
+    let r =
+        pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}-f16.safetensors")))
+            .unwrap();
+    let prefix_file = common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"));
+    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+    let dir = bundle("gpt2-dynamo-past", mode, "bake16");
+    let (plain, half) = (dir.with_extension("baked32"), dir.with_extension("baked16"));
+    use pfx_compiler::compile::bake::bake_with;
+    bake_with(&dir, &prefix_file, &plain, None).unwrap();
+    let m = bake_with(&dir, &prefix_file, &half, Some(WeightStorage::F16)).unwrap();
+    assert_eq!(m.weights_dtype, WeightStorage::F16);
+    let size = |d: &PathBuf| std::fs::metadata(d.join("weights.bin")).unwrap().len();
+    assert!(size(&half) < size(&plain), "{} bytes in f16 against {} in f32", size(&half), size(&plain));
+    let pre = pfx_compiler::onnx_io::load(&half.join("prefill.onnx")).unwrap();
+    use pfx_compiler::tensor::DType;
+    let prefix_consts: Vec<_> = pre
+        .graph
+        .initializers
+        .iter()
+        .filter(|(n, t)| n.contains("prefix") && matches!(t.dtype(), DType::F32 | DType::F16))
+        .collect();
+    assert!(!prefix_consts.is_empty());
+    for (name, t) in prefix_consts {
+        assert_eq!(t.dtype(), DType::F32, "{name}: the prefix stays f32");
+    }
+    let b = Bundle::open(&half).unwrap();
+    let cfg = GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
+    for kind in backends() {
+        let mut g = generator(&b, kind, BTreeMap::new());
+        assert_eq!(g.greedy(&prompts, &cfg).unwrap(), rows(&r["greedy"], None), "greedy on {kind}");
+        let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
+        assert_eq!(g.beam_search(&prompts, &beam_cfg).unwrap(), rows(&r["beam"], None), "beam on {kind}");
+    }
+    let f16_bundle = bundle_with("gpt2-dynamo-past", mode, "bake16back", 3, WeightStorage::F16);
+    let e = bake_with(&f16_bundle, &prefix_file, &dir.with_extension("back"), Some(WeightStorage::F32)).unwrap_err();
+    assert!(e.to_string().contains("cannot give them back their f32"), "{e}");
+}
+
 /// With 6 rows and 3 beams two prompts (of different lengths, left-padded) are searched together: the same
 /// hypotheses as HF gives each.
 #[test]

@@ -3,10 +3,12 @@
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
-    /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_references.py
+    /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_references.py [--weights f16]
 
 Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py).
 Writes graphs/bart-ref/<fixture>-<mode>-<param>.safetensors, mode in {peft, paper}, param in {reparam, noreparam}.
+With --weights f16: <fixture>-<mode>-reparam-f16.safetensors, the same on the model whose weights of rank >= 2
+(parameters and buffers) are rounded to float16 and used in float32, which `pfxc compile --weights f16` compiles.
 What each file holds, and what the script found out about PEFT, is in graphs/bart-ref/README.md.
 
 - `peft`: PEFT's own `PeftModelForSeq2SeqLM` (`PrefixTuningConfig`, task SEQ_2_SEQ_LM). The script also rebuilds
@@ -85,10 +87,20 @@ def shift_tokens_right(labels, pad, start):
     return out
 
 
+# "f16": load_base rounds every tensor of rank >= 2 to float16 (set by main from --weights; other scripts import
+# this module and keep f32).
+WEIGHTS = "f32"
+
+
 def load_base(fixture, dtype=torch.float32):
     model = BartForConditionalGeneration.from_pretrained(
         os.path.join(GRAPHS, fixture, "hf"), attn_implementation="eager", dtype=dtype
     )
+    if WEIGHTS == "f16":
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.dim() >= 2:
+                    t.copy_(t.half().to(t.dtype))
     model.eval()
     return model
 
@@ -457,12 +469,16 @@ def run(fixture, mode, param):
 
     for key, arr in out.items():
         assert arr.dtype in (np.float32, np.int64), (key, arr.dtype)
-    path = os.path.join(HERE, f"{fixture}-{mode}-{param}.safetensors")
+    path = os.path.join(HERE, f"{fixture}-{mode}-{param}" + ("-f16" if WEIGHTS == "f16" else "") + ".safetensors")
     save_file(out, path)  # no metadata: its order is random, reruns would differ byte-wise
     return path, out, summary, facts
 
 
 def main():
+    global WEIGHTS
+    if sys.argv[1:] not in ([], ["--weights", "f16"]):
+        sys.exit("usage: make_bart_references.py [--weights f16]")
+    WEIGHTS = "f16" if sys.argv[1:] else "f32"
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}")
@@ -476,7 +492,7 @@ def main():
         print("labels\n", labels.numpy())
         print("decoder_input_ids\n", shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id).numpy())
         for mode in ("peft", "paper"):
-            for param in PARAMS:
+            for param in PARAMS if WEIGHTS == "f32" else ("reparam",):
                 path, out, summary, facts = run(fixture, mode, param)
                 print(f"\n== {os.path.relpath(path, os.path.join(GRAPHS, '..'))}  {os.path.getsize(path)} bytes, "
                       f"{len(out)} tensors")

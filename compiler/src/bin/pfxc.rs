@@ -92,6 +92,10 @@ enum Command {
         /// The trained prefix (safetensors with the bundle's trainable names).
         #[arg(long)]
         prefix: PathBuf,
+        /// Store the frozen weight matrices in f16 in the baked bundle (half the size; the model is rounded after
+        /// training, the prefix stays f32). Default: as the bundle stores them.
+        #[arg(long)]
+        weights: Option<WeightStorage>,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -233,8 +237,8 @@ fn run(cli: Cli) -> Result<()> {
                 m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
             );
         }
-        Command::Bake { bundle, prefix, output } => {
-            let m = pfx_compiler::compile::bake::bake(&bundle, &prefix, &output)
+        Command::Bake { bundle, prefix, weights, output } => {
+            let m = pfx_compiler::compile::bake::bake_with(&bundle, &prefix, &output, weights)
                 .with_context(|| format!("baking {} with {}", bundle.display(), prefix.display()))?;
             let files: Vec<String> = m.graphs.values().cloned().collect();
             eprintln!("baked {} into {} ({})", prefix.display(), output.display(), files.join(", "));

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::storage::{store_weights, WeightStorage};
 use super::{read_manifest, Manifest};
 use crate::onnx_io::{self, WeightsFile};
 use crate::simplify::simplify;
@@ -35,7 +36,21 @@ pub fn read_f32_safetensors(path: &Path, names: &[String]) -> Result<BTreeMap<St
 const GENERATION_ROLES: [&str; 4] = ["prefill", "encode", "decode", "encode_bare"];
 
 pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
+    bake_with(bundle, prefix, out, None)
+}
+
+/// [`bake`], the frozen weights stored as `weights` says (None: as the bundle stores them). Storing an f32
+/// bundle's weights in f16 rounds the frozen model only: the prefix becomes constants after, in f32.
+pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<WeightStorage>) -> Result<Manifest> {
     let mut manifest = read_manifest(bundle)?;
+    let storage = weights.unwrap_or(manifest.weights_dtype);
+    if manifest.weights_dtype == WeightStorage::F16 && storage == WeightStorage::F32 {
+        bail!(
+            "{} stores its weights in f16 (pfxc compile --weights f16): baking cannot give them back their f32 \
+             values; compile the export again without --weights f16",
+            bundle.display()
+        );
+    }
     if manifest.baked {
         bail!("{} is already baked", bundle.display());
     }
@@ -60,6 +75,7 @@ pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
     let mut graphs = BTreeMap::new();
     for role in &roles {
         let mut m = onnx_io::load(&bundle.join(&manifest.graphs[*role]))?;
+        store_weights(&mut m.graph, storage)?;
         let takes_prefix = m.graph.inputs.iter().any(|i| names.contains(&i.name));
         if takes_prefix {
             inputs_to_constants(&mut m.graph, &names, &values)?;
@@ -85,6 +101,7 @@ pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
             .with_context(|| format!("copying {}", bundle.join("tokenizer.json").display()))?;
     }
     manifest.baked = true;
+    manifest.weights_dtype = storage;
     manifest.trainable.clear();
     manifest.graphs = graphs;
     manifest.io.retain(|k, _| roles.contains(&k.as_str()));
