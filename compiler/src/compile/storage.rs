@@ -73,7 +73,7 @@ pub fn store_weights_in_f16(g: &mut Graph) -> Result<usize> {
         })
         .map(|(name, _)| name.clone())
         .collect();
-    let mut casts = Vec::new();
+    let (mut casts, mut halves_of) = (Vec::new(), Vec::new());
     for name in &chosen {
         let t = g.initializers.remove(name).expect("chosen from the initializers");
         let Data::F32(v) = &*t.data else { unreachable!("chosen as f32") };
@@ -87,15 +87,46 @@ pub fn store_weights_in_f16(g: &mut Graph) -> Result<usize> {
         let stored = g.fresh(&format!("{name}.f16"));
         g.initializers.insert(stored.clone(), Tensor::from_le_bytes(DType::F16, t.shape.clone(), &bytes)?);
         let node_name = g.fresh(&format!("{name}.to_f32"));
-        casts.push(
-            Node::new(node_name, "Cast", vec![stored], vec![name.clone()])
-                .with_attr("to", Attr::Int(DType::F32.onnx_code() as i64)),
-        );
+        casts.push(to_f32(node_name, stored.clone(), name.clone()));
+        halves_of.push((name.clone(), stored));
     }
     let stored = casts.len();
     // Casts read initializers only, so they may run first.
     g.nodes.splice(0..0, casts);
+    look_up_in_f16(g, &halves_of);
     Ok(stored)
+}
+
+fn to_f32(name: String, input: String, output: String) -> Node {
+    Node::new(name, "Cast", vec![input], vec![output]).with_attr("to", Attr::Int(DType::F32.onnx_code() as i64))
+}
+
+/// A lookup in a stored table (the token and position embeddings) reads the f16 table and widens the rows it
+/// took: the same values, and a runtime then holds the table for lookups in f16 rather than widened (GPT-2's
+/// token table: 77 MB instead of 154 per graph). A table read by nothing else loses its f32 form altogether.
+fn look_up_in_f16(g: &mut Graph, halves_of: &[(String, String)]) {
+    let mut i = 0;
+    while i < g.nodes.len() {
+        let node = &g.nodes[i];
+        let stored = halves_of.iter().find(|(wide, _)| node.op == "Gather" && node.inputs.first() == Some(wide));
+        if let Some((_, half)) = stored {
+            let rows = node.outputs[0].clone();
+            let half_rows = g.fresh(&format!("{rows}.f16"));
+            let cast = to_f32(g.fresh(&format!("{rows}.to_f32")), half_rows.clone(), rows);
+            g.nodes[i].inputs[0] = half.clone();
+            g.nodes[i].outputs[0] = half_rows;
+            g.nodes.insert(i + 1, cast);
+            i += 1;
+        }
+        i += 1;
+    }
+    // Widenings nothing reads any more go.
+    for (wide, _) in halves_of {
+        let read = g.nodes.iter().any(|n| n.inputs.contains(wide)) || g.is_output(wide);
+        if !read {
+            g.nodes.retain(|n| !(n.op == "Cast" && n.outputs[0] == *wide));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -114,6 +145,7 @@ mod tests {
         g.initializers.insert("mask".into(), Tensor::f32(vec![64, 64], mask));
         g.inputs.push(ValueInfo { name: "x".into(), ty: ValueType::known(DType::F32, &[1, 64]) });
         g.nodes.push(Node::new("mm", "MatMul", vec!["x".into(), "w".into()], vec!["y".into()]));
+        g.outputs.push(ValueInfo { name: "y".into(), ty: ValueType::known(DType::F32, &[1, 64]) });
         g
     }
 
@@ -145,6 +177,34 @@ mod tests {
             );
         }
         assert_eq!(g.nodes[1].inputs[1], "w", "the product still reads w");
+    }
+
+    /// A Gather from a stored table reads the f16 table and widens its rows; the f32 form stays only for the
+    /// table's other readers.
+    #[test]
+    fn lookups_read_the_f16_table() {
+        let mut g = graph();
+        g.inputs.push(ValueInfo { name: "ids".into(), ty: ValueType::known(DType::I64, &[1, 3]) });
+        g.nodes.push(Node::new("lookup", "Gather", vec!["w".into(), "ids".into()], vec!["rows".into()]));
+        g.nodes.push(Node::new("use", "Relu", vec!["rows".into()], vec!["out".into()]));
+        g.outputs.push(ValueInfo { name: "out".into(), ty: ValueType::known(DType::F32, &[1, 3, 64]) });
+        store_weights(&mut g, WeightStorage::F16).unwrap();
+        let half = g.initializers.iter().find(|(_, t)| t.dtype() == DType::F16).map(|(n, _)| n.clone()).unwrap();
+        let lookup = g.nodes.iter().position(|n| n.op == "Gather").unwrap();
+        assert_eq!(g.nodes[lookup].inputs[0], half, "the lookup reads the f16 table");
+        let widen = &g.nodes[lookup + 1];
+        assert_eq!((widen.op.as_str(), widen.inputs[0].as_str()), ("Cast", g.nodes[lookup].outputs[0].as_str()));
+        assert_eq!(widen.outputs[0], "rows", "its readers read the widened rows");
+        assert!(g.nodes.iter().any(|n| n.op == "Cast" && n.outputs[0] == "w"), "the product still reads w");
+        // Without the product, nothing reads the widened table.
+        let mut g = graph();
+        g.nodes.clear();
+        g.outputs.clear();
+        g.nodes.push(Node::new("lookup", "Gather", vec!["w".into(), "ids".into()], vec!["rows".into()]));
+        g.outputs.push(ValueInfo { name: "rows".into(), ty: ValueType::known(DType::F32, &[1, 3, 64]) });
+        store_weights(&mut g, WeightStorage::F16).unwrap();
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.as_str()).collect();
+        assert_eq!(ops, ["Gather", "Cast"], "the lookup and the widening of its rows, no widened table");
     }
 
     #[test]
