@@ -10,7 +10,6 @@
 //! left-padded prompt generates what it generates alone.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use anyhow::{bail, Result};
 
@@ -35,8 +34,12 @@ impl GenShape {
     }
 }
 
-fn load_with_past(source: &Path) -> Result<Model> {
-    let model = crate::load_canonical(source)?;
+/// A canonical copy of the export, which must have past inputs.
+fn with_past(export: &super::Export) -> Result<Model> {
+    let mut model = export.model.clone();
+    let source = &export.path;
+    crate::canonicalize::canonicalize(&mut model)
+        .map_err(|e| e.context(format!("canonicalizing {}", source.display())))?;
     if !model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values")) {
         bail!(
             "{}: generation needs an export with past (KV-cache) inputs, e.g. optimum's \
@@ -74,12 +77,12 @@ pub(super) fn keep_last(model: &mut Model, name: &str, axis: usize) -> Result<()
 
 /// The prefill graph. With `baked`, the trainable tensors are constants (the generator folds away).
 pub fn build_prefill(
-    source: &Path,
+    export: &super::Export,
     shape: &PrefixShape,
     gs: &GenShape,
     baked: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<Model> {
-    let mut model = load_with_past(source)?;
+    let mut model = with_past(export)?;
     prefix::expose_positions(&mut model.graph, 0)?;
     let dims = Dims { batch: gs.rows, seq: gs.prompt_len, past: Some(shape.len), src_len: None };
     specialize(&mut model, &dims)?;
@@ -269,8 +272,8 @@ fn rows_product(
 }
 
 /// The one-token decode graph over a cache of capacity C.
-pub fn build_decode(source: &Path, p: usize, gs: &GenShape) -> Result<Model> {
-    let mut model = load_with_past(source)?;
+pub fn build_decode(export: &super::Export, p: usize, gs: &GenShape) -> Result<Model> {
+    let mut model = with_past(export)?;
     prefix::expose_positions(&mut model.graph, 0)?;
     let c = gs.capacity(p);
     let dims = Dims { batch: gs.rows, seq: 1, past: Some(c), src_len: None };

@@ -145,19 +145,45 @@ fn dtype_name(d: DType) -> String {
     d.short().to_string()
 }
 
+/// An export as read from disk, once: each graph built from it starts from a copy (the weights are shared).
+pub struct Export {
+    pub path: PathBuf,
+    pub model: Model,
+}
+
+impl Export {
+    pub fn read(path: &Path) -> Result<Export> {
+        Ok(Export { path: path.to_path_buf(), model: onnx_io::load(path)? })
+    }
+}
+
 /// The forward graph with the prefix injected, specialized, ending in `loss`. Inputs: the batch and the
 /// trainable tensors.
 pub fn build_loss_graph(
     source: &Path,
     opts: &CompileOptions,
 ) -> Result<(Model, PrefixShape, Injection, crate::inspect::ModelInfo)> {
+    check_options(opts)?;
+    build_loss_graph_from(&Export::read(source)?, opts)
+}
+
+fn check_options(opts: &CompileOptions) -> Result<()> {
     if opts.prefix_len == 0 {
         bail!("--prefix-len must be at least 1");
     }
     if opts.mid_dim == Some(0) {
         bail!("--mid-dim must be at least 1");
     }
-    let raw = onnx_io::load(source)?;
+    Ok(())
+}
+
+/// [`build_loss_graph`] from an export already read.
+pub fn build_loss_graph_from(
+    export: &Export,
+    opts: &CompileOptions,
+) -> Result<(Model, PrefixShape, Injection, crate::inspect::ModelInfo)> {
+    check_options(opts)?;
+    let (raw, source) = (export.model.clone(), export.path.as_path());
     let family = detect_family(&raw.graph);
     if family != Family::Gpt2Decoder {
         bail!(
@@ -248,7 +274,9 @@ pub struct GenerationSpec {
 
 pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> {
     crate::progress::stage(format_args!("reading and specializing {}", source.display()));
-    let (eval, shape, injection, info) = build_loss_graph(source, opts)?;
+    check_options(opts)?;
+    let export = Export::read(source)?;
+    let (eval, shape, injection, info) = build_loss_graph_from(&export, opts)?;
     let names: Vec<String> = shape.trainables("").into_iter().map(|t| t.0).collect();
 
     crate::progress::stage("building the gradients and the AdamW step");
@@ -256,9 +284,9 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
     let mut generation = None;
     if let (Some(gs), true) = (&opts.generation, injection == Injection::PastBinding) {
         crate::progress::stage("building the prefill graph");
-        graphs.push(("prefill".into(), generate::build_prefill(source, &shape, gs, None)?));
+        graphs.push(("prefill".into(), generate::build_prefill(&export, &shape, gs, None)?));
         crate::progress::stage("building the decode graph");
-        graphs.push(("decode".into(), generate::build_decode(source, shape.len, gs)?));
+        graphs.push(("decode".into(), generate::build_decode(&export, shape.len, gs)?));
         generation = Some(GenerationSpec {
             rows: gs.rows,
             prompt_len: gs.prompt_len,
