@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::storage::{store_weights, WeightStorage};
+use super::storage::{store_weights_with, Rounded, WeightStorage};
 use super::{read_manifest, Manifest};
 use crate::onnx_io::{self, WeightsFile};
 use crate::simplify::simplify;
@@ -73,9 +73,10 @@ pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<Weigh
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = WeightsFile::create(&out.join("weights.bin"))?;
     let mut graphs = BTreeMap::new();
+    let mut rounded = Rounded::default();
     for role in &roles {
         let mut m = onnx_io::load(&bundle.join(&manifest.graphs[*role]))?;
-        store_weights(&mut m.graph, storage)?;
+        store_weights_with(&mut m.graph, storage, &mut rounded)?;
         let takes_prefix = m.graph.inputs.iter().any(|i| names.contains(&i.name));
         if takes_prefix {
             inputs_to_constants(&mut m.graph, &names, &values)?;

@@ -356,8 +356,9 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
     let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
     let mut io = BTreeMap::new();
     let mut files = BTreeMap::new();
+    let mut rounded = storage::Rounded::default();
     for (role, m) in &mut c.graphs {
-        storage::store_weights(&mut m.graph, opts.weights)?;
+        storage::store_weights_with(&mut m.graph, opts.weights, &mut rounded)?;
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;

@@ -9,7 +9,11 @@
 
 use std::str::FromStr;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
+use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
 use crate::ir::{Attr, Graph, Node};
@@ -50,12 +54,53 @@ pub const MIN_F16_ELEMENTS: usize = 4096;
 /// Largest finite f16.
 const F16_MAX: f32 = 65504.0;
 
-/// Applies `storage` to the graph's initializers; returns how many were converted.
+/// Applies `storage` to the graph's initializers; returns how many were stored in f16.
 pub fn store_weights(g: &mut Graph, storage: WeightStorage) -> Result<usize> {
+    store_weights_with(g, storage, &mut Rounded::default())
+}
+
+/// [`store_weights`] for the graphs of one bundle, which share their weights: each is rounded once.
+pub fn store_weights_with(g: &mut Graph, storage: WeightStorage, rounded: &mut Rounded) -> Result<usize> {
     match storage {
         WeightStorage::F32 => Ok(0),
-        WeightStorage::F16 => store_weights_in_f16(g),
+        WeightStorage::F16 => store_weights_in_f16(g, rounded),
     }
+}
+
+/// The f16 forms already made, by the f32 data they came from (held, so that its address is not reused).
+#[derive(Default)]
+pub struct Rounded(HashMap<usize, (Arc<Data>, Option<Tensor>)>);
+
+impl Rounded {
+    /// The rounded form of `t` (None: it stays as it is), made once per data.
+    fn of(&mut self, t: &Tensor) -> Result<Option<Tensor>> {
+        let key = Arc::as_ptr(&t.data) as usize;
+        if let Some((_, done)) = self.0.get(&key) {
+            return Ok(done.clone());
+        }
+        let made = round(t)?;
+        self.0.insert(key, (t.data.clone(), made.clone()));
+        Ok(made)
+    }
+}
+
+/// An f32 tensor of rank ≥ 2, all finite in f16's range, rounded to f16: as f16 from [`MIN_F16_ELEMENTS`] values
+/// on, else as f32 of the rounded values. None for anything else.
+fn round(t: &Tensor) -> Result<Option<Tensor>> {
+    let Data::F32(v) = &*t.data else { return Ok(None) };
+    if t.shape.len() < 2 || !v.iter().all(|x| x.is_finite() && x.abs() <= F16_MAX) {
+        return Ok(None);
+    }
+    // In blocks (F16C where the CPU has it): value by value took seconds on GPT-2's 124 M weights.
+    let mut halves = vec![half::f16::ZERO; v.len()];
+    halves.convert_from_f32_slice(v);
+    if v.len() < MIN_F16_ELEMENTS {
+        let mut wide = vec![0f32; v.len()];
+        halves.convert_to_f32_slice(&mut wide);
+        return Ok(Some(Tensor::f32(t.shape.clone(), wide)));
+    }
+    let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+    Ok(Some(Tensor::from_le_bytes(DType::F16, t.shape.clone(), &bytes)?))
 }
 
 /// Every f32 initializer of rank ≥ 2 whose values are all finite and inside f16's range is rounded to f16
@@ -63,29 +108,23 @@ pub fn store_weights(g: &mut Graph, storage: WeightStorage) -> Result<usize> {
 /// least [`MIN_F16_ELEMENTS`] values become `<name>.f16` (f16) and a `Cast` back to `<name>`, so the graph's
 /// nodes read them unchanged; the others keep their f32 type with the rounded values. Returns how many were
 /// stored in f16.
-pub fn store_weights_in_f16(g: &mut Graph) -> Result<usize> {
-    let chosen: Vec<String> = g
+fn store_weights_in_f16(g: &mut Graph, rounded: &mut Rounded) -> Result<usize> {
+    let candidates: Vec<String> = g
         .initializers
         .iter()
-        .filter(|(name, t)| {
-            let Data::F32(v) = &*t.data else { return false };
-            t.shape.len() >= 2 && !g.is_input(name) && v.iter().all(|x| x.is_finite() && x.abs() <= F16_MAX)
-        })
-        .map(|(name, _)| name.clone())
+        .filter(|(name, t)| t.dtype() == DType::F32 && !g.is_input(name))
+        .map(|(n, _)| n.clone())
         .collect();
     let (mut casts, mut halves_of) = (Vec::new(), Vec::new());
-    for name in &chosen {
-        let t = g.initializers.remove(name).expect("chosen from the initializers");
-        let Data::F32(v) = &*t.data else { unreachable!("chosen as f32") };
-        let halves: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-        if v.len() < MIN_F16_ELEMENTS {
-            g.initializers
-                .insert(name.clone(), Tensor::f32(t.shape.clone(), halves.iter().map(|h| h.to_f32()).collect()));
+    for name in &candidates {
+        let Some(r) = rounded.of(&g.initializers[name])? else { continue };
+        if r.dtype() == DType::F32 {
+            g.initializers.insert(name.clone(), r);
             continue;
         }
-        let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+        g.initializers.remove(name);
         let stored = g.fresh(&format!("{name}.f16"));
-        g.initializers.insert(stored.clone(), Tensor::from_le_bytes(DType::F16, t.shape.clone(), &bytes)?);
+        g.initializers.insert(stored.clone(), r);
         let node_name = g.fresh(&format!("{name}.to_f32"));
         casts.push(to_f32(node_name, stored.clone(), name.clone()));
         halves_of.push((name.clone(), stored));
