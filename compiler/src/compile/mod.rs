@@ -163,7 +163,6 @@ pub fn build_loss_graph(
     source: &Path,
     opts: &CompileOptions,
 ) -> Result<(Model, PrefixShape, Injection, crate::inspect::ModelInfo)> {
-    check_options(opts)?;
     build_loss_graph_from(&Export::read(source)?, opts)
 }
 
@@ -274,7 +273,6 @@ pub struct GenerationSpec {
 
 pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> {
     crate::progress::stage(format_args!("reading and specializing {}", source.display()));
-    check_options(opts)?;
     let export = Export::read(source)?;
     let (eval, shape, injection, info) = build_loss_graph_from(&export, opts)?;
     let names: Vec<String> = shape.trainables("").into_iter().map(|t| t.0).collect();

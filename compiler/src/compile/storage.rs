@@ -7,9 +7,8 @@
 //! training, evaluation and generation graphs of a bundle compute with the same model, the one PyTorch gets
 //! from `p.half().float()` on each parameter of rank ≥ 2.
 
-use std::str::FromStr;
-
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
