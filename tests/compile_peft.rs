@@ -141,6 +141,28 @@ fn three_adamw_steps_follow_torch() {
 
 /// Readable snapshots of every compiled graph (reparam, P=4, M=16, B=3, T=7; generation graphs where the
 /// export has past inputs).
+/// `--weights f16` on a decode graph: the matrices of 4096 values or more stored in f16 behind a Cast, the
+/// smaller ones rounded in f32, vectors untouched.
+#[test]
+fn f16_storage_snapshot() {
+    let opts = CompileOptions {
+        prefix_len: 4,
+        mid_dim: Some(16),
+        batch: 3,
+        seq: 7,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 6, max_new: 4 }),
+        weights: WeightStorage::F16,
+    };
+    let model = common::graphs_dir().join("gpt2-dynamo-past").join("model.onnx");
+    let mut c = pfx_compiler::compile::compile_models(&model, &opts).unwrap();
+    let (_, decode) = c.graphs.iter_mut().find(|(role, _)| role == "decode").unwrap();
+    let stored = pfx_compiler::compile::storage::store_weights(&mut decode.graph, WeightStorage::F16).unwrap();
+    assert_eq!(stored, 4, "the MLP matrices of both layers (32 x 128 and 128 x 32) reach 4096 values");
+    insta::assert_snapshot!("f16_storage__gpt2-dynamo-past__decode", pfx_compiler::text::model_text(decode));
+}
+
 #[test]
 fn compiled_graph_snapshots() {
     for fixture in FIXTURES {
