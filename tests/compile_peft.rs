@@ -44,14 +44,9 @@ fn compile_fixture_with(
 ) -> (PathBuf, Manifest) {
     let out = std::env::temp_dir().join(format!("pfx-peft-{}-{fixture}-{mode}-{tag}", std::process::id()));
     let opts = CompileOptions {
-        prefix_len: 4,
-        mid_dim: if mode == "reparam" { Some(16) } else { None },
-        batch: 3,
-        seq: 7,
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
-        seed: 0,
-        generation: None,
         weights,
+        ..common::gpt2_options((mode == "reparam").then_some(16), None)
     };
     let model = common::graphs_dir().join(fixture).join("model.onnx");
     let m = compile(&model, &opts, &out).unwrap_or_else(|e| panic!("compiling {fixture}: {e:#}"));
@@ -145,20 +140,12 @@ fn three_adamw_steps_follow_torch() {
 /// smaller ones rounded in f32, vectors untouched.
 #[test]
 fn f16_storage_snapshot() {
-    let opts = CompileOptions {
-        prefix_len: 4,
-        mid_dim: Some(16),
-        batch: 3,
-        seq: 7,
-        optimizer: AdamW::default(),
-        seed: 0,
-        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 6, max_new: 4 }),
-        weights: WeightStorage::F16,
-    };
+    let generation = Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 6, max_new: 4 });
+    let opts = CompileOptions { weights: WeightStorage::F16, ..common::gpt2_options(Some(16), generation) };
     let model = common::graphs_dir().join("gpt2-dynamo-past").join("model.onnx");
     let mut c = pfx_compiler::compile::compile_models(&model, &opts).unwrap();
     let (_, decode) = c.graphs.iter_mut().find(|(role, _)| role == "decode").unwrap();
-    let stored = pfx_compiler::compile::storage::store_weights(&mut decode.graph, WeightStorage::F16).unwrap();
+    let stored = pfx_compiler::compile::storage::store_weights(&mut decode.graph, WeightStorage::F16);
     assert_eq!(stored, 4, "the MLP matrices of both layers (32 x 128 and 128 x 32) reach 4096 values");
     insta::assert_snapshot!("f16_storage__gpt2-dynamo-past__decode", pfx_compiler::text::model_text(decode));
 }
@@ -166,15 +153,10 @@ fn f16_storage_snapshot() {
 #[test]
 fn compiled_graph_snapshots() {
     for fixture in FIXTURES {
+        let generation = Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 6, max_new: 4 });
         let opts = CompileOptions {
-            prefix_len: 4,
-            mid_dim: Some(16),
-            batch: 3,
-            seq: 7,
             optimizer: AdamW { weight_decay: WD, ..AdamW::default() },
-            seed: 0,
-            generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 6, max_new: 4 }),
-            weights: Default::default(),
+            ..common::gpt2_options(Some(16), generation)
         };
         let model = common::graphs_dir().join(fixture).join("model.onnx");
         let c = pfx_compiler::compile::compile_models(&model, &opts).unwrap();

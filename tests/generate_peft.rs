@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use pfx_compiler::compile::generate::GenShape;
-use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
@@ -29,16 +28,8 @@ fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
 
 fn bundle_with(fixture: &str, mode: &str, test: &str, rows: usize, weights: WeightStorage) -> PathBuf {
     let out = std::env::temp_dir().join(format!("pfx-gen-{}-{test}-{fixture}-{mode}", std::process::id()));
-    let opts = CompileOptions {
-        prefix_len: 4,
-        mid_dim: if mode == "reparam" { Some(16) } else { None },
-        batch: 3,
-        seq: 7,
-        optimizer: AdamW::default(),
-        seed: 0,
-        generation: Some(GenShape { rows, prompt_len: 6, max_new: 8 }),
-        weights,
-    };
+    let generation = Some(GenShape { rows, prompt_len: 6, max_new: 8 });
+    let opts = CompileOptions { weights, ..common::gpt2_options((mode == "reparam").then_some(16), generation) };
     compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
     out
 }

@@ -20,16 +20,7 @@ use pfx_runtime::{read_safetensors, BackendKind, HostTensor, OrtOptions};
 
 fn bundle(mode: &str, tag: &str, opt: AdamW) -> PathBuf {
     let out = std::env::temp_dir().join(format!("pfx-interop-{}-{mode}-{tag}", std::process::id()));
-    let opts = CompileOptions {
-        prefix_len: 4,
-        mid_dim: if mode == "reparam" { Some(16) } else { None },
-        batch: 3,
-        seq: 7,
-        optimizer: opt,
-        seed: 0,
-        generation: None,
-        weights: Default::default(),
-    };
+    let opts = CompileOptions { optimizer: opt, ..common::gpt2_options((mode == "reparam").then_some(16), None) };
     compile(&common::graphs_dir().join("gpt2-optimum/model.onnx"), &opts, &out).unwrap();
     out
 }

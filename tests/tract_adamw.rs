@@ -26,14 +26,8 @@ fn run(
 fn the_fused_update_replaces_every_parameters_plain_ops_and_agrees_with_them() {
     let out = std::env::temp_dir().join(format!("pfx-tract-adamw-{}", std::process::id()));
     let opts = CompileOptions {
-        prefix_len: 4,
-        mid_dim: Some(16),
-        batch: 3,
-        seq: 7,
         optimizer: AdamW { weight_decay: 0.01, max_grad_norm: Some(1e-3), ..AdamW::default() },
-        seed: 0,
-        generation: None,
-        weights: Default::default(),
+        ..common::gpt2_options(Some(16), None)
     };
     let m = compile(&common::graphs_dir().join("gpt2-dynamo/model.onnx"), &opts, &out).unwrap();
     let r = pfx_runtime::read_safetensors(common::graphs_dir().join("peft/gpt2-reparam.safetensors")).unwrap();

@@ -14,7 +14,6 @@ use std::path::Path;
 use pfx_compiler::compile::bart::{compile_bart, BartPrefix};
 use pfx_compiler::compile::bart_generate::BartGenShape;
 use pfx_compiler::compile::generate::GenShape;
-use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{compile, CompileOptions};
 use pfx_runtime::bundle::Bundle;
@@ -87,16 +86,8 @@ fn gpt2_decode_products_are_rewritten_and_agree_with_tract() {
     for (fixture, weights) in cases {
         let out =
             std::env::temp_dir().join(format!("pfx-tract-gemv-{}-{fixture}-{}", std::process::id(), weights.name()));
-        let opts = CompileOptions {
-            prefix_len: 4,
-            mid_dim: Some(16),
-            batch: 3,
-            seq: 7,
-            optimizer: AdamW::default(),
-            seed: 0,
-            generation: Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 }),
-            weights,
-        };
+        let generation = Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 });
+        let opts = CompileOptions { weights, ..common::gpt2_options(Some(16), generation) };
         compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
         check(&out, 2, 6); // q·Kᵀ and p·V; q, k, v, the attention's and the MLP's two (+ the LM head)
     }

@@ -21,7 +21,7 @@
 
 use std::hash::{Hash, Hasher};
 
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use half::slice::HalfFloatSliceExt;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
@@ -107,11 +107,11 @@ pub struct SkinnyProduct {
     output_shape: TVec<usize>,
 }
 
-/// A weight's packed panels: f32, or f16 bits where every value of the weight is an f16.
+/// A weight's packed panels: f32, or f16 where every value of the weight is an f16.
 #[derive(Debug)]
 enum Panels {
     F32(Vec<f32>),
-    F16(Vec<u16>),
+    F16(Vec<half::f16>),
 }
 
 /// An element of packed panels; the kernels widen f16 to f32 as they load.
@@ -125,7 +125,7 @@ impl PanelElement for f32 {
     const HALF: bool = false;
 }
 
-impl PanelElement for u16 {
+impl PanelElement for half::f16 {
     const HALF: bool = true;
 }
 
@@ -373,8 +373,8 @@ unsafe fn panels_avx2<E: PanelElement>(_: &[f32], _: &[E], _: usize, _: usize, _
 /// where every value of W is an f16 (then exactly: the products are the same), else in f32.
 fn pack(w: &[f32], shape: &[usize], k_axis: usize, panel: usize) -> Panels {
     if all_f16(w) && !matches!(std::env::var("PFX_TRACT_F16_PANELS").as_deref(), Ok("0")) {
-        Panels::F16(pack_as(w, shape, k_axis, panel, |src: &[f32], dst: &mut [u16]| {
-            dst.reinterpret_cast_mut::<half::f16>().convert_from_f32_slice(src)
+        Panels::F16(pack_as(w, shape, k_axis, panel, |src: &[f32], dst: &mut [half::f16]| {
+            dst.convert_from_f32_slice(src)
         }))
     } else {
         Panels::F32(pack_as(w, shape, k_axis, panel, |src: &[f32], dst: &mut [f32]| dst.copy_from_slice(src)))

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use pfx_compiler::compile::bart::{BartOptions, BartPrefix};
 use pfx_compiler::compile::bart_generate::BartGenShape;
+use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
-use pfx_compiler::compile::Manifest;
+use pfx_compiler::compile::{CompileOptions, Manifest};
 use pfx_compiler::specialize::Dims;
 use pfx_runtime::{open, read_safetensors, Backend, BackendKind, HostTensor, OrtOptions};
 
@@ -227,6 +228,21 @@ pub fn check_bundle(dir: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// GPT-2 compile options at the shapes of the tiny fixtures' references (`graphs/peft/`): prefix 4, batch 3,
+/// sequence 7, AdamW's defaults, seed 0, f32 weights.
+pub fn gpt2_options(mid_dim: Option<usize>, generation: Option<GenShape>) -> CompileOptions {
+    CompileOptions {
+        prefix_len: 4,
+        mid_dim,
+        batch: 3,
+        seq: 7,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation,
+        weights: Default::default(),
+    }
 }
 
 /// BART compile options at the shapes of the fixtures' references (`graphs/bart-ref/`): prefix 4, batch 3,

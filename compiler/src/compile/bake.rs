@@ -76,7 +76,7 @@ pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<Weigh
     let mut rounded = Rounded::default();
     for role in &roles {
         let mut m = onnx_io::load(&bundle.join(&manifest.graphs[*role]))?;
-        store_weights_with(&mut m.graph, storage, &mut rounded)?;
+        store_weights_with(&mut m.graph, storage, &mut rounded);
         let takes_prefix = m.graph.inputs.iter().any(|i| names.contains(&i.name));
         if takes_prefix {
             inputs_to_constants(&mut m.graph, &names, &values)?;

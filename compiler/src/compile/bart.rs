@@ -780,7 +780,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     let mut files = BTreeMap::new();
     let mut rounded = super::storage::Rounded::default();
     for (role, m) in &mut c.graphs {
-        super::storage::store_weights_with(&mut m.graph, opts.weights, &mut rounded)?;
+        super::storage::store_weights_with(&mut m.graph, opts.weights, &mut rounded);
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;

@@ -356,7 +356,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
     let mut files = BTreeMap::new();
     let mut rounded = storage::Rounded::default();
     for (role, m) in &mut c.graphs {
-        storage::store_weights_with(&mut m.graph, opts.weights, &mut rounded)?;
+        storage::store_weights_with(&mut m.graph, opts.weights, &mut rounded);
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;

@@ -54,14 +54,14 @@ pub const MIN_F16_ELEMENTS: usize = 4096;
 const F16_MAX: f32 = 65504.0;
 
 /// Applies `storage` to the graph's initializers; returns how many were stored in f16.
-pub fn store_weights(g: &mut Graph, storage: WeightStorage) -> Result<usize> {
+pub fn store_weights(g: &mut Graph, storage: WeightStorage) -> usize {
     store_weights_with(g, storage, &mut Rounded::default())
 }
 
 /// [`store_weights`] for the graphs of one bundle, which share their weights: each is rounded once.
-pub fn store_weights_with(g: &mut Graph, storage: WeightStorage, rounded: &mut Rounded) -> Result<usize> {
+pub fn store_weights_with(g: &mut Graph, storage: WeightStorage, rounded: &mut Rounded) -> usize {
     match storage {
-        WeightStorage::F32 => Ok(0),
+        WeightStorage::F32 => 0,
         WeightStorage::F16 => store_weights_in_f16(g, rounded),
     }
 }
@@ -72,23 +72,23 @@ pub struct Rounded(HashMap<usize, (Arc<Data>, Option<Tensor>)>);
 
 impl Rounded {
     /// The rounded form of `t` (None: it stays as it is), made once per data.
-    fn of(&mut self, t: &Tensor) -> Result<Option<Tensor>> {
+    fn of(&mut self, t: &Tensor) -> Option<Tensor> {
         let key = Arc::as_ptr(&t.data) as usize;
         if let Some((_, done)) = self.0.get(&key) {
-            return Ok(done.clone());
+            return done.clone();
         }
-        let made = round(t)?;
+        let made = round(t);
         self.0.insert(key, (t.data.clone(), made.clone()));
-        Ok(made)
+        made
     }
 }
 
 /// An f32 tensor of rank ≥ 2, all finite in f16's range, rounded to f16: as f16 from [`MIN_F16_ELEMENTS`] values
 /// on, else as f32 of the rounded values. None for anything else.
-fn round(t: &Tensor) -> Result<Option<Tensor>> {
-    let Data::F32(v) = &*t.data else { return Ok(None) };
+fn round(t: &Tensor) -> Option<Tensor> {
+    let Data::F32(v) = &*t.data else { return None };
     if t.shape.len() < 2 || !v.iter().all(|x| x.is_finite() && x.abs() <= F16_MAX) {
-        return Ok(None);
+        return None;
     }
     // In blocks (F16C where the CPU has it): value by value took seconds on GPT-2's 124 M weights.
     let mut halves = vec![half::f16::ZERO; v.len()];
@@ -96,10 +96,10 @@ fn round(t: &Tensor) -> Result<Option<Tensor>> {
     if v.len() < MIN_F16_ELEMENTS {
         let mut wide = vec![0f32; v.len()];
         halves.convert_to_f32_slice(&mut wide);
-        return Ok(Some(Tensor::f32(t.shape.clone(), wide)));
+        return Some(Tensor::f32(t.shape.clone(), wide));
     }
     let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
-    Ok(Some(Tensor::from_le_bytes(DType::F16, t.shape.clone(), &bytes)?))
+    Some(Tensor::new(t.shape.clone(), Data::Raw(DType::F16, bytes)))
 }
 
 /// Every f32 initializer of rank ≥ 2 whose values are all finite and inside f16's range is rounded to f16
@@ -107,7 +107,7 @@ fn round(t: &Tensor) -> Result<Option<Tensor>> {
 /// least [`MIN_F16_ELEMENTS`] values become `<name>.f16` (f16) and a `Cast` back to `<name>`, so the graph's
 /// nodes read them unchanged; the others keep their f32 type with the rounded values. Returns how many were
 /// stored in f16.
-fn store_weights_in_f16(g: &mut Graph, rounded: &mut Rounded) -> Result<usize> {
+fn store_weights_in_f16(g: &mut Graph, rounded: &mut Rounded) -> usize {
     let candidates: Vec<String> = g
         .initializers
         .iter()
@@ -116,7 +116,7 @@ fn store_weights_in_f16(g: &mut Graph, rounded: &mut Rounded) -> Result<usize> {
         .collect();
     let (mut casts, mut halves_of) = (Vec::new(), Vec::new());
     for name in &candidates {
-        let Some(r) = rounded.of(&g.initializers[name])? else { continue };
+        let Some(r) = rounded.of(&g.initializers[name]) else { continue };
         if r.dtype() == DType::F32 {
             g.initializers.insert(name.clone(), r);
             continue;
@@ -132,7 +132,7 @@ fn store_weights_in_f16(g: &mut Graph, rounded: &mut Rounded) -> Result<usize> {
     // Casts read initializers only, so they may run first.
     g.nodes.splice(0..0, casts);
     look_up_in_f16(g, &halves_of);
-    Ok(stored)
+    stored
 }
 
 fn to_f32(name: String, input: String, output: String) -> Node {
@@ -191,7 +191,7 @@ mod tests {
     fn large_weights_become_f16_behind_a_cast() {
         let mut g = graph();
         let original = g.initializers["w"].as_f64s().unwrap();
-        assert_eq!(store_weights(&mut g, WeightStorage::F16).unwrap(), 1, "only w is a large finite matrix");
+        assert_eq!(store_weights(&mut g, WeightStorage::F16), 1, "only w is a large finite matrix");
         assert!(!g.initializers.contains_key("w"));
         assert_eq!(g.initializers["bias"], Tensor::f32(vec![64], vec![0.1; 64]), "vectors stay as they are");
         let small = &g.initializers["small"];
@@ -226,7 +226,7 @@ mod tests {
         g.nodes.push(Node::new("lookup", "Gather", vec!["w".into(), "ids".into()], vec!["rows".into()]));
         g.nodes.push(Node::new("use", "Relu", vec!["rows".into()], vec!["out".into()]));
         g.outputs.push(ValueInfo { name: "out".into(), ty: ValueType::known(DType::F32, &[1, 3, 64]) });
-        store_weights(&mut g, WeightStorage::F16).unwrap();
+        store_weights(&mut g, WeightStorage::F16);
         let half = g.initializers.iter().find(|(_, t)| t.dtype() == DType::F16).map(|(n, _)| n.clone()).unwrap();
         let lookup = g.nodes.iter().position(|n| n.op == "Gather").unwrap();
         assert_eq!(g.nodes[lookup].inputs[0], half, "the lookup reads the f16 table");
@@ -240,7 +240,7 @@ mod tests {
         g.outputs.clear();
         g.nodes.push(Node::new("lookup", "Gather", vec!["w".into(), "ids".into()], vec!["rows".into()]));
         g.outputs.push(ValueInfo { name: "rows".into(), ty: ValueType::known(DType::F32, &[1, 3, 64]) });
-        store_weights(&mut g, WeightStorage::F16).unwrap();
+        store_weights(&mut g, WeightStorage::F16);
         let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.as_str()).collect();
         assert_eq!(ops, ["Gather", "Cast"], "the lookup and the widening of its rows, no widened table");
     }
@@ -248,7 +248,7 @@ mod tests {
     #[test]
     fn f32_storage_changes_nothing() {
         let mut g = graph();
-        assert_eq!(store_weights(&mut g, WeightStorage::F32).unwrap(), 0);
+        assert_eq!(store_weights(&mut g, WeightStorage::F32), 0);
         assert_eq!(g.initializers["w"].dtype(), DType::F32);
         assert_eq!(g.nodes.len(), 1);
     }
