@@ -468,9 +468,13 @@ pub fn save(model: &Model, path: &Path, weights: Option<&mut WeightsFile>) -> Re
 
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp-write");
-    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    let written = fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display())).and_then(|()| {
+        fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn model_to_proto(model: &Model, weights: &mut Option<&mut WeightsFile>) -> Result<pb::ModelProto> {

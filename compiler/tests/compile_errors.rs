@@ -68,7 +68,71 @@ fn sequence_beyond_the_positions() {
         &["--prefix-len", "4", "--batch", "1", "--seq", "61"],
         &d.join("b"),
     );
-    fails_with(&out, &["exceeds the model's 64 positions", "--seq"]);
+    fails_with(&out, &["--seq 61 needs 65 positions, but the model has 64"]);
+}
+
+#[test]
+fn generation_beyond_the_positions() {
+    let d = tmp("genlong");
+    // 64 positions: prefix 4 + prompt 40 + 29 fed tokens (the 30th is generated, never fed) do not fit.
+    let gen = ["--prefix-len", "4", "--batch", "1", "--seq", "8", "--prompt-len", "40"];
+    let out = compile(
+        &graphs().join("gpt2-dynamo-past/model.onnx"),
+        &[&gen[..], &["--max-new", "30"]].concat(),
+        &d.join("b"),
+    );
+    fails_with(&out, &["generation graphs (--max-new 0 writes none)", "--max-new 30 - 1 needs 73 positions"]);
+    assert!(!d.join("b").exists(), "a refused compile creates no folder");
+    // One token less fits exactly; --max-new 0 writes no generation graphs at all.
+    let out = compile(
+        &graphs().join("gpt2-dynamo-past/model.onnx"),
+        &[&gen[..], &["--max-new", "21"]].concat(),
+        &d.join("b"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        compile(&graphs().join("gpt2-dynamo-past/model.onnx"), &[&gen[..], &["--max-new", "0"]].concat(), &d.join("c"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest = std::fs::read_to_string(d.join("c/manifest.json")).unwrap();
+    assert!(manifest.contains("\"generation\": null") && !d.join("c/decode.onnx").exists(), "{manifest}");
+}
+
+#[test]
+fn sizes_too_large_to_build_are_refused_not_aborted() {
+    let d = tmp("huge");
+    let m = graphs().join("gpt2-optimum/model.onnx");
+    let base = ["--prefix-len", "4", "--batch", "2", "--seq", "16"];
+    for (extra, needle) in [
+        (&["--mid-dim", "100000000"][..], "the prefix would have 16100000256 parameters"),
+        (&["--gen-rows", "1000000000000"][..], "tokens in one run is more than pfx builds graphs for"),
+        (&["--max-new", "18446744073709551615"][..], "overflows"),
+    ] {
+        fails_with(&compile(&m, &[&base[..], extra].concat(), &d.join("b")), &[needle]);
+    }
+    let huge_batch = ["--prefix-len", "4", "--batch", "1000000000000", "--seq", "16"];
+    fails_with(&compile(&m, &huge_batch, &d.join("b")), &["--batch × (--prefix-len + --seq) = 20000000000000 tokens"]);
+    assert!(!d.join("b").exists());
+}
+
+#[test]
+fn hyperparameters_json_cannot_hold_or_the_family_does_not_take_are_refused() {
+    let d = tmp("hyper");
+    let m = graphs().join("gpt2-optimum/model.onnx");
+    let base = ["--prefix-len", "4", "--batch", "2", "--seq", "16"];
+    for (extra, needle) in [
+        (&["--weight-decay", "nan"][..], "--weight-decay must be a finite number"),
+        (&["--weight-decay=-1"][..], "--weight-decay must be a finite number ≥ 0 (got -1)"),
+        (&["--max-grad-norm", "inf"][..], "--max-grad-norm must be a finite number"),
+        (&["--label-smoothing", "0.1"][..], "--label-smoothing is for BART exports"),
+        (&["--src-len", "8"][..], "--src-len is for BART exports"),
+    ] {
+        fails_with(&compile(&m, &[&base[..], extra].concat(), &d.join("b")), &[needle]);
+    }
+    let bart = ["--bart-prefix", "paper", "--prefix-len", "2", "--batch", "2", "--src-len", "8", "--tgt-len", "8"];
+    fails_with(
+        &compile(&graphs().join("bart-enc-deep"), &[&bart[..], &["--seq", "8"]].concat(), &d.join("b")),
+        &["--seq is GPT-2's sequence length"],
+    );
 }
 
 #[test]

@@ -43,7 +43,19 @@ pub fn tokenizer_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<Tokeniz
             p
         }
     };
-    Tokenizer::from_file(&path)
+    let tok = Tokenizer::from_file(&path)?;
+    // Ids past the model's embedding would index outside it (tract stops with a panic there).
+    let model = bundle.manifest.vocab;
+    if model > 0 && tok.vocab_size() > model {
+        bail!(
+            "the tokenizer {} has {} tokens, but the model of {} has {model}: it is not this model's tokenizer; \
+             pass the model's tokenizer.json with --tokenizer",
+            path.display(),
+            tok.vocab_size(),
+            bundle.dir.display()
+        );
+    }
+    Ok(tok)
 }
 
 /// The prefix to use: `--prefix FILE`, else the bundle's initial one (none for baked bundles).
@@ -241,6 +253,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             }
             prompts.push(ids);
         }
+        crate::search::check_request(&prompts, "source", spec.src_len, spec.max_new, spec.rows, &cfg)?;
         let bare = if m.graphs.contains_key("encode_bare") {
             Some(bundle.open_graph("encode_bare", engine.backend, &engine.ort)?)
         } else {
@@ -270,6 +283,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             }
             prompts.push(ids);
         }
+        crate::search::check_request(&prompts, "prompt", spec.prompt_len, spec.max_new, spec.rows, &cfg)?;
         let mut g = Generator::open(&bundle, engine.backend, &engine.ort, prefix)?;
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)

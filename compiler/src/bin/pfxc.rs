@@ -33,6 +33,7 @@ enum Command {
     /// folder into prefix-tuning graphs (train_step, grads, eval_step, and generation graphs when the export has
     /// past inputs) and a manifest.
     Compile {
+        /// The export: a GPT-2 .onnx file (or a folder holding model.onnx), or a BART export folder.
         model: PathBuf,
         /// Prefix length P (virtual tokens).
         #[arg(long)]
@@ -43,6 +44,7 @@ enum Command {
         /// Train the prefix directly (no MLP).
         #[arg(long)]
         no_reparam: bool,
+        /// Training batch size (sequences per step); the graphs are compiled for exactly this size.
         #[arg(long)]
         batch: usize,
         /// Sequence length (GPT-2).
@@ -57,9 +59,9 @@ enum Command {
         /// BART target length.
         #[arg(long)]
         tgt_len: Option<usize>,
-        /// BART loss label smoothing.
-        #[arg(long, default_value_t = 0.0)]
-        label_smoothing: f32,
+        /// BART loss label smoothing (default 0).
+        #[arg(long)]
+        label_smoothing: Option<f32>,
         /// AdamW's decoupled weight decay (HF Trainer's default: 0).
         #[arg(long, default_value_t = 0.0)]
         weight_decay: f32,
@@ -75,13 +77,15 @@ enum Command {
         /// Prompt length of the generation graphs (default: --seq; BART: the source length, default --src-len).
         #[arg(long)]
         prompt_len: Option<usize>,
-        /// Most tokens generated per prompt (BART: 0 writes no generation graphs).
+        /// Most tokens generated per prompt (0 writes no generation graphs).
         #[arg(long, default_value_t = 32)]
         max_new: usize,
         /// Element type of the frozen weight matrices in weights.bin: f32 (as exported) or f16 (half the size;
         /// the graphs compute in f32 on the weights rounded to f16, and tract's decoding reads them as f16).
         #[arg(long, default_value = "f32")]
         weights: WeightStorage,
+        /// The bundle folder to write (created if missing; an earlier bundle there is replaced once the new one
+        /// is complete).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -92,10 +96,12 @@ enum Command {
         /// The trained prefix (safetensors with the bundle's trainable names).
         #[arg(long)]
         prefix: PathBuf,
-        /// Store the frozen weight matrices in f16 in the baked bundle (half the size; the model is rounded after
-        /// training, the prefix stays f32). Default: as the bundle stores them.
+        /// Element type of the frozen weight matrices in the baked bundle: f16 halves its size (the model is
+        /// rounded after training, the prefix stays f32). Default: as the bundle stores them; an f16 bundle
+        /// cannot be baked back into f32.
         #[arg(long)]
         weights: Option<WeightStorage>,
+        /// The folder for the baked bundle (not the bundle's own).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -154,11 +160,15 @@ fn run(cli: Cli) -> Result<()> {
             weights,
             output,
         } => {
+            if !(max_grad_norm.is_finite() && max_grad_norm >= 0.0) {
+                anyhow::bail!("--max-grad-norm must be a finite number ≥ 0, 0 for no clipping (got {max_grad_norm})");
+            }
             let optimizer = AdamW {
                 weight_decay,
                 max_grad_norm: if max_grad_norm > 0.0 { Some(max_grad_norm) } else { None },
                 ..AdamW::default()
             };
+            optimizer.check()?;
             // A GPT-2 export folder (optimum's, or one with a tokenizer next to the model) stands for its
             // model.onnx; a BART folder (encoder and decoder files) needs its prefix layout.
             let model = match (model.is_dir(), &bart_prefix) {
@@ -179,6 +189,17 @@ fn run(cli: Cli) -> Result<()> {
                 let (Some(src_len), Some(tgt_len)) = (src_len, tgt_len) else {
                     anyhow::bail!("BART needs --src-len and --tgt-len");
                 };
+                if seq.is_some() {
+                    anyhow::bail!("--seq is GPT-2's sequence length; BART takes --src-len and --tgt-len");
+                }
+                let with_past = bart::has_decoder_with_past(&model);
+                if max_new > 0 && !with_past {
+                    eprintln!(
+                        "note: {} has no decoder_with_past_model.onnx, so the bundle gets no generation graphs \
+                         (export with optimum's --task text2text-generation-with-past to generate)",
+                        model.display()
+                    );
+                }
                 let opts = bart::BartOptions {
                     mode,
                     prefix_len,
@@ -186,12 +207,14 @@ fn run(cli: Cli) -> Result<()> {
                     batch,
                     src_len,
                     tgt_len,
-                    label_smoothing,
+                    label_smoothing: label_smoothing.unwrap_or(0.0),
                     optimizer,
                     seed,
                     // Generation needs the decoder with past; exports without it still train.
-                    generation: (max_new > 0 && bart::has_decoder_with_past(&model)).then(|| {
-                        bart_generate::BartGenShape { rows: gen_rows, src_len: prompt_len.unwrap_or(src_len), max_new }
+                    generation: (max_new > 0 && with_past).then(|| bart_generate::BartGenShape {
+                        rows: gen_rows,
+                        src_len: prompt_len.unwrap_or(src_len),
+                        max_new,
                     }),
                     weights,
                 };
@@ -209,6 +232,18 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
+            for (flag, given) in [
+                ("--src-len", src_len.is_some()),
+                ("--tgt-len", tgt_len.is_some()),
+                ("--label-smoothing", label_smoothing.is_some()),
+            ] {
+                if given {
+                    anyhow::bail!(
+                        "{flag} is for BART exports (with --bart-prefix); {} is compiled as GPT-2, which takes --seq",
+                        model.display()
+                    );
+                }
+            }
             let seq = seq.unwrap_or(0);
             if batch == 0 || seq == 0 {
                 anyhow::bail!("--batch and --seq must be at least 1");
@@ -220,7 +255,11 @@ fn run(cli: Cli) -> Result<()> {
                 seq,
                 optimizer,
                 seed,
-                generation: Some(GenShape { rows: gen_rows, prompt_len: prompt_len.unwrap_or(seq), max_new }),
+                generation: (max_new > 0).then(|| GenShape {
+                    rows: gen_rows,
+                    prompt_len: prompt_len.unwrap_or(seq),
+                    max_new,
+                }),
                 weights,
             };
             let t0 = std::time::Instant::now();
@@ -236,6 +275,13 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64(),
                 m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
             );
+            if max_new > 0 && m.generation.is_none() {
+                eprintln!(
+                    "note: {} has no past (KV-cache) inputs, so the bundle gets no generation graphs (export with \
+                     past_key_values, e.g. optimum's --task text-generation-with-past, to generate)",
+                    model.display()
+                );
+            }
         }
         Command::Bake { bundle, prefix, weights, output } => {
             let m = pfx_compiler::compile::bake::bake_with(&bundle, &prefix, &output, weights)

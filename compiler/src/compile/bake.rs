@@ -32,6 +32,14 @@ pub fn read_f32_safetensors(path: &Path, names: &[String]) -> Result<BTreeMap<St
     Ok(out)
 }
 
+/// A safetensors file as PEFT saves an adapter (`adapter_model.safetensors`, keys under `base_model.` or
+/// `prompt_embeddings`).
+fn is_peft_adapter(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else { return false };
+    let Ok(st) = safetensors::SafeTensors::deserialize(&bytes) else { return false };
+    st.names().iter().any(|n| n.starts_with("base_model.") || n.starts_with("prompt_embeddings"))
+}
+
 /// The generation graphs a bundle may hold; the first two of a family take the prefix as inputs.
 const GENERATION_ROLES: [&str; 4] = ["prefill", "encode", "decode", "encode_bare"];
 
@@ -43,6 +51,7 @@ pub fn bake(bundle: &Path, prefix: &Path, out: &Path) -> Result<Manifest> {
 /// bundle's weights in f16 rounds the frozen model only: the prefix becomes constants after, in f32.
 pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<WeightStorage>) -> Result<Manifest> {
     let mut manifest = read_manifest(bundle)?;
+    super::bundle_dir::BundleDir::check(out, bundle, "bundle")?;
     let storage = weights.unwrap_or(manifest.weights_dtype);
     if manifest.weights_dtype == WeightStorage::F16 && storage == WeightStorage::F32 {
         bail!(
@@ -65,13 +74,40 @@ pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<Weigh
     let names: Vec<String> = manifest.trainable.iter().map(|t| t.name.clone()).collect();
     let values = read_f32_safetensors(prefix, &names)?;
     for t in &manifest.trainable {
-        let v = values.get(&t.name).ok_or_else(|| anyhow!("{} has no tensor '{}'", prefix.display(), t.name))?;
+        let v = values.get(&t.name).ok_or_else(|| {
+            anyhow!(
+                "{} has no tensor '{}' (the bundle's prefix is {}): it is not a prefix of this bundle{}",
+                prefix.display(),
+                t.name,
+                names.join(", "),
+                if is_peft_adapter(prefix) {
+                    "; it looks like a PEFT adapter: `pfxrun import-peft` converts one into this bundle's prefix"
+                } else {
+                    ""
+                }
+            )
+        })?;
         if v.shape != t.shape {
-            bail!("{}: '{}' has shape {:?}, the bundle needs {:?}", prefix.display(), t.name, v.shape, t.shape);
+            bail!(
+                "{}: '{}' has shape {:?}, the bundle needs {:?}: the prefix was trained for another bundle (other \
+                 --prefix-len, --mid-dim or --no-reparam)",
+                prefix.display(),
+                t.name,
+                v.shape,
+                t.shape
+            );
+        }
+        if v.as_f64s().is_some_and(|x| x.iter().any(|x| !x.is_finite())) {
+            bail!(
+                "{}: '{}' holds NaN or infinite values (a diverged training?); baking it would give graphs that \
+                 generate nothing sensible",
+                prefix.display(),
+                t.name
+            );
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut w = WeightsFile::create(&out.join("weights.bin"))?;
+    let dir = super::bundle_dir::BundleDir::create(out, bundle, "bundle")?;
+    let mut w = WeightsFile::create(&dir.path("weights.bin"))?;
     let mut graphs = BTreeMap::new();
     let mut rounded = Rounded::default();
     for role in &roles {
@@ -93,14 +129,11 @@ pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<Weigh
             }
         }
         let file = format!("{role}.onnx");
-        onnx_io::save(&m, &out.join(&file), Some(&mut w))?;
+        onnx_io::save(&m, &dir.path(&file), Some(&mut w))?;
         graphs.insert(role.to_string(), file);
     }
     // The tokenizer travels with the graphs, so the baked bundle generates text on its own.
-    if bundle.join("tokenizer.json").exists() {
-        std::fs::copy(bundle.join("tokenizer.json"), out.join("tokenizer.json"))
-            .with_context(|| format!("copying {}", bundle.join("tokenizer.json").display()))?;
-    }
+    manifest.tokenizer = super::bundle_dir::copy_tokenizer(&dir, Some(&bundle.join("tokenizer.json")))?;
     manifest.baked = true;
     manifest.weights_dtype = storage;
     manifest.trainable.clear();
@@ -117,8 +150,7 @@ pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<Weigh
             obj.entry(k.clone()).or_insert_with(|| v.clone());
         }
     }
-    let text = serde_json::to_string_pretty(&json)?;
-    onnx_io::write_atomically(&out.join("manifest.json"), text.as_bytes())?;
+    dir.finish(&serde_json::to_string_pretty(&json)?)?;
     Ok(manifest)
 }
 

@@ -537,6 +537,13 @@ pub(super) fn check_options(o: &BartOptions) -> Result<()> {
     if !(0.0..1.0).contains(&o.label_smoothing) {
         bail!("--label-smoothing must be in [0, 1) (got {})", o.label_smoothing);
     }
+    let tokens = o.prefix_len.checked_add(o.src_len).and_then(|n| n.checked_add(o.tgt_len));
+    super::check_tokens("--batch × (--prefix-len + --src-len + --tgt-len)", &[Some(o.batch), tokens])?;
+    o.optimizer.check()?;
+    if let Some(gs) = &o.generation {
+        let capacity = o.prefix_len.checked_add(gs.src_len).and_then(|n| n.checked_add(gs.max_new));
+        super::check_tokens("--gen-rows × (--prefix-len + --prompt-len + --max-new)", &[Some(gs.rows), capacity])?;
+    }
     Ok(())
 }
 
@@ -668,6 +675,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
                 ("cross.", shape(dims.decoder_layers, dims.decoder_heads), &cross_sites),
             ];
             for (site, sh, sites) in plan {
+                sh.check_size()?;
                 let kv = prefix::build_generator(g, &sh, site, opts.batch)?;
                 for (l, sm) in sites.iter().enumerate() {
                     prefix::inject_one(g, sm, &kv[l], p)
@@ -687,6 +695,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
             }
             let layers = dims.encoder_layers.max(dims.decoder_layers);
             let sh = shape(layers, dims.decoder_heads);
+            sh.check_size()?;
             let kv = prefix::build_generator(g, &sh, "", opts.batch)?;
             for (i, sm) in self_sites.iter().enumerate() {
                 // PEFT: rows (4i mod 2L, 4i+1 mod 2L) = generator layer (2i mod L).
@@ -771,11 +780,12 @@ pub fn read_bart_spec(bundle: &Path) -> Result<Option<BartSpec>> {
 /// Compiles a BART export folder into a bundle in `out_dir`: grads.onnx, train_step.onnx, eval_step.onnx,
 /// weights.bin, prefix.init.safetensors and manifest.json (family "bart", with a "bart" section).
 pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Manifest> {
+    super::bundle_dir::BundleDir::check(out_dir, dir, "export")?;
     let mut c = compile_bart_models(dir, opts)?;
     let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
-    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
+    let out = super::bundle_dir::BundleDir::create(out_dir, dir, "export")?;
+    let mut weights = WeightsFile::create(&out.path("weights.bin"))?;
     let mut io = BTreeMap::new();
     let mut files = BTreeMap::new();
     let mut rounded = super::storage::Rounded::default();
@@ -783,13 +793,11 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         super::storage::store_weights_with(&mut m.graph, opts.weights, &mut rounded);
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
-        onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
+        onnx_io::save(m, &out.path(&file), Some(&mut weights))?;
         io.insert(role.to_string(), super::graph_io(m, &file, &names));
         files.insert(role.to_string(), file);
     }
-    if let Some(tok) = Some(dir.join("tokenizer.json")).filter(|p| p.exists()) {
-        std::fs::copy(&tok, out_dir.join("tokenizer.json")).with_context(|| format!("copying {}", tok.display()))?;
-    }
+    let tokenizer = super::bundle_dir::copy_tokenizer(&out, Some(&dir.join("tokenizer.json")))?;
     // Each generator initialized as PEFT initializes its PrefixEncoder, from its own seed.
     let mut values = BTreeMap::new();
     for (k, gen) in c.generators.iter().enumerate() {
@@ -797,11 +805,11 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
             values.insert(format!("{}{name}", gen.site), t);
         }
     }
-    init::write_safetensors(&out_dir.join("prefix.init.safetensors"), &values)?;
+    init::write_safetensors(&out.path("prefix.init.safetensors"), &values)?;
     let first = &c.generators[0].shape;
     let d = &c.dims;
     let manifest = Manifest {
-        format: "pfx-bundle/1".into(),
+        format: super::BUNDLE_FORMAT.into(),
         compiler_version: env!("CARGO_PKG_VERSION").into(),
         family: "bart".into(),
         source_model: dir.display().to_string(),
@@ -834,6 +842,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         }),
         baked: false,
         weights_dtype: opts.weights,
+        tokenizer,
     };
     let spec = BartSpec {
         mode: opts.mode,
@@ -856,8 +865,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     };
     let mut json = serde_json::to_value(&manifest)?;
     json.as_object_mut().expect("a manifest is an object").insert("bart".into(), serde_json::to_value(&spec)?);
-    let text = serde_json::to_string_pretty(&json)?;
-    onnx_io::write_atomically(&out_dir.join("manifest.json"), text.as_bytes())?;
+    out.finish(&serde_json::to_string_pretty(&json)?)?;
     Ok(manifest)
 }
 

@@ -4,6 +4,7 @@
 pub mod bake;
 pub mod bart;
 pub mod bart_generate;
+pub mod bundle_dir;
 pub mod generate;
 pub mod init;
 pub mod loss;
@@ -109,6 +110,9 @@ pub struct Manifest {
     /// Element type of the large frozen weights in `weights.bin` (f16: stored rounded, cast to f32 in-graph).
     #[serde(default)]
     pub weights_dtype: WeightStorage,
+    /// The tokenizer copied from next to the export (absent when the export had none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -173,6 +177,39 @@ fn check_options(opts: &CompileOptions) -> Result<()> {
     if opts.mid_dim == Some(0) {
         bail!("--mid-dim must be at least 1");
     }
+    check_tokens("--batch × (--prefix-len + --seq)", &[Some(opts.batch), opts.prefix_len.checked_add(opts.seq)])?;
+    opts.optimizer.check()?;
+    if let Some(gs) = &opts.generation {
+        if gs.rows == 0 || gs.prompt_len == 0 || gs.max_new == 0 {
+            bail!("--gen-rows, --prompt-len and --max-new must be at least 1 for generation graphs");
+        }
+        let capacity = opts.prefix_len.checked_add(gs.prompt_len).and_then(|n| n.checked_add(gs.max_new - 1));
+        check_tokens("--gen-rows × (--prefix-len + --prompt-len + --max-new - 1)", &[Some(gs.rows), capacity])?;
+    }
+    Ok(())
+}
+
+/// Refuses sizes whose product (tokens in one graph run) overflows or passes 2^31: constants of that many
+/// elements are built at compile time, and no runtime indexes past it.
+pub(crate) fn check_tokens(what: &str, factors: &[Option<usize>]) -> Result<()> {
+    let product = factors.iter().try_fold(1usize, |acc, f| f.and_then(|f| acc.checked_mul(f)));
+    match product {
+        Some(n) if n <= 1 << 31 => Ok(()),
+        Some(n) => bail!("{what} = {n} tokens in one run is more than pfx builds graphs for (2^31); use smaller sizes"),
+        None => bail!("{what} overflows: use smaller sizes"),
+    }
+}
+
+/// GPT-2 numbers the real tokens after the prefix (as PEFT does), so the last position a graph reads,
+/// `prefix + length - 1`, must be one of the model's position rows.
+fn check_positions(what: &str, prefix_len: usize, length: usize, rows: usize) -> Result<()> {
+    if prefix_len + length > rows {
+        bail!(
+            "--prefix-len {prefix_len} + {what} needs {} positions, but the model has {rows} (real tokens are \
+             numbered after the prefix, as PEFT does); use smaller lengths",
+            prefix_len + length
+        );
+    }
     Ok(())
 }
 
@@ -183,34 +220,52 @@ pub fn build_loss_graph_from(
 ) -> Result<(Model, PrefixShape, Injection, crate::inspect::ModelInfo)> {
     check_options(opts)?;
     let (raw, source) = (export.model.clone(), export.path.as_path());
+    // Graphs pfx wrote (a bundle's) are rewritten already: say so when one does not compile.
+    let not_an_export = |e: anyhow::Error| {
+        if raw.producer_name == "pfx" {
+            e.context(format!(
+                "{} was written by pfx: if it is a graph of a bundle, compile the export the bundle was made from",
+                source.display()
+            ))
+        } else {
+            e
+        }
+    };
     let family = detect_family(&raw.graph);
     if family != Family::Gpt2Decoder {
-        bail!(
-            "{} is a {family} graph, not a GPT-2 decoder: the GPT-2 path needs an export with input_ids in and \
-             logits out (BART exports go through the BART path)",
+        let what = match family {
+            Family::Unknown => "not a GPT-2 decoder".to_string(),
+            f => format!("a {f} graph, not a GPT-2 decoder"),
+        };
+        return Err(not_an_export(anyhow::anyhow!(
+            "{} is {what}: the GPT-2 path needs an export with input_ids in and logits out (BART exports go \
+             through the BART path, with --bart-prefix)",
             source.display()
-        );
+        )));
     }
     let info = inspect(&raw).with_context(|| format!("inspecting {}", source.display()))?;
     let (Some(layers), Some(heads), Some(head_dim), Some(hidden), Some(vocab)) =
         (info.layers, info.heads, info.head_size, info.hidden, info.vocab)
     else {
-        bail!("could not read the model's dimensions from {} (layers, heads, hidden, vocabulary)", source.display());
+        return Err(not_an_export(anyhow::anyhow!(
+            "could not read the model's dimensions from {} (layers, heads, hidden, vocabulary): the attention or \
+             the LM head does not look like GPT-2's; `pfxc inspect` shows what was found",
+            source.display()
+        )));
     };
     let _ = vocab;
     if let Some(rows) = info.position_rows {
-        if opts.prefix_len + opts.seq > rows {
-            bail!(
-                "prefix length {} + sequence length {} = {} exceeds the model's {} positions \
-                 (real tokens are numbered after the prefix, as PEFT does); shorten --seq or --prefix-len",
-                opts.prefix_len,
-                opts.seq,
-                opts.prefix_len + opts.seq,
-                rows
-            );
+        check_positions(&format!("--seq {}", opts.seq), opts.prefix_len, opts.seq, rows)?;
+        if let Some(gs) = &opts.generation {
+            // Generation feeds every token but the last one generated.
+            let length = gs.prompt_len + gs.max_new - 1;
+            let what = format!("--prompt-len {} + --max-new {} - 1", gs.prompt_len, gs.max_new);
+            check_positions(&what, opts.prefix_len, length, rows)
+                .context("for the generation graphs (--max-new 0 writes none)")?;
         }
     }
     let shape = PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden, mid: opts.mid_dim };
+    shape.check_size()?;
     let mut model = raw;
     crate::canonicalize::canonicalize(&mut model)?;
     let g = &mut model.graph;
@@ -347,11 +402,13 @@ pub(crate) fn training_graphs(
 
 /// Compiles the whole bundle into `out_dir`.
 pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
+    let export_dir = source.parent().unwrap_or(Path::new("."));
+    bundle_dir::BundleDir::check(out_dir, export_dir, "export")?;
     let mut c = compile_models(source, opts)?;
     let trainables = c.shape.trainables("");
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
-    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let mut weights = WeightsFile::create(&out_dir.join("weights.bin"))?;
+    let dir = bundle_dir::BundleDir::create(out_dir, export_dir, "export")?;
+    let mut weights = WeightsFile::create(&dir.path("weights.bin"))?;
     let mut io = BTreeMap::new();
     let mut files = BTreeMap::new();
     let mut rounded = storage::Rounded::default();
@@ -359,19 +416,17 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         storage::store_weights_with(&mut m.graph, opts.weights, &mut rounded);
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
-        onnx_io::save(m, &out_dir.join(&file), Some(&mut weights))?;
+        onnx_io::save(m, &dir.path(&file), Some(&mut weights))?;
         io.insert(role.to_string(), graph_io(m, &file, &names));
         files.insert(role.to_string(), file);
     }
     // The tokenizer next to the model travels with the bundle (pfxrun finds it there).
-    if let Some(tok) = source.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()) {
-        std::fs::copy(&tok, out_dir.join("tokenizer.json")).with_context(|| format!("copying {}", tok.display()))?;
-    }
+    let tokenizer = bundle_dir::copy_tokenizer(&dir, source.parent().map(|d| d.join("tokenizer.json")).as_deref())?;
     let init = init::init_prefix(&c.shape, opts.seed);
-    init::write_safetensors(&out_dir.join("prefix.init.safetensors"), &init)?;
+    init::write_safetensors(&dir.path("prefix.init.safetensors"), &init)?;
     let (shape, info) = (&c.shape, &c.info);
     let manifest = Manifest {
-        format: "pfx-bundle/1".into(),
+        format: BUNDLE_FORMAT.into(),
         compiler_version: env!("CARGO_PKG_VERSION").into(),
         family: "gpt2".into(),
         source_model: source.display().to_string(),
@@ -396,9 +451,9 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         generation: c.generation.clone(),
         baked: false,
         weights_dtype: opts.weights,
+        tokenizer,
     };
-    let json = serde_json::to_string_pretty(&manifest)?;
-    onnx_io::write_atomically(&out_dir.join("manifest.json"), json.as_bytes())?;
+    dir.finish(&serde_json::to_string_pretty(&manifest)?)?;
     Ok(manifest)
 }
 
@@ -446,5 +501,18 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p: PathBuf = dir.join("manifest.json");
     let text =
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (is this a pfx bundle?)", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a valid pfx manifest", p.display()))
+    let m: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a valid pfx manifest", p.display()))?;
+    if m.format != BUNDLE_FORMAT {
+        bail!(
+            "{} is a '{}' bundle; this pfx ({}) reads '{BUNDLE_FORMAT}': compile the export again with this pfxc",
+            p.display(),
+            m.format,
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    Ok(m)
 }
+
+/// The bundle layout this compiler writes and the runtime reads.
+pub const BUNDLE_FORMAT: &str = "pfx-bundle/1";

@@ -16,6 +16,30 @@ pub struct AdamW {
     pub max_grad_norm: Option<f32>,
 }
 
+impl AdamW {
+    /// Refuses hyperparameters that would write a manifest no one can read back (JSON has no NaN) or train
+    /// nonsense.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            anyhow::bail!("--weight-decay must be a finite number ≥ 0 (got {})", self.weight_decay);
+        }
+        if let Some(c) = self.max_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                anyhow::bail!("--max-grad-norm must be a finite number > 0, or 0 for no clipping (got {c})");
+            }
+        }
+        for (what, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                anyhow::bail!("AdamW's {what} must be in [0, 1) (got {v})");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            anyhow::bail!("AdamW's eps must be a finite number > 0 (got {})", self.eps);
+        }
+        Ok(())
+    }
+}
+
 impl Default for AdamW {
     fn default() -> Self {
         AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }

@@ -28,6 +28,26 @@ impl PrefixShape {
         2 * self.layers * self.hidden
     }
 
+    /// Refuses a prefix too large to build (its parameters are made at compile time): an overflow, or more
+    /// than 2^31 parameters (8 GiB of f32; PEFT's largest recipes have under 10^8).
+    pub fn check_size(&self) -> Result<()> {
+        let count = self.trainables("").iter().try_fold(0usize, |acc, (_, dims)| {
+            dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| acc.checked_add(n))
+        });
+        match count {
+            Some(n) if n <= 1 << 31 => Ok(()),
+            _ => bail!(
+                "the prefix would have {} parameters ({} layers, hidden {}, --prefix-len {}, --mid-dim {}): far \
+                 more than a prefix needs; check --prefix-len and --mid-dim",
+                count.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                self.layers,
+                self.hidden,
+                self.len,
+                self.mid.map_or("none".to_string(), |m| m.to_string())
+            ),
+        }
+    }
+
     /// The trainable tensors with PEFT's PrefixEncoder names and layouts, each name prefixed by `site`.
     pub fn trainables(&self, site: &str) -> Vec<(String, Vec<usize>)> {
         let n = |s: &str| format!("{site}{s}");
