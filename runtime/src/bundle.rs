@@ -76,6 +76,16 @@ impl Bundle {
             if v.shape() != t.shape.as_slice() {
                 bail!("{}: '{}' has shape {:?}, this bundle needs {:?}", path.display(), t.name, v.shape(), t.shape);
             }
+            let values = v
+                .as_f32()
+                .map_err(|_| anyhow!("{}: '{}' is {:?}; a prefix is float32", path.display(), t.name, v.dtype()))?;
+            if values.iter().any(|x| !x.is_finite()) {
+                bail!(
+                    "{}: '{}' holds NaN or infinite values (a training that diverged?); it cannot be used",
+                    path.display(),
+                    t.name
+                );
+            }
             out.insert(t.name.clone(), v.clone());
         }
         Ok(out)

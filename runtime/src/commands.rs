@@ -46,12 +46,12 @@ pub fn tokenizer_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<Tokeniz
     let tok = Tokenizer::from_file(&path)?;
     // Ids past the model's embedding would index outside it (tract stops with a panic there).
     let model = bundle.manifest.vocab;
-    if model > 0 && tok.vocab_size() > model {
+    if model > 0 && tok.id_bound() > model {
         bail!(
-            "the tokenizer {} has {} tokens, but the model of {} has {model}: it is not this model's tokenizer; \
-             pass the model's tokenizer.json with --tokenizer",
+            "the tokenizer {} has token ids up to {}, but the model of {} has {model} tokens: it is not this \
+             model's tokenizer; pass the model's tokenizer.json with --tokenizer",
             path.display(),
-            tok.vocab_size(),
+            tok.id_bound() - 1,
             bundle.dir.display()
         );
     }
@@ -187,11 +187,31 @@ pub struct GenerateArgs {
 pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if matches!(ext, "txt" | "e2e" | "jsonl" | "json") {
-        let data = read_examples(path)?;
+        let data = crate::data::read_sources(path)?;
+        if let Some(w) = data.bad_lines_summary() {
+            eprintln!("warning: {w}");
+        }
         let groups = data.group_by_source();
-        Ok((groups.iter().map(|g| g.0.clone()).collect(), groups.into_iter().map(|g| g.1).collect()))
+        let refs = groups.iter().map(|g| g.1.iter().filter(|t| !t.is_empty()).cloned().collect()).collect();
+        Ok((groups.into_iter().map(|g| g.0).collect(), refs))
     } else {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+            anyhow::anyhow!("{}:{line}: not valid UTF-8", path.display())
+        })?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let blank: Vec<usize> =
+            text.lines().enumerate().filter(|(_, l)| l.trim().is_empty()).map(|(i, _)| i + 1).collect();
+        if !blank.is_empty() {
+            eprintln!(
+                "warning: {} has {} blank line(s) (line {}{}), skipped: output line N is the N-th non-blank source",
+                path.display(),
+                blank.len(),
+                blank.iter().take(5).map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+                if blank.len() > 5 { ", …" } else { "" }
+            );
+        }
         let srcs: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect();
         let n = srcs.len();
         Ok((srcs, vec![Vec::new(); n]))
@@ -212,7 +232,42 @@ fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig) -> String 
     format!("{cfg:?}").hash(&mut h);
     file(&args.bundle.join("manifest.json")).hash(&mut h);
     args.prefix.as_deref().map(file).hash(&mut h);
+    args.tokenizer.as_deref().map(file).hash(&mut h);
     format!("sources {} | {:016x}", sources.len(), h.finish())
+}
+
+/// Refuses, before any work, output paths that would fail at the end or overwrite the inputs or each other.
+fn check_outputs(args: &GenerateArgs, no_references: bool) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let outs = [("--output", args.output.as_deref()), ("--refs-out", args.refs_out.as_deref())];
+    for (flag, path) in outs.iter().filter_map(|(f, p)| p.map(|p| (*f, p))) {
+        if path.is_dir() {
+            bail!("{flag} {} is a folder: give a file path", path.display());
+        }
+        if let Some(file) = path.ancestors().skip(1).find(|a| a.is_file()) {
+            bail!("{flag} {}: {} is a file, not a folder", path.display(), file.display());
+        }
+        if let Some(inputs) = &args.inputs {
+            if same(path, inputs) {
+                bail!("{flag} {} is the --inputs file: it would be overwritten; write elsewhere", path.display());
+            }
+        }
+    }
+    if let (Some(o), Some(r)) = (&args.output, &args.refs_out) {
+        if same(o, r) {
+            bail!("--output and --refs-out are the same file {}: give two paths", o.display());
+        }
+    }
+    if args.refs_out.is_some() && no_references {
+        bail!(
+            "--refs-out: the sources have no references to write (one source per line, or --input); it needs an \
+             E2E (.txt), JSONL or DART file"
+        );
+    }
+    Ok(())
 }
 
 /// A generator's search over prompts with a config: GPT-2 and BART behind one type.
@@ -231,6 +286,12 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         bail!("no inputs to generate from");
     }
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
+    if args.prefix.is_none() && !m.baked && !args.cfg.no_prefix {
+        eprintln!(
+            "note: no --prefix: generating with {}'s untrained initial prefix (pass a trained prefix.safetensors)",
+            bundle.dir.display()
+        );
+    }
     let mut cfg = args.cfg.clone();
     let no_generation = || {
         anyhow::anyhow!(
@@ -246,10 +307,10 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         cfg.eos = Some(fmt.eos_id());
         cfg.pad = fmt.pad_id();
         let mut prompts = Vec::new();
-        for s in &sources {
+        for (i, s) in sources.iter().enumerate() {
             let (ids, cut) = fmt.encode_source(s, spec.src_len)?;
             if cut {
-                eprintln!("warning: a source was cut to {} tokens (--prompt-len)", spec.src_len);
+                eprintln!("warning: source {} was cut to {} tokens (the bundle's --prompt-len)", i + 1, spec.src_len);
             }
             prompts.push(ids);
         }
@@ -275,10 +336,15 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         cfg.eos = Some(fmt.eos_id() as i64);
         cfg.pad = fmt.pad_id() as i64;
         let mut prompts = Vec::new();
-        for s in &sources {
+        for (i, s) in sources.iter().enumerate() {
             let mut ids: Vec<i64> = fmt.encode_prompt(s)?.into_iter().map(|t| t as i64).collect();
             if ids.len() > spec.prompt_len {
-                eprintln!("warning: prompt of {} tokens cut to the last {} (--prompt-len)", ids.len(), spec.prompt_len);
+                eprintln!(
+                    "warning: prompt {} of {} tokens cut to its last {} (the bundle's --prompt-len)",
+                    i + 1,
+                    ids.len(),
+                    spec.prompt_len
+                );
                 ids.drain(..ids.len() - spec.prompt_len);
             }
             prompts.push(ids);
@@ -291,6 +357,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     if args.resume && args.output.is_none() {
         bail!("--resume continues an --output file: give --output");
     }
+    check_outputs(&args, refs.iter().all(|r| r.is_empty()))?;
     let key = work_key(&args, &sources, &cfg);
     // The generations so far: those an interrupted run left, when resumed.
     let (mut partial, mut texts) = match &args.output {
@@ -346,6 +413,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         }
     }
     if let Some(p) = &args.refs_out {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         let groups: Vec<String> = refs.iter().map(|g| g.join("\n")).collect();
         std::fs::write(p, groups.join("\n\n") + "\n").with_context(|| format!("cannot write {}", p.display()))?;
     }

@@ -179,20 +179,35 @@ pub fn read_examples_as(path: impl AsRef<Path>, format: Format) -> Result<Datase
     parse_examples(&bytes, format, path)
 }
 
+/// The sources of a dataset, for generation: as [`read_examples`], but a target may be missing (E2E lines
+/// with no `||text`, JSONL lines with no "target"); such examples have an empty target.
+pub fn read_sources(path: impl AsRef<Path>) -> Result<Dataset> {
+    let path = path.as_ref();
+    let format = Format::from_path(path)?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read dataset {}", path.display()))?;
+    parse_dataset(&bytes, format, path, true)
+}
+
 /// Parses the contents of a dataset file; `path` names it in origins and errors.
 pub fn parse_examples(bytes: &[u8], format: Format, path: &Path) -> Result<Dataset> {
+    parse_dataset(bytes, format, path, false)
+}
+
+fn parse_dataset(bytes: &[u8], format: Format, path: &Path, sources_only: bool) -> Result<Dataset> {
     let name = path.display().to_string();
-    let (examples, bad_lines) = match format {
-        Format::E2e => parse_lines(bytes, &name, parse_e2e_line),
-        Format::Jsonl => parse_lines(bytes, &name, parse_jsonl_line),
-        Format::Dart => parse_dart(bytes, &name)?,
+    let (examples, bad_lines) = match (format, sources_only) {
+        (Format::E2e, false) => parse_lines(bytes, &name, parse_e2e_line),
+        (Format::E2e, true) => parse_lines(bytes, &name, parse_e2e_source),
+        (Format::Jsonl, false) => parse_lines(bytes, &name, parse_jsonl_line),
+        (Format::Jsonl, true) => parse_lines(bytes, &name, parse_jsonl_source),
+        (Format::Dart, _) => parse_dart(bytes, &name)?,
     };
     if examples.is_empty() {
         if bad_lines.is_empty() {
             bail!("dataset {name} has no examples: the file is empty or blank (expected {})", format.name());
         }
         bail!(
-            "dataset {name} has no usable {} examples: all {} line(s) are bad, the first:\n{}",
+            "dataset {name} has no usable {} examples: all {} line(s) are bad:\n{}",
             format.name(),
             bad_lines.len(),
             quote_bad_lines(&bad_lines)
@@ -242,6 +257,30 @@ fn parse_e2e_line(line: &str) -> std::result::Result<(String, String), String> {
         return Err("empty text after `||`".into());
     }
     Ok((source.to_string(), target.to_string()))
+}
+
+/// An E2E line for generation: the MR, with or without `||text`.
+fn parse_e2e_source(line: &str) -> std::result::Result<(String, String), String> {
+    let parts: Vec<&str> = line.split("||").map(str::trim).collect();
+    match parts[..] {
+        [""] | ["", _] => Err("empty MR".into()),
+        [source] | [source, _] => Ok((source.to_string(), parts.get(1).unwrap_or(&"").to_string())),
+        _ => parse_e2e_line(line),
+    }
+}
+
+/// A JSONL line for generation: "source", with or without "target".
+fn parse_jsonl_source(line: &str) -> std::result::Result<(String, String), String> {
+    match parse_jsonl_line(line) {
+        Err(e) if e.contains("\"target\"") => {
+            let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+            match value.get("source") {
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok((s.trim().to_string(), String::new())),
+                _ => Err(e),
+            }
+        }
+        other => other,
+    }
 }
 
 fn parse_jsonl_line(line: &str) -> std::result::Result<(String, String), String> {
@@ -685,6 +724,24 @@ pub fn batches(n_examples: usize, batch: usize, seed: u64, epoch: u64) -> Vec<Ba
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_reads_sources_with_or_without_targets() {
+        let (ok, bad) = parse_lines(b"a : 1||text\nb : 2\nc : 3||\n||only text\nx||y||z\n", "f.txt", parse_e2e_source);
+        let got: Vec<(&str, &str)> = ok.iter().map(|e| (e.source.as_str(), e.target.as_str())).collect();
+        assert_eq!(got, [("a : 1", "text"), ("b : 2", ""), ("c : 3", "")]);
+        assert_eq!(bad.iter().map(|b| b.origin.as_str()).collect::<Vec<_>>(), ["f.txt:4", "f.txt:5"]);
+        let (ok, bad) = parse_lines(
+            b"{\"source\": \"s\"}\n{\"source\": \"t\", \"target\": \"u\"}\n{\"target\": \"v\"}\n",
+            "f.jsonl",
+            parse_jsonl_source,
+        );
+        let got: Vec<(&str, &str)> = ok.iter().map(|e| (e.source.as_str(), e.target.as_str())).collect();
+        assert_eq!(got, [("s", ""), ("t", "u")]);
+        assert_eq!(bad.len(), 1);
+        // Training still needs both.
+        assert!(parse_e2e_line("b : 2").is_err() && parse_jsonl_line("{\"source\": \"s\"}").is_err());
+    }
 
     #[test]
     fn a_missing_dataset_is_reported_as_missing_an_unknown_extension_as_such() {

@@ -21,8 +21,8 @@ pub struct PartialOutput {
 
 impl PartialOutput {
     /// Opens `out`'s partial file for `total` lines of work identified by `key`, and returns the lines already
-    /// done: with `resume`, those of a matching earlier partial file; without it, none (any partial file is
-    /// started over).
+    /// done: with `resume`, those of a matching earlier partial file; without it, none (a partial file of other
+    /// work is started over; one of this same work is refused, since starting over would lose it).
     pub fn open(out: &Path, key: &str, resume: bool, total: usize) -> Result<(PartialOutput, Vec<String>)> {
         let partial = with_suffix(out, ".partial");
         let key_file = with_suffix(out, ".partial.key");
@@ -48,6 +48,18 @@ impl PartialOutput {
                     if text.ends_with('\n') || text.is_empty() { "" } else { " and an unfinished last line" }
                 );
             }
+        }
+        if !resume && partial.metadata().is_ok_and(|m| m.len() > 0) {
+            let old_key = std::fs::read_to_string(&key_file).unwrap_or_default();
+            if old_key.trim() == key {
+                // The same run, interrupted: starting over would throw its work away.
+                bail!(
+                    "{} holds the finished generations of an interrupted run of this same command: add --resume to \
+                     continue it, or delete it to start over",
+                    partial.display()
+                );
+            }
+            eprintln!("note: {} was another run's (other inputs or settings): starting over", partial.display());
         }
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -144,7 +156,10 @@ mod tests {
         std::fs::write(d.join("hyp.txt.partial"), "one\ntw").unwrap();
         let e = PartialOutput::open(&out, "k1", true, 2).err().unwrap().to_string();
         assert!(e.contains("unfinished last line"), "{e}");
-        // Without --resume the partial file is started over.
+        // Without --resume, this same work's partial file is refused (starting over would lose it), another's
+        // is started over.
+        let e = PartialOutput::open(&out, "k1", false, 2).err().unwrap().to_string();
+        assert!(e.contains("add --resume"), "{e}");
         let (_fresh, done) = PartialOutput::open(&out, "k2", false, 2).unwrap();
         assert!(done.is_empty());
         assert_eq!(std::fs::read_to_string(d.join("hyp.txt.partial")).unwrap(), "");

@@ -227,7 +227,7 @@ pub fn beam_groups(
                     next.push((toks, s, b));
                 }
             }
-            g.finished.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+            g.finished.sort_by(|a, b| b.1.total_cmp(&a.1));
             g.finished.truncate(k);
             let stop = last || next.is_empty() || (g.finished.len() == k && norm(next[0].1, t) <= g.finished[k - 1].1);
             if stop {

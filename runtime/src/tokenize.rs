@@ -113,6 +113,11 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// One past the largest id this tokenizer can produce (added tokens may sit past the vocabulary's size).
+    pub fn id_bound(&self) -> usize {
+        self.inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1)
+    }
+
     /// The end-of-text id: GPT-2's `<|endoftext|>` (50256).
     pub fn eos_id(&self) -> Result<u32> {
         self.token_id(GPT2_EOS)

@@ -120,23 +120,37 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     let lines = std::fs::read_to_string(&hyp).unwrap();
     assert_eq!(lines.lines().count(), 2, "one line per distinct source: {lines}");
     assert!(lines.lines().all(|l| !l.trim().is_empty()), "{lines}");
-    // An interrupted run leaves its lines in OUTPUT.partial, and --resume finishes them. A directory in the
-    // output's place makes the final rename fail, after every line went to again.txt.partial.
+    // A run killed mid-way leaves its finished lines in OUTPUT.partial; the same command again is refused (it
+    // would start over), other settings cannot --resume it, and --resume ends with an uninterrupted run's text.
+    let many = dir.join("many.jsonl");
+    let sources: Vec<String> = (0..400)
+        .map(|i| serde_json::json!({"source": format!("name : The Eagle {i} | food : French")}).to_string())
+        .collect();
+    std::fs::write(&many, sources.join("\n") + "\n").unwrap();
+    let whole = dir.join("whole.txt");
+    let args = ["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&many), "--output"];
+    ok(&[&args[..], &[p(&whole)]].concat());
     let again = dir.join("again.txt");
-    std::fs::create_dir_all(&again).unwrap();
-    let args = ["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&again)];
-    let e = fails(&args);
-    assert!(e.contains("cannot move"), "{e}");
-    std::fs::remove_dir(&again).unwrap();
     let partial = dir.join("again.txt.partial");
-    assert_eq!(std::fs::read_to_string(&partial).unwrap(), lines);
-    // As if it had stopped after the first source.
-    std::fs::write(&partial, lines.lines().next().unwrap().to_string() + "\n").unwrap();
-    let e = fails(&[&args[..], &["--resume", "--beams", "3"]].concat());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pfxrun"))
+        .args([&args[..], &[p(&again)]].concat())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::fs::read_to_string(&partial).map_or(true, |t| t.is_empty()) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = std::fs::read_to_string(&partial).unwrap().lines().count();
+    assert!(done < 400 && !again.exists(), "the run was to be killed before its end ({done} lines)");
+    let e = fails(&[&args[..], &[p(&again)]].concat());
+    assert!(e.contains("add --resume"), "{e}");
+    let e = fails(&[&args[..], &[p(&again), "--resume", "--beams", "3"]].concat());
     assert!(e.contains("other inputs or settings"), "{e}");
-    let log = ok(&[&args[..], &["--resume"]].concat());
-    assert!(log.contains("resuming after 1 of 2 generations"), "{log}");
-    assert_eq!(std::fs::read_to_string(&again).unwrap(), lines, "the resumed run's output");
+    let log = ok(&[&args[..], &[p(&again), "--resume"]].concat());
+    assert!(log.contains(&format!("resuming after {done} of 400 generations")), "{log}");
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), std::fs::read_to_string(&whole).unwrap());
     assert!(!partial.exists());
     for extra in [&["--beams", "3"][..], &["--no-prefix"][..]] {
         let out = dir.join("extra.txt");

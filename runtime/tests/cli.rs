@@ -166,3 +166,71 @@ fn gpu_options_are_checked_before_anything_runs() {
     let e = fails(&["train", "b", "--train", "t.txt", "-o", "o", "--allow-cpu-fallback"]);
     assert!(e.contains("--allow-cpu-fallback needs --backend ort"), "{e}");
 }
+
+/// `pfxrun generate` refuses, before any work, what would panic, overwrite an input or lose finished work.
+#[test]
+fn generate_refuses_what_would_fail_late_or_lose_work() {
+    let dir = scratch("cli_generate_checks");
+    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
+    let bundle = dir.join("bundle");
+    let opts = pfx_compiler::compile::CompileOptions {
+        prefix_len: 2,
+        mid_dim: Some(8),
+        batch: 2,
+        seq: 32,
+        optimizer: Default::default(),
+        seed: 0,
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 32, max_new: 4 }),
+        weights: Default::default(),
+    };
+    pfx_compiler::compile::compile(&graphs.join("e2e-small/model.onnx"), &opts, &bundle).unwrap();
+    let init = bundle.join("prefix.init.safetensors");
+    let srcs = dir.join("mrs.src");
+    std::fs::write(&srcs, "name : The Eagle\n\nname : Aromi\n").unwrap();
+    let gen = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec!["generate".to_string(), p(&bundle).into(), "--prefix".into(), p(&init).into()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let fails_gen = |extra: &[&str], needle: &str| {
+        let args = gen(extra);
+        let e = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(e.contains(needle), "{extra:?}: {e}");
+    };
+    // A tokenizer with ids past the model's 2048 rows (tract panicked in its Gather).
+    let gpt2_tokenizer = graphs.join("tokenizers/gpt2/tokenizer.json");
+    fails_gen(&["--input", "name : X", "--tokenizer", p(&gpt2_tokenizer)], "has token ids up to 50256");
+    fails_gen(&["--input", "name : X", "--beams", "2", "--length-penalty=NaN"], "--length-penalty must be a finite");
+    fails_gen(&["--inputs", p(&srcs), "--output", p(&srcs)], "is the --inputs file");
+    fails_gen(&["--inputs", p(&srcs), "--output", p(&dir)], "is a folder: give a file path");
+    let under_a_file = srcs.join("out.txt");
+    fails_gen(&["--inputs", p(&srcs), "--output", p(&under_a_file)], "is a file, not a folder");
+    fails_gen(&["--inputs", p(&srcs), "--refs-out", p(&dir.join("refs.txt"))], "no references to write");
+    fails_gen(
+        &["--input", "name : X", "--beams", "3", "--output", p(&dir.join("o.txt"))],
+        "--beams must be between 1 and 2",
+    );
+    assert!(!dir.join("o.txt.partial").exists(), "a refused request writes nothing");
+    // Prefixes that are not float32, or hold NaN, are refused when read, naming the file.
+    let mut prefix = pfx_runtime::read_safetensors(&init).unwrap();
+    let name = prefix.keys().next().unwrap().clone();
+    let shape = prefix[&name].shape().to_vec();
+    let n = prefix[&name].len();
+    prefix.insert(name.clone(), pfx_runtime::HostTensor::from_f64(shape.clone(), vec![0.0; n]).unwrap());
+    let f64_prefix = dir.join("f64.safetensors");
+    pfx_runtime::write_safetensors(&f64_prefix, &prefix).unwrap();
+    let e = fails(&["generate", p(&bundle), "--prefix", p(&f64_prefix), "--input", "x"]);
+    assert!(e.contains("f64.safetensors") && e.contains("a prefix is float32"), "{e}");
+    prefix.insert(name, pfx_runtime::HostTensor::from_f32(shape, vec![f32::NAN; n]).unwrap());
+    let nan_prefix = dir.join("nan.safetensors");
+    pfx_runtime::write_safetensors(&nan_prefix, &prefix).unwrap();
+    let e = fails(&["generate", p(&bundle), "--prefix", p(&nan_prefix), "--input", "x"]);
+    assert!(e.contains("nan.safetensors") && e.contains("NaN"), "{e}");
+    // A blank line in a one-per-line file is reported (outputs are one per non-blank source).
+    let out = dir.join("hyp.txt");
+    let o = pfxrun(&gen(&["--inputs", p(&srcs), "--output", p(&out)]).iter().map(String::as_str).collect::<Vec<_>>());
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("1 blank line(s) (line 2)"), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+}

@@ -106,16 +106,22 @@ enum Command {
     /// Generate text (greedy or beam search) with a prefix, or with a baked bundle.
     Generate {
         bundle: PathBuf,
+        /// The trained prefix (`prefix.safetensors` or `checkpoint.safetensors` of `pfxrun train`); default: the
+        /// bundle's untrained initial one. Baked bundles hold theirs.
         #[arg(long)]
         prefix: Option<PathBuf>,
         /// One source (e.g. an E2E meaning representation).
         #[arg(long, conflicts_with = "inputs")]
         input: Option<String>,
-        /// Sources from a file: E2E/JSONL/DART (distinct sources) or one per line.
+        /// Sources from a file, its format told by the extension: .txt/.e2e (E2E `MR||text` lines), .jsonl/.json
+        /// (`{"source", "target"}`; DART's JSON) give their distinct sources and references; any other extension
+        /// is read as one source per line.
         #[arg(long)]
         inputs: Option<PathBuf>,
+        /// Beam width (1: greedy).
         #[arg(long, default_value_t = 1)]
         beams: usize,
+        /// Beam search's length penalty (HF's: scores divided by length^penalty).
         #[arg(long, default_value_t = 1.0)]
         length_penalty: f32,
         /// Mask the prefix out: the bare model, for comparison.
@@ -321,6 +327,9 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             engine,
         } => {
+            if !length_penalty.is_finite() {
+                anyhow::bail!("--length-penalty must be a finite number (got {length_penalty})");
+            }
             let engine = engine.engine()?;
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
