@@ -236,6 +236,20 @@ fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig) -> String 
     format!("sources {} | {:016x}", sources.len(), h.finish())
 }
 
+/// One line for all the inputs cut to the bundle's length, naming the first few.
+fn warn_cut(cut: &[usize], what: &str, how: &str) {
+    if cut.is_empty() {
+        return;
+    }
+    let first: Vec<String> = cut.iter().take(8).map(|i| i.to_string()).collect();
+    eprintln!(
+        "warning: {} {what}(s) {how}, the bundle's --prompt-len ({what} {}{})",
+        cut.len(),
+        first.join(", "),
+        if cut.len() > 8 { ", …" } else { "" }
+    );
+}
+
 /// Refuses, before any work, output paths that would fail at the end or overwrite the inputs or each other.
 fn check_outputs(args: &GenerateArgs, no_references: bool) -> Result<()> {
     let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
@@ -307,13 +321,15 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         cfg.eos = Some(fmt.eos_id());
         cfg.pad = fmt.pad_id();
         let mut prompts = Vec::new();
+        let mut cut = Vec::new();
         for (i, s) in sources.iter().enumerate() {
-            let (ids, cut) = fmt.encode_source(s, spec.src_len)?;
-            if cut {
-                eprintln!("warning: source {} was cut to {} tokens (the bundle's --prompt-len)", i + 1, spec.src_len);
+            let (ids, was_cut) = fmt.encode_source(s, spec.src_len)?;
+            if was_cut {
+                cut.push(i + 1);
             }
             prompts.push(ids);
         }
+        warn_cut(&cut, "source", &format!("cut to their first {} tokens", spec.src_len));
         crate::search::check_request(&prompts, "source", spec.src_len, spec.max_new, spec.rows, &cfg)?;
         let bare = if m.graphs.contains_key("encode_bare") {
             Some(bundle.open_graph("encode_bare", engine.backend, &engine.ort)?)
@@ -336,19 +352,16 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         cfg.eos = Some(fmt.eos_id() as i64);
         cfg.pad = fmt.pad_id() as i64;
         let mut prompts = Vec::new();
+        let mut cut = Vec::new();
         for (i, s) in sources.iter().enumerate() {
             let mut ids: Vec<i64> = fmt.encode_prompt(s)?.into_iter().map(|t| t as i64).collect();
             if ids.len() > spec.prompt_len {
-                eprintln!(
-                    "warning: prompt {} of {} tokens cut to its last {} (the bundle's --prompt-len)",
-                    i + 1,
-                    ids.len(),
-                    spec.prompt_len
-                );
+                cut.push(i + 1);
                 ids.drain(..ids.len() - spec.prompt_len);
             }
             prompts.push(ids);
         }
+        warn_cut(&cut, "prompt", &format!("cut to their last {} tokens", spec.prompt_len));
         crate::search::check_request(&prompts, "prompt", spec.prompt_len, spec.max_new, spec.rows, &cfg)?;
         let mut g = Generator::open(&bundle, engine.backend, &engine.ort, prefix)?;
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
@@ -372,6 +385,8 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         eprintln!("resuming after {done} of {} generations", prompts.len());
     }
     let started = std::time::Instant::now();
+    // A running count where someone watches; a log gets the total only.
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
     for c in prompts[done..].chunks(chunk) {
         let toks = model(c, &cfg).with_context(|| match &partial {
@@ -395,12 +410,17 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             p.push(&new)?;
         }
         texts.extend(new);
-        if prompts.len() > chunk {
+        if prompts.len() > chunk && progress {
             eprint!("\rgenerated {}/{}", texts.len(), prompts.len());
         }
     }
     if prompts.len() > chunk {
-        eprintln!(" in {:.1}s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "{}generated {} in {:.1}s",
+            if progress { "\r" } else { "" },
+            texts.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
     match partial {
         Some(p) => {

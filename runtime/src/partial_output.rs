@@ -21,8 +21,8 @@ pub struct PartialOutput {
 
 impl PartialOutput {
     /// Opens `out`'s partial file for `total` lines of work identified by `key`, and returns the lines already
-    /// done: with `resume`, those of a matching earlier partial file; without it, none (a partial file of other
-    /// work is started over; one of this same work is refused, since starting over would lose it).
+    /// done: with `resume`, those of a matching earlier partial file; without it, none, and an earlier partial
+    /// file that holds lines is refused (starting over would lose them).
     pub fn open(out: &Path, key: &str, resume: bool, total: usize) -> Result<(PartialOutput, Vec<String>)> {
         let partial = with_suffix(out, ".partial");
         let key_file = with_suffix(out, ".partial.key");
@@ -59,7 +59,11 @@ impl PartialOutput {
                     partial.display()
                 );
             }
-            eprintln!("note: {} was another run's (other inputs or settings): starting over", partial.display());
+            bail!(
+                "{} holds the finished generations of another run (other inputs or settings): delete it to start \
+                 over, or write to another --output",
+                partial.display()
+            );
         }
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -156,10 +160,13 @@ mod tests {
         std::fs::write(d.join("hyp.txt.partial"), "one\ntw").unwrap();
         let e = PartialOutput::open(&out, "k1", true, 2).err().unwrap().to_string();
         assert!(e.contains("unfinished last line"), "{e}");
-        // Without --resume, this same work's partial file is refused (starting over would lose it), another's
-        // is started over.
+        // Without --resume, a partial file with lines is refused (starting over would lose them): this same work's
+        // with a pointer to --resume. Once emptied, it is started over.
         let e = PartialOutput::open(&out, "k1", false, 2).err().unwrap().to_string();
         assert!(e.contains("add --resume"), "{e}");
+        let e = PartialOutput::open(&out, "k2", false, 2).err().unwrap().to_string();
+        assert!(e.contains("another run"), "{e}");
+        std::fs::write(d.join("hyp.txt.partial"), "").unwrap();
         let (_fresh, done) = PartialOutput::open(&out, "k2", false, 2).unwrap();
         assert!(done.is_empty());
         assert_eq!(std::fs::read_to_string(d.join("hyp.txt.partial")).unwrap(), "");

@@ -85,6 +85,9 @@ pub fn import_adapter(m: &Manifest, dir: &Path) -> Result<BTreeMap<String, HostT
         &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
     )
     .with_context(|| format!("{} is not JSON", cfg_path.display()))?;
+    if !cfg.is_object() {
+        bail!("{} is not an adapter config (a JSON object)", cfg_path.display());
+    }
     if cfg["peft_type"] != "PREFIX_TUNING" {
         bail!("{} is a {} adapter, not PREFIX_TUNING", cfg_path.display(), cfg["peft_type"]);
     }
@@ -103,6 +106,19 @@ pub fn import_adapter(m: &Manifest, dir: &Path) -> Result<BTreeMap<String, HostT
     let emb = t
         .get("prompt_embeddings")
         .with_context(|| format!("{}/adapter_model.safetensors has no prompt_embeddings", dir.display()))?;
+    // The sizes the adapter says it has must be the bundle's: [P, 2·L·d] alone can match other L and d.
+    for (key, want) in [
+        ("num_virtual_tokens", m.prefix_len),
+        ("num_layers", m.layers),
+        ("token_dim", m.hidden),
+        ("num_attention_heads", m.heads),
+    ] {
+        match cfg.get(key) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(v) if v.as_u64() == Some(want as u64) => {}
+            Some(v) => bail!("{} has {key} = {v}; this bundle has {want}", cfg_path.display()),
+        }
+    }
     let want = [m.prefix_len, 2 * m.layers * m.hidden];
     if emb.shape() != want {
         bail!(
@@ -110,6 +126,14 @@ pub fn import_adapter(m: &Manifest, dir: &Path) -> Result<BTreeMap<String, HostT
             emb.shape(),
             want
         );
+    }
+    let finite = match emb.dtype() {
+        crate::tensor::DType::F32 => emb.as_f32()?.iter().all(|x| x.is_finite()),
+        crate::tensor::DType::F64 => emb.as_f64()?.iter().all(|x| x.is_finite()),
+        _ => true,
+    };
+    if !finite {
+        bail!("{}/adapter_model.safetensors: prompt_embeddings holds NaN or infinite values", dir.display());
     }
     Ok([("embedding.weight".to_string(), emb.clone())].into())
 }

@@ -489,7 +489,20 @@ pub fn safetensors_to_bytes(
 pub fn write_safetensors(path: impl AsRef<Path>, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
     let path = path.as_ref();
     let bytes = safetensors_to_bytes(tensors, None).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::write(path, bytes).with_context(|| format!("writing safetensors file {}", path.display()))
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the folder {}", dir.display()))?;
+    }
+    // Through a temporary file: an interrupted write never leaves half a file under the name.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp-write");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing safetensors file {}", path.display()));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 struct OwnedView {

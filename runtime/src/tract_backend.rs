@@ -381,7 +381,8 @@ impl Backend for TractBackend {
             }
         }
         let plan = self.plan_for(&sig)?;
-        let outs = plan.run(values).with_context(|| format!("tract failed running {}", self.path.display()))?;
+        let outs = without_panics(|| plan.run(values))
+            .with_context(|| format!("tract failed running {}", self.path.display()))?;
         if outs.len() != self.outputs.len() {
             bail!("tract returned {} outputs, the model declares {}", outs.len(), self.outputs.len());
         }
@@ -435,6 +436,50 @@ pub(crate) fn product_threads() -> usize {
     match tract_linalg::multithread::current_tract_executor() {
         tract_linalg::multithread::Executor::MultiThread(pool) => pool.current_num_threads(),
         _ => 1,
+    }
+}
+
+thread_local! {
+    /// Set while [`without_panics`] runs: the panic hook keeps the message here instead of printing it.
+    static CAUGHT: std::cell::RefCell<Option<Option<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (tract's part of a call) so that a panic inside it becomes an error. tract checks some inputs with
+/// a panic: a Gather index past its table (a token id past the vocabulary, more tokens than positions).
+fn without_panics<T>(f: impl FnOnce() -> TractResult<T>) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let kept = CAUGHT.with(|c| match c.borrow_mut().as_mut() {
+                Some(slot) => {
+                    let payload = info.payload();
+                    let what = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    let place = info.location().map(|l| format!(", {}:{}", l.file(), l.line())).unwrap_or_default();
+                    *slot = Some(format!("{what}{place}"));
+                    true
+                }
+                None => false,
+            });
+            if !kept {
+                default(info);
+            }
+        }));
+    });
+    CAUGHT.with(|c| *c.borrow_mut() = Some(None));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let message = CAUGHT.with(|c| c.borrow_mut().take()).flatten();
+    match result {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "tract stopped on an input outside what the graph accepts ({}); check that token ids are within the \
+             vocabulary and lengths within the model's positions",
+            message.unwrap_or_else(|| "no message".into())
+        ),
     }
 }
 

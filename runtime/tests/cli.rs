@@ -102,6 +102,69 @@ fn bad_input_is_a_clean_error() {
     assert!(e.contains("/no/such/lib.so") && e.contains("does not exist"), "{e}");
     let e = fails(&["ort-info", "--ort-lib", p(&garbage)]);
     assert!(e.contains("garbage.onnx"), "{e}");
+    // Token ids past the embedding: tract checks its Gather indices with a panic, which must reach the user as an
+    // error (ONNX Runtime reports them itself).
+    let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/gpt2-legacy/model.onnx");
+    let ids = dir.join("ids_past_the_vocabulary.safetensors");
+    let mut t = std::collections::BTreeMap::new();
+    t.insert("input_ids".to_string(), pfx_runtime::HostTensor::from_i64([2, 8], vec![1000; 16]).unwrap());
+    t.insert("attention_mask".to_string(), pfx_runtime::HostTensor::from_i64([2, 8], vec![1; 16]).unwrap());
+    pfx_runtime::write_safetensors(&ids, &t).unwrap();
+    let e = fails(&["run", p(&gpt2), "--inputs", p(&ids)]);
+    assert!(e.contains("tract stopped on an input outside what the graph accepts") && e.contains("gather"), "{e}");
+    let e = fails(&["run", p(&gpt2), "--inputs", p(&ids), "--out", p(&dir)]);
+    assert!(e.contains("is a folder"), "{e}");
+}
+
+#[test]
+fn peft_adapters_and_reference_files_are_checked() {
+    let dir = scratch("cli_peft_score");
+    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
+    let bundle = dir.join("bundle");
+    let opts = pfx_compiler::compile::CompileOptions {
+        prefix_len: 2,
+        mid_dim: None,
+        batch: 2,
+        seq: 16,
+        optimizer: Default::default(),
+        seed: 0,
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 16, max_new: 4 }),
+        weights: Default::default(),
+    };
+    pfx_compiler::compile::compile(&graphs.join("e2e-small/model.onnx"), &opts, &bundle).unwrap();
+    let init = bundle.join("prefix.init.safetensors");
+    let adapter = dir.join("adapter");
+    let o = pfxrun(&["export-peft", p(&bundle), "--prefix", p(&init), "-o", p(&adapter)]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // The round trip gives the prefix back, into a folder that did not exist.
+    let back = dir.join("new/folder/prefix.safetensors");
+    let o = pfxrun(&["import-peft", p(&bundle), p(&adapter), "-o", p(&back)]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(read_safetensors(&back).unwrap(), read_safetensors(&init).unwrap());
+    // An adapter whose config names other sizes is not this bundle's, even when its tensor has the same shape.
+    let config = adapter.join("adapter_config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&original).unwrap();
+    c["num_layers"] = serde_json::json!(99);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let e = fails(&["import-peft", p(&bundle), p(&adapter), "-o", p(&back)]);
+    assert!(e.contains("num_layers = 99; this bundle has 4"), "{e}");
+    std::fs::write(&config, &original).unwrap();
+    // A baked bundle has no trainable prefix to pair an adapter with.
+    let baked = dir.join("baked");
+    pfx_compiler::compile::bake::bake(&bundle, &init, &baked).unwrap();
+    let e = fails(&["import-peft", p(&baked), p(&adapter), "-o", p(&back)]);
+    assert!(e.contains("is baked"), "{e}");
+    // One hypothesis: a reference file without blank lines is its group (what `generate --refs-out` writes).
+    let (hyp, refs) = (dir.join("one.hyp"), dir.join("one.refs"));
+    std::fs::write(&hyp, "the cat sat\n").unwrap();
+    std::fs::write(&refs, "the cat sat\nthe cat sits\n").unwrap();
+    let o = pfxrun(&["score", "--hyp", p(&hyp), "--refs", p(&refs)]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    std::fs::write(&hyp, "the cat sat\na dog\n").unwrap();
+    std::fs::write(&refs, "the cat sat\nthe cat sits\na dog\n").unwrap();
+    let e = fails(&["score", "--hyp", p(&hyp), "--refs", p(&refs)]);
+    assert!(e.contains("no blank line, so each line was read as the one reference"), "{e}");
 }
 
 #[test]

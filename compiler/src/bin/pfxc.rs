@@ -132,6 +132,9 @@ enum Command {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => {
+            // A GPT-2 export folder stands for its model.onnx, as in `compile`.
+            let model =
+                if model.is_dir() && model.join("model.onnx").is_file() { model.join("model.onnx") } else { model };
             let m = onnx_io::load(&model)?;
             let info = inspect::inspect(&m).with_context(|| format!("inspecting {}", model.display()))?;
             if json {
@@ -320,6 +323,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like ends the program quietly, as other command-line tools do (Rust
+    // ignores SIGPIPE, and printing then panics).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     // Stage lines where someone watches (or PFX_PROGRESS=1 asks for them in a log).
     use std::io::IsTerminal;

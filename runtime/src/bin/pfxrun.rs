@@ -253,6 +253,9 @@ fn run(cli: Cli) -> Result<()> {
             if backend == BackendKind::Tract && device != OrtDevice::Cpu {
                 anyhow::bail!("--device {device} needs --backend ort (tract runs on the CPU only)");
             }
+            if let Some(out) = out.as_deref().filter(|o| o.is_dir()) {
+                anyhow::bail!("--out {} is a folder: give a .safetensors file path", out.display());
+            }
             let feeds = read_safetensors(&inputs)?;
             let options = OrtOptions { lib_path: ort_lib, device, ..Default::default() };
             let mut engine = open(&model, backend, &options)?;
@@ -351,6 +354,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::ExportPeft { bundle, prefix, output, base_model } => {
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
+            refuse_baked(&b)?;
             let p = b.read_prefix(&prefix)?;
             pfx_runtime::peft::export_adapter(&b.manifest, &p, &output, &base_model)?;
             println!("wrote the PEFT adapter {}", output.display());
@@ -358,6 +362,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::ImportPeft { bundle, adapter, output } => {
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
+            refuse_baked(&b)?;
             let p = pfx_runtime::peft::import_adapter(&b.manifest, &adapter)?;
             write_safetensors(&output, &p)?;
             println!("wrote the prefix {}", output.display());
@@ -374,7 +379,24 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// PEFT adapters pair with a bundle's trainable prefix, which a baked bundle no longer has.
+fn refuse_baked(b: &pfx_runtime::bundle::Bundle) -> Result<()> {
+    if b.manifest.baked {
+        anyhow::bail!(
+            "{} is baked (its prefix is inside the graphs): use the bundle pfxc compile wrote",
+            b.dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    // Output piped into `head` and the like ends the program quietly, as other command-line tools do (Rust
+    // ignores SIGPIPE, and printing then panics).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -169,15 +169,24 @@ pub fn score_files(hyp: &Path, refs: &Path) -> Result<ScoreReport> {
 /// [`score_files`] with explicit tokenization options.
 pub fn score_files_with(hyp: &Path, refs: &Path, options: ScoreOptions) -> Result<ScoreReport> {
     let hyps = read_hyp_file(hyp)?;
-    let groups = read_refs_file(refs)?;
+    let mut groups = read_refs_file(refs)?;
+    let one_per_line = groups.iter().all(|g| g.len() == 1);
+    if hyps.len() == 1 && groups.len() > 1 && one_per_line {
+        // One hypothesis: every line is one of its references (`generate --refs-out` of one source).
+        groups = vec![groups.into_iter().flatten().collect()];
+    }
     ensure!(
         hyps.len() == groups.len(),
-        "{} has {} hypotheses but {} has {} reference groups (groups are separated by blank lines; \
-         group i belongs to hypothesis i)",
+        "{} has {} hypotheses but {} has {} reference groups ({}; group i belongs to hypothesis i)",
         hyp.display(),
         hyps.len(),
         refs.display(),
-        groups.len()
+        groups.len(),
+        if one_per_line {
+            "it has no blank line, so each line was read as the one reference of a hypothesis"
+        } else {
+            "groups are separated by blank lines"
+        }
     );
     score_with(&hyps, &groups, options).with_context(|| format!("scoring {} against {}", hyp.display(), refs.display()))
 }
