@@ -274,7 +274,7 @@ impl HostTensor {
         fn list<T: fmt::Debug>(v: &[T], n: usize) -> String {
             let mut s = v.iter().take(n).map(|x| format!("{x:?}")).collect::<Vec<_>>().join(", ");
             if v.len() > n {
-                s.push_str(", ...");
+                s.push_str(if n == 0 { "..." } else { ", ..." });
             }
             format!("[{s}]")
         }

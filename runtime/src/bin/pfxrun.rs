@@ -259,6 +259,11 @@ fn run(cli: Cli) -> Result<()> {
             let feeds = read_safetensors(&inputs)?;
             let options = OrtOptions { lib_path: ort_lib, device, ..Default::default() };
             let mut engine = open(&model, backend, &options)?;
+            let unused: Vec<&str> =
+                feeds.keys().filter(|k| !engine.inputs().iter().any(|i| &i.name == *k)).map(String::as_str).collect();
+            if !unused.is_empty() {
+                eprintln!("note: {} has no input named {}: ignored", model.display(), unused.join(", "));
+            }
             let outputs =
                 engine.run(&feeds).with_context(|| format!("running {} on {}", model.display(), engine.name()))?;
             for (name, t) in &outputs {
