@@ -195,12 +195,7 @@ pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
         let refs = groups.iter().map(|g| g.1.iter().filter(|t| !t.is_empty()).cloned().collect()).collect();
         Ok((groups.into_iter().map(|g| g.0).collect(), refs))
     } else {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
-            anyhow::anyhow!("{}:{line}: not valid UTF-8", path.display())
-        })?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let text = crate::data::read_text(path, "sources file")?;
         let blank: Vec<usize> =
             text.lines().enumerate().filter(|(_, l)| l.trim().is_empty()).map(|(i, _)| i + 1).collect();
         if !blank.is_empty() {

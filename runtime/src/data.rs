@@ -166,6 +166,17 @@ fn quote_bad_lines(bad: &[BadLine]) -> String {
     s.join("\n")
 }
 
+/// A text file's contents, its byte-order mark dropped; a byte sequence that is not UTF-8 is reported with its
+/// line. `what` names the file in messages ("reference file").
+pub fn read_text(path: &Path, what: &str) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        anyhow::anyhow!("{what} {}:{line}: not valid UTF-8", path.display())
+    })?;
+    Ok(text.strip_prefix('\u{feff}').map(str::to_owned).unwrap_or(text))
+}
+
 /// Reads a dataset, its format chosen by the extension ([`Format::from_path`]).
 pub fn read_examples(path: impl AsRef<Path>) -> Result<Dataset> {
     let path = path.as_ref();

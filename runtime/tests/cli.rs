@@ -29,6 +29,25 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
+/// The shipped small GPT-2 compiled into `dir/bundle`: prefix 2, batch 2, sequence (and prompt) `seq`, 2
+/// generation rows of 4 new tokens.
+fn e2e_small_bundle(dir: &Path, mid_dim: Option<usize>, seq: usize) -> std::path::PathBuf {
+    let bundle = dir.join("bundle");
+    let opts = pfx_compiler::compile::CompileOptions {
+        prefix_len: 2,
+        mid_dim,
+        batch: 2,
+        seq,
+        optimizer: Default::default(),
+        seed: 0,
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: seq, max_new: 4 }),
+        weights: Default::default(),
+    };
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small/model.onnx");
+    pfx_compiler::compile::compile(&model, &opts, &bundle).unwrap();
+    bundle
+}
+
 fn backends() -> Vec<&'static str> {
     let mut v = vec!["tract"];
     if ort_wanted() {
@@ -119,19 +138,7 @@ fn bad_input_is_a_clean_error() {
 #[test]
 fn peft_adapters_and_reference_files_are_checked() {
     let dir = scratch("cli_peft_score");
-    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
-    let bundle = dir.join("bundle");
-    let opts = pfx_compiler::compile::CompileOptions {
-        prefix_len: 2,
-        mid_dim: None,
-        batch: 2,
-        seq: 16,
-        optimizer: Default::default(),
-        seed: 0,
-        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 16, max_new: 4 }),
-        weights: Default::default(),
-    };
-    pfx_compiler::compile::compile(&graphs.join("e2e-small/model.onnx"), &opts, &bundle).unwrap();
+    let bundle = e2e_small_bundle(&dir, None, 16);
     let init = bundle.join("prefix.init.safetensors");
     let adapter = dir.join("adapter");
     let o = pfxrun(&["export-peft", p(&bundle), "--prefix", p(&init), "-o", p(&adapter)]);
@@ -235,18 +242,7 @@ fn gpu_options_are_checked_before_anything_runs() {
 fn generate_refuses_what_would_fail_late_or_lose_work() {
     let dir = scratch("cli_generate_checks");
     let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
-    let bundle = dir.join("bundle");
-    let opts = pfx_compiler::compile::CompileOptions {
-        prefix_len: 2,
-        mid_dim: Some(8),
-        batch: 2,
-        seq: 32,
-        optimizer: Default::default(),
-        seed: 0,
-        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 32, max_new: 4 }),
-        weights: Default::default(),
-    };
-    pfx_compiler::compile::compile(&graphs.join("e2e-small/model.onnx"), &opts, &bundle).unwrap();
+    let bundle = e2e_small_bundle(&dir, Some(8), 32);
     let init = bundle.join("prefix.init.safetensors");
     let srcs = dir.join("mrs.src");
     std::fs::write(&srcs, "name : The Eagle\n\nname : Aromi\n").unwrap();

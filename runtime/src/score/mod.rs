@@ -192,12 +192,7 @@ pub fn score_files_with(hyp: &Path, refs: &Path, options: ScoreOptions) -> Resul
 }
 
 fn read_text(path: &Path, what: &str) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {what} file {}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
-        anyhow::anyhow!("{what} file {}:{line}: not valid UTF-8", path.display())
-    })?;
-    Ok(text.strip_prefix('\u{feff}').map(str::to_owned).unwrap_or(text))
+    crate::data::read_text(path, &format!("{what} file"))
 }
 
 /// The hypotheses of a file: one a line, trimmed (a final newline does not start another hypothesis).
