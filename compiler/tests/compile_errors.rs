@@ -69,6 +69,14 @@ fn sequence_beyond_the_positions() {
         &d.join("b"),
     );
     fails_with(&out, &["--seq 61 needs 65 positions, but the model has 64"]);
+    // Without past inputs there are no generation graphs, so their lengths (prompt = --seq 40, 32 new tokens by
+    // default: 75 positions) do not count.
+    let out = compile(
+        &graphs().join("gpt2-dynamo/model.onnx"),
+        &["--prefix-len", "4", "--batch", "1", "--seq", "40", "--mid-dim", "8"],
+        &d.join("c"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

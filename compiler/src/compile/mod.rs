@@ -256,7 +256,9 @@ pub fn build_loss_graph_from(
     let _ = vocab;
     if let Some(rows) = info.position_rows {
         check_positions(&format!("--seq {}", opts.seq), opts.prefix_len, opts.seq, rows)?;
-        if let Some(gs) = &opts.generation {
+        // Only exports with past inputs get generation graphs.
+        let with_past = raw.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
+        if let Some(gs) = opts.generation.as_ref().filter(|_| with_past) {
             // Generation feeds every token but the last one generated.
             let length = gs.prompt_len + gs.max_new - 1;
             let what = format!("--prompt-len {} + --max-new {} - 1", gs.prompt_len, gs.max_new);
