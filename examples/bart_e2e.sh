@@ -17,6 +17,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pfx/target}"
 cargo build --release --quiet -p pfx-compiler -p pfx-runtime
 BIN="$CARGO_TARGET_DIR/release"
 mkdir -p "$OUT"
+# A new run: generations start over (an interrupted run's .partial files were for the old bundles).
+rm -f "$OUT"/hyp.noprefix.txt.partial "$OUT"/hyp.noprefix.txt.partial.key
 start=$(date +%s)
 
 for mode in $MODES; do
@@ -26,7 +28,7 @@ for mode in $MODES; do
     --batch 8 --src-len 64 --tgt-len 72 --gen-rows 8 --max-new 72 -o "$OUT/$mode/bundle"
 
   echo "== prefix-tune on examples/data/e2e_train.txt ($mode, $EPOCHS epochs, lr $LR, $BACKEND)"
-  rm -rf "$OUT/$mode/run"
+  rm -rf "$OUT/$mode/run" "$OUT/$mode"/hyp.txt.partial "$OUT/$mode"/hyp.txt.partial.key
   "$BIN/pfxrun" train "$OUT/$mode/bundle" --train examples/data/e2e_train.txt --epochs "$EPOCHS" --lr "$LR" \
     --warmup-steps 50 --checkpoint-every 200 --backend "$BACKEND" -o "$OUT/$mode/run"
 

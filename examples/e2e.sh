@@ -23,7 +23,8 @@ echo "== compile"
   --batch 8 --seq 96 --prompt-len 48 --max-new 72 --gen-rows 8 --weights "$WEIGHTS" -o "$OUT/bundle"
 
 echo "== prefix-tune on examples/data/e2e_train.txt ($EPOCHS epochs, lr $LR, $BACKEND)"
-rm -rf "$OUT/run"
+# A new run: its generations start over too (an interrupted run's .partial files were for the old prefix).
+rm -rf "$OUT/run" "$OUT"/hyp.*.partial "$OUT"/hyp.*.partial.key
 "$BIN/pfxrun" train "$OUT/bundle" --train examples/data/e2e_train.txt --epochs "$EPOCHS" --lr "$LR" \
   --warmup-steps 50 --checkpoint-every 200 --backend "$BACKEND" -o "$OUT/run"
 

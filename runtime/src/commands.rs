@@ -113,6 +113,26 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     if bundle.manifest.baked {
         bail!("{} is baked (inference only); train with the bundle pfxc compile wrote", args.bundle.display());
     }
+    // The output folder first: before a long tokenization, and so that no earlier run is overwritten.
+    let out = &args.cfg.out_dir;
+    if out.is_file() {
+        bail!("--output {} is a file, not a folder", out.display());
+    }
+    if !args.resume {
+        if out.join("checkpoint.safetensors").exists() {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --output",
+                out.display()
+            );
+        }
+        if let Some(f) = ["prefix.safetensors", "metrics.jsonl"].iter().map(|f| out.join(f)).find(|p| p.exists()) {
+            bail!(
+                "{} already holds {} of an earlier run: choose another --output, or delete it",
+                out.display(),
+                f.file_name().unwrap_or_default().to_string_lossy()
+            );
+        }
+    }
     let tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
     let rows = encode_file(&bundle, &tok, &args.train, args.overlong, "train")?;
     let dev = match &args.dev {
@@ -122,9 +142,9 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    // Ctrl-C finishes the current step, saves a checkpoint and exits.
+    // Ctrl-C (and SIGTERM) finishes the current step, saves a checkpoint and exits.
     let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
-    let mut trainer = Trainer::new(bundle, engine.backend, &engine.ort, prefix, dev.is_some(), stop)?;
+    let mut trainer = Trainer::new(bundle, engine.backend, &engine.ort, prefix, dev.is_some(), stop.clone())?;
     if args.resume {
         trainer.resume(&args.cfg.out_dir)?;
         eprintln!(
@@ -133,17 +153,17 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
             trainer.pos.epoch + 1,
             trainer.pos.batch_in_epoch
         );
-    } else if args.cfg.out_dir.join("checkpoint.safetensors").exists() {
-        bail!(
-            "{} already holds a checkpoint: pass --resume to continue it, or choose another --output",
-            args.cfg.out_dir.display()
-        );
     }
     let losses = trainer.train(&args.cfg, &rows, dev.as_deref())?;
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        // Not a finished run: a script must not go on as if it were.
+        bail!("interrupted after step {}; continue with --resume", trainer.pos.step);
+    }
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         eprintln!(
-            "trained {} steps: loss {first:.4} -> {last:.4}; prefix in {}",
+            "trained {} step{}: loss {first:.4} -> {last:.4}; prefix in {}",
             losses.len(),
+            if losses.len() == 1 { "" } else { "s" },
             args.cfg.out_dir.join("prefix.safetensors").display()
         );
     }

@@ -43,6 +43,39 @@ pub struct Position {
     pub batch_in_epoch: u64,
     pub seed: u64,
     pub total_steps: u64,
+    /// What the run was started with; a resumed run must match it (absent in checkpoints before it existed).
+    #[serde(default)]
+    pub settings: Option<RunSettings>,
+}
+
+/// The settings that decide a run's batches and schedule: resuming with others would silently train another run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunSettings {
+    pub lr: f32,
+    pub epochs: usize,
+    pub warmup_steps: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// The bundle's batch size (another bundle's checkpoint can have the same tensors).
+    pub batch: usize,
+    /// Training rows after encoding (another data file almost always has another count).
+    pub train_rows: usize,
+}
+
+impl std::fmt::Display for RunSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--lr {} --epochs {} --warmup-steps {} --seed {}{}, batch {}, {} training rows",
+            self.lr,
+            self.epochs,
+            self.warmup_steps,
+            self.seed,
+            if self.shuffle { "" } else { " --no-shuffle" },
+            self.batch,
+            self.train_rows
+        )
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -94,7 +127,7 @@ impl Trainer {
             state.insert(format!("adam.v.{}", t.name), zeros);
         }
         step_graph.set_state(&state)?;
-        let pos = Position { step: 0, epoch: 0, batch_in_epoch: 0, seed: 0, total_steps: 0 };
+        let pos = Position { step: 0, epoch: 0, batch_in_epoch: 0, seed: 0, total_steps: 0, settings: None };
         Ok(Trainer { bundle, step_graph, eval_graph, pos, stop })
     }
 
@@ -158,10 +191,39 @@ impl Trainer {
         let b = self.bundle.manifest.batch;
         let per_epoch = data.len().div_ceil(b) as u64;
         let total = per_epoch * cfg.epochs as u64;
+        let settings = RunSettings {
+            lr: cfg.lr,
+            epochs: cfg.epochs,
+            warmup_steps: cfg.warmup_steps,
+            seed: cfg.seed,
+            shuffle: cfg.shuffle,
+            batch: b,
+            train_rows: data.len(),
+        };
+        let resumed = self.pos.step > 0;
+        if let Some(before) = self.pos.settings.as_ref().filter(|s| resumed && **s != settings) {
+            bail!(
+                "the checkpoint in {} was made with {before}; this run has {settings}: resume with the same data \
+                 and settings, or train into another --output",
+                cfg.out_dir.display()
+            );
+        }
+        if resumed && self.pos.step >= total {
+            eprintln!(
+                "the run in {} is finished ({} of {total} steps): nothing to do",
+                cfg.out_dir.display(),
+                self.pos.step
+            );
+            return Ok(Vec::new());
+        }
         self.pos.seed = cfg.seed;
         self.pos.total_steps = total;
+        self.pos.settings = Some(settings);
         std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("cannot create {}", cfg.out_dir.display()))?;
         let metrics_path = cfg.out_dir.join("metrics.jsonl");
+        if resumed {
+            drop_logged_steps_after(&metrics_path, self.pos.step)?;
+        }
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -259,6 +321,17 @@ impl Trainer {
         let mut meta = std::collections::HashMap::new();
         meta.insert("pfx_position".to_string(), serde_json::to_string(&self.pos)?);
         let state = self.step_graph.state()?;
+        // A diverged step: keep the last good checkpoint rather than one no lower --lr can resume from.
+        for name in self.bundle.trainable_names() {
+            if state.get(&name).is_some_and(|t| t.to_f64_vec().iter().any(|x| !x.is_finite())) {
+                bail!(
+                    "the prefix became NaN or infinite at step {} ('{name}'; the learning rate is too high?): the \
+                     checkpoint in {} is left as it was",
+                    self.pos.step,
+                    dir.display()
+                );
+            }
+        }
         let bytes = safetensors_to_bytes(&state, Some(meta))?;
         write_atomic(&dir.join("checkpoint.safetensors"), &bytes)?;
         let prefix = self
@@ -283,7 +356,8 @@ impl Trainer {
             .as_ref()
             .and_then(|m| m.get("pfx_position"))
             .with_context(|| format!("{} holds no training position", p.display()))?;
-        self.pos = serde_json::from_str(pos)?;
+        self.pos = serde_json::from_str(pos)
+            .with_context(|| format!("{}: its training position (pfx_position) is damaged", p.display()))?;
         let mut tensors = safetensors_from_bytes(&bytes, &p.display().to_string())?;
         let mut state = BTreeMap::new();
         for pair in self.step_graph.pairs() {
@@ -294,6 +368,25 @@ impl Trainer {
         }
         self.step_graph.set_state(&state).with_context(|| format!("restoring the state from {}", p.display()))
     }
+}
+
+/// A resumed run logs again the steps after its checkpoint: drop the earlier lines for them.
+fn drop_logged_steps_after(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_none_or(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
 }
 
 /// Batches in file order; the last one filled by wrapping around (those rows are not real).

@@ -92,4 +92,74 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         std::fs::read(cut.join("prefix.safetensors")).unwrap(),
         "the final prefixes must be identical"
     );
+    // The steps logged after the last checkpoint and redone are logged once.
+    let logged = std::fs::read_to_string(cut.join("metrics.jsonl")).unwrap();
+    assert_eq!(logged.lines().filter(|l| l.contains("\"loss\"")).count(), 20, "{logged}");
+    // A finished run resumes to nothing; other settings cannot resume it.
+    let st = train_cmd(&bundle, &data, &cut, true).output().unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success() && err.contains("is finished (20 of 20 steps)"), "{err}");
+    let st = train_cmd(&bundle, &data, &cut, true).arg("--no-shuffle").output().unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success() && err.contains("was made with") && err.contains("--seed 7 --no-shuffle"), "{err}");
+    assert_eq!(
+        std::fs::read(whole.join("prefix.safetensors")).unwrap(),
+        std::fs::read(cut.join("prefix.safetensors")).unwrap()
+    );
+}
+
+/// Ctrl-C saves and exits non-zero (a script must not go on with half a run); a diverging run keeps its last
+/// good checkpoint; an earlier run's outputs are not overwritten.
+#[test]
+fn interrupted_diverged_and_earlier_runs_are_kept_apart() {
+    let tmp = std::env::temp_dir().join(format!("pfx-resume-edges-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let bundle = tmp.join("bundle");
+    let opts = CompileOptions {
+        prefix_len: 4,
+        mid_dim: Some(32),
+        batch: 4,
+        seq: 48,
+        optimizer: AdamW::default(),
+        seed: 3,
+        generation: None,
+        weights: Default::default(),
+    };
+    compile(&root().join("graphs/e2e-small/model.onnx"), &opts, &bundle).unwrap();
+    let text = std::fs::read_to_string(root().join("examples/data/e2e_train.txt")).unwrap();
+    let data = tmp.join("train.txt");
+    std::fs::write(&data, text.lines().take(400).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+
+    let run = tmp.join("run");
+    let mut child = train_cmd(&bundle, &data, &run, false).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    while losses(&run.join("metrics.jsonl")).len() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "training did not progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted after step") && run.join("checkpoint.safetensors").exists(), "{err}");
+    // A run into the same folder without --resume: refused, even with the checkpoint gone.
+    std::fs::remove_file(run.join("checkpoint.safetensors")).unwrap();
+    let st = train_cmd(&bundle, &data, &run, false).output().unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success() && err.contains("prefix.safetensors of an earlier run"), "{err}");
+
+    // A learning rate that sends the prefix past f32's range: the step that does it is not checkpointed.
+    let big = tmp.join("big");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pfxrun"));
+    c.args(["train", bundle.to_str().unwrap(), "--train", data.to_str().unwrap(), "--lr", "3e38"]).args([
+        "--checkpoint-every",
+        "1",
+        "-o",
+        big.to_str().unwrap(),
+    ]);
+    let st = c.output().unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success() && err.contains("the prefix became NaN or infinite at step 1"), "{err}");
+    assert!(!big.join("prefix.safetensors").exists() && !big.join("checkpoint.safetensors").exists());
 }

@@ -505,6 +505,14 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (is this a pfx bundle?)", p.display()))?;
     let m: Manifest =
         serde_json::from_str(&text).with_context(|| format!("{} is not a valid pfx manifest", p.display()))?;
+    if m.batch == 0 || m.seq_len == 0 || m.batch.checked_mul(m.seq_len).is_none_or(|n| n > 1 << 31) {
+        bail!(
+            "{}: batch {} × seq_len {} is not a size pfx compiles; the manifest is damaged",
+            p.display(),
+            m.batch,
+            m.seq_len
+        );
+    }
     if m.format != BUNDLE_FORMAT {
         bail!(
             "{} is a '{}' bundle; this pfx ({}) reads '{BUNDLE_FORMAT}': compile the export again with this pfxc",

@@ -66,7 +66,7 @@ enum Command {
         /// Keep the file order instead of shuffling.
         #[arg(long)]
         no_shuffle: bool,
-        /// Checkpoint every N steps (always at the end and on Ctrl-C).
+        /// Checkpoint every N steps (always at the end and on Ctrl-C or SIGTERM; 0: only then).
         #[arg(long, default_value_t = 100)]
         checkpoint_every: usize,
         /// Stop after N steps of this run (a checkpoint is written).
@@ -76,7 +76,7 @@ enum Command {
         #[arg(long, default_value = "truncate")]
         overlong: String,
         /// Start from this prefix (default: the bundle's initial one).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         prefix: Option<PathBuf>,
         /// Continue the checkpoint in --output.
         #[arg(long)]
@@ -300,6 +300,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             if epochs == 0 {
                 anyhow::bail!("--epochs must be at least 1");
+            }
+            if max_steps == Some(0) {
+                anyhow::bail!("--max-steps must be at least 1");
+            }
+            if !(lr.is_finite() && lr > 0.0) {
+                anyhow::bail!("--lr must be a finite number > 0 (got {lr})");
             }
             let cfg = TrainConfig {
                 epochs,
