@@ -179,12 +179,17 @@ pub fn eval(
     engine: &Engine,
 ) -> Result<f64> {
     let b = Bundle::open(bundle)?;
+    if b.manifest.baked {
+        bail!(
+            "{} is baked (generation only, no loss graph); evaluate with the bundle pfxc compile wrote and the prefix",
+            bundle.display()
+        );
+    }
     let tok = tokenizer_for(&b, tokenizer)?;
     let rows = encode_file(&b, &tok, data, Overlong::Truncate, "eval")?;
     let prefix = prefix_for(&b, prefix)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut t = Trainer::new(b, engine.backend, &engine.ort, prefix, true, stop)?;
-    t.dev_loss(&rows)?.context("no labels to evaluate")
+    let mut graph = b.open_graph("eval_step", engine.backend, &engine.ort)?;
+    crate::train::mean_loss(&b, graph.as_mut(), &prefix, &rows)?.context("no labels to evaluate")
 }
 
 pub struct GenerateArgs {

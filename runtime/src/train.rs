@@ -139,34 +139,12 @@ impl Trainer {
 
     /// Mean dev loss (weighted by each batch's number of labels).
     pub fn dev_loss(&mut self, dev: &[Encoded]) -> Result<Option<f64>> {
-        let b = self.bundle.manifest.batch;
         if self.eval_graph.is_none() {
             return Ok(None);
         }
         let prefix = self.prefix()?;
         let Some(eval) = self.eval_graph.as_mut() else { return Ok(None) };
-        let (mut total, mut count) = (0.0, 0usize);
-        for chunk in dev.chunks(b) {
-            let mut rows: Vec<Encoded> = chunk.to_vec();
-            while rows.len() < b {
-                let mut r = chunk[0].clone();
-                r.ignore_labels();
-                rows.push(r);
-            }
-            // GPT-2's eval_step shifts labels by one inside its loss, BART's does not: weight by what it counts.
-            let skip = if self.bundle.manifest.family == "bart" { 0 } else { 1 };
-            let n_shifted: usize = rows.iter().map(|r| r.labels[skip..].iter().filter(|&&l| l != -100).count()).sum();
-            if n_shifted == 0 {
-                continue;
-            }
-            let refs: Vec<&Encoded> = rows.iter().collect();
-            let mut inputs = prefix.clone();
-            inputs.extend(Self::batch_of(&self.bundle, &refs)?);
-            let out = eval.run(&inputs)?;
-            total += out["loss"].to_f64_vec()[0] * n_shifted as f64;
-            count += n_shifted;
-        }
-        Ok(if count > 0 { Some(total / count as f64) } else { None })
+        mean_loss(&self.bundle, eval.as_mut(), &prefix, dev)
     }
 
     fn batch_of(bundle: &Bundle, rows: &[&Encoded]) -> Result<BTreeMap<String, HostTensor>> {
@@ -387,6 +365,39 @@ fn drop_logged_steps_after(path: &Path, step: u64) -> Result<()> {
         out.push('\n');
     }
     write_atomic(path, out.as_bytes())
+}
+
+/// The mean loss of `rows` under `prefix` through a bundle's `eval_step` graph, weighted by each batch's number
+/// of labels (None when no row has one). The last batch is filled with label-free copies.
+pub fn mean_loss(
+    bundle: &Bundle,
+    eval: &mut dyn Backend,
+    prefix: &BTreeMap<String, HostTensor>,
+    rows: &[Encoded],
+) -> Result<Option<f64>> {
+    let b = bundle.manifest.batch;
+    let (mut total, mut count) = (0.0, 0usize);
+    for chunk in rows.chunks(b) {
+        let mut batch: Vec<Encoded> = chunk.to_vec();
+        while batch.len() < b {
+            let mut r = chunk[0].clone();
+            r.ignore_labels();
+            batch.push(r);
+        }
+        // GPT-2's eval_step shifts labels by one inside its loss, BART's does not: weight by what it counts.
+        let skip = if bundle.manifest.family == "bart" { 0 } else { 1 };
+        let n_shifted: usize = batch.iter().map(|r| r.labels[skip..].iter().filter(|&&l| l != -100).count()).sum();
+        if n_shifted == 0 {
+            continue;
+        }
+        let refs: Vec<&Encoded> = batch.iter().collect();
+        let mut inputs = prefix.clone();
+        inputs.extend(Trainer::batch_of(bundle, &refs)?);
+        let out = eval.run(&inputs)?;
+        total += out["loss"].to_f64_vec()[0] * n_shifted as f64;
+        count += n_shifted;
+    }
+    Ok(if count > 0 { Some(total / count as f64) } else { None })
 }
 
 /// Batches in file order; the last one filled by wrapping around (those rows are not real).

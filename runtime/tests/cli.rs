@@ -162,6 +162,22 @@ fn peft_adapters_and_reference_files_are_checked() {
     pfx_compiler::compile::bake::bake(&bundle, &init, &baked).unwrap();
     let e = fails(&["import-peft", p(&baked), p(&adapter), "-o", p(&back)]);
     assert!(e.contains("is baked"), "{e}");
+    // eval needs the eval_step graph only; a baked bundle has none.
+    let data = dir.join("four.txt");
+    let train = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/e2e_train.txt"));
+    std::fs::write(&data, train.unwrap().lines().take(4).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let eval = |b: &Path| {
+        let o = pfxrun(&["eval", p(b), "--data", p(&data), "--prefix", p(&init)]);
+        assert!(o.status.success(), "{}", text(&o).1);
+        text(&o).0
+    };
+    let with_all = eval(&bundle);
+    for g in ["train_step.onnx", "grads.onnx"] {
+        std::fs::remove_file(bundle.join(g)).unwrap();
+    }
+    assert_eq!(eval(&bundle), with_all);
+    let e = fails(&["eval", p(&baked), "--data", p(&data)]);
+    assert!(e.contains("is baked"), "{e}");
     // One hypothesis: a reference file without blank lines is its group (what `generate --refs-out` writes).
     let (hyp, refs) = (dir.join("one.hyp"), dir.join("one.refs"));
     std::fs::write(&hyp, "the cat sat\n").unwrap();

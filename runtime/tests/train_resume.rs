@@ -132,7 +132,7 @@ fn interrupted_diverged_and_earlier_runs_are_kept_apart() {
     std::fs::write(&data, text.lines().take(400).collect::<Vec<_>>().join("\n") + "\n").unwrap();
 
     let run = tmp.join("run");
-    let mut child = train_cmd(&bundle, &data, &run, false).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = train_cmd(&bundle, &data, &run, false).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let t0 = Instant::now();
     while losses(&run.join("metrics.jsonl")).len() < 3 {
         assert!(t0.elapsed() < Duration::from_secs(120), "training did not progress");
