@@ -92,9 +92,12 @@ enum Command {
     },
     /// Mean loss of a dataset under a prefix.
     Eval {
+        /// A bundle made by `pfxc compile` (not a baked one).
         bundle: PathBuf,
+        /// Examples with targets, as for `train` (E2E `MR||text`, JSONL, DART).
         #[arg(long)]
         data: PathBuf,
+        /// The prefix to evaluate (default: the bundle's untrained initial one).
         #[arg(long)]
         prefix: Option<PathBuf>,
         /// A Hugging Face tokenizer.json, or a folder holding one (default: the bundle's own).
@@ -176,6 +179,7 @@ enum Command {
     },
     /// List the CUDA devices (through the CUDA driver, when there is one) and what ONNX Runtime offers.
     Devices {
+        /// The ONNX Runtime library to describe (default: ORT_DYLIB_PATH, then a pip-installed onnxruntime).
         #[arg(long)]
         ort_lib: Option<PathBuf>,
     },
@@ -186,7 +190,7 @@ struct EngineArgs {
     /// `tract` (pure Rust, default) or `ort` (ONNX Runtime).
     #[arg(long, default_value = "tract")]
     backend: BackendKind,
-    /// ONNX Runtime device: cpu, cuda[:N], tensorrt[:N].
+    /// ONNX Runtime device: cpu, cuda[:N] (or gpu[:N]), tensorrt[:N].
     #[arg(long, default_value = "cpu")]
     device: OrtDevice,
     /// ONNX Runtime shared library (file or folder).
