@@ -1,4 +1,5 @@
-//! Killing `pfxrun train` with SIGKILL and resuming gives the same later losses as an uninterrupted run.
+//! Killing `pfxrun train` with SIGKILL and resuming gives the same later losses as an uninterrupted run; Ctrl-C,
+//! divergence, other settings and earlier runs in the output folder are handled without losing a good state.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,19 +27,10 @@ fn losses(metrics: &Path) -> BTreeMap<u64, f64> {
     m
 }
 
-fn train_cmd(bundle: &Path, data: &Path, out: &Path, resume: bool) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pfxrun"));
-    c.args(["train", bundle.to_str().unwrap(), "--train", data.to_str().unwrap(), "--epochs", "2", "--lr", "1e-2"])
-        .args(["--warmup-steps", "2", "--checkpoint-every", "1", "--seed", "7", "-o", out.to_str().unwrap()]);
-    if resume {
-        c.arg("--resume");
-    }
-    c
-}
-
-#[test]
-fn sigkill_then_resume_matches_an_uninterrupted_run() {
-    let tmp = std::env::temp_dir().join(format!("pfx-resume-{}", std::process::id()));
+/// A scratch folder with the shipped small GPT-2 compiled (prefix 4, batch 4, sequence 48) and the first `rows`
+/// E2E training examples: (folder, bundle, data).
+fn setup(tag: &str, rows: usize) -> (PathBuf, PathBuf, PathBuf) {
+    let tmp = std::env::temp_dir().join(format!("pfx-resume{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     let bundle = tmp.join("bundle");
@@ -53,10 +45,26 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         weights: Default::default(),
     };
     compile(&root().join("graphs/e2e-small/model.onnx"), &opts, &bundle).unwrap();
-    // 40 examples: 10 steps per epoch, 20 in all.
     let text = std::fs::read_to_string(root().join("examples/data/e2e_train.txt")).unwrap();
     let data = tmp.join("train.txt");
-    std::fs::write(&data, text.lines().take(40).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    std::fs::write(&data, text.lines().take(rows).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    (tmp, bundle, data)
+}
+
+fn train_cmd(bundle: &Path, data: &Path, out: &Path, resume: bool) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pfxrun"));
+    c.args(["train", bundle.to_str().unwrap(), "--train", data.to_str().unwrap(), "--epochs", "2", "--lr", "1e-2"])
+        .args(["--warmup-steps", "2", "--checkpoint-every", "1", "--seed", "7", "-o", out.to_str().unwrap()]);
+    if resume {
+        c.arg("--resume");
+    }
+    c
+}
+
+#[test]
+fn sigkill_then_resume_matches_an_uninterrupted_run() {
+    // 40 examples: 10 steps per epoch, 20 in all.
+    let (tmp, bundle, data) = setup("", 40);
 
     let whole = tmp.join("whole");
     let st = train_cmd(&bundle, &data, &whole, false).output().unwrap();
@@ -112,24 +120,7 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
 /// good checkpoint; an earlier run's outputs are not overwritten.
 #[test]
 fn interrupted_diverged_and_earlier_runs_are_kept_apart() {
-    let tmp = std::env::temp_dir().join(format!("pfx-resume-edges-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    let bundle = tmp.join("bundle");
-    let opts = CompileOptions {
-        prefix_len: 4,
-        mid_dim: Some(32),
-        batch: 4,
-        seq: 48,
-        optimizer: AdamW::default(),
-        seed: 3,
-        generation: None,
-        weights: Default::default(),
-    };
-    compile(&root().join("graphs/e2e-small/model.onnx"), &opts, &bundle).unwrap();
-    let text = std::fs::read_to_string(root().join("examples/data/e2e_train.txt")).unwrap();
-    let data = tmp.join("train.txt");
-    std::fs::write(&data, text.lines().take(400).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let (tmp, bundle, data) = setup("-edges", 400);
 
     let run = tmp.join("run");
     let child = train_cmd(&bundle, &data, &run, false).stderr(std::process::Stdio::piped()).spawn().unwrap();
