@@ -226,3 +226,14 @@ fn a_gpt2_export_folder_stands_for_its_model() {
     let o = pfxc(&[&["compile", s(&empty), "-o", s(&d.join("x"))][..], &args].concat());
     fails_with(&o, &["empty", "without a model.onnx", "--bart-prefix"]);
 }
+
+#[test]
+fn a_failed_write_of_the_results_is_an_error_not_a_crash() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else { return };
+    let out = Command::new(env!("CARGO_BIN_EXE_pfxc"))
+        .args(["inspect", s(&graphs().join("gpt2-legacy/model.onnx"))])
+        .stdout(full)
+        .output()
+        .unwrap();
+    fails_with(&out, &["failed printing to stdout", "No space left on device"]);
+}

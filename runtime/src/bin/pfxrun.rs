@@ -412,6 +412,16 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Any other failure to write the results (a full disk) is an error, not a crash report.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let what = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or_default();
+        if what.starts_with("failed printing to std") {
+            eprintln!("error: {what}");
+            std::process::exit(1);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
