@@ -3,6 +3,7 @@
 
 pub mod autodiff;
 pub mod canonicalize;
+pub mod cli_output;
 pub mod compile;
 pub mod eval;
 pub mod inspect;

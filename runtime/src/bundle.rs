@@ -61,6 +61,17 @@ impl Bundle {
     }
 
     /// Reads a prefix file and checks it holds every trainable tensor with the right shape.
+    /// Refuses a baked bundle where the command needs the trainable prefix and its graphs (train, eval, PEFT).
+    pub fn refuse_baked(&self) -> Result<()> {
+        if self.manifest.baked {
+            bail!(
+                "{} is baked (generation only: its prefix is inside the graphs); use the bundle pfxc compile wrote",
+                self.dir.display()
+            );
+        }
+        Ok(())
+    }
+
     pub fn read_prefix(&self, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         let all = read_safetensors(path)?;
         let mut out = BTreeMap::new();

@@ -110,9 +110,7 @@ pub struct TrainArgs {
 
 pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     let bundle = Bundle::open(&args.bundle)?;
-    if bundle.manifest.baked {
-        bail!("{} is baked (inference only); train with the bundle pfxc compile wrote", args.bundle.display());
-    }
+    bundle.refuse_baked()?;
     // The output folder first: before a long tokenization, and so that no earlier run is overwritten.
     let out = &args.cfg.out_dir;
     if out.is_file() {
@@ -179,12 +177,7 @@ pub fn eval(
     engine: &Engine,
 ) -> Result<f64> {
     let b = Bundle::open(bundle)?;
-    if b.manifest.baked {
-        bail!(
-            "{} is baked (generation only, no loss graph); evaluate with the bundle pfxc compile wrote and the prefix",
-            bundle.display()
-        );
-    }
+    b.refuse_baked()?;
     let tok = tokenizer_for(&b, tokenizer)?;
     let rows = encode_file(&b, &tok, data, Overlong::Truncate, "eval")?;
     let prefix = prefix_for(&b, prefix)?;
@@ -225,11 +218,10 @@ pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
             text.lines().enumerate().filter(|(_, l)| l.trim().is_empty()).map(|(i, _)| i + 1).collect();
         if !blank.is_empty() {
             eprintln!(
-                "warning: {} has {} blank line(s) (line {}{}), skipped: output line N is the N-th non-blank source",
+                "warning: {} has {} blank line(s) (line {}), skipped: output line N is the N-th non-blank source",
                 path.display(),
                 blank.len(),
-                blank.iter().take(5).map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
-                if blank.len() > 5 { ", …" } else { "" }
+                first_few(&blank)
             );
         }
         let srcs: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect();
@@ -261,13 +253,16 @@ fn warn_cut(cut: &[usize], what: &str, how: &str) {
     if cut.is_empty() {
         return;
     }
-    let first: Vec<String> = cut.iter().take(8).map(|i| i.to_string()).collect();
-    eprintln!(
-        "warning: {} {what}(s) {how}, the bundle's --prompt-len ({what} {}{})",
-        cut.len(),
-        first.join(", "),
-        if cut.len() > 8 { ", …" } else { "" }
-    );
+    eprintln!("warning: {} {what}(s) {how}, the bundle's --prompt-len ({what} {})", cut.len(), first_few(cut));
+}
+
+/// The first numbers of a list for a message: "2, 5, 9, …".
+fn first_few(numbers: &[usize]) -> String {
+    let mut s: Vec<String> = numbers.iter().take(8).map(|n| n.to_string()).collect();
+    if numbers.len() > 8 {
+        s.push("…".into());
+    }
+    s.join(", ")
 }
 
 /// Refuses, before any work, output paths that would fail at the end or overwrite the inputs or each other.

@@ -280,21 +280,16 @@ fn parse_e2e_source(line: &str) -> std::result::Result<(String, String), String>
     }
 }
 
-/// A JSONL line for generation: "source", with or without "target".
-fn parse_jsonl_source(line: &str) -> std::result::Result<(String, String), String> {
-    match parse_jsonl_line(line) {
-        Err(e) if e.contains("\"target\"") => {
-            let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-            match value.get("source") {
-                Some(Value::String(s)) if !s.trim().is_empty() => Ok((s.trim().to_string(), String::new())),
-                _ => Err(e),
-            }
-        }
-        other => other,
-    }
+fn parse_jsonl_line(line: &str) -> std::result::Result<(String, String), String> {
+    parse_jsonl(line, true)
 }
 
-fn parse_jsonl_line(line: &str) -> std::result::Result<(String, String), String> {
+/// A JSONL line for generation: "source", with or without "target".
+fn parse_jsonl_source(line: &str) -> std::result::Result<(String, String), String> {
+    parse_jsonl(line, false)
+}
+
+fn parse_jsonl(line: &str, need_target: bool) -> std::result::Result<(String, String), String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let Value::Object(object) = value else {
         return Err("not a JSON object (expected {\"source\": ..., \"target\": ...})".into());
@@ -307,7 +302,11 @@ fn parse_jsonl_line(line: &str) -> std::result::Result<(String, String), String>
             Some(other) => Err(format!("\"{key}\" is not a string: {}", json_kind(other))),
         }
     };
-    Ok((field("source")?, field("target")?))
+    let target = match object.get("target") {
+        None | Some(Value::Null) if !need_target => String::new(),
+        _ => field("target")?,
+    };
+    Ok((field("source")?, target))
 }
 
 fn json_kind(value: &Value) -> &'static str {

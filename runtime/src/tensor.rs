@@ -493,16 +493,8 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &BTreeMap<String, Host
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the folder {}", dir.display()))?;
     }
     // Through a temporary file: an interrupted write never leaves half a file under the name.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp-write");
-    let tmp = std::path::PathBuf::from(tmp);
-    let written = std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("writing safetensors file {}", path.display()));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    pfx_compiler::onnx_io::write_atomically(path, &bytes)
+        .with_context(|| format!("writing safetensors file {}", path.display()))
 }
 
 struct OwnedView {

@@ -163,12 +163,10 @@ fn run(cli: Cli) -> Result<()> {
             weights,
             output,
         } => {
-            if !(max_grad_norm.is_finite() && max_grad_norm >= 0.0) {
-                anyhow::bail!("--max-grad-norm must be a finite number ≥ 0, 0 for no clipping (got {max_grad_norm})");
-            }
             let optimizer = AdamW {
                 weight_decay,
-                max_grad_norm: if max_grad_norm > 0.0 { Some(max_grad_norm) } else { None },
+                // 0 turns clipping off; anything else (NaN, negative) is for AdamW::check to refuse.
+                max_grad_norm: (max_grad_norm != 0.0).then_some(max_grad_norm),
                 ..AdamW::default()
             };
             optimizer.check()?;
@@ -323,22 +321,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    // Output piped into `head` and the like ends the program quietly, as other command-line tools do (Rust
-    // ignores SIGPIPE, and printing then panics).
-    #[cfg(unix)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-    // Any other failure to write the results (a full disk) is an error, not a crash report.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let what = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or_default();
-        if what.starts_with("failed printing to std") {
-            eprintln!("error: {what}");
-            std::process::exit(1);
-        }
-        default_hook(info);
-    }));
+    pfx_compiler::cli_output::quiet_on_output_errors();
     let cli = Cli::parse();
     // Stage lines where someone watches (or PFX_PROGRESS=1 asks for them in a log).
     use std::io::IsTerminal;

@@ -369,7 +369,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::ExportPeft { bundle, prefix, output, base_model } => {
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
-            refuse_baked(&b)?;
+            b.refuse_baked()?;
             let p = b.read_prefix(&prefix)?;
             pfx_runtime::peft::export_adapter(&b.manifest, &p, &output, &base_model)?;
             println!("wrote the PEFT adapter {}", output.display());
@@ -377,7 +377,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::ImportPeft { bundle, adapter, output } => {
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
-            refuse_baked(&b)?;
+            b.refuse_baked()?;
             let p = pfx_runtime::peft::import_adapter(&b.manifest, &adapter)?;
             write_safetensors(&output, &p)?;
             println!("wrote the prefix {}", output.display());
@@ -394,34 +394,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// PEFT adapters pair with a bundle's trainable prefix, which a baked bundle no longer has.
-fn refuse_baked(b: &pfx_runtime::bundle::Bundle) -> Result<()> {
-    if b.manifest.baked {
-        anyhow::bail!(
-            "{} is baked (its prefix is inside the graphs): use the bundle pfxc compile wrote",
-            b.dir.display()
-        );
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
-    // Output piped into `head` and the like ends the program quietly, as other command-line tools do (Rust
-    // ignores SIGPIPE, and printing then panics).
-    #[cfg(unix)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-    // Any other failure to write the results (a full disk) is an error, not a crash report.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let what = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or_default();
-        if what.starts_with("failed printing to std") {
-            eprintln!("error: {what}");
-            std::process::exit(1);
-        }
-        default_hook(info);
-    }));
+    pfx_compiler::cli_output::quiet_on_output_errors();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
