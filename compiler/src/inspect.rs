@@ -103,6 +103,42 @@ pub fn detect_family(g: &Graph) -> Family {
 }
 
 /// Values derived from `input_ids` through index-preserving ops (to find the token-embedding Gather).
+/// The embedding tables a canonical graph looks up.
+pub struct Embeddings {
+    pub vocab: Option<usize>,
+    pub hidden: Option<usize>,
+    /// The token embedding's initializer.
+    pub token_table: Option<String>,
+    /// Rows of the position table (BART's learned positions include an offset of 2).
+    pub position_rows: Option<usize>,
+}
+
+/// Finds the embedding tables of a canonical graph (before folding removes the position lookup): the 2-D
+/// constant gathered by the token ids is the vocabulary, the first other one the positions.
+pub fn embeddings(g: &Graph) -> Embeddings {
+    let tok = token_index_values(g);
+    let mut e = Embeddings { vocab: None, hidden: None, token_table: None, position_rows: None };
+    for n in &g.nodes {
+        if n.op != "Gather" {
+            continue;
+        }
+        let Some(w) = g.initializers.get(&n.inputs[0]) else {
+            continue;
+        };
+        if w.shape.len() != 2 {
+            continue;
+        }
+        if tok.contains(&n.inputs[1]) && e.vocab.is_none() {
+            e.vocab = Some(w.shape[0]);
+            e.hidden = Some(w.shape[1]);
+            e.token_table = Some(n.inputs[0].clone());
+        } else if e.position_rows.is_none() {
+            e.position_rows = Some(w.shape[0]);
+        }
+    }
+    e
+}
+
 fn token_index_values(g: &Graph) -> HashSet<String> {
     let mut vals: HashSet<String> = ["input_ids".to_string()].into();
     for n in &g.nodes {
@@ -137,30 +173,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let merged_decoder = g.inputs.iter().any(|v| v.name == "use_cache_branch");
 
-    // Embeddings, from the canonical graph (before folding removes the position lookup).
-    let tok = token_index_values(g);
-    let mut vocab = None;
-    let mut hidden = None;
-    let mut wte_name = None;
-    let mut position_rows = None;
-    for n in &g.nodes {
-        if n.op != "Gather" {
-            continue;
-        }
-        let Some(w) = g.initializers.get(&n.inputs[0]) else {
-            continue;
-        };
-        if w.shape.len() != 2 {
-            continue;
-        }
-        if tok.contains(&n.inputs[1]) && vocab.is_none() {
-            vocab = Some(w.shape[0]);
-            hidden = Some(w.shape[1]);
-            wte_name = Some(n.inputs[0].clone());
-        } else if position_rows.is_none() {
-            position_rows = Some(w.shape[0]);
-        }
-    }
+    let Embeddings { vocab, hidden, token_table: wte_name, position_rows } = embeddings(g);
 
     // Heads and layers from a small specialization: attention softmaxes are [B, H, Tq, Tk].
     let mut spec = canon.clone();

@@ -28,8 +28,13 @@ pub fn load(path: &Path) -> Result<Model> {
     let graph = proto.graph.as_ref().ok_or_else(|| {
         anyhow!("{} is not an ONNX model: it decodes but holds no graph (truncated or another format?)", path.display())
     })?;
+    // Exporters write the opset imports after the graph, so a file cut short decodes without them.
     if proto.ir_version <= 0 || proto.opset_import.is_empty() {
-        bail!("{} is not an ONNX model: it has no IR version or no opset import", path.display());
+        bail!(
+            "{} is truncated or not an ONNX model: it has no {} (was a copy or download cut short?)",
+            path.display(),
+            if proto.ir_version <= 0 { "IR version" } else { "opset import" }
+        );
     }
     let mut reader = ExternalReader { model_path: path.to_path_buf(), dir, files: HashMap::new() };
     let mut opset = 0;

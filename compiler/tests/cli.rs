@@ -42,6 +42,14 @@ fn truncated_file() {
     let f = d.join("model.onnx");
     std::fs::write(&f, &bytes[..bytes.len() / 3]).unwrap();
     fails_with(&pfxc(&["inspect", s(&f)]), &["model.onnx", "not an ONNX model"]);
+    // Cut right after the graph: exporters write the opset imports last, so a file cut there decodes, without
+    // them. Made by writing the model again without its opset imports.
+    use onnx_protobuf::ModelProto;
+    use protobuf::Message;
+    let mut proto = ModelProto::parse_from_bytes(&bytes).unwrap();
+    proto.opset_import.clear();
+    std::fs::write(&f, proto.write_to_bytes().unwrap()).unwrap();
+    fails_with(&pfxc(&["inspect", s(&f)]), &["model.onnx is truncated or not an ONNX model: it has no opset import"]);
 }
 
 #[test]
@@ -157,6 +165,12 @@ fn zero_sizes_are_refused() {
     fails_with(
         &pfxc(&["specialize", s(&m), "--batch", "2", "--seq", "3", "--past", "2", "-o", s(&o)]),
         &["no past_key_values"],
+    );
+    // Past the position table (64 rows): named by the lengths, not by the lookup that cannot fold.
+    let past = graphs().join("gpt2-dynamo-past/model.onnx");
+    fails_with(
+        &pfxc(&["specialize", s(&past), "--batch", "1", "--seq", "30", "--past", "40", "-o", s(&o)]),
+        &["--past 40 + --seq 30 needs 70 positions, but the model has 64"],
     );
     assert!(!o.exists(), "nothing must be written on error");
 }

@@ -143,9 +143,10 @@ impl Dataset {
             return None;
         }
         Some(format!(
-            "{}: skipped {} bad line(s) of {} ({} examples read):\n{}",
+            "{}: skipped {} bad {} of {} ({} examples read):\n{}",
             self.path.display(),
             self.bad_lines.len(),
+            if self.format == Format::Dart { "entries or annotations" } else { "line(s)" },
             self.format.name(),
             self.examples.len(),
             quote_bad_lines(&self.bad_lines)
@@ -214,13 +215,18 @@ fn parse_dataset(bytes: &[u8], format: Format, path: &Path, sources_only: bool) 
         (Format::Dart, _) => parse_dart(bytes, &name)?,
     };
     if examples.is_empty() {
-        if bad_lines.is_empty() {
+        let blank = bytes.iter().all(|b| b.is_ascii_whitespace());
+        if bad_lines.is_empty() && (blank || format != Format::Dart) {
             bail!("dataset {name} has no examples: the file is empty or blank (expected {})", format.name());
         }
+        if bad_lines.is_empty() {
+            bail!("dataset {name} has no examples: its list of DART entries is empty");
+        }
         bail!(
-            "dataset {name} has no usable {} examples: all {} line(s) are bad:\n{}",
+            "dataset {name} has no usable {} examples: all {} {} bad:\n{}",
             format.name(),
             bad_lines.len(),
+            if format == Format::Dart { "entries or annotations are" } else { "line(s) are" },
             quote_bad_lines(&bad_lines)
         );
     }

@@ -87,7 +87,8 @@ pub fn cuda_devices() -> CudaReport {
 }
 
 /// The report `pfxrun devices` prints: CUDA devices, then ONNX Runtime's library, version and providers.
-pub fn describe(ort_lib: Option<&Path>) -> String {
+/// The flag says whether ONNX Runtime loaded.
+pub fn describe(ort_lib: Option<&Path>) -> (String, bool) {
     let mut s = String::from("CUDA\n");
     let cuda = cuda_devices();
     let gpus = match &cuda {
@@ -142,7 +143,8 @@ pub fn describe(ort_lib: Option<&Path>) -> String {
         }
         Err(e) => {
             let _ = writeln!(s, "ONNX Runtime: not loaded: {e:#}");
+            return (s, false);
         }
     }
-    s
+    (s, true)
 }

@@ -199,9 +199,9 @@ impl Trainer {
         self.pos.settings = Some(settings);
         std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("cannot create {}", cfg.out_dir.display()))?;
         let metrics_path = cfg.out_dir.join("metrics.jsonl");
-        if resumed {
-            drop_logged_steps_after(&metrics_path, self.pos.step)?;
-        }
+        // A resumed run's log continues the counts of the steps it keeps.
+        let (tokens_before, elapsed_before) =
+            if resumed { drop_logged_steps_after(&metrics_path, self.pos.step)? } else { (0, 0.0) };
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -211,6 +211,7 @@ impl Trainer {
         let mut losses = Vec::new();
         let mut tokens = 0usize;
         let mut run_steps = 0usize;
+        let mut warned_zero_gradient = false;
         let tty = std::io::stderr().is_terminal();
         'epochs: while self.pos.epoch < cfg.epochs as u64 {
             let order = if cfg.shuffle {
@@ -249,12 +250,23 @@ impl Trainer {
                     loss,
                     grad_norm,
                     lr,
-                    tokens,
-                    elapsed_s: started.elapsed().as_secs_f64(),
+                    tokens: tokens_before + tokens,
+                    elapsed_s: elapsed_before + started.elapsed().as_secs_f64(),
                 };
                 writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
                 if cfg.progress {
-                    progress(tty, &self.pos, total, loss, tokens, started);
+                    progress(tty, &self.pos, total, loss, Rate { steps: run_steps, tokens, started });
+                }
+                // A prefix pushed far out (a huge --lr) saturates the softmaxes: training goes on, learning nothing.
+                if grad_norm == 0.0 && loss > 0.0 && !warned_zero_gradient {
+                    warned_zero_gradient = true;
+                    eprintln!(
+                        "{}warning: the gradient is zero at step {} with loss {loss:.4}: the prefix no longer learns \
+                         (--lr {:e} too high?)",
+                        if tty && cfg.progress { "\n" } else { "" },
+                        self.pos.step,
+                        cfg.lr
+                    );
                 }
                 let stop = self.stop.load(Ordering::SeqCst);
                 let limit = cfg.max_steps.map(|m| run_steps >= m).unwrap_or(false);
@@ -348,23 +360,30 @@ impl Trainer {
     }
 }
 
-/// A resumed run logs again the steps after its checkpoint: drop the earlier lines for them.
-fn drop_logged_steps_after(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_none_or(|s| s <= step)
-        })
-        .collect();
+/// A resumed run logs again the steps after its checkpoint: drop the earlier lines for them. Returns the
+/// tokens and seconds logged by the last step kept, which the resumed run's counts continue from.
+fn drop_logged_steps_after(path: &Path, step: u64) -> Result<(usize, f64)> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok((0, 0.0)) };
+    let mut counts = (0, 0.0);
+    let mut kept = Vec::new();
+    for line in text.lines() {
+        let v = serde_json::from_str::<serde_json::Value>(line).ok();
+        if v.as_ref().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s > step) {
+            continue;
+        }
+        if let Some(v) = &v {
+            if let (Some(t), Some(e)) = (v.get("tokens").and_then(|t| t.as_u64()), v.get("elapsed_s")) {
+                counts = (t as usize, e.as_f64().unwrap_or(0.0));
+            }
+        }
+        kept.push(line);
+    }
     let mut out = kept.join("\n");
     if !out.is_empty() {
         out.push('\n');
     }
-    write_atomic(path, out.as_bytes())
+    write_atomic(path, out.as_bytes())?;
+    Ok(counts)
 }
 
 /// The mean loss of `rows` under `prefix` through a bundle's `eval_step` graph, weighted by each batch's number
@@ -377,7 +396,13 @@ pub fn mean_loss(
 ) -> Result<Option<f64>> {
     let b = bundle.manifest.batch;
     let (mut total, mut count) = (0.0, 0usize);
-    for chunk in rows.chunks(b) {
+    // A count of batches where someone watches a long pass (a dev set, `pfxrun eval` of a large file).
+    let batches = rows.len().div_ceil(b);
+    let show = batches > 4 && std::io::stderr().is_terminal();
+    for (k, chunk) in rows.chunks(b).enumerate() {
+        if show {
+            eprint!("\rloss over {} rows: batch {}/{batches}", rows.len(), k + 1);
+        }
         let mut batch: Vec<Encoded> = chunk.to_vec();
         while batch.len() < b {
             let mut r = chunk[0].clone();
@@ -396,6 +421,9 @@ pub fn mean_loss(
         let out = eval.run(&inputs)?;
         total += out["loss"].to_f64_vec()[0] * n_shifted as f64;
         count += n_shifted;
+    }
+    if show {
+        eprint!("\r{:60}\r", "");
     }
     Ok(if count > 0 { Some(total / count as f64) } else { None })
 }
@@ -420,14 +448,21 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
 }
 
-fn progress(tty: bool, pos: &Position, total: u64, loss: f64, tokens: usize, started: Instant) {
-    let el = started.elapsed().as_secs_f64();
+/// This run's pace (a resumed run's too: the steps before it ran at another time).
+struct Rate {
+    steps: usize,
+    tokens: usize,
+    started: Instant,
+}
+
+fn progress(tty: bool, pos: &Position, total: u64, loss: f64, rate: Rate) {
+    let el = rate.started.elapsed().as_secs_f64();
     let done = pos.step as f64 / total.max(1) as f64;
     let width = 24;
     let filled = (done * width as f64) as usize;
     let bar: String = "#".repeat(filled.min(width)) + &".".repeat(width - filled.min(width));
-    let tps = tokens as f64 / el.max(1e-9);
-    let eta = if done > 0.0 { el / done * (1.0 - done) } else { 0.0 };
+    let tps = rate.tokens as f64 / el.max(1e-9);
+    let eta = el / rate.steps.max(1) as f64 * total.saturating_sub(pos.step) as f64;
     let line = format!(
         "epoch {} [{bar}] step {}/{} loss {loss:.4} {tps:.0} tok/s ETA {}:{:02}",
         pos.epoch + 1,

@@ -117,6 +117,8 @@ fn bad_input_is_a_clean_error() {
     assert!(e.contains("unknown backend"), "{e}");
     let e = fails(&["run", p(&mm), "--inputs", p(&mm_in), "--device", "cuda"]);
     assert!(e.contains("needs --backend ort"), "{e}");
+    let e = fails(&["run", p(&mm), "--inputs", p(&mm_in), "--ort-lib", "/some/libonnxruntime.so"]);
+    assert!(e.contains("--ort-lib needs --backend ort"), "{e}");
     let e = fails(&["run", p(&mm), "--inputs", p(&mm_in), "--backend", "ort", "--ort-lib", "/no/such/lib.so"]);
     assert!(e.contains("/no/such/lib.so") && e.contains("does not exist"), "{e}");
     let e = fails(&["ort-info", "--ort-lib", p(&garbage)]);
@@ -237,12 +239,19 @@ fn devices_survives_a_broken_cuda_driver() {
     assert!(o.status.success() && !stderr.contains("panicked"), "{stderr}");
     assert!(stdout.contains("the CUDA driver is installed but failed"), "{stdout}");
     assert!(stdout.contains("ONNX Runtime: not loaded") && stdout.contains("/nonexistent/python"), "{stdout}");
+    // A library the user names must load: the report, then an error.
+    let o = pfxrun(&["devices", "--ort-lib", "/no/such/libonnxruntime.so"]);
+    let (stdout, stderr) = text(&o);
+    assert!(!o.status.success() && stdout.contains("CUDA") && stdout.contains("not loaded"), "{stdout}");
+    assert!(stderr.contains("--ort-lib /no/such/libonnxruntime.so could not be loaded"), "{stderr}");
 }
 
 #[test]
 fn gpu_options_are_checked_before_anything_runs() {
     let e = fails(&["train", "b", "--train", "t.txt", "-o", "o", "--cuda-graph"]);
     assert!(e.contains("--cuda-graph needs --backend ort"), "{e}");
+    let e = fails(&["generate", "b", "--input", "x", "--ort-lib", "/some/libonnxruntime.so"]);
+    assert!(e.contains("--ort-lib needs --backend ort"), "{e}");
     let e = fails(&["eval", "b", "--data", "d.txt", "--backend", "ort", "--tf32", "on"]);
     assert!(e.contains("--tf32") && e.contains("not cpu"), "{e}");
     let e = fails(&["generate", "b", "--input", "x", "--backend", "ort", "--device", "cuda:1", "--trt-fp16"]);

@@ -238,6 +238,11 @@ fn unusable_files_are_errors_naming_the_file() {
     assert!(err.contains("webnlg.json") && err.contains("WebNLG"), "{err}");
     let err = pfx_runtime::data::parse_examples(b"[1, 2", Format::Dart, path).unwrap_err().to_string();
     assert!(err.contains("not DART json"), "{err}");
+    // DART counts entries, not lines; an empty list is not a blank file.
+    let err = pfx_runtime::data::parse_examples(b" [ ]\n", Format::Dart, path).unwrap_err().to_string();
+    assert!(err.contains("list of DART entries is empty"), "{err}");
+    let err = pfx_runtime::data::parse_examples(b"[1, {}]", Format::Dart, path).unwrap_err().to_string();
+    assert!(err.contains("all 2 entries or annotations are bad"), "{err}");
 }
 
 // ---------------------------------------------------------------- format and labels

@@ -14,12 +14,17 @@ fn root() -> PathBuf {
 }
 
 fn losses(metrics: &Path) -> BTreeMap<u64, f64> {
+    logged(metrics, "loss")
+}
+
+/// One field of the steps' lines in a metrics log, by step.
+fn logged(metrics: &Path, key: &str) -> BTreeMap<u64, f64> {
     let text = std::fs::read_to_string(metrics).unwrap_or_default();
     let mut m = BTreeMap::new();
     for line in text.lines() {
         // A line cut by the kill is skipped; a step redone after resuming overwrites the earlier entry.
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if let (Some(s), Some(l)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+            if let (Some(s), Some(l)) = (v["step"].as_u64(), v[key].as_f64()) {
                 m.insert(s, l);
             }
         }
@@ -101,8 +106,12 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         "the final prefixes must be identical"
     );
     // The steps logged after the last checkpoint and redone are logged once.
-    let logged = std::fs::read_to_string(cut.join("metrics.jsonl")).unwrap();
-    assert_eq!(logged.lines().filter(|l| l.contains("\"loss\"")).count(), 20, "{logged}");
+    let log = std::fs::read_to_string(cut.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 20, "{log}");
+    // The resumed run's counts go on from the checkpoint's: the same tokens as the whole run, time not restarting.
+    assert_eq!(logged(&cut.join("metrics.jsonl"), "tokens"), logged(&whole.join("metrics.jsonl"), "tokens"));
+    let elapsed: Vec<f64> = logged(&cut.join("metrics.jsonl"), "elapsed_s").into_values().collect();
+    assert!(elapsed.windows(2).all(|w| w[0] <= w[1]), "elapsed_s restarted after resuming: {elapsed:?}");
     // A finished run resumes to nothing; other settings cannot resume it.
     let st = train_cmd(&bundle, &data, &cut, true).output().unwrap();
     let err = String::from_utf8_lossy(&st.stderr);
@@ -152,5 +161,19 @@ fn interrupted_diverged_and_earlier_runs_are_kept_apart() {
     let st = c.output().unwrap();
     let err = String::from_utf8_lossy(&st.stderr);
     assert!(!st.status.success() && err.contains("the prefix became NaN or infinite at step 1"), "{err}");
+    assert!(err.contains("warning: --lr 3e38 is far above"), "{err}");
     assert!(!big.join("prefix.safetensors").exists() && !big.join("checkpoint.safetensors").exists());
+
+    // One that stays finite but saturates every softmax: the gradient vanishes, and the user is told.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pfxrun"));
+    c.args(["train", bundle.to_str().unwrap(), "--train", data.to_str().unwrap(), "--lr", "1e30"]).args([
+        "--max-steps",
+        "3",
+        "-o",
+        tmp.join("saturated").to_str().unwrap(),
+    ]);
+    let st = c.output().unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success() && err.contains("warning: the gradient is zero at step 2"), "{err}");
+    assert_eq!(err.matches("the gradient is zero").count(), 1, "warned once: {err}");
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
@@ -292,6 +292,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Specialize { model, batch, seq, past, src_len, output, external_data, text: show } => {
             let mut m = load_canonical(&model)?;
+            check_specialize_positions(&m, seq, past)?;
             let dims = Dims { batch, seq, past, src_len };
             let report = specialize(&mut m, &dims).with_context(|| format!("specializing {}", model.display()))?;
             let bytes: usize = m.graph.initializers.values().map(|t| t.byte_len()).sum();
@@ -316,6 +317,27 @@ fn run(cli: Cli) -> Result<()> {
                 output.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// Refuses lengths past the model's position table before specializing: the position lookup would fail to
+/// fold, and the error would name a Gather node rather than the lengths.
+fn check_specialize_positions(m: &pfx_compiler::ir::Model, seq: usize, past: Option<usize>) -> Result<()> {
+    use pfx_compiler::inspect::{detect_family, embeddings, Family};
+    let Some(rows) = embeddings(&m.graph).position_rows else { return Ok(()) };
+    // BART's learned positions start 2 rows in.
+    let positions = match detect_family(&m.graph) {
+        Family::BartEncoder | Family::BartDecoder => rows.saturating_sub(2),
+        _ => rows,
+    };
+    let needed = past.unwrap_or(0) + seq;
+    if needed > positions {
+        let what = match past {
+            Some(p) => format!("--past {p} + --seq {seq}"),
+            None => format!("--seq {seq}"),
+        };
+        bail!("{what} needs {needed} positions, but the model has {positions}; use smaller lengths");
     }
     Ok(())
 }

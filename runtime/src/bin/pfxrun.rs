@@ -232,6 +232,9 @@ impl EngineArgs {
                 (self.trt_cache.is_some(), "--trt-cache"),
                 (self.allow_cpu_fallback, "--allow-cpu-fallback"),
             ];
+            if self.ort_lib.is_some() {
+                anyhow::bail!("--ort-lib needs --backend ort (tract is built in)");
+            }
             if let Some((_, flag)) = ort_only.iter().find(|(given, _)| *given) {
                 anyhow::bail!("{flag} needs --backend ort (tract runs on the CPU only)");
             }
@@ -256,6 +259,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run { model, inputs, out, backend, device, ort_lib, show } => {
             if backend == BackendKind::Tract && device != OrtDevice::Cpu {
                 anyhow::bail!("--device {device} needs --backend ort (tract runs on the CPU only)");
+            }
+            if backend == BackendKind::Tract && ort_lib.is_some() {
+                anyhow::bail!("--ort-lib needs --backend ort (tract is built in)");
             }
             if let Some(out) = out.as_deref().filter(|o| o.is_dir()) {
                 anyhow::bail!("--out {} is a folder: give a .safetensors file path", out.display());
@@ -310,6 +316,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             if !(lr.is_finite() && lr > 0.0) {
                 anyhow::bail!("--lr must be a finite number > 0 (got {lr})");
+            }
+            if lr > 1.0 {
+                eprintln!(
+                    "warning: --lr {lr:e} is far above what AdamW trains a prefix with (1e-5 to 1e-2): expect the \
+                     loss to diverge or the gradient to vanish"
+                );
             }
             let cfg = TrainConfig {
                 epochs,
@@ -388,8 +400,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Devices { ort_lib } => {
-            print!("{}", pfx_runtime::devices::describe(ort_lib.as_deref()));
-            Ok(())
+            let (report, ort_loaded) = pfx_runtime::devices::describe(ort_lib.as_deref());
+            print!("{report}");
+            // Without --ort-lib the report describes what is there; a library the user named must load.
+            match ort_lib.filter(|_| !ort_loaded) {
+                Some(lib) => anyhow::bail!("--ort-lib {} could not be loaded (above: why)", lib.display()),
+                None => Ok(()),
+            }
         }
     }
 }
