@@ -116,6 +116,8 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     if out.is_file() {
         bail!("--output {} is a file, not a folder", out.display());
     }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let _lock = crate::run_lock::lock_folder(out, &format!("--output {}", out.display()))?;
     if !args.resume {
         if out.join("checkpoint.safetensors").exists() {
             bail!(
@@ -239,13 +241,20 @@ fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig) -> String 
         let stamp = meta.as_ref().and_then(|m| m.modified().ok());
         (std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()), meta.map(|m| m.len()), stamp)
     };
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    sources.hash(&mut h);
-    format!("{cfg:?}").hash(&mut h);
-    file(&args.bundle.join("manifest.json")).hash(&mut h);
-    args.prefix.as_deref().map(file).hash(&mut h);
-    args.tokenizer.as_deref().map(file).hash(&mut h);
-    format!("sources {} | {:016x}", sources.len(), h.finish())
+    let hash = |x: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        x(&mut h);
+        format!("{:016x}", h.finish())
+    };
+    // One field per thing that can differ, so that a refusal can say which did (`partial_output`).
+    [
+        format!("sources {} {}", sources.len(), hash(&|h| sources.hash(h))),
+        format!("settings {}", hash(&|h| format!("{cfg:?}").hash(h))),
+        format!("bundle {}", hash(&|h| file(&args.bundle.join("manifest.json")).hash(h))),
+        format!("prefix {}", hash(&|h| args.prefix.as_deref().map(file).hash(h))),
+        format!("tokenizer {}", hash(&|h| args.tokenizer.as_deref().map(file).hash(h))),
+    ]
+    .join(" | ")
 }
 
 /// One line for all the inputs cut to the bundle's length, naming the first few.

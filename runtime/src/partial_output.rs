@@ -6,7 +6,7 @@
 //! written for other inputs or settings.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -17,6 +17,11 @@ pub struct PartialOutput {
     partial: PathBuf,
     key_file: PathBuf,
     file: File,
+    /// Lines in the file, and how many the output must have.
+    written: usize,
+    total: usize,
+    /// On the key file, for the whole run.
+    _lock: crate::run_lock::RunLock,
 }
 
 impl PartialOutput {
@@ -26,15 +31,31 @@ impl PartialOutput {
     pub fn open(out: &Path, key: &str, resume: bool, total: usize) -> Result<(PartialOutput, Vec<String>)> {
         let partial = with_suffix(out, ".partial");
         let key_file = with_suffix(out, ".partial.key");
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        // Locked before anything is read: a run still writing this output must not be joined or restarted.
+        let mut key_handle = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&key_file)
+            .with_context(|| format!("cannot write {}", key_file.display()))?;
+        let lock = crate::run_lock::lock(
+            key_handle.try_clone().with_context(|| format!("cannot lock {}", key_file.display()))?,
+            &key_file,
+            &format!("--output {}", out.display()),
+        )?;
+        let mut old_key = String::new();
+        key_handle.read_to_string(&mut old_key).with_context(|| format!("cannot read {}", key_file.display()))?;
         let mut lines = Vec::new();
         if resume && partial.exists() {
-            let old_key = std::fs::read_to_string(&key_file).unwrap_or_default();
             if old_key.trim() != key {
                 bail!(
-                    "{} was written for other inputs or settings (or its {} is missing): delete it, or run without \
-                     --resume to start over",
+                    "{} was written for {}: delete it to start over, or write to another --output",
                     partial.display(),
-                    key_file.display()
+                    what_differs(old_key.trim(), key, &key_file)
                 );
             }
             let text =
@@ -50,7 +71,6 @@ impl PartialOutput {
             }
         }
         if !resume && partial.metadata().is_ok_and(|m| m.len() > 0) {
-            let old_key = std::fs::read_to_string(&key_file).unwrap_or_default();
             if old_key.trim() == key {
                 // The same run, interrupted: starting over would throw its work away.
                 bail!(
@@ -65,15 +85,16 @@ impl PartialOutput {
                 partial.display()
             );
         }
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        std::fs::write(&key_file, format!("{key}\n"))
+        key_handle
+            .set_len(0)
+            .and_then(|_| key_handle.seek(SeekFrom::Start(0)))
+            .and_then(|_| key_handle.write_all(format!("{key}\n").as_bytes()))
             .with_context(|| format!("cannot write {}", key_file.display()))?;
         let file =
             if lines.is_empty() { File::create(&partial) } else { OpenOptions::new().append(true).open(&partial) }
                 .with_context(|| format!("cannot write {}", partial.display()))?;
-        Ok((PartialOutput { out: out.to_path_buf(), partial, key_file, file }, lines))
+        let written = lines.len();
+        Ok((PartialOutput { out: out.to_path_buf(), partial, key_file, file, written, total, _lock: lock }, lines))
     }
 
     /// The partial file, for messages.
@@ -92,16 +113,50 @@ impl PartialOutput {
         self.file
             .write_all(text.as_bytes())
             .and_then(|_| self.file.sync_data())
-            .with_context(|| format!("cannot write {}", self.partial.display()))
+            .with_context(|| format!("cannot write {}", self.partial.display()))?;
+        self.written += new.len();
+        Ok(())
     }
 
-    /// Every line is in: the partial file becomes the output, and its key goes.
+    /// Every line is in: the partial file becomes the output, and its key goes (the lock last).
     pub fn finish(self) -> Result<()> {
+        if self.written != self.total {
+            bail!(
+                "{} has {} line(s) for {} source(s): left as it is, not moved to {}",
+                self.partial.display(),
+                self.written,
+                self.total,
+                self.out.display()
+            );
+        }
         drop(self.file);
         std::fs::rename(&self.partial, &self.out)
             .with_context(|| format!("cannot move {} to {}", self.partial.display(), self.out.display()))?;
         let _ = std::fs::remove_file(&self.key_file);
         Ok(())
+    }
+}
+
+/// Names the fields (`name value | name value ...`) in which an earlier run's key differs from this one's.
+fn what_differs(old: &str, new: &str, key_file: &Path) -> String {
+    if old.is_empty() {
+        return format!("a run this one cannot be matched with ({} is missing or empty)", key_file.display());
+    }
+    let fields = |k: &str| -> Vec<(String, String)> {
+        k.split(" | ")
+            .map(|f| f.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default())
+            .collect()
+    };
+    let (old, new) = (fields(old), fields(new));
+    let differ: Vec<&str> = new
+        .iter()
+        .filter(|(name, value)| !old.iter().any(|(n, v)| n == name && v == value))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if differ.is_empty() {
+        "another run".to_string()
+    } else {
+        format!("another run (its {} differ)", differ.join(", "))
     }
 }
 
@@ -154,7 +209,8 @@ mod tests {
         first.push(&strings(&["one", "two"])).unwrap();
         drop(first);
         let e = PartialOutput::open(&out, "k2", true, 2).err().unwrap().to_string();
-        assert!(e.contains("other inputs or settings"), "{e}");
+        assert!(e.contains("was written for another run") && e.contains("delete it to start over"), "{e}");
+        assert!(!e.contains("without --resume"), "that is refused too: {e}");
         let e = PartialOutput::open(&out, "k1", true, 1).err().unwrap().to_string();
         assert!(e.contains("has 2 line(s) for 1 source(s)"), "{e}");
         std::fs::write(d.join("hyp.txt.partial"), "one\ntw").unwrap();
@@ -170,5 +226,42 @@ mod tests {
         let (_fresh, done) = PartialOutput::open(&out, "k2", false, 2).unwrap();
         assert!(done.is_empty());
         assert_eq!(std::fs::read_to_string(d.join("hyp.txt.partial")).unwrap(), "");
+    }
+
+    /// A refusal names the fields of the key that differ.
+    #[test]
+    fn a_refusal_says_what_differs() {
+        let d = dir("differs");
+        let out = d.join("hyp.txt");
+        let key = |settings: &str, prefix: &str| format!("sources 3 aa | settings {settings} | prefix {prefix}");
+        let (mut first, _) = PartialOutput::open(&out, &key("s1", "p1"), false, 3).unwrap();
+        first.push(&strings(&["one"])).unwrap();
+        drop(first);
+        let e = PartialOutput::open(&out, &key("s2", "p1"), true, 3).err().unwrap().to_string();
+        assert!(e.contains("another run (its settings differ)"), "{e}");
+        let e = PartialOutput::open(&out, &key("s2", "p2"), true, 3).err().unwrap().to_string();
+        assert!(e.contains("another run (its settings, prefix differ)"), "{e}");
+    }
+
+    /// While one run writes an output, a second run on it is refused (it would interleave its lines); a run that
+    /// ends short of its line count leaves the partial file where it is.
+    #[test]
+    fn one_run_at_a_time_and_only_whole_outputs_are_moved_in() {
+        let d = dir("lock");
+        let out = d.join("hyp.txt");
+        let (mut first, _) = PartialOutput::open(&out, "k1", false, 2).unwrap();
+        for resume in [false, true] {
+            let e = PartialOutput::open(&out, "k1", resume, 2).err().unwrap().to_string();
+            assert!(e.contains("is in use by another running pfxrun"), "{e}");
+        }
+        first.push(&strings(&["one"])).unwrap();
+        let e = first.finish().err().unwrap().to_string();
+        assert!(e.contains("has 1 line(s) for 2 source(s)"), "{e}");
+        assert!(!out.exists() && d.join("hyp.txt.partial").exists());
+        let (mut again, done) = PartialOutput::open(&out, "k1", true, 2).unwrap();
+        assert_eq!(done, ["one"]);
+        again.push(&strings(&["two"])).unwrap();
+        again.finish().unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\ntwo\n");
     }
 }

@@ -60,6 +60,66 @@ pub struct RunSettings {
     pub batch: usize,
     /// Training rows after encoding (another data file almost always has another count).
     pub train_rows: usize,
+    /// Fingerprints (FNV-1a) of the encoded training rows and of the bundle's training setup, for the other
+    /// file of the same length and the other bundle with tensors of the same names (absent in older checkpoints:
+    /// then not compared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_fingerprint: Option<String>,
+}
+
+impl RunSettings {
+    /// Whether a run with `self` continues one started with `before`; fingerprints count when both have them.
+    fn continues(&self, before: &RunSettings) -> bool {
+        let same = |a: &Option<String>, b: &Option<String>| a.is_none() || b.is_none() || a == b;
+        let plain = |s: &RunSettings| RunSettings { data_fingerprint: None, bundle_fingerprint: None, ..s.clone() };
+        plain(self) == plain(before)
+            && same(&self.data_fingerprint, &before.data_fingerprint)
+            && same(&self.bundle_fingerprint, &before.bundle_fingerprint)
+    }
+
+    /// What besides the printed settings differs from `before`.
+    fn hidden_differences(&self, before: &RunSettings) -> String {
+        let differs = |a: &Option<String>, b: &Option<String>| a.is_some() && b.is_some() && a != b;
+        let mut what = Vec::new();
+        if differs(&self.data_fingerprint, &before.data_fingerprint) {
+            what.push("the training rows differ");
+        }
+        if differs(&self.bundle_fingerprint, &before.bundle_fingerprint) {
+            what.push("the bundle differs");
+        }
+        if what.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", what.join("; "))
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a fingerprint that stays the same across builds (std's hasher may not).
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> String {
+    let h = bytes.into_iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    format!("{h:016x}")
+}
+
+/// The training rows as encoded (tokens, mask and labels).
+fn data_fingerprint(data: &[Encoded]) -> String {
+    fnv1a(data.iter().flat_map(|r| {
+        [&r.input_ids, &r.attention_mask, &r.labels].into_iter().flat_map(|v| v.iter().flat_map(|x| x.to_le_bytes()))
+    }))
+}
+
+/// What in a bundle decides the training run: the model's sizes, the prefix, the optimizer, the batch shape and
+/// the weights' storage (not paths or the compiler's version: a bundle compiled again is the same bundle).
+fn bundle_fingerprint(m: &pfx_compiler::compile::Manifest) -> String {
+    let id = serde_json::json!({
+        "family": m.family, "injection": m.injection, "batch": m.batch, "seq_len": m.seq_len,
+        "prefix_len": m.prefix_len, "reparam": m.reparam, "mid_dim": m.mid_dim, "layers": m.layers,
+        "heads": m.heads, "head_dim": m.head_dim, "hidden": m.hidden, "vocab": m.vocab,
+        "optimizer": m.optimizer, "trainable": m.trainable, "weights_dtype": m.weights_dtype,
+    });
+    fnv1a(id.to_string().into_bytes())
 }
 
 impl std::fmt::Display for RunSettings {
@@ -177,13 +237,16 @@ impl Trainer {
             shuffle: cfg.shuffle,
             batch: b,
             train_rows: data.len(),
+            data_fingerprint: Some(data_fingerprint(data)),
+            bundle_fingerprint: Some(bundle_fingerprint(&self.bundle.manifest)),
         };
         let resumed = self.pos.step > 0;
-        if let Some(before) = self.pos.settings.as_ref().filter(|s| resumed && **s != settings) {
+        if let Some(before) = self.pos.settings.as_ref().filter(|s| resumed && !settings.continues(s)) {
             bail!(
-                "the checkpoint in {} was made with {before}; this run has {settings}: resume with the same data \
-                 and settings, or train into another --output",
-                cfg.out_dir.display()
+                "the checkpoint in {} was made with {before}; this run has {settings}{}: resume with the same data, \
+                 bundle and settings, or train into another --output",
+                cfg.out_dir.display(),
+                settings.hidden_differences(before)
             );
         }
         if resumed && self.pos.step >= total {

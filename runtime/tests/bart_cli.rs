@@ -140,6 +140,11 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     while std::fs::read_to_string(&partial).map_or(true, |t| t.is_empty()) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    // A second run on the same output while the first is writing it would interleave their lines: refused. The
+    // first is paused meanwhile, so that it cannot finish before the second starts.
+    unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+    let e = fails(&[&args[..], &[p(&again), "--resume"]].concat());
+    assert!(e.contains("is in use by another running pfxrun"), "{e}");
     child.kill().unwrap();
     child.wait().unwrap();
     let done = std::fs::read_to_string(&partial).unwrap().lines().count();
@@ -147,7 +152,7 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     let e = fails(&[&args[..], &[p(&again)]].concat());
     assert!(e.contains("add --resume"), "{e}");
     let e = fails(&[&args[..], &[p(&again), "--resume", "--beams", "3"]].concat());
-    assert!(e.contains("other inputs or settings"), "{e}");
+    assert!(e.contains("was written for another run (its settings differ)"), "{e}");
     let log = ok(&[&args[..], &[p(&again), "--resume"]].concat());
     assert!(log.contains(&format!("resuming after {done} of 400 generations")), "{log}");
     assert_eq!(std::fs::read_to_string(&again).unwrap(), std::fs::read_to_string(&whole).unwrap());

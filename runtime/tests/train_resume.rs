@@ -85,9 +85,22 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
         assert!(child.try_wait().unwrap().is_none(), "training ended before it could be killed");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A second run into the folder while the first trains (checkpoints and log would interleave): refused. The
+    // first is paused meanwhile, so that it cannot finish before the second starts.
+    unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+    let twin = train_cmd(&bundle, &data, &cut, true).output().unwrap();
+    let err = String::from_utf8_lossy(&twin.stderr);
+    assert!(!twin.status.success() && err.contains("is in use by another running pfxrun"), "{err}");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = losses(&cut.join("metrics.jsonl")).len();
+    // Other rows, as many: not this run's data.
+    let text = std::fs::read_to_string(root().join("examples/data/e2e_train.txt")).unwrap();
+    let other = tmp.join("other.txt");
+    std::fs::write(&other, text.lines().skip(40).take(40).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let st = train_cmd(&bundle, &other, &cut, true).output().unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success() && err.contains("(the training rows differ)"), "{err}");
     assert!(before < 20, "killed too late");
     // A second plain start refuses to overwrite the checkpoint.
     let again = train_cmd(&bundle, &data, &cut, false).output().unwrap();
