@@ -9,6 +9,7 @@ graphs/make_fixtures.py has written the HF folders (gpt2-tiny/hf, bart-enc-deep/
 Writes (relative to this file's folder):
     gpt2-legacy/     model.onnx (torch.onnx.export dynamo=False, opset 14, no past), reference*.safetensors
     gpt2-optimum/    model.onnx from `optimum-cli export onnx --task text-generation-with-past`, references
+    gpt2-optimum-nopast/  model.onnx from `--task text-generation` (position_ids an input), reference
     bart-enc-deep/   encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx,
     bart-dec-deep/   decoder_model_merged.onnx from `--task text2text-generation-with-past`, one
                      <graph>.reference.safetensors per graph
@@ -239,6 +240,19 @@ def gpt2_optimum(model):
     check_and_verify(path, os.path.join(out_dir, "reference_nopast.safetensors"), feeds0, expected0)
 
 
+def gpt2_optimum_nopast(model):
+    """optimum's export without past (`--task text-generation`): it takes position_ids as an input."""
+    out_dir = os.path.join(HERE, "gpt2-optimum-nopast")
+    optimum_cli(os.path.join(HERE, "gpt2-tiny", "hf"), "text-generation", out_dir)
+    path = os.path.join(out_dir, "model.onnx")
+    describe(path)
+    # What optimum's ORTModelForCausalLM feeds: cumsum(mask) - 1, padding set to 1.
+    pos = (MASK.cumsum(-1) - 1).masked_fill(MASK == 0, 1)
+    out = model(input_ids=IDS, attention_mask=MASK, position_ids=pos)
+    feeds = {"input_ids": IDS, "attention_mask": MASK, "position_ids": pos}
+    check_and_verify(path, os.path.join(out_dir, "reference.safetensors"), feeds, {"logits": out.logits})
+
+
 def bart_optimum(name):
     out_dir = os.path.join(HERE, name)
     hf_dir = os.path.join(out_dir, "hf")
@@ -333,6 +347,8 @@ def main():
     gpt2_legacy(gpt2)
     print("gpt2-optimum")
     gpt2_optimum(gpt2)
+    print("gpt2-optimum-nopast")
+    gpt2_optimum_nopast(gpt2)
     for name in ["bart-enc-deep", "bart-dec-deep"]:
         print(name)
         bart_optimum(name)

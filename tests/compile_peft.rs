@@ -18,7 +18,7 @@ use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::{compile, CompileOptions, Manifest};
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
-const FIXTURES: &[&str] = &["gpt2-dynamo", "gpt2-dynamo-past", "gpt2-legacy", "gpt2-optimum"];
+const FIXTURES: &[&str] = &["gpt2-dynamo", "gpt2-dynamo-past", "gpt2-legacy", "gpt2-optimum", "gpt2-optimum-nopast"];
 const LR: f32 = 0.01;
 const WD: f32 = 0.01;
 

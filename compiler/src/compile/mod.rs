@@ -25,7 +25,7 @@ use crate::ir::{Model, ValueInfo, ValueType};
 use crate::onnx_io::{self, WeightsFile};
 use crate::simplify::simplify;
 use crate::specialize::{specialize, Dims};
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 use optimizer::AdamW;
 use prefix::PrefixShape;
 use storage::WeightStorage;
@@ -274,6 +274,13 @@ pub fn build_loss_graph_from(
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let injection = if with_past { Injection::PastBinding } else { Injection::AttentionSites };
     if !with_past {
+        // A `position_ids` input (optimum's exports without past) holds 0..T in training; the lookup gets the
+        // prefix offset below.
+        if let Some(pos) = g.inputs.iter().position(|v| v.name == "position_ids") {
+            let dt = g.inputs.remove(pos).ty.dtype;
+            let ids: Vec<i64> = (0..opts.batch).flat_map(|_| 0..opts.seq as i64).collect();
+            g.initializers.insert("position_ids".into(), Tensor::i64(vec![opts.batch, opts.seq], ids).cast(dt)?);
+        }
         let n = prefix::shift_positions(g, opts.prefix_len)?;
         if n != 1 {
             bail!("expected one position-embedding lookup in the export, found {n}");
