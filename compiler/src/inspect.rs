@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::canonicalize::canonicalize;
 use crate::ir::{Graph, Model};
 use crate::specialize::{specialize, Dims};
+use crate::tensor::DType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -111,13 +112,15 @@ pub struct Embeddings {
     pub token_table: Option<String>,
     /// Rows of the position table (BART's learned positions include an offset of 2).
     pub position_rows: Option<usize>,
+    /// Its width: the hidden size for absolute positions (T5's relative bias table is [buckets, heads]).
+    pub position_width: Option<usize>,
 }
 
 /// Finds the embedding tables of a canonical graph (before folding removes the position lookup): the 2-D
 /// constant gathered by the token ids is the vocabulary, the first other one the positions.
 pub fn embeddings(g: &Graph) -> Embeddings {
     let tok = token_index_values(g);
-    let mut e = Embeddings { vocab: None, hidden: None, token_table: None, position_rows: None };
+    let mut e = Embeddings { vocab: None, hidden: None, token_table: None, position_rows: None, position_width: None };
     for n in &g.nodes {
         if n.op != "Gather" {
             continue;
@@ -134,9 +137,45 @@ pub fn embeddings(g: &Graph) -> Embeddings {
             e.token_table = Some(n.inputs[0].clone());
         } else if e.position_rows.is_none() {
             e.position_rows = Some(w.shape[0]);
+            e.position_width = Some(w.shape[1]);
         }
     }
     e
+}
+
+/// Refuses exports whose names look like GPT-2's or BART's but whose graphs pfx would compile into wrong or
+/// unusable training graphs: half-precision weights, a token-type input (BERT-style encoders), and a first
+/// non-token lookup table narrower than the embeddings (T5's relative attention bias instead of BART's learned
+/// positions). `g` is canonical; `path` names the export in the message.
+pub fn check_supported(g: &Graph, path: &std::path::Path, family: Family) -> Result<()> {
+    let e = embeddings(g);
+    let table = e.token_table.as_ref().and_then(|t| g.initializers.get(t));
+    if let Some(dt) = table.map(|t| t.dtype()).filter(|d| matches!(d, DType::F16 | DType::BF16)) {
+        anyhow::bail!(
+            "{} stores its weights in {}: pfx compiles float32 exports (export the model in float32; `pfxc \
+             compile --weights f16` then stores the frozen weights in half precision)",
+            path.display(),
+            if dt == DType::F16 { "float16" } else { "bfloat16" }
+        );
+    }
+    if family == Family::Gpt2Decoder && g.inputs.iter().any(|v| v.name == "token_type_ids") {
+        anyhow::bail!(
+            "{} takes token_type_ids, as BERT-style encoders do: pfx trains prefixes for causal language models \
+             (GPT-2) and BART",
+            path.display()
+        );
+    }
+    if let (Some(rows), Some(width), Some(hidden)) = (e.position_rows, e.position_width, e.hidden) {
+        if width != hidden {
+            anyhow::bail!(
+                "{} looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative \
+                 position buckets, as T5 has, rather than the learned absolute positions of GPT-2 and BART, which \
+                 pfx needs",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn token_index_values(g: &Graph) -> HashSet<String> {
@@ -173,7 +212,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let merged_decoder = g.inputs.iter().any(|v| v.name == "use_cache_branch");
 
-    let Embeddings { vocab, hidden, token_table: wte_name, position_rows } = embeddings(g);
+    let Embeddings { vocab, hidden, token_table: wte_name, position_rows, .. } = embeddings(g);
 
     // Heads and layers from a small specialization: attention softmaxes are [B, H, Tq, Tk].
     let mut spec = canon.clone();

@@ -239,6 +239,13 @@ fn a_gpt2_export_folder_stands_for_its_model() {
     std::fs::create_dir_all(&empty).unwrap();
     let o = pfxc(&[&["compile", s(&empty), "-o", s(&d.join("x"))][..], &args].concat());
     fails_with(&o, &["empty", "without a model.onnx", "--bart-prefix"]);
+    fails_with(&pfxc(&["inspect", s(&empty)]), &["holds no .onnx file"]);
+    // A BART folder: each of its graphs, named.
+    let o = pfxc(&["inspect", s(&graphs().join("bart-enc-deep"))]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("encoder_model.onnx\nfamily:      BART encoder"), "{text}");
+    assert_eq!(text.matches("\nfamily:      BART decoder").count(), 3, "{text}");
 }
 
 #[test]

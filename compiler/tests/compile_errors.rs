@@ -157,3 +157,60 @@ fn op_without_gradient_rule_on_the_path() {
     a.extend_from_slice(SMALL);
     fails_with(&compile(&f, &a, &d.join("b")), &["no gradient rule", "Sin", &name]);
 }
+
+/// Exports whose names look right but that pfx would compile into wrong or unusable graphs are refused, each
+/// saying why: half-precision weights, a token-type input (BERT-style), a position-like table narrower than the
+/// embeddings (T5's relative buckets), and a folder whose config names another encoder-decoder.
+#[test]
+fn lookalike_exports_are_refused() {
+    use pfx_compiler::tensor::{DType, Data, Tensor};
+    let d = tmp("lookalike");
+    let mut a = vec!["--prefix-len", "2"];
+    a.extend_from_slice(SMALL);
+    let legacy = || onnx_io::load(&graphs().join("gpt2-legacy/model.onnx")).unwrap();
+    let table = |m: &pfx_compiler::ir::Model, rows: usize| {
+        m.graph.initializers.iter().find(|(_, t)| t.shape.len() == 2 && t.shape[0] == rows).unwrap().0.clone()
+    };
+
+    // The token embedding (96 rows) in float16.
+    let mut m = legacy();
+    let wte = table(&m, 96);
+    let n = m.graph.initializers[&wte].len();
+    let t = Tensor::new(vec![96, n / 96], Data::Raw(DType::F16, vec![0; 2 * n]));
+    m.graph.initializers.insert(wte, t);
+    let f = d.join("f16.onnx");
+    onnx_io::save(&m, &f, None).unwrap();
+    fails_with(&compile(&f, &a, &d.join("b")), &["stores its weights in float16", "--weights f16"]);
+
+    // A token_type_ids input.
+    let mut m = legacy();
+    let mut tt = m.graph.inputs[0].clone();
+    tt.name = "token_type_ids".into();
+    m.graph.inputs.push(tt);
+    let f = d.join("bert.onnx");
+    onnx_io::save(&m, &f, None).unwrap();
+    fails_with(&compile(&f, &a, &d.join("b")), &["takes token_type_ids"]);
+
+    // The position table (64 rows) as narrow as T5's relative bias table ([buckets, heads]).
+    let mut m = legacy();
+    let wpe = table(&m, 64);
+    m.graph.initializers.insert(wpe, Tensor::f32(vec![64, 4], vec![0.0; 256]));
+    let f = d.join("t5.onnx");
+    onnx_io::save(&m, &f, None).unwrap();
+    fails_with(&compile(&f, &a, &d.join("b")), &["looks up a 64×4 table", "T5"]);
+
+    // A BART-named folder whose config says T5.
+    let folder = d.join("t5-export");
+    std::fs::create_dir_all(&folder).unwrap();
+    for e in std::fs::read_dir(graphs().join("bart-enc-deep")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, folder.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let cfg = std::fs::read_to_string(folder.join("config.json")).unwrap();
+    std::fs::write(folder.join("config.json"), cfg.replace("\"model_type\": \"bart\"", "\"model_type\": \"t5\""))
+        .unwrap();
+    let bart = ["--bart-prefix", "peft", "--prefix-len", "2", "--batch", "2", "--src-len", "5", "--tgt-len", "4"];
+    fails_with(&compile(&folder, &bart, &d.join("b")), &["says model_type \"t5\"", "BART exports only"]);
+}

@@ -133,14 +133,44 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, json } => {
             // A GPT-2 export folder stands for its model.onnx, as in `compile`.
-            let model =
-                if model.is_dir() && model.join("model.onnx").is_file() { model.join("model.onnx") } else { model };
-            let m = onnx_io::load(&model)?;
-            let info = inspect::inspect(&m).with_context(|| format!("inspecting {}", model.display()))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+            // Another folder (BART's: encoder and decoders) stands for each of its graphs.
+            let graphs = if model.is_dir() && model.join("model.onnx").is_file() {
+                vec![model.join("model.onnx")]
+            } else if model.is_dir() {
+                let mut found: Vec<PathBuf> = std::fs::read_dir(&model)
+                    .with_context(|| format!("cannot read {}", model.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+                    .collect();
+                found.sort();
+                if found.is_empty() {
+                    bail!("{} holds no .onnx file: pass an export's .onnx file or its folder", model.display());
+                }
+                found
             } else {
-                print!("{}", info.to_text());
+                vec![model.clone()]
+            };
+            let mut infos = serde_json::Map::new();
+            for path in &graphs {
+                let m = onnx_io::load(path)?;
+                let info = inspect::inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
+                if json {
+                    infos.insert(path.display().to_string(), serde_json::to_value(&info)?);
+                } else {
+                    if graphs.len() > 1 {
+                        println!("== {}", path.display());
+                    }
+                    print!("{}", info.to_text());
+                }
+            }
+            if json {
+                // One graph prints its description; several, an object keyed by file.
+                let out = if graphs.len() == 1 {
+                    infos.into_iter().next().map(|(_, v)| v).unwrap_or_default()
+                } else {
+                    serde_json::Value::Object(infos)
+                };
+                println!("{}", serde_json::to_string_pretty(&out)?);
             }
         }
         Command::Compile {
@@ -194,13 +224,6 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::bail!("--seq is GPT-2's sequence length; BART takes --src-len and --tgt-len");
                 }
                 let with_past = bart::has_decoder_with_past(&model);
-                if max_new > 0 && !with_past {
-                    eprintln!(
-                        "note: {} has no decoder_with_past_model.onnx, so the bundle gets no generation graphs \
-                         (export with optimum's --task text2text-generation-with-past to generate)",
-                        model.display()
-                    );
-                }
                 let opts = bart::BartOptions {
                     mode,
                     prefix_len,
@@ -231,6 +254,13 @@ fn run(cli: Cli) -> Result<()> {
                     t0.elapsed().as_secs_f64(),
                     m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
                 );
+                if max_new > 0 && !with_past {
+                    eprintln!(
+                        "note: {} has no decoder_with_past_model.onnx, so the bundle has no generation graphs \
+                         (export with optimum's --task text2text-generation-with-past to generate)",
+                        model.display()
+                    );
+                }
                 return Ok(());
             }
             for (flag, given) in [

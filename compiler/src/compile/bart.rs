@@ -212,6 +212,15 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
     })?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    // Other encoder-decoders (T5, mBART, Marian, Pegasus) export the same graph names with other attention,
+    // positions or normalization.
+    if let Some(other) = cfg.get("model_type").and_then(|t| t.as_str()).filter(|t| *t != "bart") {
+        bail!(
+            "{} says model_type \"{other}\": the BART path compiles BART exports only (pfx checks its graphs against \
+             BART's PyTorch code)",
+            cfg_path.display()
+        );
+    }
     let int = |k: &str| -> Result<i64> {
         cfg.get(k)
             .and_then(|v| v.as_i64())
@@ -282,6 +291,7 @@ pub(super) fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Mode
     }
     let info = inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
     crate::canonicalize::canonicalize(&mut m).map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
+    crate::inspect::check_supported(&m.graph, path, want)?;
     Ok((m, info))
 }
 

@@ -221,8 +221,9 @@ pub fn build_loss_graph_from(
     check_options(opts)?;
     let (raw, source) = (export.model.clone(), export.path.as_path());
     // Graphs pfx wrote (a bundle's) are rewritten already: say so when one does not compile.
+    let written_by_pfx = raw.producer_name == "pfx";
     let not_an_export = |e: anyhow::Error| {
-        if raw.producer_name == "pfx" {
+        if written_by_pfx {
             e.context(format!(
                 "{} was written by pfx: if it is a graph of a bundle, compile the export the bundle was made from",
                 source.display()
@@ -244,6 +245,9 @@ pub fn build_loss_graph_from(
         )));
     }
     let info = inspect(&raw).with_context(|| format!("inspecting {}", source.display()))?;
+    let mut model = raw;
+    crate::canonicalize::canonicalize(&mut model)?;
+    crate::inspect::check_supported(&model.graph, source, family)?;
     let (Some(layers), Some(heads), Some(head_dim), Some(hidden), Some(vocab)) =
         (info.layers, info.heads, info.head_size, info.hidden, info.vocab)
     else {
@@ -257,7 +261,7 @@ pub fn build_loss_graph_from(
     if let Some(rows) = info.position_rows {
         check_positions(&format!("--seq {}", opts.seq), opts.prefix_len, opts.seq, rows)?;
         // Only exports with past inputs get generation graphs.
-        let with_past = raw.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
+        let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
         if let Some(gs) = opts.generation.as_ref().filter(|_| with_past) {
             // Generation feeds every token but the last one generated.
             let length = gs.prompt_len + gs.max_new - 1;
@@ -268,8 +272,6 @@ pub fn build_loss_graph_from(
     }
     let shape = PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden, mid: opts.mid_dim };
     shape.check_size()?;
-    let mut model = raw;
-    crate::canonicalize::canonicalize(&mut model)?;
     let g = &mut model.graph;
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let injection = if with_past { Injection::PastBinding } else { Injection::AttentionSites };
