@@ -81,7 +81,14 @@ pub fn cuda_devices() -> CudaReport {
         Some(Err(e)) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => {
             CudaReport::Devices { driver_version: 0, devices: vec![] }
         }
-        Some(Err(e)) => CudaReport::DriverError(e.to_string()),
+        Some(Err(e)) => {
+            // The driver's own words (error_string calls into it, so guarded too); the code alone otherwise.
+            let words = without_panics(|| e.error_string().ok().map(|s| s.to_string_lossy().into_owned())).flatten();
+            CudaReport::DriverError(match words {
+                Some(w) => format!("{:?} ({w})", e.0),
+                None => format!("{:?}", e.0),
+            })
+        }
         None => CudaReport::DriverError("the CUDA driver library lacks a function pfx needs (too old?)".into()),
     }
 }
@@ -134,6 +141,8 @@ pub fn describe(ort_lib: Option<&Path>) -> (String, bool) {
                         "  --device {kind}: not in this build (needs {}; pip install onnxruntime-gpu)",
                         missing.join(", ")
                     )
+                } else if matches!(cuda, CudaReport::DriverError(_)) {
+                    writeln!(s, "  --device {kind}: in this build, but the CUDA driver failed (above)")
                 } else if gpus == 0 {
                     writeln!(s, "  --device {kind}: in this build, but no CUDA device here")
                 } else {

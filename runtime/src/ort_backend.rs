@@ -26,9 +26,14 @@ use crate::tensor::{DType, HostTensor, TensorData};
 
 /// What to tell a user who has no ONNX Runtime library.
 pub const ORT_INSTALL_HINT: &str =
-    "install it with `pip install onnxruntime` (or `onnxruntime-gpu` for CUDA/TensorRT) \
-so that `python3 -c \"import onnxruntime\"` works, or pass `--ort-lib /path/to/libonnxruntime.so` \
-(or set ORT_DYLIB_PATH)";
+    "install it with `pip install -U 'onnxruntime>=1.23'` (or `onnxruntime-gpu` for CUDA/TensorRT) \
+so that `python3` (or the interpreter $PFX_PYTHON names) can `import onnxruntime`, or pass \
+`--ort-lib /path/to/libonnxruntime.so` (or set ORT_DYLIB_PATH)";
+
+/// The oldest ONNX Runtime pfx runs on. The `ort` crate's API needs 1.MINOR_VERSION, but its copies between host
+/// and device run through a one-node session at optimization level 3, which ONNX Runtime 1.20-1.22 refuse
+/// ("graph_optimization_level is not valid"): training and generation failed there while eval worked.
+pub const MIN_ORT_MINOR: u32 = if ort::MINOR_VERSION > 23 { ort::MINOR_VERSION } else { 23 };
 
 /// Env var naming the Python interpreter used to find the `onnxruntime` package (default `python3`).
 pub const PYTHON_ENV: &str = "PFX_PYTHON";
@@ -81,7 +86,9 @@ impl FromStr for OrtDevice {
     type Err = anyhow::Error;
     /// `cpu`, `cuda`, `cuda:N`, `tensorrt`, `tensorrt:N` (also `trt[:N]`), case-insensitive.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || anyhow!("invalid device `{s}`: expected `cpu`, `cuda`, `cuda:N`, `tensorrt` or `tensorrt:N`");
+        let bad = || {
+            anyhow!("invalid device `{s}`: expected `cpu`, `cuda[:N]` (or `gpu[:N]`) or `tensorrt[:N]` (or `trt[:N]`)")
+        };
         let lower = s.trim().to_ascii_lowercase();
         let (kind, index) = match lower.split_once(':') {
             Some((k, i)) => (k, Some(i.parse::<u32>().map_err(|_| bad())?)),
@@ -213,6 +220,7 @@ pub fn locate_ort_library(explicit: Option<&Path>) -> Result<(PathBuf, OrtLibSou
 /// Reads the version string from a library without initialising `ort` (so that a library too old
 /// for the API we use is a clear error, not a crash).
 fn library_version(path: &Path) -> Result<String> {
+    check_not_truncated(path)?;
     unsafe {
         let lib = libloading::Library::new(path)
             .with_context(|| format!("could not load ONNX Runtime library {}", path.display()))?;
@@ -229,6 +237,32 @@ fn library_version(path: &Path) -> Result<String> {
         }
         Ok(CStr::from_ptr(v).to_string_lossy().into_owned())
     }
+}
+
+/// Refuses an ELF file cut short (an interrupted copy or download): the dynamic loader maps it and crashes the
+/// process with SIGBUS when it reads past the end. The section headers come last in the file, so their end
+/// must be within it.
+fn check_not_truncated(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = [0u8; 64];
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // Only 64-bit little-endian ELF is checked; anything else goes to the loader, which reports it.
+    if f.read_exact(&mut head).is_err() || &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return Ok(());
+    }
+    let shoff = u64::from_le_bytes(head[0x28..0x30].try_into().expect("8 bytes"));
+    let entry = u16::from_le_bytes([head[0x3A], head[0x3B]]) as u64;
+    let count = u16::from_le_bytes([head[0x3C], head[0x3D]]) as u64;
+    if shoff.saturating_add(entry * count) > len {
+        bail!(
+            "{} is truncated ({len} bytes; its section headers end at byte {}): reinstall onnxruntime or copy the \
+             library again",
+            path.display(),
+            shoff.saturating_add(entry * count)
+        );
+    }
+    Ok(())
 }
 
 /// The ONNX Runtime library loaded in this process.
@@ -260,13 +294,24 @@ impl OrtRuntime {
     /// Multi-line human-readable summary: library, how it was found, version, providers.
     pub fn describe(&self) -> String {
         format!(
-            "ONNX Runtime {}\n  library:   {}\n  found via: {}\n  providers: {}\n  needs:     ONNX Runtime >= 1.{} (API version of this build)\n  build:     {}",
+            "ONNX Runtime {}\n  library:   {}\n  found via: {}\n  providers: {}\n  needs:     ONNX Runtime >= 1.{}\n  build:     {}",
             self.version,
             self.lib_path.display(),
             self.source,
             self.providers.join(", "),
-            ort::MINOR_VERSION,
+            MIN_ORT_MINOR,
             self.build_info
+        )
+    }
+
+    /// One line for a command's log: which library and providers a run uses.
+    pub fn summary(&self) -> String {
+        format!(
+            "ONNX Runtime {} ({}, found via {}; providers: {})",
+            self.version,
+            self.lib_path.display(),
+            self.source,
+            self.providers.join(", ")
         )
     }
 
@@ -312,11 +357,12 @@ pub fn ort_runtime(explicit: Option<&Path>) -> Result<&'static OrtRuntime> {
     let version = library_version(&lib_path)?;
     let minor = version.split('.').nth(1).and_then(|m| m.parse::<u32>().ok());
     match minor {
-        Some(m) if version.starts_with("1.") && m >= ort::MINOR_VERSION => {}
+        Some(m) if version.starts_with("1.") && m >= MIN_ORT_MINOR => {}
         _ => bail!(
-            "ONNX Runtime {version} at {} is too old or unrecognised: this build needs >= 1.{}; {ORT_INSTALL_HINT}",
+            "ONNX Runtime {version} at {} is too old or unrecognised: pfx needs >= 1.{MIN_ORT_MINOR}; upgrade it \
+             (`pip install -U 'onnxruntime>=1.{MIN_ORT_MINOR}'`, or onnxruntime-gpu) or pass a newer library with \
+             --ort-lib",
             lib_path.display(),
-            ort::MINOR_VERSION
         ),
     }
     let builder = ort::init_from(&lib_path)
@@ -592,6 +638,19 @@ fn open_session_with(model: &Path, options: &OrtOptions, forbid_cpu: bool) -> Re
     // Older releases say "CUDA Graph feature", 1.2x "graph capture feature".
     let refused_graph = text.contains("graph capture feature") || text.contains("CUDA Graph feature");
     if !(refused_cpu || refused_graph) {
+        // A GPU build on a machine without the CUDA libraries fails deep in ORT's provider loader.
+        if options.device != OrtDevice::Cpu && text.contains("cannot open shared object file") {
+            let driver = match crate::devices::cuda_devices() {
+                crate::devices::CudaReport::NoDriver => "no CUDA driver is installed here either",
+                _ => "`pfxrun devices` shows the driver and devices",
+            };
+            return Err(err.context(format!(
+                "{} needs CUDA libraries this machine lacks (the missing one is named below; {driver}): install \
+                 the CUDA and cuDNN versions onnxruntime-gpu {} was built for, or use --device cpu",
+                options.device.provider_names().join(" / "),
+                rt.version
+            )));
+        }
         return Err(err);
     }
     // ORT's refusal names no node: open once more, CPU allowed and no graph capture, to list them.

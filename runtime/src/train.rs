@@ -271,6 +271,8 @@ impl Trainer {
             .open(&metrics_path)
             .with_context(|| format!("cannot open {}", metrics_path.display()))?;
         let started = Instant::now();
+        // Where this run stops: the progress line counts to it (--max-steps may end a run early).
+        let stop_at = cfg.max_steps.map_or(total, |m| (self.pos.step + m as u64).min(total));
         let mut losses = Vec::new();
         let mut tokens = 0usize;
         let mut run_steps = 0usize;
@@ -318,7 +320,7 @@ impl Trainer {
                 };
                 writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
                 if cfg.progress {
-                    progress(tty, &self.pos, total, loss, Rate { steps: run_steps, tokens, started });
+                    progress(tty, &self.pos, stop_at, loss, Rate { steps: run_steps, tokens, started });
                 }
                 // A prefix pushed far out (a huge --lr) saturates the softmaxes: training goes on, learning nothing.
                 if grad_norm == 0.0 && loss > 0.0 && !warned_zero_gradient {

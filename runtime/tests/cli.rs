@@ -123,6 +123,12 @@ fn bad_input_is_a_clean_error() {
     assert!(e.contains("/no/such/lib.so") && e.contains("does not exist"), "{e}");
     let e = fails(&["ort-info", "--ort-lib", p(&garbage)]);
     assert!(e.contains("garbage.onnx"), "{e}");
+    // A library cut short (an interrupted copy): the loader would crash the process with SIGBUS.
+    let cut = dir.join("libonnxruntime.so.1.99.0");
+    let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    std::fs::write(&cut, &me[..65536]).unwrap();
+    let e = fails(&["ort-info", "--ort-lib", p(&cut)]);
+    assert!(e.contains("libonnxruntime.so.1.99.0 is truncated (65536 bytes"), "{e}");
     // Token ids past the embedding: tract checks its Gather indices with a panic, which must reach the user as an
     // error (ONNX Runtime reports them itself).
     let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/gpt2-legacy/model.onnx");

@@ -250,6 +250,11 @@ impl EngineArgs {
             ..Default::default()
         };
         ort.check()?;
+        if self.backend == BackendKind::Ort {
+            // Loaded before any work, so that a missing library fails fast; the log says which one runs.
+            let rt = pfx_runtime::ort_backend::ort_runtime(ort.lib_path.as_deref())?;
+            eprintln!("{}", rt.summary());
+        }
         Ok(Engine { backend: self.backend, ort })
     }
 }
