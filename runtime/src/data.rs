@@ -490,8 +490,11 @@ pub struct EncodeReport {
     pub skipped: usize,
     /// Bad lines of the file (not encoded at all).
     pub bad_lines: usize,
-    /// Longest example in tokens (before truncation): a T at least this long keeps everything whole.
+    /// Longest example in tokens (before truncation): a T at least this long keeps everything whole. For
+    /// sources and targets in separate sequences (BART), the longest source.
     pub longest: usize,
+    /// The longest target, where targets have a sequence of their own (BART; 0 otherwise).
+    pub longest_target: usize,
     /// Origins of the first few skipped examples.
     pub skipped_origins: Vec<String>,
 }
@@ -517,11 +520,16 @@ impl EncodeReport {
 
 impl fmt::Display for EncodeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} examples kept ({} truncated), {} skipped as too long, {} bad lines; longest {} tokens",
-            self.kept, self.truncated, self.skipped, self.bad_lines, self.longest
-        )
+        write!(f, "{} examples kept ({} truncated), {} skipped as too long, ", self.kept, self.truncated, self.skipped)?;
+        if self.longest_target > 0 {
+            write!(
+                f,
+                "{} bad lines; longest source {} tokens, longest target {}",
+                self.bad_lines, self.longest, self.longest_target
+            )
+        } else {
+            write!(f, "{} bad lines; longest {} tokens", self.bad_lines, self.longest)
+        }
     }
 }
 

@@ -46,10 +46,12 @@ impl<'t> SourceTarget<'t> {
 
     /// The source ids, cut to `max_len` (keeping the final `</s>`) when longer. Returns whether it was cut.
     pub fn encode_source(&self, source: &str, max_len: usize) -> Result<(Vec<i64>, bool)> {
-        Ok(self.cut_source(&self.wrap(source)?, max_len))
+        Ok(self.cut_keeping_eos(&self.wrap(source)?, max_len))
     }
 
-    fn cut_source(&self, wrapped: &[u32], max_len: usize) -> (Vec<i64>, bool) {
+    /// A wrapped sequence cut to `max_len` keeping its final `</s>`, as HF tokenizers truncate (sources and
+    /// targets alike: a target cut without it would teach the model never to stop).
+    fn cut_keeping_eos(&self, wrapped: &[u32], max_len: usize) -> (Vec<i64>, bool) {
         let mut ids: Vec<i64> = wrapped.iter().map(|&t| t as i64).collect();
         let cut = ids.len() > max_len;
         if cut {
@@ -62,8 +64,9 @@ impl<'t> SourceTarget<'t> {
     /// One row of a wrapped source and target: source [S] with its mask, labels [T]; `None` when too long under
     /// `Skip` (the second value says whether either side was cut).
     fn row(&self, source: &[u32], target: &[u32], s: usize, t: usize, overlong: Overlong) -> Option<(Encoded, bool)> {
-        let (src, src_cut) = self.cut_source(source, s);
-        let cut = src_cut || target.len() > t;
+        let (src, src_cut) = self.cut_keeping_eos(source, s);
+        let (tgt, tgt_cut) = self.cut_keeping_eos(target, t);
+        let cut = src_cut || tgt_cut;
         if cut && overlong == Overlong::Skip {
             return None;
         }
@@ -71,7 +74,7 @@ impl<'t> SourceTarget<'t> {
         input_ids.resize(s, self.pad);
         let mut attention_mask = vec![1i64; src.len()];
         attention_mask.resize(s, 0);
-        let mut labels: Vec<i64> = target.iter().take(t).map(|&x| x as i64).collect();
+        let mut labels = tgt;
         labels.resize(t, IGNORE_INDEX);
         Some((Encoded { input_ids, attention_mask, labels }, cut))
     }
@@ -89,14 +92,16 @@ impl<'t> SourceTarget<'t> {
         for ex in &data.examples {
             // Each side tokenized once: its length for the report, then the row.
             let (source, target) = (self.wrap(&ex.source)?, self.wrap(&ex.target)?);
-            report.longest = report.longest.max(source.len().max(target.len()));
+            report.longest = report.longest.max(source.len());
+            report.longest_target = report.longest_target.max(target.len());
             report.record(self.row(&source, &target, s, t, overlong), &ex.origin, &mut rows);
         }
         if rows.is_empty() && !data.examples.is_empty() {
             bail!(
-                "no example fits in source {s} / target {t} tokens (the longest side has {}): compile with larger \
-                 --src-len/--tgt-len, or truncate",
-                report.longest
+                "no example fits in source {s} / target {t} tokens (the longest source has {}, the longest target \
+                 {}): compile with larger --src-len/--tgt-len, or pass --overlong truncate",
+                report.longest,
+                report.longest_target
             );
         }
         Ok((rows, report))

@@ -83,6 +83,13 @@ fn source_target_rows_follow_hf() {
     // A source cut to S keeps its final </s>; Skip drops what does not fit.
     let (cut, was_cut) = fmt.encode_source(&ex.source, 5).unwrap();
     assert!(was_cut && cut.len() == 5 && cut[0] == 0 && cut[4] == 2, "{cut:?}");
+    // A target cut to T keeps its final </s> too, as HF's tokenizers truncate (truncation=True): a row without
+    // it would teach the model never to stop.
+    let (rows, report) = fmt.encode_dataset(&data, 64, 6, Overlong::Truncate).unwrap();
+    assert_eq!(rows[0].labels, [&tgt[..5], &[2]].concat());
+    assert_eq!(report.truncated, 8, "{report}");
+    let shown = report.to_string();
+    assert!(shown.contains(&format!("longest target {}", report.longest_target)) && shown.contains("longest source"));
     let (rows, report) = fmt.encode_dataset(&data, 64, 18, Overlong::Skip).unwrap();
     assert!(!rows.is_empty() && rows.len() + report.skipped == 8 && report.skipped > 0, "{report}");
     let err = fmt.encode_dataset(&data, 8, 72, Overlong::Skip).unwrap_err();
