@@ -184,6 +184,10 @@ pub fn eval(
     let rows = encode_file(&b, &tok, data, Overlong::Truncate, "eval")?;
     let prefix = prefix_for(&b, prefix)?;
     let mut graph = b.open_graph("eval_step", engine.backend, &engine.ort)?;
+    // The loss is the graph's: with the label smoothing it was compiled with, which plain cross-entropy is not.
+    if let Some(eps) = bart_spec(&b)?.map(|s| s.label_smoothing).filter(|&e| e > 0.0) {
+        eprintln!("note: the loss is label-smoothed (ε = {eps}, as the bundle was compiled), not plain cross-entropy");
+    }
     crate::train::mean_loss(&b, graph.as_mut(), &prefix, &rows)?.context("no labels to evaluate")
 }
 
@@ -409,8 +413,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         eprintln!("resuming after {done} of {} generations", prompts.len());
     }
     let started = std::time::Instant::now();
-    // A running count where someone watches; a log gets the total only.
+    // A running count where someone watches; a log gets a line every half minute, and the total.
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut logged = std::time::Instant::now();
     let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
     for c in prompts[done..].chunks(chunk) {
         let toks = model(c, &cfg).with_context(|| match &partial {
@@ -436,6 +441,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         texts.extend(new);
         if prompts.len() > chunk && progress {
             eprint!("\rgenerated {}/{}", texts.len(), prompts.len());
+        } else if logged.elapsed().as_secs() >= 30 && texts.len() < prompts.len() {
+            logged = std::time::Instant::now();
+            eprintln!("generated {}/{} ({:.0}s)", texts.len(), prompts.len(), started.elapsed().as_secs_f64());
         }
     }
     if prompts.len() > chunk {

@@ -520,7 +520,11 @@ impl EncodeReport {
 
 impl fmt::Display for EncodeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} examples kept ({} truncated), {} skipped as too long, ", self.kept, self.truncated, self.skipped)?;
+        write!(
+            f,
+            "{} examples kept ({} truncated), {} skipped as too long, ",
+            self.kept, self.truncated, self.skipped
+        )?;
         if self.longest_target > 0 {
             write!(
                 f,

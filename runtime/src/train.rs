@@ -462,11 +462,16 @@ pub fn mean_loss(
     let b = bundle.manifest.batch;
     let (mut total, mut count) = (0.0, 0usize);
     // A count of batches where someone watches a long pass (a dev set, `pfxrun eval` of a large file).
+    // A log gets a line every half minute instead.
     let batches = rows.len().div_ceil(b);
     let show = batches > 4 && std::io::stderr().is_terminal();
+    let mut logged = Instant::now();
     for (k, chunk) in rows.chunks(b).enumerate() {
         if show {
             eprint!("\rloss over {} rows: batch {}/{batches}", rows.len(), k + 1);
+        } else if logged.elapsed().as_secs() >= 30 {
+            logged = Instant::now();
+            eprintln!("loss over {} rows: batch {}/{batches}", rows.len(), k + 1);
         }
         let mut batch: Vec<Encoded> = chunk.to_vec();
         while batch.len() < b {

@@ -156,6 +156,9 @@ fn peft_adapters_and_reference_files_are_checked() {
     let o = pfxrun(&["import-peft", p(&bundle), p(&adapter), "-o", p(&back)]);
     assert!(o.status.success(), "{}", text(&o).1);
     assert_eq!(read_safetensors(&back).unwrap(), read_safetensors(&init).unwrap());
+    // The file now exists (a trained prefix, say): not overwritten.
+    let e = fails(&["import-peft", p(&bundle), p(&adapter), "-o", p(&back)]);
+    assert!(e.contains("exists: choose another --output"), "{e}");
     // An adapter whose config names other sizes is not this bundle's, even when its tensor has the same shape.
     let config = adapter.join("adapter_config.json");
     let original = std::fs::read_to_string(&config).unwrap();

@@ -108,6 +108,7 @@ enum Command {
     },
     /// Generate text (greedy or beam search) with a prefix, or with a baked bundle.
     Generate {
+        /// A bundle written by `pfxc compile` (with generation graphs) or `pfxc bake`.
         bundle: PathBuf,
         /// The trained prefix (`prefix.safetensors` or `checkpoint.safetensors` of `pfxrun train`); default: the
         /// bundle's untrained initial one. Baked bundles hold theirs.
@@ -130,6 +131,7 @@ enum Command {
         /// Mask the prefix out: the bare model, for comparison.
         #[arg(long, conflicts_with = "prefix")]
         no_prefix: bool,
+        /// Stop after this many new tokens (default, and most: the bundle's `pfxc compile --max-new`).
         #[arg(long)]
         max_new: Option<usize>,
         /// Write the generations here, one per line (through OUTPUT.partial as batches finish).
@@ -149,16 +151,21 @@ enum Command {
     },
     /// Corpus BLEU, NIST, ROUGE-L, CIDEr and METEOR of hypotheses against grouped references.
     Score {
+        /// The hypotheses, one per line (`pfxrun generate --output`).
         #[arg(long)]
         hyp: PathBuf,
+        /// The references: one group per hypothesis, groups separated by blank lines (`generate --refs-out`).
         #[arg(long)]
         refs: PathBuf,
     },
     /// Write a prefix as a PEFT adapter folder (prompt_embeddings with the MLP applied).
     ExportPeft {
+        /// The bundle the prefix was trained with.
         bundle: PathBuf,
+        /// The trained prefix (`prefix.safetensors` or `checkpoint.safetensors` of `pfxrun train`).
         #[arg(long)]
         prefix: PathBuf,
+        /// The adapter folder to write (adapter_config.json, adapter_model.safetensors).
         #[arg(short, long)]
         output: PathBuf,
         /// base_model_name_or_path to record in adapter_config.json.
@@ -167,8 +174,11 @@ enum Command {
     },
     /// Read a PEFT prefix-tuning adapter folder as a prefix for a --no-reparam bundle.
     ImportPeft {
+        /// A bundle compiled with --no-reparam for the adapter's base model.
         bundle: PathBuf,
+        /// The adapter folder (`save_pretrained` of a PEFT prefix-tuning model).
         adapter: PathBuf,
+        /// The prefix file to write (for `--prefix`); an existing file is not overwritten.
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -396,6 +406,10 @@ fn run(cli: Cli) -> Result<()> {
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             b.refuse_baked()?;
             let p = pfx_runtime::peft::import_adapter(&b.manifest, &adapter)?;
+            // A trained prefix next to its checkpoint must not be replaced by accident.
+            if output.exists() {
+                anyhow::bail!("{} exists: choose another --output, or delete it first", output.display());
+            }
             write_safetensors(&output, &p)?;
             println!("wrote the prefix {}", output.display());
             Ok(())
