@@ -420,9 +420,7 @@ pub fn init_process() {
     ONCE.call_once(|| {
         crate::alloc::keep_freed_memory();
         crate::tract_kernels::measured_rule_active();
-        let n = std::env::var("PFX_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
+        let n = crate::backend::threads_from_env()
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         if n > 1 {
             tract_linalg::multithread::set_default_executor(tract_linalg::multithread::Executor::multithread(n));

@@ -141,6 +141,21 @@ fn bad_input_is_a_clean_error() {
     assert!(e.contains("tract stopped on an input outside what the graph accepts") && e.contains("gather"), "{e}");
     let e = fails(&["run", p(&gpt2), "--inputs", p(&ids), "--out", p(&dir)]);
     assert!(e.contains("is a folder"), "{e}");
+    // A graph with past whose symbolic sizes tract cannot tie to the inputs: pointed to `pfxc specialize`.
+    let with_past = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small/model.onnx");
+    let mut t = std::collections::BTreeMap::new();
+    t.insert("input_ids".to_string(), pfx_runtime::HostTensor::from_i64([2, 5], vec![1; 10]).unwrap());
+    t.insert("attention_mask".to_string(), pfx_runtime::HostTensor::from_i64([2, 8], vec![1; 16]).unwrap());
+    for i in 0..4 {
+        for kv in ["key", "value"] {
+            let zeros = pfx_runtime::HostTensor::from_f32(vec![2, 4, 3, 32], vec![0.0; 768]).unwrap();
+            t.insert(format!("past_key_values.{i}.{kv}"), zeros);
+        }
+    }
+    let past_in = dir.join("past_inputs.safetensors");
+    pfx_runtime::write_safetensors(&past_in, &t).unwrap();
+    let e = fails(&["run", p(&with_past), "--inputs", p(&past_in)]);
+    assert!(e.contains("its sizes are symbolic") && e.contains("pfxc specialize"), "{e}");
 }
 
 #[test]

@@ -293,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 weights,
             };
+            warn_attention_flags(&model);
             let t0 = std::time::Instant::now();
             let m = compile(&model, &opts, &output).with_context(|| format!("compiling {}", model.display()))?;
             eprintln!(
@@ -349,6 +350,31 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// GPT-2 configs can turn on attention variants that transformers' sdpa attention ignores (checked with 4.57):
+/// an export made through it computes another function than the PyTorch model trained with eager attention.
+fn warn_attention_flags(model: &std::path::Path) {
+    let Some(cfg) = model.parent().map(|d| d.join("config.json")) else { return };
+    let Ok(text) = std::fs::read_to_string(&cfg) else { return };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return };
+    let flags: Vec<&str> = [
+        ("scale_attn_by_inverse_layer_idx", serde_json::Value::Bool(true)),
+        ("scale_attn_weights", serde_json::Value::Bool(false)),
+    ]
+    .iter()
+    .filter(|(k, set)| v.get(*k) == Some(set))
+    .map(|(k, _)| *k)
+    .collect();
+    if !flags.is_empty() {
+        eprintln!(
+            "warning: {} sets {}: exports made with transformers' sdpa attention (optimum's, for one) ignore it, \
+             so the graph may not compute what the PyTorch model does; compare the export's logits with PyTorch's \
+             (eager attention), or export with torch.onnx.export(dynamo=True)",
+            cfg.display(),
+            flags.join(", ")
+        );
+    }
 }
 
 /// Refuses lengths past the model's position table before specializing: the position lookup would fail to

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use pfx_runtime::commands::{self, Engine};
 use pfx_runtime::data::Overlong;
@@ -257,6 +257,7 @@ impl EngineArgs {
             trt_fp16: self.trt_fp16,
             trt_cache: self.trt_cache,
             allow_cpu_fallback: self.allow_cpu_fallback,
+            intra_threads: pfx_runtime::backend::threads_from_env(),
             ..Default::default()
         };
         ort.check()?;
@@ -289,8 +290,17 @@ fn run(cli: Cli) -> Result<()> {
             if !unused.is_empty() {
                 eprintln!("note: {} has no input named {}: ignored", model.display(), unused.join(", "));
             }
-            let outputs =
-                engine.run(&feeds).with_context(|| format!("running {} on {}", model.display(), engine.name()))?;
+            let outputs = engine.run(&feeds).map_err(|e| {
+                // tract plans symbolic sizes (batch, sequence) it cannot always tie to the given shapes.
+                let symbolic = backend == BackendKind::Tract && format!("{e:#}").contains("Impossible to unify");
+                let hint = if symbolic {
+                    "; its sizes are symbolic: fix them with `pfxc specialize MODEL --batch B --seq T -o FIXED.onnx` \
+                     and run that, or use --backend ort"
+                } else {
+                    ""
+                };
+                e.context(format!("running {} on {}{hint}", model.display(), engine.name()))
+            })?;
             for (name, t) in &outputs {
                 println!("{name}: {} {:?} {}", t.dtype(), t.shape(), t.preview(show));
             }
