@@ -109,6 +109,18 @@ pub struct TrainArgs {
 }
 
 pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
+    // The folder is made early, to be locked: a run refused before writing anything leaves none behind.
+    let out = args.cfg.out_dir.clone();
+    let made = !out.exists();
+    let result = train_into_locked_folder(args, engine);
+    if made && result.is_err() {
+        // Removes only an empty folder.
+        let _ = std::fs::remove_dir(&out);
+    }
+    result
+}
+
+fn train_into_locked_folder(args: TrainArgs, engine: &Engine) -> Result<()> {
     let bundle = Bundle::open(&args.bundle)?;
     bundle.refuse_baked()?;
     // The output folder first: before a long tokenization, and so that no earlier run is overwritten.

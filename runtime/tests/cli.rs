@@ -293,6 +293,10 @@ fn generate_refuses_what_would_fail_late_or_lose_work() {
     let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
     let bundle = e2e_small_bundle(&dir, Some(8), 32);
     let init = bundle.join("prefix.init.safetensors");
+    // (train) A run refused for its data leaves no output folder behind (it is made early, to be locked).
+    let run = dir.join("run");
+    let e = fails(&["train", p(&bundle), "--train", p(&dir.join("missing.txt")), "-o", p(&run)]);
+    assert!(e.contains("missing.txt") && !run.exists(), "{e}");
     let srcs = dir.join("mrs.src");
     std::fs::write(&srcs, "name : The Eagle\n\nname : Aromi\n").unwrap();
     let gen = |extra: &[&str]| -> Vec<String> {
