@@ -55,6 +55,9 @@ pub struct ModelInfo {
     /// Rows of the learned position table (BART's carries an offset of 2).
     pub position_rows: Option<usize>,
     pub tied_embeddings: Option<bool>,
+    /// Why pfx would refuse to compile it, when it would ([`check_supported`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsupported: Option<String>,
     pub weight_count: usize,
     pub weight_bytes: usize,
     pub nodes: usize,
@@ -287,6 +290,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         hidden,
         vocab,
         position_rows,
+        unsupported: check_supported(g, std::path::Path::new("the graph"), family).err().map(|e| e.to_string()),
         tied_embeddings: tied,
         weight_count: raw.graph.initializers.values().filter(|t| t.len() > 1).count(),
         weight_bytes: raw.graph.initializers.values().map(|t| t.byte_len()).sum(),
@@ -321,6 +325,9 @@ impl ModelInfo {
                 None => "?",
             }
         );
+        if let Some(why) = &self.unsupported {
+            s += &format!("not supported: {why}\n");
+        }
         s += &format!("weights:     {} tensors, {} bytes\n", self.weight_count, self.weight_bytes);
         s += "inputs:\n";
         for v in &self.inputs {

@@ -198,6 +198,10 @@ fn lookalike_exports_are_refused() {
     let f = d.join("t5.onnx");
     onnx_io::save(&m, &f, None).unwrap();
     fails_with(&compile(&f, &a, &d.join("b")), &["looks up a 64×4 table", "T5"]);
+    // `pfxc inspect` says so too.
+    let o = Command::new(env!("CARGO_BIN_EXE_pfxc")).args(["inspect", f.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("not supported: the graph looks up a 64×4 table"), "{text}");
 
     // A BART-named folder whose config says T5.
     let folder = d.join("t5-export");

@@ -460,6 +460,20 @@ pub fn open(model: impl AsRef<Path>, kind: BackendKind, ort: &OrtOptions) -> Res
     })
 }
 
+/// `PFX_THREADS`: threads for tract's matrix products and ONNX Runtime's intra-op pool (None: each engine's
+/// default). A value that is not a number ≥ 1 is reported once and ignored.
+pub fn threads_from_env() -> Option<usize> {
+    let v = std::env::var("PFX_THREADS").ok()?;
+    match v.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Some(n),
+        _ => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| eprintln!("warning: PFX_THREADS={v:?} is not a number ≥ 1: ignored"));
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,19 +499,5 @@ mod tests {
         assert!(e.contains("[?, 4]"), "{e}");
         assert_eq!("ORT".parse::<BackendKind>().unwrap(), BackendKind::Ort);
         assert!("onnx".parse::<BackendKind>().is_err());
-    }
-}
-
-/// `PFX_THREADS`: threads for tract's matrix products and ONNX Runtime's intra-op pool (None: each engine's
-/// default). A value that is not a number ≥ 1 is reported once and ignored.
-pub fn threads_from_env() -> Option<usize> {
-    let v = std::env::var("PFX_THREADS").ok()?;
-    match v.trim().parse::<usize>() {
-        Ok(n) if n >= 1 => Some(n),
-        _ => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| eprintln!("warning: PFX_THREADS={v:?} is not a number ≥ 1: ignored"));
-            None
-        }
     }
 }

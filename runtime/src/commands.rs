@@ -111,7 +111,11 @@ pub struct TrainArgs {
 pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     // The folder is made early, to be locked: a run refused before writing anything leaves none behind.
     let out = args.cfg.out_dir.clone();
-    let made = !out.exists();
+    // Made by this process (not merely missing when looked at: a run started at the same moment may make it).
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let made = std::fs::create_dir(&out).is_ok();
     let result = train_into_locked_folder(args, engine);
     if made && result.is_err() {
         // Removes only an empty folder.

@@ -182,8 +182,13 @@ fn resolve_given(path: &Path, what: &str) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
+/// The interpreter asked for the `onnxruntime` package: `$PFX_PYTHON`, else `python3`.
+fn python_interpreter() -> String {
+    std::env::var(PYTHON_ENV).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "python3".to_string())
+}
+
 fn python_ort_dir() -> Result<PathBuf> {
-    let python = std::env::var(PYTHON_ENV).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "python3".to_string());
+    let python = python_interpreter();
     let out = std::process::Command::new(&python)
         .args(["-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))"])
         .output()
@@ -358,12 +363,19 @@ pub fn ort_runtime(explicit: Option<&Path>) -> Result<&'static OrtRuntime> {
     let minor = version.split('.').nth(1).and_then(|m| m.parse::<u32>().ok());
     match minor {
         Some(m) if version.starts_with("1.") && m >= MIN_ORT_MINOR => {}
-        _ => bail!(
-            "ONNX Runtime {version} at {} is too old or unrecognised: pfx needs >= 1.{MIN_ORT_MINOR}; upgrade it \
-             (`pip install -U 'onnxruntime>=1.{MIN_ORT_MINOR}'`, or onnxruntime-gpu) or pass a newer library with \
-             --ort-lib",
-            lib_path.display(),
-        ),
+        _ => {
+            // The package pfx found through an interpreter is upgraded with that interpreter's pip.
+            let pip = match source {
+                OrtLibSource::Python => format!("{} -m pip", python_interpreter()),
+                _ => "pip".to_string(),
+            };
+            bail!(
+                "ONNX Runtime {version} at {} is too old or unrecognised: pfx needs >= 1.{MIN_ORT_MINOR}; upgrade it \
+                 (`{pip} install -U 'onnxruntime>=1.{MIN_ORT_MINOR}'`, or onnxruntime-gpu) or pass a newer library \
+                 with --ort-lib",
+                lib_path.display(),
+            )
+        }
     }
     let builder = ort::init_from(&lib_path)
         .map_err(|e| anyhow!("{e}"))

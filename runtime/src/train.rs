@@ -110,16 +110,41 @@ fn data_fingerprint(data: &[Encoded]) -> String {
     }))
 }
 
-/// What in a bundle decides the training run: the model's sizes, the prefix, the optimizer, the batch shape and
-/// the weights' storage (not paths or the compiler's version: a bundle compiled again is the same bundle).
-fn bundle_fingerprint(m: &pfx_compiler::compile::Manifest) -> String {
+/// What in a bundle decides the training run: the model's sizes, the prefix, the optimizer, the batch shape, the
+/// weights' storage, BART's settings (lengths, layout, label smoothing) and the frozen weights themselves, by
+/// samples (not paths or the compiler's version: a bundle compiled again is the same bundle).
+fn bundle_fingerprint(bundle: &Bundle) -> Result<String> {
+    let m = &bundle.manifest;
+    let bart = pfx_compiler::compile::bart::read_bart_spec(&bundle.dir)?;
     let id = serde_json::json!({
         "family": m.family, "injection": m.injection, "batch": m.batch, "seq_len": m.seq_len,
         "prefix_len": m.prefix_len, "reparam": m.reparam, "mid_dim": m.mid_dim, "layers": m.layers,
         "heads": m.heads, "head_dim": m.head_dim, "hidden": m.hidden, "vocab": m.vocab,
         "optimizer": m.optimizer, "trainable": m.trainable, "weights_dtype": m.weights_dtype,
+        "bart": bart.map(|b| serde_json::json!({
+            "mode": b.mode, "src_len": b.src_len, "tgt_len": b.tgt_len, "label_smoothing": b.label_smoothing,
+            "pad": b.pad_token_id, "decoder_start": b.decoder_start_token_id,
+        })),
+        "weights": weights_sample(&bundle.dir.join(&m.weights_file))?,
     });
-    fnv1a(id.to_string().into_bytes())
+    Ok(fnv1a(id.to_string().into_bytes()))
+}
+
+/// The frozen weights' size and 256 evenly spaced 4 KiB samples (1 MiB read, where hashing a GPT-2-medium
+/// bundle whole would take a second): another model of the same sizes (fine-tuned, or another seed) differs in
+/// every sample.
+fn weights_sample(path: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut bytes = len.to_le_bytes().to_vec();
+    let mut sample = [0u8; 4096];
+    for k in 0..256u64 {
+        f.seek(SeekFrom::Start(len / 256 * k))?;
+        let n = f.read(&mut sample)?;
+        bytes.extend_from_slice(&sample[..n]);
+    }
+    Ok(fnv1a(bytes))
 }
 
 impl std::fmt::Display for RunSettings {
@@ -238,15 +263,20 @@ impl Trainer {
             batch: b,
             train_rows: data.len(),
             data_fingerprint: Some(data_fingerprint(data)),
-            bundle_fingerprint: Some(bundle_fingerprint(&self.bundle.manifest)),
+            bundle_fingerprint: Some(bundle_fingerprint(&self.bundle)?),
         };
         let resumed = self.pos.step > 0;
         if let Some(before) = self.pos.settings.as_ref().filter(|s| resumed && !settings.continues(s)) {
+            let shown = before.to_string() != settings.to_string();
+            let what = if shown {
+                format!("was made with {before}; this run has {settings}{}", settings.hidden_differences(before))
+            } else {
+                format!("was made with the same settings{}", settings.hidden_differences(before))
+            };
             bail!(
-                "the checkpoint in {} was made with {before}; this run has {settings}{}: resume with the same data, \
-                 bundle and settings, or train into another --output",
-                cfg.out_dir.display(),
-                settings.hidden_differences(before)
+                "the checkpoint in {} {what}: resume with the same data, bundle and settings, or train into another \
+                 --output",
+                cfg.out_dir.display()
             );
         }
         if resumed && self.pos.step >= total {
@@ -277,6 +307,7 @@ impl Trainer {
         let mut tokens = 0usize;
         let mut run_steps = 0usize;
         let mut warned_zero_gradient = false;
+        let mut first_grad_norm = None;
         let tty = std::io::stderr().is_terminal();
         'epochs: while self.pos.epoch < cfg.epochs as u64 {
             let order = if cfg.shuffle {
@@ -322,12 +353,14 @@ impl Trainer {
                 if cfg.progress {
                     progress(tty, &self.pos, stop_at, loss, Rate { steps: run_steps, tokens, started });
                 }
-                // A prefix pushed far out (a huge --lr) saturates the softmaxes: training goes on, learning nothing.
-                if grad_norm == 0.0 && loss > 0.0 && !warned_zero_gradient {
+                // A prefix pushed far out (a huge --lr) saturates the softmaxes: training goes on, learning nothing,
+                // with a gradient a millionth of this run's first or less.
+                let first = *first_grad_norm.get_or_insert(grad_norm);
+                if grad_norm <= 1e-6 * first && loss > 0.0 && !warned_zero_gradient {
                     warned_zero_gradient = true;
                     eprintln!(
-                        "{}warning: the gradient is zero at step {} with loss {loss:.4}: the prefix no longer learns \
-                         (--lr {:e} too high?)",
+                        "{}warning: the gradient has vanished at step {} (norm {grad_norm:e}) with loss {loss:.4}: \
+                         the prefix no longer learns (--lr {:e} too high?)",
                         if tty && cfg.progress { "\n" } else { "" },
                         self.pos.step,
                         cfg.lr

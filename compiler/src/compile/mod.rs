@@ -234,6 +234,11 @@ pub fn build_loss_graph_from(
     };
     let family = detect_family(&raw.graph);
     if family != Family::Gpt2Decoder {
+        // Names like BART's do not make a BART graph (T5's are the same): say what it is not, first.
+        let mut canon = raw.clone();
+        if crate::canonicalize::canonicalize(&mut canon).is_ok() {
+            crate::inspect::check_supported(&canon.graph, source, family)?;
+        }
         let what = match family {
             Family::Unknown => "not a GPT-2 decoder".to_string(),
             f => format!("a {f} graph, not a GPT-2 decoder"),
