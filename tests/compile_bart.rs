@@ -51,7 +51,7 @@ fn options(mode: BartPrefix, param: &str, max_norm: f32, label_smoothing: f32) -
 }
 
 fn out_dir(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("pfx-bart-{}-{tag}", std::process::id()))
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-bart-{tag}"))
 }
 
 fn compile_case(dir: &Path, fixture: &str, opts: &BartOptions, tag: &str) -> (PathBuf, Manifest) {

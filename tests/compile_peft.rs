@@ -42,7 +42,7 @@ fn compile_fixture_with(
     tag: &str,
     weights: WeightStorage,
 ) -> (PathBuf, Manifest) {
-    let out = std::env::temp_dir().join(format!("pfx-peft-{}-{fixture}-{mode}-{tag}", std::process::id()));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-peft-{fixture}-{mode}-{tag}"));
     let opts = CompileOptions {
         optimizer: AdamW { weight_decay: WD, max_grad_norm: Some(max_norm), ..AdamW::default() },
         weights,

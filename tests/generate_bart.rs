@@ -30,7 +30,8 @@ fn bundle(fixture: &str, mode: BartPrefix, test: &str) -> PathBuf {
 }
 
 fn bundle_rows(fixture: &str, mode: BartPrefix, test: &str, rows: usize, param: &str) -> PathBuf {
-    let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-{test}-{fixture}-{mode}-{param}", std::process::id()));
+    let out =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-bartgen-{test}-{fixture}-{mode}-{param}"));
     let opts = common::bart_options(
         mode,
         (param == "reparam").then_some(16),
@@ -206,14 +207,14 @@ fn baked_graphs_generate_the_same_tokens() {
 fn merged_decoder_generates_the_same_tokens() {
     let fixture = "bart-enc-deep";
     let src = common::graphs_dir().join(fixture);
-    let export = std::env::temp_dir().join(format!("pfx-bartgen-{}-merged-export", std::process::id()));
+    let export = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-bartgen-merged-export");
     std::fs::create_dir_all(&export).unwrap();
     for f in ["encoder_model.onnx", "decoder_model_merged.onnx", "config.json"] {
         std::fs::copy(src.join(f), export.join(f)).unwrap();
     }
     for mode in MODES {
         let Case { r, sources } = Case::new(fixture, mode, "reparam");
-        let out = std::env::temp_dir().join(format!("pfx-bartgen-{}-merged-{mode}", std::process::id()));
+        let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-bartgen-merged-{mode}"));
         let opts = common::bart_options(mode, Some(16), Some(BartGenShape { rows: 4, src_len: 7, max_new: N }));
         compile_bart(&export, &opts, &out).unwrap();
         let b = Bundle::open(&out).unwrap();

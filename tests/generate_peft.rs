@@ -27,7 +27,7 @@ fn bundle_rows(fixture: &str, mode: &str, test: &str, rows: usize) -> PathBuf {
 }
 
 fn bundle_with(fixture: &str, mode: &str, test: &str, rows: usize, weights: WeightStorage) -> PathBuf {
-    let out = std::env::temp_dir().join(format!("pfx-gen-{}-{test}-{fixture}-{mode}", std::process::id()));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-gen-{test}-{fixture}-{mode}"));
     let generation = Some(GenShape { rows, prompt_len: 6, max_new: 8 });
     let opts = CompileOptions { weights, ..common::gpt2_options((mode == "reparam").then_some(16), generation) };
     compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();

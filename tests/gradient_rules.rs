@@ -228,7 +228,7 @@ impl Case {
 
 fn temp_path(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("pfx-gradient-rules-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-gradient-rules");
     std::fs::create_dir_all(&dir).unwrap();
     let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     dir.join(format!("{}-{safe}.onnx", N.fetch_add(1, Ordering::SeqCst)))

@@ -52,7 +52,7 @@ fn run(g: Graph, out: &str, name: &str, feeds: &BTreeMap<String, HostTensor>) ->
     let mut g = g;
     g.outputs = vec![ValueInfo { name: out.into(), ty: ValueType::known(DType::F32, &[B, T, H]) }];
     simplify(&mut g).unwrap();
-    let dir = std::env::temp_dir().join(format!("pfx-loss-seed-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-loss-seed");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.onnx"));
     onnx_io::save(&Model { graph: g, opset: 18, ir_version: 8, ..Model::default() }, &path, None).unwrap();

@@ -39,7 +39,7 @@ impl Case {
         let mut g = g.clone();
         g.outputs =
             outs.iter().map(|o| ValueInfo { name: o.to_string(), ty: g.type_of(o).expect("typed output") }).collect();
-        let dir = std::env::temp_dir().join(format!("pfx-lower-{}", std::process::id()));
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-lower");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(file);
         onnx_io::save(&Model { graph: g, opset: 18, ir_version: 8, ..Model::default() }, &path, None).unwrap();

@@ -19,7 +19,7 @@ use pfx_runtime::train::{TrainConfig, Trainer};
 use pfx_runtime::{read_safetensors, BackendKind, HostTensor, OrtOptions};
 
 fn bundle(mode: &str, tag: &str, opt: AdamW) -> PathBuf {
-    let out = std::env::temp_dir().join(format!("pfx-interop-{}-{mode}-{tag}", std::process::id()));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-interop-{mode}-{tag}"));
     let opts = CompileOptions { optimizer: opt, ..common::gpt2_options((mode == "reparam").then_some(16), None) };
     compile(&common::graphs_dir().join("gpt2-optimum/model.onnx"), &opts, &out).unwrap();
     out
@@ -91,7 +91,7 @@ fn bart_peft_adapters_give_peft_loss_and_logits() {
     use pfx_runtime::seq2seq::Seq2SeqGenerator;
     for fixture in ["bart-enc-deep", "bart-dec-deep"] {
         let compile_mode = |mode: BartPrefix| {
-            let out = std::env::temp_dir().join(format!("pfx-interop-{}-{fixture}-{mode}", std::process::id()));
+            let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-interop-{fixture}-{mode}"));
             let opts = common::bart_options(mode, None, Some(BartGenShape { rows: 3, src_len: 7, max_new: 6 }));
             compile_bart(&common::graphs_dir().join(fixture), &opts, &out).unwrap();
             out

@@ -128,7 +128,7 @@ fn canonical_and_specialized_snapshots() {
 }
 
 pub fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("pfx-test-{tag}-{}", std::process::id()));
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-test-{tag}"));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

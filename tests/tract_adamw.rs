@@ -24,7 +24,7 @@ fn run(
 
 #[test]
 fn the_fused_update_replaces_every_parameters_plain_ops_and_agrees_with_them() {
-    let out = std::env::temp_dir().join(format!("pfx-tract-adamw-{}", std::process::id()));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-tract-adamw");
     let opts = CompileOptions {
         optimizer: AdamW { weight_decay: 0.01, max_grad_norm: Some(1e-3), ..AdamW::default() },
         ..common::gpt2_options(Some(16), None)
@@ -70,7 +70,7 @@ fn the_fused_update_replaces_every_parameters_plain_ops_and_agrees_with_them() {
 /// update by as much; the blocked sum must be within 1e-6, as PyTorch's `clip_grad_norm_` is.
 #[test]
 fn the_gradient_norm_of_a_large_prefix_loses_no_small_terms() {
-    let out = std::env::temp_dir().join(format!("pfx-grad-norm-{}", std::process::id()));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-grad-norm");
     let opts = CompileOptions {
         prefix_len: 10,
         mid_dim: Some(4096),

@@ -84,8 +84,8 @@ fn gpt2_decode_products_are_rewritten_and_agree_with_tract() {
         ("gpt2-dynamo-past", WeightStorage::F16),
     ];
     for (fixture, weights) in cases {
-        let out =
-            std::env::temp_dir().join(format!("pfx-tract-gemv-{}-{fixture}-{}", std::process::id(), weights.name()));
+        let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("pfx-tract-gemv-{fixture}-{}", weights.name()));
         let generation = Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 });
         let opts = CompileOptions { weights, ..common::gpt2_options(Some(16), generation) };
         compile(&common::graphs_dir().join(fixture).join("model.onnx"), &opts, &out).unwrap();
@@ -96,7 +96,7 @@ fn gpt2_decode_products_are_rewritten_and_agree_with_tract() {
 #[test]
 fn bart_decode_products_are_rewritten_and_agree_with_tract() {
     for mode in [BartPrefix::Paper, BartPrefix::Peft] {
-        let out = std::env::temp_dir().join(format!("pfx-tract-gemv-{}-bart-{mode}", std::process::id()));
+        let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-tract-gemv-bart-{mode}"));
         let opts = common::bart_options(mode, Some(16), Some(BartGenShape { rows: 4, src_len: 7, max_new: 8 }));
         compile_bart(&common::graphs_dir().join("bart-dec-deep"), &opts, &out).unwrap();
         check(&out, 4, 6); // self- and cross-attention, q·Kᵀ and p·V each; at least as many weights as GPT-2

@@ -221,7 +221,7 @@ fn bleu_and_rouge_pieces() {
 }
 
 fn write_tmp(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pfx-score-test-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-score-test");
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();

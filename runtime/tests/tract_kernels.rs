@@ -23,7 +23,7 @@ fn product_model(rows: usize, k: usize, m: usize) -> (std::path::PathBuf, Vec<f3
         name: "y".into(),
         ty: ValueType { dtype: DType::F32, shape: Some(vec![Dim::Known(rows), Dim::Known(m)]) },
     });
-    let dir = std::env::temp_dir().join(format!("pfx-tract-kernels-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-tract-kernels");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("product-{rows}-{k}-{m}.onnx"));
     onnx_io::save(&Model { graph: g, opset: 18, ir_version: 8, ..Model::default() }, &path, None).unwrap();

@@ -34,7 +34,7 @@ fn model_path() -> std::path::PathBuf {
         g.nodes.push(pfx_compiler::ir::Node::new(format!("{name}.out"), "Identity", vec![src], vec![name.into()]));
         g.outputs.push(ValueInfo { name: name.into(), ty: ty(DType::F32, width) });
     }
-    let dir = std::env::temp_dir().join(format!("pfx-tract-shared-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-tract-shared");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("shared.onnx");
     onnx_io::save(&Model { graph: g, opset: 18, ir_version: 8, ..Model::default() }, &path, None).unwrap();

@@ -49,7 +49,7 @@ fn options() -> CompileOptions {
 /// A scratch folder with the shipped small GPT-2 compiled (prefix 4, batch 4, sequence 48) and the first `rows`
 /// E2E training examples: (folder, bundle, data).
 fn setup(tag: &str, rows: usize) -> (PathBuf, PathBuf, PathBuf) {
-    let tmp = std::env::temp_dir().join(format!("pfx-resume{tag}-{}", std::process::id()));
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-resume{tag}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     let bundle = tmp.join("bundle");

@@ -14,7 +14,7 @@ pub const BATCH: usize = 3;
 pub const SEQ: usize = 7;
 
 pub fn fresh_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pfx-ort-state-{}-{name}", std::process::id()));
+    let d = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-ort-state-{name}"));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
