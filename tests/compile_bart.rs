@@ -313,7 +313,10 @@ fn errors_are_clear() {
     // Generation beyond the decoder's positions (peft numbers the target after the prefix).
     let long = Some(BartGenShape { rows: 2, src_len: S, max_new: 62 });
     let e = compile_err(&export, &BartOptions { mode: BartPrefix::Peft, generation: long, ..opts.clone() });
-    assert!(e.contains("--max-new 62 needs 66 decoder positions"), "{e}");
+    assert!(
+        e.contains("--max-new 62 needs 66 decoder positions (the first token's position 4, after the prefix"),
+        "{e}"
+    );
     let e = compile_err(
         &export,
         &BartOptions { generation: Some(BartGenShape { rows: 0, src_len: S, max_new: 4 }), ..opts.clone() },

@@ -108,6 +108,18 @@ pub struct TrainArgs {
     pub resume: bool,
 }
 
+/// A run stopped by Ctrl-C or SIGTERM after saving: `pfxrun` exits 130, as shells report an interrupted command.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped by a signal")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     // The folder is made early, to be locked: a run refused before writing anything leaves none behind.
     let out = args.cfg.out_dir.clone();
@@ -173,7 +185,8 @@ fn train_into_locked_folder(args: TrainArgs, engine: &Engine) -> Result<()> {
     let losses = trainer.train(&args.cfg, &rows, dev.as_deref())?;
     if stop.load(std::sync::atomic::Ordering::SeqCst) {
         // Not a finished run: a script must not go on as if it were.
-        bail!("interrupted after step {}; continue with --resume", trainer.pos.step);
+        return Err(anyhow::Error::new(Interrupted)
+            .context(format!("interrupted after step {}; continue with --resume", trainer.pos.step)));
     }
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         eprintln!(

@@ -161,7 +161,7 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     );
 }
 
-/// Ctrl-C saves and exits non-zero (a script must not go on with half a run); a diverging run keeps its last
+/// Ctrl-C saves and exits 130 (a script must not go on with half a run); a diverging run keeps its last
 /// good checkpoint; an earlier run's outputs are not overwritten.
 #[test]
 fn interrupted_diverged_and_earlier_runs_are_kept_apart() {
@@ -177,7 +177,7 @@ fn interrupted_diverged_and_earlier_runs_are_kept_apart() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted after step") && run.join("checkpoint.safetensors").exists(), "{err}");
     // A run into the same folder without --resume: refused, even with the checkpoint gone.
     std::fs::remove_file(run.join("checkpoint.safetensors")).unwrap();

@@ -135,7 +135,10 @@ pub fn build_encode(
     let d = &sizes.dims;
     if let Some(n) = d.encoder_positions {
         if gs.src_len > n {
-            bail!("the generation source length {} exceeds the encoder's {n} positions", gs.src_len);
+            bail!(
+                "the generation source length {} (--prompt-len, default --src-len) exceeds the encoder's {n} positions",
+                gs.src_len
+            );
         }
     }
     let r = gs.rows;
@@ -353,7 +356,16 @@ pub fn build_generation_graphs(
     if let Some(n) = dims.decoder_positions {
         let need = spec.first_position + gs.max_new;
         if need > n {
-            bail!("--max-new {} needs {need} decoder positions, but the decoder has {n}", gs.max_new);
+            // PEFT's layout numbers the decoder's tokens after the prefix.
+            let why = match spec.first_position {
+                0 => String::new(),
+                f => format!(" (the first token's position {f}, after the prefix, + {})", gs.max_new),
+            };
+            bail!(
+                "--max-new {} needs {need} decoder positions{why}, but the decoder has {n}; use a smaller --max-new \
+                 (0 writes no generation graphs)",
+                gs.max_new
+            );
         }
     }
     let mut out = vec![("encode".to_string(), build_encode(dir, mode, prefix_len, mid, gs, false, baked)?)];
