@@ -354,9 +354,10 @@ impl Trainer {
                     progress(tty, &self.pos, stop_at, loss, Rate { steps: run_steps, tokens, started });
                 }
                 // A prefix pushed far out (a huge --lr) saturates the softmaxes: training goes on, learning nothing,
-                // with a gradient a millionth of this run's first or less.
+                // with a gradient a millionth of this run's first or less, and tiny (a run whose first step had a
+                // huge gradient is not warned about for settling down).
                 let first = *first_grad_norm.get_or_insert(grad_norm);
-                if grad_norm <= 1e-6 * first && loss > 0.0 && !warned_zero_gradient {
+                if grad_norm <= 1e-6 * first && grad_norm < 1e-6 && loss > 0.0 && !warned_zero_gradient {
                     warned_zero_gradient = true;
                     eprintln!(
                         "{}warning: the gradient has vanished at step {} (norm {grad_norm:e}) with loss {loss:.4}: \
