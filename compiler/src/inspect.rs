@@ -55,7 +55,7 @@ pub struct ModelInfo {
     /// Rows of the learned position table (BART's carries an offset of 2).
     pub position_rows: Option<usize>,
     pub tied_embeddings: Option<bool>,
-    /// Why pfx would refuse to compile it, when it would ([`check_supported`]).
+    /// Why pfx would refuse to compile it, when it would ([`unsupported_reason`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsupported: Option<String>,
     pub weight_count: usize,
@@ -106,7 +106,6 @@ pub fn detect_family(g: &Graph) -> Family {
     }
 }
 
-/// Values derived from `input_ids` through index-preserving ops (to find the token-embedding Gather).
 /// The embedding tables a canonical graph looks up.
 pub struct Embeddings {
     pub vocab: Option<usize>,
@@ -146,41 +145,53 @@ pub fn embeddings(g: &Graph) -> Embeddings {
     e
 }
 
-/// Refuses exports whose names look like GPT-2's or BART's but whose graphs pfx would compile into wrong or
-/// unusable training graphs: half-precision weights, a token-type input (BERT-style encoders), and a first
-/// non-token lookup table narrower than the embeddings (T5's relative attention bias instead of BART's learned
-/// positions). `g` is canonical; `path` names the export in the message.
-pub fn check_supported(g: &Graph, path: &std::path::Path, family: Family) -> Result<()> {
+/// Why pfx would compile a graph whose names look like GPT-2's or BART's into wrong or unusable training graphs,
+/// when it would: half-precision weights, a token-type input (BERT-style encoders), or a first non-token lookup
+/// table narrower than the embeddings (T5's relative attention bias instead of BART's learned positions). `g` is
+/// canonical; the reason reads after the graph's name ("model.onnx takes token_type_ids, …").
+pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
     let e = embeddings(g);
     let table = e.token_table.as_ref().and_then(|t| g.initializers.get(t));
     if let Some(dt) = table.map(|t| t.dtype()).filter(|d| matches!(d, DType::F16 | DType::BF16)) {
-        anyhow::bail!(
-            "{} stores its weights in {}: pfx compiles float32 exports (export the model in float32; `pfxc \
-             compile --weights f16` then stores the frozen weights in half precision)",
-            path.display(),
+        return Some(format!(
+            "stores its weights in {}: pfx compiles float32 exports (export the model in float32; `pfxc compile \
+             --weights f16` then stores the frozen weights in half precision)",
             if dt == DType::F16 { "float16" } else { "bfloat16" }
-        );
+        ));
     }
     if family == Family::Gpt2Decoder && g.inputs.iter().any(|v| v.name == "token_type_ids") {
-        anyhow::bail!(
-            "{} takes token_type_ids, as BERT-style encoders do: pfx trains prefixes for causal language models \
-             (GPT-2) and BART",
-            path.display()
+        return Some(
+            "takes token_type_ids, as BERT-style encoders do: pfx trains prefixes for causal language models \
+             (GPT-2) and BART"
+                .into(),
         );
     }
-    if let (Some(rows), Some(width), Some(hidden)) = (e.position_rows, e.position_width, e.hidden) {
-        if width != hidden {
-            anyhow::bail!(
-                "{} looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative \
-                 position buckets, as T5 has, rather than the learned absolute positions of GPT-2 and BART, which \
-                 pfx needs",
-                path.display()
-            );
-        }
+    match (e.position_rows, e.position_width, e.hidden) {
+        (Some(rows), Some(width), Some(hidden)) if width != hidden => Some(format!(
+            "looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative position \
+             buckets, as T5 has, rather than the learned absolute positions of GPT-2 and BART, which pfx needs"
+        )),
+        _ => None,
     }
-    Ok(())
 }
 
+/// [`unsupported_reason`] as an error naming `path`.
+pub fn check_supported(g: &Graph, path: &std::path::Path, family: Family) -> Result<()> {
+    match unsupported_reason(g, family) {
+        Some(why) => anyhow::bail!("{} {why}", path.display()),
+        None => Ok(()),
+    }
+}
+
+/// Positions a graph's learned position table gives (BART's table starts 2 rows in).
+pub fn usable_positions(family: Family, rows: usize) -> usize {
+    match family {
+        Family::BartEncoder | Family::BartDecoder => rows.saturating_sub(2),
+        _ => rows,
+    }
+}
+
+/// Values derived from `input_ids` through index-preserving ops (to find the token-embedding Gather).
 fn token_index_values(g: &Graph) -> HashSet<String> {
     let mut vals: HashSet<String> = ["input_ids".to_string()].into();
     for n in &g.nodes {
@@ -290,7 +301,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         hidden,
         vocab,
         position_rows,
-        unsupported: check_supported(g, std::path::Path::new("the graph"), family).err().map(|e| e.to_string()),
+        unsupported: unsupported_reason(g, family),
         tied_embeddings: tied,
         weight_count: raw.graph.initializers.values().filter(|t| t.len() > 1).count(),
         weight_bytes: raw.graph.initializers.values().map(|t| t.byte_len()).sum(),
@@ -326,7 +337,7 @@ impl ModelInfo {
             }
         );
         if let Some(why) = &self.unsupported {
-            s += &format!("not supported: {why}\n");
+            s += &format!("not supported: the graph {why}\n");
         }
         s += &format!("weights:     {} tensors, {} bytes\n", self.weight_count, self.weight_bytes);
         s += "inputs:\n";

@@ -60,7 +60,6 @@ impl Bundle {
         self.read_prefix(&self.dir.join(&self.manifest.init))
     }
 
-    /// Reads a prefix file and checks it holds every trainable tensor with the right shape.
     /// Refuses a baked bundle where the command needs the trainable prefix and its graphs (train, eval, PEFT).
     pub fn refuse_baked(&self) -> Result<()> {
         if self.manifest.baked {
@@ -72,6 +71,7 @@ impl Bundle {
         Ok(())
     }
 
+    /// Reads a prefix file and checks it holds every trainable tensor with the right shape.
     pub fn read_prefix(&self, path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         let all = read_safetensors(path)?;
         let mut out = BTreeMap::new();

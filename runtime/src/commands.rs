@@ -123,11 +123,18 @@ impl std::error::Error for Interrupted {}
 pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     // The folder is made early, to be locked: a run refused before writing anything leaves none behind.
     let out = args.cfg.out_dir.clone();
-    // Made by this process (not merely missing when looked at: a run started at the same moment may make it).
+    if out.is_file() {
+        bail!("--output {} is a file, not a folder", out.display());
+    }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    let made = std::fs::create_dir(&out).is_ok();
+    // Made by this process (not merely missing when looked at: a run started at the same moment may make it).
+    let made = match std::fs::create_dir(&out) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", out.display())),
+    };
     let result = train_into_locked_folder(args, engine);
     if made && result.is_err() {
         // Removes only an empty folder.
@@ -141,10 +148,6 @@ fn train_into_locked_folder(args: TrainArgs, engine: &Engine) -> Result<()> {
     bundle.refuse_baked()?;
     // The output folder first: before a long tokenization, and so that no earlier run is overwritten.
     let out = &args.cfg.out_dir;
-    if out.is_file() {
-        bail!("--output {} is a file, not a folder", out.display());
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let _lock = crate::run_lock::lock_folder(out, &format!("--output {}", out.display()))?;
     if !args.resume {
         if out.join("checkpoint.safetensors").exists() {

@@ -125,6 +125,14 @@ impl Format {
             Format::Dart => "DART",
         }
     }
+
+    /// What a bad item of the file is called in messages: DART's are entries and annotations, not lines.
+    fn bad_items(self) -> &'static str {
+        match self {
+            Format::Dart => "entries or annotations",
+            _ => "line(s)",
+        }
+    }
 }
 
 /// The examples of one file, and the lines that could not be read.
@@ -146,7 +154,7 @@ impl Dataset {
             "{}: skipped {} bad {} of {} ({} examples read):\n{}",
             self.path.display(),
             self.bad_lines.len(),
-            if self.format == Format::Dart { "entries or annotations" } else { "line(s)" },
+            self.format.bad_items(),
             self.format.name(),
             self.examples.len(),
             quote_bad_lines(&self.bad_lines)
@@ -223,10 +231,10 @@ fn parse_dataset(bytes: &[u8], format: Format, path: &Path, sources_only: bool) 
             bail!("dataset {name} has no examples: its list of DART entries is empty");
         }
         bail!(
-            "dataset {name} has no usable {} examples: all {} {} bad:\n{}",
+            "dataset {name} has no usable {} examples: all {} {} are bad:\n{}",
             format.name(),
             bad_lines.len(),
-            if format == Format::Dart { "entries or annotations are" } else { "line(s) are" },
+            format.bad_items(),
             quote_bad_lines(&bad_lines)
         );
     }

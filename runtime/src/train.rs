@@ -500,6 +500,8 @@ pub fn mean_loss(
     let batches = rows.len().div_ceil(b);
     let show = batches > 4 && std::io::stderr().is_terminal();
     let mut logged = Instant::now();
+    // The prefix once; each batch's rows replace the last one's (cloning a GPT-2 prefix per batch copied ~75 MB).
+    let mut inputs = prefix.clone();
     for (k, chunk) in rows.chunks(b).enumerate() {
         if show {
             eprint!("\rloss over {} rows: batch {}/{batches}", rows.len(), k + 1);
@@ -520,7 +522,6 @@ pub fn mean_loss(
             continue;
         }
         let refs: Vec<&Encoded> = batch.iter().collect();
-        let mut inputs = prefix.clone();
         inputs.extend(Trainer::batch_of(bundle, &refs)?);
         let out = eval.run(&inputs)?;
         total += out["loss"].to_f64_vec()[0] * n_shifted as f64;

@@ -380,13 +380,9 @@ fn warn_attention_flags(model: &std::path::Path) {
 /// Refuses lengths past the model's position table before specializing: the position lookup would fail to
 /// fold, and the error would name a Gather node rather than the lengths.
 fn check_specialize_positions(m: &pfx_compiler::ir::Model, seq: usize, past: Option<usize>) -> Result<()> {
-    use pfx_compiler::inspect::{detect_family, embeddings, Family};
+    use pfx_compiler::inspect::{detect_family, embeddings, usable_positions};
     let Some(rows) = embeddings(&m.graph).position_rows else { return Ok(()) };
-    // BART's learned positions start 2 rows in.
-    let positions = match detect_family(&m.graph) {
-        Family::BartEncoder | Family::BartDecoder => rows.saturating_sub(2),
-        _ => rows,
-    };
+    let positions = usable_positions(detect_family(&m.graph), rows);
     let needed = past.unwrap_or(0) + seq;
     if needed > positions {
         let what = match past {

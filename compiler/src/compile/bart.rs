@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use super::optimizer::AdamW;
 use super::prefix::{self, PrefixShape};
 use super::{init, loss, Injection, Manifest, OptimizerSpec, TensorSpec};
-use crate::inspect::{detect_family, inspect, Family, ModelInfo};
+use crate::inspect::{detect_family, inspect, usable_positions, Family, ModelInfo};
 use crate::ir::{Attr, Graph, Model, Node, ValueInfo, ValueType};
 use crate::onnx_io::{self, WeightsFile};
 use crate::simplify::simplify;
@@ -290,8 +290,10 @@ pub(super) fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Mode
         take_branch(&mut m, false).with_context(|| format!("taking the no-cache branch of {}", path.display()))?;
     }
     let info = inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
+    if let Some(why) = &info.unsupported {
+        bail!("{} {why}", path.display());
+    }
     crate::canonicalize::canonicalize(&mut m).map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
-    crate::inspect::check_supported(&m.graph, path, want)?;
     Ok((m, info))
 }
 
@@ -610,8 +612,8 @@ pub(super) fn dims_of(enc: &ModelInfo, dec: &ModelInfo, export: &BartExport) -> 
         decoder_heads: dh,
         hidden: ehid,
         vocab: dec.vocab.unwrap_or(0),
-        encoder_positions: enc.position_rows.map(|r| r.saturating_sub(2)),
-        decoder_positions: dec.position_rows.map(|r| r.saturating_sub(2)),
+        encoder_positions: enc.position_rows.map(|r| usable_positions(Family::BartEncoder, r)),
+        decoder_positions: dec.position_rows.map(|r| usable_positions(Family::BartDecoder, r)),
     })
 }
 

@@ -250,9 +250,11 @@ pub fn build_loss_graph_from(
         )));
     }
     let info = inspect(&raw).with_context(|| format!("inspecting {}", source.display()))?;
+    if let Some(why) = &info.unsupported {
+        bail!("{} {why}", source.display());
+    }
     let mut model = raw;
     crate::canonicalize::canonicalize(&mut model)?;
-    crate::inspect::check_supported(&model.graph, source, family)?;
     let (Some(layers), Some(heads), Some(head_dim), Some(hidden), Some(vocab)) =
         (info.layers, info.heads, info.head_size, info.hidden, info.vocab)
     else {

@@ -231,6 +231,14 @@ fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
     }
 }
 
+/// `--ort-lib` with tract: refused like the other ONNX Runtime flags, rather than silently ignored.
+fn refuse_ort_lib_on_tract(ort_lib: &Option<PathBuf>) -> Result<()> {
+    if ort_lib.is_some() {
+        anyhow::bail!("--ort-lib needs --backend ort (tract is built in)");
+    }
+    Ok(())
+}
+
 impl EngineArgs {
     fn engine(self) -> Result<Engine> {
         if self.backend == BackendKind::Tract {
@@ -242,9 +250,7 @@ impl EngineArgs {
                 (self.trt_cache.is_some(), "--trt-cache"),
                 (self.allow_cpu_fallback, "--allow-cpu-fallback"),
             ];
-            if self.ort_lib.is_some() {
-                anyhow::bail!("--ort-lib needs --backend ort (tract is built in)");
-            }
+            refuse_ort_lib_on_tract(&self.ort_lib)?;
             if let Some((_, flag)) = ort_only.iter().find(|(given, _)| *given) {
                 anyhow::bail!("{flag} needs --backend ort (tract runs on the CPU only)");
             }
@@ -276,8 +282,8 @@ fn run(cli: Cli) -> Result<()> {
             if backend == BackendKind::Tract && device != OrtDevice::Cpu {
                 anyhow::bail!("--device {device} needs --backend ort (tract runs on the CPU only)");
             }
-            if backend == BackendKind::Tract && ort_lib.is_some() {
-                anyhow::bail!("--ort-lib needs --backend ort (tract is built in)");
+            if backend == BackendKind::Tract {
+                refuse_ort_lib_on_tract(&ort_lib)?;
             }
             if let Some(out) = out.as_deref().filter(|o| o.is_dir()) {
                 anyhow::bail!("--out {} is a folder: give a .safetensors file path", out.display());
