@@ -10,10 +10,19 @@
 //! (cpu | cuda[:N]), PFX_BENCH_CUDA_GRAPH=1, PFX_BENCH_RUNS (5: the median is reported), PFX_BENCH_CASES
 //! (default `1x1,8x1,1x5`: batch x beams), PFX_BENCH_WEIGHTS (`f32`, default, `f16`, or `f32,f16`: a bundle
 //! per weight storage, every engine on each, all taking turns).
+//!
+//! On the CPU, `peft` in PFX_BENCH_ENGINE adds the peer: HF `generate` with a PEFT prefix
+//! (`benches/hf_generate_peer.py`, a GPT-2 of the export's sizes, torch on PFX_THREADS threads, default 2), run in
+//! its own process after pfx's runs of each case, with PFX_PEFT_PYTHON (default the reference venv's python):
+//!
+//!     PFX_BENCH_ENGINE=ort,tract,peft PFX_BENCH_RUNS=3 cargo bench --bench generate_tokens
 
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::storage::WeightStorage;
@@ -24,6 +33,7 @@ use pfx_runtime::{BackendKind, OrtDevice, OrtOptions};
 
 const PROMPT: usize = 32;
 const NEW: usize = 64;
+const DEFAULT_PYTHON: &str = "/root/.cache/pfx/ref/bin/python";
 
 fn env(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
@@ -38,8 +48,13 @@ fn main() -> Result<()> {
         println!("generate_tokens: {} not found (benches/make_gpt2_export.py makes it); skipping", model.display());
         return Ok(());
     }
+    let engines = env("PFX_BENCH_ENGINE", "ort");
+    let with_peer = engines.split(',').any(|k| k.trim() == "peft");
     let kinds: Vec<BackendKind> =
-        env("PFX_BENCH_ENGINE", "ort").split(',').map(|k| k.trim().parse()).collect::<Result<_>>()?;
+        engines.split(',').map(str::trim).filter(|k| *k != "peft").map(|k| k.parse()).collect::<Result<_>>()?;
+    if kinds.is_empty() {
+        bail!("PFX_BENCH_ENGINE names no pfx engine (tract, ort): the peer is timed next to one");
+    }
     let storages: Vec<WeightStorage> =
         env("PFX_BENCH_WEIGHTS", "f32").split(',').map(|w| w.trim().parse()).collect::<Result<_>>()?;
     // Every (weights, engine) pair, named "engine" or, with several storages, "engine/f16".
@@ -52,6 +67,9 @@ fn main() -> Result<()> {
     let device: OrtDevice = env("PFX_BENCH_DEVICE", "cpu").parse()?;
     let ort = OrtOptions { device, cuda_graph: env("PFX_BENCH_CUDA_GRAPH", "0") == "1", ..OrtOptions::default() };
     let runs: usize = env("PFX_BENCH_RUNS", "5").parse()?;
+    if with_peer && device != OrtDevice::Cpu {
+        bail!("the `peft` engine is the CPU peer; on a GPU, run ../shared/tools/gpu/peft_generate.py in the same call");
+    }
     println!(
         "generate_tokens: {} on {} {device}, prompt {PROMPT}, {NEW} new tokens, median of {runs}",
         model.display(),
@@ -81,6 +99,7 @@ fn main() -> Result<()> {
             bundles.push((storage, dir.clone(), Bundle::open(&dir)?));
         }
         let m = bundles[0].2.manifest.clone();
+        let threads = pfx_runtime::backend::threads_from_env().unwrap_or(2);
         let mut gens = Vec::new();
         for &(storage, kind) in &variants {
             let bundle = &bundles.iter().find(|b| b.0 == storage).expect("a bundle per storage").2;
@@ -114,7 +133,13 @@ fn main() -> Result<()> {
                 t[t.len() / 2]
             })
             .collect();
-        for (name, med) in names.iter().zip(&medians) {
+        let mut rows: Vec<(String, f64)> = names.iter().cloned().zip(medians.iter().copied()).collect();
+        if with_peer {
+            // Its own process, after pfx's runs: the bundles' memory is still held, as it would be in a service.
+            let peer = hf_generate_peer(&m, b, k, runs, threads)?;
+            rows.push((format!("hf-peft ({threads} threads)"), peer));
+        }
+        for (name, med) in &rows {
             let ratio = med / medians[0];
             println!("| {b} | {k} | {name} | {med:.3} | {:.2} | {ratio:.2}× |", med / NEW as f64 * 1e3);
         }
@@ -124,4 +149,50 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The peer's median seconds per call for one case: HF `generate` with a PEFT prefix, a random GPT-2 of the
+/// bundle's sizes (`benches/hf_generate_peer.py`).
+fn hf_generate_peer(
+    m: &pfx_compiler::compile::Manifest,
+    batch: usize,
+    beams: usize,
+    runs: usize,
+    threads: usize,
+) -> Result<f64> {
+    let python = std::env::var("PFX_PEFT_PYTHON").unwrap_or_else(|_| {
+        if Path::new(DEFAULT_PYTHON).exists() {
+            DEFAULT_PYTHON.into()
+        } else {
+            "python3".into()
+        }
+    });
+    // From the repository root when run there, else where it was built.
+    let script = [
+        PathBuf::from("benches/hf_generate_peer.py"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/hf_generate_peer.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .ok_or_else(|| anyhow!("benches/hf_generate_peer.py not found (run from the repository root)"))?;
+    let n = |x: usize| x.to_string();
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(["--threads", &n(threads), "--layers", &n(m.layers), "--hidden", &n(m.hidden), "--heads", &n(m.heads)])
+        .args(["--vocab", &n(m.vocab), "--prefix", &n(m.prefix_len)])
+        .args(["--mid", &n(m.mid_dim.unwrap_or(512)), "--prompt", &n(PROMPT), "--new", &n(NEW)])
+        .args(["--cases", &format!("{batch}x{beams}"), "--runs", &n(runs)])
+        .output()
+        .with_context(|| {
+            format!("starting {python} (set PFX_PEFT_PYTHON to a python with torch, transformers and peft)")
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("the HF peer failed ({}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("median_s")?.as_f64())
+        .ok_or_else(|| anyhow!("the HF peer printed no result:\n{stdout}"))
 }
