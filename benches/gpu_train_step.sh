@@ -9,20 +9,9 @@
 # still brings back the cases that matter. Every case writes its own file under $OUT (the device call's
 # output folder) and appends its table to $OUT/summary.md.
 #
-# Here, before the device calls:
-#   cargo build --release --bench train_step_cpu --bench generate_tokens
-#   mkdir -p gpu-carry
-#   strip -o gpu-carry/train_step "$(ls -t $CARGO_TARGET_DIR/release/deps/train_step_cpu-* | grep -v '\.d$' | head -1)"
-#   strip -o gpu-carry/generate_tokens "$(ls -t $CARGO_TARGET_DIR/release/deps/generate_tokens-* | grep -v '\.d$' | head -1)"
-#   cargo test --release -p pfx-runtime --test gpu_ort --no-run      # the GPU correctness tests, run first
-#   strip -o gpu-carry/gpu_ort "$(ls -t $CARGO_TARGET_DIR/release/deps/gpu_ort-* | grep -v '\.d$' | head -1)"
-#   gzip -f gpu-carry/train_step gpu-carry/generate_tokens gpu-carry/gpu_ort   # 3 x ~10 MB: a call carries 64 MiB
-#   cp /work/shared/tools/gpu/peft_step.py /work/shared/tools/gpu/peft_generate.py gpu-carry/   # the peers
-#   for s in gpt2-medium gpt2; do       # the graphs compiled here, without their weights (~0.3 MB each)
-#     /root/.cache/pfx/ref/bin/python benches/make_gpt2_export.py --size $s --no-check /tmp/pfx-bench/$s
-#     /root/.cache/pfx/ref/bin/python benches/gpt2_skeleton.py strip /tmp/pfx-bench/$s gpu-carry/$s.skeleton.onnx
-#   done
-#   bash /work/shared/tools/gpu/pack-ort-cuda.sh .gpu 6        # ORT's CUDA libraries in six ~33 MB parts
+# Here, before the device calls, one command builds and packs everything (binaries, peers, skeleton graphs, ORT's
+# CUDA libraries in six parts) and prints the calls below:
+#   bash benches/gpu_prepare.sh
 # On the device, back to back (it is taken back after ~30 s idle; see ../shared/tools/gpu/README.md), six calls:
 #   calls 1-5 (N = 0..4), carry [".gpu/ortgpu.part0N"]:  mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part0N /tmp/ortgpu/
 #   call 6, carry [".gpu/ortgpu.part05", "gpu-carry"], timeout_s 600:
