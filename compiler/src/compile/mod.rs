@@ -265,7 +265,9 @@ pub fn build_loss_graph_from(
         )));
     };
     let _ = vocab;
-    if let Some(rows) = info.position_rows {
+    // OPT's table starts its positions 2 rows in (as BART's does).
+    let offset = if prefix::positions_from_mask(&model.graph) { 2 } else { 0 };
+    if let Some(rows) = info.position_rows.map(|r| r.saturating_sub(offset)) {
         check_positions(&format!("--seq {}", opts.seq), opts.prefix_len, opts.seq, rows)?;
         // Only exports with past inputs get generation graphs.
         let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));

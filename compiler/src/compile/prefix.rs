@@ -112,7 +112,8 @@ pub fn build_generator(g: &mut Graph, shape: &PrefixShape, site: &str, batch: us
 /// Where position ids come from once the prefix is bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Positions {
-    /// P + arange(T) in every row, as PEFT's forward numbers them (training and evaluation).
+    /// P + arange(T) in every row, as PEFT's forward numbers them (training and evaluation); OPT-style exports
+    /// number them from the mask ([`positions_from_mask`]), as transformers' OPT does under PEFT.
     Training,
     /// A `position_ids` input the caller fills (generation: from the mask, so left padding is harmless).
     Input,
@@ -154,6 +155,7 @@ pub fn bind_past(
     g.inputs.retain(|v| !v.name.starts_with("past_key_values"));
     // attention_mask: for training callers give [B, T] and the graph reads cat(ones(P), mask); generation
     // graphs take the whole [B, P+T] mask (a caller may mask the prefix out to run the bare model).
+    let mut full_mask = None;
     if positions == Positions::Input {
         if !g.is_input("attention_mask") {
             bail!("the export with past has no attention_mask input; pfx needs it to mask the prefix correctly");
@@ -167,18 +169,65 @@ pub fn bind_past(
         let node = g.fresh("attention_mask.with_prefix.node");
         g.nodes.insert(
             0,
-            Node::new(node, "Concat", vec![ones, "attention_mask".into()], vec![full]).with_attr("axis", Attr::Int(1)),
+            Node::new(node, "Concat", vec![ones, "attention_mask".into()], vec![full.clone()])
+                .with_attr("axis", Attr::Int(1)),
         );
+        full_mask = Some(full);
     } else {
         bail!("the export with past has no attention_mask input; pfx needs it to mask the prefix correctly");
     }
     let pos = g.inputs.iter().position(|v| v.name == "position_ids").filter(|_| positions == Positions::Training);
     if let Some(pos) = pos {
+        let from_mask = positions_from_mask(g);
         let dt = g.inputs.remove(pos).ty.dtype;
-        let ids: Vec<i64> = (0..batch).flat_map(|_| (0..seq as i64).map(|t| t + p as i64)).collect();
-        g.initializers.insert("position_ids".into(), Tensor::i64(vec![batch, seq], ids).cast(dt)?);
+        if let Some(mask) = full_mask.filter(|_| from_mask) {
+            number_real_tokens(g, &mask, p, seq, dt)?;
+        } else {
+            let ids: Vec<i64> = (0..batch).flat_map(|_| (0..seq as i64).map(|t| t + p as i64)).collect();
+            g.initializers.insert("position_ids".into(), Tensor::i64(vec![batch, seq], ids).cast(dt)?);
+        }
     }
     g.toposort()?;
+    Ok(())
+}
+
+/// Whether the export's position table is read at `position_ids + 2`: OPT's learned positions (BART's kind),
+/// which transformers numbers from the attention mask when no position ids are given, as in PEFT's forward:
+/// real tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.
+/// GPT-2, GPT-Neo and Llama number every row P + t.
+pub fn positions_from_mask(g: &Graph) -> bool {
+    let prod = g.producers();
+    let is_two =
+        |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).map(|x| x.len() == 1 && x[0] == 2).unwrap_or(false);
+    g.nodes.iter().any(|n| {
+        n.op == "Gather"
+            && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
+            && prod.get(&n.inputs[1]).map(|&i| &g.nodes[i]).is_some_and(|a| {
+                a.op == "Add"
+                    && a.inputs.len() == 2
+                    && ((a.inputs[0] == "position_ids" && is_two(&a.inputs[1]))
+                        || (a.inputs[1] == "position_ids" && is_two(&a.inputs[0])))
+            })
+    })
+}
+
+/// `position_ids` = (cumsum(mask) · mask − 1)[:, P:] of the mask with the prefix's ones: what transformers'
+/// OPT computes from PEFT's mask (padding gets −1, as there).
+fn number_real_tokens(g: &mut Graph, mask: &str, p: usize, seq: usize, dt: DType) -> Result<()> {
+    let to_i64 = vec![("to", Attr::Int(DType::I64.onnx_code() as i64))];
+    let m = g.op1("Cast", &[mask], to_i64, "position_ids.mask");
+    let axis = g.add_const("position_ids.axis", Tensor::scalar_i64(1));
+    let count = g.op1("CumSum", &[&m, &axis], vec![], "position_ids.count");
+    let kept = g.op1("Mul", &[&count, &m], vec![], "position_ids.count_real");
+    let one = g.add_const("position_ids.one", Tensor::scalar_i64(1));
+    let all = g.op1("Sub", &[&kept, &one], vec![], "position_ids.with_prefix");
+    let starts = g.add_const("position_ids.starts", Tensor::vec_i64(&[p as i64]));
+    let ends = g.add_const("position_ids.ends", Tensor::vec_i64(&[(p + seq) as i64]));
+    let axes = g.add_const("position_ids.axes", Tensor::vec_i64(&[1]));
+    let ids = g.op1("Slice", &[&all, &starts, &ends, &axes], vec![], "position_ids.real");
+    let node = g.fresh("position_ids.node");
+    let to = Attr::Int(dt.onnx_code() as i64);
+    g.nodes.push(Node::new(node, "Cast", vec![ids], vec!["position_ids".into()]).with_attr("to", to));
     Ok(())
 }
 

@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Tiny Llama, OPT and GPT-Neo: HF folders, optimum exports with past, and PyTorch + PEFT references.
+
+One command, from the reference venv (torch, transformers 5.x, peft); it runs itself in the optimum venv
+(transformers 4.x, optimum-onnx) for the export step:
+
+    /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
+
+Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptneo-tiny:
+    NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
+    NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
+    peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
+
+--skip-hf keeps the hf/ folders. The export step asserts that every saved tensor loads unchanged in
+transformers 4.x and that onnxruntime gives PyTorch's logits and presents (max diff < 1e-4). The references
+come from PyTorch + PEFT only. Reruns give byte-identical files.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT_REFS = os.path.join(HERE, "peft-decoders")
+OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
+SEED = 20261127
+TOL = 1e-4
+FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny"]
+
+# ---- prefix-tuning setup: the same as graphs/peft/ (make_peft_references.py) ---------------------------------
+P = 4  # num_virtual_tokens
+B = 3  # batch
+T = 7  # sequence length
+VOCAB_IDS = 95  # input ids are drawn from [0, 95)
+PAD = 2  # row 1: last PAD positions masked (right padding); row 2: first PAD positions masked (left padding)
+ROW0_IGNORED = 2  # labels of row 0: first ROW0_IGNORED positions set to -100
+ENCODER_HIDDEN = 16  # M, reparam mode only
+NOISE_STD = 0.1  # seeded noise added to every trainable tensor after PEFT's init
+MODES = {
+    "reparam": dict(prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN),
+    "noreparam": dict(prefix_projection=False),
+}
+# ---- generation: as graphs/peft-generate/ ---------------------------------------------------------------------
+EOS = 95  # bos = eos = pad = 95 in every config, as gpt2-tiny
+NEW = 8  # exactly 8 new tokens (eos banned before that)
+PROMPT_LENS = (6, 4, 2)  # left-padded to 6 with EOS
+# The first seed from 20261225 on for which the prefix changes at least 4 of the 8 greedy tokens of every
+# prompt, in every family and mode (on a random tiny model many prompts give the same tokens either way).
+PROMPT_SEED = 20261240
+
+
+def add_noise(model, seed):
+    """Perturb every parameter so no two initializers are identical (exporters merge equal ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+
+
+def configs():
+    from transformers import GPTNeoConfig, LlamaConfig, OPTConfig
+
+    special = dict(bos_token_id=EOS, eos_token_id=EOS)
+    return {
+        "llama-tiny": LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                  **special),
+        "opt-tiny": OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=EOS, **special),
+        "gptneo-tiny": GPTNeoConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
+                                    attention_types=[[["global", "local"], 1]], window_size=256,
+                                    max_position_embeddings=64, **special),
+    }
+
+
+def make_hf():
+    from transformers import AutoModelForCausalLM
+
+    for i, (name, cfg) in enumerate(configs().items()):
+        torch.manual_seed(SEED + 100 + i)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        add_noise(model, SEED + 110 + i)
+        model.save_pretrained(os.path.join(HERE, name, "hf"))
+        n = sum(p.numel() for p in model.parameters())
+        print(f"  {name}/hf: {type(model).__name__}, {n} parameters")
+
+
+# ================================================================================================================
+# Export step: optimum venv (transformers 4.x)
+# ================================================================================================================
+def load_checked(hf_dir):
+    """Load the HF folder and prove every saved tensor arrived unchanged (one set of weights across venvs)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True, torch_dtype=torch.float32)
+    assert not any(info.values()), info
+    saved = load_file(os.path.join(hf_dir, "model.safetensors"))
+    state = model.state_dict()
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
+    return model.eval()
+
+
+def legacy_cache(cache):
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def export_one(name):
+    import onnx
+    import onnxruntime as ort
+    from transformers.cache_utils import DynamicCache
+
+    out_dir = os.path.join(HERE, name)
+    hf_dir = os.path.join(out_dir, "hf")
+    model = load_checked(hf_dir)
+    path = os.path.join(out_dir, "model.onnx")
+    for f in os.listdir(out_dir):
+        if f.endswith(".onnx") or f.endswith(".onnx_data"):
+            os.remove(os.path.join(out_dir, f))
+    cli = os.path.join(os.path.dirname(sys.executable), "optimum-cli")
+    cmd = [cli, "export", "onnx", "--model", hf_dir, "--task", "text-generation-with-past", out_dir]
+    print(f"  $ optimum-cli export onnx --model {name}/hf --task text-generation-with-past {name}")
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # optimum iterates over sets of names
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    assert sorted(f for f in os.listdir(out_dir) if "onnx" in f) == ["model.onnx"], os.listdir(out_dir)
+    onnx.checker.check_model(path, full_check=True)
+    m = onnx.load(path)
+    opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
+    print(f"  {name}/model.onnx: ir={m.ir_version} opset={opset} nodes={len(m.graph.node)} "
+          f"initializers={len(m.graph.initializer)} {os.path.getsize(path)} bytes, check_model(full)=OK")
+    print("    inputs: " + ", ".join(i.name for i in m.graph.input))
+
+    # onnxruntime equals PyTorch: 3 past tokens (K/V from the model), 5 new tokens, row 1 left-padded.
+    torch.set_grad_enabled(False)
+    first_ids = torch.tensor([[95, 11, 12], [95, 95, 61]])
+    first_mask = torch.tensor([[1, 1, 1], [0, 0, 1]])
+    ids = torch.tensor([[17, 42, 8, 63, 5], [5, 77, 30, 30, 9]])
+    mask = torch.cat([first_mask, torch.ones_like(ids)], dim=1)
+    pos_all = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    first = model(input_ids=first_ids, attention_mask=first_mask, position_ids=pos_all[:, :3], use_cache=True)
+    past = [(k.clone(), v.clone()) for k, v in legacy_cache(first.past_key_values)]
+    cache = DynamicCache.from_legacy_cache(tuple((k.clone(), v.clone()) for k, v in past))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos_all[:, 3:], past_key_values=cache, use_cache=True)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos_all[:, 3:]}
+    for i, (k, v) in enumerate(past):
+        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
+    expected = {"logits": out.logits}
+    for i, (k, v) in enumerate(legacy_cache(out.past_key_values)):
+        expected[f"present.{i}.key"], expected[f"present.{i}.value"] = k, v
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {n: feeds[n].numpy() for n in names})
+    worst = 0.0
+    for o, v in zip(sess.get_outputs(), got):
+        want = expected[o.name].numpy()
+        assert v.shape == want.shape, (o.name, v.shape, want.shape)
+        worst = max(worst, float(np.abs(v - want).max()))
+    print(f"    onnxruntime vs PyTorch (past 3, left-padded): max diff {worst:.2g} over {len(got)} outputs")
+    assert worst < TOL
+
+
+def export_main():
+    import onnx
+    import onnxruntime as ort
+    import transformers
+    from importlib.metadata import version
+
+    print(f"[optimum venv] torch {torch.__version__}, transformers {transformers.__version__}, onnx "
+          f"{onnx.__version__}, onnxruntime {ort.__version__}, optimum-onnx {version('optimum-onnx')}")
+    for name in FAMILIES:
+        export_one(name)
+
+
+# ================================================================================================================
+# References: reference venv (transformers 5.x + PEFT)
+# ================================================================================================================
+def make_batch():
+    g = torch.Generator().manual_seed(SEED)
+    input_ids = torch.randint(0, VOCAB_IDS, (B, T), generator=g, dtype=torch.int64)
+    attention_mask = torch.ones(B, T, dtype=torch.int64)
+    attention_mask[1, T - PAD:] = 0
+    attention_mask[2, :PAD] = 0
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = -100
+    labels[0, :ROW0_IGNORED] = -100
+    return input_ids, attention_mask, labels
+
+
+def make_prompts():
+    g = torch.Generator().manual_seed(PROMPT_SEED)
+    tp = max(PROMPT_LENS)
+    prompts = torch.full((len(PROMPT_LENS), tp), EOS, dtype=torch.int64)
+    mask = torch.zeros((len(PROMPT_LENS), tp), dtype=torch.int64)
+    for i, n in enumerate(PROMPT_LENS):
+        prompts[i, tp - n:] = torch.randint(0, VOCAB_IDS, (n,), generator=g)
+        mask[i, tp - n:] = 1
+    return prompts, mask
+
+
+def np32(t):
+    return np.array(t.detach().cpu().to(torch.float32).numpy(), dtype=np.float32, order="C", copy=True)
+
+
+def load_base(name, attn="eager"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(HERE, name, "hf"), attn_implementation=attn,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def prefix_cache(prefix, rows):
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.unsqueeze(0).expand(rows, *k.shape).clone(), v.unsqueeze(0).expand(rows, *v.shape).clone())
+                         for k, v in prefix])
+
+
+def hand_greedy(base, ids, prefix):
+    """One prompt (no padding), one full forward per step over the sequence so far, with a fresh prefix cache;
+    positions P + t, eos banned (min_new_tokens = NEW). prefix None: the base model alone, positions from 0."""
+    seq = ids.clone()
+    new = []
+    with torch.no_grad():
+        for _ in range(NEW):
+            n = seq.shape[1]
+            if prefix is None:
+                out = base(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False)
+            else:
+                mask = torch.ones(1, P + n, dtype=torch.int64)
+                pos = (P + torch.arange(n)).unsqueeze(0)
+                out = base(input_ids=seq, attention_mask=mask, cache=prefix_cache(prefix, 1), position_ids=pos,
+                           use_cache=False)
+            logits = out.logits[0, -1].clone()
+            logits[EOS] = -float("inf")
+            t = int(logits.argmax())
+            new.append(t)
+            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
+    return new
+
+
+def hf_generate(base, ids, prefix):
+    """transformers' own generate with the prefix in its cache (one prompt, no padding)."""
+    args = dict(do_sample=False, num_beams=1, min_new_tokens=NEW, max_new_tokens=NEW, pad_token_id=EOS,
+                eos_token_id=EOS)
+    mask = torch.ones(1, P + ids.shape[1], dtype=torch.int64)
+    with torch.no_grad():
+        seqs = base.generate(input_ids=ids, attention_mask=mask, cache=prefix_cache(prefix, 1), **args)
+    assert torch.equal(seqs[:, :ids.shape[1]], ids)
+    return seqs[0, ids.shape[1]:].tolist()
+
+
+def run_family(name):
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from safetensors.numpy import save_file
+
+    input_ids, attention_mask, labels = make_batch()
+    prompts, prompt_mask = make_prompts()
+    for mode in MODES:
+        base = load_base(name)
+        cfg = base.config
+        L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+        d = cfg.hidden_size
+        D = d // H
+        pcfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, **MODES[mode])
+        torch.manual_seed(SEED)  # PEFT's own init draws from the global RNG
+        model = get_peft_model(base, pcfg).eval()
+        enc = model.prompt_encoder[model.active_adapter]
+        named = list(enc.named_parameters())
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(p.numel() for _, p in named)
+        g = torch.Generator().manual_seed(SEED + 1 + list(MODES).index(mode))
+        with torch.no_grad():
+            for _, p in named:
+                p.add_(torch.randn(p.shape, generator=g) * NOISE_STD)
+        init = {n: p.detach().clone() for n, p in named}
+        out = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), "labels": labels.numpy()}
+        for n, v in init.items():
+            out[n] = np32(v)
+
+        res = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        res.loss.backward()
+        out["loss"] = np.array(res.loss.item(), dtype=np.float32).reshape(())
+        for n, p in named:
+            out["grad." + n] = np32(p.grad)
+
+        with torch.no_grad():
+            # The prefix PEFT builds, in the layout pfx uses: column ((2l + kv) H + h) D + dd of the [P, 2Ld] rows.
+            if mode == "reparam":
+                x = init["embedding.weight"]
+                hid = torch.tanh(x @ init["transform.0.weight"].T + init["transform.0.bias"])
+                flat = hid @ init["transform.2.weight"].T + init["transform.2.bias"]
+            else:
+                flat = init["embedding.weight"]
+            kv = flat.view(P, 2 * L, H, D).permute(1, 2, 0, 3)
+            prefix = [(kv[2 * l].clone(), kv[2 * l + 1].clone()) for l in range(L)]
+            cache = model.get_prompt(1)
+            for l in range(L):
+                torch.testing.assert_close(cache.layers[l].keys[0], prefix[l][0], rtol=0, atol=1e-6)
+                torch.testing.assert_close(cache.layers[l].values[0], prefix[l][1], rtol=0, atol=1e-6)
+            # PEFT's forward is the base model with that prefix as its cache and P leading ones in the mask
+            # (no position ids: each family numbers positions its own way).
+            full_mask = torch.cat([torch.ones(B, P, dtype=torch.int64), attention_mask], dim=1)
+            own = base(input_ids=input_ids, attention_mask=full_mask, cache=prefix_cache(prefix, B)).logits
+            torch.testing.assert_close(own, res.logits, rtol=0, atol=1e-5)
+            no_prefix = base(input_ids=input_ids, attention_mask=attention_mask).logits
+            assert (no_prefix - res.logits).abs().max() > 1e-2
+
+            # Greedy generation with this prefix, each prompt alone; two ways, asserted equal.
+            greedy, bare = [], []
+            for i in range(prompts.shape[0]):
+                ids = prompts[i:i + 1, prompt_mask[i] == 1]
+                hand = hand_greedy(base, ids, prefix)
+                assert hand == hf_generate(base, ids, prefix), (name, mode, i)
+                greedy.append(hand)
+                bare.append(hand_greedy(base, ids, None))
+            out["prompts"] = prompts.numpy()
+            out["prompt_mask"] = prompt_mask.numpy()
+            out["greedy"] = np.array(greedy, dtype=np.int64)
+            out["greedy_noprefix"] = np.array(bare, dtype=np.int64)
+            changed = min(sum(a != b for a, b in zip(x, y)) for x, y in zip(greedy, bare))
+            assert changed >= 4, (name, mode, changed)
+        os.makedirs(OUT_REFS, exist_ok=True)
+        path = os.path.join(OUT_REFS, f"{name}-{mode}.safetensors")
+        save_file(out, path)  # no metadata: reruns are byte-identical
+        print(f"  {os.path.relpath(path, HERE)}: loss {out['loss']:.6f}, |grad| "
+              f"{np.sqrt(sum((out['grad.' + n] ** 2).sum() for n in init)):.4g}, greedy {greedy}, "
+              f"no prefix {bare}")
+
+
+def main():
+    if sys.argv[1:] == ["--export"]:
+        return export_main()
+    if sys.argv[1:] not in ([], ["--skip-hf"]):
+        sys.exit("usage: make_decoder_fixtures.py [--skip-hf]")
+    import peft
+    import transformers
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    print(f"[reference venv] torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft.__version__}")
+    if sys.argv[1:] != ["--skip-hf"]:
+        make_hf()
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export"], check=True, env=env)
+    for name in FAMILIES:
+        print(name)
+        run_family(name)
+    print("done")
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    sys.exit(main())

@@ -1,0 +1,122 @@
+//! Decoder-only exports other than GPT-2 (tiny Llama, OPT and GPT-Neo from optimum, with past) compile to
+//! prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
+//! reparametrization, and greedy tokens with a fixed prefix, on tract and on ONNX Runtime. References by
+//! `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as `graphs/peft/` and
+//! `graphs/peft-generate/`).
+
+mod common;
+
+use common::{backends, check_bundle, check_norm, id_rows, rel, run, scalar};
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use pfx_compiler::compile::generate::GenShape;
+use pfx_compiler::compile::{compile, CompileOptions, Manifest};
+use pfx_runtime::bundle::Bundle;
+use pfx_runtime::generate::{GenConfig, Generator};
+use pfx_runtime::{open, HostTensor, OrtOptions};
+
+const FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny"];
+const MODES: &[&str] = &["reparam", "noreparam"];
+const EOS: i64 = 95;
+
+fn reference(family: &str, mode: &str) -> BTreeMap<String, HostTensor> {
+    pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-decoders/{family}-{mode}.safetensors")))
+        .unwrap()
+}
+
+fn options(mode: &str) -> CompileOptions {
+    let generation = Some(GenShape { rows: 3, prompt_len: 6, max_new: 8 });
+    common::gpt2_options((mode == "reparam").then_some(16), generation)
+}
+
+/// Each test compiles into its own folder (tests run in parallel threads of one process).
+fn compile_fixture(family: &str, mode: &str, test: &str) -> (PathBuf, Manifest) {
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-dec-{test}-{family}-{mode}"));
+    let model = common::graphs_dir().join(family).join("model.onnx");
+    let m = compile(&model, &options(mode), &out).unwrap_or_else(|e| panic!("compiling {family}: {e:#}"));
+    (out, m)
+}
+
+#[test]
+fn loss_and_gradients_equal_peft() {
+    for mode in MODES {
+        for family in FAMILIES {
+            let r = reference(family, mode);
+            let (dir, m) = compile_fixture(family, mode, "grads");
+            check_bundle(&dir);
+            let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
+            for kind in backends() {
+                let what = format!("{family} {mode} {kind}");
+                let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();
+                let out = run(&mut b, &r, &what);
+                let e = rel(scalar(&out["loss"]), scalar(&r["loss"]));
+                assert!(e <= 1e-5, "{what}: loss {} vs PEFT {} (rel {e:e})", scalar(&out["loss"]), scalar(&r["loss"]));
+                let mut worst = 0.0f64;
+                for n in &names {
+                    let g = format!("grad.{n}");
+                    worst = worst.max(check_norm(&format!("{what} {g}"), &out[&g], &r[&g], 1e-4));
+                }
+                let mut ev = open(dir.join("eval_step.onnx"), kind, &OrtOptions::default()).unwrap();
+                let el = scalar(&run(&mut ev, &r, &what)["loss"]);
+                let ee = rel(el, scalar(&r["loss"]));
+                assert!(ee <= 1e-5, "{what}: eval loss {el} vs PEFT {} (rel {ee:e})", scalar(&r["loss"]));
+                println!("{what:<28} loss rel err {e:.1e}, eval {ee:.1e}, worst gradient rel err {worst:.1e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_equal_peft() {
+    for mode in MODES {
+        for family in FAMILIES {
+            let r = reference(family, mode);
+            let prompts = id_rows(&r["prompts"], Some(&r["prompt_mask"]));
+            let (dir, _) = compile_fixture(family, mode, "tokens");
+            let b = Bundle::open(&dir).unwrap();
+            let prefix: BTreeMap<String, HostTensor> =
+                b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+            let want = id_rows(&r["greedy"], None);
+            let bare = id_rows(&r["greedy_noprefix"], None);
+            assert_ne!(want, bare, "{family} {mode}: the prefix must change PEFT's tokens");
+            for kind in backends() {
+                let what = format!("{family} {mode} {kind}");
+                let mut g = Generator::open(&b, kind, &OrtOptions::default(), prefix.clone()).unwrap();
+                let cfg =
+                    GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(EOS), pad: EOS, ..GenConfig::default() };
+                // The left-padded batch gives each prompt's tokens alone (PEFT's are made one prompt at a time).
+                let greedy = g.greedy(&prompts, &cfg).unwrap();
+                assert_eq!(greedy, want, "{what}: greedy tokens differ from PEFT");
+                let no_prefix = GenConfig { no_prefix: true, ..cfg.clone() };
+                assert_eq!(g.greedy(&prompts, &no_prefix).unwrap(), bare, "{what}: the bare model's tokens");
+                println!("{what:<28} greedy {greedy:?}");
+            }
+        }
+    }
+}
+
+/// Readable snapshots of the graphs where the families differ from GPT-2: the loss graph (prefix bound as the
+/// past, positions, mask) and the prefill (reparam, P=4, M=16, B=3, T=7; 3 rows, prompt 6, 8 new).
+#[test]
+fn compiled_graph_snapshots() {
+    for family in FAMILIES {
+        let model = common::graphs_dir().join(family).join("model.onnx");
+        let c = pfx_compiler::compile::compile_models(&model, &options("reparam")).unwrap();
+        for (role, m) in c.graphs.iter().filter(|(role, _)| role == "eval_step" || role == "prefill") {
+            insta::assert_snapshot!(format!("compiled__{family}__{role}"), pfx_compiler::text::model_text(m));
+        }
+    }
+}
+
+/// OPT's position table has 2 rows more than the positions it serves: the length check counts only those.
+#[test]
+fn opt_positions_end_two_rows_before_its_table() {
+    let model = common::graphs_dir().join("opt-tiny").join("model.onnx");
+    let at = |seq: usize| CompileOptions { seq, generation: None, ..options("noreparam") };
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-opt-positions");
+    compile(&model, &at(60), &out).expect("4 + 60 positions fit the 64 OPT serves");
+    let e = compile(&model, &at(61), &out).unwrap_err();
+    assert!(format!("{e:#}").contains("needs 65 positions, but the model has 64"), "{e:#}");
+}
