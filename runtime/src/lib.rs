@@ -25,6 +25,8 @@ pub mod search;
 pub mod seq2seq;
 pub mod seq2seq_data;
 pub mod tensor;
+#[cfg(test)]
+mod test_scratch;
 pub mod tokenize;
 pub mod tract_adamw;
 pub mod tract_backend;

@@ -1582,6 +1582,7 @@ impl OrtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_scratch::Scratch;
 
     #[test]
     fn device_parsing() {
@@ -1676,7 +1677,7 @@ mod tests {
     }
 
     /// A compiled bundle of the random GPT-2 fixture, and inputs for one of its graphs (fixed values).
-    fn small_bundle(tag: &str) -> PathBuf {
+    fn small_bundle(tag: &str) -> Scratch {
         small_bundle_of(tag, "gpt2-optimum", None)
     }
 
@@ -1685,9 +1686,8 @@ mod tests {
         tag: &str,
         fixture: &str,
         generation: Option<pfx_compiler::compile::generate::GenShape>,
-    ) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("pfx-ort-unit-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+    ) -> Scratch {
+        let dir = Scratch::new(&format!("ort-unit-{tag}"));
         let opts = pfx_compiler::compile::CompileOptions {
             prefix_len: 2,
             mid_dim: None,
@@ -1736,7 +1736,8 @@ mod tests {
         if !ort_here() {
             return;
         }
-        let model = small_bundle("fixed").join("grads.onnx");
+        let bundle = small_bundle("fixed");
+        let model = bundle.join("grads.onnx");
         let options = OrtOptions::default();
         let mut plain = OrtBackend::open(&model, &options).unwrap();
         let inputs = inputs_for(plain.inputs());
@@ -1763,7 +1764,8 @@ mod tests {
         if !ort_here() {
             return;
         }
-        let model = small_bundle("fixed-kept").join("grads.onnx");
+        let bundle = small_bundle("fixed-kept");
+        let model = bundle.join("grads.onnx");
         let options = OrtOptions::default();
         let mut plain = OrtBackend::open(&model, &options).unwrap();
         let mut inputs = inputs_for(plain.inputs());
@@ -1863,7 +1865,6 @@ mod tests {
         assert!(e.contains("no output `present.99.key`"), "{e}");
         let e = format!("{:#}", plain.run_writing(&inputs, &absent).unwrap_err());
         assert!(e.contains("no output `present.99.key`"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The copy-back mode (one binding, fixed addresses: TensorRT with --cuda-graph) trains exactly as the
