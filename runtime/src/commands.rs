@@ -126,6 +126,13 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     if out.is_file() {
         bail!("--output {} is a file, not a folder", out.display());
     }
+    // The missing folders above it (`-o a/b/c` with no `a`), deepest first: a refused run removes them too.
+    let missing_parents: Vec<PathBuf> = out
+        .ancestors()
+        .skip(1)
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .map(Path::to_path_buf)
+        .collect();
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
@@ -137,8 +144,12 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     };
     let result = train_into_locked_folder(args, engine);
     if made && result.is_err() {
-        // Removes only an empty folder.
-        let _ = std::fs::remove_dir(&out);
+        // remove_dir removes only empty folders: anything written, here or by another run, stays.
+        for dir in std::iter::once(&out).chain(&missing_parents) {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
     }
     result
 }

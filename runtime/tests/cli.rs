@@ -297,6 +297,10 @@ fn generate_refuses_what_would_fail_late_or_lose_work() {
     let run = dir.join("run");
     let e = fails(&["train", p(&bundle), "--train", p(&dir.join("missing.txt")), "-o", p(&run)]);
     assert!(e.contains("missing.txt") && !run.exists(), "{e}");
+    // Nor the folders it made above it (`-o a/b/run` with no `a`).
+    let nested = dir.join("a").join("b").join("run");
+    let e = fails(&["train", p(&bundle), "--train", p(&dir.join("missing.txt")), "-o", p(&nested)]);
+    assert!(e.contains("missing.txt") && !dir.join("a").exists(), "{e}");
     let srcs = dir.join("mrs.src");
     std::fs::write(&srcs, "name : The Eagle\n\nname : Aromi\n").unwrap();
     let gen = |extra: &[&str]| -> Vec<String> {
