@@ -17,9 +17,11 @@
 //!
 //!     PFX_BENCH_ENGINE=ort,tract,peft PFX_BENCH_RUNS=3 cargo bench --bench generate_tokens
 
+#[path = "common/peer.rs"]
+mod peer;
+
 use std::time::Instant;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -33,7 +35,6 @@ use pfx_runtime::{BackendKind, OrtDevice, OrtOptions};
 
 const PROMPT: usize = 32;
 const NEW: usize = 64;
-const DEFAULT_PYTHON: &str = "/root/.cache/pfx/ref/bin/python";
 
 fn env(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
@@ -160,21 +161,8 @@ fn hf_generate_peer(
     runs: usize,
     threads: usize,
 ) -> Result<f64> {
-    let python = std::env::var("PFX_PEFT_PYTHON").unwrap_or_else(|_| {
-        if Path::new(DEFAULT_PYTHON).exists() {
-            DEFAULT_PYTHON.into()
-        } else {
-            "python3".into()
-        }
-    });
-    // From the repository root when run there, else where it was built.
-    let script = [
-        PathBuf::from("benches/hf_generate_peer.py"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/hf_generate_peer.py"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .ok_or_else(|| anyhow!("benches/hf_generate_peer.py not found (run from the repository root)"))?;
+    let python = peer::python();
+    let script = peer::script("hf_generate_peer.py")?;
     let n = |x: usize| x.to_string();
     let out = Command::new(&python)
         .arg(&script)

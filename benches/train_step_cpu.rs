@@ -14,6 +14,9 @@
 //! PFX_BENCH_BUNDLE (reuse this compiled bundle, or compile into it if it has no manifest).
 //! The ONNX Runtime library is found as pfxrun finds it (ORT_DYLIB_PATH, else python3's onnxruntime).
 
+#[path = "common/peer.rs"]
+mod peer;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,7 +29,6 @@ use pfx_runtime::bundle::Bundle;
 use pfx_runtime::{state_pairs, BackendKind, HostStateStep, HostTensor, OrtDevice, OrtOptions, StatefulStep};
 
 const DEFAULT_MODEL: &str = "/tmp/pfx-bench/gpt2/model.onnx";
-const DEFAULT_PYTHON: &str = "/root/.cache/pfx/ref/bin/python";
 const PREFIX: usize = 10;
 const MID: usize = 512;
 /// Batch and sequence length: B=5, T=64 (the CPU goal's shapes) unless PFX_BENCH_BATCH / PFX_BENCH_SEQ say.
@@ -282,21 +284,8 @@ fn child_engine(kind: &str, dir: &Path, warmup: usize, steps: usize, threads: us
 
 /// The PEFT peer in its own process, torch limited to `threads` threads by benches/peft_step_threads.py.
 fn child_peft(peer: &Path, size: &str, warmup: usize, steps: usize, threads: usize) -> Result<Run> {
-    let python = std::env::var("PFX_PEFT_PYTHON").unwrap_or_else(|_| {
-        if Path::new(DEFAULT_PYTHON).exists() {
-            DEFAULT_PYTHON.into()
-        } else {
-            "python3".into()
-        }
-    });
-    // From the repository root when run there (a copy of the tree on another machine), else where it was built.
-    let wrapper = [
-        PathBuf::from("benches/peft_step_threads.py"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peft_step_threads.py"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .ok_or_else(|| anyhow!("benches/peft_step_threads.py not found (run from the repository root)"))?;
+    let python = peer::python();
+    let wrapper = peer::script("peft_step_threads.py")?;
     let (b, s, p, mid) = (batch().to_string(), seq().to_string(), PREFIX.to_string(), MID.to_string());
     let on_gpu = device()? != OrtDevice::Cpu;
     let mut extra: Vec<String> = vec!["--device".into(), if on_gpu { "cuda" } else { "cpu" }.into()];
