@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Tiny Llama, OPT and GPT-Neo: HF folders, optimum exports with past, and PyTorch + PEFT references.
+"""Tiny Llama (also with grouped-query attention), OPT and GPT-Neo: HF folders, optimum exports, and PyTorch + PEFT
+references.
 
 One command, from the reference venv (torch, transformers 5.x, peft); it runs itself in the optimum venv
 (transformers 4.x, optimum-onnx) for the export step:
 
     /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
 
-Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptneo-tiny:
+Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny:
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
+and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
+llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (pfx refuses it: rotary positions without past).
+llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
+model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
+token_dim 16, num_attention_heads 2) into peft-decoders/adapter-llama-gqa-tiny/.
 
 --skip-hf keeps the hf/ folders. The export step asserts that every saved tensor loads unchanged in
 transformers 4.x and that onnxruntime gives PyTorch's logits and presents (max diff < 1e-4). The references
@@ -27,7 +33,9 @@ OUT_REFS = os.path.join(HERE, "peft-decoders")
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261127
 TOL = 1e-4
-FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny"]
+FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"]
+# Exports without past: (folder, HF folder it is exported from).
+NOPAST = [("opt-nopast-tiny", "opt-tiny"), ("llama-gqa-nopast-tiny", "llama-gqa-tiny")]
 
 # ---- prefix-tuning setup: the same as graphs/peft/ (make_peft_references.py) ---------------------------------
 P = 4  # num_virtual_tokens
@@ -72,6 +80,10 @@ def configs():
         "gptneo-tiny": GPTNeoConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
                                     attention_types=[[["global", "local"], 1]], window_size=256,
                                     max_position_embeddings=64, **special),
+        # Grouped-query attention, as TinyLlama / Llama 3: 2 query heads share each key/value head.
+        "llama-gqa-tiny": LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      **special),
     }
 
 
@@ -110,21 +122,25 @@ def legacy_cache(cache):
     return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
 
 
-def export_one(name):
+def export_one(name, hf_name=None):
+    """Exports HERE/hf_name/hf (default: name's own) into HERE/name, with past unless hf_name is given."""
     import onnx
     import onnxruntime as ort
     from transformers.cache_utils import DynamicCache
 
     out_dir = os.path.join(HERE, name)
-    hf_dir = os.path.join(out_dir, "hf")
+    hf_name = hf_name or name
+    hf_dir = os.path.join(HERE, hf_name, "hf")
+    task = "text-generation-with-past" if hf_name == name else "text-generation"
     model = load_checked(hf_dir)
     path = os.path.join(out_dir, "model.onnx")
+    os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):
         if f.endswith(".onnx") or f.endswith(".onnx_data"):
             os.remove(os.path.join(out_dir, f))
     cli = os.path.join(os.path.dirname(sys.executable), "optimum-cli")
-    cmd = [cli, "export", "onnx", "--model", hf_dir, "--task", "text-generation-with-past", out_dir]
-    print(f"  $ optimum-cli export onnx --model {name}/hf --task text-generation-with-past {name}")
+    cmd = [cli, "export", "onnx", "--model", hf_dir, "--task", task, out_dir]
+    print(f"  $ optimum-cli export onnx --model {hf_name}/hf --task {task} {name}")
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # optimum iterates over sets of names
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     assert sorted(f for f in os.listdir(out_dir) if "onnx" in f) == ["model.onnx"], os.listdir(out_dir)
@@ -134,6 +150,25 @@ def export_one(name):
     print(f"  {name}/model.onnx: ir={m.ir_version} opset={opset} nodes={len(m.graph.node)} "
           f"initializers={len(m.graph.initializer)} {os.path.getsize(path)} bytes, check_model(full)=OK")
     print("    inputs: " + ", ".join(i.name for i in m.graph.input))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    if task == "text-generation":
+        # No past: 6 tokens, row 1 left-padded by 2 (position ids from the mask, as optimum's generate feeds them).
+        torch.set_grad_enabled(False)
+        ids = torch.tensor([[17, 42, 8, 63, 5, 11], [95, 95, 77, 30, 30, 9]])
+        mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        assert not any(n.startswith("past") for n in names), names
+        (got,) = sess.run(None, {n: feeds[n].numpy() for n in names})
+        # Left padding: compare the real positions only (padding rows see no key in some exports).
+        worst = float(np.abs(got - want)[mask.numpy() == 1].max())
+        print(f"    onnxruntime vs PyTorch (no past, left-padded): max diff {worst:.2g} over logits")
+        assert worst < TOL
+        return
 
     # onnxruntime equals PyTorch: 3 past tokens (K/V from the model), 5 new tokens, row 1 left-padded.
     torch.set_grad_enabled(False)
@@ -152,10 +187,6 @@ def export_one(name):
     expected = {"logits": out.logits}
     for i, (k, v) in enumerate(legacy_cache(out.past_key_values)):
         expected[f"present.{i}.key"], expected[f"present.{i}.value"] = k, v
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
     got = sess.run(None, {n: feeds[n].numpy() for n in names})
     worst = 0.0
     for o, v in zip(sess.get_outputs(), got):
@@ -176,6 +207,8 @@ def export_main():
           f"{onnx.__version__}, onnxruntime {ort.__version__}, optimum-onnx {version('optimum-onnx')}")
     for name in FAMILIES:
         export_one(name)
+    for name, hf_name in NOPAST:
+        export_one(name, hf_name)
 
 
 # ================================================================================================================
@@ -257,6 +290,24 @@ def hf_generate(base, ids, prefix):
     return seqs[0, ids.shape[1]:].tolist()
 
 
+def save_adapter(model, name, loss, input_ids, attention_mask, labels):
+    """PEFT's own adapter folder for this prefix, proven to load back in PEFT with the same loss."""
+    from peft import PeftModel
+
+    # Recorded as the base model, repo-relative (the checkout's path would make reruns differ).
+    model.peft_config[model.active_adapter].base_model_name_or_path = f"graphs/{name}/hf"
+    out_dir = os.path.join(OUT_REFS, f"adapter-{name}")
+    model.save_pretrained(out_dir)
+    card = os.path.join(out_dir, "README.md")
+    if os.path.exists(card):
+        os.remove(card)
+    loaded = PeftModel.from_pretrained(load_base(name), out_dir).eval()
+    with torch.no_grad():
+        back = loaded(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.item()
+    assert abs(back - loss) <= 1e-5 * abs(loss), (back, loss)
+    print(f"  {os.path.relpath(out_dir, HERE)}: PEFT loads it back with loss {back:.6f} (saved model: {loss:.6f})")
+
+
 def run_family(name):
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from safetensors.numpy import save_file
@@ -269,6 +320,8 @@ def run_family(name):
         L, H = cfg.num_hidden_layers, cfg.num_attention_heads
         d = cfg.hidden_size
         D = d // H
+        # Grouped-query attention: PEFT's prefix holds the key/value heads only (token_dim = kv heads x D).
+        H = getattr(cfg, "num_key_value_heads", None) or H
         pcfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, **MODES[mode])
         torch.manual_seed(SEED)  # PEFT's own init draws from the global RNG
         model = get_peft_model(base, pcfg).eval()
@@ -291,7 +344,10 @@ def run_family(name):
             out["grad." + n] = np32(p.grad)
 
         with torch.no_grad():
-            # The prefix PEFT builds, in the layout pfx uses: column ((2l + kv) H + h) D + dd of the [P, 2Ld] rows.
+            # The prefix PEFT builds, in the layout pfx uses: column ((2l + kv) H + h) D + dd of the [P, 2LHD] rows
+            # (H key/value heads).
+            used = model.peft_config[model.active_adapter]
+            assert (used.num_attention_heads, used.token_dim) == (H, H * D), (used.num_attention_heads, used.token_dim)
             if mode == "reparam":
                 x = init["embedding.weight"]
                 hid = torch.tanh(x @ init["transform.0.weight"].T + init["transform.0.bias"])
@@ -327,6 +383,8 @@ def run_family(name):
             changed = min(sum(a != b for a, b in zip(x, y)) for x, y in zip(greedy, bare))
             assert changed >= 4, (name, mode, changed)
         os.makedirs(OUT_REFS, exist_ok=True)
+        if name == "llama-gqa-tiny" and mode == "reparam":
+            save_adapter(model, name, res.loss.item(), input_ids, attention_mask, labels)
         path = os.path.join(OUT_REFS, f"{name}-{mode}.safetensors")
         save_file(out, path)  # no metadata: reruns are byte-identical
         print(f"  {os.path.relpath(path, HERE)}: loss {out['loss']:.6f}, |grad| "

@@ -1,8 +1,8 @@
-//! Decoder-only exports other than GPT-2 (tiny Llama, OPT and GPT-Neo from optimum, with past) compile to
-//! prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
-//! reparametrization, and greedy tokens with a fixed prefix, on tract and on ONNX Runtime. References by
-//! `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as `graphs/peft/` and
-//! `graphs/peft-generate/`).
+//! Decoder-only exports other than GPT-2 (tiny Llama, OPT and GPT-Neo from optimum, with past; a Llama with
+//! grouped-query attention; OPT without past) compile to prefix-tuning graphs that equal PyTorch + PEFT: loss,
+//! gradients and eval loss with and without reparametrization, and greedy tokens with a fixed prefix, on tract
+//! and on ONNX Runtime. References by `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as
+//! `graphs/peft/` and `graphs/peft-generate/`).
 
 mod common;
 
@@ -17,7 +17,7 @@ use pfx_runtime::bundle::Bundle;
 use pfx_runtime::generate::{GenConfig, Generator};
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
-const FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny"];
+const FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"];
 const MODES: &[&str] = &["reparam", "noreparam"];
 const EOS: i64 = 95;
 
@@ -39,33 +39,106 @@ fn compile_fixture(family: &str, mode: &str, test: &str) -> (PathBuf, Manifest) 
     (out, m)
 }
 
+/// Loss, gradients and eval loss of `family`'s bundle against the PEFT reference `r`.
+fn check_training(family: &str, mode: &str, r: &BTreeMap<String, HostTensor>) {
+    let (dir, m) = compile_fixture(family, mode, "grads");
+    check_bundle(&dir);
+    let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
+    for kind in backends() {
+        let what = format!("{family} {mode} {kind}");
+        let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();
+        let out = run(&mut b, r, &what);
+        let e = rel(scalar(&out["loss"]), scalar(&r["loss"]));
+        assert!(e <= 1e-5, "{what}: loss {} vs PEFT {} (rel {e:e})", scalar(&out["loss"]), scalar(&r["loss"]));
+        let mut worst = 0.0f64;
+        for n in &names {
+            let g = format!("grad.{n}");
+            assert_eq!(out[&g].shape(), r[&g].shape(), "{what}: {g} has PEFT's shape");
+            worst = worst.max(check_norm(&format!("{what} {g}"), &out[&g], &r[&g], 1e-4));
+        }
+        let mut ev = open(dir.join("eval_step.onnx"), kind, &OrtOptions::default()).unwrap();
+        let el = scalar(&run(&mut ev, r, &what)["loss"]);
+        let ee = rel(el, scalar(&r["loss"]));
+        assert!(ee <= 1e-5, "{what}: eval loss {el} vs PEFT {} (rel {ee:e})", scalar(&r["loss"]));
+        println!("{what:<32} loss rel err {e:.1e}, eval {ee:.1e}, worst gradient rel err {worst:.1e}");
+    }
+}
+
 #[test]
 fn loss_and_gradients_equal_peft() {
     for mode in MODES {
         for family in FAMILIES {
-            let r = reference(family, mode);
-            let (dir, m) = compile_fixture(family, mode, "grads");
-            check_bundle(&dir);
-            let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
-            for kind in backends() {
-                let what = format!("{family} {mode} {kind}");
-                let mut b = open(dir.join("grads.onnx"), kind, &OrtOptions::default()).unwrap();
-                let out = run(&mut b, &r, &what);
-                let e = rel(scalar(&out["loss"]), scalar(&r["loss"]));
-                assert!(e <= 1e-5, "{what}: loss {} vs PEFT {} (rel {e:e})", scalar(&out["loss"]), scalar(&r["loss"]));
-                let mut worst = 0.0f64;
-                for n in &names {
-                    let g = format!("grad.{n}");
-                    worst = worst.max(check_norm(&format!("{what} {g}"), &out[&g], &r[&g], 1e-4));
-                }
-                let mut ev = open(dir.join("eval_step.onnx"), kind, &OrtOptions::default()).unwrap();
-                let el = scalar(&run(&mut ev, &r, &what)["loss"]);
-                let ee = rel(el, scalar(&r["loss"]));
-                assert!(ee <= 1e-5, "{what}: eval loss {el} vs PEFT {} (rel {ee:e})", scalar(&r["loss"]));
-                println!("{what:<28} loss rel err {e:.1e}, eval {ee:.1e}, worst gradient rel err {worst:.1e}");
-            }
+            check_training(family, mode, &reference(family, mode));
         }
     }
+}
+
+/// OPT exported without past (`--task text-generation`, the same weights as opt-tiny) gets the prefix at its
+/// attention sites; its positions are numbered from the mask as transformers' OPT numbers them under PEFT, so
+/// the batch's left-padded row (row 2) gives PEFT's loss too (numbered P + t it did not). opt-tiny's references.
+#[test]
+fn opt_without_past_equals_peft() {
+    for mode in MODES {
+        check_training("opt-nopast-tiny", mode, &reference("opt-tiny", mode));
+    }
+}
+
+/// Grouped-query attention (4 query heads, 2 key/value heads): PEFT's prefix holds the key/value heads
+/// (token_dim 16, not the width 32), and so does pfx's: the trainables, the manifest and the generation cache.
+#[test]
+fn gqa_prefix_has_peft_sizes() {
+    for mode in MODES {
+        let r = reference("llama-gqa-tiny", mode);
+        let (_, m) = compile_fixture("llama-gqa-tiny", mode, "sizes");
+        assert_eq!(
+            (m.layers, m.heads, m.head_dim, m.hidden),
+            (2, 2, 8, 16),
+            "{mode}: PEFT's num_attention_heads, token_dim"
+        );
+        for t in &m.trainable {
+            assert_eq!(t.shape, r[&t.name].shape(), "{mode}: {} has PEFT's shape", t.name);
+        }
+    }
+}
+
+/// A GQA prefix goes through PEFT's adapter files both ways: PEFT's `save_pretrained` folder (prompt_embeddings
+/// [4, 64], token_dim 16, num_attention_heads 2) imports into a --no-reparam bundle with PEFT's loss, and pfx
+/// exports the reparam prefix as PEFT saved it.
+#[test]
+fn gqa_adapter_round_trips_as_peft_saves_it() {
+    let r = reference("llama-gqa-tiny", "reparam");
+    let saved = common::graphs_dir().join("peft-decoders/adapter-llama-gqa-tiny");
+    let (nr, _) = compile_fixture("llama-gqa-tiny", "noreparam", "adapter");
+    let prefix = pfx_runtime::peft::import_adapter(&Bundle::open(&nr).unwrap().manifest, &saved).unwrap();
+    let mut batch = r.clone();
+    batch.retain(|k, _| ["input_ids", "attention_mask", "labels"].contains(&k.as_str()));
+    batch.extend(prefix);
+    for kind in backends() {
+        let mut ev = open(nr.join("eval_step.onnx"), kind, &OrtOptions::default()).unwrap();
+        let l = scalar(&run(&mut ev, &batch, &format!("gqa adapter {kind}"))["loss"]);
+        let e = rel(l, scalar(&r["loss"]));
+        assert!(e <= 1e-5, "{kind}: PEFT's adapter gives loss {l}, PEFT {} (rel {e:e})", scalar(&r["loss"]));
+        println!("PEFT's GQA adapter on {kind}: loss rel err {e:.1e}");
+    }
+    let (rp, _) = compile_fixture("llama-gqa-tiny", "reparam", "adapter");
+    let b = Bundle::open(&rp).unwrap();
+    let init: BTreeMap<String, HostTensor> =
+        b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+    let out = rp.join("adapter");
+    pfx_runtime::peft::export_adapter(&b.manifest, &init, &out, "graphs/llama-gqa-tiny/hf").unwrap();
+    let ours = pfx_runtime::read_safetensors(out.join("adapter_model.safetensors")).unwrap();
+    let peft = pfx_runtime::read_safetensors(saved.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(ours["prompt_embeddings"].shape(), peft["prompt_embeddings"].shape());
+    let e = ours["prompt_embeddings"].norm_rel_error(&peft["prompt_embeddings"]).unwrap();
+    assert!(e < 1e-6, "prompt_embeddings differ from PEFT's by {e:e}");
+    let cfg = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap()).unwrap()
+    };
+    let (ours, peft) = (cfg(&out), cfg(&saved));
+    for key in ["token_dim", "num_attention_heads", "num_layers", "num_virtual_tokens", "task_type", "peft_type"] {
+        assert_eq!(ours[key], peft[key], "adapter_config.json: {key}");
+    }
+    pfx_runtime::peft::import_adapter(&Bundle::open(&nr).unwrap().manifest, &out).expect("ours imports back");
 }
 
 #[test]
@@ -119,4 +192,16 @@ fn opt_positions_end_two_rows_before_its_table() {
     compile(&model, &at(60), &out).expect("4 + 60 positions fit the 64 OPT serves");
     let e = compile(&model, &at(61), &out).unwrap_err();
     assert!(format!("{e:#}").contains("needs 65 positions, but the model has 64"), "{e:#}");
+}
+
+/// Llama without past (here with grouped-query attention): rotary positions leave no table to shift, so pfx
+/// refuses the export and says to export it with past.
+#[test]
+fn rotary_export_without_past_is_refused() {
+    let model = common::graphs_dir().join("llama-gqa-nopast-tiny").join("model.onnx");
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-rotary-nopast");
+    let e = compile(&model, &options("reparam"), &out).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("no position-embedding table") && msg.contains("text-generation-with-past"), "{msg}");
+    assert!(!out.join("manifest.json").exists(), "a refused compile writes no bundle");
 }

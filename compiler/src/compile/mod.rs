@@ -91,8 +91,12 @@ pub struct Manifest {
     pub reparam: bool,
     pub mid_dim: Option<usize>,
     pub layers: usize,
+    /// Heads of the prefix: the key/value heads (fewer than the query heads under grouped-query attention), PEFT's
+    /// `num_attention_heads`.
     pub heads: usize,
     pub head_dim: usize,
+    /// Width of one layer's prefix keys, `heads · head_dim`: the model width, or less under grouped-query
+    /// attention (PEFT's `token_dim`).
     pub hidden: usize,
     pub vocab: usize,
     pub optimizer: OptimizerSpec,
@@ -213,6 +217,30 @@ fn check_positions(what: &str, prefix_len: usize, length: usize, rows: usize) ->
     Ok(())
 }
 
+/// The heads of the keys and values: the past inputs' `[B, H_kv, past, D]` when the export has them, else the
+/// query heads. Fewer than the query heads is grouped-query attention (Llama 3, TinyLlama, Qwen2): each key/value
+/// head serves `heads / H_kv` query heads, and PEFT's prefix holds only those (`token_dim` = H_kv · D, PEFT's
+/// `num_attention_heads` = H_kv), so pfx's does too. Exports without past are not read: their prefix gets the
+/// query heads.
+fn key_value_heads(g: &crate::ir::Graph, heads: usize, head_dim: usize) -> Result<usize> {
+    use crate::ir::Dim;
+    let mut found: Option<usize> = None;
+    for v in g.inputs.iter().filter(|v| v.name.starts_with("past_key_values")) {
+        // Shapes the export does not state are left to the binding's own checks.
+        let Some([_, Dim::Known(h), _, Dim::Known(d)]) = v.ty.shape.as_deref() else { continue };
+        if *d != head_dim || *h == 0 || !heads.is_multiple_of(*h) || found.is_some_and(|f| f != *h) {
+            bail!(
+                "past input '{}' has shape {}: pfx needs [batch, H, past, {head_dim}] (head size = width / \
+                 {heads} query heads) with the same H in every layer, dividing the query heads",
+                v.name,
+                v.ty.describe()
+            );
+        }
+        found = Some(*h);
+    }
+    Ok(found.unwrap_or(heads))
+}
+
 /// [`build_loss_graph`] from an export already read.
 pub fn build_loss_graph_from(
     export: &Export,
@@ -255,7 +283,7 @@ pub fn build_loss_graph_from(
     }
     let mut model = raw;
     crate::canonicalize::canonicalize(&mut model)?;
-    let (Some(layers), Some(heads), Some(head_dim), Some(hidden), Some(vocab)) =
+    let (Some(layers), Some(heads), Some(head_dim), Some(_), Some(vocab)) =
         (info.layers, info.heads, info.head_size, info.hidden, info.vocab)
     else {
         return Err(not_an_export(anyhow::anyhow!(
@@ -279,12 +307,18 @@ pub fn build_loss_graph_from(
                 .context("for the generation graphs (--max-new 0 writes none)")?;
         }
     }
-    let shape = PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden, mid: opts.mid_dim };
+    // Grouped-query attention: the prefix holds the key/value heads (the past's), as PEFT sizes it.
+    let heads = key_value_heads(&model.graph, heads, head_dim)?;
+    let shape =
+        PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden: heads * head_dim, mid: opts.mid_dim };
     shape.check_size()?;
     let g = &mut model.graph;
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let injection = if with_past { Injection::PastBinding } else { Injection::AttentionSites };
-    if !with_past {
+    if !with_past && prefix::positions_from_mask(g) && g.is_input("position_ids") {
+        // OPT: the real tokens are numbered from the mask (with the prefix's ones), as with past.
+        prefix::number_from_mask(g, opts.prefix_len, opts.batch, opts.seq)?;
+    } else if !with_past {
         // A `position_ids` input (optimum's exports without past) holds 0..T in training; the lookup gets the
         // prefix offset below.
         if let Some(pos) = g.inputs.iter().position(|v| v.name == "position_ids") {
@@ -293,6 +327,16 @@ pub fn build_loss_graph_from(
             g.initializers.insert("position_ids".into(), Tensor::i64(vec![opts.batch, opts.seq], ids).cast(dt)?);
         }
         let n = prefix::shift_positions(g, opts.prefix_len)?;
+        if n == 0 {
+            // Rotary positions (Llama, also with grouped-query attention): no table to shift, and the prefix would
+            // have to be placed after the rotation and before the key/value heads are repeated.
+            bail!(
+                "{} has no past inputs and no position-embedding table (rotary positions, as Llama's?): pfx places \
+                 the prefix of such a model only through its past inputs; export it with past (optimum's --task \
+                 text-generation-with-past)",
+                source.display()
+            );
+        }
         if n != 1 {
             bail!("expected one position-embedding lookup in the export, found {n}");
         }

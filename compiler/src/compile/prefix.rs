@@ -14,9 +14,10 @@ pub struct PrefixShape {
     /// Prefix length P.
     pub len: usize,
     pub layers: usize,
+    /// Key/value heads: the query heads, or fewer under grouped-query attention.
     pub heads: usize,
     pub head_dim: usize,
-    /// Model width d (= heads * head_dim).
+    /// heads · head_dim: the model width d, or less under grouped-query attention (PEFT's `token_dim`).
     pub hidden: usize,
     /// MLP width M, or None for `--no-reparam`.
     pub mid: Option<usize>,
@@ -209,6 +210,23 @@ pub fn positions_from_mask(g: &Graph) -> bool {
                         || (a.inputs[1] == "position_ids" && is_two(&a.inputs[0])))
             })
     })
+}
+
+/// Exports without past that number positions from the mask ([`positions_from_mask`]): the `position_ids`
+/// input becomes [`number_real_tokens`] of the `attention_mask` input with P leading ones, as with past (the
+/// lookup keeps its + 2, and no P shift: the numbering counts the prefix). Runs on the canonical graph.
+pub fn number_from_mask(g: &mut Graph, p: usize, batch: usize, seq: usize) -> Result<()> {
+    let Some(mask) = g.inputs.iter().find(|v| v.name == "attention_mask") else {
+        bail!("the export numbers its positions from the attention mask, but has no attention_mask input");
+    };
+    let mask_dt = mask.ty.dtype;
+    let pos = g.inputs.iter().position(|v| v.name == "position_ids").ok_or_else(|| anyhow!("no position_ids input"))?;
+    let dt = g.inputs.remove(pos).ty.dtype;
+    let ones =
+        g.add_const("attention_mask.prefix_ones", Tensor::i64(vec![batch, p], vec![1; batch * p]).cast(mask_dt)?);
+    let full = g.op1("Concat", &[&ones, "attention_mask"], vec![("axis", Attr::Int(1))], "attention_mask.with_prefix");
+    number_real_tokens(g, &full, p, seq, dt)?;
+    g.toposort()
 }
 
 /// `position_ids` = (cumsum(mask) · mask − 1)[:, P:] of the mask with the prefix's ones: what transformers'
