@@ -22,7 +22,8 @@ pub enum Family {
 impl std::fmt::Display for Family {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Family::Gpt2Decoder => "GPT-2 decoder",
+            // GPT-2, and decoders built like it (Llama, OPT, GPT-Neo): the layout pfx compiles.
+            Family::Gpt2Decoder => "decoder-only, GPT-2 layout",
             Family::BartEncoder => "BART encoder",
             Family::BartDecoder => "BART decoder",
             Family::Unknown => "unknown",
@@ -49,12 +50,20 @@ pub struct ModelInfo {
     pub outputs: Vec<IoInfo>,
     pub layers: Option<usize>,
     pub heads: Option<usize>,
+    /// Heads of the past keys and values, when the export has past inputs (fewer than `heads` under grouped-query
+    /// attention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_value_heads: Option<usize>,
     pub head_size: Option<usize>,
     pub hidden: Option<usize>,
     pub vocab: Option<usize>,
     /// Rows of the learned position table (BART's carries an offset of 2).
     pub position_rows: Option<usize>,
     pub tied_embeddings: Option<bool>,
+    /// `model_type` of the `config.json` beside the file, filled in by `pfxc inspect` (the graph does not say
+    /// whether a decoder is GPT-2, Llama or OPT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_model_type: Option<String>,
     /// Why pfx would refuse to compile it, when it would ([`unsupported_reason`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsupported: Option<String>,
@@ -146,7 +155,8 @@ pub fn embeddings(g: &Graph) -> Embeddings {
 }
 
 /// Why pfx would compile a graph whose names look like GPT-2's or BART's into wrong or unusable training graphs,
-/// when it would: half-precision weights, a token-type input (BERT-style encoders), or a first non-token lookup
+/// when it would: half-precision weights, a token-type input (BERT-style encoders), a decoder without past
+/// inputs and without a position table (rotary positions: no place for the prefix), or a first non-token lookup
 /// table narrower than the embeddings (T5's relative attention bias instead of BART's learned positions). `g` is
 /// canonical; the reason reads after the graph's name ("model.onnx takes token_type_ids, …").
 pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
@@ -163,6 +173,15 @@ pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
         return Some(
             "takes token_type_ids, as BERT-style encoders do: pfx trains prefixes for causal language models \
              (GPT-2) and BART"
+                .into(),
+        );
+    }
+    let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
+    if family == Family::Gpt2Decoder && !with_past && e.position_rows.is_none() {
+        return Some(
+            "has no past inputs and no position-embedding table (rotary positions, as Llama's?): pfx places the \
+             prefix of such a model only through its past inputs; export it with past (optimum's --task \
+             text-generation-with-past)"
                 .into(),
         );
     }
@@ -285,6 +304,11 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         (Some(d), Some(h)) if h > 0 => Some(d / h),
         _ => None,
     };
+    let key_value_heads =
+        g.inputs.iter().filter(|v| v.name.starts_with("past_key_values")).find_map(|v| match v.ty.shape.as_deref() {
+            Some([_, crate::ir::Dim::Known(h), _, _]) => Some(*h),
+            _ => None,
+        });
     let io = |v: &crate::ir::ValueInfo| IoInfo { name: v.name.clone(), r#type: v.ty.describe() };
     Ok(ModelInfo {
         family,
@@ -297,10 +321,12 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         outputs: raw.graph.outputs.iter().map(io).collect(),
         layers,
         heads,
+        key_value_heads,
         head_size,
         hidden,
         vocab,
         position_rows,
+        config_model_type: None,
         unsupported: unsupported_reason(g, family),
         tied_embeddings: tied,
         weight_count: raw.graph.initializers.values().filter(|t| t.len() > 1).count(),
@@ -314,15 +340,20 @@ impl ModelInfo {
     pub fn to_text(&self) -> String {
         let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
         let mut s = String::new();
-        s += &format!("family:      {}{}\n", self.family, if self.with_past { " (with past)" } else { "" });
+        let config = self.config_model_type.as_ref().map(|t| format!("; config.json: {t}")).unwrap_or_default();
+        s += &format!("family:      {}{}{config}\n", self.family, if self.with_past { " (with past)" } else { "" });
         if self.merged_decoder {
             s += "layout:      optimum merged decoder (If on use_cache_branch)\n";
         }
         s += &format!("exporter:    {} (producer '{}', opset {})\n", self.exporter, self.producer, self.opset);
         s += &format!(
-            "dimensions:  layers {}, heads {}, head size {}, hidden {}, vocabulary {}, position rows {}\n",
+            "dimensions:  layers {}, heads {}{}, head size {}, hidden {}, vocabulary {}, position rows {}\n",
             opt(self.layers),
             opt(self.heads),
+            match self.key_value_heads {
+                Some(kv) if Some(kv) != self.heads => format!(" (key/value heads {kv})"),
+                _ => String::new(),
+            },
             opt(self.head_size),
             opt(self.hidden),
             opt(self.vocab),

@@ -327,16 +327,6 @@ pub fn build_loss_graph_from(
             g.initializers.insert("position_ids".into(), Tensor::i64(vec![opts.batch, opts.seq], ids).cast(dt)?);
         }
         let n = prefix::shift_positions(g, opts.prefix_len)?;
-        if n == 0 {
-            // Rotary positions (Llama, also with grouped-query attention): no table to shift, and the prefix would
-            // have to be placed after the rotation and before the key/value heads are repeated.
-            bail!(
-                "{} has no past inputs and no position-embedding table (rotary positions, as Llama's?): pfx places \
-                 the prefix of such a model only through its past inputs; export it with past (optimum's --task \
-                 text-generation-with-past)",
-                source.display()
-            );
-        }
         if n != 1 {
             bail!("expected one position-embedding lookup in the export, found {n}");
         }
