@@ -298,11 +298,11 @@ fn run(cli: Cli) -> Result<()> {
             let t0 = std::time::Instant::now();
             let m = compile(&model, &opts, &output).with_context(|| format!("compiling {}", model.display()))?;
             eprintln!(
-                "compiled {} ({} layers, {} heads, prefix {} via {:?}) into {} in {:.2}s: {}",
+                "compiled {} ({} layers; prefix of {} positions over {} key/value heads, via {:?}) into {} in {:.2}s: {}",
                 model.display(),
                 m.layers,
-                m.heads,
                 m.prefix_len,
+                m.heads,
                 m.injection,
                 output.display(),
                 t0.elapsed().as_secs_f64(),
