@@ -412,11 +412,9 @@ impl WeightsFile {
         if let Some(&pos) = self.written.get(&key) {
             return Ok(pos);
         }
-        let bytes = t.to_le_bytes();
+        let bytes = t.data.le_bytes();
         let sample = (bytes.len(), sample_hash(&bytes));
-        let same = self.by_content.get(&sample).and_then(|seen| {
-            seen.iter().find(|(_, data)| Tensor { shape: vec![], data: data.clone() }.to_le_bytes() == bytes)
-        });
+        let same = self.by_content.get(&sample).and_then(|seen| seen.iter().find(|(_, data)| data.le_bytes() == bytes));
         if let Some(&(pos, _)) = same {
             self.written.insert(key, pos);
             return Ok(pos);

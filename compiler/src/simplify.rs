@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use crate::ir::Graph;
 use crate::specialize::{fold_and_infer, forward_noops};
+use crate::tensor::DType;
 
 pub fn simplify(g: &mut Graph) -> Result<()> {
     for _ in 0..10 {
@@ -27,13 +28,13 @@ pub fn simplify(g: &mut Graph) -> Result<()> {
 pub fn cse(g: &mut Graph) -> Result<usize> {
     g.toposort()?;
     // Identical small constants first, so that nodes reading them become equal too.
-    let mut by_value: HashMap<String, String> = HashMap::new();
+    let mut by_value: HashMap<(DType, Vec<usize>, Vec<u8>), String> = HashMap::new();
     let mut rename: Vec<(String, String)> = Vec::new();
     for (name, t) in &g.initializers {
         if t.len() > 4096 || g.is_output(name) {
             continue;
         }
-        let key = format!("{:?}|{:?}|{:?}", t.dtype(), t.shape, t.to_le_bytes());
+        let key = (t.dtype(), t.shape.clone(), t.to_le_bytes());
         match by_value.get(&key) {
             Some(first) => rename.push((name.clone(), first.clone())),
             None => {
