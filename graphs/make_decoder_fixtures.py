@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 import torch
+from fixture_common import add_noise, load_checked, prefix_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_REFS = os.path.join(HERE, "peft-decoders")
@@ -57,14 +58,6 @@ PROMPT_LENS = (6, 4, 2)  # left-padded to 6 with EOS
 # The first seed from 20261225 on for which the prefix changes at least 4 of the 8 greedy tokens of every
 # prompt, in every family and mode (on a random tiny model many prompts give the same tokens either way).
 PROMPT_SEED = 20261240
-
-
-def add_noise(model, seed):
-    """Perturb every parameter so no two initializers are identical (exporters merge equal ones)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
 
 
 def configs():
@@ -102,20 +95,6 @@ def make_hf():
 # ================================================================================================================
 # Export step: optimum venv (transformers 4.x)
 # ================================================================================================================
-def load_checked(hf_dir):
-    """Load the HF folder and prove every saved tensor arrived unchanged (one set of weights across venvs)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True, torch_dtype=torch.float32)
-    assert not any(info.values()), info
-    saved = load_file(os.path.join(hf_dir, "model.safetensors"))
-    state = model.state_dict()
-    for k, v in saved.items():
-        assert torch.equal(state[k], v), k
-    return model.eval()
-
-
 def legacy_cache(cache):
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
@@ -126,13 +105,14 @@ def export_one(name, hf_name=None):
     """Exports HERE/hf_name/hf (default: name's own) into HERE/name, with past unless hf_name is given."""
     import onnx
     import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
     from transformers.cache_utils import DynamicCache
 
     out_dir = os.path.join(HERE, name)
     hf_name = hf_name or name
     hf_dir = os.path.join(HERE, hf_name, "hf")
     task = "text-generation-with-past" if hf_name == name else "text-generation"
-    model = load_checked(hf_dir)
+    model = load_checked(AutoModelForCausalLM, hf_dir)
     path = os.path.join(out_dir, "model.onnx")
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):
@@ -214,18 +194,6 @@ def export_main():
 # ================================================================================================================
 # References: reference venv (transformers 5.x + PEFT)
 # ================================================================================================================
-def make_batch():
-    g = torch.Generator().manual_seed(SEED)
-    input_ids = torch.randint(0, VOCAB_IDS, (B, T), generator=g, dtype=torch.int64)
-    attention_mask = torch.ones(B, T, dtype=torch.int64)
-    attention_mask[1, T - PAD:] = 0
-    attention_mask[2, :PAD] = 0
-    labels = input_ids.clone()
-    labels[attention_mask == 0] = -100
-    labels[0, :ROW0_IGNORED] = -100
-    return input_ids, attention_mask, labels
-
-
 def make_prompts():
     g = torch.Generator().manual_seed(PROMPT_SEED)
     tp = max(PROMPT_LENS)
@@ -312,7 +280,7 @@ def run_family(name):
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from safetensors.numpy import save_file
 
-    input_ids, attention_mask, labels = make_batch()
+    input_ids, attention_mask, labels = prefix_batch(SEED, B, T, VOCAB_IDS, PAD, ROW0_IGNORED)
     prompts, prompt_mask = make_prompts()
     for mode in MODES:
         base = load_base(name)

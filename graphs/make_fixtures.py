@@ -27,6 +27,7 @@ import onnxruntime as ort
 import torch
 import transformers
 from safetensors.numpy import save_file
+from fixture_common import add_noise
 from transformers import BartConfig, BartForConditionalGeneration, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,14 +40,6 @@ MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
 # With past: 3 past tokens (their K/V computed by the model itself), 5 new tokens, full mask.
 PAST_PREFIX_IDS = torch.tensor([[95, 11, 12], [95, 60, 61]], dtype=torch.int64)
 PAST_LEN = 3
-
-
-def add_noise(model, seed):
-    """Perturb every parameter so no two initializers are identical (exporters merge equal ones)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
 
 
 def gpt2_config():

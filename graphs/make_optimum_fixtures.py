@@ -25,7 +25,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file
-from safetensors.torch import load_file
+from fixture_common import load_checked
 from transformers import BartForConditionalGeneration, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -90,17 +90,6 @@ def cross_check(name, got, ref_file, key):
     d = float(np.max(np.abs(got.detach().numpy() - ref)))
     print(f"    cross-check {name} vs {os.path.relpath(ref_file, HERE)}[{key}]: max diff {d:.3g}")
     assert d < TOL
-
-
-def load_checked(cls, hf_dir):
-    """Load the HF folder and prove every saved tensor arrived unchanged (shared weights across venvs)."""
-    model, info = cls.from_pretrained(hf_dir, output_loading_info=True, torch_dtype=torch.float32)
-    assert not any(info.values()), info
-    saved = load_file(os.path.join(hf_dir, "model.safetensors"))
-    state = model.state_dict()
-    for k, v in saved.items():
-        assert torch.equal(state[k], v), k
-    return model.eval()
 
 
 def optimum_cli(hf_dir, task, out_dir):

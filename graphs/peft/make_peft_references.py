@@ -25,6 +25,9 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model
 from safetensors.numpy import save_file
 from transformers import DynamicCache, GPT2LMHeadModel
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fixture_common import prefix_batch  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HF_DIR = os.path.join(HERE, "..", "gpt2-tiny", "hf")
 
@@ -53,18 +56,6 @@ MODES = {
     "reparam": dict(prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN),
     "noreparam": dict(prefix_projection=False),
 }
-
-
-def make_batch():
-    g = torch.Generator().manual_seed(SEED)
-    input_ids = torch.randint(0, VOCAB_IDS, (B, T), generator=g, dtype=torch.int64)
-    attention_mask = torch.ones(B, T, dtype=torch.int64)
-    attention_mask[1, T - PAD :] = 0
-    attention_mask[2, :PAD] = 0
-    labels = input_ids.clone()
-    labels[attention_mask == 0] = -100
-    labels[0, :ROW0_IGNORED] = -100
-    return input_ids, attention_mask, labels
 
 
 def load_base(attn=ATTN):
@@ -355,7 +346,7 @@ def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}")
-    input_ids, attention_mask, labels = make_batch()
+    input_ids, attention_mask, labels = prefix_batch(SEED, B, T, VOCAB_IDS, PAD, ROW0_IGNORED)
     print("input_ids\n", input_ids.numpy())
     print("attention_mask\n", attention_mask.numpy())
     print("labels\n", labels.numpy())
