@@ -27,15 +27,26 @@ def load_checked(cls, hf_dir):
     return model.eval()
 
 
-def prefix_batch(seed, batch, seq, vocab_ids, pad, row0_ignored):
-    """The prefix-tuning test batch: ids drawn from [0, vocab_ids); row 1 right-padded and row 2 left-padded by
-    `pad` positions; labels -100 under the padding and on row 0's first `row0_ignored` positions."""
+# ---- the prefix-tuning setup of the PEFT references (graphs/peft/, graphs/peft-decoders/) --------------------
+P = 4  # num_virtual_tokens
+B = 3  # batch
+T = 7  # sequence length
+VOCAB_IDS = 95  # input ids are drawn from [0, 95)
+PAD = 2  # row 1: last PAD positions masked (right padding); row 2: first PAD positions masked (left padding)
+ROW0_IGNORED = 2  # labels of row 0: first ROW0_IGNORED positions set to -100
+ENCODER_HIDDEN = 16  # M, reparam mode only
+NOISE_STD = 0.1  # seeded noise added to every trainable tensor after PEFT's init
+
+
+def prefix_batch(seed):
+    """The references' batch: B rows of T ids drawn from [0, VOCAB_IDS); row 1 right-padded and row 2 left-padded
+    by PAD positions; labels -100 under the padding and on row 0's first ROW0_IGNORED positions."""
     g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_ids, (batch, seq), generator=g, dtype=torch.int64)
-    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
-    attention_mask[1, seq - pad :] = 0
-    attention_mask[2, :pad] = 0
+    input_ids = torch.randint(0, VOCAB_IDS, (B, T), generator=g, dtype=torch.int64)
+    attention_mask = torch.ones(B, T, dtype=torch.int64)
+    attention_mask[1, T - PAD :] = 0
+    attention_mask[2, :PAD] = 0
     labels = input_ids.clone()
     labels[attention_mask == 0] = -100
-    labels[0, :row0_ignored] = -100
+    labels[0, :ROW0_IGNORED] = -100
     return input_ids, attention_mask, labels

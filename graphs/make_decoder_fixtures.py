@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 import torch
-from fixture_common import add_noise, load_checked, prefix_batch
+from fixture_common import B, ENCODER_HIDDEN, NOISE_STD, P, T, VOCAB_IDS, add_noise, load_checked, prefix_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_REFS = os.path.join(HERE, "peft-decoders")
@@ -38,15 +38,7 @@ FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [("opt-nopast-tiny", "opt-tiny"), ("llama-gqa-nopast-tiny", "llama-gqa-tiny")]
 
-# ---- prefix-tuning setup: the same as graphs/peft/ (make_peft_references.py) ---------------------------------
-P = 4  # num_virtual_tokens
-B = 3  # batch
-T = 7  # sequence length
-VOCAB_IDS = 95  # input ids are drawn from [0, 95)
-PAD = 2  # row 1: last PAD positions masked (right padding); row 2: first PAD positions masked (left padding)
-ROW0_IGNORED = 2  # labels of row 0: first ROW0_IGNORED positions set to -100
-ENCODER_HIDDEN = 16  # M, reparam mode only
-NOISE_STD = 0.1  # seeded noise added to every trainable tensor after PEFT's init
+# ---- prefix-tuning setup: graphs/peft/'s (fixture_common.py) ----------------------------------------------------
 MODES = {
     "reparam": dict(prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN),
     "noreparam": dict(prefix_projection=False),
@@ -280,7 +272,7 @@ def run_family(name):
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from safetensors.numpy import save_file
 
-    input_ids, attention_mask, labels = prefix_batch(SEED, B, T, VOCAB_IDS, PAD, ROW0_IGNORED)
+    input_ids, attention_mask, labels = prefix_batch(SEED)
     prompts, prompt_mask = make_prompts()
     for mode in MODES:
         base = load_base(name)

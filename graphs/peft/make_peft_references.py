@@ -26,21 +26,13 @@ from safetensors.numpy import save_file
 from transformers import DynamicCache, GPT2LMHeadModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fixture_common import prefix_batch  # noqa: E402
+from fixture_common import B, ENCODER_HIDDEN, NOISE_STD, P, PAD, T, VOCAB_IDS, prefix_batch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HF_DIR = os.path.join(HERE, "..", "gpt2-tiny", "hf")
 
 # ---- fixed setup -------------------------------------------------------------------------------------------
 SEED = 20261127
-P = 4  # num_virtual_tokens
-B = 3  # batch
-T = 7  # sequence length
-VOCAB_IDS = 95  # input ids are drawn from [0, 95)
-PAD = 2  # row 1: last PAD positions masked (right padding); row 2: first PAD positions masked (left padding)
-ROW0_IGNORED = 2  # labels of row 0: first ROW0_IGNORED positions set to -100
-ENCODER_HIDDEN = 16  # M, reparam mode only
-NOISE_STD = 0.1  # seeded noise added to every trainable tensor after PEFT's init
 LR = 0.01
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -346,7 +338,7 @@ def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}")
-    input_ids, attention_mask, labels = prefix_batch(SEED, B, T, VOCAB_IDS, PAD, ROW0_IGNORED)
+    input_ids, attention_mask, labels = prefix_batch(SEED)
     print("input_ids\n", input_ids.numpy())
     print("attention_mask\n", attention_mask.numpy())
     print("labels\n", labels.numpy())
