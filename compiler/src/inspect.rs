@@ -202,6 +202,13 @@ pub fn check_supported(g: &Graph, path: &std::path::Path, family: Family) -> Res
     }
 }
 
+/// `model_type` from the `config.json` beside an export, if there is one that says.
+pub fn config_model_type(export: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(export.parent()?.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(config.get("model_type")?.as_str()?.to_string())
+}
+
 /// Positions a graph's learned position table gives (BART's table starts 2 rows in).
 pub fn usable_positions(family: Family, rows: usize) -> usize {
     match family {

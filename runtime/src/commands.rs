@@ -27,8 +27,29 @@ pub struct Engine {
     pub ort: OrtOptions,
 }
 
+/// Model types whose tokenizer is GPT-2's (with its `<|endoftext|>`), which the table-to-text format is written for.
+const GPT2_TOKENIZER_MODELS: &[&str] = &["gpt2", "gpt_neo", "gptj"];
+
+/// Refuses the text commands for a decoder compiled from a model that was not trained with GPT-2's tokens (Llama,
+/// OPT), before any tokenizer is tried: the way out of a tokenizer without `<|endoftext|>`, GPT-2's tokenizer,
+/// would feed such a model ids from another vocabulary.
+fn refuse_foreign_text_format(bundle: &Bundle) -> Result<()> {
+    let m = &bundle.manifest;
+    if let Some(t) = m.model_type.as_deref().filter(|t| m.family != "bart" && !GPT2_TOKENIZER_MODELS.contains(t)) {
+        bail!(
+            "{} was compiled from a `{t}` model (its config.json): pfxrun's train, eval and generate format text \
+             the GPT-2 way (`<|endoftext|>` as BOS and EOS, GPT-2's tokenizer), which {t} models do not use. Run \
+             its graphs on token ids with `pfxrun run`, or train with PEFT and bring the prefix over with \
+             `pfxrun import-peft`",
+            bundle.dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// The tokenizer: `--tokenizer`, else the bundle's `tokenizer.json`.
 pub fn tokenizer_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<Tokenizer> {
+    refuse_foreign_text_format(bundle)?;
     let path = match explicit {
         Some(p) => p.to_path_buf(),
         None => {

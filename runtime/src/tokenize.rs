@@ -24,8 +24,9 @@ pub const GPT2_EOS: &str = "<|endoftext|>";
 
 /// How to get a tokenizer that has `<|endoftext|>`.
 const EOS_HINT: &str = "pfx formats table-to-text examples the GPT-2 way, with `<|endoftext|>` as BOS and EOS; \
-     use a GPT-2 tokenizer.json, e.g. graphs/tokenizers/gpt2/tokenizer.json \
-     (rebuilt by graphs/tokenizers/make_gpt2_tokenizer.py from encoder.json + vocab.bpe)";
+     use the GPT-2 tokenizer.json the model was trained with (GPT-2 and GPT-Neo models), e.g. \
+     graphs/tokenizers/gpt2/tokenizer.json (rebuilt by graphs/tokenizers/make_gpt2_tokenizer.py from encoder.json \
+     + vocab.bpe)";
 
 /// A `tokenizer.json` loaded for encoding and decoding. See the module docs for the guarantees.
 pub struct Tokenizer {

@@ -286,6 +286,42 @@ fn gpu_options_are_checked_before_anything_runs() {
     assert!(e.contains("--allow-cpu-fallback needs --backend ort"), "{e}");
 }
 
+/// A decoder compiled from a Llama export records `model_type` "llama", and the text commands refuse it before
+/// trying a tokenizer: the way out of a missing `<|endoftext|>` (GPT-2's tokenizer) would train Llama on GPT-2's
+/// ids. A GPT-2 bundle records "gpt2" (the other tests run the text commands on GPT-2 bundles).
+#[test]
+fn text_commands_refuse_models_not_trained_with_gpt2_tokens() {
+    let dir = scratch("cli_foreign_tokens");
+    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
+    let bundle = dir.join("llama");
+    let opts = pfx_compiler::compile::CompileOptions {
+        prefix_len: 2,
+        mid_dim: None,
+        batch: 2,
+        seq: 16,
+        optimizer: Default::default(),
+        seed: 0,
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 8, max_new: 4 }),
+        weights: Default::default(),
+    };
+    let m = pfx_compiler::compile::compile(&graphs.join("llama-tiny/model.onnx"), &opts, &bundle).unwrap();
+    assert_eq!(m.model_type.as_deref(), Some("llama"));
+    let gpt2_tokenizer = graphs.join("tokenizers/gpt2/tokenizer.json");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/e2e_test.txt");
+    let run = dir.join("run");
+    for args in [
+        vec!["train", p(&bundle), "--train", p(&data), "-o", p(&run), "--tokenizer", p(&gpt2_tokenizer)],
+        vec!["eval", p(&bundle), "--data", p(&data)],
+        vec!["generate", p(&bundle), "--input", "name : X", "--tokenizer", p(&gpt2_tokenizer)],
+    ] {
+        let e = fails(&args);
+        assert!(e.contains("from a `llama` model") && e.contains("pfxrun run"), "{args:?}: {e}");
+    }
+    assert!(!run.exists(), "a refused train leaves no folder");
+    let gpt2 = pfx_compiler::compile::compile(&graphs.join("gpt2-optimum/model.onnx"), &opts, &dir.join("gpt2"));
+    assert_eq!(gpt2.unwrap().model_type.as_deref(), Some("gpt2"));
+}
+
 /// `pfxrun generate` refuses, before any work, what would panic, overwrite an input or lose finished work.
 #[test]
 fn generate_refuses_what_would_fail_late_or_lose_work() {

@@ -1,6 +1,6 @@
 //! `pfxc`: the pfx compiler's command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -154,7 +154,7 @@ fn run(cli: Cli) -> Result<()> {
             for path in &graphs {
                 let m = onnx_io::load(path)?;
                 let mut info = inspect::inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
-                info.config_model_type = config_model_type(path);
+                info.config_model_type = inspect::config_model_type(path);
                 if json {
                     infos.insert(path.display().to_string(), serde_json::to_value(&info)?);
                 } else {
@@ -410,11 +410,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `model_type` from the `config.json` beside an export, if there is one that says.
-fn config_model_type(export: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(export.parent()?.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(config.get("model_type")?.as_str()?.to_string())
 }

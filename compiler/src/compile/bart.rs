@@ -855,6 +855,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         baked: false,
         weights_dtype: opts.weights,
         tokenizer,
+        model_type: Some("bart".into()),
     };
     let spec = BartSpec {
         mode: opts.mode,

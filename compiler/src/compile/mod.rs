@@ -117,6 +117,10 @@ pub struct Manifest {
     /// The tokenizer copied from next to the export (absent when the export had none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<String>,
+    /// `model_type` of the `config.json` beside the export (gpt2, llama, opt, ...), when there is one: the graph
+    /// alone does not say, and pfxrun's text commands format examples GPT-2's way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -506,6 +510,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         baked: false,
         weights_dtype: opts.weights,
         tokenizer,
+        model_type: crate::inspect::config_model_type(source),
     };
     dir.finish(&serde_json::to_string_pretty(&manifest)?)?;
     Ok(manifest)
