@@ -2,9 +2,10 @@
 # Everything the GPU race needs, made here before the device calls (the GPU machine has no Rust and no network):
 # the stripped, gzipped bench and test binaries and the peers in gpu-carry/, the GPT-2 graphs without their
 # weights (gpu-carry/*.skeleton.onnx, ~0.3 MB each, given random weights there), and ONNX Runtime's CUDA
-# libraries in six parts under .gpu/. Prints the six device calls to make back to back.
+# libraries in parts under .gpu/, each small enough to travel beside the working tree in one call. Prints the
+# device calls to make back to back.
 #
-#   bash benches/gpu_prepare.sh        # ~10 min from a warm build cache, mostly the two GPT-2 exports
+#   bash benches/gpu_prepare.sh        # ~2 min from a warm build cache; ~10 min more when the skeletons must be made
 #
 # Needs the reference venv (PFX_PYTHON, default /root/.cache/pfx/ref/bin/python) for the skeletons; existing
 # skeletons are kept (delete them to remake). gpu-carry/ and .gpu/ are ignored by git.
@@ -37,19 +38,30 @@ for size in gpt2-medium gpt2; do
   fi
 done
 
-echo "== ONNX Runtime's CUDA libraries"
-bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu 6 >/dev/null
-ls -l .gpu gpu-carry
-total=$(du -cb gpu-carry | tail -1 | cut -f1)
-if [ "$total" -gt $((60 * 1024 * 1024)) ]; then
-  echo "gpu_prepare: gpu-carry/ holds $total bytes; a call carries 64 MiB with the last ORT part" >&2
+# Every device call carries the working tree too (tracked and untracked, not ignored, files), 64 MiB in all: the
+# tree (~32 MiB now) leaves each call room for one ORT part or the binaries, not both. The parts are sized to fit.
+LIMIT=$((64 * 1024 * 1024))
+MARGIN=$((1024 * 1024)) # for files the tree may gain before the calls
+tree=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
+room=$((LIMIT - MARGIN - tree))
+carry=$(du -cb gpu-carry | tail -1 | cut -f1)
+if [ "$carry" -gt "$room" ]; then
+  echo "gpu_prepare: gpu-carry/ holds $carry bytes, but a call has $room beside the $tree-byte tree" >&2
   exit 1
 fi
-cat <<'TXT'
-== ready. The six device calls, back to back (the machine is taken back after ~30 s idle):
-  calls 1-5 (N = 0..4): carry [".gpu/ortgpu.part0N"], command: mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part0N /tmp/ortgpu/
-  call 6: carry [".gpu/ortgpu.part05", "gpu-carry"], timeout_s 600, command:
-    cp .gpu/ortgpu.part05 /tmp/ortgpu/ && (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) && bash benches/gpu_train_step.sh
+echo "== ONNX Runtime's CUDA libraries"
+bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu 1 >/dev/null # once whole, to learn its size
+ort=$(du -cb .gpu/ortgpu.part* | tail -1 | cut -f1)
+parts=$(((ort + room - 1) / room))
+bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu "$parts" >/dev/null
+ls -l .gpu gpu-carry
+cat <<TXT
+== ready: the tree is $tree bytes, so each call carries at most $room more. The $((parts + 1)) device calls, back to
+back (the machine is taken back after ~30 s idle):
+  calls 1-$parts (NN = 00..$(printf '%02d' $((parts - 1)))): carry [".gpu/ortgpu.partNN"], command:
+    mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.partNN /tmp/ortgpu/
+  call $((parts + 1)): carry ["gpu-carry"], timeout_s 600, command:
+    (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) && bash benches/gpu_train_step.sh
 Dry run here first (numbers meaningless):
   DEVICE=cpu SIZES=tiny PEER=gpu-carry/peft_step.py PFX_PEFT_PYTHON=/root/.cache/pfx/ref/bin/python \
     PYTHON=/root/.cache/pfx/ref/bin/python OUT=/tmp/gpu-dry bash benches/gpu_train_step.sh

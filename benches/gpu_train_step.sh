@@ -10,13 +10,13 @@
 # output folder) and appends its table to $OUT/summary.md.
 #
 # Here, before the device calls, one command builds and packs everything (binaries, peers, skeleton graphs, ORT's
-# CUDA libraries in six parts) and prints the calls below:
+# CUDA libraries in parts) and prints the calls:
 #   bash benches/gpu_prepare.sh
-# On the device, back to back (it is taken back after ~30 s idle; see ../shared/tools/gpu/README.md), six calls:
-#   calls 1-5 (N = 0..4), carry [".gpu/ortgpu.part0N"]:  mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part0N /tmp/ortgpu/
-#   call 6, carry [".gpu/ortgpu.part05", "gpu-carry"], timeout_s 600:
-#     cp .gpu/ortgpu.part05 /tmp/ortgpu/ && (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) &&
-#     bash benches/gpu_train_step.sh
+# Every call also carries the working tree (~32 MiB of its 64 MiB), so each carries one ORT part or the binaries:
+# with the tree as it is, six part calls (each `mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.partNN /tmp/ortgpu/`),
+# then one carrying gpu-carry/ (timeout_s 600) that runs
+#   (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) && bash benches/gpu_train_step.sh
+# back to back: the machine is taken back after ~30 s idle (../shared/tools/gpu/README.md).
 # The results come back under $OUT (summary.md first). BUDGET_S (default 300) bounds when the last case starts.
 #
 # Dry run on this machine's CPU (checks the script, the binaries and the peer's arguments; numbers meaningless):

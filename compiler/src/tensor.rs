@@ -130,10 +130,22 @@ impl Data {
     }
 }
 
-/// The memory of a slice of plain numbers (f32, f64, i64, i32: no padding, every byte initialized) as bytes.
+/// Number types whose every byte is initialized (no padding): the only ones [`bytes_of`] takes.
 #[cfg(target_endian = "little")]
-fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: u8 has alignment 1 and any value; the callers pass number types, whose bytes are all initialized;
+trait PlainNumber: Copy {}
+#[cfg(target_endian = "little")]
+impl PlainNumber for f32 {}
+#[cfg(target_endian = "little")]
+impl PlainNumber for f64 {}
+#[cfg(target_endian = "little")]
+impl PlainNumber for i64 {}
+#[cfg(target_endian = "little")]
+impl PlainNumber for i32 {}
+
+/// The memory of a slice of plain numbers as bytes.
+#[cfg(target_endian = "little")]
+fn bytes_of<T: PlainNumber>(v: &[T]) -> &[u8] {
+    // SAFETY: u8 has alignment 1 and any value; `PlainNumber` types have no padding, so every byte is initialized;
     // the length is exactly the slice's size in bytes, and the borrow keeps `v` alive.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }

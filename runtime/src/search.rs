@@ -190,7 +190,10 @@ pub fn beam_groups(
         for (gi, g) in gs.iter_mut().enumerate().filter(|(_, g)| !g.done) {
             let base = gi * k;
             // Only the best 2K candidates matter, and a beam's score is the same for all its tokens: the best 2K
-            // of each beam hold them all (ties go to the lower token in both). Then the K·2K are ordered.
+            // of each beam hold them all. (Two logits a rounding apart can give one log-probability, and the pick
+            // then keeps the higher logit where a full sort would keep the lower token; that can only change the
+            // 2K-th candidate, which a step never uses: K live beams are filled from the first 2K - 1, as at most
+            // one of them is eos.) Then the K·2K are ordered.
             let mut cands: Vec<(f64, usize, i64)> = Vec::new();
             for (b, (_, s)) in g.beams.iter().enumerate() {
                 // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
@@ -278,8 +281,9 @@ fn eos_banned(cfg: &GenConfig, n_generated: usize) -> Option<usize> {
     cfg.eos.filter(|_| n_generated < cfg.min_new).map(|e| e as usize)
 }
 
-/// The `count` highest values and their indices, best first, ties to the lower index, `banned` left out (a NaN
-/// is never chosen). One pass with a short sorted list: `count` is 1 (greedy) or 2·beams.
+/// The `count` highest values and their indices, best first, ties to the lower index, `banned` left out. One pass
+/// with a short sorted list: `count` is 1 (greedy) or 2·beams. A NaN is never chosen (a model whose logits hold
+/// NaN is broken; before, greedy chose token 0 when the row began with one).
 fn best_tokens(v: &[f32], count: usize, banned: Option<usize>) -> Vec<(usize, f32)> {
     const BLOCK: usize = 16;
     let mut best: Vec<(usize, f32)> = Vec::with_capacity(count + 1);
@@ -374,8 +378,6 @@ fn exp_non_positive(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    /// Every parent assignment of 4 rows (and lists shorter than the rows) gives what a copy of the old rows,
-    /// gathered, gives.
     /// Within 2 ulp of f64's exp over [−87, 0], exactly 1 at 0, and nothing above ~1e-38 below −87.
     #[test]
     fn the_vectorizable_exp_is_within_two_ulp() {
@@ -429,6 +431,8 @@ mod tests {
         }
     }
 
+    /// Every parent assignment of 4 rows (and lists shorter than the rows) gives what a copy of the old rows,
+    /// gathered, gives.
     #[test]
     fn reorder_rows_equals_a_gather_of_the_old_rows() {
         let (rows, per_row) = (4, 3);
