@@ -16,7 +16,7 @@ use crate::partial_output::PartialOutput;
 use crate::seq2seq::Seq2SeqGenerator;
 use crate::seq2seq_data::SourceTarget;
 use crate::tensor::HostTensor;
-use crate::tokenize::Tokenizer;
+use crate::tokenize::{Tokenizer, GPT2_EOS};
 use crate::train::{TrainConfig, Trainer};
 use pfx_compiler::compile::bart::{read_bart_spec, BartSpec};
 
@@ -27,21 +27,38 @@ pub struct Engine {
     pub ort: OrtOptions,
 }
 
-/// Model types whose tokenizer is GPT-2's (with its `<|endoftext|>`), which the table-to-text format is written for.
-const GPT2_TOKENIZER_MODELS: &[&str] = &["gpt2", "gpt_neo", "gptj"];
+/// Model types trained with GPT-2's tokens (`<|endoftext|>` among them): the table-to-text format is theirs.
+const GPT2_TOKEN_MODELS: &[&str] = &["gpt2", "gpt_neo", "gptj", "phi", "codegen"];
 
-/// Refuses the text commands for a decoder compiled from a model that was not trained with GPT-2's tokens (Llama,
-/// OPT), before any tokenizer is tried: the way out of a tokenizer without `<|endoftext|>`, GPT-2's tokenizer,
-/// would feed such a model ids from another vocabulary.
-fn refuse_foreign_text_format(bundle: &Bundle) -> Result<()> {
+/// A decoder bundle's `model_type` when it names a model not trained with GPT-2's tokens (Llama, OPT, ...).
+fn other_token_model(bundle: &Bundle) -> Option<&str> {
     let m = &bundle.manifest;
-    if let Some(t) = m.model_type.as_deref().filter(|t| m.family != "bart" && !GPT2_TOKENIZER_MODELS.contains(t)) {
+    m.model_type.as_deref().filter(|t| m.family != "bart" && !GPT2_TOKEN_MODELS.contains(t))
+}
+
+/// The text commands on a model not trained with GPT-2's tokens: its tokenizer must have `<|endoftext|>`, which
+/// the format uses as BOS and EOS (GPT-NeoX's and StarCoder's do; Llama's does not, and the usual way out, GPT-2's
+/// tokenizer, would feed it ids from another vocabulary). Another tokenizer than the one its export came with
+/// is warned about.
+fn check_other_token_model(bundle: &Bundle, tok: &Tokenizer, explicit: bool) -> Result<()> {
+    let Some(t) = other_token_model(bundle) else { return Ok(()) };
+    if tok.token_id(GPT2_EOS).is_none() {
         bail!(
-            "{} was compiled from a `{t}` model (its config.json): pfxrun's train, eval and generate format text \
-             the GPT-2 way (`<|endoftext|>` as BOS and EOS, GPT-2's tokenizer), which {t} models do not use. Run \
-             its graphs on token ids with `pfxrun run`, or train with PEFT and bring the prefix over with \
-             `pfxrun import-peft`",
-            bundle.dir.display()
+            "{} was compiled from a `{t}` model (its config.json), and its tokenizer {} has no `{GPT2_EOS}`: \
+             pfxrun's train, eval and generate format text the GPT-2 way, with `{GPT2_EOS}` as BOS and EOS, and \
+             do not use {t}'s own special tokens yet. Run its graphs on token ids with `pfxrun run`, or train with \
+             PEFT and bring the prefix over with `pfxrun import-peft`",
+            bundle.dir.display(),
+            tok.origin().display()
+        );
+    }
+    let own = bundle.dir.join("tokenizer.json");
+    if explicit && own.exists() && std::fs::read(&own).ok() != std::fs::read(tok.origin()).ok() {
+        eprintln!(
+            "warning: {} was compiled from a `{t}` model and carries its export's tokenizer.json; --tokenizer {} is \
+             another: ids from another vocabulary train and generate nonsense without an error",
+            bundle.dir.display(),
+            tok.origin().display()
         );
     }
     Ok(())
@@ -49,7 +66,6 @@ fn refuse_foreign_text_format(bundle: &Bundle) -> Result<()> {
 
 /// The tokenizer: `--tokenizer`, else the bundle's `tokenizer.json`.
 pub fn tokenizer_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<Tokenizer> {
-    refuse_foreign_text_format(bundle)?;
     let path = match explicit {
         Some(p) => p.to_path_buf(),
         None => {
@@ -76,6 +92,7 @@ pub fn tokenizer_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<Tokeniz
             bundle.dir.display()
         );
     }
+    check_other_token_model(bundle, &tok, explicit.is_some())?;
     Ok(tok)
 }
 

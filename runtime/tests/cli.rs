@@ -286,11 +286,12 @@ fn gpu_options_are_checked_before_anything_runs() {
     assert!(e.contains("--allow-cpu-fallback needs --backend ort"), "{e}");
 }
 
-/// A decoder compiled from a Llama export records `model_type` "llama", and the text commands refuse it before
-/// trying a tokenizer: the way out of a missing `<|endoftext|>` (GPT-2's tokenizer) would train Llama on GPT-2's
-/// ids. A GPT-2 bundle records "gpt2" (the other tests run the text commands on GPT-2 bundles).
+/// A decoder compiled from a Llama export records `model_type` "llama". The text commands then need a tokenizer
+/// with `<|endoftext|>` (the format's BOS and EOS): without one they refuse with the reason, naming the model
+/// type, where GPT-2's hint would have been to use GPT-2's tokenizer (another vocabulary); with one (as GPT-NeoX's
+/// has) they run. A GPT-2 export records "gpt2".
 #[test]
-fn text_commands_refuse_models_not_trained_with_gpt2_tokens() {
+fn text_commands_on_models_not_trained_with_gpt2_tokens() {
     let dir = scratch("cli_foreign_tokens");
     let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
     let bundle = dir.join("llama");
@@ -306,18 +307,45 @@ fn text_commands_refuse_models_not_trained_with_gpt2_tokens() {
     };
     let m = pfx_compiler::compile::compile(&graphs.join("llama-tiny/model.onnx"), &opts, &bundle).unwrap();
     assert_eq!(m.model_type.as_deref(), Some("llama"));
-    let gpt2_tokenizer = graphs.join("tokenizers/gpt2/tokenizer.json");
+    // Word-level tokenizers of a few ids (the tiny model has 96): without and with `<|endoftext|>`.
+    let tokenizer = |vocab: &str, special: &str| {
+        format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [{special}],
+                "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+                "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{vocab}}}, "unk_token": "[UNK]"}}}}"#
+        )
+    };
+    let words = r#""[UNK]": 0, "name": 1, ":": 2, "X": 3"#;
+    let plain = dir.join("plain.json");
+    std::fs::write(&plain, tokenizer(words, "")).unwrap();
+    let with_eos = dir.join("with_eos.json");
+    let added = r#"{"id": 4, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": true}"#;
+    std::fs::write(&with_eos, tokenizer(&format!(r#"{words}, "<|endoftext|>": 4"#), added)).unwrap();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/e2e_test.txt");
     let run = dir.join("run");
     for args in [
-        vec!["train", p(&bundle), "--train", p(&data), "-o", p(&run), "--tokenizer", p(&gpt2_tokenizer)],
-        vec!["eval", p(&bundle), "--data", p(&data)],
-        vec!["generate", p(&bundle), "--input", "name : X", "--tokenizer", p(&gpt2_tokenizer)],
+        vec!["train", p(&bundle), "--train", p(&data), "-o", p(&run), "--tokenizer", p(&plain)],
+        vec!["eval", p(&bundle), "--data", p(&data), "--tokenizer", p(&plain)],
+        vec!["generate", p(&bundle), "--input", "name : X", "--tokenizer", p(&plain)],
     ] {
         let e = fails(&args);
         assert!(e.contains("from a `llama` model") && e.contains("pfxrun run"), "{args:?}: {e}");
     }
     assert!(!run.exists(), "a refused train leaves no folder");
+    let tiny_data = dir.join("tiny.txt");
+    std::fs::write(&tiny_data, "name : X||X X\nname : X X||X\n").unwrap();
+    let out = pfxrun(&["eval", p(&bundle), "--data", p(&tiny_data), "--tokenizer", p(&with_eos)]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "a tokenizer with <|endoftext|> is used: {stderr}");
+    assert!(stdout.contains("loss"), "{stdout}");
+    // The bundle's own tokenizer (its export's) is the one used without --tokenizer; another one is warned about.
+    std::fs::copy(&plain, bundle.join("tokenizer.json")).unwrap();
+    let e = fails(&["eval", p(&bundle), "--data", p(&tiny_data)]);
+    assert!(e.contains("from a `llama` model"), "{e}");
+    let out = pfxrun(&["eval", p(&bundle), "--data", p(&tiny_data), "--tokenizer", p(&with_eos)]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success() && stderr.contains("warning:") && stderr.contains("is another"), "{stderr}");
     let gpt2 = pfx_compiler::compile::compile(&graphs.join("gpt2-optimum/model.onnx"), &opts, &dir.join("gpt2"));
     assert_eq!(gpt2.unwrap().model_type.as_deref(), Some("gpt2"));
 }
