@@ -12,7 +12,8 @@ Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptne
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
-llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (pfx refuses it: rotary positions without past).
+llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (pfx refuses it: rotary positions without past),
+gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's).
 llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
 token_dim 16, num_attention_heads 2) into peft-decoders/adapter-llama-gqa-tiny/.
@@ -36,7 +37,11 @@ SEED = 20261127
 TOL = 1e-4
 FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
-NOPAST = [("opt-nopast-tiny", "opt-tiny"), ("llama-gqa-nopast-tiny", "llama-gqa-tiny")]
+NOPAST = [
+    ("opt-nopast-tiny", "opt-tiny"),
+    ("llama-gqa-nopast-tiny", "llama-gqa-tiny"),
+    ("gptneo-nopast-tiny", "gptneo-tiny"),
+]
 
 # ---- prefix-tuning setup: graphs/peft/'s (fixture_common.py) ----------------------------------------------------
 MODES = {

@@ -73,13 +73,15 @@ fn loss_and_gradients_equal_peft() {
     }
 }
 
-/// OPT exported without past (`--task text-generation`, the same weights as opt-tiny) gets the prefix at its
-/// attention sites; its positions are numbered from the mask as transformers' OPT numbers them under PEFT, so
-/// the batch's left-padded row (row 2) gives PEFT's loss too (numbered P + t it did not). opt-tiny's references.
+/// Exports without past (`--task text-generation`, the same weights as their with-past fixtures, whose references
+/// they use) get the prefix at their attention sites. OPT's positions are numbered from the mask as transformers'
+/// OPT numbers them under PEFT, so the batch's left-padded row (row 2) gives PEFT's loss too (numbered P + t it
+/// did not); GPT-Neo's are P + t, as for GPT-2.
 #[test]
-fn opt_without_past_equals_peft() {
+fn exports_without_past_equal_peft() {
     for mode in MODES {
         check_training("opt-nopast-tiny", mode, &reference("opt-tiny", mode));
+        check_training("gptneo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
     }
 }
 
