@@ -59,6 +59,8 @@ pub struct ModelInfo {
     pub vocab: Option<usize>,
     /// Rows of the learned position table (BART's carries an offset of 2).
     pub position_rows: Option<usize>,
+    /// The positions those rows give ([`usable_positions`]: BART's and OPT's start 2 rows in).
+    pub positions: Option<usize>,
     pub tied_embeddings: Option<bool>,
     /// `model_type` of the `config.json` beside the file, filled in by `pfxc inspect` (the graph does not say
     /// whether a decoder is GPT-2, Llama or OPT).
@@ -209,10 +211,55 @@ pub fn config_model_type(export: &std::path::Path) -> Option<String> {
     Some(config.get("model_type")?.as_str()?.to_string())
 }
 
-/// Positions a graph's learned position table gives (BART's table starts 2 rows in).
-pub fn usable_positions(family: Family, rows: usize) -> usize {
+/// Whether the export's position table is read at `position_ids + 2`: OPT's learned positions (BART's kind),
+/// which transformers numbers from the attention mask when no position ids are given, as in PEFT's forward:
+/// real tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.
+/// GPT-2, GPT-Neo and Llama number every row P + t.
+pub fn positions_from_mask(g: &Graph) -> bool {
+    let prod = g.producers();
+    let is_two =
+        |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).map(|x| x.len() == 1 && x[0] == 2).unwrap_or(false);
+    g.nodes.iter().any(|n| {
+        n.op == "Gather"
+            && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
+            && prod.get(&n.inputs[1]).map(|&i| &g.nodes[i]).is_some_and(|a| {
+                a.op == "Add"
+                    && a.inputs.len() == 2
+                    && ((a.inputs[0] == "position_ids" && is_two(&a.inputs[1]))
+                        || (a.inputs[1] == "position_ids" && is_two(&a.inputs[0])))
+            })
+    })
+}
+
+/// The heads of the keys and values: the past inputs' `[B, H_kv, past, D]` when the export has them, else the
+/// query heads. Fewer than the query heads is grouped-query attention (Llama 3, TinyLlama, Qwen2): each key/value
+/// head serves `heads / H_kv` query heads, and PEFT's prefix holds only those (`token_dim` = H_kv · D, PEFT's
+/// `num_attention_heads` = H_kv), so pfx's does too. Exports without past are not read: their prefix gets the
+/// query heads.
+pub fn key_value_heads(g: &Graph, heads: usize, head_dim: usize) -> Result<usize> {
+    use crate::ir::Dim;
+    let mut found: Option<usize> = None;
+    for v in g.inputs.iter().filter(|v| v.name.starts_with("past_key_values")) {
+        // Shapes the export does not state are left to the binding's own checks.
+        let Some([_, Dim::Known(h), _, Dim::Known(d)]) = v.ty.shape.as_deref() else { continue };
+        if *d != head_dim || *h == 0 || !heads.is_multiple_of(*h) || found.is_some_and(|f| f != *h) {
+            anyhow::bail!(
+                "past input '{}' has shape {}: pfx needs [batch, H, past, {head_dim}] (head size = width / \
+                 {heads} query heads) with the same H in every layer, dividing the query heads",
+                v.name,
+                v.ty.describe()
+            );
+        }
+        found = Some(*h);
+    }
+    Ok(found.unwrap_or(heads))
+}
+
+/// Positions a canonical graph's learned position table gives: BART's and OPT's tables start 2 rows in.
+pub fn usable_positions(g: &Graph, family: Family, rows: usize) -> usize {
     match family {
         Family::BartEncoder | Family::BartDecoder => rows.saturating_sub(2),
+        _ if positions_from_mask(g) => rows.saturating_sub(2),
         _ => rows,
     }
 }
@@ -311,11 +358,11 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         (Some(d), Some(h)) if h > 0 => Some(d / h),
         _ => None,
     };
-    let key_value_heads =
-        g.inputs.iter().filter(|v| v.name.starts_with("past_key_values")).find_map(|v| match v.ty.shape.as_deref() {
-            Some([_, crate::ir::Dim::Known(h), _, _]) => Some(*h),
-            _ => None,
-        });
+    // None where the past inputs do not fit the heads (compile says why).
+    let key_value_heads = match (heads, head_size) {
+        (Some(h), Some(d)) if with_past => key_value_heads(g, h, d).ok(),
+        _ => None,
+    };
     let io = |v: &crate::ir::ValueInfo| IoInfo { name: v.name.clone(), r#type: v.ty.describe() };
     Ok(ModelInfo {
         family,
@@ -333,6 +380,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         hidden,
         vocab,
         position_rows,
+        positions: position_rows.map(|r| usable_positions(g, family, r)),
         config_model_type: None,
         unsupported: unsupported_reason(g, family),
         tied_embeddings: tied,

@@ -172,6 +172,12 @@ fn zero_sizes_are_refused() {
         &pfxc(&["specialize", s(&past), "--batch", "1", "--seq", "30", "--past", "40", "-o", s(&o)]),
         &["--past 40 + --seq 30 needs 70 positions, but the model has 64"],
     );
+    // OPT's 66-row table starts 2 rows in, as BART's: 64 positions.
+    let opt = graphs().join("opt-tiny/model.onnx");
+    fails_with(
+        &pfxc(&["specialize", s(&opt), "--batch", "1", "--seq", "6", "--past", "60", "-o", s(&o)]),
+        &["--past 60 + --seq 6 needs 66 positions, but the model has 64"],
+    );
     assert!(!o.exists(), "nothing must be written on error");
 }
 

@@ -383,7 +383,7 @@ fn warn_attention_flags(model: &std::path::Path) {
 fn check_specialize_positions(m: &pfx_compiler::ir::Model, seq: usize, past: Option<usize>) -> Result<()> {
     use pfx_compiler::inspect::{detect_family, embeddings, usable_positions};
     let Some(rows) = embeddings(&m.graph).position_rows else { return Ok(()) };
-    let positions = usable_positions(detect_family(&m.graph), rows);
+    let positions = usable_positions(&m.graph, detect_family(&m.graph), rows);
     let needed = past.unwrap_or(0) + seq;
     if needed > positions {
         let what = match past {

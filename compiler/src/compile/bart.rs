@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use super::optimizer::AdamW;
 use super::prefix::{self, PrefixShape};
 use super::{init, loss, Injection, Manifest, OptimizerSpec, TensorSpec};
-use crate::inspect::{detect_family, inspect, usable_positions, Family, ModelInfo};
+use crate::inspect::{detect_family, inspect, Family, ModelInfo};
 use crate::ir::{Attr, Graph, Model, Node, ValueInfo, ValueType};
 use crate::onnx_io::{self, WeightsFile};
 use crate::simplify::simplify;
@@ -612,8 +612,8 @@ pub(super) fn dims_of(enc: &ModelInfo, dec: &ModelInfo, export: &BartExport) -> 
         decoder_heads: dh,
         hidden: ehid,
         vocab: dec.vocab.unwrap_or(0),
-        encoder_positions: enc.position_rows.map(|r| usable_positions(Family::BartEncoder, r)),
-        decoder_positions: dec.position_rows.map(|r| usable_positions(Family::BartDecoder, r)),
+        encoder_positions: enc.positions,
+        decoder_positions: dec.positions,
     })
 }
 

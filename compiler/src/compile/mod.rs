@@ -221,30 +221,6 @@ fn check_positions(what: &str, prefix_len: usize, length: usize, rows: usize) ->
     Ok(())
 }
 
-/// The heads of the keys and values: the past inputs' `[B, H_kv, past, D]` when the export has them, else the
-/// query heads. Fewer than the query heads is grouped-query attention (Llama 3, TinyLlama, Qwen2): each key/value
-/// head serves `heads / H_kv` query heads, and PEFT's prefix holds only those (`token_dim` = H_kv · D, PEFT's
-/// `num_attention_heads` = H_kv), so pfx's does too. Exports without past are not read: their prefix gets the
-/// query heads.
-fn key_value_heads(g: &crate::ir::Graph, heads: usize, head_dim: usize) -> Result<usize> {
-    use crate::ir::Dim;
-    let mut found: Option<usize> = None;
-    for v in g.inputs.iter().filter(|v| v.name.starts_with("past_key_values")) {
-        // Shapes the export does not state are left to the binding's own checks.
-        let Some([_, Dim::Known(h), _, Dim::Known(d)]) = v.ty.shape.as_deref() else { continue };
-        if *d != head_dim || *h == 0 || !heads.is_multiple_of(*h) || found.is_some_and(|f| f != *h) {
-            bail!(
-                "past input '{}' has shape {}: pfx needs [batch, H, past, {head_dim}] (head size = width / \
-                 {heads} query heads) with the same H in every layer, dividing the query heads",
-                v.name,
-                v.ty.describe()
-            );
-        }
-        found = Some(*h);
-    }
-    Ok(found.unwrap_or(heads))
-}
-
 /// [`build_loss_graph`] from an export already read.
 pub fn build_loss_graph_from(
     export: &Export,
@@ -297,9 +273,7 @@ pub fn build_loss_graph_from(
         )));
     };
     let _ = vocab;
-    // OPT's table starts its positions 2 rows in (as BART's does).
-    let offset = if prefix::positions_from_mask(&model.graph) { 2 } else { 0 };
-    if let Some(rows) = info.position_rows.map(|r| r.saturating_sub(offset)) {
+    if let Some(rows) = info.positions {
         check_positions(&format!("--seq {}", opts.seq), opts.prefix_len, opts.seq, rows)?;
         // Only exports with past inputs get generation graphs.
         let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
@@ -312,14 +286,14 @@ pub fn build_loss_graph_from(
         }
     }
     // Grouped-query attention: the prefix holds the key/value heads (the past's), as PEFT sizes it.
-    let heads = key_value_heads(&model.graph, heads, head_dim)?;
+    let heads = crate::inspect::key_value_heads(&model.graph, heads, head_dim)?;
     let shape =
         PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden: heads * head_dim, mid: opts.mid_dim };
     shape.check_size()?;
     let g = &mut model.graph;
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let injection = if with_past { Injection::PastBinding } else { Injection::AttentionSites };
-    if !with_past && prefix::positions_from_mask(g) && g.is_input("position_ids") {
+    if !with_past && crate::inspect::positions_from_mask(g) && g.is_input("position_ids") {
         // OPT: the real tokens are numbered from the mask (with the prefix's ones), as with past.
         prefix::number_from_mask(g, opts.prefix_len, opts.batch, opts.seq)?;
     } else if !with_past {

@@ -114,7 +114,7 @@ pub fn build_generator(g: &mut Graph, shape: &PrefixShape, site: &str, batch: us
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Positions {
     /// P + arange(T) in every row, as PEFT's forward numbers them (training and evaluation); OPT-style exports
-    /// number them from the mask ([`positions_from_mask`]), as transformers' OPT does under PEFT.
+    /// number them from the mask ([`crate::inspect::positions_from_mask`]), as transformers' OPT does under PEFT.
     Training,
     /// A `position_ids` input the caller fills (generation: from the mask, so left padding is harmless).
     Input,
@@ -179,7 +179,7 @@ pub fn bind_past(
     }
     let pos = g.inputs.iter().position(|v| v.name == "position_ids").filter(|_| positions == Positions::Training);
     if let Some(pos) = pos {
-        let from_mask = positions_from_mask(g);
+        let from_mask = crate::inspect::positions_from_mask(g);
         let dt = g.inputs.remove(pos).ty.dtype;
         if let Some(mask) = full_mask.filter(|_| from_mask) {
             number_real_tokens(g, &mask, p, seq, dt)?;
@@ -192,27 +192,7 @@ pub fn bind_past(
     Ok(())
 }
 
-/// Whether the export's position table is read at `position_ids + 2`: OPT's learned positions (BART's kind),
-/// which transformers numbers from the attention mask when no position ids are given, as in PEFT's forward:
-/// real tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.
-/// GPT-2, GPT-Neo and Llama number every row P + t.
-pub fn positions_from_mask(g: &Graph) -> bool {
-    let prod = g.producers();
-    let is_two =
-        |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).map(|x| x.len() == 1 && x[0] == 2).unwrap_or(false);
-    g.nodes.iter().any(|n| {
-        n.op == "Gather"
-            && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
-            && prod.get(&n.inputs[1]).map(|&i| &g.nodes[i]).is_some_and(|a| {
-                a.op == "Add"
-                    && a.inputs.len() == 2
-                    && ((a.inputs[0] == "position_ids" && is_two(&a.inputs[1]))
-                        || (a.inputs[1] == "position_ids" && is_two(&a.inputs[0])))
-            })
-    })
-}
-
-/// Exports without past that number positions from the mask ([`positions_from_mask`]): the `position_ids`
+/// Exports without past that number positions from the mask ([`crate::inspect::positions_from_mask`]): the `position_ids`
 /// input becomes [`number_real_tokens`] of the `attention_mask` input with P leading ones, as with past (the
 /// lookup keeps its + 2, and no P shift: the numbering counts the prefix). Runs on the canonical graph.
 pub fn number_from_mask(g: &mut Graph, p: usize, batch: usize, seq: usize) -> Result<()> {
