@@ -67,8 +67,10 @@ def configs():
                                   **special),
         "opt-tiny": OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                               max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=EOS, **special),
+        # The local layer's window (4) is shorter than prefix + sequence (4 + 7 in training, 4 + 14 when
+        # generating), so some queries cannot see some prefix positions, as in real GPT-Neo (256 of 2048).
         "gptneo-tiny": GPTNeoConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
-                                    attention_types=[[["global", "local"], 1]], window_size=256,
+                                    attention_types=[[["global", "local"], 1]], window_size=4,
                                     max_position_embeddings=64, **special),
         # Grouped-query attention, as TinyLlama / Llama 3: 2 query heads share each key/value head.
         "llama-gqa-tiny": LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
