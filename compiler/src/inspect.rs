@@ -402,7 +402,7 @@ impl ModelInfo {
         }
         s += &format!("exporter:    {} (producer '{}', opset {})\n", self.exporter, self.producer, self.opset);
         s += &format!(
-            "dimensions:  layers {}, heads {}{}, head size {}, hidden {}, vocabulary {}, position rows {}\n",
+            "dimensions:  layers {}, heads {}{}, head size {}, hidden {}, vocabulary {}, position rows {}{}\n",
             opt(self.layers),
             opt(self.heads),
             match self.key_value_heads {
@@ -412,7 +412,13 @@ impl ModelInfo {
             opt(self.head_size),
             opt(self.hidden),
             opt(self.vocab),
-            opt(self.position_rows)
+            opt(self.position_rows),
+            // BART's and OPT's tables start 2 rows in: say how many positions a sequence (prefix included) has.
+            match (self.position_rows, self.positions) {
+                (Some(rows), Some(n)) if n != rows =>
+                    format!(" ({n} positions: the first {} rows are not used)", rows - n),
+                _ => String::new(),
+            }
         );
         s += &format!(
             "tied embeddings: {}\n",
