@@ -169,6 +169,8 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
         .ancestors()
         .skip(1)
         .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        // `x/y/..` names `x`, which comes later in the list (and cannot be removed by that name).
+        .filter(|p| p.file_name().is_some())
         .map(Path::to_path_buf)
         .collect();
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
