@@ -231,6 +231,50 @@ pub fn positions_from_mask(g: &Graph) -> bool {
     })
 }
 
+/// Local (sliding-window) attentions, as GPT-Neo's: `Where` node -> window w, for each `Where` whose condition is
+/// a slice (only `Slice`s) of a square boolean table [.., N, N] that is a causal band: row i keeps keys i-w+1..=i.
+/// The export slices rows `key_len - query_len .. key_len` of it, so with the prefix in front of the keys (as
+/// PEFT's cache puts it) query t, at key index P + t, sees prefix key j only when P + t - j < w. A plain causal
+/// table (no window) is not listed; a table of another pattern is an error, naming the node.
+pub fn local_windows(g: &Graph) -> Result<BTreeMap<String, usize>> {
+    let prod = g.producers();
+    let mut found = BTreeMap::new();
+    for n in g.nodes.iter().filter(|n| n.op == "Where") {
+        let mut v = n.inputs[0].as_str();
+        while let Some(&i) = prod.get(v) {
+            if g.nodes[i].op != "Slice" {
+                break;
+            }
+            v = g.nodes[i].inputs[0].as_str();
+        }
+        if v == n.inputs[0] {
+            continue; // not sliced from a table
+        }
+        let Some(table) = g.initializers.get(v).filter(|t| t.dtype() == DType::Bool) else { continue };
+        let r = table.shape.len();
+        if r < 2 || table.shape[r - 1] != table.shape[r - 2] || table.len() != table.shape[r - 1].pow(2) {
+            continue;
+        }
+        let size = table.shape[r - 1];
+        let keep = table.as_i64s().unwrap_or_default();
+        let at = |i: usize, j: usize| keep[i * size + j] != 0;
+        // The window: the first row that no longer sees key 0 (none: plain causal).
+        let w = (1..size).find(|&i| !at(i, 0)).unwrap_or(size);
+        let band = (0..size).all(|i| (0..size).all(|j| at(i, j) == (j <= i && i - j < w)));
+        if !band {
+            anyhow::bail!(
+                "the attention mask of '{}' is sliced from a table '{v}' that is neither causal nor a causal window: \
+                 pfx cannot tell which prefix positions its queries see (export the model with past)",
+                n.name
+            );
+        }
+        if w < size {
+            found.insert(n.name.clone(), w);
+        }
+    }
+    Ok(found)
+}
+
 /// The heads of the keys and values: the past inputs' `[B, H_kv, past, D]` when the export has them, else the
 /// query heads. Fewer than the query heads is grouped-query attention (Llama 3, TinyLlama, Qwen2): each key/value
 /// head serves `heads / H_kv` query heads, and PEFT's prefix holds only those (`token_dim` = H_kv · D, PEFT's

@@ -84,8 +84,10 @@ pub fn build_prefill(
 ) -> Result<Model> {
     let mut model = with_past(export)?;
     prefix::expose_positions(&mut model.graph, 0)?;
+    let windows = crate::inspect::local_windows(&model.graph)?;
     let dims = Dims { batch: gs.rows, seq: gs.prompt_len, past: Some(shape.len), src_len: None };
     specialize(&mut model, &dims)?;
+    windows_by_real_tokens(&mut model.graph, &windows, shape.len, gs.prompt_len)?;
     let g = &mut model.graph;
     let kv = prefix::build_generator(g, shape, "", gs.rows)?;
     prefix::bind_past(g, &kv, shape.len, gs.rows, gs.prompt_len, Positions::Input)?;
@@ -275,9 +277,11 @@ fn rows_product(
 pub fn build_decode(export: &super::Export, p: usize, gs: &GenShape) -> Result<Model> {
     let mut model = with_past(export)?;
     prefix::expose_positions(&mut model.graph, 0)?;
+    let windows = crate::inspect::local_windows(&model.graph)?;
     let c = gs.capacity(p);
     let dims = Dims { batch: gs.rows, seq: 1, past: Some(c), src_len: None };
     specialize(&mut model, &dims)?;
+    windows_by_real_tokens(&mut model.graph, &windows, c, 1)?;
     let presents: Vec<String> =
         model.graph.outputs.iter().filter(|o| o.name.starts_with("present")).map(|o| o.name.clone()).collect();
     for name in &presents {
@@ -288,6 +292,65 @@ pub fn build_decode(export: &super::Export, p: usize, gs: &GenShape) -> Result<M
     read_cache_in_parts(&mut model.graph)?;
     simplify(&mut model.graph)?;
     Ok(model)
+}
+
+/// Local attentions (`windows`: `Where` node -> window w, `inspect::local_windows`) in a generation graph count
+/// their window in real tokens, so that a left-padded prompt generates what it generates alone (as the other
+/// attentions do).
+///
+/// The export measures the window in key slots: the left padding of a prompt would push the prefix out of its
+/// window, and the decode graph places the new token at slot C, the cache's capacity, whatever slot it fills.
+/// Here key k is numbered r_k = cumsum(attention_mask)_k - 1 (prefix and real tokens; padding and empty slots are
+/// masked anyway) and the query at key slot `first + t` keeps k when k <= first + t and r_query - r_k < w. The
+/// graph's queries sit at key slots `first..first + queries` of `attention_mask` [R, keys]: P..P+Tp in the prefill,
+/// C (the new token) in the decode.
+fn windows_by_real_tokens(
+    g: &mut Graph,
+    windows: &BTreeMap<String, usize>,
+    first: usize,
+    queries: usize,
+) -> Result<()> {
+    use crate::ir::Attr;
+    use crate::tensor::DType;
+    let targets: Vec<usize> =
+        g.nodes.iter().enumerate().filter(|(_, n)| windows.contains_key(&n.name)).map(|(i, _)| i).collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    if !g.is_input("attention_mask") {
+        bail!("the export has local attentions (windows {windows:?}) but no attention_mask input to count tokens");
+    }
+    let mask_shape = g.shape_of("attention_mask");
+    let Some([rows, keys]) = mask_shape.as_deref().and_then(|s| <[usize; 2]>::try_from(s).ok()) else {
+        bail!("the attention_mask of an export with local attentions is not [batch, keys]: {mask_shape:?}");
+    };
+    let to_i64 = vec![("to", Attr::Int(DType::I64.onnx_code() as i64))];
+    let mask = g.op1("Cast", &["attention_mask"], to_i64, "window/mask");
+    let axis = g.add_const("window/axis", Tensor::scalar_i64(1));
+    let count = g.op1("CumSum", &[&mask, &axis], vec![], "window/count");
+    // Queries' numbers [R, queries, 1] against keys' [R, 1, keys] (the -1 of both cancels).
+    let starts = g.add_const("window/starts", Tensor::vec_i64(&[first as i64]));
+    let ends = g.add_const("window/ends", Tensor::vec_i64(&[(first + queries) as i64]));
+    let axes = g.add_const("window/axes", Tensor::vec_i64(&[1]));
+    let of_queries = g.op1("Slice", &[&count, &starts, &ends, &axes], vec![], "window/query_count");
+    let last = g.add_const("window/last_axis", Tensor::vec_i64(&[2]));
+    let of_queries = g.op1("Unsqueeze", &[&of_queries, &last], vec![], "window/query_count3");
+    let middle = g.add_const("window/middle_axis", Tensor::vec_i64(&[1]));
+    let of_keys = g.op1("Unsqueeze", &[&count, &middle], vec![], "window/key_count3");
+    let back = g.op1("Sub", &[&of_queries, &of_keys], vec![], "window/back");
+    let causal: Vec<bool> = (0..queries).flat_map(|t| (0..keys).map(move |k| k <= first + t)).collect();
+    let causal = g.add_const("window/causal", Tensor::bool(vec![queries, keys], causal));
+    let shape = g.add_const("window/shape", Tensor::vec_i64(&[rows as i64, 1, queries as i64, keys as i64]));
+    for i in targets {
+        let w = windows[&g.nodes[i].name];
+        let limit = g.add_const("window/size", Tensor::scalar_i64(w as i64));
+        let near = g.op1("Less", &[&back, &limit], vec![], "window/near");
+        let keep = g.op1("And", &[&near, &causal], vec![], "window/keep");
+        let keep = g.op1("Reshape", &[&keep, &shape], vec![], "window/keep4");
+        g.nodes[i].inputs[0] = keep;
+    }
+    g.toposort()?;
+    Ok(())
 }
 
 /// Decode attention reads the cache and the new token's key/value without concatenating them.

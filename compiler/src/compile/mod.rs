@@ -309,6 +309,9 @@ pub fn build_loss_graph_from(
             bail!("expected one position-embedding lookup in the export, found {n}");
         }
     }
+    // Local attentions' windows, read before specialization folds their tables (with past, the export's own
+    // slicing already counts the prefix's keys).
+    let windows = if with_past { Default::default() } else { crate::inspect::local_windows(g)? };
     let dims = Dims {
         batch: opts.batch,
         seq: opts.seq,
@@ -323,7 +326,7 @@ pub fn build_loss_graph_from(
             prefix::bind_past(g, &kv, opts.prefix_len, opts.batch, opts.seq, prefix::Positions::Training)?
         }
         Injection::AttentionSites => {
-            prefix::inject_at_sites(g, &kv, opts.prefix_len)?;
+            prefix::inject_at_sites(g, &kv, opts.prefix_len, &windows)?;
         }
     }
     // Re-infer every shape after the rewrites.

@@ -1,7 +1,7 @@
 //! The prefix: trainable tensors, the generator that turns them into per-layer keys and values, and the two
 //! ways of reaching the attention layers (binding an export's past inputs, or rewriting attention sites).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Result};
 
@@ -306,8 +306,14 @@ pub fn shift_positions(g: &mut Graph, p: usize) -> Result<usize> {
 /// Attention-site injection, for graphs without past inputs (after specialization). Finds each attention as
 /// Softmax(chain(MatMul(Q, Kᵀ))) followed by MatMul(·, V), puts the prefix keys in front of Kᵀ (through the
 /// same scalar scaling), widens every mask on the chain with neutral prefix columns, and puts the prefix values
-/// in front of V. `kv[l]` feeds the l-th attention in graph order.
-pub fn inject_at_sites(g: &mut Graph, kv: &[(String, String)], p: usize) -> Result<usize> {
+/// in front of V. `kv[l]` feeds the l-th attention in graph order. `windows` are the export's local attentions
+/// (`inspect::local_windows`, read before specialization folded their tables).
+pub fn inject_at_sites(
+    g: &mut Graph,
+    kv: &[(String, String)],
+    p: usize,
+    windows: &BTreeMap<String, usize>,
+) -> Result<usize> {
     g.toposort()?;
     let softmaxes: Vec<String> = g
         .nodes
@@ -323,7 +329,7 @@ pub fn inject_at_sites(g: &mut Graph, kv: &[(String, String)], p: usize) -> Resu
         );
     }
     for (l, sm_name) in softmaxes.iter().enumerate() {
-        inject_one(g, sm_name, &kv[l], p)
+        inject_one(g, sm_name, &kv[l], p, windows)
             .map_err(|e| e.context(format!("attention site of layer {l} (Softmax '{sm_name}')")))?;
     }
     g.toposort()?;
@@ -347,8 +353,15 @@ fn leads_to_matmul(g: &Graph, prod: &HashMap<String, usize>, v: &str, depth: usi
 }
 
 /// Binds one attention site: `softmax` names the Softmax node, `kv` the prefix keys and values [B, H, P, D].
-/// (`inject_at_sites` calls it for every site in order; the BART path picks the sites itself.)
-pub fn inject_one(g: &mut Graph, softmax: &str, kv: &(String, String), p: usize) -> Result<()> {
+/// (`inject_at_sites` calls it for every site in order; the BART path picks the sites itself.) A mask chosen by a
+/// `Where` in `windows` gets the prefix columns its window leaves visible, not all of them.
+pub fn inject_one(
+    g: &mut Graph,
+    softmax: &str,
+    kv: &(String, String),
+    p: usize,
+    windows: &BTreeMap<String, usize>,
+) -> Result<()> {
     let prod = g.producers();
     let sm = &g.nodes[node_index(g, softmax)];
     let scores_shape = g.shape_of(&sm.inputs[0]).unwrap();
@@ -429,7 +442,19 @@ pub fn inject_one(g: &mut Graph, softmax: &str, kv: &(String, String), p: usize)
                 ("Mul" | "Div", _) => 1.0,
                 _ => 0.0,
             };
-            let t = Tensor::from_f64s(dt, block, vec![fill; nb])?;
+            let mut cols = vec![fill; nb];
+            if let (Some(&w), ("Where", 0, 1)) = (windows.get(&n.name), (n.op.as_str(), j, k)) {
+                // Query t sits at key index p + t: prefix key c is in its window when p + t - c < w.
+                let queries = block[block.len() - 2];
+                if queries != scores_shape[scores_shape.len() - 2] {
+                    bail!("the local-attention mask '{x}' has shape {xs:?}, not one row per query");
+                }
+                for (i, keep) in cols.iter_mut().enumerate() {
+                    let (t, c) = ((i / p) % queries, i % p);
+                    *keep = if p + t - c < w { 1.0 } else { 0.0 };
+                }
+            }
+            let t = Tensor::from_f64s(dt, block, cols)?;
             let c = g.add_const(&format!("{tag}/mask_cols"), t);
             let wide =
                 g.op1("Concat", &[&c, x], vec![("axis", Attr::Int(xs.len() as i64 - 1))], &format!("{tag}/mask"));
