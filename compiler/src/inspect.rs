@@ -211,24 +211,41 @@ pub fn config_model_type(export: &std::path::Path) -> Option<String> {
     Some(config.get("model_type")?.as_str()?.to_string())
 }
 
-/// Whether the export's position table is read at `position_ids + 2`: OPT's learned positions (BART's kind),
-/// which transformers numbers from the attention mask when no position ids are given, as in PEFT's forward:
-/// real tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.
-/// GPT-2, GPT-Neo and Llama number every row P + t.
+/// Whether the export's position table is read at `positions + 2`: OPT's learned positions (BART's kind), which
+/// transformers numbers from the attention mask when no position ids are given, as in PEFT's forward: real
+/// tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.
+/// optimum's exports add 2 to a `position_ids` input; torch.onnx dynamo's compute the positions from the
+/// `attention_mask` input in the graph. GPT-2, GPT-Neo and Llama number every row P + t.
 pub fn positions_from_mask(g: &Graph) -> bool {
     let prod = g.producers();
     let is_two =
         |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).map(|x| x.len() == 1 && x[0] == 2).unwrap_or(false);
+    let numbered = |v: &str| v == "position_ids" || reads_input(g, &prod, v, "attention_mask");
     g.nodes.iter().any(|n| {
         n.op == "Gather"
             && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
             && prod.get(&n.inputs[1]).map(|&i| &g.nodes[i]).is_some_and(|a| {
                 a.op == "Add"
                     && a.inputs.len() == 2
-                    && ((a.inputs[0] == "position_ids" && is_two(&a.inputs[1]))
-                        || (a.inputs[1] == "position_ids" && is_two(&a.inputs[0])))
+                    && ((numbered(&a.inputs[0]) && is_two(&a.inputs[1]))
+                        || (numbered(&a.inputs[1]) && is_two(&a.inputs[0])))
             })
     })
+}
+
+/// Whether value `v` is computed from graph input `input`.
+fn reads_input(g: &Graph, prod: &std::collections::HashMap<String, usize>, v: &str, input: &str) -> bool {
+    let mut seen = HashSet::new();
+    let mut todo = vec![v.to_string()];
+    while let Some(v) = todo.pop() {
+        if v == input {
+            return true;
+        }
+        if let Some(&i) = prod.get(&v).filter(|_| seen.insert(v.clone())) {
+            todo.extend(g.nodes[i].inputs.iter().filter(|x| !x.is_empty()).cloned());
+        }
+    }
+    false
 }
 
 /// Local (sliding-window) attentions, as GPT-Neo's: `Where` node -> window w, for each `Where` whose condition is

@@ -50,6 +50,13 @@ fn with_past(export: &super::Export) -> Result<Model> {
     Ok(model)
 }
 
+/// A `position_ids` input feeds the position lookup (the runtime numbers the tokens). An OPT export that computes
+/// its positions in the graph reads its table 2 rows in: the input gets that offset, as BART's does.
+fn expose_positions(g: &mut Graph) -> Result<()> {
+    let offset = if !g.is_input("position_ids") && crate::inspect::positions_from_mask(g) { 2 } else { 0 };
+    prefix::expose_positions(g, offset)
+}
+
 /// Keeps only the last position of `name` along `axis` (an output keeps its name).
 pub(super) fn keep_last(model: &mut Model, name: &str, axis: usize) -> Result<()> {
     let g = &mut model.graph;
@@ -83,7 +90,7 @@ pub fn build_prefill(
     baked: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<Model> {
     let mut model = with_past(export)?;
-    prefix::expose_positions(&mut model.graph, 0)?;
+    expose_positions(&mut model.graph)?;
     let windows = crate::inspect::local_windows(&model.graph)?;
     let dims = Dims { batch: gs.rows, seq: gs.prompt_len, past: Some(shape.len), src_len: None };
     specialize(&mut model, &dims)?;
@@ -276,7 +283,7 @@ fn rows_product(
 /// The one-token decode graph over a cache of capacity C.
 pub fn build_decode(export: &super::Export, p: usize, gs: &GenShape) -> Result<Model> {
     let mut model = with_past(export)?;
-    prefix::expose_positions(&mut model.graph, 0)?;
+    expose_positions(&mut model.graph)?;
     let windows = crate::inspect::local_windows(&model.graph)?;
     let c = gs.capacity(p);
     let dims = Dims { batch: gs.rows, seq: 1, past: Some(c), src_len: None };

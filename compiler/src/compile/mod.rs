@@ -293,8 +293,12 @@ pub fn build_loss_graph_from(
     let g = &mut model.graph;
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let injection = if with_past { Injection::PastBinding } else { Injection::AttentionSites };
-    if !with_past && crate::inspect::positions_from_mask(g) && g.is_input("position_ids") {
-        // OPT: the real tokens are numbered from the mask (with the prefix's ones), as with past.
+    if !with_past && crate::inspect::positions_from_mask(g) {
+        // OPT: the real tokens are numbered from the mask (with the prefix's ones), as with past. An export that
+        // numbers them in the graph (torch.onnx dynamo) first gets a `position_ids` input, 2 rows in.
+        if !g.is_input("position_ids") {
+            prefix::expose_positions(g, 2)?;
+        }
         prefix::number_from_mask(g, opts.prefix_len, opts.batch, opts.seq)?;
     } else if !with_past {
         // A `position_ids` input (optimum's exports without past) holds 0..T in training; the lookup gets the
