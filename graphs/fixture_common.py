@@ -27,6 +27,20 @@ def load_checked(cls, hf_dir):
     return model.eval()
 
 
+KEEP_NODE_METADATA = {"pkg.torch.onnx.name_scopes"}
+
+
+def strip_node_metadata(proto):
+    """Drop the exporter's per-node debug metadata (stack traces with this machine's paths, FX node text,
+    class hierarchy, namespace): ~0.25 MB per graph. Keeps name_scopes (the module path of each node), so
+    the fixture still carries NodeProto.metadata_props. Graph semantics are untouched."""
+    for node in proto.graph.node:
+        keep = [p for p in node.metadata_props if p.key in KEEP_NODE_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    return proto
+
+
 # ---- the prefix-tuning setup of the PEFT references (graphs/peft/, graphs/peft-decoders/) --------------------
 P = 4  # num_virtual_tokens
 B = 3  # batch

@@ -13,7 +13,9 @@ Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptne
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
 llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (pfx refuses it: rotary positions without past),
-gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's).
+gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), and torch.onnx dynamo exports
+(reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny and llama-dynamo-tiny with past,
+opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
 llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
 token_dim 16, num_attention_heads 2) into peft-decoders/adapter-llama-gqa-tiny/.
@@ -28,7 +30,8 @@ import sys
 
 import numpy as np
 import torch
-from fixture_common import B, ENCODER_HIDDEN, NOISE_STD, P, T, VOCAB_IDS, add_noise, load_checked, prefix_batch
+from fixture_common import (B, ENCODER_HIDDEN, NOISE_STD, P, T, VOCAB_IDS, add_noise, load_checked, prefix_batch,
+                            strip_node_metadata)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_REFS = os.path.join(HERE, "peft-decoders")
@@ -41,6 +44,14 @@ NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
     ("llama-gqa-nopast-tiny", "llama-gqa-tiny"),
     ("gptneo-nopast-tiny", "gptneo-tiny"),
+]
+# torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
+# positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
+DYNAMO = [
+    ("opt-dynamo-tiny", "opt-tiny", True),
+    ("opt-dynamo-nopast-tiny", "opt-tiny", False),
+    ("gptneo-dynamo-nopast-tiny", "gptneo-tiny", False),
+    ("llama-dynamo-tiny", "llama-tiny", True),
 ]
 
 # ---- prefix-tuning setup: graphs/peft/'s (fixture_common.py) ----------------------------------------------------
@@ -188,6 +199,88 @@ def export_main():
         export_one(name)
     for name, hf_name in NOPAST:
         export_one(name, hf_name)
+
+
+# ================================================================================================================
+# torch.onnx dynamo exports: reference venv (transformers 5.x)
+# ================================================================================================================
+class FlatNoPast(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class FlatWithPast(torch.nn.Module):
+    """Flat tensors in and out: (ids, mask, k0, v0, k1, v1, ...) -> (logits, pk0, pv0, ...)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+        flat = [out.logits]
+        for layer in out.cache.layers:
+            flat += [layer.keys, layer.values]
+        return tuple(flat)
+
+
+def export_dynamo(name, hf_name, with_past):
+    """torch.onnx.export(dynamo=True) of HERE/hf_name/hf into HERE/name/model.onnx, checked in onnxruntime against
+    PyTorch on a left-padded row (without past: its real positions; with past: 3 past tokens, 5 new)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = load_base(hf_name, attn="sdpa" if "neo" not in hf_name else "eager")
+    layers = model.config.num_hidden_layers
+    ids = torch.tensor([[17, 42, 8, 63, 5], [95, 95, 77, 30, 9]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with torch.no_grad():
+        if with_past:
+            first_ids, first_mask = torch.tensor([[95, 11, 12], [95, 95, 61]]), torch.tensor([[1, 1, 1], [0, 0, 1]])
+            first = model(input_ids=first_ids, attention_mask=first_mask, use_cache=True)
+            past = [t.clone() for layer in first.cache.layers for t in (layer.keys, layer.values)]
+            full = torch.cat([first_mask, torch.ones_like(ids)], dim=1)
+            past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+            outputs = ["logits"] + [n.replace("past_key_values", "present") for n in past_names]
+            wrapper, args = FlatWithPast(model).eval(), (ids, full, *past)
+            names = ["input_ids", "attention_mask", *past_names]
+            past_len, total = torch.export.Dim("past_sequence"), torch.export.Dim("past_sequence_plus_sequence")
+            dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+                       "past": tuple({0: batch, 2: past_len} for _ in past_names)}
+        else:
+            outputs, wrapper, args = ["logits"], FlatNoPast(model).eval(), (ids, mask)
+            names = ["input_ids", "attention_mask"]
+            dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+        want = wrapper(*[a.clone() for a in args])
+        want = [want] if isinstance(want, torch.Tensor) else list(want)
+    prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=outputs,
+                             dynamic_shapes=dynamic)
+    path = os.path.join(HERE, name, "model.onnx")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    onnx.save_model(strip_node_metadata(prog.model_proto), path)
+    onnx.checker.check_model(path, full_check=True)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    got = sess.run(outputs, {n: a.numpy() for n, a in zip(names, args)})
+    # Without past, the padding's logits differ between attention kernels: compare the real positions.
+    real = np.ones(got[0].shape[:2], dtype=bool) if with_past else mask.numpy() == 1
+    worst = 0.0
+    for i, (g, w) in enumerate(zip(got, want)):
+        d = np.abs(g - w.numpy())
+        worst = max(worst, float((d[real] if i == 0 else d).max()))
+    print(f"  {name}/model.onnx: torch.onnx dynamo of {hf_name}/hf, {'with' if with_past else 'without'} past, "
+          f"{len(onnx.load(path).graph.node)} nodes, onnxruntime vs PyTorch max diff {worst:.2g}")
+    assert worst < TOL, worst
 
 
 # ================================================================================================================
@@ -377,6 +470,8 @@ def main():
         make_hf()
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export"], check=True, env=env)
+    for name, hf_name, with_past in DYNAMO:
+        export_dynamo(name, hf_name, with_past)
     for name in FAMILIES:
         print(name)
         run_family(name)

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 import transformers
 from safetensors.numpy import save_file
-from fixture_common import add_noise
+from fixture_common import add_noise, strip_node_metadata
 from transformers import BartConfig, BartForConditionalGeneration, DynamicCache, GPT2Config, GPT2LMHeadModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,20 +149,6 @@ def describe(path):
     opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
     print(f"  {os.path.relpath(path, HERE)}: ir={m.ir_version} opset={opset} nodes={len(m.graph.node)} "
           f"initializers={len(m.graph.initializer)} functions={len(m.functions)}")
-
-
-KEEP_NODE_METADATA = {"pkg.torch.onnx.name_scopes"}
-
-
-def strip_node_metadata(proto):
-    """Drop the exporter's per-node debug metadata (stack traces with this machine's paths, FX node text,
-    class hierarchy, namespace): ~0.25 MB per graph. Keeps name_scopes (the module path of each node), so
-    the fixture still carries NodeProto.metadata_props. Graph semantics are untouched."""
-    for node in proto.graph.node:
-        keep = [p for p in node.metadata_props if p.key in KEEP_NODE_METADATA]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
-    return proto
 
 
 def save_weights_external(proto, path, location):

@@ -1,7 +1,7 @@
 //! Decoder-only exports other than GPT-2 (tiny Llama, OPT and GPT-Neo from optimum, with past; a Llama with
-//! grouped-query attention; OPT without past) compile to prefix-tuning graphs that equal PyTorch + PEFT: loss,
-//! gradients and eval loss with and without reparametrization, and greedy tokens with a fixed prefix, on tract
-//! and on ONNX Runtime. References by `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as
+//! grouped-query attention; OPT and GPT-Neo without past; torch.onnx dynamo exports of OPT, GPT-Neo and Llama)
+//! compile to prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
+//! reparametrization, and greedy tokens with a fixed prefix, on tract and on ONNX Runtime. References by `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as
 //! `graphs/peft/` and `graphs/peft-generate/`).
 
 mod common;
@@ -33,15 +33,23 @@ fn options(mode: &str) -> CompileOptions {
 
 /// Each test compiles into its own folder (tests run in parallel threads of one process).
 fn compile_fixture(family: &str, mode: &str, test: &str) -> (PathBuf, Manifest) {
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-dec-{test}-{family}-{mode}"));
+    compile_with(family, &options(mode), &format!("{test}-{family}-{mode}"))
+}
+
+fn compile_with(family: &str, opts: &CompileOptions, folder: &str) -> (PathBuf, Manifest) {
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-dec-{folder}"));
     let model = common::graphs_dir().join(family).join("model.onnx");
-    let m = compile(&model, &options(mode), &out).unwrap_or_else(|e| panic!("compiling {family}: {e:#}"));
+    let m = compile(&model, opts, &out).unwrap_or_else(|e| panic!("compiling {family}: {e:#}"));
     (out, m)
 }
 
 /// Loss, gradients and eval loss of `family`'s bundle against the PEFT reference `r`.
 fn check_training(family: &str, mode: &str, r: &BTreeMap<String, HostTensor>) {
-    let (dir, m) = compile_fixture(family, mode, "grads");
+    check_bundle_training(family, mode, r, compile_fixture(family, mode, "grads"));
+}
+
+fn check_bundle_training(family: &str, mode: &str, r: &BTreeMap<String, HostTensor>, bundle: (PathBuf, Manifest)) {
+    let (dir, m) = bundle;
     check_bundle(&dir);
     let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
     for kind in backends() {
@@ -83,6 +91,32 @@ fn exports_without_past_equal_peft() {
         check_training("opt-nopast-tiny", mode, &reference("opt-tiny", mode));
         check_training("gptneo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
     }
+}
+
+/// torch.onnx dynamo exports of the same HF folders (references: theirs). OPT's numbers its positions from the mask
+/// inside the graph (optimum's adds 2 to a position_ids input): without past the left-padded row's loss equals
+/// PEFT's only when that is recognized. GPT-Neo's local window is read from the dynamo graph's table. Llama's
+/// RMSNorm is Reciprocal(Sqrt); its positions come from the past length, so it gets no generation graphs (refused
+/// with the reason) and trains with --max-new 0.
+#[test]
+fn dynamo_exports_equal_peft() {
+    for mode in MODES {
+        check_training("opt-dynamo-tiny", mode, &reference("opt-tiny", mode));
+        check_training("opt-dynamo-nopast-tiny", mode, &reference("opt-tiny", mode));
+        check_training("gptneo-dynamo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
+        let training_only = CompileOptions { generation: None, ..options(mode) };
+        let bundle = compile_with("llama-dynamo-tiny", &training_only, &format!("dynamo-llama-{mode}"));
+        check_bundle_training("llama-dynamo-tiny", mode, &reference("llama-tiny", mode), bundle);
+    }
+    let model = common::graphs_dir().join("llama-dynamo-tiny").join("model.onnx");
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-dynamo-llama-generation");
+    let e = format!("{:#}", compile(&model, &options("reparam"), &out).unwrap_err());
+    assert!(e.contains("no position_ids input") && e.contains("--max-new 0"), "{e}");
+    // OPT's position table serves 64 positions in the dynamo export too.
+    let model = common::graphs_dir().join("opt-dynamo-nopast-tiny").join("model.onnx");
+    let at = CompileOptions { seq: 61, generation: None, ..options("noreparam") };
+    let e = format!("{:#}", compile(&model, &at, &out).unwrap_err());
+    assert!(e.contains("needs 65 positions, but the model has 64"), "{e}");
 }
 
 /// Grouped-query attention (4 query heads, 2 key/value heads): PEFT's prefix holds the key/value heads
@@ -145,9 +179,11 @@ fn gqa_adapter_round_trips_as_peft_saves_it() {
 
 #[test]
 fn greedy_tokens_equal_peft() {
+    // The dynamo OPT export computes its positions in the graph: its generation graphs read the table 2 rows in.
+    let exports = FAMILIES.iter().map(|&f| (f, f)).chain([("opt-dynamo-tiny", "opt-tiny")]);
     for mode in MODES {
-        for family in FAMILIES {
-            let r = reference(family, mode);
+        for (family, weights) in exports.clone() {
+            let r = reference(weights, mode);
             let prompts = id_rows(&r["prompts"], Some(&r["prompt_mask"]));
             let (dir, _) = compile_fixture(family, mode, "tokens");
             let b = Bundle::open(&dir).unwrap();

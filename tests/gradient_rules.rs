@@ -411,6 +411,11 @@ fn sqrt() {
 }
 
 #[test]
+fn reciprocal() {
+    unary("Reciprocal", Dist::Positive);
+}
+
+#[test]
 fn tanh() {
     unary("Tanh", Dist::Any);
 }

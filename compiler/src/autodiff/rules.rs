@@ -16,6 +16,7 @@ pub fn rule(op: &str) -> Option<Rule> {
         "Neg" => neg,
         "Pow" => pow,
         "Sqrt" => sqrt,
+        "Reciprocal" => reciprocal,
         "Tanh" => tanh,
         "Sigmoid" => sigmoid,
         "Erf" => erf,
@@ -165,6 +166,14 @@ fn sqrt(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
     let two = c.const_f(2.0);
     let d = c.op("Mul", &[&y, &two], vec![]);
     Ok(vec![Some(c.op("Div", &[&dy, &d], vec![]))])
+}
+
+/// d(1/x)/dx = -1/x² = -y² (torch.onnx dynamo writes RMSNorm's rsqrt as Reciprocal(Sqrt)).
+fn reciprocal(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
+    let (dy, y) = (c.dy(0)?, c.y(0));
+    let y2 = c.op("Mul", &[&y, &y], vec![]);
+    let d = c.op("Mul", &[&dy, &y2], vec![]);
+    Ok(vec![Some(c.op("Neg", &[&d], vec![]))])
 }
 
 fn tanh(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {

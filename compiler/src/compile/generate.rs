@@ -53,6 +53,14 @@ fn with_past(export: &super::Export) -> Result<Model> {
 /// A `position_ids` input feeds the position lookup (the runtime numbers the tokens). An OPT export that computes
 /// its positions in the graph reads its table 2 rows in: the input gets that offset, as BART's does.
 fn expose_positions(g: &mut Graph) -> Result<()> {
+    if !g.is_input("position_ids") && crate::inspect::embeddings(g).position_rows.is_none() {
+        bail!(
+            "the export has no position_ids input and no position table (rotary positions computed from the past \
+             length, as torch.onnx dynamo exports Llama), so the generation graphs cannot number the tokens of a \
+             fixed-size cache: compile with --max-new 0 for the training graphs alone, or export with optimum \
+             (--task text-generation-with-past), whose exports take position_ids"
+        );
+    }
     let offset = if !g.is_input("position_ids") && crate::inspect::positions_from_mask(g) { 2 } else { 0 };
     prefix::expose_positions(g, offset)
 }
