@@ -33,23 +33,15 @@ fn options(mode: &str) -> CompileOptions {
 
 /// Each test compiles into its own folder (tests run in parallel threads of one process).
 fn compile_fixture(family: &str, mode: &str, test: &str) -> (PathBuf, Manifest) {
-    compile_with(family, &options(mode), &format!("{test}-{family}-{mode}"))
-}
-
-fn compile_with(family: &str, opts: &CompileOptions, folder: &str) -> (PathBuf, Manifest) {
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-dec-{folder}"));
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-dec-{test}-{family}-{mode}"));
     let model = common::graphs_dir().join(family).join("model.onnx");
-    let m = compile(&model, opts, &out).unwrap_or_else(|e| panic!("compiling {family}: {e:#}"));
+    let m = compile(&model, &options(mode), &out).unwrap_or_else(|e| panic!("compiling {family}: {e:#}"));
     (out, m)
 }
 
 /// Loss, gradients and eval loss of `family`'s bundle against the PEFT reference `r`.
 fn check_training(family: &str, mode: &str, r: &BTreeMap<String, HostTensor>) {
-    check_bundle_training(family, mode, r, compile_fixture(family, mode, "grads"));
-}
-
-fn check_bundle_training(family: &str, mode: &str, r: &BTreeMap<String, HostTensor>, bundle: (PathBuf, Manifest)) {
-    let (dir, m) = bundle;
+    let (dir, m) = compile_fixture(family, mode, "grads");
     check_bundle(&dir);
     let names: Vec<String> = m.trainable.iter().map(|t| t.name.clone()).collect();
     for kind in backends() {
@@ -96,23 +88,18 @@ fn exports_without_past_equal_peft() {
 /// torch.onnx dynamo exports of the same HF folders (references: theirs). OPT's numbers its positions from the mask
 /// inside the graph (optimum's adds 2 to a position_ids input): without past the left-padded row's loss equals
 /// PEFT's only when that is recognized. GPT-Neo's local window is read from the dynamo graph's table. Llama's
-/// RMSNorm is Reciprocal(Sqrt); its positions come from the past length, so it gets no generation graphs (refused
-/// with the reason) and trains with --max-new 0.
+/// RMSNorm is Reciprocal(Sqrt), and its rotary positions come from the past length (`greedy_tokens_equal_peft`
+/// checks that its generation graphs take position ids instead).
 #[test]
 fn dynamo_exports_equal_peft() {
     for mode in MODES {
         check_training("opt-dynamo-tiny", mode, &reference("opt-tiny", mode));
         check_training("opt-dynamo-nopast-tiny", mode, &reference("opt-tiny", mode));
         check_training("gptneo-dynamo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
-        let training_only = CompileOptions { generation: None, ..options(mode) };
-        let bundle = compile_with("llama-dynamo-tiny", &training_only, &format!("dynamo-llama-{mode}"));
-        check_bundle_training("llama-dynamo-tiny", mode, &reference("llama-tiny", mode), bundle);
+        check_training("llama-dynamo-tiny", mode, &reference("llama-tiny", mode));
     }
-    let model = common::graphs_dir().join("llama-dynamo-tiny").join("model.onnx");
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-dynamo-llama-generation");
-    let e = format!("{:#}", compile(&model, &options("reparam"), &out).unwrap_err());
-    assert!(e.contains("no position_ids input") && e.contains("--max-new 0"), "{e}");
     // OPT's position table serves 64 positions in the dynamo export too.
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-dynamo-opt-positions");
     let model = common::graphs_dir().join("opt-dynamo-nopast-tiny").join("model.onnx");
     let at = CompileOptions { seq: 61, generation: None, ..options("noreparam") };
     let e = format!("{:#}", compile(&model, &at, &out).unwrap_err());
@@ -179,8 +166,10 @@ fn gqa_adapter_round_trips_as_peft_saves_it() {
 
 #[test]
 fn greedy_tokens_equal_peft() {
-    // The dynamo OPT export computes its positions in the graph: its generation graphs read the table 2 rows in.
-    let exports = FAMILIES.iter().map(|&f| (f, f)).chain([("opt-dynamo-tiny", "opt-tiny")]);
+    // The dynamo exports compute their positions in the graph: OPT's generation graphs read the table 2 rows in,
+    // Llama's rotate by the position ids, not the cache slots.
+    let dynamo = [("opt-dynamo-tiny", "opt-tiny"), ("llama-dynamo-tiny", "llama-tiny")];
+    let exports = FAMILIES.iter().map(|&f| (f, f)).chain(dynamo);
     for mode in MODES {
         for (family, weights) in exports.clone() {
             let r = reference(weights, mode);

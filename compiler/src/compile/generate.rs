@@ -54,6 +54,9 @@ fn with_past(export: &super::Export) -> Result<Model> {
 /// its positions in the graph reads its table 2 rows in: the input gets that offset, as BART's does.
 fn expose_positions(g: &mut Graph) -> Result<()> {
     if !g.is_input("position_ids") && crate::inspect::embeddings(g).position_rows.is_none() {
+        if expose_rotary_positions(g)? {
+            return Ok(());
+        }
         bail!(
             "the export has no position_ids input and no position table (rotary positions computed from the past \
              length, as torch.onnx dynamo exports Llama), so the generation graphs cannot number the tokens of a \
@@ -63,6 +66,61 @@ fn expose_positions(g: &mut Graph) -> Result<()> {
     }
     let offset = if !g.is_input("position_ids") && crate::inspect::positions_from_mask(g) { 2 } else { 0 };
     prefix::expose_positions(g, offset)
+}
+
+/// Rotary exports without a `position_ids` input (torch.onnx dynamo's Llama) turn `cache_position` (past length +
+/// 0..T, one vector for every row: a `Range`, plus the past length) into HF's `position_ids` by an `Unsqueeze` that
+/// puts a batch axis of 1 in front, then into the rotation angles (a product with the inverse frequencies that
+/// `Cos` and `Sin` read). With a fixed-size cache that would number a token by its slot. Those `Unsqueeze`s read a
+/// `position_ids` input [B, T] instead, whose batch axis takes the place of the 1; the causal mask keeps the slots.
+/// Returns whether any was found.
+fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
+    use crate::ir::{Dim, ValueInfo, ValueType};
+    use crate::tensor::DType;
+    let prod = g.producers();
+    let from_range = |v: &str| {
+        prod.get(v).map(|&i| &g.nodes[i]).is_some_and(|n| {
+            n.op == "Range"
+                || (n.op == "Add" && n.inputs.iter().any(|x| prod.get(x).is_some_and(|&j| g.nodes[j].op == "Range")))
+        })
+    };
+    let axes_of = |n: &Node| g.initializers.get(n.inputs.get(1)?).and_then(|t| t.as_i64s());
+    let mut sites = BTreeMap::new(); // Unsqueeze node -> its axes
+    let mut seen = std::collections::HashSet::new();
+    let mut todo: Vec<String> =
+        g.nodes.iter().filter(|n| n.op == "Cos" || n.op == "Sin").map(|n| n.inputs[0].clone()).collect();
+    while let Some(v) = todo.pop() {
+        let Some(&i) = prod.get(&v).filter(|_| seen.insert(v.clone())) else { continue };
+        let n = &g.nodes[i];
+        if let Some(axes) = axes_of(n).filter(|a| n.op == "Unsqueeze" && a.contains(&0) && from_range(&n.inputs[0])) {
+            sites.insert(i, axes);
+        } else if matches!(n.op.as_str(), "Concat" | "Mul" | "MatMul" | "Cast" | "Transpose" | "Reshape" | "Unsqueeze")
+        {
+            todo.extend(n.inputs.iter().filter(|x| !x.is_empty() && !g.initializers.contains_key(*x)).cloned());
+        }
+    }
+    if sites.is_empty() {
+        return Ok(false);
+    }
+    let dims = vec![Dim::Sym("batch".into()), Dim::Sym("sequence".into())];
+    g.inputs.push(ValueInfo { name: "position_ids".into(), ty: ValueType { dtype: DType::I64, shape: Some(dims) } });
+    for (i, axes) in sites {
+        // cache_position [T] with axes A (0 among them) -> position_ids [B, T] with A \ {0}: the same shape, B for 1.
+        let axes: Vec<i64> = axes.into_iter().filter(|&a| a != 0).collect();
+        let ids = g.op1("CastLike", &["position_ids", &g.nodes[i].inputs[0].clone()], vec![], "position_ids.cast");
+        let n = &mut g.nodes[i];
+        if axes.is_empty() {
+            n.op = "Identity".into();
+            n.inputs = vec![ids];
+        } else {
+            let name = format!("{}.axes_with_batch", n.name);
+            let c = g.add_const(&name, Tensor::vec_i64(&axes));
+            let n = &mut g.nodes[i];
+            n.inputs = vec![ids, c];
+        }
+    }
+    g.toposort()?;
+    Ok(true)
 }
 
 /// Keeps only the last position of `name` along `axis` (an output keeps its name).
