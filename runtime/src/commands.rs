@@ -184,11 +184,10 @@ pub fn train(args: TrainArgs, engine: &Engine) -> Result<()> {
     };
     let result = train_into_locked_folder(args, engine);
     if made && result.is_err() {
-        // remove_dir removes only empty folders: anything written, here or by another run, stays.
+        // remove_dir removes only empty folders: anything written, here or by another run, stays. No stop at the
+        // first failure: `c/d/../d` and `c/d` name one folder, whose second removal fails before `c`.
         for dir in std::iter::once(&out).chain(&missing_parents) {
-            if std::fs::remove_dir(dir).is_err() {
-                break;
-            }
+            let _ = std::fs::remove_dir(dir);
         }
     }
     result
