@@ -221,6 +221,26 @@ fn opt_positions_end_two_rows_before_its_table() {
     assert!(format!("{e:#}").contains("needs 65 positions, but the model has 64"), "{e:#}");
 }
 
+/// A sliding window that pfx does not read from the graph (Mistral's and Gemma's are computed, not sliced from a
+/// table as GPT-Neo's) would be counted in cache slots when generating: a generation cache not shorter than the
+/// `sliding_window` of the export's config.json is refused, a shorter one (where no key falls outside) is not.
+#[test]
+fn generation_past_an_unread_sliding_window_is_refused() {
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-sliding-window");
+    let export = tmp.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::copy(common::graphs_dir().join("llama-tiny/model.onnx"), export.join("model.onnx")).unwrap();
+    let config = |w: usize| format!("{{\"model_type\": \"mistral\", \"sliding_window\": {w}}}");
+    // The cache: prefix 4 + prompt 6 + 8 new - 1 = 17 slots.
+    std::fs::write(export.join("config.json"), config(17)).unwrap();
+    let e = format!("{:#}", compile(&export.join("model.onnx"), &options("noreparam"), &tmp.join("b")).unwrap_err());
+    assert!(e.contains("sliding_window 17") && e.contains("--max-new 0"), "{e}");
+    let training_only = CompileOptions { generation: None, ..options("noreparam") };
+    compile(&export.join("model.onnx"), &training_only, &tmp.join("b")).expect("training graphs with any window");
+    std::fs::write(export.join("config.json"), config(18)).unwrap();
+    compile(&export.join("model.onnx"), &options("noreparam"), &tmp.join("b")).expect("a cache under the window");
+}
+
 /// Llama without past (here with grouped-query attention): rotary positions leave no table to shift, so pfx
 /// refuses the export and says to export it with past.
 #[test]

@@ -211,6 +211,17 @@ pub fn config_model_type(export: &std::path::Path) -> Option<String> {
     Some(config.get("model_type")?.as_str()?.to_string())
 }
 
+/// The `sliding_window` of the `config.json` beside an export (Mistral's, Gemma's, Qwen2's when
+/// `use_sliding_window` is on): keys more than that many positions back are not attended to.
+pub fn config_sliding_window(export: &std::path::Path) -> Option<usize> {
+    let text = std::fs::read_to_string(export.parent()?.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if config.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(false) {
+        return None;
+    }
+    config.get("sliding_window")?.as_u64().map(|w| w as usize)
+}
+
 /// Whether the export's position table is read at `positions + 2`: OPT's learned positions (BART's kind), which
 /// transformers numbers from the attention mask when no position ids are given, as in PEFT's forward: real
 /// tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.

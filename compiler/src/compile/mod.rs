@@ -285,6 +285,24 @@ pub fn build_loss_graph_from(
                 .context("for the generation graphs (--max-new 0 writes none)")?;
         }
     }
+    // A sliding window computed in the graph (Mistral's, Gemma's; GPT-Neo's tables are read: local_windows) would
+    // be counted in cache slots by the generation graphs, so a cache longer than it could attend outside it.
+    let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
+    let generation = opts.generation.as_ref().filter(|_| with_past);
+    if let (Some(gs), Some(w)) = (generation, crate::inspect::config_sliding_window(source)) {
+        let capacity = gs.capacity(opts.prefix_len);
+        if capacity >= w && crate::inspect::local_windows(&model.graph)?.is_empty() {
+            bail!(
+                "its config.json sets sliding_window {w}, and the generation cache (prefix {} + --prompt-len {} \
+                 + --max-new {} - 1 = {capacity}) is not shorter: pfx's generation graphs do not count that window \
+                 (only GPT-Neo's), so tokens could attend outside it. Lower --prompt-len/--max-new so that the cache \
+                 is under {w}, or pass --max-new 0 for the training graphs alone (they are right with any window)",
+                opts.prefix_len,
+                gs.prompt_len,
+                gs.max_new
+            );
+        }
+    }
     // Grouped-query attention: the prefix holds the key/value heads (the past's), as PEFT sizes it.
     let heads = crate::inspect::key_value_heads(&model.graph, heads, head_dim)?;
     let shape =
