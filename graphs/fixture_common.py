@@ -41,6 +41,36 @@ def strip_node_metadata(proto):
     return proto
 
 
+class NoPast(torch.nn.Module):
+    """What torch.onnx.export traces without past: (ids, mask) -> logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class WithPast(torch.nn.Module):
+    """Flat tensors in and out: (ids, mask, k0, v0, k1, v1, ...) -> (logits, pk0, pv0, ...)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.n_layer = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+        flat = [out.logits]
+        for layer in out.cache.layers:
+            flat += [layer.keys, layer.values]
+        return tuple(flat)
+
+
 # ---- the prefix-tuning setup of the PEFT references (graphs/peft/, graphs/peft-decoders/) --------------------
 P = 4  # num_virtual_tokens
 B = 3  # batch

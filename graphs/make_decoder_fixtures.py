@@ -30,8 +30,8 @@ import sys
 
 import numpy as np
 import torch
-from fixture_common import (B, ENCODER_HIDDEN, NOISE_STD, P, T, VOCAB_IDS, add_noise, load_checked, prefix_batch,
-                            strip_node_metadata)
+from fixture_common import (B, ENCODER_HIDDEN, NOISE_STD, P, T, VOCAB_IDS, NoPast, WithPast, add_noise, load_checked,
+                            prefix_batch, strip_node_metadata)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_REFS = os.path.join(HERE, "peft-decoders")
@@ -204,34 +204,6 @@ def export_main():
 # ================================================================================================================
 # torch.onnx dynamo exports: reference venv (transformers 5.x)
 # ================================================================================================================
-class FlatNoPast(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
-class FlatWithPast(torch.nn.Module):
-    """Flat tensors in and out: (ids, mask, k0, v0, k1, v1, ...) -> (logits, pk0, pv0, ...)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.layers = model.config.num_hidden_layers
-
-    def forward(self, input_ids, attention_mask, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-        flat = [out.logits]
-        for layer in out.cache.layers:
-            flat += [layer.keys, layer.values]
-        return tuple(flat)
-
-
 def export_dynamo(name, hf_name, with_past):
     """torch.onnx.export(dynamo=True) of HERE/hf_name/hf into HERE/name/model.onnx, checked in onnxruntime against
     PyTorch on a left-padded row (without past: its real positions; with past: 3 past tokens, 5 new)."""
@@ -251,13 +223,13 @@ def export_dynamo(name, hf_name, with_past):
             full = torch.cat([first_mask, torch.ones_like(ids)], dim=1)
             past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
             outputs = ["logits"] + [n.replace("past_key_values", "present") for n in past_names]
-            wrapper, args = FlatWithPast(model).eval(), (ids, full, *past)
+            wrapper, args = WithPast(model).eval(), (ids, full, *past)
             names = ["input_ids", "attention_mask", *past_names]
             past_len, total = torch.export.Dim("past_sequence"), torch.export.Dim("past_sequence_plus_sequence")
             dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
                        "past": tuple({0: batch, 2: past_len} for _ in past_names)}
         else:
-            outputs, wrapper, args = ["logits"], FlatNoPast(model).eval(), (ids, mask)
+            outputs, wrapper, args = ["logits"], NoPast(model).eval(), (ids, mask)
             names = ["input_ids", "attention_mask"]
             dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
         want = wrapper(*[a.clone() for a in args])

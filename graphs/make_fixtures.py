@@ -27,8 +27,8 @@ import onnxruntime as ort
 import torch
 import transformers
 from safetensors.numpy import save_file
-from fixture_common import add_noise, strip_node_metadata
-from transformers import BartConfig, BartForConditionalGeneration, DynamicCache, GPT2Config, GPT2LMHeadModel
+from fixture_common import NoPast, WithPast, add_noise, strip_node_metadata
+from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 20261127
@@ -97,32 +97,6 @@ def load_gpt2():
     # (sdpa) because that is what a user's export gets; torch.onnx decomposes it at this opset.
     m = GPT2LMHeadModel.from_pretrained(os.path.join(HERE, "gpt2-tiny", "hf"), dtype=torch.float32)
     return m.eval()
-
-
-class NoPast(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
-class WithPast(torch.nn.Module):
-    """Flat tensors in and out: (ids, mask, k0, v0, k1, v1, ...) -> (logits, pk0, pv0, ...)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.n_layer = model.config.n_layer
-
-    def forward(self, input_ids, attention_mask, *past):
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-        flat = [out.logits]
-        for layer in out.cache.layers:
-            flat += [layer.keys, layer.values]
-        return tuple(flat)
 
 
 def ort_check(path, feeds, expected):
