@@ -222,6 +222,54 @@ pub fn config_sliding_window(export: &std::path::Path) -> Option<usize> {
     config.get("sliding_window")?.as_u64().map(|w| w as usize)
 }
 
+/// Sliding windows an export computes from token indices, as transformers 5's masks do for Mistral and Gemma:
+/// `key > query - w` (`Greater`, or `Less` with the operands swapped), where key and query are indices made by
+/// `Range`s. Returns each w. pfx does not rewrite these (GPT-Neo's table-sliced windows are `local_windows`), so
+/// generation must keep its cache under them.
+pub fn computed_windows(g: &Graph) -> Vec<usize> {
+    let prod = g.producers();
+    let from_range = |v: &str| reads_op(g, &prod, v, "Range");
+    let minus_constant = |v: &str| -> Option<(String, usize)> {
+        let n = &g.nodes[*prod.get(v)?];
+        let w = g.initializers.get(n.inputs.get(1)?).and_then(|t| t.as_i64s()).filter(|x| x.len() == 1)?[0];
+        let w = match n.op.as_str() {
+            "Sub" => w,
+            "Add" => -w,
+            _ => return None,
+        };
+        (w > 0).then(|| (n.inputs[0].clone(), w as usize))
+    };
+    let mut found = Vec::new();
+    for n in g.nodes.iter().filter(|n| n.inputs.len() == 2) {
+        let (key, bound) = match n.op.as_str() {
+            "Greater" => (&n.inputs[0], &n.inputs[1]),
+            "Less" => (&n.inputs[1], &n.inputs[0]),
+            _ => continue,
+        };
+        if let Some((query, w)) = minus_constant(bound) {
+            if from_range(key) && from_range(&query) {
+                found.push(w);
+            }
+        }
+    }
+    found
+}
+
+/// Whether value `v` is computed by an `op` node (or is one's output).
+fn reads_op(g: &Graph, prod: &std::collections::HashMap<String, usize>, v: &str, op: &str) -> bool {
+    let mut seen = HashSet::new();
+    let mut todo = vec![v.to_string()];
+    while let Some(v) = todo.pop() {
+        if let Some(&i) = prod.get(&v).filter(|_| seen.insert(v.clone())) {
+            if g.nodes[i].op == op {
+                return true;
+            }
+            todo.extend(g.nodes[i].inputs.iter().filter(|x| !x.is_empty()).cloned());
+        }
+    }
+    false
+}
+
 /// Whether the export's position table is read at `positions + 2`: OPT's learned positions (BART's kind), which
 /// transformers numbers from the attention mask when no position ids are given, as in PEFT's forward: real
 /// tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.
@@ -517,5 +565,30 @@ impl ModelInfo {
             s += &format!("  {op:<20} {n}\n");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+
+    /// `key > (query - 3)` over Range-made indices, as transformers 5 writes Mistral's sliding window.
+    #[test]
+    fn a_window_computed_from_indices_is_found() {
+        let mut g = Graph::default();
+        let (zero, one, n) = (Tensor::scalar_i64(0), Tensor::scalar_i64(1), Tensor::scalar_i64(8));
+        let (zero, one, n) = (g.add_const("zero", zero), g.add_const("one", one), g.add_const("n", n));
+        let keys = g.op1("Range", &[&zero, &n, &one], vec![], "keys");
+        let queries = g.op1("Range", &[&zero, &n, &one], vec![], "queries");
+        let w = g.add_const("w", Tensor::vec_i64(&[3]));
+        let bound = g.op1("Sub", &[&queries, &w], vec![], "bound");
+        g.op1("Greater", &[&keys, &bound], vec![], "near");
+        assert_eq!(computed_windows(&g), vec![3]);
+        // The same comparison against a weight-derived value is no window.
+        let weight = g.add_const("weight", Tensor::f32(vec![1], vec![2.0]));
+        let other = g.op1("Sub", &[&weight, &w], vec![], "other");
+        g.op1("Greater", &[&keys, &other], vec![], "not_a_window");
+        assert_eq!(computed_windows(&g), vec![3]);
     }
 }

@@ -289,11 +289,19 @@ pub fn build_loss_graph_from(
     // be counted in cache slots by the generation graphs, so a cache longer than it could attend outside it.
     let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let generation = opts.generation.as_ref().filter(|_| with_past);
-    if let (Some(gs), Some(w)) = (generation, crate::inspect::config_sliding_window(source)) {
+    let computed = crate::inspect::computed_windows(&model.graph).into_iter().min();
+    let config = crate::inspect::config_sliding_window(source)
+        .filter(|_| crate::inspect::local_windows(&model.graph).is_ok_and(|w| w.is_empty()));
+    let window = match (computed, config) {
+        (Some(w), _) => Some((w, "its graph computes a sliding window of")),
+        (None, Some(w)) => Some((w, "its config.json sets sliding_window")),
+        _ => None,
+    };
+    if let (Some(gs), Some((w, whose))) = (generation, window) {
         let capacity = gs.capacity(opts.prefix_len);
-        if capacity >= w && crate::inspect::local_windows(&model.graph)?.is_empty() {
+        if capacity >= w {
             bail!(
-                "its config.json sets sliding_window {w}, and the generation cache (prefix {} + --prompt-len {} \
+                "{whose} {w}, and the generation cache (prefix {} + --prompt-len {} \
                  + --max-new {} - 1 = {capacity}) is not shorter: pfx's generation graphs do not count that window \
                  (only GPT-Neo's), so tokens could attend outside it. Lower --prompt-len/--max-new so that the cache \
                  is under {w}, or pass --max-new 0 for the training graphs alone (they are right with any window)",
