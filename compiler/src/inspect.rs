@@ -573,6 +573,27 @@ mod tests {
     use super::*;
     use crate::tensor::Tensor;
 
+    /// A `Where` choosing by a slice of a square boolean table: a causal band gives its window, a plain causal
+    /// table none, and any other table is refused (pfx could not tell which prefix keys a query sees).
+    #[test]
+    fn windows_sliced_from_tables() {
+        let table = |keep: &dyn Fn(usize, usize) -> bool| {
+            let mut g = Graph::default();
+            let v: Vec<bool> = (0..36).map(|x| keep(x / 6, x % 6)).collect();
+            let t = g.add_const("table", Tensor::bool(vec![1, 1, 6, 6], v));
+            let (s, e, a) = (Tensor::vec_i64(&[0]), Tensor::vec_i64(&[4]), Tensor::vec_i64(&[2]));
+            let (s, e, a) = (g.add_const("s", s), g.add_const("e", e), g.add_const("a", a));
+            let cond = g.op1("Slice", &[&t, &s, &e, &a], vec![], "cond");
+            let x = g.add_const("x", Tensor::f32(vec![1], vec![1.0]));
+            g.op1("Where", &[&cond, &x, &x], vec![], "masked");
+            local_windows(&g).map(|w| w.into_values().collect::<Vec<_>>())
+        };
+        assert_eq!(table(&|i, j| j <= i && i - j < 2).unwrap(), vec![2]);
+        assert!(table(&|i, j| j <= i).unwrap().is_empty());
+        let e = table(&|_, _| true).unwrap_err().to_string();
+        assert!(e.contains("neither causal nor a causal window"), "{e}");
+    }
+
     /// `key > (query - 3)` over Range-made indices, as transformers 5 writes Mistral's sliding window.
     #[test]
     fn a_window_computed_from_indices_is_found() {
