@@ -25,7 +25,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file
-from fixture_common import load_checked
+from fixture_common import NoPast, load_checked
 from transformers import BartForConditionalGeneration, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -103,15 +103,6 @@ def optimum_cli(hf_dir, task, out_dir):
     # optimum's decoder merge iterates over sets of names: fix the hash seed so reruns give identical bytes.
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-
-class NoPast(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def eager_mask_no_vmap(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None,

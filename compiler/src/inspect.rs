@@ -1,6 +1,6 @@
 //! `pfxc inspect`: what a model is (family, exporter, dimensions) and what it contains.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -228,7 +228,8 @@ pub fn config_sliding_window(export: &std::path::Path) -> Option<usize> {
 /// generation must keep its cache under them.
 pub fn computed_windows(g: &Graph) -> Vec<usize> {
     let prod = g.producers();
-    let from_range = |v: &str| reads_op(g, &prod, v, "Range");
+    let made_by_range = |x: &str| prod.get(x).is_some_and(|&i| g.nodes[i].op == "Range");
+    let from_range = |v: &str| computed_from(g, &prod, v, made_by_range);
     let minus_constant = |v: &str| -> Option<(String, usize)> {
         let n = &g.nodes[*prod.get(v)?];
         let w = g.initializers.get(n.inputs.get(1)?).and_then(|t| t.as_i64s()).filter(|x| x.len() == 1)?[0];
@@ -255,21 +256,6 @@ pub fn computed_windows(g: &Graph) -> Vec<usize> {
     found
 }
 
-/// Whether value `v` is computed by an `op` node (or is one's output).
-fn reads_op(g: &Graph, prod: &std::collections::HashMap<String, usize>, v: &str, op: &str) -> bool {
-    let mut seen = HashSet::new();
-    let mut todo = vec![v.to_string()];
-    while let Some(v) = todo.pop() {
-        if let Some(&i) = prod.get(&v).filter(|_| seen.insert(v.clone())) {
-            if g.nodes[i].op == op {
-                return true;
-            }
-            todo.extend(g.nodes[i].inputs.iter().filter(|x| !x.is_empty()).cloned());
-        }
-    }
-    false
-}
-
 /// Whether the export's position table is read at `positions + 2`: OPT's learned positions (BART's kind), which
 /// transformers numbers from the attention mask when no position ids are given, as in PEFT's forward: real
 /// tokens get P + (real tokens before them), so a left-padded row is numbered from its first real token.
@@ -279,7 +265,7 @@ pub fn positions_from_mask(g: &Graph) -> bool {
     let prod = g.producers();
     let is_two =
         |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).map(|x| x.len() == 1 && x[0] == 2).unwrap_or(false);
-    let numbered = |v: &str| v == "position_ids" || reads_input(g, &prod, v, "attention_mask");
+    let numbered = |v: &str| v == "position_ids" || computed_from(g, &prod, v, |x| x == "attention_mask");
     g.nodes.iter().any(|n| {
         n.op == "Gather"
             && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
@@ -292,12 +278,12 @@ pub fn positions_from_mask(g: &Graph) -> bool {
     })
 }
 
-/// Whether value `v` is computed from graph input `input`.
-fn reads_input(g: &Graph, prod: &std::collections::HashMap<String, usize>, v: &str, input: &str) -> bool {
+/// Whether value `v`, or a value it is computed from, is one that `found` accepts (`prod`: `Graph::producers`).
+fn computed_from(g: &Graph, prod: &HashMap<String, usize>, v: &str, found: impl Fn(&str) -> bool) -> bool {
     let mut seen = HashSet::new();
     let mut todo = vec![v.to_string()];
     while let Some(v) = todo.pop() {
-        if v == input {
+        if found(&v) {
             return true;
         }
         if let Some(&i) = prod.get(&v).filter(|_| seen.insert(v.clone())) {
@@ -377,10 +363,15 @@ pub fn key_value_heads(g: &Graph, heads: usize, head_dim: usize) -> Result<usize
 
 /// Positions a canonical graph's learned position table gives: BART's and OPT's tables start 2 rows in.
 pub fn usable_positions(g: &Graph, family: Family, rows: usize) -> usize {
+    rows.saturating_sub(table_offset(g, family))
+}
+
+/// The row of a canonical graph's position table that position 0 reads: 2 for BART's and OPT's learned positions.
+pub fn table_offset(g: &Graph, family: Family) -> usize {
     match family {
-        Family::BartEncoder | Family::BartDecoder => rows.saturating_sub(2),
-        _ if positions_from_mask(g) => rows.saturating_sub(2),
-        _ => rows,
+        Family::BartEncoder | Family::BartDecoder => 2,
+        _ if positions_from_mask(g) => 2,
+        _ => 0,
     }
 }
 

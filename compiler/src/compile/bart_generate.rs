@@ -258,8 +258,8 @@ pub fn build_decode(dir: &Path, capacity: usize, cross_len: usize, rows: usize) 
     }
     crate::canonicalize::canonicalize(&mut model)
         .map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
-    // BART's learned positions sit 2 rows into the table (its `offset`).
-    prefix::expose_positions(&mut model.graph, 2)
+    // BART's learned positions sit 2 rows into the table (inspect::table_offset).
+    prefix::expose_positions(&mut model.graph)
         .with_context(|| format!("exposing the positions of {}", path.display()))?;
     specialize(&mut model, &Dims { batch: rows, seq: 1, past: Some(capacity), src_len: Some(cross_len) })
         .with_context(|| format!("specializing {}", path.display()))?;

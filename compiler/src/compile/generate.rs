@@ -50,8 +50,7 @@ fn with_past(export: &super::Export) -> Result<Model> {
     Ok(model)
 }
 
-/// A `position_ids` input feeds the position lookup (the runtime numbers the tokens). An OPT export that computes
-/// its positions in the graph reads its table 2 rows in: the input gets that offset, as BART's does.
+/// A `position_ids` input feeds the position lookup (the runtime numbers the tokens), or the rotary angles.
 fn expose_positions(g: &mut Graph) -> Result<()> {
     if !g.is_input("position_ids") && crate::inspect::embeddings(g).position_rows.is_none() {
         if expose_rotary_positions(g)? {
@@ -64,8 +63,7 @@ fn expose_positions(g: &mut Graph) -> Result<()> {
              (--task text-generation-with-past), whose exports take position_ids"
         );
     }
-    let offset = if !g.is_input("position_ids") && crate::inspect::positions_from_mask(g) { 2 } else { 0 };
-    prefix::expose_positions(g, offset)
+    prefix::expose_positions(g)
 }
 
 /// Rotary exports without a `position_ids` input (torch.onnx dynamo's Llama) turn `cache_position` (past length +
@@ -121,6 +119,33 @@ fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
     }
     g.toposort()?;
     Ok(true)
+}
+
+/// Refuses generation graphs whose cache reaches a sliding window pfx does not rewrite: one computed in the graph
+/// (Mistral's, Gemma's: `inspect::computed_windows`) or, when the graph has none pfx reads (GPT-Neo's tables:
+/// `inspect::local_windows`), the `sliding_window` of the export's config.json. The generation graphs would count
+/// such a window in cache slots, so a cache longer than it could attend outside it.
+pub(super) fn refuse_unread_window(g: &Graph, source: &std::path::Path, gs: &GenShape, p: usize) -> Result<()> {
+    let computed = crate::inspect::computed_windows(g).into_iter().min();
+    let config = crate::inspect::config_sliding_window(source)
+        .filter(|_| crate::inspect::local_windows(g).is_ok_and(|w| w.is_empty()));
+    let (w, whose) = match (computed, config) {
+        (Some(w), _) => (w, "its graph computes a sliding window of"),
+        (None, Some(w)) => (w, "its config.json sets sliding_window"),
+        _ => return Ok(()),
+    };
+    let capacity = gs.capacity(p);
+    if capacity >= w {
+        bail!(
+            "{whose} {w}, and the generation cache (prefix {p} + --prompt-len {} + --max-new {} - 1 = {capacity}) is \
+             not shorter: pfx's generation graphs do not count that window (only GPT-Neo's), so tokens could attend \
+             outside it. Lower --prompt-len/--max-new so that the cache is under {w}, or pass --max-new 0 for the \
+             training graphs alone (they are right with any window)",
+            gs.prompt_len,
+            gs.max_new
+        );
+    }
+    Ok(())
 }
 
 /// Keeps only the last position of `name` along `axis` (an output keeps its name).

@@ -273,11 +273,12 @@ pub fn build_loss_graph_from(
         )));
     };
     let _ = vocab;
+    // Only exports with past inputs get generation graphs.
+    let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
+    let generation = opts.generation.as_ref().filter(|_| with_past);
     if let Some(rows) = info.positions {
         check_positions(&format!("--seq {}", opts.seq), opts.prefix_len, opts.seq, rows)?;
-        // Only exports with past inputs get generation graphs.
-        let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
-        if let Some(gs) = opts.generation.as_ref().filter(|_| with_past) {
+        if let Some(gs) = generation {
             // Generation feeds every token but the last one generated.
             let length = gs.prompt_len + gs.max_new - 1;
             let what = format!("--prompt-len {} + --max-new {} - 1", gs.prompt_len, gs.max_new);
@@ -285,31 +286,8 @@ pub fn build_loss_graph_from(
                 .context("for the generation graphs (--max-new 0 writes none)")?;
         }
     }
-    // A sliding window computed in the graph (Mistral's, Gemma's; GPT-Neo's tables are read: local_windows) would
-    // be counted in cache slots by the generation graphs, so a cache longer than it could attend outside it.
-    let with_past = model.graph.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
-    let generation = opts.generation.as_ref().filter(|_| with_past);
-    let computed = crate::inspect::computed_windows(&model.graph).into_iter().min();
-    let config = crate::inspect::config_sliding_window(source)
-        .filter(|_| crate::inspect::local_windows(&model.graph).is_ok_and(|w| w.is_empty()));
-    let window = match (computed, config) {
-        (Some(w), _) => Some((w, "its graph computes a sliding window of")),
-        (None, Some(w)) => Some((w, "its config.json sets sliding_window")),
-        _ => None,
-    };
-    if let (Some(gs), Some((w, whose))) = (generation, window) {
-        let capacity = gs.capacity(opts.prefix_len);
-        if capacity >= w {
-            bail!(
-                "{whose} {w}, and the generation cache (prefix {} + --prompt-len {} \
-                 + --max-new {} - 1 = {capacity}) is not shorter: pfx's generation graphs do not count that window \
-                 (only GPT-Neo's), so tokens could attend outside it. Lower --prompt-len/--max-new so that the cache \
-                 is under {w}, or pass --max-new 0 for the training graphs alone (they are right with any window)",
-                opts.prefix_len,
-                gs.prompt_len,
-                gs.max_new
-            );
-        }
+    if let Some(gs) = generation {
+        generate::refuse_unread_window(&model.graph, source, gs, opts.prefix_len)?;
     }
     // Grouped-query attention: the prefix holds the key/value heads (the past's), as PEFT sizes it.
     let heads = crate::inspect::key_value_heads(&model.graph, heads, head_dim)?;
@@ -317,14 +295,11 @@ pub fn build_loss_graph_from(
         PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden: heads * head_dim, mid: opts.mid_dim };
     shape.check_size()?;
     let g = &mut model.graph;
-    let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let injection = if with_past { Injection::PastBinding } else { Injection::AttentionSites };
     if !with_past && crate::inspect::positions_from_mask(g) {
         // OPT: the real tokens are numbered from the mask (with the prefix's ones), as with past. An export that
         // numbers them in the graph (torch.onnx dynamo) first gets a `position_ids` input, 2 rows in.
-        if !g.is_input("position_ids") {
-            prefix::expose_positions(g, 2)?;
-        }
+        prefix::expose_positions(g)?;
         prefix::number_from_mask(g, opts.prefix_len, opts.batch, opts.seq)?;
     } else if !with_past {
         // A `position_ids` input (optimum's exports without past) holds 0..T in training; the lookup gets the

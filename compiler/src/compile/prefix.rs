@@ -244,12 +244,13 @@ fn token_values(g: &Graph) -> HashSet<String> {
 
 /// Makes the position-embedding lookup read a `position_ids` input ([batch, seq], int64) instead of the
 /// positions the export computes from the past length. Runs on the canonical graph. No-op when the export
-/// already takes `position_ids`. `offset` is added to the ids before the lookup (BART's table starts its
-/// positions at row 2; GPT-2's at 0).
-pub fn expose_positions(g: &mut Graph, offset: i64) -> Result<()> {
+/// already takes `position_ids`. The ids read the table from the row position 0 reads (`inspect::table_offset`:
+/// 2 for BART's and OPT's tables, 0 for GPT-2's).
+pub fn expose_positions(g: &mut Graph) -> Result<()> {
     if g.is_input("position_ids") {
         return Ok(());
     }
+    let offset = crate::inspect::table_offset(g, crate::inspect::detect_family(g)) as i64;
     let tok = token_values(g);
     let sites: Vec<usize> = (0..g.nodes.len())
         .filter(|&i| {
