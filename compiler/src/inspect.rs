@@ -211,6 +211,22 @@ pub fn config_model_type(export: &std::path::Path) -> Option<String> {
     Some(config.get("model_type")?.as_str()?.to_string())
 }
 
+/// The end-of-text token id of the model beside an export: `eos_token_id` of its `config.json`, else of its
+/// `generation_config.json` (the first one where it is a list, as Llama 3's and Qwen's generation configs have).
+/// pfxrun's text commands end the prompt and the target with it for models with their own tokens.
+pub fn config_eos_token_id(export: &std::path::Path) -> Option<u32> {
+    let dir = export.parent()?;
+    ["config.json", "generation_config.json"].iter().find_map(|name| {
+        let text = std::fs::read_to_string(dir.join(name)).ok()?;
+        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let id = match config.get("eos_token_id")? {
+            serde_json::Value::Array(ids) => ids.first()?.as_u64()?,
+            one => one.as_u64()?,
+        };
+        u32::try_from(id).ok()
+    })
+}
+
 /// The `sliding_window` of the `config.json` beside an export (Mistral's, Gemma's, Qwen2's when
 /// `use_sliding_window` is on): keys more than that many positions back are not attended to.
 pub fn config_sliding_window(export: &std::path::Path) -> Option<usize> {

@@ -16,7 +16,7 @@ use crate::partial_output::PartialOutput;
 use crate::seq2seq::Seq2SeqGenerator;
 use crate::seq2seq_data::SourceTarget;
 use crate::tensor::HostTensor;
-use crate::tokenize::{Tokenizer, GPT2_EOS};
+use crate::tokenize::Tokenizer;
 use crate::train::{TrainConfig, Trainer};
 use pfx_compiler::compile::bart::{read_bart_spec, BartSpec};
 
@@ -36,22 +36,10 @@ fn other_token_model(bundle: &Bundle) -> Option<&str> {
     m.model_type.as_deref().filter(|t| m.family != "bart" && !GPT2_TOKEN_MODELS.contains(t))
 }
 
-/// The text commands on a model not trained with GPT-2's tokens: its tokenizer must have `<|endoftext|>`, which
-/// the format uses as BOS and EOS (GPT-NeoX's and StarCoder's do; Llama's does not, and the usual way out, GPT-2's
-/// tokenizer, would feed it ids from another vocabulary). Another tokenizer than the one its export came with
-/// is warned about.
-fn check_other_token_model(bundle: &Bundle, tok: &Tokenizer, explicit: bool) -> Result<()> {
-    let Some(t) = other_token_model(bundle) else { return Ok(()) };
-    if tok.token_id(GPT2_EOS).is_none() {
-        bail!(
-            "{} was compiled from a `{t}` model (its config.json), and its tokenizer {} has no `{GPT2_EOS}`: \
-             pfxrun's train, eval and generate format text the GPT-2 way, with `{GPT2_EOS}` as BOS and EOS, and \
-             do not use {t}'s own special tokens yet. Run its graphs on token ids with `pfxrun run`, or train with \
-             PEFT and bring the prefix over with `pfxrun import-peft`",
-            bundle.dir.display(),
-            tok.origin().display()
-        );
-    }
+/// Another tokenizer than the one a model's export came with is warned about: ids from another vocabulary train
+/// and generate nonsense without an error.
+fn warn_foreign_tokenizer(bundle: &Bundle, tok: &Tokenizer, explicit: bool) {
+    let Some(t) = other_token_model(bundle) else { return };
     let own = bundle.dir.join("tokenizer.json");
     if explicit && own.exists() && std::fs::read(&own).ok() != std::fs::read(tok.origin()).ok() {
         eprintln!(
@@ -61,7 +49,27 @@ fn check_other_token_model(bundle: &Bundle, tok: &Tokenizer, explicit: bool) -> 
             tok.origin().display()
         );
     }
-    Ok(())
+}
+
+/// The table-to-text format of a decoder bundle: GPT-2's for GPT-2's family (and bundles that do not say their
+/// model), the model's own tokens otherwise (its end-of-text id recorded from its `config.json`). The format is
+/// printed once, so that a user sees which tokens frame the examples.
+fn text_format<'t>(bundle: &Bundle, tok: &'t Tokenizer) -> Result<TableToText<'t>> {
+    let Some(t) = other_token_model(bundle) else { return TableToText::new(tok) };
+    let Some(eos) = bundle.manifest.eos_token_id else {
+        bail!(
+            "{} was compiled from a `{t}` model whose end-of-text token pfxc did not find (no eos_token_id in the \
+             config.json or generation_config.json beside the export): pfxrun's train, eval and generate frame \
+             examples with it. Put the model's config.json beside the export and compile again, or run its graphs \
+             on token ids with `pfxrun run`",
+            bundle.dir.display()
+        );
+    };
+    let fmt = TableToText::with_model_eos(tok, eos).with_context(|| format!("{} (`{t}`)", bundle.dir.display()))?;
+    // Once per run (train formats its training and dev files).
+    static TOLD: std::sync::Once = std::sync::Once::new();
+    TOLD.call_once(|| eprintln!("examples as {}", fmt.describe()));
+    Ok(fmt)
 }
 
 /// The tokenizer: `--tokenizer`, else the bundle's `tokenizer.json`.
@@ -92,7 +100,7 @@ pub fn tokenizer_for(bundle: &Bundle, explicit: Option<&Path>) -> Result<Tokeniz
             bundle.dir.display()
         );
     }
-    check_other_token_model(bundle, &tok, explicit.is_some())?;
+    warn_foreign_tokenizer(bundle, &tok, explicit.is_some());
     Ok(tok)
 }
 
@@ -129,7 +137,7 @@ fn encode_file(bundle: &Bundle, tok: &Tokenizer, path: &Path, overlong: Overlong
     }
     let (rows, report) = match bart_spec(bundle)? {
         Some(b) => SourceTarget::new(tok, b.pad_token_id)?.encode_dataset(&data, b.src_len, b.tgt_len, overlong)?,
-        None => TableToText::new(tok)?.encode_dataset(&data, bundle.manifest.seq_len, overlong)?,
+        None => text_format(bundle, tok)?.encode_dataset(&data, bundle.manifest.seq_len, overlong)?,
     };
     eprintln!("{what} {}: {report}", path.display());
     Ok(rows)
@@ -458,7 +466,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         (spec.rows, prompts)
     } else {
         let spec = m.generation.clone().ok_or_else(no_generation)?;
-        let fmt = TableToText::new(&tok)?;
+        let fmt = text_format(&bundle, &tok)?;
         cfg.eos = Some(fmt.eos_id() as i64);
         cfg.pad = fmt.pad_id() as i64;
         let mut prompts = Vec::new();

@@ -35,6 +35,14 @@
 //! the spaces around it, so the space before each `<|endoftext|>` is a token of its own (`Ġ`, 220), in
 //! training and in the prompt alike (as Hugging Face's GPT-2 tokenizers give it).
 //!
+//! A model trained with its own special tokens (Llama, OPT, Qwen, ...: any `model_type` outside GPT-2's family)
+//! gets the same layout in its tokens ([`TableToText::with_model_eos`]): the source encoded as the tokenizer
+//! encodes a text (`tokenizer(source)` in Hugging Face's terms: with the BOS its post-processor adds, Llama's
+//! `<s>`, OPT's `</s>`, none for Qwen), then the model's EOS (its `config.json`'s `eos_token_id`) where GPT-2's
+//! ends the prompt with `<|endoftext|>`, its own EOS; then the target encoded without special tokens, and EOS.
+//! No spaces are added: SentencePiece tokenizers (Llama's) mark word starts themselves and would make a leading
+//! space a token of its own.
+//!
 //! Labels are aligned with `input_ids` (the loss shifts them): [`IGNORE_INDEX`] (-100) on the source part,
 //! through the BOS, then the target ids and the final EOS. Rows have a fixed length T, right-padded with the
 //! EOS id, attention 0 and label -100 on padding. A longer example is cut at the end ([`Overlong::Truncate`],
@@ -545,10 +553,23 @@ impl fmt::Display for EncodeReport {
     }
 }
 
-/// The table-to-text format of the prefix-tuning reference for GPT-2 (see the module docs).
+/// How an example's source and target become token ids (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// The reference code's GPT-2 text, `' ' + source + ' ' + BOS` and `' ' + target + ' ' + EOS`.
+    Gpt2,
+    /// A model with its own special tokens: the source as the tokenizer encodes a text (with the BOS its
+    /// post-processor adds), the model's EOS; the target, EOS.
+    ModelTokens,
+}
+
+/// The table-to-text format: the prefix-tuning reference's for GPT-2, or its counterpart with a model's own
+/// special tokens (see the module docs).
 #[derive(Debug)]
 pub struct TableToText<'t> {
     tok: &'t Tokenizer,
+    layout: Layout,
+    /// The token that ends the prompt: GPT-2's BOS (= EOS), the model's EOS otherwise.
     bos_id: u32,
     eos_id: u32,
 }
@@ -557,7 +578,7 @@ impl<'t> TableToText<'t> {
     /// GPT-2's format: BOS = EOS = pad = `<|endoftext|>`. Errors if the tokenizer lacks it or does not treat
     /// it as a special token.
     pub fn new(tok: &'t Tokenizer) -> Result<Self> {
-        let this = Self { tok, bos_id: tok.bos_id()?, eos_id: tok.eos_id()? };
+        let this = Self { tok, layout: Layout::Gpt2, bos_id: tok.bos_id()?, eos_id: tok.eos_id()? };
         let probe = tok.encode(&this.source_text("x"))?;
         ensure!(
             probe.last() == Some(&this.bos_id) && probe.iter().filter(|&&t| t == this.bos_id).count() == 1,
@@ -567,6 +588,19 @@ impl<'t> TableToText<'t> {
             this.source_text("x")
         );
         Ok(this)
+    }
+
+    /// The format for a model with its own special tokens, `eos` its end-of-text id (its `config.json`'s
+    /// `eos_token_id`): prompt `tokenizer(source) + [eos]`, target `tokenizer(target, no specials) + [eos]`.
+    /// Errors if the tokenizer has no token `eos`.
+    pub fn with_model_eos(tok: &'t Tokenizer, eos: u32) -> Result<Self> {
+        ensure!(
+            tok.id_token(eos).is_some(),
+            "the model's end-of-text id {eos} (eos_token_id of its config.json) is not a token of {} (ids below {})",
+            tok.origin().display(),
+            tok.id_bound()
+        );
+        Ok(Self { tok, layout: Layout::ModelTokens, bos_id: eos, eos_id: eos })
     }
 
     pub fn tokenizer(&self) -> &'t Tokenizer {
@@ -586,28 +620,57 @@ impl<'t> TableToText<'t> {
         self.eos_id
     }
 
-    /// `' ' + source + ' ' + BOS`: the unlabelled part, and the generation prompt.
+    /// GPT-2's `' ' + source + ' ' + BOS`: the unlabelled part, and the generation prompt.
     pub fn source_text(&self, source: &str) -> String {
         format!(" {source} {GPT2_EOS}")
     }
 
-    /// `' ' + target + ' ' + EOS`: the labelled part.
+    /// GPT-2's `' ' + target + ' ' + EOS`: the labelled part.
     pub fn target_text(&self, target: &str) -> String {
         format!(" {target} {GPT2_EOS}")
     }
 
-    /// The tokens the model sees before generating: those of `' ' + source + ' ' + BOS`.
+    /// How the format reads, for a line in the commands' output.
+    pub fn describe(&self) -> String {
+        let token = |id: u32| self.tok.id_token(id).unwrap_or_else(|| id.to_string());
+        match self.layout {
+            Layout::Gpt2 => format!("' ' + source + ' {0}' + ' ' + target + ' {0}' (GPT-2's)", token(self.eos_id)),
+            Layout::ModelTokens => {
+                let start = self.tok.encode_as_text_start("").unwrap_or_default();
+                let start: String = start.iter().map(|&t| token(t) + " ").collect();
+                format!("{start}source {0} target {0} (the model's own tokens)", token(self.eos_id))
+            }
+        }
+    }
+
+    /// The tokens the model sees before generating.
     pub fn encode_prompt(&self, source: &str) -> Result<Vec<u32>> {
-        self.tok.encode(&self.source_text(source))
+        match self.layout {
+            Layout::Gpt2 => self.tok.encode(&self.source_text(source)),
+            Layout::ModelTokens => {
+                let mut ids = self.tok.encode_as_text_start(source)?;
+                ids.push(self.bos_id);
+                Ok(ids)
+            }
+        }
+    }
+
+    /// The labelled tokens: the target and the final EOS.
+    fn encode_target(&self, target: &str) -> Result<Vec<u32>> {
+        match self.layout {
+            Layout::Gpt2 => self.tok.encode(&self.target_text(target)),
+            Layout::ModelTokens => {
+                let mut ids = self.tok.encode(target)?;
+                ids.push(self.eos_id);
+                Ok(ids)
+            }
+        }
     }
 
     /// (source part ids, target part ids), tokenized separately.
     pub fn encode_pair(&self, example: &Example) -> Result<(Vec<u32>, Vec<u32>)> {
         let source = self.encode_prompt(&example.source).with_context(|| format!("example {}", example.origin))?;
-        let target = self
-            .tok
-            .encode(&self.target_text(&example.target))
-            .with_context(|| format!("example {}", example.origin))?;
+        let target = self.encode_target(&example.target).with_context(|| format!("example {}", example.origin))?;
         Ok((source, target))
     }
 

@@ -4,7 +4,8 @@
 //! pfx only needs a few things from a tokenizer, and needs them without surprises:
 //! - [`Tokenizer::encode`] never adds special tokens (BOS/EOS are written into the text by
 //!   [`crate::data::TableToText`], where the format says they go), and never truncates or pads, even if the
-//!   file asks for it;
+//!   file asks for it; [`Tokenizer::encode_as_text_start`] adds those the file's post-processor adds (Llama's
+//!   and OPT's BOS), as Hugging Face's `tokenizer(text)` does;
 //! - [`Tokenizer::decode`] skips special tokens and rejects ids outside the vocabulary instead of dropping
 //!   them silently;
 //! - GPT-2's `<|endoftext|>` is both BOS and EOS ([`Tokenizer::eos_id`], [`Tokenizer::bos_id`]).
@@ -85,6 +86,16 @@ impl Tokenizer {
         let encoding = self
             .inner
             .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer {} cannot encode {:?}: {e}", self.origin.display(), preview(text)))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with the special tokens the tokenizer's post-processor adds around one sequence
+    /// (Llama's `<s>` before it, OPT's `</s>`; none for GPT-2), as Hugging Face's `tokenizer(text)` gives them.
+    pub fn encode_as_text_start(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, true)
             .map_err(|e| anyhow!("tokenizer {} cannot encode {:?}: {e}", self.origin.display(), preview(text)))?;
         Ok(encoding.get_ids().to_vec())
     }

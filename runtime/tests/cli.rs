@@ -286,66 +286,97 @@ fn gpu_options_are_checked_before_anything_runs() {
     assert!(e.contains("--allow-cpu-fallback needs --backend ort"), "{e}");
 }
 
-/// A decoder compiled from a Llama export records `model_type` "llama". The text commands then need a tokenizer
-/// with `<|endoftext|>` (the format's BOS and EOS): without one they refuse with the reason, naming the model
-/// type, where GPT-2's hint would have been to use GPT-2's tokenizer (another vocabulary); with one (as GPT-NeoX's
-/// has) they run. A GPT-2 export records "gpt2".
+/// A decoder compiled from a Llama export (`model_type` "llama" in its config.json) frames its text examples with
+/// the model's own tokens: its tokenizer's `<s>` before the source, its config's end-of-text id after the source
+/// and after the target. Against PEFT (`graphs/make_text_references.py`: the tiny GQA Llama with PEFT's saved
+/// adapter and a Llama-style tokenizer): `pfxrun eval` of the text file gives PEFT's loss and `pfxrun generate`
+/// its greedy texts, on every backend. Without an end-of-text id the text commands refuse with the reason;
+/// another tokenizer than the export's is warned about. A GPT-2 export records "gpt2" and keeps GPT-2's format.
 #[test]
-fn text_commands_on_models_not_trained_with_gpt2_tokens() {
-    let dir = scratch("cli_foreign_tokens");
+fn text_commands_on_models_with_their_own_tokens_equal_peft() {
+    let dir = scratch("cli_own_tokens");
     let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
-    let bundle = dir.join("llama");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(graphs.join("peft-decoders/text-llama-gqa-tiny.json")).unwrap())
+            .unwrap();
+    // The export folder a user would have: the model, its config.json saying <s> = 1 and </s> = 2 (the tokenizer's),
+    // its tokenizer files.
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::copy(graphs.join("llama-gqa-tiny/model.onnx"), export.join("model.onnx")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(graphs.join("llama-gqa-tiny/config.json")).unwrap()).unwrap();
+    config["bos_token_id"] = 1.into();
+    config["eos_token_id"] = reference["eos"].clone();
+    std::fs::write(export.join("config.json"), config.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(graphs.join("tokenizers/llama-style").join(f), export.join(f)).unwrap();
+    }
     let opts = pfx_compiler::compile::CompileOptions {
-        prefix_len: 2,
+        prefix_len: reference["prefix_len"].as_u64().unwrap() as usize,
         mid_dim: None,
         batch: 2,
-        seq: 16,
+        seq: reference["seq"].as_u64().unwrap() as usize,
         optimizer: Default::default(),
         seed: 0,
-        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 8, max_new: 4 }),
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 40, max_new: 8 }),
         weights: Default::default(),
     };
-    let m = pfx_compiler::compile::compile(&graphs.join("llama-tiny/model.onnx"), &opts, &bundle).unwrap();
-    assert_eq!(m.model_type.as_deref(), Some("llama"));
-    // Word-level tokenizers of a few ids (the tiny model has 96): without and with `<|endoftext|>`.
-    let tokenizer = |vocab: &str, special: &str| {
-        format!(
-            r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [{special}],
-                "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
-                "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{vocab}}}, "unk_token": "[UNK]"}}}}"#
-        )
-    };
-    let words = r#""[UNK]": 0, "name": 1, ":": 2, "X": 3"#;
-    let plain = dir.join("plain.json");
-    std::fs::write(&plain, tokenizer(words, "")).unwrap();
-    let with_eos = dir.join("with_eos.json");
-    let added = r#"{"id": 4, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false,
-        "normalized": false, "special": true}"#;
-    std::fs::write(&with_eos, tokenizer(&format!(r#"{words}, "<|endoftext|>": 4"#), added)).unwrap();
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data/e2e_test.txt");
+    let bundle = dir.join("llama");
+    let m = pfx_compiler::compile::compile(&export.join("model.onnx"), &opts, &bundle).unwrap();
+    assert_eq!((m.model_type.as_deref(), m.eos_token_id), (Some("llama"), Some(2)));
+    let adapter = graphs.join("peft-decoders/adapter-llama-gqa-tiny");
+    let prefix = dir.join("peft.safetensors");
+    let out = pfxrun(&["import-peft", p(&bundle), p(&adapter), "-o", p(&prefix)]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let data = graphs.join("peft-decoders/text-e2e.txt");
+    let want_loss = reference["loss"].as_f64().unwrap();
+    let want_texts: Vec<&str> = reference["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    for backend in backends() {
+        let out = pfxrun(&["eval", p(&bundle), "--data", p(&data), "--prefix", p(&prefix), "--backend", backend]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{backend}: {stderr}");
+        assert!(stderr.contains("<s> source </s> target </s>"), "{backend}: the format is told: {stderr}");
+        let loss: f64 = stdout.split_whitespace().find_map(|w| w.parse().ok()).expect(&stdout);
+        let e = (loss - want_loss).abs() / want_loss;
+        assert!(e <= 1e-5, "{backend}: eval loss {loss}, PEFT {want_loss} (rel {e:e})");
+        let out = pfxrun(&["generate", p(&bundle), "--inputs", p(&data), "--prefix", p(&prefix), "--backend", backend]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{backend}: {stderr}");
+        // Printed under each source, trimmed.
+        let got: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("  -> ")).collect();
+        assert_eq!(got, want_texts.iter().map(|t| t.trim()).collect::<Vec<_>>(), "{backend}: greedy texts");
+        println!("{backend}: eval loss rel err {e:.1e}; greedy texts equal PEFT's");
+    }
+    // Another tokenizer than the export's is warned about (the GPT-2-style word tokenizer of a few ids).
+    let words = dir.join("words.json");
+    std::fs::write(
+        &words,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "name": 1, ":": 2, "X": 3}, "unk_token": "[UNK]"}}"#,
+    )
+    .unwrap();
+    let out = pfxrun(&["eval", p(&bundle), "--data", p(&data), "--tokenizer", p(&words)]);
+    let (_, stderr) = text(&out);
+    assert!(stderr.contains("warning:") && stderr.contains("is another"), "{stderr}");
+    // No end-of-text id beside the export: the text commands refuse, naming what to do; `run` is not concerned.
+    config.as_object_mut().unwrap().remove("eos_token_id");
+    std::fs::write(export.join("config.json"), config.to_string()).unwrap();
+    std::fs::remove_file(export.join("generation_config.json")).ok();
+    let bare = dir.join("bare");
+    let m = pfx_compiler::compile::compile(&export.join("model.onnx"), &opts, &bare).unwrap();
+    assert_eq!(m.eos_token_id, None);
     let run = dir.join("run");
     for args in [
-        vec!["train", p(&bundle), "--train", p(&data), "-o", p(&run), "--tokenizer", p(&plain)],
-        vec!["eval", p(&bundle), "--data", p(&data), "--tokenizer", p(&plain)],
-        vec!["generate", p(&bundle), "--input", "name : X", "--tokenizer", p(&plain)],
+        vec!["train", p(&bare), "--train", p(&data), "-o", p(&run)],
+        vec!["eval", p(&bare), "--data", p(&data)],
+        vec!["generate", p(&bare), "--input", "name : X"],
     ] {
         let e = fails(&args);
-        assert!(e.contains("from a `llama` model") && e.contains("pfxrun run"), "{args:?}: {e}");
+        assert!(e.contains("`llama` model") && e.contains("eos_token_id") && e.contains("pfxrun run"), "{args:?}: {e}");
     }
     assert!(!run.exists(), "a refused train leaves no folder");
-    let tiny_data = dir.join("tiny.txt");
-    std::fs::write(&tiny_data, "name : X||X X\nname : X X||X\n").unwrap();
-    let out = pfxrun(&["eval", p(&bundle), "--data", p(&tiny_data), "--tokenizer", p(&with_eos)]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "a tokenizer with <|endoftext|> is used: {stderr}");
-    assert!(stdout.contains("loss"), "{stdout}");
-    // The bundle's own tokenizer (its export's) is the one used without --tokenizer; another one is warned about.
-    std::fs::copy(&plain, bundle.join("tokenizer.json")).unwrap();
-    let e = fails(&["eval", p(&bundle), "--data", p(&tiny_data)]);
-    assert!(e.contains("from a `llama` model"), "{e}");
-    let out = pfxrun(&["eval", p(&bundle), "--data", p(&tiny_data), "--tokenizer", p(&with_eos)]);
-    let (_, stderr) = text(&out);
-    assert!(out.status.success() && stderr.contains("warning:") && stderr.contains("is another"), "{stderr}");
     let gpt2 = pfx_compiler::compile::compile(&graphs.join("gpt2-optimum/model.onnx"), &opts, &dir.join("gpt2"));
     assert_eq!(gpt2.unwrap().model_type.as_deref(), Some("gpt2"));
 }

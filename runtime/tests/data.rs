@@ -247,6 +247,37 @@ fn unusable_files_are_errors_naming_the_file() {
 
 // ---------------------------------------------------------------- format and labels
 
+/// A model with its own special tokens: the prompt is `tokenizer(source) + [eos]` and the labelled part
+/// `tokenizer(target, add_special_tokens=False) + [eos]`, with the ids Hugging Face's tokenizers give
+/// (`graphs/make_text_references.py`: a Llama-style SentencePiece tokenizer that adds `<s>`, an OPT-style
+/// byte-level one that adds `</s>`; both add a BOS, which GPT-2's format never has).
+#[test]
+fn formats_with_a_models_own_tokens_like_hugging_face() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let text = std::fs::read_to_string(dir.join("model-format-cases.json")).unwrap();
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (name, want) in all.as_object().unwrap() {
+        let tok = Tokenizer::from_file(dir.join(name)).unwrap();
+        let eos = want["eos"].as_u64().unwrap() as u32;
+        let fmt = TableToText::with_model_eos(&tok, eos).unwrap();
+        assert_eq!((fmt.bos_id(), fmt.eos_id(), fmt.pad_id()), (eos, eos, eos), "{name}");
+        let cases = want["cases"].as_array().unwrap();
+        assert!(cases.len() >= 6, "{name}");
+        for case in cases {
+            let ex = example(case["source"].as_str().unwrap(), case["target"].as_str().unwrap());
+            let (prompt, labelled) = fmt.encode_pair(&ex).unwrap();
+            assert_eq!(prompt, ids_of(&case["prompt"]), "{name}: prompt of {:?}", ex.source);
+            assert_eq!(labelled, ids_of(&case["labelled"]), "{name}: labelled part of {:?}", ex.target);
+            assert_eq!(fmt.encode_prompt(&ex.source).unwrap(), prompt, "{name}");
+        }
+        assert!(fmt.describe().contains(tok.id_token(eos).unwrap().as_str()), "{name}: {}", fmt.describe());
+    }
+    // An end-of-text id the tokenizer does not have is refused, naming the tokenizer.
+    let tok = Tokenizer::from_file(dir.join("llama-style")).unwrap();
+    let e = TableToText::with_model_eos(&tok, 5000).unwrap_err().to_string();
+    assert!(e.contains("5000") && e.contains("llama-style"), "{e}");
+}
+
 #[test]
 fn formats_a_known_example_like_the_reference() {
     let tok = gpt2();

@@ -856,6 +856,8 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         weights_dtype: opts.weights,
         tokenizer,
         model_type: Some("bart".into()),
+        // BART's own end token is in its "bart" section (its text commands have their own format).
+        eos_token_id: None,
     };
     let spec = BartSpec {
         mode: opts.mode,

@@ -121,6 +121,10 @@ pub struct Manifest {
     /// alone does not say, and pfxrun's text commands format examples GPT-2's way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
+    /// `eos_token_id` of the export's `config.json` (or `generation_config.json`): for a model with its own
+    /// tokens, pfxrun's text commands end the prompt and the target with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -493,6 +497,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         weights_dtype: opts.weights,
         tokenizer,
         model_type: crate::inspect::config_model_type(source),
+        eos_token_id: crate::inspect::config_eos_token_id(source),
     };
     dir.finish(&serde_json::to_string_pretty(&manifest)?)?;
     Ok(manifest)

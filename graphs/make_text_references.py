@@ -1,0 +1,192 @@
+"""References for pfxrun's text format on models with their own special tokens (Llama, OPT, ...).
+
+Run with the reference venv (graphs/requirements-ref.txt):  python graphs/make_text_references.py
+
+No real Llama or OPT tokenizer can be downloaded here, so two small ones are trained on the E2E slice in
+examples/data/ and saved through transformers' own tokenizer classes, which write the pipelines those models' files
+have:
+- graphs/tokenizers/llama-style/: LlamaTokenizer (SentencePiece-style BPE, Metaspace, `<s>` added before a text),
+  96 ids, so that it fits the tiny Llama fixtures' vocabulary;
+- graphs/tokenizers/opt-style/: GPT2Tokenizer as OPT's (byte-level BPE, `</s>` added before a text), 320 ids.
+
+Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
+- graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
+  examples/data/e2e_test.txt, the prompt `tokenizer(source) + [eos]` and the labelled part
+  `tokenizer(target, add_special_tokens=False) + [eos]`;
+- graphs/peft-decoders/text-llama-gqa-tiny.json: the tiny GQA Llama with PEFT's saved adapter
+  (graphs/peft-decoders/adapter-llama-gqa-tiny) and the llama-style tokenizer: the mean loss over the examples of
+  graphs/peft-decoders/text-e2e.txt (rows of SEQ tokens, right-padded), and the greedy text of each source.
+
+Reruns are byte-identical.
+"""
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOKENIZERS = os.path.join(HERE, "tokenizers")
+SEQ = 56  # rows of the eval reference; with the 4 prefix positions inside the fixture's 64
+NEW = 8  # greedy tokens at most (fewer when EOS comes first)
+# Short E2E-style examples, so that they fit SEQ tokens of a 96-id tokenizer (written to text-e2e.txt).
+TEXT_EXAMPLES = [
+    ("name : Aromi | food : Chinese", "Aromi serves Chinese food ."),
+    ("name : Aromi | area : riverside", "Aromi is by the river ."),
+    ("name : Zizzi | eatType : pub", "Zizzi is a pub ."),
+]
+
+
+def e2e_pairs(path):
+    """(source, target) of each line, trimmed as pfxrun's reader trims them."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                source, target = line.split("||")
+                pairs.append((source.strip(), target.strip()))
+    return pairs
+
+
+def train_texts():
+    return [t for pair in e2e_pairs(os.path.join(ROOT, "examples/data/e2e_train.txt")) for t in pair]
+
+
+def vocab_and_merges(trained):
+    model = json.loads(trained.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def save(tokenizer, name):
+    out = os.path.join(TOKENIZERS, name)
+    tokenizer.save_pretrained(out)
+    # Only the files a model folder has for its tokenizer; indented JSON with sorted keys is stable across runs.
+    for f in sorted(os.listdir(out)):
+        if f not in ("tokenizer.json", "tokenizer_config.json"):
+            os.remove(os.path.join(out, f))
+    return out
+
+
+def make_llama_style():
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import LlamaTokenizer
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60,
+                                  show_progress=False)
+    trained.train_from_iterator(train_texts(), trainer)
+    vocab, merges = vocab_and_merges(trained)
+    return save(LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True), "llama-style")
+
+
+def make_opt_style():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Tokenizer
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trained.train_from_iterator(train_texts(), trainer)
+    vocab, merges = vocab_and_merges(trained)
+    opt = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                        unk_token="<unk>", add_bos_token=True)
+    return save(opt, "opt-style")
+
+
+def prompt_ids(tok, source):
+    return tok(source)["input_ids"] + [tok.eos_token_id]
+
+
+def target_ids(tok, target):
+    return tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def format_cases(folders):
+    from transformers import AutoTokenizer
+
+    pairs = e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]
+    cases = {}
+    for name, folder in folders.items():
+        tok = AutoTokenizer.from_pretrained(folder)
+        begins = tok("x")["input_ids"][0] in tok.all_special_ids
+        assert begins, f"{name}: its tokenizer adds no special token before a text, which these cases are for"
+        cases[name] = {
+            "eos": tok.eos_token_id,
+            "cases": [{"source": s, "target": t, "prompt": prompt_ids(tok, s), "labelled": target_ids(tok, t)}
+                      for s, t in pairs],
+        }
+    return cases
+
+
+def peft_text_reference(folder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(HERE, "llama-gqa-tiny/hf"), attn_implementation="eager",
+                                                dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, os.path.join(HERE, "peft-decoders/adapter-llama-gqa-tiny")).eval()
+    P = model.peft_config["default"].num_virtual_tokens
+    rows, masks, labels = [], [], []
+    for source, target in TEXT_EXAMPLES:
+        p, t = prompt_ids(tok, source), target_ids(tok, target)
+        assert len(p) + len(t) <= SEQ, (source, len(p) + len(t))
+        pad = SEQ - len(p) - len(t)
+        rows.append(p + t + [tok.eos_token_id] * pad)
+        masks.append([1] * (len(p) + len(t)) + [0] * pad)
+        labels.append([-100] * len(p) + t + [-100] * pad)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(rows), attention_mask=torch.tensor(masks), labels=torch.tensor(labels))
+        cache = model.get_prompt(1)
+        prefix = [(cache.layers[l].keys.clone(), cache.layers[l].values.clone()) for l in range(len(cache.layers))]
+        texts, tokens = [], []
+        for source, _ in TEXT_EXAMPLES:
+            seq = torch.tensor([prompt_ids(tok, source)])
+            new = []
+            # One full forward per step, the prefix as a fresh cache, positions P + t (as PEFT's forward numbers them).
+            for _ in range(NEW):
+                n = seq.shape[1]
+                step_cache = DynamicCache([(k.clone(), v.clone()) for k, v in prefix])
+                logits = base(input_ids=seq, attention_mask=torch.ones(1, P + n, dtype=torch.int64),
+                              cache=step_cache, position_ids=(P + torch.arange(n)).unsqueeze(0),
+                              use_cache=False).logits[0, -1]
+                t = int(logits.argmax())
+                if t == tok.eos_token_id:
+                    break
+                new.append(t)
+                seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
+            tokens.append(new)
+            texts.append(tok.decode(new, skip_special_tokens=True))
+    return {"seq": SEQ, "prefix_len": P, "eos": tok.eos_token_id, "loss": out.loss.item(), "greedy": tokens,
+            "texts": texts}
+
+
+def write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print(f"  {os.path.relpath(path, ROOT)}")
+
+
+def main():
+    import transformers
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    folders = {"llama-style": make_llama_style(), "opt-style": make_opt_style()}
+    write_json(os.path.join(TOKENIZERS, "model-format-cases.json"), format_cases(folders))
+    with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
+        f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)
+    write_json(os.path.join(HERE, "peft-decoders/text-llama-gqa-tiny.json"), peft_text_reference(folders["llama-style"]))
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    sys.exit(main())
