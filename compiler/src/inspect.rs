@@ -366,8 +366,8 @@ pub fn key_value_heads(g: &Graph, heads: usize, head_dim: usize) -> Result<usize
         let Some([_, Dim::Known(h), _, Dim::Known(d)]) = v.ty.shape.as_deref() else { continue };
         if *d != head_dim || *h == 0 || !heads.is_multiple_of(*h) || found.is_some_and(|f| f != *h) {
             anyhow::bail!(
-                "past input '{}' has shape {}: pfx needs [batch, H, past, {head_dim}] (head size = width / \
-                 {heads} query heads) with the same H in every layer, dividing the query heads",
+                "past input '{}' has shape {}: pfx needs [batch, H, past, {head_dim}] (the head size its attention \
+                 multiplies values by) with the same H in every layer, dividing the {heads} query heads",
                 v.name,
                 v.ty.describe()
             );
@@ -439,15 +439,31 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     let mut heads = None;
     let mut softmaxes = 0;
     let mut tied = None;
+    // The head size: the last axis of the values the attention weights multiply ([B, H, Tk, D]). Not always
+    // width / heads: Qwen3's and Gemma's heads are wider.
+    let mut value_widths = std::collections::BTreeSet::new();
     if specialize(&mut spec, &dims).is_ok() {
+        let mut probs = std::collections::HashSet::new();
         for n in &spec.graph.nodes {
             if n.op == "Softmax" {
                 if let Some(s) = spec.graph.shape_of(&n.inputs[0]) {
                     if s.len() == 4 {
                         heads = Some(s[1]);
                         softmaxes += 1;
+                        probs.insert(n.outputs[0].as_str());
                     }
                 }
+            }
+        }
+        // The weights may pass through elementwise guards first (Qwen3's exports zero NaN rows with a `Where`).
+        for n in &spec.graph.nodes {
+            if n.op == "MatMul" && probs.contains(n.inputs[0].as_str()) {
+                if let Some(&[_, _, _, d]) = spec.graph.shape_of(&n.inputs[1]).as_deref() {
+                    value_widths.insert(d);
+                }
+            } else if matches!(n.op.as_str(), "Where" | "Cast" | "Mul") && n.inputs.iter().any(|i| probs.contains(i.as_str()))
+            {
+                probs.insert(n.outputs[0].as_str());
             }
         }
         if let (Some(wte), Some(v)) = (wte_name.as_ref().and_then(|w| g.initializers.get(w)), vocab) {
@@ -481,8 +497,9 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     } else {
         None
     };
-    let head_size = match (hidden, heads) {
-        (Some(d), Some(h)) if h > 0 => Some(d / h),
+    let head_size = match (value_widths.len(), hidden, heads) {
+        (1, _, _) => value_widths.first().copied(),
+        (0, Some(d), Some(h)) if h > 0 => Some(d / h),
         _ => None,
     };
     // None where the past inputs do not fit the heads (compile says why).

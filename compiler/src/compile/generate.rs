@@ -66,11 +66,13 @@ fn expose_positions(g: &mut Graph) -> Result<()> {
     prefix::expose_positions(g)
 }
 
-/// Rotary exports without a `position_ids` input (torch.onnx dynamo's Llama) turn `cache_position` (past length +
-/// 0..T, one vector for every row: a `Range`, plus the past length) into HF's `position_ids` by an `Unsqueeze` that
-/// puts a batch axis of 1 in front, then into the rotation angles (a product with the inverse frequencies that
-/// `Cos` and `Sin` read). With a fixed-size cache that would number a token by its slot. Those `Unsqueeze`s read a
-/// `position_ids` input [B, T] instead, whose batch axis takes the place of the 1; the causal mask keeps the slots.
+/// Rotary exports without a `position_ids` input (torch.onnx dynamo's Llama, optimum's Gemma) turn
+/// `cache_position` (past length + 0..T, one vector for every row: a `Range`, plus the past length) into HF's
+/// `position_ids` by an `Unsqueeze` that puts a batch axis of 1 in front, then into the rotation angles (a product
+/// with the inverse frequencies that `Cos` and `Sin` read). With a fixed-size cache that would number a token by
+/// its slot. On the way to `Cos` and `Sin` those `Unsqueeze`s are replaced by a `position_ids` input [B, T], whose
+/// batch axis takes the place of the 1. Their other readers keep the slots: the causal mask compares
+/// `cache_position` with the key slots (optimum's Gemma export reads the same `Unsqueeze` for both).
 /// Returns whether any was found.
 fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
     use crate::ir::{Dim, ValueInfo, ValueType};
@@ -84,6 +86,7 @@ fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
     };
     let axes_of = |n: &Node| g.initializers.get(n.inputs.get(1)?).and_then(|t| t.as_i64s());
     let mut sites = BTreeMap::new(); // Unsqueeze node -> its axes
+    // Values on the way to Cos/Sin: the readers of a site that are rewired.
     let mut seen = std::collections::HashSet::new();
     let mut todo: Vec<String> =
         g.nodes.iter().filter(|n| n.op == "Cos" || n.op == "Sin").map(|n| n.inputs[0].clone()).collect();
@@ -103,21 +106,25 @@ fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
     let dims = vec![Dim::Sym("batch".into()), Dim::Sym("sequence".into())];
     g.inputs.push(ValueInfo { name: "position_ids".into(), ty: ValueType { dtype: DType::I64, shape: Some(dims) } });
     for (i, axes) in sites {
+        let (site_in, site_out, site_name) =
+            (g.nodes[i].inputs[0].clone(), g.nodes[i].outputs[0].clone(), g.nodes[i].name.clone());
         // cache_position [T] with axes A (0 among them) -> position_ids [B, T] with A \ {0}: the same shape, B for 1.
         let axes: Vec<i64> = axes.into_iter().filter(|&a| a != 0).collect();
-        let ids = g.op1("CastLike", &["position_ids", &g.nodes[i].inputs[0].clone()], vec![], "position_ids.cast");
-        let n = &mut g.nodes[i];
-        if axes.is_empty() {
-            n.op = "Identity".into();
-            n.inputs = vec![ids];
+        let ids = g.op1("CastLike", &["position_ids", &site_in], vec![], "position_ids.cast");
+        let positions = if axes.is_empty() {
+            ids
         } else {
-            let name = format!("{}.axes_with_batch", n.name);
-            let c = g.add_const(&name, Tensor::vec_i64(&axes));
-            let n = &mut g.nodes[i];
-            n.inputs = vec![ids, c];
+            let c = g.add_const(&format!("{site_name}.axes_with_batch"), Tensor::vec_i64(&axes));
+            g.op1("Unsqueeze", &[&ids, &c], vec![], &format!("{site_name}.by_position"))
+        };
+        for n in g.nodes.iter_mut().filter(|n| n.outputs.iter().any(|o| seen.contains(o))) {
+            for input in n.inputs.iter_mut().filter(|x| **x == site_out) {
+                input.clone_from(&positions);
+            }
         }
     }
     g.toposort()?;
+    g.dce();
     Ok(true)
 }
 
