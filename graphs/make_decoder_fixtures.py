@@ -7,14 +7,16 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
 
     /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
 
-Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny:
+Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny, qwen3-tiny,
+gemma-tiny, falcon-tiny:
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
 llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (pfx refuses it: rotary positions without past),
 gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), and torch.onnx dynamo exports
-(reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny and llama-dynamo-tiny with past,
+(reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny, llama-dynamo-tiny, gemma-dynamo-tiny
+and qwen3-dynamo-tiny with past,
 opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
 llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
@@ -38,7 +40,7 @@ OUT_REFS = os.path.join(HERE, "peft-decoders")
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261127
 TOL = 1e-4
-FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"]
+FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
@@ -52,6 +54,9 @@ DYNAMO = [
     ("opt-dynamo-nopast-tiny", "opt-tiny", False),
     ("gptneo-dynamo-nopast-tiny", "gptneo-tiny", False),
     ("llama-dynamo-tiny", "llama-tiny", True),
+    # Gemma's GELU is one opset-20 `Gelu` node here (optimum spells it out); Qwen3's heads are wider than 32 / 4.
+    ("gemma-dynamo-tiny", "gemma-tiny", True),
+    ("qwen3-dynamo-tiny", "qwen3-tiny", True),
 ]
 
 # ---- prefix-tuning setup: graphs/peft/'s (fixture_common.py) ----------------------------------------------------
@@ -69,7 +74,7 @@ PROMPT_SEED = 20261240
 
 
 def configs():
-    from transformers import GPTNeoConfig, LlamaConfig, OPTConfig
+    from transformers import FalconConfig, GemmaConfig, GPTNeoConfig, LlamaConfig, OPTConfig, Qwen3Config
 
     special = dict(bos_token_id=EOS, eos_token_id=EOS)
     return {
@@ -87,7 +92,39 @@ def configs():
         "llama-gqa-tiny": LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       **special),
+        # Heads wider than width / heads (16, not 32 / 4), RMSNorm on each head's queries and keys.
+        "qwen3-tiny": Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=64, **special),
+        # Gemma: one key/value head of 16, GELU (tanh). Untied, with larger weights: otherwise the tiny model's
+        # greedy tokens follow the last token's (√d-scaled) embedding whatever the prefix. Its optimum export has no position_ids input (rotary angles from
+        # cache_position, which its causal mask reads too).
+        "gemma-tiny": GemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                  tie_word_embeddings=False, initializer_range=0.2, max_position_embeddings=64,
+                                  **special),
+        # Falcon with a key/value head per query head (PEFT cannot size a multi-query Falcon's prefix): its fused
+        # QKV is split by Gathers of constant indices. Untied, with larger weights, as Gemma.
+        "falcon-tiny": FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    multi_query=False, initializer_range=0.1, tie_word_embeddings=False,
+                                    max_position_embeddings=64, **special),
     }
+
+
+def lift_rope_settings(path):
+    """transformers 5.x writes rope_theta and partial_rotary_factor inside rope_parameters only; 4.x (the optimum venv)
+    reads them at the top level and would silently export its defaults. Copied up where missing."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    missing = {k: v for k, v in (config.get("rope_parameters") or {}).items()
+               if k in ("rope_theta", "partial_rotary_factor") and k not in config}
+    if missing:
+        config.update(missing)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def make_hf():
@@ -98,6 +135,7 @@ def make_hf():
         model = AutoModelForCausalLM.from_config(cfg).eval()
         add_noise(model, SEED + 110 + i)
         model.save_pretrained(os.path.join(HERE, name, "hf"))
+        lift_rope_settings(os.path.join(HERE, name, "hf", "config.json"))
         n = sum(p.numel() for p in model.parameters())
         print(f"  {name}/hf: {type(model).__name__}, {n} parameters")
 
@@ -167,11 +205,16 @@ def export_one(name, hf_name=None):
     ids = torch.tensor([[17, 42, 8, 63, 5], [5, 77, 30, 30, 9]])
     mask = torch.cat([first_mask, torch.ones_like(ids)], dim=1)
     pos_all = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    first = model(input_ids=first_ids, attention_mask=first_mask, position_ids=pos_all[:, :3], use_cache=True)
+    if "position_ids" not in names:
+        # The export numbers positions itself (Gemma's: the cache slots, as transformers does without position ids).
+        pos_all = None
+    first = model(input_ids=first_ids, attention_mask=first_mask,
+                  position_ids=None if pos_all is None else pos_all[:, :3], use_cache=True)
     past = [(k.clone(), v.clone()) for k, v in legacy_cache(first.past_key_values)]
     cache = DynamicCache.from_legacy_cache(tuple((k.clone(), v.clone()) for k, v in past))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos_all[:, 3:], past_key_values=cache, use_cache=True)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos_all[:, 3:]}
+    pos = None if pos_all is None else pos_all[:, 3:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
     for i, (k, v) in enumerate(past):
         feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
     expected = {"logits": out.logits}
@@ -351,7 +394,7 @@ def run_family(name):
         cfg = base.config
         L, H = cfg.num_hidden_layers, cfg.num_attention_heads
         d = cfg.hidden_size
-        D = d // H
+        D = getattr(cfg, "head_dim", None) or d // H  # Qwen3's and Gemma's heads are wider than d / H
         # Grouped-query attention: PEFT's prefix holds the key/value heads only (token_dim = kv heads x D).
         H = getattr(cfg, "num_key_value_heads", None) or H
         pcfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, **MODES[mode])

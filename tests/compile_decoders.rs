@@ -1,5 +1,6 @@
-//! Decoder-only exports other than GPT-2 (tiny Llama, OPT and GPT-Neo from optimum, with past; a Llama with
-//! grouped-query attention; OPT and GPT-Neo without past; torch.onnx dynamo exports of OPT, GPT-Neo and Llama)
+//! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma and Falcon from optimum, with past;
+//! a Llama with grouped-query attention; OPT and GPT-Neo without past; torch.onnx dynamo exports of OPT, GPT-Neo,
+//! Llama, Gemma and Qwen3)
 //! compile to prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
 //! reparametrization, and greedy tokens with a fixed prefix, on tract and on ONNX Runtime. References by `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as
 //! `graphs/peft/` and `graphs/peft-generate/`).
@@ -17,7 +18,13 @@ use pfx_runtime::bundle::Bundle;
 use pfx_runtime::generate::{GenConfig, Generator};
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
-const FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"];
+/// Optimum exports with past. Qwen3's and Gemma's heads are wider than width / heads; Gemma's export has no
+/// position_ids input (its rotary angles and its causal mask both read cache_position); Falcon splits its fused
+/// QKV with constant-index Gathers.
+const FAMILIES: &[&str] =
+    &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny"];
+/// The families whose compiled graphs are snapshotted.
+const SNAPSHOT_FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"];
 const MODES: &[&str] = &["reparam", "noreparam"];
 const EOS: i64 = 95;
 
@@ -97,6 +104,9 @@ fn dynamo_exports_equal_peft() {
         check_training("opt-dynamo-nopast-tiny", mode, &reference("opt-tiny", mode));
         check_training("gptneo-dynamo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
         check_training("llama-dynamo-tiny", mode, &reference("llama-tiny", mode));
+        // GELU as one opset-20 `Gelu` node; Qwen3's wide heads as dynamo writes them.
+        check_training("gemma-dynamo-tiny", mode, &reference("gemma-tiny", mode));
+        check_training("qwen3-dynamo-tiny", mode, &reference("qwen3-tiny", mode));
     }
     // OPT's position table serves 64 positions in the dynamo export too.
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-dynamo-opt-positions");
@@ -168,7 +178,12 @@ fn gqa_adapter_round_trips_as_peft_saves_it() {
 fn greedy_tokens_equal_peft() {
     // The dynamo exports compute their positions in the graph: OPT's generation graphs read the table 2 rows in,
     // Llama's rotate by the position ids, not the cache slots.
-    let dynamo = [("opt-dynamo-tiny", "opt-tiny"), ("llama-dynamo-tiny", "llama-tiny")];
+    let dynamo = [
+        ("opt-dynamo-tiny", "opt-tiny"),
+        ("llama-dynamo-tiny", "llama-tiny"),
+        ("gemma-dynamo-tiny", "gemma-tiny"),
+        ("qwen3-dynamo-tiny", "qwen3-tiny"),
+    ];
     let exports = FAMILIES.iter().map(|&f| (f, f)).chain(dynamo);
     for mode in MODES {
         for (family, weights) in exports.clone() {
@@ -201,7 +216,7 @@ fn greedy_tokens_equal_peft() {
 /// past, positions, mask) and the prefill (reparam, P=4, M=16, B=3, T=7; 3 rows, prompt 6, 8 new).
 #[test]
 fn compiled_graph_snapshots() {
-    for family in FAMILIES {
+    for family in SNAPSHOT_FAMILIES {
         let model = common::graphs_dir().join(family).join("model.onnx");
         let c = pfx_compiler::compile::compile_models(&model, &options("reparam")).unwrap();
         for (role, m) in c.graphs.iter().filter(|(role, _)| role == "eval_step" || role == "prefill") {

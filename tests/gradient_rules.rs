@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pfx_compiler::autodiff::build_gradients;
+use pfx_compiler::canonicalize::canonicalize;
 use pfx_compiler::ir::{Attr, Graph, Model, ValueInfo, ValueType};
 use pfx_compiler::onnx_io;
 use pfx_compiler::simplify::simplify;
@@ -673,6 +674,57 @@ fn where_() {
     let b = c.input("b", &[2, 1, 4]);
     let y = c.op("Where", &[&cond, &a, &b], vec![]);
     c.check(&[&y]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Ops without a rule of their own, which canonicalization rewrites into ops that have one
+
+impl Case {
+    /// Runs the compiler's canonicalization on the case's graph (outputs `ys`, opset `opset`), as a loaded export
+    /// would be; the op under test must be gone.
+    fn canonicalized(mut self, ys: &[&str], opset: i64, gone: &str) -> Case {
+        self.g.outputs =
+            ys.iter().map(|y| ValueInfo { name: y.to_string(), ty: ValueType { dtype: F64, shape: None } }).collect();
+        let mut m = Model { graph: std::mem::take(&mut self.g), opset, ir_version: 9, ..Model::default() };
+        canonicalize(&mut m).unwrap_or_else(|e| panic!("{}: canonicalize: {e:#}", self.name));
+        assert!(m.graph.nodes.iter().all(|n| n.op != gone), "{}: a {gone} is left", self.name);
+        self.g = m.graph;
+        self
+    }
+}
+
+#[test]
+fn gelu() {
+    // tanh: float64 end to end. The input goes through a MatMul first, so Gelu reads an untyped value.
+    let mut c = Case::new("Gelu tanh (canonicalized)");
+    let x = c.input("x", &[2, 3, 4]);
+    let w = c.konst("w", &[4, 4]);
+    let h = c.op("MatMul", &[&x, &w], vec![]);
+    let y = c.op("Gelu", &[&h], vec![("approximate", Attr::Str("tanh".into()))]);
+    c.canonicalized(&[&y], 20, "Gelu").check(&[&y]);
+    // none (erf): f32, tract has no f64 Erf.
+    let mut c = Case::new("Gelu none (canonicalized)").with_fd(Fd::F32Forward);
+    let x = c.input_of("x", &[2, 3, 4], Dist::Any, DType::F32);
+    let y = c.op("Gelu", &[&x], vec![]);
+    c.canonicalized(&[&y], 20, "Gelu").check(&[&y]);
+}
+
+#[test]
+fn gather_of_a_constant_index() {
+    // Falcon's fused qkv, [batch, seq, heads, 3, head_dim], split by constant indices on axis 3.
+    let mut c = Case::new("Gather scalar indices (canonicalized)");
+    let x = c.input("x", &[2, 2, 2, 3, 4]);
+    let t = c.op("Tanh", &[&x], vec![]);
+    let mut ys = Vec::new();
+    for (k, idx) in [0i64, 1, -1].into_iter().enumerate() {
+        let i = c.g.add_const(&format!("index{k}"), Tensor::scalar_i64(idx));
+        ys.push(c.op("Gather", &[&t, &i], vec![("axis", Attr::Int(3))]));
+    }
+    // A negative axis, a one-element index vector.
+    let i = c.ints("index_vec", &[-2]);
+    ys.push(c.op("Gather", &[&t, &i], vec![("axis", Attr::Int(-1))]));
+    let ys: Vec<&str> = ys.iter().map(String::as_str).collect();
+    c.canonicalized(&ys, 18, "Gather").check(&ys);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -2,16 +2,17 @@
 //!
 //! Each pass is `fn(&mut Model) -> Result<bool>` ("did I change anything"); `canonicalize` runs them as a
 //! plain list. After it: local functions are inlined, constants are initializers, Identity/Dropout are gone,
-//! Reduce*/Split/Squeeze/Unsqueeze take their axes as inputs (the opset-18 form), Gemm is MatMul + Add, and the
-//! default-domain opset is at least 18.
+//! Reduce*/Split/Squeeze/Unsqueeze take their axes as inputs (the opset-18 form), Gemm is MatMul + Add, Gelu is
+//! spelled out in elementwise ops, a Gather of one constant index from an activation is Slice (+ Squeeze), and
+//! the default-domain opset is at least 18.
 
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::ir::{Attr, Model, Node};
+use crate::ir::{Attr, Graph, Model, Node};
 use crate::shape::known_op;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// The opsets pfx reads. Below 11 ops changed meaning in ways we do not translate.
 pub const MIN_OPSET: i64 = 11;
@@ -29,8 +30,11 @@ pub fn canonicalize(model: &mut Model) -> Result<()> {
     constants_to_initializers(model)?;
     upgrade_opset_forms(model)?;
     gemm_to_matmul(model)?;
+    gelu_to_elementwise(model)?;
     squares_to_mul(model)?;
     remove_identities(model)?;
+    // After remove_identities: an index behind an Identity is then seen as the initializer it is.
+    scalar_gathers_to_slices(model)?;
     model.graph.toposort()?;
     model.graph.dce();
     Ok(())
@@ -310,6 +314,149 @@ pub fn squares_to_mul(model: &mut Model) -> Result<bool> {
     Ok(changed)
 }
 
+/// The element type of `v`: its recorded type, else followed back through its producers (most ops keep the
+/// type of their first input). None when nothing says.
+fn elem_type(g: &Graph, prod: &HashMap<String, usize>, v: &str) -> Option<DType> {
+    let mut v = v.to_string();
+    for _ in 0..g.nodes.len() + 1 {
+        if let Some(t) = g.type_of(&v) {
+            return Some(t.dtype);
+        }
+        let n = &g.nodes[*prod.get(&v)?];
+        let from = match n.op.as_str() {
+            "Cast" => return n.int("to").and_then(|c| DType::from_onnx(c as i32)),
+            "Shape" | "Size" => return Some(DType::I64),
+            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor" | "Not"
+            | "IsNaN" | "IsInf" => return Some(DType::Bool),
+            "ConstantOfShape" => {
+                return Some(match n.attrs.get("value") {
+                    Some(Attr::Tensor(t)) => t.dtype(),
+                    _ => DType::F32,
+                })
+            }
+            "CastLike" | "Where" => n.input(1)?,
+            "If" | "Loop" | "Scan" => return None,
+            _ => n.input(0)?,
+        };
+        v = from.to_string();
+    }
+    None
+}
+
+/// A scalar constant of float type `dt`.
+fn float_scalar(dt: DType, x: f64) -> Result<Tensor> {
+    match dt {
+        DType::F16 => Tensor::from_le_bytes(dt, vec![], &half::f16::from_f64(x).to_le_bytes()),
+        DType::BF16 => Tensor::from_le_bytes(dt, vec![], &half::bf16::from_f64(x).to_le_bytes()),
+        DType::F32 | DType::F64 => Tensor::from_f64s(dt, vec![], vec![x]),
+        other => bail!("GELU of a {} tensor", other.short()),
+    }
+}
+
+/// ONNX `Gelu` (opset 20; torch.onnx dynamo writes it for Gemma's and Falcon's MLPs) becomes its definition in
+/// ops that have gradient rules, with constants of x's element type:
+/// `approximate="none"`: 0.5·x·(1 + erf(x/√2)); `"tanh"`: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+/// The runtimes then need no opset-20 Gelu kernel either.
+pub fn gelu_to_elementwise(model: &mut Model) -> Result<bool> {
+    let g = &mut model.graph;
+    let prod = g.producers();
+    let sites: Vec<(usize, DType)> = g
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op == "Gelu" && n.domain.is_empty())
+        // Without a recorded type the graph is taken to be f32, the precision pfx trains in.
+        .map(|(i, n)| (i, elem_type(g, &prod, &n.inputs[0]).unwrap_or(DType::F32)))
+        .collect();
+    // Back to front, so that the indices of the sites not yet rewritten stay valid.
+    for &(i, dt) in sites.iter().rev() {
+        let n = g.nodes[i].clone();
+        let hint = n.name.clone();
+        let x = n.inputs[0].clone();
+        let mut body: Vec<Node> = Vec::new();
+        let mut push = |g: &mut Graph, op: &str, inputs: &[&str], out: Option<&str>| -> String {
+            let o = out.map(str::to_string).unwrap_or_else(|| g.fresh(&format!("{hint}.{}", op.to_lowercase())));
+            let name = g.fresh(&format!("{hint}.{}.node", op.to_lowercase()));
+            body.push(Node::new(name, op, inputs.iter().map(|s| s.to_string()).collect(), vec![o.clone()]));
+            o
+        };
+        let c =
+            |g: &mut Graph, v: f64| -> Result<String> { Ok(g.add_const(&format!("{hint}.c"), float_scalar(dt, v)?)) };
+        let inner = match n.string("approximate").unwrap_or("none") {
+            "none" => {
+                let k = c(g, std::f64::consts::FRAC_1_SQRT_2)?;
+                let s = push(g, "Mul", &[&x, &k], None);
+                push(g, "Erf", &[&s], None)
+            }
+            "tanh" => {
+                // Pow(x, 3), not x·x·x: the form GPT-2's exports use (see `squares_to_mul`).
+                let (three, a, k) = (c(g, 3.0)?, c(g, 0.044715)?, c(g, (2.0 / std::f64::consts::PI).sqrt())?);
+                let x3 = push(g, "Pow", &[&x, &three], None);
+                let ax3 = push(g, "Mul", &[&x3, &a], None);
+                let sum = push(g, "Add", &[&x, &ax3], None);
+                let s = push(g, "Mul", &[&sum, &k], None);
+                push(g, "Tanh", &[&s], None)
+            }
+            other => bail!("{}: unknown Gelu approximation '{other}' (ONNX defines 'none' and 'tanh')", n.label()),
+        };
+        let (one, half) = (c(g, 1.0)?, c(g, 0.5)?);
+        let u = push(g, "Add", &[&inner, &one], None);
+        let h = push(g, "Mul", &[&x, &half], None);
+        push(g, "Mul", &[&h, &u], Some(&n.outputs[0]));
+        g.nodes.splice(i..=i, body);
+    }
+    Ok(!sites.is_empty())
+}
+
+/// `Gather(data, i)` with a constant scalar index `i` (Falcon's fused qkv split, TorchScript exports) becomes
+/// `Squeeze(Slice(data, [i], [i+1], [axis]), [axis])`, which has a gradient rule; a one-element index vector
+/// becomes the Slice alone. Lookups in constant tables (embeddings) stay Gathers, and so do Gathers from
+/// integer values (shape arithmetic, folded away by specialization).
+pub fn scalar_gathers_to_slices(model: &mut Model) -> Result<bool> {
+    let g = &mut model.graph;
+    let prod = g.producers();
+    let mut sites = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if n.op != "Gather" || !n.domain.is_empty() || g.initializers.contains_key(&n.inputs[0]) {
+            continue;
+        }
+        let Some(t) = n.input(1).and_then(|v| g.initializers.get(v)) else {
+            continue;
+        };
+        if t.shape.len() > 1 || t.len() != 1 || !matches!(t.dtype(), DType::I64 | DType::I32) {
+            continue;
+        }
+        if elem_type(g, &prod, &n.inputs[0]).is_some_and(|d| !d.is_float()) {
+            continue;
+        }
+        let idx = t.as_i64s().expect("an integer tensor")[0];
+        sites.push((i, idx, t.shape.is_empty()));
+    }
+    for &(i, idx, scalar) in sites.iter().rev() {
+        let n = g.nodes[i].clone();
+        let hint = n.name.clone();
+        let axis = n.int("axis").unwrap_or(0);
+        // Slice clamps its bounds: for i = -1 the end i+1 = 0 would select nothing, "to the end" is i64::MAX.
+        let end = if idx == -1 { i64::MAX } else { idx + 1 };
+        let starts = g.add_const(&format!("{hint}.starts"), Tensor::vec_i64(&[idx]));
+        let ends = g.add_const(&format!("{hint}.ends"), Tensor::vec_i64(&[end]));
+        let axes = g.add_const(&format!("{hint}.axes"), Tensor::vec_i64(&[axis]));
+        let y = n.outputs[0].clone();
+        let sliced = if scalar { g.fresh(&format!("{hint}.slice")) } else { y.clone() };
+        let mut body = vec![Node::new(
+            g.fresh(&format!("{hint}.slice.node")),
+            "Slice",
+            vec![n.inputs[0].clone(), starts, ends, axes.clone()],
+            vec![sliced.clone()],
+        )];
+        if scalar {
+            body.push(Node::new(g.fresh(&format!("{hint}.squeeze.node")), "Squeeze", vec![sliced, axes], vec![y]));
+        }
+        g.nodes.splice(i..=i, body);
+    }
+    Ok(!sites.is_empty())
+}
+
 /// Identity and (eval-mode) Dropout forward their input.
 pub fn remove_identities(model: &mut Model) -> Result<bool> {
     let g = &mut model.graph;
@@ -340,4 +487,111 @@ pub fn remove_identities(model: &mut Model) -> Result<bool> {
         changed = true;
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{ValueInfo, ValueType};
+
+    fn model_with_input(dt: DType, shape: &[usize]) -> Model {
+        let mut m = Model { opset: 20, ir_version: 9, ..Model::default() };
+        m.graph.inputs.push(ValueInfo { name: "x".into(), ty: ValueType::known(dt, shape) });
+        m
+    }
+
+    fn output(m: &mut Model, v: &str) {
+        m.graph.outputs.push(ValueInfo { name: v.into(), ty: ValueType { dtype: DType::F32, shape: None } });
+    }
+
+    fn ops(m: &Model) -> Vec<&str> {
+        m.graph.nodes.iter().map(|n| n.op.as_str()).collect()
+    }
+
+    #[test]
+    fn gelu_becomes_elementwise_ops_with_constants_of_x_type() {
+        for (approx, dt) in [("none", DType::F32), ("tanh", DType::F16), ("tanh", DType::F64)] {
+            let mut m = model_with_input(dt, &[2, 3]);
+            let y = m.graph.op1("Gelu", &["x"], vec![("approximate", Attr::Str(approx.into()))], "y");
+            output(&mut m, &y);
+            canonicalize(&mut m).unwrap();
+            let ops = ops(&m);
+            assert!(!ops.contains(&"Gelu"), "{approx}: {ops:?}");
+            let want = if approx == "none" { "Erf" } else { "Tanh" };
+            assert!(ops.contains(&want), "{approx}: {ops:?}");
+            assert_eq!(m.graph.nodes.last().unwrap().outputs, [y.as_str()], "the output keeps its name");
+            assert!(!m.graph.initializers.is_empty());
+            for (k, t) in &m.graph.initializers {
+                assert_eq!(t.dtype(), dt, "{approx}: constant {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_of_an_untyped_value_takes_the_type_of_its_producers() {
+        let mut m = model_with_input(DType::F32, &[2, 3]);
+        let c = m.graph.op1("Cast", &["x"], vec![("to", Attr::Int(11))], "wide");
+        let t = m.graph.op1("Tanh", &[&c], vec![], "t");
+        let y = m.graph.op1("Gelu", &[&t], vec![], "y");
+        output(&mut m, &y);
+        canonicalize(&mut m).unwrap();
+        assert!(m.graph.initializers.values().all(|t| t.dtype() == DType::F64));
+        // The default approximation is "none".
+        assert!(ops(&m).contains(&"Erf"));
+    }
+
+    #[test]
+    fn gelu_with_an_unknown_approximation_is_refused() {
+        let mut m = model_with_input(DType::F32, &[2]);
+        let y = m.graph.op1("Gelu", &["x"], vec![("approximate", Attr::Str("fast".into()))], "y");
+        output(&mut m, &y);
+        let e = canonicalize(&mut m).unwrap_err().to_string();
+        assert!(e.contains("fast"), "{e}");
+    }
+
+    #[test]
+    fn scalar_gather_on_an_activation_becomes_slice_and_squeeze() {
+        for (idx, end, axis) in [(1i64, 2i64, 1i64), (-1, i64::MAX, -1), (-2, -1, 0), (0, 1, 2)] {
+            let mut m = model_with_input(DType::F32, &[3, 4, 5]);
+            let a = m.graph.op1("Tanh", &["x"], vec![], "a");
+            let i = m.graph.add_const("i", Tensor::scalar_i64(idx));
+            let y = m.graph.op1("Gather", &[&a, &i], vec![("axis", Attr::Int(axis))], "y");
+            output(&mut m, &y);
+            canonicalize(&mut m).unwrap();
+            assert_eq!(ops(&m), ["Tanh", "Slice", "Squeeze"], "index {idx}");
+            let s = &m.graph.nodes[1];
+            let get = |k: usize| m.graph.initializers[&s.inputs[k]].as_i64s().unwrap();
+            assert_eq!((get(1), get(2), get(3)), (vec![idx], vec![end], vec![axis]), "index {idx}");
+            let q = &m.graph.nodes[2];
+            assert_eq!(q.inputs, [s.outputs[0].clone(), s.inputs[3].clone()]);
+            assert_eq!(q.outputs, [y]);
+        }
+        // A one-element index vector keeps the axis: the Slice alone.
+        let mut m = model_with_input(DType::F32, &[3, 4]);
+        let i = m.graph.add_const("i", Tensor::i64(vec![1], vec![2]));
+        let y = m.graph.op1("Gather", &["x", &i], vec![("axis", Attr::Int(1))], "y");
+        output(&mut m, &y);
+        canonicalize(&mut m).unwrap();
+        assert_eq!(ops(&m), ["Slice"]);
+        assert_eq!(m.graph.nodes[0].outputs, [y]);
+    }
+
+    #[test]
+    fn table_lookups_shape_gathers_and_index_vectors_stay_gathers() {
+        let mut m = model_with_input(DType::I64, &[2, 3]);
+        let table = m.graph.add_const("wte", Tensor::f32(vec![4, 2], vec![0.5; 8]));
+        let emb = m.graph.op1("Gather", &[&table, "x"], vec![], "emb");
+        // A constant row of a table (a scalar index into an initializer) is folded later, not sliced here.
+        let row0 = m.graph.add_const("zero", Tensor::scalar_i64(0));
+        let row = m.graph.op1("Gather", &[&table, &row0], vec![], "row");
+        let s = m.graph.op1("Shape", &[&emb], vec![], "s");
+        let d = m.graph.op1("Gather", &[&s, &row0], vec![], "d");
+        let two = m.graph.add_const("two", Tensor::vec_i64(&[0, 1]));
+        let v = m.graph.op1("Gather", &[&emb, &two], vec![("axis", Attr::Int(1))], "v");
+        for o in [&row, &d, &v] {
+            output(&mut m, o);
+        }
+        canonicalize(&mut m).unwrap();
+        assert_eq!(ops(&m).iter().filter(|o| **o == "Gather").count(), 4, "{:?}", ops(&m));
+    }
 }

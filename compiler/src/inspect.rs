@@ -461,7 +461,8 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
                 if let Some(&[_, _, _, d]) = spec.graph.shape_of(&n.inputs[1]).as_deref() {
                     value_widths.insert(d);
                 }
-            } else if matches!(n.op.as_str(), "Where" | "Cast" | "Mul") && n.inputs.iter().any(|i| probs.contains(i.as_str()))
+            } else if matches!(n.op.as_str(), "Where" | "Cast" | "Mul")
+                && n.inputs.iter().any(|i| probs.contains(i.as_str()))
             {
                 probs.insert(n.outputs[0].as_str());
             }

@@ -86,7 +86,7 @@ fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
     };
     let axes_of = |n: &Node| g.initializers.get(n.inputs.get(1)?).and_then(|t| t.as_i64s());
     let mut sites = BTreeMap::new(); // Unsqueeze node -> its axes
-    // Values on the way to Cos/Sin: the readers of a site that are rewired.
+                                     // Values on the way to Cos/Sin: the readers of a site that are rewired.
     let mut seen = std::collections::HashSet::new();
     let mut todo: Vec<String> =
         g.nodes.iter().filter(|n| n.op == "Cos" || n.op == "Sin").map(|n| n.inputs[0].clone()).collect();
