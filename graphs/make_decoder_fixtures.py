@@ -40,7 +40,8 @@ OUT_REFS = os.path.join(HERE, "peft-decoders")
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261127
 TOL = 1e-4
-FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny"]
+FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
+            "qwen2-tiny", "mistral-tiny", "phi3-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
@@ -74,7 +75,8 @@ PROMPT_SEED = 20261240
 
 
 def configs():
-    from transformers import FalconConfig, GemmaConfig, GPTNeoConfig, LlamaConfig, OPTConfig, Qwen3Config
+    from transformers import (FalconConfig, GemmaConfig, GPTNeoConfig, LlamaConfig, MistralConfig, OPTConfig,
+                              Phi3Config, Qwen2Config, Qwen3Config)
 
     special = dict(bos_token_id=EOS, eos_token_id=EOS)
     return {
@@ -108,6 +110,18 @@ def configs():
         "falcon-tiny": FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                     multi_query=False, initializer_range=0.1, tie_word_embeddings=False,
                                     max_position_embeddings=64, **special),
+        # Qwen2: biases on the query, key and value projections; grouped-query attention.
+        "qwen2-tiny": Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  **special),
+        # Mistral without a sliding window (with one, pfx refuses generation graphs that reach it).
+        "mistral-tiny": MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                      max_position_embeddings=64, **special),
+        # Phi-3: fused QKV and gate/up projections, split by Slice.
+        "phi3-tiny": Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, original_max_position_embeddings=64,
+                                max_position_embeddings=64, sliding_window=None, pad_token_id=EOS, **special),
     }
 
 

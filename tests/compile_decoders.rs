@@ -1,4 +1,5 @@
-//! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma and Falcon from optimum, with past;
+//! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma, Falcon, Qwen2, Mistral and Phi-3
+//! from optimum, with past;
 //! a Llama with grouped-query attention; OPT and GPT-Neo without past; torch.onnx dynamo exports of OPT, GPT-Neo,
 //! Llama, Gemma and Qwen3)
 //! compile to prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
@@ -21,8 +22,19 @@ use pfx_runtime::{open, HostTensor, OrtOptions};
 /// Optimum exports with past. Qwen3's and Gemma's heads are wider than width / heads; Gemma's export has no
 /// position_ids input (its rotary angles and its causal mask both read cache_position); Falcon splits its fused
 /// QKV with constant-index Gathers.
-const FAMILIES: &[&str] =
-    &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny"];
+/// Qwen2 (biased QKV), Mistral (no window) and Phi-3 (fused QKV) need nothing of their own.
+const FAMILIES: &[&str] = &[
+    "llama-tiny",
+    "opt-tiny",
+    "gptneo-tiny",
+    "llama-gqa-tiny",
+    "qwen3-tiny",
+    "gemma-tiny",
+    "falcon-tiny",
+    "qwen2-tiny",
+    "mistral-tiny",
+    "phi3-tiny",
+];
 /// The families whose compiled graphs are snapshotted.
 const SNAPSHOT_FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"];
 const MODES: &[&str] = &["reparam", "noreparam"];
