@@ -234,6 +234,7 @@ pub fn upgrade_opset_forms(model: &mut Model) -> Result<bool> {
 pub fn gemm_to_matmul(model: &mut Model) -> Result<bool> {
     let g = &mut model.graph;
     let mut changed = false;
+    g.remember_names();
     let nodes = std::mem::take(&mut g.nodes);
     for n in nodes {
         if n.op != "Gemm" || !n.domain.is_empty() {
@@ -506,6 +507,25 @@ mod tests {
 
     fn ops(m: &Model) -> Vec<&str> {
         m.graph.nodes.iter().map(|n| n.op.as_str()).collect()
+    }
+
+    /// The names a Gemm's rewrite makes do not collide with values further down the graph.
+    #[test]
+    fn gemm_rewrite_names_are_new() {
+        let mut m = model_with_input(DType::F32, &[2, 3]);
+        m.graph.initializers.insert("w".into(), Tensor::from_f64s(DType::F32, vec![3, 3], vec![0.5; 9]).unwrap());
+        m.graph.nodes.push(
+            Node::new("g", "Gemm", vec!["x".into(), "w".into()], vec!["y".into()]).with_attr("alpha", Attr::Float(2.0)),
+        );
+        // A later value named as the rewrite's first choice for the MatMul's output.
+        m.graph.nodes.push(Node::new("r", "Relu", vec!["y".into()], vec!["g.mm".into()]));
+        m.graph.nodes.push(Node::new("t", "Tanh", vec!["g.mm".into()], vec!["z".into()]));
+        output(&mut m, "z");
+        // The pass alone: in `canonicalize` an earlier pass may have recorded the names already.
+        gemm_to_matmul(&mut m).unwrap();
+        let outs: Vec<&String> = m.graph.nodes.iter().flat_map(|n| &n.outputs).collect();
+        let unique: std::collections::HashSet<_> = outs.iter().collect();
+        assert_eq!(outs.len(), unique.len(), "each value is made once: {outs:?}");
     }
 
     #[test]

@@ -174,6 +174,14 @@ impl Graph {
         }
     }
 
+    /// Records every name now in the graph for [`Graph::fresh`], before a pass takes the node list out to rebuild
+    /// it (names of the nodes taken out would otherwise be unknown to it).
+    pub fn remember_names(&mut self) {
+        if self.used_names.is_empty() {
+            self.collect_names();
+        }
+    }
+
     fn collect_names(&mut self) {
         let mut s: HashSet<String> = HashSet::new();
         s.extend(self.inputs.iter().map(|v| v.name.clone()));
