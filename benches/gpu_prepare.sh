@@ -45,9 +45,26 @@ MARGIN=$((1024 * 1024)) # for files the tree may gain before the calls
 tree=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
 room=$((LIMIT - MARGIN - tree))
 carry=$(du -cb gpu-carry | tail -1 | cut -f1)
+# When the tree has grown too much for the binaries to ride with the last call, they go first, in calls of their own:
+# groups under .gpu/bin/NN/ that each fit, unpacked there into /tmp/pfx-gpu-bin (where gpu_train_step.sh looks).
+rm -rf .gpu/bin
+bin_groups=0
 if [ "$carry" -gt "$room" ]; then
-  echo "gpu_prepare: gpu-carry/ holds $carry bytes, but a call has $room beside the $tree-byte tree" >&2
-  exit 1
+  mkdir -p .gpu/bin
+  used=$room
+  for packed in $(ls -S gpu-carry/*.gz); do
+    size=$(stat -c %s "$packed")
+    [ "$size" -le "$room" ] || { echo "gpu_prepare: $packed ($size bytes) does not fit a call ($room)" >&2; exit 1; }
+    if [ $((used + size)) -gt "$room" ]; then
+      bin_groups=$((bin_groups + 1))
+      used=0
+    fi
+    group=.gpu/bin/$(printf '%02d' $((bin_groups - 1)))
+    mkdir -p "$group" && mv "$packed" "$group/"
+    used=$((used + size))
+  done
+  carry=$(du -cb gpu-carry | tail -1 | cut -f1)
+  [ "$carry" -le "$room" ] || { echo "gpu_prepare: gpu-carry/ holds $carry bytes without the binaries, a call has $room" >&2; exit 1; }
 fi
 echo "== ONNX Runtime's CUDA libraries"
 bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu 1 >/dev/null # once whole, to learn its size
@@ -55,14 +72,23 @@ ort=$(du -cb .gpu/ortgpu.part* | tail -1 | cut -f1)
 parts=$(((ort + room - 1) / room))
 bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu "$parts" >/dev/null
 ls -l .gpu gpu-carry
+[ "$bin_groups" -eq 0 ] || ls -lR .gpu/bin
 cat <<TXT
-== ready: the tree is $tree bytes, so each call carries at most $room more. The $((parts + 1)) device calls, back to
-back (the machine is taken back after ~30 s idle):
-  calls 1-$parts (NN = 00..$(printf '%02d' $((parts - 1)))): carry [".gpu/ortgpu.partNN"], command:
+== ready: the tree is $tree bytes, so each call carries at most $room more. The $((bin_groups + parts + 1)) device
+calls, back to back (the machine is taken back after ~30 s idle):
+TXT
+if [ "$bin_groups" -gt 0 ]; then
+  cat <<TXT
+  first $bin_groups call(s), the binaries (MM = 00..$(printf '%02d' $((bin_groups - 1)))): carry [".gpu/bin/MM"], command:
+    mkdir -p /tmp/pfx-gpu-bin && for f in .gpu/bin/MM/*.gz; do b=/tmp/pfx-gpu-bin/\$(basename "\$f" .gz); gunzip -c "\$f" >"\$b" && chmod +x "\$b"; done
+TXT
+fi
+cat <<TXT
+  then $parts call(s) (NN = 00..$(printf '%02d' $((parts - 1)))): carry [".gpu/ortgpu.partNN"], command:
     mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.partNN /tmp/ortgpu/
-  call $((parts + 1)): carry ["gpu-carry"], timeout_s 600, command:
+  last call: carry ["gpu-carry"], timeout_s 600, command:
     (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) && bash benches/gpu_train_step.sh
-Dry run here first (numbers meaningless):
+Dry run here first (numbers meaningless; binaries moved to .gpu/bin/: run their calls' command here first):
   DEVICE=cpu SIZES=tiny PEER=gpu-carry/peft_step.py PFX_PEFT_PYTHON=/root/.cache/pfx/ref/bin/python \
     PYTHON=/root/.cache/pfx/ref/bin/python OUT=/tmp/gpu-dry bash benches/gpu_train_step.sh
 TXT

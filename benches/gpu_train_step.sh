@@ -12,9 +12,10 @@
 # Here, before the device calls, one command builds and packs everything (binaries, peers, skeleton graphs, ORT's
 # CUDA libraries in parts) and prints the calls:
 #   bash benches/gpu_prepare.sh
-# Every call also carries the working tree (~32 MiB of its 64 MiB), so each carries one ORT part or the binaries:
-# with the tree as it is, six part calls (each `mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.partNN /tmp/ortgpu/`),
-# then one carrying gpu-carry/ (timeout_s 600) that runs
+# Every call also carries the working tree (~36 MiB of its 64 MiB), so each carries one ORT part or some binaries:
+# gpu_prepare.sh prints the calls, e.g. binary calls (when the tree leaves too little room for them beside
+# gpu-carry/: each unpacks its .gz files into /tmp/pfx-gpu-bin), part calls (each
+# `mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.partNN /tmp/ortgpu/`), then one carrying gpu-carry/ (timeout_s 600) that runs
 #   (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) && bash benches/gpu_train_step.sh
 # back to back: the machine is taken back after ~30 s idle (../shared/tools/gpu/README.md).
 # The results come back under $OUT (summary.md first). BUDGET_S (default 300) bounds when the last case starts.
