@@ -13,10 +13,10 @@ gemma-tiny, falcon-tiny:
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
-llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (pfx refuses it: rotary positions without past),
+llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references are llama-gqa-tiny's),
 gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), and torch.onnx dynamo exports
 (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny, llama-dynamo-tiny, gemma-dynamo-tiny
-and qwen3-dynamo-tiny with past,
+and qwen3-dynamo-tiny with past, llama-dynamo-nopast-tiny (of llama-gqa-tiny) without,
 opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
 llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
@@ -55,6 +55,8 @@ DYNAMO = [
     ("opt-dynamo-nopast-tiny", "opt-tiny", False),
     ("gptneo-dynamo-nopast-tiny", "gptneo-tiny", False),
     ("llama-dynamo-tiny", "llama-tiny", True),
+    # Without past its rotary angles come from cache_position (a Range), with no position_ids input.
+    ("llama-dynamo-nopast-tiny", "llama-gqa-tiny", False),
     # Gemma's GELU is one opset-20 `Gelu` node here (optimum spells it out); Qwen3's heads are wider than 32 / 4.
     ("gemma-dynamo-tiny", "gemma-tiny", True),
     ("qwen3-dynamo-tiny", "qwen3-tiny", True),

@@ -101,6 +101,9 @@ fn exports_without_past_equal_peft() {
     for mode in MODES {
         check_training("opt-nopast-tiny", mode, &reference("opt-tiny", mode));
         check_training("gptneo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
+        // Rotary and grouped-query: positions P + t through its position_ids, the prefix's 2 key/value heads
+        // repeated for the 4 query heads at each attention, as PEFT's cache is.
+        check_training("llama-gqa-nopast-tiny", mode, &reference("llama-gqa-tiny", mode));
     }
 }
 
@@ -116,6 +119,8 @@ fn dynamo_exports_equal_peft() {
         check_training("opt-dynamo-nopast-tiny", mode, &reference("opt-tiny", mode));
         check_training("gptneo-dynamo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
         check_training("llama-dynamo-tiny", mode, &reference("llama-tiny", mode));
+        // Without past, rotary angles from cache_position: they get position ids P + t.
+        check_training("llama-dynamo-nopast-tiny", mode, &reference("llama-gqa-tiny", mode));
         // GELU as one opset-20 `Gelu` node; Qwen3's wide heads as dynamo writes them.
         check_training("gemma-dynamo-tiny", mode, &reference("gemma-tiny", mode));
         check_training("qwen3-dynamo-tiny", mode, &reference("qwen3-tiny", mode));
@@ -266,16 +271,4 @@ fn generation_past_an_unread_sliding_window_is_refused() {
     compile(&export.join("model.onnx"), &training_only, &tmp.join("b")).expect("training graphs with any window");
     std::fs::write(export.join("config.json"), config(18)).unwrap();
     compile(&export.join("model.onnx"), &options("noreparam"), &tmp.join("b")).expect("a cache under the window");
-}
-
-/// Llama without past (here with grouped-query attention): rotary positions leave no table to shift, so pfx
-/// refuses the export and says to export it with past.
-#[test]
-fn rotary_export_without_past_is_refused() {
-    let model = common::graphs_dir().join("llama-gqa-nopast-tiny").join("model.onnx");
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-rotary-nopast");
-    let e = compile(&model, &options("reparam"), &out).unwrap_err();
-    let msg = format!("{e:#}");
-    assert!(msg.contains("no position-embedding table") && msg.contains("text-generation-with-past"), "{msg}");
-    assert!(!out.join("manifest.json").exists(), "a refused compile writes no bundle");
 }

@@ -50,8 +50,8 @@ pub struct ModelInfo {
     pub outputs: Vec<IoInfo>,
     pub layers: Option<usize>,
     pub heads: Option<usize>,
-    /// Heads of the past keys and values, when the export has past inputs (fewer than `heads` under grouped-query
-    /// attention).
+    /// Heads of the keys and values (fewer than `heads` under grouped-query attention): the past inputs', or
+    /// without past the values' before the attention repeats them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_value_heads: Option<usize>,
     pub head_size: Option<usize>,
@@ -175,15 +175,6 @@ pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
         return Some(
             "takes token_type_ids, as BERT-style encoders do: pfx trains prefixes for causal language models \
              (GPT-2) and BART"
-                .into(),
-        );
-    }
-    let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
-    if family == Family::Gpt2Decoder && !with_past && e.position_rows.is_none() {
-        return Some(
-            "has no past inputs and no position-embedding table (rotary positions, as Llama's?): pfx places the \
-             prefix of such a model only through its past inputs; export it with past (optimum's --task \
-             text-generation-with-past)"
                 .into(),
         );
     }
@@ -356,8 +347,8 @@ pub fn local_windows(g: &Graph) -> Result<BTreeMap<String, usize>> {
 /// The heads of the keys and values: the past inputs' `[B, H_kv, past, D]` when the export has them, else the
 /// query heads. Fewer than the query heads is grouped-query attention (Llama 3, TinyLlama, Qwen2): each key/value
 /// head serves `heads / H_kv` query heads, and PEFT's prefix holds only those (`token_dim` = H_kv · D, PEFT's
-/// `num_attention_heads` = H_kv), so pfx's does too. Exports without past are not read: their prefix gets the
-/// query heads.
+/// `num_attention_heads` = H_kv), so pfx's does too. Exports without past are not read here (`inspect` finds
+/// their key/value heads where the attention repeats them).
 pub fn key_value_heads(g: &Graph, heads: usize, head_dim: usize) -> Result<usize> {
     use crate::ir::Dim;
     let mut found: Option<usize> = None;
@@ -375,6 +366,31 @@ pub fn key_value_heads(g: &Graph, heads: usize, head_dim: usize) -> Result<usize
         found = Some(*h);
     }
     Ok(found.unwrap_or(heads))
+}
+
+/// The fewest heads the values `v` ([B, H, T, D], read by the attention's second MatMul) have on their way there,
+/// following back the reshapes, expansions and transposes that grouped-query attention repeats them with
+/// (`Unsqueeze` → `Expand` [B, H_kv, H / H_kv, T, D] → `Reshape`): H_kv, or H when nothing repeats them.
+fn value_heads_before_repeat(g: &Graph, v: &str, d: usize) -> Option<usize> {
+    let prod = g.producers();
+    let keys = g.shape_of(v)?[2];
+    let mut v = v.to_string();
+    let mut fewest: Option<usize> = None;
+    for _ in 0..8 {
+        // [B, h, T, D] only: not the [B, T, H, D] layout before the heads are transposed out.
+        if let Some(&[_, h, t, dd]) = g.shape_of(&v).as_deref() {
+            if dd == d && t == keys {
+                fewest = Some(fewest.map_or(h, |f| f.min(h)));
+            }
+        }
+        let Some(&i) = prod.get(&v) else { break };
+        let n = &g.nodes[i];
+        if !matches!(n.op.as_str(), "Reshape" | "Expand" | "Unsqueeze" | "Transpose" | "Cast") {
+            break;
+        }
+        v = n.inputs[0].clone();
+    }
+    fewest
 }
 
 /// Positions a canonical graph's learned position table gives: BART's and OPT's tables start 2 rows in.
@@ -442,6 +458,8 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     // The head size: the last axis of the values the attention weights multiply ([B, H, Tk, D]). Not always
     // width / heads: Qwen3's and Gemma's heads are wider.
     let mut value_widths = std::collections::BTreeSet::new();
+    // Heads of the values before grouped-query attention repeats them (exports without past; see `value_heads`).
+    let mut value_heads = std::collections::BTreeSet::new();
     if specialize(&mut spec, &dims).is_ok() {
         let mut probs = std::collections::HashSet::new();
         for n in &spec.graph.nodes {
@@ -460,6 +478,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
             if n.op == "MatMul" && probs.contains(n.inputs[0].as_str()) {
                 if let Some(&[_, _, _, d]) = spec.graph.shape_of(&n.inputs[1]).as_deref() {
                     value_widths.insert(d);
+                    value_heads.extend(value_heads_before_repeat(&spec.graph, &n.inputs[1], d));
                 }
             } else if matches!(n.op.as_str(), "Where" | "Cast" | "Mul")
                 && n.inputs.iter().any(|i| probs.contains(i.as_str()))
@@ -503,9 +522,11 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         (0, Some(d), Some(h)) if h > 0 => Some(d / h),
         _ => None,
     };
-    // None where the past inputs do not fit the heads (compile says why).
+    // None where the past inputs do not fit the heads (compile says why). Without past: the values' heads before
+    // grouped-query attention repeats them.
     let key_value_heads = match (heads, head_size) {
         (Some(h), Some(d)) if with_past => key_value_heads(g, h, d).ok(),
+        (Some(h), Some(_)) if value_heads.len() == 1 => value_heads.first().copied().filter(|kv| h % kv == 0),
         _ => None,
     };
     let io = |v: &crate::ir::ValueInfo| IoInfo { name: v.name.clone(), r#type: v.ty.describe() };

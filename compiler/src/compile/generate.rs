@@ -74,7 +74,7 @@ fn expose_positions(g: &mut Graph) -> Result<()> {
 /// batch axis takes the place of the 1. Their other readers keep the slots: the causal mask compares
 /// `cache_position` with the key slots (optimum's Gemma export reads the same `Unsqueeze` for both).
 /// Returns whether any was found.
-fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
+pub(super) fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
     use crate::ir::{Dim, ValueInfo, ValueType};
     use crate::tensor::DType;
     let prod = g.producers();

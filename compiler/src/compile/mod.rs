@@ -294,7 +294,11 @@ pub fn build_loss_graph_from(
         generate::refuse_unread_window(&model.graph, source, gs, opts.prefix_len)?;
     }
     // Grouped-query attention: the prefix holds the key/value heads (the past's), as PEFT sizes it.
-    let heads = crate::inspect::key_value_heads(&model.graph, heads, head_dim)?;
+    let heads = if with_past {
+        crate::inspect::key_value_heads(&model.graph, heads, head_dim)?
+    } else {
+        info.key_value_heads.unwrap_or(heads)
+    };
     let shape =
         PrefixShape { len: opts.prefix_len, layers, heads, head_dim, hidden: heads * head_dim, mid: opts.mid_dim };
     shape.check_size()?;
@@ -308,12 +312,25 @@ pub fn build_loss_graph_from(
     } else if !with_past {
         // A `position_ids` input (optimum's exports without past) holds 0..T in training; the lookup gets the
         // prefix offset below.
+        // Rotary exports (no table) take P + 0..T there directly: PEFT's forward numbers the tokens after the
+        // prefix's P cache positions, in every row.
+        let rotary = info.positions.is_none();
+        // torch.onnx dynamo's Llama computes them from the cache length: given a position_ids input there first.
+        if rotary && !g.is_input("position_ids") && !generate::expose_rotary_positions(g)? {
+            bail!(
+                "{} has no past inputs, no position-embedding table and no position ids: pfx cannot number its \
+                 tokens after the prefix; export it with past (optimum's --task text-generation-with-past) or with \
+                 position_ids (optimum's --task text-generation)",
+                source.display()
+            );
+        }
+        let first = if rotary { opts.prefix_len as i64 } else { 0 };
         if let Some(pos) = g.inputs.iter().position(|v| v.name == "position_ids") {
             let dt = g.inputs.remove(pos).ty.dtype;
-            let ids: Vec<i64> = (0..opts.batch).flat_map(|_| 0..opts.seq as i64).collect();
+            let ids: Vec<i64> = (0..opts.batch).flat_map(|_| first..first + opts.seq as i64).collect();
             g.initializers.insert("position_ids".into(), Tensor::i64(vec![opts.batch, opts.seq], ids).cast(dt)?);
         }
-        let n = prefix::shift_positions(g, opts.prefix_len)?;
+        let n = if rotary { 1 } else { prefix::shift_positions(g, opts.prefix_len)? };
         if n != 1 {
             bail!("expected one position-embedding lookup in the export, found {n}");
         }
@@ -335,7 +352,7 @@ pub fn build_loss_graph_from(
             prefix::bind_past(g, &kv, opts.prefix_len, opts.batch, opts.seq, prefix::Positions::Training)?
         }
         Injection::AttentionSites => {
-            prefix::inject_at_sites(g, &kv, opts.prefix_len, &windows)?;
+            prefix::inject_at_sites(g, &kv, shape.heads, opts.prefix_len, &windows)?;
         }
     }
     // Re-infer every shape after the rewrites.

@@ -312,6 +312,7 @@ pub fn shift_positions(g: &mut Graph, p: usize) -> Result<usize> {
 pub fn inject_at_sites(
     g: &mut Graph,
     kv: &[(String, String)],
+    kv_heads: usize,
     p: usize,
     windows: &BTreeMap<String, usize>,
 ) -> Result<usize> {
@@ -330,11 +331,45 @@ pub fn inject_at_sites(
         );
     }
     for (l, sm_name) in softmaxes.iter().enumerate() {
-        inject_one(g, sm_name, &kv[l], p, windows)
+        let kv_l = repeat_heads(g, sm_name, &kv[l], kv_heads, p)?;
+        inject_one(g, sm_name, &kv_l, p, windows)
             .map_err(|e| e.context(format!("attention site of layer {l} (Softmax '{sm_name}')")))?;
     }
     g.toposort()?;
     Ok(softmaxes.len())
+}
+
+/// Under grouped-query attention the prefix holds the key/value heads (as PEFT's does), but the attention site
+/// sees them repeated: each of `kv_heads` serves H / kv_heads query heads, in order, as transformers' `repeat_kv`
+/// lays them out ([B, H_kv, P, D] → [B, H_kv, r, P, D] → [B, H, P, D]). The prefix is repeated the same way.
+fn repeat_heads(
+    g: &mut Graph,
+    softmax: &str,
+    kv: &(String, String),
+    kv_heads: usize,
+    p: usize,
+) -> Result<(String, String)> {
+    let scores = g.nodes[node_index(g, softmax)].inputs[0].clone();
+    let shape = g.shape_of(&scores).ok_or_else(|| anyhow!("unknown shape of the attention scores '{scores}'"))?;
+    let heads = shape[1];
+    if heads == kv_heads {
+        return Ok(kv.clone());
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        bail!("the attention of '{softmax}' has {heads} heads, which {kv_heads} key/value heads do not divide");
+    }
+    let tag = format!("{softmax}.prefix");
+    let one = g.add_const(&format!("{tag}/group_axis"), Tensor::vec_i64(&[2]));
+    let ones = g.add_const(&format!("{tag}/repeat"), Tensor::vec_i64(&[1, 1, (heads / kv_heads) as i64, 1, 1]));
+    let mut out = Vec::new();
+    for (x, what) in [(&kv.0, "keys"), (&kv.1, "values")] {
+        let u = g.op1("Unsqueeze", &[x, &one], vec![], &format!("{tag}/{what}_grouped"));
+        let e = g.op1("Expand", &[&u, &ones], vec![], &format!("{tag}/{what}_repeated"));
+        // [B, H_kv, r, P, D] → [B, H, P, D] (0 keeps B, -1 gives D).
+        let merged = g.add_const(&format!("{tag}/{what}_heads"), Tensor::vec_i64(&[0, heads as i64, p as i64, -1]));
+        out.push(g.op1("Reshape", &[&e, &merged], vec![], &format!("{tag}/{what}_all_heads")));
+    }
+    Ok((out[0].clone(), out[1].clone()))
 }
 
 fn node_index(g: &Graph, name: &str) -> usize {
