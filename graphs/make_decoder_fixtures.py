@@ -7,14 +7,15 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
 
     /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
 
-Writes (relative to this file's folder), for NAME in llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny, qwen3-tiny,
-gemma-tiny, falcon-tiny:
+Writes (relative to this file's folder), for NAME in FAMILIES (llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny,
+qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny):
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
 llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references are llama-gqa-tiny's),
-gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), and torch.onnx dynamo exports
+gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3- and
+gemma-nopast-tiny of their with-past fixtures' hf/ folders, and torch.onnx dynamo exports
 (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny, llama-dynamo-tiny, gemma-dynamo-tiny
 and qwen3-dynamo-tiny with past, llama-dynamo-nopast-tiny (of llama-gqa-tiny) without,
 opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
@@ -41,12 +42,17 @@ OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/
 SEED = 20261127
 TOL = 1e-4
 FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
-            "qwen2-tiny", "mistral-tiny", "phi3-tiny"]
+            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
     ("llama-gqa-nopast-tiny", "llama-gqa-tiny"),
     ("gptneo-nopast-tiny", "gptneo-tiny"),
+    # Rotary families without past: Qwen3's wide heads, Phi-3's fused QKV, Gemma's angles from cache_position (its
+    # export has no position_ids input here either).
+    ("qwen3-nopast-tiny", "qwen3-tiny"),
+    ("phi3-nopast-tiny", "phi3-tiny"),
+    ("gemma-nopast-tiny", "gemma-tiny"),
 ]
 # torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
 # positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
@@ -78,7 +84,7 @@ PROMPT_SEED = 20261240
 
 def configs():
     from transformers import (FalconConfig, GemmaConfig, GPTNeoConfig, LlamaConfig, MistralConfig, OPTConfig,
-                              Phi3Config, Qwen2Config, Qwen3Config)
+                              Phi3Config, Qwen2Config, Qwen3Config, StableLmConfig)
 
     special = dict(bos_token_id=EOS, eos_token_id=EOS)
     return {
@@ -124,6 +130,10 @@ def configs():
         "phi3-tiny": Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=4, original_max_position_embeddings=64,
                                 max_position_embeddings=64, sliding_window=None, pad_token_id=EOS, **special),
+        # StableLM: rotary on half of each head only (partial_rotary_factor), LayerNorm, biased QKV.
+        "stablelm-tiny": StableLmConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5,
+                                        use_qkv_bias=True, max_position_embeddings=64, **special),
     }
 
 
@@ -204,6 +214,9 @@ def export_one(name, hf_name=None):
         ids = torch.tensor([[17, 42, 8, 63, 5, 11], [95, 95, 77, 30, 30, 9]])
         mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        if "position_ids" not in names:
+            # The export numbers the rows' positions 0..T itself (Gemma's, from cache_position).
+            pos = None
         want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         assert not any(n.startswith("past") for n in names), names

@@ -1,7 +1,7 @@
-//! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma, Falcon, Qwen2, Mistral and Phi-3
-//! from optimum, with past;
-//! a Llama with grouped-query attention; OPT and GPT-Neo without past; torch.onnx dynamo exports of OPT, GPT-Neo,
-//! Llama, Gemma and Qwen3)
+//! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma, Falcon, Qwen2, Mistral, Phi-3 and
+//! StableLM from optimum, with past;
+//! a Llama with grouped-query attention; OPT, GPT-Neo, Llama, Qwen3, Phi-3 and Gemma without past; torch.onnx dynamo
+//! exports of OPT, GPT-Neo, Llama, Gemma and Qwen3)
 //! compile to prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
 //! reparametrization, and greedy tokens with a fixed prefix, on tract and on ONNX Runtime. References by `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as
 //! `graphs/peft/` and `graphs/peft-generate/`).
@@ -22,7 +22,8 @@ use pfx_runtime::{open, HostTensor, OrtOptions};
 /// Optimum exports with past. Qwen3's and Gemma's heads are wider than width / heads; Gemma's export has no
 /// position_ids input (its rotary angles and its causal mask both read cache_position); Falcon splits its fused
 /// QKV with constant-index Gathers.
-/// Qwen2 (biased QKV), Mistral (no window) and Phi-3 (fused QKV) need nothing of their own.
+/// Qwen2 (biased QKV), Mistral (no window), Phi-3 (fused QKV) and StableLM (rotary on half of each head) need
+/// nothing of their own.
 const FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -34,6 +35,7 @@ const FAMILIES: &[&str] = &[
     "qwen2-tiny",
     "mistral-tiny",
     "phi3-tiny",
+    "stablelm-tiny",
 ];
 /// The families whose compiled graphs are snapshotted.
 const SNAPSHOT_FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"];
@@ -104,6 +106,11 @@ fn exports_without_past_equal_peft() {
         // Rotary and grouped-query: positions P + t through its position_ids, the prefix's 2 key/value heads
         // repeated for the 4 query heads at each attention, as PEFT's cache is.
         check_training("llama-gqa-nopast-tiny", mode, &reference("llama-gqa-tiny", mode));
+        // Qwen3's wide heads; Phi-3's fused QKV; Gemma's export has no position_ids input (angles from
+        // cache_position, which its causal mask reads too): it gets one, the mask keeps its own.
+        check_training("qwen3-nopast-tiny", mode, &reference("qwen3-tiny", mode));
+        check_training("phi3-nopast-tiny", mode, &reference("phi3-tiny", mode));
+        check_training("gemma-nopast-tiny", mode, &reference("gemma-tiny", mode));
     }
 }
 
@@ -271,4 +278,31 @@ fn generation_past_an_unread_sliding_window_is_refused() {
     compile(&export.join("model.onnx"), &training_only, &tmp.join("b")).expect("training graphs with any window");
     std::fs::write(export.join("config.json"), config(18)).unwrap();
     compile(&export.join("model.onnx"), &options("noreparam"), &tmp.join("b")).expect("a cache under the window");
+}
+
+/// An export without past whose tokens pfx cannot number after the prefix (rotary, with neither a position table,
+/// a `position_ids` input nor angles computed from a range it can replace) is refused with what to export instead,
+/// not compiled with the prefix's positions wrong. Made from llama-gqa-nopast-tiny: its position ids computed in the
+/// graph from the mask (cumsum - 1) instead of given.
+#[test]
+fn rotary_export_without_position_ids_is_refused() {
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-mask-positions");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut m = pfx_compiler::onnx_io::load(&common::graphs_dir().join("llama-gqa-nopast-tiny/model.onnx")).unwrap();
+    m.producer_name = "hand-edited".into();
+    let g = &mut m.graph;
+    let at = g.inputs.iter().position(|v| v.name == "position_ids").unwrap();
+    g.inputs.remove(at);
+    let axis = g.add_const("positions.axis", pfx_compiler::tensor::Tensor::vec_i64(&[1]));
+    let one = g.add_const("positions.one", pfx_compiler::tensor::Tensor::vec_i64(&[1]));
+    let count = g.op1("CumSum", &["attention_mask", &axis], vec![], "positions.count");
+    let ids = g.op1("Sub", &[&count, &one], vec![], "positions.ids");
+    g.replace_value("position_ids", &ids);
+    g.toposort().unwrap();
+    let path = tmp.join("model.onnx");
+    pfx_compiler::onnx_io::save(&m, &path, None).unwrap();
+    let training_only = CompileOptions { generation: None, ..options("noreparam") };
+    let e = format!("{:#}", compile(&path, &training_only, &tmp.join("b")).unwrap_err());
+    assert!(e.contains("no position ids") && e.contains("--task text-generation"), "{e}");
+    assert!(!tmp.join("b").exists(), "a refused compile leaves no bundle");
 }
