@@ -37,8 +37,19 @@ const FAMILIES: &[&str] = &[
     "phi3-tiny",
     "stablelm-tiny",
 ];
-/// The families whose compiled graphs are snapshotted.
-const SNAPSHOT_FAMILIES: &[&str] = &["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny"];
+/// The exports whose compiled graphs are snapshotted: the first four families, and where a later one needed a
+/// rewrite of its own: the prefix repeated per query head without past (llama-gqa-nopast), position ids for the
+/// rotary angles only, not the mask (gemma), Gather splits as slices (falcon), Gelu spelled out (gemma-dynamo).
+const SNAPSHOT_FAMILIES: &[&str] = &[
+    "llama-tiny",
+    "opt-tiny",
+    "gptneo-tiny",
+    "llama-gqa-tiny",
+    "llama-gqa-nopast-tiny",
+    "gemma-tiny",
+    "falcon-tiny",
+    "gemma-dynamo-tiny",
+];
 const MODES: &[&str] = &["reparam", "noreparam"];
 const EOS: i64 = 95;
 
