@@ -7,11 +7,13 @@ examples/data/ and saved through transformers' own tokenizer classes, which writ
 have:
 - graphs/tokenizers/llama-style/: LlamaTokenizer (SentencePiece-style BPE, Metaspace, `<s>` added before a text),
   96 ids, so that it fits the tiny Llama fixtures' vocabulary;
-- graphs/tokenizers/opt-style/: GPT2Tokenizer as OPT's (byte-level BPE, `</s>` added before a text), 320 ids.
+- graphs/tokenizers/opt-style/: GPT2Tokenizer as OPT's (byte-level BPE, `</s>` added before a text), 320 ids;
+- graphs/tokenizers/llama-eos-style/: llama-style's, also adding `</s>` after a text (add_eos_token).
 
 Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
 - graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
-  examples/data/e2e_test.txt, the prompt `tokenizer(source) + [eos]` and the labelled part
+  examples/data/e2e_test.txt, the prompt `tokenizer(source) + [eos]` (no second EOS when the tokenizer ends a
+  text with it) and the labelled part
   `tokenizer(target, add_special_tokens=False) + [eos]`;
 - graphs/peft-decoders/text-llama-gqa-tiny.json: the tiny GQA Llama with PEFT's saved adapter
   (graphs/peft-decoders/adapter-llama-gqa-tiny) and the llama-style tokenizer: the mean loss over the examples of
@@ -78,7 +80,10 @@ def make_llama_style():
                                   show_progress=False)
     trained.train_from_iterator(train_texts(), trainer)
     vocab, merges = vocab_and_merges(trained)
-    return save(LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True), "llama-style")
+    # Also the same one ending every text with `</s>` (LlamaTokenizer's add_eos_token).
+    eos_style = save(LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=True),
+                     "llama-eos-style")
+    return save(LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True), "llama-style"), eos_style
 
 
 def make_opt_style():
@@ -97,7 +102,9 @@ def make_opt_style():
 
 
 def prompt_ids(tok, source):
-    return tok(source)["input_ids"] + [tok.eos_token_id]
+    ids = tok(source)["input_ids"]
+    # A tokenizer that ends a text with EOS itself (add_eos_token) has closed the source already.
+    return ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
 
 
 def target_ids(tok, target):
@@ -113,8 +120,14 @@ def format_cases(folders):
         tok = AutoTokenizer.from_pretrained(folder)
         begins = tok("x")["input_ids"][0] in tok.all_special_ids
         assert begins, f"{name}: its tokenizer adds no special token before a text, which these cases are for"
+        ids = tok("x")["input_ids"]
+        lead = next(i for i, t in enumerate(ids) if t not in tok.all_special_ids)
+        trail = next(i for i, t in enumerate(reversed(ids)) if t not in tok.all_special_ids)
         cases[name] = {
             "eos": tok.eos_token_id,
+            # The special tokens tokenizer(text) puts around a text.
+            "specials_before": ids[:lead],
+            "specials_after": ids[len(ids) - trail:],
             "cases": [{"source": s, "target": t, "prompt": prompt_ids(tok, s), "labelled": target_ids(tok, t)}
                       for s, t in pairs],
         }
@@ -178,7 +191,8 @@ def main():
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    folders = {"llama-style": make_llama_style(), "opt-style": make_opt_style()}
+    llama_style, llama_eos_style = make_llama_style()
+    folders = {"llama-style": llama_style, "opt-style": make_opt_style(), "llama-eos-style": llama_eos_style}
     write_json(os.path.join(TOKENIZERS, "model-format-cases.json"), format_cases(folders))
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)

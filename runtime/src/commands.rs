@@ -471,15 +471,18 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         cfg.pad = fmt.pad_id() as i64;
         let mut prompts = Vec::new();
         let mut cut = Vec::new();
+        // The BOS a model's tokenizer puts first stays first (the model was never trained without it).
+        let head = fmt.prompt_head_len().min(spec.prompt_len);
         for (i, s) in sources.iter().enumerate() {
             let mut ids: Vec<i64> = fmt.encode_prompt(s)?.into_iter().map(|t| t as i64).collect();
             if ids.len() > spec.prompt_len {
                 cut.push(i + 1);
-                ids.drain(..ids.len() - spec.prompt_len);
+                ids.drain(head..head + ids.len() - spec.prompt_len);
             }
             prompts.push(ids);
         }
-        warn_cut(&cut, "prompt", &format!("cut to their last {} tokens", spec.prompt_len));
+        let kept = if head > 0 { format!(" after the {head} special token(s) they start with") } else { String::new() };
+        warn_cut(&cut, "prompt", &format!("cut to their last {} tokens{kept}", spec.prompt_len - head));
         crate::search::check_request(&prompts, "prompt", spec.prompt_len, spec.max_new, spec.rows, &cfg)?;
         let mut g = Generator::open(&bundle, engine.backend, &engine.ort, prefix)?;
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
@@ -507,6 +510,8 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut logged = std::time::Instant::now();
     let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
+    // Generated ids the tokenizer has no token for (a model with more rows than its tokenizer has ids).
+    let mut unknown_ids = 0;
     for c in prompts[done..].chunks(chunk) {
         let toks = model(c, &cfg).with_context(|| match &partial {
             Some(p) => format!(
@@ -522,7 +527,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             .iter()
             .map(|t| {
                 let ids: Vec<u32> = t.iter().map(|&x| x as u32).collect();
-                Ok(tok.decode(&ids)?.trim().replace(['\n', '\r'], " "))
+                let (text, unknown) = tok.decode_generated(&ids)?;
+                unknown_ids += unknown;
+                Ok(text.trim().replace(['\n', '\r'], " "))
             })
             .collect::<Result<Vec<String>>>()?;
         if let Some(p) = partial.as_mut() {
@@ -542,6 +549,14 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             if progress { "\r" } else { "" },
             texts.len(),
             started.elapsed().as_secs_f64()
+        );
+    }
+    if unknown_ids > 0 {
+        eprintln!(
+            "note: {unknown_ids} generated token(s) had ids with no token in {} (the model has rows past its {} \
+             ids): left out of the texts, as Hugging Face's decode leaves them out",
+            tok.origin().display(),
+            tok.id_bound()
         );
     }
     match partial {

@@ -39,7 +39,8 @@
 //! gets the same layout in its tokens ([`TableToText::with_model_eos`]): the source encoded as the tokenizer
 //! encodes a text (`tokenizer(source)` in Hugging Face's terms: with the BOS its post-processor adds, Llama's
 //! `<s>`, OPT's `</s>`, none for Qwen), then the model's EOS (its `config.json`'s `eos_token_id`) where GPT-2's
-//! ends the prompt with `<|endoftext|>`, its own EOS; then the target encoded without special tokens, and EOS.
+//! ends the prompt with `<|endoftext|>`, its own EOS (not a second one when the post-processor already ends a
+//! text with it, as Llama's with `add_eos_token`); then the target encoded without special tokens, and EOS.
 //! No spaces are added: SentencePiece tokenizers (Llama's) mark word starts themselves and would make a leading
 //! space a token of its own.
 //!
@@ -591,7 +592,8 @@ impl<'t> TableToText<'t> {
     }
 
     /// The format for a model with its own special tokens, `eos` its end-of-text id (its `config.json`'s
-    /// `eos_token_id`): prompt `tokenizer(source) + [eos]`, target `tokenizer(target, no specials) + [eos]`.
+    /// `eos_token_id`): prompt `tokenizer(source) + [eos]` (no second EOS when the tokenizer ends a text with it),
+    /// target `tokenizer(target, no specials) + [eos]`.
     /// Errors if the tokenizer has no token `eos`.
     pub fn with_model_eos(tok: &'t Tokenizer, eos: u32) -> Result<Self> {
         ensure!(
@@ -636,9 +638,13 @@ impl<'t> TableToText<'t> {
         match self.layout {
             Layout::Gpt2 => format!("' ' + source + ' {0}' + ' ' + target + ' {0}' (GPT-2's)", token(self.eos_id)),
             Layout::ModelTokens => {
-                let start = self.tok.encode_as_text_start("").unwrap_or_default();
-                let start: String = start.iter().map(|&t| token(t) + " ").collect();
-                format!("{start}source {0} target {0} (the model's own tokens)", token(self.eos_id))
+                let (lead, mut trail) = self.tok.text_specials().unwrap_or_default();
+                if trail.last() != Some(&self.bos_id) {
+                    trail.push(self.bos_id);
+                }
+                let words = |ids: &[u32]| ids.iter().map(|&t| token(t)).collect::<Vec<_>>().join(" ");
+                let start = if lead.is_empty() { String::new() } else { words(&lead) + " " };
+                format!("{start}source {} target {} (the model's own tokens)", words(&trail), token(self.eos_id))
             }
         }
     }
@@ -649,9 +655,21 @@ impl<'t> TableToText<'t> {
             Layout::Gpt2 => self.tok.encode(&self.source_text(source)),
             Layout::ModelTokens => {
                 let mut ids = self.tok.encode_as_text_start(source)?;
-                ids.push(self.bos_id);
+                // A tokenizer that ends a text with EOS itself (Llama's with add_eos_token) has closed it already.
+                if ids.last() != Some(&self.bos_id) {
+                    ids.push(self.bos_id);
+                }
                 Ok(ids)
             }
+        }
+    }
+
+    /// How many tokens every prompt starts with whatever its source (the BOS a model's tokenizer puts first): a
+    /// prompt cut to fit keeps them.
+    pub fn prompt_head_len(&self) -> usize {
+        match self.layout {
+            Layout::Gpt2 => 0,
+            Layout::ModelTokens => self.tok.text_specials().map_or(0, |(lead, _)| lead.len()),
         }
     }
 

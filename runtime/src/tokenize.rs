@@ -7,7 +7,8 @@
 //!   file asks for it; [`Tokenizer::encode_as_text_start`] adds those the file's post-processor adds (Llama's
 //!   and OPT's BOS), as Hugging Face's `tokenizer(text)` does;
 //! - [`Tokenizer::decode`] skips special tokens and rejects ids outside the vocabulary instead of dropping
-//!   them silently;
+//!   them silently; [`Tokenizer::decode_generated`] drops them as Hugging Face's decode does, and counts them
+//!   (a model may have more embedding rows than its tokenizer has ids: Qwen2.5, Phi-3);
 //! - GPT-2's `<|endoftext|>` is both BOS and EOS ([`Tokenizer::eos_id`], [`Tokenizer::bos_id`]).
 //!
 //! The crate is built with `default-features = false, features = ["fancy-regex"]`: fancy-regex (pure Rust)
@@ -100,6 +101,19 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The special tokens the post-processor puts before and after a text (Llama's `[<s>]` and `[]`; with
+    /// `add_eos_token`, `[<s>]` and `[</s>]`), read off the encoding of one word.
+    pub fn text_specials(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let encoding = self
+            .inner
+            .encode("x", true)
+            .map_err(|e| anyhow!("tokenizer {} cannot encode \"x\": {e}", self.origin.display()))?;
+        let (ids, special) = (encoding.get_ids(), encoding.get_special_tokens_mask());
+        let lead = special.iter().take_while(|&&m| m == 1).count();
+        let trail = special[lead..].iter().rev().take_while(|&&m| m == 1).count();
+        Ok((ids[..lead].to_vec(), ids[ids.len() - trail..].to_vec()))
+    }
+
     /// The text of `ids`, skipping special tokens. An id outside the vocabulary is an error.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let size = self.vocab_size();
@@ -107,6 +121,14 @@ impl Tokenizer {
             bail!("token id {bad} is not in the vocabulary of {} (size {size})", self.origin.display());
         }
         self.inner.decode(ids, true).map_err(|e| anyhow!("tokenizer {} cannot decode: {e}", self.origin.display()))
+    }
+
+    /// The text of generated `ids`, as Hugging Face's `decode(ids, skip_special_tokens=True)` gives it: ids with
+    /// no token (the model's rows past the tokenizer's ids) are left out. Also returns how many were.
+    pub fn decode_generated(&self, ids: &[u32]) -> Result<(String, usize)> {
+        let known: Vec<u32> = ids.iter().copied().filter(|&id| self.inner.id_to_token(id).is_some()).collect();
+        let text = self.decode(&known)?;
+        Ok((text, ids.len() - known.len()))
     }
 
     /// The id of one token (as written in the vocabulary, e.g. `"Ġthe"`, or an added token such as

@@ -348,6 +348,11 @@ fn text_commands_on_models_with_their_own_tokens_equal_peft() {
         assert_eq!(got, want_texts.iter().map(|t| t.trim()).collect::<Vec<_>>(), "{backend}: greedy texts");
         println!("{backend}: eval loss rel err {e:.1e}; greedy texts equal PEFT's");
     }
+    // A prompt longer than the compiled 40 tokens is cut before its source, after the `<s>` it starts with.
+    let long = "name : Aromi | food : Chinese | area : riverside | eatType : pub | near : Zizzi";
+    let out = pfxrun(&["generate", p(&bundle), "--input", long, "--prefix", p(&prefix)]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success() && stderr.contains("after the 1 special token(s) they start with"), "{stderr}");
     // Another tokenizer than the export's is warned about (the GPT-2-style word tokenizer of a few ids).
     let words = dir.join("words.json");
     std::fs::write(
@@ -360,6 +365,22 @@ fn text_commands_on_models_with_their_own_tokens_equal_peft() {
     let out = pfxrun(&["eval", p(&bundle), "--data", p(&data), "--tokenizer", p(&words)]);
     let (_, stderr) = text(&out);
     assert!(stderr.contains("warning:") && stderr.contains("is another"), "{stderr}");
+    // A tokenizer with fewer ids than the model has rows (as Qwen2.5's and Phi-3's): the ids the model generates
+    // past them are left out of the text, with a note, not an error.
+    let few = dir.join("few.json");
+    std::fs::write(
+        &few,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "normalizer": null,
+            "added_tokens": [{"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false,
+                              "normalized": false, "special": true}],
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "name": 3, ":": 4, "X": 5},
+                      "unk_token": "<unk>"}}"#,
+    )
+    .unwrap();
+    let out = pfxrun(&["generate", p(&bundle), "--input", "name : X", "--prefix", p(&prefix), "--tokenizer", p(&few)]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success() && stderr.contains("left out of the texts"), "{stderr}");
     // No end-of-text id beside the export: the text commands refuse, naming what to do; `run` is not concerned.
     config.as_object_mut().unwrap().remove("eos_token_id");
     std::fs::write(export.join("config.json"), config.to_string()).unwrap();

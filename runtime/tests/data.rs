@@ -87,6 +87,9 @@ fn gpt2_tokenizer_round_trips_and_knows_its_tokens() {
     assert_eq!(tok.decode(&[87, 50256, 87]).unwrap(), "xx");
     let err = tok.decode(&[15496, 50257]).unwrap_err().to_string();
     assert!(err.contains("50257") && err.contains("vocabulary"), "{err}");
+    // Generated ids past the tokenizer's are left out, as the Python tokenizers' decode leaves them out (its
+    // `decode([15496, 50257, 87, 60000, 50256, 11])` is "Hellox,"), and counted.
+    assert_eq!(tok.decode_generated(&[15496, 50257, 87, 60000, 50256, 11]).unwrap(), ("Hellox,".to_string(), 2));
 }
 
 #[test]
@@ -271,6 +274,21 @@ fn formats_with_a_models_own_tokens_like_hugging_face() {
             assert_eq!(fmt.encode_prompt(&ex.source).unwrap(), prompt, "{name}");
         }
         assert!(fmt.describe().contains(tok.id_token(eos).unwrap().as_str()), "{name}: {}", fmt.describe());
+        // The special tokens around a text, as Hugging Face's tokenizer adds them; a cut prompt keeps those before.
+        let (before, after) = tok.text_specials().unwrap();
+        assert_eq!(
+            (before.clone(), after.clone()),
+            (ids_of(&want["specials_before"]), ids_of(&want["specials_after"]))
+        );
+        assert_eq!(fmt.prompt_head_len(), before.len(), "{name}");
+        // The layout line shows them (one EOS after the source when the tokenizer ends a text with it).
+        let shown = |ids: &[u32]| ids.iter().map(|&t| tok.id_token(t).unwrap() + " ").collect::<String>();
+        let mut close = after;
+        if close.last() != Some(&eos) {
+            close.push(eos);
+        }
+        let want_line = format!("{}source {}target {}", shown(&before), shown(&close), tok.id_token(eos).unwrap());
+        assert!(fmt.describe().starts_with(&want_line), "{name}: {} (want {want_line})", fmt.describe());
     }
     // An end-of-text id the tokenizer does not have is refused, naming the tokenizer.
     let tok = Tokenizer::from_file(dir.join("llama-style")).unwrap();
