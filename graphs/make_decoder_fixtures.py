@@ -8,14 +8,14 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
     /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
 
 Writes (relative to this file's folder), for NAME in FAMILIES (llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny,
-qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny):
+qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny, falcon-mqa-tiny):
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
 llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references are llama-gqa-tiny's),
-gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3- and
-gemma-nopast-tiny of their with-past fixtures' hf/ folders, and torch.onnx dynamo exports
+gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3-,
+gemma- and falcon-mqa-nopast-tiny of their with-past fixtures' hf/ folders, and torch.onnx dynamo exports
 (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny, llama-dynamo-tiny, gemma-dynamo-tiny
 and qwen3-dynamo-tiny with past, llama-dynamo-nopast-tiny (of llama-gqa-tiny) without,
 opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
@@ -42,7 +42,7 @@ OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/
 SEED = 20261127
 TOL = 1e-4
 FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
-            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny"]
+            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
@@ -53,6 +53,8 @@ NOPAST = [
     ("qwen3-nopast-tiny", "qwen3-tiny"),
     ("phi3-nopast-tiny", "phi3-tiny"),
     ("gemma-nopast-tiny", "gemma-tiny"),
+    # Multi-query without past: its one key/value head is broadcast over the query heads, not repeated.
+    ("falcon-mqa-nopast-tiny", "falcon-mqa-tiny"),
 ]
 # torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
 # positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
@@ -134,6 +136,11 @@ def configs():
         "stablelm-tiny": StableLmConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5,
                                         use_qkv_bias=True, max_position_embeddings=64, **special),
+        # Falcon multi-query (as Falcon-7B): one key/value head for the 4 query heads. PEFT's own config guesses
+        # a prefix for every head here; it gets the key/value head (token_dim 8, one head) spelled out.
+        "falcon-mqa-tiny": FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        multi_query=True, initializer_range=0.1, tie_word_embeddings=False,
+                                        max_position_embeddings=64, **special),
     }
 
 
@@ -153,10 +160,16 @@ def lift_rope_settings(path):
             f.write("\n")
 
 
+# Weights drawn from other seeds: with its own, falcon-mqa-tiny's greedy tokens for the first prompt repeat one token
+# whatever the prefix (the references need a prefix that changes every prompt's tokens).
+WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100}
+
+
 def make_hf():
     from transformers import AutoModelForCausalLM
 
     for i, (name, cfg) in enumerate(configs().items()):
+        i += WEIGHT_SEED_SHIFT.get(name, 0)
         torch.manual_seed(SEED + 100 + i)
         model = AutoModelForCausalLM.from_config(cfg).eval()
         add_noise(model, SEED + 110 + i)
@@ -426,7 +439,12 @@ def run_family(name):
         D = getattr(cfg, "head_dim", None) or d // H  # Qwen3's and Gemma's heads are wider than d / H
         # Grouped-query attention: PEFT's prefix holds the key/value heads only (token_dim = kv heads x D).
         H = getattr(cfg, "num_key_value_heads", None) or H
-        pcfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, **MODES[mode])
+        sizes = {}
+        if cfg.model_type == "falcon" and cfg.multi_query and not cfg.new_decoder_architecture:
+            # Multi-query Falcon: PEFT reads num_attention_heads (4) from the config; its forward needs 1.
+            H = 1
+            sizes = dict(token_dim=H * D, num_attention_heads=H, num_layers=L)
+        pcfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, **MODES[mode], **sizes)
         torch.manual_seed(SEED)  # PEFT's own init draws from the global RNG
         model = get_peft_model(base, pcfg).eval()
         enc = model.prompt_encoder[model.active_adapter]

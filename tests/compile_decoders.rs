@@ -1,5 +1,5 @@
-//! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma, Falcon, Qwen2, Mistral, Phi-3 and
-//! StableLM from optimum, with past;
+//! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma, Falcon (also multi-query), Qwen2,
+//! Mistral, Phi-3 and StableLM from optimum, with past;
 //! a Llama with grouped-query attention; OPT, GPT-Neo, Llama, Qwen3, Phi-3 and Gemma without past; torch.onnx dynamo
 //! exports of OPT, GPT-Neo, Llama, Gemma and Qwen3)
 //! compile to prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
@@ -23,7 +23,8 @@ use pfx_runtime::{open, HostTensor, OrtOptions};
 /// position_ids input (its rotary angles and its causal mask both read cache_position); Falcon splits its fused
 /// QKV with constant-index Gathers.
 /// Qwen2 (biased QKV), Mistral (no window), Phi-3 (fused QKV) and StableLM (rotary on half of each head) need
-/// nothing of their own.
+/// nothing of their own; multi-query Falcon's prefix holds its one key/value head (PEFT's, with token_dim 8 and
+/// one head given to its config, which would otherwise size it for all 4).
 const FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -36,10 +37,12 @@ const FAMILIES: &[&str] = &[
     "mistral-tiny",
     "phi3-tiny",
     "stablelm-tiny",
+    "falcon-mqa-tiny",
 ];
 /// The exports whose compiled graphs are snapshotted: the first four families, and where a later one needed a
 /// rewrite of its own: the prefix repeated per query head without past (llama-gqa-nopast), position ids for the
-/// rotary angles only, not the mask (gemma), Gather splits as slices (falcon), Gelu spelled out (gemma-dynamo).
+/// rotary angles only, not the mask (gemma), Gather splits as slices (falcon), Gelu spelled out (gemma-dynamo), a
+/// one-head prefix beside multi-query attention's broadcast key/value head (falcon-mqa-nopast).
 const SNAPSHOT_FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -49,6 +52,7 @@ const SNAPSHOT_FAMILIES: &[&str] = &[
     "gemma-tiny",
     "falcon-tiny",
     "gemma-dynamo-tiny",
+    "falcon-mqa-nopast-tiny",
 ];
 const MODES: &[&str] = &["reparam", "noreparam"];
 const EOS: i64 = 95;
@@ -122,6 +126,8 @@ fn exports_without_past_equal_peft() {
         check_training("qwen3-nopast-tiny", mode, &reference("qwen3-tiny", mode));
         check_training("phi3-nopast-tiny", mode, &reference("phi3-tiny", mode));
         check_training("gemma-nopast-tiny", mode, &reference("gemma-tiny", mode));
+        // One key/value head broadcast over the 4 query heads (not repeated): the prefix's is too.
+        check_training("falcon-mqa-nopast-tiny", mode, &reference("falcon-mqa-tiny", mode));
     }
 }
 

@@ -331,8 +331,7 @@ pub fn inject_at_sites(
         );
     }
     for (l, sm_name) in softmaxes.iter().enumerate() {
-        let kv_l = repeat_heads(g, sm_name, &kv[l], kv_heads, p)?;
-        inject_one(g, sm_name, &kv_l, p, windows)
+        inject_one(g, sm_name, &kv[l], Some(kv_heads), p, windows)
             .map_err(|e| e.context(format!("attention site of layer {l} (Softmax '{sm_name}')")))?;
     }
     g.toposort()?;
@@ -340,36 +339,32 @@ pub fn inject_at_sites(
 }
 
 /// Under grouped-query attention the prefix holds the key/value heads (as PEFT's does), but the attention site
-/// sees them repeated: each of `kv_heads` serves H / kv_heads query heads, in order, as transformers' `repeat_kv`
-/// lays them out ([B, H_kv, P, D] → [B, H_kv, r, P, D] → [B, H, P, D]). The prefix is repeated the same way.
+/// may see them repeated: each of `kv_heads` serves `heads / kv_heads` query heads, in order, as transformers'
+/// `repeat_kv` lays them out ([B, H_kv, P, D] → [B, H_kv, r, P, D] → [B, H, P, D]). The prefix's keys or values
+/// `x` are repeated the same way to the `heads` of the site's own keys or values (a multi-query attention that
+/// broadcasts its one key/value head keeps it: then `heads` is `kv_heads`).
 fn repeat_heads(
     g: &mut Graph,
-    softmax: &str,
-    kv: &(String, String),
+    tag: &str,
+    x: &str,
+    what: &str,
     kv_heads: usize,
+    heads: usize,
     p: usize,
-) -> Result<(String, String)> {
-    let scores = g.nodes[node_index(g, softmax)].inputs[0].clone();
-    let shape = g.shape_of(&scores).ok_or_else(|| anyhow!("unknown shape of the attention scores '{scores}'"))?;
-    let heads = shape[1];
+) -> Result<String> {
     if heads == kv_heads {
-        return Ok(kv.clone());
+        return Ok(x.to_string());
     }
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        bail!("the attention of '{softmax}' has {heads} heads, which {kv_heads} key/value heads do not divide");
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        bail!("the attention has {heads} key/value heads, which the prefix's {kv_heads} do not divide");
     }
-    let tag = format!("{softmax}.prefix");
-    let one = g.add_const(&format!("{tag}/group_axis"), Tensor::vec_i64(&[2]));
-    let ones = g.add_const(&format!("{tag}/repeat"), Tensor::vec_i64(&[1, 1, (heads / kv_heads) as i64, 1, 1]));
-    let mut out = Vec::new();
-    for (x, what) in [(&kv.0, "keys"), (&kv.1, "values")] {
-        let u = g.op1("Unsqueeze", &[x, &one], vec![], &format!("{tag}/{what}_grouped"));
-        let e = g.op1("Expand", &[&u, &ones], vec![], &format!("{tag}/{what}_repeated"));
-        // [B, H_kv, r, P, D] → [B, H, P, D] (0 keeps B, -1 gives D).
-        let merged = g.add_const(&format!("{tag}/{what}_heads"), Tensor::vec_i64(&[0, heads as i64, p as i64, -1]));
-        out.push(g.op1("Reshape", &[&e, &merged], vec![], &format!("{tag}/{what}_all_heads")));
-    }
-    Ok((out[0].clone(), out[1].clone()))
+    let group_axis = g.add_const(&format!("{tag}/group_axis"), Tensor::vec_i64(&[2]));
+    let repeat = g.add_const(&format!("{tag}/repeat"), Tensor::vec_i64(&[1, 1, (heads / kv_heads) as i64, 1, 1]));
+    let u = g.op1("Unsqueeze", &[x, &group_axis], vec![], &format!("{tag}/{what}_grouped"));
+    let e = g.op1("Expand", &[&u, &repeat], vec![], &format!("{tag}/{what}_repeated"));
+    // [B, H_kv, r, P, D] → [B, H, P, D] (0 keeps B, -1 gives D).
+    let merged = g.add_const(&format!("{tag}/{what}_heads"), Tensor::vec_i64(&[0, heads as i64, p as i64, -1]));
+    Ok(g.op1("Reshape", &[&e, &merged], vec![], &format!("{tag}/{what}_all_heads")))
 }
 
 fn node_index(g: &Graph, name: &str) -> usize {
@@ -389,12 +384,15 @@ fn leads_to_matmul(g: &Graph, prod: &HashMap<String, usize>, v: &str, depth: usi
 }
 
 /// Binds one attention site: `softmax` names the Softmax node, `kv` the prefix keys and values [B, H, P, D].
-/// (`inject_at_sites` calls it for every site in order; the BART path picks the sites itself.) A mask chosen by a
-/// `Where` in `windows` gets the prefix columns its window leaves visible, not all of them.
+/// (`inject_at_sites` calls it for every site in order; the BART path picks the sites itself.) With `kv_heads`,
+/// the prefix holds that many heads and is repeated to the heads of the site's keys and values (`repeat_heads`);
+/// without, it has theirs. A mask chosen by a `Where` in `windows` gets the prefix columns its window leaves
+/// visible, not all of them.
 pub fn inject_one(
     g: &mut Graph,
     softmax: &str,
     kv: &(String, String),
+    kv_heads: Option<usize>,
     p: usize,
     windows: &BTreeMap<String, usize>,
 ) -> Result<()> {
@@ -448,7 +446,13 @@ pub fn inject_one(
         bail!("the key operand '{core}' has shape {core_shape:?}, not [.., D, {t_keys}]");
     }
     let tag = format!("{softmax}.prefix");
-    let pkt = g.op1("Transpose", &[&kv.0], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))], &format!("{tag}/keys_t"));
+    // The heads of the site's keys and values: [B, H, ..] (a merged [B·H, ..] layout has the prefix's own).
+    let site_heads = |shape: &[usize], have: usize| if shape.len() == 4 { shape[1] } else { have };
+    let keys = match kv_heads {
+        Some(h) => repeat_heads(g, &tag, &kv.0, "keys", h, site_heads(&core_shape, h), p)?,
+        None => kv.0.clone(),
+    };
+    let pkt = g.op1("Transpose", &[&keys], vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))], &format!("{tag}/keys_t"));
     let mut want = core_shape.clone();
     *want.last_mut().unwrap() = p;
     let pkt = reshape_to(g, &pkt, &want, &format!("{tag}/keys_view"))?;
@@ -523,7 +527,11 @@ pub fn inject_one(
     }
     let mut want = vs.clone();
     want[r - 2] = p;
-    let pv_view = reshape_to(g, &kv.1, &want, &format!("{tag}/values_view"))?;
+    let values = match kv_heads {
+        Some(h) => repeat_heads(g, &tag, &kv.1, "values", h, site_heads(&vs, h), p)?,
+        None => kv.1.clone(),
+    };
+    let pv_view = reshape_to(g, &values, &want, &format!("{tag}/values_view"))?;
     let newv = g.op1("Concat", &[&pv_view, &vop], vec![("axis", Attr::Int(r as i64 - 2))], &format!("{tag}/values"));
     g.nodes[pv].inputs[1] = newv;
     Ok(())
