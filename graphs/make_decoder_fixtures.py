@@ -160,6 +160,8 @@ def lift_rope_settings(path):
             f.write("\n")
 
 
+# Families whose references also hold generation with two end-of-sequence ids (greedy and beam 3).
+STOP_FAMILIES = ["llama-gqa-tiny"]
 # Weights drawn from other seeds: with its own, falcon-mqa-tiny's greedy tokens for the first prompt repeat one token
 # whatever the prefix (the references need a prefix that changes every prompt's tokens).
 WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100}
@@ -407,6 +409,19 @@ def hf_generate(base, ids, prefix):
     return seqs[0, ids.shape[1]:].tolist()
 
 
+def hf_generate_stopping(base, ids, prefix, stop, beams):
+    """transformers' generate (greedy or beam search) with the prefix in its cache, up to NEW tokens, stopping at EOS
+    or `stop`: a list of end-of-sequence ids, as Llama 3's generation config has. The new tokens, EOS cut."""
+    args = dict(do_sample=False, num_beams=beams, num_return_sequences=1, min_new_tokens=0, max_new_tokens=NEW,
+                length_penalty=1.0, early_stopping=False, pad_token_id=EOS, eos_token_id=[EOS, stop])
+    mask = torch.ones(1, P + ids.shape[1], dtype=torch.int64)
+    with torch.no_grad():
+        seqs = base.generate(input_ids=ids, attention_mask=mask, cache=prefix_cache(prefix, beams), **args)
+    new = seqs[0, ids.shape[1]:].tolist()
+    ends = [i for i, t in enumerate(new) if t in (EOS, stop)]
+    return new[:ends[0]] if ends else new
+
+
 def save_adapter(model, name, loss, input_ids, attention_mask, labels):
     """PEFT's own adapter folder for this prefix, proven to load back in PEFT with the same loss."""
     from peft import PeftModel
@@ -504,6 +519,20 @@ def run_family(name):
             out["greedy_noprefix"] = np.array(bare, dtype=np.int64)
             changed = min(sum(a != b for a, b in zip(x, y)) for x, y in zip(greedy, bare))
             assert changed >= 4, (name, mode, changed)
+            if name in STOP_FAMILIES:
+                for key, beams in (("greedy", 1), ("beam3", 3)):
+                    def search(stop):
+                        return [hf_generate_stopping(base, prompts[i:i + 1, prompt_mask[i] == 1], prefix, stop, beams)
+                                for i in range(prompts.shape[0])]
+                    # A second end-of-sequence id: the 4th token the search gives the first prompt without it
+                    # (EOS twice there is one id). Greedy stops there or before; beam search finishes that hypothesis, which
+                    # need not win, but the search goes otherwise.
+                    plain = search(EOS)
+                    stop = plain[0][3]
+                    rows = search(stop)
+                    assert rows != plain and (beams > 1 or len(rows[0]) <= 3), (name, mode, key, rows)
+                    out[f"{key}_stop_id"] = np.array([stop], dtype=np.int64)
+                    out[f"{key}_stop"] = np.array([r + [-1] * (NEW - len(r)) for r in rows], dtype=np.int64)
         os.makedirs(OUT_REFS, exist_ok=True)
         if name == "llama-gqa-tiny" and mode == "reparam":
             save_adapter(model, name, res.loss.item(), input_ids, attention_mask, labels)

@@ -253,6 +253,41 @@ fn greedy_tokens_equal_peft() {
     }
 }
 
+/// Two end-of-sequence ids (as Llama 3's generation config lists several): generation stops at either, as
+/// Hugging Face's greedy and beam search do (beam: the hypotheses ending in the second id finish, and the top
+/// 3·K candidates are kept where HF keeps them). References: HF's `generate` with `eos_token_id=[95, s]`, s a
+/// token the first prompt's search gives without it.
+#[test]
+fn generation_stops_at_every_listed_eos_like_hf() {
+    for mode in MODES {
+        let r = reference("llama-gqa-tiny", mode);
+        let prompts = id_rows(&r["prompts"], Some(&r["prompt_mask"]));
+        let (dir, _) = compile_fixture("llama-gqa-tiny", mode, "stop");
+        let b = Bundle::open(&dir).unwrap();
+        let prefix: BTreeMap<String, HostTensor> =
+            b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+        for kind in backends() {
+            let mut g = Generator::open(&b, kind, &OrtOptions::default(), prefix.clone()).unwrap();
+            for (key, beams) in [("greedy", 1), ("beam3", 3)] {
+                let what = format!("{mode} {kind} {key}");
+                let stop = r[&format!("{key}_stop_id")].as_i64().unwrap()[0];
+                let cfg = GenConfig {
+                    max_new: 8,
+                    beams,
+                    eos: Some(EOS),
+                    more_eos: vec![stop],
+                    pad: EOS,
+                    ..GenConfig::default()
+                };
+                let got =
+                    if beams == 1 { g.greedy(&prompts, &cfg).unwrap() } else { g.beam_search(&prompts, &cfg).unwrap() };
+                assert_eq!(got, id_rows(&r[&format!("{key}_stop")], None), "{what}: stopping at {stop} too");
+                println!("{what:<28} stop {stop}: {got:?}");
+            }
+        }
+    }
+}
+
 /// Readable snapshots of the graphs where the families differ from GPT-2: the loss graph (prefix bound as the
 /// past, positions, mask) and the prefill (reparam, P=4, M=16, B=3, T=7; 3 rows, prompt 6, 8 new).
 #[test]

@@ -218,6 +218,25 @@ pub fn config_eos_token_id(export: &std::path::Path) -> Option<u32> {
     })
 }
 
+/// Every end-of-sequence id Hugging Face's `generate` stops at for the model beside an export: the `eos_token_id`
+/// of its `generation_config.json` (which `generate` reads), else of its `config.json`; one id or a list (Llama 3's
+/// chat models list `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`).
+pub fn config_eos_token_ids(export: &std::path::Path) -> Vec<u32> {
+    let Some(dir) = export.parent() else { return Vec::new() };
+    ["generation_config.json", "config.json"]
+        .iter()
+        .find_map(|name| {
+            let text = std::fs::read_to_string(dir.join(name)).ok()?;
+            let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let ids = match config.get("eos_token_id")? {
+                serde_json::Value::Array(ids) => ids.iter().filter_map(|v| u32::try_from(v.as_u64()?).ok()).collect(),
+                one => vec![u32::try_from(one.as_u64()?).ok()?],
+            };
+            Some(ids)
+        })
+        .unwrap_or_default()
+}
+
 /// The `sliding_window` of the `config.json` beside an export (Mistral's, Gemma's, Qwen2's when
 /// `use_sliding_window` is on): keys more than that many positions back are not attended to.
 pub fn config_sliding_window(export: &std::path::Path) -> Option<usize> {
@@ -657,5 +676,26 @@ mod tests {
         let other = g.op1("Sub", &[&weight, &w], vec![], "other");
         g.op1("Greater", &[&keys, &other], vec![], "not_a_window");
         assert_eq!(computed_windows(&g), vec![3]);
+    }
+
+    /// The end-of-text ids beside an export, as transformers reads them: the format's one from config.json (the
+    /// first of a list), and every id generate stops at from generation_config.json, else config.json.
+    #[test]
+    fn eos_ids_come_from_config_and_generation_config() {
+        let dir = std::env::temp_dir().join(format!("pfx-inspect-eos-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let export = dir.join("model.onnx");
+        let write =
+            |name: &str, ids: &str| std::fs::write(dir.join(name), format!("{{\"eos_token_id\": {ids}}}")).unwrap();
+        assert_eq!((config_eos_token_id(&export), config_eos_token_ids(&export)), (None, vec![]));
+        write("config.json", "[128001, 128008, 128009]");
+        assert_eq!(
+            (config_eos_token_id(&export), config_eos_token_ids(&export)),
+            (Some(128001), vec![128001, 128008, 128009])
+        );
+        write("config.json", "128009");
+        write("generation_config.json", "[128001, 128009]");
+        assert_eq!((config_eos_token_id(&export), config_eos_token_ids(&export)), (Some(128009), vec![128001, 128009]));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -468,6 +468,8 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let spec = m.generation.clone().ok_or_else(no_generation)?;
         let fmt = text_format(&bundle, &tok)?;
         cfg.eos = Some(fmt.eos_id() as i64);
+        // Like HF's generate, stop at any end-of-sequence id the model's generation config lists.
+        cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();
         cfg.pad = fmt.pad_id() as i64;
         let mut prompts = Vec::new();
         let mut cut = Vec::new();

@@ -12,6 +12,9 @@ pub struct GenConfig {
     /// Beam scores are sum(log p) / len^length_penalty.
     pub length_penalty: f32,
     pub eos: Option<i64>,
+    /// More end-of-sequence ids, stopping a row as `eos` does (a model whose generation_config.json lists
+    /// several, as Llama 3's chat models: `<|end_of_text|>`, `<|eot_id|>`, ...).
+    pub more_eos: Vec<i64>,
     /// Token used for padding and for idle rows.
     pub pad: i64,
     /// Mask the prefix out and number positions from 0: the bare model, for comparison.
@@ -20,7 +23,28 @@ pub struct GenConfig {
 
 impl Default for GenConfig {
     fn default() -> Self {
-        GenConfig { max_new: 32, min_new: 0, beams: 1, length_penalty: 1.0, eos: None, pad: 0, no_prefix: false }
+        GenConfig {
+            max_new: 32,
+            min_new: 0,
+            beams: 1,
+            length_penalty: 1.0,
+            eos: None,
+            more_eos: Vec::new(),
+            pad: 0,
+            no_prefix: false,
+        }
+    }
+}
+
+impl GenConfig {
+    /// Whether `t` ends a sequence.
+    pub fn is_eos(&self, t: i64) -> bool {
+        Some(t) == self.eos || self.more_eos.contains(&t)
+    }
+
+    /// The end-of-sequence ids.
+    fn eos_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.eos.into_iter().chain(self.more_eos.iter().copied().filter(move |&t| Some(t) != self.eos))
     }
 }
 
@@ -129,9 +153,9 @@ pub fn greedy(
     for n in 0..cfg.max_new {
         let mut next = vec![cfg.pad; r];
         for row in 0..r {
-            let t = best_tokens(&logits[row], 1, eos_banned(cfg, n)).first().map_or(0, |&(t, _)| t as i64);
+            let t = best_tokens(&logits[row], 1, &eos_banned(cfg, n)).first().map_or(0, |&(t, _)| t as i64);
             if !done[row] {
-                if Some(t) == cfg.eos {
+                if cfg.is_eos(t) {
                     done[row] = true;
                 } else {
                     gen[row].push(t);
@@ -164,10 +188,11 @@ struct Group {
 
 /// Beam search for `groups` prompts at once: rows [g·K, (g+1)·K) hold prompt g (K = `cfg.beams`), rows past
 /// groups·K are idle. Returns each prompt's best hypothesis (eos not included). Follows Hugging Face's beam search
-/// with `early_stopping=False`: at step t (t tokens generated) the top-2K candidates are ranked; those among the
-/// top K that end in eos (all of the top K at the last step) finish with score sum(log p) / t^length_penalty (the
-/// eos counted); the best K candidates that do not end in eos live on; a prompt is done when K hypotheses are
-/// finished and its best live beam's score / t^length_penalty cannot beat the worst of them.
+/// with `early_stopping=False`: at step t (t tokens generated) the top-C candidates are ranked (C = 2K, or
+/// (1 + E)·K with E > 1 end-of-sequence ids, as HF keeps); those among the top K that end in eos (all of the top K
+/// at the last step) finish with score sum(log p) / t^length_penalty (the eos counted); the best K candidates that
+/// do not end in eos live on; a prompt is done when K hypotheses are finished and its best live beam's score /
+/// t^length_penalty cannot beat the worst of them.
 pub fn beam_groups(
     state: &mut dyn Decoding,
     mut logits: Vec<Vec<f32>>,
@@ -179,6 +204,8 @@ pub fn beam_groups(
         anyhow::bail!("{groups} prompts × {k} beams need {} rows; the graphs decode {r}", groups * k);
     }
     let norm = |s: f64, t: usize| s / (t as f64).powf(cfg.length_penalty as f64);
+    // Enough candidates that K live ones remain when every end-of-sequence id is among them.
+    let keep = 2.max(1 + cfg.eos_ids().count()) * k;
     let mut gs: Vec<Group> =
         (0..groups).map(|_| Group { beams: vec![(Vec::new(), 0.0)], finished: Vec::new(), done: false }).collect();
     for n in 0..cfg.max_new {
@@ -189,18 +216,18 @@ pub fn beam_groups(
         let mut tokens = vec![cfg.pad; r];
         for (gi, g) in gs.iter_mut().enumerate().filter(|(_, g)| !g.done) {
             let base = gi * k;
-            // Only the best 2K candidates matter, and a beam's score is the same for all its tokens: the best 2K
+            // Only the best C candidates matter, and a beam's score is the same for all its tokens: the best C
             // of each beam hold them all. (Two logits a rounding apart can give one log-probability, and the pick
             // then keeps the higher logit where a full sort would keep the lower token; that can only change the
-            // 2K-th candidate, which a step never uses: K live beams are filled from the first 2K - 1, as at most
-            // one of them is eos.) Then the K·2K are ordered.
+            // C-th candidate, which a step never uses: K live beams are filled from the first C - 1, as at most
+            // E of them end a sequence.) Then the K·C are ordered.
             let mut cands: Vec<(f64, usize, i64)> = Vec::new();
             for (b, (_, s)) in g.beams.iter().enumerate() {
                 // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
                 let row = &logits[base + b];
                 let (max, log_sum) = log_sum_exp(row);
                 let banned = eos_banned(cfg, n);
-                for (tok, x) in best_tokens(row, 2 * k, banned) {
+                for (tok, x) in best_tokens(row, keep, &banned) {
                     let lp = x - max - log_sum;
                     if lp.is_finite() {
                         cands.push((s + lp as f64, b, tok as i64));
@@ -211,10 +238,10 @@ pub fn beam_groups(
                 b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
             };
             cands.sort_by(order);
-            cands.truncate(2 * k);
+            cands.truncate(keep);
             let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
             for (rank, &(s, b, tok)) in cands.iter().enumerate() {
-                let is_eos = Some(tok) == cfg.eos;
+                let is_eos = cfg.is_eos(tok);
                 if rank < k && (is_eos || last) {
                     let mut toks = g.beams[b].0.clone();
                     if !is_eos {
@@ -276,15 +303,19 @@ pub fn reorder_rows<T: Copy>(data: &mut [T], parents: &[usize], rows: usize, per
     }
 }
 
-/// The eos token while it may not be chosen yet (HF's min_new_tokens).
-fn eos_banned(cfg: &GenConfig, n_generated: usize) -> Option<usize> {
-    cfg.eos.filter(|_| n_generated < cfg.min_new).map(|e| e as usize)
+/// The end-of-sequence ids while they may not be chosen yet (HF's min_new_tokens).
+fn eos_banned(cfg: &GenConfig, n_generated: usize) -> Vec<usize> {
+    if n_generated < cfg.min_new {
+        cfg.eos_ids().map(|e| e as usize).collect()
+    } else {
+        Vec::new()
+    }
 }
 
 /// The `count` highest values and their indices, best first, ties to the lower index, `banned` left out. One pass
 /// with a short sorted list: `count` is 1 (greedy) or 2·beams. A NaN is never chosen (a model whose logits hold
 /// NaN is broken; before, greedy chose token 0 when the row began with one).
-fn best_tokens(v: &[f32], count: usize, banned: Option<usize>) -> Vec<(usize, f32)> {
+fn best_tokens(v: &[f32], count: usize, banned: &[usize]) -> Vec<(usize, f32)> {
     const BLOCK: usize = 16;
     let mut best: Vec<(usize, f32)> = Vec::with_capacity(count + 1);
     for (b, block) in v.chunks(BLOCK).enumerate() {
@@ -294,7 +325,7 @@ fn best_tokens(v: &[f32], count: usize, banned: Option<usize>) -> Vec<(usize, f3
         }
         for (j, &x) in block.iter().enumerate() {
             let i = b * BLOCK + j;
-            if x.is_nan() || Some(i) == banned || (best.len() == count && x <= best[count - 1].1) {
+            if x.is_nan() || (best.len() == count && x <= best[count - 1].1) || banned.contains(&i) {
                 continue;
             }
             // After the equal ones: they have lower indices.
@@ -421,9 +452,9 @@ mod tests {
     fn best_tokens_equal_the_head_of_a_full_sort() {
         let v = [0.5, 2.0, f32::NAN, 2.0, -1.0, 7.0, 2.0, f32::NEG_INFINITY, 0.5, 7.0];
         for count in 1..=v.len() {
-            for banned in [None, Some(5), Some(3)] {
+            for banned in [&[][..], &[5], &[3], &[9, 1]] {
                 let mut want: Vec<(usize, f32)> =
-                    v.iter().copied().enumerate().filter(|&(i, x)| !x.is_nan() && Some(i) != banned).collect();
+                    v.iter().copied().enumerate().filter(|&(i, x)| !x.is_nan() && !banned.contains(&i)).collect();
                 want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 want.truncate(count);
                 assert_eq!(best_tokens(&v, count, banned), want, "count {count}, banned {banned:?}");

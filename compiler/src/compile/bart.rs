@@ -858,6 +858,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         model_type: Some("bart".into()),
         // BART's own end token is in its "bart" section (its text commands have their own format).
         eos_token_id: None,
+        eos_token_ids: Vec::new(),
     };
     let spec = BartSpec {
         mode: opts.mode,

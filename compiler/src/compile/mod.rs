@@ -125,6 +125,10 @@ pub struct Manifest {
     /// tokens, pfxrun's text commands end the prompt and the target with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<u32>,
+    /// Every end-of-sequence id of the export's `generation_config.json` (else `config.json`), which Hugging
+    /// Face's `generate` stops at: pfxrun's generation stops at any of them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eos_token_ids: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -515,6 +519,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         tokenizer,
         model_type: crate::inspect::config_model_type(source),
         eos_token_id: crate::inspect::config_eos_token_id(source),
+        eos_token_ids: crate::inspect::config_eos_token_ids(source),
     };
     dir.finish(&serde_json::to_string_pretty(&manifest)?)?;
     Ok(manifest)
