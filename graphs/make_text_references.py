@@ -8,7 +8,9 @@ have:
 - graphs/tokenizers/llama-style/: LlamaTokenizer (SentencePiece-style BPE, Metaspace, `<s>` added before a text),
   96 ids, so that it fits the tiny Llama fixtures' vocabulary;
 - graphs/tokenizers/opt-style/: GPT2Tokenizer as OPT's (byte-level BPE, `</s>` added before a text), 320 ids;
-- graphs/tokenizers/llama-eos-style/: llama-style's, also adding `</s>` after a text (add_eos_token).
+- graphs/tokenizers/llama-eos-style/: llama-style's, also adding `</s>` after a text (add_eos_token);
+- graphs/tokenizers/qwen-style/: Qwen2Tokenizer (byte-level BPE, nothing added around a text, `<|endoftext|>` the
+  end of text), 300 ids.
 
 Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
 - graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
@@ -101,6 +103,19 @@ def make_opt_style():
     return save(opt, "opt-style")
 
 
+def make_qwen_style():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trained.train_from_iterator(train_texts(), trainer)
+    vocab, merges = vocab_and_merges(trained)
+    return save(Qwen2Tokenizer(vocab=vocab, merges=merges), "qwen-style")
+
+
 def prompt_ids(tok, source):
     ids = tok(source)["input_ids"]
     # A tokenizer that ends a text with EOS itself (add_eos_token) has closed the source already.
@@ -118,8 +133,6 @@ def format_cases(folders):
     cases = {}
     for name, folder in folders.items():
         tok = AutoTokenizer.from_pretrained(folder)
-        begins = tok("x")["input_ids"][0] in tok.all_special_ids
-        assert begins, f"{name}: its tokenizer adds no special token before a text, which these cases are for"
         ids = tok("x")["input_ids"]
         lead = next(i for i, t in enumerate(ids) if t not in tok.all_special_ids)
         trail = next(i for i, t in enumerate(reversed(ids)) if t not in tok.all_special_ids)
@@ -192,7 +205,8 @@ def main():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     llama_style, llama_eos_style = make_llama_style()
-    folders = {"llama-style": llama_style, "opt-style": make_opt_style(), "llama-eos-style": llama_eos_style}
+    folders = {"llama-style": llama_style, "opt-style": make_opt_style(), "llama-eos-style": llama_eos_style,
+               "qwen-style": make_qwen_style()}
     write_json(os.path.join(TOKENIZERS, "model-format-cases.json"), format_cases(folders))
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)
