@@ -8,7 +8,8 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
     /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
 
 Writes (relative to this file's folder), for NAME in FAMILIES (llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny,
-qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny, falcon-mqa-tiny):
+qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny, falcon-mqa-tiny,
+mistral-window-tiny):
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
@@ -42,7 +43,7 @@ OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/
 SEED = 20261127
 TOL = 1e-4
 FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
-            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny"]
+            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny", "mistral-window-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
@@ -55,6 +56,8 @@ NOPAST = [
     ("gemma-nopast-tiny", "gemma-tiny"),
     # Multi-query without past: its one key/value head is broadcast over the query heads, not repeated.
     ("falcon-mqa-nopast-tiny", "falcon-mqa-tiny"),
+    # A sliding window without past: the prefix's keys fall out of late queries' windows.
+    ("mistral-window-nopast-tiny", "mistral-window-tiny"),
 ]
 # torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
 # positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
@@ -141,6 +144,11 @@ def configs():
         "falcon-mqa-tiny": FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         multi_query=True, initializer_range=0.1, tie_word_embeddings=False,
                                         max_position_embeddings=64, **special),
+        # Mistral with a sliding window of 6, shorter than prefix + sequence in training (4 + 7) and than the
+        # generation cache (4 + 6 + 8 - 1): late queries no longer see the prefix, nor early tokens.
+        "mistral-window-tiny": MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                             max_position_embeddings=64, **special),
     }
 
 
@@ -162,9 +170,9 @@ def lift_rope_settings(path):
 
 # Families whose references also hold generation with two end-of-sequence ids (greedy and beam 3).
 STOP_FAMILIES = ["llama-gqa-tiny"]
-# Weights drawn from other seeds: with its own, falcon-mqa-tiny's greedy tokens for the first prompt repeat one token
-# whatever the prefix (the references need a prefix that changes every prompt's tokens).
-WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100}
+# Weights drawn from other seeds: with their own, the greedy tokens of a prompt do not change with the prefix
+# (falcon-mqa-tiny's first prompt repeats one token; the references need a prefix that changes every prompt's).
+WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100, "mistral-window-tiny": 200}
 
 
 def make_hf():

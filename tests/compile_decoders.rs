@@ -24,7 +24,9 @@ use pfx_runtime::{open, HostTensor, OrtOptions};
 /// QKV with constant-index Gathers.
 /// Qwen2 (biased QKV), Mistral (no window), Phi-3 (fused QKV) and StableLM (rotary on half of each head) need
 /// nothing of their own; multi-query Falcon's prefix holds its one key/value head (PEFT's, with token_dim 8 and
-/// one head given to its config, which would otherwise size it for all 4).
+/// one head given to its config, which would otherwise size it for all 4). Mistral with a sliding window of 6
+/// (shorter than prefix + sequence and than the generation cache): the generation graphs count it in real tokens,
+/// so a left-padded prompt's window ends where it would alone.
 const FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -38,11 +40,13 @@ const FAMILIES: &[&str] = &[
     "phi3-tiny",
     "stablelm-tiny",
     "falcon-mqa-tiny",
+    "mistral-window-tiny",
 ];
 /// The exports whose compiled graphs are snapshotted: the first four families, and where a later one needed a
 /// rewrite of its own: the prefix repeated per query head without past (llama-gqa-nopast), position ids for the
 /// rotary angles only, not the mask (gemma), Gather splits as slices (falcon), Gelu spelled out (gemma-dynamo), a
-/// one-head prefix beside multi-query attention's broadcast key/value head (falcon-mqa-nopast).
+/// one-head prefix beside multi-query attention's broadcast key/value head (falcon-mqa-nopast), a computed sliding
+/// window counted in real tokens when generating (mistral-window).
 const SNAPSHOT_FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -53,6 +57,7 @@ const SNAPSHOT_FAMILIES: &[&str] = &[
     "falcon-tiny",
     "gemma-dynamo-tiny",
     "falcon-mqa-nopast-tiny",
+    "mistral-window-tiny",
 ];
 const MODES: &[&str] = &["reparam", "noreparam"];
 const EOS: i64 = 95;
@@ -129,6 +134,12 @@ fn exports_without_past_equal_peft() {
         // One key/value head broadcast over the 4 query heads (not repeated): the prefix's is too.
         check_training("falcon-mqa-nopast-tiny", mode, &reference("falcon-mqa-tiny", mode));
     }
+    // A sliding window computed in an export without past (6 < prefix 4 + 7): the prefix's columns would be visible
+    // to every query (loss 3.7e-3 away from PEFT's), so it is refused, naming the export to make instead.
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-window-nopast");
+    let model = common::graphs_dir().join("mistral-window-nopast-tiny").join("model.onnx");
+    let e = format!("{:#}", compile(&model, &options("noreparam"), &out).unwrap_err());
+    assert!(e.contains("sliding window of 6") && e.contains("text-generation-with-past"), "{e}");
 }
 
 /// torch.onnx dynamo exports of the same HF folders (references: theirs). OPT's numbers its positions from the mask

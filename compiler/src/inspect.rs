@@ -253,6 +253,12 @@ pub fn config_sliding_window(export: &std::path::Path) -> Option<usize> {
 /// `Range`s. Returns each w. pfx does not rewrite these (GPT-Neo's table-sliced windows are `local_windows`), so
 /// generation must keep its cache under them.
 pub fn computed_windows(g: &Graph) -> Vec<usize> {
+    computed_window_sites(g).into_iter().map(|(_, w)| w).collect()
+}
+
+/// The comparisons `computed_windows` finds: (index of the `Greater`/`Less` node, w). Its output is true for the
+/// keys inside the window.
+pub fn computed_window_sites(g: &Graph) -> Vec<(usize, usize)> {
     let prod = g.producers();
     let made_by_range = |x: &str| prod.get(x).is_some_and(|&i| g.nodes[i].op == "Range");
     let from_range = |v: &str| computed_from(g, &prod, v, made_by_range);
@@ -267,7 +273,7 @@ pub fn computed_windows(g: &Graph) -> Vec<usize> {
         (w > 0).then(|| (n.inputs[0].clone(), w as usize))
     };
     let mut found = Vec::new();
-    for n in g.nodes.iter().filter(|n| n.inputs.len() == 2) {
+    for (i, n) in g.nodes.iter().enumerate().filter(|(_, n)| n.inputs.len() == 2) {
         let (key, bound) = match n.op.as_str() {
             "Greater" => (&n.inputs[0], &n.inputs[1]),
             "Less" => (&n.inputs[1], &n.inputs[0]),
@@ -275,7 +281,7 @@ pub fn computed_windows(g: &Graph) -> Vec<usize> {
         };
         if let Some((query, w)) = minus_constant(bound) {
             if from_range(key) && from_range(&query) {
-                found.push(w);
+                found.push((i, w));
             }
         }
     }

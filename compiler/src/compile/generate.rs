@@ -128,26 +128,22 @@ pub(super) fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
     Ok(true)
 }
 
-/// Refuses generation graphs whose cache reaches a sliding window pfx does not rewrite: one computed in the graph
-/// (Mistral's, Gemma's: `inspect::computed_windows`) or, when the graph has none pfx reads (GPT-Neo's tables:
-/// `inspect::local_windows`), the `sliding_window` of the export's config.json. The generation graphs would count
-/// such a window in cache slots, so a cache longer than it could attend outside it.
+/// Refuses generation graphs whose cache reaches a sliding window pfx does not find in the graph: the
+/// `sliding_window` of the export's config.json when the graph has neither a computed window
+/// (`inspect::computed_windows`, rewritten by `computed_windows_by_real_tokens`) nor GPT-Neo's tables
+/// (`inspect::local_windows`). The generation graphs would count such a window in cache slots, so a cache longer
+/// than it could attend outside it.
 pub(super) fn refuse_unread_window(g: &Graph, source: &std::path::Path, gs: &GenShape, p: usize) -> Result<()> {
-    let computed = crate::inspect::computed_windows(g).into_iter().min();
-    let config = crate::inspect::config_sliding_window(source)
-        .filter(|_| crate::inspect::local_windows(g).is_ok_and(|w| w.is_empty()));
-    let (w, whose) = match (computed, config) {
-        (Some(w), _) => (w, "its graph computes a sliding window of"),
-        (None, Some(w)) => (w, "its config.json sets sliding_window"),
-        _ => return Ok(()),
-    };
+    let read = !crate::inspect::computed_windows(g).is_empty()
+        || crate::inspect::local_windows(g).is_ok_and(|w| !w.is_empty());
+    let Some(w) = crate::inspect::config_sliding_window(source).filter(|_| !read) else { return Ok(()) };
     let capacity = gs.capacity(p);
     if capacity >= w {
         bail!(
-            "{whose} {w}, and the generation cache (prefix {p} + --prompt-len {} + --max-new {} - 1 = {capacity}) is \
-             not shorter: pfx's generation graphs do not count that window (only GPT-Neo's), so tokens could attend \
-             outside it. Lower --prompt-len/--max-new so that the cache is under {w}, or pass --max-new 0 for the \
-             training graphs alone (they are right with any window)",
+            "its config.json sets sliding_window {w}, and the generation cache (prefix {p} + --prompt-len {} + \
+             --max-new {} - 1 = {capacity}) is not shorter, but pfx finds no window in the graph to count in real \
+             tokens, so tokens could attend outside it. Lower --prompt-len/--max-new so that the cache is under \
+             {w}, or pass --max-new 0 for the training graphs alone (they are right with any window)",
             gs.prompt_len,
             gs.max_new
         );
@@ -155,7 +151,6 @@ pub(super) fn refuse_unread_window(g: &Graph, source: &std::path::Path, gs: &Gen
     Ok(())
 }
 
-/// Keeps only the last position of `name` along `axis` (an output keeps its name).
 pub(super) fn keep_last(model: &mut Model, name: &str, axis: usize) -> Result<()> {
     let g = &mut model.graph;
     let s = g.shape_of(name).ok_or_else(|| anyhow::anyhow!("unknown shape of '{name}'"))?;
@@ -190,6 +185,7 @@ pub fn build_prefill(
     let mut model = with_past(export)?;
     expose_positions(&mut model.graph)?;
     let windows = crate::inspect::local_windows(&model.graph)?;
+    computed_windows_by_real_tokens(&mut model.graph, shape.len, gs.prompt_len, gs.rows)?;
     let dims = Dims { batch: gs.rows, seq: gs.prompt_len, past: Some(shape.len), src_len: None };
     specialize(&mut model, &dims)?;
     windows_by_real_tokens(&mut model.graph, &windows, shape.len, gs.prompt_len)?;
@@ -384,6 +380,7 @@ pub fn build_decode(export: &super::Export, p: usize, gs: &GenShape) -> Result<M
     expose_positions(&mut model.graph)?;
     let windows = crate::inspect::local_windows(&model.graph)?;
     let c = gs.capacity(p);
+    computed_windows_by_real_tokens(&mut model.graph, c, 1, gs.rows)?;
     let dims = Dims { batch: gs.rows, seq: 1, past: Some(c), src_len: None };
     specialize(&mut model, &dims)?;
     windows_by_real_tokens(&mut model.graph, &windows, c, 1)?;
@@ -415,8 +412,6 @@ fn windows_by_real_tokens(
     first: usize,
     queries: usize,
 ) -> Result<()> {
-    use crate::ir::Attr;
-    use crate::tensor::DType;
     let targets: Vec<usize> =
         g.nodes.iter().enumerate().filter(|(_, n)| windows.contains_key(&n.name)).map(|(i, _)| i).collect();
     if targets.is_empty() {
@@ -429,20 +424,7 @@ fn windows_by_real_tokens(
     let Some([rows, keys]) = mask_shape.as_deref().and_then(|s| <[usize; 2]>::try_from(s).ok()) else {
         bail!("the attention_mask of an export with local attentions is not [batch, keys]: {mask_shape:?}");
     };
-    let to_i64 = vec![("to", Attr::Int(DType::I64.onnx_code() as i64))];
-    let mask = g.op1("Cast", &["attention_mask"], to_i64, "window/mask");
-    let axis = g.add_const("window/axis", Tensor::scalar_i64(1));
-    let count = g.op1("CumSum", &[&mask, &axis], vec![], "window/count");
-    // Queries' numbers [R, queries, 1] against keys' [R, 1, keys] (the -1 of both cancels).
-    let starts = g.add_const("window/starts", Tensor::vec_i64(&[first as i64]));
-    let ends = g.add_const("window/ends", Tensor::vec_i64(&[(first + queries) as i64]));
-    let axes = g.add_const("window/axes", Tensor::vec_i64(&[1]));
-    let of_queries = g.op1("Slice", &[&count, &starts, &ends, &axes], vec![], "window/query_count");
-    let last = g.add_const("window/last_axis", Tensor::vec_i64(&[2]));
-    let of_queries = g.op1("Unsqueeze", &[&of_queries, &last], vec![], "window/query_count3");
-    let middle = g.add_const("window/middle_axis", Tensor::vec_i64(&[1]));
-    let of_keys = g.op1("Unsqueeze", &[&count, &middle], vec![], "window/key_count3");
-    let back = g.op1("Sub", &[&of_queries, &of_keys], vec![], "window/back");
+    let back = tokens_back(g, first, queries);
     let causal: Vec<bool> = (0..queries).flat_map(|t| (0..keys).map(move |k| k <= first + t)).collect();
     let causal = g.add_const("window/causal", Tensor::bool(vec![queries, keys], causal));
     let shape = g.add_const("window/shape", Tensor::vec_i64(&[rows as i64, 1, queries as i64, keys as i64]));
@@ -456,6 +438,61 @@ fn windows_by_real_tokens(
     }
     g.toposort()?;
     Ok(())
+}
+
+/// How many real tokens each key is before each query, [R, queries, keys]: keys numbered by
+/// cumsum(attention_mask) - 1 (prefix and real tokens; padding and empty slots repeat a number and are masked
+/// anyway), the queries being the keys at slots `first..first + queries` (see `windows_by_real_tokens`).
+fn tokens_back(g: &mut Graph, first: usize, queries: usize) -> String {
+    use crate::ir::Attr;
+    use crate::tensor::DType;
+    let to_i64 = vec![("to", Attr::Int(DType::I64.onnx_code() as i64))];
+    let mask = g.op1("Cast", &["attention_mask"], to_i64, "window/mask");
+    let axis = g.add_const("window/axis", Tensor::scalar_i64(1));
+    let count = g.op1("CumSum", &[&mask, &axis], vec![], "window/count");
+    // Queries' numbers [R, queries, 1] against keys' [R, 1, keys] (the -1 of both cancels).
+    let starts = g.add_const("window/starts", Tensor::vec_i64(&[first as i64]));
+    let ends = g.add_const("window/ends", Tensor::vec_i64(&[(first + queries) as i64]));
+    let axes = g.add_const("window/axes", Tensor::vec_i64(&[1]));
+    let of_queries = g.op1("Slice", &[&count, &starts, &ends, &axes], vec![], "window/query_count");
+    let last = g.add_const("window/last_axis", Tensor::vec_i64(&[2]));
+    let of_queries = g.op1("Unsqueeze", &[&of_queries, &last], vec![], "window/query_count3");
+    let middle = g.add_const("window/middle_axis", Tensor::vec_i64(&[1]));
+    let of_keys = g.op1("Unsqueeze", &[&count, &middle], vec![], "window/key_count3");
+    g.op1("Sub", &[&of_queries, &of_keys], vec![], "window/back")
+}
+
+/// Sliding windows the export computes from slot indices (`key > query - w`, Mistral's and Gemma's:
+/// `inspect::computed_window_sites`) count real tokens in a generation graph, as `windows_by_real_tokens` does for
+/// GPT-Neo's: the export's comparison of slots would push the prefix out of a left-padded prompt's window, and in
+/// the decode graph the new token sits at slot C whatever its place. Each comparison's readers get
+/// `tokens back < w` instead, [R, 1, queries, keys] ([`tokens_back`]); the export's causal and padding masks
+/// still apply. Runs before specialization, which would fold the comparison of two `Range`s into a constant.
+/// Returns how many comparisons were replaced.
+fn computed_windows_by_real_tokens(g: &mut Graph, first: usize, queries: usize, rows: usize) -> Result<usize> {
+    let sites = crate::inspect::computed_window_sites(g);
+    if sites.is_empty() {
+        return Ok(0);
+    }
+    if !g.is_input("attention_mask") {
+        bail!("the export computes sliding windows but has no attention_mask input to count tokens");
+    }
+    let back = tokens_back(g, first, queries);
+    let shape = g.add_const("window/shape", Tensor::vec_i64(&[rows as i64, 1, queries as i64, -1]));
+    for &(i, w) in &sites {
+        let inside_out = g.nodes[i].outputs[0].clone();
+        let limit = g.add_const("window/size", Tensor::scalar_i64(w as i64));
+        let near = g.op1("Less", &[&back, &limit], vec![], "window/near");
+        let near = g.op1("Reshape", &[&near, &shape], vec![], "window/near4");
+        for n in g.nodes.iter_mut() {
+            for input in n.inputs.iter_mut().filter(|x| **x == inside_out) {
+                input.clone_from(&near);
+            }
+        }
+    }
+    g.toposort()?;
+    g.dce();
+    Ok(sites.len())
 }
 
 /// Decode attention reads the cache and the new token's key/value without concatenating them.
