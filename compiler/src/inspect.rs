@@ -325,6 +325,27 @@ fn computed_from(g: &Graph, prod: &HashMap<String, usize>, v: &str, found: impl 
     false
 }
 
+/// For each attention Softmax whose scores depend on a window comparison (`computed_window_sites`): that window
+/// (the smallest, if several). Gemma-style exports window some layers only; this tells which, before specialization
+/// folds the comparisons into constants.
+pub fn computed_window_softmaxes(g: &Graph) -> BTreeMap<String, usize> {
+    let sites = computed_window_sites(g);
+    if sites.is_empty() {
+        return BTreeMap::new();
+    }
+    let prod = g.producers();
+    let outputs: Vec<(String, usize)> = sites.iter().map(|&(i, w)| (g.nodes[i].outputs[0].clone(), w)).collect();
+    let mut found = BTreeMap::new();
+    for n in g.nodes.iter().filter(|n| n.op == "Softmax") {
+        let w =
+            outputs.iter().filter(|(o, _)| computed_from(g, &prod, &n.inputs[0], |v| v == o)).map(|&(_, w)| w).min();
+        if let Some(w) = w {
+            found.insert(n.name.clone(), w);
+        }
+    }
+    found
+}
+
 /// Local (sliding-window) attentions, as GPT-Neo's: `Where` node -> window w, for each `Where` whose condition is
 /// a slice (only `Slice`s) of a square boolean table [.., N, N] that is a causal band: row i keeps keys i-w+1..=i.
 /// The export slices rows `key_len - query_len .. key_len` of it, so with the prefix in front of the keys (as

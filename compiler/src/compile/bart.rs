@@ -690,7 +690,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
                 sh.check_size()?;
                 let kv = prefix::build_generator(g, &sh, site, opts.batch)?;
                 for (l, sm) in sites.iter().enumerate() {
-                    prefix::inject_one(g, sm, &kv[l], None, p, &Default::default())
+                    prefix::inject_one(g, sm, &kv[l], None, p, &Default::default(), None)
                         .map_err(|e| e.context(format!("binding the {site}* prefix of layer {l} (Softmax '{sm}')")))?;
                 }
                 generators.push(Generator { site: site.into(), shape: sh });
@@ -711,7 +711,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
             let kv = prefix::build_generator(g, &sh, "", opts.batch)?;
             for (i, sm) in self_sites.iter().enumerate() {
                 // PEFT: rows (4i mod 2L, 4i+1 mod 2L) = generator layer (2i mod L).
-                prefix::inject_one(g, sm, &kv[(2 * i) % layers], None, p, &Default::default())
+                prefix::inject_one(g, sm, &kv[(2 * i) % layers], None, p, &Default::default(), None)
                     .map_err(|e| e.context(format!("binding the prefix of decoder layer {i} (Softmax '{sm}')")))?;
             }
             generators.push(Generator { site: String::new(), shape: sh });

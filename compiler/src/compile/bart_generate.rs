@@ -173,7 +173,7 @@ pub fn build_encode(
             bail!("found {} attentions in the encoder, but it has {} layers", enc_sites.len(), d.encoder_layers);
         }
         for (l, sm) in enc_sites.iter().enumerate() {
-            prefix::inject_one(g, sm, &kv[l], None, prefix_len, &Default::default())
+            prefix::inject_one(g, sm, &kv[l], None, prefix_len, &Default::default(), None)
                 .map_err(|e| e.context(format!("binding the enc.* prefix of layer {l} (Softmax '{sm}')")))?;
         }
         trainable_names.extend(enc_shape.trainables("enc.").into_iter().map(|t| t.0));

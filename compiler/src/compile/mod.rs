@@ -342,21 +342,9 @@ pub fn build_loss_graph_from(
     // Local attentions' windows, read before specialization folds their tables (with past, the export's own
     // slicing already counts the prefix's keys).
     let windows = if with_past { Default::default() } else { crate::inspect::local_windows(g)? };
-    // A window computed from slot indices (Mistral's) cannot be told apart once specialization folds it: without
-    // past the prefix's columns would be visible to every query. Refused where the window would hide some.
-    if let Some(w) =
-        crate::inspect::computed_windows(g).into_iter().min().filter(|&w| !with_past && w < opts.prefix_len + opts.seq)
-    {
-        bail!(
-            "{} computes a sliding window of {w} and has no past inputs: pfx places the prefix at each attention of \
-             such an export with every prefix position visible, but the window hides some from later queries \
-             (prefix {} + --seq {} > {w}). Export it with past (optimum's --task text-generation-with-past), \
-             where the window counts the prefix, or use a --prefix-len + --seq within the window",
-            source.display(),
-            opts.prefix_len,
-            opts.seq
-        );
-    }
+    // Windows computed from slot indices (Mistral's), per attention: specialization folds them into constants, and
+    // the prefix's columns need them (a late query no longer sees the first prefix positions).
+    let computed_windows = if with_past { Default::default() } else { crate::inspect::computed_window_softmaxes(g) };
     let dims = Dims {
         batch: opts.batch,
         seq: opts.seq,
@@ -371,7 +359,7 @@ pub fn build_loss_graph_from(
             prefix::bind_past(g, &kv, opts.prefix_len, opts.batch, opts.seq, prefix::Positions::Training)?
         }
         Injection::AttentionSites => {
-            prefix::inject_at_sites(g, &kv, shape.heads, opts.prefix_len, &windows)?;
+            prefix::inject_at_sites(g, &kv, shape.heads, opts.prefix_len, &windows, &computed_windows)?;
         }
     }
     // Re-infer every shape after the rewrites.

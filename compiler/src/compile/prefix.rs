@@ -315,6 +315,7 @@ pub fn inject_at_sites(
     kv_heads: usize,
     p: usize,
     windows: &BTreeMap<String, usize>,
+    site_windows: &BTreeMap<String, usize>,
 ) -> Result<usize> {
     g.toposort()?;
     let softmaxes: Vec<String> = g
@@ -331,7 +332,7 @@ pub fn inject_at_sites(
         );
     }
     for (l, sm_name) in softmaxes.iter().enumerate() {
-        inject_one(g, sm_name, &kv[l], Some(kv_heads), p, windows)
+        inject_one(g, sm_name, &kv[l], Some(kv_heads), p, windows, site_windows.get(sm_name).copied())
             .map_err(|e| e.context(format!("attention site of layer {l} (Softmax '{sm_name}')")))?;
     }
     g.toposort()?;
@@ -387,7 +388,8 @@ fn leads_to_matmul(g: &Graph, prod: &HashMap<String, usize>, v: &str, depth: usi
 /// (`inject_at_sites` calls it for every site in order; the BART path picks the sites itself.) With `kv_heads`,
 /// the prefix holds that many heads and is repeated to the heads of the site's keys and values (`repeat_heads`);
 /// without, it has theirs. A mask chosen by a `Where` in `windows` gets the prefix columns its window leaves
-/// visible, not all of them.
+/// visible, not all of them; so do the masks of a site under a window `site_window` computed by the export
+/// (`inspect::computed_window_softmaxes`).
 pub fn inject_one(
     g: &mut Graph,
     softmax: &str,
@@ -395,6 +397,7 @@ pub fn inject_one(
     kv_heads: Option<usize>,
     p: usize,
     windows: &BTreeMap<String, usize>,
+    site_window: Option<usize>,
 ) -> Result<()> {
     let prod = g.producers();
     let sm = &g.nodes[node_index(g, softmax)];
@@ -483,15 +486,30 @@ pub fn inject_one(
                 _ => 0.0,
             };
             let mut cols = vec![fill; nb];
-            if let (Some(&w), ("Where", 0, 1)) = (windows.get(&n.name), (n.op.as_str(), j, k)) {
+            let window = match (windows.get(&n.name), (n.op.as_str(), j, k)) {
+                (Some(&w), ("Where", 0, 1)) => Some((w, 0.0)),
+                // A window the export computes: hidden columns take the value that hides (Add's most negative).
+                _ => match (site_window, n.op.as_str()) {
+                    (None, _) => None,
+                    (Some(w), "Where") if (j, k) == (0, 1) => Some((w, 0.0)),
+                    (Some(w), "Add") => Some((w, f32::MIN as f64)),
+                    (Some(w), "Mul") => Some((w, 0.0)),
+                    (Some(w), op) => {
+                        bail!("the mask '{x}' of a sliding-window attention (window {w}) is applied by {op}, which pfx cannot give the prefix's columns")
+                    }
+                },
+            };
+            if let Some((w, hidden)) = window {
                 // Query t sits at key index p + t: prefix key c is in its window when p + t - c < w.
                 let queries = block[block.len() - 2];
                 if queries != scores_shape[scores_shape.len() - 2] {
                     bail!("the local-attention mask '{x}' has shape {xs:?}, not one row per query");
                 }
-                for (i, keep) in cols.iter_mut().enumerate() {
+                for (i, col) in cols.iter_mut().enumerate() {
                     let (t, c) = ((i / p) % queries, i % p);
-                    *keep = if p + t - c < w { 1.0 } else { 0.0 };
+                    if p + t - c >= w {
+                        *col = hidden;
+                    }
                 }
             }
             let t = Tensor::from_f64s(dt, block, cols)?;
