@@ -9,14 +9,14 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
 
 Writes (relative to this file's folder), for NAME in FAMILIES (llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny,
 qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny, falcon-mqa-tiny,
-mistral-window-tiny):
+mistral-window-tiny, gemma2-tiny):
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
 llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references are llama-gqa-tiny's),
 gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3-,
-gemma- and falcon-mqa-nopast-tiny of their with-past fixtures' hf/ folders, and torch.onnx dynamo exports
+gemma-, falcon-mqa-, mistral-window- and gemma2-nopast-tiny of their with-past fixtures' hf/ folders, and torch.onnx dynamo exports
 (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny, llama-dynamo-tiny, gemma-dynamo-tiny
 and qwen3-dynamo-tiny with past, llama-dynamo-nopast-tiny (of llama-gqa-tiny) without,
 opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
@@ -43,7 +43,8 @@ OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/
 SEED = 20261127
 TOL = 1e-4
 FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
-            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny", "mistral-window-tiny"]
+            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny", "mistral-window-tiny",
+            "gemma2-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
@@ -58,6 +59,8 @@ NOPAST = [
     ("falcon-mqa-nopast-tiny", "falcon-mqa-tiny"),
     # A sliding window without past: the prefix's keys fall out of late queries' windows.
     ("mistral-window-nopast-tiny", "mistral-window-tiny"),
+    # ... on every other layer only.
+    ("gemma2-nopast-tiny", "gemma2-tiny"),
 ]
 # torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
 # positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
@@ -88,8 +91,8 @@ PROMPT_SEED = 20261240
 
 
 def configs():
-    from transformers import (FalconConfig, GemmaConfig, GPTNeoConfig, LlamaConfig, MistralConfig, OPTConfig,
-                              Phi3Config, Qwen2Config, Qwen3Config, StableLmConfig)
+    from transformers import (FalconConfig, Gemma2Config, GemmaConfig, GPTNeoConfig, LlamaConfig, MistralConfig,
+                              OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, StableLmConfig)
 
     special = dict(bos_token_id=EOS, eos_token_id=EOS)
     return {
@@ -149,6 +152,11 @@ def configs():
         "mistral-window-tiny": MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
                                              max_position_embeddings=64, **special),
+        # Gemma 2: a sliding window (6) on every other layer only, attention and final logits soft-capped (tanh).
+        "gemma2-tiny": Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6,
+                                    tie_word_embeddings=False, initializer_range=0.2, max_position_embeddings=64,
+                                    pad_token_id=EOS, **special),
     }
 
 

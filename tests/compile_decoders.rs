@@ -26,7 +26,8 @@ use pfx_runtime::{open, HostTensor, OrtOptions};
 /// nothing of their own; multi-query Falcon's prefix holds its one key/value head (PEFT's, with token_dim 8 and
 /// one head given to its config, which would otherwise size it for all 4). Mistral with a sliding window of 6
 /// (shorter than prefix + sequence and than the generation cache): the generation graphs count it in real tokens,
-/// so a left-padded prompt's window ends where it would alone.
+/// so a left-padded prompt's window ends where it would alone. Gemma 2 windows every other layer only (and soft-caps
+/// its attention and final logits).
 const FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -41,6 +42,7 @@ const FAMILIES: &[&str] = &[
     "stablelm-tiny",
     "falcon-mqa-tiny",
     "mistral-window-tiny",
+    "gemma2-tiny",
 ];
 /// The exports whose compiled graphs are snapshotted: the first four families, and where a later one needed a
 /// rewrite of its own: the prefix repeated per query head without past (llama-gqa-nopast), position ids for the
@@ -138,6 +140,8 @@ fn exports_without_past_equal_peft() {
         // A sliding window computed in the graph (6 < prefix 4 + 7): later queries do not see the first prefix
         // positions (with them all visible the loss was 3.7e-3 away from PEFT's).
         check_training("mistral-window-nopast-tiny", mode, &reference("mistral-window-tiny", mode));
+        // The same on every other layer (Gemma 2), the other layers seeing the whole prefix.
+        check_training("gemma2-nopast-tiny", mode, &reference("gemma2-tiny", mode));
     }
 }
 

@@ -334,11 +334,24 @@ pub fn computed_window_softmaxes(g: &Graph) -> BTreeMap<String, usize> {
         return BTreeMap::new();
     }
     let prod = g.producers();
-    let outputs: Vec<(String, usize)> = sites.iter().map(|&(i, w)| (g.nodes[i].outputs[0].clone(), w)).collect();
+    let outputs: BTreeMap<&str, usize> = sites.iter().map(|&(i, w)| (g.nodes[i].outputs[0].as_str(), w)).collect();
     let mut found = BTreeMap::new();
     for n in g.nodes.iter().filter(|n| n.op == "Softmax") {
-        let w =
-            outputs.iter().filter(|(o, _)| computed_from(g, &prod, &n.inputs[0], |v| v == o)).map(|&(_, w)| w).min();
+        // The values the mask is computed from: not the scores' products (through them every layer depends on the
+        // windowed layers before it), nor shapes (Gemma 2's full-attention mask takes a shape from the sliding one).
+        let mut seen = HashSet::new();
+        let mut todo = vec![n.inputs[0].as_str()];
+        let mut w = None::<usize>;
+        while let Some(v) = todo.pop() {
+            if let Some(&x) = outputs.get(v) {
+                w = Some(w.map_or(x, |y| y.min(x)));
+            }
+            if let Some(&i) = prod.get(v).filter(|_| seen.insert(v)) {
+                if !matches!(g.nodes[i].op.as_str(), "Shape" | "Size" | "MatMul" | "Gemm") {
+                    todo.extend(g.nodes[i].inputs.iter().filter(|x| !x.is_empty()).map(String::as_str));
+                }
+            }
+        }
         if let Some(w) = w {
             found.insert(n.name.clone(), w);
         }
