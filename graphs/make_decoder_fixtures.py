@@ -18,7 +18,8 @@ llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references a
 gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3-,
 gemma-, falcon-mqa-, mistral-window- and gemma2-nopast-tiny of their with-past fixtures' hf/ folders, and torch.onnx dynamo exports
 (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny, llama-dynamo-tiny, gemma-dynamo-tiny
-and qwen3-dynamo-tiny with past, llama-dynamo-nopast-tiny (of llama-gqa-tiny) without,
+qwen3-dynamo-tiny and falcon-mqa-dynamo-tiny with past, llama-dynamo-nopast-tiny (of llama-gqa-tiny) and
+falcon-mqa-dynamo-nopast-tiny without,
 opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
 llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
@@ -74,6 +75,9 @@ DYNAMO = [
     # Gemma's GELU is one opset-20 `Gelu` node here (optimum spells it out); Qwen3's heads are wider than 32 / 4.
     ("gemma-dynamo-tiny", "gemma-tiny", True),
     ("qwen3-dynamo-tiny", "qwen3-tiny", True),
+    # Multi-query Falcon picks its key and value with GatherND (constant rows of axis 0).
+    ("falcon-mqa-dynamo-tiny", "falcon-mqa-tiny", True),
+    ("falcon-mqa-dynamo-nopast-tiny", "falcon-mqa-tiny", False),
 ]
 
 # ---- prefix-tuning setup: graphs/peft/'s (fixture_common.py) ----------------------------------------------------

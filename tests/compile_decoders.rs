@@ -162,6 +162,9 @@ fn dynamo_exports_equal_peft() {
         // GELU as one opset-20 `Gelu` node; Qwen3's wide heads as dynamo writes them.
         check_training("gemma-dynamo-tiny", mode, &reference("gemma-tiny", mode));
         check_training("qwen3-dynamo-tiny", mode, &reference("qwen3-tiny", mode));
+        // Multi-query Falcon's key and value picked by GatherND (rewritten as slices).
+        check_training("falcon-mqa-dynamo-tiny", mode, &reference("falcon-mqa-tiny", mode));
+        check_training("falcon-mqa-dynamo-nopast-tiny", mode, &reference("falcon-mqa-tiny", mode));
     }
     // OPT's position table serves 64 positions in the dynamo export too.
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-dynamo-opt-positions");
@@ -238,6 +241,7 @@ fn greedy_tokens_equal_peft() {
         ("llama-dynamo-tiny", "llama-tiny"),
         ("gemma-dynamo-tiny", "gemma-tiny"),
         ("qwen3-dynamo-tiny", "qwen3-tiny"),
+        ("falcon-mqa-dynamo-tiny", "falcon-mqa-tiny"),
     ];
     let exports = FAMILIES.iter().map(|&f| (f, f)).chain(dynamo);
     for mode in MODES {

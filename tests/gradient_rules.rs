@@ -727,6 +727,24 @@ fn gather_of_a_constant_index() {
     c.canonicalized(&ys, 18, "Gather").check(&ys);
 }
 
+#[test]
+fn gather_nd_of_a_constant_index() {
+    // torch.onnx dynamo's multi-query Falcon: key and value are rows -2 and -1 of axis 0, kept ([[i]]); also a
+    // row dropped ([i]).
+    let mut c = Case::new("GatherND constant index (canonicalized)");
+    let x = c.input("x", &[3, 2, 4]);
+    let t = c.op("Tanh", &[&x], vec![]);
+    let mut ys = Vec::new();
+    for (k, idx) in [-2i64, -1, 0].into_iter().enumerate() {
+        let i = c.g.add_const(&format!("row{k}"), Tensor::i64(vec![1, 1], vec![idx]));
+        ys.push(c.op("GatherND", &[&t, &i], vec![]));
+    }
+    let i = c.ints("row_dropped", &[1]);
+    ys.push(c.op("GatherND", &[&t, &i], vec![]));
+    let ys: Vec<&str> = ys.iter().map(String::as_str).collect();
+    c.canonicalized(&ys, 18, "GatherND").check(&ys);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // The engine: missing rules, frozen branches
 

@@ -411,32 +411,44 @@ pub fn gelu_to_elementwise(model: &mut Model) -> Result<bool> {
 
 /// `Gather(data, i)` with a constant scalar index `i` (Falcon's fused qkv split, TorchScript exports) becomes
 /// `Squeeze(Slice(data, [i], [i+1], [axis]), [axis])`, which has a gradient rule; a one-element index vector
-/// becomes the Slice alone. Lookups in constant tables (embeddings) stay Gathers, and so do Gathers from
-/// integer values (shape arithmetic, folded away by specialization).
+/// becomes the Slice alone. So does `GatherND(data, [[i]])` (batch_dims 0: row i of axis 0, kept; torch.onnx
+/// dynamo's multi-query Falcon picks its key and value so), and `GatherND(data, [i])` with the Squeeze. Lookups in
+/// constant tables (embeddings) stay Gathers, and so do Gathers from integer values (shape arithmetic, folded away
+/// by specialization).
 pub fn scalar_gathers_to_slices(model: &mut Model) -> Result<bool> {
     let g = &mut model.graph;
     let prod = g.producers();
     let mut sites = Vec::new();
     for (i, n) in g.nodes.iter().enumerate() {
-        if n.op != "Gather" || !n.domain.is_empty() || g.initializers.contains_key(&n.inputs[0]) {
+        let nd = n.op == "GatherND";
+        if !(n.op == "Gather" || nd) || !n.domain.is_empty() || g.initializers.contains_key(&n.inputs[0]) {
             continue;
         }
         let Some(t) = n.input(1).and_then(|v| g.initializers.get(v)) else {
             continue;
         };
-        if t.shape.len() > 1 || t.len() != 1 || !matches!(t.dtype(), DType::I64 | DType::I32) {
+        if t.len() != 1 || !matches!(t.dtype(), DType::I64 | DType::I32) {
+            continue;
+        }
+        // Gather: a scalar or [1]; GatherND: [1] (one index of axis 0, dropped) or [1, 1] (kept).
+        let (scalar, fits) = if nd {
+            (t.shape.len() == 1, t.shape.len() <= 2 && !t.shape.is_empty() && n.int("batch_dims").unwrap_or(0) == 0)
+        } else {
+            (t.shape.is_empty(), t.shape.len() <= 1)
+        };
+        if !fits {
             continue;
         }
         if elem_type(g, &prod, &n.inputs[0]).is_some_and(|d| !d.is_float()) {
             continue;
         }
         let idx = t.as_i64s().expect("an integer tensor")[0];
-        sites.push((i, idx, t.shape.is_empty()));
+        sites.push((i, idx, scalar));
     }
     for &(i, idx, scalar) in sites.iter().rev() {
         let n = g.nodes[i].clone();
         let hint = n.name.clone();
-        let axis = n.int("axis").unwrap_or(0);
+        let axis = if n.op == "GatherND" { 0 } else { n.int("axis").unwrap_or(0) };
         // Slice clamps its bounds: for i = -1 the end i+1 = 0 would select nothing, "to the end" is i64::MAX.
         let end = if idx == -1 { i64::MAX } else { idx + 1 };
         let starts = g.add_const(&format!("{hint}.starts"), Tensor::vec_i64(&[idx]));
