@@ -1,5 +1,5 @@
 //! Ops that canonicalization rewrites into ones with gradient rules: ONNX `Gelu` (opset 20, both
-//! approximations) and `Gather` of one constant index from an activation. The rewritten graph must compute what
+//! approximations), and `Gather` or `GatherND` of one constant index from an activation. The rewritten graph must compute what
 //! the original computes: checked against a float64 evaluation of the definition written here (exact indexing for
 //! Gather) on tract and ONNX Runtime, and against ONNX Runtime running the original graph (unless
 //! `PFX_SKIP_ORT=1`). The gradients of the rewritten forms are checked in `gradient_rules.rs`.
@@ -172,6 +172,45 @@ fn scalar_gather_rewrite_selects_the_same_elements() {
         } else {
             want_shape.remove(ax);
         }
+        let mut refs = vec![("indexing", want)];
+        if !skip_ort() {
+            refs.push(("ORT on the original", run(&original, &format!("{name}-original"), BackendKind::Ort, &x)));
+        }
+        for kind in backends() {
+            let path = save(&m, &format!("{name}-{kind}"));
+            let mut b = open(&path, kind, &OrtOptions::default()).unwrap_or_else(|e| panic!("{name} [{kind}]: {e:#}"));
+            let out = b.run(&BTreeMap::from([("x".to_string(), x.clone())])).unwrap();
+            assert_eq!(out["y"].shape(), want_shape.as_slice(), "{name} [{kind}]: shape");
+            let got = out["y"].to_f64_vec();
+            for (what, r) in &refs {
+                assert_eq!(&got, r, "{name} [{kind}]: differs from {what}");
+            }
+        }
+    }
+}
+
+/// `GatherND` of one constant row of axis 0 (batch_dims 0), kept (`[[i]]`) or dropped (`[i]`), as torch.onnx
+/// dynamo's multi-query Falcon picks its key and value: the slices it becomes pick the same elements.
+#[test]
+fn gather_nd_rewrite_selects_the_same_rows() {
+    let s = [3usize, 2, 4];
+    let xs: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 5.0).collect();
+    let x = HostTensor::from_f32(s.to_vec(), xs.clone()).unwrap();
+    for (idx, kept) in [(-2i64, true), (-1, true), (0, true), (1, false), (-1, false)] {
+        let name = format!("gathernd-row{idx}{}", if kept { "-kept" } else { "" });
+        let mut m = Model { opset: 18, ir_version: 9, ..Model::default() };
+        sym_input(&mut m, DType::F32, &["a", "b", "c"]);
+        let a = m.graph.op1("Identity", &["x"], vec![], "activation");
+        let i = if kept { Tensor::i64(vec![1, 1], vec![idx]) } else { Tensor::vec_i64(&[idx]) };
+        let i = m.graph.add_const("index", i);
+        let y = m.graph.op1("GatherND", &[&a, &i], vec![], "y");
+        m.graph.outputs.push(ValueInfo { name: y, ty: ValueType { dtype: DType::F32, shape: None } });
+        let original = m.clone();
+        canonicalize(&mut m).unwrap();
+        assert!(m.graph.nodes.iter().all(|n| n.op != "GatherND"), "{name}: a GatherND is left");
+        let row = idx.rem_euclid(s[0] as i64) as usize;
+        let want: Vec<f64> = (0..s[1] * s[2]).map(|j| xs[row * s[1] * s[2] + j] as f64).collect();
+        let want_shape = if kept { vec![1, s[1], s[2]] } else { vec![s[1], s[2]] };
         let mut refs = vec![("indexing", want)];
         if !skip_ort() {
             refs.push(("ORT on the original", run(&original, &format!("{name}-original"), BackendKind::Ort, &x)));
