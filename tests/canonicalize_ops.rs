@@ -1,7 +1,7 @@
 //! Ops that canonicalization rewrites into ones with gradient rules: ONNX `Gelu` (opset 20, both
-//! approximations), and `Gather` or `GatherND` of one constant index from an activation. The rewritten graph must compute what
-//! the original computes: checked against a float64 evaluation of the definition written here (exact indexing for
-//! Gather) on tract and ONNX Runtime, and against ONNX Runtime running the original graph (unless
+//! approximations), and `Gather` or `GatherND` of one constant index from an activation. The rewritten graph must
+//! compute what the original computes: checked against a float64 evaluation of the definition written here (exact
+//! indexing for the gathers) on tract and ONNX Runtime, and against ONNX Runtime running the original graph (unless
 //! `PFX_SKIP_ORT=1`). The gradients of the rewritten forms are checked in `gradient_rules.rs`.
 
 use std::collections::BTreeMap;
