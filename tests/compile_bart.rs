@@ -327,3 +327,20 @@ fn errors_are_clear() {
     let e = compile_err(&export, &BartOptions { prefix_len: 0, ..opts.clone() });
     assert!(e.contains("--prefix-len"), "{e}");
 }
+
+/// The end-of-sequence ids Hugging Face's generate stops at (generation_config.json's, one or a list) are recorded
+/// for the decoder's generation too, as for decoder-only models.
+#[test]
+fn generation_stop_ids_are_recorded() {
+    let g = common::graphs_dir();
+    let opts = options(BartPrefix::Paper, "reparam", 1.0, 0.0);
+    let dir = out_dir("stop-ids");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json"] {
+        std::fs::copy(g.join("bart-enc-deep").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("generation_config.json"), r#"{"decoder_start_token_id": 2, "eos_token_id": [2, 7]}"#)
+        .unwrap();
+    let m = compile_bart(&dir, &opts, &dir.join("bundle")).unwrap();
+    assert_eq!(m.eos_token_ids, [2, 7]);
+}

@@ -437,6 +437,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let spec = b.generation.clone().ok_or_else(no_generation)?;
         let fmt = SourceTarget::new(&tok, b.pad_token_id)?;
         cfg.eos = Some(fmt.eos_id());
+        cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();
         cfg.pad = fmt.pad_id();
         let mut prompts = Vec::new();
         let mut cut = Vec::new();
@@ -478,6 +479,16 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         for (i, s) in sources.iter().enumerate() {
             let mut ids: Vec<i64> = fmt.encode_prompt(s)?.into_iter().map(|t| t as i64).collect();
             if ids.len() > spec.prompt_len {
+                if head + 1 >= spec.prompt_len {
+                    bail!(
+                        "prompt {} has {} tokens, and the bundle's --prompt-len {} leaves no room for its source after \
+                         the {head} special token(s) prompts start with and the one that ends them: recompile with a \
+                         larger --prompt-len",
+                        i + 1,
+                        ids.len(),
+                        spec.prompt_len
+                    );
+                }
                 cut.push(i + 1);
                 ids.drain(head..head + ids.len() - spec.prompt_len);
             }
@@ -555,8 +566,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     }
     if unknown_ids > 0 {
         eprintln!(
-            "note: {unknown_ids} generated token(s) had ids with no token in {} (the model has rows past its {} \
-             ids): left out of the texts, as Hugging Face's decode leaves them out",
+            "note: {unknown_ids} generated token(s) had ids with no token in {} (ids below {} it lacks, or past \
+             them: the model has more rows than the tokenizer has tokens): left out of the texts, as Hugging Face's \
+             decode leaves them out",
             tok.origin().display(),
             tok.id_bound()
         );

@@ -353,6 +353,13 @@ fn text_commands_on_models_with_their_own_tokens_equal_peft() {
     let out = pfxrun(&["generate", p(&bundle), "--input", long, "--prefix", p(&prefix)]);
     let (_, stderr) = text(&out);
     assert!(out.status.success() && stderr.contains("after the 1 special token(s) they start with"), "{stderr}");
+    // A --prompt-len that leaves no room for the source between `<s>` and `</s>` is refused, not cut to nothing.
+    let tight = dir.join("tight");
+    let gen = Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 2, max_new: 8 });
+    let tight_opts = pfx_compiler::compile::CompileOptions { generation: gen, ..opts.clone() };
+    pfx_compiler::compile::compile(&export.join("model.onnx"), &tight_opts, &tight).unwrap();
+    let e = fails(&["generate", p(&tight), "--input", "name : X", "--prefix", p(&prefix)]);
+    assert!(e.contains("--prompt-len 2 leaves no room for its source"), "{e}");
     // Another tokenizer than the export's is warned about (the GPT-2-style word tokenizer of a few ids).
     let words = dir.join("words.json");
     std::fs::write(

@@ -858,7 +858,8 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         model_type: Some("bart".into()),
         // BART's own end token is in its "bart" section (its text commands have their own format).
         eos_token_id: None,
-        eos_token_ids: Vec::new(),
+        // Every id HF's generate stops at (its generation_config.json's); the decoder stops at them too.
+        eos_token_ids: crate::inspect::config_eos_token_ids(&dir.join("config.json")),
     };
     let spec = BartSpec {
         mode: opts.mode,
