@@ -131,6 +131,25 @@ fn at(v: &[f32], s: [usize; 3], i: usize, j: usize, k: usize) -> f64 {
     v[(i * s[1] + j) * s[2] + k] as f64
 }
 
+/// The rewritten gather `m` gives output `y` of `want_shape` holding exactly `want` (plain indexing), and what ONNX
+/// Runtime gives running the `original` graph, on every backend.
+fn picks_exactly(m: &Model, original: &Model, name: &str, x: &HostTensor, want_shape: &[usize], want: Vec<f64>) {
+    let mut refs = vec![("indexing", want)];
+    if !skip_ort() {
+        refs.push(("ORT on the original", run(original, &format!("{name}-original"), BackendKind::Ort, x)));
+    }
+    for kind in backends() {
+        let path = save(m, &format!("{name}-{kind}"));
+        let mut b = open(&path, kind, &OrtOptions::default()).unwrap_or_else(|e| panic!("{name} [{kind}]: {e:#}"));
+        let out = b.run(&BTreeMap::from([("x".to_string(), x.clone())])).unwrap();
+        assert_eq!(out["y"].shape(), want_shape, "{name} [{kind}]: shape");
+        let got = out["y"].to_f64_vec();
+        for (what, r) in &refs {
+            assert_eq!(&got, r, "{name} [{kind}]: differs from {what}");
+        }
+    }
+}
+
 #[test]
 fn scalar_gather_rewrite_selects_the_same_elements() {
     let s = [2usize, 3, 4];
@@ -172,20 +191,7 @@ fn scalar_gather_rewrite_selects_the_same_elements() {
         } else {
             want_shape.remove(ax);
         }
-        let mut refs = vec![("indexing", want)];
-        if !skip_ort() {
-            refs.push(("ORT on the original", run(&original, &format!("{name}-original"), BackendKind::Ort, &x)));
-        }
-        for kind in backends() {
-            let path = save(&m, &format!("{name}-{kind}"));
-            let mut b = open(&path, kind, &OrtOptions::default()).unwrap_or_else(|e| panic!("{name} [{kind}]: {e:#}"));
-            let out = b.run(&BTreeMap::from([("x".to_string(), x.clone())])).unwrap();
-            assert_eq!(out["y"].shape(), want_shape.as_slice(), "{name} [{kind}]: shape");
-            let got = out["y"].to_f64_vec();
-            for (what, r) in &refs {
-                assert_eq!(&got, r, "{name} [{kind}]: differs from {what}");
-            }
-        }
+        picks_exactly(&m, &original, &name, &x, &want_shape, want);
     }
 }
 
@@ -211,19 +217,6 @@ fn gather_nd_rewrite_selects_the_same_rows() {
         let row = idx.rem_euclid(s[0] as i64) as usize;
         let want: Vec<f64> = (0..s[1] * s[2]).map(|j| xs[row * s[1] * s[2] + j] as f64).collect();
         let want_shape = if kept { vec![1, s[1], s[2]] } else { vec![s[1], s[2]] };
-        let mut refs = vec![("indexing", want)];
-        if !skip_ort() {
-            refs.push(("ORT on the original", run(&original, &format!("{name}-original"), BackendKind::Ort, &x)));
-        }
-        for kind in backends() {
-            let path = save(&m, &format!("{name}-{kind}"));
-            let mut b = open(&path, kind, &OrtOptions::default()).unwrap_or_else(|e| panic!("{name} [{kind}]: {e:#}"));
-            let out = b.run(&BTreeMap::from([("x".to_string(), x.clone())])).unwrap();
-            assert_eq!(out["y"].shape(), want_shape.as_slice(), "{name} [{kind}]: shape");
-            let got = out["y"].to_f64_vec();
-            for (what, r) in &refs {
-                assert_eq!(&got, r, "{name} [{kind}]: differs from {what}");
-            }
-        }
+        picks_exactly(&m, &original, &name, &x, &want_shape, want);
     }
 }
