@@ -206,15 +206,17 @@ pub fn config_model_type(export: &std::path::Path) -> Option<String> {
 /// `generation_config.json` (the first one where it is a list, as Llama 3's and Qwen's generation configs have).
 /// pfxrun's text commands end the prompt and the target with it for models with their own tokens.
 pub fn config_eos_token_id(export: &std::path::Path) -> Option<u32> {
-    let dir = export.parent()?;
-    ["config.json", "generation_config.json"].iter().find_map(|name| {
-        let text = std::fs::read_to_string(dir.join(name)).ok()?;
-        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let id = match config.get("eos_token_id")? {
-            serde_json::Value::Array(ids) => ids.first()?.as_u64()?,
-            one => one.as_u64()?,
-        };
-        u32::try_from(id).ok()
+    ["config.json", "generation_config.json"].iter().find_map(|name| eos_ids_in(export, name)?.first().copied())
+}
+
+/// The `eos_token_id` (one id or a list) of the JSON file `name` beside an export, if it has one.
+fn eos_ids_in(export: &std::path::Path, name: &str) -> Option<Vec<u32>> {
+    let text = std::fs::read_to_string(export.parent()?.join(name)).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let id = |v: &serde_json::Value| u32::try_from(v.as_u64()?).ok();
+    Some(match config.get("eos_token_id")? {
+        serde_json::Value::Array(ids) => ids.iter().filter_map(id).collect(),
+        one => vec![id(one)?],
     })
 }
 
@@ -222,19 +224,7 @@ pub fn config_eos_token_id(export: &std::path::Path) -> Option<u32> {
 /// of its `generation_config.json` (which `generate` reads), else of its `config.json`; one id or a list (Llama 3's
 /// chat models list `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`).
 pub fn config_eos_token_ids(export: &std::path::Path) -> Vec<u32> {
-    let Some(dir) = export.parent() else { return Vec::new() };
-    ["generation_config.json", "config.json"]
-        .iter()
-        .find_map(|name| {
-            let text = std::fs::read_to_string(dir.join(name)).ok()?;
-            let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-            let ids = match config.get("eos_token_id")? {
-                serde_json::Value::Array(ids) => ids.iter().filter_map(|v| u32::try_from(v.as_u64()?).ok()).collect(),
-                one => vec![u32::try_from(one.as_u64()?).ok()?],
-            };
-            Some(ids)
-        })
-        .unwrap_or_default()
+    ["generation_config.json", "config.json"].iter().find_map(|name| eos_ids_in(export, name)).unwrap_or_default()
 }
 
 /// The `sliding_window` of the `config.json` beside an export (Mistral's, Gemma's, Qwen2's when

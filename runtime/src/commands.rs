@@ -425,6 +425,8 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         );
     }
     let mut cfg = args.cfg.clone();
+    // Like HF's generate, stop at any end-of-sequence id the model's generation config lists.
+    cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();
     let no_generation = || {
         anyhow::anyhow!(
             "{} has no generation graphs: compile an export with past inputs (BART: with \
@@ -437,7 +439,6 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let spec = b.generation.clone().ok_or_else(no_generation)?;
         let fmt = SourceTarget::new(&tok, b.pad_token_id)?;
         cfg.eos = Some(fmt.eos_id());
-        cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();
         cfg.pad = fmt.pad_id();
         let mut prompts = Vec::new();
         let mut cut = Vec::new();
@@ -469,8 +470,6 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let spec = m.generation.clone().ok_or_else(no_generation)?;
         let fmt = text_format(&bundle, &tok)?;
         cfg.eos = Some(fmt.eos_id() as i64);
-        // Like HF's generate, stop at any end-of-sequence id the model's generation config lists.
-        cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();
         cfg.pad = fmt.pad_id() as i64;
         let mut prompts = Vec::new();
         let mut cut = Vec::new();

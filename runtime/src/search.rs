@@ -152,8 +152,9 @@ pub fn greedy(
     let mut done = vec![false; r];
     for n in 0..cfg.max_new {
         let mut next = vec![cfg.pad; r];
+        let banned = eos_banned(cfg, n);
         for row in 0..r {
-            let t = best_tokens(&logits[row], 1, &eos_banned(cfg, n)).first().map_or(0, |&(t, _)| t as i64);
+            let t = best_tokens(&logits[row], 1, &banned).first().map_or(0, |&(t, _)| t as i64);
             if !done[row] {
                 if cfg.is_eos(t) {
                     done[row] = true;
@@ -211,6 +212,8 @@ pub fn beam_groups(
     for n in 0..cfg.max_new {
         let t = n + 1;
         let last = t == cfg.max_new;
+        // The end-of-sequence ids not allowed yet: the same for every beam.
+        let banned = eos_banned(cfg, n);
         // Rows keep their place unless a group's beams move; idle and finished rows are fed padding.
         let mut parents: Vec<usize> = (0..r).collect();
         let mut tokens = vec![cfg.pad; r];
@@ -226,7 +229,6 @@ pub fn beam_groups(
                 // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
                 let row = &logits[base + b];
                 let (max, log_sum) = log_sum_exp(row);
-                let banned = eos_banned(cfg, n);
                 for (tok, x) in best_tokens(row, keep, &banned) {
                     let lp = x - max - log_sum;
                     if lp.is_finite() {

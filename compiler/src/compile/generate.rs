@@ -151,6 +151,7 @@ pub(super) fn refuse_unread_window(g: &Graph, source: &std::path::Path, gs: &Gen
     Ok(())
 }
 
+/// Keeps only the last position of `name` along `axis` (an output keeps its name).
 pub(super) fn keep_last(model: &mut Model, name: &str, axis: usize) -> Result<()> {
     let g = &mut model.graph;
     let s = g.shape_of(name).ok_or_else(|| anyhow::anyhow!("unknown shape of '{name}'"))?;
