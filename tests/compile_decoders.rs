@@ -118,6 +118,27 @@ fn loss_and_gradients_equal_peft() {
     }
 }
 
+/// (export, the fixture whose PEFT references it shares).
+const NO_PAST_EXPORTS: &[(&str, &str)] = &[
+    ("opt-nopast-tiny", "opt-tiny"),
+    ("gptneo-nopast-tiny", "gptneo-tiny"),
+    // Rotary and grouped-query: positions P + t through its position_ids, the prefix's 2 key/value heads
+    // repeated for the 4 query heads at each attention, as PEFT's cache is.
+    ("llama-gqa-nopast-tiny", "llama-gqa-tiny"),
+    // Qwen3's wide heads; Phi-3's fused QKV; Gemma's export has no position_ids input (angles from
+    // cache_position, which its causal mask reads too): it gets one, the mask keeps its own.
+    ("qwen3-nopast-tiny", "qwen3-tiny"),
+    ("phi3-nopast-tiny", "phi3-tiny"),
+    ("gemma-nopast-tiny", "gemma-tiny"),
+    // One key/value head broadcast over the 4 query heads (not repeated): the prefix's is too.
+    ("falcon-mqa-nopast-tiny", "falcon-mqa-tiny"),
+    // A sliding window computed in the graph (6 < prefix 4 + 7): later queries do not see the first prefix
+    // positions (with them all visible the loss was 3.7e-3 away from PEFT's).
+    ("mistral-window-nopast-tiny", "mistral-window-tiny"),
+    // The same on every other layer (Gemma 2), the other layers seeing the whole prefix.
+    ("gemma2-nopast-tiny", "gemma2-tiny"),
+];
+
 /// Exports without past (`--task text-generation`, the same weights as their with-past fixtures, whose references
 /// they use) get the prefix at their attention sites. OPT's positions are numbered from the mask as transformers'
 /// OPT numbers them under PEFT, so the batch's left-padded row (row 2) gives PEFT's loss too (numbered P + t it
@@ -125,25 +146,27 @@ fn loss_and_gradients_equal_peft() {
 #[test]
 fn exports_without_past_equal_peft() {
     for mode in MODES {
-        check_training("opt-nopast-tiny", mode, &reference("opt-tiny", mode));
-        check_training("gptneo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
-        // Rotary and grouped-query: positions P + t through its position_ids, the prefix's 2 key/value heads
-        // repeated for the 4 query heads at each attention, as PEFT's cache is.
-        check_training("llama-gqa-nopast-tiny", mode, &reference("llama-gqa-tiny", mode));
-        // Qwen3's wide heads; Phi-3's fused QKV; Gemma's export has no position_ids input (angles from
-        // cache_position, which its causal mask reads too): it gets one, the mask keeps its own.
-        check_training("qwen3-nopast-tiny", mode, &reference("qwen3-tiny", mode));
-        check_training("phi3-nopast-tiny", mode, &reference("phi3-tiny", mode));
-        check_training("gemma-nopast-tiny", mode, &reference("gemma-tiny", mode));
-        // One key/value head broadcast over the 4 query heads (not repeated): the prefix's is too.
-        check_training("falcon-mqa-nopast-tiny", mode, &reference("falcon-mqa-tiny", mode));
-        // A sliding window computed in the graph (6 < prefix 4 + 7): later queries do not see the first prefix
-        // positions (with them all visible the loss was 3.7e-3 away from PEFT's).
-        check_training("mistral-window-nopast-tiny", mode, &reference("mistral-window-tiny", mode));
-        // The same on every other layer (Gemma 2), the other layers seeing the whole prefix.
-        check_training("gemma2-nopast-tiny", mode, &reference("gemma2-tiny", mode));
+        for &(export, weights) in NO_PAST_EXPORTS {
+            check_training(export, mode, &reference(weights, mode));
+        }
     }
 }
+
+/// (export, the fixture whose PEFT references it shares).
+const DYNAMO_EXPORTS: &[(&str, &str)] = &[
+    ("opt-dynamo-tiny", "opt-tiny"),
+    ("opt-dynamo-nopast-tiny", "opt-tiny"),
+    ("gptneo-dynamo-nopast-tiny", "gptneo-tiny"),
+    ("llama-dynamo-tiny", "llama-tiny"),
+    // Without past, rotary angles from cache_position: they get position ids P + t.
+    ("llama-dynamo-nopast-tiny", "llama-gqa-tiny"),
+    // GELU as one opset-20 `Gelu` node; Qwen3's wide heads as dynamo writes them.
+    ("gemma-dynamo-tiny", "gemma-tiny"),
+    ("qwen3-dynamo-tiny", "qwen3-tiny"),
+    // Multi-query Falcon's key and value picked by GatherND (rewritten as slices).
+    ("falcon-mqa-dynamo-tiny", "falcon-mqa-tiny"),
+    ("falcon-mqa-dynamo-nopast-tiny", "falcon-mqa-tiny"),
+];
 
 /// torch.onnx dynamo exports of the same HF folders (references: theirs). OPT's numbers its positions from the mask
 /// inside the graph (optimum's adds 2 to a position_ids input): without past the left-padded row's loss equals
@@ -153,18 +176,9 @@ fn exports_without_past_equal_peft() {
 #[test]
 fn dynamo_exports_equal_peft() {
     for mode in MODES {
-        check_training("opt-dynamo-tiny", mode, &reference("opt-tiny", mode));
-        check_training("opt-dynamo-nopast-tiny", mode, &reference("opt-tiny", mode));
-        check_training("gptneo-dynamo-nopast-tiny", mode, &reference("gptneo-tiny", mode));
-        check_training("llama-dynamo-tiny", mode, &reference("llama-tiny", mode));
-        // Without past, rotary angles from cache_position: they get position ids P + t.
-        check_training("llama-dynamo-nopast-tiny", mode, &reference("llama-gqa-tiny", mode));
-        // GELU as one opset-20 `Gelu` node; Qwen3's wide heads as dynamo writes them.
-        check_training("gemma-dynamo-tiny", mode, &reference("gemma-tiny", mode));
-        check_training("qwen3-dynamo-tiny", mode, &reference("qwen3-tiny", mode));
-        // Multi-query Falcon's key and value picked by GatherND (rewritten as slices).
-        check_training("falcon-mqa-dynamo-tiny", mode, &reference("falcon-mqa-tiny", mode));
-        check_training("falcon-mqa-dynamo-nopast-tiny", mode, &reference("falcon-mqa-tiny", mode));
+        for &(export, weights) in DYNAMO_EXPORTS {
+            check_training(export, mode, &reference(weights, mode));
+        }
     }
     // OPT's position table serves 64 positions in the dynamo export too.
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-dynamo-opt-positions");
@@ -235,14 +249,8 @@ fn gqa_adapter_round_trips_as_peft_saves_it() {
 #[test]
 fn greedy_tokens_equal_peft() {
     // The dynamo exports compute their positions in the graph: OPT's generation graphs read the table 2 rows in,
-    // Llama's rotate by the position ids, not the cache slots.
-    let dynamo = [
-        ("opt-dynamo-tiny", "opt-tiny"),
-        ("llama-dynamo-tiny", "llama-tiny"),
-        ("gemma-dynamo-tiny", "gemma-tiny"),
-        ("qwen3-dynamo-tiny", "qwen3-tiny"),
-        ("falcon-mqa-dynamo-tiny", "falcon-mqa-tiny"),
-    ];
+    // Llama's rotate by the position ids, not the cache slots. (Exports without past have no generation graphs.)
+    let dynamo = DYNAMO_EXPORTS.iter().copied().filter(|(export, _)| !export.contains("nopast"));
     let exports = FAMILIES.iter().map(|&f| (f, f)).chain(dynamo);
     for mode in MODES {
         for (family, weights) in exports.clone() {
