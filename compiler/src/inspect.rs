@@ -195,47 +195,102 @@ pub fn check_supported(g: &Graph, path: &std::path::Path, family: Family) -> Res
     }
 }
 
+/// The JSON file `name` (config.json, generation_config.json) beside an export, with its path; `None` when there
+/// is none. A file that is there but unreadable or not JSON is an error naming it: read as "no setting" it could
+/// silently drop an end token or a window (transformers refuses such a file too).
+fn json_beside(export: &std::path::Path, name: &str) -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
+    let Some(path) = export.parent().map(|d| d.join(name)) else { return Ok(None) };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+    };
+    let value = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid JSON ({e}): pfx reads model_type, eos_token_id and sliding_window from it; fix the file \
+             or move it away",
+            path.display()
+        )
+    })?;
+    Ok(Some((path, value)))
+}
+
+/// The value of `key` in the JSON file `name` beside an export; `None` when the file or the key is absent or the
+/// value is null (as transformers writes an unset setting).
+fn setting_beside(
+    export: &std::path::Path,
+    name: &str,
+    key: &str,
+) -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
+    Ok(json_beside(export, name)?.and_then(|(path, mut v)| match v.get_mut(key).map(serde_json::Value::take) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => Some((path, value)),
+    }))
+}
+
 /// `model_type` from the `config.json` beside an export, if there is one that says.
-pub fn config_model_type(export: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(export.parent()?.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(config.get("model_type")?.as_str()?.to_string())
+pub fn config_model_type(export: &std::path::Path) -> Result<Option<String>> {
+    let Some((path, v)) = setting_beside(export, "config.json", "model_type")? else { return Ok(None) };
+    match v.as_str() {
+        Some(t) => Ok(Some(t.to_string())),
+        None => anyhow::bail!("{}: model_type is {v}, not a name such as \"gpt2\" or \"llama\"", path.display()),
+    }
 }
 
 /// The end-of-text token id of the model beside an export: `eos_token_id` of its `config.json`, else of its
 /// `generation_config.json` (the first one where it is a list, as Llama 3's and Qwen's generation configs have).
 /// pfxrun's text commands end the prompt and the target with it for models with their own tokens.
-pub fn config_eos_token_id(export: &std::path::Path) -> Option<u32> {
-    ["config.json", "generation_config.json"].iter().find_map(|name| eos_ids_in(export, name)?.first().copied())
+pub fn config_eos_token_id(export: &std::path::Path) -> Result<Option<u32>> {
+    for name in ["config.json", "generation_config.json"] {
+        if let Some(ids) = eos_ids_in(export, name)? {
+            return Ok(ids.first().copied());
+        }
+    }
+    Ok(None)
 }
 
-/// The `eos_token_id` (one id or a list) of the JSON file `name` beside an export, if it has one.
-fn eos_ids_in(export: &std::path::Path, name: &str) -> Option<Vec<u32>> {
-    let text = std::fs::read_to_string(export.parent()?.join(name)).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let id = |v: &serde_json::Value| u32::try_from(v.as_u64()?).ok();
-    Some(match config.get("eos_token_id")? {
-        serde_json::Value::Array(ids) => ids.iter().filter_map(id).collect(),
-        one => vec![id(one)?],
-    })
+/// The `eos_token_id` (one id or a list) of the JSON file `name` beside an export, if it has one. Anything but
+/// token ids there is an error: generation would otherwise not stop where the model's own `generate` does.
+fn eos_ids_in(export: &std::path::Path, name: &str) -> Result<Option<Vec<u32>>> {
+    let Some((path, v)) = setting_beside(export, name, "eos_token_id")? else { return Ok(None) };
+    let id = |v: &serde_json::Value| v.as_u64().and_then(|i| u32::try_from(i).ok());
+    let ids = match &v {
+        serde_json::Value::Array(ids) => ids.iter().map(id).collect(),
+        one => id(one).map(|i| vec![i]),
+    };
+    match ids {
+        Some(ids) => Ok(Some(ids)),
+        None => anyhow::bail!(
+            "{}: eos_token_id is {v}; expected a token id (a whole number from 0) or a list of them",
+            path.display()
+        ),
+    }
 }
 
 /// Every end-of-sequence id Hugging Face's `generate` stops at for the model beside an export: the `eos_token_id`
 /// of its `generation_config.json` (which `generate` reads), else of its `config.json`; one id or a list (Llama 3's
 /// chat models list `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`).
-pub fn config_eos_token_ids(export: &std::path::Path) -> Vec<u32> {
-    ["generation_config.json", "config.json"].iter().find_map(|name| eos_ids_in(export, name)).unwrap_or_default()
+pub fn config_eos_token_ids(export: &std::path::Path) -> Result<Vec<u32>> {
+    for name in ["generation_config.json", "config.json"] {
+        if let Some(ids) = eos_ids_in(export, name)? {
+            return Ok(ids);
+        }
+    }
+    Ok(vec![])
 }
 
 /// The `sliding_window` of the `config.json` beside an export (Mistral's, Gemma's, Qwen2's when
 /// `use_sliding_window` is on): keys more than that many positions back are not attended to.
-pub fn config_sliding_window(export: &std::path::Path) -> Option<usize> {
-    let text = std::fs::read_to_string(export.parent()?.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    if config.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(false) {
-        return None;
+pub fn config_sliding_window(export: &std::path::Path) -> Result<Option<usize>> {
+    let off = setting_beside(export, "config.json", "use_sliding_window")?;
+    if off.is_some_and(|(_, v)| v == serde_json::Value::Bool(false)) {
+        return Ok(None);
     }
-    config.get("sliding_window")?.as_u64().map(|w| w as usize)
+    let Some((path, v)) = setting_beside(export, "config.json", "sliding_window")? else { return Ok(None) };
+    match v.as_u64() {
+        Some(w) => Ok(Some(w as usize)),
+        None => anyhow::bail!("{}: sliding_window is {v}; expected a number of tokens", path.display()),
+    }
 }
 
 /// Sliding windows an export computes from token indices, as transformers 5's masks do for Mistral and Gemma:
@@ -717,15 +772,45 @@ mod tests {
         let export = dir.join("model.onnx");
         let write =
             |name: &str, ids: &str| std::fs::write(dir.join(name), format!("{{\"eos_token_id\": {ids}}}")).unwrap();
-        assert_eq!((config_eos_token_id(&export), config_eos_token_ids(&export)), (None, vec![]));
+        let both = || (config_eos_token_id(&export).unwrap(), config_eos_token_ids(&export).unwrap());
+        assert_eq!(both(), (None, vec![]));
         write("config.json", "[128001, 128008, 128009]");
-        assert_eq!(
-            (config_eos_token_id(&export), config_eos_token_ids(&export)),
-            (Some(128001), vec![128001, 128008, 128009])
-        );
+        assert_eq!(both(), (Some(128001), vec![128001, 128008, 128009]));
         write("config.json", "128009");
         write("generation_config.json", "[128001, 128009]");
-        assert_eq!((config_eos_token_id(&export), config_eos_token_ids(&export)), (Some(128009), vec![128001, 128009]));
+        assert_eq!(both(), (Some(128009), vec![128001, 128009]));
+        // An unset id (null) is no id: generate falls back to config.json's, as transformers does.
+        write("generation_config.json", "null");
+        assert_eq!(both(), (Some(128009), vec![128009]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A config.json or generation_config.json that is there but broken, or holds something else than token ids
+    /// or a window, is an error naming the file, not a silent "no setting".
+    #[test]
+    fn broken_model_json_files_are_errors_naming_them() {
+        let dir = std::env::temp_dir().join(format!("pfx-inspect-broken-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let export = dir.join("model.onnx");
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        let message = |r: Result<Vec<u32>>| format!("{:#}", r.unwrap_err());
+        write("generation_config.json", "{");
+        let m = message(config_eos_token_ids(&export));
+        assert!(m.contains("generation_config.json is not valid JSON"), "{m}");
+        for odd in ["[2.0]", "[95, -1]", "\"</s>\"", "4294967296"] {
+            write("generation_config.json", &format!("{{\"eos_token_id\": {odd}}}"));
+            let m = message(config_eos_token_ids(&export));
+            assert!(m.contains("generation_config.json: eos_token_id is"), "{odd}: {m}");
+            assert!(config_eos_token_id(&export).unwrap_err().to_string().contains("eos_token_id"));
+        }
+        write("config.json", "{\"model_type\": 3, \"sliding_window\": \"4k\"}");
+        assert!(config_model_type(&export).unwrap_err().to_string().contains("config.json: model_type is 3"));
+        assert!(config_sliding_window(&export).unwrap_err().to_string().contains("sliding_window is \"4k\""));
+        write("config.json", "{\"model_type\": \"qwen2\", \"sliding_window\": null}");
+        assert_eq!(config_model_type(&export).unwrap().as_deref(), Some("qwen2"));
+        assert_eq!(config_sliding_window(&export).unwrap(), None);
+        write("config.json", "{\"use_sliding_window\": false, \"sliding_window\": \"4k\"}");
+        assert_eq!(config_sliding_window(&export).unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

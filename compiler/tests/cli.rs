@@ -264,3 +264,27 @@ fn a_failed_write_of_the_results_is_an_error_not_a_crash() {
         .unwrap();
     fails_with(&out, &["failed printing to stdout", "No space left on device"]);
 }
+
+/// A broken generation_config.json beside an export is refused by compile before any work, naming the file (read
+/// as "no setting" it would drop the end ids generation stops at); inspect still describes the graph, warning.
+#[test]
+fn a_broken_model_json_file_is_refused_by_compile_named_by_inspect() {
+    let d = tmp("brokenjson");
+    let export = d.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    for f in ["model.onnx", "config.json"] {
+        std::fs::copy(graphs().join("llama-gqa-tiny").join(f), export.join(f)).unwrap();
+    }
+    std::fs::write(export.join("generation_config.json"), "{\"eos_token_id\": [2, 95,]}").unwrap();
+    let args = ["--prefix-len", "2", "--batch", "2", "--seq", "6", "--max-new", "0"];
+    let out = d.join("bundle");
+    let o = pfxc(&[&["compile", s(&export.join("model.onnx")), "-o", s(&out)][..], &args].concat());
+    fails_with(&o, &["generation_config.json is not valid JSON", "line 1", "fix the file or move it away"]);
+    assert!(!out.join("manifest.json").exists());
+    let o = pfxc(&["inspect", s(&export.join("model.onnx"))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("config.json: llama"));
+    std::fs::write(export.join("generation_config.json"), "{\"eos_token_id\": [2, -1]}").unwrap();
+    let o = pfxc(&[&["compile", s(&export.join("model.onnx")), "-o", s(&out)][..], &args].concat());
+    fails_with(&o, &["generation_config.json: eos_token_id is [2,-1]", "a whole number"]);
+}

@@ -154,7 +154,11 @@ fn run(cli: Cli) -> Result<()> {
             for path in &graphs {
                 let m = onnx_io::load(path)?;
                 let mut info = inspect::inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
-                info.config_model_type = inspect::config_model_type(path);
+                // The graph is described even beside a broken config.json (compile refuses it).
+                info.config_model_type = inspect::config_model_type(path).unwrap_or_else(|e| {
+                    eprintln!("warning: {e:#}");
+                    None
+                });
                 if json {
                     infos.insert(path.display().to_string(), serde_json::to_value(&info)?);
                 } else {

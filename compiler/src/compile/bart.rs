@@ -793,6 +793,8 @@ pub fn read_bart_spec(bundle: &Path) -> Result<Option<BartSpec>> {
 /// weights.bin, prefix.init.safetensors and manifest.json (family "bart", with a "bart" section).
 pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Manifest> {
     super::bundle_dir::BundleDir::check(out_dir, dir, "export")?;
+    // Every id HF's generate stops at (its generation_config.json's); read first, so a broken file is refused early.
+    let eos_token_ids = crate::inspect::config_eos_token_ids(&dir.join("config.json"))?;
     let mut c = compile_bart_models(dir, opts)?;
     let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
@@ -858,8 +860,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         model_type: Some("bart".into()),
         // BART's own end token is in its "bart" section (its text commands have their own format).
         eos_token_id: None,
-        // Every id HF's generate stops at (its generation_config.json's); the decoder stops at them too.
-        eos_token_ids: crate::inspect::config_eos_token_ids(&dir.join("config.json")),
+        eos_token_ids,
     };
     let spec = BartSpec {
         mode: opts.mode,

@@ -136,7 +136,7 @@ pub(super) fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
 pub(super) fn refuse_unread_window(g: &Graph, source: &std::path::Path, gs: &GenShape, p: usize) -> Result<()> {
     let read = !crate::inspect::computed_windows(g).is_empty()
         || crate::inspect::local_windows(g).is_ok_and(|w| !w.is_empty());
-    let Some(w) = crate::inspect::config_sliding_window(source).filter(|_| !read) else { return Ok(()) };
+    let Some(w) = crate::inspect::config_sliding_window(source)?.filter(|_| !read) else { return Ok(()) };
     let capacity = gs.capacity(p);
     if capacity >= w {
         bail!(

@@ -472,6 +472,10 @@ pub(crate) fn training_graphs(
 pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
     let export_dir = source.parent().unwrap_or(Path::new("."));
     bundle_dir::BundleDir::check(out_dir, export_dir, "export")?;
+    // The model's JSON files first: a broken one is refused before minutes of compiling.
+    let model_type = crate::inspect::config_model_type(source)?;
+    let eos_token_id = crate::inspect::config_eos_token_id(source)?;
+    let eos_token_ids = crate::inspect::config_eos_token_ids(source)?;
     let mut c = compile_models(source, opts)?;
     let trainables = c.shape.trainables("");
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
@@ -520,9 +524,9 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         baked: false,
         weights_dtype: opts.weights,
         tokenizer,
-        model_type: crate::inspect::config_model_type(source),
-        eos_token_id: crate::inspect::config_eos_token_id(source),
-        eos_token_ids: crate::inspect::config_eos_token_ids(source),
+        model_type,
+        eos_token_id,
+        eos_token_ids,
     };
     dir.finish(&serde_json::to_string_pretty(&manifest)?)?;
     Ok(manifest)
