@@ -20,7 +20,11 @@ import numpy as np
 import onnx
 import torch
 import transformers
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
+
+# The export wrapper and the metadata stripping of graphs/make_fixtures.py, so the two exports stay the same.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "graphs"))
+from fixture_common import WithPast, strip_node_metadata  # noqa: E402
 
 # The sizes of the peer script (/work/shared/tools/gpu/peft_step.py); vocabulary 50257, 1024 positions.
 SIZES = {
@@ -30,33 +34,6 @@ SIZES = {
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
 }
 SEED = 20261127
-KEEP_NODE_METADATA = {"pkg.torch.onnx.name_scopes"}
-
-
-class WithPast(torch.nn.Module):
-    """Flat tensors in and out: (ids, mask, k0, v0, k1, v1, ...) -> (logits, pk0, pv0, ...)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.n_layer = model.config.n_layer
-
-    def forward(self, input_ids, attention_mask, *past):
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-        flat = [out.logits]
-        for layer in out.cache.layers:
-            flat += [layer.keys, layer.values]
-        return tuple(flat)
-
-
-def strip_node_metadata(proto):
-    """Drop the exporter's per-node debug metadata (stack traces, FX node text), keep the name scopes."""
-    for node in proto.graph.node:
-        keep = [p for p in node.metadata_props if p.key in KEEP_NODE_METADATA]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
-    return proto
 
 
 def main():

@@ -34,9 +34,12 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The export wrapper of graphs/make_fixtures.py (the gpt2-dynamo-past fixture) and its metadata stripping.
+sys.path.insert(0, os.path.dirname(HERE))
+from fixture_common import WithPast, strip_node_metadata  # noqa: E402
 SEED = 20261128
 EOT = "<|endoftext|>"
 VOCAB = 2048
@@ -192,34 +195,6 @@ def pretrain(model, train_ids, test_ids, log, epochs=EPOCHS):
 
 
 # ------------------------------------------------------------------------------------------------ export
-class WithPast(torch.nn.Module):
-    """Flat tensors in and out: (ids, mask, k0, v0, k1, v1, ...) -> (logits, pk0, pv0, ...).
-    Same wrapper as graphs/make_fixtures.py (the gpt2-dynamo-past fixture)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.n_layer = model.config.n_layer
-
-    def forward(self, input_ids, attention_mask, *past):
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layer)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-        flat = [out.logits]
-        for layer in out.cache.layers:
-            flat += [layer.keys, layer.values]
-        return tuple(flat)
-
-
-KEEP_NODE_METADATA = {"pkg.torch.onnx.name_scopes"}
-
-
-def strip_node_metadata(proto):
-    """Drop the exporter's per-node debug metadata (stack traces with this machine's paths); keep name_scopes."""
-    for node in proto.graph.node:
-        keep = [p for p in node.metadata_props if p.key in KEEP_NODE_METADATA]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
-    return proto
 
 
 def io_names(n_layer):
