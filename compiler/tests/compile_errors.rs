@@ -217,4 +217,7 @@ fn lookalike_exports_are_refused() {
         .unwrap();
     let bart = ["--bart-prefix", "peft", "--prefix-len", "2", "--batch", "2", "--src-len", "5", "--tgt-len", "4"];
     fails_with(&compile(&folder, &bart, &d.join("b")), &["says model_type \"t5\"", "BART exports only"]);
+    // One that does not say: Marian, mBART and Pegasus exports compile into wrong graphs on the BART path.
+    std::fs::write(folder.join("config.json"), cfg.replace("\"model_type\": \"bart\",", "")).unwrap();
+    fails_with(&compile(&folder, &bart, &d.join("b")), &["no model_type", "add \"model_type\": \"bart\""]);
 }

@@ -212,14 +212,23 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
     })?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-    // Other encoder-decoders (T5, mBART, Marian, Pegasus) export the same graph names with other attention,
-    // positions or normalization.
-    if let Some(other) = cfg.get("model_type").and_then(|t| t.as_str()).filter(|t| *t != "bart") {
-        bail!(
+    // Other encoder-decoders (T5, mBART, Marian, Pegasus, M2M100) export the same graph names with other attention,
+    // positions, normalization or decoder inputs, and compile without complaint: some would then generate or train
+    // wrong (Marian's positions start at row 0 of their table, mBART starts the decoder with the language code). So
+    // the config must say BART.
+    match cfg.get("model_type").and_then(|t| t.as_str()) {
+        Some("bart") => {}
+        Some(other) => bail!(
             "{} says model_type \"{other}\": the BART path compiles BART exports only (pfx checks its graphs against \
              BART's PyTorch code)",
             cfg_path.display()
-        );
+        ),
+        None => bail!(
+            "{} does not say which model this is (no model_type): the BART path compiles BART exports only, and \
+             encoder-decoders exported in BART's layout (Marian, mBART, Pegasus, M2M100) would compile into wrong \
+             graphs. If the export is BART's, add \"model_type\": \"bart\" to it",
+            cfg_path.display()
+        ),
     }
     let int = |k: &str| -> Result<i64> {
         cfg.get(k)
