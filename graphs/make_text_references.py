@@ -10,13 +10,18 @@ have:
 - graphs/tokenizers/opt-style/: GPT2Tokenizer as OPT's (byte-level BPE, `</s>` added before a text), 320 ids;
 - graphs/tokenizers/llama-eos-style/: llama-style's, also adding `</s>` after a text (add_eos_token);
 - graphs/tokenizers/qwen-style/: Qwen2Tokenizer (byte-level BPE, nothing added around a text, `<|endoftext|>` the
-  end of text), 300 ids.
+  end of text), 300 ids;
+- graphs/tokenizers/pegasus-style/: PegasusTokenizer (SentencePiece-style Unigram, `</s>` added after a text and
+  nothing before, as Pegasus's and Marian's tokenizers do), for the encoder-decoders of BART's layout.
 
 Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
 - graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
   examples/data/e2e_test.txt, the prompt `tokenizer(source) + [eos]` (no second EOS when the tokenizer ends a
   text with it) and the labelled part
   `tokenizer(target, add_special_tokens=False) + [eos]`;
+- graphs/tokenizers/seq2seq-format-cases.json: for pegasus-style, the source ids `tokenizer(source)` and the labels
+  `tokenizer(text_target=target)` of the first examples of examples/data/e2e_test.txt, as a Pegasus or Marian
+  fine-tuning script makes them;
 - graphs/peft-decoders/text-llama-gqa-tiny.json: the tiny GQA Llama with PEFT's saved adapter
   (graphs/peft-decoders/adapter-llama-gqa-tiny) and the llama-style tokenizer: the mean loss over the examples of
   graphs/peft-decoders/text-e2e.txt (rows of SEQ tokens, right-padded), and the greedy text of each source.
@@ -116,6 +121,39 @@ def make_qwen_style():
     return save(Qwen2Tokenizer(vocab=vocab, merges=merges), "qwen-style")
 
 
+def make_pegasus_style():
+    import math
+    from collections import Counter
+
+    from transformers import PegasusTokenizer
+
+    # A Unigram vocabulary made by counting rather than by the trainer (whose choice among pieces of equal score
+    # varies from run to run): the 120 most frequent words with their word-start mark, then every character
+    # alone and after the mark, scored by log frequency, so that reruns give the same file.
+    words = Counter(w for text in train_texts() for w in text.split())
+    chars = Counter(c for text in train_texts() for c in text if not c.isspace())
+    total = sum(words.values()) + sum(chars.values())
+    pieces = {"\u2581" + w: n for w, n in words.most_common(120)}
+    for c, n in chars.items():
+        pieces.setdefault(c, n)
+        pieces.setdefault("\u2581" + c, n)
+    pieces["\u2581"] = total
+    scored = sorted(((p, round(math.log(n / total), 6)) for p, n in pieces.items()), key=lambda v: (-v[1], v[0]))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + scored
+    # offset=0: no reserved <unk_N> ids (real Pegasus has 103), so the ids stay few.
+    return save(PegasusTokenizer(vocab=vocab, offset=0), "pegasus-style")
+
+
+def seq2seq_cases(folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    pairs = e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]
+    return {"eos": tok.eos_token_id, "pad": tok.pad_token_id,
+            "cases": [{"source": s, "target": t, "input_ids": tok(s)["input_ids"],
+                       "labels": tok(text_target=t)["input_ids"]} for s, t in pairs]}
+
+
 def prompt_ids(tok, source):
     ids = tok(source)["input_ids"]
     # A tokenizer that ends a text with EOS itself (add_eos_token) has closed the source already.
@@ -208,6 +246,7 @@ def main():
     folders = {"llama-style": llama_style, "opt-style": make_opt_style(), "llama-eos-style": llama_eos_style,
                "qwen-style": make_qwen_style()}
     write_json(os.path.join(TOKENIZERS, "model-format-cases.json"), format_cases(folders))
+    write_json(os.path.join(TOKENIZERS, "seq2seq-format-cases.json"), {"pegasus-style": seq2seq_cases(make_pegasus_style())})
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)
     write_json(os.path.join(HERE, "peft-decoders/text-llama-gqa-tiny.json"), peft_text_reference(folders["llama-style"]))

@@ -340,18 +340,11 @@ pub fn computed_window_sites(g: &Graph) -> Vec<(usize, usize)> {
 /// `attention_mask` input in the graph. GPT-2, GPT-Neo and Llama number every row P + t.
 pub fn positions_from_mask(g: &Graph) -> bool {
     let prod = g.producers();
-    let is_two =
-        |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).map(|x| x.len() == 1 && x[0] == 2).unwrap_or(false);
     let numbered = |v: &str| v == "position_ids" || computed_from(g, &prod, v, |x| x == "attention_mask");
     g.nodes.iter().any(|n| {
         n.op == "Gather"
             && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
-            && prod.get(&n.inputs[1]).map(|&i| &g.nodes[i]).is_some_and(|a| {
-                a.op == "Add"
-                    && a.inputs.len() == 2
-                    && ((numbered(&a.inputs[0]) && is_two(&a.inputs[1]))
-                        || (numbered(&a.inputs[1]) && is_two(&a.inputs[0])))
-            })
+            && prod.get(&n.inputs[1]).and_then(|&i| plus_two_of(g, &g.nodes[i])).is_some_and(numbered)
     })
 }
 
@@ -503,11 +496,41 @@ pub fn usable_positions(g: &Graph, family: Family, rows: usize) -> usize {
 }
 
 /// The row of a canonical graph's position table that position 0 reads: 2 for BART's and OPT's learned positions.
+/// A graph in BART's layout whose lookup does not add the 2 (Marian's, Pegasus's and BlenderBot-small's tables,
+/// sinusoidal or learned, start at row 0) reads from row 0.
 pub fn table_offset(g: &Graph, family: Family) -> usize {
     match family {
-        Family::BartEncoder | Family::BartDecoder => 2,
+        Family::BartEncoder | Family::BartDecoder => {
+            let prod = g.producers();
+            let adds_two = g.nodes.iter().any(|n| {
+                is_position_lookup(g, n)
+                    && prod.get(&n.inputs[1]).is_some_and(|&i| plus_two_of(g, &g.nodes[i]).is_some())
+            });
+            if adds_two {
+                2
+            } else {
+                0
+            }
+        }
         _ if positions_from_mask(g) => 2,
         _ => 0,
+    }
+}
+
+/// Whether `n` looks rows up in a constant 2-D table by an index that is not the tokens' (the position lookup).
+fn is_position_lookup(g: &Graph, n: &crate::ir::Node) -> bool {
+    n.op == "Gather"
+        && g.initializers.get(&n.inputs[0]).is_some_and(|t| t.shape.len() == 2)
+        && !token_index_values(g).contains(&n.inputs[1])
+}
+
+/// The other input of `n` when `n` adds a constant 2 to it (the row offset of BART's and OPT's tables).
+fn plus_two_of<'a>(g: &Graph, n: &'a crate::ir::Node) -> Option<&'a str> {
+    let is_two = |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).is_some_and(|x| x.len() == 1 && x[0] == 2);
+    match n.inputs.as_slice() {
+        [a, b] if n.op == "Add" && is_two(b) => Some(a),
+        [a, b] if n.op == "Add" && is_two(a) => Some(b),
+        _ => None,
     }
 }
 

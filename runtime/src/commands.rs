@@ -136,7 +136,8 @@ fn encode_file(bundle: &Bundle, tok: &Tokenizer, path: &Path, overlong: Overlong
         eprintln!("warning: {w}");
     }
     let (rows, report) = match bart_spec(bundle)? {
-        Some(b) => SourceTarget::new(tok, b.pad_token_id)?.encode_dataset(&data, b.src_len, b.tgt_len, overlong)?,
+        Some(b) => SourceTarget::new(tok, b.pad_token_id, bundle.manifest.model_type.as_deref())?
+            .encode_dataset(&data, b.src_len, b.tgt_len, overlong)?,
         None => text_format(bundle, tok)?.encode_dataset(&data, bundle.manifest.seq_len, overlong)?,
     };
     eprintln!("{what} {}: {report}", path.display());
@@ -437,7 +438,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let mut model: Box<SearchFn>;
     let (rows, prompts) = if let Some(b) = bart_spec(&bundle)? {
         let spec = b.generation.clone().ok_or_else(no_generation)?;
-        let fmt = SourceTarget::new(&tok, b.pad_token_id)?;
+        let fmt = SourceTarget::new(&tok, b.pad_token_id, bundle.manifest.model_type.as_deref())?;
         cfg.eos = Some(fmt.eos_id());
         cfg.pad = fmt.pad_id();
         let mut prompts = Vec::new();

@@ -1,6 +1,7 @@
-//! Source/target rows for encoder-decoder bundles (BART), in Hugging Face's fine-tuning convention: the source
-//! is `<s> source </s>` right-padded to S, the labels are `<s> target </s>` padded with -100 to T (the
-//! decoder's inputs are derived from them inside the graph, shifted right behind the decoder start token).
+//! Source/target rows for encoder-decoder bundles (BART's layout), in Hugging Face's fine-tuning convention: the
+//! source is the text as the model's tokenizer frames it (`<s> source </s>` for BART, `source </s>` for Marian and
+//! Pegasus) right-padded to S, the labels the target framed the same way and padded with -100 to T (the decoder's
+//! inputs are derived from them inside the graph, shifted right behind the decoder start token).
 
 use anyhow::{anyhow, bail, Result};
 
@@ -9,23 +10,31 @@ use crate::tokenize::Tokenizer;
 
 pub struct SourceTarget<'t> {
     tok: &'t Tokenizer,
-    bos: u32,
+    /// `<s>` before every text (BART), or nothing (Marian, Pegasus).
+    bos: Option<u32>,
     eos: u32,
     pad: i64,
 }
 
 impl<'t> SourceTarget<'t> {
-    /// `pad` comes from the bundle (the export's config); `<s>` and `</s>` from the tokenizer.
-    pub fn new(tok: &'t Tokenizer, pad: i64) -> Result<Self> {
-        let id = |t: &str| {
+    /// `pad` comes from the bundle (the export's config), `model_type` from its manifest (BART when it has none);
+    /// `<s>` and `</s>` from the tokenizer.
+    pub fn new(tok: &'t Tokenizer, pad: i64, model_type: Option<&str>) -> Result<Self> {
+        let id = |t: &str, frame: &str| {
             tok.token_id(t).ok_or_else(|| {
-                anyhow!(
-                    "tokenizer {} has no `{t}` token; BART's tokenizer.json has <s> and </s>",
-                    tok.origin().display()
-                )
+                anyhow!("tokenizer {} has no `{t}` token, which {frame} around every text", tok.origin().display())
             })
         };
-        Ok(SourceTarget { tok, bos: id("<s>")?, eos: id("</s>")?, pad })
+        Ok(match model_type.unwrap_or("bart") {
+            "bart" => {
+                let frame = "BART's format puts `<s>` and `</s>`";
+                SourceTarget { tok, bos: Some(id("<s>", frame)?), eos: id("</s>", frame)?, pad }
+            }
+            other => {
+                let frame = format!("{other}'s format puts after");
+                SourceTarget { tok, bos: None, eos: id("</s>", &frame)?, pad }
+            }
+        })
     }
 
     pub fn eos_id(&self) -> i64 {
@@ -36,9 +45,10 @@ impl<'t> SourceTarget<'t> {
         self.pad
     }
 
-    /// `<s> text </s>` without the tokenizer's own post-processing (so any tokenizer.json gives the same ids).
+    /// `<s> text </s>` (BART) or `text </s>` without the tokenizer's own post-processing (so any tokenizer.json
+    /// gives the same ids).
     fn wrap(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = vec![self.bos];
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
         ids.extend(self.tok.encode(text.trim())?);
         ids.push(self.eos);
         Ok(ids)

@@ -62,7 +62,7 @@ fn write_jsonl(dir: &Path) -> PathBuf {
 #[test]
 fn source_target_rows_follow_hf() {
     let tok = Tokenizer::from_file(model_dir().join("tokenizer.json")).unwrap();
-    let fmt = SourceTarget::new(&tok, 1).unwrap();
+    let fmt = SourceTarget::new(&tok, 1, Some("bart")).unwrap();
     let dir = scratch("bart_rows");
     let data = read_examples(write_jsonl(&dir)).unwrap();
     let ex = &data.examples[0];
@@ -94,6 +94,43 @@ fn source_target_rows_follow_hf() {
     assert!(!rows.is_empty() && rows.len() + report.skipped == 8 && report.skipped > 0, "{report}");
     let err = fmt.encode_dataset(&data, 8, 72, Overlong::Skip).unwrap_err();
     assert!(format!("{err:#}").contains("--src-len"), "{err:#}");
+}
+
+/// Pegasus's and Marian's tokenizers put `</s>` after a text and nothing before: the rows of a bundle compiled from
+/// such an export hold the ids Hugging Face's `tokenizer(source)` and `tokenizer(text_target=target)` give
+/// (`graphs/make_text_references.py`, a Pegasus-style tokenizer).
+#[test]
+fn source_target_rows_of_pegasus_follow_hf() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("seq2seq-format-cases.json")).unwrap()).unwrap();
+    let want = &all["pegasus-style"];
+    let tok = Tokenizer::from_file(dir.join("pegasus-style")).unwrap();
+    let pad = want["pad"].as_i64().unwrap();
+    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    let cases = want["cases"].as_array().unwrap();
+    let lines: Vec<String> =
+        cases.iter().map(|c| serde_json::json!({"source": c["source"], "target": c["target"]}).to_string()).collect();
+    let scratch = scratch("pegasus_rows");
+    std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
+    let data = read_examples(scratch.join("cases.jsonl")).unwrap();
+    for model_type in ["pegasus", "marian"] {
+        let fmt = SourceTarget::new(&tok, pad, Some(model_type)).unwrap();
+        assert_eq!(fmt.eos_id(), want["eos"].as_i64().unwrap());
+        let (rows, report) = fmt.encode_dataset(&data, 64, 64, Overlong::Skip).unwrap();
+        assert_eq!(report.kept, cases.len());
+        for (row, case) in rows.iter().zip(cases) {
+            let (src, tgt) = (ids(&case["input_ids"]), ids(&case["labels"]));
+            assert_eq!(&row.input_ids[..src.len()], &src[..], "{model_type}: source of {}", case["source"]);
+            assert!(row.input_ids[src.len()..].iter().all(|&t| t == pad));
+            assert_eq!(&row.labels[..tgt.len()], &tgt[..], "{model_type}: labels of {}", case["target"]);
+            assert!(row.labels[tgt.len()..].iter().all(|&t| t == -100));
+            assert_eq!(fmt.encode_source(case["source"].as_str().unwrap(), 64).unwrap().0, src);
+        }
+    }
+    // BART's format needs `<s>`, which this tokenizer does not have: refused, naming it.
+    let e = SourceTarget::new(&tok, pad, None).err().unwrap().to_string();
+    assert!(e.contains("pegasus-style") && e.contains("`<s>`"), "{e}");
 }
 
 #[test]

@@ -111,7 +111,14 @@ pub struct BartExport {
     pub merged: bool,
     pub pad_token_id: i64,
     pub decoder_start_token_id: i64,
+    /// The config's `model_type`: one of [`BART_LAYOUT_MODELS`].
+    pub model_type: String,
 }
+
+/// The `model_type`s the BART path compiles: BART, and the encoder-decoders optimum exports in its layout whose
+/// differences are all inside the graphs (Marian's and Pegasus's sinusoidal positions start at row 0 of their
+/// table, `inspect::table_offset` reads that off the graph).
+pub const BART_LAYOUT_MODELS: &[&str] = &["bart", "marian", "pegasus"];
 
 /// Sizes read off the two graphs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -212,24 +219,27 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
     })?;
     let cfg: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-    // Other encoder-decoders (T5, mBART, Marian, Pegasus, M2M100) export the same graph names with other attention,
-    // positions, normalization or decoder inputs, and compile without complaint: some would then generate or train
-    // wrong (Marian's positions start at row 0 of their table, mBART starts the decoder with the language code). So
-    // the config must say BART.
-    match cfg.get("model_type").and_then(|t| t.as_str()) {
-        Some("bart") => {}
+    // Other encoder-decoders export the same graph names and compile without complaint, some into wrong graphs:
+    // mBART starts the decoder with the language code (its labels' last token), M2M100 numbers positions from the
+    // mask with pad rows in between, T5 has relative attention. So the config must name a model whose differences
+    // from BART live in the graphs (sinusoidal or offset-free position tables, pre-LayerNorm, scaled embeddings)
+    // and that is checked against PyTorch + PEFT (tests/compile_bart.rs, tests/generate_bart.rs).
+    let model_type = match cfg.get("model_type").and_then(|t| t.as_str()) {
+        Some(t) if BART_LAYOUT_MODELS.contains(&t) => t.to_string(),
         Some(other) => bail!(
-            "{} says model_type \"{other}\": the BART path compiles BART exports only (pfx checks its graphs against \
-             BART's PyTorch code)",
-            cfg_path.display()
+            "{} says model_type \"{other}\": the BART path compiles {} exports only (pfx checks their graphs against \
+             their PyTorch code)",
+            cfg_path.display(),
+            BART_LAYOUT_MODELS.join(", ")
         ),
         None => bail!(
-            "{} does not say which model this is (no model_type): the BART path compiles BART exports only, and \
-             encoder-decoders exported in BART's layout (Marian, mBART, Pegasus, M2M100) would compile into wrong \
-             graphs. If the export is BART's, add \"model_type\": \"bart\" to it",
-            cfg_path.display()
+            "{} does not say which model this is (no model_type): the BART path compiles {} exports only, and other \
+             encoder-decoders exported in BART's layout (mBART, M2M100) would compile into wrong graphs. If the \
+             export is one of those, add its \"model_type\" (e.g. \"bart\") to the file",
+            cfg_path.display(),
+            BART_LAYOUT_MODELS.join(", ")
         ),
-    }
+    };
     let int = |k: &str| -> Result<i64> {
         cfg.get(k)
             .and_then(|v| v.as_i64())
@@ -242,6 +252,7 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
         merged,
         pad_token_id: int("pad_token_id")?,
         decoder_start_token_id: int("decoder_start_token_id")?,
+        model_type,
     })
 }
 
@@ -866,7 +877,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         baked: false,
         weights_dtype: opts.weights,
         tokenizer,
-        model_type: Some("bart".into()),
+        model_type: Some(c.export.model_type.clone()),
         // BART's own end token is in its "bart" section (its text commands have their own format).
         eos_token_id: None,
         eos_token_ids,
