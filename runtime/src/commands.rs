@@ -428,13 +428,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let mut cfg = args.cfg.clone();
     // Like HF's generate, stop at any end-of-sequence id the model's generation config lists.
     cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();
-    let no_generation = || {
-        anyhow::anyhow!(
-            "{} has no generation graphs: compile an export with past inputs (BART: with \
-             decoder_with_past_model.onnx, and --max-new above 0)",
-            args.bundle.display()
-        )
-    };
+    let no_generation = || pfx_compiler::compile::no_generation_graphs(&args.bundle);
     let mut model: Box<SearchFn>;
     let (rows, prompts) = if let Some(b) = bart_spec(&bundle)? {
         let spec = b.generation.clone().ok_or_else(no_generation)?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 
 use crate::backend::{Backend, BackendKind, KeptEdit, SlotWrites};
 use crate::bundle::{Bundle, GenerationSpec};
@@ -53,12 +53,7 @@ impl Generator {
         prefix: BTreeMap<String, HostTensor>,
     ) -> Result<Generator> {
         let m = &bundle.manifest;
-        let spec = m.generation.clone().ok_or_else(|| {
-            anyhow!(
-                "{} has no generation graphs: compile an export with past inputs, and --max-new above 0",
-                bundle.dir.display()
-            )
-        })?;
+        let spec = m.generation.clone().ok_or_else(|| pfx_compiler::compile::no_generation_graphs(&bundle.dir))?;
         Ok(Generator {
             prefill: bundle.open_graph("prefill", kind, ort)?,
             decode: bundle.open_graph("decode", kind, ort)?,

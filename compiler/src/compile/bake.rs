@@ -65,11 +65,7 @@ pub fn bake_with(bundle: &Path, prefix: &Path, out: &Path, weights: Option<Weigh
     }
     let roles: Vec<&str> = GENERATION_ROLES.into_iter().filter(|r| manifest.graphs.contains_key(*r)).collect();
     if !roles.contains(&"decode") {
-        bail!(
-            "{} has no generation graphs (prefill/decode, or BART's encode/decode): compile an export with past \
-             inputs to bake",
-            bundle.display()
-        );
+        return Err(super::no_generation_graphs(bundle).context("cannot bake"));
     }
     let names: Vec<String> = manifest.trainable.iter().map(|t| t.name.clone()).collect();
     let values = read_f32_safetensors(prefix, &names)?;

@@ -57,10 +57,11 @@ fn expose_positions(g: &mut Graph) -> Result<()> {
             return Ok(());
         }
         bail!(
-            "the export has no position_ids input and no position table (rotary positions computed from the past \
-             length, as torch.onnx dynamo exports Llama), so the generation graphs cannot number the tokens of a \
-             fixed-size cache: compile with --max-new 0 for the training graphs alone, or export with optimum \
-             (--task text-generation-with-past), whose exports take position_ids"
+            "the export has no position_ids input, no position table and no rotary angles pfx can feed (ALiBi \
+             biases, as Bloom and MPT have, are numbered inside the graph from the cache), so the generation graphs \
+             cannot number the tokens of a fixed-size cache. The training and eval graphs are right (the export \
+             numbers their positions itself): compile with --max-new 0 for them alone; generating from such a model \
+             is not supported"
         );
     }
     prefix::expose_positions(g)

@@ -322,9 +322,12 @@ pub fn build_loss_graph_from(
         // torch.onnx dynamo's Llama computes them from the cache length: given a position_ids input there first.
         if rotary && !g.is_input("position_ids") && !generate::expose_rotary_positions(g)? {
             bail!(
-                "{} has no past inputs, no position-embedding table and no position ids: pfx cannot number its \
-                 tokens after the prefix; export it with past (optimum's --task text-generation-with-past) or with \
-                 position_ids (optimum's --task text-generation)",
+                "{} has no past inputs, no position-embedding table, no position ids and no rotary angles pfx can \
+                 feed (ALiBi biases, as Bloom and MPT have, are numbered inside the graph): pfx cannot number its \
+                 tokens after the prefix. Export the model with past inputs (optimum's --task \
+                 text-generation-with-past) and compile that (with --max-new 0 when its generation is refused too): \
+                 its training graphs take the prefix as past keys and values, and the export numbers the positions \
+                 itself",
                 source.display()
             );
         }
@@ -351,7 +354,18 @@ pub fn build_loss_graph_from(
         past: if with_past { Some(opts.prefix_len) } else { None },
         src_len: None,
     };
-    specialize(&mut model, &dims)?;
+    specialize(&mut model, &dims).map_err(|e| {
+        // A table or bias sized for fewer positions fails here when it is not a position table (MPT's ALiBi).
+        e.context(format!(
+            "specializing {} to batch {} with {} positions (--prefix-len {} + --seq {}): if the model holds fewer \
+             (its config.json's max_position_embeddings, n_positions or max_seq_len), use smaller lengths",
+            source.display(),
+            opts.batch,
+            opts.prefix_len + opts.seq,
+            opts.prefix_len,
+            opts.seq
+        ))
+    })?;
     let g = &mut model.graph;
     let kv = prefix::build_generator(g, &shape, "", opts.batch)?;
     match injection {
@@ -572,6 +586,17 @@ pub(crate) fn graph_io(m: &Model, file: &str, trainables: &[String]) -> GraphIo 
 }
 
 /// Reads a bundle's manifest.
+/// The error for a bundle without generation graphs, saying how such a bundle comes about and what to do.
+pub fn no_generation_graphs(bundle: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} has no generation graphs: it was compiled with --max-new 0, or from an export without past inputs \
+         (BART: without decoder_with_past_model.onnx). Compile again from an export with past inputs, with --max-new \
+         above 0; exports whose positions pfx cannot number (ALiBi biases, as Bloom and MPT have) compile for \
+         training and eval only",
+        bundle.display()
+    )
+}
+
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p: PathBuf = dir.join("manifest.json");
     let text =
