@@ -23,7 +23,9 @@ use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::Manifest;
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
-const FIXTURES: &[&str] = &["bart-enc-deep", "bart-dec-deep"];
+/// BART (deeper encoder, deeper decoder), and Marian and Pegasus exported in BART's layout (sinusoidal positions
+/// from row 0, scaled embeddings; Pegasus pre-LayerNorm): `graphs/make_seq2seq_fixtures.py`.
+const FIXTURES: &[&str] = &["bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny"];
 const MODES: &[BartPrefix] = &[BartPrefix::Peft, BartPrefix::Paper];
 const PARAMS: &[&str] = &["reparam", "noreparam"];
 // The reference script's setup.

@@ -18,7 +18,7 @@ use pfx_runtime::generate::GenConfig;
 use pfx_runtime::seq2seq::Seq2SeqGenerator;
 use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
 
-const FIXTURES: [&str; 2] = ["bart-enc-deep", "bart-dec-deep"];
+const FIXTURES: [&str; 4] = ["bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny"];
 const MODES: [BartPrefix; 2] = [BartPrefix::Paper, BartPrefix::Peft];
 const N: usize = 8;
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Generation references for prefix-tuned BART (greedy and beam search), on the two tiny BART fixtures.
+"""Generation references for prefix-tuned BART (greedy and beam search), on the fixtures of make_bart_references.py
+(the two tiny BART fixtures, marian-tiny and pegasus-tiny).
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
     /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_generation_references.py
 
-Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/.
-Writes graphs/bart-ref/gen-<fixture>-<mode>.safetensors, mode in {peft, paper}, param `reparam` only.
+Reads  graphs/<fixture>/hf/ for every fixture in make_bart_references.FIXTURES.
+Writes graphs/bart-ref/gen-<fixture>-<mode>.safetensors (reparam) and gen-<fixture>-<mode>-noreparam.safetensors.
 Keys, settings and findings: graphs/bart-ref/README.md, section "Generation references".
 
 The two prefix modes are those of make_bart_references.py (imported, not copied): `peft` = PEFT 0.21's
@@ -21,7 +22,7 @@ decoder positions hooked to start at P; `paper`: the same patched model), with `
 must equal the loop, and it gives the beam-search references. Every greedy path is checked in float64 (same
 argmax, top-2 gap > MIN_GAP at every step); every beam run is repeated with a float64 model and against
 `simple_beam`, HF's beam search written out in float64 (same tokens and scores, every decision > MIN_BEAM_GAP).
-`--search` re-derives NOISE_SEEDS.
+`--search [reparam|noreparam] [fixture ...]` re-derives NOISE_SEEDS (and NOISE_SEEDS_NOREPARAM).
 
 CPU, float32, eval mode, eager attention, seeded: reruns give byte-identical files (no safetensors metadata).
 """
@@ -57,6 +58,10 @@ NOISE_SEEDS = {
     ("bart-enc-deep", "paper"): 20261300,
     ("bart-dec-deep", "peft"): 20261302,
     ("bart-dec-deep", "paper"): 20261301,
+    ("marian-tiny", "peft"): 20261309,
+    ("marian-tiny", "paper"): 20261308,
+    ("pegasus-tiny", "peft"): 20261301,
+    ("pegasus-tiny", "paper"): 20261300,
 }
 PARAMS = ("reparam", "noreparam")  # noreparam files carry a `-noreparam` suffix
 NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
@@ -64,6 +69,10 @@ NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
     ("bart-enc-deep", "paper"): 20261300,
     ("bart-dec-deep", "peft"): 20261300,
     ("bart-dec-deep", "paper"): 20261300,
+    ("marian-tiny", "peft"): 20261316,
+    ("marian-tiny", "paper"): 20261305,
+    ("pegasus-tiny", "peft"): 20261300,
+    ("pegasus-tiny", "paper"): 20261311,
 }
 MIN_GAP = 1e-3  # float64 top-1 minus top-2 logit, every greedy step
 MIN_BEAM_GAP = 1e-4  # float64 score gap at every beam-search decision that could flip the result
@@ -369,10 +378,10 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     return path, out, facts
 
 
-def search(params=PARAMS):
+def search(params=PARAMS, fixtures=R.FIXTURES):
     """How NOISE_SEEDS were chosen: the first seed from SEARCH_FROM on that passes every check of run()."""
     for param in params:
-        for fixture in R.FIXTURES:
+        for fixture in fixtures:
             for mode in MODES:
                 for seed in range(SEARCH_FROM, SEARCH_FROM + SEARCH_COUNT):
                     try:
@@ -388,8 +397,10 @@ def main():
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}")
-    if sys.argv[1:2] == ["--search"]:
-        search(tuple(sys.argv[2:]) or PARAMS)
+    if sys.argv[1:2] == ["--search"]:  # --search [reparam|noreparam ...] [fixture ...]
+        params = tuple(a for a in sys.argv[2:] if a in PARAMS) or PARAMS
+        fixtures = tuple(a for a in sys.argv[2:] if a in R.FIXTURES) or R.FIXTURES
+        search(params, fixtures)
         return 0
     for fixture in R.FIXTURES:
         cfg = R.load_base(fixture).config

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures.
+"""Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures and on tiny Marian
+and Pegasus exported in BART's layout.
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
     /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_references.py [--weights f16]
 
-Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py).
+Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py), graphs/marian-tiny/hf/
+and graphs/pegasus-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded through AutoModelForSeq2SeqLM). FIXTURES lists
+them; new fixtures go at its end (each file's noise seed depends on the fixture's index).
 Writes graphs/bart-ref/<fixture>-<mode>-<param>.safetensors, mode in {peft, paper}, param in {reparam, noreparam}.
 With --weights f16: <fixture>-<mode>-reparam-f16.safetensors, the same on the model whose weights of rank >= 2
 (parameters and buffers) are rounded to float16 and used in float32, which `pfxc compile --weights f16` compiles.
@@ -33,11 +36,14 @@ import torch.nn.functional as F
 import transformers
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 from safetensors.numpy import save_file
-from transformers import BartForConditionalGeneration, DynamicCache, EncoderDecoderCache
+from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration, DynamicCache, EncoderDecoderCache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPHS = os.path.join(HERE, "..")
-FIXTURES = ("bart-enc-deep", "bart-dec-deep")
+# New fixtures go at the end: the noise seeds depend on the index (the existing files must not change).
+FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny")
+# Marian and Pegasus in BART's layout (graphs/make_seq2seq_fixtures.py): loaded through AutoModelForSeq2SeqLM.
+AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny")
 
 # ---- fixed setup -------------------------------------------------------------------------------------------
 SEED = 20261127
@@ -93,9 +99,8 @@ WEIGHTS = "f32"
 
 
 def load_base(fixture, dtype=torch.float32):
-    model = BartForConditionalGeneration.from_pretrained(
-        os.path.join(GRAPHS, fixture, "hf"), attn_implementation="eager", dtype=dtype
-    )
+    cls = AutoModelForSeq2SeqLM if fixture in AUTO_FIXTURES else BartForConditionalGeneration
+    model = cls.from_pretrained(os.path.join(GRAPHS, fixture, "hf"), attn_implementation="eager", dtype=dtype)
     if WEIGHTS == "f16":
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
@@ -192,7 +197,10 @@ def shift_decoder_positions(model, by):
 
     def hook(_mod, args, kwargs):
         kwargs = dict(kwargs)
-        kwargs["position_ids"] = kwargs["position_ids"] + by
+        if kwargs.get("position_ids") is not None:  # BART
+            kwargs["position_ids"] = kwargs["position_ids"] + by
+        else:  # Marian, Pegasus: embed_positions(shape, cache_length, position_ids=None)
+            args = (args[0], args[1] + by) + tuple(args[2:])
         return args, kwargs
 
     return model.model.decoder.embed_positions.register_forward_pre_hook(hook, with_kwargs=True)

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Tiny Marian and Pegasus: HF folders and optimum exports in BART's layout (encoder / decoder / decoder with past).
+
+One command, from the reference venv (torch, transformers 5.x); it runs itself in the optimum venv (transformers
+4.x, optimum-onnx) for the export step, as graphs/make_decoder_fixtures.py does:
+
+    /root/.cache/pfx/ref/bin/python graphs/make_seq2seq_fixtures.py [--skip-hf]
+
+Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny:
+    NAME/hf/      save_pretrained safetensors (transformers 5.x), seeded random weights
+    NAME/         encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx, config.json,
+                  generation_config.json from `optimum-cli export onnx --task text2text-generation-with-past`
+                  (transformers 4.x); optimum's decoder_model_merged.onnx is deleted (size), node metadata stripped
+
+- marian-tiny: MarianMTModel, 3 encoder / 2 decoder layers (bart-enc-deep's sizes), swish (Marian's default),
+  shared encoder/decoder/LM-head embeddings, embeddings scaled by sqrt(d), sinusoidal positions (no offset),
+  post-LN as BART but no embedding LayerNorm; decoder_start_token_id = pad (1), as real Marian.
+- pegasus-tiny: PegasusForConditionalGeneration, 1 encoder / 2 decoder layers (bart-dec-deep's sizes), relu,
+  pre-LN (a final LayerNorm after each stack), scaled embeddings, sinusoidal positions; decoder start = pad (1).
+Both: vocab 96, d_model 32, 4 heads, ffn 64, 64 positions, bos 0, pad 1, eos 2 (= forced eos), dropout off; every
+parameter but the (fixed) sinusoidal tables gets 0.02 * randn, final_logits_bias 0.02 * randn.
+
+The export step asserts that every saved tensor loads unchanged in transformers 4.x (`load_checked`) and that
+onnxruntime gives PyTorch's outputs (max diff < 1e-4) for all three graphs. The prefix-tuning references are
+graphs/bart-ref/make_bart_references.py's and make_bart_generation_references.py's. Reruns give byte-identical files.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from fixture_common import load_checked, strip_node_metadata
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
+SEED = 20261201
+TOL = 1e-4
+NAMES = ["marian-tiny", "pegasus-tiny"]
+GRAPHS = ["encoder_model", "decoder_model", "decoder_with_past_model"]
+# Encoder ids end with eos (2), right-padded with pad (1); decoder ids start with decoder_start (= pad, 1).
+IDS = torch.tensor([[0, 17, 42, 8, 2], [0, 77, 2, 1, 1]], dtype=torch.int64)
+MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
+DEC_IDS = torch.tensor([[1, 0, 33, 44, 55], [1, 0, 66, 5, 9]], dtype=torch.int64)
+PAST_LEN = 3
+
+
+def configs():
+    from transformers import MarianConfig, PegasusConfig
+
+    common = dict(vocab_size=96, max_position_embeddings=64, d_model=32, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0,
+                  eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=2, scale_embedding=True,
+                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    return {
+        "marian-tiny": MarianConfig(encoder_layers=3, decoder_layers=2, activation_function="swish",
+                                    decoder_vocab_size=96, share_encoder_decoder_embeddings=True, **common),
+        "pegasus-tiny": PegasusConfig(encoder_layers=1, decoder_layers=2, activation_function="relu", **common),
+    }
+
+
+def model_class(name):
+    import transformers
+
+    return {"marian-tiny": transformers.MarianMTModel,
+            "pegasus-tiny": transformers.PegasusForConditionalGeneration}[name]
+
+
+def add_noise(model, seed):
+    """fixture_common.add_noise without the sinusoidal position tables (fixed, recomputed by transformers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "embed_positions" in n:
+                continue
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+
+
+def make_hf():
+    for i, (name, cfg) in enumerate(configs().items()):
+        torch.manual_seed(SEED + i)
+        model = model_class(name)(cfg).eval()
+        add_noise(model, SEED + 10 + i)
+        with torch.no_grad():  # a buffer, zeros at init: perturb it so the logits bias is exercised
+            g = torch.Generator().manual_seed(SEED + 20 + i)
+            model.final_logits_bias.add_(torch.randn(model.final_logits_bias.shape, generator=g) * 0.02)
+        model.save_pretrained(os.path.join(HERE, name, "hf"))
+        n = sum(p.numel() for p in model.parameters())
+        print(f"  {name}/hf: {type(model).__name__}, {n} parameters")
+
+
+# ================================================================================================================
+# Export step: optimum venv (transformers 4.x)
+# ================================================================================================================
+def legacy_cache(cache):
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def ort_check(path, feeds, expected):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    ins = [i.name for i in sess.get_inputs()]
+    assert sorted(ins) == sorted(feeds), (ins, list(feeds))
+    outs = [o.name for o in sess.get_outputs()]
+    assert sorted(outs) == sorted(expected), (outs, list(expected))
+    got = sess.run(outs, {k: v.detach().numpy() for k, v in feeds.items()})
+    worst = 0.0
+    for n, v in zip(outs, got):
+        want = expected[n].detach().numpy()
+        assert v.shape == want.shape, (n, v.shape, want.shape)
+        worst = max(worst, float(np.abs(v - want).max()))
+    print(f"    {os.path.relpath(path, HERE)}: onnxruntime vs PyTorch max diff {worst:.2g} over {len(outs)} outputs")
+    assert worst < TOL, (path, worst)
+
+
+def export_one(name):
+    import onnx
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.cache_utils import EncoderDecoderCache
+
+    out_dir = os.path.join(HERE, name)
+    hf_dir = os.path.join(out_dir, "hf")
+    model = load_checked(AutoModelForSeq2SeqLM, hf_dir)
+    for f in os.listdir(out_dir):
+        if f.endswith(".onnx") or f.endswith(".onnx_data") or f.endswith(".json"):
+            os.remove(os.path.join(out_dir, f))
+    cli = os.path.join(os.path.dirname(sys.executable), "optimum-cli")
+    cmd = [cli, "export", "onnx", "--model", hf_dir, "--task", "text2text-generation-with-past", out_dir]
+    print(f"  $ optimum-cli export onnx --model {name}/hf --task text2text-generation-with-past {name}")
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # optimum iterates over sets of names
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    merged = os.path.join(out_dir, "decoder_model_merged.onnx")
+    if os.path.exists(merged):
+        os.remove(merged)  # pfx reads it too (tests/compile_bart.rs checks it on bart-dec-deep); kept small here
+    files = sorted(f for f in os.listdir(out_dir) if f != "hf")
+    want = sorted([g + ".onnx" for g in GRAPHS] + ["config.json", "generation_config.json"])
+    assert files == want, files
+    for g in GRAPHS:
+        path = os.path.join(out_dir, g + ".onnx")
+        m = strip_node_metadata(onnx.load(path))
+        onnx.save_model(m, path)
+        onnx.checker.check_model(path, full_check=True)
+        opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
+        print(f"  {name}/{g}.onnx: ir={m.ir_version} opset={opset} nodes={len(m.graph.node)} "
+              f"initializers={len(m.graph.initializer)} {os.path.getsize(path)} bytes, check_model(full)=OK")
+
+    torch.set_grad_enabled(False)
+    n_layer = model.config.decoder_layers
+    enc = model.model.encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    ort_check(os.path.join(out_dir, "encoder_model.onnx"), {"input_ids": IDS, "attention_mask": MASK},
+              {"last_hidden_state": enc})
+
+    def run_decoder(dec_ids, cache=None):
+        out = model(encoder_outputs=(enc,), attention_mask=MASK, decoder_input_ids=dec_ids, past_key_values=cache,
+                    use_cache=True)
+        c = out.past_key_values
+        return out.logits, legacy_cache(c.self_attention_cache), legacy_cache(c.cross_attention_cache)
+
+    def presents(self_kv, cross_kv=None):
+        d = {}
+        for i in range(n_layer):
+            d[f"present.{i}.decoder.key"], d[f"present.{i}.decoder.value"] = self_kv[i]
+            if cross_kv is not None:
+                d[f"present.{i}.encoder.key"], d[f"present.{i}.encoder.value"] = cross_kv[i]
+        return d
+
+    logits, self_kv, cross_kv = run_decoder(DEC_IDS)
+    ort_check(os.path.join(out_dir, "decoder_model.onnx"),
+              {"input_ids": DEC_IDS, "encoder_attention_mask": MASK, "encoder_hidden_states": enc},
+              {"logits": logits, **presents(self_kv, cross_kv)})
+
+    # With past: K/V of the first 3 decoder tokens, then the 4th token.
+    _, p_self, p_cross = run_decoder(DEC_IDS[:, :PAST_LEN])
+    p_self = [(k.clone(), v.clone()) for k, v in p_self]
+    p_cross = [(k.clone(), v.clone()) for k, v in p_cross]
+    cache = EncoderDecoderCache.from_legacy_cache(
+        tuple((s[0].clone(), s[1].clone(), c[0].clone(), c[1].clone()) for s, c in zip(p_self, p_cross)))
+    step = DEC_IDS[:, PAST_LEN:PAST_LEN + 1]
+    logits_p, self_kv_p, _ = run_decoder(step, cache)
+    assert torch.allclose(logits_p[:, 0], logits[:, PAST_LEN], atol=1e-5)
+    feeds = {"input_ids": step, "encoder_attention_mask": MASK}
+    for i in range(n_layer):
+        feeds[f"past_key_values.{i}.decoder.key"], feeds[f"past_key_values.{i}.decoder.value"] = p_self[i]
+        feeds[f"past_key_values.{i}.encoder.key"], feeds[f"past_key_values.{i}.encoder.value"] = p_cross[i]
+    ort_check(os.path.join(out_dir, "decoder_with_past_model.onnx"), feeds, {"logits": logits_p,
+                                                                              **presents(self_kv_p)})
+
+
+def export_main():
+    import onnx
+    import onnxruntime as ort
+    import transformers
+    from importlib.metadata import version
+
+    print(f"[optimum venv] torch {torch.__version__}, transformers {transformers.__version__}, onnx "
+          f"{onnx.__version__}, onnxruntime {ort.__version__}, optimum-onnx {version('optimum-onnx')}")
+    for name in NAMES:
+        export_one(name)
+
+
+def main():
+    if sys.argv[1:] == ["--export"]:
+        return export_main()
+    if sys.argv[1:] not in ([], ["--skip-hf"]):
+        sys.exit("usage: make_seq2seq_fixtures.py [--skip-hf]")
+    import transformers
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    print(f"[reference venv] torch {torch.__version__}, transformers {transformers.__version__}")
+    if sys.argv[1:] != ["--skip-hf"]:
+        make_hf()
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export"], check=True, env=env)
+    for name in NAMES:
+        total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(HERE, name))
+                    for f in fs)
+        print(f"  {name}/: {total} bytes in all")
+    print("done")
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    sys.exit(main())
