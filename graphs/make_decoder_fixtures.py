@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Tiny Llama (also with grouped-query attention), OPT and GPT-Neo: HF folders, optimum exports, and PyTorch + PEFT
-references.
+"""Tiny Llama (also with grouped-query attention), OPT, GPT-Neo and other decoders: HF folders, optimum exports, and
+PyTorch + PEFT references.
 
 One command, from the reference venv (torch, transformers 5.x, peft); it runs itself in the optimum venv
 (transformers 4.x, optimum-onnx) for the export step:
@@ -9,21 +9,23 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
 
 Writes (relative to this file's folder), for NAME in FAMILIES (llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny,
 qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny, falcon-mqa-tiny,
-mistral-window-tiny, gemma2-tiny):
+mistral-window-tiny, gemma2-tiny, phi-tiny, bigcode-tiny):
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
 llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references are llama-gqa-tiny's),
 gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3-,
-gemma-, falcon-mqa-, mistral-window- and gemma2-nopast-tiny of their with-past fixtures' hf/ folders, and torch.onnx dynamo exports
-(reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny, llama-dynamo-tiny, gemma-dynamo-tiny
-qwen3-dynamo-tiny and falcon-mqa-dynamo-tiny with past, llama-dynamo-nopast-tiny (of llama-gqa-tiny) and
-falcon-mqa-dynamo-nopast-tiny without,
-opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without (references: their HF folders').
+gemma-, falcon-mqa-, mistral-window-, gemma2-, phi- and bigcode-nopast-tiny of their with-past fixtures' hf/
+folders, and torch.onnx dynamo exports (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny,
+llama-dynamo-tiny, gemma-dynamo-tiny, qwen3-dynamo-tiny and falcon-mqa-dynamo-tiny with past, llama-dynamo-nopast-tiny
+(of llama-gqa-tiny), falcon-mqa-dynamo-nopast-tiny, opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without
+(references: their HF folders').
 llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
-token_dim 16, num_attention_heads 2) into peft-decoders/adapter-llama-gqa-tiny/.
+token_dim 16, num_attention_heads 2) into peft-decoders/adapter-llama-gqa-tiny/. Multi-query Falcon and GPT-BigCode
+(falcon-mqa-tiny, bigcode-tiny) have one key/value head: PEFT is given token_dim 8 and num_attention_heads 1.
+phi-tiny is Phi-1/2 (PhiForCausalLM: rotary on half of each head, attention and MLP in parallel).
 
 --skip-hf keeps the hf/ folders. The export step asserts that every saved tensor loads unchanged in
 transformers 4.x and that onnxruntime gives PyTorch's logits and presents (max diff < 1e-4). The references
@@ -45,7 +47,7 @@ SEED = 20261127
 TOL = 1e-4
 FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
             "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny", "mistral-window-tiny",
-            "gemma2-tiny"]
+            "gemma2-tiny", "phi-tiny", "bigcode-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
@@ -62,6 +64,9 @@ NOPAST = [
     ("mistral-window-nopast-tiny", "mistral-window-tiny"),
     # ... on every other layer only.
     ("gemma2-nopast-tiny", "gemma2-tiny"),
+    # Phi (partial rotary, attention and MLP in parallel) and multi-query GPT-BigCode without past.
+    ("phi-nopast-tiny", "phi-tiny"),
+    ("bigcode-nopast-tiny", "bigcode-tiny"),
 ]
 # torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
 # positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
@@ -95,8 +100,9 @@ PROMPT_SEED = 20261240
 
 
 def configs():
-    from transformers import (FalconConfig, Gemma2Config, GemmaConfig, GPTNeoConfig, LlamaConfig, MistralConfig,
-                              OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, StableLmConfig)
+    from transformers import (FalconConfig, Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTNeoConfig, LlamaConfig,
+                              MistralConfig, OPTConfig, Phi3Config, PhiConfig, Qwen2Config, Qwen3Config,
+                              StableLmConfig)
 
     special = dict(bos_token_id=EOS, eos_token_id=EOS)
     return {
@@ -161,6 +167,14 @@ def configs():
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6,
                                     tie_word_embeddings=False, initializer_range=0.2, max_position_embeddings=64,
                                     pad_token_id=EOS, **special),
+        # Phi (Phi-1/2): rotary on half of each head, one LayerNorm feeding attention and MLP in parallel, untied.
+        "phi-tiny": PhiConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5,
+                              tie_word_embeddings=False, max_position_embeddings=64, **special),
+        # GPT-BigCode multi-query (as StarCoder): one key/value head for the 4 query heads, fused into c_attn.
+        # PEFT gets the key/value head (token_dim 8, one head) spelled out, as for multi-query Falcon.
+        "bigcode-tiny": GPTBigCodeConfig(vocab_size=96, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64,
+                                         multi_query=True, initializer_range=0.1, **special),
     }
 
 
@@ -183,8 +197,9 @@ def lift_rope_settings(path):
 # Families whose references also hold generation with two end-of-sequence ids (greedy and beam 3).
 STOP_FAMILIES = ["llama-gqa-tiny"]
 # Weights drawn from other seeds: with their own, the greedy tokens of a prompt do not change with the prefix
-# (falcon-mqa-tiny's first prompt repeats one token; the references need a prefix that changes every prompt's).
-WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100, "mistral-window-tiny": 200}
+# (falcon-mqa-tiny's first prompt repeats one token; the references need a prefix that changes every prompt's;
+# bigcode-tiny's reparam prefix changed only 2 of a prompt's 8).
+WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100, "mistral-window-tiny": 200, "bigcode-tiny": 300}
 
 
 def make_hf():
@@ -205,6 +220,8 @@ def make_hf():
 # Export step: optimum venv (transformers 4.x)
 # ================================================================================================================
 def legacy_cache(cache):
+    # GPT-BigCode (transformers 4.57) keeps its cache in an EncoderDecoderCache: its self-attention half.
+    cache = getattr(cache, "self_attention_cache", cache)
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
@@ -475,8 +492,10 @@ def run_family(name):
         # Grouped-query attention: PEFT's prefix holds the key/value heads only (token_dim = kv heads x D).
         H = getattr(cfg, "num_key_value_heads", None) or H
         sizes = {}
-        if cfg.model_type == "falcon" and cfg.multi_query and not cfg.new_decoder_architecture:
-            # Multi-query Falcon: PEFT reads num_attention_heads (4) from the config; its forward needs 1.
+        if (cfg.model_type == "falcon" and cfg.multi_query and not cfg.new_decoder_architecture) or \
+                (cfg.model_type == "gpt_bigcode" and cfg.multi_query):
+            # Multi-query Falcon and GPT-BigCode: PEFT reads num_attention_heads (4) from the config; their forward
+            # needs 1.
             H = 1
             sizes = dict(token_dim=H * D, num_attention_heads=H, num_layers=L)
         pcfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, **MODES[mode], **sizes)

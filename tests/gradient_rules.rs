@@ -599,6 +599,24 @@ fn slice() {
     let st = c.ints("steps", &[1, 1, 1]);
     let y = c.op("Slice", &[&x, &s, &e, "", &st], vec![]);
     c.check(&[&y]);
+
+    // Every other element of the last axis, from 0 and from 1 (GPT-J's and CodeGen's rotary: `x[..., ::2]`,
+    // `x[..., 1::2]`), both read by the loss.
+    let mut c = Case::new("Slice step 2, even and odd");
+    let x = c.input("x", &[2, 3, 8]);
+    let (e, a, st) = (c.ints("ends", &[i64::MAX]), c.ints("axes", &[-1]), c.ints("steps", &[2]));
+    let (s0, s1) = (c.ints("starts0", &[0]), c.ints("starts1", &[1]));
+    let even = c.op("Slice", &[&x, &s0, &e, &a, &st], vec![]);
+    let odd = c.op("Slice", &[&x, &s1, &e, &a, &st], vec![]);
+    c.check(&[&even, &odd]);
+
+    // Steps that do not divide the run, on a middle axis, with a step-1 axis beside it: x[1:, 1:6:3, :3].
+    let mut c = Case::new("Slice step 3 within bounds, two axes");
+    let x = c.input("x", &[3, 7, 5]);
+    let (s, e) = (c.ints("starts", &[1, 1, 0]), c.ints("ends", &[3, 6, 3]));
+    let st = c.ints("steps", &[1, 3, 1]);
+    let y = c.op("Slice", &[&x, &s, &e, "", &st], vec![]);
+    c.check(&[&y]);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -178,8 +178,12 @@ pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
                 .into(),
         );
     }
+    // CodeGen's rotary sine/cosine table is narrower too, but it is looked up by the position ids themselves (the
+    // positions pfx numbers), which T5's bucket lookup never is.
+    let by_position_ids =
+        g.nodes.iter().any(|n| is_position_lookup(g, n) && index_values(g, "position_ids").contains(&n.inputs[1]));
     match (e.position_rows, e.position_width, e.hidden) {
-        (Some(rows), Some(width), Some(hidden)) if width != hidden => Some(format!(
+        (Some(rows), Some(width), Some(hidden)) if width != hidden && !by_position_ids => Some(format!(
             "looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative position \
              buckets, as T5 has, rather than the learned absolute positions of GPT-2 and BART, which pfx needs"
         )),
@@ -536,7 +540,12 @@ fn plus_two_of<'a>(g: &Graph, n: &'a crate::ir::Node) -> Option<&'a str> {
 
 /// Values derived from `input_ids` through index-preserving ops (to find the token-embedding Gather).
 fn token_index_values(g: &Graph) -> HashSet<String> {
-    let mut vals: HashSet<String> = ["input_ids".to_string()].into();
+    index_values(g, "input_ids")
+}
+
+/// Values derived from the input `root` through index-preserving ops (casts and reshapes).
+fn index_values(g: &Graph, root: &str) -> HashSet<String> {
+    let mut vals: HashSet<String> = [root.to_string()].into();
     for n in &g.nodes {
         if matches!(n.op.as_str(), "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "View")
             && n.input(0).map(|i| vals.contains(i)).unwrap_or(false)

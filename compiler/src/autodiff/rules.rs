@@ -358,11 +358,33 @@ fn slice(c: &mut RuleCtx) -> Result<Vec<Option<String>>> {
     let mut cur = c.shape(&c.y(0))?;
     // Pad back one axis at a time with zero blocks.
     for k in 0..starts.len() {
-        if steps[k] != 1 {
+        if steps[k] < 1 {
             bail!("Slice with step {} has no gradient rule yet", steps[k]);
         }
         let a = norm_axis(axes[k], xs.len())?;
-        let (s, _, n) = crate::eval::slice_axis(xs[a], starts[k], ends[k], 1);
+        let (s, step, n) = crate::eval::slice_axis(xs[a], starts[k], ends[k], steps[k]);
+        if step > 1 && n > 0 {
+            // Every step-th element (GPT-J's and CodeGen's rotary, `x[..., ::2]`): each gradient element gets
+            // step - 1 zeros behind it (a new axis, then flattened back), which leaves a run from the first
+            // element picked to the last, padded below like a step-1 slice.
+            let step = step as usize;
+            let mut spread = cur.clone();
+            spread.insert(a + 1, 1);
+            let shape = c.const_i(&spread.iter().map(|&d| d as i64).collect::<Vec<_>>());
+            let one = c.op("Reshape", &[&g, &shape], vec![]);
+            spread[a + 1] = step - 1;
+            let gaps = c.zeros(&spread);
+            let interleaved = c.op("Concat", &[&one, &gaps], vec![("axis", Attr::Int(a as i64 + 1))]);
+            let mut flat: Vec<i64> = cur.iter().map(|&d| d as i64).collect();
+            flat[a] = (n * step) as i64;
+            let flat_shape = c.const_i(&flat);
+            let flat = c.op("Reshape", &[&interleaved, &flat_shape], vec![]);
+            let run = (n - 1) * step + 1;
+            let (from, to, axis) = (c.const_i(&[0]), c.const_i(&[run as i64]), c.const_i(&[a as i64]));
+            g = c.op("Slice", &[&flat, &from, &to, &axis], vec![]);
+            cur[a] = run;
+        }
+        let n = cur[a];
         let (before, after) = (s as usize, xs[a] - s as usize - n);
         let mut pieces = Vec::new();
         if before > 0 {

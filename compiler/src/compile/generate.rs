@@ -58,7 +58,8 @@ fn expose_positions(g: &mut Graph) -> Result<()> {
         }
         bail!(
             "the export has no position_ids input, no position table and no rotary angles pfx can feed (ALiBi \
-             biases, as Bloom and MPT have, are numbered inside the graph from the cache), so the generation graphs \
+             biases, as Bloom and MPT have, or a rotary table read at the cache position, as torch.onnx dynamo exports \
+             GPT-J and CodeGen: optimum's exports of those take position_ids), so the generation graphs \
              cannot number the tokens of a fixed-size cache. The training and eval graphs are right (the export \
              numbers their positions itself): compile with --max-new 0 for them alone; generating from such a model \
              is not supported"

@@ -323,7 +323,8 @@ pub fn build_loss_graph_from(
         if rotary && !g.is_input("position_ids") && !generate::expose_rotary_positions(g)? {
             bail!(
                 "{} has no past inputs, no position-embedding table, no position ids and no rotary angles pfx can \
-                 feed (ALiBi biases, as Bloom and MPT have, are numbered inside the graph): pfx cannot number its \
+                 feed (ALiBi biases, as Bloom and MPT have, are numbered inside the graph; torch.onnx dynamo reads \
+                 GPT-J's and CodeGen's rotary tables at cache positions): pfx cannot number its \
                  tokens after the prefix. Export the model with past inputs (optimum's --task \
                  text-generation-with-past) and compile that (with --max-new 0 when its generation is refused too): \
                  its training graphs take the prefix as past keys and values, and the export numbers the positions \
