@@ -319,6 +319,15 @@ fn run(cli: Cli) -> Result<()> {
                     model.display()
                 );
             }
+            if m.model_type.is_none() {
+                // torch.onnx exports write no config.json: the text commands then assume GPT-2's tokens.
+                eprintln!(
+                    "note: no config.json beside {} says which model it is, so pfxrun's text commands will frame \
+                     examples in GPT-2's tokens (<|endoftext|>); for another model, copy its config.json (and \
+                     generation_config.json) beside the export and compile again",
+                    model.display()
+                );
+            }
         }
         Command::Bake { bundle, prefix, weights, output } => {
             let m = pfx_compiler::compile::bake::bake_with(&bundle, &prefix, &output, weights)
