@@ -27,7 +27,8 @@ use pfx_runtime::{open, HostTensor, OrtOptions};
 /// one head given to its config, which would otherwise size it for all 4). Mistral with a sliding window of 6
 /// (shorter than prefix + sequence and than the generation cache): the generation graphs count it in real tokens,
 /// so a left-padded prompt's window ends where it would alone. Gemma 2 windows every other layer only (and soft-caps
-/// its attention and final logits).
+/// its attention and final logits). Phi (partial rotary, attention and MLP in parallel) needs nothing of its own;
+/// multi-query GPT-BigCode (StarCoder's layout, fused c_attn) has a one-head prefix as multi-query Falcon.
 const FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -43,6 +44,8 @@ const FAMILIES: &[&str] = &[
     "falcon-mqa-tiny",
     "mistral-window-tiny",
     "gemma2-tiny",
+    "phi-tiny",
+    "bigcode-tiny",
 ];
 /// The exports whose compiled graphs are snapshotted: the first four families, and where a later one needed a
 /// rewrite of its own: the prefix repeated per query head without past (llama-gqa-nopast), position ids for the
@@ -137,6 +140,9 @@ const NO_PAST_EXPORTS: &[(&str, &str)] = &[
     ("mistral-window-nopast-tiny", "mistral-window-tiny"),
     // The same on every other layer (Gemma 2), the other layers seeing the whole prefix.
     ("gemma2-nopast-tiny", "gemma2-tiny"),
+    // Phi's partial rotary; GPT-BigCode's one key/value head broadcast, as Falcon's.
+    ("phi-nopast-tiny", "phi-tiny"),
+    ("bigcode-nopast-tiny", "bigcode-tiny"),
 ];
 
 /// Exports without past (`--task text-generation`, the same weights as their with-past fixtures, whose references
