@@ -9,14 +9,14 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
 
 Writes (relative to this file's folder), for NAME in FAMILIES (llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny,
 qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny, falcon-mqa-tiny,
-mistral-window-tiny, gemma2-tiny, phi-tiny, bigcode-tiny):
+mistral-window-tiny, gemma2-tiny, phi-tiny, bigcode-tiny, gptj-tiny, codegen-tiny, neox-tiny):
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
 and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
 llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references are llama-gqa-tiny's),
 gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3-,
-gemma-, falcon-mqa-, mistral-window-, gemma2-, phi- and bigcode-nopast-tiny of their with-past fixtures' hf/
+gemma-, falcon-mqa-, mistral-window-, gemma2-, phi-, bigcode- and gptj-nopast-tiny of their with-past fixtures' hf/
 folders, and torch.onnx dynamo exports (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny,
 llama-dynamo-tiny, gemma-dynamo-tiny, qwen3-dynamo-tiny and falcon-mqa-dynamo-tiny with past, llama-dynamo-nopast-tiny
 (of llama-gqa-tiny), falcon-mqa-dynamo-nopast-tiny, opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without
@@ -25,7 +25,9 @@ llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
 token_dim 16, num_attention_heads 2) into peft-decoders/adapter-llama-gqa-tiny/. Multi-query Falcon and GPT-BigCode
 (falcon-mqa-tiny, bigcode-tiny) have one key/value head: PEFT is given token_dim 8 and num_attention_heads 1.
-phi-tiny is Phi-1/2 (PhiForCausalLM: rotary on half of each head, attention and MLP in parallel).
+phi-tiny is Phi-1/2 (PhiForCausalLM: rotary on half of each head, attention and MLP in parallel). gptj-tiny and
+codegen-tiny rotate neighbouring pairs (strided slices); neox-tiny is Pythia's layout (its 4.x config also gets
+rotary_pct and rotary_emb_base, the names 4.x reads).
 
 --skip-hf keeps the hf/ folders. The export step asserts that every saved tensor loads unchanged in
 transformers 4.x and that onnxruntime gives PyTorch's logits and presents (max diff < 1e-4). The references
@@ -47,7 +49,7 @@ SEED = 20261127
 TOL = 1e-4
 FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
             "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny", "mistral-window-tiny",
-            "gemma2-tiny", "phi-tiny", "bigcode-tiny"]
+            "gemma2-tiny", "phi-tiny", "bigcode-tiny", "gptj-tiny", "codegen-tiny", "neox-tiny"]
 # Exports without past: (folder, HF folder it is exported from).
 NOPAST = [
     ("opt-nopast-tiny", "opt-tiny"),
@@ -67,6 +69,8 @@ NOPAST = [
     # Phi (partial rotary, attention and MLP in parallel) and multi-query GPT-BigCode without past.
     ("phi-nopast-tiny", "phi-tiny"),
     ("bigcode-nopast-tiny", "bigcode-tiny"),
+    # GPT-J's rotary on every other element (strided slices) without past.
+    ("gptj-nopast-tiny", "gptj-tiny"),
 ]
 # torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
 # positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
@@ -100,9 +104,9 @@ PROMPT_SEED = 20261240
 
 
 def configs():
-    from transformers import (FalconConfig, Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTNeoConfig, LlamaConfig,
-                              MistralConfig, OPTConfig, Phi3Config, PhiConfig, Qwen2Config, Qwen3Config,
-                              StableLmConfig)
+    from transformers import (CodeGenConfig, FalconConfig, Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTJConfig,
+                              GPTNeoConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, PhiConfig,
+                              Qwen2Config, Qwen3Config, StableLmConfig)
 
     special = dict(bos_token_id=EOS, eos_token_id=EOS)
     return {
@@ -175,6 +179,18 @@ def configs():
         # PEFT gets the key/value head (token_dim 8, one head) spelled out, as for multi-query Falcon.
         "bigcode-tiny": GPTBigCodeConfig(vocab_size=96, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64,
                                          multi_query=True, initializer_range=0.1, **special),
+        # GPT-J and CodeGen rotate pairs of neighbouring elements (x[..., ::2], x[..., 1::2]) over rotary_dim 4 of
+        # each head's 8; CodeGen reads its angles from a sin/cos table by position id and splits a fused QKV.
+        "gptj-tiny": GPTJConfig(vocab_size=96, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                                tie_word_embeddings=False, initializer_range=0.2, **special),
+        "codegen-tiny": CodeGenConfig(vocab_size=96, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                                      n_ctx=64, tie_word_embeddings=False, initializer_range=0.2, **special),
+        # GPT-NeoX (Pythia's layout): rotary on a quarter of each head, attention and MLP in parallel, QKV fused
+        # per head.
+        "neox-tiny": GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, partial_rotary_factor=0.25, use_parallel_residual=True,
+                                   max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.2,
+                                   **special),
     }
 
 
@@ -185,8 +201,12 @@ def lift_rope_settings(path):
 
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    missing = {k: v for k, v in (config.get("rope_parameters") or {}).items()
-               if k in ("rope_theta", "partial_rotary_factor") and k not in config}
+    rope = config.get("rope_parameters") or {}
+    missing = {k: v for k, v in rope.items() if k in ("rope_theta", "partial_rotary_factor") and k not in config}
+    # GPT-NeoX's 4.x config names them rotary_pct and rotary_emb_base.
+    if config.get("model_type") == "gpt_neox":
+        missing.update({k: rope[r] for k, r in (("rotary_pct", "partial_rotary_factor"), ("rotary_emb_base", "rope_theta"))
+                        if r in rope and k not in config})
     if missing:
         config.update(missing)
         with open(path, "w", encoding="utf-8") as f:
@@ -198,8 +218,10 @@ def lift_rope_settings(path):
 STOP_FAMILIES = ["llama-gqa-tiny"]
 # Weights drawn from other seeds: with their own, the greedy tokens of a prompt do not change with the prefix
 # (falcon-mqa-tiny's first prompt repeats one token; the references need a prefix that changes every prompt's;
-# bigcode-tiny's reparam prefix changed only 2 of a prompt's 8).
-WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100, "mistral-window-tiny": 200, "bigcode-tiny": 300}
+# bigcode-tiny's reparam prefix changed only 2 of a prompt's 8; gptj-, codegen- and neox-tiny likewise: the first
+# shifts, in hundreds, that pass).
+WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100, "mistral-window-tiny": 200, "bigcode-tiny": 300, "gptj-tiny": 600,
+                     "codegen-tiny": 1100, "neox-tiny": 500}
 
 
 def make_hf():

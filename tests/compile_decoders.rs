@@ -28,7 +28,9 @@ use pfx_runtime::{open, HostTensor, OrtOptions};
 /// (shorter than prefix + sequence and than the generation cache): the generation graphs count it in real tokens,
 /// so a left-padded prompt's window ends where it would alone. Gemma 2 windows every other layer only (and soft-caps
 /// its attention and final logits). Phi (partial rotary, attention and MLP in parallel) needs nothing of its own;
-/// multi-query GPT-BigCode (StarCoder's layout, fused c_attn) has a one-head prefix as multi-query Falcon.
+/// multi-query GPT-BigCode (StarCoder's layout, fused c_attn) has a one-head prefix as multi-query Falcon. GPT-J
+/// and CodeGen rotate neighbouring pairs (strided slices, which have their own gradient rule), CodeGen from a
+/// sin/cos table narrower than the embeddings read by position id; GPT-NeoX is Pythia's layout.
 const FAMILIES: &[&str] = &[
     "llama-tiny",
     "opt-tiny",
@@ -46,6 +48,9 @@ const FAMILIES: &[&str] = &[
     "gemma2-tiny",
     "phi-tiny",
     "bigcode-tiny",
+    "gptj-tiny",
+    "codegen-tiny",
+    "neox-tiny",
 ];
 /// The exports whose compiled graphs are snapshotted: the first four families, and where a later one needed a
 /// rewrite of its own: the prefix repeated per query head without past (llama-gqa-nopast), position ids for the
@@ -143,6 +148,8 @@ const NO_PAST_EXPORTS: &[(&str, &str)] = &[
     // Phi's partial rotary; GPT-BigCode's one key/value head broadcast, as Falcon's.
     ("phi-nopast-tiny", "phi-tiny"),
     ("bigcode-nopast-tiny", "bigcode-tiny"),
+    // GPT-J's strided rotary slices on the prefix's gradient path without past too.
+    ("gptj-nopast-tiny", "gptj-tiny"),
 ];
 
 /// Exports without past (`--task text-generation`, the same weights as their with-past fixtures, whose references
