@@ -233,27 +233,17 @@ def gpt2_optimum_nopast(model):
     check_and_verify(path, os.path.join(out_dir, "reference.safetensors"), feeds, {"logits": out.logits})
 
 
-def bart_optimum(name):
-    out_dir = os.path.join(HERE, name)
-    hf_dir = os.path.join(out_dir, "hf")
-    model = load_checked(BartForConditionalGeneration, hf_dir)
-    optimum_cli(hf_dir, "text2text-generation-with-past", out_dir)
-    graphs = ["encoder_model", "decoder_model", "decoder_with_past_model", "decoder_model_merged"]
-    for g in graphs:
-        if os.path.exists(os.path.join(out_dir, g + ".onnx")):
-            describe(os.path.join(out_dir, g + ".onnx"))
+def bart_layout_cases(model, ids, mask, dec_ids):
+    """Inputs and PyTorch's outputs for each graph of an export in BART's layout (optimum's
+    text2text-generation-with-past of BART, also of Marian and Pegasus: graphs/make_seq2seq_fixtures.py):
+    {graph: (feeds, expected)} for the encoder on `ids`, the decoder without past on `dec_ids` over the padded encoder
+    output, and the decoder with past (the K/V of the first PAST_LEN decoder tokens, then the next token); and the
+    encoder's output."""
     n_layer = model.config.decoder_layers
-
-    def ref_path(g, tag=""):
-        return os.path.join(out_dir, f"{g}{tag}.reference.safetensors")
-
-    # Encoder.
-    enc = model.model.encoder(input_ids=BART_IDS, attention_mask=MASK).last_hidden_state
-    check_and_verify(os.path.join(out_dir, "encoder_model.onnx"), ref_path("encoder_model"),
-                     {"input_ids": BART_IDS, "attention_mask": MASK}, {"last_hidden_state": enc})
+    enc = model.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def run_decoder(dec_ids, cache=None):
-        out = model(encoder_outputs=(enc,), attention_mask=MASK, decoder_input_ids=dec_ids,
+        out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec_ids,
                     past_key_values=cache, use_cache=True)
         c = out.past_key_values
         self_kv = legacy_cache(c.self_attention_cache)
@@ -268,32 +258,49 @@ def bart_optimum(name):
                 d[f"present.{i}.encoder.key"], d[f"present.{i}.encoder.value"] = cross_kv[i]
         return d
 
-    def pasts(self_kv, cross_kv):
-        d = {}
-        for i in range(n_layer):
-            d[f"past_key_values.{i}.decoder.key"], d[f"past_key_values.{i}.decoder.value"] = self_kv[i]
-            d[f"past_key_values.{i}.encoder.key"], d[f"past_key_values.{i}.encoder.value"] = cross_kv[i]
-        return d
-
-    # Decoder without past: 5 decoder tokens over the padded encoder output.
-    logits, self_kv, cross_kv = run_decoder(BART_DEC_IDS)
-    dec_feeds = {"input_ids": BART_DEC_IDS, "encoder_attention_mask": MASK, "encoder_hidden_states": enc}
-    dec_expected = {"logits": logits, **presents(self_kv, cross_kv)}
-    check_and_verify(os.path.join(out_dir, "decoder_model.onnx"), ref_path("decoder_model"), dec_feeds, dec_expected)
-
-    # Decoder with past: K/V of the first 3 decoder tokens, then the 4th token.
-    _, p_self, p_cross = run_decoder(BART_DEC_IDS[:, :PAST_LEN])
+    # Decoder without past: the decoder tokens over the padded encoder output.
+    logits, self_kv, cross_kv = run_decoder(dec_ids)
+    dec_feeds = {"input_ids": dec_ids, "encoder_attention_mask": mask, "encoder_hidden_states": enc}
+    # Decoder with past: K/V of the first PAST_LEN decoder tokens, then the next token.
+    _, p_self, p_cross = run_decoder(dec_ids[:, :PAST_LEN])
     p_self = [(k.clone(), v.clone()) for k, v in p_self]
     p_cross = [(k.clone(), v.clone()) for k, v in p_cross]
     cache = EncoderDecoderCache.from_legacy_cache(
         tuple((s[0].clone(), s[1].clone(), c[0].clone(), c[1].clone()) for s, c in zip(p_self, p_cross)))
-    step_ids = BART_DEC_IDS[:, PAST_LEN:PAST_LEN + 1]
+    step_ids = dec_ids[:, PAST_LEN:PAST_LEN + 1]
     logits_p, self_kv_p, _ = run_decoder(step_ids, cache)
     assert torch.allclose(logits_p[:, 0], logits[:, PAST_LEN], atol=1e-5)
-    wp_feeds = {"input_ids": step_ids, "encoder_attention_mask": MASK, **pasts(p_self, p_cross)}
-    wp_expected = {"logits": logits_p, **presents(self_kv_p)}
-    check_and_verify(os.path.join(out_dir, "decoder_with_past_model.onnx"), ref_path("decoder_with_past_model"),
-                     wp_feeds, wp_expected)
+    wp_feeds = {"input_ids": step_ids, "encoder_attention_mask": mask}
+    for i in range(n_layer):
+        wp_feeds[f"past_key_values.{i}.decoder.key"], wp_feeds[f"past_key_values.{i}.decoder.value"] = p_self[i]
+        wp_feeds[f"past_key_values.{i}.encoder.key"], wp_feeds[f"past_key_values.{i}.encoder.value"] = p_cross[i]
+    cases = {
+        "encoder_model": ({"input_ids": ids, "attention_mask": mask}, {"last_hidden_state": enc}),
+        "decoder_model": (dec_feeds, {"logits": logits, **presents(self_kv, cross_kv)}),
+        "decoder_with_past_model": (wp_feeds, {"logits": logits_p, **presents(self_kv_p)}),
+    }
+    return cases, enc
+
+
+def bart_optimum(name):
+    out_dir = os.path.join(HERE, name)
+    hf_dir = os.path.join(out_dir, "hf")
+    model = load_checked(BartForConditionalGeneration, hf_dir)
+    optimum_cli(hf_dir, "text2text-generation-with-past", out_dir)
+    graphs = ["encoder_model", "decoder_model", "decoder_with_past_model", "decoder_model_merged"]
+    for g in graphs:
+        if os.path.exists(os.path.join(out_dir, g + ".onnx")):
+            describe(os.path.join(out_dir, g + ".onnx"))
+    n_layer = model.config.decoder_layers
+
+    def ref_path(g, tag=""):
+        return os.path.join(out_dir, f"{g}{tag}.reference.safetensors")
+
+    cases, enc = bart_layout_cases(model, BART_IDS, MASK, BART_DEC_IDS)
+    for g, (feeds, expected) in cases.items():
+        check_and_verify(os.path.join(out_dir, g + ".onnx"), ref_path(g), feeds, expected)
+    dec_feeds, dec_expected = cases["decoder_model"]
+    wp_feeds, wp_expected = cases["decoder_with_past_model"]
 
     merged = os.path.join(out_dir, "decoder_model_merged.onnx")
     if os.path.exists(merged):
@@ -303,7 +310,7 @@ def bart_optimum(name):
         # present.*.encoder.* outputs are empty placeholders of shape [0, H, 1, D]; stored as such.
         h = model.config.decoder_attention_heads
         placeholder = torch.zeros((0, h, 1, model.config.d_model // h))
-        m_expected = {"logits": logits_p, **presents(self_kv_p)}
+        m_expected = dict(wp_expected)
         for i in range(n_layer):
             m_expected[f"present.{i}.encoder.key"] = placeholder
             m_expected[f"present.{i}.encoder.value"] = placeholder
@@ -311,7 +318,7 @@ def bart_optimum(name):
         # use_cache_branch = false: the no-past decoder; past inputs are empty (length 0), as optimum feeds them.
         empty = torch.zeros((BART_IDS.shape[0], h, 0, model.config.d_model // h))
         n_feeds = {**dec_feeds, "use_cache_branch": torch.tensor([False]),
-                   **{k: empty for k in pasts(p_self, p_cross)}}
+                   **{k: empty for k in wp_feeds if k.startswith("past_key_values.")}}
         check_and_verify(merged, ref_path("decoder_model_merged", ".nocache"), n_feeds, dec_expected)
 
 

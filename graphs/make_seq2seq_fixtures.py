@@ -41,7 +41,6 @@ GRAPHS = ["encoder_model", "decoder_model", "decoder_with_past_model"]
 IDS = torch.tensor([[0, 17, 42, 8, 2], [0, 77, 2, 1, 1]], dtype=torch.int64)
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
 DEC_IDS = torch.tensor([[1, 0, 33, 44, 55], [1, 0, 66, 5, 9]], dtype=torch.int64)
-PAST_LEN = 3
 
 
 def configs():
@@ -91,12 +90,6 @@ def make_hf():
 # ================================================================================================================
 # Export step: optimum venv (transformers 4.x)
 # ================================================================================================================
-def legacy_cache(cache):
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
-
-
 def ort_check(path, feeds, expected):
     """graphs/make_optimum_fixtures.py's check (ORT's outputs equal PyTorch's within its TOL), on torch tensors."""
     from make_optimum_fixtures import ort_check as check
@@ -111,7 +104,6 @@ def ort_check(path, feeds, expected):
 def export_one(name):
     import onnx
     from transformers import AutoModelForSeq2SeqLM
-    from transformers.cache_utils import EncoderDecoderCache
 
     out_dir = os.path.join(HERE, name)
     hf_dir = os.path.join(out_dir, "hf")
@@ -140,45 +132,13 @@ def export_one(name):
               f"initializers={len(m.graph.initializer)} {os.path.getsize(path)} bytes, check_model(full)=OK")
 
     torch.set_grad_enabled(False)
-    n_layer = model.config.decoder_layers
-    enc = model.model.encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state
-    ort_check(os.path.join(out_dir, "encoder_model.onnx"), {"input_ids": IDS, "attention_mask": MASK},
-              {"last_hidden_state": enc})
+    # The same inputs and PyTorch outputs as the BART fixtures' exports are checked on (its decoder tokens start
+    # with this config's decoder start, the pad).
+    from make_optimum_fixtures import bart_layout_cases
 
-    def run_decoder(dec_ids, cache=None):
-        out = model(encoder_outputs=(enc,), attention_mask=MASK, decoder_input_ids=dec_ids, past_key_values=cache,
-                    use_cache=True)
-        c = out.past_key_values
-        return out.logits, legacy_cache(c.self_attention_cache), legacy_cache(c.cross_attention_cache)
-
-    def presents(self_kv, cross_kv=None):
-        d = {}
-        for i in range(n_layer):
-            d[f"present.{i}.decoder.key"], d[f"present.{i}.decoder.value"] = self_kv[i]
-            if cross_kv is not None:
-                d[f"present.{i}.encoder.key"], d[f"present.{i}.encoder.value"] = cross_kv[i]
-        return d
-
-    logits, self_kv, cross_kv = run_decoder(DEC_IDS)
-    ort_check(os.path.join(out_dir, "decoder_model.onnx"),
-              {"input_ids": DEC_IDS, "encoder_attention_mask": MASK, "encoder_hidden_states": enc},
-              {"logits": logits, **presents(self_kv, cross_kv)})
-
-    # With past: K/V of the first 3 decoder tokens, then the 4th token.
-    _, p_self, p_cross = run_decoder(DEC_IDS[:, :PAST_LEN])
-    p_self = [(k.clone(), v.clone()) for k, v in p_self]
-    p_cross = [(k.clone(), v.clone()) for k, v in p_cross]
-    cache = EncoderDecoderCache.from_legacy_cache(
-        tuple((s[0].clone(), s[1].clone(), c[0].clone(), c[1].clone()) for s, c in zip(p_self, p_cross)))
-    step = DEC_IDS[:, PAST_LEN:PAST_LEN + 1]
-    logits_p, self_kv_p, _ = run_decoder(step, cache)
-    assert torch.allclose(logits_p[:, 0], logits[:, PAST_LEN], atol=1e-5)
-    feeds = {"input_ids": step, "encoder_attention_mask": MASK}
-    for i in range(n_layer):
-        feeds[f"past_key_values.{i}.decoder.key"], feeds[f"past_key_values.{i}.decoder.value"] = p_self[i]
-        feeds[f"past_key_values.{i}.encoder.key"], feeds[f"past_key_values.{i}.encoder.value"] = p_cross[i]
-    ort_check(os.path.join(out_dir, "decoder_with_past_model.onnx"), feeds, {"logits": logits_p,
-                                                                              **presents(self_kv_p)})
+    cases, _ = bart_layout_cases(model, IDS, MASK, DEC_IDS)
+    for g, (feeds, expected) in cases.items():
+        ort_check(os.path.join(out_dir, g + ".onnx"), feeds, expected)
 
 
 def export_main():
