@@ -209,13 +209,24 @@ fn json_beside(export: &std::path::Path, name: &str) -> Result<Option<(std::path
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
-    let value = serde_json::from_str(&text).map_err(|e| {
+    let reads = if name == "config.json" { "model_type, eos_token_id and sliding_window" } else { "eos_token_id" };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
-            "{} is not valid JSON ({e}): pfx reads model_type, eos_token_id and sliding_window from it; fix the file \
-             or move it away",
+            "{} is not valid JSON ({e}): pfx reads {reads} from it; fix the file or move it away",
             path.display()
         )
     })?;
+    if !value.is_object() {
+        anyhow::bail!(
+            "{} holds {}, not an object of settings: pfx reads {reads} from it; fix the file or move it away",
+            path.display(),
+            match &value {
+                serde_json::Value::Array(_) => "a list",
+                serde_json::Value::Null => "null",
+                _ => "a single value",
+            }
+        );
+    }
     Ok(Some((path, value)))
 }
 
@@ -263,9 +274,9 @@ fn eos_ids_in(export: &std::path::Path, name: &str) -> Result<Option<Vec<u32>>> 
         one => id(one).map(|i| vec![i]),
     };
     match ids {
-        Some(ids) => Ok(Some(ids)),
-        None => anyhow::bail!(
-            "{}: eos_token_id is {v}; expected a token id (a whole number from 0) or a list of them",
+        Some(ids) if !ids.is_empty() => Ok(Some(ids)),
+        _ => anyhow::bail!(
+            "{}: eos_token_id is {v}; expected a token id (a whole number from 0) or a non-empty list of them",
             path.display()
         ),
     }
@@ -829,11 +840,17 @@ mod tests {
         write("generation_config.json", "{");
         let m = message(config_eos_token_ids(&export));
         assert!(m.contains("generation_config.json is not valid JSON"), "{m}");
-        for odd in ["[2.0]", "[95, -1]", "\"</s>\"", "4294967296"] {
+        for odd in ["[2.0]", "[95, -1]", "\"</s>\"", "4294967296", "[]"] {
             write("generation_config.json", &format!("{{\"eos_token_id\": {odd}}}"));
             let m = message(config_eos_token_ids(&export));
             assert!(m.contains("generation_config.json: eos_token_id is"), "{odd}: {m}");
             assert!(config_eos_token_id(&export).unwrap_err().to_string().contains("eos_token_id"));
+        }
+        // Valid JSON that is not an object of settings is no config either.
+        for not_object in ["[1, 2]", "null", "7"] {
+            write("config.json", not_object);
+            let m = config_model_type(&export).unwrap_err().to_string();
+            assert!(m.contains("config.json holds") && m.contains("not an object"), "{not_object}: {m}");
         }
         write("config.json", "{\"model_type\": 3, \"sliding_window\": \"4k\"}");
         assert!(config_model_type(&export).unwrap_err().to_string().contains("config.json: model_type is 3"));

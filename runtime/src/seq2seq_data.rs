@@ -21,17 +21,16 @@ impl<'t> SourceTarget<'t> {
     /// `<s>` and `</s>` from the tokenizer.
     pub fn new(tok: &'t Tokenizer, pad: i64, model_type: Option<&str>) -> Result<Self> {
         let id = |t: &str, frame: &str| {
-            tok.token_id(t).ok_or_else(|| {
-                anyhow!("tokenizer {} has no `{t}` token, which {frame} around every text", tok.origin().display())
-            })
+            tok.token_id(t)
+                .ok_or_else(|| anyhow!("tokenizer {} has no `{t}` token, which {frame}", tok.origin().display()))
         };
         Ok(match model_type.unwrap_or("bart") {
             "bart" => {
-                let frame = "BART's format puts `<s>` and `</s>`";
+                let frame = "BART's format puts around every text (`<s> text </s>`)";
                 SourceTarget { tok, bos: Some(id("<s>", frame)?), eos: id("</s>", frame)?, pad }
             }
             other => {
-                let frame = format!("{other}'s format puts after");
+                let frame = format!("{other}'s format puts after every text (`text </s>`)");
                 SourceTarget { tok, bos: None, eos: id("</s>", &frame)?, pad }
             }
         })

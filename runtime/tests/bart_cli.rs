@@ -131,6 +131,10 @@ fn source_target_rows_of_pegasus_follow_hf() {
     // BART's format needs `<s>`, which this tokenizer does not have: refused, naming it.
     let e = SourceTarget::new(&tok, pad, None).err().unwrap().to_string();
     assert!(e.contains("pegasus-style") && e.contains("`<s>`"), "{e}");
+    // A tokenizer without `</s>` (Qwen-style) for a Marian bundle: refused, saying where the token goes.
+    let qwen = Tokenizer::from_file(dir.join("qwen-style")).unwrap();
+    let e = SourceTarget::new(&qwen, 0, Some("marian")).err().unwrap().to_string();
+    assert!(e.contains("has no `</s>` token, which marian's format puts after every text (`text </s>`)"), "{e}");
 }
 
 #[test]

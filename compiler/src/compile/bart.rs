@@ -235,7 +235,8 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
         None => bail!(
             "{} does not say which model this is (no model_type): the BART path compiles {} exports only, and other \
              encoder-decoders exported in BART's layout (mBART, M2M100) would compile into wrong graphs. If the \
-             export is one of those, add its \"model_type\" (e.g. \"bart\") to the file",
+             export is BART, Marian or Pegasus, add its \"model_type\" (\"bart\", \"marian\" or \"pegasus\") to \
+             the file",
             cfg_path.display(),
             BART_LAYOUT_MODELS.join(", ")
         ),
