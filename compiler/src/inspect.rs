@@ -180,8 +180,8 @@ pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
     }
     // CodeGen's rotary sine/cosine table is narrower too, but it is looked up by the position ids themselves (the
     // positions pfx numbers), which T5's bucket lookup never is.
-    let by_position_ids =
-        g.nodes.iter().any(|n| is_position_lookup(g, n) && index_values(g, "position_ids").contains(&n.inputs[1]));
+    let ids = index_values(g, "position_ids");
+    let by_position_ids = position_lookups(g).iter().any(|n| ids.contains(&n.inputs[1]));
     match (e.position_rows, e.position_width, e.hidden) {
         (Some(rows), Some(width), Some(hidden)) if width != hidden && !by_position_ids => Some(format!(
             "looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative position \
@@ -356,11 +356,9 @@ pub fn computed_window_sites(g: &Graph) -> Vec<(usize, usize)> {
 pub fn positions_from_mask(g: &Graph) -> bool {
     let prod = g.producers();
     let numbered = |v: &str| v == "position_ids" || computed_from(g, &prod, v, |x| x == "attention_mask");
-    g.nodes.iter().any(|n| {
-        n.op == "Gather"
-            && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
-            && prod.get(&n.inputs[1]).and_then(|&i| plus_two_of(g, &g.nodes[i])).is_some_and(numbered)
-    })
+    position_lookups(g)
+        .iter()
+        .any(|n| prod.get(&n.inputs[1]).and_then(|&i| plus_two_of(g, &g.nodes[i])).is_some_and(numbered))
 }
 
 /// Whether value `v`, or a value it is computed from, is one that `found` accepts (`prod`: `Graph::producers`).
@@ -517,10 +515,9 @@ pub fn table_offset(g: &Graph, family: Family) -> usize {
     match family {
         Family::BartEncoder | Family::BartDecoder => {
             let prod = g.producers();
-            let adds_two = g.nodes.iter().any(|n| {
-                is_position_lookup(g, n)
-                    && prod.get(&n.inputs[1]).is_some_and(|&i| plus_two_of(g, &g.nodes[i]).is_some())
-            });
+            let adds_two = position_lookups(g)
+                .iter()
+                .any(|n| prod.get(&n.inputs[1]).is_some_and(|&i| plus_two_of(g, &g.nodes[i]).is_some()));
             if adds_two {
                 2
             } else {
@@ -532,11 +529,18 @@ pub fn table_offset(g: &Graph, family: Family) -> usize {
     }
 }
 
-/// Whether `n` looks rows up in a constant 2-D table by an index that is not the tokens' (the position lookup).
-fn is_position_lookup(g: &Graph, n: &crate::ir::Node) -> bool {
-    n.op == "Gather"
-        && g.initializers.get(&n.inputs[0]).is_some_and(|t| t.shape.len() == 2)
-        && !token_index_values(g).contains(&n.inputs[1])
+/// The nodes that look rows up in a constant 2-D table by an index that is not the tokens': position tables (and
+/// CodeGen's rotary sin/cos table).
+fn position_lookups(g: &Graph) -> Vec<&crate::ir::Node> {
+    let tok = token_index_values(g);
+    g.nodes
+        .iter()
+        .filter(|n| {
+            n.op == "Gather"
+                && g.initializers.get(&n.inputs[0]).is_some_and(|t| t.shape.len() == 2)
+                && !tok.contains(&n.inputs[1])
+        })
+        .collect()
 }
 
 /// The other input of `n` when `n` adds a constant 2 to it (the row offset of BART's and OPT's tables).
