@@ -74,6 +74,10 @@ NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
     ("pegasus-tiny", "peft"): 20261300,
     ("pegasus-tiny", "paper"): 20261311,
 }
+# Forced first token of the forced-token references (HF's forced_bos_token_id, as mBART-50's target language): the
+# first word from 5 on whose greedy path passes check_forced_greedy (recorded as gen.forced_bos). The forced last
+# token is the fixtures' own forced_eos_token_id (= eos, 2).
+FORCED_BOS_FROM = 5
 MIN_GAP = 1e-3  # float64 top-1 minus top-2 logit, every greedy step
 MIN_BEAM_GAP = 1e-4  # float64 score gap at every beam-search decision that could flip the result
 MODES = ("peft", "paper")
@@ -141,8 +145,10 @@ def set_generation_config(model, eos):
     model.generation_config = gc
 
 
-def hf_generate(model, ids, mask, num_beams, eos):
+def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None):
     set_generation_config(model, eos)
+    model.generation_config.forced_bos_token_id = forced_bos
+    model.generation_config.forced_eos_token_id = forced_eos
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
@@ -223,6 +229,27 @@ def simple_beam(model, ids, mask, start, eos):
     tokens = cut_at_eos(torch.tensor([seq[1:] + [-1] * (N + 1 - len(seq))]), eos)[0] if eos is not None \
         else torch.tensor(seq[1:])
     return tokens, score, margin
+
+
+def check_forced_greedy(name, model64, ids, mask, start, seq, eos, forced_bos, facts):
+    """HF's greedy output with forced tokens, replayed in float64: the forced steps hold the forced tokens, every
+    other step (up to the row's first eos) the float64 argmax, not on a knife edge."""
+    assert torch.all((seq[:, -1] == eos) | (seq[:, :-1] == eos).any(dim=1)), seq
+    if forced_bos is not None:
+        assert torch.all(seq[:, 0] == forced_bos), seq
+    logits = teacher_forced(model64, ids, mask, start, seq)
+    gap = float("inf")
+    for b in range(seq.shape[0]):
+        for t in range(seq.shape[1]):
+            if (t == 0 and forced_bos is not None) or t == seq.shape[1] - 1:
+                continue
+            top = logits[b, t].topk(2).values
+            assert logits[b, t].argmax().item() == seq[b, t].item(), (name, b, t)
+            gap = min(gap, (top[0] - top[1]).item())
+            if seq[b, t] == eos:
+                break
+    assert gap > MIN_GAP, (name, gap)
+    facts[f"{name}: unforced steps = float64 argmax; min top-2 gap"] = f"{gap:.2e}"
 
 
 def check_beam(name, model64, ids, mask, start, eos, hf_tokens, hf_scores, facts):
@@ -350,6 +377,40 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         check_beam(key, gen64, ids, mask, start, beos, btok, hb.sequences_scores, facts)
         out[key] = btok.numpy()
         out[key + "_scores"] = R.np32(hb.sequences_scores)
+    # Forced tokens, as generate() applies them from the generation config: the last (N-th) new token forced to
+    # forced_eos_token_id (BART's, Marian's and Pegasus's configs set it), and also the first forced to FORCED_BOS.
+    forced_eos = runner.base.generation_config.forced_eos_token_id if mode == "peft" else \
+        R.load_base(fixture).generation_config.forced_eos_token_id
+    assert forced_eos == eos, (forced_eos, eos)
+    for key, fbos in (("forced_eos", None), ("forced_bos_eos", FORCED_BOS_FROM)):
+        while True:
+            hg = hf_generate(gen32, ids, mask, 1, eos, fbos, forced_eos)
+            try:
+                check_forced_greedy(f"gen.greedy_{key}", gen64, ids, mask, start, hg.sequences[:, 1:], eos, fbos,
+                                    facts)
+                break
+            except AssertionError:
+                if fbos is None or fbos >= FORCED_BOS_FROM + 16:
+                    raise
+                fbos += 1
+        if fbos is not None:
+            out["gen.forced_bos"] = np.array([fbos], dtype=np.int64)
+        out[f"gen.greedy_{key}"] = beam_tokens(hg.sequences, eos, pad).numpy()
+        hb = hf_generate(gen32, ids, mask, NUM_BEAMS, eos, fbos, forced_eos)
+        hb64 = hf_generate(gen64, ids, mask, NUM_BEAMS, eos, fbos, forced_eos)
+        assert torch.equal(hb.sequences, hb64.sequences), (key, hb.sequences, hb64.sequences)
+        ds = (hb.sequences_scores.double() - hb64.sequences_scores.double()).abs().max().item()
+        assert ds < 1e-4, ds
+        facts[f"gen.beam_{key}: HF with a float64 model: same tokens, max |Δscore|"] = f"{ds:.1e}"
+        out[f"gen.beam_{key}"] = beam_tokens(hb.sequences, eos, pad).numpy()
+        out[f"gen.beam_{key}_scores"] = R.np32(hb.sequences_scores)
+    # What forcing changes here (a test that ignored it would fail where these differ).
+    facts["forced eos changes the beam result (rows)"] = str(
+        [bool((out["gen.beam_forced_eos"][b] != out["gen.beam"][b]).any()) for b in range(ids.shape[0])])
+    facts["forced bos+eos changes the greedy result (rows)"] = str(
+        [bool((out["gen.greedy_forced_bos_eos"][b] != cut_at_eos(tok, eos)[b].numpy()).any())
+         for b in range(ids.shape[0])])
+
     # The bare model's beam search, eos on.
     hb = hf_generate(bare, ids, mask, NUM_BEAMS, eos)
     btok = beam_tokens(hb.sequences, eos, pad)
