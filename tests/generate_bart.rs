@@ -170,6 +170,22 @@ fn beam_search_equals_hf() {
                     "{what}: bare beam"
                 );
                 println!("{what}: beam {beam:?}");
+                // Forced tokens, as HF's generate applies the generation config's forced_eos_token_id (and
+                // forced_bos_token_id): the bundle records the fixture's, the references use the same.
+                assert_eq!(b.manifest.forced_eos_token_id, Some(2), "{what}: the fixture's forced_eos_token_id");
+                let forced_bos = r["gen.forced_bos"].as_i64().unwrap()[0];
+                for (key, forced_bos) in [("forced_eos", None), ("forced_bos_eos", Some(forced_bos))] {
+                    let forced = GenConfig { forced_eos: Some(2), forced_bos, ..cfg.clone() };
+                    let want = |k: &str| without_eos(rows(&r[k], None), 2);
+                    let greedy = GenConfig { beams: 1, ..forced.clone() };
+                    assert_eq!(
+                        g.greedy(&sources, &greedy).unwrap(),
+                        want(&format!("gen.greedy_{key}")),
+                        "{what}: {key}"
+                    );
+                    let beam = g.beam_search(&sources, &forced).unwrap();
+                    assert_eq!(beam, want(&format!("gen.beam_{key}")), "{what}: beam, {key}");
+                }
             }
         }
     }

@@ -209,7 +209,11 @@ fn json_beside(export: &std::path::Path, name: &str) -> Result<Option<(std::path
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
-    let reads = if name == "config.json" { "model_type, eos_token_id and sliding_window" } else { "eos_token_id" };
+    let reads = if name == "config.json" {
+        "model_type, token ids (eos, forced bos/eos, pad, decoder start) and sliding_window"
+    } else {
+        "eos_token_id, forced_bos_token_id and forced_eos_token_id"
+    };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
             "{} is not valid JSON ({e}): pfx reads {reads} from it; fix the file or move it away",
@@ -230,78 +234,140 @@ fn json_beside(export: &std::path::Path, name: &str) -> Result<Option<(std::path
     Ok(Some((path, value)))
 }
 
-/// The value of `key` in the JSON file `name` beside an export; `None` when the file or the key is absent or the
-/// value is null (as transformers writes an unset setting).
-fn setting_beside(
-    export: &std::path::Path,
-    name: &str,
-    key: &str,
-) -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
-    Ok(json_beside(export, name)?.and_then(|(path, mut v)| match v.get_mut(key).map(serde_json::Value::take) {
-        None | Some(serde_json::Value::Null) => None,
-        Some(value) => Some((path, value)),
-    }))
+/// `model_type` from the `config.json` beside an export, if there is one that says. (`pfxc inspect` reads only
+/// this; `compile` reads everything at once with [`ModelConfig::beside`].)
+pub fn config_model_type(export: &std::path::Path) -> Result<Option<String>> {
+    let Some((path, cfg)) = json_beside(export, "config.json")? else { return Ok(None) };
+    model_type_in(&path, &cfg)
 }
 
-/// `model_type` from the `config.json` beside an export, if there is one that says.
-pub fn config_model_type(export: &std::path::Path) -> Result<Option<String>> {
-    let Some((path, v)) = setting_beside(export, "config.json", "model_type")? else { return Ok(None) };
+/// What pfx reads from the JSON files transformers writes beside an export (`config.json`,
+/// `generation_config.json`), each file read once. A setting that is there but malformed is an error naming the
+/// file: read as "no setting" it could silently drop an end token or a window.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// `model_type` of config.json (gpt2, llama, bart, ...): the graph alone does not say.
+    pub model_type: Option<String>,
+    /// The end-of-text id pfxrun's text commands end a prompt and a target with: config.json's `eos_token_id`,
+    /// else generation_config.json's (the first one where it is a list, as Llama 3's and Qwen's are).
+    pub eos_token_id: Option<u32>,
+    /// Every id Hugging Face's `generate` stops at: generation_config.json's `eos_token_id` (which `generate`
+    /// reads), else config.json's; one id or a list (Llama 3's chat models list three).
+    pub eos_token_ids: Vec<u32>,
+    /// `sliding_window` of config.json (Mistral's, Gemma's; Qwen2's when `use_sliding_window` is on).
+    pub sliding_window: Option<usize>,
+    /// The token `generate` forces as the first new one of an encoder-decoder (mBART-50's target language), from
+    /// generation_config.json, else config.json.
+    pub forced_bos_token_id: Option<u32>,
+    /// The token `generate` forces as the last new one when the length limit is reached (BART's, Marian's and
+    /// Pegasus's `</s>`), from generation_config.json, else config.json.
+    pub forced_eos_token_id: Option<u32>,
+    /// `pad_token_id` and `decoder_start_token_id` of config.json: an encoder-decoder's decoder inputs are its
+    /// labels shifted right behind the start token, pads where the labels are ignored.
+    pub pad_token_id: Option<u32>,
+    pub decoder_start_token_id: Option<u32>,
+}
+
+impl ModelConfig {
+    /// The settings of the JSON files beside `export` (a model file inside the export folder); all unset when
+    /// there are none.
+    pub fn beside(export: &std::path::Path) -> Result<ModelConfig> {
+        let config = json_beside(export, "config.json")?;
+        let generation = json_beside(export, "generation_config.json")?;
+        // generate() reads generation_config.json; transformers falls back to config.json without one.
+        let generation_first = || generation.iter().chain(config.iter());
+        let mut eos_token_id = None;
+        for (path, v) in config.iter().chain(generation.iter()) {
+            if let Some(ids) = token_ids(path, v, "eos_token_id")? {
+                eos_token_id = ids.first().copied();
+                break;
+            }
+        }
+        let mut eos_token_ids = Vec::new();
+        for (path, v) in generation_first() {
+            if let Some(ids) = token_ids(path, v, "eos_token_id")? {
+                eos_token_ids = ids;
+                break;
+            }
+        }
+        let forced = |key: &str| -> Result<Option<u32>> {
+            for (path, v) in generation_first() {
+                if let Some(id) = token_id(path, v, key)? {
+                    return Ok(Some(id));
+                }
+            }
+            Ok(None)
+        };
+        let in_config = |key: &str| match &config {
+            Some((path, v)) => token_id(path, v, key),
+            None => Ok(None),
+        };
+        let (model_type, sliding_window) = match &config {
+            Some((path, v)) => (model_type_in(path, v)?, sliding_window_in(path, v)?),
+            None => (None, None),
+        };
+        Ok(ModelConfig {
+            model_type,
+            eos_token_id,
+            eos_token_ids,
+            sliding_window,
+            forced_bos_token_id: forced("forced_bos_token_id")?,
+            forced_eos_token_id: forced("forced_eos_token_id")?,
+            pad_token_id: in_config("pad_token_id")?,
+            decoder_start_token_id: in_config("decoder_start_token_id")?,
+        })
+    }
+}
+
+/// `key` of a JSON object; `None` when absent or null (as transformers writes an unset setting).
+fn setting<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    v.get(key).filter(|x| !x.is_null())
+}
+
+fn model_type_in(path: &std::path::Path, cfg: &serde_json::Value) -> Result<Option<String>> {
+    let Some(v) = setting(cfg, "model_type") else { return Ok(None) };
     match v.as_str() {
         Some(t) => Ok(Some(t.to_string())),
         None => anyhow::bail!("{}: model_type is {v}, not a name such as \"gpt2\" or \"llama\"", path.display()),
     }
 }
 
-/// The end-of-text token id of the model beside an export: `eos_token_id` of its `config.json`, else of its
-/// `generation_config.json` (the first one where it is a list, as Llama 3's and Qwen's generation configs have).
-/// pfxrun's text commands end the prompt and the target with it for models with their own tokens.
-pub fn config_eos_token_id(export: &std::path::Path) -> Result<Option<u32>> {
-    for name in ["config.json", "generation_config.json"] {
-        if let Some(ids) = eos_ids_in(export, name)? {
-            return Ok(ids.first().copied());
-        }
-    }
-    Ok(None)
+fn as_token_id(v: &serde_json::Value) -> Option<u32> {
+    v.as_u64().and_then(|i| u32::try_from(i).ok())
 }
 
-/// The `eos_token_id` (one id or a list) of the JSON file `name` beside an export, if it has one. Anything but
-/// token ids there is an error: generation would otherwise not stop where the model's own `generate` does.
-fn eos_ids_in(export: &std::path::Path, name: &str) -> Result<Option<Vec<u32>>> {
-    let Some((path, v)) = setting_beside(export, name, "eos_token_id")? else { return Ok(None) };
-    let id = |v: &serde_json::Value| v.as_u64().and_then(|i| u32::try_from(i).ok());
-    let ids = match &v {
-        serde_json::Value::Array(ids) => ids.iter().map(id).collect(),
-        one => id(one).map(|i| vec![i]),
+/// `key` (one token id or a non-empty list of them) of a JSON file's settings. Anything else is an error:
+/// generation would otherwise not stop where the model's own `generate` does.
+fn token_ids(path: &std::path::Path, cfg: &serde_json::Value, key: &str) -> Result<Option<Vec<u32>>> {
+    let Some(v) = setting(cfg, key) else { return Ok(None) };
+    let ids = match v {
+        serde_json::Value::Array(ids) => ids.iter().map(as_token_id).collect(),
+        one => as_token_id(one).map(|i| vec![i]),
     };
     match ids {
         Some(ids) if !ids.is_empty() => Ok(Some(ids)),
         _ => anyhow::bail!(
-            "{}: eos_token_id is {v}; expected a token id (a whole number from 0) or a non-empty list of them",
+            "{}: {key} is {v}; expected a token id (a whole number from 0) or a non-empty list of them",
             path.display()
         ),
     }
 }
 
-/// Every end-of-sequence id Hugging Face's `generate` stops at for the model beside an export: the `eos_token_id`
-/// of its `generation_config.json` (which `generate` reads), else of its `config.json`; one id or a list (Llama 3's
-/// chat models list `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`).
-pub fn config_eos_token_ids(export: &std::path::Path) -> Result<Vec<u32>> {
-    for name in ["generation_config.json", "config.json"] {
-        if let Some(ids) = eos_ids_in(export, name)? {
-            return Ok(ids);
-        }
+/// `key` holding one token id.
+fn token_id(path: &std::path::Path, cfg: &serde_json::Value, key: &str) -> Result<Option<u32>> {
+    let Some(v) = setting(cfg, key) else { return Ok(None) };
+    match as_token_id(v) {
+        Some(id) => Ok(Some(id)),
+        None => anyhow::bail!("{}: {key} is {v}; expected a token id (a whole number from 0)", path.display()),
     }
-    Ok(vec![])
 }
 
-/// The `sliding_window` of the `config.json` beside an export (Mistral's, Gemma's, Qwen2's when
-/// `use_sliding_window` is on): keys more than that many positions back are not attended to.
-pub fn config_sliding_window(export: &std::path::Path) -> Result<Option<usize>> {
-    let off = setting_beside(export, "config.json", "use_sliding_window")?;
-    if off.is_some_and(|(_, v)| v == serde_json::Value::Bool(false)) {
+fn sliding_window_in(path: &std::path::Path, cfg: &serde_json::Value) -> Result<Option<usize>> {
+    if setting(cfg, "use_sliding_window") == Some(&serde_json::Value::Bool(false)) {
         return Ok(None);
     }
-    let Some((path, v)) = setting_beside(export, "config.json", "sliding_window")? else { return Ok(None) };
+    let Some(v) = setting(cfg, "sliding_window") else { return Ok(None) };
     match v.as_u64() {
         Some(w) => Ok(Some(w as usize)),
         None => anyhow::bail!("{}: sliding_window is {v}; expected a number of tokens", path.display()),
@@ -819,7 +885,10 @@ mod tests {
         let export = dir.join("model.onnx");
         let write =
             |name: &str, ids: &str| std::fs::write(dir.join(name), format!("{{\"eos_token_id\": {ids}}}")).unwrap();
-        let both = || (config_eos_token_id(&export).unwrap(), config_eos_token_ids(&export).unwrap());
+        let both = || {
+            let c = ModelConfig::beside(&export).unwrap();
+            (c.eos_token_id, c.eos_token_ids)
+        };
         assert_eq!(both(), (None, vec![]));
         write("config.json", "[128001, 128008, 128009]");
         assert_eq!(both(), (Some(128001), vec![128001, 128008, 128009]));
@@ -832,6 +901,28 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Forced first and last tokens come from generation_config.json, else config.json, as generate takes them.
+    #[test]
+    fn forced_ids_prefer_generation_config() {
+        let dir = std::env::temp_dir().join(format!("pfx-inspect-forced-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let export = dir.join("model.onnx");
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        let forced = || {
+            let c = ModelConfig::beside(&export).unwrap();
+            (c.forced_bos_token_id, c.forced_eos_token_id)
+        };
+        assert_eq!(forced(), (None, None));
+        write("config.json", "{\"forced_bos_token_id\": 250004, \"forced_eos_token_id\": 2}");
+        assert_eq!(forced(), (Some(250004), Some(2)));
+        write("generation_config.json", "{\"forced_eos_token_id\": 3, \"forced_bos_token_id\": null}");
+        assert_eq!(forced(), (Some(250004), Some(3)));
+        write("generation_config.json", "{\"forced_eos_token_id\": [2]}");
+        let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
+        assert!(m.contains("generation_config.json: forced_eos_token_id is [2]"), "{m}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A config.json or generation_config.json that is there but broken, or holds something else than token ids
     /// or a window, is an error naming the file, not a silent "no setting".
     #[test]
@@ -840,30 +931,38 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let export = dir.join("model.onnx");
         let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
-        let message = |r: Result<Vec<u32>>| format!("{:#}", r.unwrap_err());
+        let message = || format!("{:#}", ModelConfig::beside(&export).unwrap_err());
         write("generation_config.json", "{");
-        let m = message(config_eos_token_ids(&export));
+        let m = message();
         assert!(m.contains("generation_config.json is not valid JSON"), "{m}");
         for odd in ["[2.0]", "[95, -1]", "\"</s>\"", "4294967296", "[]"] {
             write("generation_config.json", &format!("{{\"eos_token_id\": {odd}}}"));
-            let m = message(config_eos_token_ids(&export));
+            let m = message();
             assert!(m.contains("generation_config.json: eos_token_id is"), "{odd}: {m}");
-            assert!(config_eos_token_id(&export).unwrap_err().to_string().contains("eos_token_id"));
         }
+        // config.json's is read first for the format's end token: refused there too.
+        std::fs::remove_file(dir.join("generation_config.json")).unwrap();
+        write("config.json", "{\"eos_token_id\": [95, -1]}");
+        assert!(message().contains("config.json: eos_token_id is"));
         // Valid JSON that is not an object of settings is no config either.
         for not_object in ["[1, 2]", "null", "7"] {
             write("config.json", not_object);
             let m = config_model_type(&export).unwrap_err().to_string();
             assert!(m.contains("config.json holds") && m.contains("not an object"), "{not_object}: {m}");
+            assert_eq!(message(), m);
         }
-        write("config.json", "{\"model_type\": 3, \"sliding_window\": \"4k\"}");
+        write("config.json", "{\"model_type\": 3}");
         assert!(config_model_type(&export).unwrap_err().to_string().contains("config.json: model_type is 3"));
-        assert!(config_sliding_window(&export).unwrap_err().to_string().contains("sliding_window is \"4k\""));
+        assert!(message().contains("config.json: model_type is 3"));
+        write("config.json", "{\"model_type\": \"qwen2\", \"sliding_window\": \"4k\"}");
+        assert!(message().contains("sliding_window is \"4k\""));
         write("config.json", "{\"model_type\": \"qwen2\", \"sliding_window\": null}");
         assert_eq!(config_model_type(&export).unwrap().as_deref(), Some("qwen2"));
-        assert_eq!(config_sliding_window(&export).unwrap(), None);
+        assert_eq!(ModelConfig::beside(&export).unwrap().sliding_window, None);
         write("config.json", "{\"use_sliding_window\": false, \"sliding_window\": \"4k\"}");
-        assert_eq!(config_sliding_window(&export).unwrap(), None);
+        assert_eq!(ModelConfig::beside(&export).unwrap().sliding_window, None);
+        write("config.json", "{\"sliding_window\": 4096}");
+        assert_eq!(ModelConfig::beside(&export).unwrap().sliding_window, Some(4096));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -290,6 +290,9 @@ pub struct GenerateArgs {
     pub input: Option<String>,
     pub inputs: Option<PathBuf>,
     pub cfg: GenConfig,
+    /// Force the first/last tokens the model's generation config forces (`forced_bos_token_id`,
+    /// `forced_eos_token_id`), as Hugging Face's `generate` does.
+    pub forced_tokens: bool,
     /// Written as batches finish, through `OUTPUT.partial` (`crate::partial_output`).
     pub output: Option<PathBuf>,
     /// Continue the `OUTPUT.partial` an interrupted run left.
@@ -426,8 +429,11 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         );
     }
     let mut cfg = args.cfg.clone();
-    // Like HF's generate, stop at any end-of-sequence id the model's generation config lists.
+    // Like HF's generate, stop at any end-of-sequence id the model's generation config lists, and force the
+    // tokens it forces (unless --no-forced-tokens cleared them).
     cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();
+    let forced_bos = m.forced_bos_token_id.filter(|_| args.forced_tokens).map(i64::from);
+    cfg.forced_eos = m.forced_eos_token_id.filter(|_| args.forced_tokens).map(i64::from);
     let no_generation = || pfx_compiler::compile::no_generation_graphs(&args.bundle);
     let mut model: Box<SearchFn>;
     let (rows, prompts) = if let Some(b) = bart_spec(&bundle)? {
@@ -435,6 +441,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let fmt = SourceTarget::new(&tok, b.pad_token_id, bundle.manifest.model_type.as_deref())?;
         cfg.eos = Some(fmt.eos_id());
         cfg.pad = fmt.pad_id();
+        // HF forces it where the decoder has only its start token, which is every row of an encoder-decoder (a
+        // decoder-only model's prompt is longer but for one-token prompts, so it is left out there).
+        cfg.forced_bos = forced_bos;
         let mut prompts = Vec::new();
         let mut cut = Vec::new();
         for (i, s) in sources.iter().enumerate() {

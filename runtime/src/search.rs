@@ -19,6 +19,11 @@ pub struct GenConfig {
     pub pad: i64,
     /// Mask the prefix out and number positions from 0: the bare model, for comparison.
     pub no_prefix: bool,
+    /// The first new token, whatever the logits say (HF's `forced_bos_token_id`: mBART-50's target language).
+    pub forced_bos: Option<i64>,
+    /// The `max_new`-th new token when generation gets that far (HF's `forced_eos_token_id`, which BART's,
+    /// Marian's and Pegasus's configs set to `</s>`). It wins over `forced_bos` when `max_new` is 1, as in HF.
+    pub forced_eos: Option<i64>,
 }
 
 impl Default for GenConfig {
@@ -32,6 +37,8 @@ impl Default for GenConfig {
             more_eos: Vec::new(),
             pad: 0,
             no_prefix: false,
+            forced_bos: None,
+            forced_eos: None,
         }
     }
 }
@@ -45,6 +52,16 @@ impl GenConfig {
     /// The end-of-sequence ids.
     fn eos_ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.eos.into_iter().chain(self.more_eos.iter().copied().filter(move |&t| Some(t) != self.eos))
+    }
+
+    /// The token forced as new token `n_generated` + 1, if any. As HF's logits processors, forcing sets every other
+    /// token's log-probability to -inf and the forced one's to 0, after the early-eos ban (which it overrides).
+    fn forced(&self, n_generated: usize) -> Option<i64> {
+        match (self.forced_eos, self.forced_bos) {
+            (Some(t), _) if n_generated + 1 == self.max_new => Some(t),
+            (_, Some(t)) if n_generated == 0 => Some(t),
+            _ => None,
+        }
     }
 }
 
@@ -153,8 +170,12 @@ pub fn greedy(
     for n in 0..cfg.max_new {
         let mut next = vec![cfg.pad; r];
         let banned = eos_banned(cfg, n);
+        let forced = cfg.forced(n);
         for row in 0..r {
-            let t = best_tokens(&logits[row], 1, &banned).first().map_or(0, |&(t, _)| t as i64);
+            let t = match forced {
+                Some(t) => t,
+                None => best_tokens(&logits[row], 1, &banned).first().map_or(0, |&(t, _)| t as i64),
+            };
             if !done[row] {
                 if cfg.is_eos(t) {
                     done[row] = true;
@@ -214,6 +235,7 @@ pub fn beam_groups(
         let last = t == cfg.max_new;
         // The end-of-sequence ids not allowed yet: the same for every beam.
         let banned = eos_banned(cfg, n);
+        let forced = cfg.forced(n);
         // Rows keep their place unless a group's beams move; idle and finished rows are fed padding.
         let mut parents: Vec<usize> = (0..r).collect();
         let mut tokens = vec![cfg.pad; r];
@@ -226,6 +248,11 @@ pub fn beam_groups(
             // E of them end a sequence.) Then the K·C are ordered.
             let mut cands: Vec<(f64, usize, i64)> = Vec::new();
             for (b, (_, s)) in g.beams.iter().enumerate() {
+                if let Some(tok) = forced {
+                    // Log-probability 0 for the forced token, -inf for the rest: one candidate per beam.
+                    cands.push((*s, b, tok));
+                    continue;
+                }
                 // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
                 let row = &logits[base + b];
                 let (max, log_sum) = log_sum_exp(row);

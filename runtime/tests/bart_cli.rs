@@ -215,6 +215,18 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
         ok(&args);
         assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
     }
+    // The export's generation config forces </s> as the last token at the length limit (forced_eos_token_id), as
+    // HF's generate does. BART's targets start with <s>: with two new tokens, <s> </s>, so empty lines; with
+    // --no-forced-tokens, <s> and a word.
+    let one = |extra: &[&str]| {
+        let out = dir.join("one.txt");
+        let args = ["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--max-new", "2"];
+        ok(&[&args[..], &["--output", p(&out)], extra].concat());
+        std::fs::read_to_string(&out).unwrap()
+    };
+    assert_eq!(one(&[]), "\n\n", "forced </s> as the second new token");
+    let free = one(&["--no-forced-tokens"]);
+    assert!(free.lines().count() == 2 && free.lines().all(|l| !l.trim().is_empty()), "{free:?}");
     // Baked: the prefix inside the graphs, the same text.
     let baked = dir.join("baked");
     pfx_compiler::compile::bake::bake(&bundle, &prefix, &baked).unwrap();

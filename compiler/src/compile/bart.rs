@@ -113,6 +113,8 @@ pub struct BartExport {
     pub decoder_start_token_id: i64,
     /// The config's `model_type`: one of [`BART_LAYOUT_MODELS`].
     pub model_type: String,
+    /// Everything pfx reads from the folder's config.json / generation_config.json.
+    pub config: crate::inspect::ModelConfig,
 }
 
 /// The `model_type`s the BART path compiles: BART, and the encoder-decoders optimum exports in its layout whose
@@ -210,21 +212,21 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
         );
     };
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
-        format!(
-            "cannot read {} (optimum writes it next to the graphs; pfx reads pad_token_id and \
-             decoder_start_token_id from it)",
-            cfg_path.display()
-        )
-    })?;
-    let cfg: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    if !cfg_path.is_file() {
+        bail!(
+            "{} has no config.json (optimum writes it next to the graphs; pfx reads which model this is, pad_token_id \
+             and decoder_start_token_id from it)",
+            dir.display()
+        );
+    }
+    // beside() reads the JSON files of the folder that holds its argument.
+    let config = crate::inspect::ModelConfig::beside(&cfg_path)?;
     // Other encoder-decoders export the same graph names and compile without complaint, some into wrong graphs:
     // mBART starts the decoder with the language code (its labels' last token), M2M100 numbers positions from the
     // mask with pad rows in between, T5 has relative attention. So the config must name a model whose differences
     // from BART live in the graphs (sinusoidal or offset-free position tables, pre-LayerNorm, scaled embeddings)
     // and that is checked against PyTorch + PEFT (tests/compile_bart.rs, tests/generate_bart.rs).
-    let model_type = match cfg.get("model_type").and_then(|t| t.as_str()) {
+    let model_type = match config.model_type.as_deref() {
         Some(t) if BART_LAYOUT_MODELS.contains(&t) => t.to_string(),
         Some(other) => bail!(
             "{} says model_type \"{other}\": the BART path compiles {} exports only (pfx checks their graphs against \
@@ -241,19 +243,19 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
             BART_LAYOUT_MODELS.join(", ")
         ),
     };
-    let int = |k: &str| -> Result<i64> {
-        cfg.get(k)
-            .and_then(|v| v.as_i64())
-            .ok_or_else(|| anyhow!("{} has no integer '{k}' (needed to derive the decoder inputs)", cfg_path.display()))
+    let needed = |id: Option<u32>, k: &str| -> Result<i64> {
+        id.map(i64::from)
+            .ok_or_else(|| anyhow!("{} has no '{k}' (needed to derive the decoder inputs)", cfg_path.display()))
     };
     Ok(BartExport {
         dir: dir.to_path_buf(),
         encoder,
         decoder,
         merged,
-        pad_token_id: int("pad_token_id")?,
-        decoder_start_token_id: int("decoder_start_token_id")?,
+        pad_token_id: needed(config.pad_token_id, "pad_token_id")?,
+        decoder_start_token_id: needed(config.decoder_start_token_id, "decoder_start_token_id")?,
         model_type,
+        config,
     })
 }
 
@@ -814,8 +816,6 @@ pub fn read_bart_spec(bundle: &Path) -> Result<Option<BartSpec>> {
 /// weights.bin, prefix.init.safetensors and manifest.json (family "bart", with a "bart" section).
 pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Manifest> {
     super::bundle_dir::BundleDir::check(out_dir, dir, "export")?;
-    // Every id HF's generate stops at (its generation_config.json's); read first, so a broken file is refused early.
-    let eos_token_ids = crate::inspect::config_eos_token_ids(&dir.join("config.json"))?;
     let mut c = compile_bart_models(dir, opts)?;
     let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
@@ -881,7 +881,10 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         model_type: Some(c.export.model_type.clone()),
         // BART's own end token is in its "bart" section (its text commands have their own format).
         eos_token_id: None,
-        eos_token_ids,
+        // Every id HF's generate stops at (its generation_config.json's), and the tokens it forces.
+        eos_token_ids: c.export.config.eos_token_ids.clone(),
+        forced_bos_token_id: c.export.config.forced_bos_token_id,
+        forced_eos_token_id: c.export.config.forced_eos_token_id,
     };
     let spec = BartSpec {
         mode: opts.mode,

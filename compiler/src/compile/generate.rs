@@ -135,10 +135,10 @@ pub(super) fn expose_rotary_positions(g: &mut Graph) -> Result<bool> {
 /// (`inspect::computed_windows`, rewritten by `computed_windows_by_real_tokens`) nor GPT-Neo's tables
 /// (`inspect::local_windows`). The generation graphs would count such a window in cache slots, so a cache longer
 /// than it could attend outside it.
-pub(super) fn refuse_unread_window(g: &Graph, source: &std::path::Path, gs: &GenShape, p: usize) -> Result<()> {
+pub(super) fn refuse_unread_window(g: &Graph, window: Option<usize>, gs: &GenShape, p: usize) -> Result<()> {
     let read = !crate::inspect::computed_windows(g).is_empty()
         || crate::inspect::local_windows(g).is_ok_and(|w| !w.is_empty());
-    let Some(w) = crate::inspect::config_sliding_window(source)?.filter(|_| !read) else { return Ok(()) };
+    let Some(w) = window.filter(|_| !read) else { return Ok(()) };
     let capacity = gs.capacity(p);
     if capacity >= w {
         bail!(

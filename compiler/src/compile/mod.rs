@@ -129,6 +129,14 @@ pub struct Manifest {
     /// Face's `generate` stops at: pfxrun's generation stops at any of them too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub eos_token_ids: Vec<u32>,
+    /// The export's `forced_bos_token_id` (generation_config.json, else config.json): an encoder-decoder's first
+    /// generated token, as Hugging Face's `generate` forces it (mBART-50's target language).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_bos_token_id: Option<u32>,
+    /// The export's `forced_eos_token_id`: the token `generate` forces as the last one when the length limit is
+    /// reached (BART's, Marian's and Pegasus's configs set `</s>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_eos_token_id: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -169,11 +177,15 @@ fn dtype_name(d: DType) -> String {
 pub struct Export {
     pub path: PathBuf,
     pub model: Model,
+    /// The settings of the config.json / generation_config.json beside it.
+    pub config: crate::inspect::ModelConfig,
 }
 
 impl Export {
     pub fn read(path: &Path) -> Result<Export> {
-        Ok(Export { path: path.to_path_buf(), model: onnx_io::load(path)? })
+        // The model's JSON files first: a broken one is refused before the (large) graph is read.
+        let config = crate::inspect::ModelConfig::beside(path)?;
+        Ok(Export { path: path.to_path_buf(), model: onnx_io::load(path)?, config })
     }
 }
 
@@ -295,7 +307,7 @@ pub fn build_loss_graph_from(
         }
     }
     if let Some(gs) = generation {
-        generate::refuse_unread_window(&model.graph, source, gs, opts.prefix_len)?;
+        generate::refuse_unread_window(&model.graph, export.config.sliding_window, gs, opts.prefix_len)?;
     }
     // Grouped-query attention: the prefix holds the key/value heads (the past's), as PEFT sizes it.
     let heads = if with_past {
@@ -398,6 +410,8 @@ pub struct Compiled {
     pub injection: Injection,
     pub info: crate::inspect::ModelInfo,
     pub generation: Option<GenerationSpec>,
+    /// The settings of the model's JSON files.
+    pub config: crate::inspect::ModelConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -430,7 +444,7 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
             capacity: gs.capacity(shape.len),
         });
     }
-    Ok(Compiled { graphs, shape, injection, info, generation })
+    Ok(Compiled { graphs, shape, injection, info, generation, config: export.config })
 }
 
 /// From the loss graph: `grads` (loss and grad.<name>), `train_step` (AdamW on top) and `eval_step` (the loss
@@ -487,10 +501,6 @@ pub(crate) fn training_graphs(
 pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
     let export_dir = source.parent().unwrap_or(Path::new("."));
     bundle_dir::BundleDir::check(out_dir, export_dir, "export")?;
-    // The model's JSON files first: a broken one is refused before minutes of compiling.
-    let model_type = crate::inspect::config_model_type(source)?;
-    let eos_token_id = crate::inspect::config_eos_token_id(source)?;
-    let eos_token_ids = crate::inspect::config_eos_token_ids(source)?;
     let mut c = compile_models(source, opts)?;
     let trainables = c.shape.trainables("");
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
@@ -539,9 +549,11 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         baked: false,
         weights_dtype: opts.weights,
         tokenizer,
-        model_type,
-        eos_token_id,
-        eos_token_ids,
+        model_type: c.config.model_type.clone(),
+        eos_token_id: c.config.eos_token_id,
+        eos_token_ids: c.config.eos_token_ids.clone(),
+        forced_bos_token_id: c.config.forced_bos_token_id,
+        forced_eos_token_id: c.config.forced_eos_token_id,
     };
     dir.finish(&serde_json::to_string_pretty(&manifest)?)?;
     Ok(manifest)

@@ -131,6 +131,11 @@ enum Command {
         /// Mask the prefix out: the bare model, for comparison.
         #[arg(long, conflicts_with = "prefix")]
         no_prefix: bool,
+        /// Do not force the tokens the model's generation config forces, as HF's `generate` does: the last one at
+        /// the length limit (`forced_eos_token_id`: BART's, Marian's and Pegasus's `</s>`) and an encoder-decoder's
+        /// first one (`forced_bos_token_id`). `pfxc compile` records them in the bundle.
+        #[arg(long)]
+        no_forced_tokens: bool,
         /// Stop after this many new tokens (default, and most: the bundle's `pfxc compile --max-new`).
         #[arg(long)]
         max_new: Option<usize>,
@@ -381,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
             beams,
             length_penalty,
             no_prefix,
+            no_forced_tokens,
             max_new,
             output,
             resume,
@@ -401,8 +407,19 @@ fn run(cli: Cli) -> Result<()> {
                 no_prefix,
                 ..GenConfig::default()
             };
-            let args =
-                commands::GenerateArgs { bundle, prefix, tokenizer, input, inputs, cfg, output, resume, refs_out };
+            let forced_tokens = !no_forced_tokens;
+            let args = commands::GenerateArgs {
+                bundle,
+                prefix,
+                tokenizer,
+                input,
+                inputs,
+                cfg,
+                forced_tokens,
+                output,
+                resume,
+                refs_out,
+            };
             commands::generate(args, &engine)?;
             Ok(())
         }
