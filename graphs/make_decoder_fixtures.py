@@ -7,20 +7,15 @@ One command, from the reference venv (torch, transformers 5.x, peft); it runs it
 
     /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
 
-Writes (relative to this file's folder), for NAME in FAMILIES (llama-tiny, opt-tiny, gptneo-tiny, llama-gqa-tiny,
-qwen3-tiny, gemma-tiny, falcon-tiny, qwen2-tiny, mistral-tiny, phi3-tiny, stablelm-tiny, falcon-mqa-tiny,
-mistral-window-tiny, gemma2-tiny, phi-tiny, bigcode-tiny, gptj-tiny, codegen-tiny, neox-tiny):
+Writes (relative to this file's folder) the fixtures listed in decoder-fixtures.json (the lists
+tests/compile_decoders.rs reads too; each entry says what it covers), for NAME in its families:
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
     peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
-and opt-nopast-tiny/model.onnx: `--task text-generation` (no past) of opt-tiny/hf (its references are opt-tiny's),
-llama-gqa-nopast-tiny/model.onnx the same of llama-gqa-tiny/hf (its references are llama-gqa-tiny's),
-gptneo-nopast-tiny/model.onnx of gptneo-tiny/hf (its references are gptneo-tiny's), likewise qwen3-, phi3-,
-gemma-, falcon-mqa-, mistral-window-, gemma2-, phi-, bigcode- and gptj-nopast-tiny of their with-past fixtures' hf/
-folders, and torch.onnx dynamo exports (reference venv, as graphs/make_fixtures.py exports GPT-2): opt-dynamo-tiny,
-llama-dynamo-tiny, gemma-dynamo-tiny, qwen3-dynamo-tiny and falcon-mqa-dynamo-tiny with past, llama-dynamo-nopast-tiny
-(of llama-gqa-tiny), falcon-mqa-dynamo-nopast-tiny, opt-dynamo-nopast-tiny and gptneo-dynamo-nopast-tiny without
-(references: their HF folders').
+for NAME in its nopast list, NAME/model.onnx: `--task text-generation` (no past) of the hf/ folder of the family
+its "hf" names (its references are that family's), and for NAME in its dynamo list, NAME/model.onnx: a torch.onnx
+dynamo export (reference venv, as graphs/make_fixtures.py exports GPT-2) of that family's hf/ folder, with or
+without past as its "past" says (references: that family's).
 llama-gqa-tiny has 4 query heads and 2 key/value heads: PEFT sizes its prefix by the key/value heads. Its reparam
 model is also saved by PEFT (`save_pretrained`: the MLP's output as `prompt_embeddings` [P, 2 L 16], config with
 token_dim 16, num_attention_heads 2) into peft-decoders/adapter-llama-gqa-tiny/. Multi-query Falcon and GPT-BigCode
@@ -47,47 +42,74 @@ OUT_REFS = os.path.join(HERE, "peft-decoders")
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261127
 TOL = 1e-4
-FAMILIES = ["llama-tiny", "opt-tiny", "gptneo-tiny", "llama-gqa-tiny", "qwen3-tiny", "gemma-tiny", "falcon-tiny",
-            "qwen2-tiny", "mistral-tiny", "phi3-tiny", "stablelm-tiny", "falcon-mqa-tiny", "mistral-window-tiny",
-            "gemma2-tiny", "phi-tiny", "bigcode-tiny", "gptj-tiny", "codegen-tiny", "neox-tiny"]
+FIXTURES = os.path.join(HERE, "decoder-fixtures.json")
+
+
+def load_fixtures(path=FIXTURES):
+    """The fixture lists of decoder-fixtures.json (also read by tests/compile_decoders.rs), checked; exits naming
+    the file and the entry on anything malformed."""
+    import json
+
+    def fail(what):
+        sys.exit(f"{path}: {what}")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the decoder fixture lists: {e}")
+    fields = {  # list: (required fields, optional fields), with their types
+        "families": ({"name": str, "why": str}, {"snapshot": str, "second_eos": bool, "weight_seed_shift": int}),
+        "nopast": ({"name": str, "hf": str, "why": str}, {"snapshot": str}),
+        "dynamo": ({"name": str, "hf": str, "past": bool, "why": str}, {"snapshot": str}),
+    }
+    if not isinstance(data, dict) or set(data) - {"about"} != set(fields):
+        fail(f"expected an object with the lists {sorted(fields)} (and \"about\")")
+    kinds = {str: "a non-empty string", bool: "true or false", int: "an integer"}
+    names = set()
+    for key, (required, optional) in fields.items():
+        if not isinstance(data[key], list) or not data[key]:
+            fail(f"\"{key}\" must be a non-empty list")
+        for i, entry in enumerate(data[key]):
+            where = f"{key}[{i}]"
+            if not isinstance(entry, dict):
+                fail(f"{where}: expected an object")
+            where = f"{key}[{i}] ({entry.get('name')!r})"
+            for field, kind in {**required, **optional}.items():
+                if field not in entry:
+                    if field in required:
+                        fail(f"{where}: missing \"{field}\"")
+                elif type(entry[field]) is not kind or (kind is str and not entry[field]):
+                    fail(f"{where}: \"{field}\" must be {kinds[kind]}")
+            unknown = set(entry) - set(required) - set(optional)
+            if unknown:
+                fail(f"{where}: unknown field(s) {sorted(unknown)}")
+            if entry["name"] in names:
+                fail(f"{where}: listed twice")
+            names.add(entry["name"])
+    families = {f["name"] for f in data["families"]}
+    for key in ("nopast", "dynamo"):
+        for i, entry in enumerate(data[key]):
+            if entry["hf"] not in families:
+                fail(f"{key}[{i}] ({entry['name']!r}): \"hf\" {entry['hf']!r} is not one of the families")
+    return data
+
+
+_FIXTURES = load_fixtures()
+# With past (optimum), each with its own hf/ folder and PEFT references; the order of configs().
+FAMILIES = [f["name"] for f in _FIXTURES["families"]]
 # Exports without past: (folder, HF folder it is exported from).
-NOPAST = [
-    ("opt-nopast-tiny", "opt-tiny"),
-    ("llama-gqa-nopast-tiny", "llama-gqa-tiny"),
-    ("gptneo-nopast-tiny", "gptneo-tiny"),
-    # Rotary families without past: Qwen3's wide heads, Phi-3's fused QKV, Gemma's angles from cache_position (its
-    # export has no position_ids input here either).
-    ("qwen3-nopast-tiny", "qwen3-tiny"),
-    ("phi3-nopast-tiny", "phi3-tiny"),
-    ("gemma-nopast-tiny", "gemma-tiny"),
-    # Multi-query without past: its one key/value head is broadcast over the query heads, not repeated.
-    ("falcon-mqa-nopast-tiny", "falcon-mqa-tiny"),
-    # A sliding window without past: the prefix's keys fall out of late queries' windows.
-    ("mistral-window-nopast-tiny", "mistral-window-tiny"),
-    # ... on every other layer only.
-    ("gemma2-nopast-tiny", "gemma2-tiny"),
-    # Phi (partial rotary, attention and MLP in parallel) and multi-query GPT-BigCode without past.
-    ("phi-nopast-tiny", "phi-tiny"),
-    ("bigcode-nopast-tiny", "bigcode-tiny"),
-    # GPT-J's rotary on every other element (strided slices) without past.
-    ("gptj-nopast-tiny", "gptj-tiny"),
-]
+NOPAST = [(e["name"], e["hf"]) for e in _FIXTURES["nopast"]]
 # torch.onnx dynamo exports (reference venv), weights inline: (folder, HF folder, with past). They compute OPT's
 # positions from the mask in the graph, and Llama's RMSNorm as Reciprocal(Sqrt); references are the HF folder's.
-DYNAMO = [
-    ("opt-dynamo-tiny", "opt-tiny", True),
-    ("opt-dynamo-nopast-tiny", "opt-tiny", False),
-    ("gptneo-dynamo-nopast-tiny", "gptneo-tiny", False),
-    ("llama-dynamo-tiny", "llama-tiny", True),
-    # Without past its rotary angles come from cache_position (a Range), with no position_ids input.
-    ("llama-dynamo-nopast-tiny", "llama-gqa-tiny", False),
-    # Gemma's GELU is one opset-20 `Gelu` node here (optimum spells it out); Qwen3's heads are wider than 32 / 4.
-    ("gemma-dynamo-tiny", "gemma-tiny", True),
-    ("qwen3-dynamo-tiny", "qwen3-tiny", True),
-    # Multi-query Falcon picks its key and value with GatherND (constant rows of axis 0).
-    ("falcon-mqa-dynamo-tiny", "falcon-mqa-tiny", True),
-    ("falcon-mqa-dynamo-nopast-tiny", "falcon-mqa-tiny", False),
-]
+DYNAMO = [(e["name"], e["hf"], e["past"]) for e in _FIXTURES["dynamo"]]
+# Families whose references also hold generation with two end-of-sequence ids (greedy and beam 3).
+STOP_FAMILIES = [f["name"] for f in _FIXTURES["families"] if f.get("second_eos")]
+# Weights drawn from other seeds: with their own, the greedy tokens of a prompt do not change with the prefix
+# (falcon-mqa-tiny's first prompt repeats one token; the references need a prefix that changes every prompt's;
+# bigcode-tiny's reparam prefix changed only 2 of a prompt's 8; gptj-, codegen- and neox-tiny likewise: the first
+# shifts, in hundreds, that pass).
+WEIGHT_SEED_SHIFT = {f["name"]: f["weight_seed_shift"] for f in _FIXTURES["families"] if "weight_seed_shift" in f}
 
 # ---- prefix-tuning setup: graphs/peft/'s (fixture_common.py) ----------------------------------------------------
 MODES = {
@@ -214,20 +236,13 @@ def lift_rope_settings(path):
             f.write("\n")
 
 
-# Families whose references also hold generation with two end-of-sequence ids (greedy and beam 3).
-STOP_FAMILIES = ["llama-gqa-tiny"]
-# Weights drawn from other seeds: with their own, the greedy tokens of a prompt do not change with the prefix
-# (falcon-mqa-tiny's first prompt repeats one token; the references need a prefix that changes every prompt's;
-# bigcode-tiny's reparam prefix changed only 2 of a prompt's 8; gptj-, codegen- and neox-tiny likewise: the first
-# shifts, in hundreds, that pass).
-WEIGHT_SEED_SHIFT = {"falcon-mqa-tiny": 100, "mistral-window-tiny": 200, "bigcode-tiny": 300, "gptj-tiny": 600,
-                     "codegen-tiny": 1100, "neox-tiny": 500}
-
-
 def make_hf():
     from transformers import AutoModelForCausalLM
 
-    for i, (name, cfg) in enumerate(configs().items()):
+    cfgs = configs()
+    if list(cfgs) != FAMILIES:  # the index seeds each family's weights
+        sys.exit(f"{FIXTURES}: families {FAMILIES} are not configs()'s, in its order: {list(cfgs)}")
+    for i, (name, cfg) in enumerate(cfgs.items()):
         i += WEIGHT_SEED_SHIFT.get(name, 0)
         torch.manual_seed(SEED + 100 + i)
         model = AutoModelForCausalLM.from_config(cfg).eval()

@@ -11,7 +11,8 @@ mod common;
 use common::{backends, check_bundle, check_norm, id_rows, rel, run, scalar};
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::{compile, CompileOptions, Manifest};
@@ -19,58 +20,113 @@ use pfx_runtime::bundle::Bundle;
 use pfx_runtime::generate::{GenConfig, Generator};
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
-/// Optimum exports with past. Qwen3's and Gemma's heads are wider than width / heads; Gemma's export has no
-/// position_ids input (its rotary angles and its causal mask both read cache_position); Falcon splits its fused
-/// QKV with constant-index Gathers.
-/// Qwen2 (biased QKV), Mistral (no window), Phi-3 (fused QKV) and StableLM (rotary on half of each head) need
-/// nothing of their own; multi-query Falcon's prefix holds its one key/value head (PEFT's, with token_dim 8 and
-/// one head given to its config, which would otherwise size it for all 4). Mistral with a sliding window of 6
-/// (shorter than prefix + sequence and than the generation cache): the generation graphs count it in real tokens,
-/// so a left-padded prompt's window ends where it would alone. Gemma 2 windows every other layer only (and soft-caps
-/// its attention and final logits). Phi (partial rotary, attention and MLP in parallel) needs nothing of its own;
-/// multi-query GPT-BigCode (StarCoder's layout, fused c_attn) has a one-head prefix as multi-query Falcon. GPT-J
-/// and CodeGen rotate neighbouring pairs (strided slices, which have their own gradient rule), CodeGen from a
-/// sin/cos table narrower than the embeddings read by position id; GPT-NeoX is Pythia's layout.
-const FAMILIES: &[&str] = &[
-    "llama-tiny",
-    "opt-tiny",
-    "gptneo-tiny",
-    "llama-gqa-tiny",
-    "qwen3-tiny",
-    "gemma-tiny",
-    "falcon-tiny",
-    "qwen2-tiny",
-    "mistral-tiny",
-    "phi3-tiny",
-    "stablelm-tiny",
-    "falcon-mqa-tiny",
-    "mistral-window-tiny",
-    "gemma2-tiny",
-    "phi-tiny",
-    "bigcode-tiny",
-    "gptj-tiny",
-    "codegen-tiny",
-    "neox-tiny",
-];
-/// The exports whose compiled graphs are snapshotted: the first four families, and where a later one needed a
-/// rewrite of its own: the prefix repeated per query head without past (llama-gqa-nopast), position ids for the
-/// rotary angles only, not the mask (gemma), Gather splits as slices (falcon), Gelu spelled out (gemma-dynamo), a
-/// one-head prefix beside multi-query attention's broadcast key/value head (falcon-mqa-nopast), a computed sliding
-/// window counted in real tokens when generating (mistral-window) and given to the prefix's columns without past
-/// (mistral-window-nopast).
-const SNAPSHOT_FAMILIES: &[&str] = &[
-    "llama-tiny",
-    "opt-tiny",
-    "gptneo-tiny",
-    "llama-gqa-tiny",
-    "llama-gqa-nopast-tiny",
-    "gemma-tiny",
-    "falcon-tiny",
-    "gemma-dynamo-tiny",
-    "falcon-mqa-nopast-tiny",
-    "mistral-window-tiny",
-    "mistral-window-nopast-tiny",
-];
+/// One fixture of `graphs/decoder-fixtures.json`: a folder of `graphs/` holding a `model.onnx`.
+struct Fixture {
+    name: String,
+    /// The family whose PEFT references (and HF weights) it shares: its own name for a family.
+    weights: String,
+    /// Whether the export takes a past (and so has generation graphs).
+    past: bool,
+    /// Whether its compiled graphs are snapshotted (`compiled_graph_snapshots`).
+    snapshot: bool,
+    /// Whether its references also hold generation stopping at a second end-of-sequence id.
+    second_eos: bool,
+}
+
+/// The fixture lists of `graphs/decoder-fixtures.json`, the file `graphs/make_decoder_fixtures.py` makes them from
+/// (its entries say what each covers), in its order.
+struct Fixtures {
+    /// Optimum exports with past, each with its own HF folder and PEFT references.
+    families: Vec<Fixture>,
+    /// Optimum exports without past (`--task text-generation`) of a family's HF folder, sharing its references.
+    nopast: Vec<Fixture>,
+    /// torch.onnx dynamo exports of a family's HF folder, with past or without, sharing its references.
+    dynamo: Vec<Fixture>,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| load_fixtures(&Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/decoder-fixtures.json")))
+}
+
+fn malformed(path: &Path, what: std::fmt::Arguments) -> ! {
+    panic!("{}: {what}", path.display())
+}
+
+/// Reads and checks the lists as `graphs/make_decoder_fixtures.py` does: panics naming the file and the entry on
+/// anything malformed.
+fn load_fixtures(path: &Path) -> Fixtures {
+    // (list, required fields, optional fields)
+    const LISTS: [(&str, &[&str], &[&str]); 3] = [
+        ("families", &["name", "why"], &["snapshot", "second_eos", "weight_seed_shift"]),
+        ("nopast", &["name", "hf", "why"], &["snapshot"]),
+        ("dynamo", &["name", "hf", "past", "why"], &["snapshot"]),
+    ];
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| malformed(path, format_args!("cannot read the decoder fixture lists: {e}")));
+    let json: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| malformed(path, format_args!("not valid JSON: {e}")));
+    let top = json.as_object().unwrap_or_else(|| malformed(path, format_args!("expected an object")));
+    if let Some(k) = top.keys().find(|k| k.as_str() != "about" && !LISTS.iter().any(|l| l.0 == k.as_str())) {
+        malformed(path, format_args!("unknown list \"{k}\" (expected families, nopast, dynamo and about)"));
+    }
+    let mut lists = LISTS.iter().map(|&(key, required, optional)| {
+        let entries = top.get(key).and_then(|v| v.as_array()).filter(|l| !l.is_empty());
+        let entries = entries.unwrap_or_else(|| malformed(path, format_args!("\"{key}\" must be a non-empty list")));
+        let read = |(i, entry): (usize, &serde_json::Value)| {
+            let e =
+                entry.as_object().unwrap_or_else(|| malformed(path, format_args!("{key}[{i}]: expected an object")));
+            let at = format!("{key}[{i}] ({})", e.get("name").map_or("no name".to_string(), |n| n.to_string()));
+            if let Some(f) = e.keys().find(|f| !required.contains(&f.as_str()) && !optional.contains(&f.as_str())) {
+                malformed(path, format_args!("{at}: unknown field \"{f}\""));
+            }
+            if let Some(f) = required.iter().find(|f| !e.contains_key(**f)) {
+                malformed(path, format_args!("{at}: missing \"{f}\""));
+            }
+            let text = |f: &str| {
+                e.get(f).map(|v| match v.as_str() {
+                    Some(s) if !s.is_empty() => s.to_string(),
+                    _ => malformed(path, format_args!("{at}: \"{f}\" must be a non-empty string")),
+                })
+            };
+            let flag = |f: &str| {
+                e.get(f).map(|v| {
+                    v.as_bool().unwrap_or_else(|| malformed(path, format_args!("{at}: \"{f}\" must be true or false")))
+                })
+            };
+            if e.get("weight_seed_shift").is_some_and(|v| !v.is_i64()) {
+                malformed(path, format_args!("{at}: \"weight_seed_shift\" must be an integer"));
+            }
+            text("why");
+            let name = text("name").unwrap();
+            Fixture {
+                weights: text("hf").unwrap_or_else(|| name.clone()),
+                past: flag("past").unwrap_or(key == "families"),
+                snapshot: text("snapshot").is_some(),
+                second_eos: flag("second_eos").unwrap_or(false),
+                name,
+            }
+        };
+        entries.iter().enumerate().map(read).collect::<Vec<_>>()
+    });
+    let (families, nopast, dynamo) = (lists.next().unwrap(), lists.next().unwrap(), lists.next().unwrap());
+    let mut names = std::collections::BTreeSet::new();
+    for (key, list) in [("families", &families), ("nopast", &nopast), ("dynamo", &dynamo)] {
+        for (i, f) in list.iter().enumerate() {
+            if !names.insert(f.name.as_str()) {
+                malformed(path, format_args!("{key}[{i}] (\"{}\"): listed twice", f.name));
+            }
+            if !families.iter().any(|fam| fam.name == f.weights) {
+                malformed(
+                    path,
+                    format_args!("{key}[{i}] (\"{}\"): \"hf\" \"{}\" is not one of the families", f.name, f.weights),
+                );
+            }
+        }
+    }
+    Fixtures { families, nopast, dynamo }
+}
+
 const MODES: &[&str] = &["reparam", "noreparam"];
 const EOS: i64 = 95;
 
@@ -120,37 +176,11 @@ fn check_training(family: &str, mode: &str, r: &BTreeMap<String, HostTensor>) {
 #[test]
 fn loss_and_gradients_equal_peft() {
     for mode in MODES {
-        for family in FAMILIES {
-            check_training(family, mode, &reference(family, mode));
+        for f in &fixtures().families {
+            check_training(&f.name, mode, &reference(&f.weights, mode));
         }
     }
 }
-
-/// (export, the fixture whose PEFT references it shares).
-const NO_PAST_EXPORTS: &[(&str, &str)] = &[
-    ("opt-nopast-tiny", "opt-tiny"),
-    ("gptneo-nopast-tiny", "gptneo-tiny"),
-    // Rotary and grouped-query: positions P + t through its position_ids, the prefix's 2 key/value heads
-    // repeated for the 4 query heads at each attention, as PEFT's cache is.
-    ("llama-gqa-nopast-tiny", "llama-gqa-tiny"),
-    // Qwen3's wide heads; Phi-3's fused QKV; Gemma's export has no position_ids input (angles from
-    // cache_position, which its causal mask reads too): it gets one, the mask keeps its own.
-    ("qwen3-nopast-tiny", "qwen3-tiny"),
-    ("phi3-nopast-tiny", "phi3-tiny"),
-    ("gemma-nopast-tiny", "gemma-tiny"),
-    // One key/value head broadcast over the 4 query heads (not repeated): the prefix's is too.
-    ("falcon-mqa-nopast-tiny", "falcon-mqa-tiny"),
-    // A sliding window computed in the graph (6 < prefix 4 + 7): later queries do not see the first prefix
-    // positions (with them all visible the loss was 3.7e-3 away from PEFT's).
-    ("mistral-window-nopast-tiny", "mistral-window-tiny"),
-    // The same on every other layer (Gemma 2), the other layers seeing the whole prefix.
-    ("gemma2-nopast-tiny", "gemma2-tiny"),
-    // Phi's partial rotary; GPT-BigCode's one key/value head broadcast, as Falcon's.
-    ("phi-nopast-tiny", "phi-tiny"),
-    ("bigcode-nopast-tiny", "bigcode-tiny"),
-    // GPT-J's strided rotary slices on the prefix's gradient path without past too.
-    ("gptj-nopast-tiny", "gptj-tiny"),
-];
 
 /// Exports without past (`--task text-generation`, the same weights as their with-past fixtures, whose references
 /// they use) get the prefix at their attention sites. OPT's positions are numbered from the mask as transformers'
@@ -159,27 +189,11 @@ const NO_PAST_EXPORTS: &[(&str, &str)] = &[
 #[test]
 fn exports_without_past_equal_peft() {
     for mode in MODES {
-        for &(export, weights) in NO_PAST_EXPORTS {
-            check_training(export, mode, &reference(weights, mode));
+        for f in &fixtures().nopast {
+            check_training(&f.name, mode, &reference(&f.weights, mode));
         }
     }
 }
-
-/// (export, the fixture whose PEFT references it shares).
-const DYNAMO_EXPORTS: &[(&str, &str)] = &[
-    ("opt-dynamo-tiny", "opt-tiny"),
-    ("opt-dynamo-nopast-tiny", "opt-tiny"),
-    ("gptneo-dynamo-nopast-tiny", "gptneo-tiny"),
-    ("llama-dynamo-tiny", "llama-tiny"),
-    // Without past, rotary angles from cache_position: they get position ids P + t.
-    ("llama-dynamo-nopast-tiny", "llama-gqa-tiny"),
-    // GELU as one opset-20 `Gelu` node; Qwen3's wide heads as dynamo writes them.
-    ("gemma-dynamo-tiny", "gemma-tiny"),
-    ("qwen3-dynamo-tiny", "qwen3-tiny"),
-    // Multi-query Falcon's key and value picked by GatherND (rewritten as slices).
-    ("falcon-mqa-dynamo-tiny", "falcon-mqa-tiny"),
-    ("falcon-mqa-dynamo-nopast-tiny", "falcon-mqa-tiny"),
-];
 
 /// torch.onnx dynamo exports of the same HF folders (references: theirs). OPT's numbers its positions from the mask
 /// inside the graph (optimum's adds 2 to a position_ids input): without past the left-padded row's loss equals
@@ -189,8 +203,8 @@ const DYNAMO_EXPORTS: &[(&str, &str)] = &[
 #[test]
 fn dynamo_exports_equal_peft() {
     for mode in MODES {
-        for &(export, weights) in DYNAMO_EXPORTS {
-            check_training(export, mode, &reference(weights, mode));
+        for f in &fixtures().dynamo {
+            check_training(&f.name, mode, &reference(&f.weights, mode));
         }
     }
     // OPT's position table serves 64 positions in the dynamo export too.
@@ -263,10 +277,10 @@ fn gqa_adapter_round_trips_as_peft_saves_it() {
 fn greedy_tokens_equal_peft() {
     // The dynamo exports compute their positions in the graph: OPT's generation graphs read the table 2 rows in,
     // Llama's rotate by the position ids, not the cache slots. (Exports without past have no generation graphs.)
-    let dynamo = DYNAMO_EXPORTS.iter().copied().filter(|(export, _)| !export.contains("nopast"));
-    let exports = FAMILIES.iter().map(|&f| (f, f)).chain(dynamo);
+    let d = fixtures();
+    let exports = d.families.iter().chain(d.dynamo.iter().filter(|f| f.past));
     for mode in MODES {
-        for (family, weights) in exports.clone() {
+        for Fixture { name: family, weights, .. } in exports.clone() {
             let r = reference(weights, mode);
             let prompts = id_rows(&r["prompts"], Some(&r["prompt_mask"]));
             let (dir, _) = compile_fixture(family, mode, "tokens");
@@ -298,30 +312,37 @@ fn greedy_tokens_equal_peft() {
 /// token the first prompt's search gives without it.
 #[test]
 fn generation_stops_at_every_listed_eos_like_hf() {
+    let families: Vec<&str> = fixtures().families.iter().filter(|f| f.second_eos).map(|f| f.name.as_str()).collect();
+    assert!(!families.is_empty(), "graphs/decoder-fixtures.json: no family has \"second_eos\" references");
     for mode in MODES {
-        let r = reference("llama-gqa-tiny", mode);
-        let prompts = id_rows(&r["prompts"], Some(&r["prompt_mask"]));
-        let (dir, _) = compile_fixture("llama-gqa-tiny", mode, "stop");
-        let b = Bundle::open(&dir).unwrap();
-        let prefix: BTreeMap<String, HostTensor> =
-            b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
-        for kind in backends() {
-            let mut g = Generator::open(&b, kind, &OrtOptions::default(), prefix.clone()).unwrap();
-            for (key, beams) in [("greedy", 1), ("beam3", 3)] {
-                let what = format!("{mode} {kind} {key}");
-                let stop = r[&format!("{key}_stop_id")].as_i64().unwrap()[0];
-                let cfg = GenConfig {
-                    max_new: 8,
-                    beams,
-                    eos: Some(EOS),
-                    more_eos: vec![stop],
-                    pad: EOS,
-                    ..GenConfig::default()
-                };
-                let got =
-                    if beams == 1 { g.greedy(&prompts, &cfg).unwrap() } else { g.beam_search(&prompts, &cfg).unwrap() };
-                assert_eq!(got, id_rows(&r[&format!("{key}_stop")], None), "{what}: stopping at {stop} too");
-                println!("{what:<28} stop {stop}: {got:?}");
+        for &family in &families {
+            let r = reference(family, mode);
+            let prompts = id_rows(&r["prompts"], Some(&r["prompt_mask"]));
+            let (dir, _) = compile_fixture(family, mode, "stop");
+            let b = Bundle::open(&dir).unwrap();
+            let prefix: BTreeMap<String, HostTensor> =
+                b.trainable_names().into_iter().map(|n| (n.clone(), r[&n].clone())).collect();
+            for kind in backends() {
+                let mut g = Generator::open(&b, kind, &OrtOptions::default(), prefix.clone()).unwrap();
+                for (key, beams) in [("greedy", 1), ("beam3", 3)] {
+                    let what = format!("{family} {mode} {kind} {key}");
+                    let stop = r[&format!("{key}_stop_id")].as_i64().unwrap()[0];
+                    let cfg = GenConfig {
+                        max_new: 8,
+                        beams,
+                        eos: Some(EOS),
+                        more_eos: vec![stop],
+                        pad: EOS,
+                        ..GenConfig::default()
+                    };
+                    let got = if beams == 1 {
+                        g.greedy(&prompts, &cfg).unwrap()
+                    } else {
+                        g.beam_search(&prompts, &cfg).unwrap()
+                    };
+                    assert_eq!(got, id_rows(&r[&format!("{key}_stop")], None), "{what}: stopping at {stop} too");
+                    println!("{what:<28} stop {stop}: {got:?}");
+                }
             }
         }
     }
@@ -331,7 +352,8 @@ fn generation_stops_at_every_listed_eos_like_hf() {
 /// past, positions, mask) and the prefill (reparam, P=4, M=16, B=3, T=7; 3 rows, prompt 6, 8 new).
 #[test]
 fn compiled_graph_snapshots() {
-    for family in SNAPSHOT_FAMILIES {
+    let d = fixtures();
+    for family in d.families.iter().chain(&d.nopast).chain(&d.dynamo).filter(|f| f.snapshot).map(|f| &f.name) {
         let model = common::graphs_dir().join(family).join("model.onnx");
         let c = pfx_compiler::compile::compile_models(&model, &options("reparam")).unwrap();
         for (role, m) in c.graphs.iter().filter(|(role, _)| role == "eval_step" || role == "prefill") {
