@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Tiny Marian and Pegasus: HF folders and optimum exports in BART's layout (encoder / decoder / decoder with past).
+"""Tiny Marian, Pegasus and mBART: HF folders and optimum exports in BART's layout (encoder / decoder / decoder with
+past).
 
 One command, from the reference venv (torch, transformers 5.x); it runs itself in the optimum venv (transformers
 4.x, optimum-onnx) for the export step, as graphs/make_decoder_fixtures.py does:
 
     /root/.cache/pfx/ref/bin/python graphs/make_seq2seq_fixtures.py [--skip-hf]
 
-Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny:
+Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny, mbart-tiny:
     NAME/hf/      save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/         encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx, config.json,
                   generation_config.json from `optimum-cli export onnx --task text2text-generation-with-past`
@@ -17,8 +18,17 @@ Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny:
   post-LN as BART but no embedding LayerNorm; decoder_start_token_id = pad (1), as real Marian.
 - pegasus-tiny: PegasusForConditionalGeneration, 1 encoder / 2 decoder layers (bart-dec-deep's sizes), relu,
   pre-LN (a final LayerNorm after each stack), scaled embeddings, sinusoidal positions; decoder start = pad (1).
-Both: vocab 96, d_model 32, 4 heads, ffn 64, 64 positions, bos 0, pad 1, eos 2 (= forced eos), dropout off; every
-parameter but the (fixed) sinusoidal tables gets 0.02 * randn, final_logits_bias 0.02 * randn.
+- mbart-tiny: MBartForConditionalGeneration (mBART-cc25 / en-ro layout), 2 encoder / 2 decoder layers, gelu, pre-LN
+  with an embedding LayerNorm (layernorm_embedding) and a final LayerNorm after each stack, embeddings scaled by
+  sqrt(d) (scale_embedding=True, as the real mBART configs), learned positions with BART's offset 2 (table of 66
+  rows), shared encoder/decoder/LM-head embeddings. Its ids follow graphs/tokenizers/mbart-style/
+  (graphs/make_text_references.py): <s> 0, <pad> 1, </s> 2, <unk> 3, the 25 language codes of mBART-cc25 at
+  70..94 (en_XX 73, ro_RO 89), <mask> 95. decoder_start_token_id = ro_RO (89), as facebook/mbart-large-en-ro's
+  config has it (250020 = ro_RO there): what HF's generate starts the decoder with. Training does not read it: mBART's
+  shift_tokens_right moves each label row's last non-pad token (the target language code) to the front.
+All: vocab 96, d_model 32, 4 heads, ffn 64, 64 positions, bos 0, pad 1, eos 2 (= forced eos), dropout off; every
+parameter but the (fixed) sinusoidal tables of Marian and Pegasus gets 0.02 * randn (mBART's learned positions do),
+final_logits_bias 0.02 * randn.
 
 The export step asserts that every saved tensor loads unchanged in transformers 4.x (`load_checked`) and that
 onnxruntime gives PyTorch's outputs (max diff < 1e-4) for all three graphs. The prefix-tuning references are
@@ -35,16 +45,24 @@ from fixture_common import load_checked, strip_node_metadata
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261201
-NAMES = ["marian-tiny", "pegasus-tiny"]
+NAMES = ["marian-tiny", "pegasus-tiny", "mbart-tiny"]  # new names at the end: the seeds follow the index
 GRAPHS = ["encoder_model", "decoder_model", "decoder_with_past_model"]
 # Encoder ids end with eos (2), right-padded with pad (1); decoder ids start with decoder_start (= pad, 1).
 IDS = torch.tensor([[0, 17, 42, 8, 2], [0, 77, 2, 1, 1]], dtype=torch.int64)
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
 DEC_IDS = torch.tensor([[1, 0, 33, 44, 55], [1, 0, 66, 5, 9]], dtype=torch.int64)
+# mBART (graphs/tokenizers/mbart-style/'s ids): language codes 70..94 (25, mBART-cc25's order), <mask> 95.
+MBART_LANG_CODES = 70
+EN_XX, RO_RO = MBART_LANG_CODES + 3, MBART_LANG_CODES + 19  # 73, 89
+# mBART frames a source as `X </s> src_lang` (no <s>), right-padded; its decoder starts with the target language
+# code (decoder_start_token_id = ro_RO), the tokens after it as HF's shift_tokens_right of `Y </s> ro_RO` gives them.
+MBART_IDS = torch.tensor([[17, 42, 8, 2, EN_XX], [77, 2, EN_XX, 1, 1]], dtype=torch.int64)
+MBART_DEC_IDS = torch.tensor([[RO_RO, 33, 44, 55, 2], [RO_RO, 66, 5, 9, 2]], dtype=torch.int64)
+CHECK_IDS = {"mbart-tiny": (MBART_IDS, MASK, MBART_DEC_IDS)}  # others: (IDS, MASK, DEC_IDS)
 
 
 def configs():
-    from transformers import MarianConfig, PegasusConfig
+    from transformers import MarianConfig, MBartConfig, PegasusConfig
 
     common = dict(vocab_size=96, max_position_embeddings=64, d_model=32, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0,
@@ -54,6 +72,8 @@ def configs():
         "marian-tiny": MarianConfig(encoder_layers=3, decoder_layers=2, activation_function="swish",
                                     decoder_vocab_size=96, share_encoder_decoder_embeddings=True, **common),
         "pegasus-tiny": PegasusConfig(encoder_layers=1, decoder_layers=2, activation_function="relu", **common),
+        "mbart-tiny": MBartConfig(encoder_layers=2, decoder_layers=2, activation_function="gelu",
+                                  **{**common, "decoder_start_token_id": RO_RO}),
     }
 
 
@@ -61,15 +81,17 @@ def model_class(name):
     import transformers
 
     return {"marian-tiny": transformers.MarianMTModel,
-            "pegasus-tiny": transformers.PegasusForConditionalGeneration}[name]
+            "pegasus-tiny": transformers.PegasusForConditionalGeneration,
+            "mbart-tiny": transformers.MBartForConditionalGeneration}[name]
 
 
-def add_noise(model, seed):
-    """fixture_common.add_noise without the sinusoidal position tables (fixed, recomputed by transformers)."""
+def add_noise(model, seed, sinusoidal=True):
+    """fixture_common.add_noise without the sinusoidal position tables (fixed, recomputed by transformers); mBART's
+    learned positions (sinusoidal=False) get their noise."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in sorted(model.named_parameters()):
-            if "embed_positions" in n:
+            if sinusoidal and "embed_positions" in n:
                 continue
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
 
@@ -78,7 +100,7 @@ def make_hf():
     for i, (name, cfg) in enumerate(configs().items()):
         torch.manual_seed(SEED + i)
         model = model_class(name)(cfg).eval()
-        add_noise(model, SEED + 10 + i)
+        add_noise(model, SEED + 10 + i, sinusoidal=name != "mbart-tiny")
         with torch.no_grad():  # a buffer, zeros at init: perturb it so the logits bias is exercised
             g = torch.Generator().manual_seed(SEED + 20 + i)
             model.final_logits_bias.add_(torch.randn(model.final_logits_bias.shape, generator=g) * 0.02)
@@ -136,7 +158,7 @@ def export_one(name):
     # with this config's decoder start, the pad).
     from make_optimum_fixtures import bart_layout_cases
 
-    cases, _ = bart_layout_cases(model, IDS, MASK, DEC_IDS)
+    cases, _ = bart_layout_cases(model, *CHECK_IDS.get(name, (IDS, MASK, DEC_IDS)))
     for g, (feeds, expected) in cases.items():
         ort_check(os.path.join(out_dir, g + ".onnx"), feeds, expected)
 

@@ -12,7 +12,13 @@ have:
 - graphs/tokenizers/qwen-style/: Qwen2Tokenizer (byte-level BPE, nothing added around a text, `<|endoftext|>` the
   end of text), 300 ids;
 - graphs/tokenizers/pegasus-style/: PegasusTokenizer (SentencePiece-style Unigram, `</s>` added after a text and
-  nothing before, as Pegasus's and Marian's tokenizers do), for the encoder-decoders of BART's layout.
+  nothing before, as Pegasus's and Marian's tokenizers do), for the encoder-decoders of BART's layout;
+- graphs/tokenizers/mbart-style/: MBartTokenizer (mBART-cc25's: `X </s> lang_code` for sources and targets alike,
+  the language set by src_lang / tgt_lang), 96 ids laid out as mBART's (<s> 0, <pad> 1, </s> 2, <unk> 3, 66
+  Unigram pieces counted from the E2E slice, the 25 language codes at 70..94, <mask> 95), the ids of
+  graphs/mbart-tiny/;
+- graphs/tokenizers/mbart50-style/: MBart50Tokenizer (mBART-50's: `lang_code X </s>`), the same pieces, its 52
+  language codes at 70..121 (the first 25 as mbart-style's), <mask> 122.
 
 Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
 - graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
@@ -22,6 +28,10 @@ Written references (Hugging Face's tokenizer is the reference for the ids, PEFT 
 - graphs/tokenizers/seq2seq-format-cases.json: for pegasus-style, the source ids `tokenizer(source)` and the labels
   `tokenizer(text_target=target)` of the first examples of examples/data/e2e_test.txt, as a Pegasus or Marian
   fine-tuning script makes them;
+- graphs/tokenizers/mbart-format-cases.json: the same for mbart-style and mbart50-style, for two language pairs
+  each (src_lang / tgt_lang passed to `from_pretrained`), with the decoder inputs mBART's `shift_tokens_right` makes
+  of the labels and the ids of HF's truncation to 8 (source) / 6 (target) tokens (a file of its own, so that
+  seq2seq-format-cases.json stays as it was);
 - graphs/peft-decoders/text-llama-gqa-tiny.json: the tiny GQA Llama with PEFT's saved adapter
   (graphs/peft-decoders/adapter-llama-gqa-tiny) and the llama-style tokenizer: the mean loss over the examples of
   graphs/peft-decoders/text-e2e.txt (rows of SEQ tokens, right-padded), and the greedy text of each source.
@@ -144,6 +154,82 @@ def make_pegasus_style():
     return save(PegasusTokenizer(vocab=vocab, offset=0), "pegasus-style")
 
 
+def mbart_pieces():
+    """66 Unigram pieces counted as make_pegasus_style counts them (so reruns give the same file), few enough that
+    mbart-style has 96 ids as the tiny fixtures: the word start mark, the 45 most frequent characters, then the most
+    frequent words after the mark (characters outside them become <unk>)."""
+    import math
+    from collections import Counter
+
+    words = Counter(w for text in train_texts() for w in text.split())
+    chars = Counter(c for text in train_texts() for c in text if not c.isspace())
+    total = sum(words.values()) + sum(chars.values())
+    pieces = {"\u2581": total}
+    for c, n in chars.most_common(45):
+        pieces[c] = n
+    for w, n in words.most_common():
+        if len(pieces) == 66:
+            break
+        pieces.setdefault("\u2581" + w, n)
+    return sorted(((p, round(math.log(n / total), 6)) for p, n in pieces.items()), key=lambda v: (-v[1], v[0]))
+
+
+# The language pairs of the mBART cases; en_XX -> ro_RO is mbart-large-en-ro's (graphs/mbart-tiny's ids).
+MBART_PAIRS = [("en_XX", "ro_RO"), ("de_DE", "fr_XX")]
+
+
+def make_mbart_style():
+    from transformers import MBartTokenizer
+    from transformers.models.mbart.tokenization_mbart import FAIRSEQ_LANGUAGE_CODES
+
+    # mBART's layout: the four fairseq specials, the pieces, the language codes, <mask> last.
+    vocab = ([("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + mbart_pieces()
+             + [(c, 0.0) for c in FAIRSEQ_LANGUAGE_CODES] + [("<mask>", 0.0)])
+    tok = MBartTokenizer(vocab=vocab, src_lang="en_XX", tgt_lang="ro_RO")
+    assert len(tok) == 96 and tok.convert_tokens_to_ids(["en_XX", "ro_RO", "<mask>"]) == [73, 89, 95]
+    return save(tok, "mbart-style")
+
+
+def make_mbart50_style():
+    from transformers import MBart50Tokenizer
+    from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES
+
+    vocab = ([("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + mbart_pieces()
+             + [(c, 0.0) for c in FAIRSEQ_LANGUAGE_CODES] + [("<mask>", 0.0)])
+    tok = MBart50Tokenizer(vocab=vocab, src_lang="en_XX", tgt_lang="ro_RO")
+    assert len(tok) == 123 and tok.convert_tokens_to_ids(["en_XX", "ro_RO", "<mask>"]) == [73, 89, 122]
+    return save(tok, "mbart50-style")
+
+
+def mbart_cases(folder, cls):
+    """HF's ids with src_lang / tgt_lang given to from_pretrained, the decoder inputs of the labels (mBART's
+    shift_tokens_right: the last non-pad token first, then labels[:-1]), and the ids HF's truncation gives
+    (`truncation=True`, max_length 8 for the source, 6 for the target: the language code and </s> are kept)."""
+    from transformers import AutoTokenizer
+    from transformers.models.mbart.modeling_mbart import shift_tokens_right
+
+    pairs = e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]
+    out = None
+    by_pair = []
+    for src_lang, tgt_lang in MBART_PAIRS:
+        tok = AutoTokenizer.from_pretrained(folder, src_lang=src_lang, tgt_lang=tgt_lang)
+        assert type(tok).__name__ == cls, type(tok)
+        if out is None:
+            out = {"tokenizer_class": cls, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "bos": tok.bos_token_id,
+                   "lang_code_ids": {c: tok.convert_tokens_to_ids(c) for lang in MBART_PAIRS for c in lang}}
+        cases = []
+        for s, t in pairs:
+            labels = tok(text_target=t)["input_ids"]
+            dec = shift_tokens_right(torch.tensor([labels]), tok.pad_token_id)[0].tolist()
+            cases.append({"source": s, "target": t, "input_ids": tok(s)["input_ids"], "labels": labels,
+                          "decoder_input_ids": dec,
+                          "input_ids_max8": tok(s, max_length=8, truncation=True)["input_ids"],
+                          "labels_max6": tok(text_target=t, max_length=6, truncation=True)["input_ids"]})
+        by_pair.append({"src_lang": src_lang, "tgt_lang": tgt_lang, "cases": cases})
+    out["pairs"] = by_pair
+    return out
+
+
 def seq2seq_cases(folder):
     from transformers import AutoTokenizer
 
@@ -247,6 +333,15 @@ def main():
                "qwen-style": make_qwen_style()}
     write_json(os.path.join(TOKENIZERS, "model-format-cases.json"), format_cases(folders))
     write_json(os.path.join(TOKENIZERS, "seq2seq-format-cases.json"), {"pegasus-style": seq2seq_cases(make_pegasus_style())})
+    mbart = {"mbart-style": mbart_cases(make_mbart_style(), "MBartTokenizer"),
+             "mbart50-style": mbart_cases(make_mbart50_style(), "MBart50Tokenizer")}
+    mbart_tiny = os.path.join(HERE, "mbart-tiny/hf/config.json")
+    if os.path.exists(mbart_tiny):  # graphs/make_seq2seq_fixtures.py's fixture numbers its tokens as mbart-style
+        with open(mbart_tiny, encoding="utf-8") as f:
+            cfg = json.load(f)
+        assert cfg["decoder_start_token_id"] == mbart["mbart-style"]["lang_code_ids"]["ro_RO"], cfg
+        assert cfg["vocab_size"] == 96
+    write_json(os.path.join(TOKENIZERS, "mbart-format-cases.json"), mbart)
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)
     write_json(os.path.join(HERE, "peft-decoders/text-llama-gqa-tiny.json"), peft_text_reference(folders["llama-style"]))

@@ -18,7 +18,7 @@ use pfx_runtime::generate::GenConfig;
 use pfx_runtime::seq2seq::Seq2SeqGenerator;
 use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
 
-const FIXTURES: [&str; 4] = ["bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny"];
+const FIXTURES: [&str; 5] = ["bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny"];
 const MODES: [BartPrefix; 2] = [BartPrefix::Paper, BartPrefix::Peft];
 const N: usize = 8;
 
@@ -52,6 +52,12 @@ fn reference_param(fixture: &str, mode: BartPrefix, param: &str) -> BTreeMap<Str
 use common::id_rows as rows;
 
 fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>) -> Seq2SeqGenerator {
+    let start = read_bart_spec(&b.dir).unwrap().unwrap().decoder_start_token_id;
+    generator_from(b, kind, prefix, start)
+}
+
+/// A generator whose decoder starts with `start` (mBART: the target language).
+fn generator_from(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>, start: i64) -> Seq2SeqGenerator {
     let spec = read_bart_spec(&b.dir).unwrap().unwrap();
     let ort = OrtOptions::default();
     let bare = b.manifest.graphs.contains_key("encode_bare").then(|| b.open_graph("encode_bare", kind, &ort).unwrap());
@@ -61,7 +67,7 @@ fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>
         b.open_graph("decode", kind, &ort).unwrap(),
         spec.generation.unwrap(),
         prefix,
-        spec.decoder_start_token_id,
+        start,
     )
 }
 
@@ -187,6 +193,33 @@ fn beam_search_equals_hf() {
                     assert_eq!(beam, want(&format!("gen.beam_{key}")), "{what}: beam, {key}");
                 }
             }
+        }
+    }
+}
+
+/// mBART's decoder starts with the target language. Asked for another one than its config starts with (the text
+/// commands take it from `pfxc compile --tgt-lang`), greedy and beam search give what HF's
+/// `generate(decoder_start_token_id=...)` gives.
+#[test]
+fn mbart_starts_with_the_asked_language() {
+    let fixture = "mbart-tiny";
+    for (mode, param) in MODES.into_iter().flat_map(|m| PARAMS.map(|p| (m, p))) {
+        let Case { r, sources } = Case::new(fixture, mode, param);
+        let dir = bundle_rows(fixture, mode, "lang", 4, param);
+        let b = Bundle::open(&dir).unwrap();
+        let start = r["gen.lang_start"].as_i64().unwrap()[0];
+        let config_start = read_bart_spec(&dir).unwrap().unwrap().decoder_start_token_id;
+        assert_eq!(config_start, r["gen.decoder_start"].as_i64().unwrap()[0]);
+        assert_ne!(start, config_start);
+        let prefix = Case::prefix_of(&b, &r);
+        for kind in backends() {
+            let what = format!("{fixture} {mode} {param} {kind}");
+            let mut g = generator_from(&b, kind, prefix.clone(), start);
+            assert_eq!(g.greedy(&sources, &greedy_cfg()).unwrap(), rows(&r["gen.greedy_lang"], None), "{what}: greedy");
+            let cfg = GenConfig { max_new: N, beams: 4, eos: Some(2), pad: 1, ..GenConfig::default() };
+            let beam = g.beam_search(&sources, &cfg).unwrap();
+            assert_eq!(beam, without_eos(rows(&r["gen.beam_lang"], None), 2), "{what}: beam");
+            println!("{what}: from {start}: greedy and beam as HF's");
         }
     }
 }

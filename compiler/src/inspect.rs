@@ -267,6 +267,9 @@ pub struct ModelConfig {
     /// labels shifted right behind the start token, pads where the labels are ignored.
     pub pad_token_id: Option<u32>,
     pub decoder_start_token_id: Option<u32>,
+    /// `bos_token_id` of config.json: where `generate` starts an encoder-decoder's decoder when the config has no
+    /// `decoder_start_token_id` (mBART-cc25's has none).
+    pub bos_token_id: Option<u32>,
 }
 
 impl ModelConfig {
@@ -316,6 +319,7 @@ impl ModelConfig {
             forced_eos_token_id: forced("forced_eos_token_id")?,
             pad_token_id: in_config("pad_token_id")?,
             decoder_start_token_id: in_config("decoder_start_token_id")?,
+            bos_token_id: in_config("bos_token_id")?,
         })
     }
 }

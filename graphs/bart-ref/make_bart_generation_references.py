@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generation references for prefix-tuned BART (greedy and beam search), on the fixtures of make_bart_references.py
-(the two tiny BART fixtures, marian-tiny and pegasus-tiny).
+(the two tiny BART fixtures, marian-tiny, pegasus-tiny and mbart-tiny).
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
@@ -23,6 +23,10 @@ must equal the loop, and it gives the beam-search references. Every greedy path 
 argmax, top-2 gap > MIN_GAP at every step); every beam run is repeated with a float64 model and against
 `simple_beam`, HF's beam search written out in float64 (same tokens and scores, every decision > MIN_BEAM_GAP).
 `--search [reparam|noreparam] [fixture ...]` re-derives NOISE_SEEDS (and NOISE_SEEDS_NOREPARAM).
+
+mbart-tiny: sources framed as mBART's tokenizer frames them (`words </s> en_XX`, no <s>), and the decoder starts with
+the config's decoder_start_token_id, the target language code ro_RO (89), as HF's generate does for mBART-cc25 /
+en-ro style exports (its files also hold it as `gen.decoder_start`).
 
 CPU, float32, eval mode, eager attention, seeded: reruns give byte-identical files (no safetensors metadata).
 """
@@ -62,6 +66,8 @@ NOISE_SEEDS = {
     ("marian-tiny", "paper"): 20261308,
     ("pegasus-tiny", "peft"): 20261301,
     ("pegasus-tiny", "paper"): 20261300,
+    ("mbart-tiny", "peft"): 20261308,
+    ("mbart-tiny", "paper"): 20261305,
 }
 PARAMS = ("reparam", "noreparam")  # noreparam files carry a `-noreparam` suffix
 NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
@@ -73,11 +79,17 @@ NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
     ("marian-tiny", "paper"): 20261305,
     ("pegasus-tiny", "peft"): 20261300,
     ("pegasus-tiny", "paper"): 20261311,
+    ("mbart-tiny", "peft"): 20261305,
+    ("mbart-tiny", "paper"): 20261302,
 }
 # Forced first token of the forced-token references (HF's forced_bos_token_id, as mBART-50's target language): the
 # first word from 5 on whose greedy path passes check_forced_greedy (recorded as gen.forced_bos). The forced last
 # token is the fixtures' own forced_eos_token_id (= eos, 2).
 FORCED_BOS_FROM = 5
+# mbart-tiny's files also start the decoder with another language code than the config's (ro_RO, 89), as
+# `generate(decoder_start_token_id=...)` does: the first of the 25 codes (70..94, not 89) with which every check of
+# run() passes in all four files, 70 = ar_AR (de_DE, 72, puts a beam decision of gen-mbart-tiny-peft within 2.2e-6).
+MBART_GEN_LANG = 70
 MIN_GAP = 1e-3  # float64 top-1 minus top-2 logit, every greedy step
 MIN_BEAM_GAP = 1e-4  # float64 score gap at every beam-search decision that could flip the result
 MODES = ("peft", "paper")
@@ -85,7 +97,9 @@ MODES = ("peft", "paper")
 
 def make_source(cfg):
     """3 rows of lengths SOURCE_LENGTHS: bos, random words (ids >= 3), eos, right-padded with pad (as HF's
-    tokenizer pads BART sources); attention_mask 1 on the real tokens."""
+    tokenizer pads BART sources); attention_mask 1 on the real tokens. mBART: words, eos, source language code."""
+    if cfg.model_type == "mbart":
+        return make_mbart_source(cfg)
     g = torch.Generator().manual_seed(SOURCE_SEED)
     ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
@@ -93,6 +107,19 @@ def make_source(cfg):
         ids[b, 0] = cfg.bos_token_id
         ids[b, 1 : n - 1] = torch.randint(3, cfg.vocab_size, (n - 2,), generator=g)
         ids[b, n - 1] = cfg.eos_token_id
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def make_mbart_source(cfg):
+    """make_source's rows as mBART's tokenizer frames them: words (ids 3..69, no language code), eos, en_XX."""
+    g = torch.Generator().manual_seed(SOURCE_SEED)
+    ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
+    mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
+    for b, n in enumerate(SOURCE_LENGTHS):
+        ids[b, : n - 2] = torch.randint(3, R.MBART_FIRST_CODE, (n - 2,), generator=g)
+        ids[b, n - 2] = cfg.eos_token_id
+        ids[b, n - 1] = R.MBART_SRC_LANG
         mask[b, :n] = 1
     return ids, mask
 
@@ -145,10 +172,13 @@ def set_generation_config(model, eos):
     model.generation_config = gc
 
 
-def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None):
+def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None, start=None):
+    """`start`: the decoder start token passed to generate (as `decoder_start_token_id=`), else the config's."""
     set_generation_config(model, eos)
     model.generation_config.forced_bos_token_id = forced_bos
     model.generation_config.forced_eos_token_id = forced_eos
+    if start is not None:
+        model.generation_config.decoder_start_token_id = start
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
@@ -156,7 +186,7 @@ def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=No
             no_repeat_ngram_size=0, repetition_penalty=1.0, use_cache=False, return_dict_in_generate=True,
             output_logits=True, output_scores=True,
         )
-    start = model.config.decoder_start_token_id
+    start = model.config.decoder_start_token_id if start is None else start
     assert torch.all(out.sequences[:, 0] == start), out.sequences
     return out
 
@@ -306,6 +336,9 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     start, pad, eos = cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id
     ids, mask = make_source(cfg)
     out = {"gen.input_ids": ids.numpy(), "gen.attention_mask": mask.numpy()}
+    if cfg.model_type == "mbart":  # its first decoder token, the target language code (not recorded for the others)
+        assert start == R.MBART_TGT_LANGS[0], start
+        out["gen.decoder_start"] = np.array([start], dtype=np.int64)
     for n, p in runner.named:
         out[n] = R.np32(p)
 
@@ -411,6 +444,25 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         [bool((out["gen.greedy_forced_bos_eos"][b] != cut_at_eos(tok, eos)[b].numpy()).any())
          for b in range(ids.shape[0])])
 
+    # mBART: another target language than the config's, given to generate as its first decoder token
+    # (`generate(..., decoder_start_token_id=lang_code_to_id["de_DE"])`, HF's recipe for mBART-cc25).
+    if cfg.model_type == "mbart":
+        lang = MBART_GEN_LANG
+        ltok, llogits = greedy_loop(ref_fn, ids, mask, lang)
+        check_path("prefix greedy from gen.lang_start", ltok, llogits, teacher_forced(gen64, ids, mask, lang, ltok),
+                   facts)
+        hl = hf_generate(gen32, ids, mask, 1, None, start=lang)
+        assert torch.equal(hl.sequences[:, 1:], ltok), (hl.sequences, ltok)
+        assert not torch.equal(ltok, tok), "the start token must change the greedy path"
+        hb = hf_generate(gen32, ids, mask, NUM_BEAMS, eos, start=lang)
+        btok = beam_tokens(hb.sequences, eos, pad)
+        check_beam("gen.beam_lang", gen64, ids, mask, lang, eos, btok, hb.sequences_scores, facts)
+        out["gen.lang_start"] = np.array([lang], dtype=np.int64)
+        out["gen.greedy_lang"] = ltok.numpy()
+        out["gen.greedy_lang_logits"] = R.np32(llogits)
+        out["gen.beam_lang"] = btok.numpy()
+        out["gen.beam_lang_scores"] = R.np32(hb.sequences_scores)
+
     # The bare model's beam search, eos on.
     hb = hf_generate(bare, ids, mask, NUM_BEAMS, eos)
     btok = beam_tokens(hb.sequences, eos, pad)
@@ -476,8 +528,10 @@ def main():
             print(f"\n== {os.path.relpath(path, os.path.join(HERE, '..', '..'))}  {os.path.getsize(path)} bytes, "
                   f"{len(out)} tensors")
             for k in ("gen.greedy", "gen.bare_greedy", "gen.beam", "gen.beam_scores", "gen.beam_noeos",
-                      "gen.beam_noeos_scores", "gen.bare_beam", "gen.bare_beam_scores"):
-                print(f"  {k} {list(out[k].shape)}: {out[k].tolist()}")
+                      "gen.beam_noeos_scores", "gen.bare_beam", "gen.bare_beam_scores", "gen.decoder_start",
+                      "gen.lang_start", "gen.greedy_lang", "gen.beam_lang", "gen.beam_lang_scores"):
+                if k in out:
+                    print(f"  {k} {list(out[k].shape)}: {out[k].tolist()}")
             for k, v in facts.items():
                 print(f"  {k}: {v}")
             print("  trainable: " + ", ".join(f"{n} {list(out[n].shape)}" for n in out if not n.startswith("gen.")))

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures and on tiny Marian
-and Pegasus exported in BART's layout.
+"""Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures and on tiny Marian,
+Pegasus and mBART exported in BART's layout.
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
     /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_references.py [--weights f16]
 
-Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py), graphs/marian-tiny/hf/
-and graphs/pegasus-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded through AutoModelForSeq2SeqLM). FIXTURES lists
-them; new fixtures go at its end (each file's noise seed depends on the fixture's index).
+Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py),
+graphs/marian-tiny/hf/, graphs/pegasus-tiny/hf/ and graphs/mbart-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded
+through AutoModelForSeq2SeqLM). FIXTURES lists them; new fixtures go at its end (each file's noise seed depends on the
+fixture's index).
 Writes graphs/bart-ref/<fixture>-<mode>-<param>.safetensors, mode in {peft, paper}, param in {reparam, noreparam}.
 With --weights f16: <fixture>-<mode>-reparam-f16.safetensors, the same on the model whose weights of rank >= 2
 (parameters and buffers) are rounded to float16 and used in float32, which `pfxc compile --weights f16` compiles.
@@ -22,6 +23,11 @@ What each file holds, and what the script found out about PEFT, is in graphs/bar
   self-attention, cross-attention); each attention's prefix keys/values are concatenated in front of its own, the
   additive mask gets P zero columns in front; positions are not shifted. The attention is written out below
   (`prefixed_attention`) and checked against a float64 run of the same code and against finite differences.
+
+mbart-tiny's batch is framed as mBART's tokenizer frames it (`X </s> en_XX` sources, `Y </s> tgt_lang` labels with
+tgt_lang ro_RO, de_DE, ro_RO; no <s>) and its decoder inputs are mBART's own `shift_tokens_right(labels, pad)` (the
+row's last non-pad token, the target language code, moved to the front; `decoder_input_ids` in the files), not BART's
+`[decoder_start, labels[:-1]]`.
 
 CPU, float32, eval mode (dropout off), eager attention, seeded: reruns give byte-identical files.
 """
@@ -41,9 +47,13 @@ from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration, Dy
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPHS = os.path.join(HERE, "..")
 # New fixtures go at the end: the noise seeds depend on the index (the existing files must not change).
-FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny")
-# Marian and Pegasus in BART's layout (graphs/make_seq2seq_fixtures.py): loaded through AutoModelForSeq2SeqLM.
-AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny")
+FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny")
+# Marian, Pegasus and mBART in BART's layout (graphs/make_seq2seq_fixtures.py): loaded through AutoModelForSeq2SeqLM.
+AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny", "mbart-tiny")
+# mbart-tiny's language codes (graphs/tokenizers/mbart-style/'s ids; 70..94 are the 25 codes, 95 <mask>): sources end
+# `</s> en_XX`; labels `</s> ro_RO` (89 = its decoder_start_token_id, as mbart-large-en-ro's), row 1's `</s> de_DE` (72,
+# not the config's start: a multilingual batch, where only mBART's own shift gives HF's decoder inputs).
+MBART_SRC_LANG, MBART_TGT_LANGS, MBART_FIRST_CODE = 73, (89, 72, 89), 70
 
 # ---- fixed setup -------------------------------------------------------------------------------------------
 SEED = 20261127
@@ -68,6 +78,8 @@ PARAMS = {"reparam": M, "noreparam": None}
 
 def make_batch(cfg):
     """Source with padding (right-padded rows 1 and 2), labels with -100 (trailing, and one inside row 0)."""
+    if cfg.model_type == "mbart":
+        return make_mbart_batch(cfg)
     g = torch.Generator().manual_seed(SEED)
     r = lambda *shape: torch.randint(3, cfg.vocab_size, shape, generator=g, dtype=torch.int64)
     input_ids = torch.full((B, S), cfg.pad_token_id, dtype=torch.int64)
@@ -83,6 +95,40 @@ def make_batch(cfg):
         labels[b, n - 1] = cfg.eos_token_id
     labels[0, 2] = -100  # an ignored target inside a row: its decoder input becomes pad
     return input_ids, attention_mask, labels
+
+
+def make_mbart_batch(cfg):
+    """make_batch's rows as mBART's tokenizer frames them: source `words </s> en_XX` (no <s>; 7, 5, 3 real tokens,
+    right-padded with pad), labels `words </s> tgt_lang` (6, 4, 3 real tokens, then -100; one -100 inside row 0),
+    tgt_lang ro_RO, de_DE, ro_RO. Words are ids 3..69 (no language code, no <mask>)."""
+    assert cfg.decoder_start_token_id == MBART_TGT_LANGS[0], cfg.decoder_start_token_id
+    g = torch.Generator().manual_seed(SEED)
+    r = lambda *shape: torch.randint(3, MBART_FIRST_CODE, shape, generator=g, dtype=torch.int64)
+    input_ids = torch.full((B, S), cfg.pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros(B, S, dtype=torch.int64)
+    for b, n in enumerate((S, S - 2, S - 4)):
+        input_ids[b, : n - 2] = r(n - 2)
+        input_ids[b, n - 2] = cfg.eos_token_id
+        input_ids[b, n - 1] = MBART_SRC_LANG
+        attention_mask[b, :n] = 1
+    labels = torch.full((B, T), -100, dtype=torch.int64)
+    for b, n in enumerate((T, T - 2, T - 3)):
+        labels[b, : n - 2] = r(n - 2)
+        labels[b, n - 2] = cfg.eos_token_id
+        labels[b, n - 1] = MBART_TGT_LANGS[b]
+    labels[0, 2] = -100  # an ignored target inside a row: HF's mBART shift then takes the wrong token as start (README)
+    return input_ids, attention_mask, labels
+
+
+def decoder_inputs(cfg, labels):
+    """What HF's model feeds its decoder for these labels (its prepare_decoder_input_ids_from_labels): BART's shift
+    behind decoder_start_token_id, or mBART's, which ignores decoder_start_token_id and moves each row's last non-pad
+    token to the front: index (number of labels that are neither -100 nor pad) - 1, -100 -> pad."""
+    if cfg.model_type == "mbart":
+        from transformers.models.mbart.modeling_mbart import shift_tokens_right as mbart_shift
+
+        return mbart_shift(labels, cfg.pad_token_id)
+    return shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
 
 
 def shift_tokens_right(labels, pad, start):
@@ -316,7 +362,7 @@ def check_peft_semantics(runner, fixture, init, ids, mask, labels, loss, logits,
                            table[rv].unsqueeze(0).expand(B, H, P, D).clone()) for rk, rv in rows]),
             DynamicCache(),
         )
-        dec_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        dec_ids = decoder_inputs(cfg, labels)
         l1 = base(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids, past_key_values=own).logits
         torch.testing.assert_close(l1, logits, rtol=0, atol=1e-5)
 
@@ -409,7 +455,8 @@ def run(fixture, mode, param):
     init = {n: p.detach().clone() for n, p in named}
 
     out = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "labels": labels.numpy()}
-    out["decoder_input_ids"] = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id).numpy()
+    dec_ids = decoder_inputs(cfg, labels)
+    out["decoder_input_ids"] = dec_ids.numpy()
     for n in init:
         out[n] = np32(init[n])
 
@@ -425,6 +472,14 @@ def run(fixture, mode, param):
     # HF's loss is the plain mean cross-entropy over labels != -100, no shift.
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(ce, loss, rtol=0, atol=1e-6)
+    if mode == "paper":  # the model derived `decoder_input_ids` from the labels itself (peft: check_peft_semantics)
+        with torch.no_grad():
+            explicit = runner.model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids).logits
+        torch.testing.assert_close(explicit, logits.detach(), rtol=0, atol=0)
+    if cfg.model_type == "mbart":  # BART's shift would feed other tokens: the files tell the two apart
+        bart_style = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        facts["decoder starts (mBART's shift)"] = dec_ids[:, 0].tolist()
+        assert not torch.equal(bart_style, dec_ids)
     facts["targets counted"] = int((labels != -100).sum())
 
     # Label smoothing.
@@ -498,7 +553,7 @@ def main():
         print("input_ids\n", ids.numpy())
         print("attention_mask\n", mask.numpy())
         print("labels\n", labels.numpy())
-        print("decoder_input_ids\n", shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id).numpy())
+        print("decoder_input_ids\n", decoder_inputs(cfg, labels).numpy())
         for mode in ("peft", "paper"):
             for param in PARAMS if WEIGHTS == "f32" else ("reparam",):
                 path, out, summary, facts = run(fixture, mode, param)

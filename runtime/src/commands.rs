@@ -136,7 +136,7 @@ fn encode_file(bundle: &Bundle, tok: &Tokenizer, path: &Path, overlong: Overlong
         eprintln!("warning: {w}");
     }
     let (rows, report) = match bart_spec(bundle)? {
-        Some(b) => SourceTarget::new(tok, b.pad_token_id, bundle.manifest.model_type.as_deref())?
+        Some(b) => SourceTarget::new(tok, b.pad_token_id, bundle.manifest.model_type.as_deref(), b.languages.as_ref())?
             .encode_dataset(&data, b.src_len, b.tgt_len, overlong)?,
         None => text_format(bundle, tok)?.encode_dataset(&data, bundle.manifest.seq_len, overlong)?,
     };
@@ -438,12 +438,13 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let mut model: Box<SearchFn>;
     let (rows, prompts) = if let Some(b) = bart_spec(&bundle)? {
         let spec = b.generation.clone().ok_or_else(no_generation)?;
-        let fmt = SourceTarget::new(&tok, b.pad_token_id, bundle.manifest.model_type.as_deref())?;
+        let fmt = SourceTarget::new(&tok, b.pad_token_id, bundle.manifest.model_type.as_deref(), b.languages.as_ref())?;
         cfg.eos = Some(fmt.eos_id());
         cfg.pad = fmt.pad_id();
-        // HF forces it where the decoder has only its start token, which is every row of an encoder-decoder (a
-        // decoder-only model's prompt is longer but for one-token prompts, so it is left out there).
-        cfg.forced_bos = forced_bos;
+        // mBART-50's target language, else the config's forced_bos_token_id. HF forces it where the decoder has
+        // only its start token, which is every row of an encoder-decoder (a decoder-only model's prompt is longer
+        // but for one-token prompts, so it is left out there).
+        cfg.forced_bos = fmt.forced_bos().or(forced_bos);
         let mut prompts = Vec::new();
         let mut cut = Vec::new();
         for (i, s) in sources.iter().enumerate() {
@@ -466,7 +467,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             bundle.open_graph("decode", engine.backend, &engine.ort)?,
             spec.clone(),
             prefix,
-            b.decoder_start_token_id,
+            fmt.decoder_start().unwrap_or(b.decoder_start_token_id),
         );
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)

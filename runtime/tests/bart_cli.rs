@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
-use pfx_compiler::compile::bart::{compile_bart, BartOptions, BartPrefix};
+use pfx_compiler::compile::bart::{compile_bart, BartOptions, BartPrefix, Languages};
 use pfx_compiler::compile::bart_generate::BartGenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_runtime::data::{read_examples, Overlong};
@@ -62,7 +62,7 @@ fn write_jsonl(dir: &Path) -> PathBuf {
 #[test]
 fn source_target_rows_follow_hf() {
     let tok = Tokenizer::from_file(model_dir().join("tokenizer.json")).unwrap();
-    let fmt = SourceTarget::new(&tok, 1, Some("bart")).unwrap();
+    let fmt = SourceTarget::new(&tok, 1, Some("bart"), None).unwrap();
     let dir = scratch("bart_rows");
     let data = read_examples(write_jsonl(&dir)).unwrap();
     let ex = &data.examples[0];
@@ -115,7 +115,7 @@ fn source_target_rows_of_pegasus_follow_hf() {
     std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
     let data = read_examples(scratch.join("cases.jsonl")).unwrap();
     for model_type in ["pegasus", "marian"] {
-        let fmt = SourceTarget::new(&tok, pad, Some(model_type)).unwrap();
+        let fmt = SourceTarget::new(&tok, pad, Some(model_type), None).unwrap();
         assert_eq!(fmt.eos_id(), want["eos"].as_i64().unwrap());
         let (rows, report) = fmt.encode_dataset(&data, 64, 64, Overlong::Skip).unwrap();
         assert_eq!(report.kept, cases.len());
@@ -129,11 +129,11 @@ fn source_target_rows_of_pegasus_follow_hf() {
         }
     }
     // BART's format needs `<s>`, which this tokenizer does not have: refused, naming it.
-    let e = SourceTarget::new(&tok, pad, None).err().unwrap().to_string();
+    let e = SourceTarget::new(&tok, pad, None, None).err().unwrap().to_string();
     assert!(e.contains("pegasus-style") && e.contains("`<s>`"), "{e}");
     // A tokenizer without `</s>` (Qwen-style) for a Marian bundle: refused, saying where the token goes.
     let qwen = Tokenizer::from_file(dir.join("qwen-style")).unwrap();
-    let e = SourceTarget::new(&qwen, 0, Some("marian")).err().unwrap().to_string();
+    let e = SourceTarget::new(&qwen, 0, Some("marian"), None).err().unwrap().to_string();
     assert!(e.contains("has no `</s>` token, which marian's format puts after every text (`text </s>`)"), "{e}");
 }
 
@@ -154,6 +154,7 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
         seed: 0,
         generation: Some(BartGenShape { rows: 4, src_len: 64, max_new: 12 }),
         weights: Default::default(),
+        languages: None,
     };
     compile_bart(&model_dir(), &opts, &bundle).unwrap();
     assert!(bundle.join("tokenizer.json").exists(), "the export's tokenizer travels with the bundle");
@@ -235,4 +236,120 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     let hyp_baked = dir.join("hyp.baked.txt");
     ok(&["generate", p(&baked), "--inputs", p(&data), "--output", p(&hyp_baked)]);
     assert_eq!(std::fs::read_to_string(&hyp_baked).unwrap(), lines);
+}
+
+/// mBART's tokenizers frame a text with the language code: cc25's `text </s> code`, mBART-50's `code text </s>`
+/// (sources with the source language, targets with the target's). The rows hold the ids Hugging Face's
+/// `tokenizer(source)` / `tokenizer(text_target=...)` give with src_lang/tgt_lang set, also cut to 8 and 6 tokens
+/// (`graphs/make_text_references.py`: mbart-style, mbart50-style); generation starts with the target language
+/// (cc25: as the decoder start token; mBART-50: forced after the start token `</s>`).
+#[test]
+fn source_target_rows_of_mbart_follow_hf() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("mbart-format-cases.json")).unwrap()).unwrap();
+    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    let scratch = scratch("mbart_rows");
+    for style in ["mbart-style", "mbart50-style"] {
+        let want = &all[style];
+        let tok = Tokenizer::from_file(dir.join(style)).unwrap();
+        let pad = want["pad"].as_i64().unwrap();
+        for pair in want["pairs"].as_array().unwrap() {
+            let languages = Languages {
+                source: pair["src_lang"].as_str().unwrap().to_string(),
+                target: pair["tgt_lang"].as_str().unwrap().to_string(),
+            };
+            let what = format!("{style} {} -> {}", languages.source, languages.target);
+            let target_code = want["lang_code_ids"][&languages.target].as_i64().unwrap();
+            let fmt = SourceTarget::new(&tok, pad, Some("mbart"), Some(&languages)).unwrap();
+            assert_eq!(fmt.eos_id(), want["eos"].as_i64().unwrap());
+            if style == "mbart-style" {
+                assert_eq!((fmt.decoder_start(), fmt.forced_bos()), (Some(target_code), None), "{what}");
+            } else {
+                assert_eq!((fmt.decoder_start(), fmt.forced_bos()), (None, Some(target_code)), "{what}");
+            }
+            let cases = pair["cases"].as_array().unwrap();
+            let lines: Vec<String> = cases
+                .iter()
+                .map(|c| serde_json::json!({"source": c["source"], "target": c["target"]}).to_string())
+                .collect();
+            std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
+            let data = read_examples(scratch.join("cases.jsonl")).unwrap();
+            let (rows, report) = fmt.encode_dataset(&data, 128, 128, Overlong::Skip).unwrap();
+            assert_eq!(report.kept, cases.len(), "{what}");
+            let (cut_rows, _) = fmt.encode_dataset(&data, 128, 6, Overlong::Truncate).unwrap();
+            for ((row, cut), case) in rows.iter().zip(&cut_rows).zip(cases) {
+                let (src, tgt) = (ids(&case["input_ids"]), ids(&case["labels"]));
+                assert_eq!(&row.input_ids[..src.len()], &src[..], "{what}: source of {}", case["source"]);
+                assert!(row.input_ids[src.len()..].iter().all(|&t| t == pad));
+                assert_eq!(&row.labels[..tgt.len()], &tgt[..], "{what}: labels of {}", case["target"]);
+                assert!(row.labels[tgt.len()..].iter().all(|&t| t == -100));
+                let source = case["source"].as_str().unwrap();
+                assert_eq!(fmt.encode_source(source, 128).unwrap().0, src, "{what}");
+                // Cut as HF's truncation cuts: the text, never the special tokens around it.
+                assert_eq!(fmt.encode_source(source, 8).unwrap(), (ids(&case["input_ids_max8"]), true), "{what}");
+                assert_eq!(cut.labels, ids(&case["labels_max6"]), "{what}: target cut to 6");
+            }
+        }
+    }
+    // Without languages (a bundle compiled without --src-lang/--tgt-lang), or with a code the tokenizer lacks.
+    let tok = Tokenizer::from_file(dir.join("mbart-style")).unwrap();
+    let e = SourceTarget::new(&tok, 1, Some("mbart"), None).err().unwrap().to_string();
+    assert!(e.contains("--src-lang/--tgt-lang"), "{e}");
+    let odd = Languages { source: "en_XX".into(), target: "xx_YY".into() };
+    let e = SourceTarget::new(&tok, 1, Some("mbart"), Some(&odd)).err().unwrap().to_string();
+    assert!(e.contains("has no `xx_YY` token") && e.contains("--tgt-lang"), "{e}");
+}
+
+/// An mBART export with its tokenizer, through the commands: compiled with its languages, trained and evaluated
+/// on text, generating text; a language its tokenizer lacks, or languages for a BART export, refused at compile.
+#[test]
+fn train_and_generate_an_mbart_bundle_from_text() {
+    let dir = scratch("mbart_cli");
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/mbart-tiny");
+    for f in ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json"] {
+        std::fs::copy(fixture.join(f), export.join(f)).unwrap();
+    }
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    std::fs::copy(tokenizers.join("mbart-style/tokenizer.json"), export.join("tokenizer.json")).unwrap();
+    let languages = |source: &str, target: &str| Some(Languages { source: source.into(), target: target.into() });
+    let opts = BartOptions {
+        mode: BartPrefix::Peft,
+        prefix_len: 4,
+        mid_dim: Some(16),
+        batch: 4,
+        src_len: 48,
+        tgt_len: 48,
+        label_smoothing: 0.0,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation: Some(BartGenShape { rows: 4, src_len: 48, max_new: 6 }),
+        weights: Default::default(),
+        languages: languages("en_XX", "ro_RO"),
+    };
+    let e =
+        compile_bart(&export, &BartOptions { languages: languages("en_XX", "xx_YY"), ..opts.clone() }, &dir.join("x"))
+            .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("--tgt-lang xx_YY is not a token of") && e.contains("ro_RO"), "{e}");
+    let e = compile_bart(&model_dir(), &opts, &dir.join("y")).unwrap_err();
+    assert!(format!("{e:#}").contains("a bart export, whose tokenizer adds none"), "{e:#}");
+    let bundle = dir.join("bundle");
+    compile_bart(&export, &opts, &bundle).unwrap();
+    let data = write_jsonl(&dir);
+    let run = dir.join("run");
+    let log = ok(&["train", p(&bundle), "--train", p(&data), "--epochs", "1", "-o", p(&run)]);
+    assert!(log.contains("trained 2 steps"), "{log}");
+    let prefix = run.join("prefix.safetensors");
+    assert!(ok(&["eval", p(&bundle), "--data", p(&data), "--prefix", p(&prefix)]).contains("loss"));
+    let hyp = dir.join("hyp.txt");
+    ok(&["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&hyp)]);
+    assert_eq!(std::fs::read_to_string(&hyp).unwrap().lines().count(), 2);
+    // Compiled without languages: the text commands say what is missing.
+    let bare = dir.join("bare");
+    compile_bart(&export, &BartOptions { languages: None, ..opts.clone() }, &bare).unwrap();
+    let e = fails(&["train", p(&bare), "--train", p(&data), "--epochs", "1", "-o", p(&dir.join("run2"))]);
+    assert!(e.contains("compiled without --src-lang/--tgt-lang"), "{e}");
 }

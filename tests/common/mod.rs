@@ -260,6 +260,7 @@ pub fn bart_options(mode: BartPrefix, mid_dim: Option<usize>, generation: Option
         seed: 0,
         generation,
         weights: Default::default(),
+        languages: None,
     }
 }
 

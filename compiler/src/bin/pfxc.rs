@@ -59,6 +59,12 @@ enum Command {
         /// BART target length.
         #[arg(long)]
         tgt_len: Option<usize>,
+        /// mBART's source language code (e.g. en_XX): its tokenizer frames every source with it.
+        #[arg(long, requires = "tgt_lang")]
+        src_lang: Option<String>,
+        /// mBART's target language code (e.g. ro_RO): targets are framed with it, and generation starts with it.
+        #[arg(long, requires = "src_lang")]
+        tgt_lang: Option<String>,
         /// BART loss label smoothing (default 0).
         #[arg(long)]
         label_smoothing: Option<f32>,
@@ -188,6 +194,8 @@ fn run(cli: Cli) -> Result<()> {
             bart_prefix,
             src_len,
             tgt_len,
+            src_lang,
+            tgt_lang,
             label_smoothing,
             weight_decay,
             max_grad_norm,
@@ -246,6 +254,7 @@ fn run(cli: Cli) -> Result<()> {
                         max_new,
                     }),
                     weights,
+                    languages: src_lang.zip(tgt_lang).map(|(source, target)| bart::Languages { source, target }),
                 };
                 let t0 = std::time::Instant::now();
                 let m = bart::compile_bart(&model, &opts, &output)

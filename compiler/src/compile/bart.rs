@@ -99,6 +99,17 @@ pub struct BartOptions {
     pub generation: Option<super::bart_generate::BartGenShape>,
     /// Element type of the frozen weights in `weights.bin`.
     pub weights: super::storage::WeightStorage,
+    /// mBART's source and target languages, which its text rows and its generation start with.
+    pub languages: Option<Languages>,
+}
+
+/// mBART's source and target language codes (its tokenizer's tokens: `en_XX`, `ro_RO`, ...). Its tokenizer puts
+/// the source's code around every source and the target's around every target (mBART-cc25: `text </s> code`;
+/// mBART-50: `code text </s>`), and generation starts the target language's text with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Languages {
+    pub source: String,
+    pub target: String,
 }
 
 /// The files of an optimum export and the few config values the graph needs.
@@ -120,7 +131,7 @@ pub struct BartExport {
 /// The `model_type`s the BART path compiles: BART, and the encoder-decoders optimum exports in its layout whose
 /// differences are all inside the graphs (Marian's and Pegasus's sinusoidal positions start at row 0 of their
 /// table, `inspect::table_offset` reads that off the graph).
-pub const BART_LAYOUT_MODELS: &[&str] = &["bart", "marian", "pegasus"];
+pub const BART_LAYOUT_MODELS: &[&str] = &["bart", "marian", "pegasus", "mbart"];
 
 /// Sizes read off the two graphs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -222,10 +233,10 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
     // beside() reads the JSON files of the folder that holds its argument.
     let config = crate::inspect::ModelConfig::beside(&cfg_path)?;
     // Other encoder-decoders export the same graph names and compile without complaint, some into wrong graphs:
-    // mBART starts the decoder with the language code (its labels' last token), M2M100 numbers positions from the
-    // mask with pad rows in between, T5 has relative attention. So the config must name a model whose differences
-    // from BART live in the graphs (sinusoidal or offset-free position tables, pre-LayerNorm, scaled embeddings)
-    // and that is checked against PyTorch + PEFT (tests/compile_bart.rs, tests/generate_bart.rs).
+    // M2M100 numbers positions from the mask with pad rows in between, T5 has relative attention. So the config
+    // must name a model whose differences from BART live in the graphs (sinusoidal or offset-free position tables,
+    // pre-LayerNorm, scaled embeddings) or that pfx handles (mBART's decoder inputs), checked against PyTorch + PEFT
+    // (tests/compile_bart.rs, tests/generate_bart.rs).
     let model_type = match config.model_type.as_deref() {
         Some(t) if BART_LAYOUT_MODELS.contains(&t) => t.to_string(),
         Some(other) => bail!(
@@ -236,9 +247,9 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
         ),
         None => bail!(
             "{} does not say which model this is (no model_type): the BART path compiles {} exports only, and other \
-             encoder-decoders exported in BART's layout (mBART, M2M100) would compile into wrong graphs. If the \
-             export is BART, Marian or Pegasus, add its \"model_type\" (\"bart\", \"marian\" or \"pegasus\") to \
-             the file",
+             encoder-decoders exported in BART's layout (M2M100, BlenderBot) would compile into wrong graphs. If \
+             the export is BART, Marian, Pegasus or mBART, add its \"model_type\" (\"bart\", \"marian\", \
+             \"pegasus\" or \"mbart\") to the file",
             cfg_path.display(),
             BART_LAYOUT_MODELS.join(", ")
         ),
@@ -253,7 +264,12 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
         decoder,
         merged,
         pad_token_id: needed(config.pad_token_id, "pad_token_id")?,
-        decoder_start_token_id: needed(config.decoder_start_token_id, "decoder_start_token_id")?,
+        // As generate(): else bos_token_id (mBART-cc25's config has no start; its users start with the target
+        // language, --tgt-lang).
+        decoder_start_token_id: needed(
+            config.decoder_start_token_id.or(config.bos_token_id),
+            "decoder_start_token_id",
+        )?,
         model_type,
         config,
     })
@@ -534,10 +550,16 @@ pub(super) fn link(
 
 /// `decoder_input_ids` = HF's `shift_tokens_right(labels, pad, decoder_start)`: the start token first, then
 /// labels[:, :-1], with -100 replaced by pad. Adds the `labels` input i64[B, T].
+///
+/// mBART's shift has no start token: each row starts with its own labels' token at index (count of labels that
+/// are neither -100 nor pad) - 1, the language code its tokenizer ends a target with (mBART-50's `</s>`).
 fn add_decoder_inputs(g: &mut Graph, export: &BartExport, batch: usize, tgt: usize) -> Result<()> {
     g.inputs.push(ValueInfo { name: "labels".into(), ty: ValueType::known(DType::I64, &[batch, tgt]) });
-    let start =
-        g.add_const("decoder_inputs/start", Tensor::i64(vec![batch, 1], vec![export.decoder_start_token_id; batch]));
+    let start = if export.model_type == "mbart" {
+        mbart_start(g, export.pad_token_id)
+    } else {
+        g.add_const("decoder_inputs/start", Tensor::i64(vec![batch, 1], vec![export.decoder_start_token_id; batch]))
+    };
     let shifted = if tgt > 1 {
         let i = |g: &mut Graph, v: i64| g.add_const("decoder_inputs/i", Tensor::vec_i64(&[v]));
         let (s0, e, ax) = (i(g, 0), i(g, tgt as i64 - 1), i(g, 1));
@@ -552,6 +574,24 @@ fn add_decoder_inputs(g: &mut Graph, export: &BartExport, batch: usize, tgt: usi
     let node = g.fresh("decoder_inputs/where");
     g.nodes.push(Node::new(node, "Where", vec![ignored, pad, shifted], vec![DECODER_IDS.into()]));
     Ok(())
+}
+
+/// mBART's start token of each row, [B, 1]: HF's `shift_tokens_right` counts the labels that are not pad (after
+/// -100 became pad) and takes the one at that count - 1 (a count, not a search: HF's quirk kept).
+fn mbart_start(g: &mut Graph, pad_token_id: i64) -> String {
+    let ignore = g.add_const("decoder_inputs/mbart_ignore_index", Tensor::scalar_i64(-100));
+    let pad = g.add_const("decoder_inputs/mbart_pad", Tensor::scalar_i64(pad_token_id));
+    let ignored = g.op1("Equal", &["labels", &ignore], vec![], "decoder_inputs/mbart_ignored");
+    let filled = g.op1("Where", &[&ignored, &pad, "labels"], vec![], "decoder_inputs/mbart_filled");
+    let is_pad = g.op1("Equal", &[&filled, &pad], vec![], "decoder_inputs/mbart_is_pad");
+    let real = g.op1("Not", &[&is_pad], vec![], "decoder_inputs/mbart_real");
+    let real =
+        g.op1("Cast", &[&real], vec![("to", Attr::Int(DType::I64.onnx_code() as i64))], "decoder_inputs/mbart_count");
+    let axis = g.add_const("decoder_inputs/mbart_axis", Tensor::vec_i64(&[1]));
+    let count = g.op1("ReduceSum", &[&real, &axis], vec![("keepdims", Attr::Int(1))], "decoder_inputs/mbart_sum");
+    let one = g.add_const("decoder_inputs/mbart_one", Tensor::scalar_i64(1));
+    let last = g.op1("Sub", &[&count, &one], vec![], "decoder_inputs/mbart_last");
+    g.op1("GatherElements", &[&filled, &last], vec![("axis", Attr::Int(1))], "decoder_inputs/mbart_start")
 }
 
 /// BART's loss: labels are already the next tokens (no shift), optionally label-smoothed.
@@ -799,6 +839,9 @@ pub struct BartSpec {
     /// Shapes and cache layout of the generation graphs (absent when compiled without them).
     #[serde(default)]
     pub generation: Option<super::bart_generate::BartGeneration>,
+    /// mBART's languages (`pfxc compile --src-lang --tgt-lang`), for its text commands and generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub languages: Option<Languages>,
 }
 
 /// Reads the "bart" section of a bundle's manifest (None for GPT-2 bundles).
@@ -816,6 +859,7 @@ pub fn read_bart_spec(bundle: &Path) -> Result<Option<BartSpec>> {
 /// weights.bin, prefix.init.safetensors and manifest.json (family "bart", with a "bart" section).
 pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Manifest> {
     super::bundle_dir::BundleDir::check(out_dir, dir, "export")?;
+    check_languages(&find_export(dir)?, opts.languages.as_ref())?;
     let mut c = compile_bart_models(dir, opts)?;
     let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
@@ -904,11 +948,45 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
             .generation
             .as_ref()
             .map(|gs| super::bart_generate::generation_spec(opts.mode, opts.prefix_len, d, gs)),
+        languages: opts.languages.clone(),
     };
     let mut json = serde_json::to_value(&manifest)?;
     json.as_object_mut().expect("a manifest is an object").insert("bart".into(), serde_json::to_value(&spec)?);
     out.finish(&serde_json::to_string_pretty(&json)?)?;
     Ok(manifest)
+}
+
+/// Languages are mBART's alone, and must be tokens of the tokenizer beside the export (when there is one).
+fn check_languages(export: &BartExport, languages: Option<&Languages>) -> Result<()> {
+    let Some(l) = languages else { return Ok(()) };
+    if export.model_type != "mbart" {
+        bail!(
+            "--src-lang/--tgt-lang name mBART's language codes; {} is a {} export, whose tokenizer adds none",
+            export.dir.display(),
+            export.model_type
+        );
+    }
+    let path = export.dir.join("tokenizer.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let tok: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let added: Vec<&str> = tok["added_tokens"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["content"].as_str()).collect())
+        .unwrap_or_default();
+    for (flag, code) in [("--src-lang", &l.source), ("--tgt-lang", &l.target)] {
+        if !added.contains(&code.as_str()) {
+            // mBART's codes are the tokenizer's added tokens with a language_REGION shape.
+            let codes: Vec<&str> =
+                added.iter().copied().filter(|t| t.len() == 5 && t.as_bytes()[2] == b'_' && t.is_ascii()).collect();
+            bail!(
+                "{flag} {code} is not a token of {}{}",
+                path.display(),
+                if codes.is_empty() { String::new() } else { format!(" (its language codes: {})", codes.join(", ")) }
+            );
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn file_name(p: &Path) -> String {
