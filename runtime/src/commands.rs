@@ -128,6 +128,26 @@ fn bart_spec(bundle: &Bundle) -> Result<Option<BartSpec>> {
     })
 }
 
+/// An encoder-decoder bundle's source/target format. Its end token is the tokenizer's `</s>`: when the model's
+/// generation config lists other end ids, the tokenizer is likely not the model's, which is said (once per run).
+fn seq2seq_format<'t>(bundle: &Bundle, b: &BartSpec, tok: &'t Tokenizer) -> Result<SourceTarget<'t>> {
+    let fmt = SourceTarget::new(tok, b.pad_token_id, bundle.manifest.model_type.as_deref(), b.languages.as_ref())?;
+    let ids = &bundle.manifest.eos_token_ids;
+    if !ids.is_empty() && !ids.iter().any(|&e| e as i64 == fmt.eos_id()) {
+        static TOLD: std::sync::Once = std::sync::Once::new();
+        TOLD.call_once(|| {
+            eprintln!(
+                "warning: {}'s `</s>` is id {}, but the model's end-of-sequence ids are {ids:?} (its \
+                 generation_config.json or config.json): texts end with {} here; is this the model's tokenizer?",
+                tok.origin().display(),
+                fmt.eos_id(),
+                fmt.eos_id()
+            )
+        });
+    }
+    Ok(fmt)
+}
+
 /// Rows of a data file in the bundle's format: GPT-2's table-to-text rows of T tokens, or BART's source [S] /
 /// labels [T] rows.
 fn encode_file(bundle: &Bundle, tok: &Tokenizer, path: &Path, overlong: Overlong, what: &str) -> Result<Vec<Encoded>> {
@@ -136,8 +156,7 @@ fn encode_file(bundle: &Bundle, tok: &Tokenizer, path: &Path, overlong: Overlong
         eprintln!("warning: {w}");
     }
     let (rows, report) = match bart_spec(bundle)? {
-        Some(b) => SourceTarget::new(tok, b.pad_token_id, bundle.manifest.model_type.as_deref(), b.languages.as_ref())?
-            .encode_dataset(&data, b.src_len, b.tgt_len, overlong)?,
+        Some(b) => seq2seq_format(bundle, &b, tok)?.encode_dataset(&data, b.src_len, b.tgt_len, overlong)?,
         None => text_format(bundle, tok)?.encode_dataset(&data, bundle.manifest.seq_len, overlong)?,
     };
     eprintln!("{what} {}: {report}", path.display());
@@ -438,7 +457,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let mut model: Box<SearchFn>;
     let (rows, prompts) = if let Some(b) = bart_spec(&bundle)? {
         let spec = b.generation.clone().ok_or_else(no_generation)?;
-        let fmt = SourceTarget::new(&tok, b.pad_token_id, bundle.manifest.model_type.as_deref(), b.languages.as_ref())?;
+        let fmt = seq2seq_format(&bundle, &b, &tok)?;
         cfg.eos = Some(fmt.eos_id());
         cfg.pad = fmt.pad_id();
         // mBART-50's target language, else the config's forced_bos_token_id. HF forces it where the decoder has

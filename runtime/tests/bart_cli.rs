@@ -347,6 +347,19 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     let hyp = dir.join("hyp.txt");
     ok(&["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&hyp)]);
     assert_eq!(std::fs::read_to_string(&hyp).unwrap().lines().count(), 2);
+    // A model whose generation config ends sequences with another id than its tokenizer's `</s>`: said.
+    let other_eos = dir.join("other-eos");
+    std::fs::create_dir_all(&other_eos).unwrap();
+    for f in std::fs::read_dir(&export).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, other_eos.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(other_eos.join("generation_config.json"), "{\"eos_token_id\": 5}").unwrap();
+    let odd = dir.join("odd");
+    compile_bart(&other_eos, &opts, &odd).unwrap();
+    let log = ok(&["eval", p(&odd), "--data", p(&data)]);
+    assert!(log.contains("`</s>` is id 2, but the model's end-of-sequence ids are [5]"), "{log}");
+    assert!(!ok(&["eval", p(&bundle), "--data", p(&data)]).contains("end-of-sequence ids"));
     // Compiled without languages: the text commands say what is missing.
     let bare = dir.join("bare");
     compile_bart(&export, &BartOptions { languages: None, ..opts.clone() }, &bare).unwrap();
