@@ -38,11 +38,12 @@ for size in gpt2-medium gpt2; do
   fi
 done
 
-# Every device call carries the working tree too (tracked and untracked, not ignored, files), 64 MiB in all: the
-# tree (~32 MiB now) leaves each call room for one ORT part or the binaries, not both. The parts are sized to fit.
+# Every device call carries the working tree too (tracked and untracked, not ignored, files), 64 MiB in all. The
+# calls run on the tree slimmed by benches/gpu_slim.sh (the fixtures the GPU run does not read taken out: ~2 MiB
+# left of ~48), so each call has room for most of 64 MiB. The parts are sized to fit.
 LIMIT=$((64 * 1024 * 1024))
 MARGIN=$((1024 * 1024)) # for files the tree may gain before the calls
-tree=$(git ls-files -z -co --exclude-standard | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
+tree=$(bash benches/gpu_slim.sh size)
 room=$((LIMIT - MARGIN - tree))
 carry=$(du -cb gpu-carry | tail -1 | cut -f1)
 # When the tree has grown too much for the binaries to ride with the last call, they go first, in calls of their own:
@@ -74,8 +75,9 @@ bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu "$parts" >/dev/null
 ls -l .gpu gpu-carry
 [ "$bin_groups" -eq 0 ] || ls -lR .gpu/bin
 cat <<TXT
-== ready: the tree is $tree bytes, so each call carries at most $room more. The $((bin_groups + parts + 1)) device
-calls, back to back (the machine is taken back after ~30 s idle):
+== ready: the slimmed tree is $tree bytes, so each call carries at most $room more. First, here:
+    bash benches/gpu_slim.sh out      (and \`bash benches/gpu_slim.sh back\` once the calls are done)
+then the $((bin_groups + parts + 1)) device calls, back to back (the machine is taken back after ~30 s idle):
 TXT
 if [ "$bin_groups" -gt 0 ]; then
   cat <<TXT
