@@ -61,6 +61,10 @@ pub struct ModelInfo {
     pub position_rows: Option<usize>,
     /// The positions those rows give ([`usable_positions`]: BART's and OPT's start 2 rows in).
     pub positions: Option<usize>,
+    /// The table is rotary angles' sines and cosines (CodeGen's), narrower than the embeddings, not learned
+    /// positions added to them.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub rotary_table: bool,
     pub tied_embeddings: Option<bool>,
     /// `model_type` of the `config.json` beside the file, filled in by `pfxc inspect` (the graph does not say
     /// whether a decoder is GPT-2, Llama or OPT).
@@ -180,15 +184,20 @@ pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
     }
     // CodeGen's rotary sine/cosine table is narrower too, but it is looked up by the position ids themselves (the
     // positions pfx numbers), which T5's bucket lookup never is.
-    let ids = index_values(g, "position_ids");
-    let by_position_ids = position_lookups(g).iter().any(|n| ids.contains(&n.inputs[1]));
     match (e.position_rows, e.position_width, e.hidden) {
-        (Some(rows), Some(width), Some(hidden)) if width != hidden && !by_position_ids => Some(format!(
+        (Some(rows), Some(width), Some(hidden)) if width != hidden && !read_by_position_ids(g) => Some(format!(
             "looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative position \
              buckets, as T5 has, rather than the learned absolute positions of GPT-2 and BART, which pfx needs"
         )),
         _ => None,
     }
+}
+
+/// Whether a position table is looked up by the `position_ids` input itself (CodeGen's rotary sine/cosine table;
+/// T5's bucket table is looked up by buckets computed from positions).
+fn read_by_position_ids(g: &Graph) -> bool {
+    let ids = index_values(g, "position_ids");
+    position_lookups(g).iter().any(|n| ids.contains(&n.inputs[1]))
 }
 
 /// [`unsupported_reason`] as an error naming `path`.
@@ -663,7 +672,8 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
     let with_past = g.inputs.iter().any(|v| v.name.starts_with("past_key_values"));
     let merged_decoder = g.inputs.iter().any(|v| v.name == "use_cache_branch");
 
-    let Embeddings { vocab, hidden, token_table: wte_name, position_rows, .. } = embeddings(g);
+    let Embeddings { vocab, hidden, token_table: wte_name, position_rows, position_width } = embeddings(g);
+    let rotary_table = position_width.is_some() && position_width != hidden && read_by_position_ids(g);
 
     // Heads and layers from a small specialization: attention softmaxes are [B, H, Tq, Tk].
     let mut spec = canon.clone();
@@ -768,6 +778,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         vocab,
         position_rows,
         positions: position_rows.map(|r| usable_positions(g, family, r)),
+        rotary_table,
         config_model_type: None,
         unsupported: unsupported_reason(g, family),
         tied_embeddings: tied,
@@ -789,7 +800,7 @@ impl ModelInfo {
         }
         s += &format!("exporter:    {} (producer '{}', opset {})\n", self.exporter, self.producer, self.opset);
         s += &format!(
-            "dimensions:  layers {}, heads {}{}, head size {}, hidden {}, vocabulary {}, position rows {}{}\n",
+            "dimensions:  layers {}, heads {}{}, head size {}, hidden {}, vocabulary {}, {}{}\n",
             opt(self.layers),
             opt(self.heads),
             match self.key_value_heads {
@@ -799,7 +810,15 @@ impl ModelInfo {
             opt(self.head_size),
             opt(self.hidden),
             opt(self.vocab),
-            opt(self.position_rows),
+            match (self.position_rows, self.family) {
+                (Some(rows), _) if self.rotary_table => format!("rotary sine/cosine table of {rows} positions"),
+                (Some(rows), _) => format!("position rows {rows}"),
+                // Llama's rotary angles and Bloom's ALiBi biases come from the positions inside the graph.
+                (None, Family::Gpt2Decoder) => "no position table (positions enter inside the graph: rotary \
+                                                angles or ALiBi)"
+                    .to_string(),
+                (None, _) => "position rows ?".to_string(),
+            },
             // BART's and OPT's tables start 2 rows in: say how many positions a sequence (prefix included) has.
             match (self.position_rows, self.positions) {
                 (Some(rows), Some(n)) if n != rows =>
