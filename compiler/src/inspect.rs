@@ -611,10 +611,15 @@ pub fn table_offset(g: &Graph, family: Family) -> usize {
 /// The nodes that look rows up in a constant 2-D table by an index that is not the tokens': position tables (and
 /// CodeGen's rotary sin/cos table).
 fn position_lookups(g: &Graph) -> Vec<&crate::ir::Node> {
+    position_lookup_sites(g).into_iter().map(|i| &g.nodes[i]).collect()
+}
+
+/// The indices of the nodes [`position_lookups`] finds (the compiler rewrites their indices).
+pub fn position_lookup_sites(g: &Graph) -> Vec<usize> {
     let tok = token_index_values(g);
-    g.nodes
-        .iter()
-        .filter(|n| {
+    (0..g.nodes.len())
+        .filter(|&i| {
+            let n = &g.nodes[i];
             n.op == "Gather"
                 && g.initializers.get(&n.inputs[0]).is_some_and(|t| t.shape.len() == 2)
                 && !tok.contains(&n.inputs[1])

@@ -1,7 +1,7 @@
 //! The prefix: trainable tensors, the generator that turns them into per-layer keys and values, and the two
 //! ways of reaching the attention layers (binding an export's past inputs, or rewriting attention sites).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{anyhow, bail, Result};
 
@@ -229,19 +229,6 @@ fn number_real_tokens(g: &mut Graph, mask: &str, p: usize, seq: usize, dt: DType
     Ok(())
 }
 
-/// Values computed from `input_ids` through index-preserving ops.
-fn token_values(g: &Graph) -> HashSet<String> {
-    let mut vals: HashSet<String> = ["input_ids".to_string()].into();
-    for n in &g.nodes {
-        if matches!(n.op.as_str(), "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten")
-            && n.input(0).map(|i| vals.contains(i)).unwrap_or(false)
-        {
-            vals.insert(n.outputs[0].clone());
-        }
-    }
-    vals
-}
-
 /// Makes the position-embedding lookup read a `position_ids` input ([batch, seq], int64) instead of the
 /// positions the export computes from the past length. Runs on the canonical graph. No-op when the export
 /// already takes `position_ids`. The ids read the table from the row position 0 reads (`inspect::table_offset`:
@@ -251,15 +238,7 @@ pub fn expose_positions(g: &mut Graph) -> Result<()> {
         return Ok(());
     }
     let offset = crate::inspect::table_offset(g, crate::inspect::detect_family(g)) as i64;
-    let tok = token_values(g);
-    let sites: Vec<usize> = (0..g.nodes.len())
-        .filter(|&i| {
-            let n = &g.nodes[i];
-            n.op == "Gather"
-                && g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false)
-                && !tok.contains(&n.inputs[1])
-        })
-        .collect();
+    let sites = crate::inspect::position_lookup_sites(g);
     if sites.len() != 1 {
         bail!("expected one position-embedding lookup in the export, found {}", sites.len());
     }
@@ -281,17 +260,9 @@ pub fn expose_positions(g: &mut Graph) -> Result<()> {
 /// For exports without past: PEFT numbers the real tokens from P, so the position-embedding lookup reads
 /// indices + P. Runs on the canonical graph, before specialization folds the positions.
 pub fn shift_positions(g: &mut Graph, p: usize) -> Result<usize> {
-    let tok = token_values(g);
     let mut shifted = 0;
-    for i in 0..g.nodes.len() {
+    for i in crate::inspect::position_lookup_sites(g) {
         let n = &g.nodes[i];
-        if n.op != "Gather" {
-            continue;
-        }
-        let is_table = g.initializers.get(&n.inputs[0]).map(|t| t.shape.len() == 2).unwrap_or(false);
-        if !is_table || tok.contains(&n.inputs[1]) {
-            continue;
-        }
         let idx = n.inputs[1].clone();
         let name = n.name.clone();
         let pc = g.add_const(&format!("{name}.prefix_offset"), Tensor::scalar_i64(p as i64));
