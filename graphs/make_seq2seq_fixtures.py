@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Tiny Marian, Pegasus and mBART: HF folders and optimum exports in BART's layout (encoder / decoder / decoder with
-past).
+"""Tiny Marian, Pegasus, mBART, BlenderBot and BlenderBot-small: HF folders and optimum exports in BART's layout
+(encoder / decoder / decoder with past).
 
 One command, from the reference venv (torch, transformers 5.x); it runs itself in the optimum venv (transformers
 4.x, optimum-onnx) for the export step, as graphs/make_decoder_fixtures.py does:
 
     /root/.cache/pfx/ref/bin/python graphs/make_seq2seq_fixtures.py [--skip-hf]
 
-Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny, mbart-tiny:
+Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny, mbart-tiny, blenderbot-tiny,
+blenderbot-small-tiny:
     NAME/hf/      save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/         encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx, config.json,
                   generation_config.json from `optimum-cli export onnx --task text2text-generation-with-past`
@@ -26,9 +27,19 @@ Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny, 
   70..94 (en_XX 73, ro_RO 89), <mask> 95. decoder_start_token_id = ro_RO (89), as facebook/mbart-large-en-ro's
   config has it (250020 = ro_RO there): what HF's generate starts the decoder with. Training does not read it: mBART's
   shift_tokens_right moves each label row's last non-pad token (the target language code) to the front.
+- blenderbot-tiny: BlenderbotForConditionalGeneration, 1 encoder / 2 decoder layers (the real BlenderBot-400M's
+  encoder is shallower than its decoder too: 2 / 12), gelu, pre-LN with a final LayerNorm after each stack (no
+  embedding LayerNorm), scaled embeddings, learned positions WITHOUT BART's offset (table of 64 rows, position 0 at
+  row 0), BART's shift_tokens_right; decoder start = bos (0; the real vocabulary's `<s>` is 1, its decoder start too).
+  encoder_no_repeat_ngram_size = 0 (BlenderbotConfig's default 3 would reach generate() through the generation
+  config; pfx does not implement it).
+- blenderbot-small-tiny: BlenderbotSmallForConditionalGeneration, 2 encoder / 2 decoder layers, gelu, post-LN as BART
+  with an embedding LayerNorm (layernorm_embedding; the encoder normalizes token + position embeddings, the decoder
+  only the token embeddings, then adds the positions), scaled embeddings, learned positions without offset, BART's
+  shift; decoder start = bos (0; `__start__` = 1 in the real vocabulary).
 All: vocab 96, d_model 32, 4 heads, ffn 64, 64 positions, bos 0, pad 1, eos 2 (= forced eos), dropout off; every
-parameter but the (fixed) sinusoidal tables of Marian and Pegasus gets 0.02 * randn (mBART's learned positions do),
-final_logits_bias 0.02 * randn.
+parameter but the (fixed) sinusoidal tables of Marian and Pegasus gets 0.02 * randn (mBART's and BlenderBot's learned
+positions do), final_logits_bias 0.02 * randn.
 
 The export step asserts that every saved tensor loads unchanged in transformers 4.x (`load_checked`) and that
 onnxruntime gives PyTorch's outputs (max diff < 1e-4) for all three graphs. The prefix-tuning references are
@@ -45,7 +56,8 @@ from fixture_common import load_checked, strip_node_metadata
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261201
-NAMES = ["marian-tiny", "pegasus-tiny", "mbart-tiny"]  # new names at the end: the seeds follow the index
+# New names at the end: the seeds follow the index.
+NAMES = ["marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny"]
 GRAPHS = ["encoder_model", "decoder_model", "decoder_with_past_model"]
 # Encoder ids end with eos (2), right-padded with pad (1); decoder ids start with decoder_start (= pad, 1).
 IDS = torch.tensor([[0, 17, 42, 8, 2], [0, 77, 2, 1, 1]], dtype=torch.int64)
@@ -62,7 +74,7 @@ CHECK_IDS = {"mbart-tiny": (MBART_IDS, MASK, MBART_DEC_IDS)}  # others: (IDS, MA
 
 
 def configs():
-    from transformers import MarianConfig, MBartConfig, PegasusConfig
+    from transformers import BlenderbotConfig, BlenderbotSmallConfig, MarianConfig, MBartConfig, PegasusConfig
 
     common = dict(vocab_size=96, max_position_embeddings=64, d_model=32, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0,
@@ -74,6 +86,14 @@ def configs():
         "pegasus-tiny": PegasusConfig(encoder_layers=1, decoder_layers=2, activation_function="relu", **common),
         "mbart-tiny": MBartConfig(encoder_layers=2, decoder_layers=2, activation_function="gelu",
                                   **{**common, "decoder_start_token_id": RO_RO}),
+        # BlenderBot: decoder start = bos (0 here; `<s>` / `__start__` = 1 in the real vocabularies); no
+        # encoder_no_repeat_ngram_size (BlenderbotConfig's default 3 would reach generate(); pfx has no such rule).
+        "blenderbot-tiny": BlenderbotConfig(encoder_layers=1, decoder_layers=2, activation_function="gelu",
+                                            encoder_no_repeat_ngram_size=0,
+                                            **{**common, "decoder_start_token_id": 0}),
+        "blenderbot-small-tiny": BlenderbotSmallConfig(encoder_layers=2, decoder_layers=2,
+                                                       activation_function="gelu",
+                                                       **{**common, "decoder_start_token_id": 0}),
     }
 
 
@@ -82,7 +102,9 @@ def model_class(name):
 
     return {"marian-tiny": transformers.MarianMTModel,
             "pegasus-tiny": transformers.PegasusForConditionalGeneration,
-            "mbart-tiny": transformers.MBartForConditionalGeneration}[name]
+            "mbart-tiny": transformers.MBartForConditionalGeneration,
+            "blenderbot-tiny": transformers.BlenderbotForConditionalGeneration,
+            "blenderbot-small-tiny": transformers.BlenderbotSmallForConditionalGeneration}[name]
 
 
 def add_noise(model, seed, sinusoidal=True):
@@ -100,7 +122,7 @@ def make_hf():
     for i, (name, cfg) in enumerate(configs().items()):
         torch.manual_seed(SEED + i)
         model = model_class(name)(cfg).eval()
-        add_noise(model, SEED + 10 + i, sinusoidal=name != "mbart-tiny")
+        add_noise(model, SEED + 10 + i, sinusoidal=name in ("marian-tiny", "pegasus-tiny"))
         with torch.no_grad():  # a buffer, zeros at init: perturb it so the logits bias is exercised
             g = torch.Generator().manual_seed(SEED + 20 + i)
             model.final_logits_bias.add_(torch.randn(model.final_logits_bias.shape, generator=g) * 0.02)

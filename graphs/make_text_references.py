@@ -18,7 +18,14 @@ have:
   Unigram pieces counted from the E2E slice, the 25 language codes at 70..94, <mask> 95), the ids of
   graphs/mbart-tiny/;
 - graphs/tokenizers/mbart50-style/: MBart50Tokenizer (mBART-50's: `lang_code X </s>`), the same pieces, its 52
-  language codes at 70..121 (the first 25 as mbart-style's), <mask> 122.
+  language codes at 70..121 (the first 25 as mbart-style's), <mask> 122;
+- graphs/tokenizers/blenderbot-small-style/: BlenderbotSmallTokenizer's files (vocab.json, merges.txt: lowercased,
+  punctuation split off, subword-nmt style BPE with `</w>` word ends and `@@` on the pieces that do not end a word;
+  nothing added around a text; specials `__start__` 0, `__null__` 1, `__end__` 2, `__unk__` 3, as
+  graphs/blenderbot-small-tiny/'s bos, pad, eos: the real checkpoint has `__null__` 0, `__start__` 1), 320 ids, with a
+  merges list learned by this script (a plain BPE count, ties to the smaller pair: reruns give the same files), and a
+  tokenizer.json for the `tokenizers` library that gives the same ids as the Python class on every line of
+  examples/data/e2e_*.txt (the checkpoint has none: transformers maps blenderbot-small to the Python class only).
 
 Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
 - graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
@@ -32,6 +39,9 @@ Written references (Hugging Face's tokenizer is the reference for the ids, PEFT 
   each (src_lang / tgt_lang passed to `from_pretrained`), with the decoder inputs mBART's `shift_tokens_right` makes
   of the labels and the ids of HF's truncation to 8 (source) / 6 (target) tokens (a file of its own, so that
   seq2seq-format-cases.json stays as it was);
+- graphs/tokenizers/blenderbot-small-format-cases.json: the same for blenderbot-small-style (`tokenizer(source)`,
+  `tokenizer(text_target=target)`: the bare pieces, no specials), with the decoder inputs BART's
+  `shift_tokens_right(labels, pad, decoder_start = __start__)` makes of the labels and HF's truncation to 8 / 6;
 - graphs/peft-decoders/text-llama-gqa-tiny.json: the tiny GQA Llama with PEFT's saved adapter
   (graphs/peft-decoders/adapter-llama-gqa-tiny) and the llama-style tokenizer: the mean loss over the examples of
   graphs/peft-decoders/text-e2e.txt (rows of SEQ tokens, right-padded), and the greedy text of each source.
@@ -201,6 +211,117 @@ def make_mbart50_style():
     return save(tok, "mbart50-style")
 
 
+BLENDERBOT_SMALL_SPECIALS = ["__start__", "__null__", "__end__", "__unk__"]  # bos, pad, eos, unk: 0..3
+
+
+def blenderbot_small_pipeline(tok):
+    """BlenderbotSmallTokenizer's splitting in `tokenizers` terms: lowercase; split on whitespace; each of .,!?() starts
+    a new piece (its `re.sub("([.,!?()])", r" \1")`); `'` is a piece of its own (`re.sub("(')", r" \1 ")`)."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"[.,!?()]"), "merged_with_next"),
+        pre_tokenizers.Split("'", "isolated"),
+    ])
+    return tok
+
+
+def make_blenderbot_small_style(size=320):
+    """A subword-nmt style BPE counted from the E2E slice (the tokenizers trainer breaks ties by hash order), written
+    as BlenderbotSmallTokenizer's files, plus a tokenizer.json that reproduces them (checked on every E2E line)."""
+    from collections import Counter
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import BlenderbotSmallTokenizer
+
+    splitter = blenderbot_small_pipeline(Tokenizer(models.BPE()))
+    words = Counter(w for text in train_texts()
+                    for w, _ in splitter.pre_tokenizer.pre_tokenize_str(splitter.normalizer.normalize_str(text)))
+    seqs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
+    vocab = BLENDERBOT_SMALL_SPECIALS + sorted({s for seq in seqs.values() for s in seq})
+    merges = []
+    while len(vocab) < size:
+        pairs = Counter()
+        for w, seq in seqs.items():
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] += words[w]
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merges.append((a, b))
+        if a + b not in vocab:
+            vocab.append(a + b)
+        for w, seq in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[w] = tuple(out)
+    internal = {t: i for i, t in enumerate(vocab)}
+    # The Python class's vocabulary: a word's last piece without `</w>`, the others with `@@`.
+    surface = {t: t if t in BLENDERBOT_SMALL_SPECIALS else t[:-4] if t.endswith("</w>") else t + "@@" for t in vocab}
+    assert len(set(surface.values())) == len(vocab)
+    out = os.path.join(TOKENIZERS, "blenderbot-small-style")
+    os.makedirs(out, exist_ok=True)
+    for f in os.listdir(out):
+        os.remove(os.path.join(out, f))
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({surface[t]: i for t, i in internal.items()}, f, ensure_ascii=False)
+    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    slow = BlenderbotSmallTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"))
+    assert [slow.bos_token_id, slow.pad_token_id, slow.eos_token_id, slow.unk_token_id] == [0, 1, 2, 3]
+    slow.save_pretrained(out)  # its own vocab.json / merges.txt and tokenizer_config.json
+    fast = blenderbot_small_pipeline(Tokenizer(models.BPE(vocab=internal, merges=merges, unk_token="__unk__",
+                                                          end_of_word_suffix="</w>")))
+    fast.decoder = decoders.BPEDecoder(suffix="</w>")
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BLENDERBOT_SMALL_SPECIALS])
+    fast.save(os.path.join(out, "tokenizer.json"))
+    for f in sorted(os.listdir(out)):
+        if f not in ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json"):
+            os.remove(os.path.join(out, f))
+    slow = BlenderbotSmallTokenizer.from_pretrained(out)
+    fast = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    texts = [t for name in ("e2e_train.txt", "e2e_valid.txt", "e2e_test.txt")
+             if os.path.exists(os.path.join(ROOT, "examples/data", name))
+             for pair in e2e_pairs(os.path.join(ROOT, "examples/data", name)) for t in pair]
+    for t in texts:
+        ids = slow(t)["input_ids"]
+        assert fast.encode(t, add_special_tokens=False).ids == ids, t
+        assert fast.decode(ids) == slow.decode(ids, skip_special_tokens=True), t
+    print(f"  blenderbot-small-style: {len(vocab)} ids; tokenizer.json = the Python class on {len(texts)} texts")
+    return out
+
+
+def blenderbot_small_cases(folder):
+    """HF's ids (the Python class, what AutoTokenizer gives for blenderbot-small), the decoder inputs BART's
+    shift_tokens_right makes of the labels behind decoder_start = `__start__` (the real config's
+    decoder_start_token_id is its bos), and HF's truncation to 8 (source) / 6 (target) tokens."""
+    from transformers import AutoTokenizer
+    from transformers.models.blenderbot_small.modeling_blenderbot_small import shift_tokens_right
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert type(tok).__name__ == "BlenderbotSmallTokenizer", type(tok)
+    pairs = e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]
+    cases = []
+    for s, t in pairs:
+        labels = tok(text_target=t)["input_ids"]
+        dec = shift_tokens_right(torch.tensor([labels]), tok.pad_token_id, tok.bos_token_id)[0].tolist()
+        cases.append({"source": s, "target": t, "input_ids": tok(s)["input_ids"], "labels": labels,
+                      "decoder_input_ids": dec,
+                      "input_ids_max8": tok(s, max_length=8, truncation=True)["input_ids"],
+                      "labels_max6": tok(text_target=t, max_length=6, truncation=True)["input_ids"]})
+        assert tok.unk_token_id not in cases[-1]["input_ids"] + labels
+    return {"tokenizer_class": "BlenderbotSmallTokenizer", "bos": tok.bos_token_id, "pad": tok.pad_token_id,
+            "eos": tok.eos_token_id, "unk": tok.unk_token_id,
+            "special_tokens": {"bos": tok.bos_token, "pad": tok.pad_token, "eos": tok.eos_token, "unk": tok.unk_token},
+            "cases": cases}
+
+
 def mbart_cases(folder, cls):
     """HF's ids with src_lang / tgt_lang given to from_pretrained, the decoder inputs of the labels (mBART's
     shift_tokens_right: the last non-pad token first, then labels[:-1]), and the ids HF's truncation gives
@@ -342,6 +463,8 @@ def main():
         assert cfg["decoder_start_token_id"] == mbart["mbart-style"]["lang_code_ids"]["ro_RO"], cfg
         assert cfg["vocab_size"] == 96
     write_json(os.path.join(TOKENIZERS, "mbart-format-cases.json"), mbart)
+    write_json(os.path.join(TOKENIZERS, "blenderbot-small-format-cases.json"),
+               {"blenderbot-small-style": blenderbot_small_cases(make_blenderbot_small_style())})
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)
     write_json(os.path.join(HERE, "peft-decoders/text-llama-gqa-tiny.json"), peft_text_reference(folders["llama-style"]))

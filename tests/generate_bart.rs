@@ -18,7 +18,15 @@ use pfx_runtime::generate::GenConfig;
 use pfx_runtime::seq2seq::Seq2SeqGenerator;
 use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
 
-const FIXTURES: [&str; 5] = ["bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny"];
+const FIXTURES: [&str; 7] = [
+    "bart-enc-deep",
+    "bart-dec-deep",
+    "marian-tiny",
+    "pegasus-tiny",
+    "mbart-tiny",
+    "blenderbot-tiny",
+    "blenderbot-small-tiny",
+];
 const MODES: [BartPrefix; 2] = [BartPrefix::Paper, BartPrefix::Peft];
 const N: usize = 8;
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generation references for prefix-tuned BART (greedy and beam search), on the fixtures of make_bart_references.py
-(the two tiny BART fixtures, marian-tiny, pegasus-tiny and mbart-tiny).
+(the two tiny BART fixtures, marian-tiny, pegasus-tiny, mbart-tiny, blenderbot-tiny and blenderbot-small-tiny).
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
@@ -68,6 +68,10 @@ NOISE_SEEDS = {
     ("pegasus-tiny", "paper"): 20261300,
     ("mbart-tiny", "peft"): 20261308,
     ("mbart-tiny", "paper"): 20261305,
+    ("blenderbot-tiny", "peft"): 20261301,
+    ("blenderbot-tiny", "paper"): 20261300,
+    ("blenderbot-small-tiny", "peft"): 20261302,
+    ("blenderbot-small-tiny", "paper"): 20261301,
 }
 PARAMS = ("reparam", "noreparam")  # noreparam files carry a `-noreparam` suffix
 NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
@@ -81,6 +85,10 @@ NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
     ("pegasus-tiny", "paper"): 20261311,
     ("mbart-tiny", "peft"): 20261305,
     ("mbart-tiny", "paper"): 20261302,
+    ("blenderbot-tiny", "peft"): 20261303,
+    ("blenderbot-tiny", "paper"): 20261301,
+    ("blenderbot-small-tiny", "peft"): 20261300,
+    ("blenderbot-small-tiny", "paper"): 20261304,
 }
 # Forced first token of the forced-token references (HF's forced_bos_token_id, as mBART-50's target language): the
 # first word from 5 on whose greedy path passes check_forced_greedy (recorded as gen.forced_bos). The forced last

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures and on tiny Marian,
-Pegasus and mBART exported in BART's layout.
+Pegasus, mBART, BlenderBot and BlenderBot-small exported in BART's layout.
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
     /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_references.py [--weights f16]
 
 Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py),
-graphs/marian-tiny/hf/, graphs/pegasus-tiny/hf/ and graphs/mbart-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded
-through AutoModelForSeq2SeqLM). FIXTURES lists them; new fixtures go at its end (each file's noise seed depends on the
-fixture's index).
+graphs/marian-tiny/hf/, graphs/pegasus-tiny/hf/, graphs/mbart-tiny/hf/, graphs/blenderbot-tiny/hf/ and
+graphs/blenderbot-small-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded through AutoModelForSeq2SeqLM). FIXTURES
+lists them; new fixtures go at its end (each file's noise seed depends on the fixture's index).
 Writes graphs/bart-ref/<fixture>-<mode>-<param>.safetensors, mode in {peft, paper}, param in {reparam, noreparam}.
 With --weights f16: <fixture>-<mode>-reparam-f16.safetensors, the same on the model whose weights of rank >= 2
 (parameters and buffers) are rounded to float16 and used in float32, which `pfxc compile --weights f16` compiles.
@@ -47,9 +47,11 @@ from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration, Dy
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPHS = os.path.join(HERE, "..")
 # New fixtures go at the end: the noise seeds depend on the index (the existing files must not change).
-FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny")
-# Marian, Pegasus and mBART in BART's layout (graphs/make_seq2seq_fixtures.py): loaded through AutoModelForSeq2SeqLM.
-AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny", "mbart-tiny")
+FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny",
+            "blenderbot-small-tiny")
+# Marian, Pegasus, mBART, BlenderBot and BlenderBot-small in BART's layout (graphs/make_seq2seq_fixtures.py): loaded
+# through AutoModelForSeq2SeqLM.
+AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny")
 # mbart-tiny's language codes (graphs/tokenizers/mbart-style/'s ids; 70..94 are the 25 codes, 95 <mask>): sources end
 # `</s> en_XX`; labels `</s> ro_RO` (89 = its decoder_start_token_id, as mbart-large-en-ro's), row 1's `</s> de_DE` (72,
 # not the config's start: a multilingual batch, where only mBART's own shift gives HF's decoder inputs).

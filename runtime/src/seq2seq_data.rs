@@ -1,8 +1,9 @@
 //! Source/target rows for encoder-decoder bundles (BART's layout), in Hugging Face's fine-tuning convention: the
-//! source is the text as the model's tokenizer frames it (`<s> source </s>` for BART, `source </s>` for Marian and
-//! Pegasus, `source </s> en_XX` for mBART-cc25, `en_XX source </s>` for mBART-50) right-padded to S, the labels the
-//! target framed the same way (with the target's language) and padded with -100 to T (the decoder's inputs are
-//! derived from them inside the graph, shifted right behind the decoder start token).
+//! source is the text as the model's tokenizer frames it (`<s> source </s>` for BART; `source </s>` for Marian,
+//! Pegasus and BlenderBot; `source` for BlenderBot-small; `source </s> en_XX` for mBART-cc25, `en_XX source </s>` for
+//! mBART-50) right-padded to S, the labels the target framed the same way (with the target's language) and padded
+//! with -100 to T (the decoder's inputs are derived from them inside the graph, shifted right behind the decoder
+//! start token).
 
 use anyhow::{anyhow, bail, Result};
 use pfx_compiler::compile::bart::Languages;
@@ -87,6 +88,12 @@ impl<'t> SourceTarget<'t> {
                     let frames = (around(vec![src], vec![eos]), around(vec![tgt], vec![eos]));
                     (frames, eos, None, Some(tgt as i64))
                 }
+            }
+            "blenderbot-small" => {
+                // Its tokenizer adds nothing around a text (HF's BlenderbotSmallTokenizer): targets carry no end
+                // token, as in HF's fine-tuning; generation still stops at `__end__`.
+                let eos = id("__end__", "BlenderBot-small's generation stops at")?;
+                (same(Frame { head: vec![], tail: vec![] }), eos, None, None)
             }
             other => {
                 let eos = id("</s>", &format!("{other}'s format puts after every text (`text </s>`)"))?;

@@ -301,6 +301,42 @@ fn source_target_rows_of_mbart_follow_hf() {
     assert!(e.contains("has no `xx_YY` token") && e.contains("--tgt-lang"), "{e}");
 }
 
+/// BlenderBot-small's tokenizer adds nothing around a text: the rows hold HF's `tokenizer(source)` /
+/// `tokenizer(text_target=target)` ids as they are (`graphs/make_text_references.py`: blenderbot-small-style), cut
+/// to 8 and 6 tokens as its truncation cuts; generation stops at `__end__`.
+#[test]
+fn source_target_rows_of_blenderbot_small_follow_hf() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("blenderbot-small-format-cases.json")).unwrap())
+            .unwrap();
+    let want = &all["blenderbot-small-style"];
+    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    let tok = Tokenizer::from_file(dir.join("blenderbot-small-style")).unwrap();
+    let pad = want["pad"].as_i64().unwrap();
+    let fmt = SourceTarget::new(&tok, pad, Some("blenderbot-small"), None).unwrap();
+    assert_eq!(fmt.eos_id(), want["eos"].as_i64().unwrap());
+    let cases = want["cases"].as_array().unwrap();
+    let lines: Vec<String> =
+        cases.iter().map(|c| serde_json::json!({"source": c["source"], "target": c["target"]}).to_string()).collect();
+    let scratch = scratch("blenderbot_small_rows");
+    std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
+    let data = read_examples(scratch.join("cases.jsonl")).unwrap();
+    let (rows, report) = fmt.encode_dataset(&data, 128, 128, Overlong::Skip).unwrap();
+    assert_eq!(report.kept, cases.len());
+    let (cut_rows, _) = fmt.encode_dataset(&data, 128, 6, Overlong::Truncate).unwrap();
+    for ((row, cut), case) in rows.iter().zip(&cut_rows).zip(cases) {
+        let (src, tgt) = (ids(&case["input_ids"]), ids(&case["labels"]));
+        assert_eq!(&row.input_ids[..src.len()], &src[..], "source of {}", case["source"]);
+        assert!(row.input_ids[src.len()..].iter().all(|&t| t == pad));
+        assert_eq!(&row.labels[..tgt.len()], &tgt[..], "labels of {}", case["target"]);
+        assert!(row.labels[tgt.len()..].iter().all(|&t| t == -100));
+        let source = case["source"].as_str().unwrap();
+        assert_eq!(fmt.encode_source(source, 8).unwrap(), (ids(&case["input_ids_max8"]), true));
+        assert_eq!(cut.labels, ids(&case["labels_max6"]));
+    }
+}
+
 /// An mBART export with its tokenizer, through the commands: compiled with its languages, trained and evaluated
 /// on text, generating text; a language its tokenizer lacks, or languages for a BART export, refused at compile.
 #[test]
