@@ -62,10 +62,12 @@ fn main() -> Result<()> {
         for run in 0..=runs {
             let mut model = FixedLogits { logits: logits.clone() };
             let start = Instant::now();
+            // One start token per row (an encoder-decoder's history): no n-gram bans here.
+            let history = vec![vec![0i64]; b];
             if k > 1 {
-                beam_groups(&mut model, logits.clone(), b, &cfg)?;
+                beam_groups(&mut model, logits.clone(), &history, &cfg)?;
             } else {
-                greedy(&mut model, logits.clone(), b, &cfg)?;
+                greedy(&mut model, logits.clone(), b, &cfg, history)?;
             }
             if run > 0 {
                 times.push(start.elapsed().as_secs_f64()); // run 0 warms up

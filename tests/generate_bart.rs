@@ -60,8 +60,8 @@ fn reference_param(fixture: &str, mode: BartPrefix, param: &str) -> BTreeMap<Str
 use common::id_rows as rows;
 
 fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>) -> Seq2SeqGenerator {
-    let start = read_bart_spec(&b.dir).unwrap().unwrap().decoder_start_token_id;
-    generator_from(b, kind, prefix, start)
+    let spec = read_bart_spec(&b.dir).unwrap().unwrap();
+    generator_from(b, kind, prefix, spec.generation_start_token_id.expect("recorded by pfxc compile"))
 }
 
 /// A generator whose decoder starts with `start` (mBART: the target language).
@@ -199,6 +199,23 @@ fn beam_search_equals_hf() {
                     );
                     let beam = g.beam_search(&sources, &forced).unwrap();
                     assert_eq!(beam, want(&format!("gen.beam_{key}")), "{what}: beam, {key}");
+                }
+                // Search settings of generation configs (bart-large's no_repeat_ngram_size and early_stopping,
+                // bart-large-cnn's length penalty 2): repeated 2-grams banned, greedy (no eos: N tokens) and beam.
+                let norepeat = GenConfig { no_repeat_ngram: 2, ..cfg.clone() };
+                let greedy = GenConfig { beams: 1, eos: None, ..norepeat.clone() };
+                assert_eq!(g.greedy(&sources, &greedy).unwrap(), rows(&r["gen.greedy_norepeat2"], None), "{what}");
+                let beam = g.beam_search(&sources, &norepeat).unwrap();
+                assert_eq!(beam, without_eos(rows(&r["gen.beam_norepeat2"], None), 2), "{what}: beam, no repeat");
+                for (key, early, no_prefix) in [
+                    ("gen.beam_lp2", false, false),
+                    ("gen.beam_lp2_early", true, false),
+                    ("gen.bare_beam_lp2", false, true),
+                    ("gen.bare_beam_lp2_early", true, true),
+                ] {
+                    let c = GenConfig { length_penalty: 2.0, early_stopping: early, no_prefix, ..cfg.clone() };
+                    let beam = g.beam_search(&sources, &c).unwrap();
+                    assert_eq!(beam, without_eos(rows(&r[key], None), 2), "{what}: {key}");
                 }
             }
         }

@@ -276,9 +276,106 @@ pub struct ModelConfig {
     /// labels shifted right behind the start token, pads where the labels are ignored.
     pub pad_token_id: Option<u32>,
     pub decoder_start_token_id: Option<u32>,
-    /// `bos_token_id` of config.json: where `generate` starts an encoder-decoder's decoder when the config has no
+    /// `bos_token_id` of config.json: where training starts an encoder-decoder's decoder when the config has no
     /// `decoder_start_token_id` (mBART-cc25's has none).
     pub bos_token_id: Option<u32>,
+    /// Where `generate` starts the decoder: the generation settings' `decoder_start_token_id`, else their
+    /// `bos_token_id` (training's start comes from config.json: the two can differ).
+    pub generation_start_token_id: Option<u32>,
+    /// The search settings of the generation settings.
+    pub search: GenerationSettings,
+    /// The file the generation settings come from (generation_config.json, else config.json).
+    #[serde(skip)]
+    pub settings_file: Option<std::path::PathBuf>,
+}
+
+/// The search settings of a model's generation config that `pfxrun generate` takes as its defaults, and those its
+/// search does not apply (said when generating).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct GenerationSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_beams: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub length_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_repeat_ngram_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<bool>,
+    /// `min_length` (an encoder-decoder's counts the decoder start token) and `min_new_tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_length: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_new_tokens: Option<usize>,
+    /// Settings set to something pfx's search does not do, as `name value` ("repetition_penalty 1.2").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unapplied: Vec<String>,
+}
+
+impl GenerationSettings {
+    fn read(path: &std::path::Path, v: &serde_json::Value) -> Result<GenerationSettings> {
+        let count = |key: &str| -> Result<Option<usize>> {
+            match setting(v, key) {
+                None => Ok(None),
+                Some(x) => match x.as_u64() {
+                    Some(n) => Ok(Some(n as usize)),
+                    None => anyhow::bail!("{}: {key} is {x}; expected a whole number", path.display()),
+                },
+            }
+        };
+        let length_penalty = match setting(v, "length_penalty") {
+            None => None,
+            Some(x) => match x.as_f64().filter(|f| f.is_finite()) {
+                Some(f) => Some(f as f32),
+                None => anyhow::bail!("{}: length_penalty is {x}; expected a number", path.display()),
+            },
+        };
+        let mut unapplied = Vec::new();
+        // "never" changes when a beam search may stop; pfx's is HF's early_stopping=False there.
+        let early_stopping = match setting(v, "early_stopping") {
+            None => None,
+            Some(serde_json::Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                unapplied.push(format!("early_stopping {other}"));
+                None
+            }
+        };
+        // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
+        let neutral: [(&str, serde_json::Value); 12] = [
+            ("do_sample", false.into()),
+            ("repetition_penalty", 1.0.into()),
+            ("encoder_repetition_penalty", 1.0.into()),
+            ("encoder_no_repeat_ngram_size", 0.into()),
+            ("num_beam_groups", 1.into()),
+            ("diversity_penalty", 0.0.into()),
+            ("bad_words_ids", serde_json::Value::Null),
+            ("sequence_bias", serde_json::Value::Null),
+            ("suppress_tokens", serde_json::Value::Null),
+            ("begin_suppress_tokens", serde_json::Value::Null),
+            ("exponential_decay_length_penalty", serde_json::Value::Null),
+            ("constraints", serde_json::Value::Null),
+        ];
+        for (key, value) in neutral {
+            if let Some(x) = setting(v, key) {
+                let same = match (x.as_f64(), value.as_f64()) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => *x == value,
+                };
+                if !same {
+                    unapplied.push(format!("{key} {x}"));
+                }
+            }
+        }
+        Ok(GenerationSettings {
+            num_beams: count("num_beams")?,
+            length_penalty,
+            no_repeat_ngram_size: count("no_repeat_ngram_size")?,
+            early_stopping,
+            min_length: count("min_length")?,
+            min_new_tokens: count("min_new_tokens")?,
+            unapplied,
+        })
+    }
 }
 
 impl ModelConfig {
@@ -287,8 +384,13 @@ impl ModelConfig {
     pub fn beside(export: &std::path::Path) -> Result<ModelConfig> {
         let config = json_beside(export, "config.json")?;
         let generation = json_beside(export, "generation_config.json")?;
-        // generate() reads generation_config.json; transformers falls back to config.json without one.
-        let generation_first = || generation.iter().chain(config.iter());
+        // generate() reads generation_config.json when there is one (a setting missing there is unset, not taken
+        // from config.json), else the generation settings of config.json.
+        let settings = generation.as_ref().or(config.as_ref());
+        let in_settings = |key: &str| match settings {
+            Some((path, v)) => token_id(path, v, key),
+            None => Ok(None),
+        };
         let mut eos_token_id = None;
         for (path, v) in config.iter().chain(generation.iter()) {
             if let Some(ids) = token_ids(path, v, "eos_token_id")? {
@@ -296,20 +398,9 @@ impl ModelConfig {
                 break;
             }
         }
-        let mut eos_token_ids = Vec::new();
-        for (path, v) in generation_first() {
-            if let Some(ids) = token_ids(path, v, "eos_token_id")? {
-                eos_token_ids = ids;
-                break;
-            }
-        }
-        let forced = |key: &str| -> Result<Option<u32>> {
-            for (path, v) in generation_first() {
-                if let Some(id) = token_id(path, v, key)? {
-                    return Ok(Some(id));
-                }
-            }
-            Ok(None)
+        let eos_token_ids = match settings {
+            Some((path, v)) => token_ids(path, v, "eos_token_id")?.unwrap_or_default(),
+            None => Vec::new(),
         };
         let in_config = |key: &str| match &config {
             Some((path, v)) => token_id(path, v, key),
@@ -324,11 +415,20 @@ impl ModelConfig {
             eos_token_id,
             eos_token_ids,
             sliding_window,
-            forced_bos_token_id: forced("forced_bos_token_id")?,
-            forced_eos_token_id: forced("forced_eos_token_id")?,
+            forced_bos_token_id: in_settings("forced_bos_token_id")?,
+            forced_eos_token_id: in_settings("forced_eos_token_id")?,
             pad_token_id: in_config("pad_token_id")?,
             decoder_start_token_id: in_config("decoder_start_token_id")?,
             bos_token_id: in_config("bos_token_id")?,
+            generation_start_token_id: match in_settings("decoder_start_token_id")? {
+                Some(id) => Some(id),
+                None => in_settings("bos_token_id")?,
+            },
+            search: match settings {
+                Some((path, v)) => GenerationSettings::read(path, v)?,
+                None => GenerationSettings::default(),
+            },
+            settings_file: settings.map(|(path, _)| path.clone()),
         })
     }
 }
@@ -923,13 +1023,15 @@ mod tests {
         write("config.json", "128009");
         write("generation_config.json", "[128001, 128009]");
         assert_eq!(both(), (Some(128009), vec![128001, 128009]));
-        // An unset id (null) is no id: generate falls back to config.json's, as transformers does.
+        // generation_config.json, when there, is all generate reads: an unset id (null) there is no id (the
+        // format's end token still comes from config.json).
         write("generation_config.json", "null");
-        assert_eq!(both(), (Some(128009), vec![128009]));
+        assert_eq!(both(), (Some(128009), vec![]));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Forced first and last tokens come from generation_config.json, else config.json, as generate takes them.
+    /// Forced first and last tokens come from generation_config.json when there is one, else config.json, as
+    /// generate takes them.
     #[test]
     fn forced_ids_prefer_generation_config() {
         let dir = std::env::temp_dir().join(format!("pfx-inspect-forced-{}", std::process::id()));
@@ -943,11 +1045,52 @@ mod tests {
         assert_eq!(forced(), (None, None));
         write("config.json", "{\"forced_bos_token_id\": 250004, \"forced_eos_token_id\": 2}");
         assert_eq!(forced(), (Some(250004), Some(2)));
+        // With a generation_config.json, config.json's generation settings are not read (HF's generate): unset
+        // there (null or absent) is unset.
         write("generation_config.json", "{\"forced_eos_token_id\": 3, \"forced_bos_token_id\": null}");
-        assert_eq!(forced(), (Some(250004), Some(3)));
+        assert_eq!(forced(), (None, Some(3)));
+        write("generation_config.json", "{}");
+        assert_eq!(forced(), (None, None));
         write("generation_config.json", "{\"forced_eos_token_id\": [2]}");
         let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
         assert!(m.contains("generation_config.json: forced_eos_token_id is [2]"), "{m}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The search settings generate would apply by default, and those pfx does not do, from the generation settings.
+    #[test]
+    fn search_settings_come_from_the_generation_config() {
+        let dir = std::env::temp_dir().join(format!("pfx-inspect-search-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let export = dir.join("model.onnx");
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        // bart-large-cnn's settings, plus two pfx does not apply and neutral ones it ignores.
+        write(
+            "config.json",
+            "{\"num_beams\": 4, \"length_penalty\": 2.0, \"no_repeat_ngram_size\": 3, \"early_stopping\": true, \
+             \"min_length\": 56, \"repetition_penalty\": 1.2, \"do_sample\": false, \"encoder_no_repeat_ngram_size\": 3, \
+             \"diversity_penalty\": 0.0, \"decoder_start_token_id\": 2}",
+        );
+        let c = ModelConfig::beside(&export).unwrap();
+        let want = GenerationSettings {
+            num_beams: Some(4),
+            length_penalty: Some(2.0),
+            no_repeat_ngram_size: Some(3),
+            early_stopping: Some(true),
+            min_length: Some(56),
+            min_new_tokens: None,
+            unapplied: vec!["repetition_penalty 1.2".into(), "encoder_no_repeat_ngram_size 3".into()],
+        };
+        assert_eq!((c.search, c.generation_start_token_id), (want, Some(2)));
+        // A generation_config.json replaces them all.
+        write("generation_config.json", "{\"early_stopping\": \"never\", \"bos_token_id\": 0}");
+        let c = ModelConfig::beside(&export).unwrap();
+        assert_eq!(c.search.unapplied, ["early_stopping \"never\""]);
+        assert_eq!((c.search.num_beams, c.search.early_stopping, c.generation_start_token_id), (None, None, Some(0)));
+        assert_eq!(c.decoder_start_token_id, Some(2), "training's start is config.json's");
+        write("generation_config.json", "{\"num_beams\": 2.5}");
+        let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
+        assert!(m.contains("generation_config.json: num_beams is 2.5"), "{m}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -131,8 +131,9 @@ fn hyperparameters_json_cannot_hold_or_the_family_does_not_take_are_refused() {
         (&["--weight-decay", "nan"][..], "--weight-decay must be a finite number"),
         (&["--weight-decay=-1"][..], "--weight-decay must be a finite number ≥ 0 (got -1)"),
         (&["--max-grad-norm", "inf"][..], "--max-grad-norm must be a finite number"),
-        (&["--label-smoothing", "0.1"][..], "--label-smoothing is for BART exports"),
-        (&["--src-len", "8"][..], "--src-len is for BART exports"),
+        (&["--label-smoothing", "0.1"][..], "--label-smoothing is for BART-layout exports"),
+        (&["--src-len", "8"][..], "--src-len is for BART-layout exports"),
+        (&["--src-lang", "en_XX", "--tgt-lang", "ro_RO"][..], "--src-lang is for BART-layout exports"),
     ] {
         fails_with(&compile(&m, &[&base[..], extra].concat(), &d.join("b")), &[needle]);
     }
@@ -229,6 +230,18 @@ fn lookalike_exports_are_refused() {
     langs.extend(["--src-lang", "en_XX", "--tgt-lang", "ro_RO"]);
     std::fs::write(folder.join("config.json"), &cfg).unwrap();
     fails_with(&compile(&folder, &langs, &d.join("b")), &["--src-lang/--tgt-lang name mBART's language codes"]);
+    // A forced token past the vocabulary (HF's generate fails on it): refused naming the file.
+    let gen_cfg = std::fs::read_to_string(folder.join("generation_config.json")).unwrap();
+    std::fs::write(
+        folder.join("generation_config.json"),
+        gen_cfg.replace("\"forced_eos_token_id\": 2", "\"forced_eos_token_id\": 5000"),
+    )
+    .unwrap();
+    fails_with(
+        &compile(&folder, &bart, &d.join("b")),
+        &["generation_config.json: forced_eos_token_id is 5000, past the model's vocabulary (96 tokens)"],
+    );
+    std::fs::write(folder.join("generation_config.json"), gen_cfg).unwrap();
     // One that does not say: an M2M100 export would compile into wrong graphs on the BART path.
     std::fs::write(folder.join("config.json"), cfg.replace("\"model_type\": \"bart\",", "")).unwrap();
     fails_with(&compile(&folder, &bart, &d.join("b")), &["no model_type", "add its \"model_type\""]);

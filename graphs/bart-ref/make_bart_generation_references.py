@@ -180,7 +180,8 @@ def set_generation_config(model, eos):
     model.generation_config = gc
 
 
-def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None, start=None):
+def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None, no_repeat=0, early=False, length_penalty=1.0,
+                start=None):
     """`start`: the decoder start token passed to generate (as `decoder_start_token_id=`), else the config's."""
     set_generation_config(model, eos)
     model.generation_config.forced_bos_token_id = forced_bos
@@ -190,8 +191,8 @@ def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=No
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
-            num_return_sequences=1, do_sample=False, length_penalty=1.0, early_stopping=False,
-            no_repeat_ngram_size=0, repetition_penalty=1.0, use_cache=False, return_dict_in_generate=True,
+            num_return_sequences=1, do_sample=False, length_penalty=length_penalty, early_stopping=early,
+            no_repeat_ngram_size=no_repeat, repetition_penalty=1.0, use_cache=False, return_dict_in_generate=True,
             output_logits=True, output_scores=True,
         )
     start = model.config.decoder_start_token_id if start is None else start
@@ -451,6 +452,38 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     facts["forced bos+eos changes the greedy result (rows)"] = str(
         [bool((out["gen.greedy_forced_bos_eos"][b] != cut_at_eos(tok, eos)[b].numpy()).any())
          for b in range(ids.shape[0])])
+
+    # Search settings generation configs set (bart-large's: no_repeat_ngram_size 3, early_stopping True): repeated
+    # n-grams banned (size 2 here: the tiny models repeat tokens) in greedy (eos off: N tokens) and beam search (eos
+    # on), and beam search stopping once NUM_BEAMS hypotheses are finished, with length penalty 2 (bart-large-cnn's;
+    # with 1 the early stop changes nothing here) and without it. Repeated with a float64 model: same tokens.
+    for key, beams, beos, kw in (("gen.greedy_norepeat2", 1, None, dict(no_repeat=2)),
+                                 ("gen.beam_norepeat2", NUM_BEAMS, eos, dict(no_repeat=2)),
+                                 ("gen.beam_lp2", NUM_BEAMS, eos, dict(length_penalty=2.0)),
+                                 ("gen.beam_lp2_early", NUM_BEAMS, eos, dict(length_penalty=2.0, early=True))):
+        h32 = hf_generate(gen32, ids, mask, beams, beos, **kw)
+        h64 = hf_generate(gen64, ids, mask, beams, beos, **kw)
+        assert torch.equal(h32.sequences, h64.sequences), (key, h32.sequences, h64.sequences)
+        seq = beam_tokens(h32.sequences, eos, pad) if beos is not None else h32.sequences[:, 1:]
+        out[key] = seq.numpy()
+        if beams > 1:
+            ds = (h32.sequences_scores.double() - h64.sequences_scores.double()).abs().max().item()
+            assert ds < 1e-4, ds
+            out[key + "_scores"] = R.np32(h32.sequences_scores)
+        base = "gen.greedy" if beams == 1 else "gen.beam_lp2" if key == "gen.beam_lp2_early" else "gen.beam"
+        facts[f"{key}: differs from {base} (rows)"] = str(
+            [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
+    # The bare model too: bart-enc-deep's is the one where the early stop changes the result (eos-ended hypotheses
+    # fill the beams before a longer one, favoured by the length penalty, would win).
+    bare64 = R.load_base(fixture, torch.float64)
+    for key, early in (("gen.bare_beam_lp2", False), ("gen.bare_beam_lp2_early", True)):
+        h32 = hf_generate(bare, ids, mask, NUM_BEAMS, eos, length_penalty=2.0, early=early)
+        h64 = hf_generate(bare64, ids, mask, NUM_BEAMS, eos, length_penalty=2.0, early=early)
+        assert torch.equal(h32.sequences, h64.sequences), (key, h32.sequences, h64.sequences)
+        out[key] = beam_tokens(h32.sequences, eos, pad).numpy()
+        out[key + "_scores"] = R.np32(h32.sequences_scores)
+    facts["gen.bare_beam_lp2_early: differs from gen.bare_beam_lp2 (rows)"] = str(
+        [bool((out["gen.bare_beam_lp2_early"][b] != out["gen.bare_beam_lp2"][b]).any()) for b in range(ids.shape[0])])
 
     # mBART: another target language than the config's, given to generate as its first decoder token
     # (`generate(..., decoder_start_token_id=lang_code_to_id["de_DE"])`, HF's recipe for mBART-cc25).

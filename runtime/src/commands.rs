@@ -320,6 +320,88 @@ pub struct GenerateArgs {
     pub refs_out: Option<PathBuf>,
 }
 
+/// `pfxrun generate`'s search flags, each `None` unless given.
+#[derive(Clone, Debug, Default)]
+pub struct SearchFlags {
+    pub beams: Option<usize>,
+    pub length_penalty: Option<f32>,
+    pub no_repeat_ngram: Option<usize>,
+    pub early_stopping: Option<bool>,
+    pub min_new: Option<usize>,
+}
+
+/// Sets `cfg`'s search settings as Hugging Face's `generate` would pick them: a flag given, else the model's
+/// generation config (recorded by `pfxc compile`), else the plain default (greedy, no penalty, no bans). Returns
+/// notes to print: what came from the generation config, and what it sets that pfx's search does not do.
+pub fn apply_search_settings(
+    cfg: &mut GenConfig,
+    flags: &SearchFlags,
+    m: &pfx_compiler::compile::Manifest,
+) -> Vec<String> {
+    let gs = &m.generation_settings;
+    let rows = m.generation.as_ref().map_or(1, |g| g.rows);
+    let mut from_config = Vec::new();
+    let mut notes = Vec::new();
+    cfg.beams = match (flags.beams, gs.num_beams) {
+        (Some(b), _) => b,
+        (None, Some(b)) if b > rows => {
+            notes.push(format!(
+                "the model's generation config asks for {b} beams, but the bundle decodes {rows} rows \
+                 (pfxc compile --gen-rows): {rows} beams"
+            ));
+            rows
+        }
+        (None, Some(b)) => {
+            if b > 1 {
+                from_config.push(format!("{b} beams"));
+            }
+            b.max(1)
+        }
+        (None, None) => 1,
+    };
+    cfg.length_penalty = flags.length_penalty.unwrap_or_else(|| {
+        gs.length_penalty.inspect(|p| from_config.push(format!("length penalty {p}"))).unwrap_or(1.0)
+    });
+    cfg.no_repeat_ngram = flags.no_repeat_ngram.unwrap_or_else(|| {
+        gs.no_repeat_ngram_size
+            .filter(|&n| n > 0)
+            .inspect(|n| from_config.push(format!("no repeated {n}-grams")))
+            .unwrap_or(0)
+    });
+    cfg.early_stopping = flags.early_stopping.unwrap_or_else(|| {
+        gs.early_stopping.filter(|&e| e).inspect(|_| from_config.push("early stopping".into())).unwrap_or(false)
+    });
+    // HF's min_length counts an encoder-decoder's start token, and a decoder's whole (padded) prompt.
+    let seq2seq = m.family == "bart";
+    let from_min_length = match gs.min_length {
+        Some(n) if seq2seq => n.saturating_sub(1),
+        Some(n) if n > 0 => {
+            notes.push(format!(
+                "the model's generation config sets min_length {n}, which counts the prompt: not applied"
+            ));
+            0
+        }
+        _ => 0,
+    };
+    cfg.min_new = flags.min_new.unwrap_or_else(|| {
+        let n = from_min_length.max(gs.min_new_tokens.unwrap_or(0));
+        if n > 0 {
+            from_config.push(format!("at least {n} new tokens"));
+        }
+        n
+    });
+    if !from_config.is_empty() {
+        notes.push(format!("from the model's generation config (flags change them): {}", from_config.join(", ")));
+    }
+    if !gs.unapplied.is_empty() {
+        notes.push(format!(
+            "the model's generation config also sets {}, which pfxrun generate does not do",
+            gs.unapplied.join(", ")
+        ));
+    }
+    notes
+}
+
 /// Distinct sources and their references from a file.
 pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -473,7 +555,11 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             }
             prompts.push(ids);
         }
-        warn_cut(&cut, "source", &format!("cut to their first {} tokens", spec.src_len));
+        warn_cut(
+            &cut,
+            "source",
+            &format!("cut to {} tokens (their text shortened, the special tokens kept)", spec.src_len),
+        );
         crate::search::check_request(&prompts, "source", spec.src_len, spec.max_new, spec.rows, &cfg)?;
         let bare = if m.graphs.contains_key("encode_bare") {
             Some(bundle.open_graph("encode_bare", engine.backend, &engine.ort)?)
@@ -486,7 +572,8 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             bundle.open_graph("decode", engine.backend, &engine.ort)?,
             spec.clone(),
             prefix,
-            fmt.decoder_start().unwrap_or(b.decoder_start_token_id),
+            // mBART-cc25's target language, else where the generation config starts the decoder.
+            fmt.decoder_start().or(b.generation_start_token_id).unwrap_or(b.decoder_start_token_id),
         );
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)

@@ -183,6 +183,11 @@ impl search::Start for Generator {
         let (rows, logits) = self.prefill(prompts, cfg.pad, cfg.no_prefix)?;
         Ok((Running { gen: self, rows }, logits))
     }
+
+    /// The prompt (HF's input_ids also hold the left padding of a batch; pfx's n-gram bans see the real tokens).
+    fn history(&self, prompt: &[i64]) -> Vec<i64> {
+        prompt.to_vec()
+    }
 }
 
 /// A prefilled batch the search drives.

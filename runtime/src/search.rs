@@ -24,6 +24,13 @@ pub struct GenConfig {
     /// The `max_new`-th new token when generation gets that far (HF's `forced_eos_token_id`, which BART's,
     /// Marian's and Pegasus's configs set to `</s>`). It wins over `forced_bos` when `max_new` is 1, as in HF.
     pub forced_eos: Option<i64>,
+    /// No n-gram of this size twice in a row's sequence (HF's `no_repeat_ngram_size`; 0: off). The sequence is
+    /// what HF's `input_ids` hold: the decoder start token and the new tokens (an encoder-decoder), or the prompt
+    /// and the new tokens (a decoder: [`Start::history`]).
+    pub no_repeat_ngram: usize,
+    /// Beam search ends a prompt as soon as it has `beams` finished hypotheses (HF's `early_stopping=True`);
+    /// otherwise when its best live beam cannot beat them any more.
+    pub early_stopping: bool,
 }
 
 impl Default for GenConfig {
@@ -39,6 +46,8 @@ impl Default for GenConfig {
             no_prefix: false,
             forced_bos: None,
             forced_eos: None,
+            no_repeat_ngram: 0,
+            early_stopping: false,
         }
     }
 }
@@ -115,6 +124,9 @@ pub trait Start {
     fn check(&self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<()>;
     /// Starts `rows()` rows from as many inputs; returns the running state and each row's first logits.
     fn start<'a>(&'a mut self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<(Self::Running<'a>, Vec<Vec<f32>>)>;
+    /// The tokens a row's sequence holds before its first new one, for `no_repeat_ngram`: the prompt of a decoder,
+    /// the start token of an encoder-decoder's decoder.
+    fn history(&self, input: &[i64]) -> Vec<i64>;
 }
 
 /// Greedy decoding of any number of inputs, R at a time (idle rows hold a pad token). Returns each input's new
@@ -126,8 +138,9 @@ pub fn greedy_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig)
     for chunk in inputs.chunks(r) {
         let mut rows = chunk.to_vec();
         rows.resize(r, vec![cfg.pad]);
+        let history: Vec<Vec<i64>> = rows.iter().map(|p| model.history(p)).collect();
         let (mut state, logits) = model.start(&rows, cfg)?;
-        out.extend(greedy(&mut state, logits, chunk.len(), cfg)?);
+        out.extend(greedy(&mut state, logits, chunk.len(), cfg, history)?);
     }
     Ok(out)
 }
@@ -141,8 +154,9 @@ pub fn beam_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -
     for chunk in inputs.chunks(r / k) {
         let mut rows: Vec<Vec<i64>> = chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
         rows.resize(r, chunk[0].clone());
+        let history: Vec<Vec<i64>> = chunk.iter().map(|p| model.history(p)).collect();
         let (mut state, logits) = model.start(&rows, cfg)?;
-        out.extend(beam_groups(&mut state, logits, chunk.len(), cfg)?);
+        out.extend(beam_groups(&mut state, logits, &history, cfg)?);
     }
     Ok(out)
 }
@@ -156,26 +170,32 @@ pub fn search_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig)
     }
 }
 
-/// Greedy decoding of the first `live` rows, starting from the logits after the prompt. Returns each row's
-/// new tokens, stopping after eos (not included).
+/// Greedy decoding of the first `live` rows, starting from the logits after the prompt; `history` holds each
+/// row's sequence before it ([`Start::history`]). Returns each row's new tokens, stopping after eos (not
+/// included).
 pub fn greedy(
     state: &mut dyn Decoding,
     mut logits: Vec<Vec<f32>>,
     live: usize,
     cfg: &GenConfig,
+    mut history: Vec<Vec<i64>>,
 ) -> Result<Vec<Vec<i64>>> {
     let r = logits.len();
     let mut gen: Vec<Vec<i64>> = vec![Vec::new(); r];
     let mut done = vec![false; r];
+    history.resize(r, Vec::new());
     for n in 0..cfg.max_new {
         let mut next = vec![cfg.pad; r];
-        let banned = eos_banned(cfg, n);
         let forced = cfg.forced(n);
         for row in 0..r {
             let t = match forced {
                 Some(t) => t,
-                None => best_tokens(&logits[row], 1, &banned).first().map_or(0, |&(t, _)| t as i64),
+                None => {
+                    let banned = banned_tokens(cfg, n, &history[row]);
+                    best_tokens(&logits[row], 1, &banned).first().map_or(0, |&(t, _)| t as i64)
+                }
             };
+            history[row].push(t);
             if !done[row] {
                 if cfg.is_eos(t) {
                     done[row] = true;
@@ -194,10 +214,10 @@ pub fn greedy(
     Ok(gen)
 }
 
-/// Beam search over rows that all hold the same prompt; `cfg.beams` of them are live. Returns the best
-/// hypothesis's new tokens (eos not included).
-pub fn beam(state: &mut dyn Decoding, logits: Vec<Vec<f32>>, cfg: &GenConfig) -> Result<Vec<i64>> {
-    Ok(beam_groups(state, logits, 1, cfg)?.pop().unwrap_or_default())
+/// Beam search over rows that all hold the same prompt (`history`: its sequence before the first new token);
+/// `cfg.beams` of them are live. Returns the best hypothesis's new tokens (eos not included).
+pub fn beam(state: &mut dyn Decoding, logits: Vec<Vec<f32>>, history: &[i64], cfg: &GenConfig) -> Result<Vec<i64>> {
+    Ok(beam_groups(state, logits, &[history.to_vec()], cfg)?.pop().unwrap_or_default())
 }
 
 /// One prompt's search: its live beams and finished hypotheses.
@@ -214,14 +234,15 @@ struct Group {
 /// (1 + E)·K with E > 1 end-of-sequence ids, as HF keeps); those among the top K that end in eos (all of the top K
 /// at the last step) finish with score sum(log p) / t^length_penalty (the eos counted); the best K candidates that
 /// do not end in eos live on; a prompt is done when K hypotheses are finished and its best live beam's score /
-/// t^length_penalty cannot beat the worst of them.
+/// t^length_penalty cannot beat the worst of them (at once with `early_stopping`). `history[g]` is prompt g's
+/// sequence before its first new token (for `no_repeat_ngram`).
 pub fn beam_groups(
     state: &mut dyn Decoding,
     mut logits: Vec<Vec<f32>>,
-    groups: usize,
+    history: &[Vec<i64>],
     cfg: &GenConfig,
 ) -> Result<Vec<Vec<i64>>> {
-    let (r, k) = (logits.len(), cfg.beams);
+    let (r, k, groups) = (logits.len(), cfg.beams, history.len());
     if groups * k > r {
         anyhow::bail!("{groups} prompts × {k} beams need {} rows; the graphs decode {r}", groups * k);
     }
@@ -233,8 +254,6 @@ pub fn beam_groups(
     for n in 0..cfg.max_new {
         let t = n + 1;
         let last = t == cfg.max_new;
-        // The end-of-sequence ids not allowed yet: the same for every beam.
-        let banned = eos_banned(cfg, n);
         let forced = cfg.forced(n);
         // Rows keep their place unless a group's beams move; idle and finished rows are fed padding.
         let mut parents: Vec<usize> = (0..r).collect();
@@ -253,7 +272,13 @@ pub fn beam_groups(
                     cands.push((*s, b, tok));
                     continue;
                 }
-                // As HF: log-softmax over the whole vocabulary first, then forbid an early eos.
+                // As HF: log-softmax over the whole vocabulary first, then forbid an early eos and repeated
+                // n-grams.
+                let banned = if cfg.no_repeat_ngram > 0 {
+                    banned_tokens(cfg, n, &[&history[gi][..], &g.beams[b].0].concat())
+                } else {
+                    eos_banned(cfg, n)
+                };
                 let row = &logits[base + b];
                 let (max, log_sum) = log_sum_exp(row);
                 for (tok, x) in best_tokens(row, keep, &banned) {
@@ -285,7 +310,9 @@ pub fn beam_groups(
             }
             g.finished.sort_by(|a, b| b.1.total_cmp(&a.1));
             g.finished.truncate(k);
-            let stop = last || next.is_empty() || (g.finished.len() == k && norm(next[0].1, t) <= g.finished[k - 1].1);
+            let full = g.finished.len() == k;
+            let stop =
+                last || next.is_empty() || (full && (cfg.early_stopping || norm(next[0].1, t) <= g.finished[k - 1].1));
             if stop {
                 g.done = true;
                 continue;
@@ -330,6 +357,28 @@ pub fn reorder_rows<T: Copy>(data: &mut [T], parents: &[usize], rows: usize, per
             None => data.copy_within(block(s), i * per_row),
         }
     }
+}
+
+/// The tokens a row may not choose next: the end-of-sequence ids while too early ([`eos_banned`]), and every token
+/// that would end an n-gram `seq` already holds (HF's NoRepeatNGramLogitsProcessor: the last n - 1 tokens
+/// followed by it occur earlier).
+fn banned_tokens(cfg: &GenConfig, n_generated: usize, seq: &[i64]) -> Vec<usize> {
+    let mut banned = eos_banned(cfg, n_generated);
+    let n = cfg.no_repeat_ngram;
+    // Shorter than n, it holds no n-gram yet.
+    if n == 0 || seq.len() < n {
+        return banned;
+    }
+    let tail = &seq[seq.len() + 1 - n..];
+    for start in 0..=seq.len() - n {
+        if seq[start..start + n - 1] == *tail {
+            let t = seq[start + n - 1] as usize;
+            if !banned.contains(&t) {
+                banned.push(t);
+            }
+        }
+    }
+    banned
 }
 
 /// The end-of-sequence ids while they may not be chosen yet (HF's min_new_tokens).

@@ -225,6 +225,11 @@ impl search::Start for Seq2SeqGenerator {
         let (rows, logits) = self.encode_and_start(sources, cfg.pad, cfg.no_prefix)?;
         Ok((Running { gen: self, rows }, logits))
     }
+
+    /// The decoder's start token: what HF's decoder input_ids hold before the first new token.
+    fn history(&self, _source: &[i64]) -> Vec<i64> {
+        vec![self.decoder_start]
+    }
 }
 
 pub struct Running<'a> {

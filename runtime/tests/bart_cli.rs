@@ -369,7 +369,7 @@ fn train_and_generate_an_mbart_bundle_from_text() {
         compile_bart(&export, &BartOptions { languages: languages("en_XX", "xx_YY"), ..opts.clone() }, &dir.join("x"))
             .unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("--tgt-lang xx_YY is not a token of") && e.contains("ro_RO"), "{e}");
+    assert!(e.contains("--tgt-lang xx_YY is not a language code of") && e.contains("ro_RO"), "{e}");
     let e = compile_bart(&model_dir(), &opts, &dir.join("y")).unwrap_err();
     assert!(format!("{e:#}").contains("a bart export, whose tokenizer adds none"), "{e:#}");
     let bundle = dir.join("bundle");
@@ -396,6 +396,27 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     let log = ok(&["eval", p(&odd), "--data", p(&data)]);
     assert!(log.contains("`</s>` is id 2, but the model's end-of-sequence ids are [5]"), "{log}");
     assert!(!ok(&["eval", p(&bundle), "--data", p(&data)]).contains("end-of-sequence ids"));
+    // A generation config with search settings: pfxrun generate takes them as its defaults, as HF's generate does,
+    // says so, and says what it does not apply; a flag given wins.
+    std::fs::write(
+        other_eos.join("generation_config.json"),
+        r#"{"num_beams": 2, "no_repeat_ngram_size": 2, "early_stopping": true, "repetition_penalty": 1.3,
+            "decoder_start_token_id": 89, "eos_token_id": 2, "forced_eos_token_id": 2}"#,
+    )
+    .unwrap();
+    let searching = dir.join("searching");
+    compile_bart(&other_eos, &opts, &searching).unwrap();
+    let args = ["generate", p(&searching), "--inputs", p(&data)];
+    let log = ok(&args);
+    assert!(
+        log.contains(
+            "from the model's generation config (flags change them): 2 beams, no repeated 2-grams, early stopping"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("also sets repetition_penalty 1.3, which pfxrun generate does not do"), "{log}");
+    let log = ok(&[&args[..], &["--beams", "1", "--no-repeat-ngram", "0"]].concat());
+    assert!(log.contains("generation config (flags change them): early stopping\n"), "{log}");
     // Compiled without languages: the text commands say what is missing.
     let bare = dir.join("bare");
     compile_bart(&export, &BartOptions { languages: None, ..opts.clone() }, &bare).unwrap();

@@ -281,10 +281,13 @@ fn run(cli: Cli) -> Result<()> {
                 ("--src-len", src_len.is_some()),
                 ("--tgt-len", tgt_len.is_some()),
                 ("--label-smoothing", label_smoothing.is_some()),
+                ("--src-lang", src_lang.is_some()),
+                ("--tgt-lang", tgt_lang.is_some()),
             ] {
                 if given {
                     anyhow::bail!(
-                        "{flag} is for BART exports (with --bart-prefix); {} is compiled as GPT-2, which takes --seq",
+                        "{flag} is for BART-layout exports (with --bart-prefix; the languages for mBART); {} is \
+                         compiled as GPT-2, which takes --seq",
                         model.display()
                     );
                 }

@@ -831,7 +831,11 @@ pub struct BartSpec {
     pub decoder_layers: usize,
     pub decoder_heads: usize,
     pub pad_token_id: i64,
+    /// Training's decoder start (config.json's).
     pub decoder_start_token_id: i64,
+    /// Generation's (the generation config's; absent in bundles from before it was kept apart: training's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_start_token_id: Option<i64>,
     pub encoder_graph: String,
     pub decoder_graph: String,
     /// Generators: name prefix ("enc.", "dec.", "cross.", or "" for PEFT's single one) and layers.
@@ -861,6 +865,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     super::bundle_dir::BundleDir::check(out_dir, dir, "export")?;
     check_languages(&find_export(dir)?, opts.languages.as_ref())?;
     let mut c = compile_bart_models(dir, opts)?;
+    super::check_forced_ids(&c.export.config, c.dims.vocab)?;
     let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
     let out = super::bundle_dir::BundleDir::create(out_dir, dir, "export")?;
@@ -929,6 +934,7 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         eos_token_ids: c.export.config.eos_token_ids.clone(),
         forced_bos_token_id: c.export.config.forced_bos_token_id,
         forced_eos_token_id: c.export.config.forced_eos_token_id,
+        generation_settings: c.export.config.search.clone(),
     };
     let spec = BartSpec {
         mode: opts.mode,
@@ -941,6 +947,9 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         decoder_heads: d.decoder_heads,
         pad_token_id: c.export.pad_token_id,
         decoder_start_token_id: c.export.decoder_start_token_id,
+        generation_start_token_id: Some(
+            c.export.config.generation_start_token_id.map_or(c.export.decoder_start_token_id, i64::from),
+        ),
         encoder_graph: file_name(&c.export.encoder),
         decoder_graph: file_name(&c.export.decoder),
         generators: c.generators.iter().map(|g| (g.site.clone(), g.shape.layers)).collect(),
@@ -967,7 +976,13 @@ fn check_languages(export: &BartExport, languages: Option<&Languages>) -> Result
         );
     }
     let path = export.dir.join("tokenizer.json");
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!(
+            "note: no tokenizer.json in {}: --src-lang/--tgt-lang are checked when a text command loads a tokenizer",
+            export.dir.display()
+        );
+        return Ok(());
+    };
     let tok: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let added: Vec<&str> = tok["added_tokens"]
@@ -980,7 +995,7 @@ fn check_languages(export: &BartExport, languages: Option<&Languages>) -> Result
             let codes: Vec<&str> =
                 added.iter().copied().filter(|t| t.len() == 5 && t.as_bytes()[2] == b'_' && t.is_ascii()).collect();
             bail!(
-                "{flag} {code} is not a token of {}{}",
+                "{flag} {code} is not a language code of {} (not one of its added tokens){}",
                 path.display(),
                 if codes.is_empty() { String::new() } else { format!(" (its language codes: {})", codes.join(", ")) }
             );

@@ -137,6 +137,31 @@ pub struct Manifest {
     /// reached (BART's, Marian's and Pegasus's configs set `</s>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forced_eos_token_id: Option<u32>,
+    /// The search settings of the export's generation config (beams, length penalty, n-gram bans, ...):
+    /// `pfxrun generate`'s defaults, and those it does not apply.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub generation_settings: crate::inspect::GenerationSettings,
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
+}
+
+/// Forced tokens must be tokens of the model: HF's generate fails on one past the vocabulary, and pfx's search
+/// would emit an id the model has no logits for.
+pub(crate) fn check_forced_ids(config: &crate::inspect::ModelConfig, vocab: usize) -> Result<()> {
+    let forced =
+        [("forced_bos_token_id", config.forced_bos_token_id), ("forced_eos_token_id", config.forced_eos_token_id)];
+    for (key, id) in forced {
+        if let Some(id) = id.filter(|&id| id as usize >= vocab) {
+            let file = config
+                .settings_file
+                .as_ref()
+                .map_or("the model's generation config".into(), |f| f.display().to_string());
+            bail!("{file}: {key} is {id}, past the model's vocabulary ({vocab} tokens): fix or remove it");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -502,6 +527,9 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
     let export_dir = source.parent().unwrap_or(Path::new("."));
     bundle_dir::BundleDir::check(out_dir, export_dir, "export")?;
     let mut c = compile_models(source, opts)?;
+    if let Some(vocab) = c.info.vocab {
+        check_forced_ids(&c.config, vocab)?;
+    }
     let trainables = c.shape.trainables("");
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
     let dir = bundle_dir::BundleDir::create(out_dir, export_dir, "export")?;
@@ -554,6 +582,7 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         eos_token_ids: c.config.eos_token_ids.clone(),
         forced_bos_token_id: c.config.forced_bos_token_id,
         forced_eos_token_id: c.config.forced_eos_token_id,
+        generation_settings: c.config.search.clone(),
     };
     dir.finish(&serde_json::to_string_pretty(&manifest)?)?;
     Ok(manifest)

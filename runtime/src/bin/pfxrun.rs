@@ -122,12 +122,25 @@ enum Command {
         /// is read as one source per line.
         #[arg(long)]
         inputs: Option<PathBuf>,
-        /// Beam width (1: greedy).
-        #[arg(long, default_value_t = 1)]
-        beams: usize,
-        /// Beam search's length penalty (HF's: scores divided by length^penalty).
-        #[arg(long, default_value_t = 1.0)]
-        length_penalty: f32,
+        /// Beam width (1: greedy). Default: the model's generation config's `num_beams` (as HF's `generate`), else 1.
+        #[arg(long)]
+        beams: Option<usize>,
+        /// Beam search's length penalty (HF's: scores divided by length^penalty). Default: the generation
+        /// config's, else 1.
+        #[arg(long)]
+        length_penalty: Option<f32>,
+        /// No n-gram of this size twice in an output (HF's `no_repeat_ngram_size`; 0: off). Default: the
+        /// generation config's, else 0.
+        #[arg(long)]
+        no_repeat_ngram: Option<usize>,
+        /// Beam search stops a source once it has as many finished hypotheses as beams (HF's `early_stopping`).
+        /// Default: the generation config's, else false.
+        #[arg(long)]
+        early_stopping: Option<bool>,
+        /// No end of sequence before this many new tokens. Default: the generation config's `min_new_tokens`
+        /// (and an encoder-decoder's `min_length` - 1), else 0.
+        #[arg(long)]
+        min_new: Option<usize>,
         /// Mask the prefix out: the bare model, for comparison.
         #[arg(long, conflicts_with = "prefix")]
         no_prefix: bool,
@@ -385,6 +398,9 @@ fn run(cli: Cli) -> Result<()> {
             inputs,
             beams,
             length_penalty,
+            no_repeat_ngram,
+            early_stopping,
+            min_new,
             no_prefix,
             no_forced_tokens,
             max_new,
@@ -394,19 +410,17 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             engine,
         } => {
-            if !length_penalty.is_finite() {
-                anyhow::bail!("--length-penalty must be a finite number (got {length_penalty})");
+            if let Some(p) = length_penalty.filter(|p| !p.is_finite()) {
+                anyhow::bail!("--length-penalty must be a finite number (got {p})");
             }
             let engine = engine.engine()?;
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
-            let cfg = GenConfig {
-                max_new: max_new.unwrap_or(spec_max),
-                beams,
-                length_penalty,
-                no_prefix,
-                ..GenConfig::default()
-            };
+            let mut cfg = GenConfig { max_new: max_new.unwrap_or(spec_max), no_prefix, ..GenConfig::default() };
+            let flags = commands::SearchFlags { beams, length_penalty, no_repeat_ngram, early_stopping, min_new };
+            for note in commands::apply_search_settings(&mut cfg, &flags, &b.manifest) {
+                eprintln!("note: {note}");
+            }
             let forced_tokens = !no_forced_tokens;
             let args = commands::GenerateArgs {
                 bundle,
