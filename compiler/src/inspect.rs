@@ -219,9 +219,10 @@ fn json_beside(export: &std::path::Path, name: &str) -> Result<Option<(std::path
         Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
     let reads = if name == "config.json" {
-        "model_type, token ids (eos, forced bos/eos, pad, decoder start) and sliding_window"
+        "model_type, token ids (eos, forced bos/eos, pad, decoder start), sliding_window and, without a \
+         generation_config.json, the generation settings"
     } else {
-        "eos_token_id, forced_bos_token_id and forced_eos_token_id"
+        "the generation settings (end and forced tokens, decoder start, beams, n-gram bans, ...)"
     };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
@@ -314,12 +315,12 @@ pub struct GenerationSettings {
 
 impl GenerationSettings {
     fn read(path: &std::path::Path, v: &serde_json::Value) -> Result<GenerationSettings> {
-        let count = |key: &str| -> Result<Option<usize>> {
+        let count = |key: &str, least: u64| -> Result<Option<usize>> {
             match setting(v, key) {
                 None => Ok(None),
-                Some(x) => match x.as_u64() {
+                Some(x) => match x.as_u64().filter(|&n| n >= least) {
                     Some(n) => Ok(Some(n as usize)),
-                    None => anyhow::bail!("{}: {key} is {x}; expected a whole number", path.display()),
+                    None => anyhow::bail!("{}: {key} is {x}; expected a whole number from {least}", path.display()),
                 },
             }
         };
@@ -357,9 +358,10 @@ impl GenerationSettings {
         ];
         for (key, value) in neutral {
             if let Some(x) = setting(v, key) {
+                // An empty list (suppress_tokens: []) does nothing either.
                 let same = match (x.as_f64(), value.as_f64()) {
                     (Some(a), Some(b)) => a == b,
-                    _ => *x == value,
+                    _ => *x == value || (value.is_null() && x.as_array().is_some_and(|a| a.is_empty())),
                 };
                 if !same {
                     unapplied.push(format!("{key} {x}"));
@@ -367,12 +369,12 @@ impl GenerationSettings {
             }
         }
         Ok(GenerationSettings {
-            num_beams: count("num_beams")?,
+            num_beams: count("num_beams", 1)?,
             length_penalty,
-            no_repeat_ngram_size: count("no_repeat_ngram_size")?,
+            no_repeat_ngram_size: count("no_repeat_ngram_size", 0)?,
             early_stopping,
-            min_length: count("min_length")?,
-            min_new_tokens: count("min_new_tokens")?,
+            min_length: count("min_length", 0)?,
+            min_new_tokens: count("min_new_tokens", 0)?,
             unapplied,
         })
     }
@@ -1088,9 +1090,13 @@ mod tests {
         assert_eq!(c.search.unapplied, ["early_stopping \"never\""]);
         assert_eq!((c.search.num_beams, c.search.early_stopping, c.generation_start_token_id), (None, None, Some(0)));
         assert_eq!(c.decoder_start_token_id, Some(2), "training's start is config.json's");
-        write("generation_config.json", "{\"num_beams\": 2.5}");
-        let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
-        assert!(m.contains("generation_config.json: num_beams is 2.5"), "{m}");
+        for odd in ["2.5", "0", "\"4\""] {
+            write("generation_config.json", &format!("{{\"num_beams\": {odd}}}"));
+            let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
+            assert!(m.contains(&format!("generation_config.json: num_beams is {odd}")), "{m}");
+        }
+        write("generation_config.json", "{\"suppress_tokens\": [], \"bad_words_ids\": [[5]]}");
+        assert_eq!(ModelConfig::beside(&export).unwrap().search.unapplied, ["bad_words_ids [[5]]"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -359,8 +359,10 @@ pub fn apply_search_settings(
         }
         (None, None) => 1,
     };
+    // Length penalty and early stopping act in beam search only: said only there.
+    let beam = cfg.beams > 1;
     cfg.length_penalty = flags.length_penalty.unwrap_or_else(|| {
-        gs.length_penalty.inspect(|p| from_config.push(format!("length penalty {p}"))).unwrap_or(1.0)
+        gs.length_penalty.filter(|_| beam).inspect(|p| from_config.push(format!("length penalty {p}"))).unwrap_or(1.0)
     });
     cfg.no_repeat_ngram = flags.no_repeat_ngram.unwrap_or_else(|| {
         gs.no_repeat_ngram_size
@@ -369,13 +371,15 @@ pub fn apply_search_settings(
             .unwrap_or(0)
     });
     cfg.early_stopping = flags.early_stopping.unwrap_or_else(|| {
-        gs.early_stopping.filter(|&e| e).inspect(|_| from_config.push("early stopping".into())).unwrap_or(false)
+        gs.early_stopping.filter(|&e| e && beam).inspect(|_| from_config.push("early stopping".into())).unwrap_or(false)
     });
-    // HF's min_length counts an encoder-decoder's start token, and a decoder's whole (padded) prompt.
+    // A min_new_tokens (even 0) replaces min_length, as in HF. HF's min_length counts an encoder-decoder's start
+    // token, and a decoder's whole (padded) prompt, which pfx does not apply.
     let seq2seq = m.family == "bart";
-    let from_min_length = match gs.min_length {
-        Some(n) if seq2seq => n.saturating_sub(1),
-        Some(n) if n > 0 => {
+    let configured = match (gs.min_new_tokens, gs.min_length) {
+        (Some(n), _) => n,
+        (None, Some(n)) if seq2seq => n.saturating_sub(1),
+        (None, Some(n)) if n > 0 && flags.min_new.is_none() => {
             notes.push(format!(
                 "the model's generation config sets min_length {n}, which counts the prompt: not applied"
             ));
@@ -384,11 +388,10 @@ pub fn apply_search_settings(
         _ => 0,
     };
     cfg.min_new = flags.min_new.unwrap_or_else(|| {
-        let n = from_min_length.max(gs.min_new_tokens.unwrap_or(0));
-        if n > 0 {
-            from_config.push(format!("at least {n} new tokens"));
+        if configured > 0 {
+            from_config.push(format!("at least {configured} new tokens"));
         }
-        n
+        configured
     });
     if !from_config.is_empty() {
         notes.push(format!("from the model's generation config (flags change them): {}", from_config.join(", ")));

@@ -416,7 +416,22 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     );
     assert!(log.contains("also sets repetition_penalty 1.3, which pfxrun generate does not do"), "{log}");
     let log = ok(&[&args[..], &["--beams", "1", "--no-repeat-ngram", "0"]].concat());
-    assert!(log.contains("generation config (flags change them): early stopping\n"), "{log}");
+    assert!(!log.contains("from the model's generation config"), "early stopping does nothing in greedy search: {log}");
+    // min_new_tokens replaces min_length (which counts the start token), as in HF.
+    for (settings, want) in [
+        (r#"{"min_length": 20, "decoder_start_token_id": 89}"#, Some("at least 19 new tokens")),
+        (r#"{"min_length": 20, "min_new_tokens": 3, "decoder_start_token_id": 89}"#, Some("at least 3 new tokens")),
+        (r#"{"min_length": 20, "min_new_tokens": 0, "decoder_start_token_id": 89}"#, None),
+    ] {
+        std::fs::write(other_eos.join("generation_config.json"), settings).unwrap();
+        let minimal = dir.join("minimal");
+        compile_bart(&other_eos, &opts, &minimal).unwrap();
+        let log = ok(&["generate", p(&minimal), "--inputs", p(&data)]);
+        match want {
+            Some(w) => assert!(log.contains(&format!("(flags change them): {w}")), "{settings}: {log}"),
+            None => assert!(!log.contains("new tokens"), "{settings}: {log}"),
+        }
+    }
     // Compiled without languages: the text commands say what is missing.
     let bare = dir.join("bare");
     compile_bart(&export, &BartOptions { languages: None, ..opts.clone() }, &bare).unwrap();

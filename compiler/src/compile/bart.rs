@@ -866,6 +866,16 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     check_languages(&find_export(dir)?, opts.languages.as_ref())?;
     let mut c = compile_bart_models(dir, opts)?;
     super::check_forced_ids(&c.export.config, c.dims.vocab)?;
+    if let (None, Some(file), Some(_)) =
+        (c.export.config.generation_start_token_id, &c.export.config.settings_file, &opts.generation)
+    {
+        eprintln!(
+            "note: {} sets neither decoder_start_token_id nor bos_token_id (HF's generate refuses such a model): \
+             generation starts with config.json's {}",
+            file.display(),
+            c.export.decoder_start_token_id
+        );
+    }
     let trainables: Vec<(String, Vec<usize>)> = c.generators.iter().flat_map(|g| g.trainables()).collect();
     let names: Vec<String> = trainables.iter().map(|t| t.0.clone()).collect();
     let out = super::bundle_dir::BundleDir::create(out_dir, dir, "export")?;

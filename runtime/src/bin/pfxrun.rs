@@ -127,7 +127,7 @@ enum Command {
         beams: Option<usize>,
         /// Beam search's length penalty (HF's: scores divided by length^penalty). Default: the generation
         /// config's, else 1.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         length_penalty: Option<f32>,
         /// No n-gram of this size twice in an output (HF's `no_repeat_ngram_size`; 0: off). Default: the
         /// generation config's, else 0.
