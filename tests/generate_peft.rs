@@ -77,6 +77,12 @@ fn greedy_and_beam_equal_peft() {
                 let beam = g.beam_search(&prompts, &beam_cfg).unwrap();
                 assert_eq!(beam, rows(&r["beam"], None), "{what}: beam tokens differ from PEFT");
                 println!("{what}: greedy {greedy:?} beam {beam:?}");
+                // Repeated 2-grams banned, over the prompt and the new tokens (HF's no_repeat_ngram_size on each
+                // prompt alone; the bans see the real prompt tokens, not the padding).
+                let norepeat = GenConfig { no_repeat_ngram: 2, ..cfg.clone() };
+                assert_eq!(g.greedy(&prompts, &norepeat).unwrap(), rows(&r["greedy_norepeat2"], None), "{what}");
+                let norepeat = GenConfig { beams: 3, ..norepeat };
+                assert_eq!(g.beam_search(&prompts, &norepeat).unwrap(), rows(&r["beam_norepeat2"], None), "{what}");
             }
         }
     }

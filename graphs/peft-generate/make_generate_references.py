@@ -295,6 +295,7 @@ def run_mode(mode, prompts, prompt_mask):
     facts = {}
 
     greedy, greedy_noprefix, greedy_shift, beam, beam_score = [], [], [], [], []
+    greedy_nr, beam_nr = [], []  # no_repeat_ngram_size=2: n-grams of the prompt and the new tokens banned
     eos_any, eos_np_any, margins, beam_margins, same_free, same_renorm = False, False, [], [], [], []
     for i in range(N):
         ids, m = alone(prompts, prompt_mask, i)
@@ -334,6 +335,10 @@ def run_mode(mode, prompts, prompt_mask):
         same_renorm.append(torch.equal(manual_beam(base, ids, m, prefix, renormalize=True)[0], b_c))
         same_free.append((torch.equal(g_free, g_a), torch.equal(b_free, b_a)))
         eos_np_any |= eos_np
+        g_nr, _ = hf_generate(base, ids, m, prefix, dict(GREEDY_ARGS, no_repeat_ngram_size=2))
+        b_nr, _ = hf_generate(base, ids, m, prefix, dict(BEAM_ARGS, no_repeat_ngram_size=2))
+        greedy_nr.append(g_nr[0])
+        beam_nr.append(b_nr[0])
         greedy.append(g_a[0])
         greedy_noprefix.append(g_np[0])
         beam.append(b_a[0])
@@ -408,6 +413,12 @@ def run_mode(mode, prompts, prompt_mask):
     out["beam"] = beam.numpy()
     out["beam_score"] = np.array(beam_score, dtype=np.float32)
     out["greedy_noprefix"] = greedy_noprefix.numpy()
+    # Each prompt alone (HF's batch would also hold the left padding in its n-grams).
+    greedy_nr, beam_nr = torch.stack(greedy_nr), torch.stack(beam_nr)
+    facts["no_repeat_ngram_size 2 changes (greedy, beam) per prompt"] = [
+        (bool((greedy_nr[i] != greedy[i]).any()), bool((beam_nr[i] != beam[i]).any())) for i in range(N)]
+    out["greedy_norepeat2"] = greedy_nr.numpy()
+    out["beam_norepeat2"] = beam_nr.numpy()
     for l, (k, v) in enumerate(prefix):
         out[f"prefix.{l}.key"] = np.array(k.numpy(), dtype=np.float32, order="C", copy=True)
         out[f"prefix.{l}.value"] = np.array(v.numpy(), dtype=np.float32, order="C", copy=True)
