@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use pfx_runtime::search::{beam_groups, greedy, Decoding, GenConfig};
+use pfx_runtime::search::{beam_groups, greedy, Decoding, GenConfig, RowContext};
 
 const NEW: usize = 64;
 
@@ -63,11 +63,11 @@ fn main() -> Result<()> {
             let mut model = FixedLogits { logits: logits.clone() };
             let start = Instant::now();
             // One start token per row (an encoder-decoder's history): no n-gram bans here.
-            let history = vec![vec![0i64]; b];
+            let contexts = vec![RowContext { history: vec![0], source: Vec::new() }; b];
             if k > 1 {
-                beam_groups(&mut model, logits.clone(), &history, &cfg)?;
+                beam_groups(&mut model, logits.clone(), &contexts, &cfg)?;
             } else {
-                greedy(&mut model, logits.clone(), b, &cfg, history)?;
+                greedy(&mut model, logits.clone(), b, &cfg, contexts)?;
             }
             if run > 0 {
                 times.push(start.elapsed().as_secs_f64()); // run 0 warms up

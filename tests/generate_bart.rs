@@ -207,6 +207,17 @@ fn beam_search_equals_hf() {
                 assert_eq!(g.greedy(&sources, &greedy).unwrap(), rows(&r["gen.greedy_norepeat2"], None), "{what}");
                 let beam = g.beam_search(&sources, &norepeat).unwrap();
                 assert_eq!(beam, without_eos(rows(&r["gen.beam_norepeat2"], None), 2), "{what}: beam, no repeat");
+                // The source's n-grams banned (BlenderBot's encoder_no_repeat_ngram_size), each source alone in the
+                // references: sizes 1 (no source token at all; it changes the output in many files) and 2.
+                for n in [1, 2] {
+                    let enc = GenConfig { encoder_no_repeat_ngram: n, ..cfg.clone() };
+                    let greedy = GenConfig { beams: 1, eos: None, ..enc.clone() };
+                    let key = format!("gen.greedy_encnorepeat{n}");
+                    assert_eq!(g.greedy(&sources, &greedy).unwrap(), rows(&r[&key], None), "{what}: {key}");
+                    let key = format!("gen.beam_encnorepeat{n}");
+                    let beam = g.beam_search(&sources, &enc).unwrap();
+                    assert_eq!(beam, without_eos(rows(&r[&key], None), 2), "{what}: {key}");
+                }
                 for (key, early, no_prefix) in [
                     ("gen.beam_lp2", false, false),
                     ("gen.beam_lp2_early", true, false),

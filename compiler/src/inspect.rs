@@ -303,6 +303,9 @@ pub struct GenerationSettings {
     pub no_repeat_ngram_size: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<bool>,
+    /// An encoder-decoder's bans of its source's n-grams (BlenderBot's default 3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_no_repeat_ngram_size: Option<usize>,
     /// `min_length` (an encoder-decoder's counts the decoder start token) and `min_new_tokens`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_length: Option<usize>,
@@ -342,11 +345,10 @@ impl GenerationSettings {
             }
         };
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
-        let neutral: [(&str, serde_json::Value); 12] = [
+        let neutral: [(&str, serde_json::Value); 11] = [
             ("do_sample", false.into()),
             ("repetition_penalty", 1.0.into()),
             ("encoder_repetition_penalty", 1.0.into()),
-            ("encoder_no_repeat_ngram_size", 0.into()),
             ("num_beam_groups", 1.into()),
             ("diversity_penalty", 0.0.into()),
             ("bad_words_ids", serde_json::Value::Null),
@@ -373,6 +375,7 @@ impl GenerationSettings {
             length_penalty,
             no_repeat_ngram_size: count("no_repeat_ngram_size", 0)?,
             early_stopping,
+            encoder_no_repeat_ngram_size: count("encoder_no_repeat_ngram_size", 0)?,
             min_length: count("min_length", 0)?,
             min_new_tokens: count("min_new_tokens", 0)?,
             unapplied,
@@ -1081,7 +1084,8 @@ mod tests {
             early_stopping: Some(true),
             min_length: Some(56),
             min_new_tokens: None,
-            unapplied: vec!["repetition_penalty 1.2".into(), "encoder_no_repeat_ngram_size 3".into()],
+            encoder_no_repeat_ngram_size: Some(3),
+            unapplied: vec!["repetition_penalty 1.2".into()],
         };
         assert_eq!((c.search, c.generation_start_token_id), (want, Some(2)));
         // A generation_config.json replaces them all.

@@ -181,7 +181,7 @@ def set_generation_config(model, eos):
 
 
 def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None, no_repeat=0, early=False, length_penalty=1.0,
-                start=None):
+                start=None, enc_no_repeat=0):
     """`start`: the decoder start token passed to generate (as `decoder_start_token_id=`), else the config's."""
     set_generation_config(model, eos)
     model.generation_config.forced_bos_token_id = forced_bos
@@ -192,7 +192,7 @@ def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=No
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
             num_return_sequences=1, do_sample=False, length_penalty=length_penalty, early_stopping=early,
-            no_repeat_ngram_size=no_repeat, repetition_penalty=1.0, use_cache=False, return_dict_in_generate=True,
+            no_repeat_ngram_size=no_repeat, encoder_no_repeat_ngram_size=enc_no_repeat, repetition_penalty=1.0, use_cache=False, return_dict_in_generate=True,
             output_logits=True, output_scores=True,
         )
     start = model.config.decoder_start_token_id if start is None else start
@@ -473,6 +473,24 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         base = "gen.greedy" if beams == 1 else "gen.beam_lp2" if key == "gen.beam_lp2_early" else "gen.beam"
         facts[f"{key}: differs from {base} (rows)"] = str(
             [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
+    # Source n-grams banned (encoder_no_repeat_ngram_size, BlenderBot's default 3): sizes 1 (no source token at all)
+    # and 2, each source alone (HF's batch would add the padding of shorter sources to the banned n-grams).
+    for n in (1, 2):
+        for key, beams, beos in ((f"gen.greedy_encnorepeat{n}", 1, None), (f"gen.beam_encnorepeat{n}", NUM_BEAMS, eos)):
+            rows = []
+            for b in range(ids.shape[0]):
+                real = int(mask[b].sum())
+                one = (ids[b:b + 1, :real], mask[b:b + 1, :real])
+                h32 = hf_generate(gen32, *one, beams, beos, enc_no_repeat=n)
+                h64 = hf_generate(gen64, *one, beams, beos, enc_no_repeat=n)
+                assert torch.equal(h32.sequences, h64.sequences), (key, b, h32.sequences, h64.sequences)
+                seq = beam_tokens(h32.sequences, eos, pad) if beos is not None else h32.sequences[:, 1:]
+                rows.append(seq[0])
+            out[key] = torch.stack(rows).numpy()
+            base = "gen.greedy" if beams == 1 else "gen.beam"
+            facts[f"{key}: differs from {base} (rows)"] = str(
+                [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
+
     # The bare model too: bart-enc-deep's is the one where the early stop changes the result (eos-ended hypotheses
     # fill the beams before a longer one, favoured by the length penalty, would win).
     bare64 = R.load_base(fixture, torch.float64)

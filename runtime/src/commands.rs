@@ -328,6 +328,7 @@ pub struct SearchFlags {
     pub no_repeat_ngram: Option<usize>,
     pub early_stopping: Option<bool>,
     pub min_new: Option<usize>,
+    pub encoder_no_repeat_ngram: Option<usize>,
 }
 
 /// Sets `cfg`'s search settings as Hugging Face's `generate` would pick them: a flag given, else the model's
@@ -373,9 +374,24 @@ pub fn apply_search_settings(
     cfg.early_stopping = flags.early_stopping.unwrap_or_else(|| {
         gs.early_stopping.filter(|&e| e && beam).inspect(|_| from_config.push("early stopping".into())).unwrap_or(false)
     });
+    // Source n-grams: an encoder-decoder's (HF refuses the setting for a decoder, which has no source).
+    let seq2seq = m.family == "bart";
+    cfg.encoder_no_repeat_ngram = match (flags.encoder_no_repeat_ngram, gs.encoder_no_repeat_ngram_size) {
+        (Some(n), _) => n,
+        (None, Some(n)) if n > 0 && seq2seq => {
+            from_config.push(format!("no repeated {n}-grams of the source"));
+            n
+        }
+        (None, Some(n)) if n > 0 => {
+            notes.push(format!(
+                "the model's generation config sets encoder_no_repeat_ngram_size {n}, which needs a source: not applied"
+            ));
+            0
+        }
+        _ => 0,
+    };
     // A min_new_tokens (even 0) replaces min_length, as in HF. HF's min_length counts an encoder-decoder's start
     // token, and a decoder's whole (padded) prompt, which pfx does not apply.
-    let seq2seq = m.family == "bart";
     let configured = match (gs.min_new_tokens, gs.min_length) {
         (Some(n), _) => n,
         (None, Some(n)) if seq2seq => n.saturating_sub(1),

@@ -185,8 +185,8 @@ impl search::Start for Generator {
     }
 
     /// The prompt (HF's input_ids also hold the left padding of a batch; pfx's n-gram bans see the real tokens).
-    fn history(&self, prompt: &[i64]) -> Vec<i64> {
-        prompt.to_vec()
+    fn context(&self, prompt: &[i64]) -> search::RowContext {
+        search::RowContext { history: prompt.to_vec(), source: Vec::new() }
     }
 }
 

@@ -28,6 +28,9 @@ pub struct GenConfig {
     /// what HF's `input_ids` hold: the decoder start token and the new tokens (an encoder-decoder), or the prompt
     /// and the new tokens (a decoder: [`Start::history`]).
     pub no_repeat_ngram: usize,
+    /// No n-gram of this size of an encoder-decoder's source in the output (HF's `encoder_no_repeat_ngram_size`,
+    /// BlenderBot's default 3; 0: off): after the output's last n - 1 tokens, none that follows them in the source.
+    pub encoder_no_repeat_ngram: usize,
     /// Beam search ends a prompt as soon as it has `beams` finished hypotheses (HF's `early_stopping=True`);
     /// otherwise when its best live beam cannot beat them any more.
     pub early_stopping: bool,
@@ -47,6 +50,7 @@ impl Default for GenConfig {
             forced_bos: None,
             forced_eos: None,
             no_repeat_ngram: 0,
+            encoder_no_repeat_ngram: 0,
             early_stopping: false,
         }
     }
@@ -124,9 +128,18 @@ pub trait Start {
     fn check(&self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<()>;
     /// Starts `rows()` rows from as many inputs; returns the running state and each row's first logits.
     fn start<'a>(&'a mut self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<(Self::Running<'a>, Vec<Vec<f32>>)>;
-    /// The tokens a row's sequence holds before its first new one, for `no_repeat_ngram`: the prompt of a decoder,
-    /// the start token of an encoder-decoder's decoder.
-    fn history(&self, input: &[i64]) -> Vec<i64>;
+    /// What a row started from `input` bans n-grams against ([`RowContext`]).
+    fn context(&self, input: &[i64]) -> RowContext;
+}
+
+/// What a row's n-gram bans look at (`no_repeat_ngram`, `encoder_no_repeat_ngram`).
+#[derive(Clone, Debug, Default)]
+pub struct RowContext {
+    /// The sequence before the first new token, as HF's `input_ids` hold it: the prompt of a decoder, the start
+    /// token of an encoder-decoder's decoder.
+    pub history: Vec<i64>,
+    /// An encoder-decoder's source (empty for a decoder).
+    pub source: Vec<i64>,
 }
 
 /// Greedy decoding of any number of inputs, R at a time (idle rows hold a pad token). Returns each input's new
@@ -138,9 +151,9 @@ pub fn greedy_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig)
     for chunk in inputs.chunks(r) {
         let mut rows = chunk.to_vec();
         rows.resize(r, vec![cfg.pad]);
-        let history: Vec<Vec<i64>> = rows.iter().map(|p| model.history(p)).collect();
+        let contexts: Vec<RowContext> = rows.iter().map(|p| model.context(p)).collect();
         let (mut state, logits) = model.start(&rows, cfg)?;
-        out.extend(greedy(&mut state, logits, chunk.len(), cfg, history)?);
+        out.extend(greedy(&mut state, logits, chunk.len(), cfg, contexts)?);
     }
     Ok(out)
 }
@@ -154,9 +167,9 @@ pub fn beam_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -
     for chunk in inputs.chunks(r / k) {
         let mut rows: Vec<Vec<i64>> = chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
         rows.resize(r, chunk[0].clone());
-        let history: Vec<Vec<i64>> = chunk.iter().map(|p| model.history(p)).collect();
+        let contexts: Vec<RowContext> = chunk.iter().map(|p| model.context(p)).collect();
         let (mut state, logits) = model.start(&rows, cfg)?;
-        out.extend(beam_groups(&mut state, logits, &history, cfg)?);
+        out.extend(beam_groups(&mut state, logits, &contexts, cfg)?);
     }
     Ok(out)
 }
@@ -170,20 +183,20 @@ pub fn search_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig)
     }
 }
 
-/// Greedy decoding of the first `live` rows, starting from the logits after the prompt; `history` holds each
-/// row's sequence before it ([`Start::history`]). Returns each row's new tokens, stopping after eos (not
+/// Greedy decoding of the first `live` rows, starting from the logits after the prompt; `contexts` holds what
+/// each row bans n-grams against ([`Start::context`]). Returns each row's new tokens, stopping after eos (not
 /// included).
 pub fn greedy(
     state: &mut dyn Decoding,
     mut logits: Vec<Vec<f32>>,
     live: usize,
     cfg: &GenConfig,
-    mut history: Vec<Vec<i64>>,
+    mut contexts: Vec<RowContext>,
 ) -> Result<Vec<Vec<i64>>> {
     let r = logits.len();
     let mut gen: Vec<Vec<i64>> = vec![Vec::new(); r];
     let mut done = vec![false; r];
-    history.resize(r, Vec::new());
+    contexts.resize(r, RowContext::default());
     for n in 0..cfg.max_new {
         let mut next = vec![cfg.pad; r];
         let forced = cfg.forced(n);
@@ -191,11 +204,11 @@ pub fn greedy(
             let t = match forced {
                 Some(t) => t,
                 None => {
-                    let banned = banned_tokens(cfg, n, &history[row]);
+                    let banned = banned_tokens(cfg, n, &contexts[row].history, &contexts[row].source);
                     best_tokens(&logits[row], 1, &banned).first().map_or(0, |&(t, _)| t as i64)
                 }
             };
-            history[row].push(t);
+            contexts[row].history.push(t);
             if !done[row] {
                 if cfg.is_eos(t) {
                     done[row] = true;
@@ -214,10 +227,15 @@ pub fn greedy(
     Ok(gen)
 }
 
-/// Beam search over rows that all hold the same prompt (`history`: its sequence before the first new token);
-/// `cfg.beams` of them are live. Returns the best hypothesis's new tokens (eos not included).
-pub fn beam(state: &mut dyn Decoding, logits: Vec<Vec<f32>>, history: &[i64], cfg: &GenConfig) -> Result<Vec<i64>> {
-    Ok(beam_groups(state, logits, &[history.to_vec()], cfg)?.pop().unwrap_or_default())
+/// Beam search over rows that all hold the same prompt (`context`: what its n-gram bans look at); `cfg.beams` of
+/// them are live. Returns the best hypothesis's new tokens (eos not included).
+pub fn beam(
+    state: &mut dyn Decoding,
+    logits: Vec<Vec<f32>>,
+    context: &RowContext,
+    cfg: &GenConfig,
+) -> Result<Vec<i64>> {
+    Ok(beam_groups(state, logits, std::slice::from_ref(context), cfg)?.pop().unwrap_or_default())
 }
 
 /// One prompt's search: its live beams and finished hypotheses.
@@ -234,15 +252,15 @@ struct Group {
 /// (1 + E)·K with E > 1 end-of-sequence ids, as HF keeps); those among the top K that end in eos (all of the top K
 /// at the last step) finish with score sum(log p) / t^length_penalty (the eos counted); the best K candidates that
 /// do not end in eos live on; a prompt is done when K hypotheses are finished and its best live beam's score /
-/// t^length_penalty cannot beat the worst of them (at once with `early_stopping`). `history[g]` is prompt g's
-/// sequence before its first new token (for `no_repeat_ngram`).
+/// t^length_penalty cannot beat the worst of them (at once with `early_stopping`). `contexts[g]` is what prompt
+/// g's n-gram bans look at.
 pub fn beam_groups(
     state: &mut dyn Decoding,
     mut logits: Vec<Vec<f32>>,
-    history: &[Vec<i64>],
+    contexts: &[RowContext],
     cfg: &GenConfig,
 ) -> Result<Vec<Vec<i64>>> {
-    let (r, k, groups) = (logits.len(), cfg.beams, history.len());
+    let (r, k, groups) = (logits.len(), cfg.beams, contexts.len());
     if groups * k > r {
         anyhow::bail!("{groups} prompts × {k} beams need {} rows; the graphs decode {r}", groups * k);
     }
@@ -274,8 +292,9 @@ pub fn beam_groups(
                 }
                 // As HF: log-softmax over the whole vocabulary first, then forbid an early eos and repeated
                 // n-grams.
-                let banned = if cfg.no_repeat_ngram > 0 {
-                    banned_tokens(cfg, n, &[&history[gi][..], &g.beams[b].0].concat())
+                let banned = if cfg.no_repeat_ngram > 0 || cfg.encoder_no_repeat_ngram > 0 {
+                    let seq = [&contexts[gi].history[..], &g.beams[b].0].concat();
+                    banned_tokens(cfg, n, &seq, &contexts[gi].source)
                 } else {
                     eos_banned(cfg, n)
                 };
@@ -359,26 +378,38 @@ pub fn reorder_rows<T: Copy>(data: &mut [T], parents: &[usize], rows: usize, per
     }
 }
 
-/// The tokens a row may not choose next: the end-of-sequence ids while too early ([`eos_banned`]), and every token
+/// The tokens a row may not choose next: the end-of-sequence ids while too early ([`eos_banned`]), every token
 /// that would end an n-gram `seq` already holds (HF's NoRepeatNGramLogitsProcessor: the last n - 1 tokens
-/// followed by it occur earlier).
-fn banned_tokens(cfg: &GenConfig, n_generated: usize, seq: &[i64]) -> Vec<usize> {
+/// followed by it occur earlier), and every token that would end an n-gram of `source` (its
+/// EncoderNoRepeatNGramLogitsProcessor).
+fn banned_tokens(cfg: &GenConfig, n_generated: usize, seq: &[i64], source: &[i64]) -> Vec<usize> {
     let mut banned = eos_banned(cfg, n_generated);
+    // `seq` itself holds an n-gram once it is n long; the source's count once `seq` has their first n - 1.
     let n = cfg.no_repeat_ngram;
-    // Shorter than n, it holds no n-gram yet.
-    if n == 0 || seq.len() < n {
-        return banned;
+    if n > 0 && seq.len() >= n {
+        ban_continuations(seq, &seq[seq.len() + 1 - n..], &mut banned);
     }
-    let tail = &seq[seq.len() + 1 - n..];
-    for start in 0..=seq.len() - n {
-        if seq[start..start + n - 1] == *tail {
-            let t = seq[start + n - 1] as usize;
+    let n = cfg.encoder_no_repeat_ngram;
+    if n > 0 && seq.len() + 1 >= n {
+        ban_continuations(source, &seq[seq.len() + 1 - n..], &mut banned);
+    }
+    banned
+}
+
+/// Adds to `banned` every token of `within` that follows an occurrence of `tail` there.
+fn ban_continuations(within: &[i64], tail: &[i64], banned: &mut Vec<usize>) {
+    let n = tail.len() + 1;
+    if within.len() < n {
+        return;
+    }
+    for start in 0..=within.len() - n {
+        if within[start..start + n - 1] == *tail {
+            let t = within[start + n - 1] as usize;
             if !banned.contains(&t) {
                 banned.push(t);
             }
         }
     }
-    banned
 }
 
 /// The end-of-sequence ids while they may not be chosen yet (HF's min_new_tokens).

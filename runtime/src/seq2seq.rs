@@ -226,9 +226,10 @@ impl search::Start for Seq2SeqGenerator {
         Ok((Running { gen: self, rows }, logits))
     }
 
-    /// The decoder's start token: what HF's decoder input_ids hold before the first new token.
-    fn history(&self, _source: &[i64]) -> Vec<i64> {
-        vec![self.decoder_start]
+    /// The decoder's start token (what HF's decoder input_ids hold before the first new token), and the source
+    /// (unpadded: HF's batch also holds the padding of shorter sources).
+    fn context(&self, source: &[i64]) -> search::RowContext {
+        search::RowContext { history: vec![self.decoder_start], source: source.to_vec() }
     }
 }
 

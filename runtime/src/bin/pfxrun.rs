@@ -141,6 +141,10 @@ enum Command {
         /// (and an encoder-decoder's `min_length` - 1), else 0.
         #[arg(long)]
         min_new: Option<usize>,
+        /// An encoder-decoder's output repeats no n-gram of this size of its source (HF's
+        /// `encoder_no_repeat_ngram_size`, BlenderBot's default 3; 0: off). Default: the generation config's.
+        #[arg(long)]
+        encoder_no_repeat_ngram: Option<usize>,
         /// Mask the prefix out: the bare model, for comparison.
         #[arg(long, conflicts_with = "prefix")]
         no_prefix: bool,
@@ -401,6 +405,7 @@ fn run(cli: Cli) -> Result<()> {
             no_repeat_ngram,
             early_stopping,
             min_new,
+            encoder_no_repeat_ngram,
             no_prefix,
             no_forced_tokens,
             max_new,
@@ -417,7 +422,14 @@ fn run(cli: Cli) -> Result<()> {
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
             let mut cfg = GenConfig { max_new: max_new.unwrap_or(spec_max), no_prefix, ..GenConfig::default() };
-            let flags = commands::SearchFlags { beams, length_penalty, no_repeat_ngram, early_stopping, min_new };
+            let flags = commands::SearchFlags {
+                beams,
+                length_penalty,
+                no_repeat_ngram,
+                early_stopping,
+                min_new,
+                encoder_no_repeat_ngram,
+            };
             for note in commands::apply_search_settings(&mut cfg, &flags, &b.manifest) {
                 eprintln!("note: {note}");
             }
