@@ -23,19 +23,7 @@ use pfx_compiler::compile::storage::WeightStorage;
 use pfx_compiler::compile::Manifest;
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
-/// BART (deeper encoder, deeper decoder), and Marian, Pegasus and mBART exported in BART's layout (sinusoidal
-/// positions from row 0, scaled embeddings; Pegasus and mBART pre-LayerNorm; mBART's decoder starting with each
-/// row's last label, its language code: the reference batch also holds HF's quirk of a -100 inside a row):
-/// `graphs/make_seq2seq_fixtures.py`.
-const FIXTURES: &[&str] = &[
-    "bart-enc-deep",
-    "bart-dec-deep",
-    "marian-tiny",
-    "pegasus-tiny",
-    "mbart-tiny",
-    "blenderbot-tiny",
-    "blenderbot-small-tiny",
-];
+use common::BART_FIXTURES as FIXTURES;
 const MODES: &[BartPrefix] = &[BartPrefix::Peft, BartPrefix::Paper];
 const PARAMS: &[&str] = &["reparam", "noreparam"];
 // The reference script's setup.

@@ -18,15 +18,7 @@ use pfx_runtime::generate::GenConfig;
 use pfx_runtime::seq2seq::Seq2SeqGenerator;
 use pfx_runtime::{BackendKind, HostTensor, OrtOptions};
 
-const FIXTURES: [&str; 7] = [
-    "bart-enc-deep",
-    "bart-dec-deep",
-    "marian-tiny",
-    "pegasus-tiny",
-    "mbart-tiny",
-    "blenderbot-tiny",
-    "blenderbot-small-tiny",
-];
+use common::BART_FIXTURES as FIXTURES;
 const MODES: [BartPrefix; 2] = [BartPrefix::Paper, BartPrefix::Peft];
 const N: usize = 8;
 

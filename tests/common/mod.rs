@@ -245,6 +245,21 @@ pub fn gpt2_options(mid_dim: Option<usize>, generation: Option<GenShape>) -> Com
     }
 }
 
+/// The BART-layout fixtures with references in `graphs/bart-ref/`: BART (deeper encoder, deeper decoder), and
+/// Marian, Pegasus, mBART, BlenderBot and BlenderBot-small exported in BART's layout (sinusoidal or offset-free
+/// positions, scaled embeddings, pre-LayerNorm but BlenderBot-small's; mBART's decoder starting with each row's last
+/// label, its language code: its reference batch also holds HF's quirk of a -100 inside a row):
+/// `graphs/make_seq2seq_fixtures.py`.
+pub const BART_FIXTURES: [&str; 7] = [
+    "bart-enc-deep",
+    "bart-dec-deep",
+    "marian-tiny",
+    "pegasus-tiny",
+    "mbart-tiny",
+    "blenderbot-tiny",
+    "blenderbot-small-tiny",
+];
+
 /// BART compile options at the shapes of the fixtures' references (`graphs/bart-ref/`): prefix 4, batch 3,
 /// source 7, target 6, no label smoothing, AdamW's defaults, seed 0.
 pub fn bart_options(mode: BartPrefix, mid_dim: Option<usize>, generation: Option<BartGenShape>) -> BartOptions {
