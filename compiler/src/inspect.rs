@@ -262,16 +262,16 @@ pub struct ModelConfig {
     /// The end-of-text id pfxrun's text commands end a prompt and a target with: config.json's `eos_token_id`,
     /// else generation_config.json's (the first one where it is a list, as Llama 3's and Qwen's are).
     pub eos_token_id: Option<u32>,
-    /// Every id Hugging Face's `generate` stops at: generation_config.json's `eos_token_id` (which `generate`
-    /// reads), else config.json's; one id or a list (Llama 3's chat models list three).
+    /// Every id Hugging Face's `generate` stops at: the generation settings' `eos_token_id` (see
+    /// `settings_file`); one id or a list (Llama 3's chat models list three).
     pub eos_token_ids: Vec<u32>,
     /// `sliding_window` of config.json (Mistral's, Gemma's; Qwen2's when `use_sliding_window` is on).
     pub sliding_window: Option<usize>,
     /// The token `generate` forces as the first new one of an encoder-decoder (mBART-50's target language), from
-    /// generation_config.json, else config.json.
+    /// the generation settings.
     pub forced_bos_token_id: Option<u32>,
     /// The token `generate` forces as the last new one when the length limit is reached (BART's, Marian's and
-    /// Pegasus's `</s>`), from generation_config.json, else config.json.
+    /// Pegasus's `</s>`), from the generation settings.
     pub forced_eos_token_id: Option<u32>,
     /// `pad_token_id` and `decoder_start_token_id` of config.json: an encoder-decoder's decoder inputs are its
     /// labels shifted right behind the start token, pads where the labels are ignored.
@@ -285,7 +285,8 @@ pub struct ModelConfig {
     pub generation_start_token_id: Option<u32>,
     /// The search settings of the generation settings.
     pub search: GenerationSettings,
-    /// The file the generation settings come from (generation_config.json, else config.json).
+    /// The file the generation settings come from: generation_config.json when there is one (whole: a setting
+    /// missing there is unset, as `generate` reads it), else config.json.
     #[serde(skip)]
     pub settings_file: Option<std::path::PathBuf>,
 }

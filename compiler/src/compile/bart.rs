@@ -685,6 +685,8 @@ pub(super) fn dims_of(enc: &ModelInfo, dec: &ModelInfo, export: &BartExport) -> 
 pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss> {
     check_options(opts)?;
     let export = find_export(dir)?;
+    // Before the graphs are read: a wrong language is refused at once.
+    check_languages(&export, opts.languages.as_ref())?;
     let (mut enc, enc_info) = load_part(&export.encoder, Family::BartEncoder, false)?;
     let (mut dec, dec_info) = load_part(&export.decoder, Family::BartDecoder, export.merged)?;
     check_fit(&enc.graph, &dec.graph, &export)?;
@@ -863,7 +865,6 @@ pub fn read_bart_spec(bundle: &Path) -> Result<Option<BartSpec>> {
 /// weights.bin, prefix.init.safetensors and manifest.json (family "bart", with a "bart" section).
 pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Manifest> {
     super::bundle_dir::BundleDir::check(out_dir, dir, "export")?;
-    check_languages(&find_export(dir)?, opts.languages.as_ref())?;
     let mut c = compile_bart_models(dir, opts)?;
     super::check_forced_ids(&c.export.config, c.dims.vocab)?;
     if let (None, Some(file), Some(_)) =
