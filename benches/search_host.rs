@@ -63,7 +63,7 @@ fn main() -> Result<()> {
             let mut model = FixedLogits { logits: logits.clone() };
             let start = Instant::now();
             // One start token per row (an encoder-decoder's history): no n-gram bans here.
-            let contexts = vec![RowContext { history: vec![0], source: Vec::new() }; b];
+            let contexts = vec![RowContext { history: vec![0], ..Default::default() }; b];
             if k > 1 {
                 beam_groups(&mut model, logits.clone(), &contexts, &cfg)?;
             } else {

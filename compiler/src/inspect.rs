@@ -303,7 +303,7 @@ pub struct GenerationSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_repeat_ngram_size: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub early_stopping: Option<bool>,
+    pub early_stopping: Option<EarlyStopping>,
     /// An encoder-decoder's bans of its source's n-grams (BlenderBot's default 3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder_no_repeat_ngram_size: Option<usize>,
@@ -312,9 +312,85 @@ pub struct GenerationSettings {
     pub min_length: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_new_tokens: Option<usize>,
-    /// Settings set to something pfx's search does not do, as `name value` ("repetition_penalty 1.2").
+    /// The length limit: `max_new_tokens`, and `max_length` (an encoder-decoder's counts the decoder start token,
+    /// a decoder's its padded prompt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// `repetition_penalty` (tokens already in the output, and a decoder's prompt) and `encoder_repetition_penalty`
+    /// (tokens of the source, or of a decoder's prompt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_repetition_penalty: Option<f64>,
+    /// Sampling (`do_sample`) and what shapes its distribution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub typical_p: Option<f64>,
+    /// Settings set to something pfx's search does not do, as `name value` ("num_beam_groups 4").
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unapplied: Vec<String>,
+}
+
+/// When beam search ends a prompt, as Hugging Face's `early_stopping` says: `false` (its default), `true` or
+/// `"never"`. Written as HF writes it (a bool or "never").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "serde_json::Value", into = "serde_json::Value")]
+pub enum EarlyStopping {
+    /// `false`: once it has as many finished hypotheses as beams and its best live beam's score, at the current
+    /// length, cannot beat the worst of them.
+    #[default]
+    Heuristic,
+    /// `true`: as soon as it has as many finished hypotheses as beams.
+    Early,
+    /// `"never"`: as `false`, but a positive length penalty is assumed to lengthen the best live beam to the
+    /// length limit (no better hypothesis can then be missed).
+    Never,
+}
+
+impl TryFrom<serde_json::Value> for EarlyStopping {
+    type Error = String;
+    fn try_from(v: serde_json::Value) -> std::result::Result<Self, String> {
+        match v {
+            serde_json::Value::Bool(false) => Ok(EarlyStopping::Heuristic),
+            serde_json::Value::Bool(true) => Ok(EarlyStopping::Early),
+            serde_json::Value::String(s) if s == "never" => Ok(EarlyStopping::Never),
+            other => Err(format!("early_stopping is {other}; expected true, false or \"never\"")),
+        }
+    }
+}
+
+impl From<EarlyStopping> for serde_json::Value {
+    fn from(e: EarlyStopping) -> serde_json::Value {
+        match e {
+            EarlyStopping::Heuristic => false.into(),
+            EarlyStopping::Early => true.into(),
+            EarlyStopping::Never => "never".into(),
+        }
+    }
+}
+
+impl std::str::FromStr for EarlyStopping {
+    type Err = String;
+    /// The command line's words: `true`, `false`, `never`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "false" => Ok(EarlyStopping::Heuristic),
+            "true" => Ok(EarlyStopping::Early),
+            "never" => Ok(EarlyStopping::Never),
+            _ => Err(format!("{s:?} is none of true, false, never")),
+        }
+    }
 }
 
 impl GenerationSettings {
@@ -328,28 +404,30 @@ impl GenerationSettings {
                 },
             }
         };
-        let length_penalty = match setting(v, "length_penalty") {
-            None => None,
-            Some(x) => match x.as_f64().filter(|f| f.is_finite()) {
-                Some(f) => Some(f as f32),
-                None => anyhow::bail!("{}: length_penalty is {x}; expected a number", path.display()),
-            },
-        };
-        let mut unapplied = Vec::new();
-        // "never" changes when a beam search may stop; pfx's is HF's early_stopping=False there.
-        let early_stopping = match setting(v, "early_stopping") {
-            None => None,
-            Some(serde_json::Value::Bool(b)) => Some(*b),
-            Some(other) => {
-                unapplied.push(format!("early_stopping {other}"));
-                None
+        // A number within what generate accepts (`what` says it), else an error naming the file.
+        let number = |key: &str, ok: fn(f64) -> bool, what: &str| -> Result<Option<f64>> {
+            match setting(v, key) {
+                None => Ok(None),
+                Some(x) => match x.as_f64().filter(|&f| f.is_finite() && ok(f)) {
+                    Some(f) => Ok(Some(f)),
+                    None => anyhow::bail!("{}: {key} is {x}; expected {what}", path.display()),
+                },
             }
         };
+        let early_stopping = match setting(v, "early_stopping") {
+            None => None,
+            Some(x) => {
+                Some(EarlyStopping::try_from(x.clone()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+            }
+        };
+        let do_sample = match setting(v, "do_sample") {
+            None => None,
+            Some(serde_json::Value::Bool(b)) => Some(*b),
+            Some(x) => anyhow::bail!("{}: do_sample is {x}; expected true or false", path.display()),
+        };
+        let mut unapplied = Vec::new();
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
         let neutral: [(&str, serde_json::Value); 11] = [
-            ("do_sample", false.into()),
-            ("repetition_penalty", 1.0.into()),
-            ("encoder_repetition_penalty", 1.0.into()),
             ("num_beam_groups", 1.into()),
             ("diversity_penalty", 0.0.into()),
             ("bad_words_ids", serde_json::Value::Null),
@@ -358,6 +436,9 @@ impl GenerationSettings {
             ("begin_suppress_tokens", serde_json::Value::Null),
             ("exponential_decay_length_penalty", serde_json::Value::Null),
             ("constraints", serde_json::Value::Null),
+            ("epsilon_cutoff", 0.0.into()),
+            ("eta_cutoff", 0.0.into()),
+            ("top_h", serde_json::Value::Null),
         ];
         for (key, value) in neutral {
             if let Some(x) = setting(v, key) {
@@ -371,6 +452,9 @@ impl GenerationSettings {
                 }
             }
         }
+        let length_penalty = number("length_penalty", |_| true, "a number")?.map(|f| f as f32);
+        let positive = "a number above 0";
+        let fraction = "a number from 0 to 1";
         Ok(GenerationSettings {
             num_beams: count("num_beams", 1)?,
             length_penalty,
@@ -379,6 +463,17 @@ impl GenerationSettings {
             encoder_no_repeat_ngram_size: count("encoder_no_repeat_ngram_size", 0)?,
             min_length: count("min_length", 0)?,
             min_new_tokens: count("min_new_tokens", 0)?,
+            max_new_tokens: count("max_new_tokens", 1)?,
+            max_length: count("max_length", 1)?,
+            repetition_penalty: number("repetition_penalty", |f| f > 0.0, positive)?,
+            encoder_repetition_penalty: number("encoder_repetition_penalty", |f| f > 0.0, positive)?,
+            do_sample,
+            // 0 is allowed here (configs of greedy models write it); sampling refuses it when used.
+            temperature: number("temperature", |f| f >= 0.0, "a number from 0")?,
+            top_k: count("top_k", 0)?,
+            top_p: number("top_p", |f| (0.0..=1.0).contains(&f), fraction)?,
+            min_p: number("min_p", |f| (0.0..=1.0).contains(&f), fraction)?,
+            typical_p: number("typical_p", |f| f > 0.0 && f <= 1.0, "a number above 0, at most 1")?,
             unapplied,
         })
     }
@@ -1070,35 +1165,72 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let export = dir.join("model.onnx");
         let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
-        // bart-large-cnn's settings, plus two pfx does not apply and neutral ones it ignores.
+        // bart-large-cnn's settings, plus a penalty, one setting pfx does not apply and neutral ones it ignores.
         write(
             "config.json",
             "{\"num_beams\": 4, \"length_penalty\": 2.0, \"no_repeat_ngram_size\": 3, \"early_stopping\": true, \
-             \"min_length\": 56, \"repetition_penalty\": 1.2, \"do_sample\": false, \"encoder_no_repeat_ngram_size\": 3, \
-             \"diversity_penalty\": 0.0, \"decoder_start_token_id\": 2}",
+             \"min_length\": 56, \"max_length\": 142, \"repetition_penalty\": 1.2, \"do_sample\": false, \
+             \"encoder_no_repeat_ngram_size\": 3, \"diversity_penalty\": 0.0, \"num_beam_groups\": 2, \
+             \"decoder_start_token_id\": 2}",
         );
         let c = ModelConfig::beside(&export).unwrap();
         let want = GenerationSettings {
             num_beams: Some(4),
             length_penalty: Some(2.0),
             no_repeat_ngram_size: Some(3),
-            early_stopping: Some(true),
+            early_stopping: Some(EarlyStopping::Early),
             min_length: Some(56),
-            min_new_tokens: None,
+            max_length: Some(142),
             encoder_no_repeat_ngram_size: Some(3),
-            unapplied: vec!["repetition_penalty 1.2".into()],
+            repetition_penalty: Some(1.2),
+            do_sample: Some(false),
+            unapplied: vec!["num_beam_groups 2".into()],
+            ..GenerationSettings::default()
         };
         assert_eq!((c.search, c.generation_start_token_id), (want, Some(2)));
-        // A generation_config.json replaces them all.
-        write("generation_config.json", "{\"early_stopping\": \"never\", \"bos_token_id\": 0}");
+        // A generation_config.json replaces them all (a chat model's sampling settings here).
+        write(
+            "generation_config.json",
+            "{\"early_stopping\": \"never\", \"bos_token_id\": 0, \"do_sample\": true, \"temperature\": 0.6, \
+             \"top_p\": 0.9, \"top_k\": 0, \"min_p\": 0.05, \"typical_p\": 0.95, \"max_new_tokens\": 7, \
+             \"encoder_repetition_penalty\": 0.5, \"epsilon_cutoff\": 0.0}",
+        );
         let c = ModelConfig::beside(&export).unwrap();
-        assert_eq!(c.search.unapplied, ["early_stopping \"never\""]);
-        assert_eq!((c.search.num_beams, c.search.early_stopping, c.generation_start_token_id), (None, None, Some(0)));
+        let want = GenerationSettings {
+            early_stopping: Some(EarlyStopping::Never),
+            do_sample: Some(true),
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            top_k: Some(0),
+            min_p: Some(0.05),
+            typical_p: Some(0.95),
+            max_new_tokens: Some(7),
+            encoder_repetition_penalty: Some(0.5),
+            ..GenerationSettings::default()
+        };
+        assert_eq!((&c.search, c.generation_start_token_id), (&want, Some(0)));
         assert_eq!(c.decoder_start_token_id, Some(2), "training's start is config.json's");
-        for odd in ["2.5", "0", "\"4\""] {
-            write("generation_config.json", &format!("{{\"num_beams\": {odd}}}"));
+        // Written into manifests as HF writes it, and read back.
+        let json = serde_json::to_string(&c.search).unwrap();
+        assert!(json.contains("\"early_stopping\":\"never\""), "{json}");
+        assert_eq!(serde_json::from_str::<GenerationSettings>(&json).unwrap(), want);
+        let old: GenerationSettings = serde_json::from_str("{\"early_stopping\": true}").unwrap();
+        assert_eq!(old.early_stopping, Some(EarlyStopping::Early), "a bundle of session 16 reads as it was written");
+        for (key, odd) in [
+            ("num_beams", "2.5"),
+            ("num_beams", "0"),
+            ("num_beams", "\"4\""),
+            ("early_stopping", "\"always\""),
+            ("repetition_penalty", "0"),
+            ("temperature", "-1"),
+            ("top_p", "1.5"),
+            ("typical_p", "0"),
+            ("do_sample", "1"),
+            ("max_new_tokens", "0"),
+        ] {
+            write("generation_config.json", &format!("{{\"{key}\": {odd}}}"));
             let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
-            assert!(m.contains(&format!("generation_config.json: num_beams is {odd}")), "{m}");
+            assert!(m.contains(&format!("generation_config.json: {key} is {odd}")), "{m}");
         }
         write("generation_config.json", "{\"suppress_tokens\": [], \"bad_words_ids\": [[5]]}");
         assert_eq!(ModelConfig::beside(&export).unwrap().search.unapplied, ["bad_words_ids [[5]]"]);

@@ -13,6 +13,7 @@ use crate::data::{read_examples, Encoded, Overlong, TableToText};
 use crate::generate::{GenConfig, Generator};
 use crate::ort_backend::OrtOptions;
 use crate::partial_output::PartialOutput;
+use crate::search::{EarlyStopping, Sampling};
 use crate::seq2seq::Seq2SeqGenerator;
 use crate::seq2seq_data::SourceTarget;
 use crate::tensor::HostTensor;
@@ -323,28 +324,128 @@ pub struct GenerateArgs {
 /// `pfxrun generate`'s search flags, each `None` unless given.
 #[derive(Clone, Debug, Default)]
 pub struct SearchFlags {
+    pub max_new: Option<usize>,
     pub beams: Option<usize>,
     pub length_penalty: Option<f32>,
     pub no_repeat_ngram: Option<usize>,
-    pub early_stopping: Option<bool>,
+    pub early_stopping: Option<EarlyStopping>,
     pub min_new: Option<usize>,
     pub encoder_no_repeat_ngram: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+    pub encoder_repetition_penalty: Option<f64>,
+    pub sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    pub typical_p: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+impl SearchFlags {
+    /// The sampling flags given (each turns sampling on unless `--sample false`).
+    fn sampling_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--temperature", self.temperature.is_some()),
+            ("--top-k", self.top_k.is_some()),
+            ("--top-p", self.top_p.is_some()),
+            ("--min-p", self.min_p.is_some()),
+            ("--typical-p", self.typical_p.is_some()),
+            ("--seed", self.seed.is_some()),
+        ];
+        given.into_iter().filter(|g| g.1).map(|g| g.0).collect()
+    }
+
+    /// Refuses values generate refuses.
+    fn check(&self) -> Result<()> {
+        let positive = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x > 0.0 && x.is_finite()) => bail!("{name} must be a number above 0 (got {x})"),
+            _ => Ok(()),
+        };
+        positive("--repetition-penalty", self.repetition_penalty)?;
+        positive("--encoder-repetition-penalty", self.encoder_repetition_penalty)?;
+        positive("--temperature", self.temperature)?;
+        for (name, v, low_open) in
+            [("--top-p", self.top_p, false), ("--min-p", self.min_p, false), ("--typical-p", self.typical_p, true)]
+        {
+            if let Some(x) = v.filter(|&x| !(x <= 1.0 && (x > 0.0 || (!low_open && x == 0.0)))) {
+                let range = if low_open { "above 0, at most 1" } else { "from 0 to 1" };
+                bail!("{name} must be a number {range} (got {x})");
+            }
+        }
+        if self.sample == Some(false) {
+            if let Some(f) = self.sampling_flags().first() {
+                bail!("{f} shapes sampling, which --sample false turns off");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Sets `cfg`'s search settings as Hugging Face's `generate` would pick them: a flag given, else the model's
-/// generation config (recorded by `pfxc compile`), else the plain default (greedy, no penalty, no bans). Returns
-/// notes to print: what came from the generation config, and what it sets that pfx's search does not do.
+/// generation config (recorded by `pfxc compile`), else HF's default (greedy, no penalty, no bans; when sampling:
+/// top-k 50). `--max-new` defaults to the generation config's limit, at most the bundle's. Returns notes to print:
+/// what came from the generation config, what it sets that pfx's search does not do, the seed of a sampling run.
 pub fn apply_search_settings(
     cfg: &mut GenConfig,
     flags: &SearchFlags,
     m: &pfx_compiler::compile::Manifest,
-) -> Vec<String> {
+) -> Result<Vec<String>> {
+    flags.check()?;
     let gs = &m.generation_settings;
-    let rows = m.generation.as_ref().map_or(1, |g| g.rows);
+    // Both families record their generation shapes here.
+    let (rows, bundle_max) = m.generation.as_ref().map_or((1, 1), |g| (g.rows, g.max_new));
+    let seq2seq = m.family == "bart";
     let mut from_config = Vec::new();
     let mut notes = Vec::new();
+    // The length limit: max_new_tokens, else an encoder-decoder's max_length (which counts the start token; a
+    // decoder's counts its padded prompt, which pfx does not apply), at most what the graphs were compiled for.
+    let configured_max = match (gs.max_new_tokens, gs.max_length) {
+        (Some(n), _) => Some(n),
+        (None, Some(n)) if seq2seq => Some(n.saturating_sub(1).max(1)),
+        (None, Some(n)) => {
+            if flags.max_new.is_none() {
+                notes.push(format!(
+                    "the model's generation config sets max_length {n}, which counts the prompt: not applied"
+                ));
+            }
+            None
+        }
+        (None, None) => None,
+    };
+    cfg.max_new = match (flags.max_new, configured_max) {
+        (Some(n), _) => n,
+        (None, Some(n)) if n > bundle_max => {
+            notes.push(format!(
+                "the model's generation config allows {n} new tokens, but the bundle generates at most {bundle_max} \
+                 (pfxc compile --max-new): {bundle_max}"
+            ));
+            bundle_max
+        }
+        (None, Some(n)) => {
+            from_config.push(format!("at most {n} new tokens"));
+            n
+        }
+        (None, None) => bundle_max,
+    };
+    // Sampling: --sample, else a sampling flag, else the config's do_sample.
+    let sampling_flags = flags.sampling_flags();
+    let sample = match (flags.sample, gs.do_sample) {
+        (Some(s), _) => s,
+        (None, Some(true)) => {
+            from_config.push("sampling".into());
+            true
+        }
+        (None, _) => !sampling_flags.is_empty(),
+    };
     cfg.beams = match (flags.beams, gs.num_beams) {
         (Some(b), _) => b,
+        // HF samples with beams there (beam sampling), which pfx does not do: sampling asked for on the command
+        // line keeps one beam; sampling from the config gives way to the beam search.
+        (None, Some(b)) if b > 1 && sample && (flags.sample.is_some() || !sampling_flags.is_empty()) => {
+            notes.push(format!("the model's generation config asks for {b} beams; sampling uses 1"));
+            1
+        }
         (None, Some(b)) if b > rows => {
             notes.push(format!(
                 "the model's generation config asks for {b} beams, but the bundle decodes {rows} rows \
@@ -360,8 +461,19 @@ pub fn apply_search_settings(
         }
         (None, None) => 1,
     };
-    // Length penalty and early stopping act in beam search only: said only there.
     let beam = cfg.beams > 1;
+    let sample = if sample && beam && flags.sample.is_none() && sampling_flags.is_empty() {
+        from_config.retain(|s| s != "sampling");
+        notes.push(format!(
+            "the model's generation config samples; with {} beams that is beam sampling, which pfx does not do: \
+             beam search (--beams 1 samples)",
+            cfg.beams
+        ));
+        false
+    } else {
+        sample
+    };
+    // Length penalty and early stopping act in beam search only: said only there.
     cfg.length_penalty = flags.length_penalty.unwrap_or_else(|| {
         gs.length_penalty.filter(|_| beam).inspect(|p| from_config.push(format!("length penalty {p}"))).unwrap_or(1.0)
     });
@@ -372,24 +484,34 @@ pub fn apply_search_settings(
             .unwrap_or(0)
     });
     cfg.early_stopping = flags.early_stopping.unwrap_or_else(|| {
-        gs.early_stopping.filter(|&e| e && beam).inspect(|_| from_config.push("early stopping".into())).unwrap_or(false)
+        gs.early_stopping
+            .filter(|&e| e != EarlyStopping::Heuristic && beam)
+            .inspect(|e| {
+                from_config
+                    .push(if *e == EarlyStopping::Never { "early stopping \"never\"" } else { "early stopping" }.into())
+            })
+            .unwrap_or_default()
     });
-    // Source n-grams: an encoder-decoder's (HF refuses the setting for a decoder, which has no source).
-    let seq2seq = m.family == "bart";
-    cfg.encoder_no_repeat_ngram = match (flags.encoder_no_repeat_ngram, gs.encoder_no_repeat_ngram_size) {
-        (Some(n), _) => n,
-        (None, Some(n)) if n > 0 && seq2seq => {
-            from_config.push(format!("no repeated {n}-grams of the source"));
-            n
-        }
-        (None, Some(n)) if n > 0 => {
-            notes.push(format!(
-                "the model's generation config sets encoder_no_repeat_ngram_size {n}, which needs a source: not applied"
-            ));
-            0
-        }
-        _ => 0,
-    };
+    // HF's encoder_input_ids: an encoder-decoder's source, a decoder's prompt.
+    let source = if seq2seq { "the source" } else { "the prompt" };
+    cfg.encoder_no_repeat_ngram = flags.encoder_no_repeat_ngram.unwrap_or_else(|| {
+        gs.encoder_no_repeat_ngram_size
+            .filter(|&n| n > 0)
+            .inspect(|n| from_config.push(format!("no repeated {n}-grams of {source}")))
+            .unwrap_or(0)
+    });
+    cfg.repetition_penalty = flags.repetition_penalty.unwrap_or_else(|| {
+        gs.repetition_penalty
+            .filter(|&p| p != 1.0)
+            .inspect(|p| from_config.push(format!("repetition penalty {p}")))
+            .unwrap_or(1.0)
+    });
+    cfg.encoder_repetition_penalty = flags.encoder_repetition_penalty.unwrap_or_else(|| {
+        gs.encoder_repetition_penalty
+            .filter(|&p| p != 1.0)
+            .inspect(|p| from_config.push(format!("repetition penalty {p} of {source}")))
+            .unwrap_or(1.0)
+    });
     // A min_new_tokens (even 0) replaces min_length, as in HF. HF's min_length counts an encoder-decoder's start
     // token, and a decoder's whole (padded) prompt, which pfx does not apply.
     let configured = match (gs.min_new_tokens, gs.min_length) {
@@ -409,8 +531,47 @@ pub fn apply_search_settings(
         }
         configured
     });
+    cfg.sampling = if sample {
+        // HF's defaults for what neither says: temperature 1, top-k 50, top-p 1, no min-p, typical-p 1.
+        let mut pick = |flag: Option<f64>, config: Option<f64>, neutral: f64, name: &str| match (flag, config) {
+            (Some(x), _) => Some(x),
+            (None, Some(x)) => {
+                if x != neutral {
+                    from_config.push(format!("{name} {x}"));
+                }
+                Some(x)
+            }
+            (None, None) => None,
+        };
+        let temperature = pick(flags.temperature, gs.temperature, 1.0, "temperature").unwrap_or(1.0);
+        let top_p = pick(flags.top_p, gs.top_p, 1.0, "top-p").unwrap_or(1.0);
+        let min_p = pick(flags.min_p, gs.min_p, -1.0, "min-p");
+        let typical_p = pick(flags.typical_p, gs.typical_p, 1.0, "typical-p").unwrap_or(1.0);
+        let top_k = flags.top_k.unwrap_or_else(|| {
+            gs.top_k.filter(|&k| k != 50).inspect(|k| from_config.push(format!("top-k {k}"))).unwrap_or(50)
+        });
+        if temperature <= 0.0 {
+            bail!(
+                "the model's generation config sets temperature {temperature}, which sampling cannot use: give \
+                 --temperature (above 0), or --sample false"
+            );
+        }
+        Some(Sampling {
+            temperature: temperature as f32,
+            top_k,
+            top_p: top_p as f32,
+            min_p: min_p.map(|p| p as f32),
+            typical_p: typical_p as f32,
+            seed: flags.seed.unwrap_or_else(fresh_seed),
+        })
+    } else {
+        None
+    };
     if !from_config.is_empty() {
         notes.push(format!("from the model's generation config (flags change them): {}", from_config.join(", ")));
+    }
+    if let Some(s) = &cfg.sampling {
+        notes.push(format!("sampling with seed {0} (--seed {0} draws the same tokens again)", s.seed));
     }
     if !gs.unapplied.is_empty() {
         notes.push(format!(
@@ -418,7 +579,14 @@ pub fn apply_search_settings(
             gs.unapplied.join(", ")
         ));
     }
-    notes
+    Ok(notes)
+}
+
+/// A seed for a run not given one: the clock's nanoseconds and the process id.
+fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    // Small enough to type back.
+    (nanos ^ (std::process::id() as u64).rotate_left(32)) % 1_000_000_000
 }
 
 /// Distinct sources and their references from a file.
@@ -654,7 +822,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
     // Generated ids the tokenizer has no token for (a model with more rows than its tokenizer has ids).
     let mut unknown_ids = 0;
-    for c in prompts[done..].chunks(chunk) {
+    for (i, c) in prompts[done..].chunks(chunk).enumerate() {
+        // Sampling draws follow each input's place among all of them (so a resumed run draws what the whole would).
+        let cfg = GenConfig { input_offset: (done + i * chunk) as u64, ..cfg.clone() };
         let toks = model(c, &cfg).with_context(|| match &partial {
             Some(p) => format!(
                 "after {} of {} generations, which are in {} (rerun with --resume to continue)",

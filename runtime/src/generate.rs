@@ -184,9 +184,10 @@ impl search::Start for Generator {
         Ok((Running { gen: self, rows }, logits))
     }
 
-    /// The prompt (HF's input_ids also hold the left padding of a batch; pfx's n-gram bans see the real tokens).
+    /// The prompt, as HF's `input_ids` and `encoder_input_ids` (which also hold the left padding of a batch; pfx's
+    /// bans and penalties see the real tokens).
     fn context(&self, prompt: &[i64]) -> search::RowContext {
-        search::RowContext { history: prompt.to_vec(), source: Vec::new() }
+        search::RowContext { history: prompt.to_vec(), source: prompt.to_vec(), input: 0 }
     }
 }
 

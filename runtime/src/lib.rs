@@ -19,6 +19,7 @@ pub mod generate;
 pub mod ort_backend;
 pub mod partial_output;
 pub mod peft;
+pub mod processors;
 pub mod run_lock;
 pub mod score;
 pub mod search;

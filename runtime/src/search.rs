@@ -3,6 +3,10 @@
 
 use anyhow::Result;
 
+pub use crate::processors::Sampling;
+use crate::processors::{Draws, Penalties};
+pub use pfx_compiler::inspect::EarlyStopping;
+
 #[derive(Clone, Debug)]
 pub struct GenConfig {
     pub max_new: usize,
@@ -31,9 +35,17 @@ pub struct GenConfig {
     /// No n-gram of this size of an encoder-decoder's source in the output (HF's `encoder_no_repeat_ngram_size`,
     /// BlenderBot's default 3; 0: off): after the output's last n - 1 tokens, none that follows them in the source.
     pub encoder_no_repeat_ngram: usize,
-    /// Beam search ends a prompt as soon as it has `beams` finished hypotheses (HF's `early_stopping=True`);
-    /// otherwise when its best live beam cannot beat them any more.
-    pub early_stopping: bool,
+    /// When beam search ends a prompt (HF's `early_stopping`).
+    pub early_stopping: EarlyStopping,
+    /// HF's `repetition_penalty` over what its `input_ids` hold (the row's [`RowContext::history`] and new
+    /// tokens) and `encoder_repetition_penalty` over the source (a decoder's prompt); 1: off.
+    pub repetition_penalty: f64,
+    pub encoder_repetition_penalty: f64,
+    /// Sample each token instead of taking the best (HF's `do_sample`); greedy search only.
+    pub sampling: Option<Sampling>,
+    /// The index of the first input among all of a run's inputs: sampling draws input i's tokens from the stream
+    /// (seed, i), whatever batch the input is in.
+    pub input_offset: u64,
 }
 
 impl Default for GenConfig {
@@ -51,7 +63,11 @@ impl Default for GenConfig {
             forced_eos: None,
             no_repeat_ngram: 0,
             encoder_no_repeat_ngram: 0,
-            early_stopping: false,
+            early_stopping: EarlyStopping::Heuristic,
+            repetition_penalty: 1.0,
+            encoder_repetition_penalty: 1.0,
+            sampling: None,
+            input_offset: 0,
         }
     }
 }
@@ -106,6 +122,14 @@ pub fn check_request(
     if cfg.beams == 0 || cfg.beams > rows {
         anyhow::bail!("--beams must be between 1 and {rows} (the bundle's --gen-rows)");
     }
+    if cfg.beams > 1 && cfg.sampling.is_some() {
+        anyhow::bail!("sampling draws one token per step for greedy search only: give --beams 1, or --sample false");
+    }
+    if let Some(s) = &cfg.sampling {
+        if !(s.temperature > 0.0 && s.temperature.is_finite()) {
+            anyhow::bail!("sampling needs a temperature above 0 (got {})", s.temperature);
+        }
+    }
     Ok(())
 }
 
@@ -132,14 +156,17 @@ pub trait Start {
     fn context(&self, input: &[i64]) -> RowContext;
 }
 
-/// What a row's n-gram bans look at (`no_repeat_ngram`, `encoder_no_repeat_ngram`).
+/// What a row's n-gram bans and penalties look at (`no_repeat_ngram`, `encoder_no_repeat_ngram`, the repetition
+/// penalties), and where its samples come from.
 #[derive(Clone, Debug, Default)]
 pub struct RowContext {
     /// The sequence before the first new token, as HF's `input_ids` hold it: the prompt of a decoder, the start
     /// token of an encoder-decoder's decoder.
     pub history: Vec<i64>,
-    /// An encoder-decoder's source (empty for a decoder).
+    /// What HF's `encoder_input_ids` hold: an encoder-decoder's source, a decoder's prompt.
     pub source: Vec<i64>,
+    /// The input's index among the run's inputs (set by the searches: [`GenConfig::input_offset`] + its place).
+    pub input: u64,
 }
 
 /// Greedy decoding of any number of inputs, R at a time (idle rows hold a pad token). Returns each input's new
@@ -148,10 +175,14 @@ pub fn greedy_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig)
     model.check(inputs, cfg)?;
     let r = model.rows();
     let mut out = Vec::with_capacity(inputs.len());
-    for chunk in inputs.chunks(r) {
+    for (c, chunk) in inputs.chunks(r).enumerate() {
         let mut rows = chunk.to_vec();
         rows.resize(r, vec![cfg.pad]);
-        let contexts: Vec<RowContext> = rows.iter().map(|p| model.context(p)).collect();
+        let contexts: Vec<RowContext> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, p)| RowContext { input: cfg.input_offset + (c * r + i) as u64, ..model.context(p) })
+            .collect();
         let (mut state, logits) = model.start(&rows, cfg)?;
         out.extend(greedy(&mut state, logits, chunk.len(), cfg, contexts)?);
     }
@@ -197,6 +228,8 @@ pub fn greedy(
     let mut gen: Vec<Vec<i64>> = vec![Vec::new(); r];
     let mut done = vec![false; r];
     contexts.resize(r, RowContext::default());
+    let mut draws: Vec<Option<Draws>> =
+        contexts.iter().map(|c| cfg.sampling.as_ref().map(|s| Draws::new(s.seed, c.input))).collect();
     for n in 0..cfg.max_new {
         let mut next = vec![cfg.pad; r];
         let forced = cfg.forced(n);
@@ -204,8 +237,15 @@ pub fn greedy(
             let t = match forced {
                 Some(t) => t,
                 None => {
-                    let banned = banned_tokens(cfg, n, &contexts[row].history, &contexts[row].source);
-                    best_tokens(&logits[row], 1, &banned).first().map_or(0, |&(t, _)| t as i64)
+                    let ctx = &contexts[row];
+                    let banned = banned_tokens(cfg, n, &ctx.history, &ctx.source);
+                    let penalties = penalties(cfg, ctx, &[], logits[row].len());
+                    match (&cfg.sampling, &mut draws[row]) {
+                        (Some(s), Some(d)) => sample(&logits[row], &banned, penalties.as_ref(), s, d) as i64,
+                        _ => best_penalized(&logits[row], 1, banned, penalties.as_ref(), |x| x)
+                            .first()
+                            .map_or(0, |&(t, _)| t as i64),
+                    }
                 }
             };
             contexts[row].history.push(t);
@@ -290,8 +330,8 @@ pub fn beam_groups(
                     cands.push((*s, b, tok));
                     continue;
                 }
-                // As HF: log-softmax over the whole vocabulary first, then forbid an early eos and repeated
-                // n-grams.
+                // As HF: log-softmax over the whole vocabulary first, then the penalties, then forbid an early
+                // eos and repeated n-grams.
                 let banned = if cfg.no_repeat_ngram > 0 || cfg.encoder_no_repeat_ngram > 0 {
                     let seq = [&contexts[gi].history[..], &g.beams[b].0].concat();
                     banned_tokens(cfg, n, &seq, &contexts[gi].source)
@@ -299,9 +339,9 @@ pub fn beam_groups(
                     eos_banned(cfg, n)
                 };
                 let row = &logits[base + b];
+                let penalties = penalties(cfg, &contexts[gi], &g.beams[b].0, row.len());
                 let (max, log_sum) = log_sum_exp(row);
-                for (tok, x) in best_tokens(row, keep, &banned) {
-                    let lp = x - max - log_sum;
+                for (tok, lp) in best_penalized(row, keep, banned, penalties.as_ref(), |x| x - max - log_sum) {
                     if lp.is_finite() {
                         cands.push((s + lp as f64, b, tok as i64));
                     }
@@ -330,8 +370,16 @@ pub fn beam_groups(
             g.finished.sort_by(|a, b| b.1.total_cmp(&a.1));
             g.finished.truncate(k);
             let full = g.finished.len() == k;
-            let stop =
-                last || next.is_empty() || (full && (cfg.early_stopping || norm(next[0].1, t) <= g.finished[k - 1].1));
+            // The length the best live beam is judged at: "never" with a positive length penalty assumes it grows
+            // to the limit.
+            let judged = match cfg.early_stopping {
+                EarlyStopping::Never if cfg.length_penalty > 0.0 => cfg.max_new,
+                _ => t,
+            };
+            let stop = last
+                || next.is_empty()
+                || (full
+                    && (cfg.early_stopping == EarlyStopping::Early || norm(next[0].1, judged) <= g.finished[k - 1].1));
             if stop {
                 g.done = true;
                 continue;
@@ -410,6 +458,53 @@ fn ban_continuations(within: &[i64], tail: &[i64], banned: &mut Vec<usize>) {
             }
         }
     }
+}
+
+/// The repetition penalties of a row whose context is `ctx` and which generated `new` past its history (beam search
+/// keeps a beam's tokens apart; greedy search pushes them onto the history).
+fn penalties(cfg: &GenConfig, ctx: &RowContext, new: &[i64], vocab: usize) -> Option<Penalties> {
+    if cfg.repetition_penalty == 1.0 && cfg.encoder_repetition_penalty == 1.0 {
+        return None;
+    }
+    let seq = [&ctx.history[..], new].concat();
+    Penalties::new(cfg.encoder_repetition_penalty, &ctx.source, cfg.repetition_penalty, &seq, vocab)
+}
+
+/// The `count` best tokens of a row after the penalties and bans, best first (ties to the lower id), with their
+/// scores: `score` maps a logit to what the processors see (the logit in greedy search, its log-probability in beam
+/// search). Only the penalized tokens change order, so the others are found among the raw logits.
+fn best_penalized(
+    row: &[f32],
+    count: usize,
+    mut banned: Vec<usize>,
+    penalties: Option<&Penalties>,
+    score: impl Fn(f32) -> f32,
+) -> Vec<(usize, f32)> {
+    let Some(p) = penalties else {
+        return best_tokens(row, count, &banned).into_iter().map(|(t, x)| (t, score(x))).collect();
+    };
+    let penalized: Vec<(usize, f32)> =
+        p.scores(|t| score(row[t])).into_iter().filter(|(t, x)| !x.is_nan() && !banned.contains(t)).collect();
+    banned.extend(p.tokens());
+    let mut best: Vec<(usize, f32)> =
+        best_tokens(row, count, &banned).into_iter().map(|(t, x)| (t, score(x))).chain(penalized).collect();
+    best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    best.truncate(count);
+    best
+}
+
+/// A token drawn as HF's sampling draws it: the row's logits penalized, banned tokens at -inf, the warpers, then a
+/// draw from the softmax.
+fn sample(row: &[f32], banned: &[usize], penalties: Option<&Penalties>, s: &Sampling, draws: &mut Draws) -> usize {
+    let mut v = row.to_vec();
+    if let Some(p) = penalties {
+        p.apply(&mut v);
+    }
+    for &t in banned {
+        v[t] = f32::NEG_INFINITY;
+    }
+    crate::processors::warp(&mut v, s);
+    crate::processors::draw(&v, draws.uniform())
 }
 
 /// The end-of-sequence ids while they may not be chosen yet (HF's min_new_tokens).

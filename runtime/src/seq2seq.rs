@@ -229,7 +229,7 @@ impl search::Start for Seq2SeqGenerator {
     /// The decoder's start token (what HF's decoder input_ids hold before the first new token), and the source
     /// (unpadded: HF's batch also holds the padding of shorter sources).
     fn context(&self, source: &[i64]) -> search::RowContext {
-        search::RowContext { history: vec![self.decoder_start], source: source.to_vec() }
+        search::RowContext { history: vec![self.decoder_start], source: source.to_vec(), input: 0 }
     }
 }
 

@@ -401,7 +401,7 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     std::fs::write(
         other_eos.join("generation_config.json"),
         r#"{"num_beams": 2, "no_repeat_ngram_size": 2, "early_stopping": true, "repetition_penalty": 1.3,
-            "decoder_start_token_id": 89, "eos_token_id": 2, "forced_eos_token_id": 2}"#,
+            "num_beam_groups": 2, "decoder_start_token_id": 89, "eos_token_id": 2, "forced_eos_token_id": 2}"#,
     )
     .unwrap();
     let searching = dir.join("searching");
@@ -410,12 +410,13 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     let log = ok(&args);
     assert!(
         log.contains(
-            "from the model's generation config (flags change them): 2 beams, no repeated 2-grams, early stopping"
+            "from the model's generation config (flags change them): 2 beams, no repeated 2-grams, early stopping, \
+             repetition penalty 1.3"
         ),
         "{log}"
     );
-    assert!(log.contains("also sets repetition_penalty 1.3, which pfxrun generate does not do"), "{log}");
-    let log = ok(&[&args[..], &["--beams", "1", "--no-repeat-ngram", "0"]].concat());
+    assert!(log.contains("also sets num_beam_groups 2, which pfxrun generate does not do"), "{log}");
+    let log = ok(&[&args[..], &["--beams", "1", "--no-repeat-ngram", "0", "--repetition-penalty", "1"]].concat());
     assert!(!log.contains("from the model's generation config"), "early stopping does nothing in greedy search: {log}");
     // min_new_tokens replaces min_length (which counts the start token), as in HF.
     for (settings, want) in [

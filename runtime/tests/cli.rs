@@ -478,3 +478,83 @@ fn generate_refuses_what_would_fail_late_or_lose_work() {
     assert!(err.contains("1 blank line(s) (line 2)"), "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
 }
+
+/// Sampling and the length limit, from flags and from the model's generation config: the notes say where each
+/// setting came from, a seed repeats a run, top-k 1 is greedy search, and what cannot be done is refused.
+#[test]
+fn sampling_and_length_settings_from_flags_and_the_generation_config() {
+    let dir = scratch("cli_sampling");
+    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small");
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    for f in ["model.onnx", "tokenizer.json"] {
+        std::fs::copy(graphs.join(f), export.join(f)).unwrap();
+    }
+    let compile = |settings: &str, name: &str| {
+        std::fs::write(export.join("generation_config.json"), settings).unwrap();
+        let opts = pfx_compiler::compile::CompileOptions {
+            prefix_len: 2,
+            mid_dim: None,
+            batch: 2,
+            seq: 16,
+            optimizer: Default::default(),
+            seed: 0,
+            generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 16, max_new: 4 }),
+            weights: Default::default(),
+        };
+        let bundle = dir.join(name);
+        pfx_compiler::compile::compile(&export.join("model.onnx"), &opts, &bundle).unwrap();
+        bundle
+    };
+    let run = |bundle: &Path, extra: &[&str]| -> (String, String) {
+        let mut args = vec!["generate", p(bundle), "--input", "name : The Eagle | food : French"];
+        args.extend(extra);
+        let o = pfxrun(&args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{args:?}: {err}");
+        (out, err)
+    };
+    let sampling = compile(r#"{"do_sample": true, "temperature": 0.8, "top_k": 20, "max_new_tokens": 3}"#, "sampling");
+    let (first, log) = run(&sampling, &["--seed", "5"]);
+    assert!(
+        log.contains("from the model's generation config (flags change them): at most 3 new tokens, sampling, temperature 0.8, top-k 20"),
+        "{log}"
+    );
+    assert!(log.contains("sampling with seed 5 (--seed 5 draws the same tokens again)"), "{log}");
+    assert_eq!(run(&sampling, &["--seed", "5"]).0, first, "a seed repeats the run");
+    // Without a seed, a new one is drawn and said.
+    let (_, log) = run(&sampling, &[]);
+    assert!(log.contains("note: sampling with seed "), "{log}");
+    // Top-k 1 keeps the best token only: greedy search's tokens.
+    let (greedy, log) = run(&sampling, &["--sample", "false"]);
+    assert!(!log.contains("sampling with seed") && !log.contains(", sampling"), "{log}");
+    assert_eq!(run(&sampling, &["--top-k", "1", "--seed", "9"]).0, greedy);
+    // A length limit above the bundle's is capped, and said.
+    let long = compile(r#"{"max_new_tokens": 9, "repetition_penalty": 1.3}"#, "long");
+    let (_, log) = run(&long, &[]);
+    assert!(
+        log.contains("allows 9 new tokens, but the bundle generates at most 4 (pfxc compile --max-new): 4"),
+        "{log}"
+    );
+    assert!(log.contains("(flags change them): repetition penalty 1.3"), "{log}");
+    assert!(!log.contains("sampling with seed"), "{log}");
+    // What cannot be done, or makes no sense, is refused before anything runs.
+    let fails_with = |extra: &[&str], needle: &str| {
+        let mut args = vec!["generate", p(&sampling), "--input", "x"];
+        args.extend(extra);
+        let e = fails(&args);
+        assert!(e.contains(needle), "{extra:?}: {e}");
+    };
+    fails_with(&["--sample", "true", "--beams", "2"], "greedy search only");
+    // The config's sampling with beams asked for is HF's beam sampling: beam search here, and said.
+    let (_, log) = run(&sampling, &["--beams", "2"]);
+    assert!(log.contains("with 2 beams that is beam sampling, which pfx does not do: beam search"), "{log}");
+    fails_with(&["--sample", "false", "--temperature", "0.5"], "--temperature shapes sampling, which --sample false");
+    fails_with(&["--top-p", "1.5"], "--top-p must be a number from 0 to 1");
+    fails_with(&["--temperature", "0"], "--temperature must be a number above 0");
+    fails_with(&["--repetition-penalty", "0"], "--repetition-penalty must be a number above 0");
+    fails_with(&["--output", p(&dir.join("o.txt")), "--resume"], "give the --seed it printed");
+    let cold = compile(r#"{"do_sample": true, "temperature": 0.0}"#, "cold");
+    let e = fails(&["generate", p(&cold), "--input", "x"]);
+    assert!(e.contains("sets temperature 0, which sampling cannot use"), "{e}");
+}

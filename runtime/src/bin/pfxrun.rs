@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use pfx_runtime::commands::{self, Engine};
 use pfx_runtime::data::Overlong;
 use pfx_runtime::generate::GenConfig;
+use pfx_runtime::search::EarlyStopping;
 use pfx_runtime::train::TrainConfig;
 use pfx_runtime::{open, read_safetensors, write_safetensors, BackendKind, OrtDevice, OrtOptions};
 
@@ -133,10 +134,12 @@ enum Command {
         /// generation config's, else 0.
         #[arg(long)]
         no_repeat_ngram: Option<usize>,
-        /// Beam search stops a source once it has as many finished hypotheses as beams (HF's `early_stopping`).
-        /// Default: the generation config's, else false.
+        /// When beam search stops a source (HF's `early_stopping`): `true` once it has as many finished
+        /// hypotheses as beams; `false` also once its best live beam cannot beat them at the current length;
+        /// `never` as false, judged at the length limit when the length penalty is positive. Default: the
+        /// generation config's, else false.
         #[arg(long)]
-        early_stopping: Option<bool>,
+        early_stopping: Option<EarlyStopping>,
         /// No end of sequence before this many new tokens. Default: the generation config's `min_new_tokens`
         /// (and an encoder-decoder's `min_length` - 1), else 0.
         #[arg(long)]
@@ -145,6 +148,37 @@ enum Command {
         /// `encoder_no_repeat_ngram_size`, BlenderBot's default 3; 0: off). Default: the generation config's.
         #[arg(long)]
         encoder_no_repeat_ngram: Option<usize>,
+        /// Make tokens already in the output (and a decoder's prompt) less likely: negative scores are multiplied
+        /// by it, positive ones divided (HF's `repetition_penalty`; 1: off). Default: the generation config's.
+        #[arg(long)]
+        repetition_penalty: Option<f64>,
+        /// The same for the tokens of the source (a decoder's prompt), inverted: above 1 favours them (HF's
+        /// `encoder_repetition_penalty`). Default: the generation config's, else 1.
+        #[arg(long)]
+        encoder_repetition_penalty: Option<f64>,
+        /// Draw each token from the model's distribution instead of taking the best (HF's `do_sample`; greedy
+        /// search only). Default: on when a sampling flag below is given, else the generation config's.
+        #[arg(long)]
+        sample: Option<bool>,
+        /// Sampling: divide the scores by this. Default: the generation config's, else 1.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Sampling: only the k best tokens (0: all). Default: the generation config's, else 50 (HF's).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sampling: only the most probable tokens whose probabilities add up to p. Default: the config's, else 1.
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Sampling: only tokens at least this fraction as probable as the best one. Default: the config's.
+        #[arg(long)]
+        min_p: Option<f64>,
+        /// Sampling: typical sampling's probability mass. Default: the generation config's, else 1 (off).
+        #[arg(long)]
+        typical_p: Option<f64>,
+        /// Sampling: the seed (each input draws from its own stream of it, whatever its batch). Default: a new
+        /// one, printed.
+        #[arg(long)]
+        seed: Option<u64>,
         /// Mask the prefix out: the bare model, for comparison.
         #[arg(long, conflicts_with = "prefix")]
         no_prefix: bool,
@@ -153,7 +187,8 @@ enum Command {
         /// first one (`forced_bos_token_id`). `pfxc compile` records them in the bundle.
         #[arg(long)]
         no_forced_tokens: bool,
-        /// Stop after this many new tokens (default, and most: the bundle's `pfxc compile --max-new`).
+        /// Stop after this many new tokens (at most the bundle's `pfxc compile --max-new`). Default: the
+        /// generation config's `max_new_tokens` (an encoder-decoder's `max_length` - 1), else the bundle's.
         #[arg(long)]
         max_new: Option<usize>,
         /// Write the generations here, one per line (through OUTPUT.partial as batches finish).
@@ -406,6 +441,15 @@ fn run(cli: Cli) -> Result<()> {
             early_stopping,
             min_new,
             encoder_no_repeat_ngram,
+            repetition_penalty,
+            encoder_repetition_penalty,
+            sample,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            typical_p,
+            seed,
             no_prefix,
             no_forced_tokens,
             max_new,
@@ -420,18 +464,30 @@ fn run(cli: Cli) -> Result<()> {
             }
             let engine = engine.engine()?;
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
-            let spec_max = b.manifest.generation.as_ref().map(|g| g.max_new).unwrap_or(1);
-            let mut cfg = GenConfig { max_new: max_new.unwrap_or(spec_max), no_prefix, ..GenConfig::default() };
+            let mut cfg = GenConfig { no_prefix, ..GenConfig::default() };
             let flags = commands::SearchFlags {
+                max_new,
                 beams,
                 length_penalty,
                 no_repeat_ngram,
                 early_stopping,
                 min_new,
                 encoder_no_repeat_ngram,
+                repetition_penalty,
+                encoder_repetition_penalty,
+                sample,
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                typical_p,
+                seed,
             };
-            for note in commands::apply_search_settings(&mut cfg, &flags, &b.manifest) {
+            for note in commands::apply_search_settings(&mut cfg, &flags, &b.manifest)? {
                 eprintln!("note: {note}");
+            }
+            if resume && cfg.sampling.is_some() && seed.is_none() {
+                anyhow::bail!("--resume continues a sampling run with its seed: give the --seed it printed");
             }
             let forced_tokens = !no_forced_tokens;
             let args = commands::GenerateArgs {

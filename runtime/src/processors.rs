@@ -1,0 +1,322 @@
+//! What Hugging Face's `generate` does to a row of scores before it picks a token, beyond bans and forcing (which
+//! live in `search`): the repetition penalties, the sampling warpers (temperature, top-k, top-p, min-p, typical)
+//! and the draw itself. Each follows its HF logits processor, in float32 as HF computes it, so that the same
+//! scores give the same kept tokens.
+
+/// Sampling settings (HF's `do_sample=True` and its warpers, applied in HF's order: temperature, top-k, top-p,
+/// min-p, typical).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Scores are divided by it (above 0).
+    pub temperature: f32,
+    /// Only the `top_k` best tokens (ties with the last one kept too); 0: off. HF's default is 50.
+    pub top_k: usize,
+    /// Only the most probable tokens whose probabilities add up to `top_p`; 1: off.
+    pub top_p: f32,
+    /// Only tokens at least `min_p` times as probable as the best one; `None`: off.
+    pub min_p: Option<f32>,
+    /// Only the tokens closest to the row's entropy whose probabilities add up to `typical_p`; 1: off.
+    pub typical_p: f32,
+    /// The draws of the input with index i come from the stream (seed, i) ([`Draws::new`]).
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    /// HF's defaults when `do_sample` is on and nothing else is set.
+    fn default() -> Self {
+        Sampling { temperature: 1.0, top_k: 50, top_p: 1.0, min_p: None, typical_p: 1.0, seed: 0 }
+    }
+}
+
+/// The penalized tokens of a row: HF's EncoderRepetitionPenaltyLogitsProcessor over `source` (a factor above 1
+/// favours the source's tokens), then its RepetitionPenaltyLogitsProcessor over `seq` (a factor above 1 disfavours
+/// tokens already there). Each token is penalized once per processor: a negative score is multiplied by the
+/// factor, a positive one divided. `vocab` bounds the ids (HF drops ids past the scores).
+pub struct Penalties {
+    /// (token, encoder factor applies, repetition factor applies), each token once.
+    tokens: Vec<(usize, bool, bool)>,
+    /// HF keeps 1 / encoder_repetition_penalty (computed in float64) and multiplies scores by it.
+    encoder: f32,
+    repetition: f32,
+}
+
+impl Penalties {
+    /// `None` when both penalties are 1 (off) or no token is concerned.
+    pub fn new(
+        encoder_penalty: f64,
+        source: &[i64],
+        repetition_penalty: f64,
+        seq: &[i64],
+        vocab: usize,
+    ) -> Option<Penalties> {
+        let mut tokens: Vec<(usize, bool, bool)> = Vec::new();
+        let mut mark = |ids: &[i64], encoder: bool| {
+            for &t in ids {
+                let Ok(t) = usize::try_from(t) else { continue };
+                if t >= vocab {
+                    continue;
+                }
+                match tokens.iter_mut().find(|(u, _, _)| *u == t) {
+                    Some(e) if encoder => e.1 = true,
+                    Some(e) => e.2 = true,
+                    None => tokens.push((t, encoder, !encoder)),
+                }
+            }
+        };
+        if encoder_penalty != 1.0 {
+            mark(source, true);
+        }
+        if repetition_penalty != 1.0 {
+            mark(seq, false);
+        }
+        if tokens.is_empty() {
+            return None;
+        }
+        Some(Penalties { tokens, encoder: (1.0 / encoder_penalty) as f32, repetition: repetition_penalty as f32 })
+    }
+
+    /// The penalized tokens.
+    pub fn tokens(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tokens.iter().map(|e| e.0)
+    }
+
+    /// Score `x` of a penalized token `i` (an index into [`Penalties::tokens`]) after both processors.
+    fn apply_at(&self, i: usize, mut x: f32) -> f32 {
+        let (_, encoder, repetition) = self.tokens[i];
+        let scale = |x: f32, f: f32| if x < 0.0 { x * f } else { x / f };
+        if encoder {
+            x = scale(x, self.encoder);
+        }
+        if repetition {
+            x = scale(x, self.repetition);
+        }
+        x
+    }
+
+    /// Each penalized token with its score after both processors, `score(t)` giving the score before.
+    pub fn scores(&self, score: impl Fn(usize) -> f32) -> Vec<(usize, f32)> {
+        self.tokens.iter().enumerate().map(|(i, e)| (e.0, self.apply_at(i, score(e.0)))).collect()
+    }
+
+    /// Penalizes a whole row in place.
+    pub fn apply(&self, row: &mut [f32]) {
+        for i in 0..self.tokens.len() {
+            let t = self.tokens[i].0;
+            row[t] = self.apply_at(i, row[t]);
+        }
+    }
+}
+
+/// HF's sampling warpers on a row of processed scores, in place: filtered tokens become -inf.
+pub fn warp(row: &mut [f32], s: &Sampling) {
+    if s.temperature != 1.0 {
+        for x in row.iter_mut() {
+            *x /= s.temperature;
+        }
+    }
+    if s.top_k > 0 {
+        top_k(row, s.top_k);
+    }
+    if s.top_p < 1.0 {
+        top_p(row, s.top_p);
+    }
+    if let Some(m) = s.min_p {
+        min_p(row, m);
+    }
+    if s.typical_p < 1.0 {
+        typical(row, s.typical_p);
+    }
+}
+
+/// TopKLogitsWarper: scores below the k-th best are removed.
+fn top_k(row: &mut [f32], k: usize) {
+    let k = k.min(row.len());
+    let mut sorted = row.to_vec();
+    // The k-th largest: total order puts NaN above everything, as torch.topk does.
+    let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let kth = *kth;
+    for x in row.iter_mut() {
+        if *x < kth {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Indices of `row` by ascending score (equal scores by index).
+fn ascending(row: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[a].total_cmp(&row[b]).then(a.cmp(&b)));
+    order
+}
+
+/// softmax of `v` in float32 (max subtracted, as torch's).
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return vec![0.0; v.len()];
+    }
+    let e: Vec<f32> = v.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / sum).collect()
+}
+
+/// TopPLogitsWarper: in ascending order, the tokens whose cumulative probability is at most 1 - p are removed,
+/// the best one always kept.
+fn top_p(row: &mut [f32], p: f32) {
+    let order = ascending(row);
+    let sorted: Vec<f32> = order.iter().map(|&i| row[i]).collect();
+    let probs = softmax(&sorted);
+    let mut cum = 0f32;
+    let last = order.len() - 1;
+    let mut remove = Vec::new();
+    for (j, (&i, q)) in order.iter().zip(probs).enumerate() {
+        cum += q;
+        if cum <= 1.0 - p && j < last {
+            remove.push(i);
+        }
+    }
+    for i in remove {
+        row[i] = f32::NEG_INFINITY;
+    }
+}
+
+/// MinPLogitsWarper: tokens less probable than `m` times the best one are removed (the best one kept).
+fn min_p(row: &mut [f32], m: f32) {
+    let probs = softmax(row);
+    let top = probs.iter().copied().fold(0f32, f32::max);
+    let best = crate::search::argmax(&probs);
+    let bar = m * top;
+    for (i, (x, q)) in row.iter_mut().zip(probs).enumerate() {
+        if q < bar && i != best {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// TypicalLogitsWarper: tokens ordered by how far their surprise (-log p) is from the row's entropy; those past
+/// the first whose cumulative probability reaches `mass` are removed (the closest one kept).
+fn typical(row: &mut [f32], mass: f32) {
+    // log_softmax as torch computes it: x - max - ln Σ exp(x - max).
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let log_probs: Vec<f32> = row.iter().map(|&x| x - max - log_sum).collect();
+    let probs: Vec<f32> = log_probs.iter().map(|&l| l.exp()).collect();
+    // nansum: -inf · 0 terms count as 0.
+    let entropy: f32 = -log_probs.iter().zip(&probs).map(|(&l, &q)| l * q).filter(|x| !x.is_nan()).sum::<f32>();
+    let shifted: Vec<f32> = log_probs.iter().map(|&l| (-l - entropy).abs()).collect();
+    let order = ascending(&shifted);
+    let sorted_logits: Vec<f32> = order.iter().map(|&i| row[i]).collect();
+    let probs_sorted = softmax(&sorted_logits);
+    let mut cum = 0f32;
+    let mut below = 0;
+    for q in probs_sorted {
+        cum += q;
+        if cum < mass {
+            below += 1;
+        }
+    }
+    let last = below.min(order.len() - 1);
+    let bar = shifted[order[last]];
+    for (j, &i) in order.iter().enumerate() {
+        if j > 0 && shifted[i] > bar {
+            row[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// A token drawn from softmax(`row`) with the uniform number `u` in [0, 1): the first token whose cumulative
+/// probability (in vocabulary order) passes u. -inf scores are never drawn.
+pub fn draw(row: &[f32], u: f64) -> usize {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weight = |x: f32| if x == f32::NEG_INFINITY { 0.0 } else { ((x - max) as f64).exp() };
+    let total: f64 = row.iter().map(|&x| weight(x)).sum();
+    let target = u * total;
+    let mut cum = 0f64;
+    let mut last_kept = crate::search::argmax(row);
+    for (i, &x) in row.iter().enumerate() {
+        let w = weight(x);
+        if w > 0.0 {
+            cum += w;
+            last_kept = i;
+            if cum > target {
+                return i;
+            }
+        }
+    }
+    // Rounding can leave u · total just above the sum: the last token that can be drawn.
+    last_kept
+}
+
+/// One input's random numbers: xoshiro256** seeded through SplitMix64 from (seed, input index), so an input's
+/// samples do not depend on which other inputs share its batch, nor on where a resumed run starts.
+#[derive(Clone, Debug)]
+pub struct Draws([u64; 4]);
+
+impl Draws {
+    pub fn new(seed: u64, input: u64) -> Draws {
+        let mut x = seed ^ input.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Draws([next(), next(), next(), next()])
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let out = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        out
+    }
+
+    /// Uniform in [0, 1), 53 bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Over many draws, each token comes up as often as its probability says (within 4 standard deviations), and
+    /// a -inf token never.
+    #[test]
+    fn draws_follow_the_softmax() {
+        let row = [1.0f32, f32::NEG_INFINITY, 0.0, 2.5, -1.0, 2.5];
+        let probs = softmax(&row);
+        let n = 200_000;
+        let mut counts = [0usize; 6];
+        let mut d = Draws::new(7, 3);
+        for _ in 0..n {
+            counts[draw(&row, d.uniform())] += 1;
+        }
+        assert_eq!(counts[1], 0);
+        for (i, (&c, &p)) in counts.iter().zip(&probs).enumerate() {
+            let (mean, sd) = (n as f64 * p as f64, (n as f64 * p as f64 * (1.0 - p as f64)).sqrt());
+            assert!((c as f64 - mean).abs() <= 4.0 * sd.max(1.0), "token {i}: {c} draws, expected {mean:.0} ± {sd:.0}");
+        }
+    }
+
+    /// Streams of other seeds or inputs differ; the same (seed, input) repeats.
+    #[test]
+    fn streams_are_per_seed_and_input() {
+        let first = |seed, input| {
+            let mut d = Draws::new(seed, input);
+            (0..4).map(|_| d.uniform()).collect::<Vec<_>>()
+        };
+        assert_eq!(first(1, 2), first(1, 2));
+        assert_ne!(first(1, 2), first(1, 3));
+        assert_ne!(first(1, 2), first(2, 2));
+        assert!(first(0, 0).iter().all(|u| (0.0..1.0).contains(u)));
+    }
+}
