@@ -210,11 +210,26 @@ fn beam_search_equals_hf() {
                     let beam = g.beam_search(&sources, &enc).unwrap();
                     assert_eq!(beam, without_eos(rows(&r[&key], None), 2), "{what}: {key}");
                 }
+                // Repetition penalties (HF's repetition_penalty over the decoder's tokens, its start included;
+                // encoder_repetition_penalty over the source, each source alone in the references), greedy (no
+                // eos) and beam (on the log-probabilities, as HF's beam search applies them).
+                for (key, rep, enc) in [("reppen13", 1.3, 1.0), ("encreppen05", 1.0, 0.5)] {
+                    let pen = GenConfig { repetition_penalty: rep, encoder_repetition_penalty: enc, ..cfg.clone() };
+                    let greedy = GenConfig { beams: 1, eos: None, ..pen.clone() };
+                    let want = format!("gen.greedy_{key}");
+                    assert_eq!(g.greedy(&sources, &greedy).unwrap(), rows(&r[&want], None), "{what}: {want}");
+                    let want = format!("gen.beam_{key}");
+                    let beam = g.beam_search(&sources, &pen).unwrap();
+                    assert_eq!(beam, without_eos(rows(&r[&want], None), 2), "{what}: {want}");
+                }
+                use pfx_runtime::search::EarlyStopping::{Early, Heuristic, Never};
                 for (key, early, no_prefix) in [
-                    ("gen.beam_lp2", false, false),
-                    ("gen.beam_lp2_early", true, false),
-                    ("gen.bare_beam_lp2", false, true),
-                    ("gen.bare_beam_lp2_early", true, true),
+                    ("gen.beam_lp2", Heuristic, false),
+                    ("gen.beam_lp2_early", Early, false),
+                    ("gen.beam_lp2_never", Never, false),
+                    ("gen.bare_beam_lp2", Heuristic, true),
+                    ("gen.bare_beam_lp2_early", Early, true),
+                    ("gen.bare_beam_lp2_never", Never, true),
                 ] {
                     let c = GenConfig { length_penalty: 2.0, early_stopping: early, no_prefix, ..cfg.clone() };
                     let beam = g.beam_search(&sources, &c).unwrap();

@@ -83,9 +83,82 @@ fn greedy_and_beam_equal_peft() {
                 assert_eq!(g.greedy(&prompts, &norepeat).unwrap(), rows(&r["greedy_norepeat2"], None), "{what}");
                 let norepeat = GenConfig { beams: 3, ..norepeat };
                 assert_eq!(g.beam_search(&prompts, &norepeat).unwrap(), rows(&r["beam_norepeat2"], None), "{what}");
+                // What HF 5.24 does with a decoder's prompt as its `encoder_input_ids`, and the repetition penalty
+                // over the prompt and the new tokens, each prompt alone in the references (HF's batch would also
+                // penalize the padding).
+                let settings = [
+                    ("reppen13", GenConfig { repetition_penalty: 1.3, ..cfg.clone() }),
+                    ("encreppen05", GenConfig { encoder_repetition_penalty: 0.5, ..cfg.clone() }),
+                    ("encnorepeat1", GenConfig { encoder_no_repeat_ngram: 1, ..cfg.clone() }),
+                ];
+                for (key, c) in settings {
+                    let want = format!("greedy_{key}");
+                    assert_eq!(g.greedy(&prompts, &c).unwrap(), rows(&r[&want], None), "{what}: {want}");
+                    let want = format!("beam_{key}");
+                    let beam = GenConfig { beams: 3, ..c };
+                    assert_eq!(g.beam_search(&prompts, &beam).unwrap(), rows(&r[&want], None), "{what}: {want}");
+                }
+                sampling_scores_equal_hf(&mut g, &prompts, &r, &what);
             }
         }
     }
+}
+
+/// The scores HF samples the first new token from (its processed `scores[0]` with repetition penalty 1.3,
+/// temperature 0.7, top-k 10, top-p 0.9, min-p 0.05 and the eos banned), from the model's first logits: the same
+/// tokens kept, their scores within float32 rounding of the model's logits.
+fn sampling_scores_equal_hf(g: &mut Generator, prompts: &[Vec<i64>], r: &BTreeMap<String, HostTensor>, what: &str) {
+    use pfx_runtime::search::{sampling_scores, Sampling, Start};
+    let s = Sampling { temperature: 0.7, top_k: 10, top_p: 0.9, min_p: Some(0.05), typical_p: 1.0, seed: 0 };
+    let cfg =
+        GenConfig { max_new: 1, min_new: 1, repetition_penalty: 1.3, eos: Some(95), pad: 95, ..GenConfig::default() };
+    let want = r["sample_first_scores"].as_f32().unwrap();
+    let vocab = r["sample_first_scores"].shape()[1];
+    for (i, p) in prompts.iter().enumerate() {
+        let batch = vec![p.clone(); g.rows()];
+        let context = g.context(p);
+        let (_, logits) = g.start(&batch, &cfg).unwrap();
+        let got = sampling_scores(&cfg, &s, 0, &context, &logits[0]);
+        let want = &want[i * vocab..(i + 1) * vocab];
+        let kept = |v: &[f32]| v.iter().map(|x| x.is_finite()).collect::<Vec<_>>();
+        assert_eq!(kept(&got), kept(want), "{what}: prompt {i}: the tokens sampling keeps");
+        for (t, (a, b)) in got.iter().zip(want).enumerate().filter(|(_, (a, _))| a.is_finite()) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{what}: prompt {i} token {t}: {a} vs HF's {b}");
+        }
+    }
+}
+
+/// A sampled input's tokens come from its own stream (seed, place among the run's inputs): the same whatever batch
+/// it is in, and the same when a resumed run starts at it.
+#[test]
+fn samples_do_not_depend_on_the_batch() {
+    let mode = "reparam";
+    let r = pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
+        .unwrap();
+    let start =
+        pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
+    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+    let dir = bundle_rows("gpt2-dynamo-past", mode, "sampling", 2);
+    let b = Bundle::open(&dir).unwrap();
+    let prefix: BTreeMap<String, HostTensor> =
+        b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
+    let mut g = generator(&b, BackendKind::Tract, prefix);
+    // A flat distribution (temperature 3, no top-k) so that the draws matter.
+    let sampling = pfx_runtime::search::Sampling { temperature: 3.0, top_k: 0, seed: 11, ..Default::default() };
+    let cfg = GenConfig { max_new: 8, eos: Some(95), pad: 95, sampling: Some(sampling), ..GenConfig::default() };
+    // Three prompts on two rows: batches [0, 1] and [2].
+    let all = g.greedy(&prompts, &cfg).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = GenConfig { input_offset: i as u64, ..cfg.clone() };
+        assert_eq!(g.greedy(std::slice::from_ref(p), &alone).unwrap()[0], all[i], "prompt {i}");
+    }
+    let other_seed = |seed| {
+        let s = pfx_runtime::search::Sampling { seed, ..cfg.sampling.clone().unwrap() };
+        g.greedy(&prompts, &GenConfig { sampling: Some(s), ..cfg.clone() }).unwrap()
+    };
+    let others: Vec<_> = (12..16).map(other_seed).collect();
+    assert!(others.iter().any(|o| *o != all), "other seeds draw other tokens: {all:?} {others:?}");
+    assert_ne!(all, rows(&r["greedy"], None), "sampling at temperature 3 is not greedy search");
 }
 
 /// Baked graphs (prefix as constants, no trainable inputs) give the same tokens as the un-baked path.

@@ -181,20 +181,36 @@ def set_generation_config(model, eos):
 
 
 def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None, no_repeat=0, early=False, length_penalty=1.0,
-                start=None, enc_no_repeat=0):
-    """`start`: the decoder start token passed to generate (as `decoder_start_token_id=`), else the config's."""
+                start=None, enc_no_repeat=0, repetition_penalty=1.0, encoder_repetition_penalty=1.0):
+    """`start`: the decoder start token passed to generate (as `decoder_start_token_id=`), else the config's.
+    `early`: False, True or "never"."""
     set_generation_config(model, eos)
     model.generation_config.forced_bos_token_id = forced_bos
     model.generation_config.forced_eos_token_id = forced_eos
     if start is not None:
         model.generation_config.decoder_start_token_id = start
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
-            num_return_sequences=1, do_sample=False, length_penalty=length_penalty, early_stopping=early,
-            no_repeat_ngram_size=no_repeat, encoder_no_repeat_ngram_size=enc_no_repeat, repetition_penalty=1.0, use_cache=False, return_dict_in_generate=True,
-            output_logits=True, output_scores=True,
-        )
+    built = []  # the LogitsProcessorList generate builds, to assert what the penalties were given
+    orig = model._get_logits_processor
+    model._get_logits_processor = lambda *a, **k: built.append(orig(*a, **k)) or built[-1]
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
+                num_return_sequences=1, do_sample=False, length_penalty=length_penalty, early_stopping=early,
+                no_repeat_ngram_size=no_repeat, encoder_no_repeat_ngram_size=enc_no_repeat,
+                repetition_penalty=repetition_penalty, encoder_repetition_penalty=encoder_repetition_penalty,
+                use_cache=False, return_dict_in_generate=True, output_logits=True, output_scores=True,
+            )
+    finally:
+        del model._get_logits_processor  # back to the class method
+    for p in built[0]:
+        # repetition_penalty's prompt_ignore_length comes from a decoder_attention_mask (none given here): the
+        # penalty covers every decoder token, the start token included
+        if isinstance(p, transformers.RepetitionPenaltyLogitsProcessor):
+            assert p.prompt_ignore_length is None and p.penalty == repetition_penalty, p.prompt_ignore_length
+        # the encoder penalty's tokens are the source ids as passed (padding included, if any)
+        if isinstance(p, transformers.EncoderRepetitionPenaltyLogitsProcessor):
+            assert torch.equal(p.encoder_input_ids, ids) and p.penalty == 1 / encoder_repetition_penalty
     start = model.config.decoder_start_token_id if start is None else start
     assert torch.all(out.sequences[:, 0] == start), out.sequences
     return out
@@ -460,7 +476,14 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     for key, beams, beos, kw in (("gen.greedy_norepeat2", 1, None, dict(no_repeat=2)),
                                  ("gen.beam_norepeat2", NUM_BEAMS, eos, dict(no_repeat=2)),
                                  ("gen.beam_lp2", NUM_BEAMS, eos, dict(length_penalty=2.0)),
-                                 ("gen.beam_lp2_early", NUM_BEAMS, eos, dict(length_penalty=2.0, early=True))):
+                                 ("gen.beam_lp2_early", NUM_BEAMS, eos, dict(length_penalty=2.0, early=True)),
+                                 # HF's "never": the classic beam search, a row stops only when no running beam can
+                                 # beat the worst finished one even at max length
+                                 ("gen.beam_lp2_never", NUM_BEAMS, eos, dict(length_penalty=2.0, early="never")),
+                                 # the CTRL penalty on every decoder token so far (logits > 0 divided by 1.3, < 0
+                                 # multiplied), the whole batch (no decoder padding: nothing to ignore)
+                                 ("gen.greedy_reppen13", 1, None, dict(repetition_penalty=1.3)),
+                                 ("gen.beam_reppen13", NUM_BEAMS, eos, dict(repetition_penalty=1.3))):
         h32 = hf_generate(gen32, ids, mask, beams, beos, **kw)
         h64 = hf_generate(gen64, ids, mask, beams, beos, **kw)
         assert torch.equal(h32.sequences, h64.sequences), (key, h32.sequences, h64.sequences)
@@ -470,7 +493,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
             ds = (h32.sequences_scores.double() - h64.sequences_scores.double()).abs().max().item()
             assert ds < 1e-4, ds
             out[key + "_scores"] = R.np32(h32.sequences_scores)
-        base = "gen.greedy" if beams == 1 else "gen.beam_lp2" if key == "gen.beam_lp2_early" else "gen.beam"
+        base = "gen.greedy" if beams == 1 else "gen.beam_lp2" if key.startswith("gen.beam_lp2_") else "gen.beam"
         facts[f"{key}: differs from {base} (rows)"] = str(
             [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
     # Source n-grams banned (encoder_no_repeat_ngram_size, BlenderBot's default 3): sizes 1 (no source token at all)
@@ -491,17 +514,46 @@ def run(fixture, mode, seed, write=True, param="reparam"):
             facts[f"{key}: differs from {base} (rows)"] = str(
                 [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
 
+    # The source's tokens penalized (encoder_repetition_penalty 0.5: HF stores 1 / 0.5, so logits > 0 of source tokens
+    # are halved, < 0 doubled: less likely), each source alone (a batch's shorter sources would add their padding).
+    for key, beams, beos in (("gen.greedy_encreppen05", 1, None), ("gen.beam_encreppen05", NUM_BEAMS, eos)):
+        rows, scores = [], []
+        for b in range(ids.shape[0]):
+            real = int(mask[b].sum())
+            one = (ids[b:b + 1, :real], mask[b:b + 1, :real])
+            h32 = hf_generate(gen32, *one, beams, beos, encoder_repetition_penalty=0.5)
+            h64 = hf_generate(gen64, *one, beams, beos, encoder_repetition_penalty=0.5)
+            assert torch.equal(h32.sequences, h64.sequences), (key, b, h32.sequences, h64.sequences)
+            seq = beam_tokens(h32.sequences, eos, pad) if beos is not None else h32.sequences[:, 1:]
+            rows.append(seq[0])
+            if beams > 1:
+                ds = (h32.sequences_scores.double() - h64.sequences_scores.double()).abs().max().item()
+                assert ds < 1e-4, ds
+                scores.append(h32.sequences_scores[0])
+        out[key] = torch.stack(rows).numpy()
+        if beams > 1:
+            out[key + "_scores"] = R.np32(torch.stack(scores))
+        base = "gen.greedy" if beams == 1 else "gen.beam"
+        facts[f"{key}: differs from {base} (rows)"] = str(
+            [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
+
     # The bare model too: bart-enc-deep's is the one where the early stop changes the result (eos-ended hypotheses
     # fill the beams before a longer one, favoured by the length penalty, would win).
     bare64 = R.load_base(fixture, torch.float64)
-    for key, early in (("gen.bare_beam_lp2", False), ("gen.bare_beam_lp2_early", True)):
+    for key, early in (("gen.bare_beam_lp2", False), ("gen.bare_beam_lp2_early", True),
+                       ("gen.bare_beam_lp2_never", "never")):
         h32 = hf_generate(bare, ids, mask, NUM_BEAMS, eos, length_penalty=2.0, early=early)
         h64 = hf_generate(bare64, ids, mask, NUM_BEAMS, eos, length_penalty=2.0, early=early)
         assert torch.equal(h32.sequences, h64.sequences), (key, h32.sequences, h64.sequences)
         out[key] = beam_tokens(h32.sequences, eos, pad).numpy()
         out[key + "_scores"] = R.np32(h32.sequences_scores)
-    facts["gen.bare_beam_lp2_early: differs from gen.bare_beam_lp2 (rows)"] = str(
-        [bool((out["gen.bare_beam_lp2_early"][b] != out["gen.bare_beam_lp2"][b]).any()) for b in range(ids.shape[0])])
+    for key in ("gen.bare_beam_lp2_early", "gen.bare_beam_lp2_never"):
+        facts[f"{key}: differs from gen.bare_beam_lp2 (rows)"] = str(
+            [bool((out[key][b] != out["gen.bare_beam_lp2"][b]).any()) for b in range(ids.shape[0])])
+    for key in ("gen.beam_lp2_never", "gen.bare_beam_lp2_never"):  # same tokens can still come with another score
+        ref = key.replace("_never", "")
+        facts[f"{key}: same tokens and scores as {ref}"] = (
+            np.array_equal(out[key], out[ref]) and out[key + "_scores"].tobytes() == out[ref + "_scores"].tobytes())
 
     # mBART: another target language than the config's, given to generate as its first decoder token
     # (`generate(..., decoder_start_token_id=lang_code_to_id["de_DE"])`, HF's recipe for mBART-cc25).

@@ -77,6 +77,54 @@ BEAM_ARGS = dict(do_sample=False, num_beams=BEAMS, num_return_sequences=1, min_n
                  output_scores=True, return_dict_in_generate=True)
 
 
+# Repetition penalties and source n-gram bans, each added to GREEDY_ARGS and BEAM_ARGS (key suffix: setting).
+# For a decoder-only model generate hands the prompt to the "encoder" processors: `_get_logits_processor(...,
+# encoder_input_ids=inputs_tensor)` (transformers/generation/utils.py), inputs_tensor = the input_ids passed.
+PENALTIES = (("reppen13", dict(repetition_penalty=1.3)),
+             ("encreppen05", dict(encoder_repetition_penalty=0.5)),
+             ("encnorepeat1", dict(encoder_no_repeat_ngram_size=1)))
+# The first sampling step: repetition penalty, then the warpers generate appends when do_sample (temperature, top-k,
+# top-p, min-p). min_new_tokens = max_new_tokens = 1: eos is -inf in that step too, and generation stops after it.
+SAMPLE_ARGS = dict(GREEDY_ARGS, do_sample=True, temperature=0.7, top_k=10, top_p=0.9, min_p=0.05,
+                   repetition_penalty=1.3, min_new_tokens=1, max_new_tokens=1, output_scores=True,
+                   output_logits=True, return_dict_in_generate=True)
+# The order _get_logits_processor gives (min_new_tokens also sets min_length = T + 1: two eos bans, same effect).
+SAMPLE_CHAIN = ["RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
+                "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
+SAMPLE_SEED = 0  # the draw is not stored (scores[0] does not depend on it); seeded, in a forked RNG, for hygiene
+
+
+def check_penalty_processor(name, procs, ids):
+    """What generate built for one PENALTIES setting: the prompt as the encoder input, no prompt_ignore_length."""
+    names = [type(p).__name__ for p in procs]
+    if name == "reppen13":
+        (p,) = [p for p in procs if type(p).__name__ == "RepetitionPenaltyLogitsProcessor"]
+        assert p.penalty == 1.3 and p.prompt_ignore_length is None, (p.penalty, p.prompt_ignore_length)
+    elif name == "encreppen05":
+        (p,) = [p for p in procs if type(p).__name__ == "EncoderRepetitionPenaltyLogitsProcessor"]
+        assert p.penalty == 1 / 0.5 and torch.equal(p.encoder_input_ids, ids)  # HF stores 1 / penalty
+    else:
+        (p,) = [p for p in procs if type(p).__name__ == "EncoderNoRepeatNGramLogitsProcessor"]
+        assert p.ngram_size == 1 and p.batch_size == 1  # n-grams of the prompt (ids), one row
+    assert names[-1] == "MinNewTokensLengthLogitsProcessor", names  # the penalty comes before the eos ban
+
+
+class ProcessorProbe:
+    """Records the LogitsProcessorList generate builds (`_get_logits_processor`), to assert what it holds."""
+
+    def __init__(self, base):
+        self.base, self.lists = base, []
+        orig = base._get_logits_processor
+
+        def wrapped(*a, **k):
+            self.lists.append(orig(*a, **k))
+            return self.lists[-1]
+        base._get_logits_processor = wrapped
+
+    def remove(self):
+        del self.base._get_logits_processor  # back to the class method
+
+
 def make_prompts():
     g = torch.Generator().manual_seed(SEED)
     prompts = torch.full((N, TP), PAD, dtype=torch.int64)
@@ -151,8 +199,8 @@ class Recorder:
         self.h2.remove()
 
 
-def hf_generate(base, ids, mask, prefix, args):
-    """Returns (new tokens [B, NEW], output). prefix None: the base model alone, plain mask."""
+def hf_generate(base, ids, mask, prefix, args, new=NEW):
+    """Returns (new tokens [B, new], output). prefix None: the base model alone, plain mask."""
     B = ids.shape[0]
     rows = B * args["num_beams"]
     kw = dict(args)
@@ -164,7 +212,7 @@ def hf_generate(base, ids, mask, prefix, args):
     with torch.no_grad():
         out = base.generate(input_ids=ids, **kw)
     seqs = out.sequences if not torch.is_tensor(out) else out
-    assert seqs.shape == (B, ids.shape[1] + NEW), seqs.shape
+    assert seqs.shape == (B, ids.shape[1] + new), seqs.shape
     assert torch.equal(seqs[:, :ids.shape[1]], ids)
     return seqs[:, ids.shape[1]:].clone(), out
 
@@ -296,6 +344,9 @@ def run_mode(mode, prompts, prompt_mask):
 
     greedy, greedy_noprefix, greedy_shift, beam, beam_score = [], [], [], [], []
     greedy_nr, beam_nr = [], []  # no_repeat_ngram_size=2: n-grams of the prompt and the new tokens banned
+    pen = {f"{kind}_{name}": [] for name, _ in PENALTIES for kind in ("greedy", "beam")}
+    pen_margin = {name: [] for name, _ in PENALTIES}  # smallest greedy top1-top2 processed-score gap per prompt
+    sample_first, sample_kept, sample_margin = [], [], []
     eos_any, eos_np_any, margins, beam_margins, same_free, same_renorm = False, False, [], [], [], []
     for i in range(N):
         ids, m = alone(prompts, prompt_mask, i)
@@ -339,6 +390,44 @@ def run_mode(mode, prompts, prompt_mask):
         b_nr, _ = hf_generate(base, ids, m, prefix, dict(BEAM_ARGS, no_repeat_ngram_size=2))
         greedy_nr.append(g_nr[0])
         beam_nr.append(b_nr[0])
+        for name, kw in PENALTIES:
+            probe = ProcessorProbe(base)
+            g_pen, g_out = hf_generate(base, ids, m, prefix, dict(GREEDY_ARGS, output_scores=True,
+                                                                  return_dict_in_generate=True, **kw))
+            top2 = torch.stack(g_out.scores).topk(2, dim=-1).values  # processed scores, [NEW, 1, 2]
+            pen_margin[name].append(round(float((top2[..., 0] - top2[..., 1]).min()), 4))
+            b_pen, _ = hf_generate(base, ids, m, prefix, dict(BEAM_ARGS, **kw))
+            probe.remove()
+            for procs in probe.lists:
+                check_penalty_processor(name, procs, ids)
+            pen[f"greedy_{name}"].append(g_pen[0])
+            pen[f"beam_{name}"].append(b_pen[0])
+        # First sampling step: generate's processed scores (the multinomial draw itself is not a reference).
+        probe = ProcessorProbe(base)
+        with torch.random.fork_rng():
+            torch.manual_seed(SAMPLE_SEED)
+            _, s_out = hf_generate(base, ids, m, prefix, SAMPLE_ARGS, new=1)
+        probe.remove()
+        (procs,) = probe.lists
+        assert [type(p).__name__ for p in procs] == SAMPLE_CHAIN, [type(p).__name__ for p in procs]
+        assert procs[0].prompt_ignore_length is None  # the all-ones mask is dropped before the list is built
+        sample_first.append(s_out.scores[0][0])
+        # how many tokens survive each processor in turn (which filter bites), from the raw logits generate saw
+        x, kept, steps = s_out.logits[0], [], []
+        for p in procs:
+            x = p(ids, x)
+            kept.append(int(torch.isfinite(x).sum()))
+            steps.append(x)
+        assert torch.equal(x, s_out.scores[0])
+        sample_kept.append(kept)
+        # how far each filter's decisions are from flipping (f32 reimplementations): top-k's 10th - 11th value,
+        # top-p's cumulative probability (ascending) vs 1 - 0.9, min-p's probability vs 0.05 * the top one
+        v = steps[3][0].sort(descending=True).values
+        cum = steps[4][0][torch.isfinite(steps[4][0])].sort().values.softmax(-1).cumsum(-1)
+        pr = steps[5][0].softmax(-1)
+        pr = pr[torch.isfinite(steps[5][0])]
+        sample_margin.append((round(float(v[9] - v[10]), 4), round(float((cum - (1 - 0.9)).abs().min()), 4),
+                              round(float(((pr - 0.05 * pr.max()).abs() / pr.max()).min()), 4)))
         greedy.append(g_a[0])
         greedy_noprefix.append(g_np[0])
         beam.append(b_a[0])
@@ -419,6 +508,18 @@ def run_mode(mode, prompts, prompt_mask):
         (bool((greedy_nr[i] != greedy[i]).any()), bool((beam_nr[i] != beam[i]).any())) for i in range(N)]
     out["greedy_norepeat2"] = greedy_nr.numpy()
     out["beam_norepeat2"] = beam_nr.numpy()
+    # Penalties, each prompt alone: whether each changes the tokens, per prompt (a setting that changes nothing
+    # would test nothing).
+    for name, _ in PENALTIES:
+        for kind, ref in (("greedy", greedy), ("beam", beam)):
+            toks = torch.stack(pen[f"{kind}_{name}"])
+            facts[f"{kind}_{name} differs from {kind} per prompt"] = [bool((toks[i] != ref[i]).any()) for i in range(N)]
+            out[f"{kind}_{name}"] = toks.numpy()
+        facts[f"greedy_{name}: min top1-top2 processed-score margin per prompt"] = pen_margin[name]
+    out["sample_first_scores"] = torch.stack(sample_first).numpy()
+    facts["sample_first_scores: finite entries after each of " + ", ".join(SAMPLE_CHAIN)] = sample_kept
+    facts["sample_first_scores: margins (top-k 10th-11th, |top-p cum - 0.1|, |min-p p/pmax - 0.05|) per prompt"] = \
+        sample_margin
     for l, (k, v) in enumerate(prefix):
         out[f"prefix.{l}.key"] = np.array(k.numpy(), dtype=np.float32, order="C", copy=True)
         out[f"prefix.{l}.value"] = np.array(v.numpy(), dtype=np.float32, order="C", copy=True)

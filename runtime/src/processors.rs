@@ -142,10 +142,12 @@ fn top_k(row: &mut [f32], k: usize) {
     }
 }
 
-/// Indices of `row` by ascending score (equal scores by index).
-fn ascending(row: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..row.len()).collect();
-    order.sort_by(|&a, &b| row[a].total_cmp(&row[b]).then(a.cmp(&b)));
+/// Indices of the tokens `row` still keeps (not -inf) by ascending `key` (equal keys by index). Filtered tokens
+/// have probability 0: HF's warpers sort them too, and they change nothing there (they are removed again), so
+/// after top-k the sorts are short.
+fn ascending_kept(row: &[f32], key: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..row.len()).filter(|&i| row[i] != f32::NEG_INFINITY).collect();
+    order.sort_by(|&a, &b| key[a].total_cmp(&key[b]).then(a.cmp(&b)));
     order
 }
 
@@ -163,7 +165,10 @@ fn softmax(v: &[f32]) -> Vec<f32> {
 /// TopPLogitsWarper: in ascending order, the tokens whose cumulative probability is at most 1 - p are removed,
 /// the best one always kept.
 fn top_p(row: &mut [f32], p: f32) {
-    let order = ascending(row);
+    let order = ascending_kept(row, row);
+    if order.is_empty() {
+        return;
+    }
     let sorted: Vec<f32> = order.iter().map(|&i| row[i]).collect();
     let probs = softmax(&sorted);
     let mut cum = 0f32;
@@ -204,7 +209,10 @@ fn typical(row: &mut [f32], mass: f32) {
     // nansum: -inf · 0 terms count as 0.
     let entropy: f32 = -log_probs.iter().zip(&probs).map(|(&l, &q)| l * q).filter(|x| !x.is_nan()).sum::<f32>();
     let shifted: Vec<f32> = log_probs.iter().map(|&l| (-l - entropy).abs()).collect();
-    let order = ascending(&shifted);
+    let order = ascending_kept(row, &shifted);
+    if order.is_empty() {
+        return;
+    }
     let sorted_logits: Vec<f32> = order.iter().map(|&i| row[i]).collect();
     let probs_sorted = softmax(&sorted_logits);
     let mut cum = 0f32;

@@ -238,13 +238,17 @@ pub fn greedy(
                 Some(t) => t,
                 None => {
                     let ctx = &contexts[row];
-                    let banned = banned_tokens(cfg, n, &ctx.history, &ctx.source);
-                    let penalties = penalties(cfg, ctx, &[], logits[row].len());
                     match (&cfg.sampling, &mut draws[row]) {
-                        (Some(s), Some(d)) => sample(&logits[row], &banned, penalties.as_ref(), s, d) as i64,
-                        _ => best_penalized(&logits[row], 1, banned, penalties.as_ref(), |x| x)
-                            .first()
-                            .map_or(0, |&(t, _)| t as i64),
+                        (Some(s), Some(d)) => {
+                            crate::processors::draw(&sampling_scores(cfg, s, n, ctx, &logits[row]), d.uniform()) as i64
+                        }
+                        _ => {
+                            let banned = banned_tokens(cfg, n, &ctx.history, &ctx.source);
+                            let penalties = penalties(cfg, ctx, &[], logits[row].len());
+                            best_penalized(&logits[row], 1, banned, penalties.as_ref(), |x| x)
+                                .first()
+                                .map_or(0, |&(t, _)| t as i64)
+                        }
                     }
                 }
             };
@@ -493,18 +497,18 @@ fn best_penalized(
     best
 }
 
-/// A token drawn as HF's sampling draws it: the row's logits penalized, banned tokens at -inf, the warpers, then a
-/// draw from the softmax.
-fn sample(row: &[f32], banned: &[usize], penalties: Option<&Penalties>, s: &Sampling, draws: &mut Draws) -> usize {
+/// The scores HF's sampling draws from (through their softmax) for a row whose context is `ctx` after
+/// `n_generated` new tokens: its logits penalized, banned tokens at -inf, then the warpers of `s`.
+pub fn sampling_scores(cfg: &GenConfig, s: &Sampling, n_generated: usize, ctx: &RowContext, row: &[f32]) -> Vec<f32> {
     let mut v = row.to_vec();
-    if let Some(p) = penalties {
+    if let Some(p) = penalties(cfg, ctx, &[], row.len()) {
         p.apply(&mut v);
     }
-    for &t in banned {
+    for t in banned_tokens(cfg, n_generated, &ctx.history, &ctx.source) {
         v[t] = f32::NEG_INFINITY;
     }
     crate::processors::warp(&mut v, s);
-    crate::processors::draw(&v, draws.uniform())
+    v
 }
 
 /// The end-of-sequence ids while they may not be chosen yet (HF's min_new_tokens).
