@@ -235,7 +235,8 @@ fn train_into_locked_folder(args: TrainArgs, engine: &Engine) -> Result<()> {
                 out.display()
             );
         }
-        if let Some(f) = ["prefix.safetensors", "metrics.jsonl"].iter().map(|f| out.join(f)).find(|p| p.exists()) {
+        let earlier = ["prefix.safetensors", "metrics.jsonl", crate::train::BEST_PREFIX];
+        if let Some(f) = earlier.iter().map(|f| out.join(f)).find(|p| p.exists()) {
             bail!(
                 "{} already holds {} of an earlier run: choose another --output, or delete it",
                 out.display(),
@@ -276,6 +277,12 @@ fn train_into_locked_folder(args: TrainArgs, engine: &Engine) -> Result<()> {
             losses.len(),
             if losses.len() == 1 { "" } else { "s" },
             args.cfg.out_dir.join("prefix.safetensors").display()
+        );
+    }
+    if let Some((loss, epoch)) = trainer.pos.best_dev {
+        eprintln!(
+            "lowest dev loss {loss:.4}, after epoch {epoch}: that prefix is in {}",
+            args.cfg.out_dir.join(crate::train::BEST_PREFIX).display()
         );
     }
     Ok(())

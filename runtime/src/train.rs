@@ -46,6 +46,9 @@ pub struct Position {
     /// What the run was started with; a resumed run must match it (absent in checkpoints before it existed).
     #[serde(default)]
     pub settings: Option<RunSettings>,
+    /// The lowest dev loss so far and the epoch it was reached after: its prefix is in `best.safetensors`.
+    #[serde(default)]
+    pub best_dev: Option<(f64, u64)>,
 }
 
 /// The settings that decide a run's batches and schedule: resuming with others would silently train another run.
@@ -212,7 +215,8 @@ impl Trainer {
             state.insert(format!("adam.v.{}", t.name), zeros);
         }
         step_graph.set_state(&state)?;
-        let pos = Position { step: 0, epoch: 0, batch_in_epoch: 0, seed: 0, total_steps: 0, settings: None };
+        let pos =
+            Position { step: 0, epoch: 0, batch_in_epoch: 0, seed: 0, total_steps: 0, settings: None, best_dev: None };
         Ok(Trainer { bundle, step_graph, eval_graph, pos, stop })
     }
 
@@ -387,13 +391,22 @@ impl Trainer {
             self.pos.batch_in_epoch = 0;
             if let Some(dev) = dev {
                 if let Some(dl) = self.dev_loss(dev)? {
+                    // The prefix of the lowest dev loss is kept apart (HF's Trainer loads its best model at the end
+                    // in the same way): later epochs can overfit a small dataset.
+                    let best = self.pos.best_dev.is_none_or(|(b, _)| dl < b);
+                    if best {
+                        self.pos.best_dev = Some((dl, self.pos.epoch));
+                        let bytes = safetensors_to_bytes(&self.prefix()?, None)?;
+                        write_atomic(&cfg.out_dir.join(BEST_PREFIX), &bytes)?;
+                    }
                     writeln!(
                         metrics,
                         "{}",
-                        serde_json::json!({"epoch": self.pos.epoch, "step": self.pos.step, "dev_loss": dl})
+                        serde_json::json!({"epoch": self.pos.epoch, "step": self.pos.step, "dev_loss": dl, "best": best})
                     )?;
                     if cfg.progress {
-                        eprintln!("{}epoch {} dev loss {dl:.4}", if tty { "\n" } else { "" }, self.pos.epoch);
+                        let mark = if best { format!(" (lowest so far: {BEST_PREFIX})") } else { String::new() };
+                        eprintln!("{}epoch {} dev loss {dl:.4}{mark}", if tty { "\n" } else { "" }, self.pos.epoch);
                     }
                 }
             }
@@ -458,6 +471,9 @@ impl Trainer {
         self.step_graph.set_state(&state).with_context(|| format!("restoring the state from {}", p.display()))
     }
 }
+
+/// The prefix of the lowest dev loss, beside `prefix.safetensors` (the last one).
+pub const BEST_PREFIX: &str = "best.safetensors";
 
 /// A resumed run logs again the steps after its checkpoint: drop the earlier lines for them. Returns the
 /// tokens and seconds logged by the last step kept, which the resumed run's counts continue from.

@@ -213,3 +213,69 @@ fn interrupted_diverged_and_earlier_runs_are_kept_apart() {
     assert!(st.status.success() && err.contains("warning: the gradient has vanished at step 2"), "{err}");
     assert_eq!(err.matches("the gradient has vanished").count(), 1, "warned once: {err}");
 }
+
+/// With a dev set, the prefix of the lowest dev loss is kept in best.safetensors, across a resumed run: evaluating
+/// it gives that loss, and the log marks the epochs that lowered it.
+#[test]
+fn the_prefix_of_the_lowest_dev_loss_is_kept() {
+    let (tmp, bundle, data) = setup("best", 8);
+    let text = std::fs::read_to_string(root().join("examples/data/e2e_train.txt")).unwrap();
+    let dev = tmp.join("dev.txt");
+    std::fs::write(&dev, text.lines().skip(100).take(8).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let out = tmp.join("run");
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pfxrun"));
+        c.args(["train", bundle.to_str().unwrap(), "--train", data.to_str().unwrap(), "--dev", dev.to_str().unwrap()])
+            .args(["--epochs", "4", "--lr", "0.3", "--seed", "7", "-o", out.to_str().unwrap()])
+            .args(extra);
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let eval = |prefix: &Path| -> f64 {
+        let o = Command::new(env!("CARGO_BIN_EXE_pfxrun"))
+            .args(["eval", bundle.to_str().unwrap(), "--data", dev.to_str().unwrap(), "--prefix"])
+            .arg(prefix)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().strip_prefix("loss ").unwrap().parse().unwrap()
+    };
+    // 2 steps an epoch: stop inside epoch 2 (best.safetensors is epoch 1's, prefix.safetensors step 3's), then
+    // resume to the end.
+    run(&["--max-steps", "3"]);
+    let first = logged(&out.join("metrics.jsonl"), "dev_loss");
+    assert_eq!(first.keys().copied().collect::<Vec<_>>(), [2], "one dev loss, after epoch 1 (step 2)");
+    assert!((eval(&out.join("best.safetensors")) - first[&2]).abs() < 2e-6);
+    assert!((eval(&out.join("prefix.safetensors")) - first[&2]).abs() > 1e-4, "step 3's prefix is another one");
+    let log = run(&["--resume"]);
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let dev_lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("dev_loss").is_some())
+        .collect();
+    assert_eq!(dev_lines.len(), 4, "{text}");
+    let mut lowest = f64::INFINITY;
+    let mut best_epoch = 0;
+    for v in &dev_lines {
+        let l = v["dev_loss"].as_f64().unwrap();
+        assert_eq!(v["best"].as_bool(), Some(l < lowest), "{v}");
+        if l < lowest {
+            (lowest, best_epoch) = (l, v["epoch"].as_u64().unwrap());
+        }
+    }
+    assert!(log.contains(&format!("lowest dev loss {lowest:.4}, after epoch {best_epoch}")), "{log}");
+    let loss = eval(&out.join("best.safetensors"));
+    assert!((loss - lowest).abs() < 2e-6, "best.safetensors evaluates to {loss}, the lowest dev loss was {lowest}");
+    // A new run into the same folder is refused (best.safetensors belongs to the earlier run).
+    std::fs::remove_file(out.join("checkpoint.safetensors")).unwrap();
+    std::fs::remove_file(out.join("prefix.safetensors")).unwrap();
+    std::fs::remove_file(out.join("metrics.jsonl")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_pfxrun"))
+        .args(["train", bundle.to_str().unwrap(), "--train", data.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds best.safetensors of an earlier run"));
+    println!("dev losses {:?}", dev_lines.iter().map(|v| v["dev_loss"].as_f64().unwrap()).collect::<Vec<_>>());
+}

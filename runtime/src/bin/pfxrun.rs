@@ -51,7 +51,7 @@ enum Command {
         /// Training data: E2E `MR||text` lines (.txt, .e2e), JSONL {"source", "target"} lines (.jsonl), DART (.json).
         #[arg(long)]
         train: PathBuf,
-        /// Dev set: its loss is reported after each epoch.
+        /// Dev set: its loss is reported after each epoch, and the prefix of the lowest is kept in best.safetensors.
         #[arg(long)]
         dev: Option<PathBuf>,
         #[arg(long, default_value_t = 1)]
@@ -85,7 +85,7 @@ enum Command {
         /// A Hugging Face tokenizer.json, or a folder holding one (default: the bundle's own).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// Folder for prefix.safetensors, checkpoint, metrics.jsonl and loss.svg.
+        /// Folder for prefix.safetensors, best.safetensors (with --dev), checkpoint, metrics.jsonl and loss.svg.
         #[arg(short, long)]
         output: PathBuf,
         #[command(flatten)]
