@@ -76,6 +76,11 @@ fn greedy_and_beam_equal_peft() {
                 let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
                 let beam = g.beam_search(&prompts, &beam_cfg).unwrap();
                 assert_eq!(beam, rows(&r["beam"], None), "{what}: beam tokens differ from PEFT");
+                // Every hypothesis kept, best first (HF's num_return_sequences = num_beams).
+                let all = g.beam_search(&prompts, &GenConfig { num_return: 3, ..beam_cfg.clone() }).unwrap();
+                let t = &r["beam_return3"];
+                let want = HostTensor::from_i64(vec![9, 8], t.as_i64().unwrap().to_vec()).unwrap();
+                assert_eq!(all, rows(&want, None), "{what}: the 3 hypotheses of beam search");
                 println!("{what}: greedy {greedy:?} beam {beam:?}");
                 // Repeated 2-grams banned, over the prompt and the new tokens (HF's no_repeat_ngram_size on each
                 // prompt alone; the bans see the real prompt tokens, not the padding).
@@ -152,6 +157,19 @@ fn samples_do_not_depend_on_the_batch() {
         let alone = GenConfig { input_offset: i as u64, ..cfg.clone() };
         assert_eq!(g.greedy(std::slice::from_ref(p), &alone).unwrap()[0], all[i], "prompt {i}");
     }
+    // Two samples of each: 6 outputs, consecutive per prompt, the same batched or alone.
+    let two = GenConfig { num_return: 2, ..cfg.clone() };
+    let pairs = g.greedy(&prompts, &two).unwrap();
+    assert_eq!(pairs.len(), 6);
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = GenConfig { input_offset: i as u64, ..two.clone() };
+        assert_eq!(
+            g.greedy(std::slice::from_ref(p), &alone).unwrap(),
+            pairs[2 * i..2 * i + 2],
+            "prompt {i}, 2 samples"
+        );
+    }
+    assert!((0..3).any(|i| pairs[2 * i] != pairs[2 * i + 1]), "two samples of a prompt differ: {pairs:?}");
     let other_seed = |seed| {
         let s = pfx_runtime::search::Sampling { seed, ..cfg.sampling.clone().unwrap() };
         g.greedy(&prompts, &GenConfig { sampling: Some(s), ..cfg.clone() }).unwrap()

@@ -337,6 +337,9 @@ pub struct GenerationSettings {
     pub min_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub typical_p: Option<f64>,
+    /// Outputs per input (`num_return_sequences`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_return_sequences: Option<usize>,
     /// Settings set to something pfx's search does not do, as `name value` ("num_beam_groups 4").
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unapplied: Vec<String>,
@@ -474,6 +477,7 @@ impl GenerationSettings {
             top_p: number("top_p", |f| (0.0..=1.0).contains(&f), fraction)?,
             min_p: number("min_p", |f| (0.0..=1.0).contains(&f), fraction)?,
             typical_p: number("typical_p", |f| f > 0.0 && f <= 1.0, "a number above 0, at most 1")?,
+            num_return_sequences: count("num_return_sequences", 1)?,
             unapplied,
         })
     }
@@ -1227,6 +1231,7 @@ mod tests {
             ("typical_p", "0"),
             ("do_sample", "1"),
             ("max_new_tokens", "0"),
+            ("num_return_sequences", "0"),
         ] {
             write("generation_config.json", &format!("{{\"{key}\": {odd}}}"));
             let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());

@@ -212,8 +212,9 @@ def hf_generate(base, ids, mask, prefix, args, new=NEW):
     with torch.no_grad():
         out = base.generate(input_ids=ids, **kw)
     seqs = out.sequences if not torch.is_tensor(out) else out
-    assert seqs.shape == (B, ids.shape[1] + new), seqs.shape
-    assert torch.equal(seqs[:, :ids.shape[1]], ids)
+    per_input = args.get("num_return_sequences", 1)  # rows of one input are consecutive
+    assert seqs.shape == (B * per_input, ids.shape[1] + new), seqs.shape
+    assert torch.equal(seqs[:, :ids.shape[1]], ids.repeat_interleave(per_input, dim=0))
     return seqs[:, ids.shape[1]:].clone(), out
 
 
@@ -345,6 +346,7 @@ def run_mode(mode, prompts, prompt_mask):
     greedy, greedy_noprefix, greedy_shift, beam, beam_score = [], [], [], [], []
     greedy_nr, beam_nr = [], []  # no_repeat_ngram_size=2: n-grams of the prompt and the new tokens banned
     pen = {f"{kind}_{name}": [] for name, _ in PENALTIES for kind in ("greedy", "beam")}
+    beam_all, beam_all_scores = [], []  # num_return_sequences = BEAMS
     pen_margin = {name: [] for name, _ in PENALTIES}  # smallest greedy top1-top2 processed-score gap per prompt
     sample_first, sample_kept, sample_margin = [], [], []
     eos_any, eos_np_any, margins, beam_margins, same_free, same_renorm = False, False, [], [], [], []
@@ -402,6 +404,12 @@ def run_mode(mode, prompts, prompt_mask):
                 check_penalty_processor(name, procs, ids)
             pen[f"greedy_{name}"].append(g_pen[0])
             pen[f"beam_{name}"].append(b_pen[0])
+        # Every hypothesis beam search keeps (num_return_sequences = num_beams), best first, as generate returns them.
+        r_tok, r_out = hf_generate(base, ids, m, prefix, dict(BEAM_ARGS, num_return_sequences=BEAMS))
+        assert torch.equal(r_tok[0], b_a[0]), (r_tok, b_a)  # the first is the one num_return_sequences=1 gives
+        assert bool((r_out.sequences_scores[:-1] >= r_out.sequences_scores[1:]).all()), r_out.sequences_scores
+        beam_all.append(r_tok)
+        beam_all_scores.append(r_out.sequences_scores)
         # First sampling step: generate's processed scores (the multinomial draw itself is not a reference).
         probe = ProcessorProbe(base)
         with torch.random.fork_rng():
@@ -517,6 +525,11 @@ def run_mode(mode, prompts, prompt_mask):
             out[f"{kind}_{name}"] = toks.numpy()
         facts[f"greedy_{name}: min top1-top2 processed-score margin per prompt"] = pen_margin[name]
     out["sample_first_scores"] = torch.stack(sample_first).numpy()
+    out["beam_return3"] = torch.stack(beam_all).numpy()
+    out["beam_return3_scores"] = torch.stack(beam_all_scores).float().numpy()
+    facts["beam_return3: distinct hypotheses per prompt"] = [len({tuple(r.tolist()) for r in b}) for b in beam_all]
+    facts["beam_return3: score gaps (1st-2nd, 2nd-3rd) per prompt"] = [
+        [round(float(s[0] - s[1]), 4), round(float(s[1] - s[2]), 4)] for s in beam_all_scores]
     facts["sample_first_scores: finite entries after each of " + ", ".join(SAMPLE_CHAIN)] = sample_kept
     facts["sample_first_scores: margins (top-k 10th-11th, |top-p cum - 0.1|, |min-p p/pmax - 0.05|) per prompt"] = \
         sample_margin

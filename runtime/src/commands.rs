@@ -347,6 +347,7 @@ pub struct SearchFlags {
     pub min_p: Option<f64>,
     pub typical_p: Option<f64>,
     pub seed: Option<u64>,
+    pub num_return: Option<usize>,
 }
 
 impl SearchFlags {
@@ -537,6 +538,12 @@ pub fn apply_search_settings(
             from_config.push(format!("at least {configured} new tokens"));
         }
         configured
+    });
+    cfg.num_return = flags.num_return.unwrap_or_else(|| {
+        gs.num_return_sequences
+            .filter(|&n| n > 1)
+            .inspect(|n| from_config.push(format!("{n} outputs per input")))
+            .unwrap_or(1)
     });
     cfg.sampling = if sample {
         // HF's defaults for what neither says: temperature 1, top-k 50, top-p 1, no min-p, typical-p 1.
@@ -811,14 +818,17 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     check_outputs(&args, refs.iter().all(|r| r.is_empty()))?;
     let key = work_key(&args, &sources, &cfg);
     // The generations so far: those an interrupted run left, when resumed.
+    // Outputs per source (`--num-return`): consecutive lines of the output.
+    let n_out = cfg.num_return.max(1);
     let (mut partial, mut texts) = match &args.output {
         Some(p) => {
-            let (partial, done) = PartialOutput::open(p, &key, args.resume, prompts.len())?;
+            let (partial, done) = PartialOutput::open(p, &key, args.resume, prompts.len() * n_out)?;
             (Some(partial), done)
         }
         None => (None, Vec::new()),
     };
-    let done = texts.len();
+    // Batches are written whole, so a resumed file holds whole groups.
+    let done = texts.len() / n_out;
     if done > 0 {
         eprintln!("resuming after {done} of {} generations", prompts.len());
     }
@@ -826,7 +836,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     // A running count where someone watches; a log gets a line every half minute, and the total.
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut logged = std::time::Instant::now();
-    let chunk = if cfg.beams > 1 { (rows / cfg.beams).max(1) } else { rows };
+    // Inputs per call: what the rows hold (beams, or samples, per input).
+    let per_input = if cfg.beams > 1 { cfg.beams } else { n_out };
+    let chunk = (rows / per_input).max(1);
     // Generated ids the tokenizer has no token for (a model with more rows than its tokenizer has ids).
     let mut unknown_ids = 0;
     for (i, c) in prompts[done..].chunks(chunk).enumerate() {
@@ -835,11 +847,11 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let toks = model(c, &cfg).with_context(|| match &partial {
             Some(p) => format!(
                 "after {} of {} generations, which are in {} (rerun with --resume to continue)",
-                texts.len(),
+                texts.len() / n_out,
                 prompts.len(),
                 p.partial_path().display()
             ),
-            None => format!("after {} of {} generations", texts.len(), prompts.len()),
+            None => format!("after {} of {} generations", texts.len() / n_out, prompts.len()),
         })?;
         // One line per generation, whatever the model generated.
         let new = toks
@@ -855,18 +867,19 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             p.push(&new)?;
         }
         texts.extend(new);
+        let generated = texts.len() / n_out;
         if prompts.len() > chunk && progress {
-            eprint!("\rgenerated {}/{}", texts.len(), prompts.len());
-        } else if logged.elapsed().as_secs() >= 30 && texts.len() < prompts.len() {
+            eprint!("\rgenerated {generated}/{}", prompts.len());
+        } else if logged.elapsed().as_secs() >= 30 && generated < prompts.len() {
             logged = std::time::Instant::now();
-            eprintln!("generated {}/{} ({:.0}s)", texts.len(), prompts.len(), started.elapsed().as_secs_f64());
+            eprintln!("generated {generated}/{} ({:.0}s)", prompts.len(), started.elapsed().as_secs_f64());
         }
     }
     if prompts.len() > chunk {
         eprintln!(
             "{}generated {} in {:.1}s",
             if progress { "\r" } else { "" },
-            texts.len(),
+            texts.len() / n_out,
             started.elapsed().as_secs_f64()
         );
     }
@@ -884,8 +897,11 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             p.finish()?;
         }
         None => {
-            for (s, t) in sources.iter().zip(&texts) {
-                println!("{s}\n  -> {t}");
+            for (s, group) in sources.iter().zip(texts.chunks(n_out)) {
+                println!("{s}");
+                for t in group {
+                    println!("  -> {t}");
+                }
             }
         }
     }
@@ -893,7 +909,8 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let groups: Vec<String> = refs.iter().map(|g| g.join("\n")).collect();
+        // One group per output line: a source's references repeated for each of its outputs.
+        let groups: Vec<String> = refs.iter().flat_map(|g| std::iter::repeat_n(g.join("\n"), n_out)).collect();
         std::fs::write(p, groups.join("\n\n") + "\n").with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(texts)

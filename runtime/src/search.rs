@@ -46,6 +46,9 @@ pub struct GenConfig {
     /// The index of the first input among all of a run's inputs: sampling draws input i's tokens from the stream
     /// (seed, i), whatever batch the input is in.
     pub input_offset: u64,
+    /// Outputs per input (HF's `num_return_sequences`): beam search's best hypotheses (at most `beams`), or as many
+    /// samples; consecutive in the searches' results.
+    pub num_return: usize,
 }
 
 impl Default for GenConfig {
@@ -68,6 +71,7 @@ impl Default for GenConfig {
             encoder_repetition_penalty: 1.0,
             sampling: None,
             input_offset: 0,
+            num_return: 1,
         }
     }
 }
@@ -122,6 +126,18 @@ pub fn check_request(
     if cfg.beams == 0 || cfg.beams > rows {
         anyhow::bail!("--beams must be between 1 and {rows} (the bundle's --gen-rows)");
     }
+    match cfg.num_return {
+        0 => anyhow::bail!("--num-return must be at least 1"),
+        1 => {}
+        n if cfg.beams > 1 && n > cfg.beams => {
+            anyhow::bail!("--num-return {n} asks for more hypotheses than beam search keeps (--beams {})", cfg.beams)
+        }
+        n if cfg.beams == 1 && cfg.sampling.is_none() => anyhow::bail!(
+            "--num-return {n} needs beam search (--beams {n} or more) or sampling (--sample true): greedy search has \
+             one output"
+        ),
+        _ => {}
+    }
     if cfg.beams > 1 && cfg.sampling.is_some() {
         anyhow::bail!("sampling draws one token per step for greedy search only: give --beams 1, or --sample false");
     }
@@ -169,19 +185,26 @@ pub struct RowContext {
     pub input: u64,
 }
 
-/// Greedy decoding of any number of inputs, R at a time (idle rows hold a pad token). Returns each input's new
-/// tokens, stopping after eos (not included).
+/// Greedy decoding (or sampling) of any number of inputs, R rows at a time (idle rows hold a pad token). Returns
+/// each input's new tokens (`cfg.num_return` samples of each, consecutive), stopping after eos (not included).
 pub fn greedy_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
     model.check(inputs, cfg)?;
     let r = model.rows();
-    let mut out = Vec::with_capacity(inputs.len());
-    for (c, chunk) in inputs.chunks(r).enumerate() {
-        let mut rows = chunk.to_vec();
+    let n = cfg.num_return.max(1) as u64;
+    // Each row: (input, its stream: sample j of input i draws from stream (offset + i) · n + j).
+    let items: Vec<(&Vec<i64>, u64)> = inputs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| (0..n).map(move |j| (p, (cfg.input_offset + i as u64) * n + j)))
+        .collect();
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(r) {
+        let mut rows: Vec<Vec<i64>> = chunk.iter().map(|(p, _)| (*p).clone()).collect();
         rows.resize(r, vec![cfg.pad]);
         let contexts: Vec<RowContext> = rows
             .iter()
             .enumerate()
-            .map(|(i, p)| RowContext { input: cfg.input_offset + (c * r + i) as u64, ..model.context(p) })
+            .map(|(i, p)| RowContext { input: chunk.get(i).map_or(0, |c| c.1), ..model.context(p) })
             .collect();
         let (mut state, logits) = model.start(&rows, cfg)?;
         out.extend(greedy(&mut state, logits, chunk.len(), cfg, contexts)?);
@@ -190,7 +213,7 @@ pub fn greedy_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig)
 }
 
 /// Beam search over any number of inputs, as many at a time as the rows hold (R / beams). Returns each input's
-/// best hypothesis's new tokens.
+/// best `cfg.num_return` hypotheses' new tokens, best first.
 pub fn beam_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<Vec<Vec<i64>>> {
     model.check(inputs, cfg)?;
     let (r, k) = (model.rows(), cfg.beams);
@@ -279,7 +302,7 @@ pub fn beam(
     context: &RowContext,
     cfg: &GenConfig,
 ) -> Result<Vec<i64>> {
-    Ok(beam_groups(state, logits, std::slice::from_ref(context), cfg)?.pop().unwrap_or_default())
+    Ok(beam_groups(state, logits, std::slice::from_ref(context), cfg)?.into_iter().next().unwrap_or_default())
 }
 
 /// One prompt's search: its live beams and finished hypotheses.
@@ -291,13 +314,14 @@ struct Group {
 }
 
 /// Beam search for `groups` prompts at once: rows [g·K, (g+1)·K) hold prompt g (K = `cfg.beams`), rows past
-/// groups·K are idle. Returns each prompt's best hypothesis (eos not included). Follows Hugging Face's beam search
-/// with `early_stopping=False`: at step t (t tokens generated) the top-C candidates are ranked (C = 2K, or
-/// (1 + E)·K with E > 1 end-of-sequence ids, as HF keeps); those among the top K that end in eos (all of the top K
-/// at the last step) finish with score sum(log p) / t^length_penalty (the eos counted); the best K candidates that
-/// do not end in eos live on; a prompt is done when K hypotheses are finished and its best live beam's score /
-/// t^length_penalty cannot beat the worst of them (at once with `early_stopping`). `contexts[g]` is what prompt
-/// g's n-gram bans look at.
+/// groups·K are idle. Returns each prompt's best `cfg.num_return` hypotheses (eos not included), best first.
+/// Follows Hugging Face's beam search with `early_stopping=False`: at step t (t tokens generated) the top-C
+/// candidates are ranked (C = 2K, or (1 + E)·K with E > 1 end-of-sequence ids, as HF keeps); those among the top K
+/// that end in eos (all of the top K at the last step) finish with score sum(log p) / t^length_penalty (the eos
+/// counted); the best K candidates that do not end in eos live on; a prompt is done when K hypotheses are finished
+/// and its best live beam's score / t^length_penalty cannot beat the worst of them (at once with `early_stopping`
+/// true; judged at the length limit with "never" and a positive length penalty). `contexts[g]` is what prompt g's
+/// n-gram bans and penalties look at.
 pub fn beam_groups(
     state: &mut dyn Decoding,
     mut logits: Vec<Vec<f32>>,
@@ -401,7 +425,17 @@ pub fn beam_groups(
         state.reorder(&parents)?;
         logits = state.step(&tokens, n)?;
     }
-    Ok(gs.into_iter().map(|g| g.finished.into_iter().next().map(|f| f.0).unwrap_or_default()).collect())
+    // Each prompt's best `num_return` (HF keeps `beams` finished hypotheses; one that ended with fewer fills in
+    // with empty outputs).
+    let n = cfg.num_return.max(1);
+    Ok(gs
+        .into_iter()
+        .flat_map(|g| {
+            let mut best: Vec<Vec<i64>> = g.finished.into_iter().take(n).map(|f| f.0).collect();
+            best.resize(n, Vec::new());
+            best
+        })
+        .collect())
 }
 
 /// Copies row blocks of `per_row` elements: row i takes row `parents[i]` (or `parents[0]` past the end).

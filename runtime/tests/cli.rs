@@ -554,6 +554,27 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
     fails_with(&["--temperature", "0"], "--temperature must be a number above 0");
     fails_with(&["--repetition-penalty", "0"], "--repetition-penalty must be a number above 0");
     fails_with(&["--output", p(&dir.join("o.txt")), "--resume"], "give the --seed it printed");
+    fails_with(&["--sample", "false", "--num-return", "2"], "greedy search has one output");
+    fails_with(&["--sample", "false", "--beams", "2", "--num-return", "3"], "more hypotheses than beam search keeps");
+    // Several outputs per source: consecutive lines, on the screen and in --output; --refs-out repeats each
+    // source's references for each of its outputs, so `pfxrun score` pairs them.
+    let (out, _) = run(&sampling, &["--seed", "5", "--num-return", "3"]);
+    assert_eq!(out.lines().filter(|l| l.starts_with("  -> ")).count(), 3, "{out}");
+    let e2e = dir.join("two.txt");
+    std::fs::write(&e2e, "name : The Eagle||The Eagle is here.\nname : Aromi||Aromi is there.\n").unwrap();
+    let (hyp, refs) = (dir.join("hyp.txt"), dir.join("refs.txt"));
+    let args = ["--inputs", p(&e2e), "--output", p(&hyp), "--refs-out", p(&refs), "--sample", "false"];
+    let mut all = vec!["generate", p(&sampling)];
+    all.extend(args);
+    all.extend(["--beams", "2", "--num-return", "2"]);
+    let o = pfxrun(&all);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(std::fs::read_to_string(&hyp).unwrap().lines().count(), 4);
+    let groups = std::fs::read_to_string(&refs).unwrap();
+    assert_eq!(
+        groups.trim_end().split("\n\n").collect::<Vec<_>>(),
+        ["The Eagle is here.", "The Eagle is here.", "Aromi is there.", "Aromi is there."]
+    );
     let cold = compile(r#"{"do_sample": true, "temperature": 0.0}"#, "cold");
     let e = fails(&["generate", p(&cold), "--input", "x"]);
     assert!(e.contains("sets temperature 0, which sampling cannot use"), "{e}");

@@ -179,6 +179,10 @@ enum Command {
         /// one, printed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Outputs per input (HF's `num_return_sequences`), consecutive lines of --output: beam search's best N
+        /// (N at most --beams), or N samples. Default: the generation config's, else 1.
+        #[arg(long)]
+        num_return: Option<usize>,
         /// Mask the prefix out: the bare model, for comparison.
         #[arg(long, conflicts_with = "prefix")]
         no_prefix: bool,
@@ -450,6 +454,7 @@ fn run(cli: Cli) -> Result<()> {
             min_p,
             typical_p,
             seed,
+            num_return,
             no_prefix,
             no_forced_tokens,
             max_new,
@@ -482,6 +487,7 @@ fn run(cli: Cli) -> Result<()> {
                 min_p,
                 typical_p,
                 seed,
+                num_return,
             };
             for note in commands::apply_search_settings(&mut cfg, &flags, &b.manifest)? {
                 eprintln!("note: {note}");
