@@ -95,6 +95,28 @@ fn greedy_and_beam_equal_peft() {
                     ("reppen13", GenConfig { repetition_penalty: 1.3, ..cfg.clone() }),
                     ("encreppen05", GenConfig { encoder_repetition_penalty: 0.5, ..cfg.clone() }),
                     ("encnorepeat1", GenConfig { encoder_no_repeat_ngram: 1, ..cfg.clone() }),
+                    // Bans of token ids ([95] is eos alone, which HF leaves out of bad_words_ids) and biases.
+                    (
+                        "bans",
+                        GenConfig {
+                            bad_words: vec![vec![37], vec![5, 5], vec![90, 90], vec![95]],
+                            suppress: vec![91],
+                            begin_suppress: vec![55, 34, 0],
+                            ..cfg.clone()
+                        },
+                    ),
+                    (
+                        "bias",
+                        GenConfig {
+                            sequence_bias: vec![
+                                (vec![37], -5.0),
+                                (vec![90], -3.0),
+                                (vec![55, 55], 4.0),
+                                (vec![0, 0], -3.0),
+                            ],
+                            ..cfg.clone()
+                        },
+                    ),
                 ];
                 for (key, c) in settings {
                     let want = format!("greedy_{key}");

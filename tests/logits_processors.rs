@@ -70,16 +70,16 @@ fn warpers_and_penalties_equal_hf() {
     for (i, row) in logits.iter().enumerate() {
         let v = row.len();
         let mut got = row.clone();
-        Penalties::new(1.0, &[], 1.3, &history[i], v).unwrap().apply(&mut got);
+        Penalties::new(&[], 1.0, &[], 1.3, &history[i], v).unwrap().apply(&mut got);
         assert_same(&got, &rows(&r["reppen13"])[i], 0.0, &format!("reppen13 row {i}"));
         // Beam search feeds the penalty log-probabilities (float64 here: within rounding of torch's).
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
         let mut got: Vec<f32> = row.iter().map(|&x| (x as f64 - max - lse) as f32).collect();
-        Penalties::new(1.0, &[], 1.3, &history[i], v).unwrap().apply(&mut got);
+        Penalties::new(&[], 1.0, &[], 1.3, &history[i], v).unwrap().apply(&mut got);
         assert_same(&got, &rows(&r["reppen13_logsoftmax"])[i], 1e-6, &format!("reppen13_logsoftmax row {i}"));
         let mut got = row.clone();
-        Penalties::new(0.5, &source[i], 1.0, &history[i], v).unwrap().apply(&mut got);
+        Penalties::new(&[], 0.5, &source[i], 1.0, &history[i], v).unwrap().apply(&mut got);
         assert_same(&got, &rows(&r["encreppen05"])[i], 0.0, &format!("encreppen05 row {i}"));
     }
 }

@@ -340,6 +340,17 @@ pub struct GenerationSettings {
     /// Outputs per input (`num_return_sequences`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_return_sequences: Option<usize>,
+    /// Tokens never generated (`suppress_tokens`), not as the first new token (`begin_suppress_tokens`), not
+    /// completing a listed sequence (`bad_words_ids`: Marian's configs list their pad token), and biases added to the
+    /// last token of a sequence once its beginning is there (`sequence_bias`, as [[ids], bias] pairs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub suppress_tokens: Vec<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub begin_suppress_tokens: Vec<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bad_words_ids: Vec<Vec<u32>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sequence_bias: Vec<(Vec<u32>, f32)>,
     /// Settings set to something pfx's search does not do, as `name value` ("num_beam_groups 4").
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unapplied: Vec<String>,
@@ -430,13 +441,9 @@ impl GenerationSettings {
         };
         let mut unapplied = Vec::new();
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
-        let neutral: [(&str, serde_json::Value); 11] = [
+        let neutral: [(&str, serde_json::Value); 7] = [
             ("num_beam_groups", 1.into()),
             ("diversity_penalty", 0.0.into()),
-            ("bad_words_ids", serde_json::Value::Null),
-            ("sequence_bias", serde_json::Value::Null),
-            ("suppress_tokens", serde_json::Value::Null),
-            ("begin_suppress_tokens", serde_json::Value::Null),
             ("exponential_decay_length_penalty", serde_json::Value::Null),
             ("constraints", serde_json::Value::Null),
             ("epsilon_cutoff", 0.0.into()),
@@ -455,6 +462,38 @@ impl GenerationSettings {
                 }
             }
         }
+        // Token id lists, strictly: a malformed one would silently allow what the model's authors banned.
+        let id = |x: &serde_json::Value| x.as_u64().and_then(|n| u32::try_from(n).ok());
+        let ids = |x: &serde_json::Value| -> Option<Vec<u32>> { x.as_array()?.iter().map(id).collect() };
+        let id_list = |key: &str| -> Result<Vec<u32>> {
+            match setting(v, key) {
+                None => Ok(Vec::new()),
+                Some(x) => ids(x)
+                    .ok_or_else(|| anyhow::anyhow!("{}: {key} is {x}; expected a list of token ids", path.display())),
+            }
+        };
+        let bad_words_ids = match setting(v, "bad_words_ids") {
+            None => Vec::new(),
+            Some(x) => x
+                .as_array()
+                .and_then(|a| a.iter().map(|w| ids(w).filter(|w| !w.is_empty())).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{}: bad_words_ids is {x}; expected lists of token ids", path.display())
+                })?,
+        };
+        let sequence_bias = match setting(v, "sequence_bias") {
+            None => Vec::new(),
+            Some(x) => {
+                let pair = |p: &serde_json::Value| -> Option<(Vec<u32>, f32)> {
+                    let p = p.as_array().filter(|p| p.len() == 2)?;
+                    let bias = p[1].as_f64().filter(|b| b.is_finite())?;
+                    Some((ids(&p[0]).filter(|w| !w.is_empty())?, bias as f32))
+                };
+                x.as_array().and_then(|a| a.iter().map(pair).collect::<Option<Vec<_>>>()).ok_or_else(|| {
+                    anyhow::anyhow!("{}: sequence_bias is {x}; expected [[token ids], bias] pairs", path.display())
+                })?
+            }
+        };
         let length_penalty = number("length_penalty", |_| true, "a number")?.map(|f| f as f32);
         let positive = "a number above 0";
         let fraction = "a number from 0 to 1";
@@ -478,6 +517,10 @@ impl GenerationSettings {
             min_p: number("min_p", |f| (0.0..=1.0).contains(&f), fraction)?,
             typical_p: number("typical_p", |f| f > 0.0 && f <= 1.0, "a number above 0, at most 1")?,
             num_return_sequences: count("num_return_sequences", 1)?,
+            suppress_tokens: id_list("suppress_tokens")?,
+            begin_suppress_tokens: id_list("begin_suppress_tokens")?,
+            bad_words_ids,
+            sequence_bias,
             unapplied,
         })
     }
@@ -1237,8 +1280,26 @@ mod tests {
             let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
             assert!(m.contains(&format!("generation_config.json: {key} is {odd}")), "{m}");
         }
-        write("generation_config.json", "{\"suppress_tokens\": [], \"bad_words_ids\": [[5]]}");
-        assert_eq!(ModelConfig::beside(&export).unwrap().search.unapplied, ["bad_words_ids [[5]]"]);
+        write(
+            "generation_config.json",
+            "{\"suppress_tokens\": [], \"begin_suppress_tokens\": [7, 8], \"bad_words_ids\": [[5], [6, 9]], \
+             \"sequence_bias\": [[[3], -2.5], [[4, 1], 1.0]]}",
+        );
+        let c = ModelConfig::beside(&export).unwrap().search;
+        assert!(c.unapplied.is_empty() && c.suppress_tokens.is_empty(), "{c:?}");
+        assert_eq!((c.begin_suppress_tokens, c.bad_words_ids), (vec![7, 8], vec![vec![5], vec![6, 9]]));
+        assert_eq!(c.sequence_bias, [(vec![3], -2.5), (vec![4, 1], 1.0)]);
+        for (key, odd) in [
+            ("suppress_tokens", "[1.5]"),
+            ("bad_words_ids", "[5]"),
+            ("bad_words_ids", "[[]]"),
+            ("sequence_bias", "[[[3]]]"),
+            ("sequence_bias", "{\"3\": 1.0}"),
+        ] {
+            write("generation_config.json", &format!("{{\"{key}\": {odd}}}"));
+            let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
+            assert!(m.contains(&format!("generation_config.json: {key} is")), "{m}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

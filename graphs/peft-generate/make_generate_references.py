@@ -82,7 +82,12 @@ BEAM_ARGS = dict(do_sample=False, num_beams=BEAMS, num_return_sequences=1, min_n
 # encoder_input_ids=inputs_tensor)` (transformers/generation/utils.py), inputs_tensor = the input_ids passed.
 PENALTIES = (("reppen13", dict(repetition_penalty=1.3)),
              ("encreppen05", dict(encoder_repetition_penalty=0.5)),
-             ("encnorepeat1", dict(encoder_no_repeat_ngram_size=1)))
+             ("encnorepeat1", dict(encoder_no_repeat_ngram_size=1)),
+             # Token bans and biases, on tokens the tiny models' outputs hold (37, 5 5, 90 90, 91; first tokens 55,
+             # 34, 0): [95] is eos alone, which HF drops from bad_words_ids.
+             ("bans", dict(bad_words_ids=[[37], [5, 5], [90, 90], [95]], suppress_tokens=[91],
+                           begin_suppress_tokens=[55, 34, 0])),
+             ("bias", dict(sequence_bias=[[[37], -5.0], [[90], -3.0], [[55, 55], 4.0], [[0, 0], -3.0]])))
 # The first sampling step: repetition penalty, then the warpers generate appends when do_sample (temperature, top-k,
 # top-p, min-p). min_new_tokens = max_new_tokens = 1: eos is -inf in that step too, and generation stops after it.
 SAMPLE_ARGS = dict(GREEDY_ARGS, do_sample=True, temperature=0.7, top_k=10, top_p=0.9, min_p=0.05,
@@ -103,9 +108,19 @@ def check_penalty_processor(name, procs, ids):
     elif name == "encreppen05":
         (p,) = [p for p in procs if type(p).__name__ == "EncoderRepetitionPenaltyLogitsProcessor"]
         assert p.penalty == 1 / 0.5 and torch.equal(p.encoder_input_ids, ids)  # HF stores 1 / penalty
-    else:
+    elif name == "encnorepeat1":
         (p,) = [p for p in procs if type(p).__name__ == "EncoderNoRepeatNGramLogitsProcessor"]
         assert p.ngram_size == 1 and p.batch_size == 1  # n-grams of the prompt (ids), one row
+    elif name == "bans":
+        # bad words before the eos ban; the suppressions after it (they only ban, so the order does not matter)
+        assert names[names.index("NoBadWordsLogitsProcessor") + 1:] == [
+            "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "SuppressTokensLogitsProcessor",
+            "SuppressTokensAtBeginLogitsProcessor"], names
+        (p,) = [p for p in procs if type(p).__name__ == "SuppressTokensAtBeginLogitsProcessor"]
+        assert p.begin_index == ids.shape[1], p.begin_index  # the first new token
+        return
+    else:
+        assert names[0] == "SequenceBiasLogitsProcessor", names  # biases come first, before any penalty
     assert names[-1] == "MinNewTokensLengthLogitsProcessor", names  # the penalty comes before the eos ban
 
 

@@ -539,6 +539,21 @@ pub fn apply_search_settings(
         }
         configured
     });
+    // Bans and biases of token ids: from the generation config only (ids are the config's business).
+    let to_i64 = |v: &[u32]| v.iter().map(|&t| t as i64).collect::<Vec<i64>>();
+    cfg.suppress = to_i64(&gs.suppress_tokens);
+    cfg.begin_suppress = to_i64(&gs.begin_suppress_tokens);
+    cfg.bad_words = gs.bad_words_ids.iter().map(|w| to_i64(w)).collect();
+    cfg.sequence_bias = gs.sequence_bias.iter().map(|(w, b)| (to_i64(w), *b)).collect();
+    let counted = [
+        (gs.suppress_tokens.len(), "suppress_tokens"),
+        (gs.begin_suppress_tokens.len(), "begin_suppress_tokens"),
+        (gs.bad_words_ids.len(), "bad_words_ids"),
+        (gs.sequence_bias.len(), "sequence_bias"),
+    ];
+    for (n, key) in counted.into_iter().filter(|c| c.0 > 0) {
+        from_config.push(format!("{key} ({n})"));
+    }
     cfg.num_return = flags.num_return.unwrap_or_else(|| {
         gs.num_return_sequences
             .filter(|&n| n > 1)

@@ -28,46 +28,56 @@ impl Default for Sampling {
     }
 }
 
-/// The penalized tokens of a row: HF's EncoderRepetitionPenaltyLogitsProcessor over `source` (a factor above 1
-/// favours the source's tokens), then its RepetitionPenaltyLogitsProcessor over `seq` (a factor above 1 disfavours
-/// tokens already there). Each token is penalized once per processor: a negative score is multiplied by the
-/// factor, a positive one divided. `vocab` bounds the ids (HF drops ids past the scores).
+/// The tokens of a row whose scores change before bans and warpers, in HF's order: its SequenceBiasLogitsProcessor
+/// (a bias added to each token ending a biased sequence), its EncoderRepetitionPenaltyLogitsProcessor over `source`
+/// (a factor above 1 favours the source's tokens), then its RepetitionPenaltyLogitsProcessor over `seq` (a factor
+/// above 1 disfavours tokens already there). Each token is penalized once per processor: a negative score is
+/// multiplied by the factor, a positive one divided. `vocab` bounds the ids (HF drops ids past the scores).
 pub struct Penalties {
-    /// (token, encoder factor applies, repetition factor applies), each token once.
-    tokens: Vec<(usize, bool, bool)>,
+    /// (token, bias, encoder factor applies, repetition factor applies), each token once.
+    tokens: Vec<(usize, f32, bool, bool)>,
     /// HF keeps 1 / encoder_repetition_penalty (computed in float64) and multiplies scores by it.
     encoder: f32,
     repetition: f32,
 }
 
 impl Penalties {
-    /// `None` when both penalties are 1 (off) or no token is concerned.
+    /// `None` when no token is biased or penalized (penalties of 1 are off).
     pub fn new(
+        biases: &[(i64, f32)],
         encoder_penalty: f64,
         source: &[i64],
         repetition_penalty: f64,
         seq: &[i64],
         vocab: usize,
     ) -> Option<Penalties> {
-        let mut tokens: Vec<(usize, bool, bool)> = Vec::new();
-        let mut mark = |ids: &[i64], encoder: bool| {
-            for &t in ids {
-                let Ok(t) = usize::try_from(t) else { continue };
-                if t >= vocab {
-                    continue;
-                }
-                match tokens.iter_mut().find(|(u, _, _)| *u == t) {
-                    Some(e) if encoder => e.1 = true,
-                    Some(e) => e.2 = true,
-                    None => tokens.push((t, encoder, !encoder)),
+        let mut tokens: Vec<(usize, f32, bool, bool)> = Vec::new();
+        // The entry of token t (made on first use), or None past the vocabulary.
+        fn entry(tokens: &mut Vec<(usize, f32, bool, bool)>, t: i64, vocab: usize) -> Option<usize> {
+            let t = usize::try_from(t).ok().filter(|&t| t < vocab)?;
+            Some(tokens.iter().position(|e| e.0 == t).unwrap_or_else(|| {
+                tokens.push((t, 0.0, false, false));
+                tokens.len() - 1
+            }))
+        }
+        for &(t, b) in biases {
+            if let Some(i) = entry(&mut tokens, t, vocab) {
+                tokens[i].1 += b;
+            }
+        }
+        if encoder_penalty != 1.0 {
+            for &t in source {
+                if let Some(i) = entry(&mut tokens, t, vocab) {
+                    tokens[i].2 = true;
                 }
             }
-        };
-        if encoder_penalty != 1.0 {
-            mark(source, true);
         }
         if repetition_penalty != 1.0 {
-            mark(seq, false);
+            for &t in seq {
+                if let Some(i) = entry(&mut tokens, t, vocab) {
+                    tokens[i].3 = true;
+                }
+            }
         }
         if tokens.is_empty() {
             return None;
@@ -75,15 +85,16 @@ impl Penalties {
         Some(Penalties { tokens, encoder: (1.0 / encoder_penalty) as f32, repetition: repetition_penalty as f32 })
     }
 
-    /// The penalized tokens.
+    /// The tokens whose scores change.
     pub fn tokens(&self) -> impl Iterator<Item = usize> + '_ {
         self.tokens.iter().map(|e| e.0)
     }
 
-    /// Score `x` of a penalized token `i` (an index into [`Penalties::tokens`]) after both processors.
-    fn apply_at(&self, i: usize, mut x: f32) -> f32 {
-        let (_, encoder, repetition) = self.tokens[i];
+    /// Score `x` of token entry `i` after the processors.
+    fn apply_at(&self, i: usize, x: f32) -> f32 {
+        let (_, bias, encoder, repetition) = self.tokens[i];
         let scale = |x: f32, f: f32| if x < 0.0 { x * f } else { x / f };
+        let mut x = if bias != 0.0 { x + bias } else { x };
         if encoder {
             x = scale(x, self.encoder);
         }
@@ -93,12 +104,12 @@ impl Penalties {
         x
     }
 
-    /// Each penalized token with its score after both processors, `score(t)` giving the score before.
+    /// Each changed token with its score after the processors, `score(t)` giving the score before.
     pub fn scores(&self, score: impl Fn(usize) -> f32) -> Vec<(usize, f32)> {
         self.tokens.iter().enumerate().map(|(i, e)| (e.0, self.apply_at(i, score(e.0)))).collect()
     }
 
-    /// Penalizes a whole row in place.
+    /// Changes a whole row in place.
     pub fn apply(&self, row: &mut [f32]) {
         for i in 0..self.tokens.len() {
             let t = self.tokens[i].0;

@@ -49,6 +49,15 @@ pub struct GenConfig {
     /// Outputs per input (HF's `num_return_sequences`): beam search's best hypotheses (at most `beams`), or as many
     /// samples; consecutive in the searches' results.
     pub num_return: usize,
+    /// Tokens never chosen (HF's `suppress_tokens`), never as the first new token (`begin_suppress_tokens`; the
+    /// second when `forced_bos` takes the first), and never completing one of `bad_words` (`bad_words_ids`: a
+    /// one-token word is never chosen; an end-of-sequence id alone is left out, as HF does).
+    pub suppress: Vec<i64>,
+    pub begin_suppress: Vec<i64>,
+    pub bad_words: Vec<Vec<i64>>,
+    /// (sequence, bias): the bias is added to the sequence's last token's score wherever the rest of it ends the
+    /// row's sequence (always for a one-token sequence; HF's `sequence_bias`).
+    pub sequence_bias: Vec<(Vec<i64>, f32)>,
 }
 
 impl Default for GenConfig {
@@ -72,6 +81,10 @@ impl Default for GenConfig {
             sampling: None,
             input_offset: 0,
             num_return: 1,
+            suppress: Vec::new(),
+            begin_suppress: Vec::new(),
+            bad_words: Vec::new(),
+            sequence_bias: Vec::new(),
         }
     }
 }
@@ -80,6 +93,16 @@ impl GenConfig {
     /// Whether `t` ends a sequence.
     pub fn is_eos(&self, t: i64) -> bool {
         Some(t) == self.eos || self.more_eos.contains(&t)
+    }
+
+    /// Whether the bans or biases look at the row's sequence (beam search builds it only then).
+    fn reads_sequence(&self) -> bool {
+        self.no_repeat_ngram > 0
+            || self.encoder_no_repeat_ngram > 0
+            || !self.suppress.is_empty()
+            || !self.begin_suppress.is_empty()
+            || !self.bad_words.is_empty()
+            || !self.sequence_bias.is_empty()
     }
 
     /// The end-of-sequence ids.
@@ -360,7 +383,7 @@ pub fn beam_groups(
                 }
                 // As HF: log-softmax over the whole vocabulary first, then the penalties, then forbid an early
                 // eos and repeated n-grams.
-                let banned = if cfg.no_repeat_ngram > 0 || cfg.encoder_no_repeat_ngram > 0 {
+                let banned = if cfg.reads_sequence() {
                     let seq = [&contexts[gi].history[..], &g.beams[b].0].concat();
                     banned_tokens(cfg, n, &seq, &contexts[gi].source)
                 } else {
@@ -470,6 +493,25 @@ pub fn reorder_rows<T: Copy>(data: &mut [T], parents: &[usize], rows: usize, per
 /// EncoderNoRepeatNGramLogitsProcessor).
 fn banned_tokens(cfg: &GenConfig, n_generated: usize, seq: &[i64], source: &[i64]) -> Vec<usize> {
     let mut banned = eos_banned(cfg, n_generated);
+    let mut ban = |t: i64| {
+        if let Ok(t) = usize::try_from(t) {
+            if !banned.contains(&t) {
+                banned.push(t);
+            }
+        }
+    };
+    cfg.suppress.iter().for_each(|&t| ban(t));
+    // HF's begin index: the first new token, the second when a forced first token takes it (encoder-decoders).
+    let begin = if cfg.forced_bos.is_some() && seq.len() - n_generated == 1 { 1 } else { 0 };
+    if n_generated == begin {
+        cfg.begin_suppress.iter().for_each(|&t| ban(t));
+    }
+    for w in &cfg.bad_words {
+        let (head, last) = w.split_at(w.len() - 1);
+        if (w.len() > 1 || !cfg.is_eos(last[0])) && seq.ends_with(head) {
+            ban(last[0]);
+        }
+    }
     // `seq` itself holds an n-gram once it is n long; the source's count once `seq` has their first n - 1.
     let n = cfg.no_repeat_ngram;
     if n > 0 && seq.len() >= n {
@@ -498,14 +540,20 @@ fn ban_continuations(within: &[i64], tail: &[i64], banned: &mut Vec<usize>) {
     }
 }
 
-/// The repetition penalties of a row whose context is `ctx` and which generated `new` past its history (beam search
-/// keeps a beam's tokens apart; greedy search pushes them onto the history).
+/// The biases and repetition penalties of a row whose context is `ctx` and which generated `new` past its history
+/// (beam search keeps a beam's tokens apart; greedy search pushes them onto the history).
 fn penalties(cfg: &GenConfig, ctx: &RowContext, new: &[i64], vocab: usize) -> Option<Penalties> {
-    if cfg.repetition_penalty == 1.0 && cfg.encoder_repetition_penalty == 1.0 {
+    if cfg.repetition_penalty == 1.0 && cfg.encoder_repetition_penalty == 1.0 && cfg.sequence_bias.is_empty() {
         return None;
     }
     let seq = [&ctx.history[..], new].concat();
-    Penalties::new(cfg.encoder_repetition_penalty, &ctx.source, cfg.repetition_penalty, &seq, vocab)
+    let biases: Vec<(i64, f32)> = cfg
+        .sequence_bias
+        .iter()
+        .filter(|(s, _)| seq.ends_with(&s[..s.len() - 1]))
+        .map(|(s, b)| (s[s.len() - 1], *b))
+        .collect();
+    Penalties::new(&biases, cfg.encoder_repetition_penalty, &ctx.source, cfg.repetition_penalty, &seq, vocab)
 }
 
 /// The `count` best tokens of a row after the penalties and bans, best first (ties to the lower id), with their

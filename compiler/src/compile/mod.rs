@@ -150,15 +150,26 @@ fn is_default<T: Default + PartialEq>(x: &T) -> bool {
 /// Forced tokens must be tokens of the model: HF's generate fails on one past the vocabulary, and pfx's search
 /// would emit an id the model has no logits for.
 pub(crate) fn check_forced_ids(config: &crate::inspect::ModelConfig, vocab: usize) -> Result<()> {
-    let forced =
-        [("forced_bos_token_id", config.forced_bos_token_id), ("forced_eos_token_id", config.forced_eos_token_id)];
-    for (key, id) in forced {
-        if let Some(id) = id.filter(|&id| id as usize >= vocab) {
+    let s = &config.search;
+    let one = |id: Option<u32>| id.into_iter().collect::<Vec<_>>();
+    let flat = |lists: &mut dyn Iterator<Item = &Vec<u32>>| lists.flatten().copied().collect::<Vec<_>>();
+    // Token ids the generation settings force, ban or bias: HF's generate fails on one past the vocabulary.
+    let listed = [
+        ("forced_bos_token_id", one(config.forced_bos_token_id)),
+        ("forced_eos_token_id", one(config.forced_eos_token_id)),
+        ("suppress_tokens", s.suppress_tokens.clone()),
+        ("begin_suppress_tokens", s.begin_suppress_tokens.clone()),
+        ("bad_words_ids", flat(&mut s.bad_words_ids.iter())),
+        ("sequence_bias", flat(&mut s.sequence_bias.iter().map(|b| &b.0))),
+    ];
+    for (key, ids) in listed {
+        if let Some(id) = ids.into_iter().find(|&id| id as usize >= vocab) {
             let file = config
                 .settings_file
                 .as_ref()
                 .map_or("the model's generation config".into(), |f| f.display().to_string());
-            bail!("{file}: {key} is {id}, past the model's vocabulary ({vocab} tokens): fix or remove it");
+            let what = if key.ends_with("_id") { format!("is {id}") } else { format!("holds {id}") };
+            bail!("{file}: {key} {what}, past the model's vocabulary ({vocab} tokens): fix or remove it");
         }
     }
     Ok(())
