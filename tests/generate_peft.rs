@@ -136,7 +136,7 @@ fn greedy_and_beam_equal_peft() {
 /// tokens kept, their scores within float32 rounding of the model's logits.
 fn sampling_scores_equal_hf(g: &mut Generator, prompts: &[Vec<i64>], r: &BTreeMap<String, HostTensor>, what: &str) {
     use pfx_runtime::search::{sampling_scores, Sampling, Start};
-    let s = Sampling { temperature: 0.7, top_k: 10, top_p: 0.9, min_p: Some(0.05), typical_p: 1.0, seed: 0 };
+    let s = Sampling { temperature: 0.7, top_k: 10, top_p: 0.9, min_p: Some(0.05), ..Sampling::default() };
     let cfg =
         GenConfig { max_new: 1, min_new: 1, repetition_penalty: 1.3, eos: Some(95), pad: 95, ..GenConfig::default() };
     let want = r["sample_first_scores"].as_f32().unwrap();

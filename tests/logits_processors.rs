@@ -8,7 +8,8 @@ use pfx_runtime::processors::{warp, Penalties, Sampling};
 use pfx_runtime::HostTensor;
 
 /// Every warper off: each case turns on what it tests.
-const OFF: Sampling = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: None, typical_p: 1.0, seed: 0 };
+const OFF: Sampling =
+    Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: None, typical_p: 1.0, epsilon: 0.0, eta: 0.0, seed: 0 };
 
 fn rows(t: &HostTensor) -> Vec<Vec<f32>> {
     let v = t.as_f32().unwrap();
@@ -43,6 +44,8 @@ fn warpers_and_penalties_equal_hf() {
         ("topp09", Sampling { top_p: 0.9, ..OFF }),
         ("minp01", Sampling { min_p: Some(0.1), ..OFF }),
         ("typical09", Sampling { typical_p: 0.9, ..OFF }),
+        ("eps002", Sampling { epsilon: 0.02, ..OFF }),
+        ("eta002", Sampling { eta: 0.02, ..OFF }),
         ("chain", Sampling { temperature: 0.7, top_k: 20, top_p: 0.9, min_p: Some(0.05), ..OFF }),
     ];
     // Rows where top-p cuts inside a group of equal scores: which of them HF removes follows torch.sort's unstable

@@ -337,6 +337,11 @@ pub struct GenerationSettings {
     pub min_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub typical_p: Option<f64>,
+    /// Truncation sampling's floors (`epsilon_cutoff`, `eta_cutoff`; applied strictly between 0 and 1, as HF does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_cutoff: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_cutoff: Option<f64>,
     /// Outputs per input (`num_return_sequences`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_return_sequences: Option<usize>,
@@ -441,13 +446,11 @@ impl GenerationSettings {
         };
         let mut unapplied = Vec::new();
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
-        let neutral: [(&str, serde_json::Value); 7] = [
+        let neutral: [(&str, serde_json::Value); 5] = [
             ("num_beam_groups", 1.into()),
             ("diversity_penalty", 0.0.into()),
             ("exponential_decay_length_penalty", serde_json::Value::Null),
             ("constraints", serde_json::Value::Null),
-            ("epsilon_cutoff", 0.0.into()),
-            ("eta_cutoff", 0.0.into()),
             ("top_h", serde_json::Value::Null),
         ];
         for (key, value) in neutral {
@@ -516,6 +519,8 @@ impl GenerationSettings {
             top_p: number("top_p", |f| (0.0..=1.0).contains(&f), fraction)?,
             min_p: number("min_p", |f| (0.0..=1.0).contains(&f), fraction)?,
             typical_p: number("typical_p", |f| f > 0.0 && f <= 1.0, "a number above 0, at most 1")?,
+            epsilon_cutoff: number("epsilon_cutoff", |f| (0.0..=1.0).contains(&f), fraction)?,
+            eta_cutoff: number("eta_cutoff", |f| (0.0..=1.0).contains(&f), fraction)?,
             num_return_sequences: count("num_return_sequences", 1)?,
             suppress_tokens: id_list("suppress_tokens")?,
             begin_suppress_tokens: id_list("begin_suppress_tokens")?,
@@ -1240,7 +1245,7 @@ mod tests {
             "generation_config.json",
             "{\"early_stopping\": \"never\", \"bos_token_id\": 0, \"do_sample\": true, \"temperature\": 0.6, \
              \"top_p\": 0.9, \"top_k\": 0, \"min_p\": 0.05, \"typical_p\": 0.95, \"max_new_tokens\": 7, \
-             \"encoder_repetition_penalty\": 0.5, \"epsilon_cutoff\": 0.0}",
+             \"encoder_repetition_penalty\": 0.5, \"eta_cutoff\": 0.001}",
         );
         let c = ModelConfig::beside(&export).unwrap();
         let want = GenerationSettings {
@@ -1253,6 +1258,7 @@ mod tests {
             typical_p: Some(0.95),
             max_new_tokens: Some(7),
             encoder_repetition_penalty: Some(0.5),
+            eta_cutoff: Some(0.001),
             ..GenerationSettings::default()
         };
         assert_eq!((&c.search, c.generation_start_token_id), (&want, Some(0)));

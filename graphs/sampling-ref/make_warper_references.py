@@ -23,9 +23,9 @@ import safetensors
 import torch
 import transformers
 from safetensors.numpy import save_file
-from transformers import (EncoderRepetitionPenaltyLogitsProcessor, GenerationConfig, MinPLogitsWarper,
-                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper, TypicalLogitsWarper)
+from transformers import (EncoderRepetitionPenaltyLogitsProcessor, EpsilonLogitsWarper, EtaLogitsWarper,
+                          GenerationConfig, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 from transformers.generation.utils import GenerationMixin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -185,6 +185,9 @@ def main():
         "topp09": TopPLogitsWarper(0.9),
         "minp01": MinPLogitsWarper(0.1),
         "typical09": TypicalLogitsWarper(0.9),
+        # Truncation sampling (HF's epsilon_cutoff, eta_cutoff): a fixed and an entropy-scaled probability floor.
+        "eps002": EpsilonLogitsWarper(0.02),
+        "eta002": EtaLogitsWarper(0.02),
     }
     for key, proc in single.items():
         out[key] = proc(history, logits.clone())
@@ -219,8 +222,8 @@ def main():
     for key, ids in tie_dep.items():
         facts[f"{key}: entries (row, id) that depend on torch.sort's order of ties"] = \
             {r: [i for rr, i in ids if rr == r] for r in sorted({r for r, _ in ids})} or "none"
-    for key in ("temp07", "topk5", "topp09", "minp01", "typical09", "chain", "reppen13", "reppen13_logsoftmax",
-                "encreppen05"):
+    for key in ("temp07", "topk5", "topp09", "minp01", "typical09", "eps002", "eta002", "chain", "reppen13",
+                "reppen13_logsoftmax", "encreppen05"):
         facts[f"{key}: finite entries per row"] = kept(out[key])
     facts["chain: finite entries after temperature, top-k 20, top-p 0.9, min-p 0.05"] = [
         kept(s) for s in stages]

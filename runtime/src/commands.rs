@@ -346,6 +346,8 @@ pub struct SearchFlags {
     pub top_p: Option<f64>,
     pub min_p: Option<f64>,
     pub typical_p: Option<f64>,
+    pub epsilon_cutoff: Option<f64>,
+    pub eta_cutoff: Option<f64>,
     pub seed: Option<u64>,
     pub num_return: Option<usize>,
 }
@@ -359,6 +361,8 @@ impl SearchFlags {
             ("--top-p", self.top_p.is_some()),
             ("--min-p", self.min_p.is_some()),
             ("--typical-p", self.typical_p.is_some()),
+            ("--epsilon-cutoff", self.epsilon_cutoff.is_some()),
+            ("--eta-cutoff", self.eta_cutoff.is_some()),
             ("--seed", self.seed.is_some()),
         ];
         given.into_iter().filter(|g| g.1).map(|g| g.0).collect()
@@ -373,9 +377,14 @@ impl SearchFlags {
         positive("--repetition-penalty", self.repetition_penalty)?;
         positive("--encoder-repetition-penalty", self.encoder_repetition_penalty)?;
         positive("--temperature", self.temperature)?;
-        for (name, v, low_open) in
-            [("--top-p", self.top_p, false), ("--min-p", self.min_p, false), ("--typical-p", self.typical_p, true)]
-        {
+        let fractions = [
+            ("--top-p", self.top_p, false),
+            ("--min-p", self.min_p, false),
+            ("--typical-p", self.typical_p, true),
+            ("--epsilon-cutoff", self.epsilon_cutoff, false),
+            ("--eta-cutoff", self.eta_cutoff, false),
+        ];
+        for (name, v, low_open) in fractions {
             if let Some(x) = v.filter(|&x| !(x <= 1.0 && (x > 0.0 || (!low_open && x == 0.0)))) {
                 let range = if low_open { "above 0, at most 1" } else { "from 0 to 1" };
                 bail!("{name} must be a number {range} (got {x})");
@@ -576,6 +585,10 @@ pub fn apply_search_settings(
         let top_p = pick(flags.top_p, gs.top_p, 1.0, "top-p").unwrap_or(1.0);
         let min_p = pick(flags.min_p, gs.min_p, -1.0, "min-p");
         let typical_p = pick(flags.typical_p, gs.typical_p, 1.0, "typical-p").unwrap_or(1.0);
+        // HF applies the cutoffs strictly between 0 and 1 only.
+        let cutoff = |x: Option<f64>| x.filter(|&e| e > 0.0 && e < 1.0).unwrap_or(0.0) as f32;
+        let epsilon = cutoff(pick(flags.epsilon_cutoff, gs.epsilon_cutoff, 0.0, "epsilon cutoff"));
+        let eta = cutoff(pick(flags.eta_cutoff, gs.eta_cutoff, 0.0, "eta cutoff"));
         let top_k = flags.top_k.unwrap_or_else(|| {
             gs.top_k.filter(|&k| k != 50).inspect(|k| from_config.push(format!("top-k {k}"))).unwrap_or(50)
         });
@@ -591,6 +604,8 @@ pub fn apply_search_settings(
             top_p: top_p as f32,
             min_p: min_p.map(|p| p as f32),
             typical_p: typical_p as f32,
+            epsilon,
+            eta,
             seed: flags.seed.unwrap_or_else(fresh_seed),
         })
     } else {

@@ -17,6 +17,10 @@ pub struct Sampling {
     pub min_p: Option<f32>,
     /// Only the tokens closest to the row's entropy whose probabilities add up to `typical_p`; 1: off.
     pub typical_p: f32,
+    /// Only tokens at least this probable (HF's `epsilon_cutoff`), or at least min(eta, √eta · e^-entropy)
+    /// (`eta_cutoff`); 0: off.
+    pub epsilon: f32,
+    pub eta: f32,
     /// The draws of the input with index i come from the stream (seed, i) ([`Draws::new`]).
     pub seed: u64,
 }
@@ -24,7 +28,16 @@ pub struct Sampling {
 impl Default for Sampling {
     /// HF's defaults when `do_sample` is on and nothing else is set.
     fn default() -> Self {
-        Sampling { temperature: 1.0, top_k: 50, top_p: 1.0, min_p: None, typical_p: 1.0, seed: 0 }
+        Sampling {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            min_p: None,
+            typical_p: 1.0,
+            epsilon: 0.0,
+            eta: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -136,6 +149,29 @@ pub fn warp(row: &mut [f32], s: &Sampling) {
     }
     if s.typical_p < 1.0 {
         typical(row, s.typical_p);
+    }
+    if s.epsilon > 0.0 {
+        below_floor(row, |_| s.epsilon);
+    }
+    if s.eta > 0.0 {
+        // The floor shrinks as the row spreads: entropy H of softmax(row), -inf entries adding nothing.
+        below_floor(row, |probs| {
+            let entropy: f32 = -probs.iter().filter(|&&q| q > 0.0).map(|&q| q * q.ln()).sum::<f32>();
+            s.eta.min(s.eta.sqrt() * (-entropy).exp())
+        });
+    }
+}
+
+/// EpsilonLogitsWarper and EtaLogitsWarper: tokens less probable than `floor(probabilities)` are removed, those
+/// scoring as high as the best kept.
+fn below_floor(row: &mut [f32], floor: impl Fn(&[f32]) -> f32) {
+    let probs = softmax(row);
+    let bar = floor(&probs);
+    let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for (x, q) in row.iter_mut().zip(probs) {
+        if q < bar && *x < best {
+            *x = f32::NEG_INFINITY;
+        }
     }
 }
 

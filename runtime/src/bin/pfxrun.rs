@@ -175,6 +175,12 @@ enum Command {
         /// Sampling: typical sampling's probability mass. Default: the generation config's, else 1 (off).
         #[arg(long)]
         typical_p: Option<f64>,
+        /// Sampling: only tokens at least this probable (HF's `epsilon_cutoff`). Default: the config's, else off.
+        #[arg(long)]
+        epsilon_cutoff: Option<f64>,
+        /// Sampling: eta sampling's floor min(eta, √eta · e^-entropy) (HF's `eta_cutoff`). Default: the config's.
+        #[arg(long)]
+        eta_cutoff: Option<f64>,
         /// Sampling: the seed (each input draws from its own stream of it, whatever its batch). Default: a new
         /// one, printed.
         #[arg(long)]
@@ -453,6 +459,8 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             min_p,
             typical_p,
+            epsilon_cutoff,
+            eta_cutoff,
             seed,
             num_return,
             no_prefix,
@@ -486,6 +494,8 @@ fn run(cli: Cli) -> Result<()> {
                 top_p,
                 min_p,
                 typical_p,
+                epsilon_cutoff,
+                eta_cutoff,
                 seed,
                 num_return,
             };
