@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Tiny Marian, Pegasus, mBART, BlenderBot and BlenderBot-small: HF folders and optimum exports in BART's layout
+"""Tiny Marian, Pegasus, mBART, BlenderBot, BlenderBot-small and M2M100: HF folders and optimum exports in BART's layout
 (encoder / decoder / decoder with past).
 
 One command, from the reference venv (torch, transformers 5.x); it runs itself in the optimum venv (transformers
 4.x, optimum-onnx) for the export step, as graphs/make_decoder_fixtures.py does:
 
-    /root/.cache/pfx/ref/bin/python graphs/make_seq2seq_fixtures.py [--skip-hf]
+    /root/.cache/pfx/ref/bin/python graphs/make_seq2seq_fixtures.py [--skip-hf] [NAME ...]
 
 Writes (relative to this file's folder), for NAME in marian-tiny, pegasus-tiny, mbart-tiny, blenderbot-tiny,
-blenderbot-small-tiny:
+blenderbot-small-tiny, m2m100-tiny (or the NAMEs given):
     NAME/hf/      save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/         encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx, config.json,
                   generation_config.json from `optimum-cli export onnx --task text2text-generation-with-past`
@@ -37,9 +37,17 @@ blenderbot-small-tiny:
   with an embedding LayerNorm (layernorm_embedding; the encoder normalizes token + position embeddings, the decoder
   only the token embeddings, then adds the positions), scaled embeddings, learned positions without offset, BART's
   shift; decoder start = bos (0; `__start__` = 1 in the real vocabulary).
+- m2m100-tiny: M2M100ForConditionalGeneration (M2M100's and NLLB-200's architecture), 2 encoder / 2 decoder layers,
+  relu (M2M100's default), pre-LN with a final LayerNorm after each stack, scaled embeddings, tied embeddings,
+  sinusoidal positions numbered from the token ids in the graph (`create_position_ids_from_input_ids`: real tokens
+  pad + 1 + (real tokens before them) + past length, pad tokens the table's zero row pad), no final_logits_bias.
+  Sources are framed `src_lang X </s>` and the decoder starts with `</s>` (decoder_start_token_id = eos, 2), then the
+  target language as forced_bos_token_id; language codes at 92..95 (M2M_LANG: 92 and 93 in the checks).
+  forced_eos_token_id = eos (2) in its generation config, as the other fixtures (M2M100Config has no such field,
+  and the real checkpoints force none).
 All: vocab 96, d_model 32, 4 heads, ffn 64, 64 positions, bos 0, pad 1, eos 2 (= forced eos), dropout off; every
 parameter but the (fixed) sinusoidal tables of Marian and Pegasus gets 0.02 * randn (mBART's and BlenderBot's learned
-positions do), final_logits_bias 0.02 * randn.
+positions do; M2M100's table is a buffer, not a parameter), final_logits_bias 0.02 * randn (M2M100 has none).
 
 The export step asserts that every saved tensor loads unchanged in transformers 4.x (`load_checked`) and that
 onnxruntime gives PyTorch's outputs (max diff < 1e-4) for all three graphs. The prefix-tuning references are
@@ -57,7 +65,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261201
 # New names at the end: the seeds follow the index.
-NAMES = ["marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny"]
+NAMES = ["marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny", "m2m100-tiny"]
 GRAPHS = ["encoder_model", "decoder_model", "decoder_with_past_model"]
 # Encoder ids end with eos (2), right-padded with pad (1); decoder ids start with decoder_start (= pad, 1).
 IDS = torch.tensor([[0, 17, 42, 8, 2], [0, 77, 2, 1, 1]], dtype=torch.int64)
@@ -70,11 +78,18 @@ EN_XX, RO_RO = MBART_LANG_CODES + 3, MBART_LANG_CODES + 19  # 73, 89
 # code (decoder_start_token_id = ro_RO), the tokens after it as HF's shift_tokens_right of `Y </s> ro_RO` gives them.
 MBART_IDS = torch.tensor([[17, 42, 8, 2, EN_XX], [77, 2, EN_XX, 1, 1]], dtype=torch.int64)
 MBART_DEC_IDS = torch.tensor([[RO_RO, 33, 44, 55, 2], [RO_RO, 66, 5, 9, 2]], dtype=torch.int64)
-CHECK_IDS = {"mbart-tiny": (MBART_IDS, MASK, MBART_DEC_IDS)}  # others: (IDS, MASK, DEC_IDS)
+# M2M100 / NLLB: `src_lang X </s>` sources, decoder `</s> tgt_lang Y` (start = eos, forced_bos = the target language).
+M2M_LANG = 92  # language codes 92..95
+M2M_SRC, M2M_TGT = M2M_LANG, M2M_LANG + 1
+M2M_IDS = torch.tensor([[M2M_SRC, 17, 42, 8, 2], [M2M_SRC, 77, 2, 1, 1]], dtype=torch.int64)
+M2M_DEC_IDS = torch.tensor([[2, M2M_TGT, 33, 44, 55], [2, M2M_TGT, 66, 5, 9]], dtype=torch.int64)
+CHECK_IDS = {"mbart-tiny": (MBART_IDS, MASK, MBART_DEC_IDS),
+             "m2m100-tiny": (M2M_IDS, MASK, M2M_DEC_IDS)}  # others: (IDS, MASK, DEC_IDS)
 
 
 def configs():
-    from transformers import BlenderbotConfig, BlenderbotSmallConfig, MarianConfig, MBartConfig, PegasusConfig
+    from transformers import (BlenderbotConfig, BlenderbotSmallConfig, M2M100Config, MarianConfig, MBartConfig,
+                              PegasusConfig)
 
     common = dict(vocab_size=96, max_position_embeddings=64, d_model=32, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0,
@@ -94,6 +109,10 @@ def configs():
         "blenderbot-small-tiny": BlenderbotSmallConfig(encoder_layers=2, decoder_layers=2,
                                                        activation_function="gelu",
                                                        **{**common, "decoder_start_token_id": 0}),
+        # M2M100: decoder start = eos (2), as the real checkpoints; no layerdrop (training is eval mode anyway).
+        "m2m100-tiny": M2M100Config(encoder_layers=2, decoder_layers=2, activation_function="relu",
+                                    encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+                                    **{**common, "decoder_start_token_id": 2}),
     }
 
 
@@ -104,7 +123,8 @@ def model_class(name):
             "pegasus-tiny": transformers.PegasusForConditionalGeneration,
             "mbart-tiny": transformers.MBartForConditionalGeneration,
             "blenderbot-tiny": transformers.BlenderbotForConditionalGeneration,
-            "blenderbot-small-tiny": transformers.BlenderbotSmallForConditionalGeneration}[name]
+            "blenderbot-small-tiny": transformers.BlenderbotSmallForConditionalGeneration,
+            "m2m100-tiny": transformers.M2M100ForConditionalGeneration}[name]
 
 
 def add_noise(model, seed, sinusoidal=True):
@@ -118,14 +138,21 @@ def add_noise(model, seed, sinusoidal=True):
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
 
 
-def make_hf():
+def make_hf(names):
     for i, (name, cfg) in enumerate(configs().items()):
+        if name not in names:
+            continue
         torch.manual_seed(SEED + i)
         model = model_class(name)(cfg).eval()
         add_noise(model, SEED + 10 + i, sinusoidal=name in ("marian-tiny", "pegasus-tiny"))
-        with torch.no_grad():  # a buffer, zeros at init: perturb it so the logits bias is exercised
-            g = torch.Generator().manual_seed(SEED + 20 + i)
-            model.final_logits_bias.add_(torch.randn(model.final_logits_bias.shape, generator=g) * 0.02)
+        if hasattr(model, "final_logits_bias"):  # M2M100 has none
+            with torch.no_grad():  # a buffer, zeros at init: perturb it so the logits bias is exercised
+                g = torch.Generator().manual_seed(SEED + 20 + i)
+                model.final_logits_bias.add_(torch.randn(model.final_logits_bias.shape, generator=g) * 0.02)
+        if model.generation_config.forced_eos_token_id is None:
+            # M2M100's config has no forced_eos_token_id (nor do the real checkpoints'); the fixture forces eos as
+            # the others do, through its generation config, so that the same forced-token references apply.
+            model.generation_config.forced_eos_token_id = cfg.eos_token_id
         model.save_pretrained(os.path.join(HERE, name, "hf"))
         n = sum(p.numel() for p in model.parameters())
         print(f"  {name}/hf: {type(model).__name__}, {n} parameters")
@@ -185,7 +212,7 @@ def export_one(name):
         ort_check(os.path.join(out_dir, g + ".onnx"), feeds, expected)
 
 
-def export_main():
+def export_main(names):
     import onnx
     import onnxruntime as ort
     import transformers
@@ -193,26 +220,30 @@ def export_main():
 
     print(f"[optimum venv] torch {torch.__version__}, transformers {transformers.__version__}, onnx "
           f"{onnx.__version__}, onnxruntime {ort.__version__}, optimum-onnx {version('optimum-onnx')}")
-    for name in NAMES:
+    for name in names:
         export_one(name)
 
 
 def main():
-    if sys.argv[1:] == ["--export"]:
-        return export_main()
-    if sys.argv[1:] not in ([], ["--skip-hf"]):
-        sys.exit("usage: make_seq2seq_fixtures.py [--skip-hf]")
+    args = sys.argv[1:]
+    if args[:1] == ["--export"]:
+        return export_main(args[1:])
+    skip_hf = args[:1] == ["--skip-hf"]
+    names = args[1:] if skip_hf else args
+    if any(n not in NAMES for n in names):
+        sys.exit(f"usage: make_seq2seq_fixtures.py [--skip-hf] [NAME ...] (NAMEs among {', '.join(NAMES)})")
+    names = names or NAMES
     import transformers
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     print(f"[reference venv] torch {torch.__version__}, transformers {transformers.__version__}")
-    if sys.argv[1:] != ["--skip-hf"]:
-        make_hf()
+    if not skip_hf:
+        make_hf(names)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export"], check=True, env=env)
-    for name in NAMES:
+    subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export", *names], check=True, env=env)
+    for name in names:
         total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(HERE, name))
                     for f in fs)
         print(f"  {name}/: {total} bytes in all")

@@ -328,6 +328,38 @@ fn errors_are_clear() {
     assert!(e.contains("--prefix-len"), "{e}");
 }
 
+/// M2M100 numbers positions from the token ids in its graphs (real tokens from row pad + 1 of a 66-row sinusoidal
+/// table, pads at row pad): pfx reads that off the graphs, so its 64 positions are M2M100's (HF's own table would
+/// grow past them; the export's cannot), and PEFT's numbering after the prefix counts against them.
+#[test]
+fn m2m100_positions_are_read_off_its_graphs() {
+    use pfx_compiler::inspect::{numbered_from_ids, position_lookup_sites};
+    let export = common::graphs_dir().join("m2m100-tiny");
+    for (file, past) in
+        [("encoder_model.onnx", false), ("decoder_model.onnx", false), ("decoder_with_past_model.onnx", true)]
+    {
+        let mut m = pfx_compiler::onnx_io::load(&export.join(file)).unwrap();
+        pfx_compiler::canonicalize::canonicalize(&mut m).unwrap();
+        let sites = position_lookup_sites(&m.graph);
+        assert_eq!(sites.len(), 1, "{file}");
+        let n = numbered_from_ids(&m.graph, sites[0]).unwrap_or_else(|| panic!("{file}: not numbered from the ids"));
+        assert_eq!((n.pad, n.first_row(), n.past.is_some()), (1, 2, past), "{file}");
+        let info = pfx_compiler::inspect::inspect(&m).unwrap();
+        assert_eq!((info.position_rows, info.positions), (Some(66), Some(64)), "{file}");
+    }
+    // BART's lookups are not numbered from the ids.
+    let mut bart = pfx_compiler::onnx_io::load(&common::graphs_dir().join("bart-enc-deep/decoder_model.onnx")).unwrap();
+    pfx_compiler::canonicalize::canonicalize(&mut bart).unwrap();
+    assert!(position_lookup_sites(&bart.graph).iter().all(|&i| numbered_from_ids(&bart.graph, i).is_none()));
+    let opts = options(BartPrefix::Paper, "reparam", 1.0, 0.0);
+    let e = compile_err(&export, &BartOptions { src_len: 65, ..opts.clone() });
+    assert!(e.contains("--src-len 65 exceeds the encoder's 64 positions"), "{e}");
+    let peft = BartOptions { mode: BartPrefix::Peft, tgt_len: 61, ..opts.clone() };
+    let e = compile_err(&export, &peft);
+    assert!(e.contains("needs 65 decoder positions") && e.contains("PEFT"), "{e}");
+    build_bart_loss_graph(&export, &BartOptions { tgt_len: 60, ..peft }).expect("P + T = 64 fits");
+}
+
 /// The end-of-sequence ids Hugging Face's generate stops at (generation_config.json's, one or a list) are recorded
 /// for the decoder's generation too, as for decoder-only models.
 #[test]

@@ -842,10 +842,14 @@ pub fn usable_positions(g: &Graph, family: Family, rows: usize) -> usize {
 
 /// The row of a canonical graph's position table that position 0 reads: 2 for BART's and OPT's learned positions.
 /// A graph in BART's layout whose lookup does not add the 2 (Marian's, Pegasus's and BlenderBot-small's tables,
-/// sinusoidal or learned, start at row 0) reads from row 0.
+/// sinusoidal or learned, start at row 0) reads from row 0; one that numbers positions from the ids (M2M100's,
+/// [`IdNumbering`]) from row pad + 1.
 pub fn table_offset(g: &Graph, family: Family) -> usize {
     match family {
         Family::BartEncoder | Family::BartDecoder => {
+            if let Some(n) = position_lookup_sites(g).into_iter().find_map(|i| numbered_from_ids(g, i)) {
+                return n.first_row();
+            }
             let prod = g.producers();
             let adds_two = position_lookups(g)
                 .iter()
@@ -859,6 +863,80 @@ pub fn table_offset(g: &Graph, family: Family) -> usize {
         _ if positions_from_mask(g) => 2,
         _ => 0,
     }
+}
+
+/// A position lookup whose index the graph numbers from the token ids, as M2M100 (fairseq's
+/// `make_positions`, HF's `create_position_ids_from_input_ids`) does: index = (count + past) · real + pad, where
+/// real = (ids != pad), count = cumsum(real) and past the cache's length (absent without past). Real tokens read
+/// rows pad + 1 + (real tokens before them) + past; pad tokens read row pad (the table's zero row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdNumbering {
+    /// The Mul node (count + past) · real.
+    pub mul: usize,
+    /// Which of its inputs is the count (the other is `real`).
+    pub count_input: usize,
+    /// The past-length term added to the count, with the Add node and input index that read it (exports with
+    /// past compute it from the past's shape).
+    pub past: Option<(usize, usize)>,
+    /// The pad id added at the end: the row pad tokens read.
+    pub pad: i64,
+}
+
+impl IdNumbering {
+    /// The row the first real token reads without past.
+    pub fn first_row(&self) -> usize {
+        (self.pad + 1).max(0) as usize
+    }
+}
+
+/// [`IdNumbering`] of the position lookup at node `site`, when its index is numbered from the ids.
+pub fn numbered_from_ids(g: &Graph, site: usize) -> Option<IdNumbering> {
+    let prod = g.producers();
+    fn through<'a>(g: &'a Graph, prod: &HashMap<String, usize>, mut v: &'a str) -> Option<usize> {
+        // Casts and reshapes between the arithmetic and the lookup change no value.
+        loop {
+            let &i = prod.get(v)?;
+            let n = &g.nodes[i];
+            if matches!(n.op.as_str(), "Cast" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze") {
+                v = &n.inputs[0];
+            } else {
+                return Some(i);
+            }
+        }
+    }
+    let through = |v: &str| through(g, &prod, v);
+    let int_scalar = |v: &str| g.initializers.get(v).and_then(|t| t.as_i64s()).filter(|x| x.len() == 1).map(|x| x[0]);
+    let add = &g.nodes[through(&g.nodes[site].inputs[1])?];
+    if add.op != "Add" || add.inputs.len() != 2 {
+        return None;
+    }
+    let (rest, pad) = match (int_scalar(&add.inputs[0]), int_scalar(&add.inputs[1])) {
+        (None, Some(c)) => (&add.inputs[0], c),
+        (Some(c), None) => (&add.inputs[1], c),
+        _ => return None,
+    };
+    let mul = through(rest)?;
+    let m = &g.nodes[mul];
+    if m.op != "Mul" || m.inputs.len() != 2 {
+        return None;
+    }
+    let has_cumsum = |v: &str| computed_from(g, &prod, v, |x| prod.get(x).is_some_and(|&i| g.nodes[i].op == "CumSum"));
+    let from_ids = |v: &str| computed_from(g, &prod, v, |x| x == "input_ids");
+    // `real` comes from the ids without a running count; the count is a running sum of it.
+    let count_input = match (has_cumsum(&m.inputs[0]), has_cumsum(&m.inputs[1])) {
+        (true, false) if from_ids(&m.inputs[1]) => 0,
+        (false, true) if from_ids(&m.inputs[0]) => 1,
+        _ => return None,
+    };
+    // With past: count = cumsum(real) + past, past computed from a past input's shape.
+    let from_past = |v: &str| computed_from(g, &prod, v, |x| x.starts_with("past_key_values"));
+    let past = through(&m.inputs[count_input]).and_then(|i| {
+        let n = &g.nodes[i];
+        (n.op == "Add" && n.inputs.len() == 2)
+            .then(|| (0..2).find(|&k| from_past(&n.inputs[k]) && !has_cumsum(&n.inputs[k])).map(|k| (i, k)))
+            .flatten()
+    });
+    Some(IdNumbering { mul, count_input, past, pad })
 }
 
 /// The nodes that look rows up in a constant 2-D table by an index that is not the tokens': position tables (and

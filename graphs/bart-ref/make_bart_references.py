@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures and on tiny Marian,
-Pegasus, mBART, BlenderBot and BlenderBot-small exported in BART's layout.
+Pegasus, mBART, BlenderBot, BlenderBot-small and M2M100 exported in BART's layout.
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
@@ -8,7 +8,8 @@ Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
 Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py),
 graphs/marian-tiny/hf/, graphs/pegasus-tiny/hf/, graphs/mbart-tiny/hf/, graphs/blenderbot-tiny/hf/ and
-graphs/blenderbot-small-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded through AutoModelForSeq2SeqLM). FIXTURES
+graphs/blenderbot-small-tiny/hf/, graphs/m2m100-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded through
+AutoModelForSeq2SeqLM). FIXTURES
 lists them; new fixtures go at its end (each file's noise seed depends on the fixture's index).
 Writes graphs/bart-ref/<fixture>-<mode>-<param>.safetensors, mode in {peft, paper}, param in {reparam, noreparam}.
 With --weights f16: <fixture>-<mode>-reparam-f16.safetensors, the same on the model whose weights of rank >= 2
@@ -43,15 +44,17 @@ import transformers
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 from safetensors.numpy import save_file
 from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration, DynamicCache, EncoderDecoderCache
+from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPHS = os.path.join(HERE, "..")
 # New fixtures go at the end: the noise seeds depend on the index (the existing files must not change).
 FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny",
-            "blenderbot-small-tiny")
+            "blenderbot-small-tiny", "m2m100-tiny")
 # Marian, Pegasus, mBART, BlenderBot and BlenderBot-small in BART's layout (graphs/make_seq2seq_fixtures.py): loaded
 # through AutoModelForSeq2SeqLM.
-AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny")
+AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny",
+                 "m2m100-tiny")
 # mbart-tiny's language codes (graphs/tokenizers/mbart-style/'s ids; 70..94 are the 25 codes, 95 <mask>): sources end
 # `</s> en_XX`; labels `</s> ro_RO` (89 = its decoder_start_token_id, as mbart-large-en-ro's), row 1's `</s> de_DE` (72,
 # not the config's start: a multilingual batch, where only mBART's own shift gives HF's decoder inputs).
@@ -247,6 +250,10 @@ def shift_decoder_positions(model, by):
         kwargs = dict(kwargs)
         if kwargs.get("position_ids") is not None:  # BART
             kwargs["position_ids"] = kwargs["position_ids"] + by
+        elif isinstance(_mod, M2M100SinusoidalPositionalEmbedding):
+            # M2M100: embed_positions(input_ids, inputs_embeds, cache_length) numbers real tokens
+            # (cumsum(ids != pad) + cache_length) * (ids != pad) + pad: pads keep the pad row, whatever the shift.
+            args = (args[0], args[1], args[2] + by) + tuple(args[3:])
         else:  # Marian, Pegasus: embed_positions(shape, cache_length, position_ids=None)
             args = (args[0], args[1] + by) + tuple(args[2:])
         return args, kwargs

@@ -248,9 +248,10 @@ pub fn gpt2_options(mid_dim: Option<usize>, generation: Option<GenShape>) -> Com
 /// The BART-layout fixtures with references in `graphs/bart-ref/`: BART (deeper encoder, deeper decoder), and
 /// Marian, Pegasus, mBART, BlenderBot and BlenderBot-small exported in BART's layout (sinusoidal or offset-free
 /// positions, scaled embeddings, pre-LayerNorm but BlenderBot-small's; mBART's decoder starting with each row's last
-/// label, its language code: its reference batch also holds HF's quirk of a -100 inside a row):
+/// label, its language code: its reference batch also holds HF's quirk of a -100 inside a row), and M2M100 (positions
+/// numbered from the token ids: the -100 inside a row feeds a pad that keeps the pad row, PEFT's P shift skips it):
 /// `graphs/make_seq2seq_fixtures.py`.
-pub const BART_FIXTURES: [&str; 7] = [
+pub const BART_FIXTURES: [&str; 8] = [
     "bart-enc-deep",
     "bart-dec-deep",
     "marian-tiny",
@@ -258,6 +259,7 @@ pub const BART_FIXTURES: [&str; 7] = [
     "mbart-tiny",
     "blenderbot-tiny",
     "blenderbot-small-tiny",
+    "m2m100-tiny",
 ];
 
 /// BART compile options at the shapes of the fixtures' references (`graphs/bart-ref/`): prefix 4, batch 3,

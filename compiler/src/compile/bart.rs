@@ -130,9 +130,12 @@ pub struct BartExport {
 
 /// The `model_type`s the BART path compiles: BART, and the encoder-decoders optimum exports in its layout whose
 /// differences are all inside the graphs (Marian's, Pegasus's and BlenderBot's position tables start at row 0,
-/// `inspect::table_offset` reads that off the graph; pre-LayerNorm; BlenderBot-small's embedding LayerNorm), or that
-/// pfx handles (mBART's decoder inputs, `add_decoder_inputs`).
-pub const BART_LAYOUT_MODELS: &[&str] = &["bart", "marian", "pegasus", "mbart", "blenderbot", "blenderbot-small"];
+/// `inspect::table_offset` reads that off the graph; M2M100's (and NLLB-200's) positions are numbered from the token
+/// ids in the graph, `inspect::numbered_from_ids`, which `prefix::shift_positions` and `expose_positions` rewrite;
+/// pre-LayerNorm; BlenderBot-small's embedding LayerNorm), or that pfx handles (mBART's decoder inputs,
+/// `add_decoder_inputs`).
+pub const BART_LAYOUT_MODELS: &[&str] =
+    &["bart", "marian", "pegasus", "mbart", "blenderbot", "blenderbot-small", "m2m_100"];
 
 /// Sizes read off the two graphs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -233,11 +236,11 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
     }
     // beside() reads the JSON files of the folder that holds its argument.
     let config = crate::inspect::ModelConfig::beside(&cfg_path)?;
-    // Other encoder-decoders export the same graph names and compile without complaint, some into wrong graphs:
-    // M2M100 numbers positions from the mask with pad rows in between, T5 has relative attention. So the config
-    // must name a model whose differences from BART live in the graphs (sinusoidal or offset-free position tables,
-    // pre-LayerNorm, scaled embeddings, BlenderBot-small's embedding LayerNorm) or that pfx handles (mBART's decoder
-    // inputs), checked against PyTorch + PEFT (tests/compile_bart.rs, tests/generate_bart.rs).
+    // Other encoder-decoders export the same graph names and could compile without complaint into wrong graphs
+    // (T5 has relative attention). So the config must name a model whose differences from BART live in the graphs
+    // (sinusoidal or offset-free position tables, M2M100's positions numbered from the ids, pre-LayerNorm, scaled
+    // embeddings, BlenderBot-small's embedding LayerNorm) or that pfx handles (mBART's decoder inputs), checked
+    // against PyTorch + PEFT (tests/compile_bart.rs, tests/generate_bart.rs).
     let model_type = match config.model_type.as_deref() {
         Some(t) if BART_LAYOUT_MODELS.contains(&t) => t.to_string(),
         Some(other) => bail!(
@@ -248,7 +251,7 @@ pub fn find_export(dir: &Path) -> Result<BartExport> {
         ),
         None => bail!(
             "{} does not say which model this is (no model_type): the BART path compiles {} exports only, and other \
-             encoder-decoders exported in BART's layout (M2M100) would compile into wrong graphs. If the export \
+             encoder-decoders exported in BART's layout (T5) would compile into wrong graphs. If the export \
              is one of those, add its \"model_type\" (e.g. \"bart\") to the file",
             cfg_path.display(),
             BART_LAYOUT_MODELS.join(", ")

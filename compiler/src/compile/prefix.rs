@@ -246,6 +246,22 @@ pub fn expose_positions(g: &mut Graph) -> Result<()> {
     let idx = g.nodes[i].inputs[1].clone();
     let dims = vec![crate::ir::Dim::Sym("batch".into()), crate::ir::Dim::Sym("sequence".into())];
     g.inputs.push(ValueInfo { name: "position_ids".into(), ty: ValueType { dtype: DType::I64, shape: Some(dims) } });
+    if let Some(num) = crate::inspect::numbered_from_ids(g, i) {
+        // M2M100: the ids number the positions and the past's length offsets them; that length is what the caller
+        // feeds (a fixed-capacity cache's shape is not it). Pad tokens keep their zero row, as in the export.
+        let Some((add, k)) = num.past else {
+            bail!(
+                "the position lookup '{}' numbers positions from the token ids but adds no past length: pfx cannot \
+                 number the tokens of a cache from it",
+                g.nodes[i].name
+            );
+        };
+        let past = g.nodes[add].inputs[k].clone();
+        let fed = g.op1("CastLike", &["position_ids", &past], vec![], "position_ids.past_length");
+        g.nodes[add].inputs[k] = fed;
+        g.toposort()?;
+        return Ok(());
+    }
     let mut cast = g.op1("CastLike", &["position_ids", &idx], vec![], "position_ids.cast");
     if offset != 0 {
         let c = g.add_const("position_ids.offset", Tensor::scalar_i64(offset));
@@ -258,10 +274,28 @@ pub fn expose_positions(g: &mut Graph) -> Result<()> {
 }
 
 /// For exports without past: PEFT numbers the real tokens from P, so the position-embedding lookup reads
-/// indices + P. Runs on the canonical graph, before specialization folds the positions.
+/// indices + P. Runs on the canonical graph, before specialization folds the positions. A lookup numbered from the
+/// ids (M2M100's, [`crate::inspect::IdNumbering`]) gets P added to its count, as a past of length P does in HF:
+/// real tokens move by P, pad tokens keep the pad row.
 pub fn shift_positions(g: &mut Graph, p: usize) -> Result<usize> {
     let mut shifted = 0;
     for i in crate::inspect::position_lookup_sites(g) {
+        if let Some(num) = crate::inspect::numbered_from_ids(g, i) {
+            if num.past.is_some() {
+                bail!(
+                    "the position lookup '{}' already adds a past length; pfx shifts exports without past",
+                    g.nodes[i].name
+                );
+            }
+            let name = g.nodes[i].name.clone();
+            let count = g.nodes[num.mul].inputs[num.count_input].clone();
+            let pc = g.add_const(&format!("{name}.prefix_offset"), Tensor::scalar_i64(p as i64));
+            let pcl = g.op1("CastLike", &[&pc, &count], vec![], &format!("{name}.prefix_offset_cast"));
+            let after = g.op1("Add", &[&count, &pcl], vec![], &format!("{name}.count_after_prefix"));
+            g.nodes[num.mul].inputs[num.count_input] = after;
+            shifted += 1;
+            continue;
+        }
         let n = &g.nodes[i];
         let idx = n.inputs[1].clone();
         let name = n.name.clone();
