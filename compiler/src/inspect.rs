@@ -65,6 +65,9 @@ pub struct ModelInfo {
     /// positions added to them.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub rotary_table: bool,
+    /// Positions numbered from the token ids (M2M100's, [`IdNumbering`]): the row pad tokens read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pad_row: Option<usize>,
     pub tied_embeddings: Option<bool>,
     /// `model_type` of the `config.json` beside the file, filled in by `pfxc inspect` (the graph does not say
     /// whether a decoder is GPT-2, Llama or OPT).
@@ -1115,6 +1118,10 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
         position_rows,
         positions: position_rows.map(|r| usable_positions(g, family, r)),
         rotary_table,
+        pad_row: position_lookup_sites(g)
+            .into_iter()
+            .find_map(|i| numbered_from_ids(g, i))
+            .and_then(|n| usize::try_from(n.pad).ok()),
         config_model_type: None,
         unsupported: unsupported_reason(g, family),
         tied_embeddings: tied,
@@ -1156,9 +1163,13 @@ impl ModelInfo {
                 (None, _) => "position rows ?".to_string(),
             },
             // BART's and OPT's tables start 2 rows in: say how many positions a sequence (prefix included) has.
-            match (self.position_rows, self.positions) {
-                (Some(rows), Some(n)) if n != rows =>
-                    format!(" ({n} positions: the first {} rows are not used)", rows - n),
+            match (self.position_rows, self.positions, self.pad_row) {
+                (Some(_), Some(n), Some(pad)) => {
+                    format!(" ({n} positions numbered from the token ids: from row {}; pads read row {pad})", pad + 1)
+                }
+                (Some(rows), Some(n), None) if n != rows => {
+                    format!(" ({n} positions: the first {} rows are not used)", rows - n)
+                }
                 _ => String::new(),
             }
         );
