@@ -329,26 +329,77 @@ pub struct GenerateArgs {
 }
 
 /// `pfxrun generate`'s search flags, each `None` unless given.
-#[derive(Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct SearchFlags {
+    /// Stop after this many new tokens (at most the bundle's `pfxc compile --max-new`). Default: the
+    /// generation config's `max_new_tokens` (an encoder-decoder's `max_length` - 1), else the bundle's.
+    #[arg(long)]
     pub max_new: Option<usize>,
+    /// Beam width (1: greedy). Default: the model's generation config's `num_beams` (as HF's `generate`), else 1.
+    #[arg(long)]
     pub beams: Option<usize>,
+    /// Beam search's length penalty (HF's: scores divided by length^penalty). Default: the generation
+    /// config's, else 1.
+    #[arg(long, allow_negative_numbers = true)]
     pub length_penalty: Option<f32>,
+    /// No n-gram of this size twice in an output (HF's `no_repeat_ngram_size`; 0: off). Default: the
+    /// generation config's, else 0.
+    #[arg(long)]
     pub no_repeat_ngram: Option<usize>,
+    /// When beam search stops a source (HF's `early_stopping`): `true` once it has as many finished
+    /// hypotheses as beams; `false` also once its best live beam cannot beat them at the current length;
+    /// `never` as false, judged at the length limit when the length penalty is positive. Default: the
+    /// generation config's, else false.
+    #[arg(long)]
     pub early_stopping: Option<EarlyStopping>,
+    /// No end of sequence before this many new tokens. Default: the generation config's `min_new_tokens`
+    /// (and an encoder-decoder's `min_length` - 1), else 0.
+    #[arg(long)]
     pub min_new: Option<usize>,
+    /// The output repeats no n-gram of this size of the source, or of a decoder's prompt (HF's
+    /// `encoder_no_repeat_ngram_size`, BlenderBot's default 3; 0: off). Default: the generation config's.
+    #[arg(long)]
     pub encoder_no_repeat_ngram: Option<usize>,
+    /// Make tokens already in the output (and a decoder's prompt) less likely: negative scores are multiplied
+    /// by it, positive ones divided (HF's `repetition_penalty`; 1: off). Default: the generation config's.
+    #[arg(long)]
     pub repetition_penalty: Option<f64>,
+    /// The same for the tokens of the source (a decoder's prompt), inverted: above 1 favours them (HF's
+    /// `encoder_repetition_penalty`). Default: the generation config's, else 1.
+    #[arg(long)]
     pub encoder_repetition_penalty: Option<f64>,
+    /// Draw each token from the model's distribution instead of taking the best (HF's `do_sample`; greedy
+    /// search only). Default: on when a sampling flag below is given, else the generation config's.
+    #[arg(long)]
     pub sample: Option<bool>,
+    /// Sampling: divide the scores by this. Default: the generation config's, else 1.
+    #[arg(long)]
     pub temperature: Option<f64>,
+    /// Sampling: only the k best tokens (0: all). Default: the generation config's, else 50 (HF's).
+    #[arg(long)]
     pub top_k: Option<usize>,
+    /// Sampling: only the most probable tokens whose probabilities add up to p. Default: the config's, else 1.
+    #[arg(long)]
     pub top_p: Option<f64>,
+    /// Sampling: only tokens at least this fraction as probable as the best one. Default: the config's.
+    #[arg(long)]
     pub min_p: Option<f64>,
+    /// Sampling: typical sampling's probability mass. Default: the generation config's, else 1 (off).
+    #[arg(long)]
     pub typical_p: Option<f64>,
+    /// Sampling: only tokens at least this probable (HF's `epsilon_cutoff`). Default: the config's, else off.
+    #[arg(long)]
     pub epsilon_cutoff: Option<f64>,
+    /// Sampling: eta sampling's floor min(eta, √eta · e^-entropy) (HF's `eta_cutoff`). Default: the config's.
+    #[arg(long)]
     pub eta_cutoff: Option<f64>,
+    /// Sampling: the seed (each input draws from its own stream of it, whatever its batch). Default: a new
+    /// one, printed.
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Outputs per input (HF's `num_return_sequences`), consecutive lines of --output: beam search's best N
+    /// (N at most --beams), or N samples. Default: the generation config's, else 1.
+    #[arg(long)]
     pub num_return: Option<usize>,
 }
 
@@ -374,6 +425,9 @@ impl SearchFlags {
             Some(x) if !(x > 0.0 && x.is_finite()) => bail!("{name} must be a number above 0 (got {x})"),
             _ => Ok(()),
         };
+        if let Some(p) = self.length_penalty.filter(|p| !p.is_finite()) {
+            bail!("--length-penalty must be a finite number (got {p})");
+        }
         positive("--repetition-penalty", self.repetition_penalty)?;
         positive("--encoder-repetition-penalty", self.encoder_repetition_penalty)?;
         positive("--temperature", self.temperature)?;

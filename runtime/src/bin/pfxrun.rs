@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use pfx_runtime::commands::{self, Engine};
 use pfx_runtime::data::Overlong;
 use pfx_runtime::generate::GenConfig;
-use pfx_runtime::search::EarlyStopping;
 use pfx_runtime::train::TrainConfig;
 use pfx_runtime::{open, read_safetensors, write_safetensors, BackendKind, OrtDevice, OrtOptions};
 
@@ -123,72 +122,8 @@ enum Command {
         /// is read as one source per line.
         #[arg(long)]
         inputs: Option<PathBuf>,
-        /// Beam width (1: greedy). Default: the model's generation config's `num_beams` (as HF's `generate`), else 1.
-        #[arg(long)]
-        beams: Option<usize>,
-        /// Beam search's length penalty (HF's: scores divided by length^penalty). Default: the generation
-        /// config's, else 1.
-        #[arg(long, allow_negative_numbers = true)]
-        length_penalty: Option<f32>,
-        /// No n-gram of this size twice in an output (HF's `no_repeat_ngram_size`; 0: off). Default: the
-        /// generation config's, else 0.
-        #[arg(long)]
-        no_repeat_ngram: Option<usize>,
-        /// When beam search stops a source (HF's `early_stopping`): `true` once it has as many finished
-        /// hypotheses as beams; `false` also once its best live beam cannot beat them at the current length;
-        /// `never` as false, judged at the length limit when the length penalty is positive. Default: the
-        /// generation config's, else false.
-        #[arg(long)]
-        early_stopping: Option<EarlyStopping>,
-        /// No end of sequence before this many new tokens. Default: the generation config's `min_new_tokens`
-        /// (and an encoder-decoder's `min_length` - 1), else 0.
-        #[arg(long)]
-        min_new: Option<usize>,
-        /// An encoder-decoder's output repeats no n-gram of this size of its source (HF's
-        /// `encoder_no_repeat_ngram_size`, BlenderBot's default 3; 0: off). Default: the generation config's.
-        #[arg(long)]
-        encoder_no_repeat_ngram: Option<usize>,
-        /// Make tokens already in the output (and a decoder's prompt) less likely: negative scores are multiplied
-        /// by it, positive ones divided (HF's `repetition_penalty`; 1: off). Default: the generation config's.
-        #[arg(long)]
-        repetition_penalty: Option<f64>,
-        /// The same for the tokens of the source (a decoder's prompt), inverted: above 1 favours them (HF's
-        /// `encoder_repetition_penalty`). Default: the generation config's, else 1.
-        #[arg(long)]
-        encoder_repetition_penalty: Option<f64>,
-        /// Draw each token from the model's distribution instead of taking the best (HF's `do_sample`; greedy
-        /// search only). Default: on when a sampling flag below is given, else the generation config's.
-        #[arg(long)]
-        sample: Option<bool>,
-        /// Sampling: divide the scores by this. Default: the generation config's, else 1.
-        #[arg(long)]
-        temperature: Option<f64>,
-        /// Sampling: only the k best tokens (0: all). Default: the generation config's, else 50 (HF's).
-        #[arg(long)]
-        top_k: Option<usize>,
-        /// Sampling: only the most probable tokens whose probabilities add up to p. Default: the config's, else 1.
-        #[arg(long)]
-        top_p: Option<f64>,
-        /// Sampling: only tokens at least this fraction as probable as the best one. Default: the config's.
-        #[arg(long)]
-        min_p: Option<f64>,
-        /// Sampling: typical sampling's probability mass. Default: the generation config's, else 1 (off).
-        #[arg(long)]
-        typical_p: Option<f64>,
-        /// Sampling: only tokens at least this probable (HF's `epsilon_cutoff`). Default: the config's, else off.
-        #[arg(long)]
-        epsilon_cutoff: Option<f64>,
-        /// Sampling: eta sampling's floor min(eta, √eta · e^-entropy) (HF's `eta_cutoff`). Default: the config's.
-        #[arg(long)]
-        eta_cutoff: Option<f64>,
-        /// Sampling: the seed (each input draws from its own stream of it, whatever its batch). Default: a new
-        /// one, printed.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Outputs per input (HF's `num_return_sequences`), consecutive lines of --output: beam search's best N
-        /// (N at most --beams), or N samples. Default: the generation config's, else 1.
-        #[arg(long)]
-        num_return: Option<usize>,
+        #[command(flatten)]
+        search: Box<commands::SearchFlags>,
         /// Mask the prefix out: the bare model, for comparison.
         #[arg(long, conflicts_with = "prefix")]
         no_prefix: bool,
@@ -197,10 +132,6 @@ enum Command {
         /// first one (`forced_bos_token_id`). `pfxc compile` records them in the bundle.
         #[arg(long)]
         no_forced_tokens: bool,
-        /// Stop after this many new tokens (at most the bundle's `pfxc compile --max-new`). Default: the
-        /// generation config's `max_new_tokens` (an encoder-decoder's `max_length` - 1), else the bundle's.
-        #[arg(long)]
-        max_new: Option<usize>,
         /// Write the generations here, one per line (through OUTPUT.partial as batches finish).
         #[arg(long)]
         output: Option<PathBuf>,
@@ -445,64 +376,22 @@ fn run(cli: Cli) -> Result<()> {
             prefix,
             input,
             inputs,
-            beams,
-            length_penalty,
-            no_repeat_ngram,
-            early_stopping,
-            min_new,
-            encoder_no_repeat_ngram,
-            repetition_penalty,
-            encoder_repetition_penalty,
-            sample,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            typical_p,
-            epsilon_cutoff,
-            eta_cutoff,
-            seed,
-            num_return,
+            search,
             no_prefix,
             no_forced_tokens,
-            max_new,
             output,
             resume,
             refs_out,
             tokenizer,
             engine,
         } => {
-            if let Some(p) = length_penalty.filter(|p| !p.is_finite()) {
-                anyhow::bail!("--length-penalty must be a finite number (got {p})");
-            }
             let engine = engine.engine()?;
             let b = pfx_runtime::bundle::Bundle::open(&bundle)?;
             let mut cfg = GenConfig { no_prefix, ..GenConfig::default() };
-            let flags = commands::SearchFlags {
-                max_new,
-                beams,
-                length_penalty,
-                no_repeat_ngram,
-                early_stopping,
-                min_new,
-                encoder_no_repeat_ngram,
-                repetition_penalty,
-                encoder_repetition_penalty,
-                sample,
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                typical_p,
-                epsilon_cutoff,
-                eta_cutoff,
-                seed,
-                num_return,
-            };
-            for note in commands::apply_search_settings(&mut cfg, &flags, &b.manifest)? {
+            for note in commands::apply_search_settings(&mut cfg, &search, &b.manifest)? {
                 eprintln!("note: {note}");
             }
-            if resume && cfg.sampling.is_some() && seed.is_none() {
+            if resume && cfg.sampling.is_some() && search.seed.is_none() {
                 anyhow::bail!("--resume continues a sampling run with its seed: give the --seed it printed");
             }
             let forced_tokens = !no_forced_tokens;
