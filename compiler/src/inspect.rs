@@ -416,6 +416,30 @@ impl std::str::FromStr for EarlyStopping {
 }
 
 impl GenerationSettings {
+    /// These settings with those an older pfxc recorded as unapplied (`name value`) read again, for what pfx has
+    /// learnt to do since: a bundle compiled before then generates as a new one would.
+    pub fn recovered(&self) -> GenerationSettings {
+        let entries: serde_json::Map<String, serde_json::Value> = self
+            .unapplied
+            .iter()
+            .filter_map(|e| e.split_once(' '))
+            .filter_map(|(k, v)| Some((k.to_string(), serde_json::from_str(v).ok()?)))
+            .collect();
+        let Ok(again) = GenerationSettings::read(std::path::Path::new("manifest.json"), &entries.into()) else {
+            return self.clone();
+        };
+        let (Ok(serde_json::Value::Object(mut mine)), Ok(serde_json::Value::Object(theirs))) =
+            (serde_json::to_value(self), serde_json::to_value(&again))
+        else {
+            return self.clone();
+        };
+        mine.remove("unapplied");
+        for (k, v) in theirs {
+            mine.entry(k).or_insert(v);
+        }
+        serde_json::from_value(mine.into()).unwrap_or_else(|_| self.clone())
+    }
+
     fn read(path: &std::path::Path, v: &serde_json::Value) -> Result<GenerationSettings> {
         let count = |key: &str, least: u64| -> Result<Option<usize>> {
             match setting(v, key) {
@@ -449,8 +473,10 @@ impl GenerationSettings {
         };
         let mut unapplied = Vec::new();
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
-        let neutral: [(&str, serde_json::Value); 5] = [
+        let neutral: [(&str, serde_json::Value); 7] = [
             ("num_beam_groups", 1.into()),
+            ("renormalize_logits", false.into()),
+            ("remove_invalid_values", false.into()),
             ("diversity_penalty", 0.0.into()),
             ("exponential_decay_length_penalty", serde_json::Value::Null),
             ("constraints", serde_json::Value::Null),
@@ -1358,6 +1384,23 @@ mod tests {
         assert_eq!(serde_json::from_str::<GenerationSettings>(&json).unwrap(), want);
         let old: GenerationSettings = serde_json::from_str("{\"early_stopping\": true}").unwrap();
         assert_eq!(old.early_stopping, Some(EarlyStopping::Early), "a bundle of session 16 reads as it was written");
+        // What such a bundle recorded as unapplied and pfx now does is applied; the rest stays named.
+        let old: GenerationSettings = serde_json::from_str(
+            "{\"num_beams\": 2, \"unapplied\": [\"repetition_penalty 1.3\", \"do_sample true\", \"num_beam_groups 2\", \
+             \"early_stopping \\\"never\\\"\", \"bad_words_ids [[5]]\"]}",
+        )
+        .unwrap();
+        let want = GenerationSettings {
+            num_beams: Some(2),
+            repetition_penalty: Some(1.3),
+            do_sample: Some(true),
+            early_stopping: Some(EarlyStopping::Never),
+            bad_words_ids: vec![vec![5]],
+            unapplied: vec!["num_beam_groups 2".into()],
+            ..GenerationSettings::default()
+        };
+        assert_eq!(old.recovered(), want);
+        assert_eq!(want.recovered(), want, "nothing to recover");
         for (key, odd) in [
             ("num_beams", "2.5"),
             ("num_beams", "0"),

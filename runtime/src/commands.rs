@@ -361,7 +361,7 @@ pub struct SearchFlags {
     #[arg(long)]
     pub encoder_no_repeat_ngram: Option<usize>,
     /// Make tokens already in the output (and a decoder's prompt) less likely: negative scores are multiplied
-    /// by it, positive ones divided (HF's `repetition_penalty`; 1: off). Default: the generation config's.
+    /// by it, positive ones divided (HF's `repetition_penalty`; 1: off). Default: the generation config's, else 1.
     #[arg(long)]
     pub repetition_penalty: Option<f64>,
     /// The same for the tokens of the source (a decoder's prompt), inverted: above 1 favours them (HF's
@@ -381,7 +381,7 @@ pub struct SearchFlags {
     /// Sampling: only the most probable tokens whose probabilities add up to p. Default: the config's, else 1.
     #[arg(long)]
     pub top_p: Option<f64>,
-    /// Sampling: only tokens at least this fraction as probable as the best one. Default: the config's.
+    /// Sampling: only tokens at least this fraction as probable as the best one. Default: the config's, else off.
     #[arg(long)]
     pub min_p: Option<f64>,
     /// Sampling: typical sampling's probability mass. Default: the generation config's, else 1 (off).
@@ -390,11 +390,12 @@ pub struct SearchFlags {
     /// Sampling: only tokens at least this probable (HF's `epsilon_cutoff`). Default: the config's, else off.
     #[arg(long)]
     pub epsilon_cutoff: Option<f64>,
-    /// Sampling: eta sampling's floor min(eta, √eta · e^-entropy) (HF's `eta_cutoff`). Default: the config's.
+    /// Sampling: eta sampling's floor min(eta, √eta · e^-entropy) (HF's `eta_cutoff`). Default: the config's,
+    /// else off.
     #[arg(long)]
     pub eta_cutoff: Option<f64>,
-    /// Sampling: the seed (each input draws from its own stream of it, whatever its batch). Default: a new
-    /// one, printed.
+    /// Sampling: the seed (each input draws from its own stream of it, whatever its batch); it does not turn
+    /// sampling on. Default: a new one, printed.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Outputs per input (HF's `num_return_sequences`), consecutive lines of --output: beam search's best N
@@ -404,7 +405,8 @@ pub struct SearchFlags {
 }
 
 impl SearchFlags {
-    /// The sampling flags given (each turns sampling on unless `--sample false`).
+    /// The flags given that shape sampling's distribution (each turns sampling on unless `--sample false`; a seed
+    /// alone does not change the search, as in HF).
     fn sampling_flags(&self) -> Vec<&'static str> {
         let given = [
             ("--temperature", self.temperature.is_some()),
@@ -414,7 +416,6 @@ impl SearchFlags {
             ("--typical-p", self.typical_p.is_some()),
             ("--epsilon-cutoff", self.epsilon_cutoff.is_some()),
             ("--eta-cutoff", self.eta_cutoff.is_some()),
-            ("--seed", self.seed.is_some()),
         ];
         given.into_iter().filter(|g| g.1).map(|g| g.0).collect()
     }
@@ -463,7 +464,8 @@ pub fn apply_search_settings(
     m: &pfx_compiler::compile::Manifest,
 ) -> Result<Vec<String>> {
     flags.check()?;
-    let gs = &m.generation_settings;
+    // A bundle from an older pfxc recorded as unapplied some settings pfx now applies.
+    let gs = &m.generation_settings.recovered();
     // Both families record their generation shapes here.
     let (rows, bundle_max) = m.generation.as_ref().map_or((1, 1), |g| (g.rows, g.max_new));
     let seq2seq = m.family == "bart";
@@ -580,7 +582,7 @@ pub fn apply_search_settings(
     cfg.encoder_repetition_penalty = flags.encoder_repetition_penalty.unwrap_or_else(|| {
         gs.encoder_repetition_penalty
             .filter(|&p| p != 1.0)
-            .inspect(|p| from_config.push(format!("repetition penalty {p} of {source}")))
+            .inspect(|p| from_config.push(format!("encoder repetition penalty {p} ({source}'s tokens)")))
             .unwrap_or(1.0)
     });
     // A min_new_tokens (even 0) replaces min_length, as in HF. HF's min_length counts an encoder-decoder's start
@@ -668,8 +670,8 @@ pub fn apply_search_settings(
     if !from_config.is_empty() {
         notes.push(format!("from the model's generation config (flags change them): {}", from_config.join(", ")));
     }
-    if let Some(s) = &cfg.sampling {
-        notes.push(format!("sampling with seed {0} (--seed {0} draws the same tokens again)", s.seed));
+    if cfg.sampling.is_none() && flags.seed.is_some() {
+        notes.push("--seed has no effect: this run does not sample (--sample true, or a sampling flag, does)".into());
     }
     if !gs.unapplied.is_empty() {
         notes.push(format!(
@@ -827,9 +829,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let fmt = seq2seq_format(&bundle, &b, &tok)?;
         cfg.eos = Some(fmt.eos_id());
         cfg.pad = fmt.pad_id();
-        // mBART-50's target language, else the config's forced_bos_token_id. HF forces it where the decoder has
-        // only its start token, which is every row of an encoder-decoder (a decoder-only model's prompt is longer
-        // but for one-token prompts, so it is left out there).
+        // mBART-50's, NLLB's or M2M100's target language, else the config's forced_bos_token_id. HF forces it where
+        // the decoder has only its start token, which is every row of an encoder-decoder (a decoder-only model's
+        // prompt is longer but for one-token prompts, so it is left out there).
         cfg.forced_bos = fmt.forced_bos().or(forced_bos);
         let mut prompts = Vec::new();
         let mut cut = Vec::new();
@@ -898,6 +900,10 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     };
     if args.resume && args.output.is_none() {
         bail!("--resume continues an --output file: give --output");
+    }
+    // Said once the request is known to run (a refused one must not show a seed nobody can use).
+    if let Some(s) = &cfg.sampling {
+        eprintln!("note: sampling with seed {0} (--seed {0} draws the same tokens again)", s.seed);
     }
     check_outputs(&args, refs.iter().all(|r| r.is_empty()))?;
     let key = work_key(&args, &sources, &cfg);

@@ -554,6 +554,16 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
     fails_with(&["--temperature", "0"], "--temperature must be a number above 0");
     fails_with(&["--repetition-penalty", "0"], "--repetition-penalty must be a number above 0");
     fails_with(&["--output", p(&dir.join("o.txt")), "--resume"], "give the --seed it printed");
+    // A refused run shows no seed (one nobody could use), and a seed alone does not turn sampling on (as in HF).
+    let o = dir.join("o.txt");
+    let mut args = vec!["generate", p(&sampling), "--input", "x", "--output", p(&o), "--resume"];
+    assert!(!fails(&args).contains("sampling with seed"));
+    args.truncate(4);
+    args.extend(["--sample", "true", "--beams", "2"]);
+    assert!(!fails(&args).contains("sampling with seed"));
+    let (seeded, log) = run(&long, &["--seed", "3"]);
+    assert!(log.contains("--seed has no effect: this run does not sample"), "{log}");
+    assert_eq!(seeded, run(&long, &[]).0);
     fails_with(&["--sample", "false", "--num-return", "2"], "greedy search has one output");
     fails_with(&["--sample", "false", "--beams", "2", "--num-return", "3"], "more hypotheses than beam search keeps");
     // Several outputs per source: consecutive lines, on the screen and in --output; --refs-out repeats each

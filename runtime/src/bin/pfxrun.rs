@@ -106,7 +106,7 @@ enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
-    /// Generate text (greedy or beam search) with a prefix, or with a baked bundle.
+    /// Generate text (greedy search, beam search or sampling) with a prefix, or with a baked bundle.
     Generate {
         /// A bundle written by `pfxc compile` (with generation graphs) or `pfxc bake`.
         bundle: PathBuf,
