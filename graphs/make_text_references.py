@@ -19,6 +19,13 @@ have:
   graphs/mbart-tiny/;
 - graphs/tokenizers/mbart50-style/: MBart50Tokenizer (mBART-50's: `lang_code X </s>`), the same pieces, its 52
   language codes at 70..121 (the first 25 as mbart-style's), <mask> 122;
+- graphs/tokenizers/nllb-style/: NllbTokenizer (NLLB-200's: `lang_code X </s>` for sources and targets, BPE pieces
+  after Metaspace), 96 ids laid out for graphs/m2m100-tiny/ (<s> 0, <pad> 1, </s> 2, <unk> 3, 87 BPE pieces counted
+  from the E2E slice, <mask> 91, then the language codes eng_Latn, fra_Latn, deu_Latn, ron_Latn at 92..95, the
+  fixture's; the real checkpoint has its 202 codes before <mask>, which would not fit 96 ids);
+- graphs/tokenizers/nllb-legacy-style/: the same with legacy_behaviour=True (`X </s> lang_code`, the framing
+  NLLB's tokenizer had at first, kept behind that flag; HF goes by that flag in tokenizer_config.json, not by the
+  post-processor saved in tokenizer.json, which the script checks);
 - graphs/tokenizers/blenderbot-small-style/: BlenderbotSmallTokenizer's files (vocab.json, merges.txt: lowercased,
   punctuation split off, subword-nmt style BPE with `</w>` word ends and `@@` on the pieces that do not end a word;
   nothing added around a text; specials `__start__` 0, `__null__` 1, `__end__` 2, `__unk__` 3, as
@@ -39,6 +46,10 @@ Written references (Hugging Face's tokenizer is the reference for the ids, PEFT 
   each (src_lang / tgt_lang passed to `from_pretrained`), with the decoder inputs mBART's `shift_tokens_right` makes
   of the labels and the ids of HF's truncation to 8 (source) / 6 (target) tokens (a file of its own, so that
   seq2seq-format-cases.json stays as it was);
+- graphs/tokenizers/nllb-format-cases.json: the same for nllb-style and nllb-legacy-style (M2M100's labels are
+  shifted right behind decoder_start = </s>, no rotation), and for nllb-style the greedy ids and text of HF's
+  `generate(..., forced_bos_token_id=fra_Latn)` on graphs/m2m100-tiny/hf (no prefix) for the distinct sources of the
+  first 8 lines of examples/data/e2e_train.txt, cut to 48 tokens, 6 new tokens at most;
 - graphs/tokenizers/blenderbot-small-format-cases.json: the same for blenderbot-small-style (`tokenizer(source)`,
   `tokenizer(text_target=target)`: the bare pieces, no specials), with the decoder inputs BART's
   `shift_tokens_right(labels, pad, decoder_start = __start__)` makes of the labels and HF's truncation to 8 / 6;
@@ -209,6 +220,133 @@ def make_mbart50_style():
     tok = MBart50Tokenizer(vocab=vocab, src_lang="en_XX", tgt_lang="ro_RO")
     assert len(tok) == 123 and tok.convert_tokens_to_ids(["en_XX", "ro_RO", "<mask>"]) == [73, 89, 122]
     return save(tok, "mbart50-style")
+
+
+def counted_bpe(size, alphabet_size=40):
+    """A BPE counted from the E2E slice's words as Metaspace splits them (`\u2581word`): the alphabet_size most
+    frequent characters, then the most frequent pair merged (ties to the smaller pair) until `size` pieces; pairs
+    with a character outside the alphabet (an <unk>) are never merged. No trainer: reruns give the same pieces."""
+    from collections import Counter
+
+    words = Counter("\u2581" + w for text in train_texts() for w in text.split())
+    chars = Counter()
+    for w, n in words.items():
+        for c in w:
+            chars[c] += n
+    alphabet = sorted(c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:alphabet_size])
+    seqs = {w: tuple(c if c in alphabet else None for c in w) for w in words}
+    vocab, merges = list(alphabet), []
+    while len(vocab) < size:
+        pairs = Counter()
+        for w, seq in seqs.items():
+            for a, b in zip(seq, seq[1:]):
+                if a is not None and b is not None:
+                    pairs[(a, b)] += words[w]
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merges.append((a, b))
+        vocab.append(a + b)
+        for w, seq in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[w] = tuple(out)
+    assert len(set(vocab)) == len(vocab)
+    return vocab, merges
+
+
+# graphs/m2m100-tiny's language codes are ids 92..95; the checks there use 92 (source) and 93 (target).
+NLLB_CODES = ["eng_Latn", "fra_Latn", "deu_Latn", "ron_Latn"]
+NLLB_PAIRS = [("eng_Latn", "fra_Latn"), ("deu_Latn", "ron_Latn")]
+NLLB_GEN = {"src_len": 48, "max_new_tokens": 6}  # the bundle runtime/tests/bart_cli.rs compiles
+
+
+def make_nllb_style(legacy):
+    from transformers import NllbTokenizer
+
+    pieces, merges = counted_bpe(87)
+    # <mask> before the codes (the real file has it last), so that the codes sit at the fixture's 92..95.
+    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + pieces + ["<mask>"] + NLLB_CODES
+    tok = NllbTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, src_lang="eng_Latn",
+                        tgt_lang="fra_Latn", extra_special_tokens=NLLB_CODES, legacy_behaviour=legacy)
+    assert len(tok) == 96 and tok.convert_tokens_to_ids(NLLB_CODES + ["<mask>"]) == [92, 93, 94, 95, 91]
+    return save(tok, "nllb-legacy-style" if legacy else "nllb-style")
+
+
+def nllb_generate_reference(folder):
+    """HF's recipe for NLLB: the source with src_lang, `generate(forced_bos_token_id=<tgt_lang>)` (the decoder starts
+    with the config's decoder_start_token_id, </s>), greedy, on the tiny M2M100 without a prefix."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    src_lang, tgt_lang = NLLB_PAIRS[0]
+    tok = AutoTokenizer.from_pretrained(folder, src_lang=src_lang, tgt_lang=tgt_lang)
+    model = AutoModelForSeq2SeqLM.from_pretrained(os.path.join(HERE, "m2m100-tiny/hf"), dtype=torch.float32).eval()
+    assert model.config.decoder_start_token_id == tok.eos_token_id and model.config.vocab_size == len(tok)
+    sources = list(dict.fromkeys(s for s, _ in e2e_pairs(os.path.join(ROOT, "examples/data/e2e_train.txt"))[:8]))
+    batch = tok(sources, max_length=NLLB_GEN["src_len"], truncation=True, padding=True, return_tensors="pt")
+    forced = tok.convert_tokens_to_ids(tgt_lang)
+    with torch.no_grad():
+        out = model.generate(**batch, forced_bos_token_id=forced, max_new_tokens=NLLB_GEN["max_new_tokens"],
+                             num_beams=1, do_sample=False)
+    # The new tokens up to the first </s> (a row that ended early is padded after it).
+    new = [row[1:row.index(tok.eos_token_id, 1) + 1] if tok.eos_token_id in row[1:] else row[1:]
+           for row in out.tolist()]
+    assert all(row[0] == forced for row in new), new
+    return dict(NLLB_GEN, src_lang=src_lang, tgt_lang=tgt_lang, forced_bos_token_id=forced, sources=sources,
+                decoder_start_token_id=out[0, 0].item(), new_ids=new,
+                texts=[tok.decode(row, skip_special_tokens=True) for row in new])
+
+
+def nllb_cases(folder):
+    """HF's ids with src_lang / tgt_lang given to from_pretrained, the decoder inputs M2M100's shift_tokens_right
+    makes of the labels (behind </s>), and HF's truncation to 8 (source) / 6 (target) tokens."""
+    from transformers import AutoTokenizer
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+
+    pairs = e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]
+    out, by_pair = None, []
+    for src_lang, tgt_lang in NLLB_PAIRS:
+        tok = AutoTokenizer.from_pretrained(folder, src_lang=src_lang, tgt_lang=tgt_lang)
+        assert type(tok).__name__ == "NllbTokenizer", type(tok)
+        if out is None:
+            out = {"tokenizer_class": "NllbTokenizer", "legacy_behaviour": tok.legacy_behaviour,
+                   "eos": tok.eos_token_id, "pad": tok.pad_token_id, "bos": tok.bos_token_id,
+                   "decoder_start_token_id": tok.eos_token_id,
+                   "lang_code_ids": {c: tok.convert_tokens_to_ids(c) for c in NLLB_CODES}}
+        cases = []
+        for s, t in pairs:
+            labels = tok(text_target=t)["input_ids"]
+            dec = shift_tokens_right(torch.tensor([labels]), tok.pad_token_id, tok.eos_token_id)[0].tolist()
+            cases.append({"source": s, "target": t, "input_ids": tok(s)["input_ids"], "labels": labels,
+                          "decoder_input_ids": dec,
+                          "input_ids_max8": tok(s, max_length=8, truncation=True)["input_ids"],
+                          "labels_max6": tok(text_target=t, max_length=6, truncation=True)["input_ids"]})
+        by_pair.append({"src_lang": src_lang, "tgt_lang": tgt_lang, "cases": cases})
+    out["pairs"] = by_pair
+    return out
+
+
+def check_nllb_config_decides(nllb_style, legacy_style):
+    """HF's NllbTokenizer frames texts as tokenizer_config.json's legacy_behaviour says, whatever the post-processor
+    saved in tokenizer.json (runtime/tests/bart_cli.rs relies on it: such a folder gives the legacy cases)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as mixed:
+        shutil.copy(os.path.join(nllb_style, "tokenizer.json"), mixed)
+        shutil.copy(os.path.join(legacy_style, "tokenizer_config.json"), mixed)
+        for src_lang, tgt_lang in NLLB_PAIRS:
+            kw = dict(src_lang=src_lang, tgt_lang=tgt_lang)
+            tok, legacy = AutoTokenizer.from_pretrained(mixed, **kw), AutoTokenizer.from_pretrained(legacy_style, **kw)
+            for s, t in e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]:
+                assert tok(s)["input_ids"] == legacy(s)["input_ids"], s
+                assert tok(text_target=t)["input_ids"] == legacy(text_target=t)["input_ids"], t
 
 
 BLENDERBOT_SMALL_SPECIALS = ["__start__", "__null__", "__end__", "__unk__"]  # bos, pad, eos, unk: 0..3
@@ -463,6 +601,11 @@ def main():
         assert cfg["decoder_start_token_id"] == mbart["mbart-style"]["lang_code_ids"]["ro_RO"], cfg
         assert cfg["vocab_size"] == 96
     write_json(os.path.join(TOKENIZERS, "mbart-format-cases.json"), mbart)
+    nllb_style, nllb_legacy_style = make_nllb_style(legacy=False), make_nllb_style(legacy=True)
+    check_nllb_config_decides(nllb_style, nllb_legacy_style)
+    nllb = {"nllb-style": nllb_cases(nllb_style), "nllb-legacy-style": nllb_cases(nllb_legacy_style)}
+    nllb["generate"] = nllb_generate_reference(nllb_style)
+    write_json(os.path.join(TOKENIZERS, "nllb-format-cases.json"), nllb)
     write_json(os.path.join(TOKENIZERS, "blenderbot-small-format-cases.json"),
                {"blenderbot-small-style": blenderbot_small_cases(make_blenderbot_small_style())})
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:

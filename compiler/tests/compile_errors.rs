@@ -230,11 +230,28 @@ fn lookalike_exports_are_refused() {
         .unwrap();
     let o = compile(&folder, &bart, &d.join("m2m"));
     assert!(o.status.success(), "model_type m2m_100 refused: {}", String::from_utf8_lossy(&o.stderr));
-    // Languages are mBART's.
+    // Languages are mBART's, M2M100's and NLLB's, checked against the tokenizer beside the export.
     let mut langs = bart.to_vec();
     langs.extend(["--src-lang", "en_XX", "--tgt-lang", "ro_RO"]);
+    std::fs::copy(graphs().join("tokenizers/nllb-style/tokenizer.json"), folder.join("tokenizer.json")).unwrap();
+    fails_with(
+        &compile(&folder, &langs, &d.join("b")),
+        &[
+            "--src-lang en_XX is not a language code of",
+            "tokenizer.json (neither `en_XX` nor `__en_XX__` is one of its tokens)",
+            "(its language codes: eng_Latn, fra_Latn, deu_Latn, ron_Latn)",
+        ],
+    );
+    let mut nllb = bart.to_vec();
+    nllb.extend(["--src-lang", "eng_Latn", "--tgt-lang", "fra_Latn"]);
+    let o = compile(&folder, &nllb, &d.join("nllb"));
+    assert!(o.status.success(), "NLLB's languages refused: {}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(folder.join("tokenizer.json")).unwrap();
     std::fs::write(folder.join("config.json"), &cfg).unwrap();
-    fails_with(&compile(&folder, &langs, &d.join("b")), &["--src-lang/--tgt-lang name mBART's language codes"]);
+    fails_with(
+        &compile(&folder, &langs, &d.join("b")),
+        &["--src-lang/--tgt-lang name the language codes of mBART, M2M100 and NLLB", "a bart export"],
+    );
     // A forced token past the vocabulary (HF's generate fails on it): refused naming the file.
     let gen_cfg = std::fs::read_to_string(folder.join("generation_config.json")).unwrap();
     std::fs::write(

@@ -1,12 +1,12 @@
 //! Source/target rows for encoder-decoder bundles (BART's layout), in Hugging Face's fine-tuning convention: the
 //! source is the text as the model's tokenizer frames it (`<s> source </s>` for BART; `source </s>` for Marian,
 //! Pegasus and BlenderBot; `source` for BlenderBot-small; `source </s> en_XX` for mBART-cc25, `en_XX source </s>` for
-//! mBART-50) right-padded to S, the labels the target framed the same way (with the target's language) and padded
-//! with -100 to T (the decoder's inputs are derived from them inside the graph, shifted right behind the decoder
-//! start token).
+//! mBART-50, `eng_Latn source </s>` for NLLB and M2M100) right-padded to S, the labels the target framed the same
+//! way (with the target's language) and padded with -100 to T (the decoder's inputs are derived from them inside the
+//! graph, shifted right behind the decoder start token).
 
 use anyhow::{anyhow, bail, Result};
-use pfx_compiler::compile::bart::Languages;
+use pfx_compiler::compile::bart::{nllb_legacy_behaviour, Languages};
 
 use crate::data::{Dataset, EncodeReport, Encoded, Overlong, IGNORE_INDEX};
 use crate::tokenize::Tokenizer;
@@ -40,6 +40,12 @@ impl Frame {
     }
 }
 
+/// An M2M100/NLLB language code's token: M2M100's `__en__` for `en` (its tokenizer's `src_lang="en"` names it so;
+/// looked up first, as `en` alone may be an ordinary piece), else the code as written (NLLB's `eng_Latn`, `__en__`).
+fn m2m100_code(tok: &Tokenizer, code: &str) -> Option<u32> {
+    tok.token_id(&format!("__{code}__")).or_else(|| tok.token_id(code))
+}
+
 pub struct SourceTarget<'t> {
     tok: &'t Tokenizer,
     source: Frame,
@@ -48,13 +54,15 @@ pub struct SourceTarget<'t> {
     pad: i64,
     /// The first decoder token generation starts with instead of the config's (mBART-cc25: the target language).
     start: Option<i64>,
-    /// The first new token generation forces (mBART-50: the target language, after the start token `</s>`).
+    /// The first new token generation forces (mBART-50, NLLB, M2M100: the target language, after the start token
+    /// `</s>`).
     forced_bos: Option<i64>,
 }
 
 impl<'t> SourceTarget<'t> {
     /// `pad` comes from the bundle (the export's config), `model_type` from its manifest (BART when it has none),
-    /// `languages` from its "bart" section (mBART's); `<s>`, `</s>` and the language codes from the tokenizer.
+    /// `languages` from its "bart" section (mBART's, M2M100's and NLLB's); `<s>`, `</s>` and the language codes from
+    /// the tokenizer.
     pub fn new(tok: &'t Tokenizer, pad: i64, model_type: Option<&str>, languages: Option<&Languages>) -> Result<Self> {
         let id = |t: &str, frame: &str| {
             tok.token_id(t)
@@ -89,6 +97,45 @@ impl<'t> SourceTarget<'t> {
                     (frames, eos, None, Some(tgt as i64))
                 }
             }
+            "m2m_100" => {
+                let Some(l) = languages else {
+                    bail!(
+                        "this M2M100/NLLB bundle was compiled without --src-lang/--tgt-lang: its tokenizer frames \
+                         every text with a language code, and generation forces the target's first. Compile it again \
+                         with them (e.g. --src-lang eng_Latn --tgt-lang fra_Latn for NLLB, --src-lang en --tgt-lang \
+                         fr for M2M100); token-level data needs none"
+                    )
+                };
+                let eos = id("</s>", "M2M100's and NLLB's format puts after every text")?;
+                let code = |c: &str, flag: &str| {
+                    m2m100_code(tok, c).ok_or_else(|| {
+                        anyhow!(
+                            "tokenizer {} has no `{c}` token (nor `__{c}__`), which the bundle's {flag} names",
+                            tok.origin().display()
+                        )
+                    })
+                };
+                let (src, tgt) = (code(&l.source, "--src-lang")?, code(&l.target, "--tgt-lang")?);
+                // NLLB puts the code first (`eng_Latn text </s>`), or last (`text </s> eng_Latn`) with
+                // legacy_behaviour: HF goes by the tokenizer_config.json beside the tokenizer.json when there is one,
+                // else the tokenizer.json's post-processor tells (as HF saves it). M2M100's own tokenizer (slow only)
+                // puts it first, as does any tokenizer.json without that post-processor.
+                let (lead, trail) = tok.text_specials()?;
+                let config = match tok.origin().parent() {
+                    Some(dir) => nllb_legacy_behaviour(dir)?,
+                    None => None,
+                };
+                let legacy = config.unwrap_or(lead.is_empty() && trail.len() == 2 && trail[0] == eos);
+                let around = |head: Vec<u32>, tail: Vec<u32>| Frame { head, tail };
+                let frames = if legacy {
+                    (around(vec![], vec![eos, src]), around(vec![], vec![eos, tgt]))
+                } else {
+                    (around(vec![src], vec![eos]), around(vec![tgt], vec![eos]))
+                };
+                // Either way HF's recipe starts the decoder with the config's `</s>` and forces the target
+                // language (`generate(forced_bos_token_id=...)`).
+                (frames, eos, None, Some(tgt as i64))
+            }
             "blenderbot-small" => {
                 // Its tokenizer adds nothing around a text (HF's BlenderbotSmallTokenizer): targets carry no end
                 // token, as in HF's fine-tuning; generation still stops at `__end__`.
@@ -117,7 +164,8 @@ impl<'t> SourceTarget<'t> {
         self.start
     }
 
-    /// The first new token generation forces, if any (mBART-50's target language, as `forced_bos_token_id`).
+    /// The first new token generation forces, if any (the target language of mBART-50, NLLB and M2M100, as
+    /// `forced_bos_token_id`).
     pub fn forced_bos(&self) -> Option<i64> {
         self.forced_bos
     }

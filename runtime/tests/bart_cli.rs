@@ -439,3 +439,228 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     let e = fails(&["train", p(&bare), "--train", p(&data), "--epochs", "1", "-o", p(&dir.join("run2"))]);
     assert!(e.contains("compiled without --src-lang/--tgt-lang"), "{e}");
 }
+
+/// The NLLB tokenizers of `graphs/tokenizers` (`graphs/make_text_references.py`): nllb-style and nllb-legacy-style.
+fn nllb_cases() -> serde_json::Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    serde_json::from_str(&std::fs::read_to_string(dir.join("nllb-format-cases.json")).unwrap()).unwrap()
+}
+
+/// nllb-style's tokenizer.json with its language codes renamed as M2M100's tokenizer writes them (`__en__`, ...) and
+/// no post-processor (M2M100's checkpoints ship none: whoever writes one for it may leave it out), in `dir`.
+fn m2m100_style_tokenizer(dir: &Path) -> PathBuf {
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let mut text = std::fs::read_to_string(tokenizers.join("nllb-style/tokenizer.json")).unwrap();
+    for (nllb, m2m) in [("eng_Latn", "__en__"), ("fra_Latn", "__fr__"), ("deu_Latn", "__de__"), ("ron_Latn", "__ro__")]
+    {
+        text = text.replace(&format!("\"{nllb}\""), &format!("\"{m2m}\""));
+    }
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["post_processor"] = serde_json::Value::Null;
+    let path = dir.join("m2m100-style.json");
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    path
+}
+
+/// NLLB's tokenizer frames a text as `code text </s>` (with legacy_behaviour, `text </s> code`; its tokenizer.json's
+/// post-processor says which), sources with the source language and targets with the target's; M2M100's does as
+/// NLLB's current one. The rows hold the ids HF's NllbTokenizer gives with src_lang/tgt_lang set, also cut to 8 and
+/// 6 tokens; generation starts with `</s>` (the config's decoder start) and forces the target language.
+#[test]
+fn source_target_rows_of_nllb_and_m2m100_follow_hf() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let all = nllb_cases();
+    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    let scratch = scratch("nllb_rows");
+    let m2m100 = Tokenizer::from_file(m2m100_style_tokenizer(&scratch)).unwrap();
+    let mut compared = 0;
+    // (tokenizer, its cases, the languages given to pfx): M2M100's as its users name them (`en` for `__en__`).
+    let mut runs = Vec::new();
+    for style in ["nllb-style", "nllb-legacy-style"] {
+        for pair in all[style]["pairs"].as_array().unwrap() {
+            let (s, t) = (pair["src_lang"].as_str().unwrap(), pair["tgt_lang"].as_str().unwrap());
+            runs.push((
+                style.to_string(),
+                Tokenizer::from_file(dir.join(style)).unwrap(),
+                pair,
+                s.to_string(),
+                t.to_string(),
+            ));
+        }
+    }
+    let first = &all["nllb-style"]["pairs"][0];
+    assert_eq!((first["src_lang"].as_str(), first["tgt_lang"].as_str()), (Some("eng_Latn"), Some("fra_Latn")));
+    runs.push(("m2m100-style".into(), m2m100, first, "en".into(), "fr".into()));
+    // nllb-style's tokenizer.json beside nllb-legacy-style's tokenizer_config.json: HF goes by the config's
+    // legacy_behaviour, not by the post-processor (make_text_references.py checks it), and so does pfx.
+    let mixed = scratch.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(dir.join("nllb-style/tokenizer.json"), mixed.join("tokenizer.json")).unwrap();
+    std::fs::copy(dir.join("nllb-legacy-style/tokenizer_config.json"), mixed.join("tokenizer_config.json")).unwrap();
+    for pair in all["nllb-legacy-style"]["pairs"].as_array().unwrap() {
+        let (s, t) = (pair["src_lang"].as_str().unwrap(), pair["tgt_lang"].as_str().unwrap());
+        runs.push(("mixed".into(), Tokenizer::from_file(&mixed).unwrap(), pair, s.to_string(), t.to_string()));
+    }
+    for (style, tok, pair, source, target) in &runs {
+        let want = &all[match style.as_str() {
+            "m2m100-style" => "nllb-style",
+            "mixed" => "nllb-legacy-style",
+            style => style,
+        }];
+        let languages = Languages { source: source.clone(), target: target.clone() };
+        let what = format!("{style} {source} -> {target}");
+        let pad = want["pad"].as_i64().unwrap();
+        let target_code = want["lang_code_ids"][pair["tgt_lang"].as_str().unwrap()].as_i64().unwrap();
+        let fmt = SourceTarget::new(tok, pad, Some("m2m_100"), Some(&languages)).unwrap();
+        assert_eq!(fmt.eos_id(), want["eos"].as_i64().unwrap());
+        assert_eq!((fmt.decoder_start(), fmt.forced_bos()), (None, Some(target_code)), "{what}");
+        let cases = pair["cases"].as_array().unwrap();
+        let lines: Vec<String> = cases
+            .iter()
+            .map(|c| serde_json::json!({"source": c["source"], "target": c["target"]}).to_string())
+            .collect();
+        std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
+        let data = read_examples(scratch.join("cases.jsonl")).unwrap();
+        let (rows, report) = fmt.encode_dataset(&data, 128, 128, Overlong::Skip).unwrap();
+        assert_eq!(report.kept, cases.len(), "{what}");
+        let (cut_rows, _) = fmt.encode_dataset(&data, 128, 6, Overlong::Truncate).unwrap();
+        for ((row, cut), case) in rows.iter().zip(&cut_rows).zip(cases) {
+            let (src, tgt) = (ids(&case["input_ids"]), ids(&case["labels"]));
+            assert_eq!(&row.input_ids[..src.len()], &src[..], "{what}: source of {}", case["source"]);
+            assert!(row.input_ids[src.len()..].iter().all(|&t| t == pad));
+            assert_eq!(&row.labels[..tgt.len()], &tgt[..], "{what}: labels of {}", case["target"]);
+            assert!(row.labels[tgt.len()..].iter().all(|&t| t == -100));
+            // The decoder's inputs are the labels shifted right behind `</s>` (the graph's shift, no mBART rotation).
+            let start = all["nllb-style"]["decoder_start_token_id"].as_i64().unwrap();
+            let shifted: Vec<i64> = std::iter::once(start).chain(tgt[..tgt.len() - 1].iter().copied()).collect();
+            assert_eq!(shifted, ids(&case["decoder_input_ids"]), "{what}");
+            let source = case["source"].as_str().unwrap();
+            assert_eq!(fmt.encode_source(source, 128).unwrap().0, src, "{what}");
+            assert_eq!(fmt.encode_source(source, 8).unwrap(), (ids(&case["input_ids_max8"]), true), "{what}");
+            assert_eq!(cut.labels, ids(&case["labels_max6"]), "{what}: target cut to 6");
+            compared += src.len() + tgt.len() + 8 + 6;
+        }
+    }
+    eprintln!("{compared} ids equal to HF's");
+    // Without languages, or with a code the tokenizer lacks.
+    let tok = Tokenizer::from_file(dir.join("nllb-style")).unwrap();
+    let e = SourceTarget::new(&tok, 1, Some("m2m_100"), None).err().unwrap().to_string();
+    assert!(e.contains("compiled without --src-lang/--tgt-lang") && e.contains("eng_Latn"), "{e}");
+    let odd = Languages { source: "eng_Latn".into(), target: "xxx_Yyyy".into() };
+    let e = SourceTarget::new(&tok, 1, Some("m2m_100"), Some(&odd)).err().unwrap().to_string();
+    assert!(e.contains("has no `xxx_Yyyy` token") && e.contains("--tgt-lang"), "{e}");
+}
+
+/// graphs/m2m100-tiny (M2M100's and NLLB-200's architecture) with the nllb-style tokenizer, through the commands:
+/// compiled with its languages, trained and evaluated on text, generating text; without a prefix its greedy text
+/// is HF's `generate(forced_bos_token_id=fra_Latn)` (`graphs/tokenizers/nllb-format-cases.json`), and with the codes
+/// made ordinary tokens the text shows the forced target language first.
+#[test]
+fn train_and_generate_an_m2m100_bundle_from_text() {
+    let dir = scratch("m2m100_cli");
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/m2m100-tiny");
+    for f in ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json"] {
+        std::fs::copy(fixture.join(f), export.join(f)).unwrap();
+    }
+    std::fs::copy(fixture.join("generation_config.json"), export.join("generation_config.json")).unwrap();
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    std::fs::copy(tokenizers.join("nllb-style/tokenizer.json"), export.join("tokenizer.json")).unwrap();
+    let want = nllb_cases()["generate"].clone();
+    let (src_len, max_new) = (want["src_len"].as_u64().unwrap() as usize, want["max_new_tokens"].as_u64().unwrap());
+    let languages = |source: &str, target: &str| Some(Languages { source: source.into(), target: target.into() });
+    let opts = BartOptions {
+        mode: BartPrefix::Peft,
+        prefix_len: 4,
+        mid_dim: Some(16),
+        batch: 4,
+        src_len,
+        tgt_len: 48,
+        label_smoothing: 0.0,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation: Some(BartGenShape { rows: 4, src_len, max_new: max_new as usize }),
+        weights: Default::default(),
+        languages: languages(want["src_lang"].as_str().unwrap(), want["tgt_lang"].as_str().unwrap()),
+    };
+    let e = compile_bart(
+        &export,
+        &BartOptions { languages: languages("eng_Latn", "xx_YY"), ..opts.clone() },
+        &dir.join("x"),
+    )
+    .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("--tgt-lang xx_YY is not a language code of") && e.contains("fra_Latn"), "{e}");
+    // A tokenizer_config.json whose legacy_behaviour disagrees with the tokenizer.json's post-processor: HF goes
+    // by the config, the bundle's copy of tokenizer.json could not, so it is refused.
+    let legacy_config = tokenizers.join("nllb-legacy-style/tokenizer_config.json");
+    std::fs::copy(&legacy_config, export.join("tokenizer_config.json")).unwrap();
+    let e = format!("{:#}", compile_bart(&export, &opts, &dir.join("x")).unwrap_err());
+    assert!(
+        e.contains("tokenizer_config.json says NllbTokenizer, which frames texts as `text </s> code`")
+            && e.contains("save the tokenizer again with transformers"),
+        "{e}"
+    );
+    std::fs::copy(tokenizers.join("nllb-style/tokenizer_config.json"), export.join("tokenizer_config.json")).unwrap();
+    let bundle = dir.join("bundle");
+    compile_bart(&export, &opts, &bundle).unwrap();
+    let data = write_jsonl(&dir);
+    let run = dir.join("run");
+    let log = ok(&["train", p(&bundle), "--train", p(&data), "--epochs", "1", "-o", p(&run)]);
+    assert!(log.contains("trained 2 steps"), "{log}");
+    let prefix = run.join("prefix.safetensors");
+    assert!(ok(&["eval", p(&bundle), "--data", p(&data), "--prefix", p(&prefix)]).contains("loss"));
+    let hyp = dir.join("hyp.txt");
+    ok(&["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&hyp)]);
+    assert_eq!(std::fs::read_to_string(&hyp).unwrap().lines().count(), 2);
+    // The bare model: HF's text for the same sources (cut to src_len as HF's truncation cuts them).
+    let sources: Vec<&str> = want["sources"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let inputs = dir.join("sources.lines");
+    std::fs::write(&inputs, sources.join("\n") + "\n").unwrap();
+    let bare = dir.join("bare.txt");
+    ok(&["generate", p(&bundle), "--no-prefix", "--inputs", p(&inputs), "--output", p(&bare)]);
+    let texts: Vec<&str> = want["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(std::fs::read_to_string(&bare).unwrap().lines().collect::<Vec<_>>(), texts);
+    // With the codes ordinary tokens (decoded, not skipped), each text starts with the forced target language.
+    let mut shown: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("tokenizer.json")).unwrap()).unwrap();
+    for t in shown["added_tokens"].as_array_mut().unwrap() {
+        if t["content"].as_str().unwrap().contains('_') {
+            t["special"] = false.into();
+        }
+    }
+    let shown_path = dir.join("shown.json");
+    std::fs::write(&shown_path, shown.to_string()).unwrap();
+    let forced = dir.join("forced.txt");
+    let args = ["generate", p(&bundle), "--no-prefix", "--inputs", p(&inputs), "--output", p(&forced)];
+    ok(&[&args[..], &["--tokenizer", p(&shown_path)]].concat());
+    let lines: Vec<String> = std::fs::read_to_string(&forced).unwrap().lines().map(String::from).collect();
+    assert_eq!(lines.len(), texts.len());
+    for (line, text) in lines.iter().zip(&texts) {
+        assert!(line.starts_with("fra_Latn") && line.ends_with(text), "{line:?} vs HF's {text:?}");
+    }
+    // M2M100's own naming: `--src-lang en` for its `__en__` (checked against the tokenizer beside the export).
+    let m2m100 = dir.join("m2m100-export");
+    std::fs::create_dir_all(&m2m100).unwrap();
+    for f in std::fs::read_dir(&export).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, m2m100.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(m2m100_style_tokenizer(&dir), m2m100.join("tokenizer.json")).unwrap();
+    std::fs::remove_file(m2m100.join("tokenizer_config.json")).unwrap(); // NLLB's
+    let m2m100_bundle = dir.join("m2m100-bundle");
+    compile_bart(&m2m100, &BartOptions { languages: languages("en", "fr"), ..opts.clone() }, &m2m100_bundle).unwrap();
+    let m2m100_bare = dir.join("m2m100-bare.txt");
+    ok(&["generate", p(&m2m100_bundle), "--no-prefix", "--inputs", p(&inputs), "--output", p(&m2m100_bare)]);
+    assert_eq!(std::fs::read_to_string(&m2m100_bare).unwrap(), std::fs::read_to_string(&bare).unwrap());
+    let e = compile_bart(&m2m100, &BartOptions { languages: languages("en", "xx"), ..opts.clone() }, &dir.join("y"))
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("--tgt-lang xx is not a language code of") && e.contains("__fr__"), "{e}");
+    // Compiled without languages: the text commands say what is missing.
+    let no_languages = dir.join("no-languages");
+    compile_bart(&export, &BartOptions { languages: None, ..opts.clone() }, &no_languages).unwrap();
+    let e = fails(&["train", p(&no_languages), "--train", p(&data), "--epochs", "1", "-o", p(&dir.join("run2"))]);
+    assert!(e.contains("compiled without --src-lang/--tgt-lang"), "{e}");
+}

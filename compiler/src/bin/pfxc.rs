@@ -59,10 +59,12 @@ enum Command {
         /// BART target length.
         #[arg(long)]
         tgt_len: Option<usize>,
-        /// mBART's source language code (e.g. en_XX): its tokenizer frames every source with it.
+        /// The source language code of mBART (en_XX), NLLB (eng_Latn) or M2M100 (en): their tokenizers frame every
+        /// source with it.
         #[arg(long, requires = "tgt_lang")]
         src_lang: Option<String>,
-        /// mBART's target language code (e.g. ro_RO): targets are framed with it, and generation starts with it.
+        /// The target language code (ro_RO, fra_Latn, fr): targets are framed with it, and generation starts with
+        /// it.
         #[arg(long, requires = "src_lang")]
         tgt_lang: Option<String>,
         /// BART loss label smoothing (default 0).
@@ -286,7 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             ] {
                 if given {
                     anyhow::bail!(
-                        "{flag} is for BART-layout exports (with --bart-prefix; the languages for mBART); {} is \
+                        "{flag} is for BART-layout exports (with --bart-prefix; the languages for mBART, M2M100 and NLLB); {} is \
                          compiled as GPT-2, which takes --seq",
                         model.display()
                     );

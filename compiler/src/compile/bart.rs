@@ -99,13 +99,14 @@ pub struct BartOptions {
     pub generation: Option<super::bart_generate::BartGenShape>,
     /// Element type of the frozen weights in `weights.bin`.
     pub weights: super::storage::WeightStorage,
-    /// mBART's source and target languages, which its text rows and its generation start with.
+    /// The source and target languages of mBART, M2M100 or NLLB, which frame their text rows and start generation.
     pub languages: Option<Languages>,
 }
 
-/// mBART's source and target language codes (its tokenizer's tokens: `en_XX`, `ro_RO`, ...). Its tokenizer puts
-/// the source's code around every source and the target's around every target (mBART-cc25: `text </s> code`;
-/// mBART-50: `code text </s>`), and generation starts the target language's text with it.
+/// The source and target language codes of mBART (its tokenizer's tokens: `en_XX`, `ro_RO`, ...), NLLB (`eng_Latn`)
+/// or M2M100 (`en` for its `__en__`). Their tokenizers put the source's code around every source and the target's
+/// around every target (mBART-cc25: `text </s> code`; mBART-50, NLLB, M2M100: `code text </s>`), and generation
+/// starts the target language's text with it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Languages {
     pub source: String,
@@ -848,7 +849,7 @@ pub struct BartSpec {
     /// Shapes and cache layout of the generation graphs (absent when compiled without them).
     #[serde(default)]
     pub generation: Option<super::bart_generate::BartGeneration>,
-    /// mBART's languages (`pfxc compile --src-lang --tgt-lang`), for its text commands and generation.
+    /// The languages of mBART, M2M100 or NLLB (`pfxc compile --src-lang --tgt-lang`), for text commands and generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub languages: Option<Languages>,
 }
@@ -979,12 +980,15 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
     Ok(manifest)
 }
 
-/// Languages are mBART's alone, and must be tokens of the tokenizer beside the export (when there is one).
+/// Languages are mBART's, M2M100's and NLLB's (model_type m2m_100), and must be tokens of the tokenizer beside the
+/// export (when there is one).
 fn check_languages(export: &BartExport, languages: Option<&Languages>) -> Result<()> {
     let Some(l) = languages else { return Ok(()) };
-    if export.model_type != "mbart" {
+    let m2m100 = export.model_type == "m2m_100";
+    if export.model_type != "mbart" && !m2m100 {
         bail!(
-            "--src-lang/--tgt-lang name mBART's language codes; {} is a {} export, whose tokenizer adds none",
+            "--src-lang/--tgt-lang name the language codes of mBART, M2M100 and NLLB; {} is a {} export, whose \
+             tokenizer adds none",
             export.dir.display(),
             export.model_type
         );
@@ -1003,6 +1007,53 @@ fn check_languages(export: &BartExport, languages: Option<&Languages>) -> Result
         .as_array()
         .map(|a| a.iter().filter_map(|t| t["content"].as_str()).collect())
         .unwrap_or_default();
+    if m2m100 {
+        // NLLB's codes (`eng_Latn`) are added tokens; a tokenizer.json made for M2M100 may hold its `__en__` in the
+        // vocabulary instead (BPE/WordPiece: a map; Unigram: [piece, score] pairs). `en` names `__en__`, as in HF.
+        let vocab = &tok["model"]["vocab"];
+        let known = |t: &str| {
+            added.contains(&t)
+                || vocab.get(t).is_some()
+                || vocab.as_array().is_some_and(|v| v.iter().any(|p| p[0].as_str() == Some(t)))
+        };
+        for (flag, code) in [("--src-lang", &l.source), ("--tgt-lang", &l.target)] {
+            if !known(&format!("__{code}__")) && !known(code) {
+                let nllb = |t: &&str| {
+                    let b = t.as_bytes();
+                    t.len() == 8 && b[3] == b'_' && b[..3].iter().all(u8::is_ascii_lowercase) && t.is_ascii()
+                };
+                let m2m = |t: &&str| t.len() > 4 && t.starts_with("__") && t.ends_with("__");
+                let codes: Vec<&str> = added.iter().copied().filter(|t| nllb(t) || m2m(t)).collect();
+                bail!(
+                    "{flag} {code} is not a language code of {} (neither `{code}` nor `__{code}__` is one of its \
+                     tokens){}",
+                    path.display(),
+                    listed(&codes)
+                );
+            }
+        }
+        // HF's NllbTokenizer frames texts as its tokenizer_config.json's legacy_behaviour says, whatever the
+        // post-processor in tokenizer.json (which pfx reads; a file saved before that flag may hold the old one).
+        if let Some(legacy) = nllb_legacy_behaviour(&export.dir)? {
+            let single = tok["post_processor"]["single"].as_array();
+            let text_first = single.is_some_and(|s| s.len() >= 3 && s[0].get("Sequence").is_some());
+            if text_first != legacy {
+                let (hf, file) = if legacy {
+                    ("`text </s> code` (legacy_behaviour true)", "`code text </s>`")
+                } else {
+                    ("`code text </s>` (legacy_behaviour false, its default)", "`text </s> code`, or nothing,")
+                };
+                bail!(
+                    "{} says NllbTokenizer, which frames texts as {hf}, but the post-processor of {} frames them \
+                     as {file}: save the tokenizer again with transformers \
+                     (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes the post-processor it uses)",
+                    export.dir.join("tokenizer_config.json").display(),
+                    path.display()
+                );
+            }
+        }
+        return Ok(());
+    }
     for (flag, code) in [("--src-lang", &l.source), ("--tgt-lang", &l.target)] {
         if !added.contains(&code.as_str()) {
             // mBART's codes are the tokenizer's added tokens with a language_REGION shape.
@@ -1011,11 +1062,38 @@ fn check_languages(export: &BartExport, languages: Option<&Languages>) -> Result
             bail!(
                 "{flag} {code} is not a language code of {} (not one of its added tokens){}",
                 path.display(),
-                if codes.is_empty() { String::new() } else { format!(" (its language codes: {})", codes.join(", ")) }
+                listed(&codes)
             );
         }
     }
     Ok(())
+}
+
+/// Whether HF's NllbTokenizer frames texts the legacy way (`text </s> code`) for the tokenizer_config.json in `dir`:
+/// its `legacy_behaviour` (false when absent, as HF's default); None when there is no such file or it names another
+/// tokenizer class.
+pub fn nllb_legacy_behaviour(dir: &Path) -> Result<Option<bool>> {
+    let path = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    if !cfg["tokenizer_class"].as_str().is_some_and(|c| c.starts_with("Nllb")) {
+        return Ok(None);
+    }
+    match &cfg["legacy_behaviour"] {
+        serde_json::Value::Null => Ok(Some(false)),
+        serde_json::Value::Bool(b) => Ok(Some(*b)),
+        other => bail!("{}: legacy_behaviour is {other}, not true or false", path.display()),
+    }
+}
+
+/// ` (its language codes: a, b, ...)` for an error, the first 60 of them (NLLB has 202), or nothing.
+fn listed(codes: &[&str]) -> String {
+    match codes.len() {
+        0 => String::new(),
+        n if n <= 60 => format!(" (its language codes: {})", codes.join(", ")),
+        n => format!(" (its language codes: {}, and {} more)", codes[..60].join(", "), n - 60),
+    }
 }
 
 pub(super) fn file_name(p: &Path) -> String {
