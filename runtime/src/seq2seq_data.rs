@@ -125,7 +125,9 @@ impl<'t> SourceTarget<'t> {
                     Some(dir) => nllb_legacy_behaviour(dir)?,
                     None => None,
                 };
-                let legacy = config.unwrap_or(lead.is_empty() && trail.len() == 2 && trail[0] == eos);
+                // A tokenizer_config.json beside the tokenizer in use decides, else the export's (recorded at
+                // compile), else the post-processor.
+                let legacy = config.or(l.nllb_legacy).unwrap_or(lead.is_empty() && trail.len() == 2 && trail[0] == eos);
                 let around = |head: Vec<u32>, tail: Vec<u32>| Frame { head, tail };
                 let frames = if legacy {
                     (around(vec![], vec![eos, src]), around(vec![], vec![eos, tgt]))

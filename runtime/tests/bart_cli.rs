@@ -258,6 +258,7 @@ fn source_target_rows_of_mbart_follow_hf() {
             let languages = Languages {
                 source: pair["src_lang"].as_str().unwrap().to_string(),
                 target: pair["tgt_lang"].as_str().unwrap().to_string(),
+                nllb_legacy: None,
             };
             let what = format!("{style} {} -> {}", languages.source, languages.target);
             let target_code = want["lang_code_ids"][&languages.target].as_i64().unwrap();
@@ -296,7 +297,7 @@ fn source_target_rows_of_mbart_follow_hf() {
     let tok = Tokenizer::from_file(dir.join("mbart-style")).unwrap();
     let e = SourceTarget::new(&tok, 1, Some("mbart"), None).err().unwrap().to_string();
     assert!(e.contains("--src-lang/--tgt-lang"), "{e}");
-    let odd = Languages { source: "en_XX".into(), target: "xx_YY".into() };
+    let odd = Languages { source: "en_XX".into(), target: "xx_YY".into(), nllb_legacy: None };
     let e = SourceTarget::new(&tok, 1, Some("mbart"), Some(&odd)).err().unwrap().to_string();
     assert!(e.contains("has no `xx_YY` token") && e.contains("--tgt-lang"), "{e}");
 }
@@ -350,7 +351,9 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     }
     let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
     std::fs::copy(tokenizers.join("mbart-style/tokenizer.json"), export.join("tokenizer.json")).unwrap();
-    let languages = |source: &str, target: &str| Some(Languages { source: source.into(), target: target.into() });
+    let languages = |source: &str, target: &str| {
+        Some(Languages { source: source.into(), target: target.into(), nllb_legacy: None })
+    };
     let opts = BartOptions {
         mode: BartPrefix::Peft,
         prefix_len: 4,
@@ -507,7 +510,7 @@ fn source_target_rows_of_nllb_and_m2m100_follow_hf() {
             "mixed" => "nllb-legacy-style",
             style => style,
         }];
-        let languages = Languages { source: source.clone(), target: target.clone() };
+        let languages = Languages { source: source.clone(), target: target.clone(), nllb_legacy: None };
         let what = format!("{style} {source} -> {target}");
         let pad = want["pad"].as_i64().unwrap();
         let target_code = want["lang_code_ids"][pair["tgt_lang"].as_str().unwrap()].as_i64().unwrap();
@@ -546,7 +549,7 @@ fn source_target_rows_of_nllb_and_m2m100_follow_hf() {
     let tok = Tokenizer::from_file(dir.join("nllb-style")).unwrap();
     let e = SourceTarget::new(&tok, 1, Some("m2m_100"), None).err().unwrap().to_string();
     assert!(e.contains("compiled without --src-lang/--tgt-lang") && e.contains("eng_Latn"), "{e}");
-    let odd = Languages { source: "eng_Latn".into(), target: "xxx_Yyyy".into() };
+    let odd = Languages { source: "eng_Latn".into(), target: "xxx_Yyyy".into(), nllb_legacy: None };
     let e = SourceTarget::new(&tok, 1, Some("m2m_100"), Some(&odd)).err().unwrap().to_string();
     assert!(e.contains("has no `xxx_Yyyy` token") && e.contains("--tgt-lang"), "{e}");
 }
@@ -569,7 +572,9 @@ fn train_and_generate_an_m2m100_bundle_from_text() {
     std::fs::copy(tokenizers.join("nllb-style/tokenizer.json"), export.join("tokenizer.json")).unwrap();
     let want = nllb_cases()["generate"].clone();
     let (src_len, max_new) = (want["src_len"].as_u64().unwrap() as usize, want["max_new_tokens"].as_u64().unwrap());
-    let languages = |source: &str, target: &str| Some(Languages { source: source.into(), target: target.into() });
+    let languages = |source: &str, target: &str| {
+        Some(Languages { source: source.into(), target: target.into(), nllb_legacy: None })
+    };
     let opts = BartOptions {
         mode: BartPrefix::Peft,
         prefix_len: 4,
@@ -593,15 +598,19 @@ fn train_and_generate_an_m2m100_bundle_from_text() {
     let e = format!("{e:#}");
     assert!(e.contains("--tgt-lang xx_YY is not a language code of") && e.contains("fra_Latn"), "{e}");
     // A tokenizer_config.json whose legacy_behaviour disagrees with the tokenizer.json's post-processor: HF goes
-    // by the config, the bundle's copy of tokenizer.json could not, so it is refused.
+    // by the config, so the bundle records it (only tokenizer.json is copied in) and its text rows follow it.
     let legacy_config = tokenizers.join("nllb-legacy-style/tokenizer_config.json");
     std::fs::copy(&legacy_config, export.join("tokenizer_config.json")).unwrap();
-    let e = format!("{:#}", compile_bart(&export, &opts, &dir.join("x")).unwrap_err());
-    assert!(
-        e.contains("tokenizer_config.json says NllbTokenizer, which frames texts as `text </s> code`")
-            && e.contains("save the tokenizer again with transformers"),
-        "{e}"
-    );
+    let legacy = dir.join("legacy");
+    compile_bart(&export, &opts, &legacy).unwrap();
+    let spec = pfx_compiler::compile::bart::read_bart_spec(&legacy).unwrap().unwrap();
+    let recorded = spec.languages.clone().unwrap();
+    assert_eq!(recorded.nllb_legacy, Some(true));
+    let tok = Tokenizer::from_file(legacy.join("tokenizer.json")).unwrap();
+    let fmt = SourceTarget::new(&tok, 1, Some("m2m_100"), Some(&recorded)).unwrap();
+    let (ids, _) = fmt.encode_source("the", 48).unwrap();
+    let src_code = nllb_cases()["nllb-style"]["lang_code_ids"][want["src_lang"].as_str().unwrap()].as_i64().unwrap();
+    assert_eq!(ids[ids.len() - 2..], [2, src_code], "legacy framing `text </s> code`: {ids:?}");
     std::fs::copy(tokenizers.join("nllb-style/tokenizer_config.json"), export.join("tokenizer_config.json")).unwrap();
     let bundle = dir.join("bundle");
     compile_bart(&export, &opts, &bundle).unwrap();

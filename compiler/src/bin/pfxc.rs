@@ -256,7 +256,11 @@ fn run(cli: Cli) -> Result<()> {
                         max_new,
                     }),
                     weights,
-                    languages: src_lang.zip(tgt_lang).map(|(source, target)| bart::Languages { source, target }),
+                    languages: src_lang.zip(tgt_lang).map(|(source, target)| bart::Languages {
+                        source,
+                        target,
+                        nllb_legacy: None,
+                    }),
                 };
                 let t0 = std::time::Instant::now();
                 let m = bart::compile_bart(&model, &opts, &output)

@@ -107,10 +107,15 @@ pub struct BartOptions {
 /// or M2M100 (`en` for its `__en__`). Their tokenizers put the source's code around every source and the target's
 /// around every target (mBART-cc25: `text </s> code`; mBART-50, NLLB, M2M100: `code text </s>`), and generation
 /// starts the target language's text with it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Languages {
     pub source: String,
     pub target: String,
+    /// NLLB's framing as the export's tokenizer_config.json sets it (`legacy_behaviour`: `text </s> code`), which HF
+    /// follows whatever the tokenizer.json's post-processor says; recorded by `pfxc compile`, since only the
+    /// tokenizer.json is copied into the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nllb_legacy: Option<bool>,
 }
 
 /// The files of an optimum export and the few config values the graph needs.
@@ -972,7 +977,10 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
             .generation
             .as_ref()
             .map(|gs| super::bart_generate::generation_spec(opts.mode, opts.prefix_len, d, gs)),
-        languages: opts.languages.clone(),
+        languages: match &opts.languages {
+            Some(l) => Some(Languages { nllb_legacy: nllb_legacy_behaviour(&c.export.dir)?, ..l.clone() }),
+            None => None,
+        },
     };
     let mut json = serde_json::to_value(&manifest)?;
     json.as_object_mut().expect("a manifest is an object").insert("bart".into(), serde_json::to_value(&spec)?);
@@ -1033,25 +1041,8 @@ fn check_languages(export: &BartExport, languages: Option<&Languages>) -> Result
             }
         }
         // HF's NllbTokenizer frames texts as its tokenizer_config.json's legacy_behaviour says, whatever the
-        // post-processor in tokenizer.json (which pfx reads; a file saved before that flag may hold the old one).
-        if let Some(legacy) = nllb_legacy_behaviour(&export.dir)? {
-            let single = tok["post_processor"]["single"].as_array();
-            let text_first = single.is_some_and(|s| s.len() >= 3 && s[0].get("Sequence").is_some());
-            if text_first != legacy {
-                let (hf, file) = if legacy {
-                    ("`text </s> code` (legacy_behaviour true)", "`code text </s>`")
-                } else {
-                    ("`code text </s>` (legacy_behaviour false, its default)", "`text </s> code`, or nothing,")
-                };
-                bail!(
-                    "{} says NllbTokenizer, which frames texts as {hf}, but the post-processor of {} frames them \
-                     as {file}: save the tokenizer again with transformers \
-                     (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes the post-processor it uses)",
-                    export.dir.join("tokenizer_config.json").display(),
-                    path.display()
-                );
-            }
-        }
+        // post-processor in tokenizer.json (a file saved before that flag may hold the old one): compile_bart
+        // records the flag in the bundle (`Languages::nllb_legacy`), read back by the text commands.
         return Ok(());
     }
     for (flag, code) in [("--src-lang", &l.source), ("--tgt-lang", &l.target)] {
