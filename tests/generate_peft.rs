@@ -36,6 +36,21 @@ fn bundle_with(fixture: &str, mode: &str, test: &str, rows: usize, weights: Weig
 
 use common::id_rows as rows;
 
+/// The references of `graphs/peft-generate/gpt2-<mode>.safetensors` and their prompts (padding left out).
+fn references(mode: &str) -> (BTreeMap<String, HostTensor>, Vec<Vec<i64>>) {
+    let r = pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
+        .unwrap();
+    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+    (r, prompts)
+}
+
+/// The prefix the references were made with (`graphs/peft/gpt2-<mode>.safetensors`), as the bundle names it.
+fn initial_prefix(b: &Bundle, mode: &str) -> BTreeMap<String, HostTensor> {
+    let start =
+        pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
+    b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect()
+}
+
 fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>) -> Generator {
     Generator::open(b, kind, &OrtOptions::default(), prefix).unwrap()
 }
@@ -43,17 +58,11 @@ fn generator(b: &Bundle, kind: BackendKind, prefix: BTreeMap<String, HostTensor>
 #[test]
 fn greedy_and_beam_equal_peft() {
     for mode in ["reparam", "noreparam"] {
-        let r =
-            pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
-                .unwrap();
-        let start =
-            pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
-        let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+        let (r, prompts) = references(mode);
         for fixture in ["gpt2-dynamo-past", "gpt2-optimum"] {
             let dir = bundle(fixture, mode, "tokens");
             let b = Bundle::open(&dir).unwrap();
-            let prefix: BTreeMap<String, HostTensor> =
-                b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
+            let prefix = initial_prefix(&b, mode);
             for kind in backends() {
                 let what = format!("{fixture} {mode} {kind}");
                 let mut g = generator(&b, kind, prefix.clone());
@@ -159,17 +168,9 @@ fn sampling_scores_equal_hf(g: &mut Generator, prompts: &[Vec<i64>], r: &BTreeMa
 /// it is in, and the same when a resumed run starts at it.
 #[test]
 fn samples_do_not_depend_on_the_batch() {
-    let mode = "reparam";
-    let r = pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
-        .unwrap();
-    let start =
-        pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
-    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
-    let dir = bundle_rows("gpt2-dynamo-past", mode, "sampling", 2);
-    let b = Bundle::open(&dir).unwrap();
-    let prefix: BTreeMap<String, HostTensor> =
-        b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
-    let mut g = generator(&b, BackendKind::Tract, prefix);
+    let (r, prompts) = references("reparam");
+    let b = Bundle::open(bundle_rows("gpt2-dynamo-past", "reparam", "sampling", 2)).unwrap();
+    let mut g = generator(&b, BackendKind::Tract, initial_prefix(&b, "reparam"));
     // A flat distribution (temperature 3, no top-k) so that the draws matter.
     let sampling = pfx_runtime::search::Sampling { temperature: 3.0, top_k: 0, seed: 11, ..Default::default() };
     let cfg = GenConfig { max_new: 8, eos: Some(95), pad: 95, sampling: Some(sampling), ..GenConfig::default() };
@@ -307,16 +308,9 @@ fn baking_an_f32_bundle_into_f16_weights() {
 /// hypotheses as HF gives each.
 #[test]
 fn beam_search_of_two_prompts_at_once() {
-    let mode = "reparam";
-    let r = pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft-generate/gpt2-{mode}.safetensors")))
-        .unwrap();
-    let start =
-        pfx_runtime::read_safetensors(common::graphs_dir().join(format!("peft/gpt2-{mode}.safetensors"))).unwrap();
-    let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
-    let b = Bundle::open(bundle_rows("gpt2-optimum", mode, "beam2", 6)).unwrap();
-    let prefix: BTreeMap<String, HostTensor> =
-        b.trainable_names().into_iter().map(|n| (n.clone(), start[&n].clone())).collect();
-    let mut g = generator(&b, BackendKind::Tract, prefix);
+    let (r, prompts) = references("reparam");
+    let b = Bundle::open(bundle_rows("gpt2-optimum", "reparam", "beam2", 6)).unwrap();
+    let mut g = generator(&b, BackendKind::Tract, initial_prefix(&b, "reparam"));
     let cfg = GenConfig { max_new: 8, min_new: 8, beams: 3, eos: Some(95), pad: 95, ..GenConfig::default() };
     assert_eq!(g.beam_search(&prompts, &cfg).unwrap(), rows(&r["beam"], None));
 }

@@ -238,6 +238,61 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     assert_eq!(std::fs::read_to_string(&hyp_baked).unwrap(), lines);
 }
 
+/// Trains `bundle` on 2 steps of text (`write_jsonl`), evaluates and generates with the trained prefix, each
+/// through the CLI; returns the data file.
+fn text_commands_run(bundle: &Path, dir: &Path) -> PathBuf {
+    let data = write_jsonl(dir);
+    let run = dir.join("run");
+    let log = ok(&["train", p(bundle), "--train", p(&data), "--epochs", "1", "-o", p(&run)]);
+    assert!(log.contains("trained 2 steps"), "{log}");
+    let prefix = run.join("prefix.safetensors");
+    assert!(ok(&["eval", p(bundle), "--data", p(&data), "--prefix", p(&prefix)]).contains("loss"));
+    let hyp = dir.join("hyp.txt");
+    ok(&["generate", p(bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&hyp)]);
+    assert_eq!(std::fs::read_to_string(&hyp).unwrap().lines().count(), 2);
+    data
+}
+
+/// The rows `fmt` makes of a cases pair of `graphs/make_text_references.py` hold HF's ids: sources and labels, both
+/// cut as HF's truncation cuts them (the text, never the special tokens around it), and with `shift_start` the
+/// decoder inputs (the labels shifted right behind it). Returns the ids compared.
+fn rows_follow_hf(
+    fmt: &SourceTarget,
+    pair: &serde_json::Value,
+    pad: i64,
+    scratch: &Path,
+    what: &str,
+    shift_start: Option<i64>,
+) -> usize {
+    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    let cases = pair["cases"].as_array().unwrap();
+    let lines: Vec<String> =
+        cases.iter().map(|c| serde_json::json!({"source": c["source"], "target": c["target"]}).to_string()).collect();
+    std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
+    let data = read_examples(scratch.join("cases.jsonl")).unwrap();
+    let (rows, report) = fmt.encode_dataset(&data, 128, 128, Overlong::Skip).unwrap();
+    assert_eq!(report.kept, cases.len(), "{what}");
+    let (cut_rows, _) = fmt.encode_dataset(&data, 128, 6, Overlong::Truncate).unwrap();
+    let mut compared = 0;
+    for ((row, cut), case) in rows.iter().zip(&cut_rows).zip(cases) {
+        let (src, tgt) = (ids(&case["input_ids"]), ids(&case["labels"]));
+        assert_eq!(&row.input_ids[..src.len()], &src[..], "{what}: source of {}", case["source"]);
+        assert!(row.input_ids[src.len()..].iter().all(|&t| t == pad));
+        assert_eq!(&row.labels[..tgt.len()], &tgt[..], "{what}: labels of {}", case["target"]);
+        assert!(row.labels[tgt.len()..].iter().all(|&t| t == -100));
+        if let Some(start) = shift_start {
+            let shifted: Vec<i64> = std::iter::once(start).chain(tgt[..tgt.len() - 1].iter().copied()).collect();
+            assert_eq!(shifted, ids(&case["decoder_input_ids"]), "{what}");
+        }
+        let source = case["source"].as_str().unwrap();
+        assert_eq!(fmt.encode_source(source, 128).unwrap().0, src, "{what}");
+        assert_eq!(fmt.encode_source(source, 8).unwrap(), (ids(&case["input_ids_max8"]), true), "{what}");
+        assert_eq!(cut.labels, ids(&case["labels_max6"]), "{what}: target cut to 6");
+        compared += src.len() + tgt.len() + 8 + 6;
+    }
+    compared
+}
+
 /// mBART's tokenizers frame a text with the language code: cc25's `text </s> code`, mBART-50's `code text </s>`
 /// (sources with the source language, targets with the target's). The rows hold the ids Hugging Face's
 /// `tokenizer(source)` / `tokenizer(text_target=...)` give with src_lang/tgt_lang set, also cut to 8 and 6 tokens
@@ -248,7 +303,6 @@ fn source_target_rows_of_mbart_follow_hf() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
     let all: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("mbart-format-cases.json")).unwrap()).unwrap();
-    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
     let scratch = scratch("mbart_rows");
     for style in ["mbart-style", "mbart50-style"] {
         let want = &all[style];
@@ -269,28 +323,7 @@ fn source_target_rows_of_mbart_follow_hf() {
             } else {
                 assert_eq!((fmt.decoder_start(), fmt.forced_bos()), (None, Some(target_code)), "{what}");
             }
-            let cases = pair["cases"].as_array().unwrap();
-            let lines: Vec<String> = cases
-                .iter()
-                .map(|c| serde_json::json!({"source": c["source"], "target": c["target"]}).to_string())
-                .collect();
-            std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
-            let data = read_examples(scratch.join("cases.jsonl")).unwrap();
-            let (rows, report) = fmt.encode_dataset(&data, 128, 128, Overlong::Skip).unwrap();
-            assert_eq!(report.kept, cases.len(), "{what}");
-            let (cut_rows, _) = fmt.encode_dataset(&data, 128, 6, Overlong::Truncate).unwrap();
-            for ((row, cut), case) in rows.iter().zip(&cut_rows).zip(cases) {
-                let (src, tgt) = (ids(&case["input_ids"]), ids(&case["labels"]));
-                assert_eq!(&row.input_ids[..src.len()], &src[..], "{what}: source of {}", case["source"]);
-                assert!(row.input_ids[src.len()..].iter().all(|&t| t == pad));
-                assert_eq!(&row.labels[..tgt.len()], &tgt[..], "{what}: labels of {}", case["target"]);
-                assert!(row.labels[tgt.len()..].iter().all(|&t| t == -100));
-                let source = case["source"].as_str().unwrap();
-                assert_eq!(fmt.encode_source(source, 128).unwrap().0, src, "{what}");
-                // Cut as HF's truncation cuts: the text, never the special tokens around it.
-                assert_eq!(fmt.encode_source(source, 8).unwrap(), (ids(&case["input_ids_max8"]), true), "{what}");
-                assert_eq!(cut.labels, ids(&case["labels_max6"]), "{what}: target cut to 6");
-            }
+            rows_follow_hf(&fmt, pair, pad, &scratch, &what, None);
         }
     }
     // Without languages (a bundle compiled without --src-lang/--tgt-lang), or with a code the tokenizer lacks.
@@ -377,15 +410,7 @@ fn train_and_generate_an_mbart_bundle_from_text() {
     assert!(format!("{e:#}").contains("a bart export, whose tokenizer adds none"), "{e:#}");
     let bundle = dir.join("bundle");
     compile_bart(&export, &opts, &bundle).unwrap();
-    let data = write_jsonl(&dir);
-    let run = dir.join("run");
-    let log = ok(&["train", p(&bundle), "--train", p(&data), "--epochs", "1", "-o", p(&run)]);
-    assert!(log.contains("trained 2 steps"), "{log}");
-    let prefix = run.join("prefix.safetensors");
-    assert!(ok(&["eval", p(&bundle), "--data", p(&data), "--prefix", p(&prefix)]).contains("loss"));
-    let hyp = dir.join("hyp.txt");
-    ok(&["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&hyp)]);
-    assert_eq!(std::fs::read_to_string(&hyp).unwrap().lines().count(), 2);
+    let data = text_commands_run(&bundle, &dir);
     // A model whose generation config ends sequences with another id than its tokenizer's `</s>`: said.
     let other_eos = dir.join("other-eos");
     std::fs::create_dir_all(&other_eos).unwrap();
@@ -473,7 +498,6 @@ fn m2m100_style_tokenizer(dir: &Path) -> PathBuf {
 fn source_target_rows_of_nllb_and_m2m100_follow_hf() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
     let all = nllb_cases();
-    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
     let scratch = scratch("nllb_rows");
     let m2m100 = Tokenizer::from_file(m2m100_style_tokenizer(&scratch)).unwrap();
     let mut compared = 0;
@@ -517,32 +541,9 @@ fn source_target_rows_of_nllb_and_m2m100_follow_hf() {
         let fmt = SourceTarget::new(tok, pad, Some("m2m_100"), Some(&languages)).unwrap();
         assert_eq!(fmt.eos_id(), want["eos"].as_i64().unwrap());
         assert_eq!((fmt.decoder_start(), fmt.forced_bos()), (None, Some(target_code)), "{what}");
-        let cases = pair["cases"].as_array().unwrap();
-        let lines: Vec<String> = cases
-            .iter()
-            .map(|c| serde_json::json!({"source": c["source"], "target": c["target"]}).to_string())
-            .collect();
-        std::fs::write(scratch.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
-        let data = read_examples(scratch.join("cases.jsonl")).unwrap();
-        let (rows, report) = fmt.encode_dataset(&data, 128, 128, Overlong::Skip).unwrap();
-        assert_eq!(report.kept, cases.len(), "{what}");
-        let (cut_rows, _) = fmt.encode_dataset(&data, 128, 6, Overlong::Truncate).unwrap();
-        for ((row, cut), case) in rows.iter().zip(&cut_rows).zip(cases) {
-            let (src, tgt) = (ids(&case["input_ids"]), ids(&case["labels"]));
-            assert_eq!(&row.input_ids[..src.len()], &src[..], "{what}: source of {}", case["source"]);
-            assert!(row.input_ids[src.len()..].iter().all(|&t| t == pad));
-            assert_eq!(&row.labels[..tgt.len()], &tgt[..], "{what}: labels of {}", case["target"]);
-            assert!(row.labels[tgt.len()..].iter().all(|&t| t == -100));
-            // The decoder's inputs are the labels shifted right behind `</s>` (the graph's shift, no mBART rotation).
-            let start = all["nllb-style"]["decoder_start_token_id"].as_i64().unwrap();
-            let shifted: Vec<i64> = std::iter::once(start).chain(tgt[..tgt.len() - 1].iter().copied()).collect();
-            assert_eq!(shifted, ids(&case["decoder_input_ids"]), "{what}");
-            let source = case["source"].as_str().unwrap();
-            assert_eq!(fmt.encode_source(source, 128).unwrap().0, src, "{what}");
-            assert_eq!(fmt.encode_source(source, 8).unwrap(), (ids(&case["input_ids_max8"]), true), "{what}");
-            assert_eq!(cut.labels, ids(&case["labels_max6"]), "{what}: target cut to 6");
-            compared += src.len() + tgt.len() + 8 + 6;
-        }
+        // The decoder's inputs are the labels shifted right behind `</s>` (the graph's shift, no mBART rotation).
+        let start = all["nllb-style"]["decoder_start_token_id"].as_i64().unwrap();
+        compared += rows_follow_hf(&fmt, pair, pad, &scratch, &what, Some(start));
     }
     eprintln!("{compared} ids equal to HF's");
     // Without languages, or with a code the tokenizer lacks.
@@ -614,15 +615,7 @@ fn train_and_generate_an_m2m100_bundle_from_text() {
     std::fs::copy(tokenizers.join("nllb-style/tokenizer_config.json"), export.join("tokenizer_config.json")).unwrap();
     let bundle = dir.join("bundle");
     compile_bart(&export, &opts, &bundle).unwrap();
-    let data = write_jsonl(&dir);
-    let run = dir.join("run");
-    let log = ok(&["train", p(&bundle), "--train", p(&data), "--epochs", "1", "-o", p(&run)]);
-    assert!(log.contains("trained 2 steps"), "{log}");
-    let prefix = run.join("prefix.safetensors");
-    assert!(ok(&["eval", p(&bundle), "--data", p(&data), "--prefix", p(&prefix)]).contains("loss"));
-    let hyp = dir.join("hyp.txt");
-    ok(&["generate", p(&bundle), "--prefix", p(&prefix), "--inputs", p(&data), "--output", p(&hyp)]);
-    assert_eq!(std::fs::read_to_string(&hyp).unwrap().lines().count(), 2);
+    let data = text_commands_run(&bundle, &dir);
     // The bare model: HF's text for the same sources (cut to src_len as HF's truncation cuts them).
     let sources: Vec<&str> = want["sources"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     let inputs = dir.join("sources.lines");
