@@ -222,6 +222,20 @@ def make_mbart50_style():
     return save(tok, "mbart50-style")
 
 
+def apply_merge(seqs, a, b):
+    """Joins every adjacent (a, b) of each word's piece sequence, left to right, in place (a BPE merge)."""
+    for w, seq in seqs.items():
+        out, i = [], 0
+        while i < len(seq):
+            if i + 1 < len(seq) and (seq[i], seq[i + 1]) == (a, b):
+                out.append(a + b)
+                i += 2
+            else:
+                out.append(seq[i])
+                i += 1
+        seqs[w] = tuple(out)
+
+
 def counted_bpe(size, alphabet_size=40):
     """A BPE counted from the E2E slice's words as Metaspace splits them (`\u2581word`): the alphabet_size most
     frequent characters, then the most frequent pair merged (ties to the smaller pair) until `size` pieces; pairs
@@ -245,16 +259,7 @@ def counted_bpe(size, alphabet_size=40):
         (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
         merges.append((a, b))
         vocab.append(a + b)
-        for w, seq in seqs.items():
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            seqs[w] = tuple(out)
+        apply_merge(seqs, a, b)
     assert len(set(vocab)) == len(vocab)
     return vocab, merges
 
@@ -389,16 +394,7 @@ def make_blenderbot_small_style(size=320):
         merges.append((a, b))
         if a + b not in vocab:
             vocab.append(a + b)
-        for w, seq in seqs.items():
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            seqs[w] = tuple(out)
+        apply_merge(seqs, a, b)
     internal = {t: i for i, t in enumerate(vocab)}
     # The Python class's vocabulary: a word's last piece without `</w>`, the others with `@@`.
     surface = {t: t if t in BLENDERBOT_SMALL_SPECIALS else t[:-4] if t.endswith("</w>") else t + "@@" for t in vocab}
