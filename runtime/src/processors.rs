@@ -1,10 +1,10 @@
 //! What Hugging Face's `generate` does to a row of scores before it picks a token, beyond bans and forcing (which
-//! live in `search`): the repetition penalties, the sampling warpers (temperature, top-k, top-p, min-p, typical)
-//! and the draw itself. Each follows its HF logits processor, in float32 as HF computes it, so that the same
+//! live in `search`): the sequence biases and repetition penalties, the sampling warpers (temperature, top-k,
+//! top-p, min-p, typical, epsilon, eta) and the draw itself. Each follows its HF logits processor, in float32 as HF computes it, so that the same
 //! scores give the same kept tokens.
 
 /// Sampling settings (HF's `do_sample=True` and its warpers, applied in HF's order: temperature, top-k, top-p,
-/// min-p, typical).
+/// min-p, typical, epsilon, eta).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
     /// Scores are divided by it (above 0).

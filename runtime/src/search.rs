@@ -506,7 +506,7 @@ fn banned_tokens(cfg: &GenConfig, n_generated: usize, seq: &[i64], source: &[i64
     if n_generated == begin {
         cfg.begin_suppress.iter().for_each(|&t| ban(t));
     }
-    for w in &cfg.bad_words {
+    for w in cfg.bad_words.iter().filter(|w| !w.is_empty()) {
         let (head, last) = w.split_at(w.len() - 1);
         if (w.len() > 1 || !cfg.is_eos(last[0])) && seq.ends_with(head) {
             ban(last[0]);
@@ -550,7 +550,7 @@ fn penalties(cfg: &GenConfig, ctx: &RowContext, new: &[i64], vocab: usize) -> Op
     let biases: Vec<(i64, f32)> = cfg
         .sequence_bias
         .iter()
-        .filter(|(s, _)| seq.ends_with(&s[..s.len() - 1]))
+        .filter(|(s, _)| !s.is_empty() && seq.ends_with(&s[..s.len() - 1]))
         .map(|(s, b)| (s[s.len() - 1], *b))
         .collect();
     Penalties::new(&biases, cfg.encoder_repetition_penalty, &ctx.source, cfg.repetition_penalty, &seq, vocab)
@@ -586,8 +586,11 @@ pub fn sampling_scores(cfg: &GenConfig, s: &Sampling, n_generated: usize, ctx: &
     if let Some(p) = penalties(cfg, ctx, &[], row.len()) {
         p.apply(&mut v);
     }
+    // Ids past the scores (an end id of the config, a prompt token) have no score to ban.
     for t in banned_tokens(cfg, n_generated, &ctx.history, &ctx.source) {
-        v[t] = f32::NEG_INFINITY;
+        if let Some(x) = v.get_mut(t) {
+            *x = f32::NEG_INFINITY;
+        }
     }
     crate::processors::warp(&mut v, s);
     v
@@ -698,6 +701,30 @@ fn exp_non_positive(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bans of ids past the scores (a config's end id, a suppressed id) and empty bad words or biased sequences do
+    /// nothing; the others apply.
+    #[test]
+    fn out_of_range_and_empty_bans_are_ignored() {
+        let s = Sampling { top_k: 0, ..Sampling::default() };
+        let cfg = GenConfig {
+            min_new: 1,
+            eos: Some(10),
+            more_eos: vec![99],
+            suppress: vec![50],
+            bad_words: vec![vec![], vec![7]],
+            sequence_bias: vec![(vec![], 1.0), (vec![2], 1.0)],
+            sampling: Some(s.clone()),
+            ..GenConfig::default()
+        };
+        let ctx = RowContext { history: vec![1, 2], source: vec![120], input: 0 };
+        let v = sampling_scores(&cfg, &s, 0, &ctx, &[0.0; 8]);
+        assert_eq!(v, [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        let greedy = GenConfig { sampling: None, ..cfg };
+        let banned = banned_tokens(&greedy, 0, &ctx.history, &ctx.source);
+        let p = penalties(&greedy, &ctx, &[], 8);
+        assert_eq!(best_penalized(&[0.0; 8], 1, banned, p.as_ref(), |x| x), [(2, 1.0)]);
+    }
 
     /// Within 2 ulp of f64's exp over [−87, 0], exactly 1 at 0, and nothing above ~1e-38 below −87.
     #[test]
