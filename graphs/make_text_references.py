@@ -222,6 +222,17 @@ def make_mbart50_style():
     return save(tok, "mbart50-style")
 
 
+def seq2seq_case(tok, source, target, shift):
+    """HF's ids for one source/target pair: the rows, the decoder inputs (`shift`: the model's shift_tokens_right
+    of a [1, T] labels tensor) and both cut as its truncation cuts them (source to 8, target to 6)."""
+    labels = tok(text_target=target)["input_ids"]
+    dec = shift(torch.tensor([labels]))[0].tolist()
+    return {"source": source, "target": target, "input_ids": tok(source)["input_ids"], "labels": labels,
+            "decoder_input_ids": dec,
+            "input_ids_max8": tok(source, max_length=8, truncation=True)["input_ids"],
+            "labels_max6": tok(text_target=target, max_length=6, truncation=True)["input_ids"]}
+
+
 def apply_merge(seqs, a, b):
     """Joins every adjacent (a, b) of each word's piece sequence, left to right, in place (a BPE merge)."""
     for w, seq in seqs.items():
@@ -324,12 +335,7 @@ def nllb_cases(folder):
                    "lang_code_ids": {c: tok.convert_tokens_to_ids(c) for c in NLLB_CODES}}
         cases = []
         for s, t in pairs:
-            labels = tok(text_target=t)["input_ids"]
-            dec = shift_tokens_right(torch.tensor([labels]), tok.pad_token_id, tok.eos_token_id)[0].tolist()
-            cases.append({"source": s, "target": t, "input_ids": tok(s)["input_ids"], "labels": labels,
-                          "decoder_input_ids": dec,
-                          "input_ids_max8": tok(s, max_length=8, truncation=True)["input_ids"],
-                          "labels_max6": tok(text_target=t, max_length=6, truncation=True)["input_ids"]})
+            cases.append(seq2seq_case(tok, s, t, lambda l: shift_tokens_right(l, tok.pad_token_id, tok.eos_token_id)))
         by_pair.append({"src_lang": src_lang, "tgt_lang": tgt_lang, "cases": cases})
     out["pairs"] = by_pair
     return out
@@ -443,13 +449,8 @@ def blenderbot_small_cases(folder):
     pairs = e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]
     cases = []
     for s, t in pairs:
-        labels = tok(text_target=t)["input_ids"]
-        dec = shift_tokens_right(torch.tensor([labels]), tok.pad_token_id, tok.bos_token_id)[0].tolist()
-        cases.append({"source": s, "target": t, "input_ids": tok(s)["input_ids"], "labels": labels,
-                      "decoder_input_ids": dec,
-                      "input_ids_max8": tok(s, max_length=8, truncation=True)["input_ids"],
-                      "labels_max6": tok(text_target=t, max_length=6, truncation=True)["input_ids"]})
-        assert tok.unk_token_id not in cases[-1]["input_ids"] + labels
+        cases.append(seq2seq_case(tok, s, t, lambda l: shift_tokens_right(l, tok.pad_token_id, tok.bos_token_id)))
+        assert tok.unk_token_id not in cases[-1]["input_ids"] + cases[-1]["labels"]
     return {"tokenizer_class": "BlenderbotSmallTokenizer", "bos": tok.bos_token_id, "pad": tok.pad_token_id,
             "eos": tok.eos_token_id, "unk": tok.unk_token_id,
             "special_tokens": {"bos": tok.bos_token, "pad": tok.pad_token, "eos": tok.eos_token, "unk": tok.unk_token},
@@ -474,12 +475,7 @@ def mbart_cases(folder, cls):
                    "lang_code_ids": {c: tok.convert_tokens_to_ids(c) for lang in MBART_PAIRS for c in lang}}
         cases = []
         for s, t in pairs:
-            labels = tok(text_target=t)["input_ids"]
-            dec = shift_tokens_right(torch.tensor([labels]), tok.pad_token_id)[0].tolist()
-            cases.append({"source": s, "target": t, "input_ids": tok(s)["input_ids"], "labels": labels,
-                          "decoder_input_ids": dec,
-                          "input_ids_max8": tok(s, max_length=8, truncation=True)["input_ids"],
-                          "labels_max6": tok(text_target=t, max_length=6, truncation=True)["input_ids"]})
+            cases.append(seq2seq_case(tok, s, t, lambda l: shift_tokens_right(l, tok.pad_token_id)))
         by_pair.append({"src_lang": src_lang, "tgt_lang": tgt_lang, "cases": cases})
     out["pairs"] = by_pair
     return out

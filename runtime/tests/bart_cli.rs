@@ -238,6 +238,20 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     assert_eq!(std::fs::read_to_string(&hyp_baked).unwrap(), lines);
 }
 
+/// `dir/export`: a BART-layout fixture's three graphs and its `configs`, with the tokenizer.json of
+/// `graphs/tokenizers/<tokenizer>`.
+fn export_with_tokenizer(dir: &Path, fixture: &str, configs: &[&str], tokenizer: &str) -> PathBuf {
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs");
+    for f in ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"].iter().chain(configs) {
+        std::fs::copy(graphs.join(fixture).join(f), export.join(f)).unwrap();
+    }
+    std::fs::copy(graphs.join("tokenizers").join(tokenizer).join("tokenizer.json"), export.join("tokenizer.json"))
+        .unwrap();
+    export
+}
+
 /// Trains `bundle` on 2 steps of text (`write_jsonl`), evaluates and generates with the trained prefix, each
 /// through the CLI; returns the data file.
 fn text_commands_run(bundle: &Path, dir: &Path) -> PathBuf {
@@ -376,14 +390,7 @@ fn source_target_rows_of_blenderbot_small_follow_hf() {
 #[test]
 fn train_and_generate_an_mbart_bundle_from_text() {
     let dir = scratch("mbart_cli");
-    let export = dir.join("export");
-    std::fs::create_dir_all(&export).unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/mbart-tiny");
-    for f in ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json"] {
-        std::fs::copy(fixture.join(f), export.join(f)).unwrap();
-    }
-    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
-    std::fs::copy(tokenizers.join("mbart-style/tokenizer.json"), export.join("tokenizer.json")).unwrap();
+    let export = export_with_tokenizer(&dir, "mbart-tiny", &["config.json"], "mbart-style");
     let languages = |source: &str, target: &str| {
         Some(Languages { source: source.into(), target: target.into(), nllb_legacy: None })
     };
@@ -562,15 +569,8 @@ fn source_target_rows_of_nllb_and_m2m100_follow_hf() {
 #[test]
 fn train_and_generate_an_m2m100_bundle_from_text() {
     let dir = scratch("m2m100_cli");
-    let export = dir.join("export");
-    std::fs::create_dir_all(&export).unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/m2m100-tiny");
-    for f in ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "config.json"] {
-        std::fs::copy(fixture.join(f), export.join(f)).unwrap();
-    }
-    std::fs::copy(fixture.join("generation_config.json"), export.join("generation_config.json")).unwrap();
+    let export = export_with_tokenizer(&dir, "m2m100-tiny", &["config.json", "generation_config.json"], "nllb-style");
     let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
-    std::fs::copy(tokenizers.join("nllb-style/tokenizer.json"), export.join("tokenizer.json")).unwrap();
     let want = nllb_cases()["generate"].clone();
     let (src_len, max_new) = (want["src_len"].as_u64().unwrap() as usize, want["max_new_tokens"].as_u64().unwrap());
     let languages = |source: &str, target: &str| {
