@@ -235,6 +235,15 @@ fn beam_search_equals_hf() {
                     let beam = g.beam_search(&sources, &c).unwrap();
                     assert_eq!(beam, without_eos(rows(&r[key], None), 2), "{what}: {key}");
                 }
+                // Beam sampling, pinned (HF's tokens whatever the seed): top-k 1 keeps 2 tokens per beam, the 8
+                // candidates each step draws; and with the forced first and last tokens.
+                let s = pfx_runtime::search::Sampling { temperature: 0.7, top_k: 1, seed: 7, ..Default::default() };
+                let sampled = GenConfig { sampling: Some(s), ..cfg.clone() };
+                let forced = GenConfig { forced_eos: Some(2), forced_bos: Some(forced_bos), ..sampled.clone() };
+                for (key, c) in [("gen.beam_sample_pinned", sampled), ("gen.beam_sample_pinned_forced", forced)] {
+                    let beam = g.beam_search(&sources, &c).unwrap();
+                    assert_eq!(beam, without_eos(rows(&r[key], None), 2), "{what}: {key}");
+                }
             }
         }
     }

@@ -90,6 +90,13 @@ fn greedy_and_beam_equal_peft() {
                 let t = &r["beam_return3"];
                 let want = HostTensor::from_i64(vec![9, 8], t.as_i64().unwrap().to_vec()).unwrap();
                 assert_eq!(all, rows(&want, None), "{what}: the 3 hypotheses of beam search");
+                // Beam sampling, pinned (HF's tokens whatever the seed): top-k 1 keeps 2 tokens per beam (1 + the
+                // eos id), the 6 candidates each step draws. Plain beam search differs on one prompt per mode.
+                let s = pfx_runtime::search::Sampling { temperature: 0.7, top_k: 1, seed: 3, ..Default::default() };
+                let pinned = GenConfig { sampling: Some(s), ..beam_cfg.clone() };
+                let sampled = g.beam_search(&prompts, &pinned).unwrap();
+                assert_eq!(sampled, rows(&r["beam_sample_pinned"], None), "{what}: beam sampling");
+                assert_ne!(sampled, beam, "{what}: beam sampling's candidates are not beam search's");
                 println!("{what}: greedy {greedy:?} beam {beam:?}");
                 // Repeated 2-grams banned, over the prompt and the new tokens (HF's no_repeat_ngram_size on each
                 // prompt alone; the bans see the real prompt tokens, not the padding).
@@ -142,24 +149,33 @@ fn greedy_and_beam_equal_peft() {
 
 /// The scores HF samples the first new token from (its processed `scores[0]` with repetition penalty 1.3,
 /// temperature 0.7, top-k 10, top-p 0.9, min-p 0.05 and the eos banned), from the model's first logits: the same
-/// tokens kept, their scores within float32 rounding of the model's logits.
+/// tokens kept, their scores within float32 rounding of the model's logits. Also with 3 beams (beam sampling:
+/// on log-probabilities, each warper keeping 2).
 fn sampling_scores_equal_hf(g: &mut Generator, prompts: &[Vec<i64>], r: &BTreeMap<String, HostTensor>, what: &str) {
-    use pfx_runtime::search::{sampling_scores, Sampling, Start};
+    use pfx_runtime::search::{beam_sampling_scores, sampling_scores, Sampling, Start};
     let s = Sampling { temperature: 0.7, top_k: 10, top_p: 0.9, min_p: Some(0.05), ..Sampling::default() };
     let cfg =
         GenConfig { max_new: 1, min_new: 1, repetition_penalty: 1.3, eos: Some(95), pad: 95, ..GenConfig::default() };
-    let want = r["sample_first_scores"].as_f32().unwrap();
     let vocab = r["sample_first_scores"].shape()[1];
     for (i, p) in prompts.iter().enumerate() {
         let batch = vec![p.clone(); g.rows()];
         let context = g.context(p);
         let (_, logits) = g.start(&batch, &cfg).unwrap();
-        let got = sampling_scores(&cfg, &s, 0, &context, &logits[0]);
-        let want = &want[i * vocab..(i + 1) * vocab];
-        let kept = |v: &[f32]| v.iter().map(|x| x.is_finite()).collect::<Vec<_>>();
-        assert_eq!(kept(&got), kept(want), "{what}: prompt {i}: the tokens sampling keeps");
-        for (t, (a, b)) in got.iter().zip(want).enumerate().filter(|(_, (a, _))| a.is_finite()) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{what}: prompt {i} token {t}: {a} vs HF's {b}");
+        let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
+        let beam_sampled = beam_sampling_scores(&beam_cfg, &s, 0, &context, &[], &logits[0]);
+        for (key, got) in [
+            ("sample_first_scores", sampling_scores(&cfg, &s, 0, &context, &logits[0])),
+            ("beam_sample_first_scores", beam_sampled),
+        ] {
+            let want = &r[key].as_f32().unwrap()[i * vocab..(i + 1) * vocab];
+            let kept = |v: &[f32]| v.iter().map(|x| x.is_finite()).collect::<Vec<_>>();
+            assert_eq!(kept(&got), kept(want), "{what}: prompt {i}: the tokens {key} keeps");
+            for (t, (a, b)) in got.iter().zip(want).enumerate().filter(|(_, (a, _))| a.is_finite()) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{what}: {key} prompt {i} token {t}: {a} vs HF's {b}"
+                );
+            }
         }
     }
 }

@@ -38,24 +38,34 @@ fn warpers_and_penalties_equal_hf() {
     let logits = rows(&r["logits"]);
     let history = ids(&r["history"]);
     let source = ids(&r["source"]);
+    // (key, warpers, the fewest tokens each keeps: 1 when sampling, 1 + the end-of-sequence ids in beam sampling)
+    let chain = Sampling { temperature: 0.7, top_k: 20, top_p: 0.9, min_p: Some(0.05), ..OFF };
     let warpers = [
-        ("temp07", Sampling { temperature: 0.7, ..OFF }),
-        ("topk5", Sampling { top_k: 5, ..OFF }),
-        ("topp09", Sampling { top_p: 0.9, ..OFF }),
-        ("minp01", Sampling { min_p: Some(0.1), ..OFF }),
-        ("typical09", Sampling { typical_p: 0.9, ..OFF }),
-        ("eps002", Sampling { epsilon: 0.02, ..OFF }),
-        ("eta002", Sampling { eta: 0.02, ..OFF }),
-        ("chain", Sampling { temperature: 0.7, top_k: 20, top_p: 0.9, min_p: Some(0.05), ..OFF }),
+        ("temp07", Sampling { temperature: 0.7, ..OFF }, 1),
+        ("topk5", Sampling { top_k: 5, ..OFF }, 1),
+        ("topp09", Sampling { top_p: 0.9, ..OFF }, 1),
+        ("minp01", Sampling { min_p: Some(0.1), ..OFF }, 1),
+        ("typical09", Sampling { typical_p: 0.9, ..OFF }, 1),
+        ("eps002", Sampling { epsilon: 0.02, ..OFF }, 1),
+        ("eta002", Sampling { eta: 0.02, ..OFF }, 1),
+        ("chain", chain.clone(), 1),
+        ("topk1_keep2", Sampling { top_k: 1, ..OFF }, 2),
+        ("topp03_keep2", Sampling { top_p: 0.3, ..OFF }, 2),
+        ("minp09_keep2", Sampling { min_p: Some(0.9), ..OFF }, 2),
+        ("typical02_keep2", Sampling { typical_p: 0.2, ..OFF }, 2),
+        ("eps02_keep2", Sampling { epsilon: 0.2, ..OFF }, 2),
+        ("eta09_keep2", Sampling { eta: 0.9, ..OFF }, 2),
+        ("chain_keep3", chain, 3),
     ];
     // Rows where top-p cuts inside a group of equal scores: which of them HF removes follows torch.sort's unstable
     // order (pfx removes the lower ids first), so only the kept scores, sorted, are defined (the README says which).
-    let tie_cut = [("topp09", 5), ("topp09", 6), ("chain", 5)];
-    for (key, s) in warpers {
+    let tie_cut =
+        [("topp09", 5), ("topp09", 6), ("chain", 5), ("topp03_keep2", 2), ("topp03_keep2", 5), ("chain_keep3", 5)];
+    for (key, s, keep) in warpers {
         let want = rows(&r[key]);
         for (i, row) in logits.iter().enumerate() {
             let mut got = row.clone();
-            warp(&mut got, &s);
+            warp(&mut got, &s, keep);
             let what = format!("{key} row {i}");
             if tie_cut.contains(&(key, i)) {
                 let sorted = |v: &[f32]| {

@@ -110,6 +110,9 @@ MIN_BEAM_GAP = 1e-4  # float64 score gap at every beam-search decision that coul
 # fixtures before it keep their seeds and files: bart-enc-deep's gen.beam_lp2 is 6.3e-5 apart, which pfx's test passes.
 FINAL_MARGIN_CHECKED = ("m2m100-tiny",)
 MODES = ("peft", "paper")
+# Beam sampling's pinned settings (see run()) and the seeds that must all give the same tokens.
+BEAM_SAMPLE = dict(do_sample=True, top_k=1, temperature=0.7)
+BEAM_SAMPLE_SEEDS = (0, 1, 2)
 
 
 def make_source(cfg):
@@ -190,9 +193,11 @@ def set_generation_config(model, eos):
 
 
 def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=None, no_repeat=0, early=False, length_penalty=1.0,
-                start=None, enc_no_repeat=0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, returns=1):
+                start=None, enc_no_repeat=0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, returns=1,
+                sample=None):
     """`start`: the decoder start token passed to generate (as `decoder_start_token_id=`), else the config's.
-    `early`: False, True or "never". `returns`: hypotheses returned per row (num_return_sequences)."""
+    `early`: False, True or "never". `returns`: hypotheses returned per row (num_return_sequences). `sample`: the
+    sampling settings (do_sample=True and its warpers), else do_sample=False."""
     set_generation_config(model, eos)
     model.generation_config.forced_bos_token_id = forced_bos
     model.generation_config.forced_eos_token_id = forced_eos
@@ -205,7 +210,8 @@ def hf_generate(model, ids, mask, num_beams, eos, forced_bos=None, forced_eos=No
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=0, num_beams=num_beams,
-                num_return_sequences=returns, do_sample=False, length_penalty=length_penalty, early_stopping=early,
+                num_return_sequences=returns, length_penalty=length_penalty, early_stopping=early,
+                **(sample or dict(do_sample=False)),
                 no_repeat_ngram_size=no_repeat, encoder_no_repeat_ngram_size=enc_no_repeat,
                 repetition_penalty=repetition_penalty, encoder_repetition_penalty=encoder_repetition_penalty,
                 use_cache=False, return_dict_in_generate=True, output_logits=True, output_scores=True,
@@ -514,6 +520,22 @@ def run(fixture, mode, seed, write=True, param="reparam"):
                 assert margin > MIN_BEAM_GAP, (key, margin)
                 facts[f"{key}: best two finished hypotheses (float64) apart by"] = f"{margin:.1e}"
         base = "gen.greedy" if beams == 1 else "gen.beam_lp2" if key.startswith("gen.beam_lp2_") else "gen.beam"
+        facts[f"{key}: differs from {base} (rows)"] = str(
+            [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
+    # Beam sampling, pinned: top-k 1 becomes 2 per beam (min_tokens_to_keep = 1 + the eos id), so NUM_BEAMS beams offer
+    # exactly the 2 · NUM_BEAMS candidates (HF's beams_to_keep) each step draws without replacement: all of them,
+    # whatever the seed (asserted over BEAM_SAMPLE_SEEDS, with a float64 model too). Plain, and with the forced
+    # tokens (a forced step offers one candidate per beam).
+    for key, fbos, feos in (("gen.beam_sample_pinned", None, None),
+                            ("gen.beam_sample_pinned_forced", int(out["gen.forced_bos"][0]), forced_eos)):
+        runs = []
+        for model, seed in [(gen32, s) for s in BEAM_SAMPLE_SEEDS] + [(gen64, BEAM_SAMPLE_SEEDS[0])]:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                runs.append(hf_generate(model, ids, mask, NUM_BEAMS, eos, fbos, feos, sample=BEAM_SAMPLE).sequences)
+        assert all(torch.equal(r, runs[0]) for r in runs), (key, runs)
+        out[key] = beam_tokens(runs[0], eos, pad).numpy()
+        base = "gen.beam" if fbos is None else "gen.beam_forced_bos_eos"
         facts[f"{key}: differs from {base} (rows)"] = str(
             [bool((out[key][b] != out[base][b]).any()) for b in range(ids.shape[0])])
     # Source n-grams banned (encoder_no_repeat_ngram_size, BlenderBot's default 3): sizes 1 (no source token at all)

@@ -97,6 +97,15 @@ SAMPLE_ARGS = dict(GREEDY_ARGS, do_sample=True, temperature=0.7, top_k=10, top_p
 SAMPLE_CHAIN = ["RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
                 "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
 SAMPLE_SEED = 0  # the draw is not stored (scores[0] does not depend on it); seeded, in a forked RNG, for hygiene
+# Beam sampling (do_sample with beams), whose draws no seed can match, pinned: top-k 1 becomes 2 per beam
+# (min_tokens_to_keep = 1 + the one eos id), so 3 beams offer exactly the 6 candidates (2 · 3, HF's beams_to_keep)
+# each step draws without replacement: all of them, whatever the seed (asserted over BEAM_SAMPLE_SEEDS). Beam search
+# would keep a beam's 3rd best token; this cannot. Temperature scales every score alike (same ranking).
+BEAM_SAMPLE_ARGS = dict(BEAM_ARGS, do_sample=True, top_k=1, temperature=0.7)
+BEAM_SAMPLE_SEEDS = (0, 1, 2)
+# Beam sampling's first processed scores (log-softmax, repetition penalty, eos ban, then the warpers keeping 2).
+BEAM_SAMPLE_SCORE_ARGS = dict(BEAM_ARGS, do_sample=True, temperature=0.7, top_k=10, top_p=0.9, min_p=0.05,
+                              repetition_penalty=1.3, min_new_tokens=1, max_new_tokens=1)
 
 
 def check_penalty_processor(name, procs, ids):
@@ -364,6 +373,7 @@ def run_mode(mode, prompts, prompt_mask):
     beam_all, beam_all_scores = [], []  # num_return_sequences = BEAMS
     pen_margin = {name: [] for name, _ in PENALTIES}  # smallest greedy top1-top2 processed-score gap per prompt
     sample_first, sample_kept, sample_margin = [], [], []
+    beam_sampled, beam_sample_first, beam_sample_kept = [], [], []
     eos_any, eos_np_any, margins, beam_margins, same_free, same_renorm = False, False, [], [], [], []
     for i in range(N):
         ids, m = alone(prompts, prompt_mask, i)
@@ -451,6 +461,20 @@ def run_mode(mode, prompts, prompt_mask):
         pr = pr[torch.isfinite(steps[5][0])]
         sample_margin.append((round(float(v[9] - v[10]), 4), round(float((cum - (1 - 0.9)).abs().min()), 4),
                               round(float(((pr - 0.05 * pr.max()).abs() / pr.max()).min()), 4)))
+        # Beam sampling, pinned: every seed gives the same tokens.
+        runs = []
+        for seed in BEAM_SAMPLE_SEEDS:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                runs.append(hf_generate(base, ids, m, prefix, BEAM_SAMPLE_ARGS)[0])
+        assert all(torch.equal(r, runs[0]) for r in runs), runs
+        beam_sampled.append(runs[0][0])
+        with torch.random.fork_rng():
+            torch.manual_seed(SAMPLE_SEED)
+            _, bs_out = hf_generate(base, ids, m, prefix, BEAM_SAMPLE_SCORE_ARGS, new=1)
+        assert torch.equal(bs_out.scores[0][0], bs_out.scores[0][1])  # the beams of step 1 are copies
+        beam_sample_first.append(bs_out.scores[0][0])
+        beam_sample_kept.append(int(torch.isfinite(bs_out.scores[0][0]).sum()))
         greedy.append(g_a[0])
         greedy_noprefix.append(g_np[0])
         beam.append(b_a[0])
@@ -540,6 +564,11 @@ def run_mode(mode, prompts, prompt_mask):
             out[f"{kind}_{name}"] = toks.numpy()
         facts[f"greedy_{name}: min top1-top2 processed-score margin per prompt"] = pen_margin[name]
     out["sample_first_scores"] = torch.stack(sample_first).numpy()
+    out["beam_sample_pinned"] = torch.stack(beam_sampled).numpy()
+    out["beam_sample_first_scores"] = torch.stack(beam_sample_first).numpy()
+    facts["beam_sample_pinned differs from beam per prompt"] = [
+        bool((beam_sampled[i] != beam[i]).any()) for i in range(N)]
+    facts["beam_sample_first_scores: finite entries per prompt"] = beam_sample_kept
     out["beam_return3"] = torch.stack(beam_all).numpy()
     out["beam_return3_scores"] = torch.stack(beam_all_scores).float().numpy()
     facts["beam_return3: distinct hypotheses per prompt"] = [len({tuple(r.tolist()) for r in b}) for b in beam_all]

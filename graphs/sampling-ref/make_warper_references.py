@@ -132,6 +132,21 @@ def generate_chain():
     return procs
 
 
+def beam_chain():
+    """The same warpers as generate builds them for beam sampling (num_beams 3, end-of-sequence ids 0 and 1): each
+    keeps at least 1 + 2 tokens (`min_tokens_to_keep`), so a beam can go on past both ends."""
+    gc = GenerationConfig(**CHAIN, num_beams=3)
+    gc._eos_token_tensor = torch.tensor([0, 1])  # what generate's _prepare_special_tokens sets
+    stub = types.SimpleNamespace(config=types.SimpleNamespace(is_encoder_decoder=False))
+    stub._merge_criteria_processor_list = lambda d, c: GenerationMixin._merge_criteria_processor_list(stub, d, c)
+    procs = GenerationMixin._get_logits_processor(stub, generation_config=gc, input_ids_seq_length=HIST,
+                                                  encoder_input_ids=None, logits_processor=None, device="cpu",
+                                                  model_kwargs={})
+    assert [type(p).__name__ for p in procs] == CHAIN_ORDER, [type(p).__name__ for p in procs]
+    assert all(p.min_tokens_to_keep == 3 for p in procs[1:])
+    return procs
+
+
 # ---- how far each decision is from flipping ----------------------------------------------------------------
 def topk_margin(x, k):
     """Gap between the k-th largest value and the next smaller distinct one (exact ties are not knife edges)."""
@@ -188,6 +203,13 @@ def main():
         # Truncation sampling (HF's epsilon_cutoff, eta_cutoff): a fixed and an entropy-scaled probability floor.
         "eps002": EpsilonLogitsWarper(0.02),
         "eta002": EtaLogitsWarper(0.02),
+        # Beam sampling's floor (min_tokens_to_keep 2: one end-of-sequence id + 1), where the cuts above keep 1.
+        "topk1_keep2": TopKLogitsWarper(1, min_tokens_to_keep=2),
+        "topp03_keep2": TopPLogitsWarper(0.3, min_tokens_to_keep=2),
+        "minp09_keep2": MinPLogitsWarper(0.9, min_tokens_to_keep=2),
+        "typical02_keep2": TypicalLogitsWarper(0.2, min_tokens_to_keep=2),
+        "eps02_keep2": EpsilonLogitsWarper(0.2, min_tokens_to_keep=2),
+        "eta09_keep2": EtaLogitsWarper(0.9, min_tokens_to_keep=2),
     }
     for key, proc in single.items():
         out[key] = proc(history, logits.clone())
@@ -198,6 +220,8 @@ def main():
         stages.append(x)
     out["chain"] = procs(history, logits.clone())
     assert torch.equal(out["chain"], x)
+    beams = beam_chain()
+    out["chain_keep3"] = beams(history, logits.clone())
     out["probs_chain"] = torch.softmax(out["chain"], dim=-1)  # what _sample gives torch.multinomial
     out["reppen13"] = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
     out["reppen13_logsoftmax"] = RepetitionPenaltyLogitsProcessor(1.3)(history, torch.log_softmax(logits, dim=-1))
@@ -212,7 +236,7 @@ def main():
     g = torch.Generator().manual_seed(SEED + 1)
     perms = [torch.arange(V - 1, -1, -1)] + [torch.randperm(V, generator=g) for _ in range(3)]
     tie_dep = {}
-    for key, fn in list(single.items()) + [("chain", procs)]:
+    for key, fn in list(single.items()) + [("chain", procs), ("chain_keep3", beams)]:
         ids = set()
         for perm in perms:
             y = fn(history, logits[:, perm].clone())[:, perm.argsort()]
@@ -223,7 +247,8 @@ def main():
         facts[f"{key}: entries (row, id) that depend on torch.sort's order of ties"] = \
             {r: [i for rr, i in ids if rr == r] for r in sorted({r for r, _ in ids})} or "none"
     for key in ("temp07", "topk5", "topp09", "minp01", "typical09", "eps002", "eta002", "chain", "reppen13",
-                "reppen13_logsoftmax", "encreppen05"):
+                "reppen13_logsoftmax", "encreppen05", "topk1_keep2", "topp03_keep2", "minp09_keep2", "typical02_keep2",
+                "eps02_keep2", "eta09_keep2", "chain_keep3"):
         facts[f"{key}: finite entries per row"] = kept(out[key])
     facts["chain: finite entries after temperature, top-k 20, top-p 0.9, min-p 0.05"] = [
         kept(s) for s in stages]
@@ -232,6 +257,9 @@ def main():
         "topp09": [topp_margin(logits[r], 0.9) for r in range(ROWS)],
         "minp01": [minp_margin(logits[r], 0.1) for r in range(ROWS)],
         "typical09": [typical_margin(logits[r], 0.9) for r in range(ROWS)],
+        "topp03_keep2": [topp_margin(logits[r], 0.3) for r in range(ROWS)],
+        "minp09_keep2": [minp_margin(logits[r], 0.9) for r in range(ROWS)],
+        "typical02_keep2": [typical_margin(logits[r], 0.2) for r in range(ROWS)],
         "chain top-k 20": [topk_margin(stages[0][r], 20) for r in range(ROWS)],
         "chain top-p": [topp_margin(stages[1][r], 0.9) for r in range(ROWS)],
         "chain min-p": [minp_margin(stages[2][r], 0.05) for r in range(ROWS)],

@@ -511,14 +511,9 @@ pub fn apply_search_settings(
         }
         (None, _) => !sampling_flags.is_empty(),
     };
+    // Sampling with beams is HF's beam sampling, whichever of the two the config sets.
     cfg.beams = match (flags.beams, gs.num_beams) {
         (Some(b), _) => b,
-        // HF samples with beams there (beam sampling), which pfx does not do: sampling asked for on the command
-        // line keeps one beam; sampling from the config gives way to the beam search.
-        (None, Some(b)) if b > 1 && sample && (flags.sample.is_some() || !sampling_flags.is_empty()) => {
-            notes.push(format!("the model's generation config asks for {b} beams; sampling uses 1"));
-            1
-        }
         (None, Some(b)) if b > rows => {
             notes.push(format!(
                 "the model's generation config asks for {b} beams, but the bundle decodes {rows} rows \
@@ -535,17 +530,12 @@ pub fn apply_search_settings(
         (None, None) => 1,
     };
     let beam = cfg.beams > 1;
-    let sample = if sample && beam && flags.sample.is_none() && sampling_flags.is_empty() {
-        from_config.retain(|s| s != "sampling");
+    if sample && beam && flags.beams.is_none() {
         notes.push(format!(
-            "the model's generation config samples; with {} beams that is beam sampling, which pfx does not do: \
-             beam search (--beams 1 samples)",
+            "sampling with the generation config's {} beams: beam sampling (--beams 1 samples one token at a time)",
             cfg.beams
         ));
-        false
-    } else {
-        sample
-    };
+    }
     // Length penalty and early stopping act in beam search only: said only there.
     cfg.length_penalty = flags.length_penalty.unwrap_or_else(|| {
         gs.length_penalty.filter(|_| beam).inspect(|p| from_config.push(format!("length penalty {p}"))).unwrap_or(1.0)

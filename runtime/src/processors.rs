@@ -131,31 +131,34 @@ impl Penalties {
     }
 }
 
-/// HF's sampling warpers on a row of processed scores, in place: filtered tokens become -inf.
-pub fn warp(row: &mut [f32], s: &Sampling) {
+/// HF's sampling warpers on a row of processed scores, in place: filtered tokens become -inf. Each keeps at least
+/// `keep` tokens (HF's `min_tokens_to_keep`: 1 when sampling, 1 + the number of end-of-sequence ids (at least 2)
+/// in beam sampling, so that a beam can go on past an end).
+pub fn warp(row: &mut [f32], s: &Sampling, keep: usize) {
+    let keep = keep.clamp(1, row.len().max(1));
     if s.temperature != 1.0 {
         for x in row.iter_mut() {
             *x /= s.temperature;
         }
     }
     if s.top_k > 0 {
-        top_k(row, s.top_k);
+        top_k(row, s.top_k.max(keep));
     }
     if s.top_p < 1.0 {
-        top_p(row, s.top_p);
+        top_p(row, s.top_p, keep);
     }
     if let Some(m) = s.min_p {
-        min_p(row, m);
+        min_p(row, m, keep);
     }
     if s.typical_p < 1.0 {
-        typical(row, s.typical_p);
+        typical(row, s.typical_p, keep);
     }
     if s.epsilon > 0.0 {
-        below_floor(row, |_| s.epsilon);
+        below_floor(row, keep, |_| s.epsilon);
     }
     if s.eta > 0.0 {
         // The floor shrinks as the row spreads: entropy H of softmax(row), -inf entries adding nothing.
-        below_floor(row, |probs| {
+        below_floor(row, keep, |probs| {
             let entropy: f32 = -probs.iter().filter(|&&q| q > 0.0).map(|&q| q * q.ln()).sum::<f32>();
             s.eta.min(s.eta.sqrt() * (-entropy).exp())
         });
@@ -163,25 +166,28 @@ pub fn warp(row: &mut [f32], s: &Sampling) {
 }
 
 /// EpsilonLogitsWarper and EtaLogitsWarper: tokens less probable than `floor(probabilities)` are removed, those
-/// scoring as high as the best kept.
-fn below_floor(row: &mut [f32], floor: impl Fn(&[f32]) -> f32) {
+/// scoring as high as the `keep`-th best kept.
+fn below_floor(row: &mut [f32], keep: usize, floor: impl Fn(&[f32]) -> f32) {
     let probs = softmax(row);
     let bar = floor(&probs);
-    let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let kth = kth_largest(row, keep);
     for (x, q) in row.iter_mut().zip(probs) {
-        if q < bar && *x < best {
+        if q < bar && *x < kth {
             *x = f32::NEG_INFINITY;
         }
     }
 }
 
+/// The k-th largest value (k from 1, at most the row's length): total order puts NaN above everything, as
+/// torch.topk does.
+fn kth_largest(row: &[f32], k: usize) -> f32 {
+    let mut sorted = row.to_vec();
+    *sorted.select_nth_unstable_by(k.clamp(1, row.len()) - 1, |a, b| b.total_cmp(a)).1
+}
+
 /// TopKLogitsWarper: scores below the k-th best are removed.
 fn top_k(row: &mut [f32], k: usize) {
-    let k = k.min(row.len());
-    let mut sorted = row.to_vec();
-    // The k-th largest: total order puts NaN above everything, as torch.topk does.
-    let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let kth = *kth;
+    let kth = kth_largest(row, k);
     for x in row.iter_mut() {
         if *x < kth {
             *x = f32::NEG_INFINITY;
@@ -210,8 +216,8 @@ fn softmax(v: &[f32]) -> Vec<f32> {
 }
 
 /// TopPLogitsWarper: in ascending order, the tokens whose cumulative probability is at most 1 - p are removed,
-/// the best one always kept.
-fn top_p(row: &mut [f32], p: f32) {
+/// the best `keep` always kept.
+fn top_p(row: &mut [f32], p: f32, keep: usize) {
     let order = ascending_kept(row, row);
     if order.is_empty() {
         return;
@@ -219,11 +225,12 @@ fn top_p(row: &mut [f32], p: f32) {
     let sorted: Vec<f32> = order.iter().map(|&i| row[i]).collect();
     let probs = softmax(&sorted);
     let mut cum = 0f32;
-    let last = order.len() - 1;
+    // The last `keep` of the ascending row stay (the filtered tokens are its start).
+    let kept_from = order.len().saturating_sub(keep);
     let mut remove = Vec::new();
     for (j, (&i, q)) in order.iter().zip(probs).enumerate() {
         cum += q;
-        if cum <= 1.0 - p && j < last {
+        if cum <= 1.0 - p && j < kept_from {
             remove.push(i);
         }
     }
@@ -232,22 +239,26 @@ fn top_p(row: &mut [f32], p: f32) {
     }
 }
 
-/// MinPLogitsWarper: tokens less probable than `m` times the best one are removed (the best one kept).
-fn min_p(row: &mut [f32], m: f32) {
+/// MinPLogitsWarper: tokens less probable than `m` times the best one are removed (the `keep` most probable
+/// kept, ties to the lower index).
+fn min_p(row: &mut [f32], m: f32, keep: usize) {
     let probs = softmax(row);
     let top = probs.iter().copied().fold(0f32, f32::max);
-    let best = crate::search::argmax(&probs);
+    let mut by_prob: Vec<usize> = (0..probs.len()).collect();
+    let by = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
+    by_prob.select_nth_unstable_by(keep - 1, by);
+    by_prob.truncate(keep);
     let bar = m * top;
     for (i, (x, q)) in row.iter_mut().zip(probs).enumerate() {
-        if q < bar && i != best {
+        if q < bar && !by_prob.contains(&i) {
             *x = f32::NEG_INFINITY;
         }
     }
 }
 
 /// TypicalLogitsWarper: tokens ordered by how far their surprise (-log p) is from the row's entropy; those past
-/// the first whose cumulative probability reaches `mass` are removed (the closest one kept).
-fn typical(row: &mut [f32], mass: f32) {
+/// the first whose cumulative probability reaches `mass` are removed (the closest `keep` kept).
+fn typical(row: &mut [f32], mass: f32, keep: usize) {
     // log_softmax as torch computes it: x - max - ln Σ exp(x - max).
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
@@ -273,7 +284,7 @@ fn typical(row: &mut [f32], mass: f32) {
     let last = below.min(order.len() - 1);
     let bar = shifted[order[last]];
     for (j, &i) in order.iter().enumerate() {
-        if j > 0 && shifted[i] > bar {
+        if j >= keep && shifted[i] > bar {
             row[i] = f32::NEG_INFINITY;
         }
     }
@@ -300,6 +311,30 @@ pub fn draw(row: &[f32], u: f64) -> usize {
     }
     // Rounding can leave u · total just above the sum: the last token that can be drawn.
     last_kept
+}
+
+/// `count` distinct indices drawn one after another, each with probability proportional to its weight among those
+/// not drawn yet (as torch.multinomial without replacement, which beam sampling uses); weights of 0 are never
+/// drawn, so fewer come back when fewer are positive. In drawing order.
+pub fn draw_distinct(weights: &[f64], count: usize, d: &mut Draws) -> Vec<usize> {
+    let mut left: Vec<(usize, f64)> = weights.iter().copied().enumerate().filter(|&(_, w)| w > 0.0).collect();
+    let mut out = Vec::with_capacity(count.min(left.len()));
+    while out.len() < count && !left.is_empty() {
+        let total: f64 = left.iter().map(|e| e.1).sum();
+        let target = d.uniform() * total;
+        let mut cum = 0f64;
+        // Rounding can leave the target just above the sum: the last one then.
+        let mut at = left.len() - 1;
+        for (j, e) in left.iter().enumerate() {
+            cum += e.1;
+            if cum > target {
+                at = j;
+                break;
+            }
+        }
+        out.push(left.swap_remove(at).0);
+    }
+    out
 }
 
 /// One input's random numbers: xoshiro256** seeded through SplitMix64 from (seed, input index), so an input's
@@ -360,6 +395,32 @@ mod tests {
             let (mean, sd) = (n as f64 * p as f64, (n as f64 * p as f64 * (1.0 - p as f64)).sqrt());
             assert!((c as f64 - mean).abs() <= 4.0 * sd.max(1.0), "token {i}: {c} draws, expected {mean:.0} ± {sd:.0}");
         }
+    }
+
+    /// Two of three drawn without replacement: each pair comes up with probability p_i p_j / (1 - p_i) +
+    /// p_j p_i / (1 - p_j) (within 4 standard deviations), a weight of 0 never, and fewer positive weights than
+    /// asked give them all.
+    #[test]
+    fn distinct_draws_follow_sequential_sampling() {
+        let w = [0.5, 0.0, 0.3, 0.2];
+        let n = 100_000;
+        let mut counts = std::collections::BTreeMap::new();
+        let mut d = Draws::new(3, 1);
+        for _ in 0..n {
+            let mut pair = draw_distinct(&w, 2, &mut d);
+            assert!(!pair.contains(&1) && pair[0] != pair[1]);
+            pair.sort();
+            *counts.entry(pair).or_insert(0usize) += 1;
+        }
+        for (i, j) in [(0, 2), (0, 3), (2, 3)] {
+            let p = w[i] * w[j] / (1.0 - w[i]) + w[j] * w[i] / (1.0 - w[j]);
+            let c = counts.get(&vec![i, j]).copied().unwrap_or(0) as f64;
+            let (mean, sd) = (n as f64 * p, (n as f64 * p * (1.0 - p)).sqrt());
+            assert!((c - mean).abs() <= 4.0 * sd, "pair ({i}, {j}): {c} draws, expected {mean:.0} ± {sd:.0}");
+        }
+        let mut all = draw_distinct(&w, 4, &mut d);
+        all.sort();
+        assert_eq!(all, [0, 2, 3]);
     }
 
     /// Streams of other seeds or inputs differ; the same (seed, input) repeats.

@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 pub use crate::processors::Sampling;
-use crate::processors::{Draws, Penalties};
+use crate::processors::{draw_distinct, Draws, Penalties};
 pub use pfx_compiler::inspect::EarlyStopping;
 
 #[derive(Clone, Debug)]
@@ -41,10 +41,11 @@ pub struct GenConfig {
     /// tokens) and `encoder_repetition_penalty` over the source (a decoder's prompt); 1: off.
     pub repetition_penalty: f64,
     pub encoder_repetition_penalty: f64,
-    /// Sample each token instead of taking the best (HF's `do_sample`); greedy search only.
+    /// Sample each token instead of taking the best (HF's `do_sample`); with beams, beam sampling: each step's
+    /// candidates are drawn from all beams' warped scores instead of taken best first.
     pub sampling: Option<Sampling>,
     /// The index of the first input among all of a run's inputs: sampling draws input i's tokens from the stream
-    /// (seed, i), whatever batch the input is in.
+    /// (seed, i), whatever batch the input is in (with greedy search, sample j of N from stream i·N + j).
     pub input_offset: u64,
     /// Outputs per input (HF's `num_return_sequences`): beam search's best hypotheses (at most `beams`), or as many
     /// samples; consecutive in the searches' results.
@@ -105,6 +106,12 @@ impl GenConfig {
             || !self.sequence_bias.is_empty()
     }
 
+    /// Candidates per beam that keep a beam search going when every end-of-sequence id is among them (HF's
+    /// beams_to_keep / num_beams, and beam sampling's min_tokens_to_keep).
+    fn continuations(&self) -> usize {
+        2.max(1 + self.eos_ids().count())
+    }
+
     /// The end-of-sequence ids.
     fn eos_ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.eos.into_iter().chain(self.more_eos.iter().copied().filter(move |&t| Some(t) != self.eos))
@@ -160,9 +167,6 @@ pub fn check_request(
              one output"
         ),
         _ => {}
-    }
-    if cfg.beams > 1 && cfg.sampling.is_some() {
-        anyhow::bail!("sampling draws one token per step for greedy search only: give --beams 1, or --sample false");
     }
     if let Some(s) = &cfg.sampling {
         if !(s.temperature > 0.0 && s.temperature.is_finite()) {
@@ -241,10 +245,12 @@ pub fn beam_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -
     model.check(inputs, cfg)?;
     let (r, k) = (model.rows(), cfg.beams);
     let mut out = Vec::with_capacity(inputs.len());
-    for chunk in inputs.chunks(r / k) {
+    for (c, chunk) in inputs.chunks(r / k).enumerate() {
         let mut rows: Vec<Vec<i64>> = chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
         rows.resize(r, chunk[0].clone());
-        let contexts: Vec<RowContext> = chunk.iter().map(|p| model.context(p)).collect();
+        let first = cfg.input_offset + (c * (r / k)) as u64;
+        let contexts: Vec<RowContext> =
+            chunk.iter().enumerate().map(|(i, p)| RowContext { input: first + i as u64, ..model.context(p) }).collect();
         let (mut state, logits) = model.start(&rows, cfg)?;
         out.extend(beam_groups(&mut state, logits, &contexts, cfg)?);
     }
@@ -344,7 +350,9 @@ struct Group {
 /// counted); the best K candidates that do not end in eos live on; a prompt is done when K hypotheses are finished
 /// and its best live beam's score / t^length_penalty cannot beat the worst of them (at once with `early_stopping`
 /// true; judged at the length limit with "never" and a positive length penalty). `contexts[g]` is what prompt g's
-/// n-gram bans and penalties look at.
+/// n-gram bans and penalties look at. With `cfg.sampling` (HF's beam sampling) each beam's log-probabilities are
+/// also warped, and the C candidates are drawn without replacement from the softmax of all beams' scores (from
+/// prompt g's stream of the seed), then ranked as above.
 pub fn beam_groups(
     state: &mut dyn Decoding,
     mut logits: Vec<Vec<f32>>,
@@ -357,9 +365,11 @@ pub fn beam_groups(
     }
     let norm = |s: f64, t: usize| s / (t as f64).powf(cfg.length_penalty as f64);
     // Enough candidates that K live ones remain when every end-of-sequence id is among them.
-    let keep = 2.max(1 + cfg.eos_ids().count()) * k;
+    let keep = cfg.continuations() * k;
     let mut gs: Vec<Group> =
         (0..groups).map(|_| Group { beams: vec![(Vec::new(), 0.0)], finished: Vec::new(), done: false }).collect();
+    let mut draws: Vec<Option<Draws>> =
+        contexts.iter().map(|c| cfg.sampling.as_ref().map(|s| Draws::new(s.seed, c.input))).collect();
     for n in 0..cfg.max_new {
         let t = n + 1;
         let last = t == cfg.max_new;
@@ -381,6 +391,12 @@ pub fn beam_groups(
                     cands.push((*s, b, tok));
                     continue;
                 }
+                if let Some(smp) = &cfg.sampling {
+                    let lps = beam_sampling_scores(cfg, smp, n, &contexts[gi], &g.beams[b].0, &logits[base + b]);
+                    let finite = lps.iter().enumerate().filter(|(_, lp)| lp.is_finite());
+                    cands.extend(finite.map(|(tok, &lp)| (s + lp as f64, b, tok as i64)));
+                    continue;
+                }
                 // As HF: log-softmax over the whole vocabulary first, then the penalties, then forbid an early
                 // eos and repeated n-grams.
                 let banned = if cfg.reads_sequence() {
@@ -397,6 +413,11 @@ pub fn beam_groups(
                         cands.push((s + lp as f64, b, tok as i64));
                     }
                 }
+            }
+            if let (Some(d), None) = (&mut draws[gi], forced) {
+                let max = cands.iter().map(|c| c.0).fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = cands.iter().map(|c| (c.0 - max).exp()).collect();
+                cands = draw_distinct(&weights, keep, d).into_iter().map(|i| cands[i]).collect();
             }
             let order = |a: &(f64, usize, i64), b: &(f64, usize, i64)| {
                 b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
@@ -582,17 +603,46 @@ fn best_penalized(
 /// The scores HF's sampling draws from (through their softmax) for a row whose context is `ctx` after
 /// `n_generated` new tokens: its logits penalized, banned tokens at -inf, then the warpers of `s`.
 pub fn sampling_scores(cfg: &GenConfig, s: &Sampling, n_generated: usize, ctx: &RowContext, row: &[f32]) -> Vec<f32> {
-    let mut v = row.to_vec();
-    if let Some(p) = penalties(cfg, ctx, &[], row.len()) {
+    processed(cfg, s, cfg.continuations(), n_generated, ctx, &[], row.to_vec())
+}
+
+/// What beam sampling adds to a beam's score for each token (HF's processed `scores` of beam sampling): the
+/// log-softmax of its logits, penalized, banned tokens at -inf, then the warpers of `s`, each keeping at least one
+/// token more than there are end-of-sequence ids (2 at least). `new` holds the beam's tokens so far.
+pub fn beam_sampling_scores(
+    cfg: &GenConfig,
+    s: &Sampling,
+    n_generated: usize,
+    ctx: &RowContext,
+    new: &[i64],
+    row: &[f32],
+) -> Vec<f32> {
+    let (max, log_sum) = log_sum_exp(row);
+    processed(cfg, s, cfg.continuations(), n_generated, ctx, new, row.iter().map(|&x| x - max - log_sum).collect())
+}
+
+/// Scores `v` of a row (logits, or log-probabilities in beam search) through the penalties, the bans and the
+/// warpers (each keeping at least `keep` tokens); `new`: tokens past the context's history.
+fn processed(
+    cfg: &GenConfig,
+    s: &Sampling,
+    keep: usize,
+    n_generated: usize,
+    ctx: &RowContext,
+    new: &[i64],
+    mut v: Vec<f32>,
+) -> Vec<f32> {
+    if let Some(p) = penalties(cfg, ctx, new, v.len()) {
         p.apply(&mut v);
     }
+    let seq = [&ctx.history[..], new].concat();
     // Ids past the scores (an end id of the config, a prompt token) have no score to ban.
-    for t in banned_tokens(cfg, n_generated, &ctx.history, &ctx.source) {
+    for t in banned_tokens(cfg, n_generated, &seq, &ctx.source) {
         if let Some(x) = v.get_mut(t) {
             *x = f32::NEG_INFINITY;
         }
     }
-    crate::processors::warp(&mut v, s);
+    crate::processors::warp(&mut v, s, keep);
     v
 }
 

@@ -545,10 +545,16 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
         let e = fails(&args);
         assert!(e.contains(needle), "{extra:?}: {e}");
     };
-    fails_with(&["--sample", "true", "--beams", "2"], "greedy search only");
-    // The config's sampling with beams asked for is HF's beam sampling: beam search here, and said.
-    let (_, log) = run(&sampling, &["--beams", "2"]);
-    assert!(log.contains("with 2 beams that is beam sampling, which pfx does not do: beam search"), "{log}");
+    // Sampling with beams is beam sampling; with top-k 1 (2 kept per beam, as HF's min_tokens_to_keep) two beams
+    // offer the 4 candidates a step draws: all of them, whatever the seed.
+    let (beam_sampled, log) = run(&sampling, &["--beams", "2", "--seed", "5"]);
+    assert!(log.contains("sampling with seed 5"), "{log}");
+    assert_eq!(run(&sampling, &["--beams", "2", "--seed", "5"]).0, beam_sampled, "a seed repeats beam sampling");
+    let pinned = run(&sampling, &["--beams", "2", "--top-k", "1", "--seed", "1"]).0;
+    assert_eq!(run(&sampling, &["--beams", "2", "--top-k", "1", "--seed", "2"]).0, pinned);
+    let config_beams = compile(r#"{"do_sample": true, "num_beams": 2, "max_new_tokens": 3}"#, "beam-sampling");
+    let (_, log) = run(&config_beams, &["--seed", "5"]);
+    assert!(log.contains("sampling with the generation config's 2 beams: beam sampling"), "{log}");
     fails_with(&["--sample", "false", "--temperature", "0.5"], "--temperature shapes sampling, which --sample false");
     fails_with(&["--top-p", "1.5"], "--top-p must be a number from 0 to 1");
     fails_with(&["--temperature", "0"], "--temperature must be a number above 0");
@@ -559,7 +565,7 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
     let mut args = vec!["generate", p(&sampling), "--input", "x", "--output", p(&o), "--resume"];
     assert!(!fails(&args).contains("sampling with seed"));
     args.truncate(4);
-    args.extend(["--sample", "true", "--beams", "2"]);
+    args.extend(["--sample", "true", "--beams", "9"]);
     assert!(!fails(&args).contains("sampling with seed"));
     let (seeded, log) = run(&long, &["--seed", "3"]);
     assert!(log.contains("--seed has no effect: this run does not sample"), "{log}");
