@@ -116,16 +116,21 @@ def make_inputs():
     return logits, history, source, neg
 
 
-def generate_chain():
-    """The warpers generate itself builds for CHAIN: GenerationMixin._get_logits_processor on a stand-in for the
-    model (it reads only config.is_encoder_decoder and _merge_criteria_processor_list from it)."""
-    gc = GenerationConfig(**CHAIN)
+def built_chain(gc):
+    """The warpers generate itself builds for `gc`: GenerationMixin._get_logits_processor on a stand-in for the model
+    (it reads only config.is_encoder_decoder and _merge_criteria_processor_list from it)."""
     stub = types.SimpleNamespace(config=types.SimpleNamespace(is_encoder_decoder=False))
     stub._merge_criteria_processor_list = lambda d, c: GenerationMixin._merge_criteria_processor_list(stub, d, c)
     procs = GenerationMixin._get_logits_processor(stub, generation_config=gc, input_ids_seq_length=HIST,
                                                   encoder_input_ids=None, logits_processor=None, device="cpu",
                                                   model_kwargs={})
     assert [type(p).__name__ for p in procs] == CHAIN_ORDER, [type(p).__name__ for p in procs]
+    return procs
+
+
+def generate_chain():
+    """The chain for CHAIN (sampling, one beam)."""
+    procs = built_chain(GenerationConfig(**CHAIN))
     t, k, p, m = procs
     assert t.temperature == 0.7 and k.top_k == 20 and p.top_p == 0.9 and m.min_p == 0.05
     assert k.min_tokens_to_keep == p.min_tokens_to_keep == m.min_tokens_to_keep == 1  # num_beams 1
@@ -137,12 +142,7 @@ def beam_chain():
     keeps at least 1 + 2 tokens (`min_tokens_to_keep`), so a beam can go on past both ends."""
     gc = GenerationConfig(**CHAIN, num_beams=3)
     gc._eos_token_tensor = torch.tensor([0, 1])  # what generate's _prepare_special_tokens sets
-    stub = types.SimpleNamespace(config=types.SimpleNamespace(is_encoder_decoder=False))
-    stub._merge_criteria_processor_list = lambda d, c: GenerationMixin._merge_criteria_processor_list(stub, d, c)
-    procs = GenerationMixin._get_logits_processor(stub, generation_config=gc, input_ids_seq_length=HIST,
-                                                  encoder_input_ids=None, logits_processor=None, device="cpu",
-                                                  model_kwargs={})
-    assert [type(p).__name__ for p in procs] == CHAIN_ORDER, [type(p).__name__ for p in procs]
+    procs = built_chain(gc)
     assert all(p.min_tokens_to_keep == 3 for p in procs[1:])
     return procs
 
