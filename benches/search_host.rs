@@ -4,8 +4,9 @@
 //!
 //!     cargo bench --bench search_host
 //!
-//! Environment: PFX_BENCH_CASES (default `1x1,8x1,1x5,1x1s,1x1p,1x5p`: batch x beams, then `s` for sampling with
-//! temperature 0.7, HF's default top-k 50 and top-p 0.9, `p` for repetition penalty 1.3 over a 32-token prompt),
+//! Environment: PFX_BENCH_CASES (default `1x1,8x1,1x5,1x1s,1x5s,1x1p,1x5p`: batch x beams, then `s` for sampling with
+//! temperature 0.7, HF's default top-k 50 and top-p 0.9 (with beams: beam sampling), `p` for repetition penalty 1.3
+//! over a 32-token prompt),
 //! PFX_BENCH_RUNS (7: the median is reported), PFX_BENCH_VOCAB (50257).
 
 use std::time::Instant;
@@ -42,7 +43,7 @@ fn main() -> Result<()> {
     println!("search_host: vocabulary {vocab}, {NEW} new tokens, median of {runs}");
     println!("| batch | beams | settings | ms per token (search only) |");
     println!("|---|---|---|---|");
-    for case in env("PFX_BENCH_CASES", "1x1,8x1,1x5,1x1s,1x1p,1x5p").split(',') {
+    for case in env("PFX_BENCH_CASES", "1x1,8x1,1x5,1x1s,1x5s,1x1p,1x5p").split(',') {
         let (settings, case) = match case.strip_suffix('s') {
             Some(c) => ("sampling", c),
             None => case.strip_suffix('p').map_or(("", case), |c| ("repetition penalty", c)),

@@ -187,7 +187,14 @@ fn kth_largest(row: &[f32], k: usize) -> f32 {
 
 /// TopKLogitsWarper: scores below the k-th best are removed.
 fn top_k(row: &mut [f32], k: usize) {
-    let kth = kth_largest(row, k);
+    if k >= row.len() {
+        return;
+    }
+    // One pass that skips blocks below the best k so far (a vocabulary-sized select costs several times more).
+    let kth = match crate::search::best_tokens(row, k, &[]).last() {
+        Some(&(_, x)) if !row.iter().any(|x| x.is_nan()) => x,
+        _ => kth_largest(row, k),
+    };
     for x in row.iter_mut() {
         if *x < kth {
             *x = f32::NEG_INFINITY;

@@ -658,7 +658,7 @@ fn eos_banned(cfg: &GenConfig, n_generated: usize) -> Vec<usize> {
 /// The `count` highest values and their indices, best first, ties to the lower index, `banned` left out. One pass
 /// with a short sorted list: `count` is 1 (greedy) or 2·beams. A NaN is never chosen (a model whose logits hold
 /// NaN is broken; before, greedy chose token 0 when the row began with one).
-fn best_tokens(v: &[f32], count: usize, banned: &[usize]) -> Vec<(usize, f32)> {
+pub(crate) fn best_tokens(v: &[f32], count: usize, banned: &[usize]) -> Vec<(usize, f32)> {
     const BLOCK: usize = 16;
     let mut best: Vec<(usize, f32)> = Vec::with_capacity(count + 1);
     for (b, block) in v.chunks(BLOCK).enumerate() {
