@@ -1,5 +1,6 @@
 //! Decoder-only exports other than GPT-2 (tiny Llama, OPT, GPT-Neo, Qwen3, Gemma, Falcon (also multi-query), Qwen2,
-//! Mistral, Phi-3 and StableLM from optimum, with past;
+//! Mistral, Phi-3, StableLM, Bloom and MPT (ALiBi) and the other families of `graphs/decoder-fixtures.json` from
+//! optimum, with past;
 //! a Llama with grouped-query attention; OPT, GPT-Neo, Llama, Qwen3, Phi-3 and Gemma without past; torch.onnx dynamo
 //! exports of OPT, GPT-Neo, Llama, Gemma and Qwen3)
 //! compile to prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
@@ -44,9 +45,26 @@ struct Fixtures {
     dynamo: Vec<Fixture>,
 }
 
+/// The fixtures, all of them, or those `PFX_DECODER_FIXTURES` names (comma-separated), to check a few on a slow
+/// machine (a test that needs a kind of fixture the selection lacks then fails, saying so).
 fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
-    FIXTURES.get_or_init(|| load_fixtures(&Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/decoder-fixtures.json")))
+    FIXTURES.get_or_init(|| {
+        let mut all = load_fixtures(&Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/decoder-fixtures.json"));
+        if let Ok(names) = std::env::var("PFX_DECODER_FIXTURES") {
+            let names: Vec<&str> = names.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let known =
+                |n: &&str| [&all.families, &all.nopast, &all.dynamo].iter().any(|l| l.iter().any(|f| f.name == *n));
+            if let Some(n) = names.iter().find(|n| !known(n)) {
+                panic!("PFX_DECODER_FIXTURES names '{n}', which graphs/decoder-fixtures.json does not list");
+            }
+            for list in [&mut all.families, &mut all.nopast, &mut all.dynamo] {
+                list.retain(|f| names.contains(&f.name.as_str()));
+            }
+            eprintln!("PFX_DECODER_FIXTURES: only {names:?}");
+        }
+        all
+    })
 }
 
 fn malformed(path: &Path, what: std::fmt::Arguments) -> ! {
@@ -391,6 +409,21 @@ fn generation_past_an_unread_sliding_window_is_refused() {
     compile(&export.join("model.onnx"), &training_only, &tmp.join("b")).expect("training graphs with any window");
     std::fs::write(export.join("config.json"), config(18)).unwrap();
     compile(&export.join("model.onnx"), &options("noreparam"), &tmp.join("b")).expect("a cache under the window");
+}
+
+/// MPT's ALiBi table serves max_seq_len positions (64 in the fixture), and transformers cannot run more keys: a
+/// generation cache with more (prefix 4 + prompt 50 + 20 new) is refused with the limit, not numbered past it.
+#[test]
+fn mpt_generation_past_its_alibi_table_is_refused() {
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pfx-dec-mpt-table");
+    let model = common::graphs_dir().join("mpt-tiny").join("model.onnx");
+    let long =
+        CompileOptions { generation: Some(GenShape { rows: 3, prompt_len: 50, max_new: 20 }), ..options("noreparam") };
+    let e = format!("{:#}", compile(&model, &long, &out).unwrap_err());
+    assert!(e.contains("serves 64 positions") && e.contains("74 keys"), "{e}");
+    let fits =
+        CompileOptions { generation: Some(GenShape { rows: 3, prompt_len: 50, max_new: 10 }), ..options("noreparam") };
+    compile(&model, &fits, &out).expect("4 + 50 + 10 keys fit the 64 positions");
 }
 
 /// An export without past whose tokens pfx cannot number after the prefix (rotary, with neither a position table,

@@ -68,6 +68,10 @@ pub struct ModelInfo {
     /// Positions numbered from the token ids (M2M100's, [`IdNumbering`]): the row pad tokens read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pad_row: Option<usize>,
+    /// ALiBi position biases: "mask" (numbered from the attention mask, Bloom's) or "slots N" (read by key slot
+    /// from a table of N positions, MPT's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alibi: Option<String>,
     pub tied_embeddings: Option<bool>,
     /// `model_type` of the `config.json` beside the file, filled in by `pfxc inspect` (the graph does not say
     /// whether a decoder is GPT-2, Llama or OPT).
@@ -722,6 +726,111 @@ pub fn positions_from_mask(g: &Graph) -> bool {
         .any(|n| prod.get(&n.inputs[1]).and_then(|&i| plus_two_of(g, &g.nodes[i])).is_some_and(numbered))
 }
 
+/// Whether the attention scores get ALiBi biases numbered from the attention mask, as Bloom's: a `CumSum` of the
+/// `attention_mask` input along its last axis (transformers' `(cumsum(mask) - 1) * mask` times each head's slope)
+/// reaches a `Softmax` without passing through a product with the keys (`MatMul`, `Gemm`). The bias of a key is
+/// then its slope times the number of unmasked keys before it, whatever slots they fill, so a fixed-size cache
+/// with the prefix first (masked pads and empty slots in between) gives each key PEFT's number. MPT's biases, a
+/// constant table sliced to the key length, number the slots instead and are not this.
+pub fn alibi_from_mask(g: &Graph) -> bool {
+    if !g.is_input("attention_mask") {
+        return false;
+    }
+    let (prod, cons) = (g.producers(), g.consumers());
+    let last_axis = |n: &crate::ir::Node| {
+        let rank = g.type_of(&n.inputs[0]).and_then(|t| t.shape).map(|s| s.len() as i64).unwrap_or(2);
+        n.inputs
+            .get(1)
+            .and_then(|a| g.initializers.get(a))
+            .and_then(|t| t.as_i64s())
+            .is_some_and(|a| a.len() == 1 && a[0].rem_euclid(rank) == rank - 1)
+    };
+    g.nodes.iter().any(|n| {
+        n.op == "CumSum"
+            && last_axis(n)
+            && computed_from(g, &prod, &n.inputs[0], |x| x == "attention_mask")
+            && biases_scores(g, &cons, &n.outputs[0])
+    })
+}
+
+/// Whether `start` reaches a `Softmax` without passing through a product with the keys (`MatMul`, `Gemm`) or a
+/// shape read: a bias on the attention scores, not the scores themselves (`cons`: `Graph::consumers`).
+fn biases_scores(g: &Graph, cons: &HashMap<String, Vec<usize>>, start: &str) -> bool {
+    let mut seen = HashSet::new();
+    let mut todo = vec![start.to_string()];
+    while let Some(v) = todo.pop() {
+        for &i in cons.get(&v).into_iter().flatten() {
+            let n = &g.nodes[i];
+            if n.op == "Softmax" {
+                return true;
+            }
+            if !matches!(n.op.as_str(), "MatMul" | "Gemm" | "Shape" | "Size") && seen.insert(i) {
+                todo.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
+            }
+        }
+    }
+    false
+}
+
+/// One ALiBi table numbered by slot (MPT's, [`alibi_slot_tables`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlibiTable {
+    /// The `Slice` node that cuts the key columns out of the table.
+    pub slice: usize,
+    /// Each head's slope.
+    pub slopes: Vec<f32>,
+    /// The positions the table serves (its last axis).
+    pub positions: usize,
+}
+
+/// ALiBi biases read from a constant table by key slot, as MPT's: a table [H, 1, N] (N = max_seq_len) holding
+/// `slope_h * (j - (N - 1))`, of which a `Slice` along the last axis keeps the last columns, one per key, and whose
+/// only readers add it to the scores (`Add`) on the way to a `Softmax`. A key's bias is its slot's, so the pads of
+/// a left-padded prompt and the empty slots of a fixed-size cache would move the prefix away from the prompt and
+/// the new token away from both. Runs on a canonical graph, before specialization folds the slices.
+pub fn alibi_slot_tables(g: &Graph) -> Vec<AlibiTable> {
+    let cons = g.consumers();
+    let constant = |v: Option<&String>| v.and_then(|v| g.initializers.get(v)).and_then(|t| t.as_i64s());
+    let mut found = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if n.op != "Slice" || n.inputs.len() < 4 {
+            continue;
+        }
+        let Some(table) = g.initializers.get(&n.inputs[0]) else { continue };
+        let shape = &table.shape;
+        let rank = shape.len();
+        if rank < 2 || shape[1..rank - 1].iter().any(|&d| d != 1) || shape[rank - 1] < 2 {
+            continue;
+        }
+        let (heads, positions) = (shape[0], shape[rank - 1]);
+        let last_axis =
+            constant(n.inputs.get(3)).is_some_and(|a| a.len() == 1 && a[0].rem_euclid(rank as i64) == rank as i64 - 1);
+        let to_end = constant(n.inputs.get(2)).is_some_and(|e| e.len() == 1 && e[0] >= positions as i64);
+        let steps_one = n.inputs.get(4).filter(|s| !s.is_empty()).is_none_or(|s| constant(Some(s)) == Some(vec![1]));
+        if !(last_axis && to_end && steps_one) {
+            continue;
+        }
+        let Some(values) = table.as_f64s().filter(|_| table.dtype() == DType::F32) else { continue };
+        // slope_h * (j - (N - 1)), in f32 as transformers computes it: the last column 0, the one before -slope.
+        let slopes: Vec<f32> = (0..heads).map(|h| -(values[h * positions + positions - 2] as f32)).collect();
+        let linear = slopes.iter().enumerate().all(|(h, &s)| {
+            s > 0.0
+                && (0..positions).all(|j| {
+                    let want = (j as f32 - (positions - 1) as f32) * s;
+                    let got = values[h * positions + j] as f32;
+                    (got - want).abs() <= 1e-6 * want.abs().max(s)
+                })
+        });
+        let readers = cons.get(&n.outputs[0]).map(Vec::as_slice).unwrap_or_default();
+        let added =
+            !readers.is_empty() && readers.iter().all(|&r| g.nodes[r].op == "Add") && !g.is_output(&n.outputs[0]);
+        if linear && added && biases_scores(g, &cons, &n.outputs[0]) {
+            found.push(AlibiTable { slice: i, slopes, positions });
+        }
+    }
+    found
+}
+
 /// Whether value `v`, or a value it is computed from, is one that `found` accepts (`prod`: `Graph::producers`).
 fn computed_from(g: &Graph, prod: &HashMap<String, usize>, v: &str, found: impl Fn(&str) -> bool) -> bool {
     let mut seen = HashSet::new();
@@ -1148,6 +1257,11 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
             .into_iter()
             .find_map(|i| numbered_from_ids(g, i))
             .and_then(|n| usize::try_from(n.pad).ok()),
+        alibi: if alibi_from_mask(g) {
+            Some("mask".into())
+        } else {
+            alibi_slot_tables(g).iter().map(|t| t.positions).min().map(|n| format!("slots {n}"))
+        },
         config_model_type: None,
         unsupported: unsupported_reason(g, family),
         tied_embeddings: tied,
@@ -1182,10 +1296,15 @@ impl ModelInfo {
             match (self.position_rows, self.family) {
                 (Some(rows), _) if self.rotary_table => format!("rotary sine/cosine table of {rows} positions"),
                 (Some(rows), _) => format!("position rows {rows}"),
-                // Llama's rotary angles and Bloom's ALiBi biases come from the positions inside the graph.
-                (None, Family::Gpt2Decoder) => "no position table (positions enter inside the graph: rotary \
-                                                angles or ALiBi)"
-                    .to_string(),
+                (None, Family::Gpt2Decoder) => match self.alibi.as_deref().map(|a| a.split_once(' ')) {
+                    Some(None) => "no position table (ALiBi biases numbered from the attention mask)".to_string(),
+                    Some(Some((_, n))) => format!(
+                        "no position table (ALiBi biases read by key slot from a table of {n} positions; \
+                         generation numbers them from the attention mask)"
+                    ),
+                    // Llama's rotary angles come from the positions inside the graph.
+                    None => "no position table (positions enter inside the graph: rotary angles or ALiBi)".to_string(),
+                },
                 (None, _) => "position rows ?".to_string(),
             },
             // BART's and OPT's tables start 2 rows in: say how many positions a sequence (prefix included) has.

@@ -7,7 +7,9 @@
 //!   concatenation, no O(n²) copying. The prefix lives in the cache, so decode needs no trainable input.
 //!
 //! Position ids are inputs of both graphs: the runtime numbers real tokens P, P+1, ... from the mask, so a
-//! left-padded prompt generates what it generates alone.
+//! left-padded prompt generates what it generates alone. Exports whose ALiBi biases are numbered from the
+//! attention mask (Bloom's) take no position ids: the mask over the cache's slots numbers them the same way; those
+//! that read them by slot from a table (MPT's) get them numbered from the mask.
 
 use std::collections::BTreeMap;
 
@@ -51,21 +53,71 @@ fn with_past(export: &super::Export) -> Result<Model> {
 }
 
 /// A `position_ids` input feeds the position lookup (the runtime numbers the tokens), or the rotary angles.
-fn expose_positions(g: &mut Graph) -> Result<()> {
+/// ALiBi biases numbered from the attention mask (Bloom's, [`crate::inspect::alibi_from_mask`]) need none: the
+/// cache's mask numbers its keys as PEFT's prefix and prompt are numbered. ALiBi biases read by slot from a table
+/// (MPT's) are numbered from the mask instead ([`alibi_by_real_tokens`]); `keys` is the graph's key length.
+fn expose_positions(g: &mut Graph, keys: usize) -> Result<()> {
     if !g.is_input("position_ids") && crate::inspect::embeddings(g).position_rows.is_none() {
-        if expose_rotary_positions(g)? {
+        if expose_rotary_positions(g)? || crate::inspect::alibi_from_mask(g) || alibi_by_real_tokens(g, keys)? {
             return Ok(());
         }
         bail!(
-            "the export has no position_ids input, no position table and no rotary angles pfx can feed (ALiBi \
-             biases, as Bloom and MPT have, or a rotary table read at the cache position, as torch.onnx dynamo exports \
-             GPT-J and CodeGen: optimum's exports of those take position_ids), so the generation graphs \
-             cannot number the tokens of a fixed-size cache. The training and eval graphs are right (the export \
-             numbers their positions itself): compile with --max-new 0 for them alone; generating from such a model \
-             is not supported"
+            "the export has no position_ids input, no position table, no rotary angles pfx can feed and no ALiBi \
+             biases pfx can number (Bloom's, from the attention mask, or MPT's, from a table by key slot), so the \
+             generation graphs cannot number the tokens of a fixed-size cache (a rotary table read at the cache \
+             position, as torch.onnx dynamo exports GPT-J and CodeGen, is such a case: optimum's exports of those \
+             take position_ids). The training and eval graphs are right (the export numbers their positions \
+             itself): compile with --max-new 0 for them alone; generating from such a model is not supported"
         );
     }
     prefix::expose_positions(g)
+}
+
+/// MPT's ALiBi biases ([`crate::inspect::alibi_slot_tables`]) number the keys by slot: key k of K gets
+/// `slope * (k - (K - 1))`. HF and PEFT run an unpadded prompt, whose slots are its tokens; in the generation
+/// cache the pads of a left-padded prompt and the empty slots before the new token would change the distances.
+/// Each table's slice is replaced by `slope * (c_k - n)`, c_k = cumsum(attention_mask)_k and n the row's count of
+/// unmasked keys: HF's values for the same tokens unpadded (masked keys get any value; the mask drops them).
+/// Refuses a cache with more keys than the table has positions, as HF cannot run those. Returns whether any was
+/// found.
+fn alibi_by_real_tokens(g: &mut Graph, keys: usize) -> Result<bool> {
+    use crate::ir::Attr;
+    use crate::tensor::DType;
+    let tables = crate::inspect::alibi_slot_tables(g);
+    let Some(positions) = tables.iter().map(|t| t.positions).min() else { return Ok(false) };
+    if !g.is_input("attention_mask") {
+        bail!("the export adds ALiBi biases by key slot but has no attention_mask input to number its tokens");
+    }
+    if keys > positions {
+        bail!(
+            "the export's ALiBi table serves {positions} positions (MPT's max_seq_len), and a generation graph \
+             attends to {keys} keys (prefix + --prompt-len + --max-new): lower --prompt-len or --max-new"
+        );
+    }
+    let to_i64 = vec![("to", Attr::Int(DType::I64.onnx_code() as i64))];
+    let mask = g.op1("Cast", &["attention_mask"], to_i64, "alibi/mask");
+    let axis = g.add_const("alibi/axis", Tensor::scalar_i64(1));
+    let count = g.op1("CumSum", &[&mask, &axis], vec![], "alibi/count");
+    let (starts, ends) =
+        (g.add_const("alibi/last", Tensor::vec_i64(&[-1])), g.add_const("alibi/end", Tensor::vec_i64(&[i64::MAX])));
+    let axes = g.add_const("alibi/axes", Tensor::vec_i64(&[1]));
+    let total = g.op1("Slice", &[&count, &starts, &ends, &axes], vec![], "alibi/total");
+    let back = g.op1("Sub", &[&count, &total], vec![], "alibi/back");
+    // [R, K] -> [R, 1, 1, K], against the scores [R, H, queries, K].
+    let spread = g.add_const("alibi/spread_axes", Tensor::vec_i64(&[1, 2]));
+    let back = g.op1("Unsqueeze", &[&back, &spread], vec![], "alibi/back4");
+    for t in &tables {
+        let out = g.nodes[t.slice].outputs[0].clone();
+        let table = g.nodes[t.slice].inputs[0].clone();
+        let slopes = g.add_const("alibi/slopes", Tensor::f32(vec![1, t.slopes.len(), 1, 1], t.slopes.clone()));
+        let slopes = g.op1("CastLike", &[&slopes, &table], vec![], "alibi/slopes_cast");
+        let distance = g.op1("CastLike", &[&back, &table], vec![], "alibi/distance");
+        let bias = g.op1("Mul", &[&distance, &slopes], vec![], "alibi/bias");
+        g.rename_uses(&out, &bias);
+    }
+    g.toposort()?;
+    g.dce();
+    Ok(true)
 }
 
 /// Rotary exports without a `position_ids` input (torch.onnx dynamo's Llama, optimum's Gemma) turn
@@ -186,7 +238,7 @@ pub fn build_prefill(
     baked: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<Model> {
     let mut model = with_past(export)?;
-    expose_positions(&mut model.graph)?;
+    expose_positions(&mut model.graph, shape.len + gs.prompt_len)?;
     let windows = crate::inspect::local_windows(&model.graph)?;
     computed_windows_by_real_tokens(&mut model.graph, shape.len, gs.prompt_len, gs.rows)?;
     let dims = Dims { batch: gs.rows, seq: gs.prompt_len, past: Some(shape.len), src_len: None };
@@ -380,9 +432,9 @@ fn rows_product(
 /// The one-token decode graph over a cache of capacity C.
 pub fn build_decode(export: &super::Export, p: usize, gs: &GenShape) -> Result<Model> {
     let mut model = with_past(export)?;
-    expose_positions(&mut model.graph)?;
-    let windows = crate::inspect::local_windows(&model.graph)?;
     let c = gs.capacity(p);
+    expose_positions(&mut model.graph, c + 1)?;
+    let windows = crate::inspect::local_windows(&model.graph)?;
     computed_windows_by_real_tokens(&mut model.graph, c, 1, gs.rows)?;
     let dims = Dims { batch: gs.rows, seq: 1, past: Some(c), src_len: None };
     specialize(&mut model, &dims)?;

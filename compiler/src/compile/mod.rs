@@ -644,8 +644,8 @@ pub fn no_generation_graphs(bundle: &Path) -> anyhow::Error {
     anyhow::anyhow!(
         "{} has no generation graphs: it was compiled with --max-new 0, or from an export without past inputs \
          (BART: without decoder_with_past_model.onnx). Compile again from an export with past inputs, with --max-new \
-         above 0; exports whose positions pfx cannot number (ALiBi biases, as Bloom and MPT have) compile for \
-         training and eval only",
+         above 0; exports whose positions pfx cannot number in a fixed-size cache (rotary tables read at the cache \
+         position, as torch.onnx dynamo exports GPT-J and CodeGen) compile for training and eval only",
         bundle.display()
     )
 }
