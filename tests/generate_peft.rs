@@ -245,6 +245,23 @@ fn baked_graphs_generate_the_same_tokens() {
         let beam_cfg = GenConfig { beams: 3, ..cfg };
         assert_eq!(g.beam_search(&prompts, &beam_cfg).unwrap(), rows(&r["beam"], None), "baked beam on {kind}");
     }
+    // The baked graphs alone, through ONNX Runtime's Python API and the protocol `examples/run_baked.py` writes out
+    // (no pfx code): PEFT's greedy tokens. PFX_SKIP_PYTHON=1 skips it.
+    if std::env::var("PFX_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+        return;
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/run_baked.py");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&script).arg(&baked).args(["--max-new", "8", "--min-new", "8", "--eos", "95"]);
+    for p in &prompts {
+        cmd.arg("--ids").arg(p.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" "));
+    }
+    let out = cmd.output().expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let tokens: Vec<Vec<i64>> =
+        text.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+    assert_eq!(tokens, rows(&r["greedy"], None), "examples/run_baked.py on the baked graphs");
 }
 
 /// A bundle with f16 weights, and its baked form, generate HF's tokens on the model whose weight matrices are

@@ -368,8 +368,8 @@ pub struct SearchFlags {
     /// `encoder_repetition_penalty`). Default: the generation config's, else 1.
     #[arg(long)]
     pub encoder_repetition_penalty: Option<f64>,
-    /// Draw each token from the model's distribution instead of taking the best (HF's `do_sample`; greedy
-    /// search only). Default: on when a sampling flag below is given, else the generation config's.
+    /// Draw each token from the model's distribution instead of taking the best (HF's `do_sample`; with
+    /// --beams, beam sampling). Default: on when a sampling flag below is given, else the generation config's.
     #[arg(long)]
     pub sample: Option<bool>,
     /// Sampling: divide the scores by this. Default: the generation config's, else 1.
