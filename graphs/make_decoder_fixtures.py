@@ -5,13 +5,13 @@ PyTorch + PEFT references.
 One command, from the reference venv (torch, transformers 5.x, peft); it runs itself in the optimum venv
 (transformers 4.x, optimum-onnx) for the export step:
 
-    /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf]
+    /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf | --refs-only]
 
 Writes (relative to this file's folder) the fixtures listed in decoder-fixtures.json (the lists
 tests/compile_decoders.rs reads too; each entry says what it covers), for NAME in its families:
     NAME/hf/          save_pretrained safetensors (transformers 5.x), seeded random weights
     NAME/model.onnx   `optimum-cli export onnx --task text-generation-with-past` (transformers 4.x)
-    peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy tokens
+    peft-decoders/NAME-{reparam,noreparam}.safetensors   PEFT prefix-tuning loss, gradients, greedy and beam tokens
 for NAME in its nopast list, NAME/model.onnx: `--task text-generation` (no past) of the hf/ folder of the family
 its "hf" names (its references are that family's), and for NAME in its dynamo list, NAME/model.onnx: a torch.onnx
 dynamo export (reference venv, as graphs/make_fixtures.py exports GPT-2) of that family's hf/ folder, with or
@@ -24,12 +24,12 @@ phi-tiny is Phi-1/2 (PhiForCausalLM: rotary on half of each head, attention and 
 codegen-tiny rotate neighbouring pairs (strided slices); neox-tiny is Pythia's layout (its 4.x config also gets
 rotary_pct and rotary_emb_base, the names 4.x reads). bloom-tiny and mpt-tiny add ALiBi biases (Bloom's from the
 attention mask, MPT's from a table by key slot); PEFT is given MPT's sizes (it does not read n_heads), and MPT's
-greedy references are the full forwards alone (transformers 5.24's generate feeds MPT the whole sequence again on top
-of its cache).
+greedy and beam references are the full forwards alone (transformers 5.24's generate feeds MPT the whole sequence
+again on top of its cache); the search by full forwards equals HF's beam search on every other family.
 
---skip-hf keeps the hf/ folders. The export step asserts that every saved tensor loads unchanged in
-transformers 4.x and that onnxruntime gives PyTorch's logits and presents (max diff < 1e-4). The references
-come from PyTorch + PEFT only. Reruns give byte-identical files.
+--skip-hf keeps the hf/ folders; --refs-only keeps them and the exports too, and remakes the references alone. The
+export step asserts that every saved tensor loads unchanged in transformers 4.x and that onnxruntime gives PyTorch's
+logits and presents (max diff < 1e-4). The references come from PyTorch + PEFT only. Reruns give byte-identical files.
 """
 import os
 import subprocess
@@ -123,6 +123,12 @@ MODES = {
 EOS = 95  # bos = eos = pad = 95 in every config, as gpt2-tiny
 NEW = 8  # exactly 8 new tokens (eos banned before that)
 PROMPT_LENS = (6, 4, 2)  # left-padded to 6 with EOS
+BEAMS = 3  # beam3 references: 3 beams, exactly NEW tokens
+# Smallest gaps (summed log-probabilities, about -20 here; float32 rounds them by 2e-6) asserted between a beam3
+# reference's best and second hypotheses (smallest here 4.0e-4), and between the last candidate a step keeps and the
+# first it drops (7.4e-5, llama-gqa-tiny noreparam's third prompt).
+BEAM_GAP_MIN = 1e-4
+BEAM_KEPT_MIN = 5e-5
 # The first seed from 20261225 on for which the prefix changes at least 4 of the 8 greedy tokens of every
 # prompt, in every family and mode (on a random tiny model many prompts give the same tokens either way).
 PROMPT_SEED = 20261240
@@ -506,6 +512,63 @@ def hf_generate_stopping(base, ids, prefix, stop, beams):
     return new[:ends[0]] if ends else new
 
 
+def hf_beam(base, ids, prefix):
+    """transformers' beam search (BEAMS beams, exactly NEW tokens: eos banned before that), the prefix in its cache
+    (None: the base model alone), one prompt, no padding. The best hypothesis's new tokens and its score (HF's
+    sequences_scores: summed log-probabilities / NEW, length_penalty 1)."""
+    args = dict(do_sample=False, num_beams=BEAMS, num_return_sequences=1, min_new_tokens=NEW, max_new_tokens=NEW,
+                length_penalty=1.0, early_stopping=False, pad_token_id=EOS, eos_token_id=EOS,
+                return_dict_in_generate=True, output_scores=True)
+    n = ids.shape[1]
+    with torch.no_grad():
+        if prefix is None:
+            out = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **args)
+        else:
+            mask = torch.ones(1, P + n, dtype=torch.int64)
+            out = base.generate(input_ids=ids, attention_mask=mask, cache=prefix_cache(prefix, BEAMS), **args)
+    assert torch.equal(out.sequences[:, :n], ids) and out.sequences.shape[1] == n + NEW
+    return out.sequences[0, n:].tolist(), float(out.sequences_scores[0])
+
+
+def hand_beam(base, ids, prefix, dtype=torch.float32):
+    """Beam search by full forwards (as hand_greedy: one per hypothesis and step, a fresh prefix cache, positions
+    P + t; prefix None: the base model alone), in HF 5.x's order and precision: float32 log_softmax of the last
+    logits, eos then set to -inf (min_new_tokens = NEW), added to the hypothesis's float32 score (dtype float64:
+    both in float64, to see that the tokens do not hang on float32 rounding), the top BEAMS of all (hypothesis,
+    token) candidates kept (torch.topk over the hypothesis-major flattening; HF keeps the top 2 BEAMS and drops those
+    ending in eos, none here). No hypothesis ends before NEW, so all finish with NEW tokens and the best is the
+    highest summed log-probability. Returns (new tokens, best score / NEW, gap between the best
+    and second final summed scores, smallest gap between the last kept and the first dropped candidate of a step)."""
+    beams = [(ids.clone(), torch.zeros((), dtype=dtype))]
+    kept_gap = float("inf")
+    with torch.no_grad():
+        for _ in range(NEW):
+            cand = []
+            for seq, score in beams:
+                n = seq.shape[1]
+                if prefix is None:
+                    out = base(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False)
+                else:
+                    mask = torch.ones(1, P + n, dtype=torch.int64)
+                    pos = (P + torch.arange(n)).unsqueeze(0)
+                    out = base(input_ids=seq, attention_mask=mask, cache=prefix_cache(prefix, 1), position_ids=pos,
+                               use_cache=False)
+                lp = torch.log_softmax(out.logits[0, -1].to(dtype), dim=-1)
+                lp[EOS] = -float("inf")
+                cand.append(lp + score)
+            flat = torch.cat(cand)
+            V = cand[0].shape[0]
+            top = torch.topk(flat, BEAMS + 1)
+            kept_gap = min(kept_gap, float(top.values[BEAMS - 1] - top.values[BEAMS]))
+            new = []
+            for s, idx in zip(top.values[:BEAMS], top.indices[:BEAMS].tolist()):
+                b, tok = divmod(idx, V)
+                new.append((torch.cat([beams[b][0], torch.tensor([[tok]])], dim=1), s))
+            beams = new
+    best = beams[0]  # topk's values are sorted: the first is the best
+    return (best[0][0, ids.shape[1]:].tolist(), float(best[1]) / NEW, float(beams[0][1] - beams[1][1]), kept_gap)
+
+
 def save_adapter(model, name, loss, input_ids, attention_mask, labels):
     """PEFT's own adapter folder for this prefix, proven to load back in PEFT with the same loss."""
     from peft import PeftModel
@@ -610,6 +673,33 @@ def run_family(name):
             out["greedy_noprefix"] = np.array(bare, dtype=np.int64)
             changed = min(sum(a != b for a, b in zip(x, y)) for x, y in zip(greedy, bare))
             assert changed >= 4, (name, mode, changed)
+            # Beam search (BEAMS beams, exactly NEW tokens), each prompt alone, with the prefix and without: HF's
+            # generate, and hand_beam asserted equal to it (tokens, and the best score to 1e-5); MPT's are hand_beam's
+            # alone (its generate is broken, above). Not knife-edge: the same tokens with the scores in float64, and
+            # beam3_gaps [prompt, 2] records (asserted above BEAM_GAP_MIN, BEAM_KEPT_MIN) the gap between the best
+            # and second summed log-probabilities, and the smallest between a step's last kept and first dropped
+            # candidates.
+            beam, beam_bare, gaps = [], [], []
+            for i in range(prompts.shape[0]):
+                ids = prompts[i:i + 1, prompt_mask[i] == 1]
+                for pre, rows in ((prefix, beam), (None, beam_bare)):
+                    hand, score, gap, kept = hand_beam(base, ids, pre)
+                    assert hand_beam(base, ids, pre, torch.float64)[0] == hand, (name, mode, i, pre is None)
+                    if cfg.model_type != "mpt":
+                        hf, hf_score = hf_beam(base, ids, pre)
+                        assert hand == hf and abs(score - hf_score) <= 1e-5, (name, mode, i, hand, hf, hf_score)
+                    rows.append(hand)
+                    if pre is not None:
+                        gaps.append((gap, kept))
+            assert min(g for g, _ in gaps) > BEAM_GAP_MIN, (name, mode, gaps)
+            assert min(k for _, k in gaps) > BEAM_KEPT_MIN, (name, mode, gaps)
+            assert beam != beam_bare, (name, mode, beam)
+            out["beam3"] = np.array(beam, dtype=np.int64)
+            out["beam3_noprefix"] = np.array(beam_bare, dtype=np.int64)
+            out["beam3_gaps"] = np.array(gaps, dtype=np.float32)
+            differ = [sum(a != b for a, b in zip(x, y)) for x, y in zip(beam, greedy)]
+            print(f"  {mode}: beam3 {beam} ({differ} of {NEW} tokens differ from greedy), no prefix {beam_bare}; "
+                  f"gaps best-second {[f'{g:.2g}' for g, _ in gaps]}, kept-dropped {[f'{k:.2g}' for _, k in gaps]}")
             if name in STOP_FAMILIES:
                 for key, beams in (("greedy", 1), ("beam3", 3)):
                     def search(stop):
@@ -637,8 +727,8 @@ def run_family(name):
 def main():
     if sys.argv[1:] == ["--export"]:
         return export_main()
-    if sys.argv[1:] not in ([], ["--skip-hf"]):
-        sys.exit("usage: make_decoder_fixtures.py [--skip-hf]")
+    if sys.argv[1:] not in ([], ["--skip-hf"], ["--refs-only"]):
+        sys.exit("usage: make_decoder_fixtures.py [--skip-hf | --refs-only]")
     import peft
     import transformers
 
@@ -648,12 +738,13 @@ def main():
     transformers.utils.logging.disable_progress_bar()
     print(f"[reference venv] torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}")
-    if sys.argv[1:] != ["--skip-hf"]:
+    if sys.argv[1:] == []:
         make_hf()
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export"], check=True, env=env)
-    for name, hf_name, with_past in DYNAMO:
-        export_dynamo(name, hf_name, with_past)
+    if sys.argv[1:] != ["--refs-only"]:
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export"], check=True, env=env)
+        for name, hf_name, with_past in DYNAMO:
+            export_dynamo(name, hf_name, with_past)
     for name in FAMILIES:
         print(name)
         run_family(name)

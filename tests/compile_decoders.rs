@@ -4,8 +4,9 @@
 //! a Llama with grouped-query attention; OPT, GPT-Neo, Llama, Qwen3, Phi-3 and Gemma without past; torch.onnx dynamo
 //! exports of OPT, GPT-Neo, Llama, Gemma and Qwen3)
 //! compile to prefix-tuning graphs that equal PyTorch + PEFT: loss, gradients and eval loss with and without
-//! reparametrization, and greedy tokens with a fixed prefix, on tract and on ONNX Runtime. References by `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as
-//! `graphs/peft/` and `graphs/peft-generate/`).
+//! reparametrization, and greedy and beam-search tokens with a fixed prefix, on tract and on ONNX Runtime. References
+//! by `graphs/make_decoder_fixtures.py` (same batch, prefix sizes and prompts as `graphs/peft/` and
+//! `graphs/peft-generate/`).
 
 mod common;
 
@@ -216,8 +217,8 @@ fn exports_without_past_equal_peft() {
 /// torch.onnx dynamo exports of the same HF folders (references: theirs). OPT's numbers its positions from the mask
 /// inside the graph (optimum's adds 2 to a position_ids input): without past the left-padded row's loss equals
 /// PEFT's only when that is recognized. GPT-Neo's local window is read from the dynamo graph's table. Llama's
-/// RMSNorm is Reciprocal(Sqrt), and its rotary positions come from the past length (`greedy_tokens_equal_peft`
-/// checks that its generation graphs take position ids instead).
+/// RMSNorm is Reciprocal(Sqrt), and its rotary positions come from the past length
+/// (`greedy_and_beam_tokens_equal_peft` checks that its generation graphs take position ids instead).
 #[test]
 fn dynamo_exports_equal_peft() {
     for mode in MODES {
@@ -291,8 +292,11 @@ fn gqa_adapter_round_trips_as_peft_saves_it() {
     pfx_runtime::peft::import_adapter(&Bundle::open(&nr).unwrap().manifest, &out).expect("ours imports back");
 }
 
+/// Greedy tokens (PEFT's, by full forwards) and beam search's (HF's `generate`, 3 beams, exactly 8 tokens; MPT's by
+/// full forwards, `graphs/make_decoder_fixtures.py`) of the three prompts, with the prefix and without, on every
+/// export with past.
 #[test]
-fn greedy_tokens_equal_peft() {
+fn greedy_and_beam_tokens_equal_peft() {
     // The dynamo exports compute their positions in the graph: OPT's generation graphs read the table 2 rows in,
     // Llama's rotate by the position ids, not the cache slots. (Exports without past have no generation graphs.)
     let d = fixtures();
@@ -308,6 +312,9 @@ fn greedy_tokens_equal_peft() {
             let want = id_rows(&r["greedy"], None);
             let bare = id_rows(&r["greedy_noprefix"], None);
             assert_ne!(want, bare, "{family} {mode}: the prefix must change PEFT's tokens");
+            let want_beam = id_rows(&r["beam3"], None);
+            let bare_beam = id_rows(&r["beam3_noprefix"], None);
+            assert_ne!(want_beam, bare_beam, "{family} {mode}: the prefix must change HF's beam tokens");
             for kind in backends() {
                 let what = format!("{family} {mode} {kind}");
                 let mut g = Generator::open(&b, kind, &OrtOptions::default(), prefix.clone()).unwrap();
@@ -318,7 +325,14 @@ fn greedy_tokens_equal_peft() {
                 assert_eq!(greedy, want, "{what}: greedy tokens differ from PEFT");
                 let no_prefix = GenConfig { no_prefix: true, ..cfg.clone() };
                 assert_eq!(g.greedy(&prompts, &no_prefix).unwrap(), bare, "{what}: the bare model's tokens");
-                println!("{what:<28} greedy {greedy:?}");
+                // Beam search reorders the cache rows (the prefix's too) every step, in each family's layout: 3
+                // beams of one prompt fill the bundle's 3 rows.
+                let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
+                let beam = g.beam_search(&prompts, &beam_cfg).unwrap();
+                assert_eq!(beam, want_beam, "{what}: beam tokens differ from HF's beam search with the prefix");
+                let no_prefix = GenConfig { no_prefix: true, ..beam_cfg };
+                assert_eq!(g.beam_search(&prompts, &no_prefix).unwrap(), bare_beam, "{what}: the bare model's beams");
+                println!("{what:<28} greedy {greedy:?} beam {beam:?}");
             }
         }
     }
