@@ -141,6 +141,18 @@ fn greedy_and_beam_equal_peft() {
                     let beam = GenConfig { beams: 3, ..c };
                     assert_eq!(g.beam_search(&prompts, &beam).unwrap(), rows(&r[&want], None), "{what}: {want}");
                 }
+                // The end-of-sequence length decay (2 tokens in, factor 2), eos allowed: HF pads after the end.
+                let free = GenConfig { min_new: 0, length_decay: Some((2, 2.0)), ..cfg.clone() };
+                let until_eos = |key: &str| -> Vec<Vec<i64>> {
+                    rows(&r[key], None).into_iter().map(|t| t.into_iter().take_while(|&x| x != 95).collect()).collect()
+                };
+                assert_eq!(g.greedy(&prompts, &free).unwrap(), until_eos("greedy_decay"), "{what}: greedy_decay");
+                let beam = GenConfig { beams: 3, ..free };
+                assert_eq!(g.beam_search(&prompts, &beam).unwrap(), until_eos("beam_decay"), "{what}: beam_decay");
+                // Renormalized scores after repetition penalty 1.3 (beam search adds up other scores).
+                let renorm = GenConfig { repetition_penalty: 1.3, renormalize: true, ..beam_cfg.clone() };
+                let want = rows(&r["beam_reppen13_renorm"], None);
+                assert_eq!(g.beam_search(&prompts, &renorm).unwrap(), want, "{what}: beam_reppen13_renorm");
                 sampling_scores_equal_hf(&mut g, &prompts, &r, &what);
             }
         }
@@ -152,7 +164,7 @@ fn greedy_and_beam_equal_peft() {
 /// tokens kept, their scores within float32 rounding of the model's logits. Also with 3 beams (beam sampling:
 /// on log-probabilities, each warper keeping 2).
 fn sampling_scores_equal_hf(g: &mut Generator, prompts: &[Vec<i64>], r: &BTreeMap<String, HostTensor>, what: &str) {
-    use pfx_runtime::search::{beam_sampling_scores, sampling_scores, Sampling, Start};
+    use pfx_runtime::search::{beam_step_scores, sampling_scores, Sampling, Start};
     let s = Sampling { temperature: 0.7, top_k: 10, top_p: 0.9, min_p: Some(0.05), ..Sampling::default() };
     let cfg =
         GenConfig { max_new: 1, min_new: 1, repetition_penalty: 1.3, eos: Some(95), pad: 95, ..GenConfig::default() };
@@ -161,8 +173,8 @@ fn sampling_scores_equal_hf(g: &mut Generator, prompts: &[Vec<i64>], r: &BTreeMa
         let batch = vec![p.clone(); g.rows()];
         let context = g.context(p);
         let (_, logits) = g.start(&batch, &cfg).unwrap();
-        let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
-        let beam_sampled = beam_sampling_scores(&beam_cfg, &s, 0, &context, &[], &logits[0]);
+        let beam_cfg = GenConfig { beams: 3, sampling: Some(s.clone()), ..cfg.clone() };
+        let beam_sampled = beam_step_scores(&beam_cfg, 0, &context, &[], &logits[0]);
         for (key, got) in [
             ("sample_first_scores", sampling_scores(&cfg, &s, 0, &context, &logits[0])),
             ("beam_sample_first_scores", beam_sampled),

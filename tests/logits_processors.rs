@@ -4,12 +4,21 @@
 
 mod common;
 
-use pfx_runtime::processors::{warp, Penalties, Sampling};
+use pfx_runtime::processors::{make_finite, warp, Penalties, Sampling};
 use pfx_runtime::HostTensor;
 
 /// Every warper off: each case turns on what it tests.
-const OFF: Sampling =
-    Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: None, typical_p: 1.0, epsilon: 0.0, eta: 0.0, seed: 0 };
+const OFF: Sampling = Sampling {
+    temperature: 1.0,
+    top_h: None,
+    top_k: 0,
+    top_p: 1.0,
+    min_p: None,
+    typical_p: 1.0,
+    epsilon: 0.0,
+    eta: 0.0,
+    seed: 0,
+};
 
 fn rows(t: &HostTensor) -> Vec<Vec<f32>> {
     let v = t.as_f32().unwrap();
@@ -56,11 +65,19 @@ fn warpers_and_penalties_equal_hf() {
         ("eps02_keep2", Sampling { epsilon: 0.2, ..OFF }, 2),
         ("eta09_keep2", Sampling { eta: 0.9, ..OFF }, 2),
         ("chain_keep3", chain, 3),
+        ("toph055", Sampling { top_h: Some(0.55), ..OFF }, 1),
     ];
     // Rows where top-p cuts inside a group of equal scores: which of them HF removes follows torch.sort's unstable
     // order (pfx removes the lower ids first), so only the kept scores, sorted, are defined (the README says which).
-    let tie_cut =
-        [("topp09", 5), ("topp09", 6), ("chain", 5), ("topp03_keep2", 2), ("topp03_keep2", 5), ("chain_keep3", 5)];
+    let tie_cut = [
+        ("topp09", 5),
+        ("topp09", 6),
+        ("chain", 5),
+        ("topp03_keep2", 2),
+        ("topp03_keep2", 5),
+        ("chain_keep3", 5),
+        ("toph055", 5),
+    ];
     for (key, s, keep) in warpers {
         let want = rows(&r[key]);
         for (i, row) in logits.iter().enumerate() {
@@ -94,5 +111,12 @@ fn warpers_and_penalties_equal_hf() {
         let mut got = row.clone();
         Penalties::new(&[], 0.5, &source[i], 1.0, &history[i], v).unwrap().apply(&mut got);
         assert_same(&got, &rows(&r["encreppen05"])[i], 0.0, &format!("encreppen05 row {i}"));
+        // The length decay 2 tokens past its start (1.5² - 1), on eos ids 2 and 47.
+        let mut got = row.clone();
+        Penalties::with_eos_decay(None, &[2, 47], 1.5f64.powi(2) - 1.0, v).unwrap().apply(&mut got);
+        assert_same(&got, &rows(&r["decay15"])[i], 0.0, &format!("decay15 row {i}"));
+        let mut got = rows(&r["logits_invalid"])[i].clone();
+        make_finite(&mut got);
+        assert_eq!(got, rows(&r["infnan"])[i], "infnan row {i}");
     }
 }

@@ -349,6 +349,19 @@ pub struct GenerationSettings {
     pub epsilon_cutoff: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta_cutoff: Option<f64>,
+    /// Top-H sampling's fraction of the entropy (`top_h`, in (0, 1]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_h: Option<f64>,
+    /// (start, factor): the end-of-sequence scores grow after `start` new tokens
+    /// (`exponential_decay_length_penalty`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exponential_decay_length_penalty: Option<(usize, f64)>,
+    /// `renormalize_logits` (a log-softmax after every processor) and `remove_invalid_values` (NaN and infinite
+    /// scores made finite).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renormalize_logits: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remove_invalid_values: Option<bool>,
     /// Outputs per input (`num_return_sequences`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_return_sequences: Option<usize>,
@@ -470,21 +483,36 @@ impl GenerationSettings {
                 Some(EarlyStopping::try_from(x.clone()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
             }
         };
-        let do_sample = match setting(v, "do_sample") {
+        let flag = |key: &str| -> Result<Option<bool>> {
+            match setting(v, key) {
+                None => Ok(None),
+                Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+                Some(x) => anyhow::bail!("{}: {key} is {x}; expected true or false", path.display()),
+            }
+        };
+        let do_sample = flag("do_sample")?;
+        let length_decay = match setting(v, "exponential_decay_length_penalty") {
             None => None,
-            Some(serde_json::Value::Bool(b)) => Some(*b),
-            Some(x) => anyhow::bail!("{}: do_sample is {x}; expected true or false", path.display()),
+            Some(x) => {
+                let pair = x.as_array().filter(|p| p.len() == 2).and_then(|p| {
+                    let factor = p[1].as_f64().filter(|f| f.is_finite() && *f > 0.0)?;
+                    Some((usize::try_from(p[0].as_u64()?).ok()?, factor))
+                });
+                Some(pair.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: exponential_decay_length_penalty is {x}; expected [start, factor]: a whole number from 0 \
+                         and a number above 0",
+                        path.display()
+                    )
+                })?)
+            }
         };
         let mut unapplied = Vec::new();
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
-        let neutral: [(&str, serde_json::Value); 7] = [
+        let neutral: [(&str, serde_json::Value); 3] = [
             ("num_beam_groups", 1.into()),
-            ("renormalize_logits", false.into()),
-            ("remove_invalid_values", false.into()),
             ("diversity_penalty", 0.0.into()),
-            ("exponential_decay_length_penalty", serde_json::Value::Null),
             ("constraints", serde_json::Value::Null),
-            ("top_h", serde_json::Value::Null),
         ];
         for (key, value) in neutral {
             if let Some(x) = setting(v, key) {
@@ -554,6 +582,10 @@ impl GenerationSettings {
             typical_p: number("typical_p", |f| f > 0.0 && f <= 1.0, "a number above 0, at most 1")?,
             epsilon_cutoff: number("epsilon_cutoff", |f| (0.0..=1.0).contains(&f), fraction)?,
             eta_cutoff: number("eta_cutoff", |f| (0.0..=1.0).contains(&f), fraction)?,
+            top_h: number("top_h", |f| f > 0.0 && f <= 1.0, "a number above 0, at most 1")?,
+            exponential_decay_length_penalty: length_decay,
+            renormalize_logits: flag("renormalize_logits")?,
+            remove_invalid_values: flag("remove_invalid_values")?,
             num_return_sequences: count("num_return_sequences", 1)?,
             suppress_tokens: id_list("suppress_tokens")?,
             begin_suppress_tokens: id_list("begin_suppress_tokens")?,
@@ -1532,6 +1564,11 @@ mod tests {
             ("do_sample", "1"),
             ("max_new_tokens", "0"),
             ("num_return_sequences", "0"),
+            ("top_h", "0"),
+            ("renormalize_logits", "1"),
+            ("exponential_decay_length_penalty", "[2]"),
+            ("exponential_decay_length_penalty", "[-1,1.5]"),
+            ("exponential_decay_length_penalty", "[2,0]"),
         ] {
             write("generation_config.json", &format!("{{\"{key}\": {odd}}}"));
             let m = format!("{:#}", ModelConfig::beside(&export).unwrap_err());
@@ -1544,6 +1581,19 @@ mod tests {
         );
         let c = ModelConfig::beside(&export).unwrap().search;
         assert!(c.unapplied.is_empty() && c.suppress_tokens.is_empty(), "{c:?}");
+        write(
+            "generation_config.json",
+            "{\"exponential_decay_length_penalty\": [3, 1.25], \"renormalize_logits\": true, \"top_h\": 0.4, \
+             \"remove_invalid_values\": false}",
+        );
+        let d = ModelConfig::beside(&export).unwrap().search;
+        assert_eq!(d.exponential_decay_length_penalty, Some((3, 1.25)));
+        assert_eq!((d.renormalize_logits, d.remove_invalid_values, d.top_h), (Some(true), Some(false), Some(0.4)));
+        assert!(d.unapplied.is_empty(), "{d:?}");
+        // A bundle that recorded them as unapplied applies them now.
+        let old: GenerationSettings =
+            serde_json::from_str("{\"unapplied\": [\"exponential_decay_length_penalty [3,1.25]\"]}").unwrap();
+        assert_eq!(old.recovered().exponential_decay_length_penalty, Some((3, 1.25)));
         assert_eq!((c.begin_suppress_tokens, c.bad_words_ids), (vec![7, 8], vec![vec![5], vec![6, 9]]));
         assert_eq!(c.sequence_bias, [(vec![3], -2.5), (vec![4, 1], 1.0)]);
         for (key, odd) in [

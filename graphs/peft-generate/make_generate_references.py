@@ -97,6 +97,14 @@ SAMPLE_ARGS = dict(GREEDY_ARGS, do_sample=True, temperature=0.7, top_k=10, top_p
 SAMPLE_CHAIN = ["RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
                 "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
 SAMPLE_SEED = 0  # the draw is not stored (scores[0] does not depend on it); seeded, in a forked RNG, for hygiene
+# The end-of-sequence length decay, eos allowed (no min_new_tokens): after 2 new tokens eos scores s grow to
+# s + |s| (2^k - 1), k tokens past the start. Outputs hold pad (= eos, 95) after the end, as generate returns them.
+DECAY = dict(exponential_decay_length_penalty=(2, 2.0))
+FREE_GREEDY = {k: v for k, v in GREEDY_ARGS.items() if k != "min_new_tokens"}
+FREE_BEAM = {k: v for k, v in BEAM_ARGS.items() if k != "min_new_tokens"}
+# Renormalized scores (renormalize_logits: a log-softmax after every processor) under repetition penalty 1.3, whose
+# penalized log-probabilities no longer sum to 1: beam search adds up other scores.
+RENORM = dict(repetition_penalty=1.3, renormalize_logits=True)
 # Beam sampling (do_sample with beams), whose draws no seed can match, pinned: top-k 1 becomes 2 per beam
 # (min_tokens_to_keep = 1 + the one eos id), so 3 beams offer exactly the 6 candidates (2 · 3, HF's beams_to_keep)
 # each step draws without replacement: all of them, whatever the seed (asserted over BEAM_SAMPLE_SEEDS). Beam search
@@ -237,6 +245,8 @@ def hf_generate(base, ids, mask, prefix, args, new=NEW):
         out = base.generate(input_ids=ids, **kw)
     seqs = out.sequences if not torch.is_tensor(out) else out
     per_input = args.get("num_return_sequences", 1)  # rows of one input are consecutive
+    if "min_new_tokens" not in args and seqs.shape[1] < ids.shape[1] + new:  # every row ended early: pad as generate
+        seqs = torch.cat([seqs, torch.full((seqs.shape[0], ids.shape[1] + new - seqs.shape[1]), PAD)], dim=1)
     assert seqs.shape == (B * per_input, ids.shape[1] + new), seqs.shape
     assert torch.equal(seqs[:, :ids.shape[1]], ids.repeat_interleave(per_input, dim=0))
     return seqs[:, ids.shape[1]:].clone(), out
@@ -374,6 +384,7 @@ def run_mode(mode, prompts, prompt_mask):
     pen_margin = {name: [] for name, _ in PENALTIES}  # smallest greedy top1-top2 processed-score gap per prompt
     sample_first, sample_kept, sample_margin = [], [], []
     beam_sampled, beam_sample_first, beam_sample_kept = [], [], []
+    decayed = {"greedy_decay": [], "beam_decay": [], "greedy_free": [], "beam_free": [], "beam_reppen13_renorm": []}
     eos_any, eos_np_any, margins, beam_margins, same_free, same_renorm = False, False, [], [], [], []
     for i in range(N):
         ids, m = alone(prompts, prompt_mask, i)
@@ -461,6 +472,11 @@ def run_mode(mode, prompts, prompt_mask):
         pr = pr[torch.isfinite(steps[5][0])]
         sample_margin.append((round(float(v[9] - v[10]), 4), round(float((cum - (1 - 0.9)).abs().min()), 4),
                               round(float(((pr - 0.05 * pr.max()).abs() / pr.max()).min()), 4)))
+        decayed["greedy_decay"].append(hf_generate(base, ids, m, prefix, dict(FREE_GREEDY, **DECAY))[0][0])
+        decayed["beam_decay"].append(hf_generate(base, ids, m, prefix, dict(FREE_BEAM, **DECAY))[0][0])
+        decayed["greedy_free"].append(hf_generate(base, ids, m, prefix, FREE_GREEDY)[0][0])
+        decayed["beam_free"].append(hf_generate(base, ids, m, prefix, FREE_BEAM)[0][0])
+        decayed["beam_reppen13_renorm"].append(hf_generate(base, ids, m, prefix, dict(BEAM_ARGS, **RENORM))[0][0])
         # Beam sampling, pinned: every seed gives the same tokens.
         runs = []
         for seed in BEAM_SAMPLE_SEEDS:
@@ -564,6 +580,14 @@ def run_mode(mode, prompts, prompt_mask):
             out[f"{kind}_{name}"] = toks.numpy()
         facts[f"greedy_{name}: min top1-top2 processed-score margin per prompt"] = pen_margin[name]
     out["sample_first_scores"] = torch.stack(sample_first).numpy()
+    for key in ("greedy_decay", "beam_decay", "beam_reppen13_renorm"):
+        out[key] = torch.stack(decayed[key]).numpy()
+    for key, base_key in (("greedy_decay", "greedy_free"), ("beam_decay", "beam_free")):
+        facts[f"{key}: eos at (per prompt); differs from {base_key} (no decay, eos allowed)"] = [
+            (int((decayed[key][i] == EOS).nonzero()[0, 0]) if (decayed[key][i] == EOS).any() else None,
+             bool((decayed[key][i] != decayed[base_key][i]).any())) for i in range(N)]
+    facts["beam_reppen13_renorm differs from beam_reppen13 per prompt"] = [
+        bool((decayed["beam_reppen13_renorm"][i] != pen["beam_reppen13"][i]).any()) for i in range(N)]
     out["beam_sample_pinned"] = torch.stack(beam_sampled).numpy()
     out["beam_sample_first_scores"] = torch.stack(beam_sample_first).numpy()
     facts["beam_sample_pinned differs from beam per prompt"] = [

@@ -26,6 +26,8 @@ from safetensors.numpy import save_file
 from transformers import (EncoderRepetitionPenaltyLogitsProcessor, EpsilonLogitsWarper, EtaLogitsWarper,
                           GenerationConfig, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+from transformers.generation.logits_process import (ExponentialDecayLengthPenalty, InfNanRemoveLogitsProcessor,
+                                                    TopHLogitsWarper)
 from transformers.generation.utils import GenerationMixin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +44,9 @@ MIN_MARGIN = 1e-4  # every non-tied decision must be at least this far from flip
 # The sampling chain: generate's settings; _get_logits_processor appends the warpers in its own order.
 CHAIN = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)
 CHAIN_ORDER = ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
+# The end-of-sequence length decay: ids 2 (-inf in row 3) and 47 (row 4's peak) as eos, start 1 after a 3-token
+# prompt: the 6-token history is 2 past the regulation start, so each eos score s becomes s + |s| (1.5^2 - 1).
+DECAY = dict(exponential_decay_length_penalty=(1, 1.5), eos_token_id=[2, 47], input_ids_seq_length=3)
 ROW_WHAT = [
     "normal, scale 1",
     "normal, scale 3",
@@ -181,6 +186,18 @@ def typical_margin(x, mass):
     return min(m, float(above[0] - s[last]) if len(above) and torch.isfinite(above[0]) else float("inf"))
 
 
+def toph_margin(x, h):
+    """Top-H's cut: the smallest |cumulative entropy - tau| / tau over the 100 best (as TopHLogitsWarper computes
+    them; relative, as a peaked row's terms are all tiny)."""
+    top = x.topk(min(100, x.numel())).values
+    dist = torch.distributions.Categorical(logits=top)
+    cum = torch.cumsum(-dist.probs * torch.log(dist.probs), -1)
+    tau = dist.entropy() * h
+    d = (cum - tau).abs() / tau
+    d = d[torch.isfinite(d)]
+    return float(d[1:].min()) if len(d) > 1 else float("inf")  # the first is always kept
+
+
 def kept(x):
     return [int(n) for n in torch.isfinite(x).sum(-1)]
 
@@ -210,6 +227,9 @@ def main():
         "typical02_keep2": TypicalLogitsWarper(0.2, min_tokens_to_keep=2),
         "eps02_keep2": EpsilonLogitsWarper(0.2, min_tokens_to_keep=2),
         "eta09_keep2": EtaLogitsWarper(0.9, min_tokens_to_keep=2),
+        # Top-H (entropy-bounded: of the 100 best, here all 96, those whose cumulative -p ln p stays within 0.55 H).
+        "toph055": TopHLogitsWarper(0.55),
+        "decay15": ExponentialDecayLengthPenalty(**DECAY),
     }
     for key, proc in single.items():
         out[key] = proc(history, logits.clone())
@@ -222,6 +242,11 @@ def main():
     assert torch.equal(out["chain"], x)
     beams = beam_chain()
     out["chain_keep3"] = beams(history, logits.clone())
+    # remove_invalid_values on the rows with a NaN (row 0, id 5) and a +inf (row 1, id 7) put in; row 3's -inf too.
+    invalid = logits.clone()
+    invalid[0, 5], invalid[1, 7] = float("nan"), float("inf")
+    out["logits_invalid"] = invalid
+    out["infnan"] = InfNanRemoveLogitsProcessor()(history, invalid.clone())
     out["probs_chain"] = torch.softmax(out["chain"], dim=-1)  # what _sample gives torch.multinomial
     out["reppen13"] = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
     out["reppen13_logsoftmax"] = RepetitionPenaltyLogitsProcessor(1.3)(history, torch.log_softmax(logits, dim=-1))
@@ -237,6 +262,8 @@ def main():
     perms = [torch.arange(V - 1, -1, -1)] + [torch.randperm(V, generator=g) for _ in range(3)]
     tie_dep = {}
     for key, fn in list(single.items()) + [("chain", procs), ("chain_keep3", beams)]:
+        if key == "decay15":  # reads eos ids by position: not a permutation-invariant processor
+            continue
         ids = set()
         for perm in perms:
             y = fn(history, logits[:, perm].clone())[:, perm.argsort()]
@@ -248,7 +275,7 @@ def main():
             {r: [i for rr, i in ids if rr == r] for r in sorted({r for r, _ in ids})} or "none"
     for key in ("temp07", "topk5", "topp09", "minp01", "typical09", "eps002", "eta002", "chain", "reppen13",
                 "reppen13_logsoftmax", "encreppen05", "topk1_keep2", "topp03_keep2", "minp09_keep2", "typical02_keep2",
-                "eps02_keep2", "eta09_keep2", "chain_keep3"):
+                "eps02_keep2", "eta09_keep2", "chain_keep3", "toph055"):
         facts[f"{key}: finite entries per row"] = kept(out[key])
     facts["chain: finite entries after temperature, top-k 20, top-p 0.9, min-p 0.05"] = [
         kept(s) for s in stages]
@@ -260,6 +287,7 @@ def main():
         "topp03_keep2": [topp_margin(logits[r], 0.3) for r in range(ROWS)],
         "minp09_keep2": [minp_margin(logits[r], 0.9) for r in range(ROWS)],
         "typical02_keep2": [typical_margin(logits[r], 0.2) for r in range(ROWS)],
+        "toph055": [toph_margin(logits[r], 0.55) for r in range(ROWS)],
         "chain top-k 20": [topk_margin(stages[0][r], 20) for r in range(ROWS)],
         "chain top-p": [topp_margin(stages[1][r], 0.9) for r in range(ROWS)],
         "chain min-p": [minp_margin(stages[2][r], 0.05) for r in range(ROWS)],

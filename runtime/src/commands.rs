@@ -394,6 +394,10 @@ pub struct SearchFlags {
     /// else off.
     #[arg(long)]
     pub eta_cutoff: Option<f64>,
+    /// Sampling: top-H, of the 100 best tokens the most probable ones whose entropy terms add up to at most this
+    /// fraction of their entropy (HF's `top_h`). Default: the config's, else off.
+    #[arg(long)]
+    pub top_h: Option<f64>,
     /// Sampling: the seed (each input draws from its own stream of it, whatever its batch); it does not turn
     /// sampling on. Default: a new one, printed.
     #[arg(long)]
@@ -416,6 +420,7 @@ impl SearchFlags {
             ("--typical-p", self.typical_p.is_some()),
             ("--epsilon-cutoff", self.epsilon_cutoff.is_some()),
             ("--eta-cutoff", self.eta_cutoff.is_some()),
+            ("--top-h", self.top_h.is_some()),
         ];
         given.into_iter().filter(|g| g.1).map(|g| g.0).collect()
     }
@@ -438,6 +443,7 @@ impl SearchFlags {
             ("--typical-p", self.typical_p, true),
             ("--epsilon-cutoff", self.epsilon_cutoff, false),
             ("--eta-cutoff", self.eta_cutoff, false),
+            ("--top-h", self.top_h, true),
         ];
         for (name, v, low_open) in fractions {
             if let Some(x) = v.filter(|&x| !(x <= 1.0 && (x > 0.0 || (!low_open && x == 0.0)))) {
@@ -609,6 +615,19 @@ pub fn apply_search_settings(
     for (n, key) in counted.into_iter().filter(|c| c.0 > 0) {
         from_config.push(format!("{key} ({n})"));
     }
+    // The end-of-sequence length decay and the score clean-ups: from the generation config only.
+    cfg.length_decay = gs.exponential_decay_length_penalty;
+    if let Some((start, factor)) = cfg.length_decay {
+        from_config.push(format!("end-of-sequence length decay after {start} new tokens (factor {factor})"));
+    }
+    cfg.renormalize = gs.renormalize_logits == Some(true);
+    cfg.remove_invalid = gs.remove_invalid_values == Some(true);
+    for (on, what) in [(cfg.renormalize, "renormalized scores"), (cfg.remove_invalid, "non-finite scores made finite")]
+    {
+        if on {
+            from_config.push(what.into());
+        }
+    }
     cfg.num_return = flags.num_return.unwrap_or_else(|| {
         gs.num_return_sequences
             .filter(|&n| n > 1)
@@ -635,6 +654,7 @@ pub fn apply_search_settings(
         let cutoff = |x: Option<f64>| x.filter(|&e| e > 0.0 && e < 1.0).unwrap_or(0.0) as f32;
         let epsilon = cutoff(pick(flags.epsilon_cutoff, gs.epsilon_cutoff, 0.0, "epsilon cutoff"));
         let eta = cutoff(pick(flags.eta_cutoff, gs.eta_cutoff, 0.0, "eta cutoff"));
+        let top_h = pick(flags.top_h, gs.top_h, -1.0, "top-h").map(|h| h as f32);
         let top_k = flags.top_k.unwrap_or_else(|| {
             gs.top_k.filter(|&k| k != 50).inspect(|k| from_config.push(format!("top-k {k}"))).unwrap_or(50)
         });
@@ -646,6 +666,7 @@ pub fn apply_search_settings(
         }
         Some(Sampling {
             temperature: temperature as f32,
+            top_h,
             top_k,
             top_p: top_p as f32,
             min_p: min_p.map(|p| p as f32),

@@ -156,7 +156,7 @@ fn what_differs(old: &str, new: &str, key_file: &Path) -> String {
     if differ.is_empty() {
         "another run".to_string()
     } else {
-        format!("another run (its {} differ)", differ.join(", "))
+        format!("another run (not the same {})", differ.join(", "))
     }
 }
 
@@ -235,9 +235,9 @@ mod tests {
         first.push(&strings(&["one"])).unwrap();
         drop(first);
         let e = PartialOutput::open(&out, &key("s2", "p1"), true, 3).err().unwrap().to_string();
-        assert!(e.contains("another run (its settings differ)"), "{e}");
+        assert!(e.contains("another run (not the same settings)"), "{e}");
         let e = PartialOutput::open(&out, &key("s2", "p2"), true, 3).err().unwrap().to_string();
-        assert!(e.contains("another run (its settings, prefix differ)"), "{e}");
+        assert!(e.contains("another run (not the same settings, prefix)"), "{e}");
     }
 
     /// While one run writes an output, a second run on it is refused (it would interleave its lines); a run that

@@ -1,14 +1,18 @@
 //! What Hugging Face's `generate` does to a row of scores before it picks a token, beyond bans and forcing (which
-//! live in `search`): the sequence biases and repetition penalties, the sampling warpers (temperature, top-k,
-//! top-p, min-p, typical, epsilon, eta) and the draw itself. Each follows its HF logits processor, in float32 as HF computes it, so that the same
+//! live in `search`): the sequence biases, repetition penalties and end-of-sequence length decay, the sampling
+//! warpers (temperature, top-h, top-k, top-p, min-p, typical, epsilon, eta), non-finite scores made finite, and the
+//! draw itself. Each follows its HF logits processor, in float32 as HF computes it, so that the same
 //! scores give the same kept tokens.
 
-/// Sampling settings (HF's `do_sample=True` and its warpers, applied in HF's order: temperature, top-k, top-p,
-/// min-p, typical, epsilon, eta).
+/// Sampling settings (HF's `do_sample=True` and its warpers, applied in HF's order: temperature, top-h, top-k,
+/// top-p, min-p, typical, epsilon, eta).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
     /// Scores are divided by it (above 0).
     pub temperature: f32,
+    /// Top-H: of the 100 best tokens, the most probable ones whose entropy terms add up to at most this fraction
+    /// (in (0, 1]) of their distribution's entropy (the best always kept); `None`: off.
+    pub top_h: Option<f32>,
     /// Only the `top_k` best tokens (ties with the last one kept too); 0: off. HF's default is 50.
     pub top_k: usize,
     /// Only the most probable tokens whose probabilities add up to `top_p`; 1: off.
@@ -30,6 +34,7 @@ impl Default for Sampling {
     fn default() -> Self {
         Sampling {
             temperature: 1.0,
+            top_h: None,
             top_k: 50,
             top_p: 1.0,
             min_p: None,
@@ -52,6 +57,9 @@ pub struct Penalties {
     /// HF keeps 1 / encoder_repetition_penalty (computed in float64) and multiplies scores by it.
     encoder: f32,
     repetition: f32,
+    /// The end-of-sequence tokens' length decay, after the rest (HF's ExponentialDecayLengthPenalty): a finite
+    /// score s becomes s + |s| · `boost` (boost = factor^k - 1, k new tokens past the start).
+    decay: Option<(Vec<usize>, f32)>,
 }
 
 impl Penalties {
@@ -95,7 +103,30 @@ impl Penalties {
         if tokens.is_empty() {
             return None;
         }
-        Some(Penalties { tokens, encoder: (1.0 / encoder_penalty) as f32, repetition: repetition_penalty as f32 })
+        Some(Penalties {
+            tokens,
+            encoder: (1.0 / encoder_penalty) as f32,
+            repetition: repetition_penalty as f32,
+            decay: None,
+        })
+    }
+
+    /// `penalties` (which may be none) with the end-of-sequence ids `eos` raised by `boost` after them (HF's
+    /// exponential_decay_length_penalty once it applies: boost = factor^k - 1 in float64, k > 0 new tokens past
+    /// its start). A boost of 0 or no eos id in the vocabulary changes nothing.
+    pub fn with_eos_decay(penalties: Option<Penalties>, eos: &[i64], boost: f64, vocab: usize) -> Option<Penalties> {
+        let eos: Vec<usize> = eos.iter().filter_map(|&t| usize::try_from(t).ok().filter(|&t| t < vocab)).collect();
+        if boost == 0.0 || eos.is_empty() {
+            return penalties;
+        }
+        let mut p = penalties.unwrap_or(Penalties { tokens: Vec::new(), encoder: 1.0, repetition: 1.0, decay: None });
+        for &t in &eos {
+            if !p.tokens.iter().any(|e| e.0 == t) {
+                p.tokens.push((t, 0.0, false, false));
+            }
+        }
+        p.decay = Some((eos, boost as f32));
+        Some(p)
     }
 
     /// The tokens whose scores change.
@@ -114,7 +145,10 @@ impl Penalties {
         if repetition {
             x = scale(x, self.repetition);
         }
-        x
+        match &self.decay {
+            Some((eos, boost)) if x.is_finite() && eos.contains(&self.tokens[i].0) => x + x.abs() * boost,
+            _ => x,
+        }
     }
 
     /// Each changed token with its score after the processors, `score(t)` giving the score before.
@@ -140,6 +174,9 @@ pub fn warp(row: &mut [f32], s: &Sampling, keep: usize) {
         for x in row.iter_mut() {
             *x /= s.temperature;
         }
+    }
+    if let Some(h) = s.top_h {
+        top_h(row, h);
     }
     if s.top_k > 0 {
         top_k(row, s.top_k.max(keep));
@@ -198,6 +235,47 @@ fn top_k(row: &mut [f32], k: usize) {
     for x in row.iter_mut() {
         if *x < kth {
             *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// TopHLogitsWarper: of the 100 best tokens (by torch.topk: ties to the lower index here), best first, those whose
+/// cumulative entropy terms -p ln p (p: their softmax among the 100) stay at most `h` times the 100's entropy;
+/// the best always kept, every other token removed. Not bound by a minimum count (HF gives it none).
+fn top_h(row: &mut [f32], h: f32) {
+    let n = row.len().min(100);
+    let top: Vec<(usize, f32)> = crate::search::best_tokens(row, n, &[]);
+    let logits: Vec<f32> = top.iter().map(|t| t.1).collect();
+    let probs = softmax(&logits);
+    // Categorical's entropy: -Σ p · (normalized logit, clamped to the lowest float), the logits normalized by
+    // their log-sum-exp.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let entropy: f32 = -logits.iter().zip(&probs).map(|(&x, &q)| (x - lse).max(f32::MIN) * q).sum::<f32>();
+    let tau = entropy * h;
+    let mut keep = vec![false; row.len()];
+    // torch's cumsum on the CPU adds in float64, and gives float32.
+    let mut cum = 0f64;
+    for (j, (&(i, _), &q)) in top.iter().zip(&probs).enumerate() {
+        // -p ln p of a zero probability is NaN in torch (0 · -inf), and every later sum with it.
+        cum += (-q * q.ln()) as f64;
+        keep[i] = j == 0 || cum as f32 <= tau;
+    }
+    for (x, k) in row.iter_mut().zip(keep) {
+        if !k {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// HF's InfNanRemoveLogitsProcessor (`remove_invalid_values`): NaN scores become 0, infinite ones the largest
+/// finite float of their sign.
+pub fn make_finite(row: &mut [f32]) {
+    for x in row.iter_mut() {
+        if x.is_nan() {
+            *x = 0.0;
+        } else if x.is_infinite() {
+            *x = if *x > 0.0 { f32::MAX } else { f32::MIN };
         }
     }
 }

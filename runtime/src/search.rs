@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 pub use crate::processors::Sampling;
-use crate::processors::{draw_distinct, Draws, Penalties};
+use crate::processors::{draw_distinct, make_finite, Draws, Penalties};
 pub use pfx_compiler::inspect::EarlyStopping;
 
 #[derive(Clone, Debug)]
@@ -59,6 +59,15 @@ pub struct GenConfig {
     /// (sequence, bias): the bias is added to the sequence's last token's score wherever the rest of it ends the
     /// row's sequence (always for a one-token sequence; HF's `sequence_bias`).
     pub sequence_bias: Vec<(Vec<i64>, f32)>,
+    /// (start, factor): after `start` new tokens, the end-of-sequence scores grow by |score| · (factor^k - 1), k
+    /// tokens past the start (HF's `exponential_decay_length_penalty`).
+    pub length_decay: Option<(usize, f64)>,
+    /// Log-softmax of the processed scores, after everything (HF's `renormalize_logits`): changes the scores
+    /// beam search adds up (greedy and sampling pick the same either way).
+    pub renormalize: bool,
+    /// NaN scores become 0, infinite ones the largest finite float (HF's `remove_invalid_values`), applied to the
+    /// model's logits before the processors.
+    pub remove_invalid: bool,
 }
 
 impl Default for GenConfig {
@@ -86,6 +95,9 @@ impl Default for GenConfig {
             begin_suppress: Vec::new(),
             bad_words: Vec::new(),
             sequence_bias: Vec::new(),
+            length_decay: None,
+            renormalize: false,
+            remove_invalid: false,
         }
     }
 }
@@ -283,6 +295,9 @@ pub fn greedy(
     let mut draws: Vec<Option<Draws>> =
         contexts.iter().map(|c| cfg.sampling.as_ref().map(|s| Draws::new(s.seed, c.input))).collect();
     for n in 0..cfg.max_new {
+        if cfg.remove_invalid {
+            logits.iter_mut().for_each(|row| make_finite(row));
+        }
         let mut next = vec![cfg.pad; r];
         let forced = cfg.forced(n);
         for row in 0..r {
@@ -296,7 +311,7 @@ pub fn greedy(
                         }
                         _ => {
                             let banned = banned_tokens(cfg, n, &ctx.history, &ctx.source);
-                            let penalties = penalties(cfg, ctx, &[], logits[row].len());
+                            let penalties = penalties(cfg, ctx, &[], logits[row].len(), n);
                             best_penalized(&logits[row], 1, banned, penalties.as_ref(), |x| x)
                                 .first()
                                 .map_or(0, |&(t, _)| t as i64)
@@ -371,6 +386,9 @@ pub fn beam_groups(
     let mut draws: Vec<Option<Draws>> =
         contexts.iter().map(|c| cfg.sampling.as_ref().map(|s| Draws::new(s.seed, c.input))).collect();
     for n in 0..cfg.max_new {
+        if cfg.remove_invalid {
+            logits.iter_mut().for_each(|row| make_finite(row));
+        }
         let t = n + 1;
         let last = t == cfg.max_new;
         let forced = cfg.forced(n);
@@ -391,10 +409,16 @@ pub fn beam_groups(
                     cands.push((*s, b, tok));
                     continue;
                 }
-                if let Some(smp) = &cfg.sampling {
-                    let lps = beam_sampling_scores(cfg, smp, n, &contexts[gi], &g.beams[b].0, &logits[base + b]);
-                    let finite = lps.iter().enumerate().filter(|(_, lp)| lp.is_finite());
-                    cands.extend(finite.map(|(tok, &lp)| (s + lp as f64, b, tok as i64)));
+                if cfg.sampling.is_some() || cfg.renormalize {
+                    // Every token's processed score is needed: the warpers and the renormalization read the row.
+                    let lps = beam_step_scores(cfg, n, &contexts[gi], &g.beams[b].0, &logits[base + b]);
+                    if cfg.sampling.is_some() {
+                        let finite = lps.iter().enumerate().filter(|(_, lp)| lp.is_finite());
+                        cands.extend(finite.map(|(tok, &lp)| (s + lp as f64, b, tok as i64)));
+                    } else {
+                        let best = best_tokens(&lps, keep, &[]).into_iter().filter(|(_, lp)| lp.is_finite());
+                        cands.extend(best.map(|(tok, lp)| (s + lp as f64, b, tok as i64)));
+                    }
                     continue;
                 }
                 // As HF: log-softmax over the whole vocabulary first, then the penalties, then forbid an early
@@ -406,7 +430,7 @@ pub fn beam_groups(
                     eos_banned(cfg, n)
                 };
                 let row = &logits[base + b];
-                let penalties = penalties(cfg, &contexts[gi], &g.beams[b].0, row.len());
+                let penalties = penalties(cfg, &contexts[gi], &g.beams[b].0, row.len(), n);
                 let (max, log_sum) = log_sum_exp(row);
                 for (tok, lp) in best_penalized(row, keep, banned, penalties.as_ref(), |x| x - max - log_sum) {
                     if lp.is_finite() {
@@ -561,9 +585,24 @@ fn ban_continuations(within: &[i64], tail: &[i64], banned: &mut Vec<usize>) {
     }
 }
 
-/// The biases and repetition penalties of a row whose context is `ctx` and which generated `new` past its history
-/// (beam search keeps a beam's tokens apart; greedy search pushes them onto the history).
-fn penalties(cfg: &GenConfig, ctx: &RowContext, new: &[i64], vocab: usize) -> Option<Penalties> {
+/// The biases, repetition penalties and length decay of a row whose context is `ctx` and which generated `new` past
+/// its history (beam search keeps a beam's tokens apart; greedy search pushes them onto the history), after
+/// `n_generated` new tokens.
+fn penalties(cfg: &GenConfig, ctx: &RowContext, new: &[i64], vocab: usize, n_generated: usize) -> Option<Penalties> {
+    let penalties = scaled_or_biased(cfg, ctx, new, vocab);
+    match cfg.length_decay {
+        // HF's regulation starts after `start` new tokens (it counts the whole sequence against its first length).
+        Some((start, factor)) if n_generated > start => {
+            let eos: Vec<i64> = cfg.eos_ids().collect();
+            let boost = factor.powi((n_generated - start).min(i32::MAX as usize) as i32) - 1.0;
+            Penalties::with_eos_decay(penalties, &eos, boost, vocab)
+        }
+        _ => penalties,
+    }
+}
+
+/// The biases and repetition penalties (see [`penalties`]).
+fn scaled_or_biased(cfg: &GenConfig, ctx: &RowContext, new: &[i64], vocab: usize) -> Option<Penalties> {
     if cfg.repetition_penalty == 1.0 && cfg.encoder_repetition_penalty == 1.0 && cfg.sequence_bias.is_empty() {
         return None;
     }
@@ -603,36 +642,36 @@ fn best_penalized(
 /// The scores HF's sampling draws from (through their softmax) for a row whose context is `ctx` after
 /// `n_generated` new tokens: its logits penalized, banned tokens at -inf, then the warpers of `s`.
 pub fn sampling_scores(cfg: &GenConfig, s: &Sampling, n_generated: usize, ctx: &RowContext, row: &[f32]) -> Vec<f32> {
-    processed(cfg, s, cfg.continuations(), n_generated, ctx, &[], row.to_vec())
+    processed(cfg, Some(s), 1, n_generated, ctx, &[], row.to_vec())
 }
 
-/// What beam sampling adds to a beam's score for each token (HF's processed `scores` of beam sampling): the
-/// log-softmax of its logits, penalized, banned tokens at -inf, then the warpers of `s`, each keeping at least one
-/// token more than there are end-of-sequence ids (2 at least). `new` holds the beam's tokens so far.
-pub fn beam_sampling_scores(
-    cfg: &GenConfig,
-    s: &Sampling,
-    n_generated: usize,
-    ctx: &RowContext,
-    new: &[i64],
-    row: &[f32],
-) -> Vec<f32> {
+/// What beam search adds to a beam's score for each token (HF's processed `scores` of beam search and beam
+/// sampling): the log-softmax of its logits, penalized, banned tokens at -inf, then with `cfg.sampling` the
+/// warpers, each keeping at least one token more than there are end-of-sequence ids (2 at least), and with
+/// `cfg.renormalize` the log-softmax of the result. `new` holds the beam's tokens so far.
+pub fn beam_step_scores(cfg: &GenConfig, n_generated: usize, ctx: &RowContext, new: &[i64], row: &[f32]) -> Vec<f32> {
     let (max, log_sum) = log_sum_exp(row);
-    processed(cfg, s, cfg.continuations(), n_generated, ctx, new, row.iter().map(|&x| x - max - log_sum).collect())
+    let lps = row.iter().map(|&x| x - max - log_sum).collect();
+    let mut v = processed(cfg, cfg.sampling.as_ref(), cfg.continuations(), n_generated, ctx, new, lps);
+    if cfg.renormalize {
+        let (max, log_sum) = log_sum_exp(&v);
+        v.iter_mut().for_each(|x| *x -= max + log_sum);
+    }
+    v
 }
 
 /// Scores `v` of a row (logits, or log-probabilities in beam search) through the penalties, the bans and the
-/// warpers (each keeping at least `keep` tokens); `new`: tokens past the context's history.
+/// warpers of `s` (each keeping at least `keep` tokens); `new`: tokens past the context's history.
 fn processed(
     cfg: &GenConfig,
-    s: &Sampling,
+    s: Option<&Sampling>,
     keep: usize,
     n_generated: usize,
     ctx: &RowContext,
     new: &[i64],
     mut v: Vec<f32>,
 ) -> Vec<f32> {
-    if let Some(p) = penalties(cfg, ctx, new, v.len()) {
+    if let Some(p) = penalties(cfg, ctx, new, v.len(), n_generated) {
         p.apply(&mut v);
     }
     let seq = [&ctx.history[..], new].concat();
@@ -642,7 +681,9 @@ fn processed(
             *x = f32::NEG_INFINITY;
         }
     }
-    crate::processors::warp(&mut v, s, keep);
+    if let Some(s) = s {
+        crate::processors::warp(&mut v, s, keep);
+    }
     v
 }
 
@@ -772,11 +813,24 @@ mod tests {
         assert_eq!(v, [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         let greedy = GenConfig { sampling: None, ..cfg };
         let banned = banned_tokens(&greedy, 0, &ctx.history, &ctx.source);
-        let p = penalties(&greedy, &ctx, &[], 8);
+        let p = penalties(&greedy, &ctx, &[], 8, 0);
         assert_eq!(best_penalized(&[0.0; 8], 1, banned, p.as_ref(), |x| x), [(2, 1.0)]);
     }
 
     /// Within 2 ulp of f64's exp over [−87, 0], exactly 1 at 0, and nothing above ~1e-38 below −87.
+    /// Sampling's warpers keep at least 1 token, beam sampling's 1 + the end-of-sequence ids (HF's
+    /// min_tokens_to_keep; a slip once gave sampling beam sampling's floor).
+    #[test]
+    fn sampling_keeps_one_token_and_beam_sampling_one_per_end_more() {
+        let s = Sampling { top_k: 1, ..Sampling::default() };
+        let cfg = GenConfig { eos: Some(0), more_eos: vec![2], ..GenConfig::default() };
+        let (ctx, row) = (RowContext::default(), [0.5f32, 3.0, 1.0, 2.0, -1.0]);
+        let kept = |v: Vec<f32>| v.iter().filter(|x| x.is_finite()).count();
+        assert_eq!(kept(sampling_scores(&cfg, &s, 0, &ctx, &row)), 1);
+        let beam = GenConfig { beams: 2, sampling: Some(s), ..cfg };
+        assert_eq!(kept(beam_step_scores(&beam, 0, &ctx, &[], &row)), 3);
+    }
+
     #[test]
     fn the_vectorizable_exp_is_within_two_ulp() {
         let mut worst = 0f64;

@@ -591,6 +591,20 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
         groups.trim_end().split("\n\n").collect::<Vec<_>>(),
         ["The Eagle is here.", "The Eagle is here.", "Aromi is there.", "Aromi is there."]
     );
+    // The length decay, renormalization, non-finite clean-up and top-h are applied from the config, and said.
+    let more = r#"{"exponential_decay_length_penalty": [2, 1.5], "renormalize_logits": true,
+        "remove_invalid_values": true, "do_sample": true, "top_h": 0.5, "num_beam_groups": 2}"#;
+    let (_, log) = run(&compile(more, "more"), &["--seed", "1"]);
+    for said in [
+        "end-of-sequence length decay after 2 new tokens (factor 1.5)",
+        "renormalized scores",
+        "non-finite scores made finite",
+        "top-h 0.5",
+        "also sets num_beam_groups 2, which pfxrun generate does not do",
+    ] {
+        assert!(log.contains(said), "{said}: {log}");
+    }
+    fails_with(&["--top-h", "0"], "--top-h must be a number above 0, at most 1");
     let cold = compile(r#"{"do_sample": true, "temperature": 0.0}"#, "cold");
     let e = fails(&["generate", p(&cold), "--input", "x"]);
     assert!(e.contains("sets temperature 0, which sampling cannot use"), "{e}");
