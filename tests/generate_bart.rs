@@ -299,6 +299,24 @@ fn baked_graphs_generate_the_same_tokens() {
             let mut g = generator(&bb, kind, BTreeMap::new());
             assert_eq!(g.greedy(&sources, &greedy_cfg()).unwrap(), rows(&r["gen.greedy"], None), "baked {mode} {kind}");
         }
+        // The baked graphs alone, through ONNX Runtime's Python API and the protocol `examples/run_baked.py`
+        // writes out (no pfx code). PFX_SKIP_PYTHON=1 skips it.
+        if std::env::var("PFX_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+            continue;
+        }
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/run_baked.py");
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(&script).arg(&baked).args(["--max-new", &N.to_string(), "--no-eos", "--no-forced-eos"]);
+        for s in &sources {
+            cmd.arg("--ids").arg(s.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" "));
+        }
+        let out = cmd.output().expect("python3 runs");
+        assert!(out.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+        let tokens: Vec<Vec<i64>> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+            .collect();
+        assert_eq!(tokens, rows(&r["gen.greedy"], None), "examples/run_baked.py on the baked {mode} graphs");
     }
 }
 
