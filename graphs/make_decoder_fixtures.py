@@ -465,6 +465,19 @@ def prefix_cache(prefix, rows):
                          for k, v in prefix])
 
 
+def last_logits(base, seq, prefix):
+    """The last position's logits of one full forward over `seq` [1, n] (no cache of its own), after the prefix's
+    cache at positions P + t (prefix None: the base model alone, positions from 0)."""
+    if prefix is None:
+        out = base(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False)
+    else:
+        n = seq.shape[1]
+        mask = torch.ones(1, P + n, dtype=torch.int64)
+        pos = (P + torch.arange(n)).unsqueeze(0)
+        out = base(input_ids=seq, attention_mask=mask, cache=prefix_cache(prefix, 1), position_ids=pos, use_cache=False)
+    return out.logits[0, -1]
+
+
 def hand_greedy(base, ids, prefix):
     """One prompt (no padding), one full forward per step over the sequence so far, with a fresh prefix cache;
     positions P + t, eos banned (min_new_tokens = NEW). prefix None: the base model alone, positions from 0."""
@@ -472,15 +485,7 @@ def hand_greedy(base, ids, prefix):
     new = []
     with torch.no_grad():
         for _ in range(NEW):
-            n = seq.shape[1]
-            if prefix is None:
-                out = base(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False)
-            else:
-                mask = torch.ones(1, P + n, dtype=torch.int64)
-                pos = (P + torch.arange(n)).unsqueeze(0)
-                out = base(input_ids=seq, attention_mask=mask, cache=prefix_cache(prefix, 1), position_ids=pos,
-                           use_cache=False)
-            logits = out.logits[0, -1].clone()
+            logits = last_logits(base, seq, prefix).clone()
             logits[EOS] = -float("inf")
             t = int(logits.argmax())
             new.append(t)
@@ -545,15 +550,7 @@ def hand_beam(base, ids, prefix, dtype=torch.float32):
         for _ in range(NEW):
             cand = []
             for seq, score in beams:
-                n = seq.shape[1]
-                if prefix is None:
-                    out = base(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False)
-                else:
-                    mask = torch.ones(1, P + n, dtype=torch.int64)
-                    pos = (P + torch.arange(n)).unsqueeze(0)
-                    out = base(input_ids=seq, attention_mask=mask, cache=prefix_cache(prefix, 1), position_ids=pos,
-                               use_cache=False)
-                lp = torch.log_softmax(out.logits[0, -1].to(dtype), dim=-1)
+                lp = torch.log_softmax(last_logits(base, seq, prefix).to(dtype), dim=-1)
                 lp[EOS] = -float("inf")
                 cand.append(lp + score)
             flat = torch.cat(cand)
