@@ -7,19 +7,6 @@ mod common;
 use pfx_runtime::processors::{make_finite, warp, Penalties, Sampling};
 use pfx_runtime::HostTensor;
 
-/// Every warper off: each case turns on what it tests.
-const OFF: Sampling = Sampling {
-    temperature: 1.0,
-    top_h: None,
-    top_k: 0,
-    top_p: 1.0,
-    min_p: None,
-    typical_p: 1.0,
-    epsilon: 0.0,
-    eta: 0.0,
-    seed: 0,
-};
-
 fn rows(t: &HostTensor) -> Vec<Vec<f32>> {
     let v = t.as_f32().unwrap();
     v.chunks(t.shape()[1]).map(|r| r.to_vec()).collect()
@@ -46,26 +33,28 @@ fn warpers_and_penalties_equal_hf() {
     let r = pfx_runtime::read_safetensors(common::graphs_dir().join("sampling-ref/warpers.safetensors")).unwrap();
     let logits = rows(&r["logits"]);
     let history = ids(&r["history"]);
+    // Every warper off (HF's defaults but top-k 50): each case turns on what it tests.
+    let off = Sampling { top_k: 0, ..Sampling::default() };
     let source = ids(&r["source"]);
     // (key, warpers, the fewest tokens each keeps: 1 when sampling, 1 + the end-of-sequence ids in beam sampling)
-    let chain = Sampling { temperature: 0.7, top_k: 20, top_p: 0.9, min_p: Some(0.05), ..OFF };
+    let chain = Sampling { temperature: 0.7, top_k: 20, top_p: 0.9, min_p: Some(0.05), ..off.clone() };
     let warpers = [
-        ("temp07", Sampling { temperature: 0.7, ..OFF }, 1),
-        ("topk5", Sampling { top_k: 5, ..OFF }, 1),
-        ("topp09", Sampling { top_p: 0.9, ..OFF }, 1),
-        ("minp01", Sampling { min_p: Some(0.1), ..OFF }, 1),
-        ("typical09", Sampling { typical_p: 0.9, ..OFF }, 1),
-        ("eps002", Sampling { epsilon: 0.02, ..OFF }, 1),
-        ("eta002", Sampling { eta: 0.02, ..OFF }, 1),
+        ("temp07", Sampling { temperature: 0.7, ..off.clone() }, 1),
+        ("topk5", Sampling { top_k: 5, ..off.clone() }, 1),
+        ("topp09", Sampling { top_p: 0.9, ..off.clone() }, 1),
+        ("minp01", Sampling { min_p: Some(0.1), ..off.clone() }, 1),
+        ("typical09", Sampling { typical_p: 0.9, ..off.clone() }, 1),
+        ("eps002", Sampling { epsilon: 0.02, ..off.clone() }, 1),
+        ("eta002", Sampling { eta: 0.02, ..off.clone() }, 1),
         ("chain", chain.clone(), 1),
-        ("topk1_keep2", Sampling { top_k: 1, ..OFF }, 2),
-        ("topp03_keep2", Sampling { top_p: 0.3, ..OFF }, 2),
-        ("minp09_keep2", Sampling { min_p: Some(0.9), ..OFF }, 2),
-        ("typical02_keep2", Sampling { typical_p: 0.2, ..OFF }, 2),
-        ("eps02_keep2", Sampling { epsilon: 0.2, ..OFF }, 2),
-        ("eta09_keep2", Sampling { eta: 0.9, ..OFF }, 2),
+        ("topk1_keep2", Sampling { top_k: 1, ..off.clone() }, 2),
+        ("topp03_keep2", Sampling { top_p: 0.3, ..off.clone() }, 2),
+        ("minp09_keep2", Sampling { min_p: Some(0.9), ..off.clone() }, 2),
+        ("typical02_keep2", Sampling { typical_p: 0.2, ..off.clone() }, 2),
+        ("eps02_keep2", Sampling { epsilon: 0.2, ..off.clone() }, 2),
+        ("eta09_keep2", Sampling { eta: 0.9, ..off.clone() }, 2),
         ("chain_keep3", chain, 3),
-        ("toph055", Sampling { top_h: Some(0.55), ..OFF }, 1),
+        ("toph055", Sampling { top_h: Some(0.55), ..off.clone() }, 1),
     ];
     // Rows where top-p cuts inside a group of equal scores: which of them HF removes follows torch.sort's unstable
     // order (pfx removes the lower ids first), so only the kept scores, sorted, are defined (the README says which).
