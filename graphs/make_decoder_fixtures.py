@@ -5,7 +5,7 @@ PyTorch + PEFT references.
 One command, from the reference venv (torch, transformers 5.x, peft); it runs itself in the optimum venv
 (transformers 4.x, optimum-onnx) for the export step:
 
-    /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf | --refs-only]
+    /root/.cache/pfx/ref/bin/python graphs/make_decoder_fixtures.py [--skip-hf | --refs-only] [--only NAME,...]
 
 Writes (relative to this file's folder) the fixtures listed in decoder-fixtures.json (the lists
 tests/compile_decoders.rs reads too; each entry says what it covers), for NAME in its families:
@@ -26,8 +26,13 @@ rotary_pct and rotary_emb_base, the names 4.x reads). bloom-tiny and mpt-tiny ad
 attention mask, MPT's from a table by key slot); PEFT is given MPT's sizes (it does not read n_heads), and MPT's
 greedy and beam references are the full forwards alone (transformers 5.24's generate feeds MPT the whole sequence
 again on top of its cache); the search by full forwards equals HF's beam search on every other family.
+falcon-new-tiny is Falcon's new decoder architecture (2 key/value groups of 2 query heads): transformers caches each
+group's key/value broadcast to its query heads, so PEFT's own sizes (4 heads, token_dim 32) are the cache's, and its
+optimum export gets a dummy past of 4 heads (FALCON_NEW_CLI; optimum-onnx sizes it by num_kv_heads and fails).
 
---skip-hf keeps the hf/ folders; --refs-only keeps them and the exports too, and remakes the references alone. The
+--skip-hf keeps the hf/ folders; --refs-only keeps them and the exports too, and remakes the references alone.
+--only makes the fixtures it names alone (families, nopast and dynamo names; a family's weights keep the seed of its
+place in the list), leaving every other file as it is. The
 export step asserts that every saved tensor loads unchanged in transformers 4.x and that onnxruntime gives PyTorch's
 logits and presents (max diff < 1e-4). The references come from PyTorch + PEFT only. Reruns give byte-identical files.
 """
@@ -229,6 +234,13 @@ def configs():
         # MPT: ALiBi biases from a constant table of max_seq_len positions, sliced to the key length (cache slots).
         "mpt-tiny": MptConfig(vocab_size=96, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64,
                               initializer_range=0.2, tie_word_embeddings=False, pad_token_id=EOS, **special),
+        # Falcon's new decoder architecture (Falcon-40B/180B): 2 key/value groups of 2 query heads, the fused QKV laid
+        # out per group (its queries, then its key, then its value), ln_attn and ln_mlp feeding attention and MLP in
+        # parallel. transformers broadcasts each group's key/value to its query heads before caching them, so the
+        # cache (and PEFT's prefix) holds all 4 heads. Untied, with larger weights, as falcon-tiny.
+        "falcon-new-tiny": FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_kv_heads=2, new_decoder_architecture=True, initializer_range=0.1,
+                                        tie_word_embeddings=False, max_position_embeddings=64, **special),
     }
 
 
@@ -259,6 +271,8 @@ def make_hf():
     if list(cfgs) != FAMILIES:  # the index seeds each family's weights
         sys.exit(f"{FIXTURES}: families {FAMILIES} are not configs()'s, in its order: {list(cfgs)}")
     for i, (name, cfg) in enumerate(cfgs.items()):
+        if not selected(name):
+            continue
         i += WEIGHT_SEED_SHIFT.get(name, 0)
         torch.manual_seed(SEED + 100 + i)
         model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -280,6 +294,21 @@ def legacy_cache(cache):
     return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
 
 
+FALCON_NEW_CLI = """
+import sys
+from optimum.utils import FalconDummyPastKeyValuesGenerator as G
+init = G.__init__
+def sized_as_cached(self, task, normalized_config, *args, **kwargs):
+    init(self, task, normalized_config, *args, **kwargs)
+    if normalized_config.new_decoder_architecture:
+        self.num_kv_heads = normalized_config.num_attention_heads
+G.__init__ = sized_as_cached
+from optimum.commands.optimum_cli import main
+sys.argv[0] = "optimum-cli"
+sys.exit(main())
+"""
+
+
 def export_one(name, hf_name=None):
     """Exports HERE/hf_name/hf (default: name's own) into HERE/name, with past unless hf_name is given."""
     import onnx
@@ -297,8 +326,15 @@ def export_one(name, hf_name=None):
     for f in os.listdir(out_dir):
         if f.endswith(".onnx") or f.endswith(".onnx_data"):
             os.remove(os.path.join(out_dir, f))
-    cli = os.path.join(os.path.dirname(sys.executable), "optimum-cli")
-    cmd = [cli, "export", "onnx", "--model", hf_dir, "--task", task, out_dir]
+    cli = [os.path.join(os.path.dirname(sys.executable), "optimum-cli")]
+    cfg = model.config
+    if task == "text-generation-with-past" and cfg.model_type == "falcon" and cfg.new_decoder_architecture and \
+            cfg.num_kv_heads != cfg.num_attention_heads:
+        # optimum-onnx 0.1.0 sizes a new-architecture Falcon's dummy past by num_kv_heads, but transformers
+        # broadcasts each group's key/value to its query heads before the cache, which so holds num_attention_heads
+        # (its export stops at the cache's concatenation): the CLI, with the dummy past sized as the cache is.
+        cli = [sys.executable, "-c", FALCON_NEW_CLI]
+    cmd = [*cli, "export", "onnx", "--model", hf_dir, "--task", task, out_dir]
     print(f"  $ optimum-cli export onnx --model {hf_name}/hf --task {task} {name}")
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # optimum iterates over sets of names
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -373,9 +409,11 @@ def export_main():
     print(f"[optimum venv] torch {torch.__version__}, transformers {transformers.__version__}, onnx "
           f"{onnx.__version__}, onnxruntime {ort.__version__}, optimum-onnx {version('optimum-onnx')}")
     for name in FAMILIES:
-        export_one(name)
+        if selected(name):
+            export_one(name)
     for name, hf_name in NOPAST:
-        export_one(name, hf_name)
+        if selected(name):
+            export_one(name, hf_name)
 
 
 # ================================================================================================================
@@ -721,11 +759,26 @@ def run_family(name):
               f"no prefix {bare}")
 
 
+ONLY = None  # --only: the names of the fixtures to make (None: all)
+
+
+def selected(name):
+    return ONLY is None or name in ONLY
+
+
 def main():
-    if sys.argv[1:] == ["--export"]:
+    global ONLY
+    args = sys.argv[1:]
+    if len(args) >= 2 and args[-2] == "--only":
+        ONLY = {n for n in args[-1].split(",") if n}
+        unknown = ONLY - set(FAMILIES) - {n for n, _ in NOPAST} - {n for n, _, _ in DYNAMO}
+        if not ONLY or unknown:
+            sys.exit(f"--only: {sorted(unknown) or 'no names'}: not fixtures of {FIXTURES}")
+        args = args[:-2]
+    if args == ["--export"]:
         return export_main()
-    if sys.argv[1:] not in ([], ["--skip-hf"], ["--refs-only"]):
-        sys.exit("usage: make_decoder_fixtures.py [--skip-hf | --refs-only]")
+    if args not in ([], ["--skip-hf"], ["--refs-only"]):
+        sys.exit("usage: make_decoder_fixtures.py [--skip-hf | --refs-only] [--only NAME,...]")
     import peft
     import transformers
 
@@ -735,16 +788,19 @@ def main():
     transformers.utils.logging.disable_progress_bar()
     print(f"[reference venv] torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}")
-    if sys.argv[1:] == []:
+    if args == []:
         make_hf()
-    if sys.argv[1:] != ["--refs-only"]:
+    if args != ["--refs-only"]:
         env = {**os.environ, "PYTHONHASHSEED": "0"}
-        subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export"], check=True, env=env)
+        only = ["--only", ",".join(sorted(ONLY))] if ONLY is not None else []
+        subprocess.run([OPTIMUM_PYTHON, os.path.abspath(__file__), "--export", *only], check=True, env=env)
         for name, hf_name, with_past in DYNAMO:
-            export_dynamo(name, hf_name, with_past)
+            if selected(name):
+                export_dynamo(name, hf_name, with_past)
     for name in FAMILIES:
-        print(name)
-        run_family(name)
+        if selected(name):
+            print(name)
+            run_family(name)
     print("done")
 
 
