@@ -509,10 +509,20 @@ impl GenerationSettings {
         };
         let mut unapplied = Vec::new();
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
-        let neutral: [(&str, serde_json::Value); 3] = [
+        // Group beam search, constraints, contrastive search and DoLa left HF 5.x's generate for code on the Hub;
+        // stop strings, the time limit, classifier-free guidance, watermarks and token healing pfx does not do.
+        let neutral: [(&str, serde_json::Value); 11] = [
             ("num_beam_groups", 1.into()),
             ("diversity_penalty", 0.0.into()),
             ("constraints", serde_json::Value::Null),
+            ("force_words_ids", serde_json::Value::Null),
+            ("penalty_alpha", 0.0.into()),
+            ("dola_layers", serde_json::Value::Null),
+            ("stop_strings", serde_json::Value::Null),
+            ("max_time", serde_json::Value::Null),
+            ("guidance_scale", 1.0.into()),
+            ("watermarking_config", serde_json::Value::Null),
+            ("token_healing", false.into()),
         ];
         for (key, value) in neutral {
             if let Some(x) = setting(v, key) {
@@ -1584,12 +1594,13 @@ mod tests {
         write(
             "generation_config.json",
             "{\"exponential_decay_length_penalty\": [3, 1.25], \"renormalize_logits\": true, \"top_h\": 0.4, \
-             \"remove_invalid_values\": false}",
+             \"remove_invalid_values\": false, \"stop_strings\": [\"\\n\"], \"guidance_scale\": 1.0, \
+             \"token_healing\": false, \"penalty_alpha\": 0.6}",
         );
         let d = ModelConfig::beside(&export).unwrap().search;
         assert_eq!(d.exponential_decay_length_penalty, Some((3, 1.25)));
         assert_eq!((d.renormalize_logits, d.remove_invalid_values, d.top_h), (Some(true), Some(false), Some(0.4)));
-        assert!(d.unapplied.is_empty(), "{d:?}");
+        assert_eq!(d.unapplied, ["penalty_alpha 0.6", "stop_strings [\"\\n\"]"], "{d:?}");
         // A bundle that recorded them as unapplied applies them now.
         let old: GenerationSettings =
             serde_json::from_str("{\"unapplied\": [\"exponential_decay_length_penalty [3,1.25]\"]}").unwrap();
