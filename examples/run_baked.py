@@ -34,6 +34,9 @@ Encoder-decoders (BART's family; `bart.generation` in the manifest: `rows` R, `s
   `past_key_values.<l>.decoder.{key,value}` [R, heads, C, D]: the self cache, the prefix in its first P slots;
   `attention_mask` [R, C + 1]: the self cache's mask (1 for the prefix and each token fed), then 1. The new token's
   `present.<l>.decoder.{key,value}` go into the next free slot (P, then P + 1, ...).
+A bundle compiled with languages (`pfxc compile --src-lang --tgt-lang`) needs the target language's id: as the decoder
+start (`--start`, mBART-cc25) or as the forced first token (`--first`, mBART-50, NLLB, M2M100), as `pfxrun generate`
+reads them from the bundle's tokenizer.
 """
 import argparse
 import json
@@ -109,12 +112,13 @@ class Decoder:
 class Seq2Seq:
     """R right-padded sources through encode, then the decoder start and one token at a time through decode."""
 
-    def __init__(self, graphs, m):
+    def __init__(self, graphs, m, start=None):
         b = m["bart"]
         gen = b["generation"]
         self.g, self.r, self.s, self.c = graphs, gen["rows"], gen["src_len"], gen["capacity"]
         self.p, self.pc, self.first = gen["self_prefix"], gen["cross_prefix"], gen["first_position"]
-        self.start_token, self.pad = b["generation_start_token_id"], b["pad_token_id"]
+        self.start_token = b["generation_start_token_id"] if start is None else start
+        self.pad = b["pad_token_id"]
         self.decode_inputs = [i.name for i in graphs.inputs("decode")]
 
     def start(self, sources, _pad):
@@ -168,29 +172,52 @@ def main():
     ap.add_argument("--eos", type=int, action="append",
                     help="end-of-sequence id (default: the bundle's, from the export's config)")
     ap.add_argument("--no-eos", action="store_true", help="no end-of-sequence stop: always --max-new tokens")
-    ap.add_argument("--first", type=int, help="force the first new token (mBART-50's or NLLB's target language)")
+    ap.add_argument("--first", type=int, help="force the first new token (mBART-50's, NLLB's or M2M100's target language)")
+    ap.add_argument("--start", type=int, help="the decoder's start token (default: the bundle's; mBART-cc25's target "
+                                              "language)")
     ap.add_argument("--no-forced-eos", action="store_true",
                     help="do not force the config's forced_eos_token_id as the last token at --max-new")
     args = ap.parse_args()
 
-    with open(os.path.join(args.bundle, "manifest.json")) as f:
-        m = json.load(f)
+    try:
+        with open(os.path.join(args.bundle, "manifest.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"{args.bundle}: no readable manifest.json ({e}): give a folder written by `pfxc bake`")
     seq2seq = m.get("family") == "bart"
     wanted = {"encode", "decode"} if seq2seq else {"prefill", "decode"}
     if not m.get("baked") or not wanted <= set(m.get("graphs", {})):
         sys.exit(f"{args.bundle}: not a baked bundle with generation graphs (run `pfxc bake` on a bundle compiled "
                  f"with --max-new above 0)")
-    model = (Seq2Seq if seq2seq else Decoder)(Graphs(args.bundle, m), m)
-    max_new = min(args.max_new or m["generation"]["max_new"], m["generation"]["max_new"])
+    languages = m.get("bart", {}).get("languages")
+    if languages and args.start is None and args.first is None:
+        # Which token starts the decoder, or is forced first, follows the tokenizer's style (pfxrun reads it).
+        sys.exit(f"{args.bundle} translates {languages.get('source')} -> {languages.get('target')}: give the target "
+                 f"language's id (in the bundle's tokenizer.json) as --start (mBART-cc25, whose decoder starts with it) or "
+                 f"--first (mBART-50, NLLB, M2M100, whose decoder starts with </s> and forces it first)")
+    model = Seq2Seq(Graphs(args.bundle, m), m, args.start) if seq2seq else Decoder(Graphs(args.bundle, m), m)
+    bundle_max = m["generation"]["max_new"]
+    max_new = bundle_max if args.max_new is None else args.max_new
+    if not 1 <= max_new <= bundle_max:
+        sys.exit(f"--max-new must be between 1 and {bundle_max} (the bundle's)")
     eos = [] if args.no_eos else (args.eos or m.get("eos_token_ids") or
                                    ([m["eos_token_id"]] if "eos_token_id" in m else []))
     forced_eos = None if args.no_forced_eos else m.get("forced_eos_token_id")
     pad = eos[0] if eos else 0  # masked out: any id does
-    inputs = [[int(t) for t in s.split()] for s in args.ids]
+    try:
+        inputs = [[int(t) for t in s.split()] for s in args.ids]
+    except ValueError as e:
+        sys.exit(f"--ids takes token ids (whole numbers) separated by spaces: {e}")
     longest = m["bart"]["generation"]["src_len"] if seq2seq else m["generation"]["prompt_len"]
+    vocab = m["vocab"]
     for i, q in enumerate(inputs):
         if not 1 <= len(q) <= longest:
             sys.exit(f"input {i} has {len(q)} tokens; the bundle takes 1 to {longest}")
+        if any(not 0 <= t < vocab for t in q):
+            sys.exit(f"input {i} holds an id outside the vocabulary (0 to {vocab - 1}): {q}")
+    for flag, t in (("--first", args.first), ("--start", args.start), ("--eos", None if not args.eos else max(args.eos))):
+        if t is not None and not 0 <= t < vocab:
+            sys.exit(f"{flag} {t} is outside the vocabulary (0 to {vocab - 1})")
 
     r = model.r
     for start in range(0, len(inputs), r):

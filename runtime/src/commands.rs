@@ -622,7 +622,8 @@ pub fn apply_search_settings(
     }
     cfg.renormalize = gs.renormalize_logits == Some(true);
     cfg.remove_invalid = gs.remove_invalid_values == Some(true);
-    for (on, what) in [(cfg.renormalize, "renormalized scores"), (cfg.remove_invalid, "non-finite scores made finite")]
+    for (on, what) in
+        [(cfg.renormalize, "renormalized scores (beam search)"), (cfg.remove_invalid, "non-finite scores made finite")]
     {
         if on {
             from_config.push(what.into());

@@ -66,7 +66,8 @@ pub struct GenConfig {
     /// beam search adds up (greedy and sampling pick the same either way).
     pub renormalize: bool,
     /// NaN scores become 0, infinite ones the largest finite float (HF's `remove_invalid_values`), applied to the
-    /// model's logits before the processors.
+    /// model's logits before the processors (HF applies it after its bans, whose -inf then become finite: a banned
+    /// end id can come back under the length decay there; here bans stay bans).
     pub remove_invalid: bool,
 }
 
