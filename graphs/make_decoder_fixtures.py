@@ -29,6 +29,9 @@ again on top of its cache); the search by full forwards equals HF's beam search 
 falcon-new-tiny is Falcon's new decoder architecture (2 key/value groups of 2 query heads): transformers caches each
 group's key/value broadcast to its query heads, so PEFT's own sizes (4 heads, token_dim 32) are the cache's, and its
 optimum export gets a dummy past of 4 heads (FALCON_NEW_CLI; optimum-onnx sizes it by num_kv_heads and fails).
+olmo-, olmo2-, cohere- and granite-tiny are llama-gqa-tiny's sizes in OLMo's, OLMo 2's, Cohere's and Granite's layouts.
+No mixture-of-experts family: optimum-onnx 0.1.0 exports no Mixtral, Qwen2-MoE or OLMoE, and its Qwen3-MoE export
+routes tokens to experts through NonZero of the router's top-k (shapes that depend on the data), which pfx refuses.
 
 --skip-hf keeps the hf/ folders; --refs-only keeps them and the exports too, and remakes the references alone.
 --only makes the fixtures it names alone (families, nopast and dynamo names; a family's weights keep the seed of its
@@ -115,8 +118,8 @@ DYNAMO = [(e["name"], e["hf"], e["past"]) for e in _FIXTURES["dynamo"]]
 STOP_FAMILIES = [f["name"] for f in _FIXTURES["families"] if f.get("second_eos")]
 # Weights drawn from other seeds: with their own, the greedy tokens of a prompt do not change with the prefix
 # (falcon-mqa-tiny's first prompt repeats one token; the references need a prefix that changes every prompt's;
-# bigcode-tiny's reparam prefix changed only 2 of a prompt's 8; gptj-, codegen- and neox-tiny likewise: the first
-# shifts, in hundreds, that pass).
+# bigcode-tiny's reparam prefix changed only 2 of a prompt's 8; gptj-, codegen-, neox- and cohere-tiny likewise: the
+# first shifts, in hundreds, that pass).
 WEIGHT_SEED_SHIFT = {f["name"]: f["weight_seed_shift"] for f in _FIXTURES["families"] if "weight_seed_shift" in f}
 
 # ---- prefix-tuning setup: graphs/peft/'s (fixture_common.py) ----------------------------------------------------
@@ -140,9 +143,10 @@ PROMPT_SEED = 20261240
 
 
 def configs():
-    from transformers import (BloomConfig, CodeGenConfig, FalconConfig, Gemma2Config, GemmaConfig, GPTBigCodeConfig,
-                              GPTJConfig, GPTNeoConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, MptConfig, OPTConfig,
-                              Phi3Config, PhiConfig, Qwen2Config, Qwen3Config, StableLmConfig)
+    from transformers import (BloomConfig, CodeGenConfig, CohereConfig, FalconConfig, Gemma2Config, GemmaConfig,
+                              GPTBigCodeConfig, GPTJConfig, GPTNeoConfig, GPTNeoXConfig, GraniteConfig, LlamaConfig,
+                              MistralConfig, MptConfig, Olmo2Config, OlmoConfig, OPTConfig, Phi3Config, PhiConfig,
+                              Qwen2Config, Qwen3Config, StableLmConfig)
 
     special = dict(bos_token_id=EOS, eos_token_id=EOS)
     return {
@@ -241,6 +245,29 @@ def configs():
         "falcon-new-tiny": FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         num_kv_heads=2, new_decoder_architecture=True, initializer_range=0.1,
                                         tie_word_embeddings=False, max_position_embeddings=64, **special),
+        # OLMo: LayerNorm without weights or biases, untied; otherwise Llama's layout (grouped-query as llama-gqa-tiny).
+        "olmo-tiny": OlmoConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                pad_token_id=EOS, **special),
+        # OLMo 2: RMSNorm after attention and after the MLP (before the residual add), and on the whole query and
+        # key projections (across heads) before rotary.
+        "olmo2-tiny": Olmo2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  pad_token_id=EOS, **special),
+        # Cohere (Command-R): one bias-free LayerNorm feeding attention and MLP in parallel, rotary on neighbouring
+        # pairs (GPT-J's interleaving), logits scaled by logit_scale. Untied, with larger weights, as Gemma.
+        "cohere-tiny": CohereConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    logit_scale=0.5, tie_word_embeddings=False, initializer_range=0.2,
+                                    pad_token_id=EOS, **special),
+        # Granite: Llama's layout with scalar multipliers on the embeddings, the attention scores (in place of
+        # 1/sqrt(head dim)), each residual branch, and the logits (divided by logits_scaling). Untied, with larger
+        # weights, as Gemma.
+        "granite-tiny": GraniteConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      embedding_multiplier=4.0, attention_multiplier=0.25, residual_multiplier=0.5,
+                                      logits_scaling=2.0, tie_word_embeddings=False, initializer_range=0.2,
+                                      pad_token_id=EOS, **special),
     }
 
 

@@ -100,6 +100,21 @@ pub fn eval_node(node: &Node, inputs: &[Option<&Tensor>]) -> Result<Option<Vec<T
             }
             take(data, shape, &offsets)
         }
+        "NonZero" => {
+            // [rank, count]: the indices of the nonzero elements, in row-major order (folded only where its input
+            // is a constant, as torch.repeat_interleave's export of a constant repeat count gives).
+            let t = inp(0)?;
+            let v = f64s(t)?;
+            let st = strides(&t.shape);
+            let hits: Vec<usize> = (0..v.len()).filter(|&i| v[i] != 0.0).collect();
+            let mut idx = vec![0i64; t.shape.len() * hits.len()];
+            for (j, &flat) in hits.iter().enumerate() {
+                for (a, &s) in st.iter().enumerate() {
+                    idx[a * hits.len() + j] = ((flat / s.max(1)) % t.shape[a].max(1)) as i64;
+                }
+            }
+            Tensor::i64(vec![t.shape.len(), hits.len()], idx)
+        }
         "IsNaN" => {
             let v = f64s(inp(0)?)?;
             Tensor::bool(inp(0)?.shape.clone(), v.iter().map(|x| x.is_nan()).collect())
@@ -741,5 +756,31 @@ fn erf(x: f64) -> f64 {
         }
         let erfc = (-ax * ax).exp() / std::f64::consts::PI.sqrt() / (ax + f);
         (1.0 - erfc) * x.signum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::ValueType;
+
+    /// NonZero folds a constant (torch.repeat_interleave's export of a constant count: `Less(Range(0, max),
+    /// repeats[:, None])`), and its shape is refused for a value that is not one (its count would hang on the data).
+    #[test]
+    fn nonzero_folds_a_constant_and_refuses_data() {
+        let node = Node::new("nz", "NonZero", vec!["x".into()], vec!["y".into()]);
+        // repeats [2, 1, 3] against Range(0, 3): rows of true, true / true / true, true, true.
+        let x = Tensor::bool(vec![3, 3], vec![true, true, false, true, false, false, true, true, true]);
+        let y = eval_node(&node, &[Some(&x)]).unwrap().unwrap().remove(0);
+        assert_eq!(y.shape, vec![2, 6]);
+        assert_eq!(ints(&y).unwrap(), vec![0, 0, 1, 2, 2, 2, 0, 1, 0, 0, 1, 2]);
+        let f = Tensor::f32(vec![4], vec![0.0, -1.5, 0.0, 2.0]);
+        let y = eval_node(&node, &[Some(&f)]).unwrap().unwrap().remove(0);
+        assert_eq!((y.shape.clone(), ints(&y).unwrap()), (vec![1, 2], vec![1, 3]));
+        let t = ValueType::known(DType::Bool, &[3, 3]);
+        let shape = crate::shape::infer(&node, &[Some(t.clone())], &[Some(&x)]).unwrap();
+        assert_eq!(shape[0].concrete(), Some(vec![2, 6]));
+        let err = crate::shape::infer(&node, &[Some(t)], &[None]).unwrap_err().to_string();
+        assert!(err.contains("must be a constant"), "{err}");
     }
 }

@@ -89,6 +89,7 @@ pub fn known_op(op: &str) -> bool {
                 | "GatherND"
                 | "IsNaN"
                 | "IsInf"
+                | "NonZero"
         )
 }
 
@@ -198,6 +199,13 @@ pub fn infer(node: &Node, types: &[Option<ValueType>], consts: &[Option<&Tensor>
             one(known(ty(0)?.dtype, s))
         }
         "IsNaN" | "IsInf" => one(ValueType { dtype: DType::Bool, shape: ty(0)?.shape.clone() }),
+        "NonZero" => {
+            // Its count depends on the values: known only for a constant input (then the node is folded).
+            let t = konst(0)?;
+            let count =
+                t.as_f64s().ok_or_else(|| anyhow!("{label}: cannot count nonzeros of {}", t.dtype().short()))?;
+            one(known(DType::I64, vec![t.shape.len(), count.iter().filter(|&&x| x != 0.0).count()]))
+        }
         "Slice" => {
             let mut s = shape(0)?;
             let starts = ints(konst(1)?)?;
