@@ -362,6 +362,9 @@ pub struct GenerationSettings {
     pub renormalize_logits: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remove_invalid_values: Option<bool>,
+    /// Texts that end a generation when its text ends with one (`stop_strings`: a string or a list of them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop_strings: Vec<String>,
     /// Outputs per input (`num_return_sequences`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_return_sequences: Option<usize>,
@@ -491,6 +494,16 @@ impl GenerationSettings {
             }
         };
         let do_sample = flag("do_sample")?;
+        let stop_strings = match setting(v, "stop_strings") {
+            None => Vec::new(),
+            Some(serde_json::Value::String(t)) => vec![t.clone()],
+            Some(x) => x
+                .as_array()
+                .and_then(|a| a.iter().map(|t| t.as_str().filter(|t| !t.is_empty()).map(String::from)).collect())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("{}: stop_strings is {x}; expected a text or a list of texts", path.display())
+                })?,
+        };
         let length_decay = match setting(v, "exponential_decay_length_penalty") {
             None => None,
             Some(x) => {
@@ -510,15 +523,14 @@ impl GenerationSettings {
         let mut unapplied = Vec::new();
         // Each with its neutral value: anything else changes what generate() picks, and pfx does not do it.
         // Group beam search, constraints, contrastive search and DoLa left HF 5.x's generate for code on the Hub;
-        // stop strings, the time limit, classifier-free guidance, watermarks and token healing pfx does not do.
-        let neutral: [(&str, serde_json::Value); 11] = [
+        // the time limit, classifier-free guidance, watermarks and token healing pfx does not do.
+        let neutral: [(&str, serde_json::Value); 10] = [
             ("num_beam_groups", 1.into()),
             ("diversity_penalty", 0.0.into()),
             ("constraints", serde_json::Value::Null),
             ("force_words_ids", serde_json::Value::Null),
             ("penalty_alpha", 0.0.into()),
             ("dola_layers", serde_json::Value::Null),
-            ("stop_strings", serde_json::Value::Null),
             ("max_time", serde_json::Value::Null),
             ("guidance_scale", 1.0.into()),
             ("watermarking_config", serde_json::Value::Null),
@@ -596,6 +608,7 @@ impl GenerationSettings {
             exponential_decay_length_penalty: length_decay,
             renormalize_logits: flag("renormalize_logits")?,
             remove_invalid_values: flag("remove_invalid_values")?,
+            stop_strings,
             num_return_sequences: count("num_return_sequences", 1)?,
             suppress_tokens: id_list("suppress_tokens")?,
             begin_suppress_tokens: id_list("begin_suppress_tokens")?,
@@ -1600,7 +1613,8 @@ mod tests {
         let d = ModelConfig::beside(&export).unwrap().search;
         assert_eq!(d.exponential_decay_length_penalty, Some((3, 1.25)));
         assert_eq!((d.renormalize_logits, d.remove_invalid_values, d.top_h), (Some(true), Some(false), Some(0.4)));
-        assert_eq!(d.unapplied, ["penalty_alpha 0.6", "stop_strings [\"\\n\"]"], "{d:?}");
+        assert_eq!(d.unapplied, ["penalty_alpha 0.6"], "{d:?}");
+        assert_eq!(d.stop_strings, ["\n"]);
         // A bundle that recorded them as unapplied applies them now.
         let old: GenerationSettings =
             serde_json::from_str("{\"unapplied\": [\"exponential_decay_length_penalty [3,1.25]\"]}").unwrap();

@@ -402,6 +402,10 @@ pub struct SearchFlags {
     /// sampling on. Default: a new one, printed.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// End a generation when its text ends with this (repeatable; HF's `stop_strings`: the text is kept). Default:
+    /// the generation config's.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
     /// Outputs per input (HF's `num_return_sequences`), consecutive lines of --output: beam search's best N
     /// (N at most --beams), or N samples. Default: the generation config's, else 1.
     #[arg(long)]
@@ -614,6 +618,17 @@ pub fn apply_search_settings(
     ];
     for (n, key) in counted.into_iter().filter(|c| c.0 > 0) {
         from_config.push(format!("{key} ({n})"));
+    }
+    cfg.stop_strings = if flags.stop.is_empty() {
+        if !gs.stop_strings.is_empty() {
+            from_config.push(format!("stop strings {:?}", gs.stop_strings));
+        }
+        gs.stop_strings.clone()
+    } else {
+        flags.stop.clone()
+    };
+    if let Some(t) = cfg.stop_strings.iter().find(|t| t.is_empty()) {
+        bail!("--stop {t:?}: a stop string cannot be empty");
     }
     // The end-of-sequence length decay and the score clean-ups: from the generation config only.
     cfg.length_decay = gs.exponential_decay_length_penalty;
@@ -829,6 +844,16 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         );
     }
     let mut cfg = args.cfg.clone();
+    if !cfg.stop_strings.is_empty() {
+        // The whole sequence's text (prompt and new tokens, special tokens left out) against each stop string, as
+        // HF's StopStringCriteria matches the tokens' texts at the end of the sequence.
+        let stop_tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
+        let texts = cfg.stop_strings.clone();
+        cfg.stop = Some(crate::search::StopCheck::new(move |seq: &[i64]| {
+            let ids: Vec<u32> = seq.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
+            stop_tok.decode_generated(&ids).is_ok_and(|(text, _)| texts.iter().any(|t| text.ends_with(t.as_str())))
+        }));
+    }
     // Like HF's generate, stop at any end-of-sequence id the model's generation config lists, and force the
     // tokens it forces (unless --no-forced-tokens cleared them).
     cfg.more_eos = m.eos_token_ids.iter().map(|&t| t as i64).collect();

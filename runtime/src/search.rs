@@ -69,6 +69,30 @@ pub struct GenConfig {
     /// model's logits before the processors (HF applies it after its bans, whose -inf then become finite: a banned
     /// end id can come back under the length decay there; here bans stay bans).
     pub remove_invalid: bool,
+    /// Texts that end a generation (HF's `stop_strings`), which `stop` tests with the tokenizer.
+    pub stop_strings: Vec<String>,
+    /// Whether a row's sequence (its history and new tokens) ends a generation, as HF's `stop_strings` do: the
+    /// token that completes it is kept, and a beam that hits it finishes.
+    pub stop: Option<StopCheck>,
+}
+
+/// A test of a row's whole sequence (history and new tokens).
+pub type SequenceTest = dyn Fn(&[i64]) -> bool + Send + Sync;
+
+/// Whether a row's sequence ends its generation, e.g. its text ends with a stop string.
+#[derive(Clone)]
+pub struct StopCheck(pub std::sync::Arc<SequenceTest>);
+
+impl std::fmt::Debug for StopCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StopCheck")
+    }
+}
+
+impl StopCheck {
+    pub fn new(hits: impl Fn(&[i64]) -> bool + Send + Sync + 'static) -> StopCheck {
+        StopCheck(std::sync::Arc::new(hits))
+    }
 }
 
 impl Default for GenConfig {
@@ -99,6 +123,8 @@ impl Default for GenConfig {
             length_decay: None,
             renormalize: false,
             remove_invalid: false,
+            stop_strings: Vec::new(),
+            stop: None,
         }
     }
 }
@@ -123,6 +149,11 @@ impl GenConfig {
     /// beams_to_keep / num_beams, and beam sampling's min_tokens_to_keep).
     fn continuations(&self) -> usize {
         2.max(1 + self.eos_ids().count())
+    }
+
+    /// Whether `seq` (a row's history and new tokens) hits a stop check.
+    fn stops(&self, seq: &[i64]) -> bool {
+        self.stop.as_ref().is_some_and(|s| (s.0)(seq))
     }
 
     /// The end-of-sequence ids.
@@ -326,6 +357,8 @@ pub fn greedy(
                     done[row] = true;
                 } else {
                     gen[row].push(t);
+                    // A stop string ends the row with its last token kept (HF's StopStringCriteria).
+                    done[row] = cfg.stops(&contexts[row].history);
                 }
             }
             next[row] = t;
@@ -452,13 +485,17 @@ pub fn beam_groups(
             let mut next: Vec<(Vec<i64>, f64, usize)> = Vec::new();
             for (rank, &(s, b, tok)) in cands.iter().enumerate() {
                 let is_eos = cfg.is_eos(tok);
-                if rank < k && (is_eos || last) {
+                // A candidate that completes a stop string finishes as an eos does (its token kept), or is dropped.
+                let stops = !is_eos
+                    && cfg.stop.is_some()
+                    && cfg.stops(&[&contexts[gi].history[..], &g.beams[b].0, &[tok]].concat());
+                if rank < k && (is_eos || stops || last) {
                     let mut toks = g.beams[b].0.clone();
                     if !is_eos {
                         toks.push(tok);
                     }
                     g.finished.push((toks, norm(s, t)));
-                } else if !is_eos && next.len() < k && !last {
+                } else if !is_eos && !stops && next.len() < k && !last {
                     let mut toks = g.beams[b].0.clone();
                     toks.push(tok);
                     next.push((toks, s, b));

@@ -593,13 +593,14 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
     );
     // The length decay, renormalization, non-finite clean-up and top-h are applied from the config, and said.
     let more = r#"{"exponential_decay_length_penalty": [2, 1.5], "renormalize_logits": true,
-        "remove_invalid_values": true, "do_sample": true, "top_h": 0.5, "num_beam_groups": 2}"#;
+        "remove_invalid_values": true, "do_sample": true, "top_h": 0.5, "num_beam_groups": 2, "stop_strings": "."}"#;
     let (_, log) = run(&compile(more, "more"), &["--seed", "1"]);
     for said in [
         "end-of-sequence length decay after 2 new tokens (factor 1.5)",
         "renormalized scores",
         "non-finite scores made finite",
         "top-h 0.5",
+        "stop strings [\".\"]",
         "also sets num_beam_groups 2, which pfxrun generate does not do",
     ] {
         assert!(log.contains(said), "{said}: {log}");
@@ -608,4 +609,47 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
     let cold = compile(r#"{"do_sample": true, "temperature": 0.0}"#, "cold");
     let e = fails(&["generate", p(&cold), "--input", "x"]);
     assert!(e.contains("sets temperature 0, which sampling cannot use"), "{e}");
+}
+
+/// Stop strings end a generation as HF's `generate(stop_strings=...)` does, greedy and beam search, the text that
+/// completes one kept (references: `graphs/e2e-small/make_stop_references.py`, the bare model).
+#[test]
+fn stop_strings_end_generation_as_hfs_do() {
+    let dir = scratch("cli_stop_strings");
+    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small");
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(graphs.join("stop-strings.json")).unwrap()).unwrap();
+    let max_new = refs["max_new"].as_u64().unwrap() as usize;
+    let opts = pfx_compiler::compile::CompileOptions {
+        prefix_len: 2,
+        mid_dim: None,
+        batch: 2,
+        seq: 16,
+        optimizer: Default::default(),
+        seed: 0,
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 3, prompt_len: 40, max_new }),
+        weights: Default::default(),
+    };
+    let bundle = dir.join("bundle");
+    pfx_compiler::compile::compile(&graphs.join("model.onnx"), &opts, &bundle).unwrap();
+    let cases = refs["cases"].as_array().unwrap();
+    let mut checked = 0;
+    for case in cases {
+        let (source, want) = (case["source"].as_str().unwrap(), case["text"].as_str().unwrap());
+        let beams = case["beams"].as_u64().unwrap().to_string();
+        let mut args = vec!["generate", p(&bundle), "--no-prefix", "--input", source, "--beams", &beams];
+        let stops: Vec<&str> = case["stop"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        for s in &stops {
+            args.extend(["--stop", s]);
+        }
+        let o = pfxrun(&args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{args:?}: {err}");
+        let got = out.lines().find_map(|l| l.strip_prefix("  -> ")).unwrap_or_default();
+        assert_eq!(got, want, "{stops:?}, {beams} beams, {source}");
+        checked += 1;
+    }
+    assert_eq!(checked, 15);
+    // An empty stop string would end every generation at once: refused.
+    assert!(fails(&["generate", p(&bundle), "--no-prefix", "--input", "x", "--stop", ""]).contains("cannot be empty"));
 }

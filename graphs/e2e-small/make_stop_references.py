@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Stop-string references: Hugging Face's `generate(stop_strings=..., tokenizer=...)` on the small E2E GPT-2 (hf/,
+tokenizer.json), the bare model, greedy and beam search, for `pfxrun generate --no-prefix --stop TEXT`.
+
+    /root/.cache/pfx/ref/bin/python graphs/e2e-small/make_stop_references.py
+
+Writes graphs/e2e-small/stop-strings.json: for each case the prompt ids (pfx's GPT-2 framing, ' ' + source +
+' <|endoftext|>', checked to be what the tokenizer gives), HF's new token ids (the end-of-sequence id left out) and
+their text as pfxrun writes it (special tokens skipped, trimmed, newlines as spaces). Each case also records HF's text
+without the stop strings (each setting changes at least one output: a stop that never fires tests nothing). CPU,
+float32, deterministic.
+"""
+import json
+import os
+
+import torch
+import transformers
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ["name : The Eagle | food : French | area : riverside",
+           "name : Aromi | eatType : coffee shop | customer rating : 5 out of 5 | familyFriendly : no",
+           "name : Blue Spice | priceRange : cheap | near : Burger King"]
+# (stop strings, beams): a sentence end, a word (its leading space part of the string), two at once, beam search.
+CASES = [(["."], 1), ([" is"], 1), (["food", " It"], 1), (["."], 3), ([" near"], 3)]
+MAX_NEW = 24
+
+
+def main():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_pretrained(os.path.join(HERE, "hf")).eval()
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(HERE, "tokenizer.json"))
+    eos = model.config.eos_token_id
+    out = {"about": "make_stop_references.py: HF generate with stop_strings on the bare e2e-small model",
+           "transformers": transformers.__version__, "max_new": MAX_NEW, "cases": []}
+
+    def run(ids, beams, stops):
+        kw = dict(stop_strings=stops, tokenizer=tok) if stops else {}
+        with torch.no_grad():
+            seq = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=MAX_NEW, do_sample=False, num_beams=beams, eos_token_id=eos,
+                                 pad_token_id=eos, **kw)[0, len(ids):].tolist()
+        if eos in seq:
+            seq = seq[:seq.index(eos)]
+        return seq, tok.decode(seq, skip_special_tokens=True).strip().replace("\n", " ")
+
+    for stops, beams in CASES:
+        changed = 0
+        for source in SOURCES:
+            ids = tok(" " + source + " <|endoftext|>")["input_ids"]
+            assert ids[-1] == eos, ids
+            new, text = run(ids, beams, stops)
+            _, free = run(ids, beams, None)
+            changed += text != free
+            # Greedy ends at the stop; beam search's best may be a hypothesis that ended otherwise.
+            ends = any(tok.decode(ids + new, skip_special_tokens=True).endswith(s) for s in stops)
+            assert ends or beams > 1, (stops, text)
+            out["cases"].append({"source": source, "stop": stops, "beams": beams, "prompt_ids": ids,
+                                 "new_ids": new, "text": text, "text_without_stop": free})
+            print(f"{stops!r:18} beams {beams}: {text!r}")
+        assert changed, (stops, beams)  # a stop that changes no output tests nothing
+    with open(os.path.join(HERE, "stop-strings.json"), "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
