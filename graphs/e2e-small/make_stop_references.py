@@ -21,8 +21,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["name : The Eagle | food : French | area : riverside",
            "name : Aromi | eatType : coffee shop | customer rating : 5 out of 5 | familyFriendly : no",
            "name : Blue Spice | priceRange : cheap | near : Burger King"]
-# (stop strings, beams): a sentence end, a word (its leading space part of the string), two at once, beam search.
-CASES = [(["."], 1), ([" is"], 1), (["food", " It"], 1), (["."], 3), ([" near"], 3)]
+# (stop strings, beams): a sentence end, a word (its leading space part of the string), two at once, beam search;
+# then stops that end inside a token ("Ea" in " Eagle", " I" in " It": HF fires there too) and one across the
+# prompt's special token (its text written out: "riverside <|endoftext|> The").
+CASES = [(["."], 1), ([" is"], 1), (["food", " It"], 1), (["."], 3), ([" near"], 3),
+         (["Ea"], 1), ([" I"], 1), (["|> The"], 1), (["Ea"], 3)]
 MAX_NEW = 24
 
 
@@ -52,9 +55,12 @@ def main():
             new, text = run(ids, beams, stops)
             _, free = run(ids, beams, None)
             changed += text != free
-            # Greedy ends at the stop; beam search's best may be a hypothesis that ended otherwise.
-            ends = any(tok.decode(ids + new, skip_special_tokens=True).endswith(s) for s in stops)
-            assert ends or beams > 1, (stops, text)
+            # Greedy that stopped ends at a stop (one ending inside its last token); beam search's best may have ended
+            # otherwise.
+            full, before = tok.decode(ids + new), tok.decode(ids + new[:-1])
+            start = len(os.path.commonprefix([full, before]))
+            ends = any(i + len(s) > start for s in stops for i in range(len(full)) if full.startswith(s, i))
+            assert ends or beams > 1 or text == free, (stops, text)
             out["cases"].append({"source": source, "stop": stops, "beams": beams, "prompt_ids": ids,
                                  "new_ids": new, "text": text, "text_without_stop": free})
             print(f"{stops!r:18} beams {beams}: {text!r}")

@@ -845,13 +845,21 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     }
     let mut cfg = args.cfg.clone();
     if !cfg.stop_strings.is_empty() {
-        // The whole sequence's text (prompt and new tokens, special tokens left out) against each stop string, as
-        // HF's StopStringCriteria matches the tokens' texts at the end of the sequence.
+        // As HF's StopStringCriteria: a stop string fires when it occurs in the sequence's text (prompt and new
+        // tokens, special tokens written out) ending inside the last token's text, not only at its end.
         let stop_tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
         let texts = cfg.stop_strings.clone();
         cfg.stop = Some(crate::search::StopCheck::new(move |seq: &[i64]| {
             let ids: Vec<u32> = seq.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
-            stop_tok.decode_generated(&ids).is_ok_and(|(text, _)| texts.iter().any(|t| text.ends_with(t.as_str())))
+            let (Ok(full), Ok(before)) = (
+                stop_tok.decode_with_specials(&ids),
+                stop_tok.decode_with_specials(&ids[..ids.len().saturating_sub(1)]),
+            ) else {
+                return false;
+            };
+            // Where the last token's text starts (the texts share what came before it).
+            let start = full.bytes().zip(before.bytes()).take_while(|(a, b)| a == b).count();
+            texts.iter().any(|t| full.match_indices(t.as_str()).any(|(at, _)| at + t.len() > start))
         }));
     }
     // Like HF's generate, stop at any end-of-sequence id the model's generation config lists, and force the

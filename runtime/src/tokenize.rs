@@ -131,6 +131,13 @@ impl Tokenizer {
         Ok((text, ids.len() - known.len()))
     }
 
+    /// The text of `ids` with special tokens written out (as HF's stop strings read a sequence's tokens); ids with no
+    /// token are left out.
+    pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String> {
+        let known: Vec<u32> = ids.iter().copied().filter(|&id| self.inner.id_to_token(id).is_some()).collect();
+        self.inner.decode(&known, false).map_err(|e| anyhow!("tokenizer {} cannot decode: {e}", self.origin.display()))
+    }
+
     /// The id of one token (as written in the vocabulary, e.g. `"Ġthe"`, or an added token such as
     /// `"<|endoftext|>"`).
     pub fn token_id(&self, token: &str) -> Option<u32> {

@@ -649,7 +649,7 @@ fn stop_strings_end_generation_as_hfs_do() {
         assert_eq!(got, want, "{stops:?}, {beams} beams, {source}");
         checked += 1;
     }
-    assert_eq!(checked, 15);
+    assert_eq!(checked, 27);
     // An empty stop string would end every generation at once: refused.
     assert!(fails(&["generate", p(&bundle), "--no-prefix", "--input", "x", "--stop", ""]).contains("cannot be empty"));
 }
