@@ -486,7 +486,9 @@ pub fn beam_groups(
             for (rank, &(s, b, tok)) in cands.iter().enumerate() {
                 let is_eos = cfg.is_eos(tok);
                 // A candidate that completes a stop string finishes as an eos does (its token kept), or is dropped.
+                // (Decoded only where it can finish or live on.)
                 let stops = !is_eos
+                    && (rank < k || next.len() < k)
                     && cfg.stop.is_some()
                     && cfg.stops(&[&contexts[gi].history[..], &g.beams[b].0, &[tok]].concat());
                 if rank < k && (is_eos || stops || last) {

@@ -252,6 +252,30 @@ fn export_with_tokenizer(dir: &Path, fixture: &str, configs: &[&str], tokenizer:
     export
 }
 
+/// A language pair for `pfxc compile --src-lang --tgt-lang` (the NLLB framing read from the tokenizer).
+fn languages(source: &str, target: &str) -> Option<Languages> {
+    Some(Languages { source: source.into(), target: target.into(), nllb_legacy: None })
+}
+
+/// Options of the translation bundles the text commands run on: PEFT layout, prefix 4 with an MLP of 16, batch 4,
+/// sources of `src_len` tokens, targets of 48, 4 generation rows of `max_new` new tokens.
+fn text_bundle_options(src_len: usize, max_new: usize, languages: Option<Languages>) -> BartOptions {
+    BartOptions {
+        mode: BartPrefix::Peft,
+        prefix_len: 4,
+        mid_dim: Some(16),
+        batch: 4,
+        src_len,
+        tgt_len: 48,
+        label_smoothing: 0.0,
+        optimizer: AdamW::default(),
+        seed: 0,
+        generation: Some(BartGenShape { rows: 4, src_len, max_new }),
+        weights: Default::default(),
+        languages,
+    }
+}
+
 /// Trains `bundle` on 2 steps of text (`write_jsonl`), evaluates and generates with the trained prefix, each
 /// through the CLI; returns the data file.
 fn text_commands_run(bundle: &Path, dir: &Path) -> PathBuf {
@@ -391,23 +415,7 @@ fn source_target_rows_of_blenderbot_small_follow_hf() {
 fn train_and_generate_an_mbart_bundle_from_text() {
     let dir = scratch("mbart_cli");
     let export = export_with_tokenizer(&dir, "mbart-tiny", &["config.json"], "mbart-style");
-    let languages = |source: &str, target: &str| {
-        Some(Languages { source: source.into(), target: target.into(), nllb_legacy: None })
-    };
-    let opts = BartOptions {
-        mode: BartPrefix::Peft,
-        prefix_len: 4,
-        mid_dim: Some(16),
-        batch: 4,
-        src_len: 48,
-        tgt_len: 48,
-        label_smoothing: 0.0,
-        optimizer: AdamW::default(),
-        seed: 0,
-        generation: Some(BartGenShape { rows: 4, src_len: 48, max_new: 6 }),
-        weights: Default::default(),
-        languages: languages("en_XX", "ro_RO"),
-    };
+    let opts = text_bundle_options(48, 6, languages("en_XX", "ro_RO"));
     let e =
         compile_bart(&export, &BartOptions { languages: languages("en_XX", "xx_YY"), ..opts.clone() }, &dir.join("x"))
             .unwrap_err();
@@ -573,23 +581,8 @@ fn train_and_generate_an_m2m100_bundle_from_text() {
     let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
     let want = nllb_cases()["generate"].clone();
     let (src_len, max_new) = (want["src_len"].as_u64().unwrap() as usize, want["max_new_tokens"].as_u64().unwrap());
-    let languages = |source: &str, target: &str| {
-        Some(Languages { source: source.into(), target: target.into(), nllb_legacy: None })
-    };
-    let opts = BartOptions {
-        mode: BartPrefix::Peft,
-        prefix_len: 4,
-        mid_dim: Some(16),
-        batch: 4,
-        src_len,
-        tgt_len: 48,
-        label_smoothing: 0.0,
-        optimizer: AdamW::default(),
-        seed: 0,
-        generation: Some(BartGenShape { rows: 4, src_len, max_new: max_new as usize }),
-        weights: Default::default(),
-        languages: languages(want["src_lang"].as_str().unwrap(), want["tgt_lang"].as_str().unwrap()),
-    };
+    let langs = languages(want["src_lang"].as_str().unwrap(), want["tgt_lang"].as_str().unwrap());
+    let opts = text_bundle_options(src_len, max_new as usize, langs);
     let e = compile_bart(
         &export,
         &BartOptions { languages: languages("eng_Latn", "xx_YY"), ..opts.clone() },

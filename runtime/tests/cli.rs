@@ -29,20 +29,26 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
-/// The shipped small GPT-2 compiled into `dir/bundle`: prefix 2, batch 2, sequence (and prompt) `seq`, 2
-/// generation rows of 4 new tokens.
-fn e2e_small_bundle(dir: &Path, mid_dim: Option<usize>, seq: usize) -> std::path::PathBuf {
-    let bundle = dir.join("bundle");
-    let opts = pfx_compiler::compile::CompileOptions {
+/// Compile options for the shipped small GPT-2: prefix 2 (no MLP), batch 2, sequence `seq`, generation graphs of
+/// `rows` rows, prompts of `prompt_len` and `max_new` new tokens.
+fn small_options(seq: usize, rows: usize, prompt_len: usize, max_new: usize) -> pfx_compiler::compile::CompileOptions {
+    pfx_compiler::compile::CompileOptions {
         prefix_len: 2,
-        mid_dim,
+        mid_dim: None,
         batch: 2,
         seq,
         optimizer: Default::default(),
         seed: 0,
-        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: seq, max_new: 4 }),
+        generation: Some(pfx_compiler::compile::generate::GenShape { rows, prompt_len, max_new }),
         weights: Default::default(),
-    };
+    }
+}
+
+/// The shipped small GPT-2 compiled into `dir/bundle`: prefix 2, batch 2, sequence (and prompt) `seq`, 2
+/// generation rows of 4 new tokens.
+fn e2e_small_bundle(dir: &Path, mid_dim: Option<usize>, seq: usize) -> std::path::PathBuf {
+    let bundle = dir.join("bundle");
+    let opts = pfx_compiler::compile::CompileOptions { mid_dim, ..small_options(seq, 2, seq, 4) };
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small/model.onnx");
     pfx_compiler::compile::compile(&model, &opts, &bundle).unwrap();
     bundle
@@ -492,16 +498,7 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
     }
     let compile = |settings: &str, name: &str| {
         std::fs::write(export.join("generation_config.json"), settings).unwrap();
-        let opts = pfx_compiler::compile::CompileOptions {
-            prefix_len: 2,
-            mid_dim: None,
-            batch: 2,
-            seq: 16,
-            optimizer: Default::default(),
-            seed: 0,
-            generation: Some(pfx_compiler::compile::generate::GenShape { rows: 2, prompt_len: 16, max_new: 4 }),
-            weights: Default::default(),
-        };
+        let opts = small_options(16, 2, 16, 4);
         let bundle = dir.join(name);
         pfx_compiler::compile::compile(&export.join("model.onnx"), &opts, &bundle).unwrap();
         bundle
@@ -620,16 +617,7 @@ fn stop_strings_end_generation_as_hfs_do() {
     let refs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(graphs.join("stop-strings.json")).unwrap()).unwrap();
     let max_new = refs["max_new"].as_u64().unwrap() as usize;
-    let opts = pfx_compiler::compile::CompileOptions {
-        prefix_len: 2,
-        mid_dim: None,
-        batch: 2,
-        seq: 16,
-        optimizer: Default::default(),
-        seed: 0,
-        generation: Some(pfx_compiler::compile::generate::GenShape { rows: 3, prompt_len: 40, max_new }),
-        weights: Default::default(),
-    };
+    let opts = small_options(16, 3, 40, max_new);
     let bundle = dir.join("bundle");
     pfx_compiler::compile::compile(&graphs.join("model.onnx"), &opts, &bundle).unwrap();
     let cases = refs["cases"].as_array().unwrap();
