@@ -332,7 +332,8 @@ pub struct GenerateArgs {
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct SearchFlags {
     /// Stop after this many new tokens (at most the bundle's `pfxc compile --max-new`). Default: the
-    /// generation config's `max_new_tokens` (an encoder-decoder's `max_length` - 1), else the bundle's.
+    /// generation config's `max_new_tokens`, else its `max_length` (which counts a decoder's prompt, and an
+    /// encoder-decoder's start token), else the bundle's.
     #[arg(long)]
     pub max_new: Option<usize>,
     /// Beam width (1: greedy). Default: the model's generation config's `num_beams` (as HF's `generate`), else 1.
@@ -352,8 +353,8 @@ pub struct SearchFlags {
     /// generation config's, else false.
     #[arg(long)]
     pub early_stopping: Option<EarlyStopping>,
-    /// No end of sequence before this many new tokens. Default: the generation config's `min_new_tokens`
-    /// (and an encoder-decoder's `min_length` - 1), else 0.
+    /// No end of sequence before this many new tokens. Default: the generation config's `min_new_tokens`, else
+    /// its `min_length` (which counts a decoder's prompt, and an encoder-decoder's start token), else 0.
     #[arg(long)]
     pub min_new: Option<usize>,
     /// The output repeats no n-gram of this size of the source, or of a decoder's prompt (HF's
@@ -481,16 +482,16 @@ pub fn apply_search_settings(
     let seq2seq = m.family == "bart";
     let mut from_config = Vec::new();
     let mut notes = Vec::new();
-    // The length limit: max_new_tokens, else an encoder-decoder's max_length (which counts the start token; a
-    // decoder's counts its padded prompt, which pfx does not apply), at most what the graphs were compiled for.
+    // The length limit: max_new_tokens, else max_length, at most what the graphs were compiled for. An
+    // encoder-decoder's max_length counts the start token; a decoder's counts the prompt, so each prompt gets its
+    // own number of new tokens (`GenConfig::max_length`).
     let configured_max = match (gs.max_new_tokens, gs.max_length) {
         (Some(n), _) => Some(n),
         (None, Some(n)) if seq2seq => Some(n.saturating_sub(1).max(1)),
         (None, Some(n)) => {
             if flags.max_new.is_none() {
-                notes.push(format!(
-                    "the model's generation config sets max_length {n}, which counts the prompt: not applied"
-                ));
+                from_config.push(format!("at most {n} tokens with the prompt (max_length)"));
+                cfg.max_length = Some(n);
             }
             None
         }
@@ -586,14 +587,13 @@ pub fn apply_search_settings(
             .unwrap_or(1.0)
     });
     // A min_new_tokens (even 0) replaces min_length, as in HF. HF's min_length counts an encoder-decoder's start
-    // token, and a decoder's whole (padded) prompt, which pfx does not apply.
+    // token, and a decoder's prompt (`GenConfig::min_length`).
     let configured = match (gs.min_new_tokens, gs.min_length) {
         (Some(n), _) => n,
         (None, Some(n)) if seq2seq => n.saturating_sub(1),
         (None, Some(n)) if n > 0 && flags.min_new.is_none() => {
-            notes.push(format!(
-                "the model's generation config sets min_length {n}, which counts the prompt: not applied"
-            ));
+            from_config.push(format!("at least {n} tokens with the prompt (min_length)"));
+            cfg.min_length = Some(n);
             0
         }
         _ => 0,
@@ -939,6 +939,17 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         let kept = if head > 0 { format!(" after the {head} special token(s) they start with") } else { String::new() };
         warn_cut(&cut, "prompt", &format!("cut to their last {} tokens{kept}", spec.prompt_len - head));
         crate::search::check_request(&prompts, "prompt", spec.prompt_len, spec.max_new, spec.rows, &cfg)?;
+        if let Some(max_length) = cfg.max_length {
+            // HF would generate up to max_length; the bundle's graphs end sooner.
+            let capped = prompts.iter().filter(|p| cfg.limit(p.len()) < max_length - p.len()).count();
+            if capped > 0 {
+                eprintln!(
+                    "note: the model's generation config's max_length {max_length} leaves {capped} prompt(s) more \
+                     than the {} new tokens the bundle generates (pfxc compile --max-new): {0} at most",
+                    cfg.max_new
+                );
+            }
+        }
         let mut g = Generator::open(&bundle, engine.backend, &engine.ort, prefix)?;
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)

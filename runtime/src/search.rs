@@ -12,6 +12,12 @@ pub struct GenConfig {
     pub max_new: usize,
     /// No end-of-sequence before this many new tokens (its logit is masked, as HF's min_new_tokens does).
     pub min_new: usize,
+    /// Limits that count a row's history (a decoder's prompt) with its new tokens, as HF's `max_length` and
+    /// `min_length` do: each prompt gets its own `max_length` - its length new tokens (at most `max_new`), and no
+    /// end-of-sequence before its sequence is `min_length` long. (HF counts a batch's padding as prompt; here
+    /// each prompt's own tokens count, which is HF's one prompt at a time.)
+    pub max_length: Option<usize>,
+    pub min_length: Option<usize>,
     pub beams: usize,
     /// Beam scores are sum(log p) / len^length_penalty.
     pub length_penalty: f32,
@@ -100,6 +106,8 @@ impl Default for GenConfig {
         GenConfig {
             max_new: 32,
             min_new: 0,
+            max_length: None,
+            min_length: None,
             beams: 1,
             length_penalty: 1.0,
             eos: None,
@@ -161,11 +169,18 @@ impl GenConfig {
         self.eos.into_iter().chain(self.more_eos.iter().copied().filter(move |&t| Some(t) != self.eos))
     }
 
-    /// The token forced as new token `n_generated` + 1, if any. As HF's logits processors, forcing sets every other
-    /// token's log-probability to -inf and the forced one's to 0, after the early-eos ban (which it overrides).
-    fn forced(&self, n_generated: usize) -> Option<i64> {
+    /// The new tokens a row whose history holds `history_len` tokens may generate: `max_new`, or fewer where
+    /// `max_length` (which counts the history) ends it sooner.
+    pub fn limit(&self, history_len: usize) -> usize {
+        self.max_length.map_or(self.max_new, |m| m.saturating_sub(history_len).min(self.max_new))
+    }
+
+    /// The token forced as new token `n_generated` + 1 of a row that may generate `limit` tokens, if any. As HF's
+    /// logits processors, forcing sets every other token's log-probability to -inf and the forced one's to 0,
+    /// after the early-eos ban (which it overrides).
+    fn forced(&self, n_generated: usize, limit: usize) -> Option<i64> {
         match (self.forced_eos, self.forced_bos) {
-            (Some(t), _) if n_generated + 1 == self.max_new => Some(t),
+            (Some(t), _) if n_generated + 1 == limit => Some(t),
             (_, Some(t)) if n_generated == 0 => Some(t),
             _ => None,
         }
@@ -196,6 +211,16 @@ pub fn check_request(
     }
     if cfg.max_new == 0 || cfg.max_new > max_new {
         anyhow::bail!("--max-new must be between 1 and {max_new} (the bundle's --max-new)");
+    }
+    // As HF's generate, which refuses an input as long as max_length (nothing would be left to generate).
+    if let Some((i, p)) = cfg.max_length.and_then(|m| inputs.iter().enumerate().find(|(_, p)| p.len() >= m)) {
+        anyhow::bail!(
+            "{what} {} has {} tokens, and the model's generation config sets max_length {} (which counts the {what}): \
+             nothing is left to generate; pass --max-new N (new tokens, which replaces max_length)",
+            i + 1,
+            p.len(),
+            cfg.max_length.unwrap_or_default()
+        );
     }
     if cfg.beams == 0 || cfg.beams > rows {
         anyhow::bail!("--beams must be between 1 and {rows} (the bundle's --gen-rows)");
@@ -326,14 +351,14 @@ pub fn greedy(
     contexts.resize(r, RowContext::default());
     let mut draws: Vec<Option<Draws>> =
         contexts.iter().map(|c| cfg.sampling.as_ref().map(|s| Draws::new(s.seed, c.input))).collect();
+    let limits: Vec<usize> = contexts.iter().map(|c| cfg.limit(c.history.len())).collect();
     for n in 0..cfg.max_new {
         if cfg.remove_invalid {
             logits.iter_mut().for_each(|row| make_finite(row));
         }
         let mut next = vec![cfg.pad; r];
-        let forced = cfg.forced(n);
         for row in 0..r {
-            let t = match forced {
+            let t = match cfg.forced(n, limits[row]) {
                 Some(t) => t,
                 None => {
                     let ctx = &contexts[row];
@@ -358,7 +383,7 @@ pub fn greedy(
                 } else {
                     gen[row].push(t);
                     // A stop string ends the row with its last token kept (HF's StopStringCriteria).
-                    done[row] = cfg.stops(&contexts[row].history);
+                    done[row] = n + 1 >= limits[row] || cfg.stops(&contexts[row].history);
                 }
             }
             next[row] = t;
@@ -424,13 +449,14 @@ pub fn beam_groups(
             logits.iter_mut().for_each(|row| make_finite(row));
         }
         let t = n + 1;
-        let last = t == cfg.max_new;
-        let forced = cfg.forced(n);
         // Rows keep their place unless a group's beams move; idle and finished rows are fed padding.
         let mut parents: Vec<usize> = (0..r).collect();
         let mut tokens = vec![cfg.pad; r];
         for (gi, g) in gs.iter_mut().enumerate().filter(|(_, g)| !g.done) {
             let base = gi * k;
+            let limit = cfg.limit(contexts[gi].history.len());
+            let last = t == limit;
+            let forced = cfg.forced(n, limit);
             // Only the best C candidates matter, and a beam's score is the same for all its tokens: the best C
             // of each beam hold them all. (Two logits a rounding apart can give one log-probability, and the pick
             // then keeps the higher logit where a full sort would keep the lower token; that can only change the
@@ -461,7 +487,7 @@ pub fn beam_groups(
                     let seq = [&contexts[gi].history[..], &g.beams[b].0].concat();
                     banned_tokens(cfg, n, &seq, &contexts[gi].source)
                 } else {
-                    eos_banned(cfg, n)
+                    eos_banned(cfg, n, contexts[gi].history.len())
                 };
                 let row = &logits[base + b];
                 let penalties = penalties(cfg, &contexts[gi], &g.beams[b].0, row.len(), n);
@@ -509,7 +535,7 @@ pub fn beam_groups(
             // The length the best live beam is judged at: "never" with a positive length penalty assumes it grows
             // to the limit.
             let judged = match cfg.early_stopping {
-                EarlyStopping::Never if cfg.length_penalty > 0.0 => cfg.max_new,
+                EarlyStopping::Never if cfg.length_penalty > 0.0 => limit,
                 _ => t,
             };
             let stop = last
@@ -577,7 +603,7 @@ pub fn reorder_rows<T: Copy>(data: &mut [T], parents: &[usize], rows: usize, per
 /// followed by it occur earlier), and every token that would end an n-gram of `source` (its
 /// EncoderNoRepeatNGramLogitsProcessor).
 fn banned_tokens(cfg: &GenConfig, n_generated: usize, seq: &[i64], source: &[i64]) -> Vec<usize> {
-    let mut banned = eos_banned(cfg, n_generated);
+    let mut banned = eos_banned(cfg, n_generated, seq.len() - n_generated);
     let mut ban = |t: i64| {
         if let Ok(t) = usize::try_from(t) {
             if !banned.contains(&t) {
@@ -727,9 +753,10 @@ fn processed(
     v
 }
 
-/// The end-of-sequence ids while they may not be chosen yet (HF's min_new_tokens).
-fn eos_banned(cfg: &GenConfig, n_generated: usize) -> Vec<usize> {
-    if n_generated < cfg.min_new {
+/// The end-of-sequence ids while they may not be chosen yet (HF's min_new_tokens, and its min_length, which counts
+/// the row's history of `history_len` tokens).
+fn eos_banned(cfg: &GenConfig, n_generated: usize, history_len: usize) -> Vec<usize> {
+    if n_generated < cfg.min_new || cfg.min_length.is_some_and(|m| history_len + n_generated < m) {
         cfg.eos_ids().map(|e| e as usize).collect()
     } else {
         Vec::new()

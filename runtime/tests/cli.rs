@@ -608,6 +608,64 @@ fn sampling_and_length_settings_from_flags_and_the_generation_config() {
     assert!(e.contains("sets temperature 0, which sampling cannot use"), "{e}");
 }
 
+/// A decoder's `max_length` and `min_length` count the prompt, as in HF's `generate`: each prompt gets its own number
+/// of new tokens, greedy and beam search, with a forced last token and early stopping "never" (references:
+/// `graphs/e2e-small/make_length_references.py`, the bare model, one prompt per HF call; here the prompts share
+/// batches). A prompt as long as max_length is refused, --max-new replaces it, and the bundle's cap is said.
+#[test]
+fn prompt_counting_length_limits_follow_hf() {
+    let dir = scratch("cli_length_limits");
+    let graphs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small");
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(graphs.join("length-limits.json")).unwrap()).unwrap();
+    let count = |key: &str| refs[key].as_u64().unwrap() as usize;
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    for f in ["model.onnx", "tokenizer.json"] {
+        std::fs::copy(graphs.join(f), export.join(f)).unwrap();
+    }
+    let compile = |settings: &serde_json::Value, name: &str| {
+        std::fs::write(export.join("generation_config.json"), settings.to_string()).unwrap();
+        let bundle = dir.join(name);
+        let opts = small_options(16, 3, count("prompt_len"), count("max_new"));
+        pfx_compiler::compile::compile(&export.join("model.onnx"), &opts, &bundle).unwrap();
+        bundle
+    };
+    let cases = refs["cases"].as_array().unwrap();
+    let sources: Vec<&str> = cases.iter().map(|c| c["source"].as_str().unwrap()).take(4).collect();
+    let inputs = dir.join("sources.txt");
+    std::fs::write(&inputs, sources.join("\n") + "\n").unwrap();
+    let mut checked = 0;
+    for (i, group) in cases.chunks(sources.len()).enumerate() {
+        let settings = &group[0]["settings"];
+        let bundle = compile(settings, &format!("bundle{i}"));
+        let o = pfxrun(&["generate", p(&bundle), "--no-prefix", "--inputs", p(&inputs)]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{settings}: {err}");
+        let got: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("  -> ")).collect();
+        let want: Vec<&str> = group.iter().map(|c| c["text"].as_str().unwrap()).collect();
+        assert_eq!(got, want, "{settings}");
+        if let Some(n) = settings.get("max_length") {
+            assert!(err.contains(&format!("at most {n} tokens with the prompt (max_length)")), "{err}");
+        }
+        checked += group.len();
+    }
+    assert_eq!(checked, 28);
+    // A prompt as long as max_length leaves nothing to generate: refused, as HF does; --max-new replaces the limit.
+    let short = compile(&serde_json::json!({"max_length": 12}), "short");
+    let e = fails(&["generate", p(&short), "--no-prefix", "--inputs", p(&inputs)]);
+    assert!(e.contains("prompt 1 has 14 tokens, and the model's generation config sets max_length 12"), "{e}");
+    let o = pfxrun(&["generate", p(&short), "--no-prefix", "--input", sources[0], "--max-new", "3"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success() && !err.contains("max_length"), "{err}");
+    let three = out.lines().find_map(|l| l.strip_prefix("  -> ")).unwrap();
+    assert!(cases[0]["text"].as_str().unwrap().starts_with(three) && three.split(' ').count() == 3, "{three}");
+    // A max_length beyond what the bundle generates is capped, and said.
+    let long = compile(&serde_json::json!({"max_length": 60}), "long");
+    let (_, err) = text(&pfxrun(&["generate", p(&long), "--no-prefix", "--inputs", p(&inputs)]));
+    assert!(err.contains("max_length 60 leaves 2 prompt(s) more than the 40 new tokens the bundle generates"), "{err}");
+}
+
 /// Stop strings end a generation as HF's `generate(stop_strings=...)` does, greedy and beam search, the text that
 /// completes one kept (references: `graphs/e2e-small/make_stop_references.py`, the bare model).
 #[test]
