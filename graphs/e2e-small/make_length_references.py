@@ -15,11 +15,9 @@ each setting changes at least one output from HF's without it. CPU, float32, det
 import json
 import os
 
-import torch
 import transformers
-from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from hf_generate import HERE, generate, load, prompt_ids
 SOURCES = ["name : The Eagle | food : French | area : riverside",
            "name : Aromi | eatType : coffee shop | customer rating : 5 out of 5 | familyFriendly : no",
            "name : Blue Spice | priceRange : cheap | near : Burger King",
@@ -39,29 +37,20 @@ SETTINGS = [{"max_length": 36},
 
 
 def main():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel.from_pretrained(os.path.join(HERE, "hf")).eval()
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(HERE, "tokenizer.json"))
-    eos = model.config.eos_token_id
+    model, tok, eos = load()
     out = {"about": "make_length_references.py: HF generate with max_length/min_length on the bare e2e-small model",
            "transformers": transformers.__version__, "max_new": MAX_NEW, "prompt_len": PROMPT_LEN, "cases": []}
 
     def run(ids, settings):
-        kw = dict(settings)
-        if "max_length" not in kw:
-            kw["max_new_tokens"] = MAX_NEW
-        with torch.no_grad():
-            seq = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos, **kw)[0, len(ids):].tolist()
-        if eos in seq:
-            seq = seq[:seq.index(eos)]
-        return seq, tok.decode(seq, skip_special_tokens=True).strip().replace("\n", " ")
+        # Where the settings set no max_length, HF generates up to the bundle's limit, as pfx does.
+        limit = {} if "max_length" in settings else {"max_new_tokens": MAX_NEW}
+        return generate(model, tok, ids, eos, **settings, **limit)
 
     for settings in SETTINGS:
         changed = 0
         for source in SOURCES:
-            ids = tok(" " + source + " <|endoftext|>")["input_ids"]
-            assert ids[-1] == eos and len(ids) <= PROMPT_LEN, ids
+            ids = prompt_ids(tok, source, eos)
+            assert len(ids) <= PROMPT_LEN, ids
             assert settings.get("max_length", 0) - len(ids) <= MAX_NEW
             new, text = run(ids, settings)
             beams = {k: v for k, v in settings.items() if k in ("num_beams", "length_penalty", "early_stopping")}

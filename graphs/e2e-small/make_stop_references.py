@@ -13,11 +13,9 @@ float32, deterministic.
 import json
 import os
 
-import torch
 import transformers
-from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from hf_generate import HERE, generate, load, prompt_ids
 SOURCES = ["name : The Eagle | food : French | area : riverside",
            "name : Aromi | eatType : coffee shop | customer rating : 5 out of 5 | familyFriendly : no",
            "name : Blue Spice | priceRange : cheap | near : Burger King"]
@@ -30,28 +28,18 @@ MAX_NEW = 24
 
 
 def main():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel.from_pretrained(os.path.join(HERE, "hf")).eval()
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(HERE, "tokenizer.json"))
-    eos = model.config.eos_token_id
+    model, tok, eos = load()
     out = {"about": "make_stop_references.py: HF generate with stop_strings on the bare e2e-small model",
            "transformers": transformers.__version__, "max_new": MAX_NEW, "cases": []}
 
     def run(ids, beams, stops):
         kw = dict(stop_strings=stops, tokenizer=tok) if stops else {}
-        with torch.no_grad():
-            seq = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=MAX_NEW, do_sample=False, num_beams=beams, eos_token_id=eos,
-                                 pad_token_id=eos, **kw)[0, len(ids):].tolist()
-        if eos in seq:
-            seq = seq[:seq.index(eos)]
-        return seq, tok.decode(seq, skip_special_tokens=True).strip().replace("\n", " ")
+        return generate(model, tok, ids, eos, max_new_tokens=MAX_NEW, num_beams=beams, **kw)
 
     for stops, beams in CASES:
         changed = 0
         for source in SOURCES:
-            ids = tok(" " + source + " <|endoftext|>")["input_ids"]
-            assert ids[-1] == eos, ids
+            ids = prompt_ids(tok, source, eos)
             new, text = run(ids, beams, stops)
             _, free = run(ids, beams, None)
             changed += text != free
