@@ -24,6 +24,7 @@ use pfx_compiler::compile::Manifest;
 use pfx_runtime::{open, HostTensor, OrtOptions};
 
 use common::BART_FIXTURES as FIXTURES;
+use common::T5_FIXTURES;
 const MODES: &[BartPrefix] = &[BartPrefix::Peft, BartPrefix::Paper];
 const PARAMS: &[&str] = &["reparam", "noreparam"];
 // The reference script's setup.
@@ -54,8 +55,21 @@ fn out_dir(tag: &str) -> PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pfx-bart-{tag}"))
 }
 
+/// The BART-path fixtures with training references: BART's and T5's.
+fn trained_fixtures() -> impl Iterator<Item = &'static str> {
+    FIXTURES.into_iter().chain(T5_FIXTURES)
+}
+
+/// Compiles `fixture` into its own folder; T5's without the generation graphs pfx does not build yet.
 fn compile_case(dir: &Path, fixture: &str, opts: &BartOptions, tag: &str) -> (PathBuf, Manifest) {
     let out = out_dir(&format!("{fixture}-{}-{tag}", opts.mode));
+    let t5_opts;
+    let opts = if T5_FIXTURES.contains(&fixture) {
+        t5_opts = BartOptions { generation: None, ..opts.clone() };
+        &t5_opts
+    } else {
+        opts
+    };
     let m = compile_bart(dir, opts, &out).unwrap_or_else(|e| panic!("compiling {fixture} ({tag}): {e:#}"));
     (out, m)
 }
@@ -85,7 +99,7 @@ fn check_grads(dir: &Path, m: &Manifest, r: &BTreeMap<String, HostTensor>, prefi
 /// f16 (`make_bart_references.py --weights f16`), in both layouts, and are farther from the f32 model's.
 #[test]
 fn f16_weights_give_the_references_of_the_rounded_model() {
-    for fixture in FIXTURES {
+    for fixture in trained_fixtures() {
         let export = common::graphs_dir().join(fixture);
         for &mode in MODES {
             let what = format!("{fixture} {mode} f16");
@@ -122,7 +136,7 @@ fn f16_weights_give_the_references_of_the_rounded_model() {
 
 #[test]
 fn loss_and_gradients_equal_references() {
-    for fixture in FIXTURES {
+    for fixture in trained_fixtures() {
         let export = common::graphs_dir().join(fixture);
         for &mode in MODES {
             for param in PARAMS {
@@ -146,7 +160,7 @@ fn loss_and_gradients_equal_references() {
 
 #[test]
 fn label_smoothing_equals_torch() {
-    for fixture in FIXTURES {
+    for fixture in trained_fixtures() {
         let export = common::graphs_dir().join(fixture);
         for &mode in MODES {
             for param in PARAMS {
@@ -161,7 +175,7 @@ fn label_smoothing_equals_torch() {
 
 #[test]
 fn three_adamw_steps_follow_torch() {
-    for fixture in FIXTURES {
+    for fixture in trained_fixtures() {
         let export = common::graphs_dir().join(fixture);
         for &mode in MODES {
             for param in PARAMS {
@@ -233,10 +247,14 @@ fn bundle_manifest() {
 /// Readable snapshots of the compiled graphs (linked forward = eval_step, grads, train_step), reparam.
 #[test]
 fn compiled_graph_snapshots() {
-    for fixture in FIXTURES {
+    for fixture in FIXTURES.into_iter().chain(["t5-tiny"]) {
         let export = common::graphs_dir().join(fixture);
         for &mode in MODES {
-            let c = compile_bart_models(&export, &options(mode, "reparam", 1.0, 0.0)).unwrap();
+            let mut opts = options(mode, "reparam", 1.0, 0.0);
+            if T5_FIXTURES.contains(&fixture) {
+                opts.generation = None;
+            }
+            let c = compile_bart_models(&export, &opts).unwrap();
             for (role, m) in &c.graphs {
                 insta::assert_snapshot!(
                     format!("compiled__{fixture}__{mode}__{role}"),
@@ -375,4 +393,36 @@ fn generation_stop_ids_are_recorded() {
         .unwrap();
     let m = compile_bart(&dir, &opts, &dir.join("bundle")).unwrap();
     assert_eq!(m.eos_token_ids, [2, 7]);
+}
+
+/// T5: a config.json that does not describe the export, or heads pfx cannot prefix, is refused naming the file.
+#[test]
+fn t5_configs_that_do_not_fit_are_refused() {
+    let src = common::graphs_dir().join("t5-tiny");
+    let opts = BartOptions { generation: None, ..options(BartPrefix::Peft, "reparam", 1.0, 0.0) };
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let with_config = |tag: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = out_dir(&format!("t5-{tag}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["encoder_model.onnx", "decoder_model.onnx"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let mut c = config.clone();
+        edit(&mut c);
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        dir
+    };
+    // Another max distance: the graph's buckets are not the config's (the prefix columns would be wrong).
+    let far = with_config("distance", &|c| c["relative_attention_max_distance"] = 128.into());
+    let e = compile_err(&far, &opts);
+    assert!(e.contains("config.json does not describe the export") && e.contains("max_distance 128"), "{e}");
+    // Heads narrower than d_model / num_heads (t5-3b's layout).
+    let wide = with_config("d-kv", &|c| c["d_kv"] = 16.into());
+    let e = compile_err(&wide, &opts);
+    assert!(e.contains("config.json") && e.contains("d_kv 16 × num_heads 4 = 64 ≠ d_model 32"), "{e}");
+    // The same graphs named as another model: refused for the relative bias table, naming T5's way in.
+    let other = with_config("bart", &|c| c["model_type"] = "bart".into());
+    let e = compile_err(&other, &opts);
+    assert!(e.contains("relative position buckets, as T5 has") && e.contains("model_type t5"), "{e}");
 }

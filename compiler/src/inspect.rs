@@ -68,6 +68,9 @@ pub struct ModelInfo {
     /// Positions numbered from the token ids (M2M100's, [`IdNumbering`]): the row pad tokens read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pad_row: Option<usize>,
+    /// T5's relative position bias: the buckets of its table (set by [`ModelInfo::as_t5`]; no position table then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relative_bias_buckets: Option<usize>,
     /// ALiBi position biases: "mask" (numbered from the attention mask, Bloom's) or "slots N" (read by key slot
     /// from a table of N positions, MPT's).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,6 +176,11 @@ pub fn embeddings(g: &Graph) -> Embeddings {
 /// table narrower than the embeddings (T5's relative attention bias instead of BART's learned positions). `g` is
 /// canonical; the reason reads after the graph's name ("model.onnx takes token_type_ids, …").
 pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
+    unsupported_except_relative_bias(g, family).or_else(|| relative_bias_reason(g))
+}
+
+/// [`unsupported_reason`] for a graph whose relative position bias pfx handles (T5's, on the BART path).
+pub fn unsupported_except_relative_bias(g: &Graph, family: Family) -> Option<String> {
     let e = embeddings(g);
     let table = e.token_table.as_ref().and_then(|t| g.initializers.get(t));
     if let Some(dt) = table.map(|t| t.dtype()).filter(|d| matches!(d, DType::F16 | DType::BF16)) {
@@ -189,12 +197,19 @@ pub fn unsupported_reason(g: &Graph, family: Family) -> Option<String> {
                 .into(),
         );
     }
-    // CodeGen's rotary sine/cosine table is narrower too, but it is looked up by the position ids themselves (the
-    // positions pfx numbers), which T5's bucket lookup never is.
+    None
+}
+
+/// Why a graph that looks up a narrower table than its embeddings by positions it computes (T5's relative position
+/// buckets) is refused where its model type is not known to be T5. CodeGen's rotary sine/cosine table is narrower
+/// too, but it is looked up by the position ids themselves (the positions pfx numbers), which T5's never is.
+fn relative_bias_reason(g: &Graph) -> Option<String> {
+    let e = embeddings(g);
     match (e.position_rows, e.position_width, e.hidden) {
         (Some(rows), Some(width), Some(hidden)) if width != hidden && !read_by_position_ids(g) => Some(format!(
             "looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative position \
-             buckets, as T5 has, rather than the learned absolute positions of GPT-2 and BART, which pfx needs"
+             buckets, as T5 has, rather than the learned absolute positions pfx numbers (T5 compiles on the BART \
+             path: pfxc compile --bart-prefix on optimum's export folder, whose config.json says model_type t5)"
         )),
         _ => None,
     }
@@ -1312,6 +1327,7 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
             .into_iter()
             .find_map(|i| numbered_from_ids(g, i))
             .and_then(|n| usize::try_from(n.pad).ok()),
+        relative_bias_buckets: None,
         alibi: if alibi_from_mask(g) {
             Some("mask".into())
         } else {
@@ -1328,6 +1344,15 @@ pub fn inspect(model: &Model) -> Result<ModelInfo> {
 }
 
 impl ModelInfo {
+    /// A graph of a T5 export (its config.json says so): the narrow table it looks up is its relative position bias,
+    /// which the BART path handles, not a position table.
+    pub fn as_t5(&mut self, g: &Graph) {
+        self.unsupported = unsupported_except_relative_bias(g, self.family);
+        self.relative_bias_buckets = self.position_rows.take();
+        self.positions = None;
+        self.pad_row = None;
+    }
+
     pub fn to_text(&self) -> String {
         let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
         let mut s = String::new();
@@ -1351,6 +1376,10 @@ impl ModelInfo {
             match (self.position_rows, self.family) {
                 (Some(rows), _) if self.rotary_table => format!("rotary sine/cosine table of {rows} positions"),
                 (Some(rows), _) => format!("position rows {rows}"),
+                (None, _) if self.relative_bias_buckets.is_some() => format!(
+                    "no position table (T5's relative position bias, {} buckets)",
+                    self.relative_bias_buckets.unwrap_or_default()
+                ),
                 (None, Family::Gpt2Decoder) => match self.alibi.as_deref().map(|a| a.split_once(' ')) {
                     Some(None) => "no position table (ALiBi biases numbered from the attention mask)".to_string(),
                     Some(Some((_, n))) => format!(

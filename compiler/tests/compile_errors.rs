@@ -204,7 +204,7 @@ fn lookalike_exports_are_refused() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && text.contains("not supported: the graph looks up a 64×4 table"), "{text}");
 
-    // A BART-named folder whose config says T5.
+    // A BART export whose config says T5: its graphs have no relative position bias table.
     let folder = d.join("t5-export");
     std::fs::create_dir_all(&folder).unwrap();
     for e in std::fs::read_dir(graphs().join("bart-enc-deep")).unwrap() {
@@ -219,9 +219,16 @@ fn lookalike_exports_are_refused() {
     let bart = ["--bart-prefix", "peft", "--prefix-len", "2", "--batch", "2", "--src-len", "5", "--tgt-len", "4"];
     fails_with(
         &compile(&folder, &bart, &d.join("b")),
+        &["found 0 relative position bias tables", "says model_type t5, but its graphs are not T5's"],
+    );
+    // Another model type: the path names those it compiles.
+    std::fs::write(folder.join("config.json"), cfg.replace("\"model_type\": \"bart\"", "\"model_type\": \"longt5\""))
+        .unwrap();
+    fails_with(
+        &compile(&folder, &bart, &d.join("b")),
         &[
-            "says model_type \"t5\"",
-            "compiles bart, marian, pegasus, mbart, blenderbot, blenderbot-small, m2m_100 exports only",
+            "says model_type \"longt5\"",
+            "compiles bart, marian, pegasus, mbart, blenderbot, blenderbot-small, m2m_100, t5 exports only",
         ],
     );
     // M2M100 (NLLB-200's model_type too) is on the path: its positions numbered from the ids are read off its graphs

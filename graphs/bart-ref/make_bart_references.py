@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures and on tiny Marian,
-Pegasus, mBART, BlenderBot, BlenderBot-small and M2M100 exported in BART's layout.
+Pegasus, mBART, BlenderBot, BlenderBot-small and M2M100 exported in BART's layout, and on tiny T5 (v1.0 and v1.1).
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
@@ -8,8 +8,8 @@ Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
 Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py),
 graphs/marian-tiny/hf/, graphs/pegasus-tiny/hf/, graphs/mbart-tiny/hf/, graphs/blenderbot-tiny/hf/ and
-graphs/blenderbot-small-tiny/hf/, graphs/m2m100-tiny/hf/ (graphs/make_seq2seq_fixtures.py; loaded through
-AutoModelForSeq2SeqLM). FIXTURES
+graphs/blenderbot-small-tiny/hf/, graphs/m2m100-tiny/hf/ (graphs/make_seq2seq_fixtures.py) and graphs/t5-tiny/hf/,
+graphs/t5v11-tiny/hf/ (graphs/make_t5_fixtures.py), all loaded through AutoModelForSeq2SeqLM. FIXTURES
 lists them; new fixtures go at its end (each file's noise seed depends on the fixture's index).
 Writes graphs/bart-ref/<fixture>-<mode>-<param>.safetensors, mode in {peft, paper}, param in {reparam, noreparam}.
 With --weights f16: <fixture>-<mode>-reparam-f16.safetensors, the same on the model whose weights of rank >= 2
@@ -29,6 +29,15 @@ mbart-tiny's batch is framed as mBART's tokenizer frames it (`X </s> en_XX` sour
 tgt_lang ro_RO, de_DE, ro_RO; no <s>) and its decoder inputs are mBART's own `shift_tokens_right(labels, pad)` (the
 row's last non-pad token, the target language code, moved to the front; `decoder_input_ids` in the files), not BART's
 `[decoder_start, labels[:-1]]`.
+
+T5 (t5-tiny, t5v11-tiny): no absolute positions but a relative position bias, computed from a table
+[buckets, heads] in each stack's block 0 and shared by its layers (none in cross-attention), and unscaled scores.
+Its batch is framed as T5's tokenizer frames it (`X </s>` sources, no bos, pad 0), its decoder inputs are T5's
+`_shift_right(labels)` (= BART's shift behind decoder_start = pad 0). `peft`: PEFT puts the prefix into the decoder's
+self-attention only, and its cache of length P numbers the decoder's queries P..P+T-1 over keys 0..P+T-1, so the
+prefix keys get the bias table[bucket(c - P - t)] (prefix key c, query t) and the real x real block is unchanged;
+rebuilt by hand (`t5_prefixed_attention`, an independent bucket function). `paper`: the prefix columns of all three
+attentions get no position bias (0) and are visible to every query; the real x real bias is unchanged.
 
 CPU, float32, eval mode (dropout off), eager attention, seeded: reruns give byte-identical files.
 """
@@ -50,11 +59,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPHS = os.path.join(HERE, "..")
 # New fixtures go at the end: the noise seeds depend on the index (the existing files must not change).
 FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny",
-            "blenderbot-small-tiny", "m2m100-tiny")
+            "blenderbot-small-tiny", "m2m100-tiny", "t5-tiny", "t5v11-tiny")
 # Marian, Pegasus, mBART, BlenderBot and BlenderBot-small in BART's layout (graphs/make_seq2seq_fixtures.py): loaded
 # through AutoModelForSeq2SeqLM.
 AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny",
-                 "m2m100-tiny")
+                 "m2m100-tiny", "t5-tiny", "t5v11-tiny")
+# T5 (graphs/make_t5_fixtures.py): relative position bias, no absolute positions (t5_prefixed_attention below).
+# make_bart_generation_references.py has no T5 path yet: it must leave these out of R.FIXTURES.
+T5_FIXTURES = ("t5-tiny", "t5v11-tiny")
 # mbart-tiny's language codes (graphs/tokenizers/mbart-style/'s ids; 70..94 are the 25 codes, 95 <mask>): sources end
 # `</s> en_XX`; labels `</s> ro_RO` (89 = its decoder_start_token_id, as mbart-large-en-ro's), row 1's `</s> de_DE` (72,
 # not the config's start: a multilingual batch, where only mBART's own shift gives HF's decoder inputs).
@@ -85,6 +97,8 @@ def make_batch(cfg):
     """Source with padding (right-padded rows 1 and 2), labels with -100 (trailing, and one inside row 0)."""
     if cfg.model_type == "mbart":
         return make_mbart_batch(cfg)
+    if cfg.model_type == "t5":
+        return make_t5_batch(cfg)
     g = torch.Generator().manual_seed(SEED)
     r = lambda *shape: torch.randint(3, cfg.vocab_size, shape, generator=g, dtype=torch.int64)
     input_ids = torch.full((B, S), cfg.pad_token_id, dtype=torch.int64)
@@ -123,6 +137,45 @@ def make_mbart_batch(cfg):
         labels[b, n - 1] = MBART_TGT_LANGS[b]
     labels[0, 2] = -100  # an ignored target inside a row: HF's mBART shift then takes the wrong token as start (README)
     return input_ids, attention_mask, labels
+
+
+def make_t5_batch(cfg):
+    """make_batch's rows as T5's tokenizer frames them: source `words </s>` (no bos; 7, 5, 3 real tokens, right-padded
+    with pad 0), labels `words </s>` (6, 4, 3 real tokens, then -100; one -100 inside row 0). Words are ids 3..vocab-1
+    (0 pad, 1 eos, 2 unk)."""
+    g = torch.Generator().manual_seed(SEED)
+    r = lambda *shape: torch.randint(3, cfg.vocab_size, shape, generator=g, dtype=torch.int64)
+    input_ids = torch.full((B, S), cfg.pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros(B, S, dtype=torch.int64)
+    for b, n in enumerate((S, S - 2, S - 4)):
+        input_ids[b, : n - 1] = r(n - 1)
+        input_ids[b, n - 1] = cfg.eos_token_id
+        attention_mask[b, :n] = 1
+    labels = torch.full((B, T), -100, dtype=torch.int64)
+    for b, n in enumerate((T, T - 2, T - 3)):
+        labels[b, : n - 1] = r(n - 1)
+        labels[b, n - 1] = cfg.eos_token_id
+    labels[0, 2] = -100  # an ignored target inside a row: its decoder input becomes pad
+    return input_ids, attention_mask, labels
+
+
+def layers(cfg):
+    """(encoder layers, decoder layers): BART's config names, or T5's."""
+    if cfg.model_type == "t5":
+        return cfg.num_layers, cfg.num_decoder_layers
+    return cfg.encoder_layers, cfg.decoder_layers
+
+
+def heads(cfg):
+    """(encoder heads, decoder heads)."""
+    if cfg.model_type == "t5":
+        assert cfg.num_heads * cfg.d_kv == cfg.d_model, "PEFT's D is d_model / heads"
+        return cfg.num_heads, cfg.num_heads
+    return cfg.encoder_attention_heads, cfg.decoder_attention_heads
+
+
+def activation(cfg):
+    return cfg.feed_forward_proj if cfg.model_type == "t5" else cfg.activation_function
 
 
 def decoder_inputs(cfg, labels):
@@ -243,6 +296,120 @@ def patch_paper(model, gens):
         lay.encoder_attn.forward = prefixed_attention(lay.encoder_attn, layer_kv(gens["cross"], i))
 
 
+def t5_bucket(rel, bidirectional, num_buckets, max_distance):
+    """T5's _relative_position_bucket, written independently (numpy, float64 log; exact for these sizes: asserted
+    against HF's own in t5_bias)."""
+    rel = np.asarray(rel, dtype=np.int64)
+    ret = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        ret += (rel > 0).astype(np.int64) * num_buckets
+        n = np.abs(rel)
+    else:
+        n = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    large = max_exact + (np.log(np.maximum(n, 1) / max_exact) / np.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return ret + np.where(n < max_exact, n, large)
+
+
+def t5_bias(stack, q_pos, k_pos):
+    """[1, H, len(q_pos), len(k_pos)]: the stack's table (block 0's relative_attention_bias) at
+    bucket(k - q), bidirectional in the encoder."""
+    attn = stack.block[0].layer[0].SelfAttention
+    cfg = stack.config
+    rel = np.asarray(k_pos)[None, :] - np.asarray(q_pos)[:, None]
+    bi = not stack.is_decoder
+    nb, md = cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+    idx = t5_bucket(rel, bi, nb, md)
+    hf = attn._relative_position_bucket(torch.from_numpy(rel), bidirectional=bi, num_buckets=nb, max_distance=md)
+    assert np.array_equal(hf.numpy(), idx), (rel, hf, idx)
+    return attn.relative_attention_bias.weight[torch.from_numpy(idx)].permute(2, 0, 1).unsqueeze(0)
+
+
+def t5_prefixed_attention(attn, prefix, bias):
+    """A T5Attention forward with prefix keys/values in front of its own (no projection), scores unscaled (T5),
+    `bias(t, s, p)` ([1, H, t, p + s]: the position bias over the p prefix keys and the s real keys) added, and p zero
+    columns in front of the additive mask (every query sees every prefix slot; padding and causality apply to the real
+    keys). Ignores the position_bias it is passed (block 0's, shared): it builds its own. `prefix()` returns
+    ([H, p, D] keys, [H, p, D] values)."""
+
+    def forward(hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
+        assert cache is None or cache.get_seq_length() == 0  # no past: queries at 0..t-1 (peft: bias() shifts)
+        b, t, _ = hidden_states.shape
+        h, d = attn.n_heads, attn.key_value_proj_dim
+        src = hidden_states if key_value_states is None else key_value_states
+        s = src.shape[1]
+        q = attn.q(hidden_states).view(b, t, h, d).transpose(1, 2)
+        k = attn.k(src).view(b, s, h, d).transpose(1, 2)
+        v = attn.v(src).view(b, s, h, d).transpose(1, 2)
+        pk, pv = prefix()
+        p = pk.shape[1]
+        k = torch.cat([pk.unsqueeze(0).expand(b, h, p, d), k], dim=2)
+        v = torch.cat([pv.unsqueeze(0).expand(b, h, p, d), v], dim=2)
+        assert attn.scaling == 1.0
+        pb = bias(t, s, p)
+        assert pb.shape == (1, h, t, p + s), pb.shape
+        scores = torch.matmul(q, k.transpose(2, 3)) + pb
+        if mask is not None:
+            assert mask.dtype.is_floating_point and mask.shape[-1] == s, mask.shape
+            mask = mask.expand(b, 1, t, s)
+            scores = scores + torch.cat([torch.zeros(b, 1, t, p, dtype=mask.dtype), mask], dim=-1)
+        else:
+            assert key_value_states is not None or not attn.is_decoder, "decoder self-attention without a mask"
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, h * d)
+        return attn.o(out), pb, probs
+
+    return forward
+
+
+def t5_paper_bias(stack, cross=False):
+    """Paper mode: 0 on the prefix columns, the real x real bias unchanged (none in cross-attention)."""
+
+    def bias(t, s, p):
+        h = stack.config.num_heads
+        dtype = stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.dtype
+        real = torch.zeros(1, h, t, s, dtype=dtype) if cross else t5_bias(stack, np.arange(t), np.arange(s))
+        return torch.cat([torch.zeros(1, h, t, p, dtype=dtype), real], dim=-1)
+
+    return bias
+
+
+def t5_peft_bias(stack):
+    """PEFT's: a cache of length p numbers the queries p..p+t-1 and the keys (prefix, then real) 0..p+t-1."""
+    return lambda t, s, p: t5_bias(stack, np.arange(p, p + t), np.arange(p + s))
+
+
+def patch_paper_t5(model, gens):
+    for i, blk in enumerate(model.encoder.block):
+        a = blk.layer[0].SelfAttention
+        a.forward = t5_prefixed_attention(a, layer_kv(gens["enc"], i), t5_paper_bias(model.encoder))
+    for i, blk in enumerate(model.decoder.block):
+        a = blk.layer[0].SelfAttention
+        a.forward = t5_prefixed_attention(a, layer_kv(gens["dec"], i), t5_paper_bias(model.decoder))
+        a = blk.layer[1].EncDecAttention
+        a.forward = t5_prefixed_attention(a, layer_kv(gens["cross"], i), t5_paper_bias(model.decoder, cross=True))
+
+
+def t5_norms_in_own_dtype(model):
+    """T5LayerNorm computes its variance in float32 whatever the model's dtype: in the float64 run (the finite
+    differences need it) compute it in float64."""
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    def norm(mod):
+        def forward(hidden_states):
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return mod.weight * (hidden_states * torch.rsqrt(variance + mod.variance_epsilon))
+
+        return forward
+
+    for m in model.modules():
+        if isinstance(m, T5LayerNorm):
+            m.forward = norm(m)
+
+
 def shift_decoder_positions(model, by):
     """Numbers the decoder's tokens from `by` (what a cache of length `by` does in HF)."""
 
@@ -272,14 +439,15 @@ class PeftRunner:
     def __init__(self, fixture, mid, facts):
         base = load_base(fixture)
         cfg = base.config
-        self.L = max(cfg.encoder_layers, cfg.decoder_layers)
+        n_enc, n_dec = layers(cfg)
+        self.L = max(n_enc, n_dec)
         kw = dict(prefix_projection=True, encoder_hidden_size=mid) if mid is not None else dict(prefix_projection=False)
         default = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P, **kw)
-        if cfg.decoder_layers > cfg.encoder_layers:
+        if n_dec > n_enc:
             # PEFT's default on a deeper decoder: the table is too short for the decoder's layers.
             torch.manual_seed(SEED)
             m = get_peft_model(load_base(fixture), copy.deepcopy(default))
-            assert m.active_peft_config.num_layers == cfg.encoder_layers
+            assert m.active_peft_config.num_layers == n_enc
             try:
                 m(**self.inputs_of(cfg))
                 raise AssertionError("PEFT's default config was expected to fail on a deeper decoder")
@@ -314,16 +482,22 @@ class PaperRunner:
         self.model = load_base(fixture, dtype)
         cfg = self.model.config
         if gens is None:
+            (n_enc, n_dec), (h_enc, h_dec) = layers(cfg), heads(cfg)
             torch.manual_seed(SEED)  # the same init rule as PEFT's PrefixEncoder, one generator after another
             gens = torch.nn.ModuleDict({
-                "enc": Generator(cfg.d_model, cfg.encoder_layers, cfg.encoder_attention_heads, mid),
-                "dec": Generator(cfg.d_model, cfg.decoder_layers, cfg.decoder_attention_heads, mid),
-                "cross": Generator(cfg.d_model, cfg.decoder_layers, cfg.decoder_attention_heads, mid),
+                "enc": Generator(cfg.d_model, n_enc, h_enc, mid),
+                "dec": Generator(cfg.d_model, n_dec, h_dec, mid),
+                "cross": Generator(cfg.d_model, n_dec, h_dec, mid),
             })
         self.gens = gens.to(dtype)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        patch_paper(self.model, self.gens)
+        if cfg.model_type == "t5":
+            if dtype == torch.float64:
+                t5_norms_in_own_dtype(self.model)
+            patch_paper_t5(self.model, self.gens)
+        else:
+            patch_paper(self.model, self.gens)
         self.named = [(f"{site}.{n}", p) for site, g in self.gens.items() for n, p in g.named_parameters()]
 
     def forward(self, ids, mask, labels):
@@ -354,7 +528,8 @@ def check_peft_semantics(runner, fixture, init, ids, mask, labels, loss, logits,
         assert len(cache.cross_attention_cache.layers) == 0
         assert len(cache.self_attention_cache.layers) == L
         flat = runner.model.prompt_encoder[runner.model.active_adapter](torch.arange(P).unsqueeze(0))[0]
-        H, D = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
+        H = heads(cfg)[1]
+        D = cfg.d_model // H
         table = flat.view(P, 2 * L, H, D).permute(1, 2, 0, 3)  # [2L, H, P, D]
         rows = []
         for i in range(L):
@@ -363,7 +538,7 @@ def check_peft_semantics(runner, fixture, init, ids, mask, labels, loss, logits,
             k, v = cache.self_attention_cache.layers[i].keys, cache.self_attention_cache.layers[i].values
             assert torch.equal(k, table[rk].unsqueeze(0).expand(B, H, P, D)), i
             assert torch.equal(v, table[rv].unsqueeze(0).expand(B, H, P, D)), i
-        facts["decoder layer i reads rows"] = ", ".join(f"{i}: {rows[i]}" for i in range(cfg.decoder_layers))
+        facts["decoder layer i reads rows"] = ", ".join(f"{i}: {rows[i]}" for i in range(layers(cfg)[1]))
 
         # (1) the same cache built by hand, passed to the bare model.
         own = EncoderDecoderCache(
@@ -372,8 +547,12 @@ def check_peft_semantics(runner, fixture, init, ids, mask, labels, loss, logits,
             DynamicCache(),
         )
         dec_ids = decoder_inputs(cfg, labels)
+        if cfg.model_type == "t5":
+            assert torch.equal(dec_ids, base._shift_right(labels))
         l1 = base(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids, past_key_values=own).logits
         torch.testing.assert_close(l1, logits, rtol=0, atol=1e-5)
+        if cfg.model_type == "t5":
+            return check_peft_t5(runner, fixture, rows, table, ids, mask, labels, dec_ids, loss, logits, facts)
 
         # (2) the attention written out: prefix on the decoder's self-attention only (layer i: rows above),
         # encoder and cross-attention untouched, decoder positions numbered from P.
@@ -400,6 +579,41 @@ def check_peft_semantics(runner, fixture, init, ids, mask, labels, loss, logits,
         assert (lb - logits).abs().max().item() > 1e-2 and (lp - logits).abs().max().item() > 1e-2
 
 
+def check_peft_t5(runner, fixture, rows, table, ids, mask, labels, dec_ids, loss, logits, facts):
+    """(2) for T5: the decoder's self-attention written out (t5_prefixed_attention) with the prefix in front and
+    PEFT's bias (queries at P..P+T-1, keys at 0..P+T-1: the prefix columns table[bucket(c - P - t)], the real x real
+    block as without a prefix); encoder and cross-attention untouched; no positions to shift."""
+    plain = load_base(fixture)
+    bias = t5_peft_bias(plain.decoder)
+    rel = np.arange(P)[None, :] - np.arange(P, P + T)[:, None]
+    cfg = plain.config
+    facts["prefix columns' buckets (rows: query t)"] = t5_bucket(
+        rel, False, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance).tolist()
+    real = t5_bias(plain.decoder, np.arange(T), np.arange(T))
+    assert torch.equal(bias(T, T, P)[..., P:], real)  # shift invariance: the real x real block is unchanged
+
+    def written_out(bias):
+        for i, blk in enumerate(plain.decoder.block):
+            rk, rv = rows[i]
+            a = blk.layer[0].SelfAttention
+            a.forward = t5_prefixed_attention(a, lambda rk=rk, rv=rv: (table[rk], table[rv]), bias)
+        return plain(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids).logits
+
+    l2 = written_out(bias)
+    d2 = (l2 - logits).abs().max().item()
+    torch.testing.assert_close(l2, logits, rtol=0, atol=1e-5)
+    ce = F.cross_entropy(l2.reshape(-1, l2.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(ce, loss.detach(), rtol=0, atol=1e-5)
+    facts["hand rebuild vs PEFT"] = f"max |logits diff| {d2:.2g}, |loss diff| {abs(ce.item() - loss.item()):.2g}"
+    # The prefix matters; so does its bias: zero bias on the prefix columns (pfx's paper-mode columns) is wrong here.
+    lz = written_out(lambda t, s, p: torch.cat([torch.zeros(1, real.shape[1], t, p), bias(t, s, p)[..., p:]], -1))
+    lb = load_base(fixture)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids).logits
+    facts["max |logits - logits without prefix|"] = (
+        f"{(lb - logits).abs().max().item():.4f} (prefix columns with zero bias: {(lz - logits).abs().max().item():.4f})"
+    )
+    assert (lb - logits).abs().max().item() > 1e-2 and (lz - logits).abs().max().item() > 1e-3
+
+
 def check_paper_numerics(runner, fixture, mid, init, ids, mask, labels, loss, grads, facts):
     """The float32 run against the same code in float64 (loss and gradients), and float64 autograd against
     central finite differences."""
@@ -418,6 +632,18 @@ def check_paper_numerics(runner, fixture, mid, init, ids, mask, labels, loss, gr
         worst = max(worst, e)
     assert worst < 1e-4, worst
     facts["float32 vs float64"] = f"|dloss| {dl:.1e}, worst gradient norm-rel {worst:.1e}"
+    if runner.model.config.model_type == "t5":
+        # The written-out attention with no prefix (p = 0) is HF's own: the real x real bias and masks are unchanged.
+        with torch.no_grad():
+            none = load_base(fixture)
+            empty = {site: (lambda g=g: torch.zeros(2 * g.layers, g.heads, 0, g.head_dim))
+                     for site, g in runner.gens.items()}
+            lb = none(input_ids=ids, attention_mask=mask, labels=labels).logits
+            patch_paper_t5(none, empty)
+            l0 = none(input_ids=ids, attention_mask=mask, labels=labels).logits
+        d0 = (l0 - lb).abs().max().item()
+        assert d0 < 1e-5, d0
+        facts["written-out attention without prefix vs HF"] = f"max |logits diff| {d0:.2g}"
     g = torch.Generator().manual_seed(SEED + 7)
     worst_fd = 0.0
     checked = 0
@@ -557,8 +783,7 @@ def main():
     for fixture in FIXTURES:
         cfg = load_base(fixture).config
         ids, mask, labels = make_batch(cfg)
-        print(f"\n#### {fixture}: encoder {cfg.encoder_layers} / decoder {cfg.decoder_layers} layers, "
-              f"{cfg.activation_function}")
+        print(f"\n#### {fixture}: encoder {layers(cfg)[0]} / decoder {layers(cfg)[1]} layers, {activation(cfg)}")
         print("input_ids\n", ids.numpy())
         print("attention_mask\n", mask.numpy())
         print("labels\n", labels.numpy())

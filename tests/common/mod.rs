@@ -262,6 +262,10 @@ pub const BART_FIXTURES: [&str; 8] = [
     "m2m100-tiny",
 ];
 
+/// T5 fixtures on the BART path (`graphs/make_t5_fixtures.py`): training references only (pfx does not build T5's
+/// generation graphs yet).
+pub const T5_FIXTURES: [&str; 2] = ["t5-tiny", "t5v11-tiny"];
+
 /// BART compile options at the shapes of the fixtures' references (`graphs/bart-ref/`): prefix 4, batch 3,
 /// source 7, target 6, no label smoothing, AdamW's defaults, seed 0.
 pub fn bart_options(mode: BartPrefix, mid_dim: Option<usize>, generation: Option<BartGenShape>) -> BartOptions {

@@ -167,6 +167,9 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("warning: {e:#}");
                     None
                 });
+                if info.config_model_type.as_deref() == Some("t5") {
+                    info.as_t5(&m.graph);
+                }
                 if json {
                     infos.insert(path.display().to_string(), serde_json::to_value(&info)?);
                 } else {
@@ -239,6 +242,9 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::bail!("--seq is GPT-2's sequence length; BART takes --src-len and --tgt-len");
                 }
                 let with_past = bart::has_decoder_with_past(&model);
+                // T5's generation graphs are not built yet (its cache needs the bias of every slot): it trains.
+                let t5 = pfx_compiler::inspect::config_model_type(&model.join("config.json"))?.as_deref() == Some("t5");
+                let generates = max_new > 0 && with_past && !t5;
                 let opts = bart::BartOptions {
                     mode,
                     prefix_len,
@@ -250,7 +256,7 @@ fn run(cli: Cli) -> Result<()> {
                     optimizer,
                     seed,
                     // Generation needs the decoder with past; exports without it still train.
-                    generation: (max_new > 0 && with_past).then(|| bart_generate::BartGenShape {
+                    generation: generates.then(|| bart_generate::BartGenShape {
                         rows: gen_rows,
                         src_len: prompt_len.unwrap_or(src_len),
                         max_new,
@@ -274,7 +280,12 @@ fn run(cli: Cli) -> Result<()> {
                     t0.elapsed().as_secs_f64(),
                     m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
                 );
-                if max_new > 0 && !with_past {
+                if max_new > 0 && t5 {
+                    eprintln!(
+                        "note: pfx does not build T5's generation graphs yet, so the bundle has none: it trains and \
+                         evaluates (pfxrun train, eval)"
+                    );
+                } else if max_new > 0 && !with_past {
                     eprintln!(
                         "note: {} has no decoder_with_past_model.onnx, so the bundle has no generation graphs \
                          (export with optimum's --task text2text-generation-with-past to generate)",

@@ -139,9 +139,9 @@ pub struct BartExport {
 /// `inspect::table_offset` reads that off the graph; M2M100's (and NLLB-200's) positions are numbered from the token
 /// ids in the graph, `inspect::numbered_from_ids`, which `prefix::shift_positions` and `expose_positions` rewrite;
 /// pre-LayerNorm; BlenderBot-small's embedding LayerNorm), or that pfx handles (mBART's decoder inputs,
-/// `add_decoder_inputs`).
+/// `add_decoder_inputs`; T5's relative position bias over the prefix, `super::t5`).
 pub const BART_LAYOUT_MODELS: &[&str] =
-    &["bart", "marian", "pegasus", "mbart", "blenderbot", "blenderbot-small", "m2m_100"];
+    &["bart", "marian", "pegasus", "mbart", "blenderbot", "blenderbot-small", "m2m_100", "t5"];
 
 /// Sizes read off the two graphs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -328,7 +328,9 @@ pub(super) fn take_branch(m: &mut Model, cache: bool) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Model, ModelInfo)> {
+/// Loads one graph of a BART-layout export. T5's (`t5`) look up their relative position bias table where other
+/// models look up positions: it is neither refused nor taken for a position table (T5 has no length limit).
+pub(super) fn load_part(path: &Path, want: Family, merged: bool, t5: bool) -> Result<(Model, ModelInfo)> {
     let mut m = onnx_io::load(path)?;
     let fam = detect_family(&m.graph);
     if fam != want {
@@ -337,7 +339,10 @@ pub(super) fn load_part(path: &Path, want: Family, merged: bool) -> Result<(Mode
     if merged {
         take_branch(&mut m, false).with_context(|| format!("taking the no-cache branch of {}", path.display()))?;
     }
-    let info = inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
+    let mut info = inspect(&m).with_context(|| format!("inspecting {}", path.display()))?;
+    if t5 {
+        info.as_t5(&m.graph);
+    }
     if let Some(why) = &info.unsupported {
         bail!("{} {why}", path.display());
     }
@@ -696,8 +701,10 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
     let export = find_export(dir)?;
     // Before the graphs are read: a wrong language is refused at once.
     check_languages(&export, opts.languages.as_ref())?;
-    let (mut enc, enc_info) = load_part(&export.encoder, Family::BartEncoder, false)?;
-    let (mut dec, dec_info) = load_part(&export.decoder, Family::BartDecoder, export.merged)?;
+    let t5 = export.model_type == "t5";
+    let t5_config = if t5 { Some(super::t5::read_config(&export.dir.join("config.json"))?) } else { None };
+    let (mut enc, enc_info) = load_part(&export.encoder, Family::BartEncoder, false, t5)?;
+    let (mut dec, dec_info) = load_part(&export.decoder, Family::BartDecoder, export.merged, t5)?;
     check_fit(&enc.graph, &dec.graph, &export)?;
     let dims = dims_of(&enc_info, &dec_info, &export)?;
     let p = opts.prefix_len;
@@ -718,7 +725,8 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
             bail!("--tgt-len {} needs {need} decoder positions{why}, but the decoder has {n}", opts.tgt_len);
         }
     }
-    if opts.mode == BartPrefix::Peft {
+    // T5's bias depends on key - query only: PEFT's shift leaves the decoder's own bias as it is.
+    if opts.mode == BartPrefix::Peft && !t5 {
         let n = prefix::shift_positions(&mut dec.graph, p)?;
         if n != 1 {
             bail!("expected one position-embedding lookup in the decoder, found {n}");
@@ -726,8 +734,21 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
     }
     specialize(&mut enc, &Dims { batch: opts.batch, seq: opts.src_len, past: None, src_len: None })
         .with_context(|| format!("specializing {}", export.encoder.display()))?;
-    specialize(&mut dec, &Dims { batch: opts.batch, seq: opts.tgt_len, past: None, src_len: Some(opts.src_len) })
-        .with_context(|| format!("specializing {}", export.decoder.display()))?;
+    let dec_dims = Dims { batch: opts.batch, seq: opts.tgt_len, past: None, src_len: Some(opts.src_len) };
+    // T5's decoder bias table, its buckets checked against the config's (PEFT's prefix columns read it).
+    let t5_table = match &t5_config {
+        Some(c) => {
+            let (name, table) = super::t5::bias_table(&dec.graph, dims.decoder_heads)
+                .with_context(|| format!("reading {}", export.decoder.display()))?;
+            // Over P + T tokens: the distances the prefix columns reach.
+            let reach = Dims { seq: opts.tgt_len + p, ..dec_dims.clone() };
+            super::t5::check_buckets(&dec, &name, false, c.max_distance, &reach)
+                .with_context(|| format!("checking {}", export.decoder.display()))?;
+            Some(table)
+        }
+        None => None,
+    };
+    specialize(&mut dec, &dec_dims).with_context(|| format!("specializing {}", export.decoder.display()))?;
     let enc_sites: Vec<String> = attention_softmaxes(&enc.graph).into_iter().map(|s| s.0).collect();
     if enc_sites.len() != dims.encoder_layers {
         bail!("found {} attentions in the encoder, but it has {} layers", enc_sites.len(), dims.encoder_layers);
@@ -783,10 +804,20 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
             let sh = shape(layers, dims.decoder_heads);
             sh.check_size()?;
             let kv = prefix::build_generator(g, &sh, "", opts.batch)?;
+            // T5: the prefix keys' relative bias, as PEFT's cache numbers them (one constant for every layer).
+            let bias = match (&t5_table, &t5_config) {
+                (Some(table), Some(c)) => Some(
+                    g.add_const("t5_prefix_bias", super::t5::peft_prefix_bias(table, opts.tgt_len, p, c.max_distance)?),
+                ),
+                _ => None,
+            };
             for (i, sm) in self_sites.iter().enumerate() {
                 // PEFT: rows (4i mod 2L, 4i+1 mod 2L) = generator layer (2i mod L).
                 prefix::inject_one(g, sm, &kv[(2 * i) % layers], None, p, &Default::default(), None)
                     .map_err(|e| e.context(format!("binding the prefix of decoder layer {i} (Softmax '{sm}')")))?;
+                if let Some(b) = &bias {
+                    super::t5::add_to_scores(g, sm, b)?;
+                }
             }
             generators.push(Generator { site: String::new(), shape: sh });
         }
@@ -813,6 +844,13 @@ pub struct CompiledBart {
 pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBart> {
     crate::progress::stage(format_args!("reading and specializing {}", dir.display()));
     let BartLoss { model: eval, export, dims, generators } = build_bart_loss_graph(dir, opts)?;
+    if export.model_type == "t5" && opts.generation.is_some() {
+        bail!(
+            "{}: pfx does not build T5's generation graphs yet (its decode graph needs the relative bias of every \
+             cache slot); compile without them (pfxc compile --max-new 0) to train and evaluate",
+            dir.display()
+        );
+    }
     crate::progress::stage("building the gradients, the AdamW step and the generation graphs");
     let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
     let mut graphs = super::training_graphs(eval, &names, &opts.optimizer, &bart_loss(opts))?;

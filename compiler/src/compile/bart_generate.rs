@@ -128,8 +128,8 @@ pub fn build_encode(
     baked: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<Model> {
     let export = bart::find_export(dir)?;
-    let (mut enc, enc_info) = bart::load_part(&export.encoder, Family::BartEncoder, false)?;
-    let (mut dec, dec_info) = bart::load_part(&export.decoder, Family::BartDecoder, export.merged)?;
+    let (mut enc, enc_info) = bart::load_part(&export.encoder, Family::BartEncoder, false, false)?;
+    let (mut dec, dec_info) = bart::load_part(&export.decoder, Family::BartDecoder, export.merged, false)?;
     bart::check_fit(&enc.graph, &dec.graph, &export)?;
     let sizes = Sizes { dims: bart::dims_of(&enc_info, &dec_info, &export)?, p: prefix_len, mid };
     let d = &sizes.dims;

@@ -1,0 +1,202 @@
+//! T5 on the BART path. Its attentions add a relative position bias: a [buckets, heads] table read at the bucket of
+//! each key's position minus the query's (HF's `T5Attention._relative_position_bucket`), computed once by the
+//! graph from the sequence lengths and added to every layer's scores. A prefix's columns need a bias of their own:
+//! - PEFT's prefix is a cache of P tokens in front of the decoder's: HF numbers its keys 0..P-1 and the decoder's
+//!   queries P..P+T-1, so a prefix key c seen from query t reads the bucket of c - P - t (the decoder's own
+//!   columns are unchanged: the bias depends on differences only). `add_prefix_bias` adds those columns.
+//! - pfx's paper layout gives the prefix no position, as in BART: its columns get no bias (what
+//!   `prefix::inject_one`'s neutral columns already are).
+
+use anyhow::{anyhow, bail, Result};
+use std::path::Path;
+
+use crate::ir::Graph;
+use crate::tensor::{Data, Tensor};
+
+/// What the BART path needs of a T5 `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct T5Config {
+    pub max_distance: usize,
+}
+
+/// Reads `config.json` of a T5 export; refuses a model whose heads are not as wide as the hidden size divided by
+/// their number (t5-3b, t5-11b: PEFT cannot prefix them either, and pfx reads the head size that way).
+pub fn read_config(path: &Path) -> Result<T5Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{} is not valid JSON: {e}", path.display()))?;
+    let count = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+    if let (Some(d_model), Some(d_kv), Some(heads)) = (count("d_model"), count("d_kv"), count("num_heads")) {
+        if d_kv * heads != d_model {
+            bail!(
+                "{} describes heads of width d_kv {d_kv} × num_heads {heads} = {} ≠ d_model {d_model} (as t5-3b and \
+                 t5-11b): pfx's T5 prefixes need d_kv × num_heads = d_model (PEFT's do too)",
+                path.display(),
+                d_kv * heads
+            );
+        }
+    }
+    // HF's default when the config does not say.
+    Ok(T5Config { max_distance: count("relative_attention_max_distance").unwrap_or(128) })
+}
+
+/// HF's `_relative_position_bucket` of `rel` = key position - query position, in float32 as the exported graph
+/// computes it (each op rounded to float32): exact below `max_exact`, logarithmic up to `max_distance`, then the
+/// last bucket. `bidirectional`: the encoder's (half the buckets for keys after the query).
+pub fn bucket(rel: i64, bidirectional: bool, buckets: usize, max_distance: usize) -> usize {
+    let (mut nb, mut base) = (buckets as i64, 0i64);
+    let n = if bidirectional {
+        nb /= 2;
+        if rel > 0 {
+            base = nb;
+        }
+        rel.abs()
+    } else {
+        (-rel).max(0)
+    };
+    let max_exact = nb / 2;
+    if n < max_exact {
+        return (base + n) as usize;
+    }
+    let ratio = (n as f32) / (max_exact as f32);
+    let log = (ratio as f64).ln() as f32;
+    let scale = ((max_distance as f64) / (max_exact as f64)).ln() as f32;
+    let large = max_exact + ((((log as f64) / (scale as f64)) as f32 as f64 * (nb - max_exact) as f64) as f32) as i64;
+    (base + large.min(nb - 1)) as usize
+}
+
+/// The decoder's bias table: the one 2-D table the graph gathers [heads] wide (the token table is hidden wide).
+pub fn bias_table(g: &Graph, heads: usize) -> Result<(String, Tensor)> {
+    let tables: Vec<&String> = g
+        .nodes
+        .iter()
+        .filter(|n| n.op == "Gather")
+        .map(|n| &n.inputs[0])
+        .filter(|t| g.initializers.get(*t).is_some_and(|w| w.shape.len() == 2 && w.shape[1] == heads))
+        .collect();
+    match tables.as_slice() {
+        [t] => Ok(((*t).clone(), g.initializers[*t].clone())),
+        _ => bail!(
+            "found {} relative position bias tables ([buckets, {heads}]) where T5's decoder has one: the export's \
+             config.json says model_type t5, but its graphs are not T5's",
+            tables.len()
+        ),
+    }
+}
+
+/// Checks that `model` (canonical, not specialized yet) reads its bias table `table` at the buckets [`bucket`]
+/// gives, or pfx's prefix columns would not continue the model's: a copy with the buckets as an output is
+/// specialized to `dims`, which folds them to a constant [queries, keys] (queries last among the keys).
+pub fn check_buckets(
+    model: &crate::ir::Model,
+    table: &str,
+    bidirectional: bool,
+    max_distance: usize,
+    dims: &crate::specialize::Dims,
+) -> Result<()> {
+    let mut copy = model.clone();
+    let g = &mut copy.graph;
+    let rows = g.initializers.get(table).map_or(0, |t| t.shape[0]);
+    let Some(idx) = g.nodes.iter().find(|n| n.op == "Gather" && n.inputs[0] == table).map(|n| n.inputs[1].clone())
+    else {
+        bail!("T5's bias table '{table}' is not looked up");
+    };
+    let ty =
+        g.types.get(&idx).cloned().unwrap_or(crate::ir::ValueType { dtype: crate::tensor::DType::I64, shape: None });
+    g.outputs.push(crate::ir::ValueInfo { name: idx.clone(), ty });
+    crate::specialize::specialize(&mut copy, dims)?;
+    // Folding leaves a graph output as an Identity of the constant.
+    let g = &copy.graph;
+    let folded = g.producers().get(&idx).map(|&i| &g.nodes[i]).filter(|n| n.op == "Identity").map(|n| &n.inputs[0]);
+    let Some(t) = g.initializers.get(&idx).or_else(|| folded.and_then(|v| g.initializers.get(v))) else {
+        bail!("T5's relative position buckets did not fold to a constant at fixed shapes");
+    };
+    let (Some(v), [q, k]) = (t.as_i64s(), t.shape.as_slice()) else {
+        bail!("T5's relative position buckets are {}, not [queries, keys] integers", t.describe());
+    };
+    for i in 0..*q {
+        for j in 0..*k {
+            let rel = j as i64 - (i + k - q) as i64;
+            let want = bucket(rel, bidirectional, rows, max_distance) as i64;
+            if v[i * k + j] != want {
+                bail!(
+                    "T5's graph reads bucket {} of its relative bias for key {j} and query {i}, where \
+                     relative_attention_max_distance {max_distance} gives {want}: its config.json does not describe \
+                     the export",
+                    v[i * k + j]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// PEFT's bias for the prefix of a decoder of `t` tokens: [1, heads, t, p + t], the prefix columns at the bucket
+/// of c - p - q (prefix key c, query q), zeros over the decoder's own keys (the graph adds their bias itself).
+pub fn peft_prefix_bias(table: &Tensor, t: usize, p: usize, max_distance: usize) -> Result<Tensor> {
+    let (rows, heads) = (table.shape[0], table.shape[1]);
+    let w: Vec<f32> = match &*table.data {
+        Data::F32(w) => w.clone(),
+        _ => table
+            .as_f64s()
+            .ok_or_else(|| anyhow!("T5's bias table is not numeric"))?
+            .iter()
+            .map(|&x| x as f32)
+            .collect(),
+    };
+    let k = p + t;
+    let mut out = vec![0f32; heads * t * k];
+    for h in 0..heads {
+        for q in 0..t {
+            for c in 0..p {
+                let b = bucket(c as i64 - (p + q) as i64, false, rows, max_distance);
+                out[(h * t + q) * k + c] = w[b * heads + h];
+            }
+        }
+    }
+    Ok(Tensor::f32(vec![1, heads, t, k], out))
+}
+
+/// Adds `bias` ([1, heads, queries, keys], keys with the prefix) to the scores the Softmax `softmax` reads.
+pub fn add_to_scores(g: &mut Graph, softmax: &str, bias: &str) -> Result<()> {
+    let i = g
+        .nodes
+        .iter()
+        .position(|n| n.name == softmax)
+        .ok_or_else(|| anyhow!("no Softmax '{softmax}' to add T5's prefix bias to"))?;
+    let scores = g.nodes[i].inputs[0].clone();
+    let sum = g.op1("Add", &[&scores, bias], vec![], "t5_prefix_bias/scores");
+    g.nodes[i].inputs[0] = sum;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// HF's buckets for key - query in -300..=300, both directions, T5's defaults and the fixtures' settings
+    /// (`graphs/unit/make_t5_buckets.py`).
+    #[test]
+    fn buckets_follow_hf() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../graphs/unit/t5-buckets.json");
+        let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let first = refs["rel"][0].as_i64().unwrap();
+        let cases = refs["cases"].as_array().unwrap();
+        for c in cases {
+            let (both, rows, distance) = (
+                c["bidirectional"].as_bool().unwrap(),
+                c["buckets"].as_u64().unwrap() as usize,
+                c["max_distance"].as_u64().unwrap() as usize,
+            );
+            for (i, want) in c["bucket"].as_array().unwrap().iter().enumerate() {
+                let rel = first + i as i64;
+                assert_eq!(
+                    bucket(rel, both, rows, distance) as u64,
+                    want.as_u64().unwrap(),
+                    "{both} {rows} {distance}: rel {rel}"
+                );
+            }
+        }
+        assert_eq!(cases.len(), 4);
+    }
+}
