@@ -32,7 +32,11 @@ have:
   graphs/blenderbot-small-tiny/'s bos, pad, eos: the real checkpoint has `__null__` 0, `__start__` 1), 320 ids, with a
   merges list learned by this script (a plain BPE count, ties to the smaller pair: reruns give the same files), and a
   tokenizer.json for the `tokenizers` library that gives the same ids as the Python class on every line of
-  examples/data/e2e_*.txt (the checkpoint has none: transformers maps blenderbot-small to the Python class only).
+  examples/data/e2e_*.txt (the checkpoint has none: transformers maps blenderbot-small to the Python class only);
+- graphs/tokenizers/t5-style/: T5Tokenizer (T5's pipeline: Unigram, WhitespaceSplit + Metaspace, `$A </s>`, nothing
+  before a text), 100 ids as T5's layout starts (<pad> 0 = decoder start, </s> 1, <unk> 2, then 97 Unigram pieces
+  counted from the E2E slice: the word start mark, the 50 most frequent characters, the most frequent words after the
+  mark) and no `<extra_id_N>` sentinels (extra_ids=0: the real 100 would not fit), the ids of graphs/t5-tiny/.
 
 Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
 - graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
@@ -53,6 +57,13 @@ Written references (Hugging Face's tokenizer is the reference for the ids, PEFT 
 - graphs/tokenizers/blenderbot-small-format-cases.json: the same for blenderbot-small-style (`tokenizer(source)`,
   `tokenizer(text_target=target)`: the bare pieces, no specials), with the decoder inputs BART's
   `shift_tokens_right(labels, pad, decoder_start = __start__)` makes of the labels and HF's truncation to 8 / 6;
+- graphs/tokenizers/t5-format-cases.json: the same for t5-style (loaded as `T5TokenizerFast(tokenizer_file=...)`;
+  `X </s>` for sources and targets alike), with the decoder inputs T5's `_shift_right` makes of the labels (behind
+  <pad>, the decoder start) and HF's truncation to 8 / 6; under `generate`, HF's greedy
+  `generate(max_new_tokens=8)` on graphs/t5-tiny/hf (no prefix) for a few short sources cut to 16 tokens (the last
+  one longer, so that it is cut). The random fixture repeats one token (the first step's pick) for every source,
+  never </s>: pad (0) for the last one, whose text is empty. `python graphs/make_text_references.py t5` writes only
+  t5-style and this file;
 - graphs/peft-decoders/text-llama-gqa-tiny.json: the tiny GQA Llama with PEFT's saved adapter
   (graphs/peft-decoders/adapter-llama-gqa-tiny) and the llama-style tokenizer: the mean loss over the examples of
   graphs/peft-decoders/text-e2e.txt (rows of SEQ tokens, right-padded), and the greedy text of each source.
@@ -457,6 +468,107 @@ def blenderbot_small_cases(folder):
             "cases": cases}
 
 
+T5_SPECIALS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}  # ids 0, 1, 2 as T5's; <pad> is the decoder start
+T5_GEN = {"src_len": 16, "max_new_tokens": 8}
+# Short sources giving different greedy texts on graphs/t5-tiny (with top-2 logit margins of 0.18 at least); the last
+# is 19 tokens, cut to src_len.
+T5_GEN_SOURCES = ["The pub", "It is cold", "Cambridge", "Fitzbillies is a coffee shop with a high customer rating ."]
+
+
+def t5_pieces(size=97, n_chars=50):
+    """Unigram pieces counted as make_pegasus_style counts them (so reruns give the same file): the word start mark,
+    the n_chars most frequent characters (ties by character), then the most frequent words after the mark (ties by
+    word) until `size`; the other characters become <unk>."""
+    import math
+    from collections import Counter
+
+    words = Counter(w for text in train_texts() for w in text.split())
+    chars = Counter(c for text in train_texts() for c in text if not c.isspace())
+    total = sum(words.values()) + sum(chars.values())
+    pieces = {"\u2581": total}
+    for c, n in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:n_chars]:
+        pieces[c] = n
+    for w, n in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(pieces) == size:
+            break
+        pieces.setdefault("\u2581" + w, n)
+    return sorted(((p, round(math.log(n / total), 6)) for p, n in pieces.items()), key=lambda v: (-v[1], v[0]))
+
+
+def make_t5_style():
+    from transformers import T5Tokenizer
+
+    vocab = [(T5_SPECIALS[k], 0.0) for k in ("pad", "eos", "unk")] + t5_pieces()
+    # extra_ids=0: T5's 100 `<extra_id_N>` sentinels would take ids 100..199, past the fixture's vocabulary.
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    assert len(tok) == 100 and [tok.pad_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2]
+    return save(tok, "t5-style")
+
+
+def t5_tokenizer(folder):
+    """The tokenizer as a T5 fine-tuning script may load it: T5TokenizerFast over the tokenizer.json with T5's
+    specials (extra_ids=0, else the class appends 100 sentinels); checked against AutoTokenizer on the folder."""
+    from transformers import AutoTokenizer, T5TokenizerFast
+
+    tok = T5TokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), pad_token=T5_SPECIALS["pad"],
+                          eos_token=T5_SPECIALS["eos"], unk_token=T5_SPECIALS["unk"], extra_ids=0)
+    auto = AutoTokenizer.from_pretrained(folder)
+    assert type(auto).__name__ == "T5Tokenizer" and len(tok) == len(auto) == 100, (type(auto), len(tok), len(auto))
+    for s, t in e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]:
+        assert tok(s)["input_ids"] == auto(s)["input_ids"] and tok(text_target=t)["input_ids"] == auto(
+            text_target=t)["input_ids"], s
+    return tok
+
+
+def t5_model():
+    from transformers import T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration.from_pretrained(os.path.join(HERE, "t5-tiny/hf"), dtype=torch.float32).eval()
+    assert model.config.vocab_size == 100 and model.config.decoder_start_token_id == 0, model.config
+    return model
+
+
+def t5_cases(folder, model):
+    """HF's ids (`X </s>` for sources and targets alike), the decoder inputs T5's `_shift_right` makes of the labels
+    (behind decoder_start = <pad>), and HF's truncation to 8 (source) / 6 (target) tokens."""
+    tok = t5_tokenizer(folder)
+    pairs = e2e_pairs(os.path.join(ROOT, "examples/data/e2e_test.txt"))[:6]
+    cases = [seq2seq_case(tok, s, t, model._shift_right) for s, t in pairs]
+    return {"tokenizer_class": "T5Tokenizer", "pad": tok.pad_token_id, "eos": tok.eos_token_id,
+            "unk": tok.unk_token_id, "decoder_start_token_id": model.config.decoder_start_token_id,
+            "special_tokens": dict(T5_SPECIALS), "cases": cases}
+
+
+def t5_generate_reference(folder, model):
+    """HF's greedy generation on the bare graphs/t5-tiny/hf: the sources cut to src_len as HF's truncation cuts them
+    (</s> kept), a padded batch (checked against one source at a time), the decoder starting with <pad>."""
+    tok = t5_tokenizer(folder)
+    gen = dict(max_new_tokens=T5_GEN["max_new_tokens"], num_beams=1, do_sample=False)
+    batch = tok(T5_GEN_SOURCES, max_length=T5_GEN["src_len"], truncation=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, **gen).tolist()
+        for s, row in zip(T5_GEN_SOURCES, out):
+            alone = model.generate(**tok([s], max_length=T5_GEN["src_len"], truncation=True, return_tensors="pt"),
+                                   **gen)[0].tolist()
+            assert alone == row[:len(alone)] and all(t == tok.pad_token_id for t in row[len(alone):]), (s, row, alone)
+    assert all(row[0] == model.config.decoder_start_token_id for row in out), out
+    # The new tokens up to the first </s> (a row that ended early is padded after it).
+    new = [row[1:row.index(tok.eos_token_id, 1) + 1] if tok.eos_token_id in row[1:] else row[1:] for row in out]
+    texts = [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+    assert len(set(texts)) > 1, texts
+    return dict(T5_GEN, sources=T5_GEN_SOURCES,
+                input_ids=[tok(s, max_length=T5_GEN["src_len"], truncation=True)["input_ids"] for s in T5_GEN_SOURCES],
+                decoder_start_token_id=model.config.decoder_start_token_id, eos=tok.eos_token_id,
+                new_ids=new, ends_with_eos=[row[-1] == tok.eos_token_id for row in new], texts=texts)
+
+
+def write_t5(model=None):
+    model = t5_model() if model is None else model
+    folder = make_t5_style()
+    write_json(os.path.join(TOKENIZERS, "t5-format-cases.json"),
+               {"t5-style": t5_cases(folder, model), "generate": t5_generate_reference(folder, model)})
+
+
 def mbart_cases(folder, cls):
     """HF's ids with src_lang / tgt_lang given to from_pretrained, the decoder inputs of the labels (mBART's
     shift_tokens_right: the last non-pad token first, then labels[:-1]), and the ids HF's truncation gives
@@ -572,13 +684,16 @@ def write_json(path, value):
     print(f"  {os.path.relpath(path, ROOT)}")
 
 
-def main():
+def main(argv):
     import transformers
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if argv == ["t5"]:  # only t5-style and t5-format-cases.json
+        return write_t5()
+    assert not argv, f"usage: make_text_references.py [t5], not {argv}"
     llama_style, llama_eos_style = make_llama_style()
     folders = {"llama-style": llama_style, "opt-style": make_opt_style(), "llama-eos-style": llama_eos_style,
                "qwen-style": make_qwen_style()}
@@ -600,6 +715,7 @@ def main():
     write_json(os.path.join(TOKENIZERS, "nllb-format-cases.json"), nllb)
     write_json(os.path.join(TOKENIZERS, "blenderbot-small-format-cases.json"),
                {"blenderbot-small-style": blenderbot_small_cases(make_blenderbot_small_style())})
+    write_t5()
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)
     write_json(os.path.join(HERE, "peft-decoders/text-llama-gqa-tiny.json"), peft_text_reference(folders["llama-style"]))
@@ -609,4 +725,4 @@ if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

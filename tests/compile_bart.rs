@@ -60,16 +60,8 @@ fn trained_fixtures() -> impl Iterator<Item = &'static str> {
     FIXTURES.into_iter().chain(T5_FIXTURES)
 }
 
-/// Compiles `fixture` into its own folder; T5's without the generation graphs pfx does not build yet.
 fn compile_case(dir: &Path, fixture: &str, opts: &BartOptions, tag: &str) -> (PathBuf, Manifest) {
     let out = out_dir(&format!("{fixture}-{}-{tag}", opts.mode));
-    let t5_opts;
-    let opts = if T5_FIXTURES.contains(&fixture) {
-        t5_opts = BartOptions { generation: None, ..opts.clone() };
-        &t5_opts
-    } else {
-        opts
-    };
     let m = compile_bart(dir, opts, &out).unwrap_or_else(|e| panic!("compiling {fixture} ({tag}): {e:#}"));
     (out, m)
 }
@@ -250,11 +242,7 @@ fn compiled_graph_snapshots() {
     for fixture in FIXTURES.into_iter().chain(["t5-tiny"]) {
         let export = common::graphs_dir().join(fixture);
         for &mode in MODES {
-            let mut opts = options(mode, "reparam", 1.0, 0.0);
-            if T5_FIXTURES.contains(&fixture) {
-                opts.generation = None;
-            }
-            let c = compile_bart_models(&export, &opts).unwrap();
+            let c = compile_bart_models(&export, &options(mode, "reparam", 1.0, 0.0)).unwrap();
             for (role, m) in &c.graphs {
                 insta::assert_snapshot!(
                     format!("compiled__{fixture}__{mode}__{role}"),
@@ -399,7 +387,7 @@ fn generation_stop_ids_are_recorded() {
 #[test]
 fn t5_configs_that_do_not_fit_are_refused() {
     let src = common::graphs_dir().join("t5-tiny");
-    let opts = BartOptions { generation: None, ..options(BartPrefix::Peft, "reparam", 1.0, 0.0) };
+    let opts = options(BartPrefix::Peft, "reparam", 1.0, 0.0);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     let with_config = |tag: &str, edit: &dyn Fn(&mut serde_json::Value)| {

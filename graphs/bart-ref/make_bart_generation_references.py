@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Generation references for prefix-tuned BART (greedy and beam search), on the fixtures of make_bart_references.py
-(the two tiny BART fixtures, marian-tiny, pegasus-tiny, mbart-tiny, blenderbot-tiny, blenderbot-small-tiny and
-m2m100-tiny).
+(the two tiny BART fixtures, marian-tiny, pegasus-tiny, mbart-tiny, blenderbot-tiny, blenderbot-small-tiny,
+m2m100-tiny, and T5: t5-tiny and t5v11-tiny).
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
     /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_generation_references.py
 
-Reads  graphs/<fixture>/hf/ for every fixture in make_bart_references.FIXTURES but the T5 ones (T5_FIXTURES).
+Reads  graphs/<fixture>/hf/ for every fixture in make_bart_references.FIXTURES.
 Writes graphs/bart-ref/gen-<fixture>-<mode>.safetensors (reparam) and gen-<fixture>-<mode>-noreparam.safetensors.
 Keys, settings and findings: graphs/bart-ref/README.md, section "Generation references".
 
@@ -28,6 +28,14 @@ argmax, top-2 gap > MIN_GAP at every step); every beam run is repeated with a fl
 mbart-tiny: sources framed as mBART's tokenizer frames them (`words </s> en_XX`, no <s>), and the decoder starts with
 the config's decoder_start_token_id, the target language code ro_RO (89), as HF's generate does for mBART-cc25 /
 en-ro style exports (its files also hold it as `gen.decoder_start`).
+
+T5 (R.T5_FIXTURES): sources framed as T5's tokenizer frames them (`words </s>`, no bos, pad 0), decoder start = pad 0,
+eos 1. `peft` written out: the prefix in front of the decoder self-attention's keys with PEFT's bias (prefix key c seen
+from decoder token t: table[bucket(c - P - t)], R.t5_peft_bias) instead of a position shift; `paper`: R.patch_paper_t5
+(prefix columns without bias). T5's generation config has no forced_eos_token_id: the forced-token references pass
+forced_eos_token_id = eos (1) to generate. Float64 T5 models recompute T5LayerNorm in float64
+(R.t5_norms_in_own_dtype). PEFT's own generate on T5 is not a reference either (with use_cache=True it disagrees with
+its own forward).
 
 CPU, float32, eval mode, eager attention, seeded: reruns give byte-identical files (no safetensors metadata).
 """
@@ -75,6 +83,10 @@ NOISE_SEEDS = {
     ("blenderbot-small-tiny", "paper"): 20261301,
     ("m2m100-tiny", "peft"): 20261302,
     ("m2m100-tiny", "paper"): 20261315,
+    ("t5-tiny", "peft"): 20261300,
+    ("t5-tiny", "paper"): 20261300,
+    ("t5v11-tiny", "peft"): 20261301,
+    ("t5v11-tiny", "paper"): 20261300,
 }
 PARAMS = ("reparam", "noreparam")  # noreparam files carry a `-noreparam` suffix
 NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
@@ -94,6 +106,10 @@ NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
     ("blenderbot-small-tiny", "paper"): 20261304,
     ("m2m100-tiny", "peft"): 20261302,
     ("m2m100-tiny", "paper"): 20261304,
+    ("t5-tiny", "peft"): 20261300,
+    ("t5-tiny", "paper"): 20261300,
+    ("t5v11-tiny", "peft"): 20261300,
+    ("t5v11-tiny", "paper"): 20261300,
 }
 # Forced first token of the forced-token references (HF's forced_bos_token_id, as mBART-50's target language): the
 # first word from 5 on whose greedy path passes check_forced_greedy (recorded as gen.forced_bos). The forced last
@@ -108,7 +124,8 @@ MIN_BEAM_GAP = 1e-4  # float64 score gap at every beam-search decision that coul
 # Fixtures whose search-setting beams (gen.beam_norepeat2, gen.beam_lp2*, gen.beam_reppen13) must also have their best
 # two finished hypotheses MIN_BEAM_GAP apart (m2m100-tiny's first seed had an exact tie in gen.beam_norepeat2). The
 # fixtures before it keep their seeds and files: bart-enc-deep's gen.beam_lp2 is 6.3e-5 apart, which pfx's test passes.
-FINAL_MARGIN_CHECKED = ("m2m100-tiny",)
+# The fixtures after it (T5) are checked too.
+FINAL_MARGIN_CHECKED = ("m2m100-tiny",) + R.T5_FIXTURES
 MODES = ("peft", "paper")
 # Beam sampling's pinned settings (see run()) and the seeds that must all give the same tokens.
 BEAM_SAMPLE = dict(do_sample=True, top_k=1, temperature=0.7)
@@ -120,6 +137,8 @@ def make_source(cfg):
     tokenizer pads BART sources); attention_mask 1 on the real tokens. mBART: words, eos, source language code."""
     if cfg.model_type == "mbart":
         return make_mbart_source(cfg)
+    if cfg.model_type == "t5":
+        return make_t5_source(cfg)
     g = torch.Generator().manual_seed(SOURCE_SEED)
     ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
@@ -142,6 +161,28 @@ def make_mbart_source(cfg):
         ids[b, n - 1] = R.MBART_SRC_LANG
         mask[b, :n] = 1
     return ids, mask
+
+
+def make_t5_source(cfg):
+    """make_source's rows as T5's tokenizer frames them: words (ids 3..vocab-1; 0 pad, 1 eos, 2 unk), eos, no bos,
+    right-padded with pad 0."""
+    g = torch.Generator().manual_seed(SOURCE_SEED)
+    ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
+    mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
+    for b, n in enumerate(SOURCE_LENGTHS):
+        ids[b, : n - 1] = torch.randint(3, cfg.vocab_size, (n - 1,), generator=g)
+        ids[b, n - 1] = cfg.eos_token_id
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def load_base64(fixture):
+    """The bare model in float64; T5's RMSNorm recomputed in float64 (HF's computes its variance in float32 whatever
+    the dtype). Nothing to patch in the other fixtures."""
+    model = R.load_base(fixture, torch.float64)
+    if model.config.model_type == "t5":
+        R.t5_norms_in_own_dtype(model)
+    return model
 
 
 def greedy_loop(logits_fn, ids, mask, start):
@@ -169,13 +210,21 @@ def top2_gap(logits):
     return (v[..., 0] - v[..., 1]).min().item()
 
 
+def logit_scale(logits):
+    """Float32 noise grows with the size of the logits: the absolute float-noise tolerances (1e-5, 1e-4; set for the
+    BART-layout fixtures, whose logits stay within 1.06 here: practically unchanged there) are multiplied by
+    max(1, max |logit|) of the path checked (T5's logits reach 3 (t5-tiny) to 25 (t5v11-tiny))."""
+    return max(1.0, logits.abs().max().item())
+
+
 def check_path(name, tokens, logits32, logits64, facts):
     """float64 along the float32 path: same argmax at every step, not on a knife edge."""
+    scale = logit_scale(logits32)
     assert torch.equal(logits64.argmax(-1), tokens), (name, logits64.argmax(-1), tokens)
     gap = top2_gap(logits64)
     assert gap > MIN_GAP, (name, gap)
     d = (logits32.double() - logits64).abs().max().item()
-    assert d < 1e-4, (name, d)
+    assert d < 1e-4 * scale, (name, d)
     facts[f"{name}: min top-2 gap (float64), max |f32 - f64|"] = f"{gap:.2e}, {d:.1e}"
 
 
@@ -240,14 +289,15 @@ def final_margin(model, ids, mask, beos, **kw):
 
 def beam_tokens(seq, eos, pad):
     """HF's beam output without the start token, [B, N]: tokens up to and including the first eos, -1 after it
-    (HF fills with pad there) and -1 up to N."""
+    (HF fills with pad there; beam search with `pad_token_id or eos_token_id`: eos where pad is 0, as T5's) and -1 up
+    to N."""
     seq = seq[:, 1:]
     out = torch.full((seq.shape[0], N), -1, dtype=torch.int64)
     for b in range(seq.shape[0]):
         for t in range(seq.shape[1]):
             out[b, t] = seq[b, t]
             if seq[b, t] == eos:
-                assert torch.all(seq[b, t + 1 :] == pad), seq[b]
+                assert torch.all(seq[b, t + 1 :] == pad) or torch.all(seq[b, t + 1 :] == (pad or eos)), seq[b]
                 break
     return out
 
@@ -318,7 +368,9 @@ def check_forced_greedy(name, model64, ids, mask, start, seq, eos, forced_bos, f
     gap = float("inf")
     for b in range(seq.shape[0]):
         for t in range(seq.shape[1]):
-            if (t == 0 and forced_bos is not None) or t == seq.shape[1] - 1:
+            # the forced steps: the first (forced_bos) and the N-th new token (forced eos; HF's output is shorter
+            # when every row ended before it, and then its last column is an unforced eos)
+            if (t == 0 and forced_bos is not None) or t == N - 1:
                 continue
             top = logits[b, t].topk(2).values
             assert logits[b, t].argmax().item() == seq[b, t].item(), (name, b, t)
@@ -329,12 +381,12 @@ def check_forced_greedy(name, model64, ids, mask, start, seq, eos, forced_bos, f
     facts[f"{name}: unforced steps = float64 argmax; min top-2 gap"] = f"{gap:.2e}"
 
 
-def check_beam(name, model64, ids, mask, start, eos, hf_tokens, hf_scores, facts):
+def check_beam(name, model64, ids, mask, start, eos, hf_tokens, hf_scores, facts, scale=1.0):
     worst = float("inf")
     for b in range(ids.shape[0]):
         tok, score, margin = simple_beam(model64, ids[b : b + 1], mask[b : b + 1], start, eos)
         assert torch.equal(tok, hf_tokens[b]), (name, b, tok, hf_tokens[b])
-        assert abs(score - hf_scores[b].item()) < 1e-5, (name, b, score, hf_scores[b].item())
+        assert abs(score - hf_scores[b].item()) < 1e-5 * scale, (name, b, score, hf_scores[b].item())
         worst = min(worst, margin)
     assert worst > MIN_BEAM_GAP, (name, worst)
     facts[f"{name}: written-out float64 beam search = HF's; smallest decision margin"] = f"{worst:.1e}"
@@ -346,14 +398,23 @@ def check_beam(name, model64, ids, mask, start, eos, hf_tokens, hf_scores, facts
 def peft_written_out(fixture, runner, dtype, shift=True):
     """PEFT's prefix without PEFT (as check_peft_semantics in make_bart_references.py): decoder layer i's
     self-attention gets rows (4i mod 2L, 4i+1 mod 2L) of the table, encoder and cross-attention untouched,
-    decoder positions numbered from P."""
+    decoder positions numbered from P. T5 (as check_peft_t5): the prefix columns get PEFT's bias
+    table[bucket(c - P - t)] (shift=False: zero bias there), no positions to shift."""
     enc = copy.deepcopy(runner.model.prompt_encoder[runner.model.active_adapter]).to(dtype)
     cfg = runner.base.config
-    L, H = runner.L, cfg.decoder_attention_heads
+    L, H = runner.L, R.heads(cfg)[1]
     D = cfg.d_model // H
     with torch.no_grad():
         flat = enc(torch.arange(R.P).unsqueeze(0))[0]
     table = flat.view(R.P, 2 * L, H, D).permute(1, 2, 0, 3)
+    if cfg.model_type == "t5":
+        model = load_base64(fixture) if dtype == torch.float64 else R.load_base(fixture, dtype)
+        bias = R.t5_peft_bias(model.decoder) if shift else R.t5_paper_bias(model.decoder)
+        for i, blk in enumerate(model.decoder.block):
+            rk, rv = (4 * i) % (2 * L), (4 * i + 1) % (2 * L)
+            a = blk.layer[0].SelfAttention
+            a.forward = R.t5_prefixed_attention(a, lambda rk=rk, rv=rv: (table[rk], table[rv]), bias)
+        return model
     model = R.load_base(fixture, dtype)
     for i, lay in enumerate(model.model.decoder.layers):
         rk, rv = (4 * i) % (2 * L), (4 * i + 1) % (2 * L)
@@ -395,9 +456,9 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     bare_tok, bare_logits = greedy_loop(bare_fn, ids, mask, start)
     hb = hf_generate(bare, ids, mask, 1, None)
     assert torch.equal(hb.sequences[:, 1:], bare_tok), (hb.sequences, bare_tok)
-    torch.testing.assert_close(torch.stack(hb.logits, 1), bare_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack(hb.logits, 1), bare_logits, rtol=0, atol=1e-5 * logit_scale(bare_logits))
     check_path("bare greedy", bare_tok, bare_logits,
-               teacher_forced(R.load_base(fixture, torch.float64), ids, mask, start, bare_tok), facts)
+               teacher_forced(load_base64(fixture), ids, mask, start, bare_tok), facts)
 
     # With the prefix: the loop over the reference forward.
     if mode == "peft":
@@ -410,13 +471,14 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         r64 = R.PaperRunner(fixture, R.PARAMS[param], torch.float64, copy.deepcopy(runner.gens))
         gen64 = r64.model
     tok, logits = greedy_loop(ref_fn, ids, mask, start)
+    scale = logit_scale(logits)  # (<= 1.06 in every BART-layout file)
     differ = [bool((tok[b] != bare_tok[b]).any()) for b in range(tok.shape[0])]
     assert all(differ), ("the prefix must change every row's greedy path", tok, bare_tok)
     assert max(len(set(r)) for r in tok.tolist()) >= 3, tok
     check_path("prefix greedy", tok, logits, teacher_forced(gen64, ids, mask, start, tok), facts)
     tf32 = teacher_forced(gen32, ids, mask, start, tok)
     d = (tf32 - logits).abs().max().item()
-    assert d < 1e-5, d
+    assert d < 1e-5 * scale, d
     facts["max |step-by-step logits - one teacher-forced forward (patched model)|"] = f"{d:.1e}"
     out["gen.greedy"] = tok.numpy()
     out["gen.greedy_logits"] = R.np32(logits)
@@ -431,14 +493,15 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     facts["max |Δlogits| if the source mask is ignored"] = f"{(nomask - logits).abs().max().item():.3f}"
     if mode == "peft":
         noshift = teacher_forced(peft_written_out(fixture, runner, torch.float32, shift=False), ids, mask, start, tok)
-        facts["max |Δlogits| if decoder positions start at 0"] = f"{(noshift - logits).abs().max().item():.3f}"
+        what = "the prefix columns get zero bias" if cfg.model_type == "t5" else "decoder positions start at 0"
+        facts[f"max |Δlogits| if {what}"] = f"{(noshift - logits).abs().max().item():.3f}"
     facts["max |logits - bare logits| at step 0"] = f"{(logits[:, 0] - bare_logits[:, 0]).abs().max().item():.3f}"
 
     # HF generate on the patched model: greedy = the loop.
     hg = hf_generate(gen32, ids, mask, 1, None)
     assert torch.equal(hg.sequences[:, 1:], tok), (hg.sequences, tok)
     d = (torch.stack(hg.logits, 1) - logits).abs().max().item()
-    assert d < 1e-5, d
+    assert d < 1e-5 * scale, d
     facts["HF generate greedy (patched, use_cache=False) vs loop: max |Δlogits|"] = f"{d:.1e}"
     # ... also with eos on: it stops at the first eos and pads with pad.
     he = hf_generate(gen32, ids, mask, 1, eos)
@@ -450,17 +513,20 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         hb64 = hf_generate(gen64, ids, mask, NUM_BEAMS, beos)
         assert torch.equal(hb.sequences, hb64.sequences), (key, hb.sequences, hb64.sequences)
         ds = (hb.sequences_scores.double() - hb64.sequences_scores.double()).abs().max().item()
-        assert ds < 1e-4, ds
+        assert ds < 1e-4 * scale, ds
         btok = beam_tokens(hb.sequences, eos, pad) if beos is not None else hb.sequences[:, 1:]
         assert btok.shape == (ids.shape[0], N), btok.shape
         facts[f"{key}: HF with a float64 model: same tokens, max |Δscore|"] = f"{ds:.1e}"
-        check_beam(key, gen64, ids, mask, start, beos, btok, hb.sequences_scores, facts)
+        check_beam(key, gen64, ids, mask, start, beos, btok, hb.sequences_scores, facts, scale)
         out[key] = btok.numpy()
         out[key + "_scores"] = R.np32(hb.sequences_scores)
     # Forced tokens, as generate() applies them from the generation config: the last (N-th) new token forced to
     # forced_eos_token_id (BART's, Marian's and Pegasus's configs set it), and also the first forced to FORCED_BOS.
     forced_eos = runner.base.generation_config.forced_eos_token_id if mode == "peft" else \
         R.load_base(fixture).generation_config.forced_eos_token_id
+    if cfg.model_type == "t5":  # T5's generation config has none: passed to generate as an argument
+        assert forced_eos is None, forced_eos
+        forced_eos = eos
     assert forced_eos == eos, (forced_eos, eos)
     for key, fbos in (("forced_eos", None), ("forced_bos_eos", FORCED_BOS_FROM)):
         while True:
@@ -480,7 +546,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         hb64 = hf_generate(gen64, ids, mask, NUM_BEAMS, eos, fbos, forced_eos)
         assert torch.equal(hb.sequences, hb64.sequences), (key, hb.sequences, hb64.sequences)
         ds = (hb.sequences_scores.double() - hb64.sequences_scores.double()).abs().max().item()
-        assert ds < 1e-4, ds
+        assert ds < 1e-4 * scale, ds
         facts[f"gen.beam_{key}: HF with a float64 model: same tokens, max |Δscore|"] = f"{ds:.1e}"
         out[f"gen.beam_{key}"] = beam_tokens(hb.sequences, eos, pad).numpy()
         out[f"gen.beam_{key}_scores"] = R.np32(hb.sequences_scores)
@@ -513,7 +579,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         out[key] = seq.numpy()
         if beams > 1:
             ds = (h32.sequences_scores.double() - h64.sequences_scores.double()).abs().max().item()
-            assert ds < 1e-4, ds
+            assert ds < 1e-4 * scale, ds
             out[key + "_scores"] = R.np32(h32.sequences_scores)
             if fixture in FINAL_MARGIN_CHECKED:
                 margin = final_margin(gen64, ids, mask, beos, **kw)
@@ -570,7 +636,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
             rows.append(seq[0])
             if beams > 1:
                 ds = (h32.sequences_scores.double() - h64.sequences_scores.double()).abs().max().item()
-                assert ds < 1e-4, ds
+                assert ds < 1e-4 * scale, ds
                 scores.append(h32.sequences_scores[0])
         out[key] = torch.stack(rows).numpy()
         if beams > 1:
@@ -581,7 +647,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
 
     # The bare model too: bart-enc-deep's is the one where the early stop changes the result (eos-ended hypotheses
     # fill the beams before a longer one, favoured by the length penalty, would win).
-    bare64 = R.load_base(fixture, torch.float64)
+    bare64 = load_base64(fixture)
     for key, early in (("gen.bare_beam_lp2", False), ("gen.bare_beam_lp2_early", True),
                        ("gen.bare_beam_lp2_never", "never")):
         h32 = hf_generate(bare, ids, mask, NUM_BEAMS, eos, length_penalty=2.0, early=early)
@@ -609,7 +675,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
         assert not torch.equal(ltok, tok), "the start token must change the greedy path"
         hb = hf_generate(gen32, ids, mask, NUM_BEAMS, eos, start=lang)
         btok = beam_tokens(hb.sequences, eos, pad)
-        check_beam("gen.beam_lang", gen64, ids, mask, lang, eos, btok, hb.sequences_scores, facts)
+        check_beam("gen.beam_lang", gen64, ids, mask, lang, eos, btok, hb.sequences_scores, facts, scale)
         out["gen.lang_start"] = np.array([lang], dtype=np.int64)
         out["gen.greedy_lang"] = ltok.numpy()
         out["gen.greedy_lang_logits"] = R.np32(llogits)
@@ -619,20 +685,24 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     # The bare model's beam search, eos on.
     hb = hf_generate(bare, ids, mask, NUM_BEAMS, eos)
     btok = beam_tokens(hb.sequences, eos, pad)
-    check_beam("gen.bare_beam", R.load_base(fixture, torch.float64), ids, mask, start, eos, btok,
-               hb.sequences_scores, facts)
+    check_beam("gen.bare_beam", load_base64(fixture), ids, mask, start, eos, btok,
+               hb.sequences_scores, facts, logit_scale(bare_logits))
     out["gen.bare_beam"] = btok.numpy()
     out["gen.bare_beam_scores"] = R.np32(hb.sequences_scores)
 
     # PEFT's own generate, for the record (not a reference).
     if mode == "peft":
         set_generation_config(runner.base, None)
-        with torch.no_grad():
-            pg = runner.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, do_sample=False,
-                                       num_beams=1)
-        pg = pg[:, 1:]
-        facts["PeftModel.generate (greedy, eos off)"] = (
-            f"= prefix greedy: {torch.equal(pg, tok)}, = bare greedy: {torch.equal(pg, bare_tok)}; {pg.tolist()}")
+        try:
+            with torch.no_grad():
+                pg = runner.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, do_sample=False,
+                                           num_beams=1)
+        except IndexError as e:  # t5v11-tiny (decoder deeper than the encoder): PEFT's generate crashes
+            facts["PeftModel.generate (greedy, eos off)"] = f"IndexError: {e}"
+        else:
+            pg = pg[:, 1:]
+            facts["PeftModel.generate (greedy, eos off)"] = (
+                f"= prefix greedy: {torch.equal(pg, tok)}, = bare greedy: {torch.equal(pg, bare_tok)}; {pg.tolist()}")
 
     if cfg.model_type == "m2m_100":
         # M2M100 numbers decoder positions from the tokens: a pad token inside a path would get the pad row here
@@ -651,8 +721,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     return path, out, facts
 
 
-# pfx does not generate with T5 yet: its fixtures have training references only.
-FIXTURES = tuple(f for f in R.FIXTURES if f not in R.T5_FIXTURES)
+FIXTURES = R.FIXTURES
 
 
 def search(params=PARAMS, fixtures=FIXTURES):

@@ -485,8 +485,16 @@ pub fn apply_search_settings(
     // The length limit: max_new_tokens, else max_length, at most what the graphs were compiled for. An
     // encoder-decoder's max_length counts the start token; a decoder's counts the prompt, so each prompt gets its
     // own number of new tokens (`GenConfig::max_length`).
+    if let (Some(n), Some(m), None) = (gs.max_new_tokens, gs.max_length, flags.max_new) {
+        notes.push(format!("the model's generation config sets max_new_tokens {n}, which replaces its max_length {m}"));
+    }
     let configured_max = match (gs.max_new_tokens, gs.max_length) {
         (Some(n), _) => Some(n),
+        // As HF's generate, which refuses a start token as long as max_length.
+        (None, Some(n)) if seq2seq && n <= 1 && flags.max_new.is_none() => bail!(
+            "the model's generation config sets max_length {n}, which counts the decoder's start token: nothing is \
+             left to generate; pass --max-new N (new tokens, which replaces max_length)"
+        ),
         (None, Some(n)) if seq2seq => Some(n.saturating_sub(1).max(1)),
         (None, Some(n)) => {
             if flags.max_new.is_none() {
@@ -507,7 +515,7 @@ pub fn apply_search_settings(
             bundle_max
         }
         (None, Some(n)) => {
-            from_config.push(format!("at most {n} new tokens"));
+            from_config.push(format!("at most {n} new token{}", if n == 1 { "" } else { "s" }));
             n
         }
         (None, None) => bundle_max,
@@ -588,6 +596,19 @@ pub fn apply_search_settings(
     });
     // A min_new_tokens (even 0) replaces min_length, as in HF. HF's min_length counts an encoder-decoder's start
     // token, and a decoder's prompt (`GenConfig::min_length`).
+    if let (Some(n), Some(m), None) = (gs.min_new_tokens, gs.min_length, flags.min_new) {
+        notes.push(format!("the model's generation config sets min_new_tokens {n}, which replaces its min_length {m}"));
+    }
+    if let (Some(min), Some(max), None, None, None) =
+        (gs.min_length, gs.max_length, gs.min_new_tokens, gs.max_new_tokens, flags.max_new.or(flags.min_new))
+    {
+        if min > max {
+            notes.push(format!(
+                "the model's generation config sets min_length {min} above its max_length {max}: generation stops at \
+                 max_length"
+            ));
+        }
+    }
     let configured = match (gs.min_new_tokens, gs.min_length) {
         (Some(n), _) => n,
         (None, Some(n)) if seq2seq => n.saturating_sub(1),
@@ -937,7 +958,13 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             prompts.push(ids);
         }
         let kept = if head > 0 { format!(" after the {head} special token(s) they start with") } else { String::new() };
-        warn_cut(&cut, "prompt", &format!("cut to their last {} tokens{kept}", spec.prompt_len - head));
+        // The generation config's lengths count the prompt as the model sees it.
+        let counted = if cfg.max_length.or(cfg.min_length).is_some() {
+            " (the generation config's max_length/min_length count them as cut)"
+        } else {
+            ""
+        };
+        warn_cut(&cut, "prompt", &format!("cut to their last {} tokens{kept}{counted}", spec.prompt_len - head));
         crate::search::check_request(&prompts, "prompt", spec.prompt_len, spec.max_new, spec.rows, &cfg)?;
         if let Some(max_length) = cfg.max_length {
             // HF would generate up to max_length; the bundle's graphs end sooner.

@@ -476,6 +476,14 @@ fn train_and_generate_an_mbart_bundle_from_text() {
             None => assert!(!log.contains("new tokens"), "{settings}: {log}"),
         }
     }
+    // A max_length of 1 leaves nothing after the start token: refused, as HF's generate does; --max-new replaces it.
+    std::fs::write(other_eos.join("generation_config.json"), r#"{"max_length": 1, "decoder_start_token_id": 89}"#)
+        .unwrap();
+    let one = dir.join("one");
+    compile_bart(&other_eos, &opts, &one).unwrap();
+    let e = fails(&["generate", p(&one), "--inputs", p(&data)]);
+    assert!(e.contains("sets max_length 1, which counts the decoder's start token: nothing is left"), "{e}");
+    ok(&["generate", p(&one), "--inputs", p(&data), "--max-new", "2"]);
     // Compiled without languages: the text commands say what is missing.
     let bare = dir.join("bare");
     compile_bart(&export, &BartOptions { languages: None, ..opts.clone() }, &bare).unwrap();
@@ -658,4 +666,37 @@ fn train_and_generate_an_m2m100_bundle_from_text() {
     compile_bart(&export, &BartOptions { languages: None, ..opts.clone() }, &no_languages).unwrap();
     let e = fails(&["train", p(&no_languages), "--train", p(&data), "--epochs", "1", "-o", p(&dir.join("run2"))]);
     assert!(e.contains("compiled without --src-lang/--tgt-lang"), "{e}");
+}
+
+/// T5 through the commands, with a T5-style tokenizer (`graphs/make_text_references.py t5`): its rows hold HF's
+/// `T5TokenizerFast` ids (`text </s>`, decoder inputs behind the start token 0, also cut), the bundle trains,
+/// evaluates and generates from text, and the bare model's greedy texts are HF's `generate` on graphs/t5-tiny
+/// (`graphs/tokenizers/t5-format-cases.json`; a random model: it repeats one token, `<pad>` for the cut source).
+#[test]
+fn train_and_generate_a_t5_bundle_from_text() {
+    let dir = scratch("t5_cli");
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tokenizers.join("t5-format-cases.json")).unwrap()).unwrap();
+    let style = &all["t5-style"];
+    let tok = Tokenizer::from_file(tokenizers.join("t5-style/tokenizer.json")).unwrap();
+    let pad = style["pad"].as_i64().unwrap();
+    let fmt = SourceTarget::new(&tok, pad, Some("t5"), None).unwrap();
+    assert_eq!(fmt.eos_id(), style["eos"].as_i64().unwrap());
+    let start = style["decoder_start_token_id"].as_i64();
+    assert!(rows_follow_hf(&fmt, style, pad, &dir, "t5-style", start) > 0);
+    let export = export_with_tokenizer(&dir, "t5-tiny", &["config.json", "generation_config.json"], "t5-style");
+    let want = &all["generate"];
+    let (src_len, max_new) = (want["src_len"].as_u64().unwrap() as usize, want["max_new_tokens"].as_u64().unwrap());
+    let bundle = dir.join("bundle");
+    compile_bart(&export, &text_bundle_options(src_len, max_new as usize, None), &bundle).unwrap();
+    text_commands_run(&bundle, &dir);
+    let sources: Vec<&str> = want["sources"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let inputs = dir.join("sources.lines");
+    std::fs::write(&inputs, sources.join("\n") + "\n").unwrap();
+    let bare = dir.join("bare.txt");
+    let log = ok(&["generate", p(&bundle), "--no-prefix", "--inputs", p(&inputs), "--output", p(&bare)]);
+    assert!(log.contains("cut to 16 tokens"), "{log}");
+    let texts: Vec<&str> = want["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(std::fs::read_to_string(&bare).unwrap().lines().collect::<Vec<_>>(), texts);
 }

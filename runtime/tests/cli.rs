@@ -660,6 +660,13 @@ fn prompt_counting_length_limits_follow_hf() {
     assert!(o.status.success() && !err.contains("max_length"), "{err}");
     let three = out.lines().find_map(|l| l.strip_prefix("  -> ")).unwrap();
     assert!(cases[0]["text"].as_str().unwrap().starts_with(three) && three.split(' ').count() == 3, "{three}");
+    // Settings HF warns about are said: a max_new_tokens beside max_length (it wins), min_length above max_length.
+    let both = compile(&serde_json::json!({"max_length": 30, "max_new_tokens": 3, "min_length": 40}), "both");
+    let (_, err) = text(&pfxrun(&["generate", p(&both), "--no-prefix", "--input", sources[0]]));
+    assert!(err.contains("sets max_new_tokens 3, which replaces its max_length 30"), "{err}");
+    let over = compile(&serde_json::json!({"max_length": 30, "min_length": 40}), "over");
+    let (_, err) = text(&pfxrun(&["generate", p(&over), "--no-prefix", "--input", sources[0]]));
+    assert!(err.contains("sets min_length 40 above its max_length 30: generation stops at max_length"), "{err}");
     // A max_length beyond what the bundle generates is capped, and said.
     let long = compile(&serde_json::json!({"max_length": 60}), "long");
     let (_, err) = text(&pfxrun(&["generate", p(&long), "--no-prefix", "--inputs", p(&inputs)]));

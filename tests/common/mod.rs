@@ -262,8 +262,8 @@ pub const BART_FIXTURES: [&str; 8] = [
     "m2m100-tiny",
 ];
 
-/// T5 fixtures on the BART path (`graphs/make_t5_fixtures.py`): training references only (pfx does not build T5's
-/// generation graphs yet).
+/// T5 fixtures on the BART path (`graphs/make_t5_fixtures.py`): v1.0 (tied head) and v1.1 (gated, untied, a
+/// deeper decoder).
 pub const T5_FIXTURES: [&str; 2] = ["t5-tiny", "t5v11-tiny"];
 
 /// BART compile options at the shapes of the fixtures' references (`graphs/bart-ref/`): prefix 4, batch 3,

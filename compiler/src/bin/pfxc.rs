@@ -242,9 +242,7 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::bail!("--seq is GPT-2's sequence length; BART takes --src-len and --tgt-len");
                 }
                 let with_past = bart::has_decoder_with_past(&model);
-                // T5's generation graphs are not built yet (its cache needs the bias of every slot): it trains.
-                let t5 = pfx_compiler::inspect::config_model_type(&model.join("config.json"))?.as_deref() == Some("t5");
-                let generates = max_new > 0 && with_past && !t5;
+                let generates = max_new > 0 && with_past;
                 let opts = bart::BartOptions {
                     mode,
                     prefix_len,
@@ -280,12 +278,7 @@ fn run(cli: Cli) -> Result<()> {
                     t0.elapsed().as_secs_f64(),
                     m.graphs.values().cloned().collect::<Vec<_>>().join(", ")
                 );
-                if max_new > 0 && t5 {
-                    eprintln!(
-                        "note: pfx does not build T5's generation graphs yet, so the bundle has none: it trains and \
-                         evaluates (pfxrun train, eval)"
-                    );
-                } else if max_new > 0 && !with_past {
+                if max_new > 0 && !with_past {
                     eprintln!(
                         "note: {} has no decoder_with_past_model.onnx, so the bundle has no generation graphs \
                          (export with optimum's --task text2text-generation-with-past to generate)",

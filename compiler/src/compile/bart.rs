@@ -155,6 +155,9 @@ pub struct BartDims {
     /// Positions each side can number (BART's table has 2 more rows: its offset).
     pub encoder_positions: Option<usize>,
     pub decoder_positions: Option<usize>,
+    /// T5's relative position bias instead of positions (`super::t5`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relative_bias: bool,
 }
 
 /// One prefix generator: its name prefix (`enc.`, `dec.`, `cross.`, or none) and sizes.
@@ -691,6 +694,7 @@ pub(super) fn dims_of(enc: &ModelInfo, dec: &ModelInfo, export: &BartExport) -> 
         vocab: dec.vocab.unwrap_or(0),
         encoder_positions: enc.positions,
         decoder_positions: dec.positions,
+        relative_bias: dec.relative_bias_buckets.is_some(),
     })
 }
 
@@ -844,13 +848,6 @@ pub struct CompiledBart {
 pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBart> {
     crate::progress::stage(format_args!("reading and specializing {}", dir.display()));
     let BartLoss { model: eval, export, dims, generators } = build_bart_loss_graph(dir, opts)?;
-    if export.model_type == "t5" && opts.generation.is_some() {
-        bail!(
-            "{}: pfx does not build T5's generation graphs yet (its decode graph needs the relative bias of every \
-             cache slot); compile without them (pfxc compile --max-new 0) to train and evaluate",
-            dir.display()
-        );
-    }
     crate::progress::stage("building the gradients, the AdamW step and the generation graphs");
     let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
     let mut graphs = super::training_graphs(eval, &names, &opts.optimizer, &bart_loss(opts))?;

@@ -128,8 +128,9 @@ pub fn build_encode(
     baked: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<Model> {
     let export = bart::find_export(dir)?;
-    let (mut enc, enc_info) = bart::load_part(&export.encoder, Family::BartEncoder, false, false)?;
-    let (mut dec, dec_info) = bart::load_part(&export.decoder, Family::BartDecoder, export.merged, false)?;
+    let t5 = export.model_type == "t5";
+    let (mut enc, enc_info) = bart::load_part(&export.encoder, Family::BartEncoder, false, t5)?;
+    let (mut dec, dec_info) = bart::load_part(&export.decoder, Family::BartDecoder, export.merged, t5)?;
     bart::check_fit(&enc.graph, &dec.graph, &export)?;
     let sizes = Sizes { dims: bart::dims_of(&enc_info, &dec_info, &export)?, p: prefix_len, mid };
     let d = &sizes.dims;
@@ -243,8 +244,22 @@ pub fn build_encode(
     Ok(model)
 }
 
+/// T5's decode graph: its bias table and what numbering the cache needs (`t5::bias_from_positions`).
+pub struct T5Decode {
+    pub mode: BartPrefix,
+    pub prefix: usize,
+    pub max_new: usize,
+    pub heads: usize,
+}
+
 /// The one-token `decode` graph over a self cache of capacity C and a cross cache of `cross_len` slots.
-pub fn build_decode(dir: &Path, capacity: usize, cross_len: usize, rows: usize) -> Result<Model> {
+pub fn build_decode(
+    dir: &Path,
+    capacity: usize,
+    cross_len: usize,
+    rows: usize,
+    t5: Option<&T5Decode>,
+) -> Result<Model> {
     let export = bart::find_export(dir)?;
     let (path, merged) = with_past_decoder(&export)?;
     let mut model = onnx_io::load(&path)?;
@@ -258,9 +273,18 @@ pub fn build_decode(dir: &Path, capacity: usize, cross_len: usize, rows: usize) 
     }
     crate::canonicalize::canonicalize(&mut model)
         .map_err(|e| e.context(format!("canonicalizing {}", path.display())))?;
-    // BART's learned positions sit 2 rows into the table (inspect::table_offset).
-    prefix::expose_positions(&mut model.graph)
-        .with_context(|| format!("exposing the positions of {}", path.display()))?;
+    // BART's learned positions sit 2 rows into the table (inspect::table_offset). T5 has none: its bias is numbered
+    // from the position ids below.
+    let t5_table = match t5 {
+        Some(t) => {
+            Some(super::t5::bias_table(&model.graph, t.heads).with_context(|| format!("reading {}", path.display()))?.1)
+        }
+        None => {
+            prefix::expose_positions(&mut model.graph)
+                .with_context(|| format!("exposing the positions of {}", path.display()))?;
+            None
+        }
+    };
     specialize(&mut model, &Dims { batch: rows, seq: 1, past: Some(capacity), src_len: Some(cross_len) })
         .with_context(|| format!("specializing {}", path.display()))?;
     let g = &mut model.graph;
@@ -279,6 +303,19 @@ pub fn build_decode(dir: &Path, capacity: usize, cross_len: usize, rows: usize) 
     let layers = self_roots.len() / 2;
     if sites.len() != layers {
         bail!("found {} decoder self-attentions in {}, expected {layers}", sites.len(), path.display());
+    }
+    if let (Some(t), Some(table)) = (t5, &t5_table) {
+        g.inputs.push(ValueInfo { name: "position_ids".into(), ty: ValueType::known(DType::I64, &[rows, 1]) });
+        let max_distance = super::t5::read_config(&export.dir.join("config.json"))?.max_distance;
+        let b = super::t5::DecodeBias {
+            table,
+            max_distance,
+            prefix: t.prefix,
+            max_new: t.max_new,
+            paper: t.mode == BartPrefix::Paper,
+        };
+        super::t5::bias_from_positions(g, &sites, capacity, rows, &b)
+            .with_context(|| format!("numbering the relative bias of {}", path.display()))?;
     }
     add_self_mask(g, &sites, rows, capacity + 1)?;
     let presents: Vec<String> = g
@@ -323,8 +360,10 @@ fn add_self_mask(g: &mut Graph, softmaxes: &[String], rows: usize, keys: usize) 
     g.toposort()
 }
 
-/// The generation spec the manifest carries for these graphs.
+/// The generation spec the manifest carries for these graphs. T5's decode graphs take the decoder token's index as
+/// its position (its bias needs only differences), so its first position is 0 in either layout.
 pub fn generation_spec(mode: BartPrefix, p: usize, dims: &BartDims, gs: &BartGenShape) -> BartGeneration {
+    let numbered_after_prefix = mode == BartPrefix::Peft && !dims.relative_bias;
     BartGeneration {
         rows: gs.rows,
         src_len: gs.src_len,
@@ -332,7 +371,7 @@ pub fn generation_spec(mode: BartPrefix, p: usize, dims: &BartDims, gs: &BartGen
         capacity: gs.capacity(p),
         self_prefix: p,
         cross_prefix: if mode == BartPrefix::Paper { p } else { 0 },
-        first_position: if mode == BartPrefix::Peft { p } else { 0 },
+        first_position: if numbered_after_prefix { p } else { 0 },
         layers: dims.decoder_layers,
         heads: dims.decoder_heads,
         head_dim: dims.hidden / dims.decoder_heads,
@@ -373,6 +412,12 @@ pub fn build_generation_graphs(
         out.push(("encode_bare".to_string(), build_encode(dir, mode, prefix_len, mid, gs, true, None)?));
     }
     let cross_len = spec.cross_prefix + gs.src_len;
-    out.push(("decode".to_string(), build_decode(dir, spec.capacity, cross_len, gs.rows)?));
+    let t5 = dims.relative_bias.then_some(T5Decode {
+        mode,
+        prefix: prefix_len,
+        max_new: gs.max_new,
+        heads: dims.decoder_heads,
+    });
+    out.push(("decode".to_string(), build_decode(dir, spec.capacity, cross_len, gs.rows, t5.as_ref())?));
     Ok(out)
 }

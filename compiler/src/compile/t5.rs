@@ -6,12 +6,15 @@
 //!   columns are unchanged: the bias depends on differences only). `add_prefix_bias` adds those columns.
 //! - pfx's paper layout gives the prefix no position, as in BART: its columns get no bias (what
 //!   `prefix::inject_one`'s neutral columns already are).
+//!
+//! Generation's decode graph is specialized to a fixed-capacity cache, where the export's bias is a constant for one
+//! query position: `bias_from_positions` replaces it with the bias of the token being decoded.
 
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
 
 use crate::ir::Graph;
-use crate::tensor::{Data, Tensor};
+use crate::tensor::Tensor;
 
 /// What the BART path needs of a T5 `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -135,22 +138,14 @@ pub fn check_buckets(
 /// of c - p - q (prefix key c, query q), zeros over the decoder's own keys (the graph adds their bias itself).
 pub fn peft_prefix_bias(table: &Tensor, t: usize, p: usize, max_distance: usize) -> Result<Tensor> {
     let (rows, heads) = (table.shape[0], table.shape[1]);
-    let w: Vec<f32> = match &*table.data {
-        Data::F32(w) => w.clone(),
-        _ => table
-            .as_f64s()
-            .ok_or_else(|| anyhow!("T5's bias table is not numeric"))?
-            .iter()
-            .map(|&x| x as f32)
-            .collect(),
-    };
+    let w = table.as_f64s().ok_or_else(|| anyhow!("T5's bias table is not numeric"))?;
     let k = p + t;
     let mut out = vec![0f32; heads * t * k];
     for h in 0..heads {
         for q in 0..t {
             for c in 0..p {
                 let b = bucket(c as i64 - (p + q) as i64, false, rows, max_distance);
-                out[(h * t + q) * k + c] = w[b * heads + h];
+                out[(h * t + q) * k + c] = w[b * heads + h] as f32;
             }
         }
     }
@@ -168,6 +163,107 @@ pub fn add_to_scores(g: &mut Graph, softmax: &str, bias: &str) -> Result<()> {
     let sum = g.op1("Add", &[&scores, bias], vec![], "t5_prefix_bias/scores");
     g.nodes[i].inputs[0] = sum;
     Ok(())
+}
+
+/// What a one-token decode graph over a fixed-capacity self cache needs of T5 (`bart_generate::build_decode`).
+pub struct DecodeBias<'a> {
+    pub table: &'a Tensor,
+    pub max_distance: usize,
+    /// Prefix slots at the front of the cache (P).
+    pub prefix: usize,
+    pub max_new: usize,
+    /// The paper layout: the prefix slots get no bias.
+    pub paper: bool,
+}
+
+/// Gives the decode graph's self-attentions (Softmaxes `sites`) the bias of the token being decoded, read from the
+/// `position_ids` input [R, 1] (its index n among the decoder's tokens: 0 for the start token). Specialized to a
+/// cache of `capacity` slots the export's bias is a constant for a query at position `capacity` (its past length);
+/// the cache holds the prefix in slots 0..P-1 and decoder token m in slot P + m, and the new token's own key comes
+/// last. HF's bias depends on key - query only, so slot j < capacity is at j - P - n from the query (PEFT's prefix
+/// keys too: its cache puts them before the decoder's tokens; the paper layout's get none) and the new key at 0.
+/// The constant replaced is checked to be the export's bias first.
+pub fn bias_from_positions(
+    g: &mut Graph,
+    sites: &[String],
+    capacity: usize,
+    rows: usize,
+    b: &DecodeBias,
+) -> Result<()> {
+    let (buckets, heads) = (b.table.shape[0], b.table.shape[1]);
+    let w: Vec<f64> = b.table.as_f64s().ok_or_else(|| anyhow!("T5's bias table is not numeric"))?;
+    let keys = capacity + 1;
+    let at = |rel: i64, h: usize| w[bucket(rel, false, buckets, b.max_distance) * heads + h];
+    let mut by_n = vec![0f32; b.max_new * heads * keys];
+    for n in 0..b.max_new {
+        for h in 0..heads {
+            for j in 0..keys {
+                let v = match j {
+                    j if j == capacity => at(0, h),
+                    j if b.paper && j < b.prefix => 0.0,
+                    j => at(j as i64 - (b.prefix + n) as i64, h),
+                };
+                by_n[(n * heads + h) * keys + j] = v as f32;
+            }
+        }
+    }
+    let table = g.add_const("t5_self_bias/by_token", Tensor::f32(vec![b.max_new, heads, keys], by_n));
+    let picked =
+        g.op1("Gather", &[&table, "position_ids"], vec![("axis", crate::ir::Attr::Int(0))], "t5_self_bias/picked");
+    let shape = g.add_const("t5_self_bias/shape", Tensor::vec_i64(&[rows as i64, heads as i64, 1, keys as i64]));
+    let bias = g.op1("Reshape", &[&picked, &shape], vec![], "t5_self_bias/bias");
+    let prod = g.producers();
+    let mut replaced = Vec::new();
+    for sm in sites {
+        // Back from the Softmax through Adds (and Casts) to the one that adds the constant bias (the causal mask
+        // is added beside it).
+        let start = g.nodes.iter().find(|n| &n.name == sm).map(|n| n.inputs[0].clone()).unwrap_or_default();
+        let mut frontier = vec![start];
+        let mut found = None;
+        'search: for _ in 0..4 {
+            let mut next = Vec::new();
+            for v in &frontier {
+                let Some(&i) = prod.get(v) else { continue };
+                let n = &g.nodes[i];
+                if !matches!(n.op.as_str(), "Add" | "Cast") {
+                    continue;
+                }
+                let constant = n.inputs.iter().position(|x| {
+                    g.initializers
+                        .get(x)
+                        .is_some_and(|t| t.shape.len() == 4 && t.shape[1] == heads && t.shape[3] == keys)
+                });
+                if let (true, Some(k)) = (n.op == "Add", constant) {
+                    found = Some((i, k));
+                    break 'search;
+                }
+                next.extend(n.inputs.iter().cloned());
+            }
+            frontier = next;
+        }
+        let Some((i, k)) = found else {
+            bail!("cannot find the relative position bias T5's self-attention '{sm}' adds to its scores");
+        };
+        let name = g.nodes[i].inputs[k].clone();
+        let t = &g.initializers[&name];
+        let vals = t.as_f64s().ok_or_else(|| anyhow!("T5's bias '{name}' is not numeric"))?;
+        let per_row = heads * keys;
+        for (x, &got) in vals.iter().enumerate() {
+            let (h, j) = ((x % per_row) / keys, x % keys);
+            let want = at(j as i64 - capacity as i64, h);
+            if (got - want).abs() > 1e-6 * want.abs().max(1.0) {
+                bail!(
+                    "T5's self-attention '{sm}' adds {got} for head {h} and cache slot {j}, where its relative bias \
+                     for a query after {capacity} keys is {want}: pfx does not know what else the export adds there"
+                );
+            }
+        }
+        replaced.push((i, k));
+    }
+    for (i, k) in replaced {
+        g.nodes[i].inputs[k] = bias.clone();
+    }
+    g.toposort()
 }
 
 #[cfg(test)]
