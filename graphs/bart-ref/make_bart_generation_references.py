@@ -134,17 +134,17 @@ BEAM_SAMPLE_SEEDS = (0, 1, 2)
 
 def make_source(cfg):
     """3 rows of lengths SOURCE_LENGTHS: bos, random words (ids >= 3), eos, right-padded with pad (as HF's
-    tokenizer pads BART sources); attention_mask 1 on the real tokens. mBART: words, eos, source language code."""
+    tokenizer pads BART sources); attention_mask 1 on the real tokens. mBART: words, eos, source language code. T5:
+    words, eos, no bos (pad 0; 0 pad, 1 eos, 2 unk), as its tokenizer frames them."""
     if cfg.model_type == "mbart":
         return make_mbart_source(cfg)
-    if cfg.model_type == "t5":
-        return make_t5_source(cfg)
+    head = [] if cfg.model_type == "t5" else [cfg.bos_token_id]
     g = torch.Generator().manual_seed(SOURCE_SEED)
     ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
     for b, n in enumerate(SOURCE_LENGTHS):
-        ids[b, 0] = cfg.bos_token_id
-        ids[b, 1 : n - 1] = torch.randint(3, cfg.vocab_size, (n - 2,), generator=g)
+        ids[b, : len(head)] = torch.tensor(head, dtype=torch.int64)
+        ids[b, len(head) : n - 1] = torch.randint(3, cfg.vocab_size, (n - 1 - len(head),), generator=g)
         ids[b, n - 1] = cfg.eos_token_id
         mask[b, :n] = 1
     return ids, mask
@@ -159,19 +159,6 @@ def make_mbart_source(cfg):
         ids[b, : n - 2] = torch.randint(3, R.MBART_FIRST_CODE, (n - 2,), generator=g)
         ids[b, n - 2] = cfg.eos_token_id
         ids[b, n - 1] = R.MBART_SRC_LANG
-        mask[b, :n] = 1
-    return ids, mask
-
-
-def make_t5_source(cfg):
-    """make_source's rows as T5's tokenizer frames them: words (ids 3..vocab-1; 0 pad, 1 eos, 2 unk), eos, no bos,
-    right-padded with pad 0."""
-    g = torch.Generator().manual_seed(SOURCE_SEED)
-    ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
-    mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
-    for b, n in enumerate(SOURCE_LENGTHS):
-        ids[b, : n - 1] = torch.randint(3, cfg.vocab_size, (n - 1,), generator=g)
-        ids[b, n - 1] = cfg.eos_token_id
         mask[b, :n] = 1
     return ids, mask
 

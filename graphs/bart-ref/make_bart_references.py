@@ -93,18 +93,19 @@ PARAMS = {"reparam": M, "noreparam": None}
 
 
 def make_batch(cfg):
-    """Source with padding (right-padded rows 1 and 2), labels with -100 (trailing, and one inside row 0)."""
+    """Source with padding (right-padded rows 1 and 2), labels with -100 (trailing, and one inside row 0). Sources are
+    `<s> words </s>` (BART's framing), or `words </s>` as T5's tokenizer frames them (no bos; pad 0, words from 3:
+    0 pad, 1 eos, 2 unk)."""
     if cfg.model_type == "mbart":
         return make_mbart_batch(cfg)
-    if cfg.model_type == "t5":
-        return make_t5_batch(cfg)
+    head = [] if cfg.model_type == "t5" else [cfg.bos_token_id]
     g = torch.Generator().manual_seed(SEED)
     r = lambda *shape: torch.randint(3, cfg.vocab_size, shape, generator=g, dtype=torch.int64)
     input_ids = torch.full((B, S), cfg.pad_token_id, dtype=torch.int64)
     attention_mask = torch.zeros(B, S, dtype=torch.int64)
-    for b, n in enumerate((S, S - 2, S - 4)):  # real tokens per row: bos, words, eos
-        input_ids[b, 0] = cfg.bos_token_id
-        input_ids[b, 1 : n - 1] = r(n - 2)
+    for b, n in enumerate((S, S - 2, S - 4)):  # real tokens per row: (bos), words, eos
+        input_ids[b, : len(head)] = torch.tensor(head, dtype=torch.int64)
+        input_ids[b, len(head) : n - 1] = r(n - 1 - len(head))
         input_ids[b, n - 1] = cfg.eos_token_id
         attention_mask[b, :n] = 1
     labels = torch.full((B, T), -100, dtype=torch.int64)
@@ -135,26 +136,6 @@ def make_mbart_batch(cfg):
         labels[b, n - 2] = cfg.eos_token_id
         labels[b, n - 1] = MBART_TGT_LANGS[b]
     labels[0, 2] = -100  # an ignored target inside a row: HF's mBART shift then takes the wrong token as start (README)
-    return input_ids, attention_mask, labels
-
-
-def make_t5_batch(cfg):
-    """make_batch's rows as T5's tokenizer frames them: source `words </s>` (no bos; 7, 5, 3 real tokens, right-padded
-    with pad 0), labels `words </s>` (6, 4, 3 real tokens, then -100; one -100 inside row 0). Words are ids 3..vocab-1
-    (0 pad, 1 eos, 2 unk)."""
-    g = torch.Generator().manual_seed(SEED)
-    r = lambda *shape: torch.randint(3, cfg.vocab_size, shape, generator=g, dtype=torch.int64)
-    input_ids = torch.full((B, S), cfg.pad_token_id, dtype=torch.int64)
-    attention_mask = torch.zeros(B, S, dtype=torch.int64)
-    for b, n in enumerate((S, S - 2, S - 4)):
-        input_ids[b, : n - 1] = r(n - 1)
-        input_ids[b, n - 1] = cfg.eos_token_id
-        attention_mask[b, :n] = 1
-    labels = torch.full((B, T), -100, dtype=torch.int64)
-    for b, n in enumerate((T, T - 2, T - 3)):
-        labels[b, : n - 1] = r(n - 1)
-        labels[b, n - 1] = cfg.eos_token_id
-    labels[0, 2] = -100  # an ignored target inside a row: its decoder input becomes pad
     return input_ids, attention_mask, labels
 
 
