@@ -404,7 +404,13 @@ fn t5_configs_that_do_not_fit_are_refused() {
     // Another max distance: the graph's buckets are not the config's (the prefix columns would be wrong).
     let far = with_config("distance", &|c| c["relative_attention_max_distance"] = 128.into());
     let e = compile_err(&far, &opts);
-    assert!(e.contains("config.json does not describe the export") && e.contains("max_distance 128"), "{e}");
+    assert!(e.contains("config.json does not") && e.contains("max_distance 128 gives"), "{e}");
+    // None at all: HF's default, said.
+    let unset = with_config("no-distance", &|c| {
+        c.as_object_mut().unwrap().remove("relative_attention_max_distance");
+    });
+    let e = compile_err(&unset, &opts);
+    assert!(e.contains("max_distance 128 (HF's default: the config sets none)"), "{e}");
     // Heads narrower than d_model / num_heads (t5-3b's layout).
     let wide = with_config("d-kv", &|c| c["d_kv"] = 16.into());
     let e = compile_err(&wide, &opts);

@@ -746,7 +746,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
                 .with_context(|| format!("reading {}", export.decoder.display()))?;
             // Over P + T tokens: the distances the prefix columns reach.
             let reach = Dims { seq: opts.tgt_len + p, ..dec_dims.clone() };
-            super::t5::check_buckets(&dec, &name, false, c.max_distance, &reach)
+            super::t5::check_buckets(&dec, &name, false, c, &reach)
                 .with_context(|| format!("checking {}", export.decoder.display()))?;
             Some(table)
         }

@@ -20,6 +20,8 @@ use crate::tensor::Tensor;
 #[derive(Clone, Debug, PartialEq)]
 pub struct T5Config {
     pub max_distance: usize,
+    /// The config sets no max distance: HF's default (128) is used.
+    pub default_distance: bool,
 }
 
 /// Reads `config.json` of a T5 export; refuses a model whose heads are not as wide as the hidden size divided by
@@ -40,7 +42,8 @@ pub fn read_config(path: &Path) -> Result<T5Config> {
         }
     }
     // HF's default when the config does not say.
-    Ok(T5Config { max_distance: count("relative_attention_max_distance").unwrap_or(128) })
+    let set = count("relative_attention_max_distance");
+    Ok(T5Config { max_distance: set.unwrap_or(128), default_distance: set.is_none() })
 }
 
 /// HF's `_relative_position_bucket` of `rel` = key position - query position, in float32 as the exported graph
@@ -94,9 +97,10 @@ pub fn check_buckets(
     model: &crate::ir::Model,
     table: &str,
     bidirectional: bool,
-    max_distance: usize,
+    config: &T5Config,
     dims: &crate::specialize::Dims,
 ) -> Result<()> {
+    let max_distance = config.max_distance;
     let mut copy = model.clone();
     let g = &mut copy.graph;
     let rows = g.initializers.get(table).map_or(0, |t| t.shape[0]);
@@ -122,10 +126,11 @@ pub fn check_buckets(
             let rel = j as i64 - (i + k - q) as i64;
             let want = bucket(rel, bidirectional, rows, max_distance) as i64;
             if v[i * k + j] != want {
+                let whose = if config.default_distance { " (HF's default: the config sets none)" } else { "" };
                 bail!(
                     "T5's graph reads bucket {} of its relative bias for key {j} and query {i}, where \
-                     relative_attention_max_distance {max_distance} gives {want}: its config.json does not describe \
-                     the export",
+                     relative_attention_max_distance {max_distance}{whose} gives {want}: its config.json does not \
+                     describe the export",
                     v[i * k + j]
                 );
             }
@@ -176,8 +181,9 @@ pub struct DecodeBias<'a> {
     pub paper: bool,
 }
 
-/// Gives the decode graph's self-attentions (Softmaxes `sites`) the bias of the token being decoded, read from the
-/// `position_ids` input [R, 1] (its index n among the decoder's tokens: 0 for the start token). Specialized to a
+/// Gives the decode graph's self-attentions (Softmaxes `sites`) the bias of the token being decoded, from the
+/// `position_ids` input [R, 1] (its index n among the decoder's tokens: 0 for the start token) and a table by
+/// distance (it stops changing at the max distance, so its size does not grow with the cache). Specialized to a
 /// cache of `capacity` slots the export's bias is a constant for a query at position `capacity` (its past length);
 /// the cache holds the prefix in slots 0..P-1 and decoder token m in slot P + m, and the new token's own key comes
 /// last. HF's bias depends on key - query only, so slot j < capacity is at j - P - n from the query (PEFT's prefix
@@ -194,24 +200,52 @@ pub fn bias_from_positions(
     let w: Vec<f64> = b.table.as_f64s().ok_or_else(|| anyhow!("T5's bias table is not numeric"))?;
     let keys = capacity + 1;
     let at = |rel: i64, h: usize| w[bucket(rel, false, buckets, b.max_distance) * heads + h];
-    let mut by_n = vec![0f32; b.max_new * heads * keys];
-    for n in 0..b.max_new {
+    // The bias depends on the distance d = query - key only, and stops changing at the max distance (the last
+    // bucket): a table of the distances up to there (checked), plus a zero row for the paper layout's prefix.
+    let reach = (b.prefix + b.max_new) as i64;
+    let far = reach.min(b.max_distance as i64);
+    if let Some(d) = (far..=reach)
+        .find(|&d| bucket(-d, false, buckets, b.max_distance) != bucket(-far, false, buckets, b.max_distance))
+    {
+        bail!("T5's relative bias still changes at distance {d}, past its max distance {}", b.max_distance);
+    }
+    let zero_row = far + 1;
+    let mut by_distance = vec![0f32; (zero_row as usize + 1) * heads];
+    for d in 0..=far {
         for h in 0..heads {
-            for j in 0..keys {
-                let v = match j {
-                    j if j == capacity => at(0, h),
-                    j if b.paper && j < b.prefix => 0.0,
-                    j => at(j as i64 - (b.prefix + n) as i64, h),
-                };
-                by_n[(n * heads + h) * keys + j] = v as f32;
-            }
+            by_distance[d as usize * heads + h] = at(-d, h) as f32;
         }
     }
-    let table = g.add_const("t5_self_bias/by_token", Tensor::f32(vec![b.max_new, heads, keys], by_n));
-    let picked =
-        g.op1("Gather", &[&table, "position_ids"], vec![("axis", crate::ir::Attr::Int(0))], "t5_self_bias/picked");
+    let table = g.add_const("t5_self_bias/by_distance", Tensor::f32(vec![zero_row as usize + 1, heads], by_distance));
+    // Slot j < capacity holds the prefix (j < P) or decoder token j - P: d = n + P - j for the token n being
+    // decoded (`position_ids`), clipped at 0 (empty slots, masked) and at `far`; its own key, last, is at d = 0.
+    // The paper layout's prefix slots read the zero row.
+    let own: Vec<i64> = (0..keys).map(|j| if j == capacity { 0 } else { 1 }).collect();
+    let slot: Vec<i64> = (0..keys).map(|j| if j == capacity { 0 } else { j as i64 - b.prefix as i64 }).collect();
+    let prefix_slot: Vec<i64> = (0..keys).map(|j| i64::from(b.paper && j < b.prefix && j != capacity)).collect();
+    let own = g.add_const("t5_self_bias/not_own", Tensor::i64(vec![1, keys], own));
+    let slot = g.add_const("t5_self_bias/slot_token", Tensor::i64(vec![1, keys], slot));
+    let is_prefix = g.add_const("t5_self_bias/prefix_slot", Tensor::i64(vec![1, keys], prefix_slot.clone()));
+    let not_prefix = g.add_const(
+        "t5_self_bias/not_prefix_slot",
+        Tensor::i64(vec![1, keys], prefix_slot.iter().map(|&x| 1 - x).collect()),
+    );
+    let d = g.op1("Sub", &["position_ids", &slot], vec![], "t5_self_bias/distance");
+    let d = g.op1("Mul", &[&d, &own], vec![], "t5_self_bias/distance_own");
+    let lo = g.add_const("t5_self_bias/near", Tensor::scalar_i64(0));
+    let hi = g.add_const("t5_self_bias/far", Tensor::scalar_i64(far));
+    let d = g.op1("Max", &[&d, &lo], vec![], "t5_self_bias/distance_min");
+    let d = g.op1("Min", &[&d, &hi], vec![], "t5_self_bias/distance_max");
+    let d = g.op1("Mul", &[&d, &not_prefix], vec![], "t5_self_bias/distance_real");
+    let zero = g.add_const("t5_self_bias/zero_row", Tensor::scalar_i64(zero_row));
+    let to_zero = g.op1("Mul", &[&is_prefix, &zero], vec![], "t5_self_bias/prefix_row");
+    let d = g.op1("Add", &[&d, &to_zero], vec![], "t5_self_bias/row");
+    // [R, keys, heads] -> [R, heads, 1, keys]
+    let picked = g.op1("Gather", &[&table, &d], vec![("axis", crate::ir::Attr::Int(0))], "t5_self_bias/picked");
+    let heads_first =
+        g.op1("Transpose", &[&picked], vec![("perm", crate::ir::Attr::Ints(vec![0, 2, 1]))], "t5_self_bias/heads");
     let shape = g.add_const("t5_self_bias/shape", Tensor::vec_i64(&[rows as i64, heads as i64, 1, keys as i64]));
-    let bias = g.op1("Reshape", &[&picked, &shape], vec![], "t5_self_bias/bias");
+    let bias = g.op1("Reshape", &[&heads_first, &shape], vec![], "t5_self_bias/bias");
     let prod = g.producers();
     let mut replaced = Vec::new();
     for sm in sites {
