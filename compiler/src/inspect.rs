@@ -377,7 +377,8 @@ pub struct GenerationSettings {
     pub renormalize_logits: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remove_invalid_values: Option<bool>,
-    /// Texts that end a generation when its text ends with one (`stop_strings`: a string or a list of them).
+    /// Texts that end a generation when one appears in it ending inside its last token (`stop_strings`: a string or a
+    /// list of them).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop_strings: Vec<String>,
     /// Outputs per input (`num_return_sequences`).

@@ -403,8 +403,8 @@ pub struct SearchFlags {
     /// sampling on. Default: a new one, printed.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// End a generation when its text ends with this (repeatable; HF's `stop_strings`: the text is kept). Default:
-    /// the generation config's.
+    /// End a generation when this text appears in it (prompt included) ending inside its last token, which is kept
+    /// (repeatable; HF's `stop_strings`). Default: the generation config's.
     #[arg(long = "stop", value_name = "TEXT")]
     pub stop: Vec<String>,
     /// Outputs per input (HF's `num_return_sequences`), consecutive lines of --output: beam search's best N

@@ -213,14 +213,15 @@ pub fn check_request(
         anyhow::bail!("--max-new must be between 1 and {max_new} (the bundle's --max-new)");
     }
     // As HF's generate, which refuses an input as long as max_length (nothing would be left to generate).
-    if let Some((i, p)) = cfg.max_length.and_then(|m| inputs.iter().enumerate().find(|(_, p)| p.len() >= m)) {
-        anyhow::bail!(
-            "{what} {} has {} tokens, and the model's generation config sets max_length {} (which counts the {what}): \
-             nothing is left to generate; pass --max-new N (new tokens, which replaces max_length)",
-            i + 1,
-            p.len(),
-            cfg.max_length.unwrap_or_default()
-        );
+    if let Some(m) = cfg.max_length {
+        if let Some((i, p)) = inputs.iter().enumerate().find(|(_, p)| p.len() >= m) {
+            anyhow::bail!(
+                "{what} {} has {} tokens, and the model's generation config sets max_length {m} (which counts the \
+                 {what}): nothing is left to generate; pass --max-new N (new tokens, which replaces max_length)",
+                i + 1,
+                p.len()
+            );
+        }
     }
     if cfg.beams == 0 || cfg.beams > rows {
         anyhow::bail!("--beams must be between 1 and {rows} (the bundle's --gen-rows)");
@@ -444,6 +445,7 @@ pub fn beam_groups(
         (0..groups).map(|_| Group { beams: vec![(Vec::new(), 0.0)], finished: Vec::new(), done: false }).collect();
     let mut draws: Vec<Option<Draws>> =
         contexts.iter().map(|c| cfg.sampling.as_ref().map(|s| Draws::new(s.seed, c.input))).collect();
+    let limits: Vec<usize> = contexts.iter().map(|c| cfg.limit(c.history.len())).collect();
     for n in 0..cfg.max_new {
         if cfg.remove_invalid {
             logits.iter_mut().for_each(|row| make_finite(row));
@@ -454,7 +456,7 @@ pub fn beam_groups(
         let mut tokens = vec![cfg.pad; r];
         for (gi, g) in gs.iter_mut().enumerate().filter(|(_, g)| !g.done) {
             let base = gi * k;
-            let limit = cfg.limit(contexts[gi].history.len());
+            let limit = limits[gi];
             let last = t == limit;
             let forced = cfg.forced(n, limit);
             // Only the best C candidates matter, and a beam's score is the same for all its tokens: the best C
@@ -884,7 +886,6 @@ mod tests {
         assert_eq!(best_penalized(&[0.0; 8], 1, banned, p.as_ref(), |x| x), [(2, 1.0)]);
     }
 
-    /// Within 2 ulp of f64's exp over [−87, 0], exactly 1 at 0, and nothing above ~1e-38 below −87.
     /// Sampling's warpers keep at least 1 token, beam sampling's 1 + the end-of-sequence ids (HF's
     /// min_tokens_to_keep; a slip once gave sampling beam sampling's floor).
     #[test]
@@ -898,6 +899,7 @@ mod tests {
         assert_eq!(kept(beam_step_scores(&beam, 0, &ctx, &[], &row)), 3);
     }
 
+    /// Within 2 ulp of f64's exp over [−87, 0], exactly 1 at 0, and nothing above ~1e-38 below −87.
     #[test]
     fn the_vectorizable_exp_is_within_two_ulp() {
         let mut worst = 0f64;

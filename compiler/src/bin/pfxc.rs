@@ -242,7 +242,6 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::bail!("--seq is GPT-2's sequence length; BART takes --src-len and --tgt-len");
                 }
                 let with_past = bart::has_decoder_with_past(&model);
-                let generates = max_new > 0 && with_past;
                 let opts = bart::BartOptions {
                     mode,
                     prefix_len,
@@ -254,7 +253,7 @@ fn run(cli: Cli) -> Result<()> {
                     optimizer,
                     seed,
                     // Generation needs the decoder with past; exports without it still train.
-                    generation: generates.then(|| bart_generate::BartGenShape {
+                    generation: (max_new > 0 && with_past).then(|| bart_generate::BartGenShape {
                         rows: gen_rows,
                         src_len: prompt_len.unwrap_or(src_len),
                         max_new,

@@ -353,6 +353,15 @@ pub(super) fn load_part(path: &Path, want: Family, merged: bool, t5: bool) -> Re
     Ok((m, info))
 }
 
+/// Adds `value` to the scores the Softmax `softmax` reads (a mask, T5's prefix bias), through a node named `hint`.
+pub(super) fn add_to_scores(g: &mut Graph, softmax: &str, value: &str, hint: &str) -> Result<()> {
+    let i = g.nodes.iter().position(|n| n.name == softmax).ok_or_else(|| anyhow!("no Softmax '{softmax}'"))?;
+    let scores = g.nodes[i].inputs[0].clone();
+    let sum = g.op1("Add", &[&scores, value], vec![], hint);
+    g.nodes[i].inputs[0] = sum;
+    Ok(())
+}
+
 /// The rank-4 attention softmaxes, in graph order, with the value their QK MatMul reads as keys.
 pub(super) fn attention_softmaxes(g: &Graph) -> Vec<(String, String)> {
     let prod = g.producers();
@@ -739,8 +748,9 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
     specialize(&mut enc, &Dims { batch: opts.batch, seq: opts.src_len, past: None, src_len: None })
         .with_context(|| format!("specializing {}", export.encoder.display()))?;
     let dec_dims = Dims { batch: opts.batch, seq: opts.tgt_len, past: None, src_len: Some(opts.src_len) };
-    // T5's decoder bias table, its buckets checked against the config's (PEFT's prefix columns read it).
-    let t5_table = match &t5_config {
+    // T5's decoder bias table and max distance, its buckets checked against the config's (PEFT's prefix columns
+    // read them).
+    let t5_bias = match &t5_config {
         Some(c) => {
             let (name, table) = super::t5::bias_table(&dec.graph, dims.decoder_heads)
                 .with_context(|| format!("reading {}", export.decoder.display()))?;
@@ -748,7 +758,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
             let reach = Dims { seq: opts.tgt_len + p, ..dec_dims.clone() };
             super::t5::check_buckets(&dec, &name, false, c, &reach)
                 .with_context(|| format!("checking {}", export.decoder.display()))?;
-            Some(table)
+            Some((table, c.max_distance))
         }
         None => None,
     };
@@ -809,18 +819,18 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
             sh.check_size()?;
             let kv = prefix::build_generator(g, &sh, "", opts.batch)?;
             // T5: the prefix keys' relative bias, as PEFT's cache numbers them (one constant for every layer).
-            let bias = match (&t5_table, &t5_config) {
-                (Some(table), Some(c)) => Some(
-                    g.add_const("t5_prefix_bias", super::t5::peft_prefix_bias(table, opts.tgt_len, p, c.max_distance)?),
+            let bias = match &t5_bias {
+                Some((table, max_distance)) => Some(
+                    g.add_const("t5_prefix_bias", super::t5::peft_prefix_bias(table, opts.tgt_len, p, *max_distance)?),
                 ),
-                _ => None,
+                None => None,
             };
             for (i, sm) in self_sites.iter().enumerate() {
                 // PEFT: rows (4i mod 2L, 4i+1 mod 2L) = generator layer (2i mod L).
                 prefix::inject_one(g, sm, &kv[(2 * i) % layers], None, p, &Default::default(), None)
                     .map_err(|e| e.context(format!("binding the prefix of decoder layer {i} (Softmax '{sm}')")))?;
                 if let Some(b) = &bias {
-                    super::t5::add_to_scores(g, sm, b)?;
+                    add_to_scores(g, sm, b, "t5_prefix_bias/scores")?;
                 }
             }
             generators.push(Generator { site: String::new(), shape: sh });

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::bart::{self, BartDims, BartExport, BartPrefix};
@@ -244,21 +244,13 @@ pub fn build_encode(
     Ok(model)
 }
 
-/// T5's decode graph: its bias table and what numbering the cache needs (`t5::bias_from_positions`).
-pub struct T5Decode {
-    pub mode: BartPrefix,
-    pub prefix: usize,
-    pub max_new: usize,
-    pub heads: usize,
-}
-
 /// The one-token `decode` graph over a self cache of capacity C and a cross cache of `cross_len` slots.
 pub fn build_decode(
     dir: &Path,
     capacity: usize,
     cross_len: usize,
     rows: usize,
-    t5: Option<&T5Decode>,
+    t5: Option<&super::t5::DecodeSpec>,
 ) -> Result<Model> {
     let export = bart::find_export(dir)?;
     let (path, merged) = with_past_decoder(&export)?;
@@ -306,15 +298,7 @@ pub fn build_decode(
     }
     if let (Some(t), Some(table)) = (t5, &t5_table) {
         g.inputs.push(ValueInfo { name: "position_ids".into(), ty: ValueType::known(DType::I64, &[rows, 1]) });
-        let max_distance = super::t5::read_config(&export.dir.join("config.json"))?.max_distance;
-        let b = super::t5::DecodeBias {
-            table,
-            max_distance,
-            prefix: t.prefix,
-            max_new: t.max_new,
-            paper: t.mode == BartPrefix::Paper,
-        };
-        super::t5::bias_from_positions(g, &sites, capacity, rows, &b)
+        super::t5::bias_from_positions(g, &sites, capacity, rows, table, t)
             .with_context(|| format!("numbering the relative bias of {}", path.display()))?;
     }
     add_self_mask(g, &sites, rows, capacity + 1)?;
@@ -351,11 +335,7 @@ fn add_self_mask(g: &mut Graph, softmaxes: &[String], rows: usize, keys: usize) 
     let shape = g.add_const("self_mask/shape", Tensor::vec_i64(&[rows as i64, 1, 1, keys as i64]));
     let bias = g.op1("Reshape", &[&bias, &shape], vec![], "self_mask/bias4");
     for sm in softmaxes {
-        let i = g.nodes.iter().position(|n| &n.name == sm).ok_or_else(|| anyhow!("no Softmax '{sm}'"))?;
-        let scores = g.nodes[i].inputs[0].clone();
-        let masked = g.op1("Add", &[&scores, &bias], vec![], &format!("{sm}.self_mask"));
-        let i = g.nodes.iter().position(|n| &n.name == sm).unwrap();
-        g.nodes[i].inputs[0] = masked;
+        bart::add_to_scores(g, sm, &bias, &format!("{sm}.self_mask"))?;
     }
     g.toposort()
 }
@@ -412,12 +392,16 @@ pub fn build_generation_graphs(
         out.push(("encode_bare".to_string(), build_encode(dir, mode, prefix_len, mid, gs, true, None)?));
     }
     let cross_len = spec.cross_prefix + gs.src_len;
-    let t5 = dims.relative_bias.then_some(T5Decode {
-        mode,
-        prefix: prefix_len,
-        max_new: gs.max_new,
-        heads: dims.decoder_heads,
-    });
+    let t5 = match dims.relative_bias {
+        true => Some(super::t5::DecodeSpec {
+            heads: dims.decoder_heads,
+            max_distance: super::t5::read_config(&dir.join("config.json"))?.max_distance,
+            prefix: prefix_len,
+            max_new: gs.max_new,
+            paper: mode == BartPrefix::Paper,
+        }),
+        false => None,
+    };
     out.push(("decode".to_string(), build_decode(dir, spec.capacity, cross_len, gs.rows, t5.as_ref())?));
     Ok(out)
 }

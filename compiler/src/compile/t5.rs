@@ -3,7 +3,7 @@
 //! graph from the sequence lengths and added to every layer's scores. A prefix's columns need a bias of their own:
 //! - PEFT's prefix is a cache of P tokens in front of the decoder's: HF numbers its keys 0..P-1 and the decoder's
 //!   queries P..P+T-1, so a prefix key c seen from query t reads the bucket of c - P - t (the decoder's own
-//!   columns are unchanged: the bias depends on differences only). `add_prefix_bias` adds those columns.
+//!   columns are unchanged: the bias depends on differences only). `peft_prefix_bias` is those columns.
 //! - pfx's paper layout gives the prefix no position, as in BART: its columns get no bias (what
 //!   `prefix::inject_one`'s neutral columns already are).
 //!
@@ -157,22 +157,10 @@ pub fn peft_prefix_bias(table: &Tensor, t: usize, p: usize, max_distance: usize)
     Ok(Tensor::f32(vec![1, heads, t, k], out))
 }
 
-/// Adds `bias` ([1, heads, queries, keys], keys with the prefix) to the scores the Softmax `softmax` reads.
-pub fn add_to_scores(g: &mut Graph, softmax: &str, bias: &str) -> Result<()> {
-    let i = g
-        .nodes
-        .iter()
-        .position(|n| n.name == softmax)
-        .ok_or_else(|| anyhow!("no Softmax '{softmax}' to add T5's prefix bias to"))?;
-    let scores = g.nodes[i].inputs[0].clone();
-    let sum = g.op1("Add", &[&scores, bias], vec![], "t5_prefix_bias/scores");
-    g.nodes[i].inputs[0] = sum;
-    Ok(())
-}
-
-/// What a one-token decode graph over a fixed-capacity self cache needs of T5 (`bart_generate::build_decode`).
-pub struct DecodeBias<'a> {
-    pub table: &'a Tensor,
+/// What T5's one-token decode graph over a fixed-capacity self cache needs (`bart_generate::build_decode`).
+#[derive(Clone, Debug)]
+pub struct DecodeSpec {
+    pub heads: usize,
     pub max_distance: usize,
     /// Prefix slots at the front of the cache (P).
     pub prefix: usize,
@@ -194,10 +182,11 @@ pub fn bias_from_positions(
     sites: &[String],
     capacity: usize,
     rows: usize,
-    b: &DecodeBias,
+    table: &Tensor,
+    b: &DecodeSpec,
 ) -> Result<()> {
-    let (buckets, heads) = (b.table.shape[0], b.table.shape[1]);
-    let w: Vec<f64> = b.table.as_f64s().ok_or_else(|| anyhow!("T5's bias table is not numeric"))?;
+    let (buckets, heads) = (table.shape[0], table.shape[1]);
+    let w: Vec<f64> = table.as_f64s().ok_or_else(|| anyhow!("T5's bias table is not numeric"))?;
     let keys = capacity + 1;
     let at = |rel: i64, h: usize| w[bucket(rel, false, buckets, b.max_distance) * heads + h];
     // The bias depends on the distance d = query - key only, and stops changing at the max distance (the last
@@ -218,28 +207,22 @@ pub fn bias_from_positions(
     }
     let table = g.add_const("t5_self_bias/by_distance", Tensor::f32(vec![zero_row as usize + 1, heads], by_distance));
     // Slot j < capacity holds the prefix (j < P) or decoder token j - P: d = n + P - j for the token n being
-    // decoded (`position_ids`), clipped at 0 (empty slots, masked) and at `far`; its own key, last, is at d = 0.
-    // The paper layout's prefix slots read the zero row.
-    let own: Vec<i64> = (0..keys).map(|j| if j == capacity { 0 } else { 1 }).collect();
-    let slot: Vec<i64> = (0..keys).map(|j| if j == capacity { 0 } else { j as i64 - b.prefix as i64 }).collect();
-    let prefix_slot: Vec<i64> = (0..keys).map(|j| i64::from(b.paper && j < b.prefix && j != capacity)).collect();
-    let own = g.add_const("t5_self_bias/not_own", Tensor::i64(vec![1, keys], own));
+    // decoded (`position_ids`), clipped at 0 (empty slots, masked) and at `far`; its own key, last, is at d = 0
+    // (kept out, as the paper layout's prefix slots, which then read the zero row).
+    let no_bias = |j: usize| j == capacity || (b.paper && j < b.prefix);
+    let slot: Vec<i64> = (0..keys).map(|j| j as i64 - b.prefix as i64).collect();
+    let keep: Vec<i64> = (0..keys).map(|j| i64::from(!no_bias(j))).collect();
+    let fixed: Vec<i64> = (0..keys).map(|j| if no_bias(j) && j != capacity { zero_row } else { 0 }).collect();
     let slot = g.add_const("t5_self_bias/slot_token", Tensor::i64(vec![1, keys], slot));
-    let is_prefix = g.add_const("t5_self_bias/prefix_slot", Tensor::i64(vec![1, keys], prefix_slot.clone()));
-    let not_prefix = g.add_const(
-        "t5_self_bias/not_prefix_slot",
-        Tensor::i64(vec![1, keys], prefix_slot.iter().map(|&x| 1 - x).collect()),
-    );
-    let d = g.op1("Sub", &["position_ids", &slot], vec![], "t5_self_bias/distance");
-    let d = g.op1("Mul", &[&d, &own], vec![], "t5_self_bias/distance_own");
+    let keep = g.add_const("t5_self_bias/keep", Tensor::i64(vec![1, keys], keep));
+    let fixed = g.add_const("t5_self_bias/fixed_row", Tensor::i64(vec![1, keys], fixed));
     let lo = g.add_const("t5_self_bias/near", Tensor::scalar_i64(0));
     let hi = g.add_const("t5_self_bias/far", Tensor::scalar_i64(far));
+    let d = g.op1("Sub", &["position_ids", &slot], vec![], "t5_self_bias/distance");
     let d = g.op1("Max", &[&d, &lo], vec![], "t5_self_bias/distance_min");
     let d = g.op1("Min", &[&d, &hi], vec![], "t5_self_bias/distance_max");
-    let d = g.op1("Mul", &[&d, &not_prefix], vec![], "t5_self_bias/distance_real");
-    let zero = g.add_const("t5_self_bias/zero_row", Tensor::scalar_i64(zero_row));
-    let to_zero = g.op1("Mul", &[&is_prefix, &zero], vec![], "t5_self_bias/prefix_row");
-    let d = g.op1("Add", &[&d, &to_zero], vec![], "t5_self_bias/row");
+    let d = g.op1("Mul", &[&d, &keep], vec![], "t5_self_bias/distance_kept");
+    let d = g.op1("Add", &[&d, &fixed], vec![], "t5_self_bias/row");
     // [R, keys, heads] -> [R, heads, 1, keys]
     let picked = g.op1("Gather", &[&table, &d], vec![("axis", crate::ir::Attr::Int(0))], "t5_self_bias/picked");
     let heads_first =
