@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Tiny T5 (v1.0) and T5 v1.1 / flan-t5: HF folders and optimum exports in BART's layout (encoder / decoder /
+"""Tiny T5 (v1.0), T5 v1.1 / flan-t5 and mT5: HF folders and optimum exports in BART's layout (encoder / decoder /
 decoder with past), as graphs/make_seq2seq_fixtures.py makes Marian's and Pegasus'.
 
 One command, from the reference venv (torch, transformers 5.x); it runs itself in the optimum venv (transformers
-4.x, optimum-onnx) for the v1.1 HF folder and the export step, then checks the v1.1 folder back in 5.x:
+4.x, optimum-onnx) for the v1.1 and mT5 HF folders and the export step, then checks them back in 5.x:
 
     /root/.cache/pfx/ref/bin/python graphs/make_t5_fixtures.py [--skip-hf] [NAME ...]
 
-Writes (relative to this file's folder), for NAME in t5-tiny, t5v11-tiny (or the NAMEs given):
-    NAME/hf/      save_pretrained safetensors, seeded random weights: t5-tiny's by transformers 5.x, t5v11-tiny's by
-                  transformers 4.x (see below)
+Writes (relative to this file's folder), for NAME in t5-tiny, t5v11-tiny, mt5-tiny (or the NAMEs given):
+    NAME/hf/      save_pretrained safetensors, seeded random weights: t5-tiny's by transformers 5.x, t5v11-tiny's and
+                  mt5-tiny's by transformers 4.x (see below)
     NAME/         encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx, config.json,
                   generation_config.json from `optimum-cli export onnx --task text2text-generation-with-past`
                   (transformers 4.x); optimum's decoder_model_merged.onnx is deleted (size), node metadata stripped
@@ -22,12 +22,19 @@ Writes (relative to this file's folder), for NAME in t5-tiny, t5v11-tiny (or the
   tie_word_embeddings=True (the old flag becomes scale_decoder_outputs), so a v1.1 model saved by 5.x has no
   lm_head.weight, and 4.x reads its folder as tied and scaled (different logits). 5.x loads a 4.x folder untied and
   unscaled (with a warning); the script asserts that, and that 5.x's logits equal 4.x's.
-All: vocab 100, d_model 32, d_kv 8, 4 heads, d_ff 64, 8 relative-position buckets, max distance 16, pad 0 = decoder
-start, eos 1, dropout off; every parameter gets 0.02 * randn (fixture_common.add_noise) after the seeded init.
+- mt5-tiny: MT5ForConditionalGeneration (config model_type "mt5"): T5 v1.1's architecture (gated-gelu, untied
+  lm_head, no scaling) under mT5's classes; 3 encoder / 2 decoder layers (the encoder deeper, unlike t5v11-tiny) and
+  relative_attention_max_distance 20 (not 16: the buckets of distances 6 (encoder) and 8 (decoder) differ).
+  Written by transformers 4.x for the same reason as t5v11-tiny, and more so: 5.x's MT5Config always sets
+  tie_word_embeddings=True and its MT5 never scales, so 5.x cannot build an untied mT5 and 4.x would read a folder it
+  saved as tied and scaled.
+All: vocab 100, d_model 32, d_kv 8, 4 heads, d_ff 64, 8 relative-position buckets, max distance 16 (mt5-tiny: 20),
+pad 0 = decoder start, eos 1, dropout off; every parameter gets 0.02 * randn (fixture_common.add_noise) after the
+seeded init.
 
 The export step asserts that every saved tensor loads unchanged in transformers 4.x (`load_checked`) and that
 onnxruntime gives PyTorch's outputs (max diff < 1e-4) for all three graphs; the reference step asserts that 5.x's
-logits equal 4.x's for both folders. The prefix-tuning references are graphs/bart-ref/make_bart_references.py's.
+logits equal 4.x's for every folder. The prefix-tuning references are graphs/bart-ref/make_bart_references.py's.
 """
 import os
 import subprocess
@@ -42,10 +49,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMUM_PYTHON = os.environ.get("PFX_OPTIMUM_PYTHON", "/root/.cache/pfx/optimum/bin/python")
 SEED = 20261301
 # New names at the end: the seeds follow the index.
-NAMES = ["t5-tiny", "t5v11-tiny"]
+NAMES = ["t5-tiny", "t5v11-tiny", "mt5-tiny"]
 GRAPHS = ["encoder_model", "decoder_model", "decoder_with_past_model"]
-# Written by transformers 4.x (the optimum venv): 5.x cannot save an untied T5 head.
-HF_BY_4X = {"t5v11-tiny"}
+# Written by transformers 4.x (the optimum venv): 5.x cannot save an untied T5 or mT5 head.
+HF_BY_4X = {"t5v11-tiny", "mt5-tiny"}
 # Encoder ids end with eos (1), right-padded with pad (0); decoder ids start with decoder_start (= pad, 0).
 IDS = torch.tensor([[17, 42, 8, 9, 1], [77, 3, 1, 0, 0]], dtype=torch.int64)
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.int64)
@@ -54,24 +61,30 @@ TOL_VERSIONS = 1e-4  # |logits 5.x - 4.x| (the study: 7e-7 tied, 6e-6 untied; a 
 
 
 def configs():
-    from transformers import T5Config
+    """In NAMES' order (the seeds follow it)."""
+    from transformers import MT5Config, T5Config
 
-    common = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return {"t5-tiny": T5Config(feed_forward_proj="relu", tie_word_embeddings=True, num_decoder_layers=2, **common),
-            "t5v11-tiny": T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3,
-                                   **common)}
+    common = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_heads=4, relative_attention_num_buckets=8,
+                  dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    t5 = dict(num_layers=2, relative_attention_max_distance=16, **common)
+    out = {"t5-tiny": T5Config(feed_forward_proj="relu", tie_word_embeddings=True, num_decoder_layers=2, **t5),
+           "t5v11-tiny": T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3,
+                                  **t5),
+           "mt5-tiny": MT5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3,
+                                 num_decoder_layers=2, relative_attention_max_distance=20, **common)}
+    assert list(out) == NAMES
+    return out
 
 
 def make_hf(names):
-    from transformers import T5ForConditionalGeneration
+    from transformers import MT5ForConditionalGeneration, T5ForConditionalGeneration
 
     for i, (name, cfg) in enumerate(configs().items()):
         if name not in names:
             continue
         torch.manual_seed(SEED + i)
-        model = T5ForConditionalGeneration(cfg).eval()
+        cls = MT5ForConditionalGeneration if cfg.model_type == "mt5" else T5ForConditionalGeneration
+        model = cls(cfg).eval()
         add_noise(model, SEED + 10 + i)
         if name in HF_BY_4X:
             assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
@@ -187,8 +200,10 @@ def check_5x(name, logits_dir):
     tied = model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
     assert tied == (name not in HF_BY_4X), (name, tied)
     d = float(np.abs(logits_of(model) - np.load(os.path.join(logits_dir, name + ".npy"))).max())
-    print(f"  {name}/hf in transformers 5.x: lm_head tied={tied}, scale_decoder_outputs="
-          f"{model.config.scale_decoder_outputs}, max|logits 5.x - 4.x| = {d:.3g}")
+    # 5.x's MT5Config has no scale_decoder_outputs: its MT5 never scales
+    scaled = getattr(model.config, "scale_decoder_outputs", "(none: never scaled)")
+    print(f"  {name}/hf in transformers 5.x: {type(model).__name__}, lm_head tied={tied}, scale_decoder_outputs="
+          f"{scaled}, max|logits 5.x - 4.x| = {d:.3g}")
     assert d < TOL_VERSIONS, (name, d)
 
 

@@ -209,7 +209,7 @@ fn relative_bias_reason(g: &Graph) -> Option<String> {
         (Some(rows), Some(width), Some(hidden)) if width != hidden && !read_by_position_ids(g) => Some(format!(
             "looks up a {rows}×{width} table that is not as wide as its embeddings ({hidden}): relative position \
              buckets, as T5 has, rather than the learned absolute positions pfx numbers (T5 compiles on the BART \
-             path: pfxc compile --bart-prefix on optimum's export folder, whose config.json says model_type t5)"
+             path: pfxc compile --bart-prefix on optimum's export folder, whose config.json says model_type t5 or mt5)"
         )),
         _ => None,
     }

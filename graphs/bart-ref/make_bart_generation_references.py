@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Generation references for prefix-tuned BART (greedy and beam search), on the fixtures of make_bart_references.py
 (the two tiny BART fixtures, marian-tiny, pegasus-tiny, mbart-tiny, blenderbot-tiny, blenderbot-small-tiny,
-m2m100-tiny, and T5: t5-tiny and t5v11-tiny).
+m2m100-tiny, and T5: t5-tiny, t5v11-tiny and mT5's mt5-tiny).
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
-    /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_generation_references.py
+    /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_generation_references.py [fixture ...]
 
-Reads  graphs/<fixture>/hf/ for every fixture in make_bart_references.FIXTURES.
+Reads  graphs/<fixture>/hf/ for every fixture in make_bart_references.FIXTURES (or the fixtures given).
 Writes graphs/bart-ref/gen-<fixture>-<mode>.safetensors (reparam) and gen-<fixture>-<mode>-noreparam.safetensors.
 Keys, settings and findings: graphs/bart-ref/README.md, section "Generation references".
 
@@ -29,13 +29,13 @@ mbart-tiny: sources framed as mBART's tokenizer frames them (`words </s> en_XX`,
 the config's decoder_start_token_id, the target language code ro_RO (89), as HF's generate does for mBART-cc25 /
 en-ro style exports (its files also hold it as `gen.decoder_start`).
 
-T5 (R.T5_FIXTURES): sources framed as T5's tokenizer frames them (`words </s>`, no bos, pad 0), decoder start = pad 0,
-eos 1. `peft` written out: the prefix in front of the decoder self-attention's keys with PEFT's bias (prefix key c seen
-from decoder token t: table[bucket(c - P - t)], R.t5_peft_bias) instead of a position shift; `paper`: R.patch_paper_t5
-(prefix columns without bias). T5's generation config has no forced_eos_token_id: the forced-token references pass
-forced_eos_token_id = eos (1) to generate. Float64 T5 models recompute T5LayerNorm in float64
-(R.t5_norms_in_own_dtype). PEFT's own generate on T5 is not a reference either (with use_cache=True it disagrees with
-its own forward).
+T5 and mT5 (R.T5_FIXTURES, R.is_t5): sources framed as T5's tokenizer frames them (`words </s>`, no bos, pad 0),
+decoder start = pad 0, eos 1. `peft` written out: the prefix in front of the decoder self-attention's keys with PEFT's
+bias (prefix key c seen from decoder token t: table[bucket(c - P - t)], R.t5_peft_bias) instead of a position shift;
+`paper`: R.patch_paper_t5 (prefix columns without bias). T5's generation config has no forced_eos_token_id: the
+forced-token references pass forced_eos_token_id = eos (1) to generate. Float64 T5 models recompute T5LayerNorm in
+float64 (R.t5_norms_in_own_dtype). PEFT's own generate on T5 is not a reference either (with use_cache=True it disagrees
+with its own forward).
 
 CPU, float32, eval mode, eager attention, seeded: reruns give byte-identical files (no safetensors metadata).
 """
@@ -87,6 +87,8 @@ NOISE_SEEDS = {
     ("t5-tiny", "paper"): 20261300,
     ("t5v11-tiny", "peft"): 20261301,
     ("t5v11-tiny", "paper"): 20261300,
+    ("mt5-tiny", "peft"): 20261300,
+    ("mt5-tiny", "paper"): 20261300,
 }
 PARAMS = ("reparam", "noreparam")  # noreparam files carry a `-noreparam` suffix
 NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
@@ -110,6 +112,8 @@ NOISE_SEEDS_NOREPARAM = {  # `--search noreparam` re-derives them
     ("t5-tiny", "paper"): 20261300,
     ("t5v11-tiny", "peft"): 20261300,
     ("t5v11-tiny", "paper"): 20261300,
+    ("mt5-tiny", "peft"): 20261300,
+    ("mt5-tiny", "paper"): 20261300,
 }
 # Forced first token of the forced-token references (HF's forced_bos_token_id, as mBART-50's target language): the
 # first word from 5 on whose greedy path passes check_forced_greedy (recorded as gen.forced_bos). The forced last
@@ -138,7 +142,7 @@ def make_source(cfg):
     words, eos, no bos (pad 0; 0 pad, 1 eos, 2 unk), as its tokenizer frames them."""
     if cfg.model_type == "mbart":
         return make_mbart_source(cfg)
-    head = [] if cfg.model_type == "t5" else [cfg.bos_token_id]
+    head = [] if R.is_t5(cfg) else [cfg.bos_token_id]
     g = torch.Generator().manual_seed(SOURCE_SEED)
     ids = torch.full((len(SOURCE_LENGTHS), S), cfg.pad_token_id, dtype=torch.int64)
     mask = torch.zeros(len(SOURCE_LENGTHS), S, dtype=torch.int64)
@@ -167,7 +171,7 @@ def load_base64(fixture):
     """The bare model in float64; T5's RMSNorm recomputed in float64 (HF's computes its variance in float32 whatever
     the dtype). Nothing to patch in the other fixtures."""
     model = R.load_base(fixture, torch.float64)
-    if model.config.model_type == "t5":
+    if R.is_t5(model.config):
         R.t5_norms_in_own_dtype(model)
     return model
 
@@ -394,7 +398,7 @@ def peft_written_out(fixture, runner, dtype, shift=True):
     with torch.no_grad():
         flat = enc(torch.arange(R.P).unsqueeze(0))[0]
     table = flat.view(R.P, 2 * L, H, D).permute(1, 2, 0, 3)
-    if cfg.model_type == "t5":
+    if R.is_t5(cfg):
         model = load_base64(fixture) if dtype == torch.float64 else R.load_base(fixture, dtype)
         bias = R.t5_peft_bias(model.decoder) if shift else R.t5_paper_bias(model.decoder)
         for i, blk in enumerate(model.decoder.block):
@@ -480,7 +484,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     facts["max |Δlogits| if the source mask is ignored"] = f"{(nomask - logits).abs().max().item():.3f}"
     if mode == "peft":
         noshift = teacher_forced(peft_written_out(fixture, runner, torch.float32, shift=False), ids, mask, start, tok)
-        what = "the prefix columns get zero bias" if cfg.model_type == "t5" else "decoder positions start at 0"
+        what = "the prefix columns get zero bias" if R.is_t5(cfg) else "decoder positions start at 0"
         facts[f"max |Δlogits| if {what}"] = f"{(noshift - logits).abs().max().item():.3f}"
     facts["max |logits - bare logits| at step 0"] = f"{(logits[:, 0] - bare_logits[:, 0]).abs().max().item():.3f}"
 
@@ -511,7 +515,7 @@ def run(fixture, mode, seed, write=True, param="reparam"):
     # forced_eos_token_id (BART's, Marian's and Pegasus's configs set it), and also the first forced to FORCED_BOS.
     forced_eos = runner.base.generation_config.forced_eos_token_id if mode == "peft" else \
         R.load_base(fixture).generation_config.forced_eos_token_id
-    if cfg.model_type == "t5":  # T5's generation config has none: passed to generate as an argument
+    if R.is_t5(cfg):  # T5's (and mT5's) generation config has none: passed to generate as an argument
         assert forced_eos is None, forced_eos
         forced_eos = eos
     assert forced_eos == eos, (forced_eos, eos)
@@ -735,7 +739,11 @@ def main():
         fixtures = tuple(a for a in sys.argv[2:] if a in FIXTURES) or FIXTURES
         search(params, fixtures)
         return 0
-    for fixture in FIXTURES:
+    chosen = sys.argv[1:]
+    if any(a not in FIXTURES for a in chosen):
+        sys.exit(f"usage: make_bart_generation_references.py [--search [reparam|noreparam] ...] [fixture ...] "
+                 f"(fixtures among {', '.join(FIXTURES)})")
+    for fixture in [f for f in FIXTURES if f in chosen or not chosen]:
         cfg = R.load_base(fixture).config
         ids, mask = make_source(cfg)
         print(f"\n#### {fixture}: decoder_start {cfg.decoder_start_token_id}, pad {cfg.pad_token_id}, "

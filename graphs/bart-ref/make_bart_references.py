@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Reference values for prefix-tuning BART, in both of pfx's modes, on the two tiny BART fixtures and on tiny Marian,
-Pegasus, mBART, BlenderBot, BlenderBot-small and M2M100 exported in BART's layout, and on tiny T5 (v1.0 and v1.1).
+Pegasus, mBART, BlenderBot, BlenderBot-small and M2M100 exported in BART's layout, and on tiny T5 (v1.0 and v1.1)
+and mT5.
 
 Runs in the reference venv (torch, transformers 5.x, peft 0.21, safetensors):
 
-    /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_references.py [--weights f16]
+    /root/.cache/pfx/ref/bin/python graphs/bart-ref/make_bart_references.py [--weights f16] [FIXTURE ...]
+
+(FIXTUREs given: those alone, each still seeded by its place in FIXTURES; none: all.)
 
 Reads  graphs/bart-enc-deep/hf/ and graphs/bart-dec-deep/hf/ (written by graphs/make_fixtures.py),
 graphs/marian-tiny/hf/, graphs/pegasus-tiny/hf/, graphs/mbart-tiny/hf/, graphs/blenderbot-tiny/hf/ and
 graphs/blenderbot-small-tiny/hf/, graphs/m2m100-tiny/hf/ (graphs/make_seq2seq_fixtures.py) and graphs/t5-tiny/hf/,
-graphs/t5v11-tiny/hf/ (graphs/make_t5_fixtures.py), all loaded through AutoModelForSeq2SeqLM. FIXTURES
-lists them; new fixtures go at its end (each file's noise seed depends on the fixture's index).
+graphs/t5v11-tiny/hf/, graphs/mt5-tiny/hf/ (graphs/make_t5_fixtures.py), all loaded through
+AutoModelForSeq2SeqLM. FIXTURES lists them; new fixtures go at its end (each file's noise seed depends on the
+fixture's index).
 Writes graphs/bart-ref/<fixture>-<mode>-<param>.safetensors, mode in {peft, paper}, param in {reparam, noreparam}.
 With --weights f16: <fixture>-<mode>-reparam-f16.safetensors, the same on the model whose weights of rank >= 2
 (parameters and buffers) are rounded to float16 and used in float32, which `pfxc compile --weights f16` compiles.
@@ -30,8 +34,9 @@ tgt_lang ro_RO, de_DE, ro_RO; no <s>) and its decoder inputs are mBART's own `sh
 row's last non-pad token, the target language code, moved to the front; `decoder_input_ids` in the files), not BART's
 `[decoder_start, labels[:-1]]`.
 
-T5 (t5-tiny, t5v11-tiny): no absolute positions but a relative position bias, computed from a table
-[buckets, heads] in each stack's block 0 and shared by its layers (none in cross-attention), and unscaled scores.
+T5 (t5-tiny, t5v11-tiny; mt5-tiny: model_type "mt5", T5 v1.1's architecture under mT5's classes, `is_t5`): no
+absolute positions but a relative position bias, computed from a table [buckets, heads] in each stack's block 0 and
+shared by its layers (none in cross-attention), and unscaled scores.
 Its batch is framed as T5's tokenizer frames it (`X </s>` sources, no bos, pad 0), its decoder inputs are T5's
 `_shift_right(labels)` (= BART's shift behind decoder_start = pad 0). `peft`: PEFT puts the prefix into the decoder's
 self-attention only, and its cache of length P numbers the decoder's queries P..P+T-1 over keys 0..P+T-1, so the
@@ -59,13 +64,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPHS = os.path.join(HERE, "..")
 # New fixtures go at the end: the noise seeds depend on the index (the existing files must not change).
 FIXTURES = ("bart-enc-deep", "bart-dec-deep", "marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny",
-            "blenderbot-small-tiny", "m2m100-tiny", "t5-tiny", "t5v11-tiny")
+            "blenderbot-small-tiny", "m2m100-tiny", "t5-tiny", "t5v11-tiny", "mt5-tiny")
 # Marian, Pegasus, mBART, BlenderBot and BlenderBot-small in BART's layout (graphs/make_seq2seq_fixtures.py): loaded
 # through AutoModelForSeq2SeqLM.
 AUTO_FIXTURES = ("marian-tiny", "pegasus-tiny", "mbart-tiny", "blenderbot-tiny", "blenderbot-small-tiny",
-                 "m2m100-tiny", "t5-tiny", "t5v11-tiny")
-# T5 (graphs/make_t5_fixtures.py): relative position bias, no absolute positions (t5_prefixed_attention below).
-T5_FIXTURES = ("t5-tiny", "t5v11-tiny")
+                 "m2m100-tiny", "t5-tiny", "t5v11-tiny", "mt5-tiny")
+# T5 and mT5 (graphs/make_t5_fixtures.py): relative position bias, no absolute positions (t5_prefixed_attention below).
+T5_FIXTURES = ("t5-tiny", "t5v11-tiny", "mt5-tiny")
+T5_MODEL_TYPES = ("t5", "mt5")  # mT5: T5 v1.1's modules under other class names (MT5Attention, MT5LayerNorm, ...)
 # mbart-tiny's language codes (graphs/tokenizers/mbart-style/'s ids; 70..94 are the 25 codes, 95 <mask>): sources end
 # `</s> en_XX`; labels `</s> ro_RO` (89 = its decoder_start_token_id, as mbart-large-en-ro's), row 1's `</s> de_DE` (72,
 # not the config's start: a multilingual batch, where only mBART's own shift gives HF's decoder inputs).
@@ -92,13 +98,18 @@ FD_PER_TENSOR = 6  # coordinates checked per trainable tensor
 PARAMS = {"reparam": M, "noreparam": None}
 
 
+def is_t5(cfg):
+    """T5 or mT5 (same modules, same treatment here)."""
+    return cfg.model_type in T5_MODEL_TYPES
+
+
 def make_batch(cfg):
     """Source with padding (right-padded rows 1 and 2), labels with -100 (trailing, and one inside row 0). Sources are
     `<s> words </s>` (BART's framing), or `words </s>` as T5's tokenizer frames them (no bos; pad 0, words from 3:
     0 pad, 1 eos, 2 unk)."""
     if cfg.model_type == "mbart":
         return make_mbart_batch(cfg)
-    head = [] if cfg.model_type == "t5" else [cfg.bos_token_id]
+    head = [] if is_t5(cfg) else [cfg.bos_token_id]
     g = torch.Generator().manual_seed(SEED)
     r = lambda *shape: torch.randint(3, cfg.vocab_size, shape, generator=g, dtype=torch.int64)
     input_ids = torch.full((B, S), cfg.pad_token_id, dtype=torch.int64)
@@ -141,21 +152,21 @@ def make_mbart_batch(cfg):
 
 def layers(cfg):
     """(encoder layers, decoder layers): BART's config names, or T5's."""
-    if cfg.model_type == "t5":
+    if is_t5(cfg):
         return cfg.num_layers, cfg.num_decoder_layers
     return cfg.encoder_layers, cfg.decoder_layers
 
 
 def heads(cfg):
     """(encoder heads, decoder heads)."""
-    if cfg.model_type == "t5":
+    if is_t5(cfg):
         assert cfg.num_heads * cfg.d_kv == cfg.d_model, "PEFT's D is d_model / heads"
         return cfg.num_heads, cfg.num_heads
     return cfg.encoder_attention_heads, cfg.decoder_attention_heads
 
 
 def activation(cfg):
-    return cfg.feed_forward_proj if cfg.model_type == "t5" else cfg.activation_function
+    return cfg.feed_forward_proj if is_t5(cfg) else cfg.activation_function
 
 
 def decoder_inputs(cfg, labels):
@@ -374,8 +385,9 @@ def patch_paper_t5(model, gens):
 
 
 def t5_norms_in_own_dtype(model):
-    """T5LayerNorm computes its variance in float32 whatever the model's dtype: in the float64 run (the finite
-    differences need it) compute it in float64."""
+    """T5LayerNorm (and mT5's copy) computes its variance in float32 whatever the model's dtype: in the float64 run
+    (the finite differences need it) compute it in float64."""
+    from transformers.models.mt5.modeling_mt5 import MT5LayerNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
     def norm(mod):
@@ -386,7 +398,7 @@ def t5_norms_in_own_dtype(model):
         return forward
 
     for m in model.modules():
-        if isinstance(m, T5LayerNorm):
+        if isinstance(m, (T5LayerNorm, MT5LayerNorm)):
             m.forward = norm(m)
 
 
@@ -472,7 +484,7 @@ class PaperRunner:
         self.gens = gens.to(dtype)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        if cfg.model_type == "t5":
+        if is_t5(cfg):
             if dtype == torch.float64:
                 t5_norms_in_own_dtype(self.model)
             patch_paper_t5(self.model, self.gens)
@@ -527,11 +539,11 @@ def check_peft_semantics(runner, fixture, init, ids, mask, labels, loss, logits,
             DynamicCache(),
         )
         dec_ids = decoder_inputs(cfg, labels)
-        if cfg.model_type == "t5":
+        if is_t5(cfg):
             assert torch.equal(dec_ids, base._shift_right(labels))
         l1 = base(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids, past_key_values=own).logits
         torch.testing.assert_close(l1, logits, rtol=0, atol=1e-5)
-        if cfg.model_type == "t5":
+        if is_t5(cfg):
             return check_peft_t5(runner, fixture, rows, table, ids, mask, labels, dec_ids, loss, logits, facts)
 
         # (2) the attention written out: prefix on the decoder's self-attention only (layer i: rows above),
@@ -612,7 +624,7 @@ def check_paper_numerics(runner, fixture, mid, init, ids, mask, labels, loss, gr
         worst = max(worst, e)
     assert worst < 1e-4, worst
     facts["float32 vs float64"] = f"|dloss| {dl:.1e}, worst gradient norm-rel {worst:.1e}"
-    if runner.model.config.model_type == "t5":
+    if is_t5(runner.model.config):
         # The written-out attention with no prefix (p = 0) is HF's own: the real x real bias and masks are unchanged.
         with torch.no_grad():
             none = load_base(fixture)
@@ -754,13 +766,16 @@ def run(fixture, mode, param):
 
 def main():
     global WEIGHTS
-    if sys.argv[1:] not in ([], ["--weights", "f16"]):
-        sys.exit("usage: make_bart_references.py [--weights f16]")
-    WEIGHTS = "f16" if sys.argv[1:] else "f32"
+    args = sys.argv[1:]
+    f16 = args[:2] == ["--weights", "f16"]
+    chosen = args[2:] if f16 else args
+    if any(a not in FIXTURES for a in chosen):
+        sys.exit(f"usage: make_bart_references.py [--weights f16] [FIXTURE ...] (FIXTUREs among {', '.join(FIXTURES)})")
+    WEIGHTS = "f16" if f16 else "f32"
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}")
-    for fixture in FIXTURES:
+    for fixture in [f for f in FIXTURES if f in chosen or not chosen]:  # FIXTURES' order; the seeds follow it
         cfg = load_base(fixture).config
         ids, mask, labels = make_batch(cfg)
         print(f"\n#### {fixture}: encoder {layers(cfg)[0]} / decoder {layers(cfg)[1]} layers, {activation(cfg)}")

@@ -262,9 +262,9 @@ pub const BART_FIXTURES: [&str; 8] = [
     "m2m100-tiny",
 ];
 
-/// T5 fixtures on the BART path (`graphs/make_t5_fixtures.py`): v1.0 (tied head) and v1.1 (gated, untied, a
-/// deeper decoder).
-pub const T5_FIXTURES: [&str; 2] = ["t5-tiny", "t5v11-tiny"];
+/// T5 fixtures on the BART path (`graphs/make_t5_fixtures.py`): v1.0 (tied head), v1.1 (gated, untied, a
+/// deeper decoder) and mT5 (v1.1's layers as model_type mt5; a deeper encoder, max distance 20).
+pub const T5_FIXTURES: [&str; 3] = ["t5-tiny", "t5v11-tiny", "mt5-tiny"];
 
 /// BART compile options at the shapes of the fixtures' references (`graphs/bart-ref/`): prefix 4, batch 3,
 /// source 7, target 6, no label smoothing, AdamW's defaults, seed 0.

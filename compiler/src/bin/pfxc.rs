@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use pfx_compiler::compile::generate::GenShape;
 use pfx_compiler::compile::optimizer::AdamW;
 use pfx_compiler::compile::storage::WeightStorage;
-use pfx_compiler::compile::{bart, bart_generate, compile, CompileOptions};
+use pfx_compiler::compile::{bart, bart_generate, compile, t5, CompileOptions};
 use pfx_compiler::onnx_io::{self, WeightsFile};
 use pfx_compiler::specialize::{specialize, Dims};
 use pfx_compiler::{inspect, load_canonical, text};
@@ -167,7 +167,7 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("warning: {e:#}");
                     None
                 });
-                if info.config_model_type.as_deref() == Some("t5") {
+                if info.config_model_type.as_deref().is_some_and(t5::is_t5) {
                     info.as_t5(&m.graph);
                 }
                 if json {

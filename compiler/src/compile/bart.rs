@@ -141,7 +141,7 @@ pub struct BartExport {
 /// pre-LayerNorm; BlenderBot-small's embedding LayerNorm), or that pfx handles (mBART's decoder inputs,
 /// `add_decoder_inputs`; T5's relative position bias over the prefix, `super::t5`).
 pub const BART_LAYOUT_MODELS: &[&str] =
-    &["bart", "marian", "pegasus", "mbart", "blenderbot", "blenderbot-small", "m2m_100", "t5"];
+    &["bart", "marian", "pegasus", "mbart", "blenderbot", "blenderbot-small", "m2m_100", "t5", "mt5"];
 
 /// Sizes read off the two graphs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -714,7 +714,7 @@ pub fn build_bart_loss_graph(dir: &Path, opts: &BartOptions) -> Result<BartLoss>
     let export = find_export(dir)?;
     // Before the graphs are read: a wrong language is refused at once.
     check_languages(&export, opts.languages.as_ref())?;
-    let t5 = export.model_type == "t5";
+    let t5 = super::t5::is_t5(&export.model_type);
     let t5_config = if t5 { Some(super::t5::read_config(&export.dir.join("config.json"))?) } else { None };
     let (mut enc, enc_info) = load_part(&export.encoder, Family::BartEncoder, false, t5)?;
     let (mut dec, dec_info) = load_part(&export.decoder, Family::BartDecoder, export.merged, t5)?;

@@ -128,7 +128,7 @@ pub fn build_encode(
     baked: Option<&BTreeMap<String, Tensor>>,
 ) -> Result<Model> {
     let export = bart::find_export(dir)?;
-    let t5 = export.model_type == "t5";
+    let t5 = super::t5::is_t5(&export.model_type);
     let (mut enc, enc_info) = bart::load_part(&export.encoder, Family::BartEncoder, false, t5)?;
     let (mut dec, dec_info) = bart::load_part(&export.decoder, Family::BartDecoder, export.merged, t5)?;
     bart::check_fit(&enc.graph, &dec.graph, &export)?;

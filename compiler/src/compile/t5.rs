@@ -16,6 +16,15 @@ use std::path::Path;
 use crate::ir::Graph;
 use crate::tensor::Tensor;
 
+/// The `model_type`s compiled as T5: T5 (v1.0, v1.1 / Flan-T5) and mT5, T5 v1.1's layers under another name.
+/// (UMT5 is not: each of its layers has a bias table of its own, where `bias_table` expects block 0's shared one.)
+pub const MODEL_TYPES: &[&str] = &["t5", "mt5"];
+
+/// Whether a config's `model_type` is compiled as T5.
+pub fn is_t5(model_type: &str) -> bool {
+    MODEL_TYPES.contains(&model_type)
+}
+
 /// What the BART path needs of a T5 `config.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct T5Config {
@@ -84,7 +93,7 @@ pub fn bias_table(g: &Graph, heads: usize) -> Result<(String, Tensor)> {
         [t] => Ok(((*t).clone(), g.initializers[*t].clone())),
         _ => bail!(
             "found {} relative position bias tables ([buckets, {heads}]) where T5's decoder has one: the export's \
-             config.json says model_type t5, but its graphs are not T5's",
+             config.json says T5 (model_type t5 or mt5), but its graphs are not T5's",
             tables.len()
         ),
     }
