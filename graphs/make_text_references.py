@@ -36,7 +36,13 @@ have:
 - graphs/tokenizers/t5-style/: T5Tokenizer (T5's pipeline: Unigram, WhitespaceSplit + Metaspace, `$A </s>`, nothing
   before a text), 100 ids as T5's layout starts (<pad> 0 = decoder start, </s> 1, <unk> 2, then 97 Unigram pieces
   counted from the E2E slice: the word start mark, the 50 most frequent characters, the most frequent words after the
-  mark) and no `<extra_id_N>` sentinels (extra_ids=0: the real 100 would not fit), the ids of graphs/t5-tiny/.
+  mark) and no `<extra_id_N>` sentinels (extra_ids=0: the real 100 would not fit), the ids of graphs/t5-tiny/;
+- graphs/tokenizers/t5-sp-style/: T5's tokenizer.json as its checkpoints have it, made as theirs were: a SentencePiece
+  Unigram model trained here (the `sentencepiece` package; 90 pieces, nmt_nfkc normalization, <pad> 0, </s> 1, <unk> 2,
+  one thread and a fixed seed, so reruns give the same bytes) converted by `T5Tokenizer.from_pretrained` on its
+  spiece.model with extra_ids=10: a `Precompiled` normalizer (the nmt_nfkc charsmap, most of the file's 330 KB),
+  WhitespaceSplit + Metaspace, `$A </s>`, and `<extra_id_9>`..`<extra_id_0>` as special added tokens at 90..99 (T5's
+  layout at a smaller count), 100 ids as graphs/t5-tiny/. spiece.model itself is not kept.
 
 Written references (Hugging Face's tokenizer is the reference for the ids, PEFT for the numbers):
 - graphs/tokenizers/model-format-cases.json: for each tokenizer and the first examples of
@@ -64,6 +70,13 @@ Written references (Hugging Face's tokenizer is the reference for the ids, PEFT 
   one longer, so that it is cut). The random fixture repeats one token (the first step's pick) for every source,
   never </s>: pad (0) for the last one, whose text is empty. `python graphs/make_text_references.py t5` writes only
   t5-style and this file;
+- graphs/tokenizers/t5-sp-format-cases.json: the same for t5-sp-style (AutoTokenizer, checked against
+  `T5TokenizerFast(tokenizer_file=...)`) on pairs written to go through the normalizer (full-width letters and digits,
+  ligatures, NBSP, ideographic and zero-width spaces, runs of spaces, tabs, newlines, é composed and decomposed,
+  unknown characters, sentinels in the text), plus `tokenizer(text)` of lone texts (empty and blank ones too), the
+  sentinels' ids, HF's `decode(ids, skip_special_tokens=True)` of a few id lists, and the greedy generation on
+  graphs/t5-tiny/hf of four sources (one giving a sentinel eight times: an empty text). `python
+  graphs/make_text_references.py t5-sp` writes only t5-sp-style and this file (it needs `sentencepiece`);
 - graphs/peft-decoders/text-llama-gqa-tiny.json: the tiny GQA Llama with PEFT's saved adapter
   (graphs/peft-decoders/adapter-llama-gqa-tiny) and the llama-style tokenizer: the mean loss over the examples of
   graphs/peft-decoders/text-e2e.txt (rows of SEQ tokens, right-padded), and the greedy text of each source.
@@ -539,15 +552,16 @@ def t5_cases(folder, model):
             "special_tokens": dict(T5_SPECIALS), "cases": cases}
 
 
-def t5_generate_reference(folder, model):
+def t5_generate_reference(folder, model, tok=None, sources=T5_GEN_SOURCES):
     """HF's greedy generation on the bare graphs/t5-tiny/hf: the sources cut to src_len as HF's truncation cuts them
-    (</s> kept), a padded batch (checked against one source at a time), the decoder starting with <pad>."""
-    tok = t5_tokenizer(folder)
+    (</s> kept), a padded batch (checked against one source at a time), the decoder starting with <pad>; `tok`
+    t5_tokenizer(folder) unless given."""
+    tok = t5_tokenizer(folder) if tok is None else tok
     gen = dict(max_new_tokens=T5_GEN["max_new_tokens"], num_beams=1, do_sample=False)
-    batch = tok(T5_GEN_SOURCES, max_length=T5_GEN["src_len"], truncation=True, padding=True, return_tensors="pt")
+    batch = tok(sources, max_length=T5_GEN["src_len"], truncation=True, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**batch, **gen).tolist()
-        for s, row in zip(T5_GEN_SOURCES, out):
+        for s, row in zip(sources, out):
             alone = model.generate(**tok([s], max_length=T5_GEN["src_len"], truncation=True, return_tensors="pt"),
                                    **gen)[0].tolist()
             assert alone == row[:len(alone)] and all(t == tok.pad_token_id for t in row[len(alone):]), (s, row, alone)
@@ -556,8 +570,8 @@ def t5_generate_reference(folder, model):
     new = [row[1:row.index(tok.eos_token_id, 1) + 1] if tok.eos_token_id in row[1:] else row[1:] for row in out]
     texts = [tok.decode(row, skip_special_tokens=True).strip() for row in new]
     assert len(set(texts)) > 1, texts
-    return dict(T5_GEN, sources=T5_GEN_SOURCES,
-                input_ids=[tok(s, max_length=T5_GEN["src_len"], truncation=True)["input_ids"] for s in T5_GEN_SOURCES],
+    return dict(T5_GEN, sources=sources,
+                input_ids=[tok(s, max_length=T5_GEN["src_len"], truncation=True)["input_ids"] for s in sources],
                 decoder_start_token_id=model.config.decoder_start_token_id, eos=tok.eos_token_id,
                 new_ids=new, ends_with_eos=[row[-1] == tok.eos_token_id for row in new], texts=texts)
 
@@ -567,6 +581,126 @@ def write_t5(model=None):
     folder = make_t5_style()
     write_json(os.path.join(TOKENIZERS, "t5-format-cases.json"),
                {"t5-style": t5_cases(folder, model), "generate": t5_generate_reference(folder, model)})
+
+
+# t5-sp-style: T5's tokenizer.json as its checkpoints have it. A SentencePiece Unigram model with nmt_nfkc
+# normalization (T5's spiece.model has it) converted by transformers, which writes its charsmap as a `Precompiled`
+# normalizer, and the `<extra_id_N>` sentinels as added special tokens after the pieces, counting down (<extra_id_0>
+# the last id). 90 pieces + 10 sentinels = the 100 ids of graphs/t5-tiny.
+T5_SP_EXTRA_IDS = 10
+# Texts read alone (`tokenizer(text)`), also those a data file cannot hold (empty, blank).
+T5_SP_TEXTS = [
+    "", "   ", "\t\n", "<extra_id_0>", "x<extra_id_0>y", "\u00a0<extra_id_0>\u3000", "<extra_id_9>. <extra_id_10>",
+    "ＡＢＣ１２３", "ﬁ ﬀ", "€30 ½ ™ ① ℌ", "日本 🍕 ｶﾀｶﾅ", "x\u0085y \u2028z", "A\u0300 \u00c0 a\u0308 \u00e4",
+    "zero\u200bwidth soft\u00adhyphen",
+]
+# Source/target pairs for the rows: full-width letters and digits, ligatures, NBSP and ideographic spaces, runs of
+# spaces, tabs and newlines, leading and trailing spaces, é composed and decomposed, unknown characters, and
+# sentinels in T5's span-corruption layout. Each source is over 8 ids and each target at least 6 (the rows' check
+# cuts them to 8 and 6).
+T5_SP_PAIRS = [
+    ("name : ＡＢＣ１２３ | food : Ｃｈｉｎｅｓｅ", "ＡＢＣ１２３ serves Ｃｈｉｎｅｓｅ food ."),
+    ("name : The ﬁsh shop | area :\u00a0riverside", "The\u00a0ﬁsh shop is by the\u3000river ."),
+    ("  name :  Caf\u00e9 Rouge   | food :\tFrench  ", "Cafe\u0301 Rouge\nserves  French food . "),
+    ("The <extra_id_0> is near <extra_id_1> in the city centre .",
+     "<extra_id_0> Eagle <extra_id_1> the river <extra_id_2>"),
+    ("name : Düsseldorf 4 | price : €30 ½", "Düsseldorf 4 costs €30 ™ ."),
+    ("x<extra_id_0>y | zero\u200bwidth | x\u0085y", "<extra_id_9>. <extra_id_10> soft\u00adhyphen"),
+]
+# Id lists decoded with skip_special_tokens=True: sentinels, </s>, <pad> and <unk> (HF skips all four kinds).
+T5_SP_DECODES = [[99, 13, 98, 1], [90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 1, 0, 0], [14, 99, 13, 11, 1],
+                 [2, 3, 2], [13, 51, 15, 22, 11, 1]]
+# Sources through the normalizer (full-width letters, a ligature) and with a sentinel, the last cut to src_len. On the
+# bare graphs/t5-tiny (top-2 logit margins of 0.28 at least) they give `H` (69) eight times, <extra_id_2> (97) eight
+# times (an empty text: HF's decode skips the sentinels), <pad> (0) eight times and `H` again.
+T5_SP_GEN_SOURCES = ["Ｂｌｕｅ", "Ｙｏｕ", "Cambridge <extra_id_0>", "Ｂｌｕｅ Spice is a pub in ﬁne city centre ."]
+
+
+def t5_sp_model_proto():
+    """A SentencePiece Unigram model of 90 pieces trained on the E2E slice: T5's ids for <pad> 0, </s> 1, <unk> 2,
+    no <s>, nmt_nfkc normalization; one thread and a fixed seed, so that reruns give the same bytes."""
+    import io
+
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(0)
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(train_texts()), model_writer=proto, model_type="unigram",
+        vocab_size=100 - T5_SP_EXTRA_IDS, normalization_rule_name="nmt_nfkc", pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, character_coverage=0.9995, num_threads=1, minloglevel=2)
+    return proto.getvalue()
+
+
+def make_t5_sp_style(proto):
+    """T5Tokenizer converted from the SentencePiece model (as from a checkpoint's spiece.model), saved without it."""
+    import tempfile
+
+    from transformers import T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "spiece.model"), "wb") as f:
+            f.write(proto)
+        tok = T5Tokenizer.from_pretrained(tmp, extra_ids=T5_SP_EXTRA_IDS)
+        assert len(tok) == 100 and [tok.pad_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2]
+        out = save(tok, "t5-sp-style")
+    with open(os.path.join(out, "tokenizer.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["normalizer"]["type"] == "Precompiled" and saved["normalizer"]["precompiled_charsmap"], saved
+    sentinels = {t["content"]: t["id"] for t in saved["added_tokens"] if t["content"].startswith("<extra_id_")}
+    assert sentinels == {f"<extra_id_{i}>": 99 - i for i in range(T5_SP_EXTRA_IDS)}, sentinels
+    assert all(t["special"] for t in saved["added_tokens"])
+    return out
+
+
+def t5_sp_tokenizer(folder):
+    """AutoTokenizer on the folder, checked against `T5TokenizerFast(tokenizer_file=...)` on every text here."""
+    from transformers import AutoTokenizer, T5TokenizerFast
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    fast = T5TokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), extra_ids=T5_SP_EXTRA_IDS)
+    assert type(tok).__name__ == "T5Tokenizer" and len(tok) == len(fast) == 100, (type(tok), len(tok), len(fast))
+    for text in T5_SP_TEXTS + [t for pair in T5_SP_PAIRS for t in pair] + T5_SP_GEN_SOURCES:
+        assert tok(text)["input_ids"] == fast(text)["input_ids"], text
+    for ids in T5_SP_DECODES:
+        assert tok.decode(ids, skip_special_tokens=True) == fast.decode(ids, skip_special_tokens=True), ids
+    return tok
+
+
+def t5_sp_cases(folder, model, proto):
+    """As t5_cases, plus the ids of T5_SP_TEXTS alone, the sentinels' ids and HF's decode of T5_SP_DECODES. Where the
+    SentencePiece model itself (`encode(text)` + </s>) gives other ids than HF, they are under sentencepiece_input_ids:
+    it has no sentinels (it spells them out, `<` an unknown character), and U+0085 is whitespace to the converted
+    tokenizer's WhitespaceSplit (Rust's char::is_whitespace) but an unknown character to SentencePiece."""
+    import sentencepiece as spm
+
+    tok = t5_sp_tokenizer(folder)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    cases = [seq2seq_case(tok, s, t, model._shift_right) for s, t in T5_SP_PAIRS]
+    assert all(len(c["input_ids"]) > 8 and len(c["labels"]) >= 6 for c in cases), cases
+    texts = []
+    for text in T5_SP_TEXTS:
+        ids = tok(text)["input_ids"]
+        texts.append({"text": text, "input_ids": ids, "tokens": tok.convert_ids_to_tokens(ids)})
+        if sp.encode(text) + [tok.eos_token_id] != ids:
+            texts[-1]["sentencepiece_input_ids"] = sp.encode(text) + [tok.eos_token_id]
+    return {"tokenizer_class": "T5Tokenizer", "pad": tok.pad_token_id, "eos": tok.eos_token_id,
+            "unk": tok.unk_token_id, "decoder_start_token_id": model.config.decoder_start_token_id,
+            "special_tokens": dict(T5_SPECIALS),
+            "sentinels": {f"<extra_id_{i}>": tok.convert_tokens_to_ids(f"<extra_id_{i}>")
+                          for i in range(T5_SP_EXTRA_IDS)},
+            "cases": cases, "texts": texts,
+            "decodes": [{"ids": ids, "text": tok.decode(ids, skip_special_tokens=True)} for ids in T5_SP_DECODES]}
+
+
+def write_t5_sp(model=None):
+    model = t5_model() if model is None else model
+    proto = t5_sp_model_proto()
+    assert proto == t5_sp_model_proto(), "SentencePiece training is not deterministic"
+    folder = make_t5_sp_style(proto)
+    write_json(os.path.join(TOKENIZERS, "t5-sp-format-cases.json"),
+               {"t5-sp-style": t5_sp_cases(folder, model, proto),
+                "generate": t5_generate_reference(folder, model, t5_sp_tokenizer(folder), T5_SP_GEN_SOURCES)})
 
 
 def mbart_cases(folder, cls):
@@ -693,7 +827,9 @@ def main(argv):
     transformers.utils.logging.disable_progress_bar()
     if argv == ["t5"]:  # only t5-style and t5-format-cases.json
         return write_t5()
-    assert not argv, f"usage: make_text_references.py [t5], not {argv}"
+    if argv == ["t5-sp"]:  # only t5-sp-style and t5-sp-format-cases.json
+        return write_t5_sp()
+    assert not argv, f"usage: make_text_references.py [t5 | t5-sp], not {argv}"
     llama_style, llama_eos_style = make_llama_style()
     folders = {"llama-style": llama_style, "opt-style": make_opt_style(), "llama-eos-style": llama_eos_style,
                "qwen-style": make_qwen_style()}
@@ -716,6 +852,7 @@ def main(argv):
     write_json(os.path.join(TOKENIZERS, "blenderbot-small-format-cases.json"),
                {"blenderbot-small-style": blenderbot_small_cases(make_blenderbot_small_style())})
     write_t5()
+    write_t5_sp()
     with open(os.path.join(HERE, "peft-decoders/text-e2e.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{s}||{t}\n" for s, t in TEXT_EXAMPLES)
     write_json(os.path.join(HERE, "peft-decoders/text-llama-gqa-tiny.json"), peft_text_reference(folders["llama-style"]))

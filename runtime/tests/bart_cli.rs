@@ -700,3 +700,53 @@ fn train_and_generate_a_t5_bundle_from_text() {
     let texts: Vec<&str> = want["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert_eq!(std::fs::read_to_string(&bare).unwrap().lines().collect::<Vec<_>>(), texts);
 }
+
+/// T5's tokenizer.json as its checkpoints have it (`graphs/make_text_references.py t5-sp`: a SentencePiece model with
+/// nmt_nfkc normalization converted by transformers, so a `Precompiled` normalizer, and `<extra_id_N>` sentinels as
+/// special tokens after the pieces, `<extra_id_0>` the last id): the rows, lone texts (empty and blank ones too) and
+/// decodes hold HF's ids and text through full-width characters, ligatures, odd spaces, combining accents, unknown
+/// characters and sentinels written in the text (`graphs/tokenizers/t5-sp-format-cases.json`); the bare
+/// graphs/t5-tiny generates HF's text with it (a sentinel, as `<pad>`, decodes to nothing).
+#[test]
+fn t5_rows_and_texts_with_a_sentencepiece_tokenizer_follow_hf() {
+    let dir = scratch("t5_sp");
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tokenizers.join("t5-sp-format-cases.json")).unwrap()).unwrap();
+    let style = &all["t5-sp-style"];
+    let tok = Tokenizer::from_file(tokenizers.join("t5-sp-style/tokenizer.json")).unwrap();
+    assert_eq!(tok.vocab_size(), 100);
+    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    let pad = style["pad"].as_i64().unwrap();
+    let fmt = SourceTarget::new(&tok, pad, Some("t5"), None).unwrap();
+    assert_eq!(fmt.eos_id(), style["eos"].as_i64().unwrap());
+    let start = style["decoder_start_token_id"].as_i64();
+    assert!(rows_follow_hf(&fmt, style, pad, &dir, "t5-sp-style", start) > 0);
+    for case in style["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(fmt.encode_source(text, 128).unwrap().0, ids(&case["input_ids"]), "{text:?}");
+    }
+    for (sentinel, id) in style["sentinels"].as_object().unwrap() {
+        assert_eq!(tok.token_id(sentinel), Some(id.as_u64().unwrap() as u32), "{sentinel}");
+    }
+    for case in style["decodes"].as_array().unwrap() {
+        let given: Vec<u32> = ids(&case["ids"]).into_iter().map(|t| t as u32).collect();
+        assert_eq!(tok.decode(&given).unwrap(), case["text"].as_str().unwrap(), "decode of {given:?}");
+    }
+    let want = &all["generate"];
+    let (src_len, max_new) = (want["src_len"].as_u64().unwrap() as usize, want["max_new_tokens"].as_u64().unwrap());
+    let sources: Vec<&str> = want["sources"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    for (source, cut) in sources.iter().zip(want["input_ids"].as_array().unwrap()) {
+        assert_eq!(fmt.encode_source(source, src_len).unwrap().0, ids(cut), "{source:?}");
+    }
+    let export = export_with_tokenizer(&dir, "t5-tiny", &["config.json", "generation_config.json"], "t5-sp-style");
+    let bundle = dir.join("bundle");
+    compile_bart(&export, &text_bundle_options(src_len, max_new as usize, None), &bundle).unwrap();
+    let inputs = dir.join("sources.lines");
+    std::fs::write(&inputs, sources.join("\n") + "\n").unwrap();
+    let bare = dir.join("bare.txt");
+    let log = ok(&["generate", p(&bundle), "--no-prefix", "--inputs", p(&inputs), "--output", p(&bare)]);
+    assert!(log.contains("cut to 16 tokens"), "{log}");
+    let texts: Vec<&str> = want["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(std::fs::read_to_string(&bare).unwrap().lines().collect::<Vec<_>>(), texts);
+}
