@@ -172,7 +172,7 @@ fn sampling_scores_equal_hf(g: &mut Generator, prompts: &[Vec<i64>], r: &BTreeMa
     for (i, p) in prompts.iter().enumerate() {
         let batch = vec![p.clone(); g.rows()];
         let context = g.context(p);
-        let (_, logits) = g.start(&batch, &cfg).unwrap();
+        let (_, logits) = g.start(&batch, &[], &cfg).unwrap();
         let beam_cfg = GenConfig { beams: 3, sampling: Some(s.clone()), ..cfg.clone() };
         let beam_sampled = beam_step_scores(&beam_cfg, 0, &context, &[], &logits[0]);
         for (key, got) in [

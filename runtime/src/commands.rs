@@ -737,8 +737,18 @@ fn fresh_seed() -> u64 {
     (nanos ^ (std::process::id() as u64).rotate_left(32)) % 1_000_000_000
 }
 
-/// Distinct sources and their references from a file.
-pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+/// What `pfxrun generate` reads from an inputs file.
+pub struct Sources {
+    /// Distinct sources (a source named with two prefixes is two).
+    pub texts: Vec<String>,
+    /// Each one's references (none where the file has none).
+    pub refs: Vec<Vec<String>>,
+    /// Each one's own prefix file (a JSONL line's "prefix", relative to the file's folder), else the run's.
+    pub prefixes: Vec<Option<PathBuf>>,
+}
+
+/// Distinct sources, their references and prefixes from a file.
+pub fn sources_of(path: &Path) -> Result<Sources> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if matches!(ext, "txt" | "e2e" | "jsonl" | "json") {
         let data = crate::data::read_sources(path)?;
@@ -746,8 +756,12 @@ pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
             eprintln!("warning: {w}");
         }
         let groups = data.group_by_source();
-        let refs = groups.iter().map(|g| g.1.iter().filter(|t| !t.is_empty()).cloned().collect()).collect();
-        Ok((groups.into_iter().map(|g| g.0).collect(), refs))
+        let folder = path.parent().unwrap_or(Path::new(""));
+        Ok(Sources {
+            refs: groups.iter().map(|g| g.targets.iter().filter(|t| !t.is_empty()).cloned().collect()).collect(),
+            prefixes: groups.iter().map(|g| g.prefix.as_ref().map(|p| folder.join(p))).collect(),
+            texts: groups.into_iter().map(|g| g.source).collect(),
+        })
     } else {
         let text = crate::data::read_text(path, "sources file")?;
         let blank: Vec<usize> =
@@ -762,13 +776,13 @@ pub fn sources_of(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
         }
         let srcs: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect();
         let n = srcs.len();
-        Ok((srcs, vec![Vec::new(); n]))
+        Ok(Sources { texts: srcs, refs: vec![Vec::new(); n], prefixes: vec![None; n] })
     }
 }
 
 /// What a generation run makes, for `--resume` to tell its own partial output from another run's: the sources,
 /// the search settings, the bundle and the prefix file (by path, size and modification time).
-fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig) -> String {
+fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig, own: &InputPrefixes) -> String {
     use std::hash::{Hash, Hasher};
     let file = |p: &Path| {
         let meta = std::fs::metadata(p).ok();
@@ -786,9 +800,67 @@ fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig) -> String 
         format!("settings {}", hash(&|h| format!("{cfg:?}").hash(h))),
         format!("bundle {}", hash(&|h| file(&args.bundle.join("manifest.json")).hash(h))),
         format!("prefix {}", hash(&|h| args.prefix.as_deref().map(file).hash(h))),
+        format!(
+            "input prefixes {}",
+            hash(&|h| (own.files.iter().map(|f| file(f)).collect::<Vec<_>>(), &own.of).hash(h))
+        ),
         format!("tokenizer {}", hash(&|h| args.tokenizer.as_deref().map(file).hash(h))),
     ]
     .join(" | ")
+}
+
+/// The prefixes inputs name for themselves (a JSONL line's "prefix"), each file read once.
+struct InputPrefixes {
+    /// The distinct files, in the order inputs first name them, and their tensors.
+    files: Vec<PathBuf>,
+    tensors: Vec<BTreeMap<String, HostTensor>>,
+    /// Each input's prefix among the generator's: 0 the run's (`--prefix`, else the bundle's initial one), i + 1
+    /// `files[i]`. Empty when no input names one.
+    of: Vec<usize>,
+}
+
+impl InputPrefixes {
+    fn read(bundle: &Bundle, named: &[Option<PathBuf>], no_prefix: bool) -> Result<InputPrefixes> {
+        let mut own = InputPrefixes { files: Vec::new(), tensors: Vec::new(), of: Vec::new() };
+        let count = named.iter().filter(|p| p.is_some()).count();
+        if count == 0 {
+            return Ok(own);
+        }
+        if bundle.manifest.baked {
+            bail!(
+                "{} is baked: its prefix is inside the graphs, but {count} input(s) name a prefix of their own                  (\"prefix\"); generate with the bundle they were trained for (not baked)",
+                bundle.dir.display()
+            );
+        }
+        if no_prefix {
+            eprintln!("note: --no-prefix: the prefixes {count} input(s) name are not used (the bare model)");
+            return Ok(own);
+        }
+        for p in named {
+            let Some(p) = p else {
+                own.of.push(0);
+                continue;
+            };
+            let i = match own.files.iter().position(|f| f == p) {
+                Some(i) => i,
+                None => {
+                    let tensors = bundle
+                        .read_prefix(p)
+                        .with_context(|| format!("reading the prefix an input names (\"prefix\": {})", p.display()))?;
+                    own.files.push(p.clone());
+                    own.tensors.push(tensors);
+                    own.files.len() - 1
+                }
+            };
+            own.of.push(i + 1);
+        }
+        eprintln!(
+            "note: {count} input(s) generate with their own prefix ({} file(s)); inputs with different prefixes share \
+             the batches",
+            own.files.len()
+        );
+        Ok(own)
+    }
 }
 
 /// One line for all the inputs cut to the bundle's length, naming the first few.
@@ -849,8 +921,8 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let bundle = Bundle::open(&args.bundle)?;
     let m = bundle.manifest.clone();
     let tok = tokenizer_for(&bundle, args.tokenizer.as_deref())?;
-    let (sources, refs) = match (&args.input, &args.inputs) {
-        (Some(s), None) => (vec![s.clone()], vec![vec![]]),
+    let Sources { texts: sources, refs, prefixes: named } = match (&args.input, &args.inputs) {
+        (Some(s), None) => Sources { texts: vec![s.clone()], refs: vec![vec![]], prefixes: vec![None] },
         (None, Some(p)) => sources_of(p)?,
         _ => bail!("give either --input TEXT or --inputs FILE"),
     };
@@ -858,7 +930,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         bail!("no inputs to generate from");
     }
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
-    if args.prefix.is_none() && !m.baked && !args.cfg.no_prefix {
+    let own = InputPrefixes::read(&bundle, &named, args.cfg.no_prefix)?;
+    let run_prefix_used = own.of.is_empty() || own.of.contains(&0);
+    if args.prefix.is_none() && !m.baked && !args.cfg.no_prefix && run_prefix_used {
         eprintln!(
             "note: no --prefix: generating with {}'s untrained initial prefix (pass a trained prefix.safetensors)",
             bundle.dir.display()
@@ -928,6 +1002,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             // mBART-cc25's target language, else where the generation config starts the decoder.
             fmt.decoder_start().or(b.generation_start_token_id).unwrap_or(b.decoder_start_token_id),
         );
+        for t in own.tensors.clone() {
+            g.add_prefix(t)?;
+        }
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)
     } else {
@@ -978,6 +1055,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             }
         }
         let mut g = Generator::open(&bundle, engine.backend, &engine.ort, prefix)?;
+        for t in own.tensors.clone() {
+            g.add_prefix(t)?;
+        }
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
         (spec.rows, prompts)
     };
@@ -989,7 +1069,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         eprintln!("note: sampling with seed {0} (--seed {0} draws the same tokens again)", s.seed);
     }
     check_outputs(&args, refs.iter().all(|r| r.is_empty()))?;
-    let key = work_key(&args, &sources, &cfg);
+    let key = work_key(&args, &sources, &cfg, &own);
     // The generations so far: those an interrupted run left, when resumed.
     // Outputs per source (`--num-return`): consecutive lines of the output.
     let n_out = cfg.num_return.max(1);
@@ -1016,7 +1096,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     let mut unknown_ids = 0;
     for (i, c) in prompts[done..].chunks(chunk).enumerate() {
         // Sampling draws follow each input's place among all of them (so a resumed run draws what the whole would).
-        let cfg = GenConfig { input_offset: (done + i * chunk) as u64, ..cfg.clone() };
+        let at = done + i * chunk;
+        let prefix_of = own.of.get(at..at + c.len()).map(<[usize]>::to_vec).unwrap_or_default();
+        let cfg = GenConfig { input_offset: at as u64, prefix_of, ..cfg.clone() };
         let toks = model(c, &cfg).with_context(|| match &partial {
             Some(p) => format!(
                 "after {} of {} generations, which are in {} (rerun with --resume to continue)",

@@ -7,7 +7,8 @@
 //!
 //! - `.txt`, `.e2e`: E2E, the reference code's line format `MR||text`, one example per line, e.g.
 //!   `name : Alimentum | area : city centre||There is a place in the city centre .`;
-//! - `.jsonl`: one JSON object per line, `{"source": "...", "target": "..."}` (other fields ignored);
+//! - `.jsonl`: one JSON object per line, `{"source": "...", "target": "..."}` (other fields ignored; for
+//!   generation, [`read_sources`], an optional `"prefix"` names the prefix file that source generates with);
 //! - `.json`: DART, a JSON list of entries
 //!   `{"tripleset": [[s, p, o], ...], "annotations": [{"source": ..., "text": ...}, ...]}`, one example per
 //!   annotation.
@@ -82,7 +83,13 @@ pub struct Example {
     pub target: String,
     /// Where it came from: `file:line`.
     pub origin: String,
+    /// A JSONL line's `"prefix"` read for generation ([`read_sources`]): the prefix file (as written) this source
+    /// generates with, instead of the run's.
+    pub prefix: Option<String>,
 }
+
+/// What one line gives: source, target, prefix.
+type Fields = (String, String, Option<String>);
 
 /// A line (or DART entry / annotation) that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +178,7 @@ impl Dataset {
     }
 
     /// [`group_by_source`] of the examples.
-    pub fn group_by_source(&self) -> Vec<(String, Vec<String>)> {
+    pub fn group_by_source(&self) -> Vec<SourceGroup> {
         group_by_source(&self.examples)
     }
 }
@@ -254,7 +261,7 @@ fn parse_dataset(bytes: &[u8], format: Format, path: &Path, sources_only: bool) 
 fn parse_lines(
     bytes: &[u8],
     name: &str,
-    parse: fn(&str) -> std::result::Result<(String, String), String>,
+    parse: fn(&str) -> std::result::Result<Fields, String>,
 ) -> (Vec<Example>, Vec<BadLine>) {
     let mut examples = Vec::new();
     let mut bad = Vec::new();
@@ -270,14 +277,14 @@ fn parse_lines(
             continue;
         }
         match parse(line) {
-            Ok((source, target)) => examples.push(Example { source, target, origin }),
+            Ok((source, target, prefix)) => examples.push(Example { source, target, origin, prefix }),
             Err(reason) => bad.push(BadLine { origin, reason }),
         }
     }
     (examples, bad)
 }
 
-fn parse_e2e_line(line: &str) -> std::result::Result<(String, String), String> {
+fn parse_e2e_line(line: &str) -> std::result::Result<Fields, String> {
     let parts: Vec<&str> = line.split("||").collect();
     let (source, target) = match parts[..] {
         [source, target] => (source.trim(), target.trim()),
@@ -290,29 +297,30 @@ fn parse_e2e_line(line: &str) -> std::result::Result<(String, String), String> {
     if target.is_empty() {
         return Err("empty text after `||`".into());
     }
-    Ok((source.to_string(), target.to_string()))
+    Ok((source.to_string(), target.to_string(), None))
 }
 
 /// An E2E line for generation: the MR, with or without `||text`.
-fn parse_e2e_source(line: &str) -> std::result::Result<(String, String), String> {
+fn parse_e2e_source(line: &str) -> std::result::Result<Fields, String> {
     let parts: Vec<&str> = line.split("||").map(str::trim).collect();
     match parts[..] {
         [""] | ["", _] => Err("empty MR".into()),
-        [source] | [source, _] => Ok((source.to_string(), parts.get(1).unwrap_or(&"").to_string())),
+        [source] | [source, _] => Ok((source.to_string(), parts.get(1).unwrap_or(&"").to_string(), None)),
         _ => parse_e2e_line(line),
     }
 }
 
-fn parse_jsonl_line(line: &str) -> std::result::Result<(String, String), String> {
+fn parse_jsonl_line(line: &str) -> std::result::Result<Fields, String> {
     parse_jsonl(line, true)
 }
 
-/// A JSONL line for generation: "source", with or without "target".
-fn parse_jsonl_source(line: &str) -> std::result::Result<(String, String), String> {
+/// A JSONL line for generation: "source", with or without "target" and "prefix".
+fn parse_jsonl_source(line: &str) -> std::result::Result<Fields, String> {
     parse_jsonl(line, false)
 }
 
-fn parse_jsonl(line: &str, need_target: bool) -> std::result::Result<(String, String), String> {
+/// `for_training`: "target" is needed and "prefix" ignored (it chooses a prefix to generate with).
+fn parse_jsonl(line: &str, for_training: bool) -> std::result::Result<Fields, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let Value::Object(object) = value else {
         return Err("not a JSON object (expected {\"source\": ..., \"target\": ...})".into());
@@ -326,10 +334,15 @@ fn parse_jsonl(line: &str, need_target: bool) -> std::result::Result<(String, St
         }
     };
     let target = match object.get("target") {
-        None | Some(Value::Null) if !need_target => String::new(),
+        None | Some(Value::Null) if !for_training => String::new(),
         _ => field("target")?,
     };
-    Ok((field("source")?, target))
+    let prefix = match object.get("prefix") {
+        None | Some(Value::Null) => None,
+        Some(_) if for_training => None,
+        Some(_) => Some(field("prefix")?),
+    };
+    Ok((field("source")?, target, prefix))
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -413,9 +426,12 @@ fn parse_dart(bytes: &[u8], name: &str) -> Result<(Vec<Example>, Vec<BadLine>)> 
             let origin = origin_of(raw);
             let text = serde_json::from_str::<Value>(raw.get()).ok();
             match text.as_ref().and_then(|a| a.get("text")) {
-                Some(Value::String(t)) if !t.trim().is_empty() => {
-                    examples.push(Example { source: source.clone(), target: t.trim().to_string(), origin })
-                }
+                Some(Value::String(t)) if !t.trim().is_empty() => examples.push(Example {
+                    source: source.clone(),
+                    target: t.trim().to_string(),
+                    origin,
+                    prefix: None,
+                }),
                 Some(Value::String(_)) => {
                     bad.push(BadLine { origin, reason: format!("entry {k}, annotation {j}: empty \"text\"") })
                 }
@@ -449,17 +465,26 @@ pub fn linearize_triples(tripleset: &Value) -> std::result::Result<String, Strin
     Ok(parts.join(" | "))
 }
 
+/// A distinct source (with the prefix it generates with) and all its targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceGroup {
+    pub source: String,
+    /// [`Example::prefix`].
+    pub prefix: Option<String>,
+    pub targets: Vec<String>,
+}
+
 /// Distinct sources with all their targets, in the order sources first appear (E2E has several references
-/// per MR; generation and scoring work per distinct source).
-pub fn group_by_source(examples: &[Example]) -> Vec<(String, Vec<String>)> {
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+/// per MR; generation and scoring work per distinct source). A source named with two prefixes is two sources.
+pub fn group_by_source(examples: &[Example]) -> Vec<SourceGroup> {
+    let mut index: HashMap<(&str, Option<&str>), usize> = HashMap::new();
+    let mut groups: Vec<SourceGroup> = Vec::new();
     for ex in examples {
-        let i = *index.entry(ex.source.as_str()).or_insert_with(|| {
-            groups.push((ex.source.clone(), Vec::new()));
+        let i = *index.entry((ex.source.as_str(), ex.prefix.as_deref())).or_insert_with(|| {
+            groups.push(SourceGroup { source: ex.source.clone(), prefix: ex.prefix.clone(), targets: Vec::new() });
             groups.len() - 1
         });
-        groups[i].1.push(ex.target.clone());
+        groups[i].targets.push(ex.target.clone());
     }
     groups
 }

@@ -21,8 +21,9 @@ pub struct Generator {
     layers: usize,
     heads: usize,
     head_dim: usize,
-    /// Trainable tensors fed to prefill (empty for baked graphs, whose prefix is constant).
-    prefix: BTreeMap<String, HostTensor>,
+    /// Prefixes (their trainable tensors) fed to prefill, the one `open` was given first (empty for baked
+    /// graphs, whose prefix is constant); rows choose theirs ([`GenConfig::prefix_of`]).
+    prefixes: Vec<BTreeMap<String, HostTensor>>,
     /// (decode output, cache input) for every layer's new keys and values: what each step writes.
     cache_writes: Vec<(String, String)>,
 }
@@ -62,15 +63,27 @@ impl Generator {
             layers: m.layers,
             heads: m.heads,
             head_dim: m.head_dim,
-            prefix,
+            prefixes: vec![prefix],
             cache_writes: cache_pairs(m.layers, |l, kind| {
                 (format!("present.{l}.{kind}"), format!("past_key_values.{l}.{kind}"))
             }),
         })
     }
 
-    /// Prefills R rows (left-padded prompts); returns the state and the last position's logits [R, V].
-    fn prefill(&mut self, prompts: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
+    /// Adds a prefix rows can generate with (`GenConfig::prefix_of`); returns its index.
+    pub fn add_prefix(&mut self, prefix: BTreeMap<String, HostTensor>) -> Result<usize> {
+        add_prefix(&mut self.prefixes, prefix)
+    }
+
+    /// Prefills R rows (left-padded prompts), row i with prefix `of_row[i]`; returns the state and the last
+    /// position's logits [R, V].
+    fn prefill(
+        &mut self,
+        prompts: &[Vec<i64>],
+        of_row: &[usize],
+        pad: i64,
+        no_prefix: bool,
+    ) -> Result<(Rows, Vec<Vec<f32>>)> {
         let (r, tp, p) = (self.spec.rows, self.spec.prompt_len, self.prefix_len);
         // Positions of real tokens start after the prefix (or at 0 for the bare model).
         let offset = if no_prefix { 0 } else { p };
@@ -88,7 +101,7 @@ impl Generator {
             }
             real[row] = prompt.len();
         }
-        let mut inputs = self.prefix.clone();
+        let mut inputs = BTreeMap::new();
         inputs.insert("input_ids".into(), HostTensor::from_i64(vec![r, tp], ids)?);
         let prefix_flag = if no_prefix { 0 } else { 1 };
         let mut full_mask = Vec::with_capacity(r * (p + tp));
@@ -98,7 +111,9 @@ impl Generator {
         }
         inputs.insert("attention_mask".into(), HostTensor::from_i64(vec![r, p + tp], full_mask)?);
         inputs.insert("position_ids".into(), HostTensor::from_i64(vec![r, tp], pos)?);
-        let out = self.prefill.run(&inputs)?;
+        // The bare model's prefix is masked out: any one serves.
+        let of_row = if no_prefix { &[][..] } else { of_row };
+        let out = run_with_row_prefixes(self.prefill.as_mut(), inputs, &self.prefixes, of_row)?;
         let (h, d) = (self.heads, self.head_dim);
         let filled = p + tp;
         let mut rows = Rows { inputs: BTreeMap::new(), mask: vec![0; r * c], slot: filled, real, offset };
@@ -179,8 +194,13 @@ impl search::Start for Generator {
         search::check_request(prompts, "prompt", sp.prompt_len, sp.max_new, sp.rows, cfg)
     }
 
-    fn start<'a>(&'a mut self, prompts: &[Vec<i64>], cfg: &GenConfig) -> Result<(Running<'a>, Vec<Vec<f32>>)> {
-        let (rows, logits) = self.prefill(prompts, cfg.pad, cfg.no_prefix)?;
+    fn start<'a>(
+        &'a mut self,
+        prompts: &[Vec<i64>],
+        prefixes: &[usize],
+        cfg: &GenConfig,
+    ) -> Result<(Running<'a>, Vec<Vec<f32>>)> {
+        let (rows, logits) = self.prefill(prompts, prefixes, cfg.pad, cfg.no_prefix)?;
         Ok((Running { gen: self, rows }, logits))
     }
 
@@ -215,6 +235,58 @@ impl search::Decoding for Running<'_> {
         search::reorder_rows(&mut self.rows.real, parents, r, 1);
         Ok(())
     }
+}
+
+/// Adds `prefix` to a generator's `prefixes` (the first is the one it was opened with; empty for a baked bundle);
+/// returns its index.
+pub(crate) fn add_prefix(
+    prefixes: &mut Vec<BTreeMap<String, HostTensor>>,
+    prefix: BTreeMap<String, HostTensor>,
+) -> Result<usize> {
+    if prefixes[0].is_empty() {
+        bail!("this bundle is baked: its prefix is inside the graphs, so it cannot generate with other prefixes");
+    }
+    prefixes.push(prefix);
+    Ok(prefixes.len() - 1)
+}
+
+/// Runs a graph that takes a prefix (prefill, encode) for rows that may each have their own, `of_row[i]` indexing
+/// `prefixes` (0 where `of_row` is short): once per distinct prefix among the rows, each output whose first axis
+/// is the rows taken row by row from its prefix's run. (The decode graphs take no prefix: it is in the caches, so
+/// rows with different prefixes share every step.) One run when the rows share one prefix.
+pub(crate) fn run_with_row_prefixes(
+    graph: &mut dyn Backend,
+    inputs: BTreeMap<String, HostTensor>,
+    prefixes: &[BTreeMap<String, HostTensor>],
+    of_row: &[usize],
+) -> Result<BTreeMap<String, HostTensor>> {
+    let rows = inputs.get("input_ids").map_or(0, |t| t.shape()[0]);
+    let of = |row: usize| of_row.get(row).copied().unwrap_or(0);
+    let mut used: Vec<usize> = (0..rows).map(of).collect();
+    used.sort_unstable();
+    used.dedup();
+    let run = |graph: &mut dyn Backend, p: usize| {
+        let mut feed = inputs.clone();
+        feed.extend(prefixes[p].iter().map(|(k, v)| (k.clone(), v.clone())));
+        graph.run(&feed)
+    };
+    let Some((&first, others)) = used.split_first() else { return run(graph, 0) };
+    let mut merged = run(graph, first)?;
+    for &p in others {
+        let out = run(graph, p)?;
+        for (name, t) in merged.iter_mut() {
+            if t.shape().first() != Some(&rows) {
+                continue;
+            }
+            let src = out.get(name).ok_or_else(|| anyhow::anyhow!("a run of the graph has no output {name}"))?;
+            let width = t.len() / rows;
+            let (dst, src) = (t.as_f32_mut()?, src.as_f32()?);
+            for row in (0..rows).filter(|&r| of(r) == p) {
+                dst[row * width..(row + 1) * width].copy_from_slice(&src[row * width..(row + 1) * width]);
+            }
+        }
+    }
+    Ok(merged)
 }
 
 /// Hands a KV cache to the decode backend to keep between steps (tract then reads it without converting it on

@@ -56,6 +56,10 @@ pub struct GenConfig {
     /// Outputs per input (HF's `num_return_sequences`): beam search's best hypotheses (at most `beams`), or as many
     /// samples; consecutive in the searches' results.
     pub num_return: usize,
+    /// The prefix each input of the call generates with: an index into the generator's prefixes (`add_prefix`);
+    /// empty, or shorter than the inputs: the first one for the rest. Inputs with different prefixes share the
+    /// rows (a batch that mixes users' prefixes).
+    pub prefix_of: Vec<usize>,
     /// Tokens never chosen (HF's `suppress_tokens`), never as the first new token (`begin_suppress_tokens`; the
     /// second when `forced_bos` takes the first), and never completing one of `bad_words` (`bad_words_ids`: a
     /// one-token word is never chosen; an end-of-sequence id alone is left out, as HF does).
@@ -124,6 +128,7 @@ impl Default for GenConfig {
             sampling: None,
             input_offset: 0,
             num_return: 1,
+            prefix_of: Vec::new(),
             suppress: Vec::new(),
             begin_suppress: Vec::new(),
             bad_words: Vec::new(),
@@ -138,6 +143,11 @@ impl Default for GenConfig {
 }
 
 impl GenConfig {
+    /// The prefix input `i` of the call generates with ([`GenConfig::prefix_of`]).
+    pub fn prefix_index(&self, i: usize) -> usize {
+        self.prefix_of.get(i).copied().unwrap_or(0)
+    }
+
     /// Whether `t` ends a sequence.
     pub fn is_eos(&self, t: i64) -> bool {
         Some(t) == self.eos || self.more_eos.contains(&t)
@@ -263,8 +273,14 @@ pub trait Start {
     fn rows(&self) -> usize;
     /// Refuses a request the generation graphs cannot serve (`check_request`).
     fn check(&self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<()>;
-    /// Starts `rows()` rows from as many inputs; returns the running state and each row's first logits.
-    fn start<'a>(&'a mut self, inputs: &[Vec<i64>], cfg: &GenConfig) -> Result<(Self::Running<'a>, Vec<Vec<f32>>)>;
+    /// Starts `rows()` rows from as many inputs, row i with prefix `prefixes[i]` (0 where the list is short);
+    /// returns the running state and each row's first logits.
+    fn start<'a>(
+        &'a mut self,
+        inputs: &[Vec<i64>],
+        prefixes: &[usize],
+        cfg: &GenConfig,
+    ) -> Result<(Self::Running<'a>, Vec<Vec<f32>>)>;
     /// What a row started from `input` bans n-grams against ([`RowContext`]).
     fn context(&self, input: &[i64]) -> RowContext;
 }
@@ -288,22 +304,25 @@ pub fn greedy_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig)
     model.check(inputs, cfg)?;
     let r = model.rows();
     let n = cfg.num_return.max(1) as u64;
-    // Each row: (input, its stream: sample j of input i draws from stream (offset + i) · n + j).
-    let items: Vec<(&Vec<i64>, u64)> = inputs
+    // Each row: (input, its stream: sample j of input i draws from stream (offset + i) · n + j, its prefix).
+    let items: Vec<(&Vec<i64>, u64, usize)> = inputs
         .iter()
         .enumerate()
-        .flat_map(|(i, p)| (0..n).map(move |j| (p, (cfg.input_offset + i as u64) * n + j)))
+        .flat_map(|(i, p)| (0..n).map(move |j| (p, (cfg.input_offset + i as u64) * n + j, cfg.prefix_index(i))))
         .collect();
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(r) {
-        let mut rows: Vec<Vec<i64>> = chunk.iter().map(|(p, _)| (*p).clone()).collect();
+        let mut rows: Vec<Vec<i64>> = chunk.iter().map(|(p, ..)| (*p).clone()).collect();
         rows.resize(r, vec![cfg.pad]);
+        // Idle rows take the first row's prefix: no run of the prefill for them alone.
+        let mut prefixes: Vec<usize> = chunk.iter().map(|c| c.2).collect();
+        prefixes.resize(r, chunk[0].2);
         let contexts: Vec<RowContext> = rows
             .iter()
             .enumerate()
             .map(|(i, p)| RowContext { input: chunk.get(i).map_or(0, |c| c.1), ..model.context(p) })
             .collect();
-        let (mut state, logits) = model.start(&rows, cfg)?;
+        let (mut state, logits) = model.start(&rows, &prefixes, cfg)?;
         out.extend(greedy(&mut state, logits, chunk.len(), cfg, contexts)?);
     }
     Ok(out)
@@ -318,10 +337,14 @@ pub fn beam_all<M: Start>(model: &mut M, inputs: &[Vec<i64>], cfg: &GenConfig) -
     for (c, chunk) in inputs.chunks(r / k).enumerate() {
         let mut rows: Vec<Vec<i64>> = chunk.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
         rows.resize(r, chunk[0].clone());
-        let first = cfg.input_offset + (c * (r / k)) as u64;
+        let at = c * (r / k);
+        let mut prefixes: Vec<usize> =
+            (0..chunk.len()).flat_map(|i| std::iter::repeat_n(cfg.prefix_index(at + i), k)).collect();
+        prefixes.resize(r, cfg.prefix_index(at));
+        let first = cfg.input_offset + at as u64;
         let contexts: Vec<RowContext> =
             chunk.iter().enumerate().map(|(i, p)| RowContext { input: first + i as u64, ..model.context(p) }).collect();
-        let (mut state, logits) = model.start(&rows, cfg)?;
+        let (mut state, logits) = model.start(&rows, &prefixes, cfg)?;
         out.extend(beam_groups(&mut state, logits, &contexts, cfg)?);
     }
     Ok(out)

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 pub use pfx_compiler::compile::bart_generate::BartGeneration;
 
 use crate::backend::{Backend, KeptEdit, SlotWrites};
-use crate::generate::{cache_pairs, keep_cache, run_writing_caches, split_rows, update_cache};
+use crate::generate::{cache_pairs, keep_cache, run_with_row_prefixes, run_writing_caches, split_rows, update_cache};
 use crate::search::{self, GenConfig};
 use crate::tensor::HostTensor;
 
@@ -18,8 +18,9 @@ pub struct Seq2SeqGenerator {
     encode_bare: Option<Box<dyn Backend>>,
     decode: Box<dyn Backend>,
     spec: BartGeneration,
-    /// Trainable tensors fed to `encode` (empty for baked graphs).
-    prefix: BTreeMap<String, HostTensor>,
+    /// Prefixes (their trainable tensors) fed to `encode`, the one `new` was given first (empty for baked
+    /// graphs); rows choose theirs ([`GenConfig::prefix_of`]).
+    prefixes: Vec<BTreeMap<String, HostTensor>>,
     decoder_start: i64,
     /// (decode output, self-cache input) for every layer's new keys and values: what each step writes.
     cache_writes: Vec<(String, String)>,
@@ -49,12 +50,23 @@ impl Seq2SeqGenerator {
         let cache_writes = cache_pairs(spec.layers, |l, kind| {
             (format!("present.{l}.decoder.{kind}"), format!("past_key_values.{l}.decoder.{kind}"))
         });
-        Seq2SeqGenerator { encode, encode_bare, decode, spec, prefix, decoder_start, cache_writes }
+        Seq2SeqGenerator { encode, encode_bare, decode, spec, prefixes: vec![prefix], decoder_start, cache_writes }
     }
 
-    /// Encodes R right-padded sources, seeds the caches and feeds the decoder start token; returns the state and
-    /// the first logits.
-    fn encode_and_start(&mut self, sources: &[Vec<i64>], pad: i64, no_prefix: bool) -> Result<(Rows, Vec<Vec<f32>>)> {
+    /// Adds a prefix rows can generate with (`GenConfig::prefix_of`); returns its index.
+    pub fn add_prefix(&mut self, prefix: BTreeMap<String, HostTensor>) -> Result<usize> {
+        crate::generate::add_prefix(&mut self.prefixes, prefix)
+    }
+
+    /// Encodes R right-padded sources, row i with prefix `of_row[i]`, seeds the caches and feeds the decoder start
+    /// token; returns the state and the first logits.
+    fn encode_and_start(
+        &mut self,
+        sources: &[Vec<i64>],
+        of_row: &[usize],
+        pad: i64,
+        no_prefix: bool,
+    ) -> Result<(Rows, Vec<Vec<f32>>)> {
         let sp = &self.spec;
         let (r, s, c, p, pc) = (sp.rows, sp.src_len, sp.capacity, sp.self_prefix, sp.cross_prefix);
         let (h, d) = (sp.heads, sp.head_dim);
@@ -70,10 +82,13 @@ impl Seq2SeqGenerator {
         let bare = no_prefix && self.encode_bare.is_some();
         let out = match (&mut self.encode_bare, bare) {
             (Some(e), true) => e.run(&enc_in)?,
-            _ => {
-                enc_in.extend(self.prefix.clone());
-                self.encode.run(&enc_in)?
-            }
+            // The bare model's prefix is masked out: any one serves.
+            _ => run_with_row_prefixes(
+                self.encode.as_mut(),
+                enc_in,
+                &self.prefixes,
+                if no_prefix { &[] } else { of_row },
+            )?,
         };
         let flag = if no_prefix { 0 } else { 1 };
         let get = |name: &str| out.get(name).ok_or_else(|| anyhow!("the encode graph has no output {name}"));
@@ -182,7 +197,7 @@ impl Seq2SeqGenerator {
         search::Start::check(self, sources, &GenConfig { max_new: n, beams: 1, ..cfg.clone() })?;
         let mut rows_src = sources.to_vec();
         rows_src.resize(r, vec![cfg.pad]);
-        let (mut rows, logits) = self.encode_and_start(&rows_src, cfg.pad, cfg.no_prefix)?;
+        let (mut rows, logits) = self.encode_and_start(&rows_src, &[], cfg.pad, cfg.no_prefix)?;
         let mut out: Vec<Vec<Vec<f32>>> = logits.into_iter().take(sources.len()).map(|l| vec![l]).collect();
         for step in 0..n - 1 {
             let mut feed = vec![cfg.pad; r];
@@ -221,8 +236,13 @@ impl search::Start for Seq2SeqGenerator {
         search::check_request(sources, "source", sp.src_len, sp.max_new, sp.rows, cfg)
     }
 
-    fn start<'a>(&'a mut self, sources: &[Vec<i64>], cfg: &GenConfig) -> Result<(Running<'a>, Vec<Vec<f32>>)> {
-        let (rows, logits) = self.encode_and_start(sources, cfg.pad, cfg.no_prefix)?;
+    fn start<'a>(
+        &'a mut self,
+        sources: &[Vec<i64>],
+        prefixes: &[usize],
+        cfg: &GenConfig,
+    ) -> Result<(Running<'a>, Vec<Vec<f32>>)> {
+        let (rows, logits) = self.encode_and_start(sources, prefixes, cfg.pad, cfg.no_prefix)?;
         Ok((Running { gen: self, rows }, logits))
     }
 

@@ -750,3 +750,35 @@ fn t5_rows_and_texts_with_a_sentencepiece_tokenizer_follow_hf() {
     let texts: Vec<&str> = want["texts"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert_eq!(std::fs::read_to_string(&bare).unwrap().lines().collect::<Vec<_>>(), texts);
 }
+
+/// Sources that name their own prefix share batches on the BART path too (the encoder, which computes every
+/// prefix's keys and values, runs once per prefix; the decode steps are shared), in both layouts: each generates
+/// what it generates alone with its prefix as `--prefix`.
+#[test]
+fn bart_sources_with_their_own_prefixes_share_batches() {
+    for mode in [BartPrefix::Paper, BartPrefix::Peft] {
+        let dir = scratch(&format!("bart_mixed_{mode:?}"));
+        let bundle = dir.join("bundle");
+        let opts = BartOptions {
+            mode,
+            prefix_len: 4,
+            mid_dim: Some(16),
+            batch: 2,
+            src_len: 32,
+            tgt_len: 16,
+            label_smoothing: 0.0,
+            optimizer: AdamW::default(),
+            seed: 0,
+            generation: Some(BartGenShape { rows: 3, src_len: 32, max_new: 6 }),
+            weights: Default::default(),
+            languages: None,
+        };
+        compile_bart(&model_dir(), &opts, &bundle).unwrap();
+        let mixed = MixedPrefixes::write(&dir, &bundle.join("prefix.init.safetensors"));
+        for backend in backends() {
+            for beams in ["1", "3"] {
+                mixed.check(&bundle, &["--backend", backend, "--beams", beams]);
+            }
+        }
+    }
+}

@@ -54,14 +54,6 @@ fn e2e_small_bundle(dir: &Path, mid_dim: Option<usize>, seq: usize) -> std::path
     bundle
 }
 
-fn backends() -> Vec<&'static str> {
-    let mut v = vec!["tract"];
-    if ort_wanted() {
-        v.push("ort");
-    }
-    v
-}
-
 #[test]
 fn run_prints_and_writes_outputs() {
     let dir = scratch("cli_run");
@@ -705,4 +697,41 @@ fn stop_strings_end_generation_as_hfs_do() {
     assert_eq!(checked, 27);
     // An empty stop string would end every generation at once: refused.
     assert!(fails(&["generate", p(&bundle), "--no-prefix", "--input", "x", "--stop", ""]).contains("cannot be empty"));
+}
+
+/// Inputs that name their own prefix (a JSONL line's "prefix", relative to the file) share batches with the others
+/// and generate what each generates alone with its prefix as `--prefix` (greedy and beam search, both backends:
+/// the prefill runs once per prefix, the decode steps are shared); what cannot be served is refused, naming it.
+#[test]
+fn inputs_with_their_own_prefixes_share_batches() {
+    let dir = scratch("cli_mixed_prefixes");
+    // 3 rows: batches of 3 prompts (greedy) hold up to three prefixes at once.
+    let bundle = dir.join("bundle");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/e2e-small/model.onnx");
+    let opts = pfx_compiler::compile::CompileOptions { mid_dim: Some(8), ..small_options(32, 3, 32, 6) };
+    pfx_compiler::compile::compile(&model, &opts, &bundle).unwrap();
+    let init = bundle.join("prefix.init.safetensors");
+    let mixed = MixedPrefixes::write(&dir, &init);
+    for backend in backends() {
+        for beams in ["1", "3"] {
+            mixed.check(&bundle, &["--backend", backend, "--beams", beams, "--max-new", "6"]);
+        }
+    }
+    let users = dir.join("users");
+    // Refused, naming what: a prefix file that is missing, a baked bundle.
+    std::fs::write(users.join("missing.jsonl"), "{\"source\": \"name : X\", \"prefix\": \"nobody.safetensors\"}\n")
+        .unwrap();
+    let e = fails(&["generate", p(&bundle), "--inputs", p(&users.join("missing.jsonl"))]);
+    assert!(e.contains("nobody.safetensors"), "{e}");
+    let baked = dir.join("baked");
+    pfx_compiler::compile::bake::bake(&bundle, &init, &baked).unwrap();
+    let e = fails(&["generate", p(&baked), "--inputs", p(&mixed.inputs)]);
+    assert!(e.contains("is baked") && e.contains("6 input(s) name a prefix"), "{e}");
+    // A "prefix" that is not a string is a bad line, reported with its place.
+    std::fs::write(users.join("bad.jsonl"), "{\"source\": \"name : X\"}\n{\"source\": \"name : Y\", \"prefix\": 3}\n")
+        .unwrap();
+    let o = pfxrun(&["generate", p(&bundle), "--inputs", p(&users.join("bad.jsonl")), "--prefix", p(&init)]);
+    let (out, err) = text(&o);
+    assert!(o.status.success() && err.contains("bad.jsonl:2") && err.contains("\"prefix\" is not a string"), "{err}");
+    assert_eq!(out.matches("->").count(), 1, "{out}");
 }

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use pfx_runtime::data::{
-    batches, group_by_source, read_examples, shuffled, Dataset, Example, Format, Overlong, SplitMix64, TableToText,
-    IGNORE_INDEX,
+    batches, group_by_source, read_examples, read_sources, shuffled, Dataset, Example, Format, Overlong, SourceGroup,
+    SplitMix64, TableToText, IGNORE_INDEX,
 };
 use pfx_runtime::tokenize::Tokenizer;
 
@@ -28,7 +28,7 @@ fn ids_of(value: &serde_json::Value) -> Vec<u32> {
 }
 
 fn example(source: &str, target: &str) -> Example {
-    Example { source: source.into(), target: target.into(), origin: "test:1".into() }
+    Example { source: source.into(), target: target.into(), origin: "test:1".into(), prefix: None }
 }
 
 /// (origin relative to the data folder, reason) of every bad line.
@@ -152,7 +152,7 @@ fn groups_references_by_source_in_first_seen_order() {
     let data = read_examples(data_path("e2e_small.txt")).unwrap();
     let groups = group_by_source(&data.examples);
     assert_eq!(data.group_by_source(), groups);
-    let sources: Vec<&str> = groups.iter().map(|(s, _)| s.as_str()).collect();
+    let sources: Vec<&str> = groups.iter().map(|g| g.source.as_str()).collect();
     assert_eq!(
         sources,
         [
@@ -162,15 +162,55 @@ fn groups_references_by_source_in_first_seen_order() {
         ]
     );
     assert_eq!(
-        groups[0].1,
+        groups[0].targets,
         [
             "There is a place in the city centre , Alimentum , that is not family - friendly .",
             "Alimentum is not a family - friendly place , located in city centre .",
             "Alimentum , in the city centre , is not family - friendly .",
         ]
     );
-    assert_eq!(groups[1].1, ["Aromi is a coffee shop ."]);
+    assert_eq!(groups[1].targets, ["Aromi is a coffee shop ."]);
     assert!(group_by_source(&[]).is_empty());
+}
+
+/// A JSONL line's "prefix" chooses the prefix a source generates with: read for generation only, and a source named
+/// with two prefixes is two sources; a "prefix" that is not a string is a bad line.
+#[test]
+fn jsonl_sources_name_their_prefixes() {
+    let dir = std::env::temp_dir().join(format!("pfx-data-prefixes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mixed.jsonl");
+    let lines = [
+        r#"{"source": "a", "target": "x", "prefix": "alice.safetensors"}"#,
+        r#"{"source": "a", "target": "y"}"#,
+        r#"{"source": "a", "target": "z", "prefix": "alice.safetensors"}"#,
+        r#"{"source": "b", "prefix": "bob.safetensors"}"#,
+        r#"{"source": "c", "prefix": 7}"#,
+        r#"{"source": "d", "prefix": null}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let data = read_sources(&file).unwrap();
+    let group = |source: &str, prefix: Option<&str>, targets: &[&str]| SourceGroup {
+        source: source.into(),
+        prefix: prefix.map(String::from),
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    };
+    assert_eq!(
+        data.group_by_source(),
+        [
+            group("a", Some("alice.safetensors"), &["x", "z"]),
+            group("a", None, &["y"]),
+            group("b", Some("bob.safetensors"), &[""]),
+            group("d", None, &[""]),
+        ]
+    );
+    assert_eq!(data.bad_lines.len(), 1);
+    assert!(data.bad_lines[0].origin.ends_with("mixed.jsonl:5"), "{:?}", data.bad_lines);
+    assert!(data.bad_lines[0].reason.contains("\"prefix\" is not a string"), "{:?}", data.bad_lines);
+    // Training reads no prefix (the one it trains is the run's).
+    std::fs::write(&file, lines[..3].join("\n")).unwrap();
+    assert!(read_examples(&file).unwrap().examples.iter().all(|e| e.prefix.is_none()));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -184,6 +224,7 @@ fn reads_jsonl_and_reports_bad_lines() {
             source: "name : The Vaults | eatType : pub".into(),
             target: "A pub called The Vaults.".into(),
             origin: data.examples[1].origin.clone(),
+            prefix: None,
         }
     );
     let bad = bad_lines(&data);

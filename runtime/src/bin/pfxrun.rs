@@ -119,7 +119,9 @@ enum Command {
         input: Option<String>,
         /// Sources from a file, its format told by the extension: .txt/.e2e (E2E `MR||text` lines), .jsonl/.json
         /// (`{"source", "target"}`; DART's JSON) give their distinct sources and references; any other extension
-        /// is read as one source per line.
+        /// is read as one source per line. A JSONL line's `"prefix": "FILE"` (relative to the file's folder)
+        /// generates that source with its own prefix (one per user or task), in the same batches as the others;
+        /// sources without one use --prefix.
         #[arg(long)]
         inputs: Option<PathBuf>,
         #[command(flatten)]

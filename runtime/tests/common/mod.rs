@@ -62,9 +62,133 @@ pub fn ort_wanted() -> bool {
 }
 
 /// A fresh scratch folder for one test.
+/// The `--backend`s to run: tract, and ONNX Runtime unless `PFX_SKIP_ORT=1`.
+pub fn backends() -> Vec<&'static str> {
+    let mut v = vec!["tract"];
+    if ort_wanted() {
+        v.push("ort");
+    }
+    v
+}
+
 pub fn scratch(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pfx-runtime").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Eight E2E sources in a JSONL file, six naming a prefix of their own (`users/alice.safetensors`,
+/// `users/bob.safetensors`: a bundle's initial prefix scaled and shifted, so that they generate differently), for tests of
+/// batches that mix prefixes.
+pub struct MixedPrefixes {
+    pub dir: PathBuf,
+    /// The bundle's initial prefix: the run's `--prefix`.
+    pub init: PathBuf,
+    /// `dir/users/inputs.jsonl`.
+    pub inputs: PathBuf,
+    lines: Vec<String>,
+}
+
+impl MixedPrefixes {
+    const OWNERS: [Option<&'static str>; 4] = [None, Some("alice"), Some("bob"), Some("alice")];
+
+    pub fn write(dir: &std::path::Path, init: &std::path::Path) -> MixedPrefixes {
+        let users = dir.join("users");
+        std::fs::create_dir_all(&users).unwrap();
+        let start = read_safetensors(init).unwrap();
+        for (name, scale) in [("alice", 3.0f32), ("bob", -2.0)] {
+            let scaled: BTreeMap<String, HostTensor> = start
+                .iter()
+                .map(|(k, t)| {
+                    let v = t
+                        .as_f32()
+                        .unwrap()
+                        .iter()
+                        .enumerate()
+                        .map(|(j, x)| x * scale + (j as f32 * scale).sin())
+                        .collect();
+                    (k.clone(), HostTensor::from_f32(t.shape().to_vec(), v).unwrap())
+                })
+                .collect();
+            pfx_runtime::write_safetensors(users.join(format!("{name}.safetensors")), &scaled).unwrap();
+        }
+        let names = ["name : The Eagle", "name : Aromi | food : Chinese", "name : Blue Spice | area : riverside"];
+        let lines = (0..8)
+            .map(|i| {
+                let source = format!("{} | priceRange : {}", names[i % 3], ["cheap", "high", "moderate"][(i / 3) % 3]);
+                let mut line = serde_json::json!({ "source": source });
+                if let Some(u) = Self::owner(i) {
+                    line["prefix"] = format!("{u}.safetensors").into();
+                }
+                line.to_string()
+            })
+            .collect::<Vec<_>>();
+        let inputs = users.join("inputs.jsonl");
+        std::fs::write(&inputs, lines.join("\n") + "\n").unwrap();
+        MixedPrefixes { dir: dir.to_path_buf(), init: init.to_path_buf(), inputs, lines }
+    }
+
+    fn owner(i: usize) -> Option<&'static str> {
+        Self::OWNERS[i % 4]
+    }
+
+    /// `pfxrun generate bundle --inputs INPUTS --prefix PREFIX --output OUT EXTRA...`: the output lines and the log.
+    fn generate(
+        bundle: &std::path::Path,
+        inputs: &std::path::Path,
+        prefix: &std::path::Path,
+        out: &std::path::Path,
+        extra: &[&str],
+    ) -> (Vec<String>, String) {
+        let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        let mut args = vec![
+            "generate".to_string(),
+            s(bundle),
+            "--inputs".into(),
+            s(inputs),
+            "--prefix".into(),
+            s(prefix),
+            "--output".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_pfxrun")).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{args:?}: {err}");
+        (std::fs::read_to_string(out).unwrap().lines().map(String::from).collect(), err)
+    }
+
+    /// The mixed file generates what each owner's sources generate alone with its prefix as `--prefix`, and not
+    /// what they all generate with the run's prefix.
+    pub fn check(&self, bundle: &std::path::Path, extra: &[&str]) {
+        let (together, log) = Self::generate(bundle, &self.inputs, &self.init, &self.dir.join("mixed.txt"), extra);
+        assert!(log.contains("6 input(s) generate with their own prefix (2 file(s))"), "{log}");
+        let alone = |who: Option<&str>, keep: &dyn Fn(usize) -> bool| {
+            let own: String = self
+                .lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, l)| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v.as_object_mut().unwrap().remove("prefix");
+                    format!("{v}\n")
+                })
+                .collect();
+            let file = self.dir.join("alone.jsonl");
+            std::fs::write(&file, own).unwrap();
+            let prefix = who.map_or(self.init.clone(), |u| self.dir.join("users").join(format!("{u}.safetensors")));
+            Self::generate(bundle, &file, &prefix, &self.dir.join("alone.txt"), extra).0
+        };
+        let mut expected = vec![String::new(); self.lines.len()];
+        for who in [None, Some("alice"), Some("bob")] {
+            let mine: Vec<usize> = (0..self.lines.len()).filter(|&i| Self::owner(i) == who).collect();
+            for (i, o) in mine.iter().zip(alone(who, &|i| Self::owner(i) == who)) {
+                expected[*i] = o;
+            }
+        }
+        assert_eq!(together, expected, "{extra:?}");
+        assert_ne!(together, alone(None, &|_| true), "{extra:?}: the prefixes changed nothing");
+    }
 }
