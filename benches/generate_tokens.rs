@@ -8,7 +8,8 @@
 //! PFX_BENCH_ENGINE (`ort`, default, `tract`, or a list such as `tract,ort`: the engines take turns run by run
 //! on the same bundle, and each row after the first gives its ratio to the first engine), PFX_BENCH_DEVICE
 //! (cpu | cuda[:N]), PFX_BENCH_CUDA_GRAPH=1, PFX_BENCH_RUNS (5: the median is reported), PFX_BENCH_CASES
-//! (default `1x1,8x1,1x5`: batch x beams), PFX_BENCH_WEIGHTS (`f32`, default, `f16`, or `f32,f16`: a bundle
+//! (default `1x1,8x1,1x5`: batch x beams; `8x1p`: each of the 8 prompts with a prefix of its own, one batch for
+//! pfx, where the peer, which cannot batch different prefixes, generates them one by one), PFX_BENCH_WEIGHTS (`f32`, default, `f16`, or `f32,f16`: a bundle
 //! per weight storage, every engine on each, all taking turns).
 //!
 //! On the CPU, `peft` in PFX_BENCH_ENGINE adds the peer: HF `generate` with a PEFT prefix
@@ -79,7 +80,8 @@ fn main() -> Result<()> {
     println!("| batch | beams | engine | s per call | ms per token | time vs {} |", names[0]);
     println!("|---|---|---|---|---|---|");
     for case in env("PFX_BENCH_CASES", "1x1,8x1,1x5").split(',') {
-        let (b, k) = case.split_once('x').ok_or_else(|| anyhow!("PFX_BENCH_CASES: '{case}' is not BxK"))?;
+        let (b, k) = case.split_once('x').ok_or_else(|| anyhow!("PFX_BENCH_CASES: '{case}' is not BxK or BxKp"))?;
+        let (k, own_prefixes) = k.strip_suffix('p').map_or((k, false), |k| (k, true));
         let (b, k): (usize, usize) = (b.parse()?, k.parse()?);
         let rows = b * k;
         let mut bundles = Vec::new();
@@ -104,11 +106,28 @@ fn main() -> Result<()> {
         let mut gens = Vec::new();
         for &(storage, kind) in &variants {
             let bundle = &bundles.iter().find(|b| b.0 == storage).expect("a bundle per storage").2;
-            gens.push(Generator::open(bundle, kind, &ort, bundle.init_prefix()?)?);
+            let init = bundle.init_prefix()?;
+            let mut g = Generator::open(bundle, kind, &ort, init.clone())?;
+            if own_prefixes {
+                // Prompt i's prefix: the initial one shifted by i / 100 (any values time the same).
+                for i in 1..b {
+                    let shifted = init
+                        .iter()
+                        .map(|(n, t)| {
+                            let v = t.as_f32()?.iter().map(|x| x + i as f32 / 100.0).collect();
+                            Ok((n.clone(), pfx_runtime::HostTensor::from_f32(t.shape().to_vec(), v)?))
+                        })
+                        .collect::<Result<_>>()?;
+                    g.add_prefix(shifted)?;
+                }
+            }
+            gens.push(g);
         }
         let prompts: Vec<Vec<i64>> =
             (0..b).map(|i| (0..PROMPT).map(|j| ((i * 131 + j * 7919) % m.vocab) as i64).collect()).collect();
-        let cfg = GenConfig { max_new: NEW, min_new: NEW, beams: k, eos: None, pad: 0, ..GenConfig::default() };
+        let prefix_of = if own_prefixes { (0..b).collect() } else { Vec::new() };
+        let cfg =
+            GenConfig { max_new: NEW, min_new: NEW, beams: k, eos: None, pad: 0, prefix_of, ..GenConfig::default() };
         let call = |g: &mut Generator| if k > 1 { g.beam_search(&prompts, &cfg) } else { g.greedy(&prompts, &cfg) };
         let mut outputs = Vec::new();
         for g in gens.iter_mut() {
@@ -137,7 +156,7 @@ fn main() -> Result<()> {
         let mut rows: Vec<(String, f64)> = names.iter().cloned().zip(medians.iter().copied()).collect();
         if with_peer {
             // Its own process, after pfx's runs: the bundles' memory is still held, as it would be in a service.
-            let peer = hf_generate_peer(&m, b, k, runs, threads)?;
+            let peer = hf_generate_peer(&m, case, runs, threads)?;
             rows.push((format!("hf-peft ({threads} threads)"), peer));
         }
         for (name, med) in &rows {
@@ -154,13 +173,7 @@ fn main() -> Result<()> {
 
 /// The peer's median seconds per call for one case: HF `generate` with a PEFT prefix, a random GPT-2 of the
 /// bundle's sizes (`benches/hf_generate_peer.py`).
-fn hf_generate_peer(
-    m: &pfx_compiler::compile::Manifest,
-    batch: usize,
-    beams: usize,
-    runs: usize,
-    threads: usize,
-) -> Result<f64> {
+fn hf_generate_peer(m: &pfx_compiler::compile::Manifest, case: &str, runs: usize, threads: usize) -> Result<f64> {
     let python = peer::python();
     let script = peer::script("hf_generate_peer.py")?;
     let n = |x: usize| x.to_string();
@@ -169,7 +182,7 @@ fn hf_generate_peer(
         .args(["--threads", &n(threads), "--layers", &n(m.layers), "--hidden", &n(m.hidden), "--heads", &n(m.heads)])
         .args(["--vocab", &n(m.vocab), "--prefix", &n(m.prefix_len)])
         .args(["--mid", &n(m.mid_dim.unwrap_or(512)), "--prompt", &n(PROMPT), "--new", &n(NEW)])
-        .args(["--cases", &format!("{batch}x{beams}"), "--runs", &n(runs)])
+        .args(["--cases", case, "--runs", &n(runs)])
         .output()
         .with_context(|| {
             format!("starting {python} (set PFX_PEFT_PYTHON to a python with torch, transformers and peft)")

@@ -28,7 +28,9 @@ def parse():
     p.add_argument("--mid", type=int, default=512)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--cases", default="1x1,8x1,1x5", help="batch x beams, comma separated")
+    p.add_argument("--cases", default="1x1,8x1,1x5",
+                   help="batch x beams, comma separated; BxKp: each prompt with a prefix of its own, which PEFT "
+                        "cannot batch: generated one by one, the prompt encoder's weights swapped in for each")
     p.add_argument("--runs", type=int, default=5, help="timed calls per case; the median is reported")
     p.add_argument("--check", action="store_true")
     return p.parse_args()
@@ -112,16 +114,28 @@ def main():
         return check(args, torch)
     pm = build(args, torch)
     for case in args.cases.split(","):
-        batch, beams = (int(x) for x in case.split("x"))
+        own = case.endswith("p")
+        batch, beams = (int(x) for x in case.rstrip("p").split("x"))
         ids = torch.randint(0, args.vocab, (batch, args.prompt))
-        generate(pm, torch, ids, args.new, beams)  # warm-up
+        # Each prompt's prefix: the prompt encoder's weights shifted by i / 100 (any values time the same).
+        base = {k: v.clone() for k, v in pm.prompt_encoder.state_dict().items()}
+        users = [{k: v + i / 100 for k, v in base.items()} for i in range(batch)]
+
+        def call():
+            if not own:
+                return generate(pm, torch, ids, args.new, beams)
+            for i in range(batch):
+                pm.prompt_encoder.load_state_dict(users[i])
+                generate(pm, torch, ids[i:i + 1], args.new, beams)
+
+        call()  # warm-up
         times = []
         for _ in range(args.runs):
             start = time.perf_counter()
-            generate(pm, torch, ids, args.new, beams)
+            call()
             times.append(time.perf_counter() - start)
         median = sorted(times)[len(times) // 2]
-        print(json.dumps(dict(batch=batch, beams=beams, median_s=median, times=times,
+        print(json.dumps(dict(batch=batch, beams=beams, own_prefixes=own, median_s=median, times=times,
                               ms_per_token=median / args.new * 1e3)), flush=True)
     return 0
 

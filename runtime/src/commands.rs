@@ -820,7 +820,13 @@ struct InputPrefixes {
 }
 
 impl InputPrefixes {
-    fn read(bundle: &Bundle, named: &[Option<PathBuf>], no_prefix: bool) -> Result<InputPrefixes> {
+    /// `run_prefix`: the run's `--prefix`, which lines naming the same file share.
+    fn read(
+        bundle: &Bundle,
+        named: &[Option<PathBuf>],
+        run_prefix: Option<&Path>,
+        no_prefix: bool,
+    ) -> Result<InputPrefixes> {
         let mut own = InputPrefixes { files: Vec::new(), tensors: Vec::new(), of: Vec::new() };
         let count = named.iter().filter(|p| p.is_some()).count();
         if count == 0 {
@@ -841,6 +847,13 @@ impl InputPrefixes {
                 own.of.push(0);
                 continue;
             };
+            // One read (and one prefill run per batch) per file, however the lines spell its path.
+            let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            let p = &canonical(p);
+            if run_prefix.is_some_and(|r| canonical(r) == *p) {
+                own.of.push(0);
+                continue;
+            }
             let i = match own.files.iter().position(|f| f == p) {
                 Some(i) => i,
                 None => {
@@ -855,8 +868,8 @@ impl InputPrefixes {
             own.of.push(i + 1);
         }
         eprintln!(
-            "note: {count} input(s) generate with their own prefix ({} file(s)); inputs with different prefixes share \
-             the batches",
+            "note: {count} input(s) name their own prefix ({} file(s) besides --prefix); inputs with different \
+             prefixes share the batches",
             own.files.len()
         );
         Ok(own)
@@ -930,7 +943,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         bail!("no inputs to generate from");
     }
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
-    let own = InputPrefixes::read(&bundle, &named, args.cfg.no_prefix)?;
+    let own = InputPrefixes::read(&bundle, &named, args.prefix.as_deref(), args.cfg.no_prefix)?;
     let run_prefix_used = own.of.is_empty() || own.of.contains(&0);
     if args.prefix.is_none() && !m.baked && !args.cfg.no_prefix && run_prefix_used {
         eprintln!(

@@ -91,7 +91,8 @@ pub struct MixedPrefixes {
 }
 
 impl MixedPrefixes {
-    const OWNERS: [Option<&'static str>; 4] = [None, Some("alice"), Some("bob"), Some("alice")];
+    /// Who owns input i % 4 (alice's file spelled two ways: one file all the same).
+    const OWNERS: [Option<&'static str>; 4] = [None, Some("alice"), Some("bob"), Some("./alice")];
 
     pub fn write(dir: &std::path::Path, init: &std::path::Path) -> MixedPrefixes {
         let users = dir.join("users");
@@ -163,7 +164,7 @@ impl MixedPrefixes {
     /// what they all generate with the run's prefix.
     pub fn check(&self, bundle: &std::path::Path, extra: &[&str]) {
         let (together, log) = Self::generate(bundle, &self.inputs, &self.init, &self.dir.join("mixed.txt"), extra);
-        assert!(log.contains("6 input(s) generate with their own prefix (2 file(s))"), "{log}");
+        assert!(log.contains("6 input(s) name their own prefix (2 file(s) besides --prefix)"), "{log}");
         let alone = |who: Option<&str>, keep: &dyn Fn(usize) -> bool| {
             let own: String = self
                 .lines
@@ -182,7 +183,7 @@ impl MixedPrefixes {
             Self::generate(bundle, &file, &prefix, &self.dir.join("alone.txt"), extra).0
         };
         let mut expected = vec![String::new(); self.lines.len()];
-        for who in [None, Some("alice"), Some("bob")] {
+        for who in Self::OWNERS {
             let mine: Vec<usize> = (0..self.lines.len()).filter(|&i| Self::owner(i) == who).collect();
             for (i, o) in mine.iter().zip(alone(who, &|i| Self::owner(i) == who)) {
                 expected[*i] = o;
