@@ -744,7 +744,14 @@ pub struct Sources {
     /// Each one's references (none where the file has none).
     pub refs: Vec<Vec<String>>,
     /// Each one's own prefix file (a JSONL line's "prefix", relative to the file's folder), else the run's.
-    pub prefixes: Vec<Option<PathBuf>>,
+    pub prefixes: Vec<Option<NamedPrefix>>,
+}
+
+/// A prefix file an input names, and where (`file:line` of the first line naming it with that source).
+#[derive(Clone, Debug)]
+pub struct NamedPrefix {
+    pub path: PathBuf,
+    pub origin: String,
 }
 
 /// Distinct sources, their references and prefixes from a file.
@@ -759,7 +766,10 @@ pub fn sources_of(path: &Path) -> Result<Sources> {
         let folder = path.parent().unwrap_or(Path::new(""));
         Ok(Sources {
             refs: groups.iter().map(|g| g.targets.iter().filter(|t| !t.is_empty()).cloned().collect()).collect(),
-            prefixes: groups.iter().map(|g| g.prefix.as_ref().map(|p| folder.join(p))).collect(),
+            prefixes: groups
+                .iter()
+                .map(|g| g.prefix.as_ref().map(|p| NamedPrefix { path: folder.join(p), origin: g.origin.clone() }))
+                .collect(),
             texts: groups.into_iter().map(|g| g.source).collect(),
         })
     } else {
@@ -801,7 +811,7 @@ fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig, own: &Inpu
         format!("bundle {}", hash(&|h| file(&args.bundle.join("manifest.json")).hash(h))),
         format!("prefix {}", hash(&|h| args.prefix.as_deref().map(file).hash(h))),
         format!(
-            "input prefixes {}",
+            "input-prefixes {}",
             hash(&|h| (own.files.iter().map(|f| file(f)).collect::<Vec<_>>(), &own.of).hash(h))
         ),
         format!("tokenizer {}", hash(&|h| args.tokenizer.as_deref().map(file).hash(h))),
@@ -823,7 +833,7 @@ impl InputPrefixes {
     /// `run_prefix`: the run's `--prefix`, which lines naming the same file share.
     fn read(
         bundle: &Bundle,
-        named: &[Option<PathBuf>],
+        named: &[Option<NamedPrefix>],
         run_prefix: Option<&Path>,
         no_prefix: bool,
     ) -> Result<InputPrefixes> {
@@ -834,7 +844,8 @@ impl InputPrefixes {
         }
         if bundle.manifest.baked {
             bail!(
-                "{} is baked: its prefix is inside the graphs, but {count} input(s) name a prefix of their own                  (\"prefix\"); generate with the bundle they were trained for (not baked)",
+                "{} is baked: its prefix is inside the graphs, but {count} input(s) name a prefix of their own \
+                 (\"prefix\"); generate with the bundle they were trained for (not baked)",
                 bundle.dir.display()
             );
         }
@@ -843,7 +854,7 @@ impl InputPrefixes {
             return Ok(own);
         }
         for p in named {
-            let Some(p) = p else {
+            let Some(NamedPrefix { path: p, origin }) = p else {
                 own.of.push(0);
                 continue;
             };
@@ -859,7 +870,7 @@ impl InputPrefixes {
                 None => {
                     let tensors = bundle
                         .read_prefix(p)
-                        .with_context(|| format!("reading the prefix an input names (\"prefix\": {})", p.display()))?;
+                        .with_context(|| format!("{origin}: reading the prefix this line names"))?;
                     own.files.push(p.clone());
                     own.tensors.push(tensors);
                     own.files.len() - 1
@@ -944,10 +955,12 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
     }
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
     let own = InputPrefixes::read(&bundle, &named, args.prefix.as_deref(), args.cfg.no_prefix)?;
-    let run_prefix_used = own.of.is_empty() || own.of.contains(&0);
-    if args.prefix.is_none() && !m.baked && !args.cfg.no_prefix && run_prefix_used {
+    let initial = if own.of.is_empty() { sources.len() } else { own.of.iter().filter(|&&i| i == 0).count() };
+    if args.prefix.is_none() && !m.baked && !args.cfg.no_prefix && initial > 0 {
+        let which =
+            if initial < sources.len() { format!("{initial} input(s) without a \"prefix\": ") } else { String::new() };
         eprintln!(
-            "note: no --prefix: generating with {}'s untrained initial prefix (pass a trained prefix.safetensors)",
+            "note: no --prefix: {which}generating with {}'s untrained initial prefix (pass a trained prefix.safetensors)",
             bundle.dir.display()
         );
     }

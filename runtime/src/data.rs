@@ -337,6 +337,11 @@ fn parse_jsonl(line: &str, for_training: bool) -> std::result::Result<Fields, St
         None | Some(Value::Null) if !for_training => String::new(),
         _ => field("target")?,
     };
+    if let Some(k) = object.keys().find(|k| *k != "prefix" && k.eq_ignore_ascii_case("prefix")) {
+        if !for_training {
+            return Err(format!("\"{k}\": the prefix a source generates with is \"prefix\" (lower case)"));
+        }
+    }
     let prefix = match object.get("prefix") {
         None | Some(Value::Null) => None,
         Some(_) if for_training => None,
@@ -472,6 +477,8 @@ pub struct SourceGroup {
     /// [`Example::prefix`].
     pub prefix: Option<String>,
     pub targets: Vec<String>,
+    /// Where the source first appears (`file:line`).
+    pub origin: String,
 }
 
 /// Distinct sources with all their targets, in the order sources first appear (E2E has several references
@@ -481,7 +488,12 @@ pub fn group_by_source(examples: &[Example]) -> Vec<SourceGroup> {
     let mut groups: Vec<SourceGroup> = Vec::new();
     for ex in examples {
         let i = *index.entry((ex.source.as_str(), ex.prefix.as_deref())).or_insert_with(|| {
-            groups.push(SourceGroup { source: ex.source.clone(), prefix: ex.prefix.clone(), targets: Vec::new() });
+            groups.push(SourceGroup {
+                source: ex.source.clone(),
+                prefix: ex.prefix.clone(),
+                targets: Vec::new(),
+                origin: ex.origin.clone(),
+            });
             groups.len() - 1
         });
         groups[i].targets.push(ex.target.clone());

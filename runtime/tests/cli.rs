@@ -722,7 +722,10 @@ fn inputs_with_their_own_prefixes_share_batches() {
     std::fs::write(users.join("missing.jsonl"), "{\"source\": \"name : X\", \"prefix\": \"nobody.safetensors\"}\n")
         .unwrap();
     let e = fails(&["generate", p(&bundle), "--inputs", p(&users.join("missing.jsonl"))]);
-    assert!(e.contains("nobody.safetensors"), "{e}");
+    assert!(
+        e.contains("missing.jsonl:1: reading the prefix this line names") && e.contains("nobody.safetensors"),
+        "{e}"
+    );
     let baked = dir.join("baked");
     pfx_compiler::compile::bake::bake(&bundle, &init, &baked).unwrap();
     let e = fails(&["generate", p(&baked), "--inputs", p(&mixed.inputs)]);

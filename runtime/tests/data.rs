@@ -187,26 +187,29 @@ fn jsonl_sources_name_their_prefixes() {
         r#"{"source": "b", "prefix": "bob.safetensors"}"#,
         r#"{"source": "c", "prefix": 7}"#,
         r#"{"source": "d", "prefix": null}"#,
+        r#"{"source": "e", "Prefix": "carol.safetensors"}"#,
     ];
     std::fs::write(&file, lines.join("\n")).unwrap();
     let data = read_sources(&file).unwrap();
-    let group = |source: &str, prefix: Option<&str>, targets: &[&str]| SourceGroup {
+    let group = |source: &str, prefix: Option<&str>, targets: &[&str], line: usize| SourceGroup {
         source: source.into(),
         prefix: prefix.map(String::from),
         targets: targets.iter().map(|t| t.to_string()).collect(),
+        origin: format!("{}:{line}", file.display()),
     };
     assert_eq!(
         data.group_by_source(),
         [
-            group("a", Some("alice.safetensors"), &["x", "z"]),
-            group("a", None, &["y"]),
-            group("b", Some("bob.safetensors"), &[""]),
-            group("d", None, &[""]),
+            group("a", Some("alice.safetensors"), &["x", "z"], 1),
+            group("a", None, &["y"], 2),
+            group("b", Some("bob.safetensors"), &[""], 4),
+            group("d", None, &[""], 6),
         ]
     );
-    assert_eq!(data.bad_lines.len(), 1);
-    assert!(data.bad_lines[0].origin.ends_with("mixed.jsonl:5"), "{:?}", data.bad_lines);
-    assert!(data.bad_lines[0].reason.contains("\"prefix\" is not a string"), "{:?}", data.bad_lines);
+    let bad: Vec<(&str, &str)> = data.bad_lines.iter().map(|b| (b.origin.as_str(), b.reason.as_str())).collect();
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    assert!(bad[0].0.ends_with("mixed.jsonl:5") && bad[0].1.contains("\"prefix\" is not a string"), "{bad:?}");
+    assert!(bad[1].0.ends_with("mixed.jsonl:7") && bad[1].1.contains("is \"prefix\" (lower case)"), "{bad:?}");
     // Training reads no prefix (the one it trains is the run's).
     std::fs::write(&file, lines[..3].join("\n")).unwrap();
     assert!(read_examples(&file).unwrap().examples.iter().all(|e| e.prefix.is_none()));
