@@ -1,7 +1,8 @@
 //! Generation equals PEFT's (references by `graphs/peft-generate/make_generate_references.py`, which places
 //! the prefix in generate's cache and checks that the prefix changes the output): greedy and beam search on
-//! the tiny GPT-2 with-past exports, left-padded batches, on tract and ONNX Runtime; baked graphs too; and
-//! bundles with f16 weights against HF on the rounded model.
+//! the tiny GPT-2 with-past exports, left-padded batches, on tract and ONNX Runtime; baked graphs too;
+//! bundles with f16 weights against HF on the rounded model; and batches whose prompts have different prefixes
+//! (`make_mixed_references.py`).
 
 mod common;
 
@@ -358,4 +359,60 @@ fn beam_search_of_two_prompts_at_once() {
     let mut g = generator(&b, BackendKind::Tract, initial_prefix(&b, "reparam"));
     let cfg = GenConfig { max_new: 8, min_new: 8, beams: 3, eos: Some(95), pad: 95, ..GenConfig::default() };
     assert_eq!(g.beam_search(&prompts, &cfg).unwrap(), rows(&r["beam"], None));
+}
+
+/// Prompts of one call that each generate with their own prefix (`add_prefix`, `GenConfig::prefix_of`) get PEFT's
+/// tokens for that prefix (`graphs/peft-generate/gpt2-<mode>-mixed.safetensors`, by `make_mixed_references.py`: 6
+/// prompts, the second prefix drawn there), however the rows group them: 6 rows (greedy: one prefill for all; beam
+/// search: 2 prompts at a time, each pair mixing the prefixes), 18 (beam search: all 6 prompts × 3 beams at once) and
+/// 4 (greedy: prompts 0-3, then 4-5 with idle rows; beam search: one prompt at a time).
+#[test]
+fn mixed_prefix_batches_equal_peft() {
+    for mode in ["reparam", "noreparam"] {
+        let refs = common::graphs_dir().join(format!("peft-generate/gpt2-{mode}-mixed.safetensors"));
+        let r = pfx_runtime::read_safetensors(refs).unwrap();
+        let prompts = rows(&r["prompts"], Some(&r["prompt_mask"]));
+        let n = prompts.len();
+        let assignment: Vec<usize> = r["assignment"].as_i64().unwrap().iter().map(|&a| a as usize).collect();
+        assert!(assignment.contains(&0) && assignment.contains(&1), "the references mix the prefixes: {assignment:?}");
+        let want = |key: &str| rows(&r[key], None);
+        for (fixture, sizes) in [("gpt2-optimum", vec![n, 3 * n, 4]), ("gpt2-dynamo-past", vec![n])] {
+            for size in sizes {
+                let b = Bundle::open(bundle_rows(fixture, mode, &format!("mixed{size}"), size)).unwrap();
+                // The second prefix, keyed by the bundle's trainable names (PEFT's PrefixEncoder names, as the first).
+                let second: BTreeMap<String, HostTensor> = b
+                    .trainable_names()
+                    .into_iter()
+                    .map(|name| {
+                        let t = r[&format!("second.{name}")].clone();
+                        (name, t)
+                    })
+                    .collect();
+                for kind in backends() {
+                    let what = format!("{fixture} {mode} {size} rows {kind}");
+                    let mut g = generator(&b, kind, initial_prefix(&b, mode));
+                    assert_eq!(g.add_prefix(second.clone()).unwrap(), 1, "{what}: the second prefix's index");
+                    let cfg =
+                        GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
+                    let beam_cfg = GenConfig { beams: 3, ..cfg.clone() };
+                    for (search, name) in [(&cfg, "greedy"), (&beam_cfg, "beam")] {
+                        let run = |g: &mut Generator, prefix_of: Vec<usize>| {
+                            let c = GenConfig { prefix_of, ..search.clone() };
+                            let out = if c.beams > 1 { g.beam_search(&prompts, &c) } else { g.greedy(&prompts, &c) };
+                            out.unwrap()
+                        };
+                        let mixed = run(&mut g, assignment.clone());
+                        assert_eq!(mixed, want(name), "{what}: {name}, each prompt with its own prefix");
+                        let all_first = run(&mut g, vec![0; n]);
+                        assert_eq!(all_first, want(&format!("{name}_first")), "{what}: {name}, all with the first");
+                        let all_second = run(&mut g, vec![1; n]);
+                        assert_eq!(all_second, want(&format!("{name}_second")), "{what}: {name}, all with the second");
+                        assert_ne!(mixed, all_first, "{what}: {name}: the second prefix must change the mixed batch");
+                        assert_ne!(mixed, all_second, "{what}: {name}: the first prefix must change the mixed batch");
+                    }
+                    println!("{what}: mixed prefixes {assignment:?} as PEFT's");
+                }
+            }
+        }
+    }
 }
