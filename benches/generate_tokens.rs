@@ -161,7 +161,8 @@ fn main() -> Result<()> {
         }
         for (name, med) in &rows {
             let ratio = med / medians[0];
-            println!("| {b} | {k} | {name} | {med:.3} | {:.2} | {ratio:.2}× |", med / NEW as f64 * 1e3);
+            let batch = if own_prefixes { format!("{b} ({b} prefixes)") } else { b.to_string() };
+            println!("| {batch} | {k} | {name} | {med:.3} | {:.2} | {ratio:.2}× |", med / NEW as f64 * 1e3);
         }
         drop(gens);
         for (_, dir, _) in &bundles {
