@@ -410,6 +410,8 @@ fn mixed_prefix_batches_equal_peft() {
                         assert_ne!(mixed, all_first, "{what}: {name}: the second prefix must change the mixed batch");
                         assert_ne!(mixed, all_second, "{what}: {name}: the first prefix must change the mixed batch");
                     }
+                    let e = g.greedy(&prompts, &GenConfig { prefix_of: vec![2], ..cfg.clone() }).unwrap_err();
+                    assert!(e.to_string().contains("asks for prefix 2, but the generator has 2"), "{what}: {e}");
                     println!("{what}: mixed prefixes {assignment:?} as PEFT's");
                 }
             }

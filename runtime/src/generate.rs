@@ -265,6 +265,9 @@ pub(crate) fn run_with_row_prefixes(
     let mut used: Vec<usize> = (0..rows).map(of).collect();
     used.sort_unstable();
     used.dedup();
+    if let Some(&p) = used.last().filter(|&&p| p >= prefixes.len()) {
+        bail!("a row asks for prefix {p}, but the generator has {} (add_prefix adds more)", prefixes.len());
+    }
     let run = |graph: &mut dyn Backend, p: usize| {
         let mut feed = inputs.clone();
         feed.extend(prefixes[p].iter().map(|(k, v)| (k.clone(), v.clone())));
