@@ -219,18 +219,20 @@ fn lookalike_exports_are_refused() {
     let bart = ["--bart-prefix", "peft", "--prefix-len", "2", "--batch", "2", "--src-len", "5", "--tgt-len", "4"];
     fails_with(
         &compile(&folder, &bart, &d.join("b")),
-        &["found 0 relative position bias tables", "says model_type t5, but its graphs are not T5's"],
+        &["found 0 relative position bias tables", "says T5 (model_type t5 or mt5), but its graphs are not T5's"],
     );
-    // Another model type: the path names those it compiles.
-    std::fs::write(folder.join("config.json"), cfg.replace("\"model_type\": \"bart\"", "\"model_type\": \"longt5\""))
-        .unwrap();
-    fails_with(
-        &compile(&folder, &bart, &d.join("b")),
-        &[
-            "says model_type \"longt5\"",
-            "compiles bart, marian, pegasus, mbart, blenderbot, blenderbot-small, m2m_100, t5 exports only",
-        ],
-    );
+    // Another model type (LongT5; UMT5, whose layers each have a bias table): the path names those it compiles.
+    for other in ["longt5", "umt5"] {
+        let named = cfg.replace("\"model_type\": \"bart\"", &format!("\"model_type\": \"{other}\""));
+        std::fs::write(folder.join("config.json"), named).unwrap();
+        fails_with(
+            &compile(&folder, &bart, &d.join("b")),
+            &[
+                &format!("says model_type \"{other}\""),
+                "compiles bart, marian, pegasus, mbart, blenderbot, blenderbot-small, m2m_100, t5, mt5 exports only",
+            ],
+        );
+    }
     // M2M100 (NLLB-200's model_type too) is on the path: its positions numbered from the ids are read off its graphs
     // (tests/compile_bart.rs checks graphs/m2m100-tiny against PyTorch + PEFT), so the name alone refuses nothing.
     std::fs::write(folder.join("config.json"), cfg.replace("\"model_type\": \"bart\"", "\"model_type\": \"m2m_100\""))
