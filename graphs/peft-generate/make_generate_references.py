@@ -622,15 +622,21 @@ def main():
     print("prompt_mask\n", prompt_mask.numpy())
     for mode in MODES:
         path, out, facts = run_mode(mode, prompts, prompt_mask)
-        print(f"\n== {mode}: {os.path.relpath(path, ROOT)}  {os.path.getsize(path)} bytes")
-        for key in ("greedy", "greedy_batched", "beam", "beam_score", "greedy_noprefix"):
-            if key in out:
-                print(f"  {key}\n", out[key])
-        for k, v in facts.items():
-            print(f"  {k}: {v}")
-        for key, arr in out.items():
-            print(f"    {key:24s} {str(arr.dtype):8s} {list(arr.shape)}")
+        report(mode, path, out, facts, ("greedy", "greedy_batched", "beam", "beam_score", "greedy_noprefix"))
     return 0
+
+
+def report(mode, path, out, facts, shown):
+    """Prints what a mode's file holds: the `shown` arrays, the facts checked, every array's dtype and shape."""
+    print(f"\n== {mode}: {os.path.relpath(path, ROOT)}  {os.path.getsize(path)} bytes")
+    for key in shown:
+        if key in out:
+            print(f"  {key}\n", out[key])
+    for k, v in facts.items():
+        print(f"  {k}: {v}")
+    width = max(24, *(len(k) for k in out))
+    for key, arr in out.items():
+        print(f"    {key:{width}s} {str(arr.dtype):8s} {list(arr.shape)}")
 
 
 if __name__ == "__main__":

@@ -191,10 +191,17 @@ def prompt_failures(first, bare):
     for i in range(N):
         if torch.equal(first[0][i], bare[0][i]):
             bad.append(f"prompt {i}: the first prefix gives the bare model's greedy tokens")
-        if first[2][i] < MIN_GAP:
-            bad.append(f"prompt {i}: greedy gap {first[2][i]:.4f}")
-        if first[3][i] < MIN_BEAM_GAP:
-            bad.append(f"prompt {i}: beam gap {first[3][i]:.4f}")
+        bad += close_calls(first, i)
+    return bad
+
+
+def close_calls(runs, i):
+    """Prompt i's close decisions in alone_runs `runs`: a greedy or a beam gap under its minimum."""
+    bad = []
+    if runs[2][i] < MIN_GAP:
+        bad.append(f"prompt {i}: greedy gap {runs[2][i]:.4f}")
+    if runs[3][i] < MIN_BEAM_GAP:
+        bad.append(f"prompt {i}: beam gap {runs[3][i]:.4f}")
     return bad
 
 
@@ -210,10 +217,7 @@ def second_failures(first, second, bare):
             bad.append(f"prompt {i}: second greedy tokens = first's or bare's")
         if torch.equal(first[1][i], second[1][i]):
             bad.append(f"prompt {i}: same beam tokens")
-        if second[2][i] < MIN_GAP:
-            bad.append(f"prompt {i}: greedy gap {second[2][i]:.4f}")
-        if second[3][i] < MIN_BEAM_GAP:
-            bad.append(f"prompt {i}: beam gap {second[3][i]:.4f}")
+        bad += close_calls(second, i)
     own = [i for i in range(N) if ASSIGNMENT[i] == 1]
     for kind, toks in (("greedy", second[0]), ("beam", second[1])):
         if len({tuple(toks[i].tolist()) for i in own}) < len(own):
@@ -322,14 +326,8 @@ def main():
         return scan(ARGS[1], int(ARGS[2]))
     for mode in ref.MODES:
         path, out, facts = run_mode(mode)
-        print(f"\n== {mode}: {os.path.relpath(path, ref.ROOT)}  {os.path.getsize(path)} bytes")
-        for key in ("prompts", "assignment", "greedy", "beam", "greedy_first", "greedy_second", "beam_first",
-                    "beam_second", "greedy_noprefix"):
-            print(f"  {key}\n", out[key])
-        for k, v in facts.items():
-            print(f"  {k}: {v}")
-        for key, arr in out.items():
-            print(f"    {key:28s} {str(arr.dtype):8s} {list(arr.shape)}")
+        ref.report(mode, path, out, facts, ("prompts", "assignment", "greedy", "beam", "greedy_first",
+                                            "greedy_second", "beam_first", "beam_second", "greedy_noprefix"))
     return 0
 
 

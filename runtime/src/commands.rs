@@ -1,6 +1,6 @@
 //! What the `pfxrun` subcommands do (the binary only parses arguments).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -821,7 +821,7 @@ fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig, own: &Inpu
 
 /// The prefixes inputs name for themselves (a JSONL line's "prefix"), each file read once.
 struct InputPrefixes {
-    /// The distinct files, in the order inputs first name them, and their tensors.
+    /// The distinct files, in the order inputs first name them, and their tensors (moved into the generator).
     files: Vec<PathBuf>,
     tensors: Vec<BTreeMap<String, HostTensor>>,
     /// Each input's prefix among the generator's: 0 the run's (`--prefix`, else the bundle's initial one), i + 1
@@ -853,30 +853,37 @@ impl InputPrefixes {
             eprintln!("note: --no-prefix: the prefixes {count} input(s) name are not used (the bare model)");
             return Ok(own);
         }
+        // One read (and one prefill run per batch) per file, however the lines spell its path: indices by the
+        // path as written (no file-system call per line), then by the file itself.
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let run_file = run_prefix.map(canonical);
+        let mut by_spelling: HashMap<&Path, usize> = HashMap::new();
+        let mut by_file: HashMap<PathBuf, usize> = HashMap::new();
         for p in named {
-            let Some(NamedPrefix { path: p, origin }) = p else {
+            let Some(NamedPrefix { path, origin }) = p else {
                 own.of.push(0);
                 continue;
             };
-            // One read (and one prefill run per batch) per file, however the lines spell its path.
-            let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-            let p = &canonical(p);
-            if run_prefix.is_some_and(|r| canonical(r) == *p) {
-                own.of.push(0);
+            if let Some(&i) = by_spelling.get(path.as_path()) {
+                own.of.push(i);
                 continue;
             }
-            let i = match own.files.iter().position(|f| f == p) {
-                Some(i) => i,
+            let file = canonical(path);
+            let i = match by_file.get(&file) {
+                Some(&i) => i,
+                None if run_file.as_ref() == Some(&file) => 0,
                 None => {
                     let tensors = bundle
-                        .read_prefix(p)
+                        .read_prefix(&file)
                         .with_context(|| format!("{origin}: reading the prefix this line names"))?;
-                    own.files.push(p.clone());
+                    own.files.push(file.clone());
                     own.tensors.push(tensors);
-                    own.files.len() - 1
+                    by_file.insert(file, own.files.len());
+                    own.files.len()
                 }
             };
-            own.of.push(i + 1);
+            by_spelling.insert(path, i);
+            own.of.push(i);
         }
         eprintln!(
             "note: {count} input(s) name their own prefix ({} file(s) besides --prefix); inputs with different \
@@ -954,7 +961,9 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         bail!("no inputs to generate from");
     }
     let prefix = prefix_for(&bundle, args.prefix.as_deref())?;
-    let own = InputPrefixes::read(&bundle, &named, args.prefix.as_deref(), args.cfg.no_prefix)?;
+    let mut own = InputPrefixes::read(&bundle, &named, args.prefix.as_deref(), args.cfg.no_prefix)?;
+    // Moved into the generator (a reparametrized prefix holds its MLP: megabytes each).
+    let own_tensors = std::mem::take(&mut own.tensors);
     let initial = if own.of.is_empty() { sources.len() } else { own.of.iter().filter(|&&i| i == 0).count() };
     if args.prefix.is_none() && !m.baked && !args.cfg.no_prefix && initial > 0 {
         let which =
@@ -1028,7 +1037,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             // mBART-cc25's target language, else where the generation config starts the decoder.
             fmt.decoder_start().or(b.generation_start_token_id).unwrap_or(b.decoder_start_token_id),
         );
-        for t in own.tensors.clone() {
+        for t in own_tensors {
             g.add_prefix(t)?;
         }
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));
@@ -1081,7 +1090,7 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
             }
         }
         let mut g = Generator::open(&bundle, engine.backend, &engine.ort, prefix)?;
-        for t in own.tensors.clone() {
+        for t in own_tensors {
             g.add_prefix(t)?;
         }
         model = Box::new(move |p, c| crate::search::search_all(&mut g, p, c));

@@ -337,15 +337,16 @@ fn parse_jsonl(line: &str, for_training: bool) -> std::result::Result<Fields, St
         None | Some(Value::Null) if !for_training => String::new(),
         _ => field("target")?,
     };
-    if let Some(k) = object.keys().find(|k| *k != "prefix" && k.eq_ignore_ascii_case("prefix")) {
-        if !for_training {
+    let prefix = if for_training {
+        None
+    } else {
+        if let Some(k) = object.keys().find(|k| *k != "prefix" && k.eq_ignore_ascii_case("prefix")) {
             return Err(format!("\"{k}\": the prefix a source generates with is \"prefix\" (lower case)"));
         }
-    }
-    let prefix = match object.get("prefix") {
-        None | Some(Value::Null) => None,
-        Some(_) if for_training => None,
-        Some(_) => Some(field("prefix")?),
+        match object.get("prefix") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(field("prefix")?),
+        }
     };
     Ok((field("source")?, target, prefix))
 }

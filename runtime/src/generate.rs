@@ -268,15 +268,18 @@ pub(crate) fn run_with_row_prefixes(
     if let Some(&p) = used.last().filter(|&&p| p >= prefixes.len()) {
         bail!("a row asks for prefix {p}, but the generator has {} (add_prefix adds more)", prefixes.len());
     }
-    let run = |graph: &mut dyn Backend, p: usize| {
-        let mut feed = inputs.clone();
+    let run = |graph: &mut dyn Backend, p: usize, mut feed: BTreeMap<String, HostTensor>| {
         feed.extend(prefixes[p].iter().map(|(k, v)| (k.clone(), v.clone())));
         graph.run(&feed)
     };
-    let Some((&first, others)) = used.split_first() else { return run(graph, 0) };
-    let mut merged = run(graph, first)?;
+    let (first, others) = match used.as_slice() {
+        [] => return run(graph, 0, inputs),
+        [only] => return run(graph, *only, inputs),
+        [first, others @ ..] => (*first, others),
+    };
+    let mut merged = run(graph, first, inputs.clone())?;
     for &p in others {
-        let out = run(graph, p)?;
+        let out = run(graph, p, inputs.clone())?;
         for (name, t) in merged.iter_mut() {
             if t.shape().first() != Some(&rows) {
                 continue;

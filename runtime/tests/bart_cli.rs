@@ -675,16 +675,7 @@ fn train_and_generate_an_m2m100_bundle_from_text() {
 #[test]
 fn train_and_generate_a_t5_bundle_from_text() {
     let dir = scratch("t5_cli");
-    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
-    let all: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tokenizers.join("t5-format-cases.json")).unwrap()).unwrap();
-    let style = &all["t5-style"];
-    let tok = Tokenizer::from_file(tokenizers.join("t5-style/tokenizer.json")).unwrap();
-    let pad = style["pad"].as_i64().unwrap();
-    let fmt = SourceTarget::new(&tok, pad, Some("t5"), None).unwrap();
-    assert_eq!(fmt.eos_id(), style["eos"].as_i64().unwrap());
-    let start = style["decoder_start_token_id"].as_i64();
-    assert!(rows_follow_hf(&fmt, style, pad, &dir, "t5-style", start) > 0);
+    let (all, _) = t5_rows_follow_hf(&dir, "t5-format-cases.json", "t5-style");
     let export = export_with_tokenizer(&dir, "t5-tiny", &["config.json", "generation_config.json"], "t5-style");
     let want = &all["generate"];
     let (src_len, max_new) = (want["src_len"].as_u64().unwrap() as usize, want["max_new_tokens"].as_u64().unwrap());
@@ -692,6 +683,22 @@ fn train_and_generate_a_t5_bundle_from_text() {
     compile_bart(&export, &text_bundle_options(src_len, max_new as usize, None), &bundle).unwrap();
     text_commands_run(&bundle, &dir);
     bare_texts_follow_hf(&bundle, &dir, want);
+}
+
+/// The T5 cases of `graphs/tokenizers/<cases>` for the tokenizer `graphs/tokenizers/<style>`: its end token, rows
+/// (sources, labels, decoder inputs, cuts) as HF makes them. Returns the cases and the tokenizer.
+fn t5_rows_follow_hf(dir: &Path, cases: &str, style_name: &str) -> (serde_json::Value, Tokenizer) {
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tokenizers.join(cases)).unwrap()).unwrap();
+    let style = &all[style_name];
+    let tok = Tokenizer::from_file(tokenizers.join(style_name).join("tokenizer.json")).unwrap();
+    let pad = style["pad"].as_i64().unwrap();
+    let fmt = SourceTarget::new(&tok, pad, Some("t5"), None).unwrap();
+    assert_eq!(fmt.eos_id(), style["eos"].as_i64().unwrap());
+    let start = style["decoder_start_token_id"].as_i64();
+    assert!(rows_follow_hf(&fmt, style, pad, dir, style_name, start) > 0);
+    (all, tok)
 }
 
 /// `pfxrun generate --no-prefix` of the reference's sources (some cut to its `src_len`) writes HF's texts.
@@ -715,18 +722,11 @@ fn bare_texts_follow_hf(bundle: &Path, dir: &Path, want: &serde_json::Value) {
 #[test]
 fn t5_rows_and_texts_with_a_sentencepiece_tokenizer_follow_hf() {
     let dir = scratch("t5_sp");
-    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("../graphs/tokenizers");
-    let all: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tokenizers.join("t5-sp-format-cases.json")).unwrap()).unwrap();
+    let (all, tok) = t5_rows_follow_hf(&dir, "t5-sp-format-cases.json", "t5-sp-style");
     let style = &all["t5-sp-style"];
-    let tok = Tokenizer::from_file(tokenizers.join("t5-sp-style/tokenizer.json")).unwrap();
     assert_eq!(tok.vocab_size(), 100);
     let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
-    let pad = style["pad"].as_i64().unwrap();
-    let fmt = SourceTarget::new(&tok, pad, Some("t5"), None).unwrap();
-    assert_eq!(fmt.eos_id(), style["eos"].as_i64().unwrap());
-    let start = style["decoder_start_token_id"].as_i64();
-    assert!(rows_follow_hf(&fmt, style, pad, &dir, "t5-sp-style", start) > 0);
+    let fmt = SourceTarget::new(&tok, style["pad"].as_i64().unwrap(), Some("t5"), None).unwrap();
     for case in style["texts"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         assert_eq!(fmt.encode_source(text, 128).unwrap().0, ids(&case["input_ids"]), "{text:?}");
