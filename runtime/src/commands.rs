@@ -791,32 +791,48 @@ pub fn sources_of(path: &Path) -> Result<Sources> {
 }
 
 /// What a generation run makes, for `--resume` to tell its own partial output from another run's: the sources,
-/// the search settings, the bundle and the prefix file (by path, size and modification time).
-fn work_key(args: &GenerateArgs, sources: &[String], cfg: &GenConfig, own: &InputPrefixes) -> String {
-    use std::hash::{Hash, Hasher};
-    let file = |p: &Path| {
-        let meta = std::fs::metadata(p).ok();
-        let stamp = meta.as_ref().and_then(|m| m.modified().ok());
-        (std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()), meta.map(|m| m.len()), stamp)
+/// the search settings, the bundle (its manifest and a sample of its weights) and the prefix and tokenizer files,
+/// by their contents (a file moved or touched is the same; one replaced by another of the same size is not).
+/// Fingerprints stable across builds: a run killed by one pfxrun is resumed by the next.
+fn work_key(
+    args: &GenerateArgs,
+    bundle: &Bundle,
+    sources: &[String],
+    cfg: &GenConfig,
+    own: &InputPrefixes,
+) -> Result<String> {
+    use crate::fingerprint::{file_contents, file_sample, Fnv};
+    let files = |paths: &mut dyn Iterator<Item = &Path>| -> Result<String> {
+        let mut h = Fnv::new();
+        for p in paths {
+            h.field(file_contents(p)?.as_bytes());
+        }
+        Ok(h.hex())
     };
-    let hash = |x: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        x(&mut h);
-        format!("{:016x}", h.finish())
-    };
+    let (mut text, mut choice) = (Fnv::new(), Fnv::new());
+    for s in sources {
+        text.field(s.as_bytes());
+    }
+    for &i in &own.of {
+        choice.write(&(i as u64).to_le_bytes());
+    }
+    let weights = file_sample(&bundle.dir.join(&bundle.manifest.weights_file))?;
     // One field per thing that can differ, so that a refusal can say which did (`partial_output`).
-    [
-        format!("sources {} {}", sources.len(), hash(&|h| sources.hash(h))),
-        format!("settings {}", hash(&|h| format!("{cfg:?}").hash(h))),
-        format!("bundle {}", hash(&|h| file(&args.bundle.join("manifest.json")).hash(h))),
-        format!("prefix {}", hash(&|h| args.prefix.as_deref().map(file).hash(h))),
+    Ok([
+        format!("sources {} {}", sources.len(), text.hex()),
+        format!("settings {}", Fnv::new().write(format!("{cfg:?}").as_bytes()).hex()),
         format!(
-            "input-prefixes {}",
-            hash(&|h| (own.files.iter().map(|f| file(f)).collect::<Vec<_>>(), &own.of).hash(h))
+            "bundle {}",
+            Fnv::new()
+                .field(file_contents(&bundle.dir.join("manifest.json"))?.as_bytes())
+                .field(weights.as_bytes())
+                .hex()
         ),
-        format!("tokenizer {}", hash(&|h| args.tokenizer.as_deref().map(file).hash(h))),
+        format!("prefix {}", files(&mut args.prefix.as_deref().into_iter())?),
+        format!("input-prefixes {} {}", files(&mut own.files.iter().map(PathBuf::as_path))?, choice.hex()),
+        format!("tokenizer {}", files(&mut args.tokenizer.as_deref().into_iter())?),
     ]
-    .join(" | ")
+    .join(" | "))
 }
 
 /// The prefixes inputs name for themselves (a JSONL line's "prefix"), each file read once.
@@ -1104,12 +1120,12 @@ pub fn generate(args: GenerateArgs, engine: &Engine) -> Result<Vec<String>> {
         eprintln!("note: sampling with seed {0} (--seed {0} draws the same tokens again)", s.seed);
     }
     check_outputs(&args, refs.iter().all(|r| r.is_empty()))?;
-    let key = work_key(&args, &sources, &cfg, &own);
     // The generations so far: those an interrupted run left, when resumed.
     // Outputs per source (`--num-return`): consecutive lines of the output.
     let n_out = cfg.num_return.max(1);
     let (mut partial, mut texts) = match &args.output {
         Some(p) => {
+            let key = work_key(&args, &bundle, &sources, &cfg, &own)?;
             let (partial, done) = PartialOutput::open(p, &key, args.resume, prompts.len() * n_out)?;
             (Some(partial), done)
         }

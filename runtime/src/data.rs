@@ -514,6 +514,14 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// The tokens the model reads for this row: its real input tokens and, for an encoder-decoder row
+    /// (`seq2seq`), the target tokens its decoder reads as well (the input being the source alone).
+    pub fn tokens_read(&self, seq2seq: bool) -> usize {
+        let input = self.attention_mask.iter().filter(|&&m| m != 0).count();
+        let target = if seq2seq { self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() } else { 0 };
+        input + target
+    }
+
     /// Sets every label to [`IGNORE_INDEX`] (for batch rows that are repeats: `Batch::real` false).
     pub fn ignore_labels(&mut self) {
         self.labels.fill(IGNORE_INDEX);
@@ -879,6 +887,18 @@ pub fn batches(n_examples: usize, batch: usize, seed: u64, epoch: u64) -> Vec<Ba
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_read_count_the_decoder_s_target_of_an_encoder_decoder_row() {
+        let ig = IGNORE_INDEX;
+        // A decoder-only row reads source and target in its input; its labels mark the target only.
+        let gpt =
+            Encoded { input_ids: vec![5, 6, 7, 0], attention_mask: vec![1, 1, 1, 0], labels: vec![ig, ig, 7, ig] };
+        assert_eq!(gpt.tokens_read(false), 3);
+        // An encoder-decoder row's input is the source; its decoder reads the target (labels of their own length).
+        let bart = Encoded { input_ids: vec![5, 6, 1], attention_mask: vec![1, 1, 0], labels: vec![8, 9, 2, ig, ig] };
+        assert_eq!(bart.tokens_read(true), 5);
+    }
 
     #[test]
     fn generation_reads_sources_with_or_without_targets() {

@@ -15,6 +15,7 @@ pub mod commands;
 mod cuda_edit;
 pub mod data;
 pub mod devices;
+mod fingerprint;
 pub mod generate;
 pub mod ort_backend;
 pub mod partial_output;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, BackendKind, StatefulStep};
 use crate::bundle::Bundle;
 use crate::data::{batches, Encoded};
+use crate::fingerprint::{file_sample, fnv1a};
 use crate::ort_backend::OrtOptions;
 use crate::tensor::{safetensors_from_bytes, safetensors_to_bytes, HostTensor};
 
@@ -100,12 +101,6 @@ impl RunSettings {
     }
 }
 
-/// FNV-1a, 64 bits: a fingerprint that stays the same across builds (std's hasher may not).
-fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> String {
-    let h = bytes.into_iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    format!("{h:016x}")
-}
-
 /// The training rows as encoded (tokens, mask and labels).
 fn data_fingerprint(data: &[Encoded]) -> String {
     fnv1a(data.iter().flat_map(|r| {
@@ -128,26 +123,9 @@ fn bundle_fingerprint(bundle: &Bundle) -> Result<String> {
             "mode": b.mode, "src_len": b.src_len, "tgt_len": b.tgt_len, "label_smoothing": b.label_smoothing,
             "pad": b.pad_token_id, "decoder_start": b.decoder_start_token_id,
         })),
-        "weights": weights_sample(&bundle.dir.join(&m.weights_file))?,
+        "weights": file_sample(&bundle.dir.join(&m.weights_file))?,
     });
     Ok(fnv1a(id.to_string().into_bytes()))
-}
-
-/// The frozen weights' size and 256 evenly spaced 4 KiB samples (1 MiB read, where hashing a GPT-2-medium
-/// bundle whole would take a second): another model of the same sizes (fine-tuned, or another seed) differs in
-/// every sample.
-fn weights_sample(path: &Path) -> Result<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let len = f.metadata()?.len();
-    let mut bytes = len.to_le_bytes().to_vec();
-    let mut sample = [0u8; 4096];
-    for k in 0..256u64 {
-        f.seek(SeekFrom::Start(len / 256 * k))?;
-        let n = f.read(&mut sample)?;
-        bytes.extend_from_slice(&sample[..n]);
-    }
-    Ok(fnv1a(bytes))
 }
 
 impl std::fmt::Display for RunSettings {
@@ -309,6 +287,7 @@ impl Trainer {
         let stop_at = cfg.max_steps.map_or(total, |m| (self.pos.step + m as u64).min(total));
         let mut losses = Vec::new();
         let mut tokens = 0usize;
+        let seq2seq = pfx_compiler::compile::bart::read_bart_spec(&self.bundle.dir)?.is_some();
         let mut run_steps = 0usize;
         let mut warned_zero_gradient = false;
         let mut first_grad_norm = None;
@@ -342,7 +321,9 @@ impl Trainer {
                 self.pos.step += 1;
                 self.pos.batch_in_epoch += 1;
                 run_steps += 1;
-                tokens += rows.iter().map(|r| r.attention_mask.iter().filter(|&&m| m != 0).count()).sum::<usize>();
+                // Repeated rows (filling the last batch) are not counted twice.
+                let real = rows.iter().zip(&batch.real).filter(|(_, &real)| real);
+                tokens += real.map(|(r, _)| r.tokens_read(seq2seq)).sum::<usize>();
                 losses.push(loss);
                 let log = StepLog {
                     step: self.pos.step,

@@ -202,7 +202,24 @@ fn train_eval_generate_and_bake_a_bart_bundle() {
     assert!(e.contains("add --resume"), "{e}");
     let e = fails(&[&args[..], &[p(&again), "--resume", "--beams", "3"]].concat());
     assert!(e.contains("was written for another run (not the same settings)"), "{e}");
-    let log = ok(&[&args[..], &[p(&again), "--resume"]].concat());
+    // The prefix file counts by its contents: another of the same size, with the same modification time, is
+    // refused; the same contents under another name resume.
+    let stamp = std::fs::metadata(&prefix).unwrap().modified().unwrap();
+    let trained = std::fs::read(&prefix).unwrap();
+    let mut tensors = pfx_runtime::tensor::read_safetensors(&prefix).unwrap();
+    let first = tensors.values_mut().next().unwrap();
+    first.as_f32_mut().unwrap()[0] += 1.0;
+    pfx_runtime::tensor::write_safetensors(&prefix, &tensors).unwrap();
+    assert_eq!(std::fs::metadata(&prefix).unwrap().len(), trained.len() as u64);
+    std::fs::File::options().write(true).open(&prefix).unwrap().set_modified(stamp).unwrap();
+    let e = fails(&[&args[..], &[p(&again), "--resume"]].concat());
+    assert!(e.contains("was written for another run (not the same prefix)"), "{e}");
+    let moved = dir.join("moved.safetensors");
+    std::fs::write(&moved, &trained).unwrap();
+    std::fs::write(&prefix, &trained).unwrap();
+    let mut moved_args = args.to_vec();
+    moved_args[3] = p(&moved);
+    let log = ok(&[&moved_args[..], &[p(&again), "--resume"]].concat());
     assert!(log.contains(&format!("resuming after {done} of 400 generations")), "{log}");
     assert_eq!(std::fs::read_to_string(&again).unwrap(), std::fs::read_to_string(&whole).unwrap());
     assert!(!partial.exists());
