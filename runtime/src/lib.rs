@@ -35,6 +35,7 @@ pub mod tract_backend;
 pub mod tract_gemv;
 pub mod tract_kernels;
 pub mod tract_skinny;
+pub mod tract_split;
 pub mod train;
 
 pub use backend::{

@@ -204,10 +204,14 @@ pub struct Rewrites {
     /// Weight products of at most 8 rows (decode) on packed-panel kernels (`tract_skinny`);
     /// `PFX_TRACT_SKINNY=tract` turns it off.
     pub skinny_products: bool,
+    /// Products contracted over more than 8192 (the LM head's gradient) as sums of products over pieces
+    /// (`tract_split`); `PFX_TRACT_SPLIT=off` turns it off.
+    pub split_long_contractions: bool,
 }
 
 impl Rewrites {
-    pub const ALL: Rewrites = Rewrites { fuse_adamw: true, batched_gemv: true, skinny_products: true };
+    pub const ALL: Rewrites =
+        Rewrites { fuse_adamw: true, batched_gemv: true, skinny_products: true, split_long_contractions: true };
 
     /// All of them, less those the environment turns off.
     pub fn from_env() -> Rewrites {
@@ -216,6 +220,7 @@ impl Rewrites {
             fuse_adamw: var("PFX_TRACT_ADAMW").as_deref() != Some("graph"),
             batched_gemv: var("PFX_TRACT_GEMV").as_deref() != Some("tract"),
             skinny_products: var("PFX_TRACT_SKINNY").as_deref() != Some("tract"),
+            split_long_contractions: var("PFX_TRACT_SPLIT").as_deref() != Some("off"),
         }
     }
 }
@@ -242,6 +247,9 @@ pub fn optimize_with(model: InferenceModel, rewrites: Rewrites) -> TractResult<T
     }
     if rewrites.skinny_products {
         crate::tract_skinny::use_skinny_products(&mut typed)?;
+    }
+    if rewrites.split_long_contractions {
+        crate::tract_split::split_long_contractions(&mut typed)?;
     }
     typed.optimize()?;
     Ok(typed)
