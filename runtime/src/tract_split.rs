@@ -32,9 +32,15 @@ fn long_contraction(model: &TypedModel, node: &TypedNode) -> Option<([usize; 2],
     (len(1)? == k && k > SPLIT_ABOVE).then_some((at, k))
 }
 
+/// An operand of a product being split: a constant is cut into constants here (each piece is then packed once,
+/// at plan time); another is tapped once and sliced.
+enum Operand {
+    Const(Arc<Tensor>),
+    Wire(OutletId),
+}
+
 /// Rewrites every product contracted over more than [`SPLIT_ABOVE`] into products over pieces of at most
-/// [`PIECE`], added in order. A constant operand is cut here (each piece is packed once, at plan time); the
-/// other through `Slice`. Returns how many products were split.
+/// [`PIECE`], added in order. Returns how many products were split.
 pub fn split_long_contractions(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, [usize; 2], usize)> =
         model.nodes.iter().filter_map(|n| long_contraction(model, n).map(|(at, k)| (n.id, at, k))).collect();
@@ -44,29 +50,25 @@ pub fn split_long_contractions(model: &mut TypedModel) -> TractResult<usize> {
         let op = node.op.clone();
         let pieces = k.div_ceil(PIECE);
         let mut patch = TypedModelPatch::new(format!("split {name} over {pieces} pieces"));
-        let mut inputs = Vec::with_capacity(2);
-        for slot in 0..2 {
-            let outlet = node.inputs[slot];
-            let konst = model.outlet_fact(outlet)?.konst.clone();
-            let tapped = match konst {
-                Some(_) => None,
-                None => Some(patch.tap_model(model, outlet)?),
-            };
-            inputs.push((konst, tapped));
+        let mut operands = Vec::with_capacity(2);
+        for &outlet in &node.inputs {
+            operands.push(match model.outlet_fact(outlet)?.konst.clone() {
+                Some(c) => Operand::Const(c),
+                None => Operand::Wire(patch.tap_model(model, outlet)?),
+            });
         }
         let mut sum: Option<OutletId> = None;
         for piece in 0..pieces {
             let (start, end) = (piece * k / pieces, (piece + 1) * k / pieces);
-            let mut operands = TVec::new();
-            for (slot, (konst, tapped)) in inputs.iter().enumerate() {
+            let mut parts = TVec::new();
+            for (slot, operand) in operands.iter().enumerate() {
                 let part = format!("{name}.k{piece}.{slot}");
-                operands.push(match (konst, tapped) {
-                    (Some(c), _) => patch.add_const(part, c.slice(at[slot], start, end)?)?,
-                    (None, Some(x)) => patch.wire_node(part, Slice::new(at[slot], start, end), &[*x])?[0],
-                    (None, None) => unreachable!("an operand is either constant or tapped"),
+                parts.push(match operand {
+                    Operand::Const(c) => patch.add_const(part, c.slice(at[slot], start, end)?)?,
+                    Operand::Wire(x) => patch.wire_node(part, Slice::new(at[slot], start, end), &[*x])?[0],
                 });
             }
-            let product = patch.wire_node(format!("{name}.k{piece}"), op.clone(), &operands)?[0];
+            let product = patch.wire_node(format!("{name}.k{piece}"), op.clone(), &parts)?[0];
             sum = Some(match sum {
                 None => product,
                 Some(s) => {
