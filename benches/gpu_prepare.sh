@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Everything the GPU race needs, made here before the device calls (the GPU machine has no Rust and no network):
-# the stripped, gzipped bench and test binaries and the peers in gpu-carry/, the GPT-2 graphs without their
-# weights (gpu-carry/*.skeleton.onnx, ~0.3 MB each, given random weights there), and ONNX Runtime's CUDA
-# libraries in parts under .gpu/, each small enough to travel beside the working tree in one call. Prints the
-# device calls to make back to back.
+# Everything the GPU race (benches/gpu_train_step.sh) needs, made here before the device calls (the GPU machine
+# has no Rust and no network): the stripped, gzipped bench and test binaries and the peers in gpu-carry/, the
+# GPT-2 graphs without their weights (gpu-carry/*.skeleton.onnx, ~0.3 MB each, given random weights there), and
+# ONNX Runtime's CUDA libraries (PyPI onnxruntime-gpu, a CUDA 13 build) packed with xz and cut into parts under
+# .gpu/, sized so that each call, with the working tree beside it, stays within 64 MiB. Prints the device calls.
 #
-#   bash benches/gpu_prepare.sh        # ~2 min from a warm build cache; ~10 min more when the skeletons must be made
+#   bash benches/gpu_prepare.sh        # ~2 min from a warm build cache; ~10 min more the first time (skeletons, packing)
 #
 # Needs the reference venv (PFX_PYTHON, default /root/.cache/pfx/ref/bin/python) for the skeletons; existing
-# skeletons are kept (delete them to remake). gpu-carry/ and .gpu/ are ignored by git.
+# skeletons and the packed libraries (in $TMPDIR) are kept. gpu-carry/ and .gpu/ are ignored by git.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PFX_PYTHON:-/root/.cache/pfx/ref/bin/python}
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 SHARED_GPU=${SHARED_GPU:-$(cd .. && pwd)/shared/tools/gpu}
+ORT_VERSION=${ORT_GPU_VERSION:-1.31.1}
 [ -d "$SHARED_GPU" ] || { echo "gpu_prepare: no shared GPU tools at $SHARED_GPU (set SHARED_GPU)"; exit 2; }
-mkdir -p gpu-carry
+mkdir -p gpu-carry .gpu
 
 # The newest build of a bench or test target (cargo names them NAME-HASH).
 newest() { ls -t "$TARGET"/release/deps/"$1"-* | grep -v '\.d$' | head -1; }
@@ -38,59 +39,49 @@ for size in gpt2-medium gpt2; do
   fi
 done
 
+echo "== ONNX Runtime $ORT_VERSION's CUDA libraries"
+# The shared packer downloads onnxruntime-gpu and packs its libraries into one xz stream (cached in $TMPDIR);
+# the parts are cut here, sized to the calls.
+ORT_GPU_VERSION=$ORT_VERSION bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu 1 >/dev/null
+packed=${TMPDIR:-/tmp}/ort-gpu-$ORT_VERSION/libs.tar.xz
+
 # Every device call carries the working tree too (tracked and untracked, not ignored, files), 64 MiB in all. The
-# calls run on the tree slimmed by benches/gpu_slim.sh (the fixtures the GPU run does not read taken out: ~2 MiB
-# left of ~48), so each call has room for most of 64 MiB. The parts are sized to fit.
+# calls run on the tree slimmed by benches/gpu_slim.sh (~2 MiB left of ~48). The first call carries gpu-carry/
+# and the first part; the others one part each.
 LIMIT=$((64 * 1024 * 1024))
 MARGIN=$((1024 * 1024)) # for files the tree may gain before the calls
 tree=$(bash benches/gpu_slim.sh size)
 room=$((LIMIT - MARGIN - tree))
 carry=$(du -cb gpu-carry | tail -1 | cut -f1)
-# When the tree has grown too much for the binaries to ride with the last call, they go first, in calls of their own:
-# groups under .gpu/bin/NN/ that each fit, unpacked there into /tmp/pfx-gpu-bin (where gpu_train_step.sh looks).
-rm -rf .gpu/bin
-bin_groups=0
-if [ "$carry" -gt "$room" ]; then
-  mkdir -p .gpu/bin
-  used=$room
-  for packed in $(ls -S gpu-carry/*.gz); do
-    size=$(stat -c %s "$packed")
-    [ "$size" -le "$room" ] || { echo "gpu_prepare: $packed ($size bytes) does not fit a call ($room)" >&2; exit 1; }
-    if [ $((used + size)) -gt "$room" ]; then
-      bin_groups=$((bin_groups + 1))
-      used=0
-    fi
-    group=.gpu/bin/$(printf '%02d' $((bin_groups - 1)))
-    mkdir -p "$group" && mv "$packed" "$group/"
-    used=$((used + size))
-  done
-  carry=$(du -cb gpu-carry | tail -1 | cut -f1)
-  [ "$carry" -le "$room" ] || { echo "gpu_prepare: gpu-carry/ holds $carry bytes without the binaries, a call has $room" >&2; exit 1; }
+[ "$carry" -lt "$room" ] || { echo "gpu_prepare: gpu-carry/ ($carry bytes) does not fit a call ($room)" >&2; exit 1; }
+total=$(stat -c %s "$packed")
+first=$((room - carry))
+[ "$first" -lt "$total" ] || first=$total
+rest=$((total - first))
+more=$(((rest + room - 1) / room))
+rm -f .gpu/ortgpu.part*
+head -c "$first" "$packed" >.gpu/ortgpu.part00
+if [ "$more" -gt 0 ]; then
+  tail -c +$((first + 1)) "$packed" | split -b $(((rest + more - 1) / more)) -d --numeric-suffixes=1 - .gpu/ortgpu.part
 fi
-echo "== ONNX Runtime's CUDA libraries"
-bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu 1 >/dev/null # once whole, to learn its size
-ort=$(du -cb .gpu/ortgpu.part* | tail -1 | cut -f1)
-parts=$(((ort + room - 1) / room))
-bash "$SHARED_GPU/pack-ort-cuda.sh" .gpu "$parts" >/dev/null
+cat .gpu/ortgpu.part* | cmp - "$packed"
+last=$(printf '%02d' "$more")
 ls -l .gpu gpu-carry
-[ "$bin_groups" -eq 0 ] || ls -lR .gpu/bin
 cat <<TXT
 == ready: the slimmed tree is $tree bytes, so each call carries at most $room more. First, here:
     bash benches/gpu_slim.sh out      (and \`bash benches/gpu_slim.sh back\` once the calls are done)
-then the $((bin_groups + parts + 1)) device calls, back to back (the machine is taken back after ~30 s idle):
+then $((more + 1)) device calls, back to back (the machine is taken back after ~30 s idle):
+  1. carry ["gpu-carry", ".gpu/ortgpu.part00"], timeout_s 60 (the peers start timing in the background):
+    mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.part00 /tmp/ortgpu/ && bash benches/gpu_train_step.sh stage && nvidia-smi
 TXT
-if [ "$bin_groups" -gt 0 ]; then
-  cat <<TXT
-  first $bin_groups call(s), the binaries (MM = 00..$(printf '%02d' $((bin_groups - 1)))): carry [".gpu/bin/MM"], command:
-    mkdir -p /tmp/pfx-gpu-bin && for f in .gpu/bin/MM/*.gz; do b=/tmp/pfx-gpu-bin/\$(basename "\$f" .gz); gunzip -c "\$f" >"\$b" && chmod +x "\$b"; done
-TXT
-fi
+for ((i = 1; i < more; i++)); do
+  n=$(printf '%02d' $i)
+  echo "  $((i + 1)). carry [\".gpu/ortgpu.part$n\"]: cp .gpu/ortgpu.part$n /tmp/ortgpu/ && tail -3 /tmp/pfx-gpu/logs/stage.txt"
+done
 cat <<TXT
-  then $parts call(s) (NN = 00..$(printf '%02d' $((parts - 1)))): carry [".gpu/ortgpu.partNN"], command:
-    mkdir -p /tmp/ortgpu && cp .gpu/ortgpu.partNN /tmp/ortgpu/
-  last call: carry ["gpu-carry"], timeout_s 600, command:
-    (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) && bash benches/gpu_train_step.sh
-Dry run here first (numbers meaningless; binaries moved to .gpu/bin/: run their calls' command here first):
-  DEVICE=cpu SIZES=tiny PEER=gpu-carry/peft_step.py PFX_PEFT_PYTHON=/root/.cache/pfx/ref/bin/python \
-    PYTHON=/root/.cache/pfx/ref/bin/python OUT=/tmp/gpu-dry bash benches/gpu_train_step.sh
+  $((more + 1)). carry [".gpu/ortgpu.part$last"], timeout_s as device time allows (BUDGET_S: no case starts after it):
+    cp .gpu/ortgpu.part$last /tmp/ortgpu/ && (cd /tmp/ortgpu && cat ortgpu.part* | xz -d -T0 | tar xf -) && BUDGET_S=300 bash benches/gpu_train_step.sh run
+Dry run here first (numbers meaningless):
+  export DEVICE=cpu SIZES=tiny STAGE=/tmp/pfx-gpu-dry PYTHON=$PY OUT=/tmp/gpu-dry
+  bash benches/gpu_train_step.sh stage && bash benches/gpu_train_step.sh run
 TXT

@@ -434,7 +434,7 @@ fn orchestrate() -> Result<()> {
             match res {
                 Ok(r) => {
                     println!(
-                        "  round {round} {:<13} median {:>7.3} s/step ({:>6.3} CPU s), peak RSS {:>6.0} MiB  ({})",
+                        "  round {round} {:<13} median {:>9.5} s/step ({:>6.3} CPU s), peak RSS {:>6.0} MiB  ({})",
                         r.name,
                         median(&r.steps),
                         median(&r.cpu),
@@ -472,7 +472,7 @@ fn orchestrate() -> Result<()> {
             None => ("-".into(), "-".into()),
         };
         println!(
-            "| {name:<13} | {med:>15.3} | {:>8.0} | {cpu:>10.2} | {rss:>12.0} | {ratio:>16} | {rss_ratio:>12} |",
+            "| {name:<13} | {med:>15.5} | {:>8.0} | {cpu:>10.2} | {rss:>12.0} | {ratio:>16} | {rss_ratio:>12} |",
             (batch() * seq()) as f64 / med,
         );
     }
