@@ -111,6 +111,7 @@ fi
 # GPU timings are steady: one round of 10 steps per engine and case.
 export PFX_BENCH_DEVICE=$DEVICE PFX_BENCH_ROUNDS=${ROUNDS:-1} PFX_BENCH_SEQ=128
 export PFX_BENCH_WARMUP=3 PFX_BENCH_STEPS=10 PFX_BENCH_ENGINES=ort
+export RUST_BACKTRACE=0 # errors as their chains of causes, not stack frames
 
 pack_logs() { tar czf "$OUT/logs.tgz.tmp" -C "$LOGS" . && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"; }
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -166,7 +167,8 @@ train() {
   for graph in $graphs; do
     env "${env[@]}" PFX_BENCH_CUDA_GRAPH=$graph "$BIN_DIR/train_step" --bench >"$LOGS/ort-$tag-graph$graph.txt" 2>&1 ||
       echo "(exit $?)" >>"$LOGS/ort-$tag-graph$graph.txt"
-    grep -E '^\| pfx|FAILED|exit' "$LOGS/ort-$tag-graph$graph.txt" | sed "s/^| pfx-ort /| pfx-ort graph=$graph /" |
+    grep -E '^\| pfx|FAILED|exit|^Error|^ +[0-9]: ' "$LOGS/ort-$tag-graph$graph.txt" | head -12 |
+      sed "s/^| pfx-ort /| pfx-ort graph=$graph /" |
       tee -a "$SUMMARY" || tail -5 "$LOGS/ort-$tag-graph$graph.txt" | tee -a "$SUMMARY"
   done
 }
@@ -178,7 +180,7 @@ generate() {
   say "== generate $tag ($((SECONDS - START)) s)"
   PFX_BENCH_MODEL="/tmp/pfx-bench/$1/model.onnx" PFX_BENCH_CUDA_GRAPH=$2 PFX_BENCH_WEIGHTS=${3:-f32} PFX_BENCH_RUNS=3 \
     "$BIN_DIR/generate_tokens" --bench >"$LOGS/generate-$tag.txt" 2>&1 || echo "(exit $?)" >>"$LOGS/generate-$tag.txt"
-  grep -E '^\||exit|Error' "$LOGS/generate-$tag.txt" | tee -a "$SUMMARY" || true
+  grep -E '^\||exit|^Error|^ +[0-9]: ' "$LOGS/generate-$tag.txt" | head -16 | tee -a "$SUMMARY" || true
 }
 
 # pfx against the peers, one line per training case that has both (ms per step; ratio = peer's time / pfx's).
