@@ -38,6 +38,7 @@ mkdir -p "$LOGS" "$BIN_DIR"
 
 # The peers' cases, most important first: size batch precision(tf32|fp32) mode(compile|eager).
 peer_cases() {
+  [ "${PEERS:-1}" = 0 ] && return # PEERS=0: no peers (a run whose peers were timed by an earlier call)
   if [ "$DEVICE" = cpu ]; then
     echo "$FIRST 5 fp32 eager"
     return
@@ -84,7 +85,7 @@ if [ "$MODE" = stage ]; then
   mkdir -p "$STAGE/tree"
   cp -r benches gpu-carry "$STAGE/tree/"
   cd "$STAGE/tree"
-  STAGE=$STAGE DEVICE=$DEVICE SIZES=$SIZES PYTHON=$PYTHON setsid bash benches/gpu_train_step.sh stage-work \
+  STAGE=$STAGE DEVICE=$DEVICE SIZES=$SIZES PYTHON=$PYTHON PEERS=${PEERS:-1} setsid bash benches/gpu_train_step.sh stage-work \
     >"$LOGS/stage.txt" 2>&1 </dev/null &
   echo "gpu_train_step: staging in the background (log: $LOGS/stage.txt)"
   exit 0

@@ -136,6 +136,19 @@ fn cube_becomes_products() {
 }
 
 #[test]
+fn a_wide_concat_becomes_a_concat_of_concats() {
+    let mut c = Case::new();
+    // gpt2-medium's prefix gradient concatenates 48 rows; rows of unequal lengths here, on the middle axis.
+    let parts: Vec<String> = (0..48).map(|k| c.input(&format!("x{k}"), &[2, k % 3 + 1, 4])).collect();
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let y = c.g.op1("Concat", &refs, vec![("axis", Attr::Int(1))], "y");
+    let lowered = c.check("wide-concat", &[&y], &[]);
+    let widths: Vec<usize> = lowered.nodes.iter().filter(|n| n.op == "Concat").map(|n| n.inputs.len()).collect();
+    assert_eq!(widths.len(), 3, "two halves and the outer Concat: {widths:?}");
+    assert!(widths.iter().all(|&w| w <= 32), "{widths:?}");
+}
+
+#[test]
 fn a_transpose_with_other_readers_is_kept_for_them() {
     let mut c = Case::new();
     let a = c.input("a", &[4, 3]);

@@ -717,6 +717,11 @@ fn commit(rt: &OrtRuntime, model: &Path, options: &OrtOptions, forbid_cpu: bool)
     if forbid_cpu {
         b = b.with_disable_cpu_fallback().map_err(ort_err)?;
     }
+    // A diagnostic for the benches: ORT's own per-node timings (PREFIX_<time>.json, written when the session
+    // closes). On CUDA a node's time is its launch unless CUDA_LAUNCH_BLOCKING=1 makes every launch wait.
+    if let Some(prefix) = std::env::var_os("PFX_ORT_PROFILE") {
+        b = b.with_profiling(prefix).map_err(ort_err)?;
+    }
     if options.device == OrtDevice::Cpu {
         // ORT's memory pattern pre-plans one block for every intermediate of a run; on the GPT-2-small train
         // step it raised peak RSS from 1966 to 2536 MiB with no measurable speed-up (benches/README.md).

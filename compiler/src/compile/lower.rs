@@ -13,6 +13,8 @@
 //!   graph the keys are the whole cache, so every step copied and scaled it: the chain becomes one 4-D Transpose
 //!   that the runtimes fold into the product, and a scalar factor on a product's operand moves to the smaller
 //!   operand (the query).
+//! - A `Concat` of more than 32 inputs (the prefix gradient's rows: 2 per layer, 48 on gpt2-medium) becomes a
+//!   `Concat` of `Concat`s of at most 32: ONNX Runtime's CUDA Concat refuses more while a CUDA graph is captured.
 
 use std::collections::HashMap;
 
@@ -37,7 +39,7 @@ fn lower(g: &mut Graph, attention: bool) -> Result<usize> {
     let mut total = 0;
     loop {
         g.toposort()?;
-        let mut n = transposes_into_gemm(g)? + cubes_as_products(g);
+        let mut n = transposes_into_gemm(g)? + cubes_as_products(g) + wide_concats_as_trees(g);
         if attention {
             n += plain_key_transposes(g) + scales_onto_smaller(g);
         }
@@ -180,6 +182,43 @@ fn cubes_as_products(g: &mut Graph) -> usize {
         g.nodes.insert(i, first);
         changed += 1;
         i += 2;
+    }
+    changed
+}
+
+/// The most inputs a `Concat` keeps: ONNX Runtime's CUDA kernel takes no more during CUDA graph capture.
+const MAX_CONCAT_INPUTS: usize = 32;
+
+fn wide_concats_as_trees(g: &mut Graph) -> usize {
+    let mut changed = 0;
+    let mut i = 0;
+    while i < g.nodes.len() {
+        let n = &g.nodes[i];
+        if n.op != "Concat" || !n.domain.is_empty() || n.inputs.len() <= MAX_CONCAT_INPUTS {
+            i += 1;
+            continue;
+        }
+        let n = n.clone();
+        // Groups of equal size (⌈inputs / 32⌉ of them), each concatenated along the same axis, in order.
+        let groups = n.inputs.len().div_ceil(MAX_CONCAT_INPUTS);
+        let per = n.inputs.len().div_ceil(groups);
+        let mut parts = Vec::new();
+        for (k, chunk) in n.inputs.chunks(per).enumerate() {
+            let out = g.fresh(&format!("{}/part{k}", n.name));
+            let mut part =
+                Node::new(g.fresh(&format!("{}/part{k}.node", n.name)), "Concat", chunk.to_vec(), vec![out.clone()]);
+            part.attrs = n.attrs.clone();
+            parts.push(part);
+        }
+        let mut outer = n.clone();
+        outer.inputs = parts.iter().map(|p| p.outputs[0].clone()).collect();
+        let added = parts.len();
+        g.nodes[i] = outer;
+        for (k, part) in parts.into_iter().enumerate() {
+            g.nodes.insert(i + k, part);
+        }
+        changed += 1;
+        i += added + 1;
     }
     changed
 }
