@@ -3,7 +3,8 @@
 # `PEERS=0 bash benches/gpu_train_step.sh stage` staged the binaries and models, and ORT's libraries are in
 # /tmp/ortgpu): the gpt2-medium step timed with and without a CUDA graph, then
 #   - ORT's own per-node profile of that step with CUDA_LAUNCH_BLOCKING=1 (each node's time is then its GPU
-#     time plus one launch), written as $OUT/ortprof.json.gz: `python3 benches/gpu_profile_report.py` sums it;
+#     time plus one launch), written as $OUT/ortprof.json.gz (and $OUT/ortprof-async.json.gz without blocking:
+#     each node's launch cost): `python3 benches/gpu_profile_report.py` sums them;
 #   - Nsight Compute's per-kernel GPU times of one gpt2 (small) step, $OUT/ncu.csv.gz (when ncu is there).
 # Printed last: the timing rows. Everything else comes back in $OUT/logs.tgz.
 set -euo pipefail
@@ -38,16 +39,23 @@ time_step "$BIG" 5 1
 time_step "$BIG" 32 1
 time_step "$SMALL" 5 0
 
-echo "== ORT profile, $BIG B=5, blocking launches ($((SECONDS - START)) s)"
-rm -f "$LOGS"/ortprof*.json
-# One engine process, as the bench's child runs it: 1 warm-up and 2 timed steps.
-(PFX_BENCH_BATCH=5 CUDA_LAUNCH_BLOCKING=1 PFX_ORT_PROFILE="$LOGS/ortprof" timeout 120 "$BIN" --engine ort \
-  --bundle "/tmp/pfx-bench/bundle-$BIG-b5" --warmup 1 --steps 2 --threads 2 >"$LOGS/ortprof.txt" 2>&1) || echo "(exit $?)" >>"$LOGS/ortprof.txt"
-tail -3 "$LOGS/ortprof.txt"
-prof=$(ls -S "$LOGS"/ortprof*.json 2>/dev/null | head -1 || true)
-if [ -n "$prof" ]; then gzip -c "$prof" >"$OUT/ortprof.json.gz" && ls -l "$OUT/ortprof.json.gz"; fi
-rm -f "$LOGS"/ortprof*.json
-pack_logs
+# ort_profile NAME BLOCKING: one engine process, as the bench's child runs it (1 warm-up, 2 timed steps), with
+# ORT's profiler on; blocking launches (1) make each node's time its GPU time, async ones (0) its launch cost.
+ort_profile() {
+  echo "== ORT profile $1, $BIG B=5, CUDA_LAUNCH_BLOCKING=$2 ($((SECONDS - START)) s)"
+  rm -f "$LOGS/$1"*.json
+  (PFX_BENCH_BATCH=5 CUDA_LAUNCH_BLOCKING=$2 PFX_ORT_PROFILE="$LOGS/$1" timeout 120 "$BIN" --engine ort \
+    --bundle "/tmp/pfx-bench/bundle-$BIG-b5" --warmup 1 --steps 2 --threads 2 >"$LOGS/$1.txt" 2>&1) ||
+    echo "(exit $?)" >>"$LOGS/$1.txt"
+  tail -2 "$LOGS/$1.txt"
+  local prof
+  prof=$(ls -S "$LOGS/$1"*.json 2>/dev/null | head -1 || true)
+  if [ -n "$prof" ]; then gzip -c "$prof" >"$OUT/$1.json.gz" && ls -l "$OUT/$1.json.gz"; fi
+  rm -f "$LOGS/$1"*.json
+  pack_logs
+}
+ort_profile ortprof 1
+ort_profile ortprof-async 0
 
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
 if [ -n "$NCU" ]; then
