@@ -39,6 +39,10 @@ mkdir -p "$LOGS" "$BIN_DIR"
 # The peers' cases, most important first: size batch precision(tf32|fp32) mode(compile|eager).
 peer_cases() {
   [ "${PEERS:-1}" = 0 ] && return # PEERS=0: no peers (a run whose peers were timed by an earlier call)
+  if [ -n "${PEER_CASES:-}" ]; then # the cases a later run still lacks, e.g. "gpt2-medium 5 tf32 eager;generate"
+    tr ';' '\n' <<<"$PEER_CASES"
+    return
+  fi
   if [ "$DEVICE" = cpu ]; then
     echo "$FIRST 5 fp32 eager"
     return
@@ -85,7 +89,7 @@ if [ "$MODE" = stage ]; then
   mkdir -p "$STAGE/tree"
   cp -r benches gpu-carry "$STAGE/tree/"
   cd "$STAGE/tree"
-  STAGE=$STAGE DEVICE=$DEVICE SIZES=$SIZES PYTHON=$PYTHON PEERS=${PEERS:-1} setsid bash benches/gpu_train_step.sh stage-work \
+  STAGE=$STAGE DEVICE=$DEVICE SIZES=$SIZES PYTHON=$PYTHON PEERS=${PEERS:-1} PEER_CASES=${PEER_CASES:-} setsid bash benches/gpu_train_step.sh stage-work \
     >"$LOGS/stage.txt" 2>&1 </dev/null &
   echo "gpu_train_step: staging in the background (log: $LOGS/stage.txt)"
   exit 0
@@ -228,14 +232,16 @@ run_all() {
   gpu_tests
   train "$FIRST" 5 on || return 0
   train "$FIRST" 32 on || return 0
-  if [ "$DEVICE" != cpu ]; then generate "$FIRST" 1 || return 0; fi
-  generate "$FIRST" 0 || return 0
+  # GENERATE=0: training only (a run after a change that generation does not read).
+  local gen=${GENERATE:-1}
+  if [ "$DEVICE" != cpu ] && [ "$gen" = 1 ]; then generate "$FIRST" 1 || return 0; fi
+  if [ "$gen" = 1 ]; then generate "$FIRST" 0 || return 0; fi
   train "$FIRST" 5 off || return 0
-  if [ "$DEVICE" != cpu ]; then generate "$FIRST" 1 f16 || return 0; fi
+  if [ "$DEVICE" != cpu ] && [ "$gen" = 1 ]; then generate "$FIRST" 1 f16 || return 0; fi
   for size in ${SIZES#"$FIRST"}; do
     train "$size" 5 on || return 0
     train "$size" 32 on || return 0
-    generate "$size" 1 || return 0
+    if [ "$gen" = 1 ]; then generate "$size" 1 || return 0; fi
   done
 }
 run_all

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub use pfx_compiler::compile::{GenerationSpec, Manifest};
 
 use crate::backend::{open, open_stateful_step, state_pairs, Backend, BackendKind, StatefulStep};
-use crate::ort_backend::OrtOptions;
+use crate::ort_backend::{OrtDevice, OrtOptions};
 use crate::tensor::{read_safetensors, HostTensor};
 
 pub struct Bundle {
@@ -33,14 +33,24 @@ impl Bundle {
         Ok(self.dir.join(file))
     }
 
+    /// The graph `role` runs as on `kind`: ONNX Runtime on a GPU reads the role's `.gpu` variant when the bundle
+    /// has one (the loss off a LogSoftmax, `pfx_compiler::compile::loss::loss_via_log_softmax`), all else the role.
+    pub fn graph_path_on(&self, role: &str, kind: BackendKind, ort: &OrtOptions) -> Result<PathBuf> {
+        let variant = format!("{role}{}", pfx_compiler::compile::GPU_VARIANT);
+        if kind == BackendKind::Ort && ort.device != OrtDevice::Cpu && self.manifest.graphs.contains_key(&variant) {
+            return self.graph_path(&variant);
+        }
+        self.graph_path(role)
+    }
+
     pub fn open_graph(&self, role: &str, kind: BackendKind, ort: &OrtOptions) -> Result<Box<dyn Backend>> {
-        let p = self.graph_path(role)?;
+        let p = self.graph_path_on(role, kind, ort)?;
         open(&p, kind, ort).with_context(|| format!("opening the {role} graph of {}", self.dir.display()))
     }
 
     /// The `train_step` graph as a [`StatefulStep`], its state pairs read from the manifest.
     pub fn open_train_step(&self, kind: BackendKind, ort: &OrtOptions) -> Result<Box<dyn StatefulStep>> {
-        let p = self.graph_path("train_step")?;
+        let p = self.graph_path_on("train_step", kind, ort)?;
         let io = self
             .manifest
             .io

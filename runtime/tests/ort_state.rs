@@ -167,3 +167,36 @@ fn checkpoint_and_resume_on_the_device_path() {
     let on_disk = pfx_runtime::read_safetensors(cut.join("prefix.safetensors")).unwrap();
     assert_states_close("prefix.safetensors", &on_disk, &want_prefix, 1e-6);
 }
+
+/// The `.gpu` variant of the step (the loss read off a LogSoftmax, for ONNX Runtime on GPUs) against the step:
+/// the same losses, grad norms and state, here on ORT CPU (CI has no GPU; `gpu_ort.rs` runs the variant there).
+#[test]
+fn the_gpu_variant_of_the_step_matches_the_step() {
+    if !ort_wanted() {
+        return;
+    }
+    let dir = fresh_dir("gpu-variant");
+    let b = bundle(&dir.join("bundle"));
+    let pairs = state_pairs(&b.manifest.io["train_step"]).unwrap();
+    let options = OrtOptions::default();
+    let cpu = b.graph_path_on("train_step", BackendKind::Ort, &options).unwrap();
+    assert_eq!(cpu, b.graph_path("train_step").unwrap(), "ORT on the CPU runs the step itself");
+    let cuda = OrtOptions { device: pfx_runtime::OrtDevice::Cuda(0), ..Default::default() };
+    let variant = b.graph_path_on("train_step", BackendKind::Ort, &cuda).unwrap();
+    assert!(variant.ends_with("train_step.gpu.onnx"), "{}", variant.display());
+    let open = |p: &Path| HostStateStep::new(Box::new(OrtBackend::open(p, &options).unwrap()), pairs.clone()).unwrap();
+    let (mut plain, mut gpu) = (open(&cpu), open(&variant));
+    let init = initial_state(&b);
+    plain.set_state(&init).unwrap();
+    gpu.set_state(&init).unwrap();
+    let data = rows(3 * BATCH, b.manifest.vocab);
+    for (k, chunk) in data.chunks(BATCH).enumerate() {
+        let inputs = step_inputs(chunk, 2e-2, k as i64 + 1);
+        let (p, g) = (plain.step(&inputs).unwrap(), gpu.step(&inputs).unwrap());
+        for name in ["loss", "grad_norm"] {
+            let (x, y) = (g[name].to_f64_vec()[0], p[name].to_f64_vec()[0]);
+            assert!(x.is_finite() && rel(x, y) <= 1e-5, "step {}: {name} {x} (variant) vs {y}", k + 1);
+        }
+    }
+    assert_states_close("after 3 steps", &gpu.state().unwrap(), &plain.state().unwrap(), 1e-5);
+}

@@ -943,7 +943,9 @@ pub fn compile_bart(dir: &Path, opts: &BartOptions, out_dir: &Path) -> Result<Ma
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &out.path(&file), Some(&mut weights))?;
-        io.insert(role.to_string(), super::graph_io(m, &file, &names));
+        if !role.ends_with(super::GPU_VARIANT) {
+            io.insert(role.to_string(), super::graph_io(m, &file, &names));
+        }
         files.insert(role.to_string(), file);
     }
     let tokenizer = super::bundle_dir::copy_tokenizer(&out, Some(&dir.join("tokenizer.json")))?;

@@ -109,6 +109,39 @@ pub fn add_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {
     Ok(g.op1("Div", &[&total, &count], vec![], "loss"))
 }
 
+/// Rewrites the loss of a graph made by [`add_loss`] to read the label's log-probability off a `LogSoftmax`:
+/// -log p[label] = -LogSoftmax(x)[label] (and the label-smoothing term -mean log p), in place of the two
+/// `ReduceMax` over the vocabulary. The same values, for ONNX Runtime on a GPU: its CUDA `ReduceMax` runs
+/// cuDNN's generic reduction, ~5 ms for each over [640, 50257] on an H200 (half of a GPT-2 step), while its
+/// `LogSoftmax` is one pass like its `Softmax`. tract keeps `add_loss`'s form: its `LogSoftmax` is `Ln(Softmax)`,
+/// a scalar `ln` over every logit. Finds the loss by the value names `add_loss` gives; returns whether it did.
+pub fn loss_via_log_softmax(g: &mut Graph) -> Result<bool> {
+    let producers = g.producers();
+    let node_of = |v: &str| producers.get(v).copied();
+    let (Some(nll), Some(picked)) = (node_of("loss/nll"), node_of("loss/picked_logit")) else { return Ok(false) };
+    let (lg, label) = (g.nodes[picked].inputs[0].clone(), g.nodes[picked].inputs[1].clone());
+    let uniform = node_of("loss/uniform");
+    let axis = vec![("axis", Attr::Int(-1))];
+    let logp = g.op1("LogSoftmax", &[&lg], axis.clone(), "loss/log_probs");
+    let at_label = g.op1("GatherElements", &[&logp, &label], axis, "loss/label_log_prob");
+    let mut replaced = vec![(
+        nll,
+        crate::ir::Node::new(g.nodes[nll].name.clone(), "Neg", vec![at_label], g.nodes[nll].outputs.clone()),
+    )];
+    if let Some(u) = uniform {
+        let last = g.add_const("loss/axis", Tensor::vec_i64(&[-1]));
+        let mean = g.op1("ReduceMean", &[&logp, &last], vec![("keepdims", Attr::Int(1))], "loss/mean_log_prob");
+        replaced
+            .push((u, crate::ir::Node::new(g.nodes[u].name.clone(), "Neg", vec![mean], g.nodes[u].outputs.clone())));
+    }
+    for (i, n) in replaced {
+        g.nodes[i] = n;
+    }
+    g.toposort()?;
+    crate::simplify::simplify(g)?;
+    Ok(true)
+}
+
 /// Ends a forward graph in the loss: adds it (and `labels`), makes it the only output, and puts the batch inputs
 /// first in a fixed order (input_ids, attention_mask, labels), the trainable tensors after.
 pub fn finish_with_loss(g: &mut Graph, spec: &LossSpec) -> Result<String> {

@@ -527,12 +527,25 @@ pub(crate) fn training_graphs(
     for g in [&mut grads_model.graph, &mut train_model.graph, &mut eval.graph] {
         lower::lower_for_runtime(g)?;
     }
-    Ok(vec![
+    let mut graphs = vec![
         ("grads".to_string(), grads_model),
         ("train_step".to_string(), train_model),
         ("eval_step".to_string(), eval),
-    ])
+    ];
+    // Each again with the loss read off a LogSoftmax, for ONNX Runtime on GPUs (`loss::loss_via_log_softmax`).
+    for i in 0..graphs.len() {
+        let (role, mut m) = graphs[i].clone();
+        if !loss::loss_via_log_softmax(&mut m.graph)? {
+            bail!("the {role} graph has no loss to read off a LogSoftmax");
+        }
+        graphs.push((format!("{role}{GPU_VARIANT}"), m));
+    }
+    Ok(graphs)
 }
+
+/// The suffix of a graph's role (and file stem) in the variant for ONNX Runtime on a GPU: the same inputs and
+/// outputs as the role without it (the manifest's `io` lists only that one).
+pub const GPU_VARIANT: &str = ".gpu";
 
 /// Compiles the whole bundle into `out_dir`.
 pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<Manifest> {
@@ -554,7 +567,9 @@ pub fn compile(source: &Path, opts: &CompileOptions, out_dir: &Path) -> Result<M
         let file = format!("{role}.onnx");
         crate::progress::stage(format_args!("writing {file}"));
         onnx_io::save(m, &dir.path(&file), Some(&mut weights))?;
-        io.insert(role.to_string(), graph_io(m, &file, &names));
+        if !role.ends_with(GPU_VARIANT) {
+            io.insert(role.to_string(), graph_io(m, &file, &names));
+        }
         files.insert(role.to_string(), file);
     }
     // The tokenizer next to the model travels with the bundle (pfxrun finds it there).
