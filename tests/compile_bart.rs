@@ -243,10 +243,10 @@ fn compiled_graph_snapshots() {
         let export = common::graphs_dir().join(fixture);
         for &mode in MODES {
             let c = compile_bart_models(&export, &options(mode, "reparam", 1.0, 0.0)).unwrap();
-            for (role, m) in &c.graphs {
+            for (role, _) in &c.graphs {
                 insta::assert_snapshot!(
                     format!("compiled__{fixture}__{mode}__{role}"),
-                    pfx_compiler::text::model_text(m)
+                    common::graph_snapshot(&c.graphs, role)
                 );
             }
         }

@@ -317,3 +317,19 @@ pub fn run_tract_plan(
         .collect();
     (outs, ops, infos)
 }
+
+/// What a compiled graph's snapshot holds: its text, or, for a role's GPU variant (`train_step.gpu`), only how
+/// its text differs from the role's: the lines it lacks (`- `) and the lines it adds (`+ `), each in order.
+pub fn graph_snapshot(graphs: &[(String, pfx_compiler::ir::Model)], role: &str) -> String {
+    let text = |r: &str| {
+        let m = &graphs.iter().find(|(name, _)| name == r).unwrap_or_else(|| panic!("no {r} graph")).1;
+        pfx_compiler::text::model_text(m)
+    };
+    let Some(base) = role.strip_suffix(pfx_compiler::compile::GPU_VARIANT) else { return text(role) };
+    let (base, variant) = (text(base), text(role));
+    let (b, v): (std::collections::HashSet<&str>, std::collections::HashSet<&str>) =
+        (base.lines().collect(), variant.lines().collect());
+    let lacks = base.lines().filter(|l| !v.contains(l)).map(|l| format!("- {l}"));
+    let adds = variant.lines().filter(|l| !b.contains(l)).map(|l| format!("+ {l}"));
+    lacks.chain(adds).collect::<Vec<_>>().join("\n")
+}
