@@ -277,6 +277,35 @@ fn baked_graphs_generate_the_same_tokens() {
     assert_eq!(tokens, rows(&r["greedy"], None), "examples/run_baked.py on the baked graphs");
 }
 
+/// The generation graphs ONNX Runtime runs on a GPU (`prefill.gpu`, `decode.gpu`: GELU's cube as `Pow`, which
+/// ORT fuses into one `FastGelu`) generate PEFT's tokens: run here in place of the plain ones (the manifest
+/// pointed at them), on every backend.
+#[test]
+fn the_gpu_variants_of_the_generation_graphs_generate_pefts_tokens() {
+    let mode = "reparam";
+    let (r, prompts) = references(mode);
+    let dir = bundle("gpt2-dynamo-past", mode, "gpu-variants");
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for role in ["prefill", "decode"] {
+        let variant = manifest["graphs"][format!("{role}.gpu")].clone();
+        assert_eq!(variant, format!("{role}.gpu.onnx"), "the bundle has {role}'s GPU variant");
+        let g = pfx_compiler::onnx_io::load(&dir.join(variant.as_str().unwrap())).unwrap();
+        let pows = g.graph.nodes.iter().filter(|n| n.op == "Pow").count();
+        assert_eq!(pows, 2, "{role}: one Pow per layer of the 2-layer fixture");
+        manifest["graphs"][role] = variant;
+    }
+    std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let b = Bundle::open(&dir).unwrap();
+    for kind in backends() {
+        let mut g = generator(&b, kind, initial_prefix(&b, mode));
+        let cfg = GenConfig { max_new: 8, min_new: 8, beams: 1, eos: Some(95), pad: 95, ..GenConfig::default() };
+        assert_eq!(g.greedy(&prompts, &cfg).unwrap(), rows(&r["greedy"], None), "greedy on {kind}");
+        let beam_cfg = GenConfig { beams: 3, ..cfg };
+        assert_eq!(g.beam_search(&prompts, &beam_cfg).unwrap(), rows(&r["beam"], None), "beam on {kind}");
+    }
+}
+
 /// A bundle with f16 weights, and its baked form, generate HF's tokens on the model whose weight matrices are
 /// rounded to f16 (`make_generate_references.py --weights f16`): tract's decode products on f16 panels, the
 /// Casts in baked graphs. (On this tiny model the rounding flips no token, so these are also the f32 model's

@@ -136,6 +136,21 @@ fn cube_becomes_products() {
 }
 
 #[test]
+fn cubes_go_back_to_powers_for_gpus() {
+    let mut c = Case::new();
+    let (x, x2) = (c.input("x", &[3, 7]), c.input("x2", &[3, 7]));
+    let sq = c.g.op1("Mul", &[&x, &x], vec![], "sq");
+    let y = c.g.op1("Mul", &[&sq, &x], vec![], "y");
+    // A square read elsewhere too stays a square (and its product a product).
+    let sq2 = c.g.op1("Mul", &[&x2, &x2], vec![], "sq2");
+    let z = c.g.op1("Mul", &[&x2, &sq2], vec![], "z");
+    let w = c.g.op1("Add", &[&sq2, &x2], vec![], "w");
+    let lowered = c.check_with(pfx_compiler::compile::lower::cubes_as_powers, "cube-pow", &[&y, &z, &w], &[]);
+    let ops = lowered.op_histogram();
+    assert_eq!((ops.get("Pow"), ops.get("Mul")), (Some(&1), Some(&2)), "{ops:?}");
+}
+
+#[test]
 fn a_wide_concat_becomes_a_concat_of_concats() {
     let mut c = Case::new();
     // gpt2-medium's prefix gradient concatenates 48 rows; rows of unequal lengths here, on the middle axis.

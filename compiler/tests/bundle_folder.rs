@@ -86,11 +86,14 @@ fn a_new_bundle_replaces_the_old_one_without_its_leftovers() {
     assert_eq!(
         files(&d.join("b")),
         [
+            "eval_step.gpu.onnx",
             "eval_step.onnx",
+            "grads.gpu.onnx",
             "grads.onnx",
             "manifest.json",
             "notes.txt",
             "prefix.init.safetensors",
+            "train_step.gpu.onnx",
             "train_step.onnx",
             "weights.bin"
         ]

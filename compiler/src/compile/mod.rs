@@ -474,6 +474,12 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
         graphs.push(("prefill".into(), generate::build_prefill(&export, &shape, gs, None)?));
         crate::progress::stage("building the decode graph");
         graphs.push(("decode".into(), generate::build_decode(&export, shape.len, gs)?));
+        for role in ["prefill", "decode"] {
+            let m = &graphs.iter().find(|(r, _)| r == role).expect("just built").1;
+            if let Some(variant) = gpu_variant(role, m, false)? {
+                graphs.push(variant);
+            }
+        }
         generation = Some(GenerationSpec {
             rows: gs.rows,
             prompt_len: gs.prompt_len,
@@ -532,15 +538,24 @@ pub(crate) fn training_graphs(
         ("train_step".to_string(), train_model),
         ("eval_step".to_string(), eval),
     ];
-    // Each again with the loss read off a LogSoftmax, for ONNX Runtime on GPUs (`loss::loss_via_log_softmax`).
+    // Each again for ONNX Runtime on GPUs: the loss read off a LogSoftmax (`loss::loss_via_log_softmax`).
     for i in 0..graphs.len() {
-        let (role, mut m) = graphs[i].clone();
-        if !loss::loss_via_log_softmax(&mut m.graph)? {
-            bail!("the {role} graph has no loss to read off a LogSoftmax");
-        }
-        graphs.push((format!("{role}{GPU_VARIANT}"), m));
+        let (role, m) = &graphs[i];
+        let variant = gpu_variant(role, m, true)?.expect("a loss graph always has a GPU variant");
+        graphs.push(variant);
     }
     Ok(graphs)
+}
+
+/// The graph `role` for ONNX Runtime on a GPU, when it differs: with `loss`, the loss read off a LogSoftmax
+/// (an error if the graph has none); and cubes as `Pow` (`lower::cubes_as_powers`: ORT's GELU fusion).
+pub(crate) fn gpu_variant(role: &str, m: &Model, loss: bool) -> Result<Option<(String, Model)>> {
+    let mut m = m.clone();
+    if loss && !loss::loss_via_log_softmax(&mut m.graph)? {
+        bail!("the {role} graph has no loss to read off a LogSoftmax");
+    }
+    let cubes = lower::cubes_as_powers(&mut m.graph)?;
+    Ok((loss || cubes > 0).then(|| (format!("{role}{GPU_VARIANT}"), m)))
 }
 
 /// The suffix of a graph's role (and file stem) in the variant for ONNX Runtime on a GPU: the same inputs and
