@@ -34,7 +34,7 @@ impl Bundle {
     }
 
     /// The graph `role` runs as on `kind`: ONNX Runtime on a GPU reads the role's `.gpu` variant when the bundle
-    /// has one (the loss off a LogSoftmax, `pfx_compiler::compile::loss::loss_via_log_softmax`), all else the role.
+    /// has one (`pfx_compiler::compile::gpu_variant`: the loss off a LogSoftmax, cubes as `Pow`), all else the role.
     pub fn graph_path_on(&self, role: &str, kind: BackendKind, ort: &OrtOptions) -> Result<PathBuf> {
         let variant = format!("{role}{}", pfx_compiler::compile::GPU_VARIANT);
         if kind == BackendKind::Ort && ort.device != OrtDevice::Cpu && self.manifest.graphs.contains_key(&variant) {

@@ -549,7 +549,7 @@ pub(crate) fn training_graphs(
 
 /// The graph `role` for ONNX Runtime on a GPU, when it differs: with `loss`, the loss read off a LogSoftmax
 /// (an error if the graph has none); and cubes as `Pow` (`lower::cubes_as_powers`: ORT's GELU fusion).
-pub(crate) fn gpu_variant(role: &str, m: &Model, loss: bool) -> Result<Option<(String, Model)>> {
+pub fn gpu_variant(role: &str, m: &Model, loss: bool) -> Result<Option<(String, Model)>> {
     let mut m = m.clone();
     if loss && !loss::loss_via_log_softmax(&mut m.graph)? {
         bail!("the {role} graph has no loss to read off a LogSoftmax");
