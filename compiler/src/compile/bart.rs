@@ -862,8 +862,15 @@ pub fn compile_bart_models(dir: &Path, opts: &BartOptions) -> Result<CompiledBar
     let names: Vec<String> = generators.iter().flat_map(|g| g.trainables()).map(|t| t.0).collect();
     let mut graphs = super::training_graphs(eval, &names, &opts.optimizer, &bart_loss(opts))?;
     if let Some(gs) = &opts.generation {
-        let generation =
-            super::bart_generate::build_generation_graphs(dir, opts.mode, opts.prefix_len, opts.mid_dim, &dims, gs, None)?;
+        let generation = super::bart_generate::build_generation_graphs(
+            dir,
+            opts.mode,
+            opts.prefix_len,
+            opts.mid_dim,
+            &dims,
+            gs,
+            None,
+        )?;
         // T5 v1.1's tanh GELU: cubes as Pow for ONNX Runtime on GPUs (`super::gpu_variant`).
         let variants: Vec<_> =
             generation.iter().map(|(role, m)| super::gpu_variant(role, m, false)).collect::<Result<Vec<_>>>()?;

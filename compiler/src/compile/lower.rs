@@ -202,7 +202,11 @@ pub fn cubes_as_powers(g: &mut Graph) -> Result<usize> {
         let (a, b) = (&n.inputs[0], &n.inputs[1]);
         let square = |v: &str, x: &str| {
             producers.get(v).map(|&j| &g.nodes[j]).is_some_and(|s| {
-                s.op == "Mul" && s.domain.is_empty() && s.inputs[0] == x && s.inputs[1] == x && single_use(g, &consumers, v)
+                s.op == "Mul"
+                    && s.domain.is_empty()
+                    && s.inputs[0] == x
+                    && s.inputs[1] == x
+                    && single_use(g, &consumers, v)
             })
         };
         if square(a, b) {
