@@ -228,6 +228,68 @@ pub fn cubes_as_powers(g: &mut Graph) -> Result<usize> {
     Ok(cubes.len())
 }
 
+/// In a training graph, the backward of each `LayerNormalization` recomputes its input's mean and 1/σ
+/// (`autodiff::rules::layer_norm`: ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Div); here the forward node
+/// outputs them instead (its optional `Mean` and `InvStdDev`), and the six nodes that only served them go: for
+/// ONNX Runtime on a GPU, where every node is a kernel (6 of ~60 per GPT-2 layer). Returns how many.
+pub fn layer_norm_stats_from_forward(g: &mut Graph) -> Result<usize> {
+    let producers = g.producers();
+    let node_of = |v: &str| producers.get(v).map(|&i| &g.nodes[i]).filter(|n| n.domain.is_empty());
+    let const_of = |v: &str| g.initializers.get(v).and_then(|t| t.as_f64s()).filter(|x| x.len() == 1).map(|x| x[0]);
+    let mut found = Vec::new(); // (forward LN index, mean value, rstd value)
+    for n in &g.nodes {
+        // rstd = 1 / Sqrt(ReduceMean((x - mean)²) + eps), mean = ReduceMean(x): the rule's chain.
+        if n.op != "Div" || !n.domain.is_empty() || const_of(&n.inputs[0]) != Some(1.0) {
+            continue;
+        }
+        let Some(sd) = node_of(&n.inputs[1]).filter(|s| s.op == "Sqrt") else { continue };
+        let Some(ve) = node_of(&sd.inputs[0]).filter(|s| s.op == "Add") else { continue };
+        let Some(eps) = const_of(&ve.inputs[1]) else { continue };
+        let Some(var) = node_of(&ve.inputs[0]).filter(|s| s.op == "ReduceMean") else { continue };
+        let Some(sq) = node_of(&var.inputs[0]).filter(|s| s.op == "Mul" && s.inputs[0] == s.inputs[1]) else {
+            continue;
+        };
+        let Some(xc) = node_of(&sq.inputs[0]).filter(|s| s.op == "Sub") else { continue };
+        let Some(mean) = node_of(&xc.inputs[1]).filter(|s| s.op == "ReduceMean" && s.inputs[0] == xc.inputs[0]) else {
+            continue;
+        };
+        let x = &xc.inputs[0];
+        let same_axes = var.inputs.get(1) == mean.inputs.get(1);
+        // The forward LayerNormalization of x over the last axis with the same epsilon and only its Y output.
+        let last = g.shape_of(x).map(|s| s.len() as i64 - 1);
+        let axes_last = mean.inputs.get(1).and_then(|a| g.initializers.get(a)).and_then(|t| t.as_i64s());
+        let axes_ok = matches!((&axes_last, last), (Some(a), Some(l)) if a.len() == 1 && (a[0] == -1 || a[0] == l));
+        let forward = g.nodes.iter().position(|f| {
+            f.op == "LayerNormalization"
+                && f.domain.is_empty()
+                && f.inputs[0] == *x
+                && f.outputs.len() == 1
+                && matches!(f.int("axis").unwrap_or(-1), a if a == -1 || Some(a) == last)
+                && (f64::from(f.float("epsilon").unwrap_or(1e-5)) - eps).abs() <= 1e-12_f64.max(eps * 1e-6)
+        });
+        if let (Some(f), true, true) = (forward, same_axes, axes_ok) {
+            found.push((f, mean.outputs[0].clone(), n.outputs[0].clone()));
+        }
+    }
+    for (f, mean, rstd) in &found {
+        let name = g.nodes[*f].name.clone();
+        let (m, r) = (g.fresh(&format!("{name}/mean")), g.fresh(&format!("{name}/inv_std_dev")));
+        for (new, old) in [(&m, mean), (&r, rstd)] {
+            if let Some(t) = g.types.get(old).cloned() {
+                g.types.insert(new.clone(), t);
+            }
+        }
+        g.nodes[*f].outputs.extend([m.clone(), r.clone()]);
+        g.rename_uses(mean, &m);
+        g.rename_uses(rstd, &r);
+    }
+    if !found.is_empty() {
+        g.toposort()?;
+        simplify(g)?; // the recomputations, now unread
+    }
+    Ok(found.len())
+}
+
 /// The most inputs a `Concat` keeps: ONNX Runtime's CUDA kernel takes no more during CUDA graph capture.
 const MAX_CONCAT_INPUTS: usize = 32;
 

@@ -548,11 +548,15 @@ pub(crate) fn training_graphs(
 }
 
 /// The graph `role` for ONNX Runtime on a GPU, when it differs: with `loss`, the loss read off a LogSoftmax
-/// (an error if the graph has none); and cubes as `Pow` (`lower::cubes_as_powers`: ORT's GELU fusion).
+/// (an error if the graph has none) and the LayerNorm statistics from the forward nodes
+/// (`lower::layer_norm_stats_from_forward`); and cubes as `Pow` (`lower::cubes_as_powers`: ORT's GELU fusion).
 pub fn gpu_variant(role: &str, m: &Model, loss: bool) -> Result<Option<(String, Model)>> {
     let mut m = m.clone();
     if loss && !loss::loss_via_log_softmax(&mut m.graph)? {
         bail!("the {role} graph has no loss to read off a LogSoftmax");
+    }
+    if loss {
+        lower::layer_norm_stats_from_forward(&mut m.graph)?;
     }
     let cubes = lower::cubes_as_powers(&mut m.graph)?;
     Ok((loss || cubes > 0).then(|| (format!("{role}{GPU_VARIANT}"), m)))
