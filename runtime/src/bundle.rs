@@ -37,7 +37,13 @@ impl Bundle {
     /// has one (`pfx_compiler::compile::gpu_variant`: the loss off a LogSoftmax, cubes as `Pow`), all else the role.
     pub fn graph_path_on(&self, role: &str, kind: BackendKind, ort: &OrtOptions) -> Result<PathBuf> {
         let variant = format!("{role}{}", pfx_compiler::compile::GPU_VARIANT);
-        if kind == BackendKind::Ort && ort.device != OrtDevice::Cpu && self.manifest.graphs.contains_key(&variant) {
+        // PFX_GPU_VARIANTS=off runs the plain graphs on a GPU too (the variants are newer and less travelled).
+        let wanted = std::env::var("PFX_GPU_VARIANTS").map_or(true, |v| v != "off");
+        if wanted
+            && kind == BackendKind::Ort
+            && ort.device != OrtDevice::Cpu
+            && self.manifest.graphs.contains_key(&variant)
+        {
             return self.graph_path(&variant);
         }
         self.graph_path(role)
