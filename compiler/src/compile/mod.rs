@@ -471,15 +471,12 @@ pub fn compile_models(source: &Path, opts: &CompileOptions) -> Result<Compiled> 
     let mut generation = None;
     if let (Some(gs), true) = (&opts.generation, injection == Injection::PastBinding) {
         crate::progress::stage("building the prefill graph");
-        graphs.push(("prefill".into(), generate::build_prefill(&export, &shape, gs, None)?));
+        let prefill = generate::build_prefill(&export, &shape, gs, None)?;
         crate::progress::stage("building the decode graph");
-        graphs.push(("decode".into(), generate::build_decode(&export, shape.len, gs)?));
-        for role in ["prefill", "decode"] {
-            let m = &graphs.iter().find(|(r, _)| r == role).expect("just built").1;
-            if let Some(variant) = gpu_variant(role, m, false)? {
-                graphs.push(variant);
-            }
-        }
+        let decode = generate::build_decode(&export, shape.len, gs)?;
+        let variants = [gpu_variant("prefill", &prefill, false)?, gpu_variant("decode", &decode, false)?];
+        graphs.extend([("prefill".to_string(), prefill), ("decode".to_string(), decode)]);
+        graphs.extend(variants.into_iter().flatten());
         generation = Some(GenerationSpec {
             rows: gs.rows,
             prompt_len: gs.prompt_len,
@@ -552,10 +549,10 @@ pub(crate) fn training_graphs(
 /// (`lower::layer_norm_stats_from_forward`); and cubes as `Pow` (`lower::cubes_as_powers`: ORT's GELU fusion).
 pub fn gpu_variant(role: &str, m: &Model, loss: bool) -> Result<Option<(String, Model)>> {
     let mut m = m.clone();
-    if loss && !loss::loss_via_log_softmax(&mut m.graph)? {
-        bail!("the {role} graph has no loss to read off a LogSoftmax");
-    }
     if loss {
+        if !loss::loss_via_log_softmax(&mut m.graph)? {
+            bail!("the {role} graph has no loss to read off a LogSoftmax");
+        }
         lower::layer_norm_stats_from_forward(&mut m.graph)?;
     }
     let cubes = lower::cubes_as_powers(&mut m.graph)?;
